@@ -1,0 +1,5 @@
+#pragma once
+
+namespace edgemoe {
+const char* simd_name();
+}
