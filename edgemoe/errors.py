@@ -1,0 +1,29 @@
+"""Errors a user can act on. Each message names the problem and the fix."""
+
+
+class EdgeMoEError(Exception):
+    """Base of every error edgemoe raises on purpose."""
+
+
+class CheckpointError(EdgeMoEError):
+    """The source checkpoint cannot be converted (missing files, shards, tensors)."""
+
+
+class UnsupportedArchitectureError(EdgeMoEError):
+    """The checkpoint's model_type is not one edgemoe implements."""
+
+
+class ModelDirectoryError(EdgeMoEError):
+    """A converted model directory is damaged, truncated or from a newer format."""
+
+
+class CorruptExpertError(ModelDirectoryError):
+    """An expert blob failed its checksum or size check (raised by the native core)."""
+
+
+class BudgetError(EdgeMoEError):
+    """The memory budget cannot hold what one layer needs."""
+
+
+class TokenizerError(EdgeMoEError):
+    """The model directory has no usable tokenizer."""
