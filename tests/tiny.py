@@ -1,0 +1,135 @@
+"""Tiny seeded Hugging Face MoE checkpoints for tests (needs torch + transformers).
+
+    path = make_checkpoint("qwen2_moe", tmp / "q2")   # sharded bf16 safetensors + tokenizer
+    ref = reference_model(path)                       # transformers, float32, eval
+
+Every architecture uses hidden 64, GQA attention (4 query heads, 2 kv heads),
+expert intermediate 128 (a multiple of every group size) and vocab 512.
+Weights are drawn from one seeded generator, norms included (so a swapped
+q_norm/k_norm or a dropped bias changes the logits).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+VOCAB_SIZE = 512
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"  # token ids 0, 1, 2
+
+# A few paragraphs so byte-level BPE learns real merges.
+_TEXT = """\
+Mixture-of-experts language models route every token to a few experts out of many.
+The experts hold most of the weights, but only the chosen ones run for each token.
+On a phone or a small board the experts stay on flash and are read into a cache.
+A good cache keeps the experts the router will want next; a wrong guess costs time, never correctness.
+The quick brown fox jumps over the lazy dog. The lazy dog sleeps in the sun.
+Once upon a time there was a little robot who loved to read books about the sea.
+Every morning the robot walked to the harbour and counted the boats, one, two, three, four, five.
+def add(a, b):
+    return a + b
+for i in range(10):
+    print(i, i * i)
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000 2024.
+"""
+
+
+def _base_config(arch: str) -> dict:
+    common = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+        num_experts_per_tok=2,
+    )
+    if arch == "mixtral":
+        return dict(common, num_hidden_layers=2, intermediate_size=128, num_local_experts=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if arch == "qwen2_moe":
+        # layer 1 is a dense MLP; MoE layers carry a shared expert with a sigmoid gate
+        return dict(common, num_hidden_layers=3, intermediate_size=192, moe_intermediate_size=128,
+                    shared_expert_intermediate_size=128, num_experts=8, norm_topk_prob=False,
+                    decoder_sparse_step=1, mlp_only_layers=[1], qkv_bias=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if arch == "qwen3_moe":
+        # head_dim 24 != hidden / heads (16); tied embeddings
+        return dict(common, num_hidden_layers=2, intermediate_size=192, moe_intermediate_size=128,
+                    num_experts=8, norm_topk_prob=True, head_dim=24, decoder_sparse_step=1,
+                    mlp_only_layers=[], tie_word_embeddings=True,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if arch == "olmoe":
+        return dict(common, num_hidden_layers=2, intermediate_size=128, num_experts=8,
+                    norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
+
+
+def tiny_config(arch: str, **overrides) -> transformers.PretrainedConfig:
+    """The transformers config of the tiny `arch` model, with `overrides` applied."""
+    cfg = _base_config(arch)
+    cfg.update(overrides)
+    return transformers.AutoConfig.for_model(arch, **cfg)
+
+
+def make_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a built-in text: <s>=0, </s>=1, <pad>=2."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if "norm" in name:
+            p.copy_(1.0 + 0.1 * noise)
+        elif p.ndim == 1:  # biases
+            p.copy_(0.1 * noise)
+        else:
+            p.copy_(std * noise)
+
+
+def make_checkpoint(arch: str, path, seed: int = 0, dtype=torch.bfloat16,
+                    shard_size="200KB", **config_overrides) -> Path:
+    """Write a tiny random `arch` checkpoint (sharded safetensors + tokenizer) to `path`."""
+    path = Path(path)
+    config = tiny_config(arch, **config_overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, seed, config.initializer_range)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(dtype).eval()
+    model.save_pretrained(path, max_shard_size=shard_size)
+    tokenizer = make_tokenizer()
+    assert len(tokenizer) <= config.vocab_size, (len(tokenizer), config.vocab_size)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reference_model(path) -> torch.nn.Module:
+    """The checkpoint at `path` loaded by transformers in float32, eval mode."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
