@@ -1,0 +1,286 @@
+"""Numpy reference of FORMAT.md's QMatrix and expert blob layouts.
+
+The converter writes with these functions; the native kernels (edgemoe._core)
+are tested against them. Everything here is plain numpy and favours clarity.
+
+Quantization (kind 3), per group of `group_size` consecutive columns of a row,
+`w = scale * q + min` with unsigned codes q in [0, 2^bits):
+
+- asymmetric: min = group min, scale = (max - min) / (2^bits - 1).
+- symmetric: `m` is the group's value of largest magnitude (with its sign),
+  scale = m / -2^(bits-1) and min = -2^(bits-1) * scale (llama.cpp Q4_0 style).
+  `m` lands exactly on code 0; the code range [-2^(bits-1), 2^(bits-1)) is used
+  in full, and only a value of the opposite sign and equal magnitude is clipped
+  (by one step). The scale can therefore be negative.
+
+Scales and mins are stored as f16; codes are computed from the f16-rounded
+values so that dequantization reproduces what the quantizer intended.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+KIND_F32, KIND_F16, KIND_BF16, KIND_Q = 0, 1, 2, 3
+FLOAT_KINDS = {"f32": KIND_F32, "f16": KIND_F16, "bf16": KIND_BF16}
+KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q"}
+QBITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+CHUNK = 32  # codes are packed per chunk of 32 consecutive values of a row
+CHUNK_BYTES = {8: 32, 4: 16, 3: 12, 2: 8}
+
+MATRIX_HEADER = struct.Struct("<IIBBHIIIII")  # 32 bytes, see FORMAT.md
+BLOB_MAGIC = b"EXPB"
+BLOB_HEADER_BYTES = 64
+EXPERTS_MAGIC = b"EDGEMOEX"
+EXPERTS_HEADER_BYTES = 4096
+FORMAT_VERSION = 1
+ALIGN = 64
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+# ---------------------------------------------------------------- bf16 / f16
+
+
+def f32_to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
+    rounded = (u + (np.uint32(0x7FFF) + ((u >> 16) & 1))) >> 16
+    nan = np.isnan(w)
+    out = rounded.astype(np.uint16)
+    out[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep it a quiet NaN
+    return out
+
+
+def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """codes [rows, cols] (uint8, < 2^bits) -> packed bytes [rows, cols/32 * chunk_bytes]."""
+    rows, cols = q.shape
+    v = q.astype(np.uint8).reshape(rows, cols // CHUNK, CHUNK)
+    if bits == 8:
+        p = v
+    elif bits == 4:
+        p = v[..., :16] | (v[..., 16:] << 4)
+    elif bits == 2:
+        p = v[..., 0:8] | (v[..., 8:16] << 2) | (v[..., 16:24] << 4) | (v[..., 24:32] << 6)
+    elif bits == 3:
+        lo = pack_codes((q & 3).astype(np.uint8), 2).reshape(rows, cols // CHUNK, 8)
+        hi = ((v >> 2) & 1).astype(np.uint32) << np.arange(CHUNK, dtype=np.uint32)
+        word = np.bitwise_or.reduce(hi, axis=-1).astype("<u4")
+        p = np.concatenate([lo, word[..., None].view(np.uint8)], axis=-1)
+    else:
+        raise ValueError(f"bits must be one of {QBITS}, got {bits}")
+    return np.ascontiguousarray(p, dtype=np.uint8).reshape(rows, -1)
+
+
+def unpack_codes(p: np.ndarray, bits: int, rows: int, cols: int) -> np.ndarray:
+    """Inverse of pack_codes: packed bytes -> codes [rows, cols] uint8."""
+    c = p.reshape(rows, cols // CHUNK, CHUNK_BYTES[bits])
+    if bits == 8:
+        v = c
+    elif bits == 4:
+        v = np.concatenate([c & 0xF, c >> 4], axis=-1)
+    elif bits == 2:
+        v = np.concatenate([(c >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+    elif bits == 3:
+        lo = unpack_codes(np.ascontiguousarray(c[..., :8]), 2, rows, cols).reshape(c.shape[:2] + (CHUNK,))
+        word = np.ascontiguousarray(c[..., 8:12]).view("<u4")  # [rows, chunks, 1]
+        hi = (word >> np.arange(CHUNK, dtype=np.uint32)) & 1
+        v = lo | (hi.astype(np.uint8) << 2)
+    else:
+        raise ValueError(f"bits must be one of {QBITS}, got {bits}")
+    return np.ascontiguousarray(v, dtype=np.uint8).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------- QMatrix
+
+
+def _header(rows, cols, kind, bits, group_size, codes_off, scales_off, mins_off, total) -> bytes:
+    return MATRIX_HEADER.pack(rows, cols, kind, bits, 0, group_size, codes_off, scales_off, mins_off, total)
+
+
+def _quantize_codes(w: np.ndarray, bits: int, group_size: int, symmetric: bool):
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group_size, group_size).astype(np.float32)
+    levels = (1 << bits) - 1
+    half = 1 << (bits - 1)
+    if symmetric:
+        idx = np.argmax(np.abs(g), axis=-1)[..., None]
+        m = np.take_along_axis(g, idx, axis=-1)[..., 0]
+        scale = (m / -half).astype(np.float16)
+        mins = (np.float32(-half) * scale.astype(np.float32)).astype(np.float16)
+    else:
+        lo, hi = g.min(axis=-1), g.max(axis=-1)
+        mins = lo.astype(np.float16)
+        scale = ((hi - mins.astype(np.float32)) / levels).astype(np.float16)
+    s32, m32 = scale.astype(np.float32), mins.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(s32 != 0, 1.0 / s32, 0.0).astype(np.float32)  # zero-range group: all codes 0
+    q = np.rint((g - m32[..., None]) * inv[..., None])
+    q = np.clip(q, 0, levels).astype(np.uint8).reshape(rows, cols)
+    return q, scale.reshape(rows, -1), mins.reshape(rows, -1)
+
+
+def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
+    """float32 W[rows, cols] -> serialized group-quantized QMatrix (kind 3)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    if bits not in QBITS:
+        raise ValueError(f"bits must be one of {QBITS}, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    rows, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"cols ({cols}) must be a multiple of group_size ({group_size})")
+    if not np.isfinite(w).all():
+        raise ValueError("weight contains NaN or inf")
+    q, scale, mins = _quantize_codes(w, bits, group_size, symmetric)
+    packed = pack_codes(q, bits)
+    codes_off = _align(MATRIX_HEADER.size)
+    scales_off = _align(codes_off + packed.nbytes)
+    mins_off = _align(scales_off + scale.nbytes)
+    total = mins_off + mins.nbytes
+    buf = np.zeros(total, dtype=np.uint8)
+    buf[:32] = np.frombuffer(_header(rows, cols, KIND_Q, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8)
+    buf[codes_off:codes_off + packed.nbytes] = packed.reshape(-1)
+    buf[scales_off:scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
+    buf[mins_off:mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
+    return buf
+
+
+def float_matrix(w: np.ndarray, kind: str) -> np.ndarray:
+    """W[rows, cols] -> serialized float QMatrix of kind 'f32', 'f16' or 'bf16'.
+
+    For 'bf16', a uint16 array is taken as bf16 bits and stored as is (lossless
+    from bf16 checkpoints); a float array is rounded to nearest even.
+    """
+    if kind not in FLOAT_KINDS:
+        raise ValueError(f"kind must be one of {sorted(FLOAT_KINDS)}, got {kind!r}")
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    if kind == "f32":
+        data, bits = w.astype("<f4"), 32
+    elif kind == "f16":
+        data = w.view("<f2") if w.dtype == np.uint16 else w.astype("<f2")
+        bits = 16
+    else:
+        data = w.astype("<u2") if w.dtype == np.uint16 else f32_to_bf16_bits(w.astype(np.float32))
+        bits = 16
+    rows, cols = w.shape
+    data_off = _align(MATRIX_HEADER.size)
+    total = data_off + data.nbytes
+    buf = np.zeros(total, dtype=np.uint8)
+    buf[:32] = np.frombuffer(_header(rows, cols, FLOAT_KINDS[kind], bits, 0, data_off, 0, 0, total), np.uint8)
+    buf[data_off:] = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return buf
+
+
+def matrix_header(buf: np.ndarray, offset: int = 0) -> dict:
+    """The QMatrix header at buf[offset:] as a dict (names as in FORMAT.md)."""
+    buf = np.asarray(buf, dtype=np.uint8)
+    if offset + MATRIX_HEADER.size > buf.size:
+        raise ValueError(f"buffer too small for a QMatrix header at offset {offset}")
+    rows, cols, kind, bits, _zero, gs, codes, scales, mins, total = MATRIX_HEADER.unpack(
+        buf[offset:offset + MATRIX_HEADER.size].tobytes())
+    if kind not in KIND_NAMES:
+        raise ValueError(f"unknown QMatrix kind {kind}")
+    if offset + total > buf.size:
+        raise ValueError(f"QMatrix at offset {offset} claims {total} bytes, buffer has {buf.size - offset}")
+    return {"rows": rows, "cols": cols, "kind": kind, "kind_name": KIND_NAMES[kind], "bits": bits,
+            "group_size": gs, "codes_offset": codes, "scales_offset": scales, "mins_offset": mins,
+            "total_bytes": total}
+
+
+def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Serialized QMatrix (any kind) -> float32 W[rows, cols]."""
+    buf = np.asarray(buf, dtype=np.uint8)
+    h = matrix_header(buf, offset)
+    rows, cols, kind = h["rows"], h["cols"], h["kind"]
+    start = offset + h["codes_offset"]
+    if kind == KIND_F32:
+        return buf[start:start + rows * cols * 4].view("<f4").astype(np.float32).reshape(rows, cols)
+    if kind == KIND_F16:
+        return buf[start:start + rows * cols * 2].view("<f2").astype(np.float32).reshape(rows, cols)
+    if kind == KIND_BF16:
+        return bf16_bits_to_f32(buf[start:start + rows * cols * 2].view("<u2")).reshape(rows, cols)
+    bits, gs = h["bits"], h["group_size"]
+    ngroups = rows * cols // gs
+    packed = buf[start:start + rows * cols // CHUNK * CHUNK_BYTES[bits]]
+    q = unpack_codes(packed, bits, rows, cols).astype(np.float32)
+    so, mo = offset + h["scales_offset"], offset + h["mins_offset"]
+    scale = buf[so:so + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
+    mins = buf[mo:mo + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
+    return (q.reshape(rows, cols // gs, gs) * scale + mins).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------- expert blobs
+
+
+def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """Three serialized QMatrices -> one expert blob (exact length, no trailing padding)."""
+    mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in (gate, up, down)]
+    offsets, pos = [], BLOB_HEADER_BYTES
+    for m in mats:
+        offsets.append(pos)
+        pos = _align(pos + m.size)
+    total = offsets[-1] + mats[-1].size
+    blob = np.zeros(total, dtype=np.uint8)
+    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets, *(m.size for m in mats))
+    blob[:len(header)] = np.frombuffer(header, np.uint8)
+    for off, m in zip(offsets, mats):
+        blob[off:off + m.size] = m
+    return blob
+
+
+def parse_blob(blob: np.ndarray) -> dict:
+    """An expert blob's header: layer, expert, offsets and sizes of gate, up, down."""
+    blob = np.asarray(blob, dtype=np.uint8)
+    if blob.size < BLOB_HEADER_BYTES or blob[:4].tobytes() != BLOB_MAGIC:
+        raise ValueError("not an expert blob (bad magic or too short)")
+    layer, expert, n, *rest = struct.unpack("<III3I3I", blob[4:40].tobytes())
+    if n != 3:
+        raise ValueError(f"expert blob has {n} matrices, expected 3")
+    offsets, sizes = list(rest[:3]), list(rest[3:])
+    for name, o, s in zip(("gate", "up", "down"), offsets, sizes):
+        if o + s > blob.size:
+            raise ValueError(f"{name} matrix [{o}, {o + s}) lies outside the {blob.size}-byte blob")
+    return {"layer": layer, "expert": expert, "offsets": offsets, "sizes": sizes}
+
+
+def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dequantized (gate [I, H], up [I, H], down [H, I]) of an expert blob."""
+    info = parse_blob(blob)
+    return tuple(dequantize_matrix(blob, o) for o in info["offsets"])
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def expert_forward_reference(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
+    """SwiGLU of one expert: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
+    gate, up, down = expert_matrices(blob)
+    x = np.asarray(x, dtype=np.float32)
+    h = silu(x @ gate.T) * (x @ up.T)  # [T, I]
+    return (h @ down.T).astype(np.float32)
+
+
+def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:
+    """The 4096-byte header of experts.bin."""
+    h = np.zeros(EXPERTS_HEADER_BYTES, dtype=np.uint8)
+    raw = EXPERTS_MAGIC + struct.pack("<IIIIQQ", FORMAT_VERSION, EXPERTS_HEADER_BYTES, num_layers, num_experts,
+                                      num_blobs, file_bytes)
+    h[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return h
