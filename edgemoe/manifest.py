@@ -1,0 +1,103 @@
+"""manifest.json of a model directory (FORMAT.md): load, validate, blob tables.
+
+    m = load_manifest("model-dir")          # raises ModelDirectoryError with the fix
+    offsets, lengths, crcs, bits = blob_tables(m)   # each [num_layers, num_experts]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelDirectoryError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BLOB_COLUMNS = ["layer", "expert", "offset", "length", "bits", "crc32c"]
+
+
+def load_manifest(model_dir) -> dict:
+    """Read and check a model directory's manifest.json and the files it names.
+
+    Checks: the directory and manifest exist and parse, the format version is
+    not newer than this edgemoe's, the experts file exists with exactly
+    `file_bytes` bytes, and the backbone file exists.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirectoryError(f"{d} is not a directory: pass the directory written by `edgemoe convert`")
+    path = d / MANIFEST
+    if not path.is_file():
+        hint = (" (it looks like a Hugging Face checkpoint: convert it first with "
+                f"`edgemoe convert {d} -o OUT`)") if (d / "config.json").exists() else ""
+        raise ModelDirectoryError(f"{d} has no {MANIFEST}, so it is not an edgemoe model directory{hint}; "
+                                  f"a conversion that did not finish leaves no manifest: convert the model again")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirectoryError(f"{path} cannot be read ({e}): the file is damaged, convert the model again") from None
+    if not isinstance(m, dict) or m.get("format") != "edgemoe":
+        raise ModelDirectoryError(f"{path} is not an edgemoe manifest (no \"format\": \"edgemoe\"): "
+                                  f"convert the model again")
+    version = m.get("format_version")
+    if not isinstance(version, int):
+        raise ModelDirectoryError(f"{path} has no integer format_version: the file is damaged, convert the model again")
+    if version > FORMAT_VERSION:
+        raise ModelDirectoryError(f"{d} uses model format version {version}, but this edgemoe reads format "
+                                  f"version {FORMAT_VERSION} at most: upgrade edgemoe (pip install -U edgemoe)")
+    for key in ("architecture", "config", "backbone", "experts"):
+        if key not in m:
+            raise ModelDirectoryError(f"{path} has no \"{key}\" entry: the file is damaged, convert the model again")
+
+    ex = m["experts"]
+    experts_path = d / ex["file"]
+    if not experts_path.is_file():
+        raise ModelDirectoryError(f"{experts_path} is missing: the model directory is incomplete, "
+                                  f"copy it again or convert the model again")
+    size, want = experts_path.stat().st_size, int(ex["file_bytes"])
+    if size != want:
+        raise ModelDirectoryError(f"{ex['file']} is {size} bytes, the manifest expects {want}: "
+                                  f"the file is truncated or damaged, convert the model again")
+    backbone_path = d / m["backbone"]["file"]
+    if not backbone_path.is_file():
+        raise ModelDirectoryError(f"{backbone_path} is missing: the model directory is incomplete, "
+                                  f"copy it again or convert the model again")
+    if "bytes" in m["backbone"] and backbone_path.stat().st_size != int(m["backbone"]["bytes"]):
+        raise ModelDirectoryError(f"{m['backbone']['file']} is {backbone_path.stat().st_size} bytes, the manifest "
+                                  f"expects {m['backbone']['bytes']}: the file is truncated or damaged, "
+                                  f"convert the model again")
+    return m
+
+
+def blob_tables(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets u64, lengths u64, crc32c u32, bits u8), each [num_layers, num_experts].
+
+    Layers without experts (dense layers) have length 0 (and offset 0, bits 0).
+    """
+    ex = manifest["experts"]
+    shape = (int(ex["num_layers"]), int(ex["num_experts"]))
+    offsets = np.zeros(shape, np.uint64)
+    lengths = np.zeros(shape, np.uint64)
+    crcs = np.zeros(shape, np.uint32)
+    bits = np.zeros(shape, np.uint8)
+    cols = ex.get("columns", BLOB_COLUMNS)
+    if cols != BLOB_COLUMNS:
+        raise ModelDirectoryError(f"manifest blob columns {cols} differ from {BLOB_COLUMNS}: "
+                                  f"the manifest is damaged or from another edgemoe, convert the model again")
+    for layer, expert, offset, length, b, crc in ex["blobs"]:
+        if not (0 <= layer < shape[0] and 0 <= expert < shape[1]):
+            raise ModelDirectoryError(f"manifest lists expert {expert} of layer {layer}, outside "
+                                      f"{shape[0]} layers x {shape[1]} experts: convert the model again")
+        offsets[layer, expert] = offset
+        lengths[layer, expert] = length
+        crcs[layer, expert] = crc
+        bits[layer, expert] = b
+    return offsets, lengths, crcs, bits
+
+
+def write_manifest(model_dir, manifest: dict) -> Path:
+    """Write manifest.json (pretty, stable key order as given)."""
+    path = Path(model_dir) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return path
