@@ -1,0 +1,103 @@
+"""The `edgemoe` command: thin verbs over functions a Python user can call too."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .errors import EdgeMoEError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a converted model directory (see `edgemoe convert`)")
+    p.add_argument("--memory-budget", default=None,
+                   help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .model import format_bytes, load
+
+    m = load(args.model, memory_budget=args.memory_budget, threads=args.threads, direct_io=not args.buffered_io)
+    pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, stream=True)
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    s = m.stats()
+    print(f"[{s['tokens_generated']} tokens, {s['decode_tokens_per_s']:.1f} tok/s decode, "
+          f"prefill {s['prompt_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
+          f"cache hit rate {100 * s['cache_hit_rate']:.1f}%, read {format_bytes(s['bytes_read'])} "
+          f"({'O_DIRECT' if s['direct_io'] else 'buffered'}), peak RSS {format_bytes(s['peak_rss_bytes'])}]",
+          file=sys.stderr)
+    if args.stats:
+        print(json.dumps(s, indent=2), file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .model import format_bytes, load
+
+    info = load(args.model).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    total = info["backbone_bytes"] + info["expert_bytes"]
+    bits = ", ".join(f"{b}-bit: {n}" for b, n in sorted(info["bitwidths"].items()))
+    print(f"architecture   {info['architecture']}\n"
+          f"layers         {info['layers']} ({info['moe_layers']} MoE)\n"
+          f"experts        {info['experts_per_layer']} per layer, top-{info['top_k']}\n"
+          f"hidden / vocab {info['hidden_size']} / {info['vocab_size']}\n"
+          f"backbone       {format_bytes(info['backbone_bytes'])} ({100 * info['backbone_bytes'] / total:.1f}%)\n"
+          f"experts        {format_bytes(info['expert_bytes'])} ({100 * info['expert_bytes'] / total:.1f}%)\n"
+          f"bitwidths      {bits}\n"
+          f"min budget     {format_bytes(info['min_memory_budget'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgemoe", description="Run Mixture-of-Experts LLMs with experts on flash.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    sub.add_parser("convert", help="convert a Hugging Face checkpoint (see `edgemoe convert -h`)", add_help=False)
+
+    p = sub.add_parser("run", help="generate text")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", type=int, default=64, help="new tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print every statistic as JSON")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("info", help="what a converted model holds")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "convert":
+            from .converters.cli import main as convert_main
+
+            return convert_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.fn(args)
+    except EdgeMoEError as e:
+        print(f"edgemoe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

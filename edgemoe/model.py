@@ -1,0 +1,263 @@
+"""Loading a converted model directory and running it: `load`, `Model`."""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from . import _core, models
+from .errors import BudgetError, EdgeMoEError, TokenizerError
+from .manifest import blob_tables, load_manifest
+from .models.base import KVCache
+from .sampling import Sampler
+
+ALIGN = 4096
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """Bytes from an int or a string like '1.5GB' (powers of 1000) or '512MiB' (powers of 1024)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a memory budget cannot be negative: {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read '{value}' as a size: write bytes or a number with KB, MB, GB, KiB, MiB or GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer.json read with the `tokenizers` library."""
+
+    def __init__(self, model_dir: Path):
+        path = model_dir / "tokenizer.json"
+        if not path.exists():
+            raise TokenizerError(
+                f"{model_dir} has no tokenizer.json: pass token ids instead of text, or convert a checkpoint "
+                "that carries its tokenizer (tokenizer.json next to config.json)")
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class Model:
+    """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
+
+    def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
+                 direct_io: bool = True, verify: bool = True, threads: int | None = None):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        self.architecture = self.manifest["architecture"]
+        arch = models.get(self.architecture)
+        self.config = arch.config_from_dict(self.manifest["config"])
+        if threads:
+            _core.set_num_threads(int(threads))
+
+        ex = self.manifest["experts"]
+        offsets, lengths, crcs, self.expert_bits = blob_tables(self.manifest)
+        self.budget = parse_bytes(memory_budget) or 0
+        self.min_budget = self._min_budget(lengths)
+        if self.budget and self.budget < self.min_budget:
+            raise BudgetError(
+                f"memory budget {format_bytes(self.budget)} cannot hold one layer's routed experts: a token needs "
+                f"{ex['top_k']} experts of up to {format_bytes(int(lengths.max()))} each; "
+                f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)")
+        self.store = _core.ExpertStore(str(self.path / ex["file"]), offsets, lengths, crcs,
+                                       direct=direct_io, verify=verify)
+        self.cache = _core.ExpertCache(self.store, self.budget)
+
+        from .converters.safetensors_io import read_safetensors
+
+        tensors = {name: (np.array(a), dt) for name, (a, dt) in
+                   read_safetensors(self.path / self.manifest["backbone"]["file"]).items()}  # copy into RAM
+        self.backbone_bytes = sum(a.nbytes for a, _ in tensors.values())
+        self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
+        del tensors
+
+        tok = self.manifest.get("tokenizer", {})
+        self.eos_ids = set(tok.get("eos_token_ids") or [])
+        self.bos_id = tok.get("bos_token_id")
+        self._tokenizer: Tokenizer | None = None
+        self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+        self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
+
+    def _min_budget(self, lengths: np.ndarray) -> int:
+        aligned = ((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN
+        per_layer = np.sort(aligned, axis=1)[:, ::-1][:, : self.manifest["experts"]["top_k"]].sum(axis=1)
+        return int(per_layer.max()) if per_layer.size else 0
+
+    # -- tokenizer -------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- inference -------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = arr[(arr < 0) | (arr >= self.config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return arr
+
+    def reset(self) -> None:
+        """Forget the KV cache (the expert cache stays warm)."""
+        self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [len(ids), vocab] of a fresh sequence."""
+        arr = self._check_ids(ids)
+        self.reset()
+        return self.net.forward(arr, self.kv, 0, all_logits=True)
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stream: bool = False) -> str | list[int] | Iterator[str] | Iterator[int]:
+        """Continue a prompt. Text in -> text out; token ids in -> token ids out.
+
+        Greedy at temperature 0. Stops at EOS or after max_new_tokens. With
+        stream=True returns an iterator of text pieces (or of token ids).
+        """
+        is_text = isinstance(prompt, str)
+        ids = self.encode(prompt) if is_text else list(prompt)
+        if is_text and not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        tokens = self._generate_ids(ids, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
+        if is_text:
+            pieces = self._detokenize(tokens)
+            return pieces if stream else "".join(pieces)
+        return tokens if stream else list(tokens)
+
+    def _generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+        arr = self._check_ids(ids)
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.net.forward(arr, self.kv, 0, all_logits=False)
+        self._counters["prefill_seconds"] += time.perf_counter() - t0
+        self._counters["prompt_tokens"] += len(arr)
+        pos = len(arr)
+        for i in range(max_new_tokens):
+            token = sampler(logits[-1])
+            yield token
+            if token in self.eos_ids or i == max_new_tokens - 1:
+                return
+            t0 = time.perf_counter()
+            logits = self.net.forward(np.array([token]), self.kv, pos, all_logits=False)
+            self._counters["decode_seconds"] += time.perf_counter() - t0
+            self._counters["tokens_generated"] += 1
+            pos += 1
+
+    def _detokenize(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Text pieces as tokens arrive; holds back a piece that ends inside a UTF-8 character."""
+        out: list[int] = []
+        emitted = ""
+        for t in tokens:
+            if t in self.eos_ids:
+                break
+            out.append(t)
+            text = self.decode(out)
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(emitted):
+                piece, emitted = text[len(emitted):], text
+                if piece:
+                    yield piece
+        text = self.decode(out)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    # -- accounting ------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self.cache.stats()
+        n, dt = self._counters["tokens_generated"], self._counters["decode_seconds"]
+        lookups = c["hits"] + c["misses"]
+        return {
+            "tokens_generated": n,
+            "decode_tokens_per_s": n / dt if dt > 0 else 0.0,
+            "prompt_tokens": self._counters["prompt_tokens"],
+            "prefill_seconds": self._counters["prefill_seconds"],
+            "expert_loads": int(c["loads"]),
+            "cache_hits": int(c["hits"]),
+            "cache_misses": int(c["misses"]),
+            "cache_hit_rate": c["hits"] / lookups if lookups else 0.0,
+            "evictions": int(c["evictions"]),
+            "bytes_read": int(c["bytes_read"]),
+            "read_seconds": c["read_seconds"],
+            "expert_cache_bytes": int(c["resident_bytes"]),
+            "expert_cache_peak_bytes": int(c["peak_resident_bytes"]),
+            "memory_budget": self.budget,
+            "direct_io": bool(c["direct_io"]),
+            "backbone_bytes": self.backbone_bytes,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+        for k in self._counters:
+            self._counters[k] = 0 if isinstance(self._counters[k], int) else 0.0
+
+    def info(self) -> dict[str, Any]:
+        ex = self.manifest["experts"]
+        _, lengths, _, bits = blob_tables(self.manifest)
+        present = lengths > 0
+        values, counts = np.unique(bits[present], return_counts=True)
+        return {
+            "architecture": self.architecture,
+            "layers": self.config.num_hidden_layers,
+            "moe_layers": len(ex["moe_layers"]),
+            "experts_per_layer": ex["num_experts"],
+            "top_k": ex["top_k"],
+            "hidden_size": self.config.hidden_size,
+            "vocab_size": self.config.vocab_size,
+            "backbone_bytes": self.backbone_bytes,
+            "expert_bytes": int(lengths.sum()),
+            "bitwidths": {int(v): int(c) for v, c in zip(values, counts)},
+            "min_memory_budget": self.min_budget,
+        }
+
+
+def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, **kwargs: Any) -> Model:
+    """Open a converted model directory.
+
+    memory_budget bounds the RAM used for expert weights: bytes, or a string
+    like "1.5GB" / "512MiB". None keeps every expert that was read.
+    """
+    if not Path(path).exists():
+        raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
+    return Model(path, memory_budget=memory_budget, **kwargs)

@@ -1,0 +1,321 @@
+"""The decoder every supported architecture shares.
+
+Dense math on the backbone runs in numpy (float32) around native linear layers
+that read the weights in their stored dtype; routed experts always run in the
+native core through `moe_forward`. An architecture file supplies its config and
+its routing; everything else is here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import _core
+from ..converters.safetensors_io import FLOAT_KIND
+from ..converters.safetensors_io import to_float32 as to_f32
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """What the shared decoder needs, read from a Hugging Face config dict."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    norm_topk_prob: bool = True
+    clip_qkv: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **renames: str) -> "DecoderConfig":
+        """Build from an HF config; keys it does not use are ignored.
+
+        renames maps a field to the HF key that holds it for this architecture
+        (e.g. num_experts="num_local_experts").
+        """
+        from ..errors import ModelDirectoryError
+
+        def get(field: str, default: Any = dataclasses.MISSING) -> Any:
+            key = renames.get(field, field)
+            if key in d and d[key] is not None:
+                return d[key]
+            if default is dataclasses.MISSING:
+                raise ModelDirectoryError(f"the model config has no '{key}': the checkpoint's config.json is incomplete")
+            return default
+
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise NotImplementedError(f"rope type '{rope_type}' is not supported yet (only the default RoPE)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        use_sw = d.get("use_sliding_window", True)
+        window = d.get("sliding_window") if use_sw else None
+        return cls(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            num_hidden_layers=int(get("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads", heads)),
+            head_dim=int(get("head_dim", hidden // heads)),
+            num_experts=int(get("num_experts")),
+            num_experts_per_tok=int(get("num_experts_per_tok")),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if window else None,
+            layer_types=d.get("layer_types"),
+            norm_topk_prob=bool(get("norm_topk_prob", True)),
+            clip_qkv=d.get("clip_qkv"),
+        )
+
+
+class Linear:
+    """y = x @ W.T (+ b), W kept in its stored dtype and read by the native core."""
+
+    def __init__(self, w: np.ndarray, dtype: str, bias: np.ndarray | None = None):
+        self.w = np.ascontiguousarray(w)
+        self.kind = FLOAT_KIND[dtype]
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return int(self.w.shape[0])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = _core.linear(x, self.w, self.kind)  # [T, out]
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + eps)) * w
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest per row, largest first: (ids int32 [T, k], values [T, k])."""
+    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return ids.astype(np.int32), np.take_along_axis(probs, ids, axis=-1)
+
+
+def route_softmax_topk(logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """softmax over all experts, keep the top k, optionally renormalize them to sum 1."""
+    ids, w = top_k(softmax(logits), k)
+    if normalize:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return ids, np.ascontiguousarray(w, dtype=np.float32)
+
+
+class Rope:
+    """Rotary embedding, half-split ("rotate_half") convention as in transformers."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+
+    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        # x [T, heads, head_dim], positions [T]
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]  # [T, hd/2]
+        cos = np.cos(freqs)[:, None, :]
+        sin = np.sin(freqs)[:, None, :]
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class KVCache:
+    """Keys and values per layer, grown in chunks so decode appends in place."""
+
+    CHUNK = 256
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int):
+        self.k: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers
+        self.v: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers
+        self.length = 0
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        end = start + k.shape[0]
+        if end > self.k[layer].shape[0]:
+            cap = ((end + self.CHUNK - 1) // self.CHUNK) * self.CHUNK
+            for store in (self.k, self.v):
+                grown = np.empty((cap, self.kv_heads, self.head_dim), np.float32)
+                grown[:start] = store[layer][:start]
+                store[layer] = grown
+        self.k[layer][start:end] = k
+        self.v[layer][start:end] = v
+        return self.k[layer][:end], self.v[layer][:end]
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """Causal grouped-query attention of T new queries against all cached keys.
+
+    q [T, heads, hd] at positions start..start+T-1; k, v [S, kv_heads, hd] with S = start+T.
+    Returns [T, heads*hd].
+    """
+    T, heads, hd = q.shape
+    S, kv_heads, _ = k.shape
+    rep = heads // kv_heads
+    qg = q.reshape(T, kv_heads, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, T, hd]
+    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None]) * (hd ** -0.5)  # [kv, rep, T, S]
+    qpos = np.arange(start, start + T)[:, None]
+    kpos = np.arange(S)[None, :]
+    masked = kpos > qpos
+    if window is not None:
+        masked |= kpos <= qpos - window
+    if masked.any():
+        scores = np.where(masked, np.float32(-np.inf), scores)
+    probs = softmax(scores)
+    out = np.matmul(probs, v.transpose(1, 0, 2)[:, None])  # [kv, rep, T, hd]
+    return out.transpose(2, 0, 1, 3).reshape(T, heads * hd)
+
+
+Router = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class DecoderLM:
+    """Pre-norm decoder: attention (GQA, RoPE, optional q/k norm and bias) and an
+    MoE feed-forward whose routed experts live in the native expert cache.
+
+    Architecture files subclass it and implement `route` (and, where the
+    architecture has one, `shared_expert`).
+    """
+
+    def __init__(self, cfg: DecoderConfig, tensors: dict[str, tuple[np.ndarray, str]], cache: "_core.ExpertCache",
+                 moe_layers: list[int]):
+        self.cfg = cfg
+        self.cache = cache
+        self.moe_layers = set(moe_layers)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+        self._t = tensors
+
+        emb, emb_dtype = tensors["tok_embeddings"]
+        self.embed_dtype = emb_dtype
+        self.embed = emb
+        self.out_norm = self.vec("output_norm")
+        self.lm_head = self.linear("output") if "output" in tensors else Linear(emb, emb_dtype)
+        self.layers = [self._layer(i) for i in range(cfg.num_hidden_layers)]
+        del self._t
+
+    # -- weights --------------------------------------------------------------
+    def vec(self, name: str) -> np.ndarray:
+        a, dt = self._t[name]
+        return np.ascontiguousarray(to_f32(a, dt))
+
+    def opt_vec(self, name: str) -> np.ndarray | None:
+        return self.vec(name) if name in self._t else None
+
+    def linear(self, name: str, bias: str | None = None) -> Linear:
+        a, dt = self._t[name]
+        return Linear(a, dt, self.opt_vec(bias) if bias else None)
+
+    def _layer(self, i: int) -> dict[str, Any]:
+        p = f"layers.{i}."
+        L: dict[str, Any] = {
+            "attn_norm": self.vec(p + "attn_norm"),
+            "q": self.linear(p + "attn_q", p + "attn_q_bias"),
+            "k": self.linear(p + "attn_k", p + "attn_k_bias"),
+            "v": self.linear(p + "attn_v", p + "attn_v_bias"),
+            "o": self.linear(p + "attn_o", p + "attn_o_bias"),
+            "q_norm": self.opt_vec(p + "attn_q_norm"),
+            "k_norm": self.opt_vec(p + "attn_k_norm"),
+            "ffn_norm": self.vec(p + "ffn_norm"),
+        }
+        types = self.cfg.layer_types
+        L["window"] = self.cfg.sliding_window if types and types[i] == "sliding_attention" else None
+        if i in self.moe_layers:
+            L["router"] = self.linear(p + "ffn_router")
+            if p + "ffn_shared_gate" in self._t:
+                L["shared"] = (self.linear(p + "ffn_shared_gate"), self.linear(p + "ffn_shared_up"),
+                               self.linear(p + "ffn_shared_down"))
+                L["shared_router"] = self.linear(p + "ffn_shared_router") if p + "ffn_shared_router" in self._t else None
+        else:
+            L["mlp"] = (self.linear(p + "ffn_gate"), self.linear(p + "ffn_up"), self.linear(p + "ffn_down"))
+        return L
+
+    # -- architecture hooks ---------------------------------------------------
+    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E]."""
+        raise NotImplementedError
+
+    # -- forward --------------------------------------------------------------
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(to_f32(self.embed[ids], self.embed_dtype))
+
+    def _attention(self, L: dict[str, Any], x: np.ndarray, layer: int, kv: KVCache, start: int) -> np.ndarray:
+        cfg = self.cfg
+        T = x.shape[0]
+        q, k, v = L["q"](x), L["k"](x), L["v"](x)
+        qn, kn = L["q_norm"], L["k_norm"]
+        if qn is not None and qn.shape[0] != cfg.head_dim:  # OLMoE: norm over the whole projection
+            q, k = rms_norm(q, qn, cfg.rms_norm_eps), rms_norm(k, kn, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            c = cfg.clip_qkv
+            q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
+        q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        if qn is not None and qn.shape[0] == cfg.head_dim:  # Qwen3: norm per head
+            q, k = rms_norm(q, qn, cfg.rms_norm_eps), rms_norm(k, kn, cfg.rms_norm_eps)
+        positions = np.arange(start, start + T)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        k_all, v_all = kv.append(layer, k, v, start)
+        out = attention(q, k_all, v_all, start, L["window"])
+        return L["o"](np.ascontiguousarray(out, dtype=np.float32))
+
+    @staticmethod
+    def _mlp(mats: tuple[Linear, Linear, Linear], x: np.ndarray) -> np.ndarray:
+        gate, up, down = mats
+        return down(np.ascontiguousarray(silu(gate(x)) * up(x)))
+
+    def _ffn(self, L: dict[str, Any], x: np.ndarray, layer: int) -> np.ndarray:
+        if "mlp" in L:
+            return self._mlp(L["mlp"], x)
+        ids, weights = self.route(L["router"](x))  # ffn_moe_topk: [T, k]
+        out = _core.moe_forward(self.cache, layer, x, ids, weights)  # [T, hidden]
+        if "shared" in L:
+            shared = self._mlp(L["shared"], x)
+            if L["shared_router"] is not None:
+                shared = shared * (1.0 / (1.0 + np.exp(-L["shared_router"](x))))
+            out += shared
+        return out
+
+    def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
+        """Run T new tokens at positions start.. through the model, appending to kv.
+
+        Returns logits [T, vocab] when all_logits, else [1, vocab] for the last token.
+        """
+        cfg = self.cfg
+        h = self.embed_tokens(ids)  # [T, hidden]
+        for i, L in enumerate(self.layers):
+            h = h + self._attention(L, rms_norm(h, L["attn_norm"], cfg.rms_norm_eps), i, kv, start)
+            h = h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], cfg.rms_norm_eps), np.float32), i)
+        kv.length = start + len(ids)
+        if not all_logits:
+            h = h[-1:]
+        return self.lm_head(np.ascontiguousarray(rms_norm(h, self.out_norm, cfg.rms_norm_eps), np.float32))

@@ -1,0 +1,18 @@
+"""Qwen3-MoE: RMSNorm on q and k per head (before RoPE), explicit head_dim;
+softmax -> top-k, renormalized only with norm_topk_prob; no shared expert."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .base import DecoderConfig, DecoderLM, route_softmax_topk
+
+
+def config_from_dict(d: dict[str, Any]) -> DecoderConfig:
+    return DecoderConfig.from_dict(d)
+
+
+class Model(DecoderLM):
+    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)
