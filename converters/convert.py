@@ -1,0 +1,267 @@
+"""Hugging Face checkpoint -> edgemoe model directory (FORMAT.md), numpy only.
+
+    manifest = convert("Mixtral-8x7B", "mixtral-q4", bits=4)
+
+The checkpoint is read one tensor (one expert) at a time with plain file
+reads, so a checkpoint larger than RAM converts. Everything is written into a
+hidden sibling directory that is renamed into place at the very end: an
+interrupted conversion never leaves a directory with a manifest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgemoe import _core, quant
+from edgemoe.errors import CheckpointError, EdgeMoEError
+from edgemoe.manifest import BLOB_COLUMNS, FORMAT_VERSION, write_manifest
+
+from .hf import Checkpoint, Plan, plan_conversion
+from .safetensors_io import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
+
+ALIGNMENT = 4096
+EXPERTS_FILE = "experts.bin"
+BACKBONE_FILE = "backbone.safetensors"
+BITS = (16, 8, 4, 3, 2)
+# copied verbatim when present
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+EXTRA_FILES = ("generation_config.json",)
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency); silent when disabled."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = max(total, 1), label, enabled
+        self.done, self.nbytes = 0, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1, nbytes: int = 0) -> None:
+        self.done += n
+        self.nbytes += nbytes
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = min(self.done / self.total, 1.0)
+        bar = "#" * int(frac * 30)
+        rate = self.nbytes / max(now - self.start, 1e-9) / 1e6
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} {rate:7.1f} MB/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._draw(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = False,
+            progress: bool = True, overwrite: bool = False) -> dict:
+    """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
+
+    bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4
+    (or 3, 2) group-quantize them with `group_size` columns per group. The
+    backbone always keeps the checkpoint's dtype. Returns the manifest.
+    Raises CheckpointError / UnsupportedArchitectureError naming the fix.
+    """
+    src, dst = Path(src), Path(dst)
+    if bits not in BITS:
+        raise EdgeMoEError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if bits != 16 and group_size not in quant.GROUP_SIZES:
+        raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
+    _check_destination(src, dst, overwrite)
+
+    ckpt = Checkpoint(src)
+    plan = plan_conversion(ckpt)
+    if bits != 16:
+        for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
+            if n % group_size:
+                ok = [g for g in quant.GROUP_SIZES if n % g == 0 and plan.hidden % g == 0
+                      and plan.intermediate % g == 0]
+                fix = f"use --group-size {ok[-1]}" if ok else "convert at --bits 16"
+                raise CheckpointError(f"the model's {what} {n} is not a multiple of the group size {group_size}: {fix}")
+    expert_dtype = plan.expert_dtype
+    if expert_dtype not in FLOAT_KIND:
+        raise CheckpointError(f"the experts are stored as {expert_dtype}; edgemoe converts bf16, f16 or f32 weights")
+
+    tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, bits, group_size, symmetric, progress)
+        backbone_bytes = _write_backbone(tmp / BACKBONE_FILE, plan)
+        tok_files = _copy_tokenizer(src, tmp)
+        manifest = {
+            "format": "edgemoe",
+            "format_version": FORMAT_VERSION,
+            "architecture": plan.arch.name,
+            "config": ckpt.config,
+            "source": {"path": str(src.resolve()), "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
+                       "layout": plan.layout},
+            "backbone": {"file": BACKBONE_FILE, "bytes": backbone_bytes},
+            "tokenizer": {"files": tok_files, **_special_ids(src, ckpt.config)},
+            "quantization": {"bits": bits, "group_size": 0 if bits == 16 else group_size,
+                             "symmetric": bool(symmetric) and bits != 16, "float_dtype": FLOAT_KIND[expert_dtype]},
+            "experts": {
+                "file": EXPERTS_FILE, "file_bytes": experts_bytes, "alignment": ALIGNMENT,
+                "num_layers": plan.num_layers, "num_experts": plan.num_experts, "top_k": plan.top_k,
+                "hidden_size": plan.hidden, "intermediate_size": plan.intermediate,
+                "moe_layers": plan.moe_layers, "columns": BLOB_COLUMNS, "blobs": blobs,
+            },
+        }
+        write_manifest(tmp, manifest)  # last: a directory without it is not a model
+        fsync_path(tmp / "manifest.json")
+        fsync_path(tmp)
+        _move_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise EdgeMoEError(f"{dst} already exists: choose another output directory, or pass --force "
+                               f"(overwrite=True) to replace it")
+        s, d = src.resolve(), dst.resolve()
+        if s == d or d in s.parents:
+            raise EdgeMoEError(f"refusing to replace {dst}: it holds the checkpoint being converted ({src})")
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    old = None
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    fsync_path(dst.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def _encode(w: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
+    if bits == 16:
+        return quant.float_matrix(w, FLOAT_KIND[dtype])
+    return quant.quantize_matrix(to_float32(w, dtype), bits, group_size, symmetric)
+
+
+def _write_experts(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool,
+                   show: bool) -> tuple[list[list[int]], int]:
+    dtype = plan.expert_dtype
+    n = len(plan.moe_layers) * plan.num_experts
+    bar = Progress(n, f"experts ({bits}-bit)", show)
+    blobs: list[list[int]] = []
+    zeros = bytes(ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(zeros)  # header placeholder, written once the totals are known
+        pos = ALIGNMENT
+        for layer in plan.moe_layers:
+            for e in range(plan.num_experts):
+                gate, up, down = plan.expert(layer, e)
+                mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
+                blob = quant.pack_expert_blob(layer, e, *mats)
+                del gate, up, down, mats
+                blobs.append([layer, e, pos, int(blob.nbytes), bits, int(_core.crc32c(blob))])
+                f.write(blob.data)
+                pad = -blob.nbytes % ALIGNMENT
+                f.write(zeros[:pad])
+                pos += blob.nbytes + pad
+                bar.update(1, blob.nbytes)
+        f.seek(0)
+        f.write(quant.experts_file_header(plan.num_layers, plan.num_experts, len(blobs), pos).data)
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+    assert path.stat().st_size == pos
+    return blobs, pos
+
+
+def _write_backbone(path: Path, plan: Plan) -> int:
+    w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
+    for name in sorted(plan.backbone, key=_canonical_order):
+        ref = plan.backbone[name]
+        w.add_lazy(name, ref.dtype, ref.shape, lambda ref=ref: ref.file.iter_chunks(ref.name))
+    size = w.write(path)
+    fsync_path(path)
+    return size
+
+
+def _canonical_order(name: str):
+    parts = name.split(".")
+    if parts[0] == "layers":
+        return (1, int(parts[1]), parts[2])
+    return (0 if name == "tok_embeddings" else 2, 0, name)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    files = []
+    for name in TOKENIZER_FILES + EXTRA_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            if name in TOKENIZER_FILES:
+                files.append(name)
+    if not files:
+        print(f"edgemoe convert: warning: {src} has no tokenizer files; the model will need token ids",
+              file=sys.stderr)
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+        return out if isinstance(out, dict) else {}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+
+
+def _token_id(token, src: Path) -> int | None:
+    """A special token given as a string (tokenizer_config.json) -> its id in tokenizer.json."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not isinstance(token, str):
+        return None
+    tok = _read_json(src / "tokenizer.json")
+    for added in tok.get("added_tokens", []):
+        if added.get("content") == token:
+            return int(added["id"])
+    vocab = (tok.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and token in vocab:
+        return int(vocab[token])
+    return None
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
+
+
+def _special_ids(src: Path, config: dict) -> dict:
+    """bos id and eos ids: generation_config.json first (what generation uses), then config, then tokenizer."""
+    gen = _read_json(src / "generation_config.json")
+    tok_cfg = _read_json(src / "tokenizer_config.json")
+    bos = next((b for b in (_ids(gen.get("bos_token_id")) + _ids(config.get("bos_token_id"))
+                            + _ids(_token_id(tok_cfg.get("bos_token"), src)))), None)
+    eos: list[int] = []
+    for i in _ids(gen.get("eos_token_id")) + _ids(config.get("eos_token_id")) + _ids(
+            _token_id(tok_cfg.get("eos_token"), src)):
+        if i not in eos:
+            eos.append(i)
+    return {"bos_token_id": bos, "eos_token_ids": eos}
