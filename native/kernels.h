@@ -1,5 +1,52 @@
+// Matmul kernels over FORMAT.md's QMatrix layout, and the SwiGLU expert.
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
+
 namespace edgemoe {
+
 const char* simd_name();
-}
+
+enum Kind : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kQuant = 3 };
+
+// A parsed, validated view of one QMatrix (W[rows, cols], y = W x). No ownership.
+struct QMatrix {
+  uint32_t rows = 0, cols = 0;
+  Kind kind = kF32;
+  uint32_t bits = 32;
+  uint32_t group_size = 0;     // kind 3 only
+  const uint8_t* data = nullptr;    // codes (kind 3) or float data, row-major
+  const uint8_t* scales = nullptr;  // f16 [rows, cols/group_size], kind 3 only
+  const uint8_t* mins = nullptr;    // f16 [rows, cols/group_size], kind 3 only
+  uint64_t total_bytes = 0;
+
+  uint64_t row_bytes() const;  // bytes of one row of codes/data
+};
+
+// Parses the QMatrix header at buf (avail bytes from there). Throws
+// std::invalid_argument when the header is inconsistent or overruns avail.
+QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail);
+
+// A float weight held elsewhere (e.g. a numpy array), viewed without a copy.
+QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind);
+
+// y[T, rows] = x[T, cols] @ W^T. x and y are C-contiguous float32; y is overwritten.
+void matmul(const QMatrix& w, const float* x, int64_t T, float* y);
+
+// One expert blob: gate [I, H], up [I, H], down [H, I].
+struct Expert {
+  uint32_t layer = 0, expert = 0;
+  QMatrix gate, up, down;
+  uint32_t hidden() const { return gate.cols; }
+  uint32_t intermediate() const { return gate.rows; }
+};
+
+// Parses and checks an expert blob (magic, 3 matrices inside it, SwiGLU shapes).
+// Throws std::invalid_argument.
+Expert parse_expert(const uint8_t* blob, uint64_t size);
+
+// y[T, H] = down(silu(gate x) * up x) for x[T, H].
+void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
+
+}  // namespace edgemoe

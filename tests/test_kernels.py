@@ -1,0 +1,162 @@
+"""Native kernels (edgemoe._core) against the numpy reference (edgemoe.quant)."""
+import numpy as np
+import pytest
+
+from edgemoe import _core
+from edgemoe import quant as q
+
+RNG = np.random.default_rng(1234)
+
+
+def rel_err(y, ref):
+    return float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-6))
+
+
+def matmul_err(y, x, w):
+    """Error of y = x @ w.T relative to sum |x||w| (float32 rounding scales with it)."""
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
+    return float((np.abs(y - ref) / np.maximum(scale, 1e-30)).max())
+
+
+@pytest.mark.parametrize("bits", q.QBITS)
+@pytest.mark.parametrize("group_size", q.GROUP_SIZES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantized_matmul_matches_reference(bits, group_size, symmetric):
+    for rows, cols in [(1, 128), (37, 256), (64, 384)]:
+        if cols % group_size:
+            continue
+        w = RNG.standard_normal((rows, cols)).astype(np.float32)
+        buf = q.quantize_matrix(w, bits, group_size, symmetric)
+        deq = q.dequantize_matrix(buf)
+        for T in (1, 2, 5, 9):
+            x = RNG.standard_normal((T, cols)).astype(np.float32)
+            y = _core.qmatrix_matmul(x, buf)
+            assert y.shape == (T, rows) and y.dtype == np.float32
+            assert matmul_err(y, x, deq) < 1e-6, (rows, cols, T)
+
+
+@pytest.mark.parametrize("bits", q.QBITS)
+def test_matmul_at_an_offset_and_1d_x(bits):
+    w = RNG.standard_normal((19, 64)).astype(np.float32)
+    buf = q.quantize_matrix(w, bits, 32, False)
+    padded = np.concatenate([np.zeros(64, np.uint8), buf])
+    x = RNG.standard_normal(64).astype(np.float32)
+    y = _core.qmatrix_matmul(x, padded, 64)
+    assert y.shape == (19,)
+    np.testing.assert_allclose(y, q.dequantize_matrix(buf) @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 7), (33, 100), (64, 512), (5, 1000)])
+def test_float_matmul_matches_reference(kind, shape):
+    w = RNG.standard_normal(shape).astype(np.float32)
+    buf = q.float_matrix(w, kind)
+    deq = q.dequantize_matrix(buf)
+    for T in (1, 4, 7):
+        x = RNG.standard_normal((T, shape[1])).astype(np.float32)
+        assert matmul_err(_core.qmatrix_matmul(x, buf), x, deq) < 1e-6
+
+
+def test_linear_reads_numpy_weights_in_place():
+    w = RNG.standard_normal((50, 96)).astype(np.float32)
+    x = RNG.standard_normal((3, 96)).astype(np.float32)
+    np.testing.assert_allclose(_core.linear(x, w, "f32"), x @ w.T, rtol=1e-5, atol=1e-5)
+    w16 = w.astype(np.float16)
+    ref16 = x @ w16.astype(np.float32).T
+    np.testing.assert_allclose(_core.linear(x, w16, "f16"), ref16, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_core.linear(x, w16.view(np.uint16), "f16"), ref16, rtol=1e-5, atol=1e-5)
+    bf = q.f32_to_bf16_bits(w)
+    np.testing.assert_allclose(_core.linear(x, bf, "bf16"), x @ q.bf16_bits_to_f32(bf).T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        _core.linear(x, w[:, ::2], "f32")  # not contiguous: refuse rather than copy
+    with pytest.raises(ValueError):
+        _core.linear(x, w, "bf16")
+    with pytest.raises(ValueError):
+        _core.linear(x[:, :10], w, "f32")
+
+
+def test_bf16_bits_pass_through_losslessly():
+    bits = RNG.integers(0, 0x7F00, size=(4, 32), dtype=np.uint16)
+    buf = q.float_matrix(bits, "bf16")
+    np.testing.assert_array_equal(q.dequantize_matrix(buf), q.bf16_bits_to_f32(bits))
+
+
+@pytest.mark.parametrize("bits,bound", [(2, 0.5), (3, 0.25), (4, 0.12), (8, 0.008)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantization_error_scales_with_bits(bits, bound, symmetric):
+    w = RNG.standard_normal((16, 256)).astype(np.float32)
+    for gs in q.GROUP_SIZES:
+        deq = q.dequantize_matrix(q.quantize_matrix(w, bits, gs, symmetric))
+        g = w.reshape(16, -1, gs)
+        spread = np.abs(g).max(axis=-1, keepdims=True) * 2  # range of the group
+        err = np.abs(deq.reshape(16, -1, gs) - g) / spread
+        # rounding error is half a step: spread / (2^bits - 1) / 2; clipping adds at most one step
+        assert err.max() <= bound, (gs, err.max())
+
+
+def test_quantize_guards_constant_groups():
+    w = np.zeros((2, 64), np.float32)
+    w[1] = 3.0
+    for bits in q.QBITS:
+        for sym in (False, True):
+            np.testing.assert_allclose(q.dequantize_matrix(q.quantize_matrix(w, bits, 32, sym)), w, atol=3e-3)
+
+
+def test_pack_unpack_roundtrip():
+    for bits in q.QBITS:
+        codes = RNG.integers(0, 1 << bits, size=(3, 128), dtype=np.uint8)
+        packed = q.pack_codes(codes, bits)
+        assert packed.shape == (3, 128 // 32 * q.CHUNK_BYTES[bits])
+        np.testing.assert_array_equal(q.unpack_codes(packed, bits, 3, 128), codes)
+
+
+def test_bad_matrix_header_is_value_error():
+    buf = q.quantize_matrix(RNG.standard_normal((4, 64)).astype(np.float32), 4, 32, False)
+    with pytest.raises(ValueError):
+        _core.qmatrix_matmul(np.zeros(64, np.float32), buf[:-10])  # truncated
+    bad = buf.copy()
+    bad[9] = 5  # bits
+    with pytest.raises(ValueError):
+        _core.qmatrix_matmul(np.zeros(64, np.float32), bad)
+
+
+def make_blob(hidden, inter, bits, gs=32, sym=False, layer=0, expert=0, kind=None):
+    def mat(r, c):
+        w = (RNG.standard_normal((r, c)) / np.sqrt(c)).astype(np.float32)
+        return q.float_matrix(w, kind) if kind else q.quantize_matrix(w, bits, gs, sym)
+
+    return q.pack_expert_blob(layer, expert, mat(inter, hidden), mat(inter, hidden), mat(hidden, inter))
+
+
+@pytest.mark.parametrize("bits,kind", [(2, None), (3, None), (4, None), (8, None), (16, "bf16"), (16, "f16"),
+                                       (32, "f32")])
+def test_expert_forward_matches_reference(bits, kind):
+    blob = make_blob(64, 96, bits, kind=kind)
+    info = q.parse_blob(blob)
+    assert blob.size == info["offsets"][2] + info["sizes"][2]  # exact length
+    for T in (1, 3, 6):
+        x = RNG.standard_normal((T, 64)).astype(np.float32)
+        assert rel_err(_core.expert_forward(x, blob), q.expert_forward_reference(x, blob)) < 1e-4
+
+
+def test_threads_give_the_same_answer():
+    buf = q.quantize_matrix(RNG.standard_normal((300, 512)).astype(np.float32), 4, 64, False)
+    x = RNG.standard_normal((5, 512)).astype(np.float32)
+    n = _core.get_num_threads()
+    try:
+        _core.set_num_threads(1)
+        one = _core.qmatrix_matmul(x, buf)
+        _core.set_num_threads(3)
+        assert _core.get_num_threads() == 3
+        np.testing.assert_array_equal(_core.qmatrix_matmul(x, buf), one)
+    finally:
+        _core.set_num_threads(n)
+
+
+def test_crc32c_known_vectors():
+    assert _core.crc32c(b"123456789") == 0xE3069283
+    assert _core.crc32c(b"") == 0
+    assert _core.crc32c(np.zeros(32, np.uint8)) == 0x8A9136AA
+    data = RNG.integers(0, 256, 1000, dtype=np.uint8)
+    assert _core.crc32c(data[500:], _core.crc32c(data[:500])) == _core.crc32c(data)

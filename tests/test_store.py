@@ -1,0 +1,186 @@
+"""ExpertStore / ExpertCache / moe_forward on a small experts file written with quant.py."""
+import os
+
+import numpy as np
+import pytest
+
+from edgemoe import _core, errors
+from edgemoe import quant as q
+
+L, E, H, I = 2, 4, 64, 96
+
+
+def write_experts(path, bits_of=lambda l, e: 4, seed=0):
+    """An experts.bin per FORMAT.md; returns (offsets, sizes, checksums, blobs)."""
+    rng = np.random.default_rng(seed)
+    blobs, offsets, sizes, crcs = {}, np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint32)
+    pos, parts = q.EXPERTS_HEADER_BYTES, []
+    for l in range(L):
+        for e in range(E):
+            bits = bits_of(l, e)
+
+            def mat(r, c):
+                w = (rng.standard_normal((r, c)) / np.sqrt(c)).astype(np.float32)
+                return q.float_matrix(w, "bf16") if bits == 16 else q.quantize_matrix(w, bits, 32, False)
+
+            blob = q.pack_expert_blob(l, e, mat(I, H), mat(I, H), mat(H, I))
+            blobs[l, e] = blob
+            offsets[l, e], sizes[l, e], crcs[l, e] = pos, blob.size, _core.crc32c(blob)
+            parts.append((pos, blob))
+            pos = (pos + blob.size + 4095) // 4096 * 4096
+    file_bytes = parts[-1][0] + parts[-1][1].size  # the last blob ends the file, mid-page
+    data = np.zeros(file_bytes, np.uint8)
+    data[:4096] = q.experts_file_header(L, E, L * E, file_bytes)
+    for off, blob in parts:
+        data[off:off + blob.size] = blob
+    data.tofile(path)
+    return offsets, sizes, crcs, blobs
+
+
+@pytest.fixture()
+def experts(tmp_path):
+    path = str(tmp_path / "experts.bin")
+    offsets, sizes, crcs, blobs = write_experts(path, bits_of=lambda l, e: (2, 3, 4, 8)[e] if l else 16)
+    return path, offsets, sizes, crcs, blobs
+
+
+def test_reads_return_the_blobs(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    store = _core.ExpertStore(path, offsets, sizes, crcs)
+    assert store.direct  # ext4 under /tmp accepts O_DIRECT
+    assert (store.num_layers, store.num_experts) == (L, E)
+    for (l, e), blob in blobs.items():
+        assert store.blob_size(l, e) == blob.size
+        np.testing.assert_array_equal(store.read(l, e), blob)
+
+
+def test_buffered_reads_and_tmpfs_fallback(experts, tmp_path):
+    path, offsets, sizes, crcs, blobs = experts
+    store = _core.ExpertStore(path, offsets, sizes, crcs, direct=False)
+    assert not store.direct
+    np.testing.assert_array_equal(store.read(1, 3), blobs[1, 3])
+    if os.path.isdir("/dev/shm"):  # tmpfs may refuse O_DIRECT: then reads fall back to buffered
+        shm = f"/dev/shm/edgemoe-test-{os.getpid()}.bin"
+        try:
+            with open(path, "rb") as src, open(shm, "wb") as dst:
+                dst.write(src.read())
+            s = _core.ExpertStore(shm, offsets, sizes, crcs, direct=True)
+            np.testing.assert_array_equal(s.read(1, 3), blobs[1, 3])
+        finally:
+            os.unlink(shm)
+
+
+def test_flipped_byte_is_a_corrupt_expert(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    with open(path, "r+b") as f:
+        f.seek(int(offsets[1, 2]) + 1000)
+        b = f.read(1)
+        f.seek(int(offsets[1, 2]) + 1000)
+        f.write(bytes([b[0] ^ 0x10]))
+    store = _core.ExpertStore(path, offsets, sizes, crcs)
+    with pytest.raises(errors.CorruptExpertError, match="expert 2 of layer 1 failed its checksum") as info:
+        store.read(1, 2)
+    assert isinstance(info.value, _core.CorruptExpertError)
+    assert isinstance(info.value, errors.ModelDirectoryError)
+    assert "convert the model again" in str(info.value)
+    store.read(1, 1)  # the others are fine
+    unverified = _core.ExpertStore(path, offsets, sizes, crcs, verify=False)
+    assert unverified.read(1, 2).size == blobs[1, 2].size
+
+
+def test_blob_with_a_wrong_header_is_corrupt(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    swapped_offsets = offsets.copy()
+    swapped_offsets[0, 0], swapped_offsets[0, 1] = offsets[0, 1], offsets[0, 0]
+    swapped_crcs = crcs.copy()
+    swapped_crcs[0, 0], swapped_crcs[0, 1] = crcs[0, 1], crcs[0, 0]
+    store = _core.ExpertStore(path, swapped_offsets, sizes, swapped_crcs)  # bf16 experts: same size
+    with pytest.raises(errors.CorruptExpertError, match="expert 0 of layer 0"):
+        store.read(0, 0)
+
+
+def test_truncated_file_is_refused_at_construction(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    os.truncate(path, os.path.getsize(path) - 100)
+    with pytest.raises(errors.ModelDirectoryError, match="expert 3 of layer 1 .*truncated, convert the model again"):
+        _core.ExpertStore(path, offsets, sizes, crcs)
+    with pytest.raises(errors.ModelDirectoryError, match="cannot open"):
+        _core.ExpertStore(path + ".missing", offsets, sizes, crcs)
+    with pytest.raises(errors.ModelDirectoryError, match="truncated"):
+        os.truncate(path, 100)
+        _core.ExpertStore(path, offsets, sizes, crcs)
+
+
+def test_cache_evicts_lru_under_a_two_blob_budget(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    store = _core.ExpertStore(path, offsets, sizes, crcs)
+    page = lambda n: (int(n) + 4095) // 4096 * 4096
+    # layer 0 experts are bf16 and all the same size
+    budget = 2 * page(sizes[0, 0])
+    cache = _core.ExpertCache(store, budget)
+    assert cache.budget_bytes == budget
+    x = np.random.default_rng(5).standard_normal((1, H)).astype(np.float32)
+    w = np.ones((1, 1), np.float32)
+    run = lambda e: _core.moe_forward(cache, 0, x, np.array([[e]], np.int32), w)
+    for e in (0, 1, 0, 2, 1):  # 0 miss, 1 miss, 0 hit, 2 miss (evicts 1), 1 miss (evicts 0)
+        run(e)
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["loads"], s["evictions"]) == (1, 4, 4, 2)
+    assert s["bytes_read"] == 4 * int(sizes[0, 0])
+    assert s["resident_bytes"] == budget == cache.resident_bytes == s["peak_resident_bytes"]
+    assert s["direct_io"] == 1.0 and s["read_seconds"] > 0
+    assert [cache.contains(0, e) for e in range(E)] == [False, True, True, False]
+    cache.reset_stats()
+    assert cache.stats()["hits"] == 0 and cache.stats()["resident_bytes"] == budget
+    cache.clear()
+    assert cache.resident_bytes == 0 and not cache.contains(0, 2)
+    assert cache.prefetch(0, 3) and not cache.prefetch(0, 3)
+    assert cache.contains(0, 3)
+
+
+def test_moe_forward_matches_reference(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs))
+    rng = np.random.default_rng(7)
+    T, K = 9, 2
+    for layer in range(L):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+        weights = rng.random((T, K)).astype(np.float32)
+        ref = np.zeros((T, H), np.float32)
+        for t in range(T):
+            for k in range(K):
+                ref[t] += weights[t, k] * q.expert_forward_reference(x[t:t + 1], blobs[layer, ids[t, k]])[0]
+        y = _core.moe_forward(cache, layer, x, ids, weights)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        # int64 ids work too (converted)
+        np.testing.assert_array_equal(_core.moe_forward(cache, layer, x, ids.astype(np.int64), weights), y)
+    assert cache.stats()["misses"] == cache.stats()["loads"] <= L * E  # each expert read once
+
+
+def test_budget_below_one_blob_is_a_budget_error(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs), 4096)
+    x = np.zeros((1, H), np.float32)
+    with pytest.raises(errors.BudgetError, match="4096 bytes cannot hold expert 1 of layer 0"):
+        _core.moe_forward(cache, 0, x, np.array([[1]], np.int32), np.ones((1, 1), np.float32))
+    assert cache.resident_bytes == 0
+
+
+def test_bad_ids_and_shapes_are_value_errors(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs))
+    x = np.zeros((2, H), np.float32)
+    w = np.ones((2, 1), np.float32)
+    for bad in ([[E], [0]], [[-1], [0]]):
+        with pytest.raises(ValueError, match="out of range"):
+            _core.moe_forward(cache, 0, x, np.array(bad, np.int32), w)
+    with pytest.raises(ValueError):
+        _core.moe_forward(cache, L, x, np.zeros((2, 1), np.int32), w)
+    with pytest.raises(ValueError):
+        _core.moe_forward(cache, 0, x, np.zeros((3, 1), np.int32), w)
+    with pytest.raises(ValueError, match="hidden size"):
+        _core.moe_forward(cache, 0, np.zeros((2, H + 1), np.float32), np.zeros((2, 1), np.int32), w)
+    with pytest.raises(ValueError):
+        cache.contains(0, E)
+    assert cache.stats()["loads"] <= 1
