@@ -47,7 +47,7 @@ class Progress:
         self.done += n
         self.nbytes += nbytes
         now = time.monotonic()
-        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+        if self.enabled and now - self.last > 0.2:
             self.last = now
             self._draw(now)
 

@@ -64,6 +64,17 @@ class ArchSpec:
     moe_block: str = "mlp"          # module holding router + experts in HF names
     sparse_step: bool = False       # honours decoder_sparse_step / mlp_only_layers
     shared_expert: bool = False
+    qk_norm: bool = False
+    bias_key: tuple[str, bool] | None = None  # config key switching q/k/v biases on, and its default
+
+    def attn_tensors(self, config: dict) -> list[str]:
+        """Canonical per-layer attention tensors this config requires."""
+        names = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm"]
+        if self.qk_norm:
+            names += ["attn_q_norm", "attn_k_norm"]
+        if self.bias_key and config.get(self.bias_key[0], self.bias_key[1]):
+            names += ["attn_q_bias", "attn_k_bias", "attn_v_bias"]
+        return names
 
     def num_experts(self, config: dict) -> int:
         for key in self.num_experts_keys:
@@ -92,13 +103,15 @@ ARCHS: dict[str, ArchSpec] = {
         _ROLES_MIXTRAL, _EXPERT_KEYS, "intermediate_size", moe_block="block_sparse_moe"),
     "qwen2_moe": ArchSpec(
         "qwen2_moe", {**_ATTN, **_QKV_BIAS, **_DENSE_MLP, **_SHARED_EXPERT, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True, shared_expert=True),
+        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True, shared_expert=True,
+        bias_key=("qkv_bias", True)),
     "qwen3_moe": ArchSpec(
         "qwen3_moe", {**_ATTN, **_QKV_BIAS, **_QK_NORM, **_DENSE_MLP, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True),
+        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True, qk_norm=True,
+        bias_key=("attention_bias", False)),
     "olmoe": ArchSpec(
         "olmoe", {**_ATTN, **_QKV_BIAS, **_QK_NORM, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "intermediate_size"),
+        _ROLES_GLU, _EXPERT_KEYS, "intermediate_size", qk_norm=True, bias_key=("attention_bias", False)),
 }
 # HF model_type -> canonical architecture
 ALIASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe"}
@@ -351,7 +364,7 @@ def _check_complete(p: Plan, tied: bool) -> None:
         need("output", "lm_head.weight (and tie_word_embeddings is false)")
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
-        per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm"]
+        per_layer = spec.attn_tensors(p.config)
         if layer in moe:
             per_layer.append("ffn_router")
             if spec.shared_expert and int(p.config.get("shared_expert_intermediate_size") or 0) > 0:
