@@ -1,1 +1,451 @@
-int main() { return 0; }
+// Native tests, no framework: kernels vs a scalar reference written from
+// FORMAT.md, CRC-32C vectors, store/cache on a temp file, and a multithreaded
+// cache test for ASan/UBSan and TSan builds (see native/run_sanitized_tests.sh).
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+#include "crc32c.h"
+#include "kernels.h"
+#include "store.h"
+#include "threadpool.h"
+
+using namespace edgemoe;
+
+static int g_failures = 0;
+#define CHECK(cond)                                                    \
+  do {                                                                 \
+    if (!(cond)) {                                                     \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++g_failures;                                                    \
+    }                                                                  \
+  } while (0)
+
+template <class E, class F>
+static bool throws(F&& f, const char* needle = nullptr) {
+  try {
+    f();
+  } catch (const E& e) {
+    if (needle && !std::strstr(e.what(), needle)) {
+      std::fprintf(stderr, "message '%s' lacks '%s'\n", e.what(), needle);
+      return false;
+    }
+    return true;
+  } catch (...) {
+    return false;
+  }
+  return false;
+}
+
+static std::mt19937 rng(42);
+
+// ---------------------------------------------------------------- building matrices
+
+static void put_u32(std::vector<uint8_t>& b, size_t off, uint32_t v) { std::memcpy(&b[off], &v, 4); }
+static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+
+// Random f16 bits in a tame range (|v| in [2^-6, 2^2)).
+static uint16_t rand_half() {
+  const uint16_t sign = uint16_t((rng() & 1) << 15), exp = uint16_t(9 + rng() % 8), man = uint16_t(rng() % 1024);
+  return uint16_t(sign | (exp << 10) | man);
+}
+static double half_ref(uint16_t h) {  // independent of common.h (normal numbers only)
+  const double v = std::ldexp(1.0 + (h & 0x3FF) / 1024.0, ((h >> 10) & 0x1F) - 15);
+  return (h & 0x8000) ? -v : v;
+}
+
+struct TestMatrix {
+  std::vector<uint8_t> buf;
+  std::vector<double> w;  // dequantized [rows, cols], reference
+  uint32_t rows, cols;
+};
+
+// Group-quantized matrix with random codes/scales/mins, packed per FORMAT.md.
+static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32_t gs) {
+  TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols};
+  const uint32_t ng = cols / gs, cb = bits * 4;
+  const size_t codes = 64, codes_bytes = size_t(rows) * (cols / 32) * cb;
+  const size_t scales = align64(codes + codes_bytes), mins = align64(scales + 2 * size_t(rows) * ng);
+  const size_t total = mins + 2 * size_t(rows) * ng;
+  m.buf.assign(total, 0);
+  put_u32(m.buf, 0, rows);
+  put_u32(m.buf, 4, cols);
+  m.buf[8] = 3;
+  m.buf[9] = uint8_t(bits);
+  put_u32(m.buf, 12, gs);
+  put_u32(m.buf, 16, uint32_t(codes));
+  put_u32(m.buf, 20, uint32_t(scales));
+  put_u32(m.buf, 24, uint32_t(mins));
+  put_u32(m.buf, 28, uint32_t(total));
+  for (uint32_t r = 0; r < rows; ++r) {
+    std::vector<uint16_t> sc(ng), mn(ng);
+    for (uint32_t g = 0; g < ng; ++g) {
+      sc[g] = rand_half();
+      mn[g] = rand_half();
+      std::memcpy(&m.buf[scales + 2 * (size_t(r) * ng + g)], &sc[g], 2);
+      std::memcpy(&m.buf[mins + 2 * (size_t(r) * ng + g)], &mn[g], 2);
+    }
+    for (uint32_t c0 = 0; c0 < cols; c0 += 32) {
+      uint8_t v[32];
+      for (auto& x : v) x = uint8_t(rng() % (1u << bits));
+      uint8_t* p = &m.buf[codes + size_t(r) * (cols / 32) * cb + (c0 / 32) * cb];
+      for (int j = 0; j < 32; ++j) {
+        // bit-by-bit placement straight from the spec's wording
+        if (bits == 8) p[j] = v[j];
+        if (bits == 4) p[j % 16] = uint8_t(p[j % 16] | (v[j] << (4 * (j / 16))));
+        if (bits == 2 || bits == 3) p[j % 8] = uint8_t(p[j % 8] | ((v[j] & 3) << (2 * (j / 8))));
+        if (bits == 3) p[8 + j / 8] = uint8_t(p[8 + j / 8] | (((v[j] >> 2) & 1) << (j % 8)));
+      }
+      for (int j = 0; j < 32; ++j) {
+        const uint32_t g = (c0 + uint32_t(j)) / gs;
+        m.w[size_t(r) * cols + c0 + uint32_t(j)] = half_ref(sc[g]) * v[j] + half_ref(mn[g]);
+      }
+    }
+  }
+  return m;
+}
+
+static TestMatrix make_float(uint32_t rows, uint32_t cols, Kind kind) {
+  const size_t es = kind == kF32 ? 4 : 2;
+  TestMatrix m{std::vector<uint8_t>(64 + size_t(rows) * cols * es, 0), std::vector<double>(size_t(rows) * cols), rows,
+               cols};
+  put_u32(m.buf, 0, rows);
+  put_u32(m.buf, 4, cols);
+  m.buf[8] = uint8_t(kind);
+  m.buf[9] = kind == kF32 ? 32 : 16;
+  put_u32(m.buf, 16, 64);
+  put_u32(m.buf, 28, uint32_t(m.buf.size()));
+  std::normal_distribution<float> nd;
+  for (size_t i = 0; i < size_t(rows) * cols; ++i) {
+    if (kind == kF32) {
+      const float f = nd(rng);
+      std::memcpy(&m.buf[64 + 4 * i], &f, 4);
+      m.w[i] = f;
+    } else if (kind == kF16) {
+      const uint16_t h = rand_half();
+      std::memcpy(&m.buf[64 + 2 * i], &h, 2);
+      m.w[i] = half_ref(h);
+    } else {
+      const float f = nd(rng);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      const auto b = uint16_t(u >> 16);  // truncation is a valid bf16 value
+      std::memcpy(&m.buf[64 + 2 * i], &b, 2);
+      uint32_t back = uint32_t(b) << 16;
+      float fb;
+      std::memcpy(&fb, &back, 4);
+      m.w[i] = fb;
+    }
+  }
+  return m;
+}
+
+static std::vector<float> rand_vec(size_t n) {
+  std::normal_distribution<float> nd;
+  std::vector<float> v(n);
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+// |y - x W^T| <= tol * (|x| |W|^T), elementwise
+static bool close_matmul(const std::vector<float>& y, const std::vector<float>& x, const std::vector<double>& w,
+                         int64_t T, uint32_t rows, uint32_t cols, double tol) {
+  for (int64_t t = 0; t < T; ++t)
+    for (uint32_t r = 0; r < rows; ++r) {
+      double ref = 0, mag = 0;
+      for (uint32_t c = 0; c < cols; ++c) {
+        ref += double(x[size_t(t) * cols + c]) * w[size_t(r) * cols + c];
+        mag += std::fabs(double(x[size_t(t) * cols + c]) * w[size_t(r) * cols + c]);
+      }
+      if (std::fabs(y[size_t(t) * rows + r] - ref) > tol * mag + 1e-30) {
+        std::fprintf(stderr, "mismatch t=%lld r=%u: %g vs %g\n", (long long)t, r, double(y[size_t(t) * rows + r]), ref);
+        return false;
+      }
+    }
+  return true;
+}
+
+static void test_kernels() {
+  const uint32_t shapes[][2] = {{1, 128}, {37, 256}, {130, 384}};
+  for (uint32_t bits : {2u, 3u, 4u, 8u})
+    for (uint32_t gs : {32u, 64u, 128u})
+      for (auto& s : shapes) {
+        if (s[1] % gs) continue;
+        TestMatrix m = make_quant(s[0], s[1], bits, gs);
+        const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+        for (int64_t T : {1, 3, 4, 9}) {
+          auto x = rand_vec(size_t(T) * s[1]);
+          std::vector<float> y(size_t(T) * s[0]);
+          matmul(q, x.data(), T, y.data());
+          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+        }
+      }
+  for (Kind k : {kF32, kF16, kBF16})
+    for (auto s : {std::pair<uint32_t, uint32_t>{1, 7}, {33, 100}, {70, 512}}) {
+      TestMatrix m = make_float(s.first, s.second, k);
+      const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+      for (int64_t T : {1, 2, 5}) {
+        auto x = rand_vec(size_t(T) * s.second);
+        std::vector<float> y(size_t(T) * s.first);
+        matmul(q, x.data(), T, y.data());
+        CHECK(close_matmul(y, x, m.w, T, s.first, s.second, 2e-6));
+      }
+    }
+  // Headers that lie are refused, never read past.
+  TestMatrix m = make_quant(4, 64, 4, 32);
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size() - 1); }));
+  m.buf[9] = 5;
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size()); }));
+  // f16 conversion, subnormals and specials included (portable vs F16C agree with the spec)
+  CHECK(f16_to_f32(0x3C00) == 1.0f && f16_to_f32(0xC000) == -2.0f && f16_to_f32(0x0001) == std::ldexp(1.0f, -24));
+  CHECK(std::isinf(f16_to_f32(0x7C00)) && std::isnan(f16_to_f32(0x7E00)) && f16_to_f32(0x7BFF) == 65504.0f);
+}
+
+static void test_crc() {
+  CHECK(crc32c("123456789", 9) == 0xE3069283u);
+  CHECK(crc32c_portable("123456789", 9) == 0xE3069283u);
+  uint8_t z[32] = {}, ff[32], inc[32];
+  for (int i = 0; i < 32; ++i) {
+    ff[i] = 0xFF;
+    inc[i] = uint8_t(i);
+  }
+  CHECK(crc32c(z, 32) == 0x8A9136AAu);  // RFC 3720 B.4 vectors
+  CHECK(crc32c(ff, 32) == 0x62A8AB43u);
+  CHECK(crc32c(inc, 32) == 0x46DD794Eu);
+  CHECK(crc32c(nullptr, 0) == 0);
+  std::vector<uint8_t> d(10007);
+  for (auto& b : d) b = uint8_t(rng());
+  for (size_t n : {size_t(0), size_t(1), size_t(7), size_t(8), size_t(1000), d.size()})
+    CHECK(crc32c(d.data(), n) == crc32c_portable(d.data(), n));
+  CHECK(crc32c(d.data() + 333, d.size() - 333, crc32c(d.data(), 333)) == crc32c(d.data(), d.size()));
+}
+
+// ---------------------------------------------------------------- experts file
+
+static std::vector<uint8_t> make_blob(uint32_t layer, uint32_t expert, uint32_t H, uint32_t I, uint32_t bits,
+                                      std::vector<TestMatrix>* mats) {
+  TestMatrix g = make_quant(I, H, bits, 32), u = make_quant(I, H, bits, 32), d = make_quant(H, I, bits, 32);
+  std::vector<uint8_t> blob(64, 0);
+  std::memcpy(blob.data(), "EXPB", 4);
+  put_u32(blob, 4, layer);
+  put_u32(blob, 8, expert);
+  put_u32(blob, 12, 3);
+  int i = 0;
+  for (TestMatrix* m : {&g, &u, &d}) {
+    blob.resize(align64(blob.size()), 0);
+    put_u32(blob, 16 + 4 * size_t(i), uint32_t(blob.size()));
+    put_u32(blob, 28 + 4 * size_t(i), uint32_t(m->buf.size()));
+    blob.insert(blob.end(), m->buf.begin(), m->buf.end());
+    ++i;
+  }
+  if (mats) *mats = {g, u, d};
+  return blob;
+}
+
+struct TestFile {
+  std::string path;
+  uint32_t L, E;
+  std::vector<uint64_t> offsets, sizes;
+  std::vector<uint32_t> crcs;
+  std::vector<std::vector<uint8_t>> blobs;
+  std::vector<std::vector<TestMatrix>> mats;
+  ~TestFile() { ::unlink(path.c_str()); }
+};
+
+static void write_file(TestFile& f, uint32_t H, uint32_t I) {
+  char tmpl[] = "/tmp/edgemoe_native_XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  f.path = tmpl;
+  std::vector<uint8_t> data(4096, 0);
+  std::memcpy(data.data(), "EDGEMOEX", 8);
+  put_u32(data, 8, 1);
+  put_u32(data, 12, 4096);
+  put_u32(data, 16, f.L);
+  put_u32(data, 20, f.E);
+  for (uint32_t l = 0; l < f.L; ++l)
+    for (uint32_t e = 0; e < f.E; ++e) {
+      std::vector<TestMatrix> mats;
+      auto blob = make_blob(l, e, H, I, (e % 2) ? 4 : 3, &mats);
+      data.resize((data.size() + 4095) / 4096 * 4096, 0);
+      f.offsets.push_back(data.size());
+      f.sizes.push_back(blob.size());
+      f.crcs.push_back(crc32c(blob.data(), blob.size()));
+      data.insert(data.end(), blob.begin(), blob.end());
+      f.blobs.push_back(std::move(blob));
+      f.mats.push_back(std::move(mats));
+    }
+  const uint64_t nb = uint64_t(f.L) * f.E, fb = data.size();
+  std::memcpy(&data[24], &nb, 8);
+  std::memcpy(&data[32], &fb, 8);
+  CHECK(::write(fd, data.data(), data.size()) == ssize_t(data.size()));
+  ::close(fd);
+}
+
+static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const float* x, uint32_t H, uint32_t I) {
+  std::vector<double> h(I), y(H, 0.0);
+  for (uint32_t i = 0; i < I; ++i) {
+    double g = 0, u = 0;
+    for (uint32_t c = 0; c < H; ++c) {
+      g += m[0].w[size_t(i) * H + c] * x[c];
+      u += m[1].w[size_t(i) * H + c] * x[c];
+    }
+    h[i] = g / (1 + std::exp(-g)) * u;
+  }
+  for (uint32_t r = 0; r < H; ++r)
+    for (uint32_t i = 0; i < I; ++i) y[r] += m[2].w[size_t(r) * I + i] * h[i];
+  return y;
+}
+
+static void test_store_and_cache() {
+  const uint32_t H = 64, I = 96;
+  TestFile f;
+  f.L = 2;
+  f.E = 4;
+  write_file(f, H, I);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  CHECK(store->direct());
+  for (uint32_t i = 0; i < f.L * f.E; ++i) {
+    auto b = store->read(i / f.E, i % f.E);
+    CHECK(b->size == f.blobs[i].size() && std::memcmp(b->data, f.blobs[i].data(), b->size) == 0);
+    CHECK((reinterpret_cast<uintptr_t>(b->base) & 4095) == 0);
+  }
+  CHECK(throws<std::invalid_argument>([&] { store->read(2, 0); }));
+
+  // A wrong checksum names the expert.
+  auto bad = f.crcs;
+  bad[5] ^= 1;
+  ExpertStore corrupt(f.path, f.L, f.E, f.offsets, f.sizes, bad, false, true);
+  CHECK(throws<CorruptExpertError>([&] { corrupt.read(1, 1); }, "expert 1 of layer 1 failed its checksum"));
+  // A blob beyond the end is refused at construction.
+  auto big = f.sizes;
+  big[7] += 5000;
+  CHECK(throws<ModelDirectoryError>([&] { ExpertStore(f.path, f.L, f.E, f.offsets, big, f.crcs, true, true); },
+                                    "expert 3 of layer 1"));
+
+  // moe_forward vs the scalar reference.
+  ExpertCache cache(store, 0);
+  const int64_t T = 5, K = 2;
+  auto x = rand_vec(size_t(T) * H);
+  std::vector<int32_t> ids = {0, 1, 2, 1, 3, 0, 1, 1, 2, 3};
+  std::vector<float> w = {0.5f, 0.25f, 1, 2, 0.1f, 0.9f, 0.3f, 0.7f, 1, -1};
+  std::vector<float> y(size_t(T) * H);
+  moe_forward(cache, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> ref(H, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      auto e = expert_ref(f.mats[size_t(f.E + uint32_t(ids[size_t(t * K + k)]))], &x[size_t(t) * H], H, I);
+      for (uint32_t h = 0; h < H; ++h) ref[h] += w[size_t(t * K + k)] * e[h];
+    }
+    double mx = 0;
+    for (double v : ref) mx = std::max(mx, std::fabs(v));
+    for (uint32_t h = 0; h < H; ++h) CHECK(std::fabs(y[size_t(t) * H + h] - ref[h]) <= 1e-4 * mx);
+  }
+  CacheStats s = cache.stats();
+  CHECK(s.misses == 4 && s.loads == 4 && s.hits == 0);
+  std::vector<int32_t> bad_ids = {0, 4, 0, 0, 0, 0, 0, 0, 0, 0};
+  CHECK(throws<std::invalid_argument>(
+      [&] { moe_forward(cache, 1, x.data(), T, H, bad_ids.data(), w.data(), K, y.data()); }, "out of range"));
+
+  // Budget: two blobs; a third pinned request fails, then LRU eviction works.
+  uint64_t two = store->buffer_bytes(0, 0) + store->buffer_bytes(0, 2);
+  ExpertCache small(store, two);
+  {
+    PinnedExpert a = small.acquire(0, 0), b = small.acquire(0, 2);
+    CHECK(throws<BudgetError>([&] { small.acquire(0, 1); }, "raise the budget"));
+  }
+  {
+    PinnedExpert c = small.acquire(0, 1);  // evicts (0, 0), the least recently used
+    (void)c;
+  }
+  CHECK(!small.contains(0, 0) && small.contains(0, 2) && small.contains(0, 1));
+  CHECK(small.stats().evictions == 1 && small.stats().resident_bytes <= two);
+  ExpertCache tiny(store, 4096);
+  CHECK(throws<BudgetError>([&] { tiny.acquire(0, 0); }, "4096 bytes"));
+}
+
+// Several threads acquire/prefetch/release under a budget smaller than the set
+// of experts, checking each pinned blob's bytes while they hold it.
+static void test_cache_threads() {
+  TestFile f;
+  f.L = 2;
+  f.E = 6;
+  write_file(f, 64, 64);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  uint64_t budget = 0;
+  for (uint32_t e = 0; e < 5; ++e) budget = std::max(budget, store->buffer_bytes(0, e));
+  ExpertCache cache(store, budget * 5);
+  std::atomic<int> bad{0}, budget_errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 r(uint32_t(t) + 1);
+      std::vector<float> x(64), y(64);
+      for (int it = 0; it < 300; ++it) {
+        const uint32_t l = r() % f.L, e = r() % f.E, i = l * f.E + e;
+        try {
+          if (it % 7 == 0) {
+            cache.prefetch(l, e);
+            continue;
+          }
+          PinnedExpert p = cache.acquire(l, e);
+          if (p.blob().size != f.blobs[i].size() || std::memcmp(p.blob().data, f.blobs[i].data(), p.blob().size) != 0)
+            ++bad;
+          if (it % 5 == 0) {  // kernels from several threads at once share the pool
+            const Expert ex = parse_expert(p.blob().data, p.blob().size);
+            expert_forward(ex, x.data(), 1, y.data());
+          }
+        } catch (const BudgetError&) {
+          ++budget_errors;  // possible when the other threads pin everything
+        }
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(bad == 0);
+  const CacheStats s = cache.stats();
+  CHECK(s.resident_bytes <= cache.budget_bytes() && s.peak_resident_bytes <= cache.budget_bytes());
+  CHECK(s.loads >= uint64_t(f.L) * f.E / 2);
+  std::printf("  cache threads: %llu hits, %llu misses, %llu loads, %llu evictions, %d budget errors\n",
+              (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.loads,
+              (unsigned long long)s.evictions, budget_errors.load());
+}
+
+static void test_pool() {
+  ThreadPool& pool = ThreadPool::instance();
+  const int n0 = pool.num_threads();
+  for (int n : {1, 3, 2}) {
+    pool.set_num_threads(n);
+    std::vector<std::atomic<int>> hit(1000);
+    pool.parallel_for(1000, [&](int64_t i) { hit[size_t(i)]++; });
+    bool ok = true;
+    for (auto& h : hit) ok = ok && h == 1;
+    CHECK(ok);
+    std::atomic<int> inner{0};  // nested calls run inline
+    pool.parallel_for(8, [&](int64_t) { pool.parallel_for(4, [&](int64_t) { inner++; }); });
+    CHECK(inner == 32);
+  }
+  pool.set_num_threads(n0);
+}
+
+int main() {
+  std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
+  test_pool();
+  test_kernels();
+  test_crc();
+  test_store_and_cache();
+  test_cache_threads();
+  if (g_failures) {
+    std::printf("%d check(s) FAILED\n", g_failures);
+    return 1;
+  }
+  std::printf("all native tests passed\n");
+  return 0;
+}
