@@ -266,24 +266,24 @@ class Plan:
         """(gate [I, H], up [I, H], down [H, I]) as stored (bf16 as uint16 bits), read from disk."""
         I = self.intermediate
         if (layer, "gate_up") in self.fused:
-            f = self.fused[(layer, "gate_up")]
-            gu = f.ref.file.read(f.ref.name, expert)            # [2I, H] (or [H, 2I])
-            if f.transposed:
-                gu = gu.T
-            gate, up = np.ascontiguousarray(gu[:I]), np.ascontiguousarray(gu[I:])
+            gate_up = self._fused_slice(layer, "gate_up", expert)   # [2I, H]
+            gate, up = np.ascontiguousarray(gate_up[:I]), np.ascontiguousarray(gate_up[I:])
         else:
-            gate = self.per_expert[(layer, expert, "gate")].file.read(
-                self.per_expert[(layer, expert, "gate")].name)
-            up = self.per_expert[(layer, expert, "up")].file.read(self.per_expert[(layer, expert, "up")].name)
+            gate, up = (self._per_expert(layer, expert, r) for r in ("gate", "up"))
         if (layer, "down") in self.fused:
-            f = self.fused[(layer, "down")]
-            down = f.ref.file.read(f.ref.name, expert)          # [H, I] (or [I, H])
-            if f.transposed:
-                down = np.ascontiguousarray(down.T)
+            down = np.ascontiguousarray(self._fused_slice(layer, "down", expert))  # [H, I]
         else:
-            r = self.per_expert[(layer, expert, "down")]
-            down = r.file.read(r.name)
+            down = self._per_expert(layer, expert, "down")
         return gate, up, down
+
+    def _per_expert(self, layer: int, expert: int, role: str) -> np.ndarray:
+        ref = self.per_expert[(layer, expert, role)]
+        return ref.file.read(ref.name)
+
+    def _fused_slice(self, layer: int, kind: str, expert: int) -> np.ndarray:
+        f = self.fused[(layer, kind)]
+        part = f.ref.file.read(f.ref.name, expert)  # one expert is one contiguous range
+        return part.T if f.transposed else part
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -332,7 +332,11 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
                 raise CheckpointError(f"tensor {name} belongs to layer {layer}, but config.json says the model "
                                       f"has {p.num_layers} layers: config and weights do not match")
             if rest in spec.layer_tensors:
-                p.backbone[f"layers.{layer}.{spec.layer_tensors[rest]}"] = ref
+                canonical = f"layers.{layer}.{spec.layer_tensors[rest]}"
+                if canonical in p.backbone:
+                    raise CheckpointError(f"tensors {p.backbone[canonical].name} and {name} both give {canonical}: "
+                                          f"the checkpoint mixes two namings; keep one")
+                p.backbone[canonical] = ref
                 continue
             e = _PER_EXPERT_RE.match(rest)
             if e and e.group(1) in moe_blocks and e.group(3) in spec.expert_roles:
@@ -375,6 +379,10 @@ def _check_complete(p: Plan, tied: bool) -> None:
             need(f"layers.{layer}.{c}", f"model.layers.{layer}.{reverse.get(c, c)}")
 
     expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused}
+    both = sorted({k[0] for k in p.per_expert} & {k[0] for k in p.fused})
+    if both:
+        raise CheckpointError(f"layers {both} have experts both as per-expert tensors and as fused 3D tensors: "
+                              f"the checkpoint mixes two exports; keep one")
     extra = sorted(expert_layers - moe)
     if extra:
         raise CheckpointError(f"layers {extra} hold expert weights but config.json makes them dense layers "

@@ -15,7 +15,6 @@ import pytest
 from edgemoe import _core, quant
 from edgemoe.converters import cli
 from edgemoe.converters.convert import convert
-from edgemoe.converters.hf import Checkpoint, plan_conversion
 from edgemoe.converters.safetensors_io import (SafetensorsFile, bf16_to_f32, read_safetensors,
                                                write_safetensors)
 from edgemoe.errors import CheckpointError, EdgeMoEError, ModelDirectoryError, UnsupportedArchitectureError
@@ -181,6 +180,23 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
     from tokenizers import Tokenizer
     assert Tokenizer.from_file(str(d / "tokenizer.json")).encode("The quick brown fox").ids
     assert m["config"] == json.loads((src / "config.json").read_text())
+
+
+@pytest.mark.parametrize("dtype,kind", [("float16", "f16"), ("float32", "f32")])
+def test_16_bit_keeps_the_checkpoint_float_dtype(tiny_checkpoint, tmp_path, dtype, kind):
+    import torch
+
+    src = tiny_checkpoint("olmoe", dtype=getattr(torch, dtype))
+    m = convert(src, tmp_path / "m", bits=16, progress=False)
+    assert m["quantization"]["float_dtype"] == kind and m["source"]["dtype"] == dtype
+    assert {dt for _, dt in read_safetensors(tmp_path / "m" / "backbone.safetensors").values()} == {kind.upper()}
+    ref = hf_tensors(src)
+    raw = np.fromfile(tmp_path / "m" / "experts.bin", dtype=np.uint8)
+    layer, e, off, length, _, _ = m["experts"]["blobs"][3]
+    assert quant.matrix_header(raw[off:off + length], quant.parse_blob(raw[off:off + length])["offsets"][0])[
+        "kind_name"] == kind
+    for g, w in zip(quant.expert_matrices(raw[off:off + length]), expert_weights(ref, "olmoe", layer, e)):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_qwen2_dense_layer_has_no_experts(converted):
