@@ -12,10 +12,13 @@ from tiny import ARCHS, reference_model
 
 PROMPT_LEN = 24
 NEW_TOKENS = 24
-# Mean KL(reference || edgemoe) over the prompt's positions, per bitwidth.
-# Measured on these tiny models: 8 bits ~1e-5, 4 bits ~1e-3; the bounds leave headroom
-# but still fail if a quantized kernel or a scale is wrong (random logits give KL ~1).
-KL_BOUND = {8: 2e-4, 4: 2e-2}
+# KL(reference || edgemoe) per prompt position, bounded in mean and median per bitwidth.
+# Measured on these tiny models (group 64): 8 bits 1e-5..3e-4 mean, 4 bits 2e-3..1e-2 mean;
+# a shuffled-logits control gives 0.3-0.5. The mean bound tolerates one top-k flip (quantization
+# noise can swap a near-tied expert, as it does at one position of qwen2_moe at 8 bits, KL 7e-3
+# there); the median bound catches any systematic error.
+KL_MEAN_BOUND = {8: 1e-3, 4: 3e-2}
+KL_MEDIAN_BOUND = {8: 1e-4, 4: 1e-2}
 
 
 def prompt_ids(vocab: int, seed: int = 1) -> list[int]:
@@ -51,14 +54,14 @@ def reference_greedy(ref, ids, n) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     def log_softmax(z):
         z = z.astype(np.float64)
         z = z - z.max(-1, keepdims=True)
         return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
     lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 
 def check_parity(src, dst):
@@ -101,8 +104,9 @@ def test_quantized_kl_is_bounded(converted, arch, bits):
     src, dst = converted(arch, bits)
     ref = reference_model(src)
     ids = prompt_ids(ref.config.vocab_size)
-    d = kl(reference_logits(ref, ids), edgemoe.load(dst).logits(ids))
-    assert d < KL_BOUND[bits], f"{arch} {bits}-bit: mean KL {d:.2e} >= {KL_BOUND[bits]}"
+    d = kl_per_position(reference_logits(ref, ids), edgemoe.load(dst).logits(ids))
+    assert d.mean() < KL_MEAN_BOUND[bits], f"{arch} {bits}-bit: mean KL {d.mean():.2e}"
+    assert np.median(d) < KL_MEDIAN_BOUND[bits], f"{arch} {bits}-bit: median KL {np.median(d):.2e}"
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])

@@ -38,16 +38,11 @@ class DecoderConfig:
     clip_qkv: float | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], **renames: str) -> "DecoderConfig":
-        """Build from an HF config; keys it does not use are ignored.
-
-        renames maps a field to the HF key that holds it for this architecture
-        (e.g. num_experts="num_local_experts").
-        """
+    def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
+        """Build from an HF config; keys it does not use are ignored."""
         from ..errors import ModelDirectoryError
 
-        def get(field: str, default: Any = dataclasses.MISSING) -> Any:
-            key = renames.get(field, field)
+        def get(key: str, default: Any = dataclasses.MISSING) -> Any:
             if key in d and d[key] is not None:
                 return d[key]
             if default is dataclasses.MISSING:
@@ -70,7 +65,8 @@ class DecoderConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(get("num_key_value_heads", heads)),
             head_dim=int(get("head_dim", hidden // heads)),
-            num_experts=int(get("num_experts")),
+            # Released Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts
+            num_experts=int(get("num_experts", d.get("num_local_experts"))),
             num_experts_per_tok=int(get("num_experts_per_tok")),
             rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),

@@ -9,7 +9,7 @@ from .base import DecoderConfig, DecoderLM, route_softmax_topk
 
 
 def config_from_dict(d: dict[str, Any]) -> DecoderConfig:
-    cfg = DecoderConfig.from_dict(d, num_experts="num_local_experts")
+    cfg = DecoderConfig.from_dict(d)
     cfg.norm_topk_prob = True  # Mixtral always renormalizes its top-k
     return cfg
 
