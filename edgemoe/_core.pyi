@@ -18,6 +18,10 @@ def crc32c(data: npt.NDArray[np.uint8] | bytes, seed: int = 0) -> int:
 def crc32c_impl() -> str:
     """Which CRC-32C implementation this build uses: 'sse4.2', 'armv8-crc' or 'table'."""
 
+def stream_read(data: npt.NDArray[Any] | bytes) -> int:
+    """Read every byte of a buffer once on the kernel threads (returns a checksum of it):
+    the memory bandwidth the kernels can hope for. For benchmarks."""
+
 def simd() -> str:
     """Which kernel path this build uses: 'avx2+fma+f16c' or 'portable' (chosen at build time)."""
 

@@ -103,6 +103,16 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("data"), py::arg("seed") = 0,
       "CRC-32C (Castagnoli) of a buffer, as stored in the manifest. Chain with seed=previous result.");
+  m.def(
+      "stream_read",
+      [](const py::buffer& data) {
+        auto [p, n] = bytes_of(data);
+        py::gil_scoped_release nogil;
+        return stream_read(p, n);
+      },
+      py::arg("data"),
+      "Read every byte of a buffer once on the kernel threads (returns a checksum of it):\n"
+      "the memory bandwidth the kernels can hope for. For benchmarks.");
   m.def("crc32c_impl", &crc32c_impl, "Which CRC-32C implementation this build uses.");
 
   m.def(

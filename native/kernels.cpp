@@ -106,9 +106,10 @@ QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind) {
   return m;
 }
 
-// ---------------------------------------------------------------- portable path
-
 namespace {
+
+// ---------------------------------------------------------------- portable path
+#if !defined(EDGEMOE_AVX2)
 
 // Unpacks one chunk of 32 codes (FORMAT.md "Codes are packed per chunk").
 template <int BITS>
@@ -203,6 +204,211 @@ void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const flo
     default: return qrow_portable<8>(w, r, x, xsum, nt, out);
   }
 }
+#endif
+
+// ---------------------------------------------------------------- AVX2 path
+
+#if defined(EDGEMOE_AVX2)
+
+// 8 bytes at p zero-extended to 8 x u32 (the load folds into vpmovzxbd).
+inline __m256i u8x8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+// One chunk of 32 codes -> w[k] = values 8k..8k+7 as floats. Bytes are widened
+// to 32-bit lanes first, so splitting them into fields is a shift and a mask.
+template <int BITS>
+inline void decode_chunk(const uint8_t* p, __m256 w[4]) {
+  if constexpr (BITS == 8) {
+    for (int k = 0; k < 4; ++k) w[k] = _mm256_cvtepi32_ps(u8x8(p + 8 * k));
+  } else if constexpr (BITS == 4) {
+    const __m256i m = _mm256_set1_epi32(0x0F);
+    const __m256i a = u8x8(p), b = u8x8(p + 8);  // bytes 0-7 and 8-15
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  } else if constexpr (BITS == 2) {
+    const __m256i m = _mm256_set1_epi32(0x03);
+    const __m256i a = u8x8(p);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 2), m));
+    w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 4), m));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 6));
+  } else {
+    static_assert(BITS == 3, "bits");
+    const __m256i m = _mm256_set1_epi32(0x03);
+    const __m256i a = u8x8(p);
+    // bit 2 of v[j] is bit j of the u32 after the 2-bit part: move it to bit 2
+    const __m256i hi = _mm256_set1_epi32(int(load_u32(p + 8)));
+    const __m256i four = _mm256_set1_epi32(4);
+    const __m256i sh0 = _mm256_setr_epi32(-2, -1, 0, 1, 2, 3, 4, 5);  // lane j: shift right by j-2
+    for (int k = 0; k < 4; ++k) {
+      const __m256i lo = k == 0 ? _mm256_and_si256(a, m) : _mm256_and_si256(_mm256_srli_epi32(a, 2 * k), m);
+      const __m256i sh = _mm256_add_epi32(sh0, _mm256_set1_epi32(8 * k));
+      // lanes 0,1 of chunk 0 need a left shift: srlv with a negative count gives 0, so use sllv there
+      const __m256i h = k == 0 ? _mm256_or_si256(_mm256_srlv_epi32(hi, sh), _mm256_sllv_epi32(hi, _mm256_sub_epi32(_mm256_setzero_si256(), sh)))
+                               : _mm256_srlv_epi32(hi, sh);
+      w[k] = _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(h, four)));
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Independent FMA chains per token: decode (NT=1) needs 4 to hide FMA latency.
+template <int NT>
+constexpr int kChains = NT == 1 ? 4 : 2;
+
+// Group-quantized rows [r0, r1) for NT tokens: weights are decoded and scaled
+// once per chunk and shared by the NT tokens; the min term uses xsum.
+template <int BITS, int NT>
+void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum,
+                float* y, uint32_t ystride) {
+  constexpr int C = kChains<NT>;
+  const uint32_t gs = w.group_size, ng = w.cols / gs, cpg = gs / kChunk;
+  const uint64_t rb = w.row_bytes();
+  for (uint32_t r = r0; r < r1; ++r) {
+    const uint8_t* codes = w.data + uint64_t(r) * rb;
+    const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
+    const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;
+    __m256 acc[NT][C];
+    for (int t = 0; t < NT; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    for (uint32_t g = 0; g < ng; ++g) {
+      const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc + 2 * g)));
+      if constexpr (NT == 1) {
+        // decode: dot the group's codes with x in C chains, apply the scale once
+        __m256 d[C];
+        for (int c = 0; c < C; ++c) d[c] = _mm256_setzero_ps();
+        for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
+          __m256 wv[4];
+          decode_chunk<BITS>(codes, wv);
+          const float* xc = x[0] + (g * cpg + c) * kChunk;
+          for (int k = 0; k < 4; ++k) d[k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(xc + 8 * k), d[k % C]);
+        }
+        for (int c = 0; c < C; ++c) acc[0][c] = _mm256_fmadd_ps(d[c], s, acc[0][c]);
+      } else {
+        // prefill: scale the decoded weights once, share them across NT tokens
+        for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
+          __m256 wv[4];
+          decode_chunk<BITS>(codes, wv);
+          const uint32_t col = (g * cpg + c) * kChunk;
+          for (int k = 0; k < 4; ++k) {
+            wv[k] = _mm256_mul_ps(wv[k], s);
+            for (int t = 0; t < NT; ++t)
+              acc[t][k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + col + 8 * k), acc[t][k % C]);
+          }
+        }
+      }
+    }
+    // min term: sum_g min_g * xsum[t][g]
+    __m256 macc[NT];
+    for (int t = 0; t < NT; ++t) macc[t] = _mm256_setzero_ps();
+    uint32_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+      const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g)));
+      for (int t = 0; t < NT; ++t) macc[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum[t] + g), macc[t]);
+    }
+    for (int t = 0; t < NT; ++t) {
+      __m256 a = acc[t][0];
+      for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[t][c]);
+      float v = hsum(_mm256_add_ps(a, macc[t]));
+      for (uint32_t gg = g; gg < ng; ++gg) v += f16_to_f32(load_u16(mn + 2 * gg)) * xsum[t][gg];
+      y[uint64_t(t) * ystride + r] = v;
+    }
+  }
+}
+
+template <Kind K>
+inline __m256 load8(const uint8_t* p) {
+  if constexpr (K == kF32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  if constexpr (K == kF16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if constexpr (K == kBF16)
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+template <Kind K>
+inline float load1(const uint8_t* p) {
+  if constexpr (K == kF32) return load_f32(p);
+  if constexpr (K == kF16) return f16_to_f32(load_u16(p));
+  if constexpr (K == kBF16) return bf16_to_f32(load_u16(p));
+}
+
+template <Kind K, int NT>
+void frows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, float* y, uint32_t ystride) {
+  constexpr int C = kChains<NT>;
+  constexpr uint32_t es = K == kF32 ? 4 : 2;
+  const uint32_t cols = w.cols;
+  for (uint32_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
+    __m256 acc[NT][C];
+    for (int t = 0; t < NT; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    uint32_t col = 0;
+    for (; col + 32 <= cols; col += 32)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 wv = load8<K>(row + (col + 8 * k) * es);
+        for (int t = 0; t < NT; ++t)
+          acc[t][k % C] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + col + 8 * k), acc[t][k % C]);
+      }
+    for (; col + 8 <= cols; col += 8) {
+      const __m256 wv = load8<K>(row + col * es);
+      for (int t = 0; t < NT; ++t) acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x[t] + col), acc[t][0]);
+    }
+    for (int t = 0; t < NT; ++t) {
+      __m256 a = acc[t][0];
+      for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[t][c]);
+      float v = hsum(a);
+      for (uint32_t c = col; c < cols; ++c) v += load1<K>(row + c * es) * x[t][c];
+      y[uint64_t(t) * ystride + r] = v;
+    }
+  }
+}
+
+template <int NT>
+void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, float* y,
+             uint32_t ystride) {
+  switch (w.kind) {
+    case kF32: return frows_avx2<kF32, NT>(w, r0, r1, x, y, ystride);
+    case kF16: return frows_avx2<kF16, NT>(w, r0, r1, x, y, ystride);
+    case kBF16: return frows_avx2<kBF16, NT>(w, r0, r1, x, y, ystride);
+    case kQuant: break;
+  }
+  switch (w.bits) {
+    case 2: return qrows_avx2<2, NT>(w, r0, r1, x, xsum, y, ystride);
+    case 3: return qrows_avx2<3, NT>(w, r0, r1, x, xsum, y, ystride);
+    case 4: return qrows_avx2<4, NT>(w, r0, r1, x, xsum, y, ystride);
+    default: return qrows_avx2<8, NT>(w, r0, r1, x, xsum, y, ystride);
+  }
+}
+
+#endif  // EDGEMOE_AVX2
+
+// Rows [r0, r1) of y[t, :] for nt (<= kTokenBlock) tokens; y points at token 0's row.
+void run_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
+              float* y, uint32_t ystride) {
+#if defined(EDGEMOE_AVX2)
+  switch (nt) {
+    case 1: return rows_nt<1>(w, r0, r1, x, xsum, y, ystride);
+    case 2: return rows_nt<2>(w, r0, r1, x, xsum, y, ystride);
+    case 3: return rows_nt<3>(w, r0, r1, x, xsum, y, ystride);
+    default: return rows_nt<4>(w, r0, r1, x, xsum, y, ystride);
+  }
+#else
+  for (uint32_t r = r0; r < r1; ++r) {
+    float out[kTokenBlock];
+    row_dispatch(w, r, x, xsum, nt, out);
+    for (int t = 0; t < nt; ++t) y[uint64_t(t) * ystride + r] = out[t];
+  }
+#endif
+}
 
 }  // namespace
 
@@ -230,7 +436,9 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   // weights stay in cache across tokens.
   const uint64_t work = uint64_t(rows) * cols * uint64_t(T);
   const int threads = ThreadPool::instance().num_threads();
-  uint32_t row_block = 16;
+  // A few large row blocks per thread keep each thread's weight stream long and
+  // sequential (hardware prefetch), while leaving some slack for load balance.
+  uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(4 * threads));
   if (work < (1u << 16) || threads == 1) row_block = rows;  // too small to be worth waking threads
   const int64_t tasks = (rows + row_block - 1) / row_block;
 
@@ -244,14 +452,43 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
         xp[t] = x + (t0 + t) * cols;
         sp[t] = quant ? xsum.data() + (t0 + t) * ng : nullptr;
       }
-      for (uint32_t r = r0; r < r1; ++r) {
-        float out[kTokenBlock];
-        row_dispatch(w, r, xp, sp, nt, out);
-        for (int t = 0; t < nt; ++t) y[(t0 + t) * rows + r] = out[t];
-      }
+      run_rows(w, r0, r1, xp, sp, nt, y + t0 * rows, rows);
     }
   };
   ThreadPool::instance().parallel_for(tasks, task);
+}
+
+uint64_t stream_read(const uint8_t* p, uint64_t n) {
+  constexpr uint64_t kBlock = 1 << 20;
+  const int64_t tasks = int64_t((n + kBlock - 1) / kBlock);
+  std::vector<uint64_t> partial(size_t(tasks), 0);
+  ThreadPool::instance().parallel_for(tasks, [&](int64_t t) {
+    const uint8_t* b = p + uint64_t(t) * kBlock;
+    const uint64_t len = std::min(kBlock, n - uint64_t(t) * kBlock);
+    uint64_t i = 0, acc = 0;
+#if defined(EDGEMOE_AVX2)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 128 <= len; i += 128) {
+      a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i)));
+      a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i + 32)));
+      a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i + 64)));
+      a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i + 96)));
+    }
+    alignas(32) uint64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+    acc = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+    for (; i + 8 <= len; i += 8) {
+      uint64_t v;
+      std::memcpy(&v, b + i, 8);
+      acc += v;
+    }
+    for (; i < len; ++i) acc += b[i];
+    partial[size_t(t)] = acc;
+  });
+  uint64_t sum = 0;
+  for (uint64_t v : partial) sum += v;
+  return sum;
 }
 
 // ---------------------------------------------------------------- experts

@@ -49,4 +49,8 @@ Expert parse_expert(const uint8_t* blob, uint64_t size);
 // y[T, H] = down(silu(gate x) * up x) for x[T, H].
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
+// Reads every byte of [p, p+n) once on the kernel threads and returns a checksum
+// of it: the memory bandwidth the matmul kernels can hope for (benchmarks).
+uint64_t stream_read(const uint8_t* p, uint64_t n);
+
 }  // namespace edgemoe

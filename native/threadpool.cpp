@@ -44,6 +44,9 @@ void ThreadPool::run_tasks() {
   for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);
 }
 
+// A worker joins a job only while it is open (fn_ set); the caller closes it
+// once every joined worker has left, so a worker the OS schedules late never
+// holds the caller up: it finds the job closed and sleeps again.
 void ThreadPool::worker() {
   uint64_t seen = 0;
   std::unique_lock<std::mutex> lk(m_);
@@ -51,10 +54,12 @@ void ThreadPool::worker() {
     wake_.wait(lk, [&] { return stopping_ || generation_ != seen; });
     if (stopping_) return;
     seen = generation_;
+    if (fn_ == nullptr) continue;  // that job is already over
+    ++active_;
     lk.unlock();
     run_tasks();
     lk.lock();
-    if (--pending_ == 0) done_.notify_one();
+    if (--active_ == 0) done_.notify_one();
   }
 }
 
@@ -70,13 +75,13 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t)>& fn)
     fn_ = &fn;
     n_ = n;
     next_ = 0;
-    pending_ = int(workers_.size());
     ++generation_;
   }
   wake_.notify_all();
   run_tasks();
+  // Every task is claimed; wait for the workers still finishing theirs.
   std::unique_lock<std::mutex> lk(m_);
-  done_.wait(lk, [&] { return pending_ == 0; });
+  done_.wait(lk, [&] { return active_ == 0; });
   fn_ = nullptr;
 }
 

@@ -41,7 +41,7 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   bool stopping_ = false;
   uint64_t generation_ = 0;
-  int pending_ = 0;  // workers still inside the current generation
+  int active_ = 0;  // workers that joined the current job and have not left it
   const std::function<void(int64_t)>* fn_ = nullptr;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
