@@ -500,7 +500,8 @@ def test_conversion_memory_stays_far_below_checkpoint_size(tmp_path):
         assert not {{"torch", "transformers", "safetensors"}} & set(sys.modules), "converter imported torch"
         print(base, hwm())
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path)  # not the repo root: import the installed package
     assert out.returncode == 0, out.stderr
     base, peak = map(int, out.stdout.split())
     grown = peak - base
