@@ -38,6 +38,7 @@ const char* simd_name() {
 namespace {
 
 constexpr int kTokenBlock = 4;  // tokens that share one decode of a weight row
+constexpr int64_t kGemmMinTokens = 12;  // from here on, dequantize rows to f32 once (AVX2 path)
 constexpr uint32_t kChunk = 32;  // codes are packed per 32 values of a row
 
 uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
@@ -261,12 +262,69 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Independent FMA chains per token: decode (NT=1) needs 4 to hide FMA latency.
+// Independent FMA chains per token, enough to hide the FMA latency.
 template <int NT>
 constexpr int kChains = NT == 1 ? 4 : 2;
 
-// Group-quantized rows [r0, r1) for NT tokens: weights are decoded and scaled
-// once per chunk and shared by the NT tokens; the min term uses xsum.
+// sum_g min_g * xsum[g] for one row.
+inline float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
+  __m256 acc = _mm256_setzero_ps();
+  uint32_t g = 0;
+  for (; g + 8 <= ng; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g))),
+                          _mm256_loadu_ps(xsum + g), acc);
+  float v = hsum(acc);
+  for (; g < ng; ++g) v += f16_to_f32(load_u16(mn + 2 * g)) * xsum[g];
+  return v;
+}
+
+// Decode (one token): RR rows at a time share the x loads; each row dots a
+// group's codes with x in two FMA chains and applies the group scale once.
+template <int BITS, int RR>
+void qmatvec_rows(const QMatrix& w, uint32_t r, const float* x, const float* xsum, float* y) {
+  const uint32_t gs = w.group_size, ng = w.cols / gs, cpg = gs / kChunk;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  __m256 acc[RR][2];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  }
+  for (uint32_t g = 0; g < ng; ++g) {
+    __m256 d[RR][2];
+    for (int i = 0; i < RR; ++i) d[i][0] = d[i][1] = _mm256_setzero_ps();
+    for (uint32_t c = 0; c < cpg; ++c) {
+      const float* xc = x + (g * cpg + c) * kChunk;
+      const __m256 xv[4] = {_mm256_loadu_ps(xc), _mm256_loadu_ps(xc + 8), _mm256_loadu_ps(xc + 16),
+                            _mm256_loadu_ps(xc + 24)};
+      for (int i = 0; i < RR; ++i) {
+        __m256 wv[4];
+        decode_chunk<BITS>(codes[i], wv);
+        codes[i] += chunk_bytes(BITS);
+        for (int k = 0; k < 4; ++k) d[i][k & 1] = _mm256_fmadd_ps(wv[k], xv[k], d[i][k & 1]);
+      }
+    }
+    for (int i = 0; i < RR; ++i) {
+      const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc[i] + 2 * g)));
+      acc[i][0] = _mm256_fmadd_ps(d[i][0], s, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(d[i][1], s, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < RR; ++i)
+    y[r + uint32_t(i)] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
+                         min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+}
+
+template <int BITS>
+void qmatvec_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, const float* xsum, float* y) {
+  uint32_t r = r0;
+  for (; r + 2 <= r1; r += 2) qmatvec_rows<BITS, 2>(w, r, x, xsum, y);
+  if (r < r1) qmatvec_rows<BITS, 1>(w, r, x, xsum, y);
+}
+
+// Group-quantized rows [r0, r1) for 2-4 tokens: weights are decoded and scaled
+// once per chunk and shared by the tokens; the min term uses xsum.
 template <int BITS, int NT>
 void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum,
                 float* y, uint32_t ystride) {
@@ -282,28 +340,14 @@ void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* 
       for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
     for (uint32_t g = 0; g < ng; ++g) {
       const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc + 2 * g)));
-      if constexpr (NT == 1) {
-        // decode: dot the group's codes with x in C chains, apply the scale once
-        __m256 d[C];
-        for (int c = 0; c < C; ++c) d[c] = _mm256_setzero_ps();
-        for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
-          __m256 wv[4];
-          decode_chunk<BITS>(codes, wv);
-          const float* xc = x[0] + (g * cpg + c) * kChunk;
-          for (int k = 0; k < 4; ++k) d[k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(xc + 8 * k), d[k % C]);
-        }
-        for (int c = 0; c < C; ++c) acc[0][c] = _mm256_fmadd_ps(d[c], s, acc[0][c]);
-      } else {
-        // prefill: scale the decoded weights once, share them across NT tokens
-        for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
-          __m256 wv[4];
-          decode_chunk<BITS>(codes, wv);
-          const uint32_t col = (g * cpg + c) * kChunk;
-          for (int k = 0; k < 4; ++k) {
-            wv[k] = _mm256_mul_ps(wv[k], s);
-            for (int t = 0; t < NT; ++t)
-              acc[t][k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + col + 8 * k), acc[t][k % C]);
-          }
+      for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
+        __m256 wv[4];
+        decode_chunk<BITS>(codes, wv);
+        const uint32_t col = (g * cpg + c) * kChunk;
+        for (int k = 0; k < 4; ++k) {
+          wv[k] = _mm256_mul_ps(wv[k], s);
+          for (int t = 0; t < NT; ++t)
+            acc[t][k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + col + 8 * k), acc[t][k % C]);
         }
       }
     }
@@ -381,11 +425,124 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
     case kBF16: return frows_avx2<kBF16, NT>(w, r0, r1, x, y, ystride);
     case kQuant: break;
   }
+  if constexpr (NT == 1) {
+    switch (w.bits) {
+      case 2: return qmatvec_avx2<2>(w, r0, r1, x[0], xsum[0], y);
+      case 3: return qmatvec_avx2<3>(w, r0, r1, x[0], xsum[0], y);
+      case 4: return qmatvec_avx2<4>(w, r0, r1, x[0], xsum[0], y);
+      default: return qmatvec_avx2<8>(w, r0, r1, x[0], xsum[0], y);
+    }
+  }
   switch (w.bits) {
     case 2: return qrows_avx2<2, NT>(w, r0, r1, x, xsum, y, ystride);
     case 3: return qrows_avx2<3, NT>(w, r0, r1, x, xsum, y, ystride);
     case 4: return qrows_avx2<4, NT>(w, r0, r1, x, xsum, y, ystride);
     default: return qrows_avx2<8, NT>(w, r0, r1, x, xsum, y, ystride);
+  }
+}
+
+// ---- prefill (T >= kGemmMinTokens): rows are dequantized once into an f32
+// tile, then a register-blocked kernel runs every token over the tile.
+
+constexpr int kGemmRows = 3, kGemmTokens = 4;  // 12 accumulators + 3 weights + 1 x
+
+// Row r of W as f32 into dst[cols].
+void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
+  const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
+  const uint32_t cols = w.cols;
+  if (w.kind != kQuant) {
+    uint32_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      __m256 v;
+      if (w.kind == kF32) v = load8<kF32>(row + 4 * c);
+      else if (w.kind == kF16) v = load8<kF16>(row + 2 * c);
+      else v = load8<kBF16>(row + 2 * c);
+      _mm256_storeu_ps(dst + c, v);
+    }
+    for (; c < cols; ++c)
+      dst[c] = w.kind == kF32 ? load1<kF32>(row + 4 * c) : w.kind == kF16 ? load1<kF16>(row + 2 * c) : load1<kBF16>(row + 2 * c);
+    return;
+  }
+  const uint32_t gs = w.group_size, ng = cols / gs, cpg = gs / kChunk, cb = chunk_bytes(w.bits);
+  const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
+  const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;
+  for (uint32_t g = 0; g < ng; ++g) {
+    const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc + 2 * g)));
+    const __m256 m = _mm256_set1_ps(f16_to_f32(load_u16(mn + 2 * g)));
+    for (uint32_t c = 0; c < cpg; ++c, row += cb) {
+      __m256 wv[4];
+      switch (w.bits) {
+        case 2: decode_chunk<2>(row, wv); break;
+        case 3: decode_chunk<3>(row, wv); break;
+        case 4: decode_chunk<4>(row, wv); break;
+        default: decode_chunk<8>(row, wv); break;
+      }
+      float* d = dst + (g * cpg + c) * kChunk;
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(d + 8 * k, _mm256_fmadd_ps(wv[k], s, m));
+    }
+  }
+}
+
+// out[t * ystride + r] = tile[r] . x[t] for R rows, TB tokens.
+template <int R, int TB>
+void gemm_micro(const float* const* wr, const float* const* xt, uint32_t cols, float* out, uint32_t ystride) {
+  __m256 acc[TB][R];
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  uint32_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    __m256 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_ps(wr[r] + c);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 xv = _mm256_loadu_ps(xt[t] + c);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[t][r]);
+      for (uint32_t cc = c; cc < cols; ++cc) v += wr[r][cc] * xt[t][cc];
+      out[uint64_t(t) * ystride + uint32_t(r)] = v;
+    }
+}
+
+template <int R>
+void gemm_rows(const float* const* wr, const float* x, int64_t T, uint32_t cols, float* y, uint32_t ystride) {
+  int64_t t0 = 0;
+  const float* xt[kGemmTokens];
+  for (; t0 + kGemmTokens <= T; t0 += kGemmTokens) {
+    for (int t = 0; t < kGemmTokens; ++t) xt[t] = x + (t0 + t) * cols;
+    gemm_micro<R, kGemmTokens>(wr, xt, cols, y + t0 * ystride, ystride);
+  }
+  const int rest = int(T - t0);
+  for (int t = 0; t < rest; ++t) xt[t] = x + (t0 + t) * cols;
+  switch (rest) {
+    case 1: return gemm_micro<R, 1>(wr, xt, cols, y + t0 * ystride, ystride);
+    case 2: return gemm_micro<R, 2>(wr, xt, cols, y + t0 * ystride, ystride);
+    case 3: return gemm_micro<R, 3>(wr, xt, cols, y + t0 * ystride, ystride);
+    default: return;
+  }
+}
+
+// Rows [r0, r1) of y [T, rows] through an f32 tile of kGemmRows rows.
+void gemm_task(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64_t T, float* y, float* tile) {
+  const uint32_t cols = w.cols;
+  for (uint32_t r = r0; r < r1; r += kGemmRows) {
+    const int R = int(std::min<uint32_t>(kGemmRows, r1 - r));
+    const float* wr[kGemmRows];
+    for (int i = 0; i < R; ++i) {
+      if (w.kind == kF32 && (reinterpret_cast<uintptr_t>(w.data) & 3) == 0) {
+        wr[i] = reinterpret_cast<const float*>(w.data + uint64_t(r + uint32_t(i)) * w.row_bytes());  // in place
+      } else {
+        dequant_row(w, r + uint32_t(i), tile + uint64_t(i) * cols);
+        wr[i] = tile + uint64_t(i) * cols;
+      }
+    }
+    switch (R) {
+      case 1: gemm_rows<1>(wr, x, T, cols, y + r, w.rows); break;
+      case 2: gemm_rows<2>(wr, x, T, cols, y + r, w.rows); break;
+      default: gemm_rows<3>(wr, x, T, cols, y + r, w.rows); break;
+    }
   }
 }
 
@@ -422,9 +579,14 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const bool quant = w.kind == kQuant;
   const uint32_t ng = quant ? cols / w.group_size : 0;
 
-  // Per-group sums of x for the min term: xsum [T, ng].
-  std::vector<float> xsum(quant ? size_t(T) * ng : 0);
-  for (int64_t t = 0; t < T && quant; ++t)
+  // Per-group sums of x for the min term: xsum [T, ng] (not needed by the tile path).
+#if defined(EDGEMOE_AVX2)
+  const bool need_xsum = quant && T < kGemmMinTokens;
+#else
+  const bool need_xsum = quant;
+#endif
+  std::vector<float> xsum(need_xsum ? size_t(T) * ng : 0);
+  for (int64_t t = 0; t < T && need_xsum; ++t)
     for (uint32_t g = 0; g < ng; ++g) {
       const float* xg = x + t * cols + uint64_t(g) * w.group_size;
       float s = 0;
@@ -442,6 +604,16 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   if (work < (1u << 16) || threads == 1) row_block = rows;  // too small to be worth waking threads
   const int64_t tasks = (rows + row_block - 1) / row_block;
 
+#if defined(EDGEMOE_AVX2)
+  if (T >= kGemmMinTokens) {
+    ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
+      const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
+      std::vector<float> tile(size_t(kGemmRows) * cols);
+      gemm_task(w, r0, r1, x, T, y, tile.data());
+    });
+    return;
+  }
+#endif
   auto task = [&](int64_t ti) {
     const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
     for (int64_t t0 = 0; t0 < T; t0 += kTokenBlock) {

@@ -29,7 +29,7 @@ def test_quantized_matmul_matches_reference(bits, group_size, symmetric):
         w = RNG.standard_normal((rows, cols)).astype(np.float32)
         buf = q.quantize_matrix(w, bits, group_size, symmetric)
         deq = q.dequantize_matrix(buf)
-        for T in (1, 2, 5, 9):
+        for T in (1, 2, 5, 9, 13):
             x = RNG.standard_normal((T, cols)).astype(np.float32)
             y = _core.qmatrix_matmul(x, buf)
             assert y.shape == (T, rows) and y.dtype == np.float32
@@ -53,7 +53,7 @@ def test_float_matmul_matches_reference(kind, shape):
     w = RNG.standard_normal(shape).astype(np.float32)
     buf = q.float_matrix(w, kind)
     deq = q.dequantize_matrix(buf)
-    for T in (1, 4, 7):
+    for T in (1, 4, 7, 13):
         x = RNG.standard_normal((T, shape[1])).astype(np.float32)
         assert matmul_err(_core.qmatrix_matmul(x, buf), x, deq) < 1e-6
 
@@ -135,7 +135,7 @@ def test_expert_forward_matches_reference(bits, kind):
     blob = make_blob(64, 96, bits, kind=kind)
     info = q.parse_blob(blob)
     assert blob.size == info["offsets"][2] + info["sizes"][2]  # exact length
-    for T in (1, 3, 6):
+    for T in (1, 3, 6, 16):
         x = RNG.standard_normal((T, 64)).astype(np.float32)
         assert rel_err(_core.expert_forward(x, blob), q.expert_forward_reference(x, blob)) < 1e-4
 

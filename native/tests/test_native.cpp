@@ -182,7 +182,7 @@ static void test_kernels() {
         if (s[1] % gs) continue;
         TestMatrix m = make_quant(s[0], s[1], bits, gs);
         const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
-        for (int64_t T : {1, 3, 4, 9}) {
+        for (int64_t T : {1, 3, 4, 9, 14}) {
           auto x = rand_vec(size_t(T) * s[1]);
           std::vector<float> y(size_t(T) * s[0]);
           matmul(q, x.data(), T, y.data());
@@ -193,7 +193,7 @@ static void test_kernels() {
     for (auto s : {std::pair<uint32_t, uint32_t>{1, 7}, {33, 100}, {70, 512}}) {
       TestMatrix m = make_float(s.first, s.second, k);
       const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
-      for (int64_t T : {1, 2, 5}) {
+      for (int64_t T : {1, 2, 5, 13}) {
         auto x = rand_vec(size_t(T) * s.second);
         std::vector<float> y(size_t(T) * s.first);
         matmul(q, x.data(), T, y.data());
