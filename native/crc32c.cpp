@@ -46,15 +46,68 @@ const char* crc32c_impl() {
 #endif
 }
 
+#if defined(__SSE4_2__)
+namespace {
+
+// The crc32 instruction has a latency of 3 cycles and a throughput of 1, so
+// three independent streams over consecutive blocks of kStream bytes run ~3x
+// faster than one. Their CRCs are joined with shift(c) = the CRC register after
+// feeding kStream zero bytes into register c, a linear map kept as byte tables.
+constexpr size_t kStream = 4096;
+
+struct Shift {
+  uint32_t t[4][256];
+  Shift() {
+    uint32_t basis[32];
+    for (int i = 0; i < 32; ++i) {
+      uint64_t c = uint32_t(1) << i;
+      for (size_t k = 0; k < kStream; k += 8) c = _mm_crc32_u64(c, 0);
+      basis[i] = uint32_t(c);
+    }
+    for (int b = 0; b < 4; ++b)
+      for (uint32_t v = 0; v < 256; ++v) {
+        uint32_t r = 0;
+        for (int i = 0; i < 8; ++i)
+          if (v >> i & 1) r ^= basis[8 * b + i];
+        t[b][v] = r;
+      }
+  }
+  uint32_t operator()(uint32_t c) const {
+    return t[0][c & 0xFF] ^ t[1][(c >> 8) & 0xFF] ^ t[2][(c >> 16) & 0xFF] ^ t[3][c >> 24];
+  }
+};
+
+const Shift& shift() {
+  static const Shift s;
+  return s;
+}
+
+inline uint64_t load64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+}  // namespace
+#endif
+
 uint32_t crc32c(const void* data, size_t n, uint32_t seed) {
 #if defined(__SSE4_2__)
   const auto* p = static_cast<const uint8_t*>(data);
   uint64_t c = ~seed;
-  for (; n >= 8; n -= 8, p += 8) {
-    uint64_t v;
-    std::memcpy(&v, p, 8);
-    c = _mm_crc32_u64(c, v);
+  if (n >= 3 * kStream) {
+    const Shift& sh = shift();
+    for (; n >= 3 * kStream; n -= 3 * kStream, p += 3 * kStream) {
+      uint64_t c1 = 0, c2 = 0;
+      for (size_t i = 0; i < kStream; i += 8) {
+        c = _mm_crc32_u64(c, load64(p + i));
+        c1 = _mm_crc32_u64(c1, load64(p + kStream + i));
+        c2 = _mm_crc32_u64(c2, load64(p + 2 * kStream + i));
+      }
+      c = sh(sh(uint32_t(c)) ^ uint32_t(c1)) ^ uint32_t(c2);
+    }
   }
+  for (; n >= 8; n -= 8, p += 8) c = _mm_crc32_u64(c, load64(p));
   auto c32 = uint32_t(c);
   for (; n > 0; --n, ++p) c32 = _mm_crc32_u8(c32, *p);
   return ~c32;

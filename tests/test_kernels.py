@@ -160,3 +160,22 @@ def test_crc32c_known_vectors():
     assert _core.crc32c(np.zeros(32, np.uint8)) == 0x8A9136AA
     data = RNG.integers(0, 256, 1000, dtype=np.uint8)
     assert _core.crc32c(data[500:], _core.crc32c(data[:500])) == _core.crc32c(data)
+
+
+def _crc32c_python(data: bytes) -> int:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)
+        table.append(c)
+    c = 0xFFFFFFFF
+    for b in data:
+        c = (c >> 8) ^ table[(c ^ b) & 0xFF]
+    return c ^ 0xFFFFFFFF
+
+
+def test_crc32c_long_buffers_match_a_bytewise_reference():
+    data = RNG.integers(0, 256, 3 * 4096 * 2 + 999, dtype=np.uint8)  # past the 3-stream block size
+    for n in (3 * 4096, data.size):
+        assert _core.crc32c(data[:n]) == _crc32c_python(data[:n].tobytes())

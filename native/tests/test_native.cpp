@@ -222,10 +222,13 @@ static void test_crc() {
   CHECK(crc32c(ff, 32) == 0x62A8AB43u);
   CHECK(crc32c(inc, 32) == 0x46DD794Eu);
   CHECK(crc32c(nullptr, 0) == 0);
-  std::vector<uint8_t> d(10007);
+  std::vector<uint8_t> d(100007);
   for (auto& b : d) b = uint8_t(rng());
-  for (size_t n : {size_t(0), size_t(1), size_t(7), size_t(8), size_t(1000), d.size()})
+  for (size_t n : {size_t(0), size_t(1), size_t(7), size_t(8), size_t(1000), size_t(3 * 4096), size_t(3 * 4096 + 5),
+                   size_t(7 * 4096 - 1), d.size()}) {
     CHECK(crc32c(d.data(), n) == crc32c_portable(d.data(), n));
+    CHECK(crc32c(d.data() + 1, n - (n > 0), 0x12345678u) == crc32c_portable(d.data() + 1, n - (n > 0), 0x12345678u));
+  }
   CHECK(crc32c(d.data() + 333, d.size() - 333, crc32c(d.data(), 333)) == crc32c(d.data(), d.size()));
 }
 
