@@ -143,9 +143,15 @@ uint64_t ExpertStore::blob_size(uint32_t layer, uint32_t expert) const {
   return sizes_[index(layer, expert)];
 }
 
+uint64_t ExpertStore::read_capacity(uint32_t layer, uint32_t expert) const {
+  check_index(layer, expert);
+  const size_t i = index(layer, expert);
+  return round_up(offsets_[i] % kPage + sizes_[i], kPage);
+}
+
 void ExpertStore::drop_page_cache() const { ::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED); }
 
-std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert) const {
+std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::shared_ptr<Blob> reuse) const {
   check_index(layer, expert);
   const size_t i = index(layer, expert);
   const uint64_t size = sizes_[i];
@@ -154,7 +160,8 @@ std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert) const {
   // O_DIRECT wants offset, length and buffer 4 KiB aligned: read whole pages
   // around the blob (the last blob may end mid-page at EOF: a short read).
   const uint64_t start = offsets_[i] / kPage * kPage, delta = offsets_[i] - start, want = delta + size;
-  auto blob = std::make_shared<Blob>(round_up(want, kPage));
+  const uint64_t cap = read_capacity(layer, expert);
+  auto blob = reuse && reuse->capacity == cap && reuse.use_count() == 1 ? std::move(reuse) : std::make_shared<Blob>(cap);
   blob->data = blob->base + delta;
   blob->size = size;
 
@@ -211,9 +218,10 @@ PinnedExpert& PinnedExpert::operator=(PinnedExpert&& o) noexcept {
 PinnedExpert::~PinnedExpert() { release(); }
 
 void PinnedExpert::release() {
+  // Drop our reference before unpinning: once unpinned the buffer may be evicted and reused.
+  blob_.reset();
   if (cache_ != nullptr) cache_->unpin(key_);
   cache_ = nullptr;
-  blob_.reset();
 }
 
 // ---------------------------------------------------------------- ExpertCache
@@ -233,17 +241,22 @@ bool ExpertCache::ensure_resident(std::unique_lock<std::mutex>& lk, uint32_t lay
     loaded_.wait(lk);  // another thread is reading it: wait for that one read
   }
   const uint64_t need = store_->buffer_bytes(layer, expert);
-  make_room(need, layer, expert);
+  std::vector<std::shared_ptr<Blob>> evicted;
+  make_room(need, layer, expert, evicted);
+  std::shared_ptr<Blob> reuse;
+  for (auto& b : evicted)
+    if (b->capacity == store_->read_capacity(layer, expert) && b.use_count() == 1) reuse = std::move(b);
   en.state = State::kLoading;
   en.bytes = need;
   stats_.resident_bytes += need;  // reserved now so concurrent loads respect the budget
   stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, stats_.resident_bytes);
 
   lk.unlock();
+  evicted.clear();  // free the buffers we do not reuse outside the lock
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<Blob> blob;
   try {
-    blob = store_->read(layer, expert);
+    blob = store_->read(layer, expert, std::move(reuse));
   } catch (...) {
     lk.lock();
     en.state = State::kAbsent;
@@ -266,7 +279,8 @@ bool ExpertCache::ensure_resident(std::unique_lock<std::mutex>& lk, uint32_t lay
   return true;
 }
 
-void ExpertCache::make_room(uint64_t need, uint32_t layer, uint32_t expert) {
+void ExpertCache::make_room(uint64_t need, uint32_t layer, uint32_t expert,
+                            std::vector<std::shared_ptr<Blob>>& evicted) {
   if (budget_ == 0) return;
   const std::string what = "expert " + std::to_string(expert) + " of layer " + std::to_string(layer) + " (" +
                            std::to_string(need) + " bytes)";
@@ -275,7 +289,7 @@ void ExpertCache::make_room(uint64_t need, uint32_t layer, uint32_t expert) {
                       ": raise the budget to at least " + std::to_string(need) + " bytes");
   for (auto it = lru_.begin(); stats_.resident_bytes + need > budget_ && it != lru_.end();) {
     const size_t k = *it++;
-    if (entries_[k].pins == 0) evict(k);
+    if (entries_[k].pins == 0) evicted.push_back(evict(k));
   }
   if (stats_.resident_bytes + need > budget_)
     throw BudgetError("the expert cache budget of " + std::to_string(budget_) + " bytes cannot hold " + what +
@@ -284,15 +298,15 @@ void ExpertCache::make_room(uint64_t need, uint32_t layer, uint32_t expert) {
                       std::to_string(stats_.resident_bytes + need) + " bytes");
 }
 
-void ExpertCache::evict(size_t key) {
+std::shared_ptr<Blob> ExpertCache::evict(size_t key) {
   Entry& en = entries_[key];
   assert(en.state == State::kReady && en.pins == 0);
   lru_.erase(en.lru);
   stats_.resident_bytes -= en.bytes;
   en.bytes = 0;
-  en.blob.reset();
   en.state = State::kAbsent;
   stats_.evictions += 1;
+  return std::move(en.blob);
 }
 
 PinnedExpert ExpertCache::acquire(uint32_t layer, uint32_t expert) {
@@ -331,10 +345,11 @@ bool ExpertCache::contains(uint32_t layer, uint32_t expert) const {
 }
 
 void ExpertCache::clear() {
+  std::vector<std::shared_ptr<Blob>> evicted;  // freed after the lock is released
   std::lock_guard<std::mutex> lk(mu_);
   for (auto it = lru_.begin(); it != lru_.end();) {
     const size_t k = *it++;
-    if (entries_[k].pins == 0) evict(k);
+    if (entries_[k].pins == 0) evicted.push_back(evict(k));
   }
 }
 

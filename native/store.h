@@ -36,10 +36,11 @@ class ExpertStore {
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // One pread into a fresh aligned buffer; verifies the CRC-32C (if verify) and
-  // the blob header. Thread-safe. Throws CorruptExpertError, ModelDirectoryError,
+  // One pread into an aligned buffer (`reuse` if it has exactly the capacity
+  // needed, else a fresh one); verifies the CRC-32C (if verify) and the blob
+  // header. Thread-safe. Throws CorruptExpertError, ModelDirectoryError,
   // std::invalid_argument (bad layer/expert), std::runtime_error (I/O error).
-  std::shared_ptr<Blob> read(uint32_t layer, uint32_t expert) const;
+  std::shared_ptr<Blob> read(uint32_t layer, uint32_t expert, std::shared_ptr<Blob> reuse = nullptr) const;
 
   bool direct() const { return direct_.load(); }
   bool verify() const { return verify_; }
@@ -49,6 +50,8 @@ class ExpertStore {
   uint64_t file_bytes() const { return file_bytes_; }
   uint64_t blob_size(uint32_t layer, uint32_t expert) const;  // 0 = no such expert
   uint64_t buffer_bytes(uint32_t layer, uint32_t expert) const { return (blob_size(layer, expert) + 4095) / 4096 * 4096; }
+  // Bytes of the aligned buffer read() uses (whole pages around the blob).
+  uint64_t read_capacity(uint32_t layer, uint32_t expert) const;
   // Throws std::invalid_argument naming the range when out of range.
   void check_index(uint32_t layer, uint32_t expert) const;
   // Evicts the file from the OS page cache (benchmarks of buffered reads).
@@ -131,8 +134,10 @@ class ExpertCache {
   // Under mu_: ensure the expert is resident (reading it with mu_ released);
   // on return the entry is kReady. Returns true if this call read it.
   bool ensure_resident(std::unique_lock<std::mutex>& lk, uint32_t layer, uint32_t expert);
-  void make_room(uint64_t need, uint32_t layer, uint32_t expert);  // under mu_
-  void evict(size_t key);                                          // under mu_
+  // Under mu_: evicts LRU unpinned experts until `need` more bytes fit; their
+  // buffers go to `evicted` so a load can reuse one instead of faulting in new pages.
+  void make_room(uint64_t need, uint32_t layer, uint32_t expert, std::vector<std::shared_ptr<Blob>>& evicted);
+  std::shared_ptr<Blob> evict(size_t key);  // under mu_
   void unpin(size_t key);
 
   std::shared_ptr<ExpertStore> store_;
