@@ -10,17 +10,27 @@ from .errors import EdgeMoEError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a converted model directory (see `edgemoe convert`)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a converted model directory (default: the shipped default model, converted on first use)")
     p.add_argument("--memory-budget", default=None,
                    help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
 
 
+def resolve_model(path: str | None) -> str:
+    """A model directory: the one named, or the default model (converted into the cache on first use)."""
+    if path:
+        return path
+    from .default import default_model_path
+
+    return str(default_model_path())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import format_bytes, load
 
-    m = load(args.model, memory_budget=args.memory_budget, threads=args.threads, direct_io=not args.buffered_io)
+    m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads, direct_io=not args.buffered_io)
     pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stream=True)
     sys.stdout.write(args.prompt)
@@ -42,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .model import format_bytes, load
 
-    info = load(args.model).info()
+    info = load(resolve_model(args.model)).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -77,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("info", help="what a converted model holds")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=None, help="a converted model directory (default: the default model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
     return parser

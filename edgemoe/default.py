@@ -1,0 +1,46 @@
+"""The default model: a small Mixtral trained by this project (tools/train), shipped
+in the package as an ordinary Hugging Face checkpoint and converted on first use."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import EdgeMoEError
+
+SHIPPED = Path(__file__).parent / "default_model"
+DEFAULT_BITS = 8
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $EDGEMOE_CACHE, else $XDG_CACHE_HOME/edgemoe, else ~/.cache/edgemoe."""
+    if os.environ.get("EDGEMOE_CACHE"):
+        return Path(os.environ["EDGEMOE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
+
+
+def _fingerprint(src: Path) -> str:
+    """Changes whenever the shipped checkpoint does (config and weights' sizes and headers)."""
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 16))
+    return h.hexdigest()[:12]
+
+
+def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
+    """The converted default model, converting the shipped checkpoint on first use."""
+    if not (SHIPPED / "config.json").exists():
+        raise EdgeMoEError(f"this installation carries no default model ({SHIPPED} is missing): "
+                           "name a converted model directory instead")
+    dst = cache_root() / f"default-{bits}bit-{_fingerprint(SHIPPED)}"
+    if not (dst / "manifest.json").exists():
+        from .converters.convert import convert
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        convert(SHIPPED, dst, bits=bits, progress=progress, overwrite=True)
+    return dst

@@ -1,0 +1,52 @@
+"""The `edgemoe` command end to end: convert, info, run (streamed text + one stats line),
+and errors as one line with exit code 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemoe.cli import main
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "4", "-q"]) == 0
+    return dst
+
+
+def test_info_reports_layout(converted, capsys):
+    assert main(["info", str(converted), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["architecture"] == "mixtral" and info["experts_per_layer"] == 4 and info["top_k"] == 2
+    assert info["bitwidths"] == {"4": 8} or info["bitwidths"] == {4: 8}
+    assert info["expert_bytes"] > 0 and info["backbone_bytes"] > 0
+
+
+def test_run_streams_text_then_stats(converted, capsys):
+    assert main(["run", str(converted), "-p", "The robot", "-n", "8", "--memory-budget", "40KB"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("The robot")
+    assert "tok/s decode" in err and "cache hit rate" in err and "peak RSS" in err
+
+
+def test_run_refuses_too_small_budget(converted, capsys):
+    assert main(["run", str(converted), "-p", "x", "--memory-budget", "1KB"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgemoe: error: memory budget") and "at least" in err
+
+
+def test_convert_refuses_existing_destination(converted, tiny_checkpoint, capsys):
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(converted), "-q"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_console_script_is_installed(converted):
+    exe = Path(sys.executable).parent / "edgemoe"  # installed next to this interpreter
+    assert exe.exists(), f"no edgemoe console script at {exe}"
+    r = subprocess.run([str(exe), "info", str(converted)], capture_output=True, text=True)
+    assert r.returncode == 0 and "mixtral" in r.stdout
