@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (see `edgemoe convert -h`)", add_help=False)
+    sub.add_parser("bench", help="compare expert-loading modes side by side (see `edgemoe bench -h`)", add_help=False)
 
     p = sub.add_parser("run", help="generate text")
     _add_model_args(p)
@@ -100,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .converters.cli import main as convert_main
 
             return convert_main(argv[1:])
+        if argv and argv[0] == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except EdgeMoEError as e:

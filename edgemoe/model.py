@@ -108,6 +108,12 @@ class Model:
         self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
         self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
 
+    def warm(self) -> None:
+        """Read every expert into the cache now (needs a budget that holds them all)."""
+        _, lengths, _, _ = blob_tables(self.manifest)
+        for layer, expert in zip(*np.nonzero(lengths)):
+            self.cache.prefetch(int(layer), int(expert))
+
     def _min_budget(self, lengths: np.ndarray) -> int:
         aligned = ((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN
         per_layer = np.sort(aligned, axis=1)[:, ::-1][:, : self.manifest["experts"]["top_k"]].sum(axis=1)
