@@ -39,6 +39,7 @@ namespace {
 
 constexpr int kTokenBlock = 4;  // tokens that share one decode of a weight row
 constexpr int64_t kGemmMinTokens = 12;  // from here on, dequantize rows to f32 once (AVX2 path)
+constexpr int kPrefetchBytes = 2048;  // how far decode runs ahead of the weight stream
 constexpr uint32_t kChunk = 32;  // codes are packed per 32 values of a row
 
 uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
@@ -293,7 +294,11 @@ void qmatvec_rows(const QMatrix& w, uint32_t r, const float* x, const float* xsu
   }
   for (uint32_t g = 0; g < ng; ++g) {
     __m256 d[RR][2];
-    for (int i = 0; i < RR; ++i) d[i][0] = d[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < RR; ++i) {
+      d[i][0] = d[i][1] = _mm256_setzero_ps();
+      // Hardware prefetchers stop at 4 KiB pages; run ahead of the code stream.
+      _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes, _MM_HINT_T0);
+    }
     for (uint32_t c = 0; c < cpg; ++c) {
       const float* xc = x + (g * cpg + c) * kChunk;
       const __m256 xv[4] = {_mm256_loadu_ps(xc), _mm256_loadu_ps(xc + 8), _mm256_loadu_ps(xc + 16),
