@@ -44,7 +44,16 @@ def format_bytes(n: float) -> str:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux keeps that across
+    fork+exec, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
 
 
 class Tokenizer:
@@ -71,7 +80,8 @@ class Model:
     """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
-                 direct_io: bool = True, verify: bool = True, threads: int | None = None):
+                 direct_io: bool = True, verify: bool = True, threads: int | None = None,
+                 prefetch: str | None = None, prefetch_ratio: float = 1.5):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -93,13 +103,19 @@ class Model:
                                        direct=direct_io, verify=verify)
         self.cache = _core.ExpertCache(self.store, self.budget)
 
-        from .converters.safetensors_io import read_safetensors
+        from .converters.safetensors_io import SafetensorsFile
 
-        tensors = {name: (np.array(a), dt) for name, (a, dt) in
-                   read_safetensors(self.path / self.manifest["backbone"]["file"]).items()}  # copy into RAM
+        # plain reads into private arrays: an mmap would keep the file's pages resident as well
+        backbone = SafetensorsFile(self.path / self.manifest["backbone"]["file"])
+        tensors = {name: (backbone.read(name), backbone.dtype(name)) for name in backbone.names()}
         self.backbone_bytes = sum(a.nbytes for a, _ in tensors.values())
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
+        self.prefetcher = None  # predictive preloading (edgemoe/predict.py)
+        if prefetch:
+            from .predict import attach_prefetcher
+
+            self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio)
 
         tok = self.manifest.get("tokenizer", {})
         self.eos_ids = set(tok.get("eos_token_ids") or [])
@@ -189,6 +205,13 @@ class Model:
             self._counters["tokens_generated"] += 1
             pos += 1
 
+    def trace_routing(self, prompt: str | Sequence[int], window: int | None = None, lookahead: bool = True):
+        """Routing of a prompt: a routing.RoutingTrace whose .experts is [tokens, moe_layers, top_k].
+        window: prefill windows of that many tokens, the KV cache reset before each."""
+        from .routing import trace_routing
+
+        return trace_routing(self, prompt, window=window, lookahead=lookahead)
+
     def _detokenize(self, tokens: Iterator[int]) -> Iterator[str]:
         """Text pieces as tokens arrive; holds back a piece that ends inside a UTF-8 character."""
         out: list[int] = []
@@ -231,10 +254,13 @@ class Model:
             "direct_io": bool(c["direct_io"]),
             "backbone_bytes": self.backbone_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
+            **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
         }
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+        if self.prefetcher:
+            self.prefetcher.reset_stats()
         for k in self._counters:
             self._counters[k] = 0 if isinstance(self._counters[k], int) else 0.0
 
@@ -263,6 +289,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
 
     memory_budget bounds the RAM used for expert weights: bytes, or a string
     like "1.5GB" / "512MiB". None keeps every expert that was read.
+    prefetch: "table" (routing.json, see `edgemoe profile`), "lookahead" or None:
+    read the experts the next layer will probably need while this one computes,
+    within prefetch_ratio x the bytes a token needs per layer.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
