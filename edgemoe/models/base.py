@@ -194,6 +194,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
 Router = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+class RouteObserver:
+    """Optional hooks on the forward pass (routing traces, predictive prefetch: see
+    edgemoe/routing.py, edgemoe/predict.py). With none set the cost is one check per layer."""
+
+    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        """MoE layer `layer` has routed, its experts have not run yet. resid [T, hidden]:
+        the residual stream at the MoE input (before ffn_norm); ids, weights [T, k]."""
+
+    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
+        """Layer `layer` is done: h [T, hidden] is its output (the next layer's input)."""
+
+
 class DecoderLM:
     """Pre-norm decoder: attention (GQA, RoPE, optional q/k norm and bias) and an
     MoE feed-forward whose routed experts live in the native expert cache.
@@ -207,6 +219,7 @@ class DecoderLM:
         self.cfg = cfg
         self.cache = cache
         self.moe_layers = set(moe_layers)
+        self.observer: RouteObserver | None = None
         self.rope = Rope(cfg.head_dim, cfg.rope_theta)
         self._t = tensors
 
@@ -289,10 +302,12 @@ class DecoderLM:
         gate, up, down = mats
         return down(np.ascontiguousarray(silu(gate(x)) * up(x)))
 
-    def _ffn(self, L: dict[str, Any], x: np.ndarray, layer: int) -> np.ndarray:
+    def _ffn(self, L: dict[str, Any], x: np.ndarray, layer: int, resid: np.ndarray | None = None) -> np.ndarray:
         if "mlp" in L:
             return self._mlp(L["mlp"], x)
         ids, weights = self.route(L["router"](x))  # ffn_moe_topk: [T, k]
+        if self.observer is not None:
+            self.observer.on_route(layer, resid, ids, weights)
         out = _core.moe_forward(self.cache, layer, x, ids, weights)  # [T, hidden]
         if "shared" in L:
             shared = self._mlp(L["shared"], x)
@@ -308,9 +323,12 @@ class DecoderLM:
         """
         cfg = self.cfg
         h = self.embed_tokens(ids)  # [T, hidden]
+        obs = self.observer
         for i, L in enumerate(self.layers):
             h = h + self._attention(L, rms_norm(h, L["attn_norm"], cfg.rms_norm_eps), i, kv, start)
-            h = h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], cfg.rms_norm_eps), np.float32), i)
+            h = h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], cfg.rms_norm_eps), np.float32), i, h)
+            if obs is not None:
+                obs.on_layer_out(i, h)
         kv.length = start + len(ids)
         if not all_logits:
             h = h[-1:]
