@@ -1,0 +1,351 @@
+"""Next-layer expert predictors, how well they do, and the prefetcher that hands
+their guesses to the expert cache while the current layer computes.
+
+Two predictors with one interface, `predict(m_next, ctx) -> (ids, probs)`, ids in
+decreasing probability of being needed by MoE layer m_next (a moe index, see
+routing.py) for the tokens in flight:
+
+- TablePredictor: EdgeMoE's offline table P(experts at l+1 | experts at l-1, l)
+  from routing.json, backing off to l alone, then to layer l+1's frequency.
+- LookaheadPredictor: HOBBIT's gate look-ahead, layer l+1's router (with its
+  ffn_norm) applied to a hidden state of layer l: "moe_in" (the residual stream at
+  layer l's MoE input, known when l routes) or "layer_out" (after l's residual add:
+  known one MoE computation later, so less time to read).
+
+A guess costs bandwidth, never correctness: the real router always decides.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .errors import EdgeMoEError
+from .models.base import RouteObserver
+from .routing import (LOOKAHEAD_POINTS, RoutingTrace, TransitionTable, expert_sizes, load_routing,
+                      lookahead_probs, table_from_routing)
+
+if TYPE_CHECKING:
+    from .model import Model
+
+PREDICTORS = ("table", "lookahead")
+DEFAULT_RATIO = 1.5  # prefetch byte budget per layer, in units of the bytes a token needs
+
+
+@dataclasses.dataclass
+class RouteContext:
+    """What is known about the tokens in flight: per MoE index the routed experts and
+    gate weights ([T, k], None until routed) and the hidden states a look-ahead reads."""
+
+    experts: list[np.ndarray | None]
+    weights: list[np.ndarray | None]
+    hidden: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, num_moe_layers: int) -> "RouteContext":
+        return cls([None] * num_moe_layers, [None] * num_moe_layers)
+
+
+def needed_probs(p: np.ndarray, k: int) -> np.ndarray:
+    """[E] probability that each expert is needed by any of T tokens, from slot
+    probabilities p [T, E] (rows sum to 1, k slots per token)."""
+    q = np.minimum(1.0, k * p)
+    return q[0] if len(q) == 1 else 1.0 - np.prod(1.0 - q, axis=0)
+
+
+class Predictor:
+    """Base: subclasses give slot probabilities for live contexts and for recorded traces."""
+
+    name = "predictor"
+    point = "route"  # when its guess for l+1 is ready: at l's routing ("route") or after l ("layer_out")
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
+        """Slot probabilities [T, E] of MoE layer m_next's experts."""
+        raise NotImplementedError
+
+    def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
+        """The same for every token of a recorded trace [T, E] (for offline evaluation)."""
+        raise NotImplementedError
+
+    def predict(self, m_next: int, ctx: RouteContext) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids int32 [E], probability each is needed [E]), most likely first."""
+        q = needed_probs(self.probs(m_next, ctx), self.top_k)
+        order = np.argsort(-q, kind="stable")
+        return order.astype(np.int32), q[order]
+
+
+class TablePredictor(Predictor):
+    """EdgeMoE's table. order 2: condition on (l-1, l); order 1: on l alone.
+    weighted: weight each context expert by its gate weight (default: equal)."""
+
+    name = "table"
+
+    def __init__(self, table: TransitionTable, order: int = 2, weighted: bool = False):
+        super().__init__(table.top_k)
+        self.table, self.order, self.weighted = table, order, weighted
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, **kwargs: Any) -> "TablePredictor":
+        return cls(table_from_routing(load_routing(path)), **kwargs)
+
+    def _probs(self, n: int, e1: np.ndarray | None, e2: np.ndarray | None, w1: Any, w2: Any) -> np.ndarray:
+        if self.order < 2:
+            e2 = None
+        if not self.weighted:
+            w1 = w2 = None
+        return self.table.probs(n, e1, e2, w1, w2)
+
+    def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
+        n = m_next
+        e1 = ctx.experts[n - 1] if n >= 1 else None
+        e2 = ctx.experts[n - 2] if n >= 2 else None
+        w1 = ctx.weights[n - 1] if n >= 1 else None
+        w2 = ctx.weights[n - 2] if n >= 2 else None
+        return self._probs(n, e1, e2, w1, w2)
+
+    def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
+        n = m_next
+        e1, w1 = trace.experts[:, n - 1], trace.weights[:, n - 1]
+        e2, w2 = (trace.experts[:, n - 2], trace.weights[:, n - 2]) if n >= 2 else (None, None)
+        return self._probs(n, e1, e2, w1, w2)
+
+
+class LookaheadPredictor(Predictor):
+    """Gate look-ahead from layer l's hidden state at `point` ("moe_in" or "layer_out")."""
+
+    def __init__(self, net: Any, moe_layers: Sequence[int], top_k: int, point: str = "moe_in"):
+        if point not in LOOKAHEAD_POINTS:
+            raise ValueError(f"look-ahead point must be one of {', '.join(LOOKAHEAD_POINTS)}, got {point!r}")
+        super().__init__(top_k)
+        self.net, self.moe_layers, self.la_point = net, list(moe_layers), point
+        self.point = "route" if point == "moe_in" else "layer_out"
+        self.name = f"lookahead_{point}"
+
+    def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
+        return lookahead_probs(self.net, self.moe_layers[m_next], ctx.hidden[self.la_point])
+
+    def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
+        if self.la_point not in trace.lookahead:
+            raise EdgeMoEError("this trace has no look-ahead probabilities: record it with lookahead=True")
+        return trace.lookahead[self.la_point][:, m_next - 1].astype(np.float32)
+
+
+class RecordedPredictor(Predictor):
+    """Look-ahead probabilities already recorded in a trace (no model needed)."""
+
+    def __init__(self, top_k: int, point: str = "moe_in"):
+        super().__init__(top_k)
+        self.la_point, self.name = point, f"lookahead_{point}"
+
+    def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
+        return trace.lookahead[self.la_point][:, m_next - 1].astype(np.float32)
+
+
+# -- choosing what to read ------------------------------------------------------------
+def choose(ids: np.ndarray, probs: np.ndarray, sizes: np.ndarray, max_bytes: float,
+           min_prob: float = 0.0) -> np.ndarray:
+    """The longest prefix of ids (most likely first) whose bytes fit in max_bytes,
+    dropping experts needed with probability below min_prob. sizes [E] per expert."""
+    keep = ids[probs >= min_prob] if min_prob > 0 else ids
+    cum = np.cumsum(sizes[keep])
+    return keep[: int(np.searchsorted(cum, max_bytes, side="right"))]
+
+
+def layer_byte_cap(sizes: np.ndarray, top_k: int, ratio: float) -> np.ndarray:
+    """[M] prefetch bytes allowed per MoE layer: ratio x (top_k x the layer's mean expert bytes)."""
+    present = np.where(sizes > 0, sizes, np.nan)
+    return ratio * top_k * np.nan_to_num(np.nanmean(present, axis=1))
+
+
+# -- offline evaluation ----------------------------------------------------------------
+def _score(p: np.ndarray, actual: np.ndarray, sizes: np.ndarray, cap: float, k: int) -> dict[str, float]:
+    """Counts for one layer: p [T, E] slot probabilities, actual [T, k] experts, sizes [E]."""
+    T, E = p.shape
+    order = np.argsort(-p, axis=1, kind="stable")
+    need = np.zeros((T, E), bool)
+    np.put_along_axis(need, actual.astype(np.int64), True, axis=1)
+    hit_sorted = np.take_along_axis(need, order, axis=1)  # [T, E]: is the i-th guess needed
+    cum_bytes = np.cumsum(sizes[order], axis=1)
+    fetched = cum_bytes <= cap  # the operating point: a byte budget per token
+    needed_bytes = float(sizes[actual.astype(np.int64)].sum())
+    out = {"tokens": T, "needed": T * k, "needed_bytes": needed_bytes,
+           "hits_k": int(hit_sorted[:, :k].sum()), "hits_2k": int(hit_sorted[:, :2 * k].sum()),
+           "bytes_k": float(cum_bytes[:, k - 1].sum()), "bytes_2k": float(cum_bytes[:, min(2 * k, E) - 1].sum()),
+           "hits_op": int((hit_sorted & fetched).sum()), "bytes_op": float((sizes[order] * fetched).sum()),
+           "fetched_op": int(fetched.sum())}
+    for c in range(1, min(2 * k, E) + 1):  # recall and bytes if we always read the c likeliest
+        out[f"hits@{c}"] = int(hit_sorted[:, :c].sum())
+        out[f"bytes@{c}"] = float(cum_bytes[:, c - 1].sum())
+    return out
+
+
+def _summarize(c: dict[str, float], k: int, ratio: float) -> dict[str, Any]:
+    n, nb = max(1, c["needed"]), max(1.0, c["needed_bytes"])
+    return {"recall_k": c["hits_k"] / n, "recall_2k": c["hits_2k"] / n,
+            "bytes_ratio_k": c["bytes_k"] / nb, "bytes_ratio_2k": c["bytes_2k"] / nb,
+            "operating_point": {"ratio_cap": ratio, "recall": c["hits_op"] / n, "bytes_ratio": c["bytes_op"] / nb,
+                                "precision": c["hits_op"] / max(1, c["fetched_op"])},
+            "curve": [{"read": int(key[5:]), "recall": c[key] / n, "bytes_ratio": c["bytes@" + key[5:]] / nb}
+                      for key in c if key.startswith("hits@")]}
+
+
+def evaluate(predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio: float = DEFAULT_RATIO,
+             first: int = 1) -> dict[str, Any]:
+    """Next-layer recall of a predictor on a (held-out) trace, per MoE layer and overall.
+
+    recall_k / recall_2k: share of the experts layer l+1 used that were among the k / 2k
+    likeliest guesses; bytes_ratio_*: bytes of those guesses / bytes of the experts used.
+    operating_point: read guesses in order within ratio x the layer's mean bytes per
+    token (what the prefetcher does). sizes [M, E] bytes per expert.
+    """
+    k = trace.top_k
+    caps = layer_byte_cap(sizes, k, ratio)
+    per, total = [], None
+    for n in range(max(1, first), trace.experts.shape[1]):
+        c = _score(predictor.trace_probs(trace, n), trace.experts[:, n], sizes[n].astype(np.float64), caps[n], k)
+        per.append({"moe_index": n, **_summarize(c, k, ratio)})
+        total = c if total is None else {key: total[key] + c[key] for key in c}
+    return {"name": predictor.name, "layers": per, "overall": _summarize(total, k, ratio) if total else {}}
+
+
+def evaluate_all(table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray,
+                 ratio: float = DEFAULT_RATIO) -> dict[str, Any]:
+    """Table (order 1 and 2) and, when the trace recorded them, both look-ahead points."""
+    out = {"table_l": evaluate(TablePredictor(table, order=1), trace, sizes, ratio),
+           "table": evaluate(TablePredictor(table, order=2), trace, sizes, ratio)}
+    out["table_l"]["name"] = "table_l"
+    for point in LOOKAHEAD_POINTS:
+        if point in trace.lookahead:
+            out[f"lookahead_{point}"] = evaluate(RecordedPredictor(trace.top_k, point), trace, sizes, ratio)
+    return out
+
+
+# -- live prefetch ---------------------------------------------------------------------
+def native_async_prefetch(cache: Any) -> bool:
+    """Does the native cache take `prefetch(layer, experts, max_bytes=0)` (non-blocking reads)?"""
+    # TODO(native prefetch): drop this probe once ExpertCache.prefetch(layer, experts, max_bytes) and
+    # cancel_prefetches() have landed in native/ and _core.pyi; then call them unconditionally.
+    fn = getattr(cache, "prefetch", None)
+    return fn is not None and hasattr(cache, "cancel_prefetches") and "max_bytes" in (fn.__doc__ or "")
+
+
+class Prefetcher(RouteObserver):
+    """Watches the forward pass; when MoE layer l's routing (or output) is known, asks the
+    predictor for layer l+1 and queues those reads in the cache, most likely first,
+    within ratio x the bytes a token needs. Keeps per-layer prediction statistics.
+
+    With a native cache that has no asynchronous prefetch yet it only predicts and
+    counts, unless blocking=True (reads synchronously after layer l: for tests and
+    measurements, never faster).
+    """
+
+    def __init__(self, model: "Model", predictor: Predictor, ratio: float = DEFAULT_RATIO,
+                 min_prob: float = 0.0, blocking: bool = False):
+        self.cache, self.predictor = model.cache, predictor
+        self.moe_layers = list(model.manifest["experts"]["moe_layers"])
+        self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
+        self.sizes = expert_sizes(model).astype(np.float64)
+        self.caps = layer_byte_cap(self.sizes, predictor.top_k, ratio)
+        self.ratio, self.min_prob = ratio, min_prob
+        self.mode = "async" if native_async_prefetch(self.cache) else ("blocking" if blocking else "predict-only")
+        self.ctx = RouteContext.empty(len(self.moe_layers))
+        self.pending: list[np.ndarray | None] = [None] * len(self.moe_layers)  # guesses per target layer
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        M = len(self.moe_layers)
+        self.counts = {key: np.zeros(M, np.int64) for key in ("predictions", "issued", "needed", "hits")}
+        self.byte_counts = {key: np.zeros(M) for key in ("issued_bytes", "needed_bytes", "hit_bytes")}
+
+    def _record(self, m: int, ids: np.ndarray) -> None:
+        guess = self.pending[m]
+        if guess is None:
+            return
+        self.pending[m] = None
+        needed = np.unique(ids)
+        hit = np.intersect1d(guess, needed)
+        c, b, s = self.counts, self.byte_counts, self.sizes[m]
+        c["predictions"][m] += 1
+        c["issued"][m] += len(guess)
+        c["needed"][m] += len(needed)
+        c["hits"][m] += len(hit)
+        b["issued_bytes"][m] += s[guess].sum()
+        b["needed_bytes"][m] += s[needed].sum()
+        b["hit_bytes"][m] += s[hit].sum()
+
+    def _issue(self, m: int) -> None:
+        n = m + 1
+        if n >= len(self.moe_layers):
+            return
+        ids, q = self.predictor.predict(n, self.ctx)
+        chosen = choose(ids, q, self.sizes[n], self.caps[n], self.min_prob)
+        self.pending[n] = chosen
+        layer = self.moe_layers[n]
+        if self.mode == "async":
+            self.cache.prefetch(layer, [int(e) for e in chosen], max_bytes=int(self.caps[n]))
+        elif self.mode == "blocking":
+            for e in chosen:
+                try:
+                    self.cache.prefetch(layer, int(e))
+                except Exception:  # the budget is full of pinned experts: a prefetch is only a hint
+                    break
+
+    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        m = self.pos[layer]
+        if m == 0:
+            self.ctx = RouteContext.empty(len(self.moe_layers))
+        self._record(m, ids)
+        self.ctx.experts[m], self.ctx.weights[m] = ids, weights
+        self.ctx.hidden["moe_in"] = resid
+        if self.mode == "async":
+            self.cache.cancel_prefetches()  # guesses for this layer not yet read are stale now
+        if self.predictor.point == "route" and self.mode != "blocking":
+            self._issue(m)
+
+    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
+        m = self.pos.get(layer)
+        if m is None:
+            return
+        self.ctx.hidden["layer_out"] = h
+        if self.predictor.point == "layer_out" or self.mode == "blocking":
+            self._issue(m)
+
+    def stats(self) -> dict[str, Any]:
+        c, b = self.counts, self.byte_counts
+
+        def summary(sl: Any) -> dict[str, float]:
+            needed, issued = c["needed"][sl].sum(), c["issued"][sl].sum()
+            nb = b["needed_bytes"][sl].sum()
+            return {"recall": float(c["hits"][sl].sum() / needed) if needed else 0.0,
+                    "precision": float(c["hits"][sl].sum() / issued) if issued else 0.0,
+                    "bytes_ratio": float(b["issued_bytes"][sl].sum() / nb) if nb else 0.0,
+                    "issued_bytes": int(b["issued_bytes"][sl].sum()),
+                    "wasted_bytes": int(b["issued_bytes"][sl].sum() - b["hit_bytes"][sl].sum())}
+
+        return {"predictor": self.predictor.name, "mode": self.mode, "ratio": self.ratio,
+                **summary(slice(None)),
+                "layers": [{"moe_index": m, "layer": self.moe_layers[m], **summary(m)}
+                           for m in range(1, len(self.moe_layers))]}
+
+
+def make_predictor(model: "Model", kind: str, point: str = "moe_in", order: int = 2) -> Predictor:
+    """'table' (needs routing.json) or 'lookahead' (at `point`)."""
+    k = model.manifest["experts"]["top_k"]
+    if kind == "table":
+        return TablePredictor.from_model_dir(model.path, order=order)
+    if kind == "lookahead":
+        return LookaheadPredictor(model.net, model.manifest["experts"]["moe_layers"], k, point)
+    raise ValueError(f"unknown predictor {kind!r}: choose one of {', '.join(PREDICTORS)} (or None for no prefetch)")
+
+
+def attach_prefetcher(model: "Model", kind: str, ratio: float = DEFAULT_RATIO, blocking: bool = False,
+                      **kwargs: Any) -> Prefetcher:
+    """Build the predictor and install a Prefetcher on the model's forward pass."""
+    pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, blocking=blocking)
+    model.net.observer = pf
+    return pf

@@ -1,0 +1,299 @@
+"""Replay a routing trace through a byte-budget expert cache, offline, under several
+eviction policies and optionally with predictive prefetch: how far each policy is
+from the best possible (Belady's oracle).
+
+    trace = routing.RoutingTrace.load("eval.npz")          # or routing.collect_trace(...)
+    sizes = routing.expert_sizes(model)                     # [M, E] bytes per expert
+    r = simulate(trace, sizes, budget=0.5 * sizes.sum(), policy="lru")
+    r["hit_rate"], r["bytes_read"]
+
+The access stream is decode order: token by token, MoE layer by MoE layer; each
+step needs its k experts resident together (pinned while they compute). A miss
+reads the expert (the compute waits); a hit reads nothing.
+
+Policies (the victim is the unpinned resident expert with the lowest score):
+- lru: time of last use (a prefetch counts as a use).
+- lfu: number of demand uses since the start of the trace (kept across evictions),
+  ties broken by LRU.
+- edgemoe: EdgeMoE-style, activation frequency and distance from the current layer:
+  (uses + 1) / (d + 1), d = MoE layers that run before the expert's layer runs
+  again (0 for the next layer; the layer just computed is the farthest). Ties by LRU.
+- belady: evict the expert whose next use is farthest in the future (never used
+  again first). Optimal for equal sizes; with unequal sizes (mixed bitwidths) it is
+  a heuristic, the exact optimum being NP-hard. With prefetch the oracle also
+  declines a prefetch whose next use is later than its victim's.
+
+With a predictor, when layer l routes the cache also reads layer l+1's likeliest
+experts within ratio x the layer's mean bytes per token (prefetched entries take
+budget and can evict); they count as bytes read, as hits when used, and as wasted
+bytes when evicted unused. Timing is not modelled: a prefetch is assumed to land
+before it is needed, so demand_bytes (reads the compute waits for) is the figure
+that prefetch improves.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, choose, layer_byte_cap
+from .routing import RoutingTrace
+
+POLICIES = ("lru", "lfu", "edgemoe", "belady")
+BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
+NEVER = np.iinfo(np.int64).max // 4
+
+
+def min_budget(sizes: np.ndarray, top_k: int) -> int:
+    """Smallest budget that holds one layer's k largest experts at once."""
+    return int(np.sort(sizes, axis=1)[:, ::-1][:, :top_k].sum(axis=1).max())
+
+
+def _next_uses(ex: np.ndarray, M: int, E: int) -> tuple[np.ndarray, list[list[int]]]:
+    """For each step s = t*M + m and slot, the next step that uses the same expert
+    (NEVER if none); and, per key m*E + e, the sorted steps that use it."""
+    T, _, k = ex.shape
+    steps = T * M
+    flat = ex.reshape(steps, k).astype(np.int64) + (np.arange(steps) % M)[:, None] * E  # keys
+    nxt = np.full((steps, k), NEVER, np.int64)
+    last = np.full(M * E, NEVER, np.int64)
+    for s in range(steps - 1, -1, -1):
+        row = flat[s]
+        nxt[s] = last[row]
+        last[row] = s
+    uses: list[list[int]] = [[] for _ in range(M * E)]
+    for s in range(steps):
+        for key in flat[s]:
+            uses[key].append(s)
+    return nxt, uses
+
+
+def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str = "lru",
+             prefetch: Predictor | np.ndarray | None = None, ratio: float = DEFAULT_RATIO, min_prob: float = 0.0,
+             _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
+    """Replay `trace` through a cache of `budget` bytes. sizes [M, E]: bytes per expert.
+    prefetch: a predictor (its trace_probs), or slot probabilities [T, M, E] whose row m
+    guesses layer m+1, or None. Returns counts, hit rate and bytes read."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    ex = trace.experts
+    T, M, k = ex.shape
+    E = trace.num_experts
+    budget = float(budget)
+    if budget < min_budget(sizes, k):
+        raise ValueError(f"a budget of {budget:.0f} bytes cannot hold one layer's {k} largest experts "
+                         f"({min_budget(sizes, k)} bytes)")
+    size = sizes.reshape(-1).astype(np.float64)  # by key m*E + e
+    layer_of = np.repeat(np.arange(M), E)
+    # d + 1 for an expert of layer m' while layer m computes, [M, M*E]
+    dist1 = ((layer_of[None, :] - np.arange(M)[:, None] - 1) % M + 1).astype(np.float64)
+
+    probs = None
+    if isinstance(prefetch, Predictor):
+        probs = np.zeros((T, M, E), np.float32)
+        for n in range(1, M):
+            probs[:, n - 1] = prefetch.trace_probs(trace, n)
+    elif prefetch is not None:
+        probs = np.asarray(prefetch)
+    caps = layer_byte_cap(sizes, k, ratio)
+    nxt = uses = None
+    if policy == "belady":
+        nxt, uses = _next if _next is not None else _next_uses(ex, M, E)
+
+    resident = np.zeros(M * E, bool)
+    last = np.zeros(M * E, np.float64)
+    freq = np.zeros(M * E, np.float64)
+    next_use = np.full(M * E, NEVER, np.int64)
+    prefetched = np.zeros(M * E, bool)
+    used = 0.0
+    c = {"accesses": 0, "hits": 0, "misses": 0, "demand_bytes": 0.0, "prefetch_bytes": 0.0,
+         "prefetch_reads": 0, "prefetch_hits": 0, "wasted_prefetch_bytes": 0.0, "evictions": 0}
+
+    def victim(m: int, pinned: np.ndarray) -> int:
+        cand = resident & ~pinned
+        if not cand.any():
+            return -1
+        if policy == "lru":
+            primary = last
+        elif policy == "lfu":
+            primary = freq
+        elif policy == "edgemoe":
+            primary = (freq + 1.0) / dist1[m]
+        else:
+            primary = -next_use.astype(np.float64)
+        p = np.where(cand, primary, np.inf)
+        ties = p == p.min()
+        return int(np.where(ties, last, np.inf).argmin())
+
+    def evict(key: int) -> None:
+        nonlocal used
+        resident[key] = False
+        used -= size[key]
+        c["evictions"] += 1
+        if prefetched[key]:
+            c["wasted_prefetch_bytes"] += size[key]
+            prefetched[key] = False
+
+    def make_room(need: float, m: int, pinned: np.ndarray, limit: int | None = None) -> bool:
+        """Evict until `need` bytes fit. limit: an oracle refuses victims used before this step."""
+        while used + need > budget:
+            v = victim(m, pinned)
+            if v < 0 or (limit is not None and next_use[v] <= limit):
+                return False
+            evict(v)
+        return True
+
+    step = 0
+    for t in range(T):
+        for m in range(M):
+            group = np.unique(ex[t, m].astype(np.int64)) + m * E
+            pinned = np.zeros(M * E, bool)
+            pinned[group] = True
+            for j, key in enumerate(group):
+                c["accesses"] += 1
+                if resident[key]:
+                    c["hits"] += 1
+                    if prefetched[key]:
+                        c["prefetch_hits"] += 1
+                        prefetched[key] = False
+                else:
+                    c["misses"] += 1
+                    if not make_room(size[key], m, pinned):
+                        raise RuntimeError("every resident expert is pinned: the budget is below one layer's needs")
+                    resident[key] = True
+                    used += size[key]
+                    c["demand_bytes"] += size[key]
+                last[key] = step
+                freq[key] += 1
+            if nxt is not None:
+                slot_next = nxt[step]
+                for key, n_ in zip(ex[t, m].astype(np.int64) + m * E, slot_next):
+                    next_use[key] = n_
+            if probs is not None and m + 1 < M:
+                n = m + 1
+                order = np.argsort(-probs[t, m], kind="stable").astype(np.int64)
+                chosen = choose(order, probs[t, m][order], sizes[n].astype(np.float64), caps[n], min_prob)
+                for e in chosen:
+                    key = n * E + int(e)
+                    pinned[key] = True  # a prefetch never evicts this round's other prefetches
+                    if resident[key]:
+                        last[key] = step
+                        continue
+                    limit = None
+                    if policy == "belady":
+                        u = uses[key]
+                        i = bisect.bisect_right(u, step)
+                        next_use[key] = u[i] if i < len(u) else NEVER
+                        if next_use[key] == NEVER:
+                            continue
+                        limit = int(next_use[key])
+                    if not make_room(size[key], m, pinned, limit):
+                        continue
+                    resident[key] = True
+                    prefetched[key] = True
+                    used += size[key]
+                    last[key] = step
+                    c["prefetch_bytes"] += size[key]
+                    c["prefetch_reads"] += 1
+            step += 1
+    c["wasted_prefetch_bytes"] += float(size[prefetched].sum())  # still unused at the end
+    c["hit_rate"] = c["hits"] / max(1, c["accesses"])
+    c["bytes_read"] = c["demand_bytes"] + c["prefetch_bytes"]
+    c["policy"], c["budget"] = policy, budget
+    return c
+
+
+def run(trace: RoutingTrace, sizes: np.ndarray, fractions: Sequence[float] = BUDGET_FRACTIONS,
+        policies: Sequence[str] = POLICIES, predictors: dict[str, Predictor | None] | None = None,
+        ratio: float = DEFAULT_RATIO) -> list[dict[str, Any]]:
+    """Every policy x budget (fractions of all expert bytes) x predictor ("none" = no prefetch)."""
+    predictors = predictors or {"none": None}
+    T, M, k = trace.experts.shape
+    total = float(sizes.sum())
+    nu = _next_uses(trace.experts, M, trace.num_experts) if "belady" in policies else None
+    probs = {}
+    for name, p in predictors.items():
+        if p is not None:
+            a = np.zeros((T, M, trace.num_experts), np.float32)
+            for n in range(1, M):
+                a[:, n - 1] = p.trace_probs(trace, n)
+            probs[name] = a
+    rows = []
+    for f in fractions:
+        budget = max(f * total, min_budget(sizes, k))
+        for name in predictors:
+            for pol in policies:
+                r = simulate(trace, sizes, budget, pol, probs.get(name), ratio=ratio, _next=nu)
+                r.update({"fraction": f, "prefetch": name})
+                rows.append(r)
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], total_bytes: float, tokens: int) -> str:
+    lines = [f"{'budget':>6} {'prefetch':<20} {'policy':<8} {'hit rate':>8} {'read/token':>11} "
+             f"{'waited/token':>12} {'wasted/token':>12}"]
+    for r in rows:
+        lines.append(f"{100 * r['fraction']:5.0f}% {r['prefetch']:<20} {r['policy']:<8} {100 * r['hit_rate']:7.1f}% "
+                     f"{r['bytes_read'] / tokens / 1e3:9.1f}KB {r['demand_bytes'] / tokens / 1e3:10.1f}KB "
+                     f"{r['wasted_prefetch_bytes'] / tokens / 1e3:10.1f}KB")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
+    from .model import load
+    from .routing import ROUTING_FILE, collect_trace, expert_sizes, load_routing, table_from_routing
+
+    p = argparse.ArgumentParser(prog="edgemoe simulate",
+                                description="Replay a routing trace through the expert cache under each eviction "
+                                            "policy (LRU, LFU, EdgeMoE, Belady's oracle) and prefetch predictor.")
+    p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")
+    src.add_argument("--trace", help="a trace saved by `edgemoe profile --traces DIR` (eval.npz)")
+    p.add_argument("--max-tokens", type=int, default=5000, help="tokens of --text to trace (default 5000)")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of all expert bytes")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--prefetch", default="none,table,lookahead_moe_in,lookahead_layer_out",
+                   help="predictors to try (table needs routing.json, look-ahead a trace that recorded it)")
+    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed")
+    p.add_argument("--json", default=None, help="write every row to this file")
+    args = p.parse_args(argv)
+
+    m = load(args.model)
+    sizes = expert_sizes(m)
+    if args.trace:
+        trace = RoutingTrace.load(args.trace)
+        if args.max_tokens:
+            trace = trace[:args.max_tokens]
+    else:
+        trace = collect_trace(m, args.text, args.window, args.max_tokens, seed=1)
+    predictors: dict[str, Predictor | None] = {}
+    for name in args.prefetch.split(","):
+        name = name.strip()
+        if name == "none":
+            predictors[name] = None
+        elif name == "table":
+            if (Path(args.model) / ROUTING_FILE).exists():
+                predictors[name] = TablePredictor(table_from_routing(load_routing(args.model)))
+            else:
+                print(f"no {ROUTING_FILE}: skipping the table predictor (run `edgemoe profile` first)", file=sys.stderr)
+        elif name.startswith("lookahead_") and name[len("lookahead_"):] in trace.lookahead:
+            predictors[name] = RecordedPredictor(trace.top_k, name[len("lookahead_"):])
+        else:
+            print(f"skipping predictor {name!r}: unknown, or not recorded in the trace", file=sys.stderr)
+    fractions = [float(x) for x in args.budgets.split(",")]
+    policies = [x.strip() for x in args.policies.split(",")]
+    rows = run(trace, sizes, fractions, policies, predictors, ratio=args.ratio)
+    print(f"{trace.tokens} tokens, {len(trace.moe_layers)} MoE layers x {trace.num_experts} experts, "
+          f"top-{trace.top_k}; all experts {sizes.sum() / 1e6:.2f} MB; bytes per token, 'waited' = read on a miss")
+    print(format_rows(rows, float(sizes.sum()), trace.tokens))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
