@@ -256,6 +256,13 @@ inline void decode_chunk(const uint8_t* p, __m256 w[4]) {
   }
 }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -446,6 +453,115 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
   }
 }
 
+// ---- decode with int16 activations (4- and 8-bit codes, one token): x is
+// quantized per block of 32 values to int16 (error <= max|x_block| / 65534,
+// far below the weights' own quantization error), so a chunk's dot product is
+// two vpmaddwd on widened codes instead of eight int->float conversions.
+
+// x [cols] -> x16 [cols], dx [cols/32] with x ~= x16 * dx per block.
+void quantize_x16(const float* x, uint32_t cols, int16_t* x16, float* dx) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    const float* xb = x + b * kChunk;
+    __m256 mx = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
+    const float amax = hmax(mx);
+    dx[b] = amax / 32767.0f;
+    const __m256 inv = _mm256_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
+    __m256i q[4];
+    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), inv));
+    // packs interleaves 128-bit lanes: restore order with a 64-bit permute
+    const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + b * kChunk), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + b * kChunk + 16), hi);
+  }
+}
+
+// Codes of one chunk times x16 -> 8 int32 partial sums.
+template <int BITS>
+inline __m256i chunk_dot16(const uint8_t* p, __m256i xa, __m256i xb) {
+  if constexpr (BITS == 4) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // 16 bytes
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), xa),
+                            _mm256_madd_epi16(_mm256_srli_epi16(b, 4), xb));
+  } else {
+    static_assert(BITS == 8, "bits");
+    const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+    return _mm256_add_epi32(_mm256_madd_epi16(a, xa), _mm256_madd_epi16(b, xb));
+  }
+}
+
+// RR rows at a time share the x16 loads; two FMA chains per row. CPG (chunks
+// per group) is a template argument so the chains stay in registers.
+template <int BITS, int RR, uint32_t CPG>
+void qmatvec16_rows(const QMatrix& w, uint32_t r, const int16_t* x16, const float* dx, const float* xsum, float* y) {
+  constexpr uint32_t cpg = CPG;
+  const uint32_t ng = w.cols / (CPG * kChunk);
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  __m256 acc[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
+    acc[i] = _mm256_setzero_ps();
+  }
+  for (uint32_t g = 0; g < ng; ++g) {
+    __m256 d[RR][2];
+    for (int i = 0; i < RR; ++i) {
+      d[i][0] = d[i][1] = _mm256_setzero_ps();
+      _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes, _MM_HINT_T0);
+    }
+    for (uint32_t c = 0; c < cpg; ++c) {
+      const uint32_t b = g * cpg + c;
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk));
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk + 16));
+      const __m256 dv = _mm256_broadcast_ss(dx + b);
+      for (int i = 0; i < RR; ++i) {
+        const __m256i p = chunk_dot16<BITS>(codes[i], xa, xb);
+        codes[i] += chunk_bytes(BITS);
+        d[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, d[i][c & 1]);
+      }
+    }
+    for (int i = 0; i < RR; ++i) {
+      const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc[i] + 2 * g)));
+      acc[i] = _mm256_fmadd_ps(_mm256_add_ps(d[i][0], d[i][1]), s, acc[i]);
+    }
+  }
+  for (int i = 0; i < RR; ++i)
+    y[r + uint32_t(i)] = hsum(acc[i]) + min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+}
+
+template <int BITS, uint32_t CPG>
+void qmatvec16_t(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
+                 float* y) {
+  uint32_t r = r0;
+  for (; r + 2 <= r1; r += 2) qmatvec16_rows<BITS, 2, CPG>(w, r, x16, dx, xsum, y);
+  if (r < r1) qmatvec16_rows<BITS, 1, CPG>(w, r, x16, dx, xsum, y);
+}
+
+template <int BITS>
+void qmatvec16_b(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
+                 float* y) {
+  switch (w.group_size) {
+    case 32: return qmatvec16_t<BITS, 1>(w, r0, r1, x16, dx, xsum, y);
+    case 64: return qmatvec16_t<BITS, 2>(w, r0, r1, x16, dx, xsum, y);
+    default: return qmatvec16_t<BITS, 4>(w, r0, r1, x16, dx, xsum, y);
+  }
+}
+
+bool has_x16_decode(const QMatrix& w) {
+  return w.kind == kQuant && (w.bits == 4 || w.bits == 8) &&
+         (w.group_size == 32 || w.group_size == 64 || w.group_size == 128);
+}
+
+void qmatvec16(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
+               float* y) {
+  if (w.bits == 4) return qmatvec16_b<4>(w, r0, r1, x16, dx, xsum, y);
+  return qmatvec16_b<8>(w, r0, r1, x16, dx, xsum, y);
+}
+
 // ---- prefill (T >= kGemmMinTokens): rows are dequantized once into an f32
 // tile, then a register-blocked kernel runs every token over the tile.
 
@@ -610,6 +726,16 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const int64_t tasks = (rows + row_block - 1) / row_block;
 
 #if defined(EDGEMOE_AVX2)
+  if (T == 1 && has_x16_decode(w)) {
+    std::vector<int16_t> x16(cols);
+    std::vector<float> dx(cols / kChunk);
+    quantize_x16(x, cols, x16.data(), dx.data());
+    ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
+      const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
+      qmatvec16(w, r0, r1, x16.data(), dx.data(), xsum.data(), y);
+    });
+    return;
+  }
   if (T >= kGemmMinTokens) {
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);

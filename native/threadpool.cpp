@@ -1,6 +1,37 @@
 #include "threadpool.h"
 
+#include <chrono>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace edgemoe {
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__) || defined(__arm__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until pred() or about `us` microseconds have passed; returns pred().
+template <class Pred>
+bool spin_for(Pred pred, int us) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    cpu_relax();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() > end) return pred();
+  }
+}
+
+constexpr int kSpinMicros = 200;
+
+}  // namespace
 
 ThreadPool& ThreadPool::instance() {
   static ThreadPool pool;
@@ -44,22 +75,29 @@ void ThreadPool::run_tasks() {
   for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);
 }
 
-// A worker joins a job only while it is open (fn_ set); the caller closes it
-// once every joined worker has left, so a worker the OS schedules late never
-// holds the caller up: it finds the job closed and sleeps again.
+// A worker joins a job only while it is open (fn_ set, under m_); the caller
+// closes it once every joined worker has left, so a worker the OS schedules
+// late never holds the caller up: it finds the job closed and waits again.
 void ThreadPool::worker() {
-  uint64_t seen = 0;
-  std::unique_lock<std::mutex> lk(m_);
+  uint64_t seen = generation_.load();
   for (;;) {
-    wake_.wait(lk, [&] { return stopping_ || generation_ != seen; });
+    spin_for([&] { return generation_.load(std::memory_order_acquire) != seen || stopping_.load(); }, kSpinMicros);
+    std::unique_lock<std::mutex> lk(m_);
+    if (generation_.load() == seen && !stopping_) {
+      ++sleeping_;
+      wake_.wait(lk, [&] { return stopping_ || generation_.load() != seen; });
+      --sleeping_;
+    }
     if (stopping_) return;
-    seen = generation_;
+    seen = generation_.load();
     if (fn_ == nullptr) continue;  // that job is already over
-    ++active_;
+    active_.fetch_add(1);
     lk.unlock();
     run_tasks();
-    lk.lock();
-    if (--active_ == 0) done_.notify_one();
+    if (active_.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> g(m_);  // pairs with the caller's wait on done_
+      done_.notify_one();
+    }
   }
 }
 
@@ -70,18 +108,21 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t)>& fn)
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
+  bool notify;
   {
     std::lock_guard<std::mutex> lk(m_);
     fn_ = &fn;
     n_ = n;
     next_ = 0;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
+    notify = sleeping_ > 0;
   }
-  wake_.notify_all();
+  if (notify) wake_.notify_all();
   run_tasks();
-  // Every task is claimed; wait for the workers still finishing theirs.
+  // Every task is claimed; wait for the workers still finishing theirs, then close the job.
+  spin_for([&] { return active_.load(std::memory_order_acquire) == 0; }, kSpinMicros);
   std::unique_lock<std::mutex> lk(m_);
-  done_.wait(lk, [&] { return active_ == 0; });
+  done_.wait(lk, [&] { return active_.load() == 0; });
   fn_ = nullptr;
 }
 

@@ -1,5 +1,7 @@
-// A small persistent thread pool for the kernels: workers sleep on a condition
-// variable between calls, so a matmul costs a wake-up, not a thread spawn.
+// A small persistent thread pool for the kernels: a matmul costs a few atomic
+// operations, not a thread spawn. Workers spin briefly after each job (decode
+// issues small matmuls back to back and a futex wake-up costs more than one of
+// them), then sleep on a condition variable.
 #pragma once
 
 #include <atomic>
@@ -35,14 +37,15 @@ class ThreadPool {
   void run_tasks();
 
   std::mutex busy_;  // held for the whole of one parallel_for
-  std::mutex m_;
+  std::mutex m_;     // guards fn_, n_, sleeping_, joining a job and closing it
   std::condition_variable wake_;
   std::condition_variable done_;
   std::vector<std::thread> workers_;
-  bool stopping_ = false;
-  uint64_t generation_ = 0;
-  int active_ = 0;  // workers that joined the current job and have not left it
-  const std::function<void(int64_t)>* fn_ = nullptr;
+  std::atomic<bool> stopping_{false};
+  std::atomic<uint64_t> generation_{0};  // bumped (under m_) when a job opens
+  int sleeping_ = 0;                     // workers blocked on wake_
+  std::atomic<int> active_{0};           // workers inside the current job
+  const std::function<void(int64_t)>* fn_ = nullptr;  // null: no job open
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
   std::atomic<int> num_threads_{1};

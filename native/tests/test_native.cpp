@@ -67,11 +67,12 @@ struct TestMatrix {
   std::vector<uint8_t> buf;
   std::vector<double> w;  // dequantized [rows, cols], reference
   uint32_t rows, cols;
+  std::vector<double> mins;  // the min part of w (kind 3), for the int16-activation reference
 };
 
 // Group-quantized matrix with random codes/scales/mins, packed per FORMAT.md.
 static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32_t gs) {
-  TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols};
+  TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols, std::vector<double>(size_t(rows) * cols)};
   const uint32_t ng = cols / gs, cb = bits * 4;
   const size_t codes = 64, codes_bytes = size_t(rows) * (cols / 32) * cb;
   const size_t scales = align64(codes + codes_bytes), mins = align64(scales + 2 * size_t(rows) * ng);
@@ -108,6 +109,7 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
       for (int j = 0; j < 32; ++j) {
         const uint32_t g = (c0 + uint32_t(j)) / gs;
         m.w[size_t(r) * cols + c0 + uint32_t(j)] = half_ref(sc[g]) * v[j] + half_ref(mn[g]);
+        m.mins[size_t(r) * cols + c0 + uint32_t(j)] = half_ref(mn[g]);
       }
     }
   }
@@ -117,7 +119,7 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
 static TestMatrix make_float(uint32_t rows, uint32_t cols, Kind kind) {
   const size_t es = kind == kF32 ? 4 : 2;
   TestMatrix m{std::vector<uint8_t>(64 + size_t(rows) * cols * es, 0), std::vector<double>(size_t(rows) * cols), rows,
-               cols};
+               cols, {}};
   put_u32(m.buf, 0, rows);
   put_u32(m.buf, 4, cols);
   m.buf[8] = uint8_t(kind);
@@ -174,6 +176,32 @@ static bool close_matmul(const std::vector<float>& y, const std::vector<float>& 
   return true;
 }
 
+// What the AVX2 decode of 4/8-bit codes computes: s*q . x16*dx + min . x, with
+// x quantized to int16 per 32 values (see quantize_x16 in kernels.cpp).
+static bool close_matmul_x16(const std::vector<float>& y, const std::vector<float>& x, const TestMatrix& m,
+                             double tol) {
+  std::vector<double> xq(m.cols);
+  for (uint32_t b = 0; b < m.cols / 32; ++b) {
+    float amax = 0;
+    for (uint32_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float dx = amax / 32767.0f, inv = amax > 0 ? 32767.0f / amax : 0.0f;
+    for (uint32_t j = 0; j < 32; ++j) xq[b * 32 + j] = double(std::nearbyint(x[b * 32 + j] * inv)) * dx;
+  }
+  for (uint32_t r = 0; r < m.rows; ++r) {
+    double ref = 0, mag = 0;
+    for (uint32_t c = 0; c < m.cols; ++c) {
+      const size_t i = size_t(r) * m.cols + c;
+      ref += (m.w[i] - m.mins[i]) * xq[c] + m.mins[i] * x[c];
+      mag += std::fabs(m.w[i] * x[c]);
+    }
+    if (std::fabs(y[r] - ref) > tol * mag) {
+      std::fprintf(stderr, "x16 mismatch r=%u: %g vs %g\n", r, double(y[r]), ref);
+      return false;
+    }
+  }
+  return true;
+}
+
 static void test_kernels() {
   const uint32_t shapes[][2] = {{1, 128}, {37, 256}, {130, 384}};
   for (uint32_t bits : {2u, 3u, 4u, 8u})
@@ -186,7 +214,12 @@ static void test_kernels() {
           auto x = rand_vec(size_t(T) * s[1]);
           std::vector<float> y(size_t(T) * s[0]);
           matmul(q, x.data(), T, y.data());
-          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+          if (T == 1 && (bits == 4 || bits == 8) && std::strcmp(simd_name(), "portable") != 0) {
+            CHECK(close_matmul_x16(y, x, m, 2e-6));      // exactly what the kernel computes
+            CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-4));  // and within 2^-15-ish of f32 x
+          } else {
+            CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+          }
         }
       }
   for (Kind k : {kF32, kF16, kBF16})
