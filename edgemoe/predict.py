@@ -17,6 +17,7 @@ A guess costs bandwidth, never correctness: the real router always decides.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -331,6 +332,41 @@ class Prefetcher(RouteObserver):
                 **summary(slice(None)),
                 "layers": [{"moe_index": m, "layer": self.moe_layers[m], **summary(m)}
                            for m in range(1, len(self.moe_layers))]}
+
+
+class _Clock(RouteObserver):
+    def __init__(self, moe_layers: Sequence[int]):
+        self.pos = {layer: m for m, layer in enumerate(moe_layers)}
+        self.routed: list[tuple[int, float]] = []
+        self.done: dict[int, float] = {}
+        self.gaps: dict[str, list[list[float]]] = {p: [[] for _ in moe_layers] for p in LOOKAHEAD_POINTS}
+
+    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        now, m = time.perf_counter(), self.pos[layer]
+        if m > 0 and self.routed and self.routed[-1][0] == m - 1:
+            self.gaps["moe_in"][m].append(now - self.routed[-1][1])
+            self.gaps["layer_out"][m].append(now - self.done[m - 1])
+        self.routed.append((m, now))
+
+    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
+        if layer in self.pos:
+            self.done[self.pos[layer]] = time.perf_counter()
+
+
+def lead_times(model: "Model", prompt: Sequence[int], new_tokens: int = 16) -> dict[str, Any]:
+    """Decode-time seconds between the moment a guess for MoE layer n can be issued and the
+    moment layer n routes (median per layer): from layer n-1's routing ("moe_in") or from
+    its output ("layer_out"). A prefetch read that takes longer than this still stalls."""
+    clock = _Clock(model.manifest["experts"]["moe_layers"])
+    inner, model.net.observer = model.net.observer, clock
+    try:
+        model.generate(list(prompt), max_new_tokens=1)  # prefill, not measured
+        clock.gaps = {p: [[] for _ in clock.pos] for p in LOOKAHEAD_POINTS}
+        model.generate(list(prompt), max_new_tokens=new_tokens + 1)
+    finally:
+        model.net.observer = inner
+    return {p: [float(np.median(g[1:])) if len(g) > 1 else None for g in gaps]  # g[0]: the prefill pass
+            for p, gaps in clock.gaps.items()}
 
 
 def make_predictor(model: "Model", kind: str, point: str = "moe_in", order: int = 2) -> Predictor:

@@ -46,6 +46,7 @@ class RoutingTrace:
         probabilities computed from layer m's hidden state ("moe_in": the residual
         stream at layer m's MoE input; "layer_out": after layer m's residual add).
         Row M-1 is unused (zeros). Empty when not recorded.
+    ids      int32 [T] the tokens (None when not kept)
     """
 
     experts: np.ndarray
@@ -53,6 +54,7 @@ class RoutingTrace:
     moe_layers: list[int]
     num_experts: int
     lookahead: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ids: np.ndarray | None = None
 
     @property
     def tokens(self) -> int:
@@ -67,7 +69,7 @@ class RoutingTrace:
 
     def __getitem__(self, sl: slice) -> "RoutingTrace":
         return RoutingTrace(self.experts[sl], self.weights[sl], list(self.moe_layers), self.num_experts,
-                            {p: a[sl] for p, a in self.lookahead.items()})
+                            {p: a[sl] for p, a in self.lookahead.items()}, None if self.ids is None else self.ids[sl])
 
     @staticmethod
     def concat(traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
@@ -75,13 +77,16 @@ class RoutingTrace:
         points = set.intersection(*(set(t.lookahead) for t in traces))
         return RoutingTrace(np.concatenate([t.experts for t in traces]), np.concatenate([t.weights for t in traces]),
                             list(first.moe_layers), first.num_experts,
-                            {p: np.concatenate([t.lookahead[p] for t in traces]) for p in sorted(points)})
+                            {p: np.concatenate([t.lookahead[p] for t in traces]) for p in sorted(points)},
+                            None if any(t.ids is None for t in traces) else np.concatenate([t.ids for t in traces]))
 
     def save(self, path: str | Path) -> None:
         """An .npz file (numpy only)."""
         arrays = {"experts": self.experts, "weights": self.weights, "moe_layers": np.asarray(self.moe_layers),
                   "num_experts": np.asarray(self.num_experts)}
         arrays.update({f"lookahead_{p}": a for p, a in self.lookahead.items()})
+        if self.ids is not None:
+            arrays["ids"] = self.ids
         with open(path, "wb") as f:  # np.savez would append .npz to a str path
             np.savez_compressed(f, **arrays)
 
@@ -89,7 +94,8 @@ class RoutingTrace:
     def load(cls, path: str | Path) -> "RoutingTrace":
         with np.load(path) as z:
             return cls(z["experts"], z["weights"], [int(x) for x in z["moe_layers"]], int(z["num_experts"]),
-                       {k[len("lookahead_"):]: z[k] for k in z.files if k.startswith("lookahead_")})
+                       {k[len("lookahead_"):]: z[k] for k in z.files if k.startswith("lookahead_")},
+                       z["ids"] if "ids" in z.files else None)
 
 
 def lookahead_probs(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
@@ -166,7 +172,9 @@ def trace_routing(model: "Model", prompt: str | Sequence[int], window: int | Non
             net.forward(arr[s:s + window], model.kv, 0, all_logits=False)
     finally:
         net.observer = rec.inner
-    return rec.trace()
+    trace = rec.trace()
+    trace.ids = arr.astype(np.int32)
+    return trace
 
 
 def read_token_stream(model: "Model", path: str | Path, max_tokens: int | None = None, seed: int = 0) -> np.ndarray:
@@ -441,6 +449,10 @@ def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str |
     source = {"file": str(text_file), "window": window}
     doc = build_routing(calib, held, expert_sizes(m), source, ratio=ratio)
     doc["evaluation"].update({"file": str(eval_file) if eval_file else f"last 20% of {text_file}"})
+    if held.ids is not None and held.tokens >= 8:  # how early each look-ahead point is known, in decode
+        from .predict import lead_times
+
+        doc["evaluation"]["lead_time_seconds"] = lead_times(m, held.ids[:32].tolist(), 16)
     if save:
         path = save_routing(model_dir, doc)
         say(f"wrote {path}")
@@ -467,6 +479,13 @@ def format_report(doc: dict[str, Any]) -> str:
             cell = f"{100 * per[m]['recall_k']:.1f}%" if m in per else "-"
             row += f" {cell:>{max(12, len(n) + 4)}}"
         lines.append(row)
+    lead = doc.get("evaluation", {}).get("lead_time_seconds")
+    if lead:
+        lines.append("")
+        lines.append("decode time from the moment a guess for layer l+1 is known to layer l+1's routing (median):")
+        for p, v in lead.items():
+            cells = " ".join("-" if x is None else f"{1e3 * x:.3f}" for x in v)
+            lines.append(f"  lookahead_{p:<10} {cells} ms")
     if ev:
         lines.append("")
         lines.append(f"next-layer prediction, all layers: recall of the top-k, top-2k, and at the prefetch "
