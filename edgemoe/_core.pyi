@@ -35,10 +35,10 @@ def linear(x: npt.NDArray[np.float32], w: npt.NDArray[Any], kind: str) -> npt.ND
 def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offset: int = 0) -> npt.NDArray[np.float32]:
     """y[T, rows] = x[T, cols] @ W.T for a QMatrix stored in buf at offset (any kind).
 
-    Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times 4- or
-    8-bit codes rounds x to int16 per 32 values first (error <= 2^-16 of each
-    block's max |x|, well below the weights' quantization error); every other
-    case uses x as given.
+    Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a
+    group-quantized matrix rounds x to int16 per 32 values first (error <= 2^-16
+    of each block's max |x|, well below the weights' quantization error); every
+    other case uses x as given.
     """
 
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:

@@ -150,9 +150,9 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("x"), py::arg("buf"), py::arg("offset") = 0,
       "y[T, rows] = x[T, cols] @ W.T for the QMatrix (any kind) stored in buf at offset.\n\n"
-      "Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times 4- or 8-bit codes\n"
-      "rounds x to int16 per 32 values first (error <= 2^-16 of each block's max |x|); every other\n"
-      "case uses x as given.");
+      "Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a group-quantized\n"
+      "matrix rounds x to int16 per 32 values first (error <= 2^-16 of each block's max |x|); every\n"
+      "other case uses x as given.");
 
   m.def(
       "expert_forward",

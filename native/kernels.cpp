@@ -77,9 +77,9 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   if (m.kind == kQuant) {
     if (m.bits != 2 && m.bits != 3 && m.bits != 4 && m.bits != 8)
       bad("QMatrix " + shape + " has unsupported bits " + std::to_string(m.bits));
-    if (m.group_size == 0 || m.group_size % kChunk || m.cols % m.group_size)
+    if ((m.group_size != 32 && m.group_size != 64 && m.group_size != 128) || m.cols % m.group_size)
       bad("QMatrix " + shape + " has group_size " + std::to_string(m.group_size) +
-          " (must be a multiple of 32 dividing cols)");
+          " (must be 32, 64 or 128 and divide cols)");
     const uint64_t ng = uint64_t(m.rows) * (m.cols / m.group_size);
     if (codes_off + uint64_t(m.rows) * m.row_bytes() > m.total_bytes || scales_off + 2 * ng > m.total_bytes ||
         mins_off + 2 * ng > m.total_bytes)
@@ -286,57 +286,9 @@ inline float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
   return v;
 }
 
-// Decode (one token): RR rows at a time share the x loads; each row dots a
-// group's codes with x in two FMA chains and applies the group scale once.
-template <int BITS, int RR>
-void qmatvec_rows(const QMatrix& w, uint32_t r, const float* x, const float* xsum, float* y) {
-  const uint32_t gs = w.group_size, ng = w.cols / gs, cpg = gs / kChunk;
-  const uint8_t* codes[RR];
-  const uint8_t* sc[RR];
-  __m256 acc[RR][2];
-  for (int i = 0; i < RR; ++i) {
-    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
-    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
-    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  }
-  for (uint32_t g = 0; g < ng; ++g) {
-    __m256 d[RR][2];
-    for (int i = 0; i < RR; ++i) {
-      d[i][0] = d[i][1] = _mm256_setzero_ps();
-      // Hardware prefetchers stop at 4 KiB pages; run ahead of the code stream.
-      _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes, _MM_HINT_T0);
-    }
-    for (uint32_t c = 0; c < cpg; ++c) {
-      const float* xc = x + (g * cpg + c) * kChunk;
-      const __m256 xv[4] = {_mm256_loadu_ps(xc), _mm256_loadu_ps(xc + 8), _mm256_loadu_ps(xc + 16),
-                            _mm256_loadu_ps(xc + 24)};
-      for (int i = 0; i < RR; ++i) {
-        __m256 wv[4];
-        decode_chunk<BITS>(codes[i], wv);
-        codes[i] += chunk_bytes(BITS);
-        for (int k = 0; k < 4; ++k) d[i][k & 1] = _mm256_fmadd_ps(wv[k], xv[k], d[i][k & 1]);
-      }
-    }
-    for (int i = 0; i < RR; ++i) {
-      const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc[i] + 2 * g)));
-      acc[i][0] = _mm256_fmadd_ps(d[i][0], s, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(d[i][1], s, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < RR; ++i)
-    y[r + uint32_t(i)] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
-                         min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
-}
-
-template <int BITS>
-void qmatvec_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, const float* xsum, float* y) {
-  uint32_t r = r0;
-  for (; r + 2 <= r1; r += 2) qmatvec_rows<BITS, 2>(w, r, x, xsum, y);
-  if (r < r1) qmatvec_rows<BITS, 1>(w, r, x, xsum, y);
-}
-
-// Group-quantized rows [r0, r1) for 2-4 tokens: weights are decoded and scaled
-// once per chunk and shared by the tokens; the min term uses xsum.
+// Group-quantized rows [r0, r1) for a few tokens (the tail of a single token
+// only when T > 1): weights are decoded and scaled once per chunk and shared
+// by the tokens; the min term uses xsum.
 template <int BITS, int NT>
 void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum,
                 float* y, uint32_t ystride) {
@@ -437,14 +389,6 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
     case kBF16: return frows_avx2<kBF16, NT>(w, r0, r1, x, y, ystride);
     case kQuant: break;
   }
-  if constexpr (NT == 1) {
-    switch (w.bits) {
-      case 2: return qmatvec_avx2<2>(w, r0, r1, x[0], xsum[0], y);
-      case 3: return qmatvec_avx2<3>(w, r0, r1, x[0], xsum[0], y);
-      case 4: return qmatvec_avx2<4>(w, r0, r1, x[0], xsum[0], y);
-      default: return qmatvec_avx2<8>(w, r0, r1, x[0], xsum[0], y);
-    }
-  }
   switch (w.bits) {
     case 2: return qrows_avx2<2, NT>(w, r0, r1, x, xsum, y, ystride);
     case 3: return qrows_avx2<3, NT>(w, r0, r1, x, xsum, y, ystride);
@@ -453,7 +397,7 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
   }
 }
 
-// ---- decode with int16 activations (4- and 8-bit codes, one token): x is
+// ---- decode with int16 activations (one token): x is
 // quantized per block of 32 values to int16 (error <= max|x_block| / 65534,
 // far below the weights' own quantization error), so a chunk's dot product is
 // two vpmaddwd on widened codes instead of eight int->float conversions.
@@ -485,6 +429,26 @@ inline __m256i chunk_dot16(const uint8_t* p, __m256i xa, __m256i xb) {
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));  // 16 bytes
     return _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x0F)), xa),
                             _mm256_madd_epi16(_mm256_srli_epi16(b, 4), xb));
+  } else if constexpr (BITS == 2 || BITS == 3) {
+    // The 8 bytes twice over 16-bit lanes; multiplying the low half by 4 lines
+    // its fields up so one shift gives v[0..15] and another v[16..31].
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    const __m256i w = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi64(b, b)),
+                                         _mm256_setr_epi16(4, 4, 4, 4, 4, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1));
+    const __m256i three = _mm256_set1_epi16(3);
+    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(w, 2), three), hi = _mm256_and_si256(_mm256_srli_epi16(w, 6), three);
+    if constexpr (BITS == 3) {
+      // bit 2 of v[j] is bit j of the u32 after the 2-bit part: test each lane's bit
+      const uint32_t word = load_u32(p + 8);
+      const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                                            int16_t(16384), int16_t(-32768));
+      const __m256i four = _mm256_set1_epi16(4);
+      const __m256i h0 = _mm256_and_si256(_mm256_set1_epi16(int16_t(word & 0xFFFF)), bit);
+      const __m256i h1 = _mm256_and_si256(_mm256_set1_epi16(int16_t(word >> 16)), bit);
+      lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_cmpeq_epi16(h0, bit), four));
+      hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_cmpeq_epi16(h1, bit), four));
+    }
+    return _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb));
   } else {
     static_assert(BITS == 8, "bits");
     const __m256i a = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -551,15 +515,14 @@ void qmatvec16_b(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16,
   }
 }
 
-bool has_x16_decode(const QMatrix& w) {
-  return w.kind == kQuant && (w.bits == 4 || w.bits == 8) &&
-         (w.group_size == 32 || w.group_size == 64 || w.group_size == 128);
-}
-
 void qmatvec16(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
                float* y) {
-  if (w.bits == 4) return qmatvec16_b<4>(w, r0, r1, x16, dx, xsum, y);
-  return qmatvec16_b<8>(w, r0, r1, x16, dx, xsum, y);
+  switch (w.bits) {
+    case 2: return qmatvec16_b<2>(w, r0, r1, x16, dx, xsum, y);
+    case 3: return qmatvec16_b<3>(w, r0, r1, x16, dx, xsum, y);
+    case 4: return qmatvec16_b<4>(w, r0, r1, x16, dx, xsum, y);
+    default: return qmatvec16_b<8>(w, r0, r1, x16, dx, xsum, y);
+  }
 }
 
 // ---- prefill (T >= kGemmMinTokens): rows are dequantized once into an f32
@@ -726,7 +689,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const int64_t tasks = (rows + row_block - 1) / row_block;
 
 #if defined(EDGEMOE_AVX2)
-  if (T == 1 && has_x16_decode(w)) {
+  if (T == 1 && quant) {
     std::vector<int16_t> x16(cols);
     std::vector<float> dx(cols / kChunk);
     quantize_x16(x, cols, x16.data(), dx.data());
