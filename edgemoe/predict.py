@@ -10,7 +10,10 @@ routing.py) for the tokens in flight:
 - LookaheadPredictor: HOBBIT's gate look-ahead, layer l+1's router (with its
   ffn_norm) applied to a hidden state of layer l: "moe_in" (the residual stream at
   layer l's MoE input, known when l routes) or "layer_out" (after l's residual add:
-  known one MoE computation later, so less time to read).
+  known one MoE computation later, so less time to read). With a LookaheadFit the
+  router is replaced by a linear map fitted on calibration text to predict layer
+  l+1's router logits from that hidden state (started from, and pulled towards,
+  the router itself): "fitted" in load(prefetch=...).
 
 A guess costs bandwidth, never correctness: the real router always decides.
 """
@@ -23,15 +26,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import EdgeMoEError
-from .models.base import RouteObserver
+from .errors import EdgeMoEError, ModelDirectoryError
+from .models.base import RouteObserver, softmax
 from .routing import (LOOKAHEAD_POINTS, RoutingTrace, TransitionTable, expert_sizes, load_routing,
                       lookahead_probs, table_from_routing)
 
 if TYPE_CHECKING:
     from .model import Model
 
-PREDICTORS = ("table", "lookahead")
+PREDICTORS = ("table", "lookahead", "fitted")  # each may end in ":moe_in" or ":layer_out" (look-aheads)
+FIT_FILE = "routing.safetensors"
 DEFAULT_RATIO = 1.5  # prefetch byte budget per layer, in units of the bytes a token needs
 
 
@@ -116,35 +120,163 @@ class TablePredictor(Predictor):
         return self._probs(n, e1, e2, w1, w2)
 
 
-class LookaheadPredictor(Predictor):
-    """Gate look-ahead from layer l's hidden state at `point` ("moe_in" or "layer_out")."""
+class LookaheadFit:
+    """A fitted gate look-ahead at one point: logits of MoE layer n ~= x W[n].T + b[n], with
+    x = h / rms(h) (no weight), h = MoE layer n-1's hidden state at `point`."""
 
-    def __init__(self, net: Any, moe_layers: Sequence[int], top_k: int, point: str = "moe_in"):
+    def __init__(self, point: str, weights: dict[int, tuple[np.ndarray, np.ndarray]], eps: float = 1e-6):
+        self.point, self.weights, self.eps = point, weights, eps
+
+    def logits(self, n: int, h: np.ndarray) -> np.ndarray:
+        W, b = self.weights[n]
+        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return x @ W.T + b
+
+    def probs(self, n: int, h: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(n, h))
+
+    def tensors(self) -> dict[str, tuple[np.ndarray, str]]:
+        out = {}
+        for n, (W, b) in self.weights.items():
+            out[f"lookahead.{self.point}.{n}.weight"] = (np.ascontiguousarray(W, np.float32), "F32")
+            out[f"lookahead.{self.point}.{n}.bias"] = (np.ascontiguousarray(b, np.float32), "F32")
+        return out
+
+
+def save_fits(model_dir: str | Path, fits: dict[str, LookaheadFit]) -> Path:
+    from .converters.safetensors_io import write_safetensors
+
+    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    for fit in fits.values():
+        tensors.update(fit.tensors())
+    path = Path(model_dir) / FIT_FILE
+    tmp = path.with_suffix(".tmp")
+    write_safetensors(tmp, tensors, metadata={"format": "edgemoe-lookahead", "version": "1"})
+    tmp.replace(path)
+    return path
+
+
+def load_fits(model_dir: str | Path, eps: float = 1e-6) -> dict[str, LookaheadFit]:
+    """point -> LookaheadFit from routing.safetensors (empty if the file is missing)."""
+    from .converters.safetensors_io import read_safetensors
+
+    path = Path(model_dir) / FIT_FILE
+    if not path.exists():
+        return {}
+    found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for name, (a, _) in read_safetensors(path).items():
+        _, point, n, what = name.split(".")
+        found.setdefault(point, {}).setdefault(int(n), {})[what] = np.array(a, np.float32)
+    return {p: LookaheadFit(p, {n: (d["weight"], d["bias"]) for n, d in sorted(layers.items())}, eps)
+            for p, layers in found.items()}
+
+
+class LookaheadFitter(RouteObserver):
+    """Accumulates, while calibration text runs, the least-squares statistics that map each
+    MoE layer's hidden state (at both points) to the next MoE layer's router logits."""
+
+    def __init__(self, net: Any, moe_layers: Sequence[int], inner: RouteObserver | None = None):
+        self.net, self.moe_layers, self.inner = net, list(moe_layers), inner
+        self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
+        H = net.cfg.hidden_size
+        M = len(self.moe_layers)
+        self.xtx = {p: np.zeros((M, H + 1, H + 1)) for p in LOOKAHEAD_POINTS}
+        self.xtz = {p: np.zeros((M, H + 1, net.cfg.num_experts)) for p in LOOKAHEAD_POINTS}
+        self.count = np.zeros(M, np.int64)
+        self.pending: dict[str, dict[int, np.ndarray]] = {p: {} for p in LOOKAHEAD_POINTS}
+
+    def _features(self, h: np.ndarray) -> np.ndarray:
+        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.net.cfg.rms_norm_eps)
+        return np.hstack([x, np.ones((len(x), 1), x.dtype)]).astype(np.float64)
+
+    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+        m = self.pos[layer]
+        if m > 0:
+            L = self.net.layers[layer]
+            x = np.ascontiguousarray(resid / np.sqrt(np.mean(resid * resid, -1, keepdims=True)
+                                                     + self.net.cfg.rms_norm_eps) * L["ffn_norm"], np.float32)
+            z = L["router"](x).astype(np.float64)  # the logits this layer's router gave
+            for p in LOOKAHEAD_POINTS:
+                f = self.pending[p].pop(m - 1, None)
+                if f is not None:
+                    self.xtx[p][m] += f.T @ f
+                    self.xtz[p][m] += f.T @ z
+            self.count[m] += len(resid)
+        self.pending["moe_in"][m] = self._features(resid)
+        if self.inner is not None:
+            self.inner.on_route(layer, resid, ids, weights)
+
+    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
+        if layer in self.pos:
+            self.pending["layer_out"][self.pos[layer]] = self._features(h)
+        if self.inner is not None:
+            self.inner.on_layer_out(layer, h)
+
+    def solve(self, ridge: float = 1e-3) -> dict[str, LookaheadFit]:
+        """Ridge least squares pulled towards the router itself (W0 = router * ffn_norm, b0 = 0),
+        with weight ridge x tokens, so little calibration text stays close to the router."""
+        fits = {}
+        for p in LOOKAHEAD_POINTS:
+            weights = {}
+            for m in range(1, len(self.moe_layers)):
+                if not self.count[m]:
+                    continue
+                L = self.net.layers[self.moe_layers[m]]
+                W0 = to_float32_matrix(L["router"]) * L["ffn_norm"][None, :]  # [E, H]
+                prior = np.vstack([W0.T, np.zeros((1, W0.shape[0]))])  # [H+1, E]
+                lam = ridge * self.count[m]
+                A = self.xtx[p][m] + lam * np.eye(len(prior))
+                sol = np.linalg.solve(A, self.xtz[p][m] + lam * prior)  # [H+1, E]
+                weights[m] = (sol[:-1].T.astype(np.float32), sol[-1].astype(np.float32))
+            fits[p] = LookaheadFit(p, weights, self.net.cfg.rms_norm_eps)
+        return fits
+
+
+def to_float32_matrix(linear: Any) -> np.ndarray:
+    """A backbone Linear's weight as float64 (it keeps the stored dtype, bf16 as uint16 bits)."""
+    from .converters.safetensors_io import FLOAT_KIND, to_float32
+
+    dtype = {kind: name for name, kind in FLOAT_KIND.items()}[linear.kind]
+    return np.asarray(to_float32(linear.w, dtype), np.float64)
+
+
+class LookaheadPredictor(Predictor):
+    """Gate look-ahead from layer l's hidden state at `point` ("moe_in" or "layer_out"),
+    through the router itself or, given `fit`, through the fitted map."""
+
+    def __init__(self, net: Any, moe_layers: Sequence[int], top_k: int, point: str = "moe_in",
+                 fit: LookaheadFit | None = None):
         if point not in LOOKAHEAD_POINTS:
             raise ValueError(f"look-ahead point must be one of {', '.join(LOOKAHEAD_POINTS)}, got {point!r}")
         super().__init__(top_k)
-        self.net, self.moe_layers, self.la_point = net, list(moe_layers), point
+        self.net, self.moe_layers, self.la_point, self.fit = net, list(moe_layers), point, fit
         self.point = "route" if point == "moe_in" else "layer_out"
-        self.name = f"lookahead_{point}"
+        self.key = f"fitted_{point}" if fit else point  # its name in RoutingTrace.lookahead
+        self.name = f"fitted_{point}" if fit else f"lookahead_{point}"
 
     def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
-        return lookahead_probs(self.net, self.moe_layers[m_next], ctx.hidden[self.la_point])
+        h = ctx.hidden[self.la_point]
+        if self.fit is not None:
+            return self.fit.probs(m_next, h)
+        return lookahead_probs(self.net, self.moe_layers[m_next], h)
 
     def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
-        if self.la_point not in trace.lookahead:
-            raise EdgeMoEError("this trace has no look-ahead probabilities: record it with lookahead=True")
-        return trace.lookahead[self.la_point][:, m_next - 1].astype(np.float32)
+        if self.key not in trace.lookahead:
+            raise EdgeMoEError(f"this trace has no '{self.key}' look-ahead probabilities: record it with "
+                               "lookahead=True (and the fits)")
+        return trace.lookahead[self.key][:, m_next - 1].astype(np.float32)
 
 
 class RecordedPredictor(Predictor):
-    """Look-ahead probabilities already recorded in a trace (no model needed)."""
+    """Look-ahead probabilities already recorded in a trace under `key` (no model needed)."""
 
-    def __init__(self, top_k: int, point: str = "moe_in"):
+    def __init__(self, top_k: int, key: str = "moe_in"):
         super().__init__(top_k)
-        self.la_point, self.name = point, f"lookahead_{point}"
+        self.key = key
+        self.name = f"lookahead_{key}" if key in LOOKAHEAD_POINTS else key
 
     def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
-        return trace.lookahead[self.la_point][:, m_next - 1].astype(np.float32)
+        return trace.lookahead[self.key][:, m_next - 1].astype(np.float32)
 
 
 # -- choosing what to read ------------------------------------------------------------
@@ -216,13 +348,13 @@ def evaluate(predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio
 
 def evaluate_all(table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray,
                  ratio: float = DEFAULT_RATIO) -> dict[str, Any]:
-    """Table (order 1 and 2) and, when the trace recorded them, both look-ahead points."""
+    """Table (order 1 and 2) and every look-ahead the trace recorded."""
     out = {"table_l": evaluate(TablePredictor(table, order=1), trace, sizes, ratio),
            "table": evaluate(TablePredictor(table, order=2), trace, sizes, ratio)}
     out["table_l"]["name"] = "table_l"
-    for point in LOOKAHEAD_POINTS:
-        if point in trace.lookahead:
-            out[f"lookahead_{point}"] = evaluate(RecordedPredictor(trace.top_k, point), trace, sizes, ratio)
+    for key in trace.lookahead:
+        p = RecordedPredictor(trace.top_k, key)
+        out[p.name] = evaluate(p, trace, sizes, ratio)
     return out
 
 
@@ -369,13 +501,24 @@ def lead_times(model: "Model", prompt: Sequence[int], new_tokens: int = 16) -> d
             for p, gaps in clock.gaps.items()}
 
 
-def make_predictor(model: "Model", kind: str, point: str = "moe_in", order: int = 2) -> Predictor:
-    """'table' (needs routing.json) or 'lookahead' (at `point`)."""
+def make_predictor(model: "Model", kind: str, point: str | None = None, order: int = 2) -> Predictor:
+    """'table' (needs routing.json), 'lookahead' (the router) or 'fitted' (needs routing.safetensors).
+    A look-ahead's point comes from `point` or a suffix ('lookahead:layer_out'); default moe_in."""
+    kind, _, suffix = kind.partition(":")
+    point = point or suffix or "moe_in"
     k = model.manifest["experts"]["top_k"]
+    moe_layers = model.manifest["experts"]["moe_layers"]
     if kind == "table":
         return TablePredictor.from_model_dir(model.path, order=order)
     if kind == "lookahead":
-        return LookaheadPredictor(model.net, model.manifest["experts"]["moe_layers"], k, point)
+        return LookaheadPredictor(model.net, moe_layers, k, point)
+    if kind == "fitted":
+        fits = load_fits(model.path, model.config.rms_norm_eps)
+        if point not in fits:
+            raise ModelDirectoryError(f"{model.path} has no fitted look-ahead ({FIT_FILE}, point {point}): profile "
+                                      f"the model with `edgemoe profile {model.path} --calib TEXT_FILE`, or use "
+                                      f"prefetch='lookahead'")
+        return LookaheadPredictor(model.net, moe_layers, k, point, fit=fits[point])
     raise ValueError(f"unknown predictor {kind!r}: choose one of {', '.join(PREDICTORS)} (or None for no prefetch)")
 
 

@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,10 +42,12 @@ class RoutingTrace:
 
     experts  int16 [T, M, k]  expert ids, largest gate weight first
     weights  float32 [T, M, k] their gate weights as the model applies them
-    lookahead  point -> float16 [T, M, E]: row m holds MoE layer m+1's router
+    lookahead  name -> float16 [T, M, E]: row m holds MoE layer m+1's router
         probabilities computed from layer m's hidden state ("moe_in": the residual
-        stream at layer m's MoE input; "layer_out": after layer m's residual add).
-        Row M-1 is unused (zeros). Empty when not recorded.
+        stream at layer m's MoE input; "layer_out": after layer m's residual add;
+        "fitted_moe_in" / "fitted_layer_out": the same through a look-ahead fitted on
+        calibration, see predict.LookaheadFit). Row M-1 is unused (zeros). Empty when
+        not recorded.
     ids      int32 [T] the tokens (None when not kept)
     """
 
@@ -106,23 +108,37 @@ def lookahead_probs(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
     return softmax(L["router"](x))
 
 
+# name -> (point, fn(next moe index, hidden state [T, hidden]) -> probabilities [T, E])
+Lookaheads = dict[str, tuple[str, Callable[[int, np.ndarray], np.ndarray]]]
+
+
+def router_lookaheads(net: Any, moe_layers: Sequence[int], fits: dict[str, Any] | None = None) -> Lookaheads:
+    """The gate look-ahead at both points, and the fitted ones given (point -> predict.LookaheadFit)."""
+    out: Lookaheads = {p: (p, lambda n, h: lookahead_probs(net, moe_layers[n], h)) for p in LOOKAHEAD_POINTS}
+    for p, fit in (fits or {}).items():
+        out[f"fitted_{p}"] = (p, fit.probs)
+    return out
+
+
 class TraceRecorder(RouteObserver):
-    """Collects routing (and, optionally, gate look-ahead probabilities) as the model runs.
+    """Collects routing (and, optionally, look-ahead probabilities) as the model runs.
     Forwards every hook to `inner` (e.g. a prefetcher) so both can watch one run."""
 
-    def __init__(self, net: Any, moe_layers: Sequence[int], lookahead: bool = True,
+    def __init__(self, net: Any, moe_layers: Sequence[int], lookahead: Lookaheads | None = None,
                  inner: RouteObserver | None = None):
         self.net, self.moe_layers, self.inner = net, list(moe_layers), inner
         self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
         M = len(self.moe_layers)
         self.ids: list[list[np.ndarray]] = [[] for _ in range(M)]
         self.w: list[list[np.ndarray]] = [[] for _ in range(M)]
-        self.la: dict[str, list[list[np.ndarray]]] = (
-            {p: [[] for _ in range(M)] for p in LOOKAHEAD_POINTS} if lookahead else {})
+        self.fns = dict(lookahead or {})
+        self.la: dict[str, list[list[np.ndarray]]] = {name: [[] for _ in range(M)] for name in self.fns}
 
     def _look(self, point: str, m: int, h: np.ndarray) -> None:
-        if self.la and m + 1 < len(self.moe_layers):
-            self.la[point][m].append(lookahead_probs(self.net, self.moe_layers[m + 1], h).astype(np.float16))
+        if m + 1 < len(self.moe_layers):
+            for name, (p, fn) in self.fns.items():
+                if p == point:
+                    self.la[name][m].append(fn(m + 1, h).astype(np.float16))
 
     def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
         m = self.pos[layer]
@@ -154,24 +170,32 @@ class TraceRecorder(RouteObserver):
 
 
 def trace_routing(model: "Model", prompt: str | Sequence[int], window: int | None = None,
-                  lookahead: bool = True) -> RoutingTrace:
+                  lookahead: bool = True, fits: dict[str, Any] | None = None,
+                  observer: RouteObserver | None = None) -> RoutingTrace:
     """Run a prompt (text or token ids) through the model and record its routing.
 
     window: prefill windows of this many tokens, the KV cache reset before each
-    (None: one window). The model's own observer (a prefetcher) keeps running.
+    (None: one window). lookahead: also record the gate look-ahead at both points,
+    and through `fits` (point -> predict.LookaheadFit). observer: one more watcher
+    of the run (e.g. predict.LookaheadFitter). The model's own observer keeps running.
     """
     ids = model.encode(prompt) if isinstance(prompt, str) else list(prompt)
     arr = model._check_ids(ids)
     window = window or len(arr)
     net = model.net
-    rec = TraceRecorder(net, model.manifest["experts"]["moe_layers"], lookahead, inner=net.observer)
+    moe_layers = model.manifest["experts"]["moe_layers"]
+    fns = router_lookaheads(net, moe_layers, fits) if lookahead else {}
+    saved = net.observer
+    if observer is not None:
+        observer.inner = saved
+    rec = TraceRecorder(net, moe_layers, fns, inner=observer if observer is not None else saved)
     net.observer = rec
     try:
         for s in range(0, len(arr), window):
             model.reset()
             net.forward(arr[s:s + window], model.kv, 0, all_logits=False)
     finally:
-        net.observer = rec.inner
+        net.observer = saved
     trace = rec.trace()
     trace.ids = arr.astype(np.int32)
     return trace
@@ -211,10 +235,10 @@ def read_token_stream(model: "Model", path: str | Path, max_tokens: int | None =
 
 
 def collect_trace(model: "Model", path: str | Path, window: int = 256, max_tokens: int | None = None,
-                  lookahead: bool = True, seed: int = 0) -> RoutingTrace:
+                  lookahead: bool = True, seed: int = 0, fits: dict[str, Any] | None = None) -> RoutingTrace:
     """Routing trace of a text file: prefill windows of `window` tokens (KV cache reset per window)."""
     ids = read_token_stream(model, path, max_tokens, seed)
-    return trace_routing(model, ids, window=window, lookahead=lookahead)
+    return trace_routing(model, ids, window=window, lookahead=lookahead, fits=fits)
 
 
 # -- statistics --------------------------------------------------------------------
@@ -421,10 +445,12 @@ def expert_sizes(model: "Model") -> np.ndarray:
 def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str | Path | None = None,
                   window: int = 256, max_tokens: int | None = 50_000, eval_max_tokens: int | None = 20_000,
                   save: bool = True, traces_dir: str | Path | None = None, ratio: float = 1.5,
-                  model: "Model | None" = None, log: Any = None) -> dict[str, Any]:
-    """Trace the model on a calibration text (and a held-out text), build routing.json and
-    write it into the model directory. Without eval_file the last 20% of the calibration
-    tokens are held out for the predictor figures (and left out of the table)."""
+                  fit: bool = True, model: "Model | None" = None, log: Any = None) -> dict[str, Any]:
+    """Trace the model on a calibration text, fit the look-ahead maps on it, score every
+    predictor on held-out text, and write routing.json (and routing.safetensors with the
+    fitted look-ahead) into the model directory. Without eval_file the last 20% of the
+    calibration tokens are held out (and left out of the table and the fit)."""
+    from . import predict
     from .model import load
 
     def say(msg: str) -> None:
@@ -432,16 +458,21 @@ def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str |
             print(msg, file=log, flush=True)
 
     m = model or load(model_dir)
-    t0 = time.perf_counter()
-    calib = collect_trace(m, text_file, window, max_tokens)
-    say(f"calibration: {calib.tokens} tokens traced in {time.perf_counter() - t0:.1f}s")
+    ids = read_token_stream(m, text_file, max_tokens)
     if eval_file is not None:
-        t0 = time.perf_counter()
-        held = collect_trace(m, eval_file, window, eval_max_tokens, seed=1)
-        say(f"evaluation: {held.tokens} tokens traced in {time.perf_counter() - t0:.1f}s")
+        held_ids = read_token_stream(m, eval_file, eval_max_tokens, seed=1)
     else:
-        cut = int(calib.tokens * 0.8)
-        calib, held = calib[:cut], calib[cut:]
+        cut = max(1, int(len(ids) * 0.8) // window * window)
+        ids, held_ids = ids[:cut], ids[cut:]
+    moe_layers = m.manifest["experts"]["moe_layers"]
+    fitter = predict.LookaheadFitter(m.net, moe_layers) if fit else None
+    t0 = time.perf_counter()
+    calib = trace_routing(m, ids, window, lookahead=False, observer=fitter)
+    say(f"calibration: {calib.tokens} tokens traced in {time.perf_counter() - t0:.1f}s")
+    fits = fitter.solve() if fitter is not None else {}
+    t0 = time.perf_counter()
+    held = trace_routing(m, held_ids, window, lookahead=True, fits=fits)
+    say(f"evaluation: {held.tokens} tokens traced in {time.perf_counter() - t0:.1f}s")
     if traces_dir is not None:
         Path(traces_dir).mkdir(parents=True, exist_ok=True)
         calib.save(Path(traces_dir) / "calib.npz")
@@ -449,53 +480,60 @@ def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str |
     source = {"file": str(text_file), "window": window}
     doc = build_routing(calib, held, expert_sizes(m), source, ratio=ratio)
     doc["evaluation"].update({"file": str(eval_file) if eval_file else f"last 20% of {text_file}"})
-    if held.ids is not None and held.tokens >= 8:  # how early each look-ahead point is known, in decode
-        from .predict import lead_times
-
-        doc["evaluation"]["lead_time_seconds"] = lead_times(m, held.ids[:32].tolist(), 16)
+    if held.tokens >= 8:  # how early each look-ahead point is known, in decode
+        doc["evaluation"]["lead_time_seconds"] = predict.lead_times(m, held.ids[:32].tolist(), 16)
     if save:
         path = save_routing(model_dir, doc)
         say(f"wrote {path}")
+        if fits:
+            say(f"wrote {predict.save_fits(model_dir, fits)}")
     return doc
 
 
 # -- report --------------------------------------------------------------------------
+SHORT_NAMES = {"table_l": "table(l)", "table": "table", "lookahead_moe_in": "la:moe_in",
+               "lookahead_layer_out": "la:out", "fitted_moe_in": "fit:moe_in", "fitted_layer_out": "fit:out"}
+
+
 def format_report(doc: dict[str, Any]) -> str:
     """The per-layer table `edgemoe profile` prints."""
     E, k = doc["num_experts"], doc["top_k"]
     ev = doc.get("evaluation", {}).get("predictors", {})
-    names = [n for n in ("table_l", "table", "lookahead_moe_in", "lookahead_layer_out") if n in ev]
-    head = f"{'moe':>3} {'layer':>5} {'entropy':>7} {'top25%':>6} {'paths20%':>8}"
-    for n in names:
-        head += f" {n + ' r@k':>{max(12, len(n) + 4)}}"
+    names = [n for n in SHORT_NAMES if n in ev]
+    ratio = ev[names[0]]["overall"]["operating_point"]["ratio_cap"] if names else 1.5
     lines = [f"{doc['calibration']['tokens']} calibration tokens, {E} experts, top-{k}"
-             + (f"; predictors scored on {doc['evaluation']['tokens']} held-out tokens" if ev else ""), head]
+             + (f"; predictors scored on {doc['evaluation']['tokens']} held-out tokens" if ev else "")]
+    if names:
+        lines.append(f"next-layer recall when reading the likeliest experts within {ratio:g}x the bytes a token needs:")
+    head = f"{'moe':>3} {'layer':>5} {'entropy':>7} {'top25%':>6} {'paths20%':>8}"
+    head += "".join(f" {SHORT_NAMES[n]:>10}" for n in names)
+    lines.append(head)
     for L in doc["layers"]:
         m = L["moe_index"]
         cov = "-" if L["path_coverage_20"] is None else f"{100 * L['path_coverage_20']:.1f}%"
         row = f"{m:>3} {L['layer']:>5} {L['entropy']:>7.3f} {100 * L['top_quarter_share']:>5.1f}% {cov:>8}"
         for n in names:
             per = {p["moe_index"]: p for p in ev[n]["layers"]}
-            cell = f"{100 * per[m]['recall_k']:.1f}%" if m in per else "-"
-            row += f" {cell:>{max(12, len(n) + 4)}}"
+            cell = f"{100 * per[m]['operating_point']['recall']:.1f}%" if m in per else "-"
+            row += f" {cell:>10}"
         lines.append(row)
-    lead = doc.get("evaluation", {}).get("lead_time_seconds")
-    if lead:
+    if names:
         lines.append("")
-        lines.append("decode time from the moment a guess for layer l+1 is known to layer l+1's routing (median):")
-        for p, v in lead.items():
-            cells = " ".join("-" if x is None else f"{1e3 * x:.3f}" for x in v)
-            lines.append(f"  lookahead_{p:<10} {cells} ms")
-    if ev:
-        lines.append("")
-        lines.append(f"next-layer prediction, all layers: recall of the top-k, top-2k, and at the prefetch "
-                     f"operating point (bytes prefetched / bytes needed)")
+        lines.append("all layers: recall of the k and 2k likeliest, and within the byte budget "
+                     "(bytes read / bytes needed)")
         for n in names:
             o = ev[n]["overall"]
             op = o["operating_point"]
-            lines.append(f"  {n:<20} top-{k} {100 * o['recall_k']:5.1f}%  top-{2 * k} {100 * o['recall_2k']:5.1f}%  "
-                         f"budget {op['ratio_cap']:.2f}x: recall {100 * op['recall']:5.1f}% at "
-                         f"{op['bytes_ratio']:.2f}x bytes")
+            lines.append(f"  {SHORT_NAMES[n]:<11} top-{k} {100 * o['recall_k']:5.1f}%  top-{2 * k} "
+                         f"{100 * o['recall_2k']:5.1f}%  budget: {100 * op['recall']:5.1f}% at "
+                         f"{op['bytes_ratio']:.2f}x, precision {100 * op['precision']:.1f}%")
+    lead = doc.get("evaluation", {}).get("lead_time_seconds")
+    if lead:
+        lines.append("")
+        lines.append("decode time from when a guess for layer l+1 can be issued to layer l+1's routing (median, ms; "
+                     "the table issues at moe_in):")
+        for p, v in lead.items():
+            lines.append(f"  {p:<10} " + " ".join("-" if x is None else f"{1e3 * x:.3f}" for x in v))
     return "\n".join(lines)
 
 
@@ -513,12 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=1.5, help="prefetch byte budget per layer, as a multiple of the "
                    "bytes a token needs (default 1.5)")
     p.add_argument("--traces", default=None, help="also save the traces (calib.npz, eval.npz) in this directory")
+    p.add_argument("--no-fit", action="store_true", help="do not fit the look-ahead maps (routing.safetensors)")
     p.add_argument("--no-save", action="store_true", help="do not write routing.json")
     p.add_argument("--json", action="store_true", help="print routing.json's statistics as JSON, not a table")
     args = p.parse_args(argv)
     doc = profile_model(args.model, args.calib, args.eval, window=args.window, max_tokens=args.max_tokens or None,
                         eval_max_tokens=args.eval_max_tokens or None, save=not args.no_save,
-                        traces_dir=args.traces, ratio=args.ratio, log=sys.stderr)
+                        traces_dir=args.traces, ratio=args.ratio, fit=not args.no_fit, log=sys.stderr)
     if args.json:
         print(json.dumps({k: v for k, v in doc.items() if k not in ("table", "usage")}, indent=2))
     else:

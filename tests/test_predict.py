@@ -78,6 +78,43 @@ def test_live_predictions_equal_offline_ones(model_dir):
         predict.make_predictor(m, "lookahead", point="attn")
 
 
+def test_fitted_lookahead(model_dir, tmp_path):
+    m = edgemoe.load(model_dir)
+    ids = routing.read_token_stream(m, model_dir.parent / "calib.txt", 300)
+    fitter = predict.LookaheadFitter(m.net, [0, 1, 2])
+    routing.trace_routing(m, ids, 64, lookahead=False, observer=fitter)
+    assert fitter.count.tolist() == [0, 300, 300]
+    held = m.trace_routing(PROMPT)
+    # pulled hard towards the router, the fit is the router
+    stiff = fitter.solve(ridge=1e9)
+    for point in ("moe_in", "layer_out"):
+        tr = routing.trace_routing(m, PROMPT, fits=stiff)
+        np.testing.assert_allclose(tr.lookahead[f"fitted_{point}"][:, :2], held.lookahead[point][:, :2], atol=2e-3)
+    # loosely pulled, it predicts the next router's logits on its own calibration text better than the router
+    fits = fitter.solve(ridge=1e-3)
+    tr = routing.trace_routing(m, ids, 64, fits=fits)
+    sizes = np.full((3, 8), 4096.0)
+    for point in ("moe_in", "layer_out"):
+        fitted = predict.evaluate(predict.RecordedPredictor(2, f"fitted_{point}"), tr, sizes)["overall"]["recall_k"]
+        plain = predict.evaluate(predict.RecordedPredictor(2, point), tr, sizes)["overall"]["recall_k"]
+        assert fitted >= plain
+    predict.save_fits(tmp_path, fits)
+    back = predict.load_fits(tmp_path, m.config.rms_norm_eps)
+    for n in (1, 2):
+        np.testing.assert_array_equal(back["moe_in"].weights[n][0], fits["moe_in"].weights[n][0])
+    # the live predictor gives what the trace recorded
+    shutil.copy(tmp_path / predict.FIT_FILE, model_dir / predict.FIT_FILE)
+    live = predict.make_predictor(m, "fitted:layer_out")
+    assert live.name == "fitted_layer_out" and live.point == "layer_out"
+    ctx = predict.RouteContext.empty(3)
+    cap = Capture()
+    m.net.observer = cap
+    m.trace_routing(ids[:40].tolist(), lookahead=False)
+    m.net.observer = None
+    ctx.hidden["layer_out"] = cap.out[0]
+    np.testing.assert_allclose(live.probs(1, ctx), tr.lookahead["fitted_layer_out"][:40, 0], atol=2e-3)
+
+
 def test_choose_and_offline_scores():
     ids, probs = np.array([3, 1, 2, 0]), np.array([0.9, 0.6, 0.3, 0.01])
     sizes = np.array([100.0, 200.0, 100.0, 100.0])
@@ -97,7 +134,8 @@ def test_choose_and_offline_scores():
     assert ev["operating_point"]["recall"] == 1.0 and ev["operating_point"]["bytes_ratio"] == 1.5
 
 
-@pytest.mark.parametrize("kind,point", [("table", "moe_in"), ("lookahead", "moe_in"), ("lookahead", "layer_out")])
+@pytest.mark.parametrize("kind,point", [("table", None), ("lookahead", "moe_in"), ("lookahead", "layer_out"),
+                                        ("fitted", "moe_in")])
 def test_prefetch_on_and_off_give_identical_tokens(model_dir, kind, point):
     plain = edgemoe.load(model_dir, memory_budget=edgemoe.load(model_dir).min_budget)
     want = plain.generate(PROMPT, max_new_tokens=12)

@@ -164,7 +164,10 @@ def test_profile_verb_writes_routing_json(mixtral16, tmp_path, capsys):
     assert routing.main([str(mixtral16[1]), "--calib", str(text), "--window", "64", "--max-tokens", "600",
                          "--no-save", "--traces", str(tmp_path / "tr")]) == 0
     out = capsys.readouterr().out
-    assert "lookahead_layer_out" in out and "entropy" in out
-    assert routing.RoutingTrace.load(tmp_path / "tr" / "calib.npz").tokens == 480  # 80% of 600
+    assert "fit:moe_in" in out and "la:out" in out and "entropy" in out
+    calib = routing.RoutingTrace.load(tmp_path / "tr" / "calib.npz")
+    held = routing.RoutingTrace.load(tmp_path / "tr" / "eval.npz")
+    assert (calib.tokens, held.tokens) == (448, 152)  # 80% of 600, in whole windows
+    assert set(held.lookahead) == {"moe_in", "layer_out", "fitted_moe_in", "fitted_layer_out"}
     with pytest.raises(edgemoe.ModelDirectoryError, match="edgemoe profile"):
         routing.load_routing(tmp_path)
