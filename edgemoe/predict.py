@@ -222,7 +222,7 @@ class LookaheadFitter(RouteObserver):
                 if not self.count[m]:
                     continue
                 L = self.net.layers[self.moe_layers[m]]
-                W0 = to_float32_matrix(L["router"]) * L["ffn_norm"][None, :]  # [E, H]
+                W0 = router_matrix(L["router"], len(L["ffn_norm"])) * L["ffn_norm"][None, :]  # [E, H]
                 prior = np.vstack([W0.T, np.zeros((1, W0.shape[0]))])  # [H+1, E]
                 lam = ridge * self.count[m]
                 A = self.xtx[p][m] + lam * np.eye(len(prior))
@@ -232,12 +232,14 @@ class LookaheadFitter(RouteObserver):
         return fits
 
 
-def to_float32_matrix(linear: Any) -> np.ndarray:
-    """A backbone Linear's weight as float64 (it keeps the stored dtype, bf16 as uint16 bits)."""
-    from .converters.safetensors_io import FLOAT_KIND, to_float32
-
-    dtype = {kind: name for name, kind in FLOAT_KIND.items()}[linear.kind]
-    return np.asarray(to_float32(linear.w, dtype), np.float64)
+def router_matrix(linear: Any, hidden: int) -> np.ndarray:
+    """A backbone Linear's weight [out, hidden] as float64, whatever its stored form
+    (float or quantized): its response to the identity, less its bias."""
+    eye = np.eye(hidden, dtype=np.float32)
+    y = linear(eye).astype(np.float64)  # [hidden, out]
+    if getattr(linear, "bias", None) is not None:
+        y -= linear.bias
+    return y.T
 
 
 class LookaheadPredictor(Predictor):

@@ -44,11 +44,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, choose, layer_byte_cap
+from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, layer_byte_cap
 from .routing import RoutingTrace
 
 POLICIES = ("lru", "lfu", "edgemoe", "belady")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
+DEFAULT_PREDICTORS = ("none", "table", "lookahead_moe_in", "lookahead_layer_out", "fitted_moe_in", "fitted_layer_out")
 NEVER = np.iinfo(np.int64).max // 4
 EDGEMOE_DECAY = 0.95  # per token: the edgemoe policy's activation rate has a half-life of ~14 tokens
 
@@ -105,6 +106,20 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
     elif prefetch is not None:
         probs = np.asarray(prefetch)
     caps = layer_byte_cap(sizes, k, ratio)
+    if probs is not None:  # what each step prefetches for the next layer: order[t, m, :count[t, m]]
+        order = np.argsort(-probs, axis=2, kind="stable").astype(np.int64)
+        q = np.minimum(1.0, k * np.take_along_axis(probs, order, axis=2))
+        nsz = np.concatenate([sizes[1:], sizes[:1]]).astype(np.float64)  # row m: layer m+1's sizes
+        sz = np.take_along_axis(np.broadcast_to(nsz[None], probs.shape), order, axis=2)
+        keep = q >= min_prob
+        fits = np.cumsum(np.where(keep, sz, 0.0), axis=2) <= np.concatenate([caps[1:], caps[:1]])[None, :, None]
+        # choose(): the longest prefix of the kept guesses that fits
+        order = np.where(keep & fits, order, -1)
+        order = np.take_along_axis(order, np.argsort(order < 0, axis=2, kind="stable"), axis=2)
+        count = (order >= 0).sum(axis=2)
+    groups = ex.astype(np.int64) + (np.arange(M) * E)[None, :, None]  # keys [T, M, k]
+    if (np.diff(np.sort(groups, axis=2), axis=2) == 0).any():
+        raise ValueError("a token lists one expert twice in a layer: not a top-k routing trace")
     nxt = uses = None
     if policy == "belady":
         nxt, uses = _next if _next is not None else _next_uses(ex, M, E)
@@ -159,7 +174,7 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
     for t in range(T):
         tok = t
         for m in range(M):
-            group = np.unique(ex[t, m].astype(np.int64)) + m * E
+            group = groups[t, m]
             pinned = np.zeros(M * E, bool)
             pinned[group] = True
             for j, key in enumerate(group):
@@ -181,14 +196,10 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
                 rate[key] = rate[key] * decay ** (t - rate_t[key]) + (1.0 - decay)
                 rate_t[key] = t
             if nxt is not None:
-                slot_next = nxt[step]
-                for key, n_ in zip(ex[t, m].astype(np.int64) + m * E, slot_next):
-                    next_use[key] = n_
+                next_use[group] = nxt[step]
             if probs is not None and m + 1 < M:
                 n = m + 1
-                order = np.argsort(-probs[t, m], kind="stable").astype(np.int64)
-                chosen = choose(order, probs[t, m][order], sizes[n].astype(np.float64), caps[n], min_prob)
-                for e in chosen:
+                for e in order[t, m, :count[t, m]]:
                     key = n * E + int(e)
                     pinned[key] = True  # a prefetch never evicts this round's other prefetches
                     if resident[key]:
@@ -270,8 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of all expert bytes")
     p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--prefetch", default="none,table,lookahead_moe_in,lookahead_layer_out",
-                   help="predictors to try (table needs routing.json, look-ahead a trace that recorded it)")
+    p.add_argument("--prefetch", default=",".join(DEFAULT_PREDICTORS),
+                   help="predictors to try: none, table (needs routing.json), lookahead_moe_in, "
+                        "lookahead_layer_out, fitted_moe_in, fitted_layer_out (a trace that recorded them)")
     p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed")
     p.add_argument("--json", default=None, help="write every row to this file")
     args = p.parse_args(argv)
@@ -283,7 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_tokens:
             trace = trace[:args.max_tokens]
     else:
-        trace = collect_trace(m, args.text, args.window, args.max_tokens, seed=1)
+        from .predict import load_fits
+
+        trace = collect_trace(m, args.text, args.window, args.max_tokens, seed=1,
+                              fits=load_fits(args.model, m.config.rms_norm_eps))
     predictors: dict[str, Predictor | None] = {}
     for name in args.prefetch.split(","):
         name = name.strip()
@@ -294,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 predictors[name] = TablePredictor(table_from_routing(load_routing(args.model)))
             else:
                 print(f"no {ROUTING_FILE}: skipping the table predictor (run `edgemoe profile` first)", file=sys.stderr)
-        elif name.startswith("lookahead_") and name[len("lookahead_"):] in trace.lookahead:
-            predictors[name] = RecordedPredictor(trace.top_k, name[len("lookahead_"):])
+        elif name.removeprefix("lookahead_") in trace.lookahead:
+            predictors[name] = RecordedPredictor(trace.top_k, name.removeprefix("lookahead_"))
         else:
             print(f"skipping predictor {name!r}: unknown, or not recorded in the trace", file=sys.stderr)
     fractions = [float(x) for x in args.budgets.split(",")]
