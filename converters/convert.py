@@ -29,6 +29,10 @@ ALIGNMENT = 4096
 EXPERTS_FILE = "experts.bin"
 BACKBONE_FILE = "backbone.safetensors"
 BITS = (16, 8, 4, 3, 2)
+BACKBONE_BITS = (16, 8, 4)
+# backbone matrices that may be quantized (routers stay at the checkpoint's precision)
+QUANTIZABLE = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down",
+               "ffn_shared_gate", "ffn_shared_up", "ffn_shared_down")
 # copied verbatim when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -66,18 +70,25 @@ class Progress:
 
 
 def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = False,
-            progress: bool = True, overwrite: bool = False) -> dict:
+            progress: bool = True, overwrite: bool = False, backbone_bits: int | None = None) -> dict:
     """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
 
     bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4
-    (or 3, 2) group-quantize them with `group_size` columns per group. The
-    backbone always keeps the checkpoint's dtype. Returns the manifest.
+    (or 3, 2) group-quantize them with `group_size` columns per group.
+    backbone_bits: 16 keeps the backbone's large matrices (attention, dense and
+    shared MLPs, output head) in the checkpoint's dtype; 8 or 4 group-quantizes
+    them. Default: 16 when bits is 16, else 8. Routers, embeddings, norms and
+    biases always keep the checkpoint's dtype. Returns the manifest.
     Raises CheckpointError / UnsupportedArchitectureError naming the fix.
     """
     src, dst = Path(src), Path(dst)
     if bits not in BITS:
         raise EdgeMoEError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits}")
-    if bits != 16 and group_size not in quant.GROUP_SIZES:
+    if backbone_bits is None:
+        backbone_bits = 16 if bits == 16 else 8
+    if backbone_bits not in BACKBONE_BITS:
+        raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
+    if (bits != 16 or backbone_bits != 16) and group_size not in quant.GROUP_SIZES:
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
     _check_destination(src, dst, overwrite)
 
@@ -100,7 +111,7 @@ def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = Fa
     tmp.mkdir(parents=True)
     try:
         blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, bits, group_size, symmetric, progress)
-        backbone_bytes = _write_backbone(tmp / BACKBONE_FILE, plan)
+        backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
         tok_files = _copy_tokenizer(src, tmp)
         manifest = {
             "format": "edgemoe",
@@ -109,7 +120,8 @@ def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = Fa
             "config": ckpt.config,
             "source": {"path": str(src.resolve()), "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
                        "layout": plan.layout},
-            "backbone": {"file": BACKBONE_FILE, "bytes": backbone_bytes},
+            "backbone": {"file": BACKBONE_FILE, "bytes": backbone_bytes, "bits": backbone_bits,
+                         "group_size": group_size if quantized else 0, "quantized": quantized},
             "tokenizer": {"files": tok_files, **_special_ids(src, ckpt.config)},
             "quantization": {"bits": bits, "group_size": 0 if bits == 16 else group_size,
                              "symmetric": bool(symmetric) and bits != 16, "float_dtype": FLOAT_KIND[expert_dtype]},
@@ -191,14 +203,26 @@ def _write_experts(path: Path, plan: Plan, bits: int, group_size: int, symmetric
     return blobs, pos
 
 
-def _write_backbone(path: Path, plan: Plan) -> int:
+def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    role = name.split(".")[-1] if name.startswith("layers.") else name
+    return (role in QUANTIZABLE or name == "output") and len(shape) == 2 and shape[1] % group_size == 0
+
+
+def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool) -> tuple[int, list[str]]:
+    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (FORMAT.md)."""
     w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
+    quantized = []
     for name in sorted(plan.backbone, key=_canonical_order):
         ref = plan.backbone[name]
-        w.add_lazy(name, ref.dtype, ref.shape, lambda ref=ref: ref.file.iter_chunks(ref.name))
+        if bits != 16 and _quantizable(name, tuple(ref.shape), group_size):
+            weight = to_float32(ref.file.read(ref.name), ref.dtype)
+            w.add(name, quant.quantize_matrix(weight, bits, group_size, symmetric), "U8")
+            quantized.append(name)
+        else:
+            w.add_lazy(name, ref.dtype, ref.shape, lambda ref=ref: ref.file.iter_chunks(ref.name))
     size = w.write(path)
     fsync_path(path)
-    return size
+    return size, quantized
 
 
 def _canonical_order(name: str):

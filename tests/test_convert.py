@@ -162,15 +162,23 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
     back = read_safetensors(d / "backbone.safetensors")
     assert set(back) == expected_backbone(arch, m["config"], m["experts"]["moe_layers"])
     assert hf_tensors_file(d / "backbone.safetensors").keys() == back.keys()  # a standard safetensors file
+    quantized = set(m["backbone"]["quantized"])  # --bits 4 quantizes the backbone to 8 bits by default
+    assert m["backbone"]["bits"] == 8 and m["backbone"]["group_size"] == 64 and quantized
     for name, (arr, dtype) in back.items():
-        assert dtype == "BF16"
         if name.startswith("layers."):
             _, i, short = name.split(".")
             router = f"{PROJ[arch][0]}.gate.weight"
             hf = f"model.layers.{i}." + (router if short == "ffn_router" else HF_NAME[short])
         else:
             hf = HF_NAME[name]
-        np.testing.assert_array_equal(bf16_to_f32(arr), ref[hf], err_msg=name)
+        if name in quantized:
+            assert dtype == "U8" and "router" not in name and "norm" not in name
+            w = quant.dequantize_matrix(np.asarray(arr))
+            step = (ref[hf].max() - ref[hf].min()) / 255
+            np.testing.assert_allclose(w, ref[hf], atol=step, err_msg=name)
+        else:
+            assert dtype == "BF16"
+            np.testing.assert_array_equal(bf16_to_f32(arr), ref[hf], err_msg=name)
     assert m["experts"]["intermediate_size"] == 128 and m["experts"]["hidden_size"] == 64
     assert m["experts"]["top_k"] == 2 and m["source"]["layout"] == "per-expert"
     assert m["tokenizer"]["bos_token_id"] == 0 and m["tokenizer"]["eos_token_ids"] == [1]

@@ -79,19 +79,19 @@ class DecoderConfig:
 
 
 class Linear:
-    """y = x @ W.T (+ b), W kept in its stored dtype and read by the native core."""
+    """y = x @ W.T (+ b), W read by the native core as stored: a float matrix (bf16/f16/f32)
+    or, for a U8 tensor, a group-quantized QMatrix written by the converter (FORMAT.md)."""
 
     def __init__(self, w: np.ndarray, dtype: str, bias: np.ndarray | None = None):
         self.w = np.ascontiguousarray(w)
-        self.kind = FLOAT_KIND[dtype]
+        self.kind = "qmatrix" if dtype == "U8" else FLOAT_KIND[dtype]
         self.bias = bias
 
-    @property
-    def out_features(self) -> int:
-        return int(self.w.shape[0])
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = _core.linear(x, self.w, self.kind)  # [T, out]
+        if self.kind == "qmatrix":
+            y = _core.qmatrix_matmul(x, self.w)  # [T, rows]
+        else:
+            y = _core.linear(x, self.w, self.kind)  # [T, out]
         if self.bias is not None:
             y += self.bias
         return y
