@@ -126,11 +126,11 @@ class LookaheadFit:
 
     def __init__(self, point: str, weights: dict[int, tuple[np.ndarray, np.ndarray]], eps: float = 1e-6):
         self.point, self.weights, self.eps = point, weights, eps
+        self._wt = {n: np.ascontiguousarray(W.T, np.float32) for n, (W, _) in weights.items()}  # [H, E]
 
     def logits(self, n: int, h: np.ndarray) -> np.ndarray:
-        W, b = self.weights[n]
-        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.eps)
-        return x @ W.T + b
+        ms = np.einsum("th,th->t", h, h)[:, None] / h.shape[-1]
+        return (h @ self._wt[n]) / np.sqrt(ms + self.eps) + self.weights[n][1]
 
     def probs(self, n: int, h: np.ndarray) -> np.ndarray:
         return softmax(self.logits(n, h))
@@ -282,13 +282,20 @@ class RecordedPredictor(Predictor):
 
 
 # -- choosing what to read ------------------------------------------------------------
-def choose(ids: np.ndarray, probs: np.ndarray, sizes: np.ndarray, max_bytes: float,
-           min_prob: float = 0.0) -> np.ndarray:
+def choose(ids: np.ndarray, probs: np.ndarray, sizes: Sequence[float], max_bytes: float,
+           min_prob: float = 0.0) -> list[int]:
     """The longest prefix of ids (most likely first) whose bytes fit in max_bytes,
     dropping experts needed with probability below min_prob. sizes [E] per expert."""
-    keep = ids[probs >= min_prob] if min_prob > 0 else ids
-    cum = np.cumsum(sizes[keep])
-    return keep[: int(np.searchsorted(cum, max_bytes, side="right"))]
+    out: list[int] = []
+    total = 0.0
+    for e, q in zip(ids.tolist(), probs.tolist()):  # a few dozen at most: plain Python is fastest
+        if q < min_prob:
+            continue
+        total += sizes[e]
+        if total > max_bytes:
+            break
+        out.append(e)
+    return out
 
 
 def layer_byte_cap(sizes: np.ndarray, top_k: int, ratio: float) -> np.ndarray:
@@ -385,48 +392,50 @@ class Prefetcher(RouteObserver):
         self.moe_layers = list(model.manifest["experts"]["moe_layers"])
         self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
         self.sizes = expert_sizes(model).astype(np.float64)
-        self.caps = layer_byte_cap(self.sizes, predictor.top_k, ratio)
+        self.size_lists = self.sizes.tolist()
+        self.caps = layer_byte_cap(self.sizes, predictor.top_k, ratio).tolist()
         self.ratio, self.min_prob = ratio, min_prob
         self.mode = "async" if native_async_prefetch(self.cache) else ("blocking" if blocking else "predict-only")
         self.ctx = RouteContext.empty(len(self.moe_layers))
-        self.pending: list[np.ndarray | None] = [None] * len(self.moe_layers)  # guesses per target layer
+        self.pending: list[list[int] | None] = [None] * len(self.moe_layers)  # guesses per target layer
         self.reset_stats()
 
+    STATS = ("predictions", "issued", "needed", "hits", "issued_bytes", "needed_bytes", "hit_bytes")
+
     def reset_stats(self) -> None:
-        M = len(self.moe_layers)
-        self.counts = {key: np.zeros(M, np.int64) for key in ("predictions", "issued", "needed", "hits")}
-        self.byte_counts = {key: np.zeros(M) for key in ("issued_bytes", "needed_bytes", "hit_bytes")}
+        self.counts = [[0.0] * len(self.STATS) for _ in self.moe_layers]  # per MoE layer, as STATS
 
     def _record(self, m: int, ids: np.ndarray) -> None:
         guess = self.pending[m]
         if guess is None:
             return
         self.pending[m] = None
-        needed = np.unique(ids)
-        hit = np.intersect1d(guess, needed)
-        c, b, s = self.counts, self.byte_counts, self.sizes[m]
-        c["predictions"][m] += 1
-        c["issued"][m] += len(guess)
-        c["needed"][m] += len(needed)
-        c["hits"][m] += len(hit)
-        b["issued_bytes"][m] += s[guess].sum()
-        b["needed_bytes"][m] += s[needed].sum()
-        b["hit_bytes"][m] += s[hit].sum()
+        needed = set(ids.ravel().tolist())
+        hit = needed.intersection(guess)
+        s = self.size_lists[m]
+        c = self.counts[m]
+        c[0] += 1
+        c[1] += len(guess)
+        c[2] += len(needed)
+        c[3] += len(hit)
+        c[4] += sum(s[e] for e in guess)
+        c[5] += sum(s[e] for e in needed)
+        c[6] += sum(s[e] for e in hit)
 
     def _issue(self, m: int) -> None:
         n = m + 1
         if n >= len(self.moe_layers):
             return
         ids, q = self.predictor.predict(n, self.ctx)
-        chosen = choose(ids, q, self.sizes[n], self.caps[n], self.min_prob)
+        chosen = choose(ids, q, self.size_lists[n], self.caps[n], self.min_prob)
         self.pending[n] = chosen
         layer = self.moe_layers[n]
         if self.mode == "async":
-            self.cache.prefetch(layer, [int(e) for e in chosen], max_bytes=int(self.caps[n]))
+            self.cache.prefetch(layer, chosen, max_bytes=int(self.caps[n]))
         elif self.mode == "blocking":
             for e in chosen:
                 try:
-                    self.cache.prefetch(layer, int(e))
+                    self.cache.prefetch(layer, e)
                 except Exception:  # the budget is full of pinned experts: a prefetch is only a hint
                     break
 
@@ -451,16 +460,17 @@ class Prefetcher(RouteObserver):
             self._issue(m)
 
     def stats(self) -> dict[str, Any]:
-        c, b = self.counts, self.byte_counts
+        """Prediction recall and precision (experts), bytes issued / bytes needed, wasted bytes
+        (issued, not needed), overall and per MoE layer. In predict-only mode "issued" means
+        what would have been read."""
+        c = np.asarray(self.counts).reshape(len(self.moe_layers), len(self.STATS))
 
         def summary(sl: Any) -> dict[str, float]:
-            needed, issued = c["needed"][sl].sum(), c["issued"][sl].sum()
-            nb = b["needed_bytes"][sl].sum()
-            return {"recall": float(c["hits"][sl].sum() / needed) if needed else 0.0,
-                    "precision": float(c["hits"][sl].sum() / issued) if issued else 0.0,
-                    "bytes_ratio": float(b["issued_bytes"][sl].sum() / nb) if nb else 0.0,
-                    "issued_bytes": int(b["issued_bytes"][sl].sum()),
-                    "wasted_bytes": int(b["issued_bytes"][sl].sum() - b["hit_bytes"][sl].sum())}
+            _, issued, needed, hits, issued_b, needed_b, hit_b = np.atleast_2d(c[sl]).sum(axis=0)
+            return {"recall": float(hits / needed) if needed else 0.0,
+                    "precision": float(hits / issued) if issued else 0.0,
+                    "bytes_ratio": float(issued_b / needed_b) if needed_b else 0.0,
+                    "issued_bytes": int(issued_b), "wasted_bytes": int(issued_b - hit_b)}
 
         return {"predictor": self.predictor.name, "mode": self.mode, "ratio": self.ratio,
                 **summary(slice(None)),

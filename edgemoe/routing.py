@@ -211,12 +211,13 @@ def read_token_stream(model: "Model", path: str | Path, max_tokens: int | None =
     if not docs:
         raise EdgeMoEError(f"{path} holds no text: give a UTF-8 text file to profile on")
     if len(docs) == 1:  # one long document: encode it in pieces of whole lines
-        lines, docs, cur = docs[0].splitlines(keepends=True), [], []
+        lines, docs, cur, size = docs[0].splitlines(keepends=True), [], [], 0
         for line in lines:
             cur.append(line)
-            if sum(map(len, cur)) > 16384:
+            size += len(line)
+            if size > 16384:
                 docs.append("".join(cur))
-                cur = []
+                cur, size = [], 0
         docs.append("".join(cur))
         order: Sequence[int] = range(len(docs))
         bos_each = False

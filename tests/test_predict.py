@@ -118,9 +118,9 @@ def test_fitted_lookahead(model_dir, tmp_path):
 def test_choose_and_offline_scores():
     ids, probs = np.array([3, 1, 2, 0]), np.array([0.9, 0.6, 0.3, 0.01])
     sizes = np.array([100.0, 200.0, 100.0, 100.0])
-    assert predict.choose(ids, probs, sizes, 400).tolist() == [3, 1, 2]
-    assert predict.choose(ids, probs, sizes, 250).tolist() == [3]
-    assert predict.choose(ids, probs, sizes, 1000, min_prob=0.1).tolist() == [3, 1, 2]
+    assert predict.choose(ids, probs, sizes, 400) == [3, 1, 2]
+    assert predict.choose(ids, probs, sizes, 250) == [3]
+    assert predict.choose(ids, probs, sizes, 1000, min_prob=0.1) == [3, 1, 2]
     # a predictor that is always right: recall 1 at the top-k, 1.5x bytes at the 1.5x operating point
     T, M, E, k = 200, 3, 8, 2
     rng = np.random.default_rng(0)
