@@ -5,9 +5,14 @@
 //   - AVX2+FMA+F16C (x86-64 built with -march=native on a CPU that has them);
 //   - portable C++ (ARM Jetson/phone, or any other CPU): plain loops written so
 //     the compiler can auto-vectorize them (NEON on aarch64).
-// Decode (T=1) is memory-bound: each weight byte is read once, and the group
-// `min` term uses per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g).
-// Prefill (T>1) decodes a row once for up to kTokenBlock tokens.
+// Every path streams each weight byte once per call; the group `min` term uses
+// per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g).
+//   - decode (T=1, memory-bound): AVX2 rounds x to int16 per 32 values and
+//     dots widened codes with vpmaddwd, two rows per pass, prefetching ahead;
+//   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
+//   - prefill (T >= 12, AVX2): 3 rows at a time are dequantized to an f32 tile
+//     and a 3x4 register-blocked FMA kernel runs every token over it.
+// Threads split the output rows (ThreadPool).
 #include "kernels.h"
 
 #include <algorithm>
