@@ -687,9 +687,9 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   // weights stay in cache across tokens.
   const uint64_t work = uint64_t(rows) * cols * uint64_t(T);
   const int threads = ThreadPool::instance().num_threads();
-  // A few large row blocks per thread keep each thread's weight stream long and
-  // sequential (hardware prefetch), while leaving some slack for load balance.
-  uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(4 * threads));
+  // ~16 row blocks per thread: each one a long sequential weight stream, yet a
+  // thread the OS preempts mid-block holds the others up only a little.
+  uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(16 * threads));
   if (work < (1u << 16) || threads == 1) row_block = rows;  // too small to be worth waking threads
   const int64_t tasks = (rows + row_block - 1) / row_block;
 
