@@ -61,13 +61,15 @@ def float_mats(rows, cols, kind, working_set, rng):
     return [one.copy() for _ in range(n)]
 
 
-def bench(name, mats, cols, T, call, bw, rng):
+def bench(name, mats, rows, cols, T, call, bw, rng):
     x = rng.standard_normal((T, cols)).astype(np.float32)
     nbytes = mats[0].nbytes
     times = call_seconds(lambda i: call(x, mats[i]), len(mats))
     fast, med = summary(nbytes, times)
-    print(f"{name:<24} T={T:<3} {np.percentile(times, 10) * 1e6:8.1f} us  {fast:6.2f} GB/s  "
-          f"{100 * fast / bw[0]:5.1f}% of bandwidth   (median {med:5.2f} GB/s, {100 * med / bw[1]:5.1f}%)")
+    t10 = np.percentile(times, 10)
+    print(f"{name:<24} T={T:<3} {t10 * 1e6:8.1f} us  {fast:6.2f} GB/s  "
+          f"{100 * fast / bw[0]:5.1f}% of bandwidth   (median {med:5.2f} GB/s, {100 * med / bw[1]:5.1f}%)"
+          f"  {rows * cols * T / t10 / 1e9:6.1f} GMAC/s")
     return fast
 
 
@@ -84,27 +86,28 @@ def main():
     print(f"simd={_core.simd()} threads={_core.get_num_threads()} working set {args.working_set_mb} MiB")
     bw = bandwidth_gbs(ws, 2 << 20)
     print(f"streaming read bandwidth (2 MiB pieces): {bw[0]:.2f} GB/s fastest 10%, {bw[1]:.2f} GB/s median")
-    print("kernel GB/s = weight bytes / time; fastest 10% of calls vs the same for the streaming read")
+    print("kernel GB/s = weight bytes / time; fastest 10% of calls vs the same for the streaming read;")
+    print("T > 1 is compute-bound: read GMAC/s there")
 
     qcall = lambda x, m: _core.qmatrix_matmul(x, m)
     shapes = [(2816, 1024), (1024, 2816)]
     for rows, cols in shapes:
         mats = quant_mats(rows, cols, 4, 64, ws, rng)
         for T in (1, 4, 16):
-            bench(f"int4 g64 {rows}x{cols}", mats, cols, T, qcall, bw, rng)
+            bench(f"int4 g64 {rows}x{cols}", mats, rows, cols, T, qcall, bw, rng)
     if args.quick:
         return
     for bits in (2, 3, 8):
         mats = quant_mats(2816, 1024, bits, 64, ws, rng)
         for T in (1, 16):
-            bench(f"int{bits} g64 2816x1024", mats, 1024, T, qcall, bw, rng)
+            bench(f"int{bits} g64 2816x1024", mats, 2816, 1024, T, qcall, bw, rng)
     for gs in (32, 128):
         mats = quant_mats(2816, 1024, 4, gs, ws, rng)
-        bench(f"int4 g{gs} 2816x1024", mats, 1024, 1, qcall, bw, rng)
+        bench(f"int4 g{gs} 2816x1024", mats, 2816, 1024, 1, qcall, bw, rng)
     for kind in ("bf16", "f16", "f32"):
         mats = float_mats(2048, 2048, kind, ws, rng)
         for T in (1, 16):
-            bench(f"{kind} linear 2048x2048", mats, 2048, T, lambda x, m, k=kind: _core.linear(x, m, k), bw, rng)
+            bench(f"{kind} linear 2048x2048", mats, 2048, 2048, T, lambda x, m, k=kind: _core.linear(x, m, k), bw, rng)
 
 
 if __name__ == "__main__":
