@@ -308,7 +308,7 @@ class DecoderLM:
         ids, weights = self.route(L["router"](x))  # ffn_moe_topk: [T, k]
         if self.observer is not None:
             self.observer.on_route(layer, resid, ids, weights)
-        out = _core.moe_forward(self.cache, layer, x, ids, weights)  # [T, hidden]
+        out = self.moe(layer, x, ids, weights)  # [T, hidden]
         if "shared" in L:
             shared = self._mlp(L["shared"], x)
             if L["shared_router"] is not None:
@@ -316,20 +316,31 @@ class DecoderLM:
             out += shared
         return out
 
+    def moe(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum [T, hidden] for x [T, hidden], ids/weights [T, k].
+        One method so a caller can swap it per instance (importance profiling does)."""
+        return _core.moe_forward(self.cache, layer, x, ids, weights)
+
+    def block(self, i: int, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
+        """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
+        L, eps = self.layers[i], self.cfg.rms_norm_eps
+        h = h + self._attention(L, rms_norm(h, L["attn_norm"], eps), i, kv, start)
+        return h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], eps), np.float32), i, h)
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """Logits [T, vocab] from the last layer's output h [T, hidden]."""
+        return self.lm_head(np.ascontiguousarray(rms_norm(h, self.out_norm, self.cfg.rms_norm_eps), np.float32))
+
     def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
         """Run T new tokens at positions start.. through the model, appending to kv.
 
         Returns logits [T, vocab] when all_logits, else [1, vocab] for the last token.
         """
-        cfg = self.cfg
         h = self.embed_tokens(ids)  # [T, hidden]
         obs = self.observer
-        for i, L in enumerate(self.layers):
-            h = h + self._attention(L, rms_norm(h, L["attn_norm"], cfg.rms_norm_eps), i, kv, start)
-            h = h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], cfg.rms_norm_eps), np.float32), i, h)
+        for i in range(len(self.layers)):
+            h = self.block(i, h, kv, start)
             if obs is not None:
                 obs.on_layer_out(i, h)
         kv.length = start + len(ids)
-        if not all_logits:
-            h = h[-1:]
-        return self.lm_head(np.ascontiguousarray(rms_norm(h, self.out_norm, cfg.rms_norm_eps), np.float32))
+        return self.head(h if all_logits else h[-1:])
