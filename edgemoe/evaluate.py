@@ -1,0 +1,176 @@
+"""Perplexity of a model on held-out text: `edgemoe eval MODEL --text FILE`.
+
+    m = edgemoe.load("model-dir")
+    r = perplexity(m, Path("test.txt"), window=256)      # {"ppl", "nll", "tokens", "tokens_per_s", ...}
+
+Text is split into documents at lines holding only \\x1e (tools/corpus), each
+document starts with BOS, and the token stream is cut into windows scored with
+`Model.logits`. stride == window (the default) gives non-overlapping windows
+whose first token is context only; stride < window re-reads window - stride
+tokens of context and scores only the tokens no earlier window scored
+(transformers' strided perplexity, so both report the same number).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from .errors import EdgeMoEError
+
+if TYPE_CHECKING:
+    from .model import Model
+
+DOC_SEPARATOR = "\n\x1e\n"  # a line holding only ASCII RS separates documents (tools/corpus)
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise EdgeMoEError(f"cannot read {path} ({e.strerror}): give a UTF-8 text file") from None
+
+
+def encode_documents(model: "Model", text: str, max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of a text, in order: BOS, then each document's tokens (BOS again before
+    every document after a \\x1e line). max_tokens keeps the first that many."""
+    out: list[int] = []
+    text_tokens = 0
+    for d in text.split(DOC_SEPARATOR):
+        d = d.strip("\n")
+        if not d:
+            continue
+        if model.bos_id is not None:
+            out.append(int(model.bos_id))
+        ids = model.encode(d)
+        out.extend(ids)
+        text_tokens += len(ids)
+        if max_tokens and len(out) >= max_tokens:
+            break
+    if not text_tokens:
+        raise EdgeMoEError("the text holds no tokens: give a non-empty UTF-8 text file")
+    return np.asarray(out[:max_tokens] if max_tokens else out, np.int64)
+
+
+def token_ids(model: "Model", text_or_ids: Any, max_tokens: int | None = None) -> np.ndarray:
+    """A str is text, a path (Path / os.PathLike) names a text file, anything else is token ids."""
+    if isinstance(text_or_ids, os.PathLike):
+        return encode_documents(model, read_text(text_or_ids), max_tokens)
+    if isinstance(text_or_ids, str):
+        return encode_documents(model, text_or_ids, max_tokens)
+    ids = np.asarray(text_or_ids, np.int64).reshape(-1)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+def windows(n: int, window: int, stride: int | None = None) -> Iterator[tuple[int, int, int]]:
+    """(begin, end, scored) per window over n tokens: feed ids[begin:end] and score its last
+    `scored` positions (position begin itself is never scored: nothing precedes it)."""
+    stride = stride or window
+    if window < 2 or not 0 < stride <= window:
+        raise ValueError(f"need window >= 2 and 0 < stride <= window, got window {window}, stride {stride}")
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        scored = min(end - prev_end, end - begin - 1)
+        if scored > 0:
+            yield begin, end, scored
+        prev_end = end
+        if end == n:
+            return
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log p(target) per row of logits [T, vocab] (float64 [T])."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1, dtype=np.float64))
+    return lse - z[np.arange(len(targets)), targets].astype(np.float64)
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray, scored: int) -> np.ndarray:
+    """NLL of the last `scored` tokens of a window from its logits [T, vocab] (row t predicts t+1)."""
+    T = len(ids)
+    return token_nll(logits[T - 1 - scored:T - 1], ids[T - scored:])
+
+
+def perplexity(model: "Model", text_or_ids: Any, window: int = 256, stride: int | None = None,
+               max_tokens: int | None = None, log: Any = None) -> dict[str, Any]:
+    """Perplexity of `model` on a text (str), a text file (Path) or token ids.
+
+    Returns ppl, nll (mean nats per scored token), tokens (scored), tokens_in (fed to
+    the model, > tokens when windows overlap), windows, seconds and tokens_per_s
+    (tokens fed per second of forward passes, i.e. prefill throughput).
+    """
+    ids = token_ids(model, text_or_ids, max_tokens)
+    total, scored_tokens, fed, n_win = 0.0, 0, 0, 0
+    spans = list(windows(len(ids), window, stride))
+    if not spans:
+        raise EdgeMoEError(f"{len(ids)} tokens are too few to score: give more text")
+    seconds = 0.0
+    last_report = time.monotonic()
+    for begin, end, scored in spans:
+        chunk = ids[begin:end]
+        t0 = time.perf_counter()
+        logits = model.logits(chunk)
+        seconds += time.perf_counter() - t0
+        total += float(window_nll(logits, chunk, scored).sum())
+        scored_tokens += scored
+        fed += len(chunk)
+        n_win += 1
+        if log is not None and time.monotonic() - last_report > 5:
+            last_report = time.monotonic()
+            print(f"  {n_win}/{len(spans)} windows, running ppl {math.exp(total / scored_tokens):.3f}",
+                  file=log, flush=True)
+    nll = total / scored_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored_tokens, "tokens_in": fed, "windows": n_win,
+            "window": window, "stride": stride or window, "seconds": seconds,
+            "tokens_per_s": fed / seconds if seconds > 0 else 0.0}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`edgemoe eval [MODEL] --text FILE`: perplexity and tokens/s."""
+    p = argparse.ArgumentParser(prog="edgemoe eval", description="Perplexity of a model on a text file.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a converted model directory (default: the shipped default model)")
+    p.add_argument("--text", default=None, help="UTF-8 text file; documents separated by a line holding only "
+                   "\\x1e (default for the default model: its shipped test.txt)")
+    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens between window starts (default: the window, i.e. no overlap)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--memory-budget", default=None, help="RAM for expert weights, e.g. 20MB (default: unbounded)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    from .cli import resolve_model
+    from .default import SHIPPED
+    from .model import load
+
+    text = args.text
+    if text is None:
+        if args.model is None and (SHIPPED / "test.txt").is_file():
+            text = SHIPPED / "test.txt"
+        else:
+            raise EdgeMoEError("no text to score: pass --text FILE")
+    m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
+             direct_io=not args.buffered_io)
+    r = perplexity(m, Path(text), window=args.window, stride=args.stride, max_tokens=args.max_tokens,
+                   log=None if args.json else sys.stderr)
+    r["expert_bytes"] = m.info()["expert_bytes"]
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"perplexity {r['ppl']:.4f} (nll {r['nll']:.4f} nats/token) over {r['tokens']} tokens of {text}, "
+              f"{r['windows']} windows of {r['window']}; {r['tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
