@@ -41,11 +41,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import onnx_backbone as ob  # noqa: E402
 
 from edgemoe import _core  # noqa: E402
-from edgemoe.models.base import DecoderConfig, KVCache, rms_norm, route_softmax_topk, to_f32  # noqa: E402
+from edgemoe.models.base import DecoderConfig, KVCache, route_softmax_topk, to_f32  # noqa: E402
 from edgemoe.models.mixtral import Model as MixtralModel  # noqa: E402
 from edgemoe.quant import quantize_matrix  # noqa: E402
 
 DEFAULT_THREADS = 2
+PARITY_TOKENS = 4  # tokens every variant runs through the native path's checks before timing
 EPS = 1e-5
 ROPE_THETA = 1e6
 
@@ -161,22 +162,24 @@ class NativeBackbone:
         return n
 
     def token(self, tok: int, trace: list | None = None) -> np.ndarray:
-        m, eps, start = self.m, self.m.cfg.rms_norm_eps, self.context
+        """DecoderLM.forward's own block() and head() for one token, with moe() answering zeros."""
+        m, start = self.m, self.context
+        routed: list = []
+        m.moe = lambda layer, x, ids, weights: routed.append((x, ids, weights)) or np.zeros_like(x)
         h = m.embed_tokens(np.array([tok]))  # [1, H]
-        for i, L in enumerate(m.layers):
-            h = h + m._attention(L, rms_norm(h, L["attn_norm"], eps), i, self.kv, start)
-            x = np.ascontiguousarray(rms_norm(h, L["ffn_norm"], eps), np.float32)
-            router_logits = L["router"](x)
-            m.route(router_logits)  # the experts (_core.moe_forward on x) would add to h here
+        for i in range(len(m.layers)):
+            h = m.block(i, h, self.kv, start)
             if trace is not None:
-                trace.append((h, x, router_logits, self.kv.k[i][start:start + 1], self.kv.v[i][start:start + 1]))
-        return m.lm_head(np.ascontiguousarray(rms_norm(h, m.out_norm, eps), np.float32))
+                x, ids, weights = routed[-1]
+                trace.append((h, x, ids, weights, self.kv.k[i][start:start + 1], self.kv.v[i][start:start + 1]))
+        return m.head(h)
 
 
 class OrtBackbone:
     """The same token through per-layer onnxruntime sessions; the KV cache stays ours."""
 
     OUTPUTS = ["hidden_out", "ffn_input", "router_logits", "key", "value"]
+    TRACE = ["hidden_out", "ffn_input", "expert_ids", "expert_weights", "key", "value"]  # per layer, both paths
 
     def __init__(self, name: str, s: Shape, tensors: dict, past_k: list[np.ndarray], past_v: list[np.ndarray],
                  weight_format: str, accuracy_level: int, threads: int, spinning: bool):
@@ -219,9 +222,10 @@ class OrtBackbone:
                                                                 "past_value": self.v[i][:S], "position": self.position})
             self.k[i][S] = k[0]
             self.v[i][S] = v[0]
-            route_softmax_topk(router_logits, self.s.top_k, normalize=True)  # experts would run on x here
+            ids, weights = route_softmax_topk(router_logits, self.s.top_k, normalize=True)
+            h = h + np.zeros_like(x)  # where the native experts' output (moe on x) would be added
             if trace is not None:
-                trace.append((h, x, router_logits, k, v))
+                trace.append((h, x, ids, weights, k, v))
         return self.head.run(["logits"], {"hidden": h})[0]
 
 
@@ -248,17 +252,24 @@ def _rss() -> int:
 
 # -- measuring ----------------------------------------------------------------
 
-def check_parity(native: NativeBackbone, other, tok: int, strict: bool) -> tuple[float, float]:
-    """(max |diff| over every per-layer output and the logits, ||logits diff|| / ||logits||).
+def check_parity(native: NativeBackbone, other, tok: int, strict: bool) -> tuple[float, float, float]:
+    """For one token: (max |diff| over every float output of every layer and the logits,
+    ||logits diff|| / ||logits||, share of layers whose top-k expert choice is the same set).
 
     strict: stop unless every output is within 1e-3 (abs and rel) of the native path's.
     """
     tn, to = [], []
     ln, lo = native.token(tok, tn), other.token(tok, to)
-    worst = 0.0
+    worst, same_experts = float(np.abs(ln - lo).max()), 0
     for i, (a_layer, b_layer) in enumerate(zip(tn, to)):
-        for what, a, b in zip(OrtBackbone.OUTPUTS, a_layer, b_layer):
+        for what, a, b in zip(OrtBackbone.TRACE, a_layer, b_layer):
             a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+            if what == "expert_ids":
+                same = set(a.tolist()) == set(b.tolist())
+                same_experts += same
+                if strict and not same:
+                    raise SystemExit(f"{other.name} routes layer {i} to experts {b} where native picks {a}")
+                continue
             d = float(np.abs(a - b).max())
             worst = max(worst, d)
             if strict and not np.allclose(a, b, atol=1e-3, rtol=1e-3):
@@ -266,7 +277,7 @@ def check_parity(native: NativeBackbone, other, tok: int, strict: bool) -> tuple
                                  "the exported graph does not compute what the runtime does")
     if strict and not np.allclose(ln, lo, atol=1e-3, rtol=1e-3):
         raise SystemExit(f"{other.name} logits differ from native by {float(np.abs(ln - lo).max()):.2e}")
-    return max(worst, float(np.abs(ln - lo).max())), float(np.linalg.norm(ln - lo) / np.linalg.norm(ln))
+    return worst, float(np.linalg.norm(ln - lo) / np.linalg.norm(ln)), same_experts / len(tn)
 
 
 def time_round_robin(runners: list, tokens: np.ndarray, warmup: int, block: int) -> dict[str, np.ndarray]:
@@ -378,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                     runners.append(OrtBackbone(name, s, tensors, past_k, past_v, fmt, acc, args.threads, spinning))
             tokens = np.random.default_rng(args.seed + 1).integers(0, s.vocab, args.warmup + args.tokens)
             # parity before timing: the f32 paths must agree to 1e-3; f16/int4 report their error
-            parity = {r.name: check_parity(native, r, int(tokens[0]), strict=r.name in ("ort-f32", "numpy-f32-ref"))
-                      for r in runners[1:]}
+            parity = {}
+            for r in runners[1:]:
+                checks = [check_parity(native, r, int(t), strict=r.name in ("ort-f32", "numpy-f32-ref"))
+                          for t in tokens[:PARITY_TOKENS]]
+                parity[r.name] = (max(c[0] for c in checks), max(c[1] for c in checks),
+                                  float(np.mean([c[2] for c in checks])))
             times = time_round_robin([r for r in runners if r.name in variants], tokens, args.warmup, args.block)
             base = float(np.median(times["native"])) if "native" in times else None
             for r in runners:
@@ -394,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     p = parity.get(r.name)
                     mem_rows.append((shape_name, r.name, r.weight_bytes() / 2**20,
                                      f"{rss / 2**20:.1f}" if rss is not None else "-",
-                                     f"{p[0]:.1e} / {p[1]:.1e}" if p else "(reference)"))
+                                     f"{p[0]:.1e} / {p[1]:.1e} / {p[2]:.0%}" if p else "(reference)"))
             del runners, native
             gc.collect()
 
@@ -411,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape_name, ctx, name, med, lo, hi, rel in rows:
         print(f"| {shape_name} | {ctx} | {name} | {med:.3f} | {lo:.3f} | {hi:.3f} | {rel} |")
     print("\n| shape | path | backbone weights held (MiB) | onnxruntime RSS growth at load (MiB) "
-          "| vs native: max abs diff, all outputs / rel. error of logits |")
+          f"| vs native over {PARITY_TOKENS} tokens: max abs diff / logits rel. error / same top-k experts |")
     print("| --- | --- | ---: | ---: | ---: |")
     for shape_name, name, mib, rss, diff in mem_rows:
         print(f"| {shape_name} | {name} | {mib:.1f} | {rss} | {diff} |")
