@@ -17,14 +17,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Hugging Face MoE checkpoint (safetensors) into an edgemoe model directory.")
     p.add_argument("src", help="checkpoint folder (config.json + *.safetensors + tokenizer files)")
     p.add_argument("-o", "--output", required=True, metavar="DST", help="model directory to create")
-    p.add_argument("--bits", type=int, choices=(16, 8, 4), default=16,
-                   help="expert bitwidth: 16 keeps the checkpoint's floats, 8/4 group-quantize (default 16)")
+    p.add_argument("--bits", choices=("16", "8", "4", "3", "2", "auto"), default="16",
+                   help="expert bitwidth: 16 keeps the checkpoint's floats, 8/4/3/2 group-quantize, auto picks one "
+                        "per expert from its measured importance (default 16)")
     p.add_argument("--backbone-bits", type=int, choices=(16, 8, 4), default=None,
                    help="bitwidth of the backbone's attention/MLP/output matrices (routers, embeddings and norms "
                         "stay as stored); default 16 with --bits 16, else 8")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
                    help="columns per quantization group (default 64)")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
+    a.add_argument("--tolerance", default=None,
+                   help="allowed perplexity increase over 16-bit on --calib, verified by measuring it (default 2%%)")
+    a.add_argument("--expert-bytes", default=None,
+                   help="expert bytes as a share of the 16-bit experts' instead, e.g. 35%%")
+    a.add_argument("--calib", default=None, help="calibration text (documents separated by a \\x1e line)")
+    a.add_argument("--importance", default=None,
+                   help="importance.json (or a model directory holding one) measured on this checkpoint; "
+                        "default: profile a temporary 16-bit conversion on --calib")
+    a.add_argument("--bits-choices", default="8,4,3,2", help="bitwidths to choose from (default 8,4,3,2; add 16)")
+    a.add_argument("--calib-tokens", type=int, default=8192,
+                   help="calibration tokens for profiling and verification (default 8192; 0: all)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -34,15 +47,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:
-        m = convert(args.src, args.output, bits=args.bits, group_size=args.group_size,
-                    symmetric=args.symmetric, progress=not args.quiet, overwrite=args.force,
-                    backbone_bits=args.backbone_bits)
+        if args.bits == "auto":
+            from edgemoe.allocate import convert_auto, parse_fraction
+
+            try:
+                choices = [int(b) for b in args.bits_choices.split(",")]
+            except ValueError:
+                raise EdgeMoEError(f"--bits-choices takes bitwidths like 8,4,3,2, got {args.bits_choices!r}") from None
+            expert_bytes, tolerance = parse_fraction(args.expert_bytes), parse_fraction(args.tolerance)
+            if tolerance is None and expert_bytes is None:
+                tolerance = 0.02
+            m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
+                             importance=args.importance, choices=choices, group_size=args.group_size,
+                             symmetric=args.symmetric, backbone_bits=args.backbone_bits,
+                             max_tokens=args.calib_tokens or None, overwrite=args.force,
+                             progress=not args.quiet, log=None if args.quiet else sys.stderr)
+        else:
+            extra = [o for o, v in (("--tolerance", args.tolerance), ("--expert-bytes", args.expert_bytes),
+                                    ("--calib", args.calib), ("--importance", args.importance)) if v is not None]
+            if extra:
+                raise EdgeMoEError(f"{extra[0]} only applies to --bits auto (got --bits {args.bits})")
+            m = convert(args.src, args.output, bits=int(args.bits), group_size=args.group_size,
+                        symmetric=args.symmetric, progress=not args.quiet, overwrite=args.force,
+                        backbone_bits=args.backbone_bits)
     except EdgeMoEError as e:
         print(f"edgemoe convert: error: {e}", file=sys.stderr)
         return 2
     ex = m["experts"]
     if not args.quiet:
-        print(f"wrote {args.output}: {m['architecture']}, {len(ex['blobs'])} experts at {args.bits} bits "
+        if args.bits == "auto":
+            from edgemoe.allocate import format_allocation
+
+            print(format_allocation(m), file=sys.stderr)
+        print(f"wrote {args.output}: {m['architecture']}, {len(ex['blobs'])} experts at {m['quantization']['bits']} bits "
               f"({ex['file_bytes'] / 1e6:.1f} MB) + backbone at {m['backbone']['bits']} bits "
               f"({m['backbone']['bytes'] / 1e6:.1f} MB) "
               f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)

@@ -69,32 +69,56 @@ class Progress:
             sys.stderr.flush()
 
 
-def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = False,
-            progress: bool = True, overwrite: bool = False, backbone_bits: int | None = None) -> dict:
+def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: bool = False,
+            progress: bool = True, overwrite: bool = False, backbone_bits: int | None = None,
+            bits_map: dict[tuple[int, int], int] | None = None) -> dict:
     """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
 
-    bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4
-    (or 3, 2) group-quantize them with `group_size` columns per group.
+    bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4,
+    3 or 2 group-quantize them with `group_size` columns per group.
+    bits_map: {(layer, expert): bits} per-expert bitwidths overriding `bits`;
+    with bits="auto" it must name every expert (edgemoe.allocate.convert_auto
+    chooses one from measured importance).
     backbone_bits: 16 keeps the backbone's large matrices (attention, dense and
     shared MLPs, output head) in the checkpoint's dtype; 8 or 4 group-quantizes
-    them. Default: 16 when bits is 16, else 8. Routers, embeddings, norms and
-    biases always keep the checkpoint's dtype. Returns the manifest.
+    them. Default: 16 when every expert is at 16 bits, else 8. Routers,
+    embeddings, norms and biases always keep the checkpoint's dtype. Returns the manifest.
     Raises CheckpointError / UnsupportedArchitectureError naming the fix.
     """
     src, dst = Path(src), Path(dst)
-    if bits not in BITS:
-        raise EdgeMoEError(f"bits must be one of {', '.join(map(str, BITS))}, got {bits}")
-    if backbone_bits is None:
-        backbone_bits = 16 if bits == 16 else 8
-    if backbone_bits not in BACKBONE_BITS:
+    if bits != "auto" and bits not in BITS:
+        raise EdgeMoEError(f"bits must be one of {', '.join(map(str, BITS))} or 'auto', got {bits}")
+    bits_map = {(int(k[0]), int(k[1])): int(v) for k, v in (bits_map or {}).items()}
+    bad = sorted({b for b in bits_map.values() if b not in BITS})
+    if bad:
+        raise EdgeMoEError(f"bits_map holds bitwidths {bad}; each must be one of {', '.join(map(str, BITS))}")
+    if bits == "auto" and not bits_map:
+        raise EdgeMoEError("bits='auto' needs a bits_map naming every expert's bitwidth: "
+                           "use edgemoe.allocate.convert_auto (`edgemoe convert --bits auto`) to choose one")
+    if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
         raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
-    if (bits != 16 or backbone_bits != 16) and group_size not in quant.GROUP_SIZES:
+    used = set(bits_map.values()) | ({bits} if bits != "auto" else set())
+    if (used != {16} or backbone_bits not in (None, 16)) and group_size not in quant.GROUP_SIZES:
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
     _check_destination(src, dst, overwrite)
 
     ckpt = Checkpoint(src)
     plan = plan_conversion(ckpt)
-    if bits != 16:
+    experts = {(layer, e) for layer in plan.moe_layers for e in range(plan.num_experts)}
+    unknown = sorted(set(bits_map) - experts)
+    if unknown:
+        raise EdgeMoEError(f"bits_map names expert {unknown[0][1]} of layer {unknown[0][0]}, which the checkpoint "
+                           f"does not have (MoE layers {plan.moe_layers}, {plan.num_experts} experts each)")
+    if bits == "auto" and set(bits_map) != experts:
+        layer, e = min(experts - set(bits_map))
+        raise EdgeMoEError(f"bits='auto' needs a bitwidth for every expert; bits_map has none for expert {e} "
+                           f"of layer {layer}")
+    expert_bits = {k: bits_map.get(k, bits) for k in experts}
+    used = set(expert_bits.values())
+    uniform = next(iter(used)) if len(used) == 1 else None
+    if backbone_bits is None:
+        backbone_bits = 16 if uniform == 16 else 8
+    if uniform != 16:
         for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
             if n % group_size:
                 ok = [g for g in quant.GROUP_SIZES if n % g == 0 and plan.hidden % g == 0
@@ -110,7 +134,7 @@ def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = Fa
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, bits, group_size, symmetric, progress)
+        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress)
         backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
         tok_files = _copy_tokenizer(src, tmp)
         manifest = {
@@ -123,8 +147,9 @@ def convert(src, dst, bits: int = 16, group_size: int = 64, symmetric: bool = Fa
             "backbone": {"file": BACKBONE_FILE, "bytes": backbone_bytes, "bits": backbone_bits,
                          "group_size": group_size if quantized else 0, "quantized": quantized},
             "tokenizer": {"files": tok_files, **_special_ids(src, ckpt.config)},
-            "quantization": {"bits": bits, "group_size": 0 if bits == 16 else group_size,
-                             "symmetric": bool(symmetric) and bits != 16, "float_dtype": FLOAT_KIND[expert_dtype]},
+            "quantization": {"bits": uniform if uniform is not None else "mixed",
+                             "group_size": 0 if uniform == 16 else group_size,
+                             "symmetric": bool(symmetric) and uniform != 16, "float_dtype": FLOAT_KIND[expert_dtype]},
             "experts": {
                 "file": EXPERTS_FILE, "file_bytes": experts_bytes, "alignment": ALIGNMENT,
                 "num_layers": plan.num_layers, "num_experts": plan.num_experts, "top_k": plan.top_k,
@@ -172,11 +197,12 @@ def _encode(w: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bo
     return quant.quantize_matrix(to_float32(w, dtype), bits, group_size, symmetric)
 
 
-def _write_experts(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool,
-                   show: bool) -> tuple[list[list[int]], int]:
+def _write_experts(path: Path, plan: Plan, expert_bits: dict[tuple[int, int], int], group_size: int,
+                   symmetric: bool, show: bool) -> tuple[list[list[int]], int]:
     dtype = plan.expert_dtype
     n = len(plan.moe_layers) * plan.num_experts
-    bar = Progress(n, f"experts ({bits}-bit)", show)
+    kinds = sorted(set(expert_bits.values()), reverse=True)
+    bar = Progress(n, f"experts ({'/'.join(map(str, kinds))}-bit)", show)
     blobs: list[list[int]] = []
     zeros = bytes(ALIGNMENT)
     with open(path, "wb") as f:
@@ -185,6 +211,7 @@ def _write_experts(path: Path, plan: Plan, bits: int, group_size: int, symmetric
         for layer in plan.moe_layers:
             for e in range(plan.num_experts):
                 gate, up, down = plan.expert(layer, e)
+                bits = expert_bits[layer, e]
                 mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
                 blob = quant.pack_expert_blob(layer, e, *mats)
                 del gate, up, down, mats
