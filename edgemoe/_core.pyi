@@ -3,7 +3,7 @@
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow FORMAT.md's QMatrix layout; blobs follow its expert blob layout.
 """
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -52,6 +52,7 @@ class ExpertStore:
     A blob whose CRC-32C differs (or whose header names another expert) raises
     CorruptExpertError naming layer and expert. A blob beyond the end of the file
     raises edgemoe.errors.ModelDirectoryError at construction (truncated file).
+    read_bytes_per_s / read_latency_s > 0 emulate a slower device (see set_throttle).
     """
     def __init__(
         self,
@@ -61,6 +62,8 @@ class ExpertStore:
         checksums: npt.NDArray[np.uint32],
         direct: bool = True,
         verify: bool = True,
+        read_bytes_per_s: float = 0.0,
+        read_latency_s: float = 0.0,
     ) -> None: ...
     @property
     def direct(self) -> bool:
@@ -75,6 +78,17 @@ class ExpertStore:
     def num_experts(self) -> int: ...
     @property
     def file_bytes(self) -> int: ...
+    @property
+    def read_bytes_per_s(self) -> float:
+        """Emulated bandwidth (0 = off)."""
+    @property
+    def read_latency_s(self) -> float:
+        """Emulated latency per read (0 = off)."""
+    def set_throttle(self, read_bytes_per_s: float, read_latency_s: float = 0.0) -> None:
+        """Emulate a device's storage: a read of n bytes takes at least
+        read_latency_s + n / read_bytes_per_s. Concurrent reads overlap their latency
+        and share the bandwidth; a read that finishes early sleeps until its slot ends.
+        0 turns either part off. Figures: devices/profiles/*.json."""
     def blob_size(self, layer: int, expert: int) -> int: ...
     def read(self, layer: int, expert: int) -> npt.NDArray[np.uint8]:
         """The blob's bytes (a copy), checksum verified."""
@@ -82,28 +96,72 @@ class ExpertStore:
         """Evict the experts file from the OS page cache (posix_fadvise DONTNEED), for benchmarks."""
 
 class ExpertCache:
-    """Expert blobs resident in RAM under a byte budget (0 = unbounded), LRU.
+    """Expert blobs resident in RAM under a byte budget (0 = unbounded), read by
+    `io_threads` I/O threads, evicted by `policy`:
 
-    The budget counts each resident blob's buffer (its size rounded up to 4 KiB).
-    Experts in use by moe_forward are pinned and never evicted; if the budget
-    cannot make room, BudgetError names the budget and the bytes needed.
-    Thread-safe: reads happen outside the lock, concurrent requests for one
-    expert wait for a single read.
+    - "lru": least recently used first (a prefetch landing counts as a use);
+    - "lfu": fewest demand uses first, ties by recency;
+    - "edgemoe": lowest decayed activation rate (x0.95 per token) divided by the
+      number of MoE layers until the expert's layer runs again (the layer just
+      computed is the farthest, the next one the nearest), ties by recency.
+
+    The budget bounds every buffer the cache holds, in flight included: a blob is
+    charged its size rounded up to 4 KiB before it is read. Beyond the budget the
+    cache keeps a fixed `entry_overhead_bytes` per (layer, expert) of the file (see
+    native/cache.h for the rest). Experts in use by moe_forward are pinned and never
+    evicted; if the budget cannot make room, BudgetError names the budget and the
+    bytes needed. Demand reads (moe_forward misses) go before queued prefetches.
+    io_threads=0: the calling thread reads, and prefetch() queues nothing.
+    Thread-safe; no lock is held during a read or a computation.
     """
-    def __init__(self, store: ExpertStore, budget_bytes: int = 0) -> None: ...
+    entry_overhead_bytes: int
+    def __init__(self, store: ExpertStore, budget_bytes: int = 0, policy: str = "lru", io_threads: int = 2) -> None: ...
     @property
     def budget_bytes(self) -> int: ...
     @property
-    def resident_bytes(self) -> int: ...
+    def resident_bytes(self) -> int:
+        """Bytes charged now: resident, being read, or reserved for a queued demand read."""
+    @property
+    def policy(self) -> str: ...
+    @property
+    def io_threads(self) -> int: ...
     def contains(self, layer: int, expert: int) -> bool: ...
+    def load(self, layer: int, expert: int) -> bool:
+        """Make the expert resident now, without pinning it (may evict); blocks until it is.
+        True if it was not resident. Not counted as a hit or miss; counted in loads."""
+    @overload
     def prefetch(self, layer: int, expert: int) -> bool:
-        """Make the expert resident without pinning it (may evict). True if this call read it.
-        Not counted as a hit or miss; counted in loads and bytes_read."""
-    def clear(self) -> None: ...
+        """Blocking, one expert: the same as load(layer, expert)."""
+    @overload
+    def prefetch(self, layer: int, experts: list[int], max_bytes: int = 0) -> int:
+        """Non-blocking: queue reads of `experts` of `layer`, most likely first; returns
+        how many were queued. Skips experts resident, queued or being read, and stops
+        before the bytes queued by this call would pass max_bytes (0: no cap). A queued
+        read starts after every demand read; when it starts it evicts only unpinned
+        experts the policy values less, never one of the layer computing now or of a
+        layer that runs before it, else it is dropped. A wrong guess costs bandwidth,
+        never correctness."""
+    def cancel_prefetches(self, layer: int = -1) -> int:
+        """Drop queued prefetches that have not started (all, or those of `layer`); returns how many."""
+    def set_current_layer(self, layer: int) -> None:
+        """The layer computing now (moe_forward sets it): the edgemoe policy's distances,
+        the layers a prefetch may not evict from, and token boundaries."""
+    def wait_idle(self) -> None:
+        """Block until no read is queued or in flight."""
+    def clear(self) -> None:
+        """Cancel queued prefetches and evict every unpinned expert."""
     def stats(self) -> dict[str, float]:
-        """hits, misses (requests from moe_forward), loads (reads from the file),
-        evictions, bytes_read (blob bytes loaded), read_seconds, resident_bytes,
-        peak_resident_bytes, direct_io (1.0/0.0)."""
+        """The layer_stats() keys summed over layers, and resident_bytes (charged now),
+        peak_resident_bytes (never above the budget), direct_io (1.0/0.0)."""
+    def layer_stats(self) -> list[dict[str, float]]:
+        """One dict per layer of the experts file (its model layer index in "layer"):
+        hits / misses (demanded experts found resident / not), loads and bytes_read
+        (reads, demand and prefetch, and their blob bytes), demand_bytes, prefetch_issued
+        (queued), prefetch_loads and prefetch_bytes (read), prefetch_hits (demanded while
+        resident or in flight because of a prefetch), prefetch_cancelled (before they
+        started), prefetch_dropped (no room worth taking), wasted_prefetch_bytes
+        (prefetched, then evicted unused), evictions, read_seconds (inside reads, all
+        threads), stall_seconds (moe_forward waiting for reads), compute_seconds."""
     def reset_stats(self) -> None: ...
 
 def moe_forward(
@@ -116,8 +174,12 @@ def moe_forward(
     """sum_k weights[t, k] * expert[expert_ids[t, k]](x[t]) for every token t.
 
     x [T, hidden], expert_ids/weights [T, k]. Each distinct expert is fetched
-    from the cache once for all tokens that chose it (loaded on a miss, pinned
-    while it computes). An out-of-range expert id or a shape mismatch raises ValueError.
+    from the cache once for all tokens that chose it and pinned for the call: the
+    reads of the missing ones go to the I/O threads at once (waiting for a
+    prefetch already reading one instead of reading it twice), the resident ones
+    compute meanwhile, then each missing one as it lands. The weighted sum runs
+    in slot order, so the result does not depend on what was cached. Sets the
+    cache's current layer. An out-of-range expert id or a shape mismatch raises ValueError.
     """
 
 class CorruptExpertError(Exception): ...

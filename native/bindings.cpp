@@ -9,7 +9,9 @@
 
 #include "common.h"
 #include "crc32c.h"
+#include "cache.h"
 #include "kernels.h"
+#include "policy.h"
 #include "store.h"
 #include "threadpool.h"
 
@@ -61,6 +63,27 @@ std::vector<T> table(const py::array& a, uint32_t L, uint32_t E, const char* nam
   if (!arr || arr.ndim() != 2 || arr.shape(0) != int64_t(L) || arr.shape(1) != int64_t(E))
     throw std::invalid_argument(std::string(name) + " must be a [num_layers, num_experts] array");
   return std::vector<T>(arr.data(), arr.data() + arr.size());
+}
+
+py::dict layer_dict(const LayerStats& s) {
+  py::dict d;
+  d["hits"] = double(s.hits);
+  d["misses"] = double(s.misses);
+  d["loads"] = double(s.loads);
+  d["evictions"] = double(s.evictions);
+  d["bytes_read"] = double(s.bytes_read);
+  d["read_seconds"] = s.read_seconds;
+  d["demand_bytes"] = double(s.demand_bytes);
+  d["prefetch_issued"] = double(s.prefetch_issued);
+  d["prefetch_loads"] = double(s.prefetch_loads);
+  d["prefetch_bytes"] = double(s.prefetch_bytes);
+  d["prefetch_hits"] = double(s.prefetch_hits);
+  d["prefetch_cancelled"] = double(s.prefetch_cancelled);
+  d["prefetch_dropped"] = double(s.prefetch_dropped);
+  d["wasted_prefetch_bytes"] = double(s.wasted_prefetch_bytes);
+  d["stall_seconds"] = s.stall_seconds;
+  d["compute_seconds"] = s.compute_seconds;
+  return d;
 }
 
 }  // namespace
@@ -177,9 +200,10 @@ PYBIND11_MODULE(_core, m) {
       "buffers when the filesystem allows it (buffered otherwise).\n\n"
       "offsets/sizes/checksums are [num_layers, num_experts]; size 0 marks 'no expert'.\n"
       "A blob whose CRC-32C differs raises CorruptExpertError naming layer and expert; a blob\n"
-      "beyond the end of the file raises ModelDirectoryError at construction.")
+      "beyond the end of the file raises ModelDirectoryError at construction.\n"
+      "read_bytes_per_s / read_latency_s > 0 emulate a slower device's storage (see set_throttle).")
       .def(py::init([](const std::string& path, const py::array& offsets, const py::array& sizes,
-                       const py::array& checksums, bool direct, bool verify) {
+                       const py::array& checksums, bool direct, bool verify, double bps, double latency) {
              if (offsets.ndim() != 2) throw std::invalid_argument("offsets must be [num_layers, num_experts]");
              const auto L = uint32_t(offsets.shape(0)), E = uint32_t(offsets.shape(1));
              auto o = table<uint64_t>(offsets, L, E, "offsets");
@@ -187,16 +211,22 @@ PYBIND11_MODULE(_core, m) {
              auto c = table<uint32_t>(checksums, L, E, "checksums");
              py::gil_scoped_release nogil;
              return std::make_shared<ExpertStore>(path, L, E, std::move(o), std::move(s), std::move(c), direct,
-                                                  verify);
+                                                  verify, bps, latency);
            }),
            py::arg("path"), py::arg("offsets"), py::arg("sizes"), py::arg("checksums"), py::arg("direct") = true,
-           py::arg("verify") = true)
+           py::arg("verify") = true, py::arg("read_bytes_per_s") = 0.0, py::arg("read_latency_s") = 0.0)
       .def_property_readonly("direct", &ExpertStore::direct, "True when reads use O_DIRECT.")
       .def_property_readonly("verify", &ExpertStore::verify, "True when reads check the CRC-32C.")
       .def_property_readonly("path", &ExpertStore::path)
       .def_property_readonly("num_layers", &ExpertStore::num_layers)
       .def_property_readonly("num_experts", &ExpertStore::num_experts)
       .def_property_readonly("file_bytes", &ExpertStore::file_bytes)
+      .def_property_readonly("read_bytes_per_s", &ExpertStore::read_bytes_per_s, "Emulated bandwidth (0 = off).")
+      .def_property_readonly("read_latency_s", &ExpertStore::read_latency_s, "Emulated latency per read (0 = off).")
+      .def("set_throttle", &ExpertStore::set_throttle, py::arg("read_bytes_per_s"), py::arg("read_latency_s") = 0.0,
+           "Emulate a device's storage: a read of n bytes takes at least read_latency_s + n / read_bytes_per_s.\n"
+           "Concurrent reads overlap their latency and share the bandwidth; a read that finishes early\n"
+           "sleeps until its slot ends. 0 turns either part off. Figures: devices/profiles/*.json.")
       .def("blob_size", &ExpertStore::blob_size, py::arg("layer"), py::arg("expert"),
            "The blob's exact byte length (0: no such expert).")
       .def(
@@ -217,37 +247,82 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<ExpertCache, std::shared_ptr<ExpertCache>>(
       m, "ExpertCache",
-      "Expert blobs resident in RAM under a byte budget (0 = unbounded), LRU.\n\n"
-      "The budget counts each resident blob's buffer (its size rounded up to 4 KiB). Experts in use\n"
-      "by moe_forward are pinned and never evicted. Thread-safe.")
-      .def(py::init<std::shared_ptr<ExpertStore>, uint64_t>(), py::arg("store"), py::arg("budget_bytes") = 0)
+      "Expert blobs resident in RAM under a byte budget (0 = unbounded), read by io_threads I/O\n"
+      "threads, evicted by `policy`: 'lru', 'lfu' (demand uses, ties by recency) or 'edgemoe'\n"
+      "(decayed activation rate / MoE layers until the expert's layer runs again).\n\n"
+      "The budget bounds every buffer the cache holds, in flight included: each blob is charged\n"
+      "its size rounded up to 4 KiB before it is read. Experts in use by moe_forward are pinned\n"
+      "and never evicted. Demand reads go before prefetches. Thread-safe.")
+      .def(py::init([](std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, const std::string& policy,
+                       int io_threads) {
+             const Policy p = policy_from_name(policy);
+             return std::make_shared<ExpertCache>(std::move(store), budget_bytes, p, io_threads);
+           }),
+           py::arg("store"), py::arg("budget_bytes") = 0, py::arg("policy") = "lru", py::arg("io_threads") = 2)
       .def_property_readonly("budget_bytes", &ExpertCache::budget_bytes)
       .def_property_readonly("resident_bytes", &ExpertCache::resident_bytes)
+      .def_property_readonly("policy", [](const ExpertCache& c) { return std::string(policy_name(c.policy())); })
+      .def_property_readonly("io_threads", &ExpertCache::io_threads)
+      .def_property_readonly_static("entry_overhead_bytes", [](py::object) { return ExpertCache::kEntryBytes; },
+                                    "Fixed bytes the cache keeps per (layer, expert) of the file, beyond the budget.")
       .def("contains", &ExpertCache::contains, py::arg("layer"), py::arg("expert"))
-      .def("prefetch", &ExpertCache::prefetch, py::arg("layer"), py::arg("expert"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Make the expert resident without pinning it (may evict). True if this call read it.\n"
-           "Not counted as a hit or miss; counted in loads and bytes_read.")
-      .def("clear", &ExpertCache::clear, "Evict every unpinned expert.")
+      .def("load", &ExpertCache::load, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>(),
+           "Make the expert resident now, without pinning it (may evict); blocks until it is.\n"
+           "True if it was not resident. Not counted as a hit or miss; counted in loads and bytes_read.")
+      .def("prefetch", &ExpertCache::load, py::arg("layer"), py::arg("expert"),
+           py::call_guard<py::gil_scoped_release>(), "Blocking, one expert: the same as load(layer, expert).")
+      .def("prefetch",
+           [](ExpertCache& c, uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes) {
+             py::gil_scoped_release nogil;
+             return c.prefetch(layer, experts, max_bytes);
+           },
+           py::arg("layer"), py::arg("experts"), py::arg("max_bytes") = 0,
+           "Non-blocking: queue reads of `experts` of `layer`, most likely first; returns how many\n"
+           "were queued. Skips experts resident, queued or being read, and stops before the bytes\n"
+           "queued by this call would pass max_bytes (0: no cap). A queued read starts after every\n"
+           "demand read; when it starts it evicts only unpinned experts the policy values less, never\n"
+           "one of the layer computing now or of a layer that runs before it, else it is dropped.\n"
+           "A wrong guess costs bandwidth, never correctness. Queues nothing when io_threads is 0.")
+      .def("cancel_prefetches", &ExpertCache::cancel_prefetches, py::arg("layer") = -1,
+           "Drop queued prefetches that have not started (all, or those of `layer`); returns how many.")
+      .def("set_current_layer", &ExpertCache::set_current_layer, py::arg("layer"),
+           "The layer computing now (moe_forward sets it): the edgemoe policy's distances, the layers\n"
+           "a prefetch may not evict from, and token boundaries.")
+      .def("wait_idle", &ExpertCache::wait_idle, py::call_guard<py::gil_scoped_release>(),
+           "Block until no read is queued or in flight.")
+      .def("clear", &ExpertCache::clear, "Cancel queued prefetches and evict every unpinned expert.")
       .def(
           "stats",
           [](const ExpertCache& c) {
             const CacheStats s = c.stats();
-            py::dict d;
-            d["hits"] = double(s.hits);
-            d["misses"] = double(s.misses);
-            d["loads"] = double(s.loads);
-            d["evictions"] = double(s.evictions);
-            d["bytes_read"] = double(s.bytes_read);
-            d["read_seconds"] = s.read_seconds;
+            py::dict d = layer_dict(s);
             d["resident_bytes"] = double(s.resident_bytes);
             d["peak_resident_bytes"] = double(s.peak_resident_bytes);
             d["direct_io"] = s.direct_io ? 1.0 : 0.0;
             return d;
           },
-          "hits, misses (requests by moe_forward), loads (reads from the file), evictions,\n"
-          "bytes_read (blob bytes loaded), read_seconds, resident_bytes, peak_resident_bytes,\n"
-          "direct_io (1.0/0.0).")
+          "Totals over layers (see layer_stats) and resident_bytes (charged now: resident, in flight,\n"
+          "reserved), peak_resident_bytes (<= budget), direct_io (1.0/0.0). All values are floats.")
+      .def(
+          "layer_stats",
+          [](const ExpertCache& c) {
+            py::list out;
+            uint32_t layer = 0;
+            for (const LayerStats& s : c.layer_stats()) {
+              py::dict d = layer_dict(s);
+              d["layer"] = layer++;
+              out.append(d);
+            }
+            return out;
+          },
+          "One dict per layer of the experts file (model layer index), floats:\n"
+          "hits / misses: demanded experts found resident / not; loads, bytes_read: reads (demand and\n"
+          "prefetch) and their blob bytes; demand_bytes: read because a computation needed them;\n"
+          "prefetch_issued (queued), prefetch_loads, prefetch_bytes (read), prefetch_hits (demanded\n"
+          "while resident or in flight because of a prefetch), prefetch_cancelled (before starting),\n"
+          "prefetch_dropped (no room worth taking), wasted_prefetch_bytes (prefetched, evicted unused);\n"
+          "evictions; read_seconds (inside reads, all threads), stall_seconds (moe_forward waiting\n"
+          "for reads), compute_seconds (moe_forward computing).")
       .def("reset_stats", &ExpertCache::reset_stats, "Zero the counters (resident bytes stay).");
 
   m.def(
@@ -280,6 +355,9 @@ PYBIND11_MODULE(_core, m) {
       py::arg("cache"), py::arg("layer"), py::arg("x"), py::arg("expert_ids"), py::arg("weights"),
       "sum_k weights[t, k] * expert[expert_ids[t, k]](x[t]) for every token t.\n\n"
       "x [T, hidden], expert_ids/weights [T, k]. Each distinct expert is fetched from the cache once\n"
-      "for all tokens that chose it (loaded on a miss, pinned while it computes). An out-of-range\n"
-      "expert id raises ValueError.");
+      "for all tokens that chose it and pinned for the call: the missing ones are read by the I/O\n"
+      "threads at once (a prefetch already reading one is waited for, not repeated) while the\n"
+      "resident ones compute, then each missing one computes as it lands. The weighted sum runs in\n"
+      "slot order, so y does not depend on what was cached. Sets the cache's current layer. An\n"
+      "out-of-range expert id raises ValueError.");
 }

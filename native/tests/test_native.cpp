@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +17,8 @@
 #include "common.h"
 #include "crc32c.h"
 #include "kernels.h"
+#include "cache.h"
+#include "policy.h"
 #include "store.h"
 #include "threadpool.h"
 
@@ -297,7 +300,7 @@ struct TestFile {
   ~TestFile() { ::unlink(path.c_str()); }
 };
 
-static void write_file(TestFile& f, uint32_t H, uint32_t I) {
+static void write_file(TestFile& f, uint32_t H, uint32_t I, uint32_t (*bits_of)(uint32_t, uint32_t) = nullptr) {
   char tmpl[] = "/tmp/edgemoe_native_XXXXXX";
   const int fd = ::mkstemp(tmpl);
   f.path = tmpl;
@@ -310,7 +313,7 @@ static void write_file(TestFile& f, uint32_t H, uint32_t I) {
   for (uint32_t l = 0; l < f.L; ++l)
     for (uint32_t e = 0; e < f.E; ++e) {
       std::vector<TestMatrix> mats;
-      auto blob = make_blob(l, e, H, I, (e % 2) ? 4 : 3, &mats);
+      auto blob = make_blob(l, e, H, I, bits_of ? bits_of(l, e) : (e % 2) ? 4 : 3, &mats);
       data.resize((data.size() + 4095) / 4096 * 4096, 0);
       f.offsets.push_back(data.size());
       f.sizes.push_back(blob.size());
@@ -429,7 +432,7 @@ static void test_cache_threads() {
         const uint32_t l = r() % f.L, e = r() % f.E, i = l * f.E + e;
         try {
           if (it % 7 == 0) {
-            cache.prefetch(l, e);
+            cache.load(l, e);
             continue;
           }
           PinnedExpert p = cache.acquire(l, e);
@@ -452,6 +455,352 @@ static void test_cache_threads() {
   std::printf("  cache threads: %llu hits, %llu misses, %llu loads, %llu evictions, %d budget errors\n",
               (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.loads,
               (unsigned long long)s.evictions, budget_errors.load());
+}
+
+// ---------------------------------------------------------------- policies, prefetch, throttling
+
+static uint32_t four_bits(uint32_t, uint32_t) { return 4; }  // equal blob sizes: budgets in whole experts
+
+static std::shared_ptr<ExpertStore> open_store(const TestFile& f) {
+  return std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+}
+
+static void use(ExpertCache& c, uint32_t layer, uint32_t expert) { c.acquire(layer, expert).release(); }
+
+// The scoring functions on a scripted history: three experts, three different victims.
+static void test_policy_scores() {
+  CHECK(policy_from_name("edgemoe") == Policy::kEdgeMoE && std::string(policy_name(Policy::kLfu)) == "lfu");
+  CHECK(throws<std::invalid_argument>([] { policy_from_name("fifo"); }, "'lru', 'lfu' or 'edgemoe'"));
+  Usage u;
+  record_use(u, 1, 0);
+  record_use(u, 2, 0);  // twice in one token
+  CHECK(u.uses == 2 && std::fabs(u.rate - 0.1) < 1e-12);
+  CHECK(std::fabs(policy_score(Policy::kEdgeMoE, u, 1, 14).value - 0.1 * std::pow(0.95, 14)) < 1e-12);
+
+  // X: layer 0, used at tokens 0-3 (old, frequent); Z: layer 0, once at token 20;
+  // Y: layer 1, once at token 30. Now: token 30, layer 1 computing (M = 2), so
+  // layer 0 runs next (distance 1) and layer 1 is the farthest (distance 2).
+  Usage X, Y, Z;
+  uint64_t tick = 0;
+  for (uint64_t t = 0; t < 4; ++t) record_use(X, ++tick, t);
+  record_use(Z, ++tick, 20);
+  record_use(Y, ++tick, 30);
+  auto victim = [&](Policy p) {
+    const Score sx = policy_score(p, X, 1, 30), sy = policy_score(p, Y, 2, 30), sz = policy_score(p, Z, 1, 30);
+    if (sx < sy && sx < sz) return 'X';
+    return sy < sz ? 'Y' : 'Z';
+  };
+  CHECK(victim(Policy::kLru) == 'X');      // least recently used
+  CHECK(victim(Policy::kLfu) == 'Z');      // fewest uses, the older of Y and Z
+  CHECK(victim(Policy::kEdgeMoE) == 'Y');  // one use at the farthest layer beats an old one at the next
+}
+
+// The same policies deciding a real cache's evictions.
+static void test_policy_evictions() {
+  TestFile f;
+  f.L = 3;
+  f.E = 4;
+  write_file(f, 64, 64, four_bits);
+  auto store = open_store(f);
+  const uint64_t one = store->read_capacity(0, 0);
+  {  // lru: the least recently used goes
+    ExpertCache c(store, 4 * one, Policy::kLru, 1);
+    for (auto [l, e] : {std::pair{0u, 0u}, {0, 1}, {1, 0}, {1, 1}, {0, 0}, {2, 0}}) use(c, l, e);
+    CHECK(!c.contains(0, 1) && c.contains(0, 0) && c.contains(1, 0) && c.contains(2, 0));
+  }
+  {  // lfu: fewest uses, ties by recency
+    ExpertCache c(store, 4 * one, Policy::kLfu, 1);
+    for (auto [l, e] : {std::pair{0u, 0u}, {0, 0}, {0, 0}, {0, 1}, {1, 0}, {1, 0}, {1, 1}, {2, 0}}) use(c, l, e);
+    CHECK(!c.contains(0, 1) && c.contains(1, 1));
+    use(c, 2, 1);
+    CHECK(!c.contains(1, 1) && c.contains(0, 0) && c.contains(1, 0) && c.contains(2, 0) && c.contains(2, 1));
+  }
+  {  // edgemoe: equal rates, so the layer farthest from its next use goes (lru would take (0, 0))
+    ExpertCache c(store, 4 * one, Policy::kEdgeMoE, 1);
+    for (uint32_t l = 0; l < 2; ++l) {
+      c.set_current_layer(l);
+      use(c, l, 0);
+      use(c, l, 1);
+    }
+    c.set_current_layer(2);  // layer 0 runs next, layer 1 is two layers away
+    use(c, 2, 0);
+    CHECK(!c.contains(1, 0) && c.contains(0, 0) && c.contains(0, 1) && c.contains(1, 1));
+  }
+}
+
+// A prefetch never evicts a pinned expert, one of the current layer, nor one the policy values more.
+static void test_prefetch_admission() {
+  TestFile f;
+  f.L = 3;
+  f.E = 4;
+  write_file(f, 64, 64, four_bits);
+  auto store = open_store(f);
+  const uint64_t one = store->read_capacity(0, 0);
+  {
+    ExpertCache c(store, 2 * one, Policy::kLru, 1);
+    c.set_current_layer(0);
+    PinnedExpert held = c.acquire(0, 0);
+    use(c, 0, 1);
+    CHECK(c.prefetch(1, {0}) == 1);
+    c.wait_idle();
+    CHECK(!c.contains(1, 0) && c.contains(0, 0) && c.contains(0, 1));
+    CHECK(c.stats().prefetch_dropped == 1 && c.stats().prefetch_loads == 0);
+    c.set_current_layer(2);  // layer 0 runs before layer 1 (next token): still protected
+    CHECK(c.prefetch(1, {0}) == 1);
+    c.wait_idle();
+    CHECK(!c.contains(1, 0) && c.stats().prefetch_dropped == 2);
+    held.release();
+    c.set_current_layer(1);  // layer 0 now runs after layer 2, and (0, 0) is unpinned: it may go
+    CHECK(c.prefetch(2, {0}) == 1);
+    c.wait_idle();
+    CHECK(c.contains(2, 0) && !c.contains(0, 0) && c.stats().prefetch_loads == 1 && c.stats().evictions == 1);
+  }
+  {  // lfu: an expert used three times outweighs a guess never used
+    ExpertCache c(store, 2 * one, Policy::kLfu, 1);
+    for (int i = 0; i < 3; ++i) use(c, 0, 1);
+    use(c, 2, 0);
+    use(c, 2, 0);
+    c.set_current_layer(2);
+    CHECK(c.prefetch(1, {0}) == 1);
+    c.wait_idle();
+    CHECK(!c.contains(1, 0) && c.stats().prefetch_dropped == 1);
+  }
+  {  // max_bytes caps one call, resident experts are skipped, io_threads = 0 queues nothing
+    ExpertCache c(store, 0, Policy::kLru, 1);
+    use(c, 1, 0);
+    CHECK(c.prefetch(1, {0, 1, 2, 3}, 2 * one) == 2);
+    c.wait_idle();
+    CHECK(c.contains(1, 1) && c.contains(1, 2) && !c.contains(1, 3));
+    CHECK(c.prefetch(1, {1, 2}) == 0);
+    ExpertCache none(store, 0, Policy::kLru, 0);
+    CHECK(none.prefetch(1, {0}) == 0 && none.io_threads() == 0);
+    use(none, 1, 0);  // demand reads happen on the calling thread
+    CHECK(none.contains(1, 0));
+    CHECK(throws<std::invalid_argument>([&] { c.prefetch(1, {4}); }, "out of range"));
+  }
+}
+
+// Prefetch hits, waste, cancellation and demand priority, on emulated slow storage.
+static void test_prefetch_flow() {
+  TestFile f;
+  f.L = 2;
+  f.E = 8;
+  write_file(f, 64, 64, four_bits);
+  auto store = open_store(f);
+  const uint64_t one = store->read_capacity(0, 0);
+  store->set_throttle(0, 0.02);  // 20 ms per read
+  {
+    ExpertCache c(store, 0, Policy::kLru, 1);
+    CHECK(c.prefetch(1, {0, 1, 2, 3, 4, 5}) == 6);
+    const auto t0 = std::chrono::steady_clock::now();
+    use(c, 0, 7);  // a demand read goes before the queued prefetches (at most one is in flight)
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    CHECK(dt < 0.1);
+    CHECK(c.stats().prefetch_loads <= 2);
+    const size_t cancelled = c.cancel_prefetches(1);
+    CHECK(cancelled >= 3 && c.stats().prefetch_cancelled == cancelled);
+    c.wait_idle();
+    const CacheStats s = c.stats();
+    CHECK(s.prefetch_loads + cancelled == 6 && s.prefetch_issued == 6);
+    // A demand for an expert whose prefetch is resident or in flight is a prefetch hit; one cancelled is a miss.
+    uint32_t landed = 8;
+    for (uint32_t e = 0; e < 6; ++e)
+      if (c.contains(1, e)) landed = e;
+    CHECK(landed < 8);
+    use(c, 1, landed);
+    CHECK(c.stats().prefetch_hits == 1 && c.stats().hits == 1);
+  }
+  store->set_throttle(0, 0);
+  {  // evicted unused: wasted bytes; cancel of one layer leaves the other
+    ExpertCache c(store, 3 * one, Policy::kLru, 1);
+    c.set_current_layer(0);
+    CHECK(c.prefetch(1, {0, 1}) == 2);
+    c.wait_idle();
+    use(c, 1, 0);  // used: not wasted
+    use(c, 0, 0);
+    use(c, 0, 1);  // evicts (1, 1), never used
+    CHECK(!c.contains(1, 1) && c.stats().wasted_prefetch_bytes == store->blob_size(1, 1));
+    CHECK(c.stats().prefetch_hits == 1);
+  }
+}
+
+// Storage emulation: n bytes take at least latency + n / bandwidth, shared by concurrent readers.
+static void test_throttle() {
+  TestFile f;
+  f.L = 1;
+  f.E = 8;
+  write_file(f, 64, 64, four_bits);
+  auto store = open_store(f);
+  CHECK(throws<std::invalid_argument>([&] { store->set_throttle(-1, 0); }));
+  const double bw = 2e6, lat = 0.005;
+  store->set_throttle(bw, lat);
+  CHECK(store->read_bytes_per_s() == bw && store->read_latency_s() == lat);
+  auto t0 = std::chrono::steady_clock::now();
+  store->read(0, 0);
+  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(dt >= lat + double(store->blob_size(0, 0)) / bw);
+  // Four I/O threads read all eight: the bandwidth is shared, not multiplied.
+  ExpertCache c(store, 0, Policy::kLru, 4);
+  uint64_t total = 0;
+  for (uint32_t e = 0; e < 8; ++e) total += store->blob_size(0, e);
+  t0 = std::chrono::steady_clock::now();
+  CHECK(c.prefetch(0, {0, 1, 2, 3, 4, 5, 6, 7}) == 8);
+  c.wait_idle();
+  dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(dt >= double(total) / bw);
+  CHECK(c.stats().read_seconds >= double(total) / bw);
+  std::printf("  throttle: %.1f ms for %llu bytes at %.0f MB/s (floor %.1f ms)\n", dt * 1e3,
+              (unsigned long long)total, bw / 1e6, 1e3 * double(total) / bw);
+  store->set_throttle(0, 0);
+}
+
+// moe_forward with a storm of (mostly wrong) prefetches on other threads: the
+// same output as with an unbounded cache, the budget never exceeded.
+static void test_prefetch_storm() {
+  const uint32_t H = 64, I = 64;
+  TestFile f;
+  f.L = 3;
+  f.E = 8;
+  write_file(f, H, I);
+  auto store = open_store(f);
+  uint64_t biggest = 0;
+  for (uint32_t e = 0; e < f.E; ++e) biggest = std::max(biggest, store->read_capacity(0, e));
+  const int64_t T = 3, K = 2;
+  std::vector<std::vector<int32_t>> ids;
+  std::vector<std::vector<float>> xs, ws;
+  std::mt19937 r(7);
+  for (int i = 0; i < 60; ++i) {
+    std::vector<int32_t> id(size_t(T * K));
+    for (int64_t t = 0; t < T; ++t) {
+      id[size_t(t * K)] = int32_t(r() % f.E);
+      id[size_t(t * K + 1)] = int32_t((uint32_t(id[size_t(t * K)]) + 1 + r() % (f.E - 1)) % f.E);
+    }
+    ids.push_back(id);
+    xs.push_back(rand_vec(size_t(T * H)));
+    ws.push_back(rand_vec(size_t(T * K)));
+  }
+  auto run = [&](ExpertCache& c, std::vector<std::vector<float>>& out) {
+    for (size_t i = 0; i < ids.size(); ++i) {
+      out[i].resize(size_t(T * H));
+      moe_forward(c, uint32_t(i % f.L), xs[i].data(), T, H, ids[i].data(), ws[i].data(), K, out[i].data());
+    }
+  };
+  std::vector<std::vector<float>> ref(ids.size()), got(ids.size());
+  {
+    ExpertCache unbounded(store, 0, Policy::kLru, 0);
+    run(unbounded, ref);
+  }
+  for (Policy p : {Policy::kLru, Policy::kLfu, Policy::kEdgeMoE}) {
+    ExpertCache c(store, 7 * biggest, p, 2);  // room for a layer's 6 and one more
+    std::atomic<bool> stop{false};
+    std::thread storm([&] {
+      std::mt19937 g(11);
+      while (!stop) {
+        std::vector<uint32_t> guess;
+        for (int j = 0; j < 4; ++j) guess.push_back(g() % f.E);
+        c.prefetch(g() % f.L, guess, g() % 2 ? 0 : 2 * biggest);
+        if (g() % 3 == 0) c.cancel_prefetches(g() % 2 ? -1 : int64_t(g() % f.L));
+        std::this_thread::yield();
+      }
+    });
+    run(c, got);
+    stop = true;
+    storm.join();
+    c.wait_idle();
+    bool same = true;
+    for (size_t i = 0; i < ids.size(); ++i) same = same && std::memcmp(ref[i].data(), got[i].data(), ref[i].size() * 4) == 0;
+    CHECK(same);
+    const CacheStats s = c.stats();
+    CHECK(s.peak_resident_bytes <= c.budget_bytes() && s.resident_bytes <= c.budget_bytes());
+    CHECK(s.hits + s.misses > 0 && s.prefetch_issued > 0);
+    uint64_t hits = 0;
+    for (const LayerStats& ls : c.layer_stats()) hits += ls.hits;
+    CHECK(hits == s.hits);
+  }
+}
+
+// Threads acquiring, prefetching and cancelling at once under a tight budget
+// (for TSan and ASan); the budget holds in flight included.
+static void test_prefetch_threads() {
+  TestFile f;
+  f.L = 3;
+  f.E = 6;
+  write_file(f, 64, 64);
+  auto store = open_store(f);
+  uint64_t biggest = 0;
+  for (uint32_t e = 0; e < f.E; ++e) biggest = std::max(biggest, store->read_capacity(0, e));
+  for (Policy p : {Policy::kLru, Policy::kEdgeMoE}) {
+    ExpertCache cache(store, 5 * biggest, p, 2);
+    std::atomic<int> bad{0}, budget_errors{0};
+    std::vector<std::thread> threads;
+    for (int t = 1; t < 4; ++t)
+      threads.emplace_back([&, t] {
+        std::mt19937 r(uint32_t(t) + 100);
+        for (int it = 0; it < 200; ++it) {
+          const uint32_t l = r() % f.L;
+          try {
+            if (t == 3) {  // the prefetcher
+              cache.prefetch(l, {uint32_t(r() % f.E), uint32_t(r() % f.E), uint32_t(r() % f.E)}, r() % 2 ? 0 : biggest);
+              if (it % 4 == 0) cache.cancel_prefetches(it % 8 ? -1 : int64_t(l));
+              std::this_thread::sleep_for(std::chrono::microseconds(300));
+              continue;
+            }
+            cache.set_current_layer(l);
+            const uint32_t a = r() % f.E, b = (a + 1 + r() % (f.E - 1)) % f.E;
+            LayerRequest req = cache.request(l, {a, b});
+            while (!req.done()) {
+              PinnedExpert pe = req.next();
+              const size_t i = l * f.E + pe.expert();
+              if (pe.blob().size != f.blobs[i].size() || std::memcmp(pe.blob().data, f.blobs[i].data(), pe.blob().size) != 0)
+                ++bad;
+            }
+          } catch (const BudgetError&) {
+            ++budget_errors;  // the other threads may pin everything at once
+          }
+        }
+      });
+    for (auto& th : threads) th.join();
+    cache.wait_idle();
+    CHECK(bad == 0);
+    const CacheStats s = cache.stats();
+    CHECK(s.peak_resident_bytes <= cache.budget_bytes());
+    // Every issued prefetch was read, cancelled, dropped, or demanded before it started.
+    CHECK(s.prefetch_loads > 0 && s.prefetch_loads + s.prefetch_cancelled + s.prefetch_dropped <= s.prefetch_issued);
+    cache.clear();  // nothing is left deferred or pinned: a prefetch runs
+    CHECK(cache.prefetch(0, {0}) == 1);
+    cache.wait_idle();
+    CHECK(cache.contains(0, 0));
+    std::printf("  prefetch threads (%s): %llu hits, %llu misses, %llu loads (%llu prefetched), %llu prefetch hits, "
+                "%llu cancelled, %llu dropped, %d budget errors\n",
+                policy_name(p), (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.loads,
+                (unsigned long long)s.prefetch_loads, (unsigned long long)s.prefetch_hits,
+                (unsigned long long)s.prefetch_cancelled, (unsigned long long)s.prefetch_dropped, budget_errors.load());
+  }
+}
+
+// A request bigger than the budget proceeds in turns: pins free room as experts finish.
+static void test_request_larger_than_budget() {
+  TestFile f;
+  f.L = 1;
+  f.E = 8;
+  write_file(f, 64, 64, four_bits);
+  auto store = open_store(f);
+  const uint64_t one = store->read_capacity(0, 0);
+  for (int io : {0, 2}) {
+    ExpertCache c(store, 2 * one, Policy::kLru, io);
+    LayerRequest req = c.request(0, {0, 1, 2, 3, 4, 5, 6, 7});
+    int n = 0;
+    while (!req.done()) {
+      PinnedExpert p = req.next();
+      ++n;
+    }
+    CHECK(n == 8 && c.stats().peak_resident_bytes <= 2 * one && c.stats().misses == 8);
+  }
+  ExpertCache c(store, 2 * one, Policy::kLru, 2);
+  PinnedExpert a = c.acquire(0, 0), b = c.acquire(0, 1);
+  CHECK(throws<BudgetError>([&] { c.acquire(0, 2); }, "pinned or being read"));
+  std::printf("  entry overhead: %zu bytes per (layer, expert), %zu per layer of statistics\n", ExpertCache::kEntryBytes,
+              sizeof(LayerStats));
 }
 
 static void test_pool() {
@@ -478,6 +827,14 @@ int main() {
   test_crc();
   test_store_and_cache();
   test_cache_threads();
+  test_policy_scores();
+  test_policy_evictions();
+  test_prefetch_admission();
+  test_prefetch_flow();
+  test_throttle();
+  test_prefetch_storm();
+  test_prefetch_threads();
+  test_request_larger_than_budget();
   if (g_failures) {
     std::printf("%d check(s) FAILED\n", g_failures);
     return 1;

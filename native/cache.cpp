@@ -1,0 +1,609 @@
+#include "cache.h"
+
+#include <algorithm>
+#include <cassert>
+#include <chrono>
+#include <cstring>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace edgemoe {
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string who(uint32_t layer, uint32_t expert) {
+  return "expert " + std::to_string(expert) + " of layer " + std::to_string(layer);
+}
+
+}  // namespace
+
+LayerStats& LayerStats::operator+=(const LayerStats& o) {
+  hits += o.hits;
+  misses += o.misses;
+  loads += o.loads;
+  bytes_read += o.bytes_read;
+  demand_bytes += o.demand_bytes;
+  prefetch_issued += o.prefetch_issued;
+  prefetch_loads += o.prefetch_loads;
+  prefetch_bytes += o.prefetch_bytes;
+  prefetch_hits += o.prefetch_hits;
+  prefetch_cancelled += o.prefetch_cancelled;
+  prefetch_dropped += o.prefetch_dropped;
+  wasted_prefetch_bytes += o.wasted_prefetch_bytes;
+  evictions += o.evictions;
+  read_seconds += o.read_seconds;
+  stall_seconds += o.stall_seconds;
+  compute_seconds += o.compute_seconds;
+  return *this;
+}
+
+// ---------------------------------------------------------------- PinnedExpert
+
+PinnedExpert::PinnedExpert(PinnedExpert&& o) noexcept
+    : cache_(o.cache_), key_(o.key_), expert_(o.expert_), blob_(std::move(o.blob_)) {
+  o.cache_ = nullptr;
+}
+
+PinnedExpert& PinnedExpert::operator=(PinnedExpert&& o) noexcept {
+  if (this != &o) {
+    release();
+    cache_ = o.cache_;
+    key_ = o.key_;
+    expert_ = o.expert_;
+    blob_ = std::move(o.blob_);
+    o.cache_ = nullptr;
+  }
+  return *this;
+}
+
+PinnedExpert::~PinnedExpert() { release(); }
+
+void PinnedExpert::release() {
+  // Drop our reference before unpinning: once unpinned the buffer may be evicted and reused.
+  blob_.reset();
+  if (cache_ != nullptr) cache_->unpin(key_);
+  cache_ = nullptr;
+}
+
+// ---------------------------------------------------------------- LayerRequest
+
+LayerRequest::LayerRequest(LayerRequest&& o) noexcept
+    : cache_(o.cache_), layer_(o.layer_), waiting_(std::move(o.waiting_)), deferred_(std::move(o.deferred_)) {
+  o.cache_ = nullptr;
+  o.waiting_.clear();
+  o.deferred_.clear();
+}
+
+LayerRequest::~LayerRequest() {
+  if (cache_ != nullptr) cache_->finish(*this);
+}
+
+PinnedExpert LayerRequest::next() { return cache_->next_of(*this); }
+
+// ---------------------------------------------------------------- ExpertCache
+
+ExpertCache::ExpertCache(std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, Policy policy, int io_threads)
+    : store_(std::move(store)), budget_(budget_bytes), policy_(policy) {
+  if (io_threads < 0 || io_threads > 64)
+    throw std::invalid_argument("io_threads must be between 0 and 64, got " + std::to_string(io_threads));
+  const uint32_t L = store_->num_layers(), E = store_->num_experts();
+  entries_.resize(size_t(L) * E);
+  in_state_[size_t(State::kAbsent)] = entries_.size();
+  layer_stats_.resize(L);
+  moe_index_.assign(L, -1);
+  for (uint32_t l = 0; l < L; ++l)
+    for (uint32_t e = 0; e < E; ++e)
+      if (store_->blob_size(l, e) != 0) {
+        moe_index_[l] = int32_t(num_moe_layers_++);
+        break;
+      }
+  direct_io_ = store_->direct();
+  for (int i = 0; i < io_threads; ++i) threads_.emplace_back([this] { io_loop(); });
+}
+
+ExpertCache::~ExpertCache() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopping_ = true;
+  }
+  work_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+void ExpertCache::set_state(Entry& en, State s) {
+  in_state_[size_t(en.state)] -= 1;
+  in_state_[size_t(s)] += 1;
+  en.state = s;
+}
+
+uint32_t ExpertCache::distance(uint32_t layer) const {
+  const int64_t M = num_moe_layers_;
+  const int64_t mi = moe_index_[layer];
+  const int64_t cur = current_layer_ >= 0 ? moe_index_[size_t(current_layer_)] : M - 1;
+  return uint32_t(((mi - cur - 1) % M + M) % M + 1);
+}
+
+Score ExpertCache::score_of(const Entry& en, uint32_t layer) const {
+  return policy_score(policy_, en.usage, distance(layer), token_);
+}
+
+void ExpertCache::charge(Entry& en, uint64_t bytes) {
+  en.bytes = bytes;
+  resident_bytes_ += bytes;
+  peak_resident_bytes_ = std::max(peak_resident_bytes_, resident_bytes_);
+}
+
+bool ExpertCache::make_room(uint64_t need, int64_t prefetch_key, Buffers& evicted) {
+  if (budget_ == 0 || resident_bytes_ + need <= budget_) return true;
+  Score incoming;
+  uint32_t target_distance = 0;
+  if (prefetch_key >= 0) {
+    // What the guess is worth if it is right: scored as if used now.
+    const uint32_t layer = layer_of(size_t(prefetch_key));
+    Usage u = entries_[size_t(prefetch_key)].usage;
+    record_use(u, tick_ + 1, token_);
+    target_distance = distance(layer);
+    incoming = policy_score(policy_, u, target_distance, token_);
+  }
+  std::vector<std::pair<Score, size_t>> victims;
+  uint64_t freeable = 0;
+  for (size_t k : resident_) {
+    const Entry& en = entries_[k];
+    if (en.pins != 0) continue;
+    const uint32_t layer = layer_of(k);
+    const Score s = score_of(en, layer);
+    if (prefetch_key >= 0) {
+      // Never an expert needed before the guess: the current layer's, or one of
+      // a layer between it and the guess's (the guess's own layer included).
+      if (int64_t(layer) == current_layer_ || distance(layer) <= target_distance) continue;
+      if (!(s.value < incoming.value)) continue;  // never one worth as much as the guess
+    }
+    victims.emplace_back(s, k);
+    freeable += en.bytes;
+  }
+  if (resident_bytes_ + need > budget_ + freeable) return false;
+  std::sort(victims.begin(), victims.end(),
+            [](const std::pair<Score, size_t>& a, const std::pair<Score, size_t>& b) { return a.first < b.first; });
+  for (const auto& v : victims) {
+    if (resident_bytes_ + need <= budget_) break;
+    evict(v.second, evicted);
+  }
+  return true;
+}
+
+void ExpertCache::evict(size_t key, Buffers& evicted) {
+  Entry& en = entries_[key];
+  assert(en.state == State::kReady && en.pins == 0);
+  const size_t last = resident_.back();
+  resident_[en.slot] = last;
+  entries_[last].slot = en.slot;
+  resident_.pop_back();
+  resident_bytes_ -= en.bytes;
+  en.bytes = 0;
+  set_state(en, State::kAbsent);
+  LayerStats& ls = layer_stats_[layer_of(key)];
+  ls.evictions += 1;
+  if (en.prefetched) {
+    ls.wasted_prefetch_bytes += en.blob->size;
+    en.prefetched = false;
+  }
+  evicted.push_back(std::move(en.blob));
+}
+
+std::shared_ptr<Blob> ExpertCache::take_reusable(Buffers& evicted, uint64_t capacity) {
+  for (auto& b : evicted)
+    if (b && b->capacity == capacity && b.use_count() == 1) {
+      std::shared_ptr<Blob> out = std::move(b);
+      b = std::move(evicted.back());
+      evicted.pop_back();
+      return out;
+    }
+  return nullptr;
+}
+
+bool ExpertCache::reserve_demand(size_t key, Buffers& evicted) {
+  Entry& en = entries_[key];
+  const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+  if (!make_room(need, -1, evicted)) return false;
+  charge(en, need);
+  en.error = nullptr;
+  en.blob = take_reusable(evicted, need);
+  set_state(en, State::kQueuedDemand);
+  demand_q_.push_back(key);
+  work_.notify_one();
+  return true;
+}
+
+void ExpertCache::read_entry(std::unique_lock<std::mutex>& lk, size_t key, bool prefetch, Buffers& evicted) {
+  Entry& en = entries_[key];  // entries_ never resizes: the reference stays valid
+  assert(en.state == State::kLoading);
+  const uint32_t layer = layer_of(key), expert = expert_of(key);
+  std::shared_ptr<Blob> reuse = std::move(en.blob);
+  lk.unlock();
+  evicted.clear();  // free the buffers nobody reuses outside the lock
+  const auto t0 = std::chrono::steady_clock::now();
+  std::shared_ptr<Blob> blob;
+  std::exception_ptr error;
+  try {
+    blob = store_->read(layer, expert, std::move(reuse));
+  } catch (...) {
+    error = std::current_exception();
+  }
+  const double dt = seconds_since(t0);
+  lk.lock();
+
+  LayerStats& ls = layer_stats_[layer];
+  ls.read_seconds += dt;
+  if (error) {
+    resident_bytes_ -= en.bytes;
+    en.bytes = 0;
+    en.prefetched = false;
+    if (en.pins > 0) en.error = error;  // a failed prefetch nobody waits for is forgotten
+    set_state(en, State::kAbsent);
+  } else {
+    ls.loads += 1;
+    ls.bytes_read += blob->size;
+    (prefetch ? ls.prefetch_bytes : ls.demand_bytes) += blob->size;
+    if (prefetch) ls.prefetch_loads += 1;
+    en.blob = std::move(blob);
+    en.usage.last_use = ++tick_;  // a landing counts as a use for recency
+    en.slot = uint32_t(resident_.size());
+    resident_.push_back(key);
+    set_state(en, State::kReady);
+    direct_io_ = store_->direct();
+  }
+  changed_.notify_all();
+}
+
+void ExpertCache::io_loop() {
+  Buffers evicted;
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    work_.wait(lk, [&] { return stopping_ || !demand_q_.empty() || (deferred_ == 0 && !prefetch_q_.empty()); });
+    if (stopping_) return;
+    if (!demand_q_.empty()) {
+      const size_t key = demand_q_.front();
+      demand_q_.pop_front();
+      if (entries_[key].state != State::kQueuedDemand) continue;  // a waiting request read it
+      set_state(entries_[key], State::kLoading);
+      read_entry(lk, key, false, evicted);
+      continue;
+    }
+    const size_t key = prefetch_q_.front();
+    prefetch_q_.pop_front();
+    Entry& en = entries_[key];
+    if (en.state != State::kQueuedPrefetch) continue;  // stale: demanded or cancelled since
+    const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+    if (!make_room(need, int64_t(key), evicted)) {
+      layer_stats_[layer_of(key)].prefetch_dropped += 1;
+      set_state(en, State::kAbsent);
+      changed_.notify_all();
+      continue;
+    }
+    charge(en, need);
+    en.blob = take_reusable(evicted, need);
+    en.prefetched = true;
+    set_state(en, State::kLoading);
+    read_entry(lk, key, true, evicted);
+  }
+}
+
+LayerRequest ExpertCache::request(uint32_t layer, const std::vector<uint32_t>& experts, bool count) {
+  for (uint32_t e : experts) {
+    const uint64_t size = store_->blob_size(layer, e);  // throws on a bad index
+    if (size == 0) throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(e));
+    const uint64_t need = store_->read_capacity(layer, e);
+    if (budget_ != 0 && need > budget_)
+      throw BudgetError("the expert cache budget of " + std::to_string(budget_) + " bytes cannot hold " +
+                        who(layer, e) + " (" + std::to_string(need) + " bytes): raise the budget to at least " +
+                        std::to_string(need) + " bytes");
+  }
+  LayerRequest r(this, layer);
+  r.waiting_.reserve(experts.size());
+  Buffers evicted;  // declared before the lock: freed after it is released
+  std::lock_guard<std::mutex> lk(mu_);
+  LayerStats& ls = layer_stats_[layer];
+  for (uint32_t e : experts) {  // pin them all first: reading one must not evict another
+    const size_t key = size_t(layer) * store_->num_experts() + e;
+    Entry& en = entries_[key];
+    en.pins += 1;
+    r.waiting_.push_back(key);
+    if (count) {
+      record_use(en.usage, ++tick_, token_);
+      (en.state == State::kReady ? ls.hits : ls.misses) += 1;
+      if (en.prefetched) {  // resident or being read thanks to a prefetch
+        ls.prefetch_hits += 1;
+        en.prefetched = false;
+      }
+    }
+    if (en.state == State::kQueuedPrefetch) set_state(en, State::kAbsent);  // not started: read it as a demand
+  }
+  for (size_t key : r.waiting_) {
+    if (entries_[key].state == State::kAbsent && !reserve_demand(key, evicted)) {
+      r.deferred_.push_back(key);
+      deferred_ += 1;
+    }
+  }
+  return r;
+}
+
+void ExpertCache::retry_deferred(LayerRequest& r, Buffers& evicted) {
+  size_t kept = 0;
+  bool blocked = false;
+  for (size_t key : r.deferred_) {
+    Entry& en = entries_[key];
+    // Someone else queued it meanwhile, or there is room for it now: no longer deferred.
+    if (en.state != State::kAbsent || (!blocked && reserve_demand(key, evicted))) {
+      deferred_ -= 1;
+      continue;
+    }
+    blocked = true;  // keep the order: later ones wait behind this one
+    r.deferred_[kept++] = key;
+  }
+  r.deferred_.resize(kept);
+  if (deferred_ == 0 && !prefetch_q_.empty()) work_.notify_all();
+}
+
+PinnedExpert ExpertCache::next_of(LayerRequest& r) {
+  if (r.waiting_.empty()) throw std::logic_error("LayerRequest::next called after the last expert");
+  Buffers evicted;
+  std::unique_lock<std::mutex> lk(mu_);
+  bool stalled = false;
+  std::chrono::steady_clock::time_point t0;
+  for (;;) {
+    retry_deferred(r, evicted);
+    for (size_t i = 0; i < r.waiting_.size(); ++i) {
+      const size_t key = r.waiting_[i];
+      Entry& en = entries_[key];
+      if (en.state == State::kReady) {
+        r.waiting_.erase(r.waiting_.begin() + ptrdiff_t(i));
+        if (stalled) layer_stats_[r.layer_].stall_seconds += seconds_since(t0);
+        return PinnedExpert(this, key, expert_of(key), en.blob);
+      }
+      if (en.state == State::kAbsent) {
+        if (en.error) std::rethrow_exception(en.error);  // its read failed
+        if (std::find(r.deferred_.begin(), r.deferred_.end(), key) == r.deferred_.end()) {
+          r.deferred_.push_back(key);  // not expected (pinned entries are never cancelled), but stay live
+          deferred_ += 1;
+        }
+      }
+    }
+    if (!stalled) {
+      stalled = true;
+      t0 = std::chrono::steady_clock::now();
+    }
+    if (!demand_q_.empty()) {  // nothing to compute: read a queued demand ourselves
+      const size_t key = demand_q_.front();
+      demand_q_.pop_front();
+      if (entries_[key].state == State::kQueuedDemand) {
+        set_state(entries_[key], State::kLoading);
+        read_entry(lk, key, false, evicted);
+      }
+      continue;
+    }
+    const size_t reads = in_state_[size_t(State::kQueuedDemand)] + in_state_[size_t(State::kLoading)];
+    if (r.deferred_.size() == r.waiting_.size() && reads == 0) {
+      // Nothing in flight will free room: the budget is held by pinned experts.
+      const size_t key = r.deferred_.front();
+      const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+      throw BudgetError("the expert cache budget of " + std::to_string(budget_) + " bytes cannot hold " +
+                        who(layer_of(key), expert_of(key)) + " (" + std::to_string(need) + " bytes) next to the " +
+                        std::to_string(resident_bytes_) +
+                        " bytes of experts in use (pinned or being read): raise the budget to at least " +
+                        std::to_string(resident_bytes_ + need) + " bytes");
+    }
+    changed_.wait(lk);
+  }
+}
+
+void ExpertCache::finish(LayerRequest& r) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (size_t key : r.waiting_) {
+    assert(entries_[key].pins > 0);
+    entries_[key].pins -= 1;
+  }
+  deferred_ -= r.deferred_.size();
+  if (!r.waiting_.empty()) changed_.notify_all();
+  if (deferred_ == 0 && !prefetch_q_.empty()) work_.notify_all();
+  r.waiting_.clear();
+  r.deferred_.clear();
+}
+
+void ExpertCache::unpin(size_t key) {
+  std::lock_guard<std::mutex> lk(mu_);
+  assert(entries_[key].pins > 0);
+  if (--entries_[key].pins == 0) changed_.notify_all();  // room for a deferred read, maybe
+}
+
+PinnedExpert ExpertCache::acquire(uint32_t layer, uint32_t expert) {
+  LayerRequest r = request(layer, {expert});
+  return r.next();
+}
+
+bool ExpertCache::load(uint32_t layer, uint32_t expert) {
+  const bool was_resident = contains(layer, expert);
+  LayerRequest r = request(layer, {expert}, false);
+  r.next().release();
+  return !was_resident;
+}
+
+size_t ExpertCache::prefetch(uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes) {
+  for (uint32_t e : experts) store_->check_index(layer, e);
+  if (threads_.empty()) return 0;
+  size_t queued = 0;
+  uint64_t bytes = 0;
+  std::lock_guard<std::mutex> lk(mu_);
+  LayerStats& ls = layer_stats_[layer];
+  for (uint32_t e : experts) {
+    if (store_->blob_size(layer, e) == 0) continue;
+    const size_t key = size_t(layer) * store_->num_experts() + e;
+    Entry& en = entries_[key];
+    if (en.state == State::kReady) en.usage.last_use = ++tick_;  // predicted again: keep it fresh
+    if (en.state != State::kAbsent || en.pins > 0) continue;      // resident, queued, read or demanded
+    const uint64_t need = store_->read_capacity(layer, e);
+    if (budget_ != 0 && need > budget_) continue;
+    if (max_bytes != 0 && bytes + need > max_bytes) break;
+    bytes += need;
+    set_state(en, State::kQueuedPrefetch);
+    prefetch_q_.push_back(key);
+    ls.prefetch_issued += 1;
+    queued += 1;
+  }
+  if (queued != 0) work_.notify_all();
+  return queued;
+}
+
+size_t ExpertCache::cancel_prefetches(int64_t layer) {
+  std::lock_guard<std::mutex> lk(mu_);
+  size_t n = 0;
+  std::deque<size_t> keep;
+  for (size_t key : prefetch_q_) {
+    Entry& en = entries_[key];
+    if (en.state != State::kQueuedPrefetch) continue;  // stale
+    if (layer >= 0 && int64_t(layer_of(key)) != layer) {
+      keep.push_back(key);
+      continue;
+    }
+    set_state(en, State::kAbsent);
+    layer_stats_[layer_of(key)].prefetch_cancelled += 1;
+    n += 1;
+  }
+  prefetch_q_.swap(keep);
+  if (n != 0) changed_.notify_all();
+  return n;
+}
+
+void ExpertCache::set_current_layer(uint32_t layer) {
+  if (layer >= store_->num_layers())
+    throw std::invalid_argument("layer " + std::to_string(layer) + " is out of range: the experts file has " +
+                                std::to_string(store_->num_layers()) + " layers");
+  std::lock_guard<std::mutex> lk(mu_);
+  if (moe_index_[layer] < 0) return;  // no experts: nothing to order
+  if (current_layer_ >= 0 && moe_index_[layer] <= moe_index_[size_t(current_layer_)]) token_ += 1;
+  current_layer_ = layer;
+}
+
+void ExpertCache::wait_idle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  changed_.wait(lk, [&] {
+    return in_state_[size_t(State::kQueuedPrefetch)] + in_state_[size_t(State::kQueuedDemand)] +
+               in_state_[size_t(State::kLoading)] ==
+           0;
+  });
+}
+
+void ExpertCache::record_compute(uint32_t layer, double seconds) {
+  std::lock_guard<std::mutex> lk(mu_);
+  layer_stats_[layer].compute_seconds += seconds;
+}
+
+bool ExpertCache::contains(uint32_t layer, uint32_t expert) const {
+  store_->check_index(layer, expert);
+  std::lock_guard<std::mutex> lk(mu_);
+  return entries_[size_t(layer) * store_->num_experts() + expert].state == State::kReady;
+}
+
+void ExpertCache::clear() {
+  cancel_prefetches(-1);
+  Buffers evicted;  // freed after the lock is released
+  std::lock_guard<std::mutex> lk(mu_);
+  const std::vector<size_t> keys = resident_;
+  for (size_t k : keys)
+    if (entries_[k].pins == 0) evict(k, evicted);
+}
+
+CacheStats ExpertCache::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  CacheStats s;
+  for (const LayerStats& ls : layer_stats_) s += ls;
+  s.resident_bytes = resident_bytes_;
+  s.peak_resident_bytes = peak_resident_bytes_;
+  s.direct_io = direct_io_;
+  return s;
+}
+
+std::vector<LayerStats> ExpertCache::layer_stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return layer_stats_;
+}
+
+void ExpertCache::reset_stats() {
+  std::lock_guard<std::mutex> lk(mu_);
+  std::fill(layer_stats_.begin(), layer_stats_.end(), LayerStats{});
+  peak_resident_bytes_ = resident_bytes_;
+  direct_io_ = store_->direct();
+}
+
+uint64_t ExpertCache::resident_bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return resident_bytes_;
+}
+
+// ---------------------------------------------------------------- moe_forward
+
+void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
+                 const float* weights, int64_t K, float* y) {
+  // x [T, H], ids/weights [T, K] -> y [T, H]
+  const ExpertStore& store = cache.store();
+  if (layer >= store.num_layers())
+    throw std::invalid_argument("layer " + std::to_string(layer) + " is out of range: the experts file has " +
+                                std::to_string(store.num_layers()) + " layers");
+  const uint32_t E = store.num_experts();
+  // Which (token, slot) pairs each expert serves, in routing order.
+  std::vector<std::vector<int64_t>> slots(E);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = ids[i];
+    if (e < 0 || uint32_t(e) >= E || store.blob_size(layer, uint32_t(e)) == 0)
+      throw std::invalid_argument("expert id " + std::to_string(e) + " (token " + std::to_string(i / K) + ", slot " +
+                                  std::to_string(i % K) + ") is out of range: layer " + std::to_string(layer) +
+                                  " has experts 0.." + std::to_string(E - 1) +
+                                  (e >= 0 && uint32_t(e) < E ? " but not this one" : ""));
+    slots[size_t(e)].push_back(i);
+  }
+  std::vector<uint32_t> needed;
+  for (uint32_t e = 0; e < E; ++e)
+    if (!slots[e].empty()) needed.push_back(e);
+
+  cache.set_current_layer(layer);
+  LayerRequest req = cache.request(layer, needed);  // the missing ones are being read from here on
+  std::vector<float> xb, yb;
+  std::vector<float> ys(size_t(T * K * H));  // ffn_moe_out per (token, slot) [T, K, H]
+  double compute = 0;
+  while (!req.done()) {
+    PinnedExpert pin = req.next();  // resident ones first, then each missing one as it lands
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint32_t e = pin.expert();
+    const auto& s = slots[e];
+    const auto n = int64_t(s.size());
+    const Expert ex = parse_expert(pin.blob().data, pin.blob().size);
+    if (int64_t(ex.hidden()) != H)
+      throw std::invalid_argument("x has hidden size " + std::to_string(H) + " but expert " + std::to_string(e) +
+                                  " of layer " + std::to_string(layer) + " expects " + std::to_string(ex.hidden()));
+    xb.resize(size_t(n * H));  // gathered tokens [n, H]
+    yb.resize(size_t(n * H));  // their expert outputs [n, H]
+    for (int64_t j = 0; j < n; ++j) std::memcpy(&xb[size_t(j * H)], x + (s[size_t(j)] / K) * H, size_t(H) * 4);
+    expert_forward(ex, xb.data(), n, yb.data());
+    pin.release();
+    for (int64_t j = 0; j < n; ++j) std::memcpy(&ys[size_t(s[size_t(j)] * H)], &yb[size_t(j * H)], size_t(H) * 4);
+    compute += seconds_since(t0);
+  }
+  // Weighted sum in slot order, whatever order the experts arrived in.
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = y + t * H;
+    std::fill(yt, yt + H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = weights[t * K + k];
+      const float* src = &ys[size_t((t * K + k) * H)];
+      for (int64_t h = 0; h < H; ++h) yt[h] += w * src[h];
+    }
+  }
+  cache.record_compute(layer, compute + seconds_since(t0));
+}
+
+}  // namespace edgemoe
