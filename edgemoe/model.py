@@ -81,7 +81,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
                  direct_io: bool = True, verify: bool = True, threads: int | None = None,
-                 prefetch: str | None = None, prefetch_ratio: float = 1.5):
+                 prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -101,7 +101,7 @@ class Model:
                 f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)")
         self.store = _core.ExpertStore(str(self.path / ex["file"]), offsets, lengths, crcs,
                                        direct=direct_io, verify=verify)
-        self.cache = _core.ExpertCache(self.store, self.budget)
+        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads)
 
         from .converters.safetensors_io import SafetensorsFile
 
