@@ -129,7 +129,12 @@ uint32_t ExpertCache::distance(uint32_t layer) const {
 }
 
 Score ExpertCache::score_of(const Entry& en, uint32_t layer) const {
-  return policy_score(policy_, en.usage, distance(layer), token_);
+  if (!en.prefetched) return policy_score(policy_, en.usage, distance(layer), token_);
+  // A guess not used yet is worth what it was admitted for: as if used when it
+  // landed. Else (rate 0) the current layer's misses would evict the next layer's guesses.
+  Usage u = en.usage;
+  record_use(u, u.last_use, token_);
+  return policy_score(policy_, u, distance(layer), token_);
 }
 
 void ExpertCache::charge(Entry& en, uint64_t bytes) {

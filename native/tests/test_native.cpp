@@ -565,6 +565,20 @@ static void test_prefetch_admission() {
     c.wait_idle();
     CHECK(!c.contains(1, 0) && c.stats().prefetch_dropped == 1);
   }
+  {  // edgemoe: a landed guess for the next layer is valued as if used, so this layer's misses take others
+    ExpertCache c(store, 4 * one, Policy::kEdgeMoE, 1);
+    for (uint32_t l = 0; l < 3; ++l) {
+      c.set_current_layer(l);
+      use(c, l, 0);
+    }
+    c.set_current_layer(0);  // the next token
+    CHECK(c.prefetch(1, {1}) == 1);
+    c.wait_idle();
+    use(c, 0, 1);  // full: evicts (0, 0), farthest from its next use, not the unused guess (1, 1)
+    CHECK(c.contains(1, 1) && !c.contains(0, 0) && c.contains(1, 0) && c.contains(2, 0));
+    use(c, 1, 1);
+    CHECK(c.stats().prefetch_hits == 1 && c.stats().wasted_prefetch_bytes == 0);
+  }
   {  // max_bytes caps one call, resident experts are skipped, io_threads = 0 queues nothing
     ExpertCache c(store, 0, Policy::kLru, 1);
     use(c, 1, 0);
