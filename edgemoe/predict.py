@@ -369,9 +369,8 @@ def evaluate_all(table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray,
 
 # -- live prefetch ---------------------------------------------------------------------
 def native_async_prefetch(cache: Any) -> bool:
-    """Does the native cache take `prefetch(layer, experts, max_bytes=0)` (non-blocking reads)?"""
-    # TODO(native prefetch): drop this probe once ExpertCache.prefetch(layer, experts, max_bytes) and
-    # cancel_prefetches() have landed in native/ and _core.pyi; then call them unconditionally.
+    """Does this cache take `prefetch(layer, experts, max_bytes=0)` (non-blocking reads)?
+    Every ExpertCache since a5b2a44 does; the Prefetcher no longer asks."""
     fn = getattr(cache, "prefetch", None)
     return fn is not None and hasattr(cache, "cancel_prefetches") and "max_bytes" in (fn.__doc__ or "")
 
@@ -381,13 +380,17 @@ class Prefetcher(RouteObserver):
     predictor for layer l+1 and queues those reads in the cache, most likely first,
     within ratio x the bytes a token needs. Keeps per-layer prediction statistics.
 
-    With a native cache that has no asynchronous prefetch yet it only predicts and
-    counts, unless blocking=True (reads synchronously after layer l: for tests and
-    measurements, never faster).
+    mode: "async" (the cache's I/O threads read while layer l computes), "blocking"
+    (reads one by one after layer l: for tests, never faster) or "off" (predict and
+    count only).
     """
 
+    MODES = ("async", "blocking", "off")
+
     def __init__(self, model: "Model", predictor: Predictor, ratio: float = DEFAULT_RATIO,
-                 min_prob: float = 0.0, blocking: bool = False):
+                 min_prob: float = 0.0, mode: str = "async"):
+        if mode not in self.MODES:
+            raise ValueError(f"prefetch mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.cache, self.predictor = model.cache, predictor
         self.moe_layers = list(model.manifest["experts"]["moe_layers"])
         self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
@@ -395,7 +398,7 @@ class Prefetcher(RouteObserver):
         self.size_lists = self.sizes.tolist()
         self.caps = layer_byte_cap(self.sizes, predictor.top_k, ratio).tolist()
         self.ratio, self.min_prob = ratio, min_prob
-        self.mode = "async" if native_async_prefetch(self.cache) else ("blocking" if blocking else "predict-only")
+        self.mode = mode
         self.ctx = RouteContext.empty(len(self.moe_layers))
         self.pending: list[list[int] | None] = [None] * len(self.moe_layers)  # guesses per target layer
         self.reset_stats()
@@ -447,7 +450,7 @@ class Prefetcher(RouteObserver):
         self.ctx.experts[m], self.ctx.weights[m] = ids, weights
         self.ctx.hidden["moe_in"] = resid
         if self.mode == "async":
-            self.cache.cancel_prefetches()  # guesses for this layer not yet read are stale now
+            self.cache.cancel_prefetches(layer)  # guesses for this layer not yet read are stale now
         if self.predictor.point == "route" and self.mode != "blocking":
             self._issue(m)
 
@@ -461,8 +464,9 @@ class Prefetcher(RouteObserver):
 
     def stats(self) -> dict[str, Any]:
         """Prediction recall and precision (experts), bytes issued / bytes needed, wasted bytes
-        (issued, not needed), overall and per MoE layer. In predict-only mode "issued" means
-        what would have been read."""
+        (issued, not needed), overall and per MoE layer. In mode "off", "issued" means
+        what would have been read. The cache's own layer_stats() say what was read, hit,
+        dropped and wasted, and how long moe_forward stalled."""
         c = np.asarray(self.counts).reshape(len(self.moe_layers), len(self.STATS))
 
         def summary(sl: Any) -> dict[str, float]:
@@ -534,9 +538,9 @@ def make_predictor(model: "Model", kind: str, point: str | None = None, order: i
     raise ValueError(f"unknown predictor {kind!r}: choose one of {', '.join(PREDICTORS)} (or None for no prefetch)")
 
 
-def attach_prefetcher(model: "Model", kind: str, ratio: float = DEFAULT_RATIO, blocking: bool = False,
+def attach_prefetcher(model: "Model", kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async",
                       **kwargs: Any) -> Prefetcher:
     """Build the predictor and install a Prefetcher on the model's forward pass."""
-    pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, blocking=blocking)
+    pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, mode=mode)
     model.net.observer = pf
     return pf
