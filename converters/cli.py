@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance.json (or a model directory holding one) measured on this checkpoint; "
                         "default: profile a temporary 16-bit conversion on --calib")
     a.add_argument("--bits-choices", default="8,4,3,2", help="bitwidths to choose from (default 8,4,3,2; add 16)")
+    a.add_argument("--measure", choices=("kl", "loss_increase"), default="kl",
+                   help="importance measure the allocation ranks by: the KL from the 16-bit model's predictions "
+                        "(low noise, default) or the measured calibration loss increase")
     a.add_argument("--calib-tokens", type=int, default=8192,
                    help="calibration tokens for profiling and verification (default 8192; 0: all)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
                              importance=args.importance, choices=choices, group_size=args.group_size,
                              symmetric=args.symmetric, backbone_bits=args.backbone_bits,
-                             max_tokens=args.calib_tokens or None, overwrite=args.force,
+                             max_tokens=args.calib_tokens or None, measure=args.measure, overwrite=args.force,
                              progress=not args.quiet, log=None if args.quiet else sys.stderr)
         else:
             extra = [o for o, v in (("--tolerance", args.tolerance), ("--expert-bytes", args.expert_bytes),

@@ -62,10 +62,18 @@ def blob_nbytes(hidden: int, intermediate: int, bits: int, group_size: int = 64,
     return int(quant.pack_expert_blob(0, 0, *mats).nbytes)
 
 
-def estimate_loss(doc: dict[str, Any], choices: Sequence[int]) -> dict[int, np.ndarray]:
+MEASURES = ("kl", "loss_increase")
+
+
+def estimate_loss(doc: dict[str, Any], choices: Sequence[int], measure: str = "kl") -> dict[int, np.ndarray]:
     """dL per bitwidth [moe layers, experts]: measured where importance.json has it (clipped at 0),
-    else the nearest measured bitwidth's dL scaled by the output-error ratio; 0 at 16 bits."""
-    measured = {int(b): np.maximum(np.asarray(v, np.float64), 0.0) for b, v in doc["loss_increase"].items()}
+    else the nearest measured bitwidth's dL scaled by the output-error ratio; 0 at 16 bits.
+    measure: "kl" (the expected increase, low noise) or "loss_increase" (the measured NLL increase)."""
+    if measure not in MEASURES:
+        raise EdgeMoEError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    if measure not in doc:
+        raise EdgeMoEError(f"the importance profile has no '{measure}' table: profile the model again")
+    measured = {int(b): np.maximum(np.asarray(v, np.float64), 0.0) for b, v in doc[measure].items()}
     err = {int(b): np.asarray(v, np.float64) for b, v in doc["output_error"].items()}
     out = {}
     for b in choices:
@@ -156,14 +164,14 @@ class Allocation:
 
 
 def allocation_from_importance(doc: dict[str, Any], hidden: int, intermediate: int, choices: Sequence[int] = CHOICES,
-                               group_size: int = 64, symmetric: bool = False) -> Allocation:
+                               group_size: int = 64, symmetric: bool = False, measure: str = "kl") -> Allocation:
     choices = sorted({int(b) for b in choices}, reverse=True)
     bad = [b for b in choices if b not in ALL_BITS]
     if bad or not choices:
         raise EdgeMoEError(f"bit choices must come from {', '.join(map(str, ALL_BITS))}, got {choices}")
     sizes = {b: blob_nbytes(hidden, intermediate, b, group_size, symmetric) for b in choices}
     error = {int(b): np.asarray(v, np.float64) for b, v in doc.get("output_error", {}).items()}
-    return Allocation(estimate_loss(doc, choices), sizes, error)
+    return Allocation(estimate_loss(doc, choices, measure), sizes, error)
 
 
 def bits_map(alloc: Allocation, n: int, moe_layers: Sequence[int]) -> dict[tuple[int, int], int]:
@@ -199,8 +207,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                  expert_bytes: float | None = None, importance: str | Path | None = None,
                  choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
                  backbone_bits: int | None = None, low_bits: int = 2, window: int = 256,
-                 max_tokens: int | None = 8192, max_rounds: int = 6, overwrite: bool = False,
-                 progress: bool = True, log: Any = None) -> dict[str, Any]:
+                 max_tokens: int | None = 8192, max_rounds: int = 6, measure: str = "kl",
+                 overwrite: bool = False, progress: bool = True, log: Any = None) -> dict[str, Any]:
     """Convert `src` with a bitwidth per expert chosen from its importance; returns the manifest.
 
     tolerance: allowed calibration perplexity increase over the 16-bit model (0.02 = 2%),
@@ -249,7 +257,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             if doc is None:
                 say(f"profiling expert importance on {calib} ...")
                 doc = profile_importance(ref, calib, low_bits, group_size=group_size, symmetric=symmetric,
-                                         window=window, max_tokens=max_tokens, save=True, log=log)
+                                         window=window, max_tokens=max_tokens, save=False, log=log)
                 ref_nll = doc["calibration"]["nll"]
             else:
                 ref_nll = perplexity(load(ref), Path(calib), window=window, max_tokens=max_tokens)["nll"]
@@ -257,7 +265,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         elif _baseline_usable(doc, calib, window, max_tokens):
             ref_nll = doc["calibration"]["nll"]
 
-        alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric)
+        alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric,
+                                           measure)
         bytes16 = len(plan.moe_layers) * plan.num_experts * blob_nbytes(plan.hidden, plan.intermediate, 16)
         rounds: list[dict[str, Any]] = []
 
@@ -324,7 +333,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         counts = {str(b): int(c) for b, c in zip(*np.unique(alloc.bits(r["steps"]), return_counts=True))}
         record = {
             "mode": "tolerance" if tolerance is not None else "expert_bytes",
-            "tolerance": tolerance, "expert_bytes": expert_bytes, "choices": alloc.choices,
+            "tolerance": tolerance, "expert_bytes": expert_bytes, "choices": alloc.choices, "measure": measure,
             "low_bits": sorted(int(b) for b in doc["loss_increase"]), "experts_per_bits": counts,
             "expert_bytes_ratio": r["expert_bytes"] / bytes16, "steps": r["steps"], "total_steps": len(alloc),
             "estimated_nll_increase": r["estimated_nll_increase"],

@@ -54,6 +54,17 @@ def requantize(blob: np.ndarray, bits: int, group_size: int = 64, symmetric: boo
     return quant.pack_expert_blob(info["layer"], info["expert"], *mats)
 
 
+def window_logits(logits: np.ndarray, scored: int) -> np.ndarray:
+    """The rows of a window's logits [T, vocab] that predict its last `scored` tokens."""
+    T = logits.shape[0]
+    return logits[T - 1 - scored:T - 1]
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -167,15 +178,20 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
     fresh = lambda: KVCache(L, m.config.num_key_value_heads, m.config.head_dim)  # noqa: E731
 
     M = len(moe_layers)
-    loss = {b: np.zeros((M, E)) for b in levels}
-    stderr = {b: np.zeros((M, E)) for b in levels}
-    sums: dict[tuple[int, int, int], dict[int, float]] = {}  # (bits, m, e) -> window -> nll sum
+    # (bits, m, e) -> window -> (nll sum, KL sum) over the window's scored tokens
+    sums: dict[tuple[int, int, int], dict[int, tuple[float, float]]] = {}
     usage = np.zeros((M, E), np.int64)
     gate_mass = np.zeros((M, E))
     out_norm = np.zeros((M, E))
     out_err = {b: np.zeros((M, E)) for b in ERROR_BITS}
 
     t_start = time.perf_counter()
+    # the reference's log-probabilities at scored positions (f32: tokens x vocab x 4 bytes)
+    base_lp, base_nll = [], np.zeros(len(chunks))
+    for n, (c, s) in enumerate(zip(chunks, scored)):
+        logits = m.logits(c)
+        base_lp.append(log_softmax(window_logits(logits, s)))
+        base_nll[n] = window_nll(logits, c, s).sum()
     inner = net.moe
     hs = [net.embed_tokens(c) for c in chunks]  # residual stream entering layer 0, per window
     try:
@@ -208,27 +224,41 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
                         h, kv = hs[n], fresh()
                         for i in range(layer, L):
                             h = net.block(i, h, kv, 0)
-                        per_window[n] = float(window_nll(net.head(h), chunks[n], scored[n]).sum())
+                        logits, lp = net.head(h), base_lp[n]
+                        kl = (np.exp(lp) * (lp - log_softmax(window_logits(logits, scored[n])))).sum(dtype=np.float64)
+                        per_window[n] = (float(window_nll(logits, chunks[n], scored[n]).sum()), float(kl))
                     net.moe = inner
                     sums[b, mi, e] = per_window
             say(f"layer {layer}: {E} experts in {time.perf_counter() - t_layer:.1f}s")
             hs = h_next
     finally:
         vars(net).pop("moe", None)  # back to DecoderLM.moe
-    base = np.array([float(window_nll(net.head(h), c, s).sum()) for h, c, s in zip(hs, chunks, scored)])
+    W = len(chunks)
+    tables = {name: {b: np.zeros((M, E)) for b in levels} for name in ("loss", "stderr", "kl", "kl_stderr")}
+    halves = {name: {b: np.zeros((2, M, E)) for b in levels} for name in ("loss", "kl")}
+    parity = np.arange(W) % 2
     for (b, mi, e), per_window in sums.items():
-        d = np.zeros(len(chunks))
-        for n, v in per_window.items():
-            d[n] = v - base[n]
-        loss[b][mi, e] = d.sum() / n_tok
-        stderr[b][mi, e] = math.sqrt(len(d) * d.var(ddof=1)) / n_tok if len(d) > 1 else 0.0
+        d, k = np.zeros(W), np.zeros(W)  # per-window NLL and KL increase; untouched windows add nothing
+        for n, (nll_n, kl_n) in per_window.items():
+            d[n], k[n] = nll_n - base_nll[n], kl_n
+        for name, v in (("loss", d), ("kl", k)):
+            err = math.sqrt(W * v.var(ddof=1)) / n_tok if W > 1 else 0.0
+            tables[name][b][mi, e] = v.sum() / n_tok
+            tables["stderr" if name == "loss" else "kl_stderr"][b][mi, e] = err
+            for h in (0, 1):
+                halves[name][b][h, mi, e] = v[parity == h].sum()
 
+    loss = tables["loss"]
     key = loss[levels[0]]
     proxies = {"gate_mass": gate_mass, "output_norm": out_norm}
-    corr = {name: spearman(p, key) for name, p in proxies.items()}
+    corr = {"kl": spearman(tables["kl"][levels[0]], key)}
+    corr.update({name: spearman(p, key) for name, p in proxies.items()})
     for b in ERROR_BITS:
         corr[f"output_error_{b}"] = spearman(out_err[b], key)
-    nll = float(base.sum() / n_tok)
+    nll = float(base_nll.sum() / n_tok)
+    # the same measurement on even vs odd windows: how far the ranking is from noise
+    reliability = {"loss_increase": spearman(*halves["loss"][levels[0]]) if W > 1 else None,
+                   "kl": spearman(*halves["kl"][levels[0]]) if W > 1 else None}
     doc = {
         "format": "edgemoe-importance",
         "version": IMPORTANCE_VERSION,
@@ -242,11 +272,14 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
         "calibration": {"file": str(calib), "sha256": file_digest(calib), "window": window,
                         "max_tokens": max_tokens, "tokens": n_tok, "nll": nll, "ppl": math.exp(nll)},
         "loss_increase": {str(b): loss[b].tolist() for b in levels},
-        "loss_increase_stderr": {str(b): stderr[b].tolist() for b in levels},
+        "loss_increase_stderr": {str(b): tables["stderr"][b].tolist() for b in levels},
+        "kl": {str(b): tables["kl"][b].tolist() for b in levels},
+        "kl_stderr": {str(b): tables["kl_stderr"][b].tolist() for b in levels},
         "usage": usage.tolist(),
         "proxies": {name: p.tolist() for name, p in proxies.items()},
         "output_error": {str(b): out_err[b].tolist() for b in ERROR_BITS},
         "rank_correlation": corr,
+        "split_half_correlation": reliability,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     if save:

@@ -123,7 +123,7 @@ def synthetic_doc(M=3, E=4, seed=0):
     rng = np.random.default_rng(seed)
     loss2 = rng.uniform(0, 1e-2, (M, E))
     err2 = rng.uniform(1, 2, (M, E))
-    return {"loss_increase": {"2": loss2.tolist()},
+    return {"loss_increase": {"2": loss2.tolist()}, "kl": {"2": loss2.tolist()},
             "output_error": {"2": err2.tolist(), "3": (err2 * 0.2).tolist(), "4": (err2 * 0.04).tolist(),
                              "8": (err2 * 1e-4).tolist()}}
 
@@ -136,7 +136,9 @@ def test_estimates_scale_by_output_error():
     np.testing.assert_allclose(est[8], 1e-4 * l2)
     assert (est[16] == 0).all()
     doc["loss_increase"]["2"][0][0] = -1.0  # a negative measurement (noise) counts as free
-    assert estimate_loss(doc, (2,))[2][0, 0] == 0
+    assert estimate_loss(doc, (2,), measure="loss_increase")[2][0, 0] == 0
+    with pytest.raises(EdgeMoEError, match="measure"):
+        estimate_loss(doc, (2,), measure="mse")
 
 
 def test_greedy_prefixes_meet_their_budgets():

@@ -67,7 +67,10 @@ def test_document(profiled):
     M, E = len(doc["moe_layers"]), doc["num_experts"]
     assert doc["format"] == "edgemoe-importance" and doc["version"] == 1
     assert sorted(doc["loss_increase"]) == ["2", "3"] and doc["reference"] == {"expert_bits": [16], "backbone_bits": 16}
+    assert all(np.asarray(v).min() > -1e-6 for v in doc["kl"].values()), "KL is never negative"
+    assert set(doc["split_half_correlation"]) == {"loss_increase", "kl"}
     for table in [*doc["loss_increase"].values(), *doc["loss_increase_stderr"].values(), doc["usage"],
+                  *doc["kl"].values(), *doc["kl_stderr"].values(),
                   *doc["proxies"].values(), *doc["output_error"].values()]:
         assert np.asarray(table).shape == (M, E)
     usage = np.asarray(doc["usage"])
