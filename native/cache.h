@@ -12,12 +12,15 @@
 // has a fixed overhead:
 //   - one Entry per (layer, expert) of the experts file, resident or not:
 //     sizeof(Entry) = kEntryBytes (80 bytes on x86-64 / aarch64);
-//   - per resident or in-flight expert, one heap block holding the Blob and its
-//     shared_ptr control block (~64 bytes of Blob + control, ~80 with malloc's
-//     header), plus the kernel's page tables for its mapping (~0.2% of it);
-//   - one LayerStats per layer (sizeof(LayerStats) = 128 bytes), queues of at
-//     most 8 bytes per expert, and io_threads threads (their stacks are virtual
-//     memory; a few KiB of each is touched).
+//   - per resident or in-flight expert, one heap block holding the Blob (32
+//     bytes) and its shared_ptr control block: a 64-byte malloc chunk; plus the
+//     kernel's page tables for its mapping (8 bytes per 4 KiB page, ~0.2%);
+//   - one LayerStats per layer (sizeof(LayerStats) = 128 bytes), 8 bytes per
+//     queued read, and io_threads threads (their stacks are virtual memory; a
+//     few KiB of each is touched).
+// moe_forward's scratch is per call and scales with its tokens: gathered x and
+// expert outputs ([n, H] floats for the largest expert's n tokens) and the
+// per-slot outputs it sums in a fixed order ([T, K, H] floats).
 #pragma once
 
 #include <array>

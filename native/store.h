@@ -16,7 +16,8 @@ namespace edgemoe {
 // One expert blob in a 4 KiB aligned buffer (as O_DIRECT wants it). The buffer
 // is its own anonymous mapping of exactly `capacity` bytes: no allocator slack,
 // and its pages go back to the OS when the blob is destroyed (a cache under a
-// hard memory limit must not leave freed buffers in the heap).
+// hard memory limit must not leave freed buffers in the heap). The cache's
+// fixed overhead beyond its budget is listed in cache.h.
 struct Blob {
   Blob(uint64_t capacity);
   ~Blob();
