@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(low noise, default) or the measured calibration loss increase")
     a.add_argument("--calib-tokens", type=int, default=8192,
                    help="calibration tokens for profiling and verification (default 8192; 0: all)")
+    p.add_argument("--routing-calib", default=None, metavar="FILE",
+                   help="after converting, trace the model's routing on this text and store the statistics and "
+                        "predictors in DST (routing.json; what `edgemoe profile DST` shows and prefetch uses)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -73,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = convert(args.src, args.output, bits=int(args.bits), group_size=args.group_size,
                         symmetric=args.symmetric, progress=not args.quiet, overwrite=args.force,
                         backbone_bits=args.backbone_bits)
+        if args.routing_calib:
+            from edgemoe.routing import profile_model
+
+            profile_model(args.output, args.routing_calib, log=None if args.quiet else sys.stderr)
     except EdgeMoEError as e:
         print(f"edgemoe convert: error: {e}", file=sys.stderr)
         return 2

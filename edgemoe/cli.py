@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint (see `edgemoe convert -h`)", add_help=False)
     sub.add_parser("bench", help="compare expert-loading modes side by side (see `edgemoe bench -h`)", add_help=False)
+    sub.add_parser("eval", help="perplexity and tokens/s on a text file (see `edgemoe eval -h`)", add_help=False)
+    sub.add_parser("profile", help="routing statistics and predictors (routing.json); with --importance, "
+                   "per-expert importance (importance.json)", add_help=False)
+    sub.add_parser("simulate", help="replay a routing trace under each eviction policy and predictor",
+                   add_help=False)
 
     p = sub.add_parser("run", help="generate text")
     _add_model_args(p)
@@ -94,17 +99,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _convert(argv: list[str]) -> int:
+    from .converters.cli import main
+
+    return main(argv)
+
+
+def _bench(argv: list[str]) -> int:
+    from .bench import main
+
+    return main(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluate import main
+
+    return main(argv)
+
+
+def _profile(argv: list[str]) -> int:
+    if "--importance" in argv:
+        from .importance import main
+    else:
+        from .routing import main
+    return main(argv)
+
+
+def _simulate(argv: list[str]) -> int:
+    from .simulate import main
+
+    return main(argv)
+
+
+# verbs with their own argument parsers, imported only when used
+DELEGATED = {"convert": _convert, "bench": _bench, "eval": _eval, "profile": _profile, "simulate": _simulate}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] == "convert":
-            from .converters.cli import main as convert_main
-
-            return convert_main(argv[1:])
-        if argv and argv[0] == "bench":
-            from .bench import main as bench_main
-
-            return bench_main(argv[1:])
+        verb = argv[0] if argv else None
+        if verb in DELEGATED:
+            return DELEGATED[verb](argv[1:])
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except EdgeMoEError as e:

@@ -10,6 +10,7 @@ from .errors import EdgeMoEError
 
 SHIPPED = Path(__file__).parent / "default_model"
 DEFAULT_BITS = 8
+ROUTING_TOKENS = 30_000  # calibration tokens traced on first use (a few seconds)
 
 
 def cache_root() -> Path:
@@ -43,4 +44,12 @@ def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
 
         dst.parent.mkdir(parents=True, exist_ok=True)
         convert(SHIPPED, dst, bits=bits, progress=progress, overwrite=True)
+    if not (dst / "routing.json").exists():
+        # routing statistics and the prefetch table, traced on the shipped validation text
+        import sys
+
+        from .routing import profile_model
+
+        profile_model(dst, SHIPPED / "calib.txt", max_tokens=ROUTING_TOKENS,
+                      log=sys.stderr if progress else None)
     return dst

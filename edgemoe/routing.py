@@ -539,11 +539,18 @@ def format_report(doc: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`edgemoe profile MODEL --calib FILE [--eval FILE]`: trace, write routing.json, print the table."""
+    """`edgemoe profile [MODEL] [--calib FILE] [--eval FILE]`: trace, write routing.json, print the table.
+    Without --calib it prints the routing.json the model directory already holds; the default
+    model is profiled on its shipped calib.txt (the validation split)."""
     p = argparse.ArgumentParser(prog="edgemoe profile",
-                                description="Routing statistics of a model on calibration text (writes routing.json).")
-    p.add_argument("model", help="a converted model directory")
-    p.add_argument("--calib", required=True, help="calibration text file (documents separated by a \\x1e line)")
+                                description="Routing statistics of a model on calibration text (writes routing.json). "
+                                            "With --importance: per-expert importance instead "
+                                            "(see `edgemoe profile --importance -h`).")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a converted model directory (default: the shipped default model)")
+    p.add_argument("--calib", default=None, help="calibration text file (documents separated by a \\x1e line); "
+                   "without it, show the model's stored routing.json (the default model: profile its calib.txt "
+                   "if none is stored)")
     p.add_argument("--eval", default=None, help="held-out text to score the predictors on "
                    "(default: the last 20%% of the calibration tokens)")
     p.add_argument("--window", type=int, default=256, help="prefill window in tokens; the KV cache resets per window")
@@ -556,9 +563,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-save", action="store_true", help="do not write routing.json")
     p.add_argument("--json", action="store_true", help="print routing.json's statistics as JSON, not a table")
     args = p.parse_args(argv)
-    doc = profile_model(args.model, args.calib, args.eval, window=args.window, max_tokens=args.max_tokens or None,
-                        eval_max_tokens=args.eval_max_tokens or None, save=not args.no_save,
-                        traces_dir=args.traces, ratio=args.ratio, fit=not args.no_fit, log=sys.stderr)
+    from .cli import resolve_model
+    from .default import SHIPPED
+
+    model_dir = resolve_model(args.model)
+    calib = args.calib
+    if calib is None and (Path(model_dir) / ROUTING_FILE).exists():
+        doc = load_routing(model_dir)
+    else:
+        if calib is None:
+            if args.model is not None or not (SHIPPED / "calib.txt").is_file():
+                raise EdgeMoEError(f"{model_dir} holds no {ROUTING_FILE} yet: pass --calib FILE to profile it")
+            calib = SHIPPED / "calib.txt"
+        doc = profile_model(model_dir, calib, args.eval, window=args.window, max_tokens=args.max_tokens or None,
+                            eval_max_tokens=args.eval_max_tokens or None, save=not args.no_save,
+                            traces_dir=args.traces, ratio=args.ratio, fit=not args.no_fit, log=sys.stderr)
     if args.json:
         print(json.dumps({k: v for k, v in doc.items() if k not in ("table", "usage")}, indent=2))
     else:

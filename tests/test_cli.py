@@ -50,3 +50,39 @@ def test_console_script_is_installed(converted):
     assert exe.exists(), f"no edgemoe console script at {exe}"
     r = subprocess.run([str(exe), "info", str(converted)], capture_output=True, text=True)
     assert r.returncode == 0 and "mixtral" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("text") / "calib.txt"
+    words = "the robot walked to the river and sang a song about the stars while the rain fell".split()
+    rng = __import__("random").Random(0)
+    f.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)) + "\n")
+    return f
+
+
+def test_eval_prints_perplexity(converted, text_file, capsys):
+    assert main(["eval", str(converted), "--text", str(text_file), "--window", "64", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] > 0 and r["ppl"] > 1.0 and r["nll"] > 0 and r["expert_bytes"] > 0
+
+
+def test_eval_without_text_names_the_fix(converted, capsys):
+    assert main(["eval", str(converted)]) == 2
+    assert "--text" in capsys.readouterr().err
+
+
+def test_convert_stores_routing_and_profile_shows_it(tiny_checkpoint, text_file, tmp_path, capsys):
+    dst = tmp_path / "model"
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "8", "-q",
+                 "--routing-calib", str(text_file)]) == 0
+    assert (dst / "routing.json").exists()
+    capsys.readouterr()
+    assert main(["profile", str(dst), "--json"]) == 0  # shows the stored statistics, traces nothing
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["moe_layers"] and doc["calibration"]["tokens"] > 0
+
+
+def test_profile_without_routing_names_the_fix(converted, capsys):
+    assert main(["profile", str(converted)]) == 2
+    assert "--calib" in capsys.readouterr().err
