@@ -55,21 +55,40 @@ def package_version(pkg: str) -> str:
     return out.stdout.strip()
 
 
+# Packages whose copyright file is free-form text, not the machine-readable
+# (DEP-5) format: their licences as read by hand from /usr/share/doc/<pkg>/copyright.
+UNSTRUCTURED_LICENCES = {
+    "fortunes": "BSD-4-clause (fortune-mod); cookie files of various free origins",
+    "fortunes-min": "BSD-4-clause (fortune-mod); cookie files of various free origins",
+    "fortunes-bofh-excuses": "public-domain",
+    "fortunes-it": "public-domain (freeware: copy, modify and redistribute freely)",
+    "fortunes-eo": "public-domain (author died 1917); computerized version GPL",
+    "fortunes-br": "GPL-2+",
+    "python3.11-doc": "PSF-2.0",
+    "libpython3.11-stdlib": "PSF-2.0",
+    "libpython3.11-minimal": "PSF-2.0",
+    "dict-gcide": "GPL-2+",
+    "jargon-text": "public-domain",
+    "libc6-dev": "LGPL-2.1+ (most of glibc; see the file for the rest)",
+}
+
+
 def package_licence(pkg: str) -> str:
-    """Licence names from the package's machine-readable copyright file (or its first lines)."""
+    """Licence names: the License fields of a machine-readable copyright file, else the
+    hand-read summary above; 'unknown' names the file to read."""
     path = Path(f"/usr/share/doc/{pkg}/copyright")
     if not path.exists():
-        return "unknown (no /usr/share/doc/%s/copyright)" % pkg
+        return f"unknown (no {path})"
     text = path.read_text(errors="replace")
-    names = []
-    for m in re.finditer(r"^License:\s*(\S.*)$", text, re.M):
-        name = m.group(1).strip()
-        if name not in names:
-            names.append(name)
-    if names:
-        return "; ".join(names)
-    first = " ".join(text.split()[:40])
-    return "see copyright file: " + first
+    if text.startswith("Format:"):  # DEP-5: "License: <name>" opens each licence paragraph
+        names = []
+        for m in re.finditer(r"^License:[ \t]*(\S.*)$", text, re.M):
+            name = m.group(1).strip()
+            if name not in names:
+                names.append(name)
+        if names:
+            return "; ".join(names)
+    return UNSTRUCTURED_LICENCES.get(pkg, f"unknown (free-form {path}: read it)")
 
 
 def read_text(path: str) -> str:
