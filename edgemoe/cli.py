@@ -16,6 +16,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
+    p.add_argument("--policy", default="lru", choices=("lru", "lfu", "edgemoe"), help="expert cache eviction (default lru)")
+    p.add_argument("--prefetch", default=None,
+                   help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`")
+    p.add_argument("--device", default=None, metavar="PROFILE",
+                   help="emulate this device profile's storage speed (devices/profiles, e.g. jetson-tx2-emmc)")
 
 
 def resolve_model(path: str | None) -> str:
@@ -30,7 +35,8 @@ def resolve_model(path: str | None) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .model import format_bytes, load
 
-    m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads, direct_io=not args.buffered_io)
+    m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
+             direct_io=not args.buffered_io, policy=args.policy, prefetch=args.prefetch, device=args.device)
     pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stream=True)
     sys.stdout.write(args.prompt)
@@ -45,6 +51,10 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({'O_DIRECT' if s['direct_io'] else 'buffered'}), peak RSS {format_bytes(s['peak_rss_bytes'])}]",
           file=sys.stderr)
     if args.stats:
+        from .stats import format_stats
+
+        print(format_stats(s), file=sys.stderr)
+    if args.stats_json:
         print(json.dumps(s, indent=2), file=sys.stderr)
     return 0
 
@@ -89,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stats", action="store_true", help="print every statistic as JSON")
+    p.add_argument("--stats", action="store_true", help="print a summary and a per-layer table of the statistics")
+    p.add_argument("--stats-json", action="store_true", help="print every statistic as JSON")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("info", help="what a converted model holds")

@@ -81,7 +81,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
                  direct_io: bool = True, verify: bool = True, threads: int | None = None,
-                 prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2):
+                 prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2,
+                 device: str | None = None):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -101,6 +102,12 @@ class Model:
                 f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)")
         self.store = _core.ExpertStore(str(self.path / ex["file"]), offsets, lengths, crcs,
                                        direct=direct_io, verify=verify)
+        self.device = None  # a device profile whose storage speed the store emulates (devices/profiles)
+        if device:
+            from .devices import load_profile
+
+            self.device = load_profile(device)
+            self.store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
         self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads)
 
         from .converters.safetensors_io import SafetensorsFile
@@ -233,6 +240,8 @@ class Model:
 
     # -- accounting ------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """Totals since load (or reset_stats), and under "layers" one dict per MoE layer
+        (see layer_stats)."""
         c = self.cache.stats()
         n, dt = self._counters["tokens_generated"], self._counters["decode_seconds"]
         lookups = c["hits"] + c["misses"]
@@ -247,15 +256,44 @@ class Model:
             "cache_hit_rate": c["hits"] / lookups if lookups else 0.0,
             "evictions": int(c["evictions"]),
             "bytes_read": int(c["bytes_read"]),
+            "demand_bytes": int(c["demand_bytes"]),
+            "prefetch_bytes": int(c["prefetch_bytes"]),
+            "prefetch_hits": int(c["prefetch_hits"]),
+            "wasted_prefetch_bytes": int(c["wasted_prefetch_bytes"]),
             "read_seconds": c["read_seconds"],
+            "stall_seconds": c["stall_seconds"],
+            "compute_seconds": c["compute_seconds"],
             "expert_cache_bytes": int(c["resident_bytes"]),
             "expert_cache_peak_bytes": int(c["peak_resident_bytes"]),
             "memory_budget": self.budget,
             "direct_io": bool(c["direct_io"]),
             "backbone_bytes": self.backbone_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
+            "storage_emulation": self.device.name if self.device else None,
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
+            "layers": self.layer_stats(),
         }
+
+    def layer_stats(self) -> list[dict[str, Any]]:
+        """Per MoE layer: the cache's counters (hits, misses, hit_rate, loads, bytes_read,
+        demand_bytes, prefetch_* , wasted_prefetch_bytes, evictions; read_seconds summed over
+        I/O threads, stall_seconds spent by moe_forward waiting for reads, compute_seconds
+        computing experts) and, with a prefetcher, its guesses' precision and recall
+        (None for the first MoE layer, which nothing predicts)."""
+        cache_layers = self.cache.layer_stats()
+        pf = {d["layer"]: d for d in self.prefetcher.stats()["layers"]} if self.prefetcher else {}
+        out = []
+        for m, layer in enumerate(self.manifest["experts"]["moe_layers"]):
+            c = cache_layers[layer]
+            lookups = c["hits"] + c["misses"]
+            row: dict[str, Any] = {"moe_index": m, "layer": layer}
+            row.update({k: (v if k.endswith("_seconds") else int(v)) for k, v in c.items() if k != "layer"})
+            row["hit_rate"] = c["hits"] / lookups if lookups else 0.0
+            p = pf.get(layer)
+            row["precision"] = p["precision"] if p else None
+            row["recall"] = p["recall"] if p else None
+            out.append(row)
+        return out
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -292,6 +330,8 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     prefetch: "table" (routing.json, see `edgemoe profile`), "lookahead" or None:
     read the experts the next layer will probably need while this one computes,
     within prefetch_ratio x the bytes a token needs per layer.
+    device: a device profile name (devices/profiles, e.g. "jetson-tx2-emmc"): expert reads are
+    throttled to its storage bandwidth and latency, to emulate that device's storage.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
