@@ -12,11 +12,12 @@ import numpy as np
 
 from . import _core, models
 from .errors import BudgetError, EdgeMoEError, TokenizerError
-from .manifest import blob_tables, load_manifest
+from .manifest import blob_tables, fallback_tables, load_manifest
 from .models.base import KVCache
 from .sampling import Sampler
 
 ALIGN = 4096
+DEFAULT_FALLBACK_THRESHOLD = 0.3  # gate weight under which a miss reads the low-bit copy (load(fallback=True))
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -33,6 +34,12 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read '{value}' as a size: write bytes or a number with KB, MB, GB, KiB, MiB or GiB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+# What the process holds beyond the expert budget, the backbone and the context-dependent
+# terms of Model.memory_needed: Python with numpy, tokenizers and the native core (~30 MB
+# resident, measured), the per-token activations of decode, and headroom for the allocator.
+RUNTIME_OVERHEAD_BYTES = 48 << 20
 
 
 def format_bytes(n: float) -> str:
@@ -82,7 +89,8 @@ class Model:
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
                  direct_io: bool = True, verify: bool = True, threads: int | None = None,
                  prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2,
-                 device: str | None = None):
+                 device: str | None = None, fallback: bool = False,
+                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -108,7 +116,17 @@ class Model:
 
             self.device = load_profile(device)
             self.store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
-        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads)
+        self.fallback_store = None  # low-bit copies read on a miss for a low gate weight (FORMAT.md, fallback)
+        if fallback:
+            fb_path, fb_offsets, fb_lengths, fb_crcs, _ = fallback_tables(self.path, self.manifest)
+            self.fallback_store = _core.ExpertStore(str(fb_path), fb_offsets, fb_lengths, fb_crcs,
+                                                    direct=direct_io, verify=verify)
+            if self.device:  # its own transfer schedule: reads of the two files do not share the emulated channel
+                self.fallback_store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
+        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads,
+                                       fallback=self.fallback_store)
+        if fallback:
+            self.set_fallback(fallback_threshold)
 
         from .converters.safetensors_io import SafetensorsFile
 
@@ -130,6 +148,16 @@ class Model:
         self._tokenizer: Tokenizer | None = None
         self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
         self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
+
+    def set_fallback(self, threshold: float) -> None:
+        """Low-bit fallback on a miss: an expert not resident whose gate weight is below `threshold`
+        for every token of the step (prefill: all of them) is read and computed from its low-bit
+        copy. 0 turns it off. Needs a model loaded with fallback=True."""
+        if self.fallback_store is None and threshold:
+            raise EdgeMoEError(f"{self.path} was loaded without its low-bit copies: load it with fallback=True")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"the fallback threshold is a gate weight between 0 and 1, got {threshold}")
+        self.cache.fallback_threshold = float(threshold)
 
     def warm(self) -> None:
         """Read every expert into the cache now (needs a budget that holds them all)."""
@@ -271,6 +299,9 @@ class Model:
             "peak_rss_bytes": peak_rss_bytes(),
             "storage_emulation": self.device.name if self.device else None,
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
+            **({"fallback": {"threshold": self.cache.fallback_threshold, "uses": int(c["fallback_uses"]),
+                             "loads": int(c["fallback_loads"]), "bytes_read": int(c["fallback_bytes"]),
+                             "bytes_saved": int(c["fallback_bytes_saved"])}} if self.fallback_store else {}),
             "layers": self.layer_stats(),
         }
 
@@ -294,6 +325,24 @@ class Model:
             row["recall"] = p["recall"] if p else None
             out.append(row)
         return out
+
+    def memory_needed(self, context_tokens: int = 256) -> int:
+        """An upper bound of this process's memory while it generates up to context_tokens
+        (prompt included, the prompt prefilled in one pass): the expert budget (all expert
+        bytes when unbounded), the backbone, the expert cache's fixed overhead (native/cache.h),
+        the KV cache, prefill's attention scores and moe_forward scratch, and
+        RUNTIME_OVERHEAD_BYTES. README "Streaming under a memory budget" explains the terms."""
+        cfg, ex = self.config, self.manifest["experts"]
+        T = int(context_tokens)
+        experts = self.budget or self.info()["expert_bytes"]
+        entries = ex["num_layers"] * ex["num_experts"] * _core.ExpertCache.entry_overhead_bytes
+        per_blob = ex["num_layers"] * ex["num_experts"] * (64 + 128)  # malloc chunk, page-table share
+        kv_cap = -(-T // KVCache.CHUNK) * KVCache.CHUNK
+        kv = 2 * cfg.num_hidden_layers * kv_cap * cfg.num_key_value_heads * cfg.head_dim * 4
+        scores = 2 * cfg.num_attention_heads * T * T * 4  # probabilities and a temporary [heads, T, T]
+        moe_scratch = (ex["top_k"] + 2) * T * cfg.hidden_size * 4  # [T, K, H] slot outputs, gathered x, y
+        return int(experts + self.backbone_bytes + entries + per_blob + kv + scores + moe_scratch
+                   + RUNTIME_OVERHEAD_BYTES)
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -332,6 +381,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     within prefetch_ratio x the bytes a token needs per layer.
     device: a device profile name (devices/profiles, e.g. "jetson-tx2-emmc"): expert reads are
     throttled to its storage bandwidth and latency, to emulate that device's storage.
+    fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss
+    for an expert whose gate weight is below fallback_threshold, compute it from its
+    low-bit copy instead of reading the full one (HOBBIT); see Model.set_fallback.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
