@@ -44,6 +44,23 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
 
+def rms_norm(x: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float) -> npt.NDArray[np.float32]:
+    """x / sqrt(mean(x^2) + eps) * w over x's last axis; a new array shaped like x."""
+
+def rope(x: npt.NDArray[np.float32], start: int, inv_freq: npt.NDArray[np.float32]) -> None:
+    """Rotary embedding in place (rotate-half) on float32 x [T, heads, head_dim] at positions start..;
+    inv_freq [head_dim / 2]. Any other dtype or layout is a TypeError (no silent copy)."""
+
+def attention(q: npt.NDArray[np.float32], k: npt.NDArray[np.float32], v: npt.NDArray[np.float32], start: int,
+              window: int = 0) -> npt.NDArray[np.float32]:
+    """Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole cache
+    [start + T, kv_heads, hd]; window > 0: a query sees only its last `window` keys. -> [T, heads * hd]."""
+
+def softmax_topk(logits: npt.NDArray[np.float32], k: int,
+                 normalize: bool) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Softmax over each row of logits [T, E], its k largest (largest first, lower id on a tie),
+    renormalized to sum 1 if normalize: (ids [T, k], weights [T, k])."""
+
 class ExpertStore:
     """Reads expert blobs from the experts file: one pread per expert, O_DIRECT
     into 4 KiB aligned buffers when the filesystem allows it (buffered otherwise).

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "crc32c.h"
+#include "dense.h"
 #include "cache.h"
 #include "kernels.h"
 #include "policy.h"
@@ -193,6 +194,81 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("x"), py::arg("blob"),
       "SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden].");
+
+  // -- the dense ops around the matmuls (dense.h) --
+  m.def(
+      "rms_norm",
+      [](const FloatArray& x, const FloatArray& w, float eps) {
+        if (x.ndim() < 1 || w.ndim() != 1 || x.shape(x.ndim() - 1) != w.shape(0))
+          throw std::invalid_argument("rms_norm: w must be 1-D with as many values as x's last axis");
+        const int64_t n = w.shape(0), rows = n ? x.size() / n : 0;
+        FloatArray y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        const float *xp = x.data(), *wp = w.data();
+        float* yp = y.mutable_data();
+        py::gil_scoped_release nogil;
+        rms_norm(xp, wp, rows, n, eps, yp);
+        return y;
+      },
+      py::arg("x"), py::arg("w"), py::arg("eps"),
+      "x / sqrt(mean(x^2) + eps) * w over x's last axis; a new array shaped like x.");
+  m.def(
+      "rope",
+      [](py::array_t<float, py::array::c_style> x, int64_t start, const FloatArray& inv_freq) {
+        if (x.ndim() != 3 || x.shape(2) % 2 || inv_freq.ndim() != 1 || inv_freq.shape(0) * 2 != x.shape(2))
+          throw std::invalid_argument("rope: x must be [T, heads, head_dim] and inv_freq [head_dim / 2]");
+        if (start < 0) throw std::invalid_argument("rope: start must be >= 0");
+        float* xp = x.mutable_data();
+        const float* fp = inv_freq.data();
+        const int64_t T = x.shape(0), heads = x.shape(1), hd = x.shape(2);
+        py::gil_scoped_release nogil;
+        rope(xp, T, heads, hd, start, fp);
+      },
+      py::arg("x").noconvert(), py::arg("start"), py::arg("inv_freq"),
+      "Rotary embedding in place (rotate-half convention) on float32 x [T, heads, head_dim] at\n"
+      "positions start..start+T-1.");
+  m.def(
+      "attention",
+      [](const FloatArray& q, const FloatArray& k, const FloatArray& v, int64_t start, int64_t window) {
+        if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
+          throw std::invalid_argument("attention: q, k, v must be [T, heads, hd], [S, kv_heads, hd], [S, kv_heads, hd]");
+        const int64_t T = q.shape(0), heads = q.shape(1), hd = q.shape(2), S = k.shape(0), kvh = k.shape(1);
+        if (k.shape(2) != hd || v.shape(0) != S || v.shape(1) != kvh || v.shape(2) != hd || kvh == 0 ||
+            heads % kvh)
+          throw std::invalid_argument("attention: k and v must be [S, kv_heads, hd] with kv_heads dividing heads");
+        if (start < 0 || S != start + T)
+          throw std::invalid_argument("attention: the cache holds " + std::to_string(S) + " positions, expected start + T = " +
+                                      std::to_string(start + T));
+        FloatArray out({T, heads * hd});
+        const float *qp = q.data(), *kp = k.data(), *vp = v.data();
+        float* op = out.mutable_data();
+        py::gil_scoped_release nogil;
+        attention(qp, T, heads, hd, kp, vp, S, kvh, start, window, op);
+        return out;
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"), py::arg("window") = 0,
+      "Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole\n"
+      "cache [start + T, kv_heads, hd]. window > 0: a query sees only its last `window` keys.\n"
+      "Returns [T, heads * hd].");
+  m.def(
+      "softmax_topk",
+      [](const FloatArray& logits, int64_t k, bool normalize) {
+        if (logits.ndim() != 2) throw std::invalid_argument("softmax_topk: logits must be [T, experts]");
+        const int64_t T = logits.shape(0), E = logits.shape(1);
+        if (k < 1 || k > E) throw std::invalid_argument("softmax_topk: k must be in 1.." + std::to_string(E));
+        py::array_t<int32_t> ids({T, k});
+        FloatArray w({T, k});
+        const float* lp = logits.data();
+        int32_t* ip = ids.mutable_data();
+        float* wp = w.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          softmax_topk(lp, T, E, k, normalize, ip, wp);
+        }
+        return py::make_tuple(ids, w);
+      },
+      py::arg("logits"), py::arg("k"), py::arg("normalize"),
+      "Softmax over each row of logits [T, E], then its k largest (largest first, lower id on a\n"
+      "tie), renormalized to sum 1 if normalize: (ids int32 [T, k], weights float32 [T, k]).");
 
   py::class_<ExpertStore, std::shared_ptr<ExpertStore>>(
       m, "ExpertStore",

@@ -1,8 +1,9 @@
 """The decoder every supported architecture shares.
 
-Dense math on the backbone runs in numpy (float32) around native linear layers
-that read the weights in their stored dtype; routed experts always run in the
-native core through `moe_forward`. An architecture file supplies its config and
+The backbone's matmuls and its small dense ops (RMSNorm, RoPE, attention over the
+KV cache, softmax top-k routing) run in the native core (float32), with numpy
+holding the arrays between them; routed experts run in the native core through
+`moe_forward`. An architecture file supplies its config and
 its routing; everything else is here.
 """
 from __future__ import annotations
@@ -118,7 +119,12 @@ def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def route_softmax_topk(logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """softmax over all experts, keep the top k, optionally renormalize them to sum 1."""
+    """softmax over all experts, keep the top k (lower id first on a tie), optionally
+    renormalize them to sum 1. Native; route_softmax_topk_reference is the same in numpy."""
+    return _core.softmax_topk(logits, k, normalize)
+
+
+def route_softmax_topk_reference(logits: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     ids, w = top_k(softmax(logits), k)
     if normalize:
         w = w / w.sum(axis=-1, keepdims=True)
@@ -129,16 +135,13 @@ class Rope:
     """Rotary embedding, half-split ("rotate_half") convention as in transformers."""
 
     def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+        self.inv_freq = np.ascontiguousarray(
+            1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32)
 
-    def __call__(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        # x [T, heads, head_dim], positions [T]
-        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]  # [T, hd/2]
-        cos = np.cos(freqs)[:, None, :]
-        sin = np.sin(freqs)[:, None, :]
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
+        """x [T, heads, head_dim] float32 at positions start..start+T-1, rotated in place."""
+        _core.rope(x, start, self.inv_freq)
+        return x
 
 
 class KVCache:
@@ -169,11 +172,16 @@ class KVCache:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
-    """Causal grouped-query attention of T new queries against all cached keys.
+    """Causal grouped-query attention of T new queries against all cached keys (native).
 
     q [T, heads, hd] at positions start..start+T-1; k, v [S, kv_heads, hd] with S = start+T.
     Returns [T, heads*hd].
     """
+    return _core.attention(q, k, v, start, window or 0)
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
+    """attention() in numpy (tests)."""
     T, heads, hd = q.shape
     S, kv_heads, _ = k.shape
     rep = heads // kv_heads
@@ -282,7 +290,7 @@ class DecoderLM:
         q, k, v = L["q"](x), L["k"](x), L["v"](x)
         qn, kn = L["q_norm"], L["k_norm"]
         if qn is not None and qn.shape[0] != cfg.head_dim:  # OLMoE: norm over the whole projection
-            q, k = rms_norm(q, qn, cfg.rms_norm_eps), rms_norm(k, kn, cfg.rms_norm_eps)
+            q, k = _core.rms_norm(q, qn, cfg.rms_norm_eps), _core.rms_norm(k, kn, cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             c = cfg.clip_qkv
             q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
@@ -290,12 +298,12 @@ class DecoderLM:
         k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         if qn is not None and qn.shape[0] == cfg.head_dim:  # Qwen3: norm per head
-            q, k = rms_norm(q, qn, cfg.rms_norm_eps), rms_norm(k, kn, cfg.rms_norm_eps)
-        positions = np.arange(start, start + T)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = _core.rms_norm(q, qn, cfg.rms_norm_eps), _core.rms_norm(k, kn, cfg.rms_norm_eps)
+        q = self.rope(np.ascontiguousarray(q, dtype=np.float32), start)
+        k = self.rope(np.ascontiguousarray(k, dtype=np.float32), start)
         k_all, v_all = kv.append(layer, k, v, start)
-        out = attention(q, k_all, v_all, start, L["window"])
-        return L["o"](np.ascontiguousarray(out, dtype=np.float32))
+        out = attention(q, k_all, v_all, start, L["window"])  # [T, heads * hd]
+        return L["o"](out)
 
     @staticmethod
     def _mlp(mats: tuple[Linear, Linear, Linear], x: np.ndarray) -> np.ndarray:
@@ -324,12 +332,12 @@ class DecoderLM:
     def block(self, i: int, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
         """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
         L, eps = self.layers[i], self.cfg.rms_norm_eps
-        h = h + self._attention(L, rms_norm(h, L["attn_norm"], eps), i, kv, start)
-        return h + self._ffn(L, np.ascontiguousarray(rms_norm(h, L["ffn_norm"], eps), np.float32), i, h)
+        h = h + self._attention(L, _core.rms_norm(h, L["attn_norm"], eps), i, kv, start)
+        return h + self._ffn(L, _core.rms_norm(h, L["ffn_norm"], eps), i, h)
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's output h [T, hidden]."""
-        return self.lm_head(np.ascontiguousarray(rms_norm(h, self.out_norm, self.cfg.rms_norm_eps), np.float32))
+        return self.lm_head(_core.rms_norm(h, self.out_norm, self.cfg.rms_norm_eps))
 
     def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
         """Run T new tokens at positions start.. through the model, appending to kv.

@@ -1,0 +1,32 @@
+// The small dense ops of a decoder layer around the matmuls: RMSNorm, RoPE,
+// causal grouped-query attention over the KV cache, softmax + top-k routing.
+// In numpy each is a chain of ~10 array ops costing tens of microseconds per
+// decode token and layer; here each is one pass over a few KB.
+#pragma once
+
+#include <cstdint>
+
+namespace edgemoe {
+
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w, for rows x n values. y may be x.
+void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, float eps, float* y);
+
+// In place, the rotate-half convention (transformers): x [T, heads, hd] at positions
+// start..start+T-1; inv_freq [hd/2]. For each pair (i, i+hd/2) with f = pos * inv_freq[i]:
+// (x1, x2) -> (x1 cos f - x2 sin f, x2 cos f + x1 sin f).
+void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const float* inv_freq);
+
+// Causal grouped-query attention of T new queries q [T, heads, hd] at positions
+// start..start+T-1 against k, v [S, kv_heads, hd] (S = start + T); query head h reads
+// kv head h / (heads / kv_heads). window > 0: key j is visible from query i only if
+// i - window < j <= i. out [T, heads * hd].
+void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
+               int64_t kv_heads, int64_t start, int64_t window, float* out);
+
+// Per row of logits [T, E]: softmax, the K largest probabilities (largest first, the
+// lower expert id first on a tie), renormalized to sum 1 when normalize.
+// ids [T, K], weights [T, K].
+void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids,
+                  float* weights);
+
+}  // namespace edgemoe

@@ -1,0 +1,66 @@
+"""Native dense ops of the decoder (native/dense.cpp) against numpy references."""
+import numpy as np
+import pytest
+
+from edgemoe import _core
+from edgemoe.models import base
+
+RNG = np.random.default_rng(7)
+
+
+def rope_reference(x, start, inv_freq):
+    pos = np.arange(start, start + x.shape[0], dtype=np.float32)
+    f = pos[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(f)[:, None, :], np.sin(f)[:, None, :]
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (5, 1024), (3, 4, 128)])
+def test_rms_norm(shape):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    w = RNG.standard_normal(shape[-1]).astype(np.float32)
+    y = _core.rms_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, base.rms_norm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("start", [0, 7, 3000])
+def test_rope_in_place(start):
+    x = RNG.standard_normal((3, 4, 64)).astype(np.float32)
+    rope = base.Rope(64, 1e6)
+    ref = rope_reference(x, start, rope.inv_freq)
+    y = rope(x, start)
+    assert y is x
+    np.testing.assert_allclose(x, ref, rtol=1e-4, atol=2e-5)
+
+
+def test_rope_refuses_a_copy():
+    with pytest.raises(TypeError):
+        _core.rope(np.zeros((1, 2, 8), np.float64), 0, np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("T,start,heads,kv_heads,window", [(1, 0, 4, 4, None), (1, 40, 16, 4, None), (6, 0, 8, 2, None),
+                                                           (5, 11, 8, 2, None), (1, 40, 4, 2, 8), (9, 3, 4, 1, 4),
+                                                           (64, 0, 16, 4, None)])
+def test_attention(T, start, heads, kv_heads, window):
+    hd = 32
+    S = start + T
+    q = RNG.standard_normal((T, heads, hd)).astype(np.float32)
+    k = RNG.standard_normal((S, kv_heads, hd)).astype(np.float32)
+    v = RNG.standard_normal((S, kv_heads, hd)).astype(np.float32)
+    y = base.attention(q, k, v, start, window)
+    assert y.shape == (T, heads * hd)
+    np.testing.assert_allclose(y, base.attention_reference(q, k, v, start, window), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_softmax_topk(normalize):
+    logits = RNG.standard_normal((7, 8)).astype(np.float32) * 3
+    logits[3, 5] = logits[3, 2]  # a tie: the lower id goes first
+    ids, w = base.route_softmax_topk(logits, 2, normalize)
+    ref_ids, ref_w = base.route_softmax_topk_reference(logits, 2, normalize)
+    assert ids.dtype == np.int32 and w.dtype == np.float32 and ids.shape == (7, 2)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-6)
