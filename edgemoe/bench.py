@@ -6,14 +6,22 @@ Modes:
   ram       every expert read into RAM before timing (the ceiling)
   ondemand  a cache of one layer's routed experts, no prefetch (EdgeMoE's baseline)
   lru       LRU cache at the given budget, no prefetch
-  edgemoe   the best policy and predictor at the given budget
+  edgemoe   the best policy and predictor at the given budget (BEST, chosen by measurement)
+  POLICY+PREDICTOR  any other combination, e.g. lfu+table, edgemoe+fitted, lru+none
+
+With --cgroup-limit, the Mixtral-shaped model also runs inside a fresh cgroup v1 memory
+group of that size (expert budget = limit - Model.memory_needed's other terms) and is
+compared with its I/O lower bound: the expert bytes it read per decoded token divided by
+the O_DIRECT read bandwidth measured on the same file in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +29,13 @@ from typing import Any
 import numpy as np
 
 MODES = ("ram", "ondemand", "lru", "edgemoe")
-# mode -> load() keyword arguments beyond the budget; filled in as the runtime grows options
-MODE_OPTIONS: dict[str, dict[str, Any]] = {
-    "ram": {},
-    "ondemand": {},
-    "lru": {"policy": "lru", "prefetch": None},
-    "edgemoe": {"policy": "edgemoe", "prefetch": "lookahead"},
-}
+POLICIES = ("lru", "lfu", "edgemoe")
+
+# The edgemoe mode: policy and predictor, in order of preference, by measurement (README,
+# "Streaming under a memory budget"); the first whose files the model has is used.
+BEST: list[dict[str, Any]] = [
+    {"policy": "lru", "prefetch": "lookahead"},
+]
 
 # The Mixtral-shaped model of issue 4: about 0.88B parameters, 0.5 GB at 4 bits.
 MIXTRAL_SHAPED = dict(hidden_size=1024, num_hidden_layers=12, num_local_experts=8, num_experts_per_tok=2,
@@ -80,15 +88,17 @@ def synth_mixtral(dst: Path, seed: int = 0, std: float = 0.02, **shape: int) -> 
     return dst
 
 
-def prepare(name: str, cache: Path, bits: int) -> Path:
-    """A converted model directory for a bench model name or path."""
+def prepare(name: str, cache: Path, bits: int | None) -> Path:
+    """A converted model directory for a bench model name or path (bits None: the name's default,
+    8 for the default model, 4 for the Mixtral-shaped one)."""
     from .converters.convert import convert
 
     if name == "default":
-        from .default import default_model_path
+        from .default import DEFAULT_BITS, default_model_path
 
-        return default_model_path(bits=bits)
+        return default_model_path(bits=bits or DEFAULT_BITS)
     if name == "mixtral-shaped":
+        bits = bits or 4
         model = cache / f"mixtral-shaped-{bits}bit"
         if not (model / "manifest.json").exists():
             hf = cache / "mixtral-shaped-hf"
@@ -100,6 +110,48 @@ def prepare(name: str, cache: Path, bits: int) -> Path:
     return Path(name)
 
 
+def has_predictor_files(model_dir: Path, prefetch: str | None) -> bool:
+    from .predict import FIT_FILE
+    from .routing import ROUTING_FILE
+
+    kind = (prefetch or "").partition(":")[0]
+    if kind == "table":
+        return (model_dir / ROUTING_FILE).exists()
+    if kind == "fitted":
+        return (model_dir / FIT_FILE).exists()
+    return True
+
+
+def mode_options(mode: str, model_dir: Path) -> dict[str, Any]:
+    """load() keyword arguments of a mode (beyond the budget)."""
+    if mode in ("ram", "ondemand", "lru"):
+        return {"policy": "lru", "prefetch": None}
+    if mode == "edgemoe":
+        for opts in BEST:
+            if has_predictor_files(model_dir, opts["prefetch"]):
+                return dict(opts)
+        return {"policy": "lru", "prefetch": "lookahead"}
+    policy, sep, predictor = mode.partition("+")
+    if not sep or policy not in POLICIES:
+        raise ValueError(f"unknown bench mode {mode!r}: use {', '.join(MODES)} or POLICY+PREDICTOR "
+                         f"(policy {', '.join(POLICIES)}; predictor none, table, lookahead, fitted[:layer_out])")
+    return {"policy": policy, "prefetch": None if predictor == "none" else predictor}
+
+
+def bench_prompt(m: Any, tokens: int, seed: int) -> list[int]:
+    """Held-out text when the model has a tokenizer and the default model's test text is
+    installed (learned routing follows text, not random ids), else random ids."""
+    from .default import SHIPPED
+
+    text = SHIPPED / "test.txt"
+    if (m.path / "tokenizer.json").exists() and text.exists():
+        ids = m.encode(text.read_text(encoding="utf-8")[: 40 * tokens + 4000])
+        start = int(np.random.default_rng(seed).integers(0, max(1, len(ids) - tokens)))
+        if len(ids) >= tokens:
+            return ids[start:start + tokens]
+    return np.random.default_rng(seed).integers(3, m.config.vocab_size, tokens).tolist()
+
+
 # -- one measured run (in its own process) ------------------------------------------
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import edgemoe
@@ -108,31 +160,40 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     io_before = _read_bytes()
     t0 = time.perf_counter()
-    kwargs = {k: v for k, v in spec.get("options", {}).items() if k in spec.get("supported", ())}
-    m = edgemoe.load(spec["model"], memory_budget=spec["budget"] or None, **kwargs)
+    m = edgemoe.load(spec["model"], memory_budget=spec["budget"] or None, device=spec.get("device"),
+                     **spec.get("options", {}))
     load_s = time.perf_counter() - t0
     if spec["mode"] == "ram":
         m.warm()
-    prompt = np.random.default_rng(spec["seed"]).integers(3, m.config.vocab_size, spec["prompt_tokens"]).tolist()
+    prompt = bench_prompt(m, spec["prompt_tokens"], spec["seed"])
     m.eos_ids = set()  # always generate the full count
     m.reset_stats()
     t0 = time.perf_counter()
-    tokens = m.generate(prompt, max_new_tokens=spec["new_tokens"], stream=True)
+    tokens = m.generate(prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95,
+                        seed=spec["seed"], stream=True)
     next(tokens)
     ttft = time.perf_counter() - t0
+    at_first = m.cache.stats()
     n = 1 + sum(1 for _ in tokens)
     total = time.perf_counter() - t0
     s = m.stats()
+    decoded = n - 1
+    decode_s = total - ttft
     return {
         "load_seconds": load_s,
         "ttft_seconds": ttft,
-        "decode_tokens_per_s": (n - 1) / (total - ttft) if n > 1 else 0.0,
+        "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
+        "decode_seconds_per_token": decode_s / decoded if decoded else 0.0,
         "tokens": n,
         "peak_rss_bytes": peak_rss_bytes(),
         "storage_read_bytes": _read_bytes() - io_before,
         "expert_bytes_read": s["bytes_read"],
+        "decode_bytes_per_token": (s["bytes_read"] - at_first["bytes_read"]) / decoded if decoded else 0.0,
+        "decode_demand_bytes_per_token": (s["demand_bytes"] - at_first["demand_bytes"]) / decoded if decoded else 0.0,
+        "decode_stall_seconds_per_token": (s["stall_seconds"] - at_first["stall_seconds"]) / decoded if decoded else 0.0,
         "cache_hit_rate": s["cache_hit_rate"],
         "direct_io": s["direct_io"],
+        "options": spec.get("options", {}),
         "stats": s,
     }
 
@@ -146,80 +207,229 @@ def _read_bytes() -> int:
     return 0
 
 
-def _supported_options() -> list[str]:
-    import inspect
+# -- the disk ---------------------------------------------------------------------
+def direct_read_bandwidth(model_dir: Path, threads: int = 2, max_bytes: int = 256 << 20,
+                          seed: int = 0) -> dict[str, float]:
+    """O_DIRECT read bandwidth of the experts file as the cache reads it: whole expert blobs
+    in random order by `threads` concurrent readers (bytes/s), and one reader of 4 MiB
+    sequential chunks. At most max_bytes per figure."""
+    import mmap
 
-    from .model import Model
+    from .manifest import blob_tables, load_manifest
 
-    return [p for p in inspect.signature(Model.__init__).parameters if p not in ("self", "path", "memory_budget")]
+    manifest = load_manifest(model_dir)
+    offsets, lengths, _, _ = blob_tables(manifest)
+    path = model_dir / manifest["experts"]["file"]
+    blobs = [(int(o), (int(n) + 4095) // 4096 * 4096) for o, n in zip(offsets.ravel(), lengths.ravel()) if n]
+    order = np.random.default_rng(seed).permutation(len(blobs))
+    picked, total = [], 0
+    for i in order:
+        if total >= max_bytes:
+            break
+        picked.append(blobs[i])
+        total += blobs[i][1]
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        def reader(jobs: list[tuple[int, int]]) -> None:
+            buf = mmap.mmap(-1, max(n for _, n in picked))  # page-aligned, as O_DIRECT needs
+            for off, n in jobs:
+                os.preadv(fd, [memoryview(buf)[:n]], off)
+            buf.close()
+
+        t0 = time.perf_counter()
+        workers = [threading.Thread(target=reader, args=(picked[i::threads],)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        random_bps = total / (time.perf_counter() - t0)
+
+        chunk, size = 4 << 20, os.fstat(fd).st_size // 4096 * 4096
+        buf = mmap.mmap(-1, chunk)
+        t0, done, off = time.perf_counter(), 0, 0
+        while done < min(max_bytes, size):
+            n = os.preadv(fd, [buf], off)
+            if n <= 0:
+                break
+            done += n
+            off = (off + n) % max(chunk, size - chunk)
+        seq_bps = done / (time.perf_counter() - t0)
+        buf.close()
+    finally:
+        os.close(fd)
+    return {"expert_reads_bytes_per_s": random_bps, "sequential_bytes_per_s": seq_bps, "threads": threads,
+            "bytes": total}
 
 
 # -- the comparison -----------------------------------------------------------------
-def measure(model_dir: Path, mode: str, budget: int, args: argparse.Namespace) -> dict[str, Any]:
-    from edgemoe.devices.limits import drop_page_cache
+def measure(model_dir: Path, mode: str, budget: int, args: argparse.Namespace,
+            limit: int | None = None) -> dict[str, Any]:
+    """The median (by decode speed) of args.repeat runs, each in a fresh process after the
+    model's files left the page cache; with `limit`, inside a fresh cgroup of that many bytes."""
+    from edgemoe.devices.limits import Cgroup, drop_page_cache
 
     spec = {"model": str(model_dir), "mode": mode, "budget": budget, "seed": args.seed,
-            "prompt_tokens": args.prompt_tokens, "new_tokens": args.tokens,
-            "options": MODE_OPTIONS[mode], "supported": _supported_options()}
+            "prompt_tokens": args.prompt_tokens, "new_tokens": args.tokens, "device": args.device,
+            "options": mode_options(mode, model_dir)}
+    cmd = [sys.executable, "-m", "edgemoe.bench", "--worker", json.dumps(spec)]
     runs = []
     for _ in range(args.repeat):
         drop_page_cache(model_dir)
-        r = subprocess.run([sys.executable, "-m", "edgemoe.bench", "--worker", json.dumps(spec)],
-                           capture_output=True, text=True, cwd="/")  # import the installed package
-        if r.returncode != 0:
-            raise RuntimeError(f"bench worker failed ({mode}, budget {budget}):\n{r.stderr[-3000:]}")
-        runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        if limit is None:
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd="/")  # import the installed package
+            rc, out, err, extra = r.returncode, r.stdout, r.stderr, {}
+        else:
+            with Cgroup(memory_limit=limit) as cg:
+                lr = cg.run(cmd, cwd="/", timeout=600)
+            rc, out, err = lr.returncode, lr.stdout, lr.stderr
+            extra = {"cgroup_limit_bytes": limit, "cgroup_peak_bytes": lr.peak_memory_bytes,
+                     "oom_killed": lr.oom_killed}
+            if lr.oom_killed:
+                raise RuntimeError(f"bench worker was OOM-killed in a {limit / 1e6:.0f} MB cgroup ({mode})")
+        if rc != 0:
+            raise RuntimeError(f"bench worker failed ({mode}, budget {budget}):\n{err[-3000:]}")
+        runs.append(dict(json.loads(out.strip().splitlines()[-1]), **extra))
     best = sorted(runs, key=lambda x: x["decode_tokens_per_s"])[len(runs) // 2]  # the median run
     best["decode_tokens_per_s_all"] = [x["decode_tokens_per_s"] for x in runs]
     return best
 
 
+HEADER = ("| model | mode | policy+predictor | budget | decode tok/s | TTFT s | peak RSS MB | expert MB read "
+          "| hit rate | stall ms/tok |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(r: dict[str, Any]) -> str:
+    o = r["options"]
+    combo = "-" if r["mode"] in ("ram", "ondemand") else f"{o.get('policy')}+{o.get('prefetch') or 'none'}"
+    label = "all" if r["mode"] == "ram" else f"{100 * r['budget'] / r['expert_bytes']:.0f}%"
+    if r["mode"] == "ondemand":
+        label = f"1 layer ({label})"
+    return (f"| {r['model']} | {r['mode']} | {combo} | {label} | {r['decode_tokens_per_s']:.2f} | "
+            f"{r['ttft_seconds']:.3f} | {r['peak_rss_bytes'] / 1e6:.0f} | {r['expert_bytes_read'] / 1e6:.1f} | "
+            f"{100 * r['cache_hit_rate']:.1f}% | {1e3 * r['decode_stall_seconds_per_token']:.1f} |")
+
+
+def targets(results: list[dict[str, Any]]) -> list[str]:
+    """The issue's speed targets, from the rows measured (per model, at the 50% budget)."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in results):
+        rs = [r for r in results if r["model"] == name and not r.get("cgroup_limit_bytes")]
+        ram = next((r for r in rs if r["mode"] == "ram"), None)
+        od = next((r for r in rs if r["mode"] == "ondemand"), None)
+        em = [r for r in rs if r["mode"] == "edgemoe" and abs(r["budget"] / r["expert_bytes"] - 0.5) < 0.01]
+        if em and od and ram:
+            e = em[0]["decode_tokens_per_s"]
+            lines.append(f"{name}: edgemoe at 50% = {e / od['decode_tokens_per_s']:.2f}x on-demand (target >= 3x), "
+                         f"all-in-RAM is {ram['decode_tokens_per_s'] / e:.2f}x faster (target <= 1.3x)")
+    return lines
+
+
+def run_cgroup(name: str, model_dir: Path, limit: int, args: argparse.Namespace, emit: Any = print
+               ) -> list[dict[str, Any]]:
+    """The model's modes inside a `limit`-byte cgroup, against the I/O lower bound."""
+    from .model import load
+
+    probe = load(model_dir, memory_budget=1 << 30)
+    others = probe.memory_needed(args.prompt_tokens + args.tokens) - probe.budget
+    expert_bytes = probe.info()["expert_bytes"]
+    budget = limit - others
+    del probe
+    if budget <= 0:
+        raise RuntimeError(f"a {limit / 1e6:.0f} MB limit leaves no room for experts ({others / 1e6:.0f} MB "
+                           f"for the rest)")
+    bw = direct_read_bandwidth(model_dir)
+    fastest = max(bw["expert_reads_bytes_per_s"], bw["sequential_bytes_per_s"])
+    emit(f"\n## {name} inside a {limit / 1e6:.0f} MB cgroup: expert budget {budget / 1e6:.1f} MB "
+          f"({100 * budget / expert_bytes:.0f}% of {expert_bytes / 1e6:.0f} MB); O_DIRECT read bandwidth "
+          f"{bw['expert_reads_bytes_per_s'] / 1e6:.0f} MB/s (expert blobs, {bw['threads']} readers), "
+          f"{bw['sequential_bytes_per_s'] / 1e6:.0f} MB/s (4 MiB sequential); bound uses the faster\n")
+    emit("| mode | policy+predictor | decode tok/s | ms/token | expert MB read/token | I/O bound ms/token "
+         "| ratio | cgroup peak MB |\n|---|---|---|---|---|---|---|---|")
+    out = []
+    for mode in args.cgroup_modes.split(","):
+        b = budget if mode != "ondemand" else load(model_dir).min_budget
+        r = measure(model_dir, mode, b, args, limit=limit)
+        bound = r["decode_bytes_per_token"] / fastest
+        r.update(model=name, mode=mode, budget=b, expert_bytes=expert_bytes, read_bandwidth=bw,
+                 io_bound_seconds_per_token=bound, ratio_to_io_bound=r["decode_seconds_per_token"] / bound
+                 if bound else None)
+        o = r["options"]
+        emit(f"| {mode} | {o.get('policy')}+{o.get('prefetch') or 'none'} | {r['decode_tokens_per_s']:.2f} | "
+             f"{1e3 * r['decode_seconds_per_token']:.1f} | {r['decode_bytes_per_token'] / 1e6:.1f} | "
+             f"{1e3 * bound:.1f} | {r['ratio_to_io_bound']:.2f} | {r['cgroup_peak_bytes'] / 1e6:.0f} |")
+        out.append(r)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edgemoe bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edgemoe bench", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="default,mixtral-shaped",
                     help="comma list: default, mixtral-shaped, or model directories")
-    ap.add_argument("--bits", type=int, default=4, help="bitwidth the bench models are converted at (default 4)")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--bits", type=int, default=None,
+                    help="bitwidth the bench models are converted at (default: 8 for default, 4 for mixtral-shaped)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of modes (see above)")
     ap.add_argument("--budgets", default="25,50,75", help="expert budgets in %% of the expert bytes")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per run")
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, metavar="PROFILE",
+                    help="emulate this device profile's storage speed (devices/profiles)")
+    ap.add_argument("--cgroup-limit", default=None,
+                    help="also run mixtral-shaped inside a cgroup memory limit of this size, e.g. 300MB")
+    ap.add_argument("--cgroup-modes", default="ondemand,lru,edgemoe", help="modes run inside the cgroup")
     ap.add_argument("--cache", default=None, help="where generated bench models go (default: the edgemoe cache)")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
+    ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
 
     from .default import cache_root
-    from .model import load
+    from .model import load, parse_bytes
 
     cache = Path(args.cache) if args.cache else cache_root() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in args.models.split(","):
+    results: list[dict[str, Any]] = []
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    names = [n for n in args.models.split(",") if n]
+    for name in names:
         model_dir = prepare(name, cache, args.bits)
         m = load(model_dir)
-        expert_bytes = m.info()["expert_bytes"]
-        print(f"\n## {name}: {m.info()['layers']} layers, {m.info()['experts_per_layer']} experts, "
-              f"experts {expert_bytes / 1e6:.1f} MB, backbone {m.backbone_bytes / 1e6:.1f} MB, "
-              f"minimum budget {m.min_budget / 1e6:.2f} MB\n")
-        print("| mode | budget | decode tok/s | TTFT s | peak RSS MB | expert MB read | hit rate |")
-        print("|---|---|---|---|---|---|---|")
+        info = m.info()
+        expert_bytes = info["expert_bytes"]
+        emit(f"\n## {name}: {info['layers']} layers, {info['experts_per_layer']} experts, top-{info['top_k']}, "
+             f"experts {expert_bytes / 1e6:.1f} MB, backbone {m.backbone_bytes / 1e6:.1f} MB, "
+             f"minimum budget {m.min_budget / 1e6:.2f} MB" + (f", storage emulating {args.device}" if args.device else "")
+             + "\n")
+        emit(HEADER)
         for mode in args.modes.split(","):
             budgets = [0] if mode == "ram" else [m.min_budget] if mode == "ondemand" else \
                 [max(m.min_budget, expert_bytes * int(p) // 100) for p in args.budgets.split(",")]
             for budget in budgets:
                 r = measure(model_dir, mode, budget, args)
-                label = "all" if mode == "ram" else f"{100 * budget / expert_bytes:.0f}%"
-                print(f"| {mode} | {label} | {r['decode_tokens_per_s']:.1f} | {r['ttft_seconds']:.3f} | "
-                      f"{r['peak_rss_bytes'] / 1e6:.0f} | {r['expert_bytes_read'] / 1e6:.1f} | "
-                      f"{100 * r['cache_hit_rate']:.1f}% |", flush=True)
-                results.append(dict(r, model=name, mode=mode, budget=budget, expert_bytes=expert_bytes))
+                r.update(model=name, mode=mode, budget=budget, expert_bytes=expert_bytes, device=args.device)
+                emit(row(r))
+                results.append(r)
+    for line in targets(results):
+        emit("\n" + line)
+    if args.cgroup_limit:
+        name = "mixtral-shaped"
+        rs = run_cgroup(name, prepare(name, cache, args.bits), parse_bytes(args.cgroup_limit), args, emit)
+        results += rs
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
     return 0
 
 
