@@ -656,6 +656,26 @@ void run_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x,
 #endif
 }
 
+// xsum[g] = sum of x over group g (cols / gs groups), summed in order.
+void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum) {
+  for (uint32_t g = 0; g < cols / gs; ++g) {
+    const float* xg = x + uint64_t(g) * gs;
+    float s = 0;
+    for (uint32_t j = 0; j < gs; ++j) s += xg[j];
+    xsum[g] = s;
+  }
+}
+
+// How many blocks of rows a matmul over `rows` rows and `work` multiply-adds is cut into.
+int64_t decode_tasks(uint32_t rows, uint64_t work) {
+  const int threads = ThreadPool::instance().num_threads();
+  if (work < (1u << 16) || threads == 1) return 1;  // too small to be worth waking threads
+  // ~16 row blocks per thread: each one a long sequential weight stream, yet a
+  // thread the OS preempts mid-block holds the others up only a little.
+  const uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(16 * threads));
+  return (rows + row_block - 1) / row_block;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- driver
@@ -675,23 +695,12 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const bool need_xsum = quant;
 #endif
   std::vector<float> xsum(need_xsum ? size_t(T) * ng : 0);
-  for (int64_t t = 0; t < T && need_xsum; ++t)
-    for (uint32_t g = 0; g < ng; ++g) {
-      const float* xg = x + t * cols + uint64_t(g) * w.group_size;
-      float s = 0;
-      for (uint32_t j = 0; j < w.group_size; ++j) s += xg[j];
-      xsum[size_t(t) * ng + g] = s;
-    }
+  for (int64_t t = 0; t < T && need_xsum; ++t) group_sums(x + t * cols, cols, w.group_size, &xsum[size_t(t) * ng]);
 
   // Tasks are blocks of rows; each task walks all token blocks so its rows'
   // weights stay in cache across tokens.
-  const uint64_t work = uint64_t(rows) * cols * uint64_t(T);
-  const int threads = ThreadPool::instance().num_threads();
-  // ~16 row blocks per thread: each one a long sequential weight stream, yet a
-  // thread the OS preempts mid-block holds the others up only a little.
-  uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(16 * threads));
-  if (work < (1u << 16) || threads == 1) row_block = rows;  // too small to be worth waking threads
-  const int64_t tasks = (rows + row_block - 1) / row_block;
+  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols * uint64_t(T));
+  const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
 
 #if defined(EDGEMOE_AVX2)
   if (T == 1 && quant) {
@@ -786,6 +795,27 @@ Expert parse_expert(const uint8_t* blob, uint64_t size) {
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   // x [T, H] -> g, u [T, I] -> h [T, I] -> y [T, H]
   const uint32_t I = e.intermediate();
+#if defined(EDGEMOE_AVX2)
+  if (T == 1 && e.gate.kind == kQuant && e.up.kind == kQuant && e.gate.group_size == e.up.group_size) {
+    // Decode: gate and up in one pass over the pool (x rounded to int16 once), each
+    // task finishing its rows' silu(g) * u; the same numbers as two matmul calls.
+    const uint32_t H = e.hidden(), gs = e.gate.group_size, ng = H / gs;
+    std::vector<int16_t> x16(H);
+    std::vector<float> dx(H / kChunk), xsum(ng), h(I), u(I);
+    quantize_x16(x, H, x16.data(), dx.data());
+    group_sums(x, H, gs, xsum.data());
+    const int64_t tasks = decode_tasks(I, uint64_t(2) * I * H);
+    const uint32_t row_block = uint32_t((I + tasks - 1) / tasks);
+    ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
+      const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
+      qmatvec16(e.gate, r0, r1, x16.data(), dx.data(), xsum.data(), h.data());
+      qmatvec16(e.up, r0, r1, x16.data(), dx.data(), xsum.data(), u.data());
+      for (uint32_t r = r0; r < r1; ++r) h[r] = h[r] / (1.0f + std::exp(-h[r])) * u[r];
+    });
+    matmul(e.down, h.data(), 1, y);
+    return;
+  }
+#endif
   std::vector<float> g(size_t(T) * I), u(size_t(T) * I);
   matmul(e.gate, x, T, g.data());
   matmul(e.up, x, T, u.data());
