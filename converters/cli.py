@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
                    help="columns per quantization group (default 64)")
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    p.add_argument("--fallback-bits", type=int, choices=(4, 3, 2), default=None,
+                   help="also store a low-bit copy of every expert kept at more bits (experts.fallback.bin), "
+                        "read on a cache miss for a low gate weight with load(..., fallback=True)")
     a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
     a.add_argument("--tolerance", default=None,
                    help="allowed perplexity increase over 16-bit on --calib, verified by measuring it (default 2%%)")
@@ -66,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
                              importance=args.importance, choices=choices, group_size=args.group_size,
                              symmetric=args.symmetric, backbone_bits=args.backbone_bits,
-                             max_tokens=args.calib_tokens or None, measure=args.measure, overwrite=args.force,
+                             max_tokens=args.calib_tokens or None, measure=args.measure,
+                             fallback_bits=args.fallback_bits, overwrite=args.force,
                              progress=not args.quiet, log=None if args.quiet else sys.stderr)
         else:
             extra = [o for o, v in (("--tolerance", args.tolerance), ("--expert-bytes", args.expert_bytes),
@@ -75,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise EdgeMoEError(f"{extra[0]} only applies to --bits auto (got --bits {args.bits})")
             m = convert(args.src, args.output, bits=int(args.bits), group_size=args.group_size,
                         symmetric=args.symmetric, progress=not args.quiet, overwrite=args.force,
-                        backbone_bits=args.backbone_bits)
+                        backbone_bits=args.backbone_bits, fallback_bits=args.fallback_bits)
         if args.routing_calib:
             from edgemoe.routing import profile_model
 
@@ -92,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.output}: {m['architecture']}, {len(ex['blobs'])} experts at {m['quantization']['bits']} bits "
               f"({ex['file_bytes'] / 1e6:.1f} MB) + backbone at {m['backbone']['bits']} bits "
               f"({m['backbone']['bytes'] / 1e6:.1f} MB) "
-              f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+              + (f"+ {len(m['fallback']['blobs'])} {m['fallback']['bits']}-bit fallback copies "
+                 f"({m['fallback']['file_bytes'] / 1e6:.1f} MB) " if "fallback" in m else "")
+              + f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -20,13 +20,15 @@ import numpy as np
 
 from edgemoe import _core, quant
 from edgemoe.errors import CheckpointError, EdgeMoEError
-from edgemoe.manifest import BLOB_COLUMNS, FORMAT_VERSION, write_manifest
+from edgemoe.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
 
 from .hf import Checkpoint, Plan, plan_conversion
 from .safetensors_io import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
 
 ALIGNMENT = 4096
 EXPERTS_FILE = "experts.bin"
+FALLBACK_FILE = "experts.fallback.bin"  # low-bit copies of the experts (HOBBIT's fallback on a miss)
+FALLBACK_BITS = (4, 3, 2)
 BACKBONE_FILE = "backbone.safetensors"
 BITS = (16, 8, 4, 3, 2)
 BACKBONE_BITS = (16, 8, 4)
@@ -71,7 +73,7 @@ class Progress:
 
 def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: bool = False,
             progress: bool = True, overwrite: bool = False, backbone_bits: int | None = None,
-            bits_map: dict[tuple[int, int], int] | None = None) -> dict:
+            bits_map: dict[tuple[int, int], int] | None = None, fallback_bits: int | None = None) -> dict:
     """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
 
     bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4,
@@ -82,7 +84,10 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     backbone_bits: 16 keeps the backbone's large matrices (attention, dense and
     shared MLPs, output head) in the checkpoint's dtype; 8 or 4 group-quantizes
     them. Default: 16 when every expert is at 16 bits, else 8. Routers,
-    embeddings, norms and biases always keep the checkpoint's dtype. Returns the manifest.
+    embeddings, norms and biases always keep the checkpoint's dtype.
+    fallback_bits: 2, 3 or 4 also writes a low-bit copy of every expert stored
+    at more bits (experts.fallback.bin, same group size), which
+    load(..., fallback=True) reads on a miss for a low gate weight. Returns the manifest.
     Raises CheckpointError / UnsupportedArchitectureError naming the fix.
     """
     src, dst = Path(src), Path(dst)
@@ -95,10 +100,12 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     if bits == "auto" and not bits_map:
         raise EdgeMoEError("bits='auto' needs a bits_map naming every expert's bitwidth: "
                            "use edgemoe.allocate.convert_auto (`edgemoe convert --bits auto`) to choose one")
+    _check_fallback_bits(fallback_bits)
     if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
         raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
     used = set(bits_map.values()) | ({bits} if bits != "auto" else set())
-    if (used != {16} or backbone_bits not in (None, 16)) and group_size not in quant.GROUP_SIZES:
+    if ((used != {16} or backbone_bits not in (None, 16) or fallback_bits is not None)
+            and group_size not in quant.GROUP_SIZES):
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
     _check_destination(src, dst, overwrite)
 
@@ -118,7 +125,7 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     uniform = next(iter(used)) if len(used) == 1 else None
     if backbone_bits is None:
         backbone_bits = 16 if uniform == 16 else 8
-    if uniform != 16:
+    if uniform != 16 or fallback_bits is not None:
         for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
             if n % group_size:
                 ok = [g for g in quant.GROUP_SIZES if n % g == 0 and plan.hidden % g == 0
@@ -134,7 +141,9 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress)
+        fallback = _FallbackSpec(tmp / FALLBACK_FILE, fallback_bits, group_size, symmetric) if fallback_bits else None
+        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress,
+                                              fallback)
         backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
         tok_files = _copy_tokenizer(src, tmp)
         manifest = {
@@ -157,6 +166,8 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
                 "moe_layers": plan.moe_layers, "columns": BLOB_COLUMNS, "blobs": blobs,
             },
         }
+        if fallback is not None:
+            manifest["fallback"] = fallback.section()
         write_manifest(tmp, manifest)  # last: a directory without it is not a model
         fsync_path(tmp / "manifest.json")
         fsync_path(tmp)
@@ -197,37 +208,128 @@ def _encode(w: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bo
     return quant.quantize_matrix(to_float32(w, dtype), bits, group_size, symmetric)
 
 
-def _write_experts(path: Path, plan: Plan, expert_bits: dict[tuple[int, int], int], group_size: int,
-                   symmetric: bool, show: bool) -> tuple[list[list[int]], int]:
+class _BlobFile:
+    """An experts file being written (FORMAT.md): header placeholder, then 4 KiB aligned blobs."""
+
+    def __init__(self, path: Path, plan: Plan):
+        self.path, self.plan = path, plan
+        self.f = open(path, "wb")
+        self.f.write(bytes(ALIGNMENT))  # header placeholder, written once the totals are known
+        self.pos = ALIGNMENT
+        self.blobs: list[list[int]] = []
+
+    def add(self, layer: int, e: int, bits: int, mats: list[np.ndarray]) -> int:
+        blob = quant.pack_expert_blob(layer, e, *mats)
+        self.blobs.append([layer, e, self.pos, int(blob.nbytes), bits, int(_core.crc32c(blob))])
+        self.f.write(blob.data)
+        pad = -blob.nbytes % ALIGNMENT
+        self.f.write(bytes(pad))
+        self.pos += blob.nbytes + pad
+        return int(blob.nbytes)
+
+    def close(self) -> int:
+        self.f.seek(0)
+        self.f.write(quant.experts_file_header(self.plan.num_layers, self.plan.num_experts, len(self.blobs),
+                                               self.pos).data)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        assert self.path.stat().st_size == self.pos
+        return self.pos
+
+
+class _FallbackSpec:
+    """Where and how to write the low-bit copies; after writing, the manifest's "fallback" section."""
+
+    def __init__(self, path: Path, bits: int, group_size: int, symmetric: bool):
+        self.path, self.bits, self.group_size, self.symmetric = path, bits, group_size, symmetric
+        self.blobs: list[list[int]] = []
+        self.file_bytes = 0
+
+    def section(self) -> dict:
+        return {"version": FALLBACK_VERSION, "file": self.path.name, "file_bytes": self.file_bytes,
+                "alignment": ALIGNMENT, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": bool(self.symmetric), "columns": BLOB_COLUMNS, "blobs": self.blobs}
+
+
+def _check_fallback_bits(fallback_bits: int | None) -> None:
+    if fallback_bits is not None and fallback_bits not in FALLBACK_BITS:
+        raise EdgeMoEError(f"fallback bits must be one of {', '.join(map(str, FALLBACK_BITS))}, got {fallback_bits}")
+
+
+def _write_experts(path: Path | None, plan: Plan, expert_bits: dict[tuple[int, int], int], group_size: int,
+                   symmetric: bool, show: bool,
+                   fallback: _FallbackSpec | None = None) -> tuple[list[list[int]], int]:
+    """Write the experts file at `path` and, with `fallback`, the low-bit copies in the same pass
+    over the checkpoint (each expert read once). path None: the low-bit copies only."""
     dtype = plan.expert_dtype
     n = len(plan.moe_layers) * plan.num_experts
     kinds = sorted(set(expert_bits.values()), reverse=True)
-    bar = Progress(n, f"experts ({'/'.join(map(str, kinds))}-bit)", show)
-    blobs: list[list[int]] = []
-    zeros = bytes(ALIGNMENT)
-    with open(path, "wb") as f:
-        f.write(zeros)  # header placeholder, written once the totals are known
-        pos = ALIGNMENT
+    label = f"experts ({'/'.join(map(str, kinds))}-bit)" if path is not None else ""
+    if fallback is not None:
+        label = (label + " + " if label else "") + f"{fallback.bits}-bit fallback copies"
+    bar = Progress(n, label, show)
+    out = _BlobFile(path, plan) if path is not None else None
+    low = _BlobFile(fallback.path, plan) if fallback is not None else None
+    try:
         for layer in plan.moe_layers:
             for e in range(plan.num_experts):
                 gate, up, down = plan.expert(layer, e)
                 bits = expert_bits[layer, e]
-                mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
-                blob = quant.pack_expert_blob(layer, e, *mats)
-                del gate, up, down, mats
-                blobs.append([layer, e, pos, int(blob.nbytes), bits, int(_core.crc32c(blob))])
-                f.write(blob.data)
-                pad = -blob.nbytes % ALIGNMENT
-                f.write(zeros[:pad])
-                pos += blob.nbytes + pad
-                bar.update(1, blob.nbytes)
-        f.seek(0)
-        f.write(quant.experts_file_header(plan.num_layers, plan.num_experts, len(blobs), pos).data)
-        f.flush()
-        os.fsync(f.fileno())
+                nbytes = 0
+                if out is not None:
+                    mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
+                    nbytes += out.add(layer, e, bits, mats)
+                if low is not None and fallback.bits < bits:  # from the checkpoint's weights, not the quantized copy
+                    mats = [_encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
+                            for m in (gate, up, down)]
+                    nbytes += low.add(layer, e, fallback.bits, mats)
+                del gate, up, down
+                bar.update(1, nbytes)
+        pos = out.close() if out is not None else 0
+        if low is not None:
+            fallback.file_bytes, fallback.blobs = low.close(), low.blobs
+    finally:
+        for f in (out, low):
+            if f is not None and not f.f.closed:
+                f.f.close()
     bar.close()
-    assert path.stat().st_size == pos
-    return blobs, pos
+    return (out.blobs if out is not None else []), pos
+
+
+def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) -> dict:
+    """Add (or replace) low-bit fallback copies in a converted model directory, reading the
+    experts again from the checkpoint `src` it was converted from. Same group size and
+    symmetry as the model's experts. Returns the new manifest."""
+    _check_fallback_bits(fallback_bits)
+    model_dir = Path(model_dir)
+    manifest = load_manifest(model_dir)
+    q = manifest["quantization"]
+    group_size = q["group_size"] or 64
+    plan = plan_conversion(Checkpoint(Path(src)))
+    ex = manifest["experts"]
+    if list(plan.moe_layers) != list(ex["moe_layers"]) or plan.num_experts != ex["num_experts"]:
+        raise EdgeMoEError(f"{src} has MoE layers {list(plan.moe_layers)} x {plan.num_experts} experts, but {model_dir} "
+                           f"has {ex['moe_layers']} x {ex['num_experts']}: give the checkpoint it was converted from")
+    for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
+        if n % group_size:
+            raise CheckpointError(f"the model's {what} {n} is not a multiple of the group size {group_size}: "
+                                  f"low-bit copies cannot be made at that group size")
+    expert_bits = {(layer, e): b for layer, e, _, _, b, _ in ex["blobs"]}
+    tmp = model_dir / f".{FALLBACK_FILE}.writing-{os.getpid()}"
+    fallback = _FallbackSpec(tmp, fallback_bits, group_size, bool(q.get("symmetric")))
+    try:
+        _write_experts(None, plan, expert_bits, group_size, bool(q.get("symmetric")), progress, fallback)
+        fsync_path(tmp)
+        os.replace(tmp, model_dir / FALLBACK_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fallback.path = model_dir / FALLBACK_FILE
+    manifest["fallback"] = fallback.section()
+    write_manifest(model_dir, manifest)
+    fsync_path(model_dir / "manifest.json")
+    return manifest
 
 
 def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:

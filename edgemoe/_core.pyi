@@ -130,9 +130,19 @@ class ExpertCache:
     bytes needed. Demand reads (moe_forward misses) go before queued prefetches.
     io_threads=0: the calling thread reads, and prefetch() queues nothing.
     Thread-safe; no lock is held during a read or a computation.
+
+    Low-bit fallback (HOBBIT): `fallback` is an ExpertStore of low-bit copies (the
+    model's experts.fallback.bin). With fallback_threshold > 0, moe_forward serves a
+    miss on an expert whose |gate weight| is below the threshold for every token of
+    the call from its low-bit copy: its own entry, charged its own bytes. A use at or
+    above the threshold always takes the full copy; a resident full copy is always used.
     """
     entry_overhead_bytes: int
-    def __init__(self, store: ExpertStore, budget_bytes: int = 0, policy: str = "lru", io_threads: int = 2) -> None: ...
+    fallback_threshold: float
+    def __init__(self, store: ExpertStore, budget_bytes: int = 0, policy: str = "lru", io_threads: int = 2,
+                 fallback: ExpertStore | None = None, fallback_threshold: float = 0.0) -> None: ...
+    @property
+    def has_fallback(self) -> bool: ...
     @property
     def budget_bytes(self) -> int: ...
     @property
@@ -142,7 +152,8 @@ class ExpertCache:
     def policy(self) -> str: ...
     @property
     def io_threads(self) -> int: ...
-    def contains(self, layer: int, expert: int) -> bool: ...
+    def contains(self, layer: int, expert: int, low_bit: bool = False) -> bool:
+        """True if the expert's full copy (low_bit: its low-bit copy) is resident."""
     def load(self, layer: int, expert: int) -> bool:
         """Make the expert resident now, without pinning it (may evict); blocks until it is.
         True if it was not resident. Not counted as a hit or miss; counted in loads."""
@@ -178,7 +189,10 @@ class ExpertCache:
         resident or in flight because of a prefetch), prefetch_cancelled (before they
         started), prefetch_dropped (no room worth taking), wasted_prefetch_bytes
         (prefetched, then evicted unused), evictions, read_seconds (inside reads, all
-        threads), stall_seconds (moe_forward waiting for reads), compute_seconds."""
+        threads), stall_seconds (moe_forward waiting for reads), compute_seconds;
+        fallback_uses (demands served by a low-bit copy, also in hits/misses),
+        fallback_loads and fallback_bytes (its reads, also in loads/bytes_read),
+        fallback_bytes_saved (per fallback use: the full copy's bytes minus those read)."""
     def reset_stats(self) -> None: ...
 
 def moe_forward(

@@ -208,7 +208,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                  choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
                  backbone_bits: int | None = None, low_bits: int = 2, window: int = 256,
                  max_tokens: int | None = 8192, max_rounds: int = 6, measure: str = "kl",
-                 overwrite: bool = False, progress: bool = True, log: Any = None) -> dict[str, Any]:
+                 fallback_bits: int | None = None, overwrite: bool = False, progress: bool = True,
+                 log: Any = None) -> dict[str, Any]:
     """Convert `src` with a bitwidth per expert chosen from its importance; returns the manifest.
 
     tolerance: allowed calibration perplexity increase over the 16-bit model (0.02 = 2%),
@@ -216,8 +217,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     experts' (0.35 = 35%), the lowest estimated loss that fits. Exactly one of them.
     importance: an importance.json (file or model directory) measured on this
     checkpoint; without one, a temporary 16-bit conversion is profiled on `calib`.
+    fallback_bits: also write low-bit fallback copies of the chosen model (converters.convert.add_fallback).
     """
-    from .converters.convert import _check_destination, _move_into_place, convert
+    from .converters.convert import _check_destination, _check_fallback_bits, _move_into_place, add_fallback, convert
     from .converters.hf import Checkpoint, plan_conversion
     from .evaluate import perplexity
     from .manifest import load_manifest, write_manifest
@@ -231,6 +233,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         raise EdgeMoEError("--bits auto needs exactly one target: --tolerance (e.g. 2%) or --expert-bytes (e.g. 35%)")
     src, dst = Path(src), Path(dst)
     _check_destination(src, dst, overwrite)
+    _check_fallback_bits(fallback_bits)
     plan = plan_conversion(Checkpoint(src))
     doc = load_importance(importance) if importance is not None else None
     if calib is None and (doc is None or tolerance is not None):
@@ -329,6 +332,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             chosen_round = len(rounds) - 1
 
         r = rounds[chosen_round]
+        if fallback_bits is not None:
+            add_fallback(src, chosen, fallback_bits, progress=progress)
         manifest = load_manifest(chosen)
         counts = {str(b): int(c) for b, c in zip(*np.unique(alloc.bits(r["steps"]), return_counts=True))}
         record = {

@@ -15,6 +15,7 @@ from .errors import ModelDirectoryError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 BLOB_COLUMNS = ["layer", "expert", "offset", "length", "bits", "crc32c"]
+FALLBACK_VERSION = 1  # the optional "fallback" section (low-bit copies, FORMAT.md)
 
 
 def load_manifest(model_dir) -> dict:
@@ -94,6 +95,51 @@ def blob_tables(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         crcs[layer, expert] = crc
         bits[layer, expert] = b
     return offsets, lengths, crcs, bits
+
+
+def fallback_tables(model_dir, manifest: dict) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The low-bit fallback copies (FORMAT.md, "fallback"): (file, offsets, lengths, crc32c, bits),
+    tables [num_layers, num_experts] like blob_tables; length 0 = no copy of that expert.
+
+    Raises ModelDirectoryError naming the fix when the model has no fallback section, its
+    version is newer than this edgemoe's, its file is missing or of the wrong size, or a
+    copy is not of an existing expert at fewer bits than the expert's own.
+    """
+    d = Path(model_dir)
+    fb = manifest.get("fallback")
+    if fb is None:
+        raise ModelDirectoryError(f"{d} has no low-bit fallback copies: convert it again with --fallback-bits 2 "
+                                  f"(or add them with edgemoe.converters.convert.add_fallback), or load it "
+                                  f"without fallback")
+    if not isinstance(fb, dict) or not isinstance(fb.get("version"), int):
+        raise ModelDirectoryError(f"{d / MANIFEST} has a \"fallback\" entry without an integer version: "
+                                  f"the file is damaged, convert the model again")
+    if fb["version"] > FALLBACK_VERSION:
+        raise ModelDirectoryError(f"{d}'s low-bit fallback copies are format version {fb['version']}, but this "
+                                  f"edgemoe reads version {FALLBACK_VERSION} at most: upgrade edgemoe, or load "
+                                  f"the model without fallback")
+    for key in ("file", "file_bytes", "blobs"):
+        if key not in fb:
+            raise ModelDirectoryError(f"{d / MANIFEST}'s \"fallback\" entry has no \"{key}\": the file is damaged, "
+                                      f"convert the model again")
+    path = d / fb["file"]
+    if not path.is_file():
+        raise ModelDirectoryError(f"{path} (the low-bit fallback copies) is missing: copy the model directory "
+                                  f"again, convert it again, or load it without fallback")
+    if path.stat().st_size != int(fb["file_bytes"]):
+        raise ModelDirectoryError(f"{fb['file']} is {path.stat().st_size} bytes, the manifest expects "
+                                  f"{fb['file_bytes']}: the file is truncated or damaged, convert the model again")
+    _, full_lengths, _, full_bits = blob_tables(manifest)
+    sub = {"experts": {**manifest["experts"], "blobs": fb["blobs"], "columns": fb.get("columns", BLOB_COLUMNS)}}
+    offsets, lengths, crcs, bits = blob_tables(sub)
+    for layer, expert in zip(*np.nonzero(lengths)):
+        if full_lengths[layer, expert] == 0 or bits[layer, expert] >= full_bits[layer, expert]:
+            raise ModelDirectoryError(
+                f"the fallback copy of expert {expert} of layer {layer} is at {bits[layer, expert]} bits, but the "
+                f"expert itself is " + (f"at {full_bits[layer, expert]} bits" if full_lengths[layer, expert]
+                                        else "not in the experts file") +
+                ": a fallback copy must have fewer bits than its expert; convert the model again")
+    return path, offsets, lengths, crcs, bits
 
 
 def write_manifest(model_dir, manifest: dict) -> Path:

@@ -12,11 +12,12 @@ import numpy as np
 
 from . import _core, models
 from .errors import BudgetError, EdgeMoEError, TokenizerError
-from .manifest import blob_tables, load_manifest
+from .manifest import blob_tables, fallback_tables, load_manifest
 from .models.base import KVCache
 from .sampling import Sampler
 
 ALIGN = 4096
+DEFAULT_FALLBACK_THRESHOLD = 0.3  # gate weight under which a miss reads the low-bit copy (load(fallback=True))
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -88,7 +89,8 @@ class Model:
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
                  direct_io: bool = True, verify: bool = True, threads: int | None = None,
                  prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2,
-                 device: str | None = None):
+                 device: str | None = None, fallback: bool = False,
+                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -114,7 +116,17 @@ class Model:
 
             self.device = load_profile(device)
             self.store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
-        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads)
+        self.fallback_store = None  # low-bit copies read on a miss for a low gate weight (FORMAT.md, fallback)
+        if fallback:
+            fb_path, fb_offsets, fb_lengths, fb_crcs, _ = fallback_tables(self.path, self.manifest)
+            self.fallback_store = _core.ExpertStore(str(fb_path), fb_offsets, fb_lengths, fb_crcs,
+                                                    direct=direct_io, verify=verify)
+            if self.device:  # its own transfer schedule: reads of the two files do not share the emulated channel
+                self.fallback_store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
+        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads,
+                                       fallback=self.fallback_store)
+        if fallback:
+            self.set_fallback(fallback_threshold)
 
         from .converters.safetensors_io import SafetensorsFile
 
@@ -136,6 +148,16 @@ class Model:
         self._tokenizer: Tokenizer | None = None
         self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
         self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
+
+    def set_fallback(self, threshold: float) -> None:
+        """Low-bit fallback on a miss: an expert not resident whose gate weight is below `threshold`
+        for every token of the step (prefill: all of them) is read and computed from its low-bit
+        copy. 0 turns it off. Needs a model loaded with fallback=True."""
+        if self.fallback_store is None and threshold:
+            raise EdgeMoEError(f"{self.path} was loaded without its low-bit copies: load it with fallback=True")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"the fallback threshold is a gate weight between 0 and 1, got {threshold}")
+        self.cache.fallback_threshold = float(threshold)
 
     def warm(self) -> None:
         """Read every expert into the cache now (needs a budget that holds them all)."""
@@ -277,6 +299,9 @@ class Model:
             "peak_rss_bytes": peak_rss_bytes(),
             "storage_emulation": self.device.name if self.device else None,
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
+            **({"fallback": {"threshold": self.cache.fallback_threshold, "uses": int(c["fallback_uses"]),
+                             "loads": int(c["fallback_loads"]), "bytes_read": int(c["fallback_bytes"]),
+                             "bytes_saved": int(c["fallback_bytes_saved"])}} if self.fallback_store else {}),
             "layers": self.layer_stats(),
         }
 
@@ -356,6 +381,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     within prefetch_ratio x the bytes a token needs per layer.
     device: a device profile name (devices/profiles, e.g. "jetson-tx2-emmc"): expert reads are
     throttled to its storage bandwidth and latency, to emulate that device's storage.
+    fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss
+    for an expert whose gate weight is below fallback_threshold, compute it from its
+    low-bit copy instead of reading the full one (HOBBIT); see Model.set_fallback.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")

@@ -72,6 +72,10 @@ py::dict layer_dict(const LayerStats& s) {
   d["misses"] = double(s.misses);
   d["loads"] = double(s.loads);
   d["evictions"] = double(s.evictions);
+  d["fallback_uses"] = double(s.fallback_uses);
+  d["fallback_loads"] = double(s.fallback_loads);
+  d["fallback_bytes"] = double(s.fallback_bytes);
+  d["fallback_bytes_saved"] = double(s.fallback_bytes_saved);
   d["bytes_read"] = double(s.bytes_read);
   d["read_seconds"] = s.read_seconds;
   d["demand_bytes"] = double(s.demand_bytes);
@@ -328,20 +332,32 @@ PYBIND11_MODULE(_core, m) {
       "(decayed activation rate / MoE layers until the expert's layer runs again).\n\n"
       "The budget bounds every buffer the cache holds, in flight included: each blob is charged\n"
       "its size rounded up to 4 KiB before it is read. Experts in use by moe_forward are pinned\n"
-      "and never evicted. Demand reads go before prefetches. Thread-safe.")
+      "and never evicted. Demand reads go before prefetches. Thread-safe.\n\n"
+      "fallback: an ExpertStore of low-bit copies of the experts (the model's experts.fallback.bin),\n"
+      "or None. With fallback_threshold > 0, moe_forward serves a miss on an expert whose |gate\n"
+      "weight| is below the threshold for every token of the call from its low-bit copy: its own\n"
+      "cache entry, charged its own bytes. A use above the threshold always takes the full copy.")
       .def(py::init([](std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, const std::string& policy,
-                       int io_threads) {
+                       int io_threads, std::shared_ptr<ExpertStore> fallback, float threshold) {
              const Policy p = policy_from_name(policy);
-             return std::make_shared<ExpertCache>(std::move(store), budget_bytes, p, io_threads);
+             auto c = std::make_shared<ExpertCache>(std::move(store), budget_bytes, p, io_threads, std::move(fallback));
+             c->set_fallback_threshold(threshold);
+             return c;
            }),
-           py::arg("store"), py::arg("budget_bytes") = 0, py::arg("policy") = "lru", py::arg("io_threads") = 2)
+           py::arg("store"), py::arg("budget_bytes") = 0, py::arg("policy") = "lru", py::arg("io_threads") = 2,
+           py::arg("fallback") = nullptr, py::arg("fallback_threshold") = 0.0f)
       .def_property_readonly("budget_bytes", &ExpertCache::budget_bytes)
       .def_property_readonly("resident_bytes", &ExpertCache::resident_bytes)
       .def_property_readonly("policy", [](const ExpertCache& c) { return std::string(policy_name(c.policy())); })
       .def_property_readonly("io_threads", &ExpertCache::io_threads)
       .def_property_readonly_static("entry_overhead_bytes", [](py::object) { return ExpertCache::kEntryBytes; },
                                     "Fixed bytes the cache keeps per (layer, expert) of the file, beyond the budget.")
-      .def("contains", &ExpertCache::contains, py::arg("layer"), py::arg("expert"))
+      .def("contains", &ExpertCache::contains, py::arg("layer"), py::arg("expert"), py::arg("low_bit") = false,
+           "True if the expert's full copy (low_bit: its low-bit copy) is resident.")
+      .def_property("fallback_threshold", &ExpertCache::fallback_threshold, &ExpertCache::set_fallback_threshold,
+                    "Gate weight below which a miss reads the low-bit copy (0 = off; > 0 needs a fallback store).")
+      .def_property_readonly("has_fallback", py::overload_cast<>(&ExpertCache::has_fallback, py::const_),
+                             "True when the cache was given a store of low-bit copies.")
       .def("load", &ExpertCache::load, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>(),
            "Make the expert resident now, without pinning it (may evict); blocks until it is.\n"
            "True if it was not resident. Not counted as a hit or miss; counted in loads and bytes_read.")
@@ -398,7 +414,10 @@ PYBIND11_MODULE(_core, m) {
           "while resident or in flight because of a prefetch), prefetch_cancelled (before starting),\n"
           "prefetch_dropped (no room worth taking), wasted_prefetch_bytes (prefetched, evicted unused);\n"
           "evictions; read_seconds (inside reads, all threads), stall_seconds (moe_forward waiting\n"
-          "for reads), compute_seconds (moe_forward computing).")
+          "for reads), compute_seconds (moe_forward computing); fallback_uses (demands served by a\n"
+          "low-bit copy, also in hits/misses), fallback_loads and fallback_bytes (its reads, also in\n"
+          "loads/bytes_read), fallback_bytes_saved (per fallback use, the full copy's bytes minus the\n"
+          "bytes read for it).")
       .def("reset_stats", &ExpertCache::reset_stats, "Zero the counters (resident bytes stay).");
 
   m.def(
@@ -435,5 +454,7 @@ PYBIND11_MODULE(_core, m) {
       "threads at once (a prefetch already reading one is waited for, not repeated) while the\n"
       "resident ones compute, then each missing one computes as it lands. The weighted sum runs in\n"
       "slot order, so y does not depend on what was cached. Sets the cache's current layer. An\n"
-      "out-of-range expert id raises ValueError.");
+      "out-of-range expert id raises ValueError.\n\n"
+      "With cache.fallback_threshold > 0, a missing expert whose |weights| are all below it (every\n"
+      "token of the call) is computed from its low-bit copy instead; y then depends on the cache.");
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cassert>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 
 #include "common.h"
@@ -36,6 +37,10 @@ LayerStats& LayerStats::operator+=(const LayerStats& o) {
   prefetch_dropped += o.prefetch_dropped;
   wasted_prefetch_bytes += o.wasted_prefetch_bytes;
   evictions += o.evictions;
+  fallback_uses += o.fallback_uses;
+  fallback_loads += o.fallback_loads;
+  fallback_bytes += o.fallback_bytes;
+  fallback_bytes_saved += o.fallback_bytes_saved;
   read_seconds += o.read_seconds;
   stall_seconds += o.stall_seconds;
   compute_seconds += o.compute_seconds;
@@ -45,7 +50,7 @@ LayerStats& LayerStats::operator+=(const LayerStats& o) {
 // ---------------------------------------------------------------- PinnedExpert
 
 PinnedExpert::PinnedExpert(PinnedExpert&& o) noexcept
-    : cache_(o.cache_), key_(o.key_), expert_(o.expert_), blob_(std::move(o.blob_)) {
+    : cache_(o.cache_), key_(o.key_), expert_(o.expert_), low_bit_(o.low_bit_), blob_(std::move(o.blob_)) {
   o.cache_ = nullptr;
 }
 
@@ -55,6 +60,7 @@ PinnedExpert& PinnedExpert::operator=(PinnedExpert&& o) noexcept {
     cache_ = o.cache_;
     key_ = o.key_;
     expert_ = o.expert_;
+    low_bit_ = o.low_bit_;
     blob_ = std::move(o.blob_);
     o.cache_ = nullptr;
   }
@@ -87,12 +93,25 @@ PinnedExpert LayerRequest::next() { return cache_->next_of(*this); }
 
 // ---------------------------------------------------------------- ExpertCache
 
-ExpertCache::ExpertCache(std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, Policy policy, int io_threads)
-    : store_(std::move(store)), budget_(budget_bytes), policy_(policy) {
+ExpertCache::ExpertCache(std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, Policy policy, int io_threads,
+                         std::shared_ptr<ExpertStore> fallback)
+    : store_(std::move(store)), fallback_(std::move(fallback)), budget_(budget_bytes), policy_(policy) {
   if (io_threads < 0 || io_threads > 64)
     throw std::invalid_argument("io_threads must be between 0 and 64, got " + std::to_string(io_threads));
   const uint32_t L = store_->num_layers(), E = store_->num_experts();
-  entries_.resize(size_t(L) * E);
+  keys_ = size_t(L) * E;
+  if (fallback_) {
+    if (fallback_->num_layers() != L || fallback_->num_experts() != E)
+      throw std::invalid_argument("the fallback store has " + std::to_string(fallback_->num_layers()) + " layers x " +
+                                  std::to_string(fallback_->num_experts()) + " experts, the experts store " +
+                                  std::to_string(L) + " x " + std::to_string(E) + ": they must match");
+    for (uint32_t l = 0; l < L; ++l)
+      for (uint32_t e = 0; e < E; ++e)
+        if (fallback_->blob_size(l, e) != 0 && store_->blob_size(l, e) == 0)
+          throw std::invalid_argument("the fallback store has a copy of " + who(l, e) +
+                                      ", which the experts store does not have");
+  }
+  entries_.resize(fallback_ ? 2 * keys_ : keys_);
   in_state_[size_t(State::kAbsent)] = entries_.size();
   layer_stats_.resize(L);
   moe_index_.assign(L, -1);
@@ -113,6 +132,10 @@ ExpertCache::~ExpertCache() {
   }
   work_.notify_all();
   for (auto& t : threads_) t.join();
+}
+
+std::string ExpertCache::describe(size_t key) const {
+  return who(layer_of(key), expert_of(key)) + (low_bit(key) ? " (low-bit copy)" : "");
 }
 
 void ExpertCache::set_state(Entry& en, State s) {
@@ -213,7 +236,7 @@ std::shared_ptr<Blob> ExpertCache::take_reusable(Buffers& evicted, uint64_t capa
 
 bool ExpertCache::reserve_demand(size_t key, Buffers& evicted) {
   Entry& en = entries_[key];
-  const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+  const uint64_t need = capacity_of(key);
   if (!make_room(need, -1, evicted)) return false;
   charge(en, need);
   en.error = nullptr;
@@ -235,7 +258,7 @@ void ExpertCache::read_entry(std::unique_lock<std::mutex>& lk, size_t key, bool 
   std::shared_ptr<Blob> blob;
   std::exception_ptr error;
   try {
-    blob = store_->read(layer, expert, std::move(reuse));
+    blob = store_of(key).read(layer, expert, std::move(reuse));
   } catch (...) {
     error = std::current_exception();
   }
@@ -255,6 +278,10 @@ void ExpertCache::read_entry(std::unique_lock<std::mutex>& lk, size_t key, bool 
     ls.bytes_read += blob->size;
     (prefetch ? ls.prefetch_bytes : ls.demand_bytes) += blob->size;
     if (prefetch) ls.prefetch_loads += 1;
+    if (low_bit(key)) {
+      ls.fallback_loads += 1;
+      ls.fallback_bytes += blob->size;
+    }
     en.blob = std::move(blob);
     en.usage.last_use = ++tick_;  // a landing counts as a use for recency
     en.slot = uint32_t(resident_.size());
@@ -283,7 +310,7 @@ void ExpertCache::io_loop() {
     prefetch_q_.pop_front();
     Entry& en = entries_[key];
     if (en.state != State::kQueuedPrefetch) continue;  // stale: demanded or cancelled since
-    const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+    const uint64_t need = capacity_of(key);
     if (!make_room(need, int64_t(key), evicted)) {
       layer_stats_[layer_of(key)].prefetch_dropped += 1;
       set_state(en, State::kAbsent);
@@ -298,7 +325,11 @@ void ExpertCache::io_loop() {
   }
 }
 
-LayerRequest ExpertCache::request(uint32_t layer, const std::vector<uint32_t>& experts, bool count) {
+LayerRequest ExpertCache::request(uint32_t layer, const std::vector<uint32_t>& experts, bool count,
+                                  const std::vector<uint8_t>* low_ok) {
+  if (low_ok != nullptr && low_ok->size() != experts.size())
+    throw std::invalid_argument("request: low_ok has " + std::to_string(low_ok->size()) + " flags for " +
+                                std::to_string(experts.size()) + " experts");
   for (uint32_t e : experts) {
     const uint64_t size = store_->blob_size(layer, e);  // throws on a bad index
     if (size == 0) throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(e));
@@ -313,8 +344,19 @@ LayerRequest ExpertCache::request(uint32_t layer, const std::vector<uint32_t>& e
   Buffers evicted;  // declared before the lock: freed after it is released
   std::lock_guard<std::mutex> lk(mu_);
   LayerStats& ls = layer_stats_[layer];
-  for (uint32_t e : experts) {  // pin them all first: reading one must not evict another
-    const size_t key = size_t(layer) * store_->num_experts() + e;
+  for (size_t i = 0; i < experts.size(); ++i) {  // pin them all first: reading one must not evict another
+    const uint32_t e = experts[i];
+    size_t key = size_t(layer) * store_->num_experts() + e;
+    const State full = entries_[key].state;
+    if (low_ok != nullptr && (*low_ok)[i] && (full == State::kAbsent || full == State::kQueuedPrefetch) &&
+        has_fallback(layer, e)) {
+      key += keys_;  // a miss on an unimportant expert: its low-bit copy (a queued prefetch of the full one stays)
+      if (count) {
+        ls.fallback_uses += 1;
+        const uint64_t read = entries_[key].state == State::kAbsent ? fallback_->blob_size(layer, e) : 0;
+        ls.fallback_bytes_saved += store_->blob_size(layer, e) - read;
+      }
+    }
     Entry& en = entries_[key];
     en.pins += 1;
     r.waiting_.push_back(key);
@@ -368,7 +410,7 @@ PinnedExpert ExpertCache::next_of(LayerRequest& r) {
       if (en.state == State::kReady) {
         r.waiting_.erase(r.waiting_.begin() + ptrdiff_t(i));
         if (stalled) layer_stats_[r.layer_].stall_seconds += seconds_since(t0);
-        return PinnedExpert(this, key, expert_of(key), en.blob);
+        return PinnedExpert(this, key, expert_of(key), low_bit(key), en.blob);
       }
       if (en.state == State::kAbsent) {
         if (en.error) std::rethrow_exception(en.error);  // its read failed
@@ -395,9 +437,9 @@ PinnedExpert ExpertCache::next_of(LayerRequest& r) {
     if (r.deferred_.size() == r.waiting_.size() && reads == 0) {
       // Nothing in flight will free room: the budget is held by pinned experts.
       const size_t key = r.deferred_.front();
-      const uint64_t need = store_->read_capacity(layer_of(key), expert_of(key));
+      const uint64_t need = capacity_of(key);
       throw BudgetError("the expert cache budget of " + std::to_string(budget_) + " bytes cannot hold " +
-                        who(layer_of(key), expert_of(key)) + " (" + std::to_string(need) + " bytes) next to the " +
+                        describe(key) + " (" + std::to_string(need) + " bytes) next to the " +
                         std::to_string(resident_bytes_) +
                         " bytes of experts in use (pinned or being read): raise the budget to at least " +
                         std::to_string(resident_bytes_ + need) + " bytes");
@@ -507,10 +549,21 @@ void ExpertCache::record_compute(uint32_t layer, double seconds) {
   layer_stats_[layer].compute_seconds += seconds;
 }
 
-bool ExpertCache::contains(uint32_t layer, uint32_t expert) const {
+bool ExpertCache::contains(uint32_t layer, uint32_t expert, bool low_bit) const {
   store_->check_index(layer, expert);
+  if (low_bit && !fallback_) return false;
   std::lock_guard<std::mutex> lk(mu_);
-  return entries_[size_t(layer) * store_->num_experts() + expert].state == State::kReady;
+  return entries_[size_t(layer) * store_->num_experts() + expert + (low_bit ? keys_ : 0)].state == State::kReady;
+}
+
+void ExpertCache::set_fallback_threshold(float threshold) {
+  if (!(threshold >= 0) || std::isinf(threshold))
+    throw std::invalid_argument("the fallback threshold must be a finite gate weight >= 0 (0 = off), got " +
+                                std::to_string(threshold));
+  if (threshold > 0 && !fallback_)
+    throw std::invalid_argument("this cache has no low-bit copies to fall back to: open the model with its "
+                                "fallback file (convert with --fallback-bits 2)");
+  fallback_threshold_ = threshold;
 }
 
 void ExpertCache::clear() {
@@ -574,8 +627,21 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
   for (uint32_t e = 0; e < E; ++e)
     if (!slots[e].empty()) needed.push_back(e);
 
+  // Low-bit fallback: an expert may take its low-bit copy on a miss when every
+  // token of the call gives it less than the threshold (prefill: all of them).
+  std::vector<uint8_t> low_ok;
+  const float threshold = cache.fallback_threshold();
+  if (threshold > 0) {
+    low_ok.reserve(needed.size());
+    for (uint32_t e : needed) {
+      float top = 0;  // ffn_moe_weights' largest |w| for this expert
+      for (int64_t i : slots[e]) top = std::max(top, std::fabs(weights[i]));
+      low_ok.push_back(top < threshold ? 1 : 0);
+    }
+  }
   cache.set_current_layer(layer);
-  LayerRequest req = cache.request(layer, needed);  // the missing ones are being read from here on
+  // the missing ones are being read from here on
+  LayerRequest req = cache.request(layer, needed, true, low_ok.empty() ? nullptr : &low_ok);
   std::vector<float> xb, yb;
   std::vector<float> ys(size_t(T * K * H));  // ffn_moe_out per (token, slot) [T, K, H]
   double compute = 0;

@@ -3,6 +3,14 @@
 // evicted by a policy (policy.h); and moe_forward, which overlaps the reads of
 // an MoE layer's missing experts with the compute of its resident ones.
 //
+// Low-bit fallback (HOBBIT). Given a second store holding low-bit copies of the
+// experts (FORMAT.md, experts.fallback.bin) and a threshold > 0, a miss on an
+// expert whose |gate weight| is below the threshold for every token of the call
+// reads the low-bit copy instead of the full one. The copy is its own entry:
+// its own bytes under the same budget, its own usage for the policy. A use
+// above the threshold always takes the full copy (reading it on a miss); a
+// resident (or in-flight) full copy is always preferred to the low-bit one.
+//
 // Memory. The budget bounds every blob buffer the cache holds: resident,
 // being read (demand or prefetch), or reserved for a queued demand read. A
 // buffer is charged its whole pages (Blob::capacity) before it is allocated,
@@ -24,6 +32,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -54,6 +63,10 @@ struct LayerStats {
   uint64_t prefetch_dropped = 0;       // not admitted: no room without evicting a more valuable expert
   uint64_t wasted_prefetch_bytes = 0;  // prefetched, then evicted before any use
   uint64_t evictions = 0;
+  uint64_t fallback_uses = 0;         // demands served by a low-bit copy (counted in hits/misses too)
+  uint64_t fallback_loads = 0;        // reads of low-bit copies (counted in loads too)
+  uint64_t fallback_bytes = 0;        // bytes of those reads (counted in bytes_read too)
+  uint64_t fallback_bytes_saved = 0;  // per fallback use: full copy's bytes - bytes read for the use
   double read_seconds = 0;     // inside reads, summed over threads
   double stall_seconds = 0;    // moe_forward waiting for (or doing) reads
   double compute_seconds = 0;  // moe_forward computing experts
@@ -72,19 +85,21 @@ class ExpertCache;
 class PinnedExpert {
  public:
   PinnedExpert() = default;
-  PinnedExpert(ExpertCache* cache, size_t key, uint32_t expert, std::shared_ptr<Blob> blob)
-      : cache_(cache), key_(key), expert_(expert), blob_(std::move(blob)) {}
+  PinnedExpert(ExpertCache* cache, size_t key, uint32_t expert, bool low_bit, std::shared_ptr<Blob> blob)
+      : cache_(cache), key_(key), expert_(expert), low_bit_(low_bit), blob_(std::move(blob)) {}
   PinnedExpert(PinnedExpert&& o) noexcept;
   PinnedExpert& operator=(PinnedExpert&& o) noexcept;
   ~PinnedExpert();
   const Blob& blob() const { return *blob_; }
   uint32_t expert() const { return expert_; }
+  bool low_bit() const { return low_bit_; }  // the expert's low-bit fallback copy
   void release();
 
  private:
   ExpertCache* cache_ = nullptr;
   size_t key_ = 0;
   uint32_t expert_ = 0;
+  bool low_bit_ = false;
   std::shared_ptr<Blob> blob_;
 };
 
@@ -119,19 +134,24 @@ class LayerRequest {
 class ExpertCache {
  public:
   // io_threads: threads reading blobs (0: the calling thread reads, and
-  // prefetch() queues nothing).
+  // prefetch() queues nothing). fallback: low-bit copies of (some of) the
+  // store's experts, same layers and experts (null: none). Throws
+  // std::invalid_argument when its shape differs or it has an expert the store lacks.
   ExpertCache(std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, Policy policy = Policy::kLru,
-              int io_threads = 2);
+              int io_threads = 2, std::shared_ptr<ExpertStore> fallback = nullptr);
   ~ExpertCache();
   ExpertCache(const ExpertCache&) = delete;
   ExpertCache& operator=(const ExpertCache&) = delete;
 
   // Pins `experts` of `layer` (distinct) for one call and queues the reads of
   // the missing ones ahead of any prefetch. count: counts hits and misses and
-  // records the uses for the policy (false for load()). Throws
-  // std::invalid_argument (no such expert) and BudgetError (one expert is larger
-  // than the budget) before pinning anything.
-  LayerRequest request(uint32_t layer, const std::vector<uint32_t>& experts, bool count = true);
+  // records the uses for the policy (false for load()). low_ok (one flag per
+  // expert, or null): the expert may be served by its low-bit copy; it is when
+  // it has one and its full copy is neither resident nor being read (absent or
+  // only queued as a prefetch). Throws std::invalid_argument (no such expert)
+  // and BudgetError (one expert is larger than the budget) before pinning anything.
+  LayerRequest request(uint32_t layer, const std::vector<uint32_t>& experts, bool count = true,
+                       const std::vector<uint8_t>* low_ok = nullptr);
   // One expert, pinned, read on a miss (a request of one).
   PinnedExpert acquire(uint32_t layer, uint32_t expert);
   // Makes the expert resident now without pinning it (may evict). True if it
@@ -156,7 +176,17 @@ class ExpertCache {
   void wait_idle();
   void record_compute(uint32_t layer, double seconds);
 
-  bool contains(uint32_t layer, uint32_t expert) const;
+  bool contains(uint32_t layer, uint32_t expert, bool low_bit = false) const;
+  // The low-bit fallback: moe_forward serves a miss from the low-bit copy when
+  // every |gate weight| of the expert in the call is below the threshold.
+  // 0 turns it off. Throws std::invalid_argument if negative / not finite, or
+  // > 0 without a fallback store.
+  void set_fallback_threshold(float threshold);
+  float fallback_threshold() const { return fallback_threshold_.load(); }
+  bool has_fallback() const { return fallback_ != nullptr; }
+  bool has_fallback(uint32_t layer, uint32_t expert) const {
+    return fallback_ != nullptr && fallback_->blob_size(layer, expert) != 0;
+  }
   void clear();  // cancels queued prefetches and evicts every unpinned expert
   CacheStats stats() const;
   std::vector<LayerStats> layer_stats() const;
@@ -187,8 +217,13 @@ class ExpertCache {
   static constexpr size_t kEntryBytes = sizeof(Entry);
 
  private:
-  uint32_t layer_of(size_t key) const { return uint32_t(key / store_->num_experts()); }
+  // Keys: [0, keys_) full copies, [keys_, 2 keys_) low-bit copies, each layer * E + expert.
+  uint32_t layer_of(size_t key) const { return uint32_t(key % keys_ / store_->num_experts()); }
   uint32_t expert_of(size_t key) const { return uint32_t(key % store_->num_experts()); }
+  bool low_bit(size_t key) const { return key >= keys_; }
+  const ExpertStore& store_of(size_t key) const { return key >= keys_ ? *fallback_ : *store_; }
+  uint64_t capacity_of(size_t key) const { return store_of(key).read_capacity(layer_of(key), expert_of(key)); }
+  std::string describe(size_t key) const;  // "expert e of layer l" (+ " (low-bit copy)")
   // Everything below runs under mu_.
   void set_state(Entry& en, State s);
   uint32_t distance(uint32_t layer) const;  // MoE layers until `layer` runs again, >= 1
@@ -210,6 +245,9 @@ class ExpertCache {
   void unpin(size_t key);
 
   std::shared_ptr<ExpertStore> store_;
+  std::shared_ptr<ExpertStore> fallback_;  // low-bit copies, or null
+  size_t keys_ = 0;                        // layers x experts of the store
+  std::atomic<float> fallback_threshold_{0.0f};
   const uint64_t budget_;
   const Policy policy_;
   std::vector<int32_t> moe_index_;  // per layer: position among layers with experts, -1 if none
@@ -218,7 +256,7 @@ class ExpertCache {
   mutable std::mutex mu_;
   std::condition_variable changed_;  // a read landed or failed, a pin dropped, work was cancelled
   std::condition_variable work_;     // the I/O threads' queues
-  std::vector<Entry> entries_;       // [layer * num_experts + expert], never resized
+  std::vector<Entry> entries_;       // [key] (full copies, then low-bit ones), never resized
   std::vector<size_t> resident_;     // keys in kReady
   std::deque<size_t> demand_q_, prefetch_q_;  // prefetch_q_ may hold stale keys: checked on pop
   std::array<size_t, size_t(State::kCount)> in_state_{};
@@ -236,6 +274,8 @@ class ExpertCache {
 // x [T, H], ids/weights [T, K] (C-contiguous). Each distinct expert is pinned
 // once for all its tokens; the missing ones are read while the resident ones
 // compute. The sum runs in slot order, so y does not depend on what was cached.
+// With the cache's fallback threshold > 0, an expert whose |weights| in the
+// call are all below it is served by its low-bit copy on a miss (see above).
 // Throws std::invalid_argument on a bad id or shape.
 void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
                  const float* weights, int64_t K, float* y);

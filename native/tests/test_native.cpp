@@ -817,6 +817,141 @@ static void test_request_larger_than_budget() {
               sizeof(LayerStats));
 }
 
+// Low-bit fallback: a second store of 2-bit copies (expert 3 of each layer has none).
+static uint32_t two_bits(uint32_t, uint32_t) { return 2; }
+
+static void test_fallback() {
+  const uint32_t H = 64, I = 64;
+  TestFile full, low;
+  full.L = low.L = 2;
+  full.E = low.E = 4;
+  write_file(full, H, I, four_bits);
+  write_file(low, H, I, two_bits);
+  for (uint32_t l = 0; l < low.L; ++l) low.sizes[l * low.E + 3] = 0;  // no copy
+  auto store = open_store(full), lstore = open_store(low);
+  const int64_t T = 2, K = 2;
+  auto x = rand_vec(size_t(T) * H);
+  // token 0: experts 0 (0.9) and 1 (0.1); token 1: experts 2 (0.8) and 1 (0.2)
+  std::vector<int32_t> ids = {0, 1, 2, 1};
+  std::vector<float> w = {0.9f, 0.1f, 0.8f, 0.2f};
+  auto reference = [&](const std::vector<bool>& low_bit) {  // y from the scalar reference, per expert copy
+    std::vector<double> y(size_t(T) * H, 0.0);
+    for (int64_t i = 0; i < T * K; ++i) {
+      const uint32_t e = uint32_t(ids[size_t(i)]);
+      const auto& mats = (low_bit[e] ? low : full).mats[full.E + e];
+      auto out = expert_ref(mats, &x[size_t(i / K) * H], H, I);
+      for (uint32_t h = 0; h < H; ++h) y[size_t(i / K) * H + h] += w[size_t(i)] * out[h];
+    }
+    return y;
+  };
+  auto close_to = [&](const std::vector<float>& y, const std::vector<double>& ref) {
+    double mx = 0, err = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      mx = std::max(mx, std::fabs(ref[i]));
+      err = std::max(err, std::fabs(y[i] - ref[i]));
+    }
+    return err <= 1e-4 * mx;
+  };
+  std::vector<float> y0(size_t(T) * H), y(size_t(T) * H);
+  {
+    ExpertCache plain(store, 0);
+    moe_forward(plain, 1, x.data(), T, H, ids.data(), w.data(), K, y0.data());
+  }
+  for (int io : {0, 2}) {
+    ExpertCache c(store, 0, Policy::kLru, io, lstore);
+    moe_forward(c, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());  // threshold 0: off
+    CHECK(std::memcmp(y.data(), y0.data(), y.size() * 4) == 0 && c.stats().fallback_uses == 0);
+    c.clear();
+    c.reset_stats();
+    c.set_fallback_threshold(0.5f);
+    // expert 1 is below 0.5 for both its tokens: its low-bit copy; 0 and 2 are not
+    moe_forward(c, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());
+    CHECK(close_to(y, reference({false, true, false, false})));
+    CHECK(c.contains(1, 1, true) && !c.contains(1, 1) && c.contains(1, 0) && !c.contains(1, 0, true));
+    CacheStats s = c.stats();
+    CHECK(s.fallback_uses == 1 && s.fallback_loads == 1 && s.fallback_bytes == low.sizes[full.E + 1]);
+    CHECK(s.fallback_bytes_saved == full.sizes[full.E + 1] - low.sizes[full.E + 1] && s.misses == 3);
+    // again: the low-bit copy is a hit, nothing is read
+    moe_forward(c, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());
+    s = c.stats();
+    CHECK(s.fallback_uses == 2 && s.fallback_loads == 1 && s.hits == 3 && s.loads == 3);
+    CHECK(s.fallback_bytes_saved == 2 * full.sizes[full.E + 1] - low.sizes[full.E + 1]);
+    // a high weight for expert 1: its full copy is read; from then on it serves the low weights too
+    std::vector<float> w_high = {0.4f, 0.6f, 0.8f, 0.2f};
+    moe_forward(c, 1, x.data(), T, H, ids.data(), w_high.data(), K, y.data());
+    CHECK(c.contains(1, 1) && c.stats().fallback_uses == 2);
+    moe_forward(c, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());
+    CHECK(std::memcmp(y.data(), y0.data(), y.size() * 4) == 0 && c.stats().fallback_uses == 2);
+    // expert 3 has no low-bit copy: always its full copy
+    std::vector<int32_t> ids3 = {3, 0, 3, 2};
+    std::vector<float> w3 = {0.1f, 0.9f, 0.2f, 0.8f};
+    c.clear();
+    moe_forward(c, 1, x.data(), T, H, ids3.data(), w3.data(), K, y.data());
+    CHECK(c.contains(1, 3) && c.stats().fallback_uses == 2);
+  }
+  // Budget: the low-bit copy is charged its own (smaller) pages.
+  {
+    const uint64_t one = store->read_capacity(1, 1), lone = lstore->read_capacity(1, 1);
+    ExpertCache c(store, one + lone, Policy::kLru, 2, lstore);
+    c.set_fallback_threshold(0.5f);
+    moe_forward(c, 1, x.data(), 1, H, ids.data() + 2, w.data() + 2, K, y.data());  // 2 full, 1 low
+    CHECK(c.contains(1, 2) && c.contains(1, 1, true) && c.resident_bytes() == one + lone);
+    CHECK(c.stats().peak_resident_bytes <= one + lone);
+  }
+  CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0).set_fallback_threshold(0.5f); }, "no low-bit"));
+  CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0, Policy::kLru, 0, lstore).set_fallback_threshold(-1); }));
+  TestFile other;
+  other.L = 1;
+  other.E = 4;
+  write_file(other, H, I, two_bits);
+  CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0, Policy::kLru, 0, open_store(other)); }, "must match"));
+
+  // Threads: requests mixing full and low-bit copies, prefetches and a tight budget;
+  // each pinned blob must be the copy it claims to be (for TSan and ASan).
+  uint64_t biggest = 0;
+  for (uint32_t e = 0; e < full.E; ++e) biggest = std::max(biggest, store->read_capacity(0, e));
+  ExpertCache c(store, 3 * biggest, Policy::kEdgeMoE, 2, lstore);
+  c.set_fallback_threshold(0.3f);
+  std::atomic<int> bad{0}, budget_errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 r(uint32_t(t) + 200);
+      for (int it = 0; it < 200; ++it) {
+        const uint32_t l = r() % full.L;
+        try {
+          if (t == 2) {
+            c.prefetch(l, {uint32_t(r() % full.E), uint32_t(r() % full.E)});
+            if (it % 3 == 0) c.cancel_prefetches();
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
+            continue;
+          }
+          c.set_current_layer(l);
+          const uint32_t a = r() % full.E, b = (a + 1 + r() % (full.E - 1)) % full.E;
+          const std::vector<uint8_t> low_ok = {uint8_t(r() % 2), uint8_t(r() % 2)};
+          LayerRequest req = c.request(l, {a, b}, true, &low_ok);
+          while (!req.done()) {
+            PinnedExpert pe = req.next();
+            const size_t i = l * full.E + pe.expert();
+            const auto& want = (pe.low_bit() ? low : full).blobs[i];
+            if (pe.blob().size != want.size() || std::memcmp(pe.blob().data, want.data(), want.size()) != 0) ++bad;
+            if (pe.low_bit() && !low_ok[pe.expert() == a ? 0 : 1]) ++bad;
+          }
+        } catch (const BudgetError&) {
+          ++budget_errors;
+        }
+      }
+    });
+  for (auto& th : threads) th.join();
+  c.wait_idle();
+  CHECK(bad == 0);
+  const CacheStats s = c.stats();
+  CHECK(s.peak_resident_bytes <= c.budget_bytes() && s.fallback_uses > 0 && s.fallback_loads <= s.loads);
+  std::printf("  fallback threads: %llu hits, %llu misses, %llu fallback uses (%llu read), %d budget errors\n",
+              (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.fallback_uses,
+              (unsigned long long)s.fallback_loads, budget_errors.load());
+}
+
 static void test_pool() {
   ThreadPool& pool = ThreadPool::instance();
   const int n0 = pool.num_threads();
@@ -849,6 +984,7 @@ int main() {
   test_prefetch_storm();
   test_prefetch_threads();
   test_request_larger_than_budget();
+  test_fallback();
   if (g_failures) {
     std::printf("%d check(s) FAILED\n", g_failures);
     return 1;
