@@ -10,7 +10,7 @@ from .errors import EdgeMoEError
 
 SHIPPED = Path(__file__).parent / "default_model"
 DEFAULT_BITS = 8
-ROUTING_TOKENS = 30_000  # calibration tokens traced on first use (a few seconds)
+ROUTING_TOKENS = 12_000  # calibration tokens traced on first use (about ten seconds)
 
 
 def cache_root() -> Path:
