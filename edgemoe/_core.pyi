@@ -41,6 +41,11 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
     other case uses x as given.
     """
 
+def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.uint8]]) -> list[npt.NDArray[np.float32]]:
+    """[x @ W.T for W in bufs] for QMatrix buffers of the same cols (a layer's q, k, v) in one call:
+    one token's x is rounded to int16 once and one pass over the threads covers every matrix.
+    The same numbers as qmatrix_matmul on each."""
+
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
 

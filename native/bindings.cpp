@@ -183,6 +183,35 @@ PYBIND11_MODULE(_core, m) {
       "other case uses x as given.");
 
   m.def(
+      "qmatrix_matmul_many",
+      [](const FloatArray& x, const std::vector<ByteArray>& bufs) {
+        if (bufs.empty()) throw std::invalid_argument("qmatrix_matmul_many: give at least one matrix");
+        std::vector<QMatrix> ws;
+        for (const ByteArray& b : bufs) ws.push_back(parse_qmatrix(b.data(), uint64_t(b.size())));
+        const int64_t T = tokens_of(x, ws[0].cols, "qmatrix_matmul_many");
+        py::list out;
+        std::vector<float*> ys;
+        for (const QMatrix& w : ws) {
+          if (w.cols != ws[0].cols)
+            throw std::invalid_argument("qmatrix_matmul_many: the matrices have " + std::to_string(ws[0].cols) + " and " +
+                                        std::to_string(w.cols) + " columns; they must share x");
+          FloatArray y = output_like(x, T, w.rows);
+          ys.push_back(y.mutable_data());
+          out.append(y);
+        }
+        const float* xp = x.data();
+        {
+          py::gil_scoped_release nogil;
+          matmul_many(ws.data(), ws.size(), xp, T, ys.data());
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("bufs"),
+      "[x @ W.T for W in bufs]: several QMatrix buffers (offset 0) of the same cols applied to\n"
+      "one x (a layer's q, k and v) in one call; for one token x is rounded to int16 once and\n"
+      "one pass over the threads covers every matrix. The same numbers as qmatrix_matmul each.");
+
+  m.def(
       "expert_forward",
       [](const FloatArray& x, const ByteArray& blob) {
         const Expert e = parse_expert(blob.data(), uint64_t(blob.size()));

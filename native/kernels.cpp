@@ -738,6 +738,37 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   ThreadPool::instance().parallel_for(tasks, task);
 }
 
+void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys) {
+#if defined(EDGEMOE_AVX2)
+  bool shared = n > 1 && T == 1;
+  for (size_t i = 0; i < n && shared; ++i)
+    shared = ws[i].kind == kQuant && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
+  if (shared) {
+    // One token through matrices that read the same x: round x to int16 and sum its
+    // groups once, then every matrix's row blocks in one parallel_for.
+    const uint32_t cols = ws[0].cols, gs = ws[0].group_size;
+    std::vector<int16_t> x16(cols);
+    std::vector<float> dx(cols / kChunk), xsum(cols / gs);
+    quantize_x16(x, cols, x16.data(), dx.data());
+    group_sums(x, cols, gs, xsum.data());
+    std::vector<int64_t> first(n + 1, 0);  // task index where matrix i starts
+    std::vector<uint32_t> block(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t tasks = decode_tasks(ws[i].rows, uint64_t(ws[i].rows) * cols);
+      block[i] = uint32_t((ws[i].rows + tasks - 1) / tasks);
+      first[i + 1] = first[i] + tasks;
+    }
+    ThreadPool::instance().parallel_for(first[n], [&](int64_t ti) {
+      const size_t i = size_t(std::upper_bound(first.begin(), first.end(), ti) - first.begin()) - 1;
+      const uint32_t r0 = uint32_t(ti - first[i]) * block[i], r1 = std::min(ws[i].rows, r0 + block[i]);
+      qmatvec16(ws[i], r0, r1, x16.data(), dx.data(), xsum.data(), ys[i]);
+    });
+    return;
+  }
+#endif
+  for (size_t i = 0; i < n; ++i) matmul(ws[i], x, T, ys[i]);
+}
+
 uint64_t stream_read(const uint8_t* p, uint64_t n) {
   constexpr uint64_t kBlock = 1 << 20;
   const int64_t tasks = int64_t((n + kBlock - 1) / kBlock);

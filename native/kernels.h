@@ -34,6 +34,11 @@ QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind);
 // y[T, rows] = x[T, cols] @ W^T. x and y are C-contiguous float32; y is overwritten.
 void matmul(const QMatrix& w, const float* x, int64_t T, float* y);
 
+// ys[i][T, ws[i].rows] = x[T, cols] @ ws[i]^T for n matrices of the same cols (q, k and v
+// of one layer): for one token, x is prepared once and one parallel_for covers them all.
+// The same numbers as n matmul() calls.
+void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys);
+
 // One expert blob: gate [I, H], up [I, H], down [H, I].
 struct Expert {
   uint32_t layer = 0, expert = 0;

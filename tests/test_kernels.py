@@ -218,3 +218,16 @@ def test_crc32c_long_buffers_match_a_bytewise_reference():
     data = RNG.integers(0, 256, 3 * 4096 * 2 + 999, dtype=np.uint8)  # past the 3-stream block size
     for n in (3 * 4096, data.size):
         assert _core.crc32c(data[:n]) == _crc32c_python(data[:n].tobytes())
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_matmul_many_matches_one_at_a_time(T):
+    cols = 256
+    bufs = [q.quantize_matrix(RNG.standard_normal((rows, cols)).astype(np.float32), 4, 64, False) for rows in (96, 32, 40)]
+    bufs.append(q.quantize_matrix(RNG.standard_normal((8, cols)).astype(np.float32), 8, 64, False))
+    x = RNG.standard_normal((T, cols)).astype(np.float32)
+    ys = _core.qmatrix_matmul_many(x, bufs)
+    for y, buf in zip(ys, bufs):
+        np.testing.assert_array_equal(y, _core.qmatrix_matmul(x, buf))
+    with pytest.raises(ValueError):
+        _core.qmatrix_matmul_many(x, [bufs[0], q.quantize_matrix(np.ones((4, 128), np.float32), 4, 64, False)])

@@ -98,6 +98,24 @@ class Linear:
         return y
 
 
+class LinearGroup:
+    """Linears that read the same x (a layer's q, k, v): one native call when all are
+    quantized, so a decode token rounds x once and wakes the threads once."""
+
+    def __init__(self, *linears: Linear):
+        self.linears = linears
+        self.bufs = [lin.w for lin in linears] if all(lin.kind == "qmatrix" for lin in linears) else None
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if self.bufs is None:
+            return [lin(x) for lin in self.linears]
+        ys = _core.qmatrix_matmul_many(x, self.bufs)
+        for y, lin in zip(ys, self.linears):
+            if lin.bias is not None:
+                y += lin.bias
+        return ys
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     var = np.mean(x * x, axis=-1, keepdims=True)
     return (x / np.sqrt(var + eps)) * w
@@ -263,6 +281,7 @@ class DecoderLM:
             "k_norm": self.opt_vec(p + "attn_k_norm"),
             "ffn_norm": self.vec(p + "ffn_norm"),
         }
+        L["qkv"] = LinearGroup(L["q"], L["k"], L["v"])
         types = self.cfg.layer_types
         L["window"] = self.cfg.sliding_window if types and types[i] == "sliding_attention" else None
         if i in self.moe_layers:
@@ -287,7 +306,7 @@ class DecoderLM:
     def _attention(self, L: dict[str, Any], x: np.ndarray, layer: int, kv: KVCache, start: int) -> np.ndarray:
         cfg = self.cfg
         T = x.shape[0]
-        q, k, v = L["q"](x), L["k"](x), L["v"](x)
+        q, k, v = L["qkv"](x)
         qn, kn = L["q_norm"], L["k_norm"]
         if qn is not None and qn.shape[0] != cfg.head_dim:  # OLMoE: norm over the whole projection
             q, k = _core.rms_norm(q, qn, cfg.rms_norm_eps), _core.rms_norm(k, kn, cfg.rms_norm_eps)
