@@ -149,9 +149,11 @@ def test_prefetch_on_and_off_give_identical_tokens(model_dir, kind, point, mode)
     if mode == "async":
         m.cache.wait_idle()
     c = m.cache.stats()
-    assert c["prefetch_issued"] > 0 and c["peak_resident_bytes"] <= budget
-    if mode == "blocking":  # async reads may lose every race on a busy machine; blocking ones cannot
-        assert c["prefetch_loads"] > 0 and c["loads"] > c["misses"]
+    assert c["peak_resident_bytes"] <= budget
+    if mode == "blocking":  # blocking prefetches are plain loads ahead of the misses
+        assert c["loads"] > c["misses"]
+    else:  # queued for the I/O threads; they may lose every race on a busy machine
+        assert c["prefetch_issued"] > 0
 
 
 def test_load_with_prefetch_reports_prediction_stats(model_dir):
