@@ -137,13 +137,17 @@ def mode_options(mode: str, model_dir: Path) -> dict[str, Any]:
         return {"policy": "lru", "prefetch": "lookahead"}
     policy, sep, predictor = mode.partition("+")
     predictor, at, ratio = predictor.partition("@")
+    ratio, slash, min_prob = ratio.partition("/")
     if not sep or policy not in POLICIES:
-        raise ValueError(f"unknown bench mode {mode!r}: use {', '.join(MODES)} or POLICY+PREDICTOR[@RATIO] "
+        raise ValueError(f"unknown bench mode {mode!r}: use {', '.join(MODES)} or POLICY+PREDICTOR[@RATIO[/P]] "
                          f"(policy {', '.join(POLICIES)}; predictor none, table, lookahead, fitted[:layer_out]; "
-                         f"RATIO: prefetch bytes per layer / bytes a token needs, default 1.5)")
+                         f"RATIO[/P]: prefetch bytes per layer / bytes a token needs, default 1.5, and the "
+                         f"least probability of being needed a guess must have, default 0)")
     out: dict[str, Any] = {"policy": policy, "prefetch": None if predictor == "none" else predictor}
-    if at:
+    if at and ratio:
         out["prefetch_ratio"] = float(ratio)
+    if slash:
+        out["prefetch_min_prob"] = float(min_prob)
     return out
 
 
@@ -308,7 +312,9 @@ HEADER = ("| model | mode | policy+predictor | budget | decode tok/s | TTFT s | 
 
 
 def combo_name(o: dict[str, Any]) -> str:
-    ratio = f"@{o['prefetch_ratio']:g}" if "prefetch_ratio" in o else ""
+    ratio = f"@{o.get('prefetch_ratio', 1.5):g}" if "prefetch_ratio" in o or "prefetch_min_prob" in o else ""
+    if "prefetch_min_prob" in o:
+        ratio += f"/{o['prefetch_min_prob']:g}"
     return f"{o.get('policy')}+{o.get('prefetch') or 'none'}{ratio}"
 
 

@@ -88,7 +88,8 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
                  direct_io: bool = True, verify: bool = True, threads: int | None = None,
-                 prefetch: str | None = None, prefetch_ratio: float = 1.5, policy: str = "lru", io_threads: int = 2,
+                 prefetch: str | None = None, prefetch_ratio: float = 1.5, prefetch_min_prob: float = 0.0,
+                 policy: str = "lru", io_threads: int = 2,
                  device: str | None = None, fallback: bool = False,
                  fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD):
         self.path = Path(path)
@@ -140,7 +141,7 @@ class Model:
         if prefetch:
             from .predict import attach_prefetcher
 
-            self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio)
+            self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio, min_prob=prefetch_min_prob)
 
         tok = self.manifest.get("tokenizer", {})
         self.eos_ids = set(tok.get("eos_token_ids") or [])
@@ -378,7 +379,8 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     like "1.5GB" / "512MiB". None keeps every expert that was read.
     prefetch: "table" (routing.json, see `edgemoe profile`), "lookahead" or None:
     read the experts the next layer will probably need while this one computes,
-    within prefetch_ratio x the bytes a token needs per layer.
+    within prefetch_ratio x the bytes a token needs per layer, skipping guesses needed with
+    probability below prefetch_min_prob.
     device: a device profile name (devices/profiles, e.g. "jetson-tx2-emmc"): expert reads are
     throttled to its storage bandwidth and latency, to emulate that device's storage.
     fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss

@@ -539,8 +539,8 @@ def make_predictor(model: "Model", kind: str, point: str | None = None, order: i
 
 
 def attach_prefetcher(model: "Model", kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async",
-                      **kwargs: Any) -> Prefetcher:
+                      min_prob: float = 0.0, **kwargs: Any) -> Prefetcher:
     """Build the predictor and install a Prefetcher on the model's forward pass."""
-    pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, mode=mode)
+    pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, min_prob=min_prob, mode=mode)
     model.net.observer = pf
     return pf

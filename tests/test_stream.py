@@ -102,3 +102,16 @@ def test_device_profile_throttles_the_store(model_dir):
     assert edgemoe.load(model_dir).store.read_bytes_per_s == 0
     with pytest.raises(ValueError, match="no device profile"):
         edgemoe.load(model_dir, device="no-such-board")
+
+
+def test_prefetch_min_prob_skips_unlikely_guesses(model_dir):
+    prompt = list(range(5, 21))
+    want = edgemoe.load(model_dir).generate(prompt, max_new_tokens=8)
+    budget = 2 * edgemoe.load(model_dir).min_budget
+    issued = {}
+    for p in (0.0, 0.9):
+        m = edgemoe.load(model_dir, memory_budget=budget, prefetch="lookahead", prefetch_min_prob=p)
+        assert m.prefetcher.min_prob == p
+        assert m.generate(prompt, max_new_tokens=8) == want
+        issued[p] = m.prefetcher.stats()["issued_bytes"]
+    assert issued[0.9] < issued[0.0]
