@@ -408,10 +408,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="where generated bench models go (default: the edgemoe cache)")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    ap.add_argument("--peers", default=None, metavar="ENGINES",
+                    help="instead: edgemoe against these engines (llama.cpp) on the same weights and memory limits")
+    from .peers import add_arguments as add_peer_arguments
+
+    add_peer_arguments(ap)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
+    if args.peers:
+        from .peers import run as run_peers
+
+        return run_peers(args)
+
     from .default import cache_root
     from .model import load, parse_bytes
 

@@ -1,0 +1,141 @@
+"""`edgemoe bench --peers`: the logic around the timings (limits, budgets, medians and spreads,
+the table, JSON, the plot, run status from a real cgroup), and with llama-cpp-python installed
+one tiny end-to-end comparison."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgemoe import peers
+from edgemoe.devices.limits import cgroup_v1_available
+
+SHIPPED_TOKENIZER = Path(peers.__file__).parent / "default_model" / "tokenizer.json"
+
+
+def test_limits_and_budget():
+    assert peers.parse_limits("unlimited,1.2,0.8x, 0.5,0.3") == [None, 1.2, 0.8, 0.5, 0.3]
+    with pytest.raises(ValueError):
+        peers.parse_limits("0")
+    gguf = 500_000_000
+    assert peers.limit_bytes(None, gguf) is None
+    assert peers.limit_bytes(1.2, gguf) == 600_000_000
+    assert peers.limit_bytes(0.3, gguf) == 150_000_000
+    # the expert budget is what is left of the limit; none when even one layer's experts do not fit
+    assert peers.edgemoe_budget(None, 100, 10) is None
+    assert peers.edgemoe_budget(600, 100, 10) == 500
+    assert peers.edgemoe_budget(105, 100, 10) == 0
+
+
+def _run(status, tps=None, **kw):
+    r = {"status": status}
+    if status == "ok":
+        r.update(decode_tokens_per_s=tps, ttft_seconds=0.1, load_seconds=0.2, cgroup_peak_bytes=300e6,
+                 read_bytes=200e6, peak_rss_bytes=250e6)
+    return dict(r, **kw)
+
+
+def test_median_spread_and_kills():
+    assert peers.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert peers.spread([None, None]) is None
+    c = peers.summarize([_run("ok", 10.0), _run("oom"), _run("ok", 14.0), _run("timeout")])
+    assert c["decode_tokens_per_s"] == {"median": 12.0, "min": 10.0, "max": 14.0, "n": 2}
+    assert (c["runs"], c["completed"], c["killed"], c["timeouts"], c["failed"]) == (4, 2, 1, 1, 0)
+    assert peers.status_text(c) == "killed (OOM) 1/4, timeout 1/4"
+    dead = peers.summarize([_run("oom")] * 3)
+    assert dead["decode_tokens_per_s"] is None and peers.status_text(dead) == "killed (OOM) 3/3"
+    assert peers.fmt(None) == "-"
+    assert peers.fmt({"median": 12.345, "min": 11.0, "max": 13.0, "n": 3}, digits=2) == "12.35 (11.00-13.00)"
+    assert peers.fmt({"median": 5e8, "min": 5e8, "max": 5e8, "n": 3}, 1e6, 0) == "500"
+    assert peers.run_status(0, 0, 1.0, 10) == "ok"
+    assert peers.run_status(-9, 1, 1.0, 10) == "oom"
+    assert peers.run_status(-9, 0, 10.0, 10) == "timeout"
+    assert peers.run_status(1, 0, 1.0, 10) == "failed"
+
+
+def _cells():
+    cells = []
+    for factor, limit, e_runs, l_runs in [(None, None, [_run("ok", 40.0)] * 3, [_run("ok", 50.0)] * 3),
+                                          (1.2, 600_000_000, [_run("ok", 30.0)] * 3, [_run("ok", 3.0)] * 3),
+                                          (0.3, 150_000_000, [_run("ok", 12.5)] * 3, [_run("oom")] * 3)]:
+        for engine, runs in (("edgemoe", e_runs), ("llama.cpp", l_runs)):
+            cells.append(dict(peers.summarize(runs), model="mixtral-shaped", storage="local disk", read_bps=None,
+                              limit_factor=factor, limit_bytes=limit, engine=engine,
+                              weights="Q4_0" if engine == "llama.cpp" else "4-bit g32", runs_detail=runs))
+    return cells
+
+
+def test_table_ratios_and_json():
+    cells = _cells()
+    md = peers.markdown(cells, ["blkio throttling does not work here"])
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | storage | limit | engine |")
+    assert lines[1].count("|---") == 11
+    assert "| mixtral-shaped | local disk | 1.2x (600 MB) | llama.cpp | Q4_0 | 3.00 |" in md
+    assert "| 0.3x (150 MB) | llama.cpp | Q4_0 | - | - | - | - | - | killed (OOM) 3/3 |" in md
+    assert "mixtral-shaped, local disk, unlimited: edgemoe 0.80x llama.cpp's decode speed" in md
+    assert "1.2x (600 MB): edgemoe 10.00x llama.cpp's decode speed" in md
+    assert "0.3x (150 MB): edgemoe 12.50 tok/s, llama.cpp killed (OOM) 3/3" in md
+    assert md.rstrip().endswith("- blkio throttling does not work here")
+    back = json.loads(json.dumps({"cells": cells}))
+    assert back["cells"][5]["killed"] == 3 and back["cells"][2]["decode_tokens_per_s"]["median"] == 30.0
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "peers.png"
+    peers.plot(_cells(), out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not SHIPPED_TOKENIZER.exists(), reason="no default model in this checkout")
+def test_pre_tokenizer_alias(tmp_path):
+    # the default model's pre-tokenizer (Digits then ByteLevel) is llama.cpp's smollm pair of regexes
+    assert peers.pre_tokenizer_alias(SHIPPED_TOKENIZER) == "smollm"
+    odd = json.loads(SHIPPED_TOKENIZER.read_text())
+    odd["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(odd))
+    assert peers.pre_tokenizer_alias(tmp_path / "tokenizer.json") is None
+
+
+ok, reason = cgroup_v1_available("memory")
+
+
+@pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")
+def test_cgroup_oom_and_timeout_are_reported(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"\0" * 4096)
+    hog = [sys.executable, "-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); print('alive')"]
+    r = peers.run_in_cgroup(hog, [f], 64 << 20, None, timeout=60)
+    assert r["status"] == "oom" and "alive" not in r["stdout"]
+    assert r["cgroup_peak_bytes"] <= 64 << 20
+    r = peers.run_in_cgroup(hog, [f], None, None, timeout=60)
+    assert r["status"] == "ok" and r["cgroup_peak_bytes"] >= 300 << 20
+    r = peers.run_in_cgroup([sys.executable, "-c", "import time; time.sleep(30)"], [f], None, None, timeout=1)
+    assert r["status"] == "timeout"
+
+
+@pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")
+def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
+    """A tiny Mixtral through llama.cpp's converter, Q4_0, and both engines in cgroups."""
+    pytest.importorskip("llama_cpp")
+    hf = tiny_checkpoint("mixtral")
+    cache = tmp_path / "peers"
+    cache.mkdir()
+    from edgemoe.default import cache_root
+
+    shared, extract = cache_root() / "peers", peers.converter_dir  # the source package's converter, once per machine
+    monkeypatch.setattr(peers, "converter_dir", lambda _: extract(shared))
+    pair = peers.prepare_pair(str(hf), 4, cache)
+    assert pair["tokenizer_check"]["identical"], pair["tokenizer_check"]
+    assert pair["gguf"].name.endswith("Q4_0.gguf") and pair["gguf_q4_bytes"] == pair["gguf"].stat().st_size
+    prompt = peers.prompt_ids("mixtral-shaped", hf, 8, 0, 512)
+    for engine, model, extra in (("llama.cpp", pair["gguf"], {}),
+                                 ("edgemoe", pair["ours"], {"budget": None, "options": {}})):
+        spec = dict(engine=engine, model=str(model), prompt=prompt, new_tokens=6, threads=1, seed=0, **extra)
+        r = peers.run_limited(spec, [model], None, None, timeout=120)
+        assert r["status"] == "ok", r
+        assert r["tokens"] == 6 and r["decode_tokens_per_s"] > 0 and r["cgroup_peak_bytes"] > 0
+
