@@ -122,18 +122,19 @@ def decode_speed(model_dir: Path, prompt: list[int], n: int, budget: int, fallba
     import edgemoe
 
     runs = []
-    for _ in range(repeats):
+    for seed in range(repeats):
         m = edgemoe.load(model_dir, memory_budget=budget, fallback=fallback, fallback_threshold=threshold,
                          device=device)
         m.store.drop_page_cache()
         if m.fallback_store is not None:
             m.fallback_store.drop_page_cache()
         m.eos_ids = set()  # always n tokens
-        with cpu_lock(True):
-            it = m.generate(prompt, max_new_tokens=n, stream=True)
-            next(it)  # the prefill
-            m.reset_stats()  # decode only from here
-            rest = list(it)
+        # sampled as `edgemoe run` does (greedy decoding of a small model soon loops over a few
+        # tokens and their experts, which flatters any cache)
+        it = m.generate(prompt, max_new_tokens=n, stream=True, temperature=0.8, top_p=0.95, seed=seed)
+        next(it)  # the prefill
+        m.reset_stats()  # decode only from here
+        rest = list(it)
         s = m.stats()
         steps = max(s["tokens_generated"], 1)
         runs.append({"tokens_per_s": s["decode_tokens_per_s"], "hit_rate": s["cache_hit_rate"],
@@ -181,20 +182,52 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
 
 
 def measure_speed(name: str, d: Path, args, test_ids: np.ndarray) -> dict[str, Any]:
-    """Decode speed at 50% budget, with and without fallback; each run takes the exclusive lock."""
+    """Decode speed at 50% budget, with and without fallback, under one hold of the exclusive lock."""
     eb, fb = expert_bytes(d)
     budget = int(0.5 * eb)
     prompt = test_ids[args.prompt_offset: args.prompt_offset + args.prompt_tokens].tolist()
     out: dict[str, Any] = {"budget": budget}
-    for fallback in [False] + ([True] if fb else []):
-        key = "fallback" if fallback else "plain"
-        say(f"{name}: decode speed at 50% budget ({key})")
-        out[f"speed_{key}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback, args.threshold,
-                                           args.repeats, None)
-        if args.device:
-            out[f"speed_{key}_{args.device}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback,
-                                                             args.threshold, 1, args.device)
+    with cpu_lock(True):  # one hold per setting (a few runs of a few seconds each)
+        for fallback in [False] + ([True] if fb else []):
+            key = "fallback" if fallback else "plain"
+            say(f"{name}: decode speed at 50% budget ({key})")
+            out[f"speed_{key}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback, args.threshold,
+                                               args.repeats, None)
+            if args.device:
+                out[f"speed_{key}_{args.device}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback,
+                                                                 args.threshold, args.repeats, args.device)
     return out
+
+
+def threshold_sweep(name: str, d: Path, args, test_ids: np.ndarray) -> list[dict[str, Any]]:
+    """Decode perplexity and expert bytes read per token at 50% budget for several thresholds."""
+    import edgemoe
+
+    budget = int(0.5 * expert_bytes(d)[0])
+    ids = test_ids[: args.decode_ppl_tokens]
+    out = []
+    for t in [0.0] + [float(x) for x in args.thresholds.split(",")]:
+        say(f"{name}: threshold {t:g}")
+        with cpu_lock(False):
+            m = edgemoe.load(d, memory_budget=budget, fallback=t > 0, fallback_threshold=t)
+            nll, n = decode_nll(m, ids, args.window)
+        s = m.stats()
+        out.append({"threshold": t, "decode_ppl": math.exp(nll / n), "tokens": n,
+                    "bytes_read_per_token": s["bytes_read"] / n, "hit_rate": s["cache_hit_rate"],
+                    "fallback_share": s["fallback"]["uses"] / max(s["cache_hits"] + s["cache_misses"], 1)
+                    if t > 0 else 0.0})
+    return out
+
+
+def sweep_markdown(name: str, rows: list[dict[str, Any]], args) -> str:
+    base = rows[0]
+    lines = [f"| {name}, threshold | decode ppl @50% | vs no fallback | expert bytes read / token | uses low-bit |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['threshold']:g} | {r['decode_ppl']:.3f} | {100 * (r['decode_ppl'] / base['decode_ppl'] - 1):+.2f}% "
+                     f"| {r['bytes_read_per_token'] / 1e3:.0f} KB ({100 * (r['bytes_read_per_token'] / base['bytes_read_per_token'] - 1):+.0f}%) "
+                     f"| {100 * r['fallback_share']:.0f}% |")
+    return "\n".join(lines)
 
 
 # -- output ---------------------------------------------------------------------------
@@ -202,7 +235,7 @@ def markdown(rows: list[dict[str, Any]], args, ref_ppl: float) -> str:
     dev = f" | tok/s @50%, {args.device}" if args.device else ""
     lines = [
         f"| setting | expert bytes | vs 16-bit | test ppl | vs 16-bit | decode ppl @50% | tok/s @50%{dev} "
-        f"| read/token @50% |",
+        f"| read/token, hit rate @50% |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if args.device else "") + " ---: |",
     ]
     for r in rows:
@@ -222,7 +255,7 @@ def markdown(rows: list[dict[str, Any]], args, ref_ppl: float) -> str:
             dv = r.get(f"speed_{key}_{args.device}")
             devcell = (f" | {dv['tokens_per_s']:.1f}" if dv else " | ") if args.device else ""
             speed = f"{sp['tokens_per_s']:.1f}" if sp else ""
-            read = f"{sp['bytes_read_per_token'] / 1e3:.0f} KB" if sp else ""
+            read = f"{sp['bytes_read_per_token'] / 1e3:.0f} KB, {100 * sp['hit_rate']:.0f}% hits" if sp else ""
             lines.append(f"| {name} | {eb} | {100 * r['expert_ratio']:.1f}% | {ppl} | {inc} | {dcell} | "
                          f"{speed}{devcell} | {read} |")
     return "\n".join(lines)
@@ -243,12 +276,14 @@ def main(argv=None) -> int:
                    help="what --bits auto ranks experts by (use another --work for each)")
     p.add_argument("--decode-ppl-tokens", type=int, default=4096,
                    help="tokens of the test text scored in decode mode at 50%% budget (0: skip; default 4096)")
-    p.add_argument("--decode-tokens", type=int, default=128, help="generated tokens per speed run")
+    p.add_argument("--decode-tokens", type=int, default=256, help="generated tokens per speed run")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prompt-offset", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None, help="also time with this device profile's storage emulated")
-    p.add_argument("--phase", choices=("all", "quality", "speed", "report"), default="all",
+    p.add_argument("--sweep", default=None, help="phase sweep: the setting whose fallback threshold is swept")
+    p.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5", help="phase sweep: thresholds")
+    p.add_argument("--phase", choices=("all", "quality", "speed", "report", "sweep"), default="all",
                    help="quality: conversions and perplexities (shared CPU lock); speed: decode timing "
                         "(exclusive lock); report: the table from what --work holds")
     p.add_argument("--only", default=None, help="comma-separated settings to (re)measure, e.g. '4-bit,auto 2%%'")
@@ -275,7 +310,15 @@ def main(argv=None) -> int:
             if only is None or name in only:
                 rows[name] = measure(name, d, args, test_ids, bytes16)
                 quality.write_text(json.dumps({"rows": list(rows.values())}, indent=1))  # progress
-    if args.phase in ("all", "speed"):  # exclusive lock, one short hold per run
+    if args.phase == "sweep":
+        name = args.sweep or "4-bit"
+        sw = threshold_sweep(name, dirs[name], args, test_ids)
+        (args.work / f"sweep-{name.replace(' ', '')}.json").write_text(json.dumps(sw, indent=1))
+        md = sweep_markdown(name, sw, args)
+        (args.work / f"sweep-{name.replace(' ', '')}.md").write_text(md + "\n")
+        print(md)
+        return 0
+    if args.phase in ("all", "speed"):  # exclusive lock, one hold per setting
         for name, d in dirs.items():
             if only is None or name in only:
                 speeds[name] = measure_speed(name, d, args, test_ids)
