@@ -19,12 +19,28 @@ class Sampler:
         if self.temperature == 0.0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature
-        order = np.argsort(-z, kind="stable")
-        if self.top_k:
-            order = order[: self.top_k]
-        p = np.exp(z[order] - z[order[0]])
-        p /= p.sum()
+        n = len(z)
+        pool = np.arange(n) if not self.top_k or self.top_k >= n else _top(z, np.arange(n), self.top_k)
+        w = np.exp(z[pool] - z[pool].max())
         if self.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
-            order, p = order[:keep], p[:keep] / p[:keep].sum()
-        return int(order[self.rng.choice(len(order), p=p)])
+            # The nucleus: the likeliest tokens whose mass reaches top_p, ties at its edge
+            # taken by token id. Sorting the probabilities alone gives its size and its
+            # smallest member; no token order is needed to sample from it (an argsort of
+            # the vocabulary costs more than the rest of a small model's decode step).
+            ws = np.sort(w)[::-1]
+            keep = min(len(w), int(np.searchsorted(np.cumsum(ws / w.sum()), self.top_p) + 1))
+            edge = ws[keep - 1]
+            at = w == edge
+            sel = (w > edge) | (at & (np.cumsum(at) <= keep - int((w > edge).sum())))
+            pool, w = pool[sel], w[sel]
+        c = np.cumsum(w)
+        i = int(np.searchsorted(c, self.rng.random() * c[-1], side="right"))
+        return int(pool[min(i, len(pool) - 1)])
+
+def _top(z: np.ndarray, pool: np.ndarray, m: int) -> np.ndarray:
+    """The m entries of pool with the largest z, ties at the cut taken by smallest id; sorted by id."""
+    v = z[pool]
+    cut = np.partition(v, len(v) - m)[len(v) - m]  # the m-th largest value
+    above = pool[v > cut]
+    at = pool[v == cut][: m - len(above)]
+    return np.sort(np.concatenate([above, at]))

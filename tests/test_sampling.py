@@ -1,0 +1,56 @@
+"""Next-token sampling: greedy, top-k, top-p (nucleus) and temperature give the
+distribution their definitions give, computed here the slow way with a full sort."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemoe.sampling import Sampler
+
+
+def reference(logits, temperature, top_k, top_p):
+    """token -> probability: sort (ties by token id), cut at top_k, then at the top_p mass."""
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z, kind="stable")
+    if top_k:
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return dict(zip(order.tolist(), p.tolist()))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 0, 0.95), (1.0, 0, 0.5), (0.7, 8, 0.9),
+                                                     (1.3, 5, 1.0), (1.0, 3, 0.6), (0.5, 0, 0.3)])
+def test_sampled_frequencies_follow_the_definition(temperature, top_k, top_p):
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal(40) * 2).astype(np.float32)
+    logits[::7] = logits[0]  # ties, some at the nucleus edge
+    want = reference(logits, temperature, top_k, top_p)
+    s, n = Sampler(temperature, top_k, top_p, seed=0), 40_000
+    got = np.bincount([s(logits) for _ in range(n)], minlength=len(logits)) / n
+    assert set(np.flatnonzero(got).tolist()) <= set(want), "sampled a token outside the nucleus"
+    for tok in range(len(logits)):
+        p = want.get(tok, 0.0)
+        assert abs(got[tok] - p) < 5 * np.sqrt(p * (1 - p) / n) + 1e-9, (tok, got[tok], p)
+
+
+def test_nucleus_edge_ties_go_by_token_id():
+    logits = np.array([0.0, 1.0, 0.0, 0.0, 2.0], np.float32)
+    # with top_p just above the two likeliest, the nucleus adds exactly one of the tied zeros: id 0
+    want = reference(logits, 1.0, 0, 0.8)
+    assert sorted(want) == [0, 1, 4]
+    s = Sampler(1.0, 0, 0.8, seed=0)
+    assert {s(logits) for _ in range(3000)} == {0, 1, 4}
+
+
+def test_greedy_seeds_and_arguments():
+    logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    assert Sampler()(logits) == int(np.argmax(logits))
+    a, b = Sampler(0.8, 0, 0.95, seed=7), Sampler(0.8, 0, 0.95, seed=7)
+    assert [a(logits) for _ in range(50)] == [b(logits) for _ in range(50)]
+    for bad in (dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)):
+        with pytest.raises(ValueError):
+            Sampler(**bad)
