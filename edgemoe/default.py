@@ -21,12 +21,18 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
 
 
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                    "tokenizer_config.json")
+
+
 def _fingerprint(src: Path) -> str:
-    """Changes whenever the shipped checkpoint does (config and weights' sizes and headers)."""
+    """Changes whenever the shipped checkpoint does (its config, weights' sizes and headers,
+    tokenizer); not when the texts or notes beside it do."""
     h = hashlib.sha256()
-    for f in sorted(src.iterdir()):
+    for name in CHECKPOINT_FILES:
+        f = src / name
         if f.is_file():
-            h.update(f.name.encode())
+            h.update(name.encode())
             h.update(str(f.stat().st_size).encode())
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 16))
