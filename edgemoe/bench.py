@@ -7,7 +7,9 @@ Modes:
   ondemand  a cache of one layer's routed experts, no prefetch (EdgeMoE's baseline)
   lru       LRU cache at the given budget, no prefetch
   edgemoe   the best policy and predictor at the given budget (BEST, chosen by measurement)
-  POLICY+PREDICTOR  any other combination, e.g. lfu+table, edgemoe+fitted, lru+none
+  POLICY+PREDICTOR[@RATIO[/P]]  any other combination, e.g. lfu+table, edgemoe+fitted, lru+none,
+            edgemoe+lookahead@1.0/0.5 (prefetch within 1.0x the bytes a token needs, only
+            guesses needed with probability >= 0.5)
 
 With --cgroup-limit, the Mixtral-shaped model also runs inside a fresh cgroup v1 memory
 group of that size (expert budget = limit - Model.memory_needed's other terms) and is
@@ -386,9 +388,9 @@ def run_cgroup(name: str, model_dir: Path, limit: int, args: argparse.Namespace,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edgemoe bench", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    intro, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(prog="edgemoe bench", description=intro.replace("\n", " "),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--models", default="default,mixtral-shaped",
                     help="comma list: default, mixtral-shaped, or model directories")
