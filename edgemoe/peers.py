@@ -585,7 +585,7 @@ def run(args: argparse.Namespace) -> int:
         min_budget, vocab = probe.min_budget, probe.config.vocab_size
         info = probe.info()
         del probe
-        options = mode_options("edgemoe", pair["ours"])
+        options = mode_options(args.peer_mode, pair["ours"])
         prompt = prompt_ids(name, pair["hf"], args.prompt_tokens, args.seed, vocab)
         tc = pair["tokenizer_check"]
         s = pair["setting"]
@@ -664,6 +664,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--limits", default=DEFAULT_LIMITS,
                    help=f"memory limits, multiples of the 4-bit GGUF file size (default {DEFAULT_LIMITS})")
     g.add_argument("--peer-threads", dest="threads", type=int, default=2, help="threads of both engines (default 2)")
+    g.add_argument("--peer-mode", default="edgemoe",
+                   help="edgemoe's mode in the comparison: edgemoe (bench.BEST, default) or POLICY+PREDICTOR")
     g.add_argument("--plot", default=None, help="write tokens/s against the memory limit to this PNG")
     g.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds before a run is stopped")
 
