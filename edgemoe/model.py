@@ -91,7 +91,7 @@ class Model:
                  prefetch: str | None = None, prefetch_ratio: float = 1.5, prefetch_min_prob: float = 0.0,
                  policy: str = "lru", io_threads: int = 2,
                  device: str | None = None, fallback: bool = False,
-                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD):
+                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD, preload: bool | None = None):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -143,6 +143,12 @@ class Model:
 
             self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio, min_prob=prefetch_min_prob)
 
+        if preload is None:  # not with fallback: low-bit copies exist to read less than everything
+            preload = not fallback and self._preload_fits(lengths, io_threads)
+        self.preloading = bool(preload)
+        if preload:
+            self.preload()
+
         tok = self.manifest.get("tokenizer", {})
         self.eos_ids = set(tok.get("eos_token_ids") or [])
         self.bos_id = tok.get("bos_token_id")
@@ -165,6 +171,26 @@ class Model:
         _, lengths, _, _ = blob_tables(self.manifest)
         for layer, expert in zip(*np.nonzero(lengths)):
             self.cache.prefetch(int(layer), int(expert))
+
+    def preload(self) -> int:
+        """Queue every expert for the cache's I/O threads, layer by layer, without waiting
+        (what llama.cpp's load does by reading the whole file, but behind the first tokens'
+        compute: demand reads go first). Returns how many reads were queued."""
+        _, lengths, _, _ = blob_tables(self.manifest)
+        return sum(int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
+                   for layer in range(lengths.shape[0]) if lengths[layer].any())
+
+    def _preload_fits(self, lengths: np.ndarray, io_threads: int) -> bool:
+        """preload=None: preload when the budget holds every expert (or is unbounded) and the
+        experts fit in the memory available now; never without I/O threads."""
+        if io_threads <= 0:
+            return False
+        total = int((((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN).sum())
+        if self.budget and self.budget < total:
+            return False
+        import psutil
+
+        return total < 0.5 * psutil.virtual_memory().available
 
     def _min_budget(self, lengths: np.ndarray) -> int:
         aligned = ((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN
@@ -386,6 +412,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss
     for an expert whose gate weight is below fallback_threshold, compute it from its
     low-bit copy instead of reading the full one (HOBBIT); see Model.set_fallback.
+    preload: queue every expert for the I/O threads at load, read behind the first tokens'
+    compute (demand reads first). None (default): when the budget holds all experts (or is
+    unbounded) and they fit in half the memory available now.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
