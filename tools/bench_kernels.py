@@ -48,8 +48,8 @@ def bandwidth_gbs(working_set: int, piece: int) -> tuple[float, float]:
     return summary(piece, call_seconds(lambda i: _core.stream_read(views[i]), n))
 
 
-def quant_mats(rows, cols, bits, gs, working_set, rng):
-    one = q.quantize_matrix(rng.standard_normal((rows, cols)).astype(np.float32), bits, gs, False)
+def quant_mats(rows, cols, bits, gs, working_set, rng, symmetric=False):
+    one = q.quantize_matrix(rng.standard_normal((rows, cols)).astype(np.float32), bits, gs, symmetric)
     n = max(2, working_set // one.nbytes + 1)
     return [one.copy() for _ in range(n)]  # distinct buffers: no cache reuse across the round-robin
 
@@ -77,7 +77,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     ap.add_argument("--working-set-mb", type=int, default=256, help="bytes of weights cycled through (> L3)")
-    ap.add_argument("--quick", action="store_true", help="INT4 expert matrices only")
+    ap.add_argument("--quick", action="store_true", help="INT4 expert matrices only (g64, and g32 symmetric)")
     args = ap.parse_args()
     if args.threads:
         _core.set_num_threads(args.threads)
@@ -95,6 +95,8 @@ def main():
         mats = quant_mats(rows, cols, 4, 64, ws, rng)
         for T in (1, 4, 16):
             bench(f"int4 g64 {rows}x{cols}", mats, rows, cols, T, qcall, bw, rng)
+    # groups of 32, symmetric: the layout compared with llama.cpp's Q4_0 (edgemoe/peers.py)
+    bench("int4 g32 sym 2816x1024", quant_mats(2816, 1024, 4, 32, ws, rng, symmetric=True), 2816, 1024, 1, qcall, bw, rng)
     if args.quick:
         return
     for bits in (2, 3, 8):
