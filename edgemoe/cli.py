@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`")
     p.add_argument("--device", default=None, metavar="PROFILE",
                    help="emulate this device profile's storage speed (devices/profiles, e.g. jetson-tx2-emmc)")
+    p.add_argument("--fallback", type=float, default=None, metavar="THRESHOLD",
+                   help="on a miss for an expert whose gate weight is below THRESHOLD (e.g. 0.3), compute it from "
+                        "its low-bit copy (convert with --fallback-bits) instead of reading the full one")
 
 
 def resolve_model(path: str | None) -> str:
@@ -36,7 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .model import format_bytes, load
 
     m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
-             direct_io=not args.buffered_io, policy=args.policy, prefetch=args.prefetch, device=args.device)
+             direct_io=not args.buffered_io, policy=args.policy, prefetch=args.prefetch, device=args.device,
+             **({"fallback": True, "fallback_threshold": args.fallback} if args.fallback is not None else {}))
     pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stream=True)
     sys.stdout.write(args.prompt)

@@ -81,5 +81,10 @@ def format_stats(s: dict[str, Any]) -> str:
         lines.append(f"prefetch      {pf['predictor']} ({pf['mode']}, {pf['ratio']}x bytes): precision "
                      f"{pf['precision']:.1%}, recall {pf['recall']:.1%}, {pf['bytes_ratio']:.2f}x the bytes needed; "
                      f"{s['prefetch_hits']} hits, {format_bytes(s['wasted_prefetch_bytes'])} evicted unused")
+    fb = s.get("fallback")
+    if fb:
+        lines.append(f"fallback      gate weight < {fb['threshold']:.2f}: {fb['uses']} uses of low-bit copies, "
+                     f"{fb['loads']} read ({format_bytes(fb['bytes_read'])}), "
+                     f"{format_bytes(fb['bytes_saved'])} of full copies not read")
     lines += ["", format_layer_table(s)]
     return "\n".join(lines)

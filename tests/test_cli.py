@@ -86,3 +86,18 @@ def test_convert_stores_routing_and_profile_shows_it(tiny_checkpoint, text_file,
 def test_profile_without_routing_names_the_fix(converted, capsys):
     assert main(["profile", str(converted)]) == 2
     assert "--calib" in capsys.readouterr().err
+
+
+def test_run_with_fallback_reports_its_reads(tiny_checkpoint, tmp_path, capsys):
+    dst = tmp_path / "fb"
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "8", "--fallback-bits", "2",
+                 "-q"]) == 0
+    assert main(["run", str(dst), "-p", "The robot", "-n", "12", "--memory-budget", "100KB", "--fallback", "0.6",
+                 "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "fallback      gate weight < 0.60" in err and "uses of low-bit copies" in err
+
+
+def test_run_fallback_without_copies_names_the_fix(converted, capsys):
+    assert main(["run", str(converted), "-p", "x", "-n", "2", "--fallback", "0.3"]) == 2
+    assert "--fallback-bits" in capsys.readouterr().err
