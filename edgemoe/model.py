@@ -362,8 +362,9 @@ class Model:
         cfg, ex = self.config, self.manifest["experts"]
         T = int(context_tokens)
         experts = self.budget or self.info()["expert_bytes"]
-        entries = ex["num_layers"] * ex["num_experts"] * _core.ExpertCache.entry_overhead_bytes
-        per_blob = ex["num_layers"] * ex["num_experts"] * (64 + 128)  # malloc chunk, page-table share
+        copies = 2 if self.fallback_store is not None else 1  # low-bit copies have their own entries
+        entries = copies * ex["num_layers"] * ex["num_experts"] * _core.ExpertCache.entry_overhead_bytes
+        per_blob = copies * ex["num_layers"] * ex["num_experts"] * (64 + 128)  # malloc chunk, page-table share
         kv_cap = -(-T // KVCache.CHUNK) * KVCache.CHUNK
         kv = 2 * cfg.num_hidden_layers * kv_cap * cfg.num_key_value_heads * cfg.head_dim * 4
         scores = 2 * cfg.num_attention_heads * T * T * 4  # probabilities and a temporary [heads, T, T]
