@@ -230,12 +230,13 @@ def direct_read_bandwidth(model_dir: Path, threads: int = 2, max_bytes: int = 25
     sequential chunks. At most max_bytes per figure."""
     import mmap
 
-    from .manifest import blob_tables, load_manifest
+    from .manifest import blob_tables, load_manifest, page_bytes
 
     manifest = load_manifest(model_dir)
     offsets, lengths, _, _ = blob_tables(manifest)
     path = model_dir / manifest["experts"]["file"]
-    blobs = [(int(o), (int(n) + 4095) // 4096 * 4096) for o, n in zip(offsets.ravel(), lengths.ravel()) if n]
+    blobs = [(int(o), int(n)) for o, n, used in zip(offsets.ravel(), page_bytes(lengths).ravel(), lengths.ravel())
+             if used]
     order = np.random.default_rng(seed).permutation(len(blobs))
     picked, total = [], 0
     for i in order:

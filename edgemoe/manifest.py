@@ -71,6 +71,14 @@ def load_manifest(model_dir) -> dict:
     return m
 
 
+PAGE = 4096  # expert blobs start on 4 KiB boundaries; one O_DIRECT read moves whole pages
+
+
+def page_bytes(lengths: np.ndarray) -> np.ndarray:
+    """Blob lengths rounded up to whole 4 KiB pages (int64): what one read moves and the cache charges."""
+    return (np.asarray(lengths).astype(np.int64) + PAGE - 1) // PAGE * PAGE
+
+
 def blob_tables(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(offsets u64, lengths u64, crc32c u32, bits u8), each [num_layers, num_experts].
 

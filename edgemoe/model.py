@@ -12,11 +12,10 @@ import numpy as np
 
 from . import _core, models
 from .errors import BudgetError, EdgeMoEError, TokenizerError
-from .manifest import blob_tables, fallback_tables, load_manifest
+from .manifest import blob_tables, fallback_tables, load_manifest, page_bytes
 from .models.base import KVCache
 from .sampling import Sampler
 
-ALIGN = 4096
 DEFAULT_FALLBACK_THRESHOLD = 0.3  # gate weight under which a miss reads the low-bit copy (load(fallback=True))
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -185,7 +184,7 @@ class Model:
         experts fit in the memory available now; never without I/O threads."""
         if io_threads <= 0:
             return False
-        total = int((((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN).sum())
+        total = int(page_bytes(lengths).sum())
         if self.budget and self.budget < total:
             return False
         import psutil
@@ -193,7 +192,7 @@ class Model:
         return total < 0.5 * psutil.virtual_memory().available
 
     def _min_budget(self, lengths: np.ndarray) -> int:
-        aligned = ((lengths.astype(np.int64) + ALIGN - 1) // ALIGN) * ALIGN
+        aligned = page_bytes(lengths)
         per_layer = np.sort(aligned, axis=1)[:, ::-1][:, : self.manifest["experts"]["top_k"]].sum(axis=1)
         return int(per_layer.max()) if per_layer.size else 0
 

@@ -436,11 +436,10 @@ def table_from_routing(doc: dict[str, Any]) -> TransitionTable:
 
 def expert_sizes(model: "Model") -> np.ndarray:
     """[M, E] bytes one read of each expert moves (blob length rounded up to 4 KiB, as O_DIRECT reads)."""
-    from .manifest import blob_tables
+    from .manifest import blob_tables, page_bytes
 
     _, lengths, _, _ = blob_tables(model.manifest)
-    layers = model.manifest["experts"]["moe_layers"]
-    return ((lengths[layers].astype(np.int64) + 4095) // 4096) * 4096
+    return page_bytes(lengths[model.manifest["experts"]["moe_layers"]])
 
 
 def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str | Path | None = None,
@@ -564,17 +563,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print routing.json's statistics as JSON, not a table")
     args = p.parse_args(argv)
     from .cli import resolve_model
-    from .default import SHIPPED
+    from .default import shipped_text
 
     model_dir = resolve_model(args.model)
-    calib = args.calib
-    if calib is None and (Path(model_dir) / ROUTING_FILE).exists():
+    if args.calib is None and (Path(model_dir) / ROUTING_FILE).exists():
         doc = load_routing(model_dir)
     else:
-        if calib is None:
-            if args.model is not None or not (SHIPPED / "calib.txt").is_file():
-                raise EdgeMoEError(f"{model_dir} holds no {ROUTING_FILE} yet: pass --calib FILE to profile it")
-            calib = SHIPPED / "calib.txt"
+        calib = shipped_text(args.calib, args.model, "calib.txt",
+                             f"{model_dir} holds no {ROUTING_FILE} yet: pass --calib FILE to profile it")
         doc = profile_model(model_dir, calib, args.eval, window=args.window, max_tokens=args.max_tokens or None,
                             eval_max_tokens=args.eval_max_tokens or None, save=not args.no_save,
                             traces_dir=args.traces, ratio=args.ratio, fit=not args.no_fit, log=sys.stderr)
