@@ -114,40 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _convert(argv: list[str]) -> int:
-    from .converters.cli import main
-
-    return main(argv)
-
-
-def _bench(argv: list[str]) -> int:
-    from .bench import main
-
-    return main(argv)
+# verbs with their own argument parsers: module (relative to this package), imported only when used
+DELEGATED = {"convert": ".converters.cli", "bench": ".bench", "eval": ".evaluate", "profile": ".routing",
+             "simulate": ".simulate"}
 
 
-def _eval(argv: list[str]) -> int:
-    from .evaluate import main
+def _delegate(verb: str, argv: list[str]) -> int:
+    from importlib import import_module
 
-    return main(argv)
-
-
-def _profile(argv: list[str]) -> int:
-    if "--importance" in argv:
-        from .importance import main
-    else:
-        from .routing import main
-    return main(argv)
-
-
-def _simulate(argv: list[str]) -> int:
-    from .simulate import main
-
-    return main(argv)
-
-
-# verbs with their own argument parsers, imported only when used
-DELEGATED = {"convert": _convert, "bench": _bench, "eval": _eval, "profile": _profile, "simulate": _simulate}
+    module = ".importance" if verb == "profile" and "--importance" in argv else DELEGATED[verb]
+    return import_module(module, __package__).main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         verb = argv[0] if argv else None
         if verb in DELEGATED:
-            return DELEGATED[verb](argv[1:])
+            return _delegate(verb, argv[1:])
         args = build_parser().parse_args(argv)
         return args.fn(args)
     except EdgeMoEError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 from .errors import EdgeMoEError
@@ -39,6 +40,16 @@ def _fingerprint(src: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def shipped_text(given: str | os.PathLike[str] | None, model: str | None, name: str, missing: str) -> Path:
+    """The text file a verb works on: the one given; else, when no model was named (the
+    default model), the shipped `name` (calib.txt, test.txt); else EdgeMoEError(missing)."""
+    if given is not None:
+        return Path(given)
+    if model is None and (SHIPPED / name).is_file():
+        return SHIPPED / name
+    raise EdgeMoEError(missing)
+
+
 def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
     """The converted default model, converting the shipped checkpoint on first use."""
     if not (SHIPPED / "config.json").exists():
@@ -52,8 +63,6 @@ def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
         convert(SHIPPED, dst, bits=bits, progress=progress, overwrite=True)
     if not (dst / "routing.json").exists():
         # routing statistics and the prefetch table, traced on the shipped validation text
-        import sys
-
         from .routing import profile_model
 
         profile_model(dst, SHIPPED / "calib.txt", max_tokens=ROUTING_TOKENS,

@@ -150,15 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     from .cli import resolve_model
-    from .default import SHIPPED
+    from .default import shipped_text
     from .model import load
 
-    text = args.text
-    if text is None:
-        if args.model is None and (SHIPPED / "test.txt").is_file():
-            text = SHIPPED / "test.txt"
-        else:
-            raise EdgeMoEError("no text to score: pass --text FILE")
+    text = shipped_text(args.text, args.model, "test.txt", "no text to score: pass --text FILE")
     m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
              direct_io=not args.buffered_io)
     r = perplexity(m, Path(text), window=args.window, stride=args.stride, max_tokens=args.max_tokens,

@@ -353,15 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print importance.json instead of a summary")
     args = p.parse_args(argv)
     from .cli import resolve_model
-    from .default import SHIPPED
+    from .default import shipped_text
     from .model import load
 
-    calib = args.calib
-    if calib is None:
-        if args.model is None and (SHIPPED / "calib.txt").is_file():
-            calib = str(SHIPPED / "calib.txt")
-        else:
-            raise EdgeMoEError("no calibration text: pass --calib FILE")
+    calib = str(shipped_text(args.calib, args.model, "calib.txt", "no calibration text: pass --calib FILE"))
     path = resolve_model(args.model)
     try:
         levels = [int(b) for b in args.bits.split(",")]
