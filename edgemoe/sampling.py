@@ -19,28 +19,27 @@ class Sampler:
         if self.temperature == 0.0:
             return int(np.argmax(logits))
         z = logits.astype(np.float64) / self.temperature
-        n = len(z)
-        pool = np.arange(n) if not self.top_k or self.top_k >= n else _top(z, np.arange(n), self.top_k)
+        pool = _largest(z, self.top_k) if self.top_k else np.arange(len(z))
         w = np.exp(z[pool] - z[pool].max())
         if self.top_p < 1.0:
             # The nucleus: the likeliest tokens whose mass reaches top_p, ties at its edge
-            # taken by token id. Sorting the probabilities alone gives its size and its
-            # smallest member; no token order is needed to sample from it (an argsort of
-            # the vocabulary costs more than the rest of a small model's decode step).
+            # taken by token id. Sorting the probabilities alone gives its size; no token
+            # order is needed to sample from it (an argsort of the vocabulary costs more
+            # than the rest of a small model's decode step).
             ws = np.sort(w)[::-1]
-            keep = min(len(w), int(np.searchsorted(np.cumsum(ws / w.sum()), self.top_p) + 1))
-            edge = ws[keep - 1]
-            at = w == edge
-            sel = (w > edge) | (at & (np.cumsum(at) <= keep - int((w > edge).sum())))
+            keep = int(np.searchsorted(np.cumsum(ws / w.sum()), self.top_p) + 1)
+            sel = _largest(w, keep)
             pool, w = pool[sel], w[sel]
         c = np.cumsum(w)
         i = int(np.searchsorted(c, self.rng.random() * c[-1], side="right"))
         return int(pool[min(i, len(pool) - 1)])
 
-def _top(z: np.ndarray, pool: np.ndarray, m: int) -> np.ndarray:
-    """The m entries of pool with the largest z, ties at the cut taken by smallest id; sorted by id."""
-    v = z[pool]
+
+def _largest(v: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest entries of v, ties at the cut taken by smallest index; in index order."""
+    if m >= len(v):
+        return np.arange(len(v))
     cut = np.partition(v, len(v) - m)[len(v) - m]  # the m-th largest value
-    above = pool[v > cut]
-    at = pool[v == cut][: m - len(above)]
+    above = np.flatnonzero(v > cut)
+    at = np.flatnonzero(v == cut)[: m - len(above)]
     return np.sort(np.concatenate([above, at]))
