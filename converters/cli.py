@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Sequence
@@ -56,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.monotonic()
     try:
+        if args.routing_calib and not os.path.isfile(args.routing_calib):  # before a long conversion, not after
+            raise EdgeMoEError(f"--routing-calib {args.routing_calib}: no such file; give a UTF-8 text file")
         if args.bits == "auto":
             from edgemoe.allocate import convert_auto, parse_fraction
 

@@ -205,7 +205,9 @@ def read_token_stream(model: "Model", path: str | Path, max_tokens: int | None =
     """Token ids of a text file. Documents (separated by a line holding only \\x1e) each
     start with BOS; with max_tokens they are taken in a seeded random order so a cap
     still samples the whole file."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    from .evaluate import read_text
+
+    text = read_text(path)
     docs = [d.strip("\n") for d in text.split("\n" + DOC_SEPARATOR + "\n")]
     docs = [d for d in docs if d]
     if not docs:

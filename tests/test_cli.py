@@ -101,3 +101,13 @@ def test_run_with_fallback_reports_its_reads(tiny_checkpoint, tmp_path, capsys):
 def test_run_fallback_without_copies_names_the_fix(converted, capsys):
     assert main(["run", str(converted), "-p", "x", "-n", "2", "--fallback", "0.3"]) == 2
     assert "--fallback-bits" in capsys.readouterr().err
+
+
+def test_missing_calibration_text_is_named_before_any_work(tiny_checkpoint, converted, tmp_path, capsys):
+    dst = tmp_path / "never"
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "-q",
+                 "--routing-calib", str(tmp_path / "missing.txt")]) == 2
+    assert "--routing-calib" in capsys.readouterr().err and not dst.exists()
+    assert main(["profile", str(converted), "--calib", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "missing.txt" in err
