@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import _core
 from .errors import EdgeMoEError, ModelDirectoryError
-from .models.base import RouteObserver, softmax
+from .models.base import RouteObserver, route_softmax_topk, softmax
 from .routing import (LOOKAHEAD_POINTS, RoutingTrace, TransitionTable, expert_sizes, load_routing,
-                      lookahead_probs, table_from_routing)
+                      lookahead_logits, table_from_routing)
 
 if TYPE_CHECKING:
     from .model import Model
@@ -77,9 +78,19 @@ class Predictor:
         """The same for every token of a recorded trace [T, E] (for offline evaluation)."""
         raise NotImplementedError
 
+    def logits(self, m_next: int, ctx: RouteContext) -> np.ndarray | None:
+        """Logits [T, E] whose softmax is probs(), for predictors that have them (else None)."""
+        return None
+
     def predict(self, m_next: int, ctx: RouteContext) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int32 [E], probability each is needed [E]), most likely first."""
-        q = needed_probs(self.probs(m_next, ctx), self.top_k)
+        z = self.logits(m_next, ctx)
+        if z is not None and len(z) == 1:
+            # a decode step: one native softmax and sort instead of a chain of tiny numpy calls
+            # (this runs once per MoE layer per token, in the time budget of the layer's compute)
+            ids, p = route_softmax_topk(np.ascontiguousarray(z, np.float32), z.shape[1], False)
+            return ids[0], np.minimum(1.0, self.top_k * p[0])
+        q = needed_probs(self.probs(m_next, ctx) if z is None else softmax(z), self.top_k)
         order = np.argsort(-q, kind="stable")
         return order.astype(np.int32), q[order]
 
@@ -126,11 +137,12 @@ class LookaheadFit:
 
     def __init__(self, point: str, weights: dict[int, tuple[np.ndarray, np.ndarray]], eps: float = 1e-6):
         self.point, self.weights, self.eps = point, weights, eps
-        self._wt = {n: np.ascontiguousarray(W.T, np.float32) for n, (W, _) in weights.items()}  # [H, E]
+        self._w = {n: np.ascontiguousarray(W, np.float32) for n, (W, _) in weights.items()}  # [E, H]
+        self._ones = {n: np.ones(W.shape[1], np.float32) for n, (W, _) in weights.items()}
 
     def logits(self, n: int, h: np.ndarray) -> np.ndarray:
-        ms = np.einsum("th,th->t", h, h)[:, None] / h.shape[-1]
-        return (h @ self._wt[n]) / np.sqrt(ms + self.eps) + self.weights[n][1]
+        x = _core.rms_norm(np.ascontiguousarray(h, np.float32), self._ones[n], self.eps)  # h / rms(h)
+        return _core.linear(x, self._w[n], "f32") + self.weights[n][1]
 
     def probs(self, n: int, h: np.ndarray) -> np.ndarray:
         return softmax(self.logits(n, h))
@@ -256,11 +268,14 @@ class LookaheadPredictor(Predictor):
         self.key = f"fitted_{point}" if fit else point  # its name in RoutingTrace.lookahead
         self.name = f"fitted_{point}" if fit else f"lookahead_{point}"
 
-    def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
+    def logits(self, m_next: int, ctx: RouteContext) -> np.ndarray:
         h = ctx.hidden[self.la_point]
         if self.fit is not None:
-            return self.fit.probs(m_next, h)
-        return lookahead_probs(self.net, self.moe_layers[m_next], h)
+            return self.fit.logits(m_next, h)
+        return lookahead_logits(self.net, self.moe_layers[m_next], h)
+
+    def probs(self, m_next: int, ctx: RouteContext) -> np.ndarray:
+        return softmax(self.logits(m_next, ctx))
 
     def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
         if self.key not in trace.lookahead:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .errors import EdgeMoEError, ModelDirectoryError
-from .models.base import RouteObserver, rms_norm, softmax
+from . import _core
+from .models.base import RouteObserver, softmax
 
 if TYPE_CHECKING:
     from .model import Model
@@ -100,12 +101,16 @@ class RoutingTrace:
                        z["ids"] if "ids" in z.files else None)
 
 
-def lookahead_probs(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
-    """Model layer `layer`'s router probabilities [T, E] applied to a hidden state h [T, hidden]
+def lookahead_logits(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
+    """Model layer `layer`'s router logits [T, E] applied to a hidden state h [T, hidden]
     taken from an earlier layer (with `layer`'s own ffn_norm): HOBBIT's gate look-ahead."""
     L = net.layers[layer]
-    x = np.ascontiguousarray(rms_norm(h, L["ffn_norm"], net.cfg.rms_norm_eps), np.float32)
-    return softmax(L["router"](x))
+    return L["router"](_core.rms_norm(np.ascontiguousarray(h, np.float32), L["ffn_norm"], net.cfg.rms_norm_eps))
+
+
+def lookahead_probs(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
+    """The same as probabilities [T, E]."""
+    return softmax(lookahead_logits(net, layer, h))
 
 
 # name -> (point, fn(next moe index, hidden state [T, hidden]) -> probabilities [T, E])
