@@ -86,3 +86,32 @@ def test_generation_fits_in_budget_plus_backbone_plus_overhead(model_dir):
     # The control: the same limit without a budget is fatal, so the budget is what kept it alive.
     out, r = run(model_dir, None, limit=limit)
     assert r.oom_killed and out is None, (r.returncode, r.peak_memory_bytes, limit)
+
+
+def test_bench_compares_each_cgroup_run_with_the_bandwidth_probed_around_it(model_dir):
+    """`edgemoe bench --cgroup-limit`: every run sits between two O_DIRECT probes of the experts
+    file and its I/O bound (bytes read per token / the fastest probe) and ratio follow from them."""
+    import argparse
+
+    import edgemoe
+    from edgemoe.bench import run_cgroup
+
+    bounded = edgemoe.load(model_dir, memory_budget=edgemoe.load(model_dir).info()["expert_bytes"] // 4)
+    limit = bounded.memory_needed(8 + 6)
+    del bounded
+    args = argparse.Namespace(prompt_tokens=8, tokens=6, repeat=2, seed=0, device=None, cgroup_modes="lru,edgemoe")
+    lines: list[str] = []
+    rows = run_cgroup("tiny", model_dir, limit, args, emit=lines.append)
+    assert [r["mode"] for r in rows] == ["lru", "edgemoe"]
+    for r in rows:
+        assert len(r["runs"]) == 2 and r["cgroup_peak_bytes"] <= limit and not r["oom_killed"]
+        for run in r["runs"]:
+            before, after = run["around"]
+            bw = max(max(p["expert_reads_bytes_per_s"], p["sequential_bytes_per_s"]) for p in (before, after))
+            assert run["io_bound_bytes_per_s"] == bw > 0
+            assert run["io_bound_seconds_per_token"] == pytest.approx(run["decode_bytes_per_token"] / bw)
+            assert run["ratio_to_io_bound"] == pytest.approx(run["decode_seconds_per_token"] /
+                                                             run["io_bound_seconds_per_token"])
+        assert r["ratio_to_io_bound"] in r["ratios_to_io_bound"]
+        assert r["decode_bytes_per_token"] > 0  # a quarter of the experts: decoding reads
+    assert sum(line.startswith("| lru |") or line.startswith("| edgemoe |") for line in lines) == 2
