@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "read on a cache miss for a low gate weight with load(..., fallback=True)")
     a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
     a.add_argument("--tolerance", default=None,
-                   help="allowed perplexity increase over 16-bit on --calib, verified by measuring it (default 2%%)")
+                   help="allowed perplexity increase over 16-bit on text like --calib, verified on calibration "
+                        "documents the importance profile did not see, as an upper confidence bound (default 2%%)")
     a.add_argument("--expert-bytes", default=None,
                    help="expert bytes as a share of the 16-bit experts' instead, e.g. 35%%")
     a.add_argument("--calib", default=None, help="calibration text (documents separated by a \\x1e line)")
@@ -44,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance measure the allocation ranks by: the KL from the 16-bit model's predictions "
                         "(low noise, default) or the measured calibration loss increase")
     a.add_argument("--calib-tokens", type=int, default=8192,
-                   help="calibration tokens for profiling and verification (default 8192; 0: all)")
+                   help="leading calibration tokens the importance profile sees, at most half the text "
+                        "(default 8192; 0: half); candidates are verified on the documents after them")
+    a.add_argument("--verify-tokens", type=int, default=32768,
+                   help="held-out calibration tokens a candidate is measured on (default 32768; 0: all the rest)")
+    a.add_argument("--confidence", default="90%",
+                   help="--tolerance must hold for this one-sided upper confidence bound of the held-out perplexity "
+                        "increase (document bootstrap; default 90%%; 0: the measured value itself)")
     p.add_argument("--routing-calib", default=None, metavar="FILE",
                    help="after converting, trace the model's routing on this text and store the statistics and "
                         "predictors in DST (routing.json; what `edgemoe profile DST` shows and prefetch uses)")
@@ -69,10 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             expert_bytes, tolerance = parse_fraction(args.expert_bytes), parse_fraction(args.tolerance)
             if tolerance is None and expert_bytes is None:
                 tolerance = 0.02
+            confidence = 0.0 if args.confidence.strip().rstrip("%") in ("0", "0.0") else parse_fraction(args.confidence)
             m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
                              importance=args.importance, choices=choices, group_size=args.group_size,
                              symmetric=args.symmetric, backbone_bits=args.backbone_bits,
-                             max_tokens=args.calib_tokens or None, measure=args.measure,
+                             max_tokens=args.calib_tokens or None, measure=args.measure, confidence=confidence,
+                             verify_tokens=args.verify_tokens or None,
                              fallback_bits=args.fallback_bits, overwrite=args.force,
                              progress=not args.quiet, log=None if args.quiet else sys.stderr)
         else:

@@ -23,12 +23,23 @@ longest prefix whose summed dL fits log(1 + tolerance); --expert-bytes the
 shortest whose bytes fit. The most important experts (largest loss per byte)
 are demoted last.
 
-Verification (--tolerance). The candidate is written and its perplexity
-measured on the calibration text; if it is above the tolerance, steps are
-taken back (the last steps: the most important demoted experts get their bits
-back) with the estimate rescaled by measured / estimated, and measured again;
-if it is well below, more steps are taken the same way. The model that is kept
-has met the tolerance as measured.
+Verification (--tolerance). The importance profile and the check of its result
+never share text: the profile sees the calibration text's first --calib-tokens
+tokens (at most half of it) and a candidate is measured only on the documents
+after them (up to --verify-tokens), so experts that happened to look cheap on
+the profiled text are not also judged on it (the winner's curse; README,
+"Bitwidths and quality", has the default model's figures). What is measured is
+the per-token NLL difference, candidate minus 16-bit reference, on the held-out
+tokens. The tolerance is a promise about text like the calibration text, not
+about this sample of it, so a candidate is accepted only if the one-sided upper
+confidence bound (--confidence, 90%) of its perplexity increase is within the
+tolerance. The bound is a percentile bootstrap of sum(difference) / tokens that
+resamples whole documents (whole windows when fewer than 10 documents are held
+out), since the tokens of one document move together. A candidate above the
+tolerance gives steps back (the last steps: the most important demoted experts
+get their bits back) with the estimate rescaled by bound / estimated, and is
+measured again; one well below (bound under 80% of it) takes more steps the same
+way. The manifest records the point estimate, the bound and its standard error.
 """
 from __future__ import annotations
 
@@ -45,10 +56,15 @@ import numpy as np
 
 from . import quant
 from .errors import EdgeMoEError
+from .evaluate import documents, read_text, token_nlls
 from .importance import IMPORTANCE_FILE, file_digest, load_importance, profile_importance, save_importance
 
 CHOICES = (8, 4, 3, 2)
 ALL_BITS = (16, 8, 4, 3, 2)
+CONFIDENCE = 0.9          # one-sided, of the held-out perplexity increase
+VERIFY_TOKENS = 32768     # held-out calibration tokens a candidate is measured on
+MIN_DOCUMENT_BLOCKS = 10  # fewer held-out documents than this: bootstrap windows instead
+RESAMPLES = 2000
 
 
 def blob_nbytes(hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False,
@@ -195,12 +211,57 @@ def parse_fraction(value: str | float | None) -> float | None:
     return v
 
 
-def _baseline_usable(doc: dict[str, Any], calib: str | Path | None, window: int, max_tokens: int | None) -> bool:
-    """True when importance.json's calibration loss is the 16-bit model's on this very text and windows."""
-    c, ref = doc.get("calibration", {}), doc.get("reference", {})
-    return (calib is not None and ref.get("expert_bits") == [16] and ref.get("backbone_bits") == 16
-            and c.get("window") == window and c.get("max_tokens") == max_tokens
-            and c.get("sha256") == file_digest(calib))
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """The part of the calibration text a candidate is verified on: whole documents after
+    the tokens the importance profile saw (from `begin` in the calibration token stream)."""
+    ids: np.ndarray   # token ids [N]
+    doc: np.ndarray   # document index per token [N], 0 for the first held-out one
+    begin: int        # position of ids[0] in the calibration token stream
+    seen: int         # leading calibration tokens the profile used
+
+
+def held_out(docs: Sequence[Sequence[int]], seen: int, limit: int | None = None) -> HeldOut:
+    """The documents of `docs` (token ids each, in order) that start at or after token `seen`
+    of their concatenation, at most `limit` tokens; from token `seen` itself when no document
+    starts there (one long document)."""
+    lengths = np.array([len(d) for d in docs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    after = np.flatnonzero(starts >= seen)
+    begin = int(starts[after[0]]) if after.size else int(seen)
+    stream = np.concatenate([np.asarray(d, np.int64) for d in docs]) if len(docs) else np.zeros(0, np.int64)
+    ids = stream[begin:begin + limit] if limit else stream[begin:]
+    doc = np.searchsorted(starts, np.arange(begin, begin + len(ids)), side="right") - 1
+    return HeldOut(ids, doc - (doc[0] if len(doc) else 0), begin, int(seen))
+
+
+def profiled_tokens(doc: dict[str, Any] | None, calib: str | Path, total: int, max_tokens: int | None) -> int:
+    """How many leading tokens of calib an importance profile saw: the one about to be made
+    (max_tokens, at most half the text), or a given one's when it was made on this very file."""
+    if doc is None:
+        return min(max_tokens or total, total // 2)
+    c = doc.get("calibration", {})
+    if c.get("sha256") != file_digest(calib):
+        return 0  # profiled on other text: all of calib is held out
+    return min(c.get("max_tokens") or total, total)
+
+
+def bound_increase(diff: np.ndarray, blocks: np.ndarray, confidence: float = CONFIDENCE,
+                   resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """Mean per-token NLL increase, its one-sided upper confidence bound and standard error:
+    a percentile bootstrap of sum(diff) / tokens that resamples whole blocks (documents or
+    windows, one id per token). confidence 0: the bound is the mean."""
+    _, inv = np.unique(blocks, return_inverse=True)
+    d_sum = np.bincount(inv, weights=np.asarray(diff, np.float64))
+    n_tok = np.bincount(inv).astype(np.float64)
+    point = float(d_sum.sum() / n_tok.sum())
+    B = len(d_sum)
+    if B < 2:
+        raise EdgeMoEError("the held-out calibration text is one block: give more calibration text")
+    counts = np.random.default_rng(seed).multinomial(B, np.full(B, 1.0 / B), size=resamples)  # [resamples, B]
+    boot = (counts @ d_sum) / (counts @ n_tok)
+    bound = max(point, float(np.quantile(boot, confidence))) if confidence > 0 else point
+    return point, bound, float(boot.std(ddof=1))
 
 
 def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = None, tolerance: float | None = None,
@@ -208,20 +269,23 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                  choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
                  backbone_bits: int | None = None, low_bits: int = 2, window: int = 256,
                  max_tokens: int | None = 8192, max_rounds: int = 6, measure: str = "kl",
+                 confidence: float = CONFIDENCE, verify_tokens: int | None = VERIFY_TOKENS,
                  fallback_bits: int | None = None, overwrite: bool = False, progress: bool = True,
                  log: Any = None) -> dict[str, Any]:
     """Convert `src` with a bitwidth per expert chosen from its importance; returns the manifest.
 
-    tolerance: allowed calibration perplexity increase over the 16-bit model (0.02 = 2%),
-    verified by measurement. expert_bytes: total expert bytes as a share of the 16-bit
-    experts' (0.35 = 35%), the lowest estimated loss that fits. Exactly one of them.
-    importance: an importance.json (file or model directory) measured on this
-    checkpoint; without one, a temporary 16-bit conversion is profiled on `calib`.
+    tolerance: allowed perplexity increase over the 16-bit model (0.02 = 2%) on text like
+    `calib`: the `confidence` upper bound measured on calibration documents the importance
+    profile has not seen (module docstring). expert_bytes: total expert bytes as a share of
+    the 16-bit experts' (0.35 = 35%), the lowest estimated loss that fits (measured the same
+    way, for the record). Exactly one of them. importance: an importance.json (file or model
+    directory) measured on this checkpoint; without one, a temporary 16-bit conversion is
+    profiled on the first `max_tokens` tokens of `calib` (at most half of it).
+    verify_tokens: held-out tokens a candidate is measured on (None: all that are left).
     fallback_bits: also write low-bit fallback copies of the chosen model (converters.convert.add_fallback).
     """
     from .converters.convert import _check_destination, _check_fallback_bits, _move_into_place, add_fallback, convert
     from .converters.hf import Checkpoint, plan_conversion
-    from .evaluate import perplexity
     from .manifest import load_manifest, write_manifest
     from .model import load
 
@@ -229,6 +293,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         if log is not None:
             print(msg, file=log, flush=True)
 
+    if not 0 <= confidence < 1:
+        raise EdgeMoEError(f"confidence must be at least 0 and below 1 (e.g. 0.9), got {confidence}")
     if (tolerance is None) == (expert_bytes is None):
         raise EdgeMoEError("--bits auto needs exactly one target: --tolerance (e.g. 2%) or --expert-bytes (e.g. 35%)")
     src, dst = Path(src), Path(dst)
@@ -251,22 +317,32 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        ref_nll = None
-        need_ref = doc is None or (tolerance is not None and not _baseline_usable(doc, calib, window, max_tokens))
-        if need_ref:
+        held = ref_tok = blocks = block_kind = None
+        if calib is not None:
             ref = work / "ref16"
             say("converting a 16-bit reference ...")
             convert(src, ref, bits=16, backbone_bits=16, progress=progress)
+            ref_model = load(ref)
+            docs = list(documents(ref_model, read_text(calib)))
+            seen = profiled_tokens(doc, calib, sum(map(len, docs)), max_tokens)
+            held = held_out(docs, seen, verify_tokens)
+            if len(held.ids) <= window or (doc is None and seen <= window):
+                raise EdgeMoEError(
+                    f"{calib}: {len(held.ids)} tokens are left to verify on after the {seen} the importance profile "
+                    f"sees; profile and check need a window ({window} tokens) each of text the other does not see: "
+                    f"give more calibration text, or profile on fewer tokens (--calib-tokens)")
             if doc is None:
-                say(f"profiling expert importance on {calib} ...")
+                say(f"profiling expert importance on the first {seen} tokens of {calib} ...")
                 doc = profile_importance(ref, calib, low_bits, group_size=group_size, symmetric=symmetric,
-                                         window=window, max_tokens=max_tokens, save=False, log=log)
-                ref_nll = doc["calibration"]["nll"]
-            else:
-                ref_nll = perplexity(load(ref), Path(calib), window=window, max_tokens=max_tokens)["nll"]
+                                         window=window, max_tokens=seen, save=False, model=ref_model, log=log)
+            say(f"verifying on {len(held.ids)} held-out tokens ({int(held.doc[-1]) + 1} documents) of {calib}, "
+                f"from token {held.begin}")
+            ref_tok, pos = token_nlls(ref_model, held.ids, window)
+            doc_of = held.doc[pos]
+            block_kind = "document" if len(np.unique(doc_of)) >= MIN_DOCUMENT_BLOCKS else "window"
+            blocks = doc_of if block_kind == "document" else pos // window
+            del ref_model
             shutil.rmtree(ref)
-        elif _baseline_usable(doc, calib, window, max_tokens):
-            ref_nll = doc["calibration"]["nll"]
 
         alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric,
                                            measure)
@@ -277,26 +353,26 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             d = work / f"candidate-{len(rounds)}"
             convert(src, d, bits="auto", bits_map=bits_map(alloc, n, plan.moe_layers), group_size=group_size,
                     symmetric=symmetric, backbone_bits=backbone_bits, progress=False)
-            nll = None
-            if calib is not None:
-                nll = perplexity(load(d), Path(calib), window=window, max_tokens=max_tokens)["nll"]
-            r = {"steps": n, "expert_bytes": alloc.nbytes(n), "estimated_nll_increase": alloc.loss(n),
-                 "nll": nll}
-            if ref_nll is not None and nll is not None:
-                r["ppl_increase"] = math.exp(nll - ref_nll) - 1
+            r = {"steps": n, "expert_bytes": alloc.nbytes(n), "estimated_nll_increase": alloc.loss(n)}
+            inc = ""
+            if held is not None:
+                nll, _ = token_nlls(load(d), held.ids, window)
+                point, bound, se = bound_increase(nll - ref_tok, blocks, confidence)
+                r.update(nll=float(nll.mean()), nll_increase=point, nll_increase_bound=bound,
+                         nll_increase_stderr=se, ppl_increase=math.expm1(point), ppl_increase_bound=math.expm1(bound))
+                inc = (f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({confidence:.0%} bound "
+                       f"{100 * r['ppl_increase_bound']:+.2f}%)")
             rounds.append(r)
-            inc = f", calibration ppl {100 * r['ppl_increase']:+.2f}%" if "ppl_increase" in r else ""
             say(f"candidate {len(rounds)}: {n}/{len(alloc)} steps, experts {100 * alloc.nbytes(n) / bytes16:.1f}% of "
                 f"16-bit, estimated {100 * math.expm1(alloc.loss(n)):+.2f}%{inc}")
-            return d, nll
+            return d, r.get("nll_increase_bound")
 
         if tolerance is not None:
             target = math.log1p(tolerance)
             n = alloc.prefix_for_loss(target)
             lo, hi, best = -1, len(alloc) + 1, None
             for _ in range(max_rounds):
-                d, nll = candidate(n)
-                inc = nll - ref_nll
+                d, inc = candidate(n)
                 if inc <= target:
                     if best is not None:
                         shutil.rmtree(best[0])
@@ -318,7 +394,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 closest = min(rounds, key=lambda r: r["steps"])
                 raise EdgeMoEError(
                     f"no allocation met the {100 * tolerance:g}% tolerance in {len(rounds)} tries (the one with "
-                    f"the fewest low-bit experts gave {100 * closest['ppl_increase']:+.2f}%): raise --tolerance, "
+                    f"the fewest low-bit experts gave {100 * closest['ppl_increase']:+.2f}% on held-out calibration "
+                    f"text, {confidence:.0%} bound {100 * closest['ppl_increase_bound']:+.2f}%): raise --tolerance, "
+                    f"lower --confidence, give more calibration text, "
                     f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)")
             chosen, chosen_round = best
         else:
@@ -342,9 +420,13 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             "low_bits": sorted(int(b) for b in doc["loss_increase"]), "experts_per_bits": counts,
             "expert_bytes_ratio": r["expert_bytes"] / bytes16, "steps": r["steps"], "total_steps": len(alloc),
             "estimated_nll_increase": r["estimated_nll_increase"],
-            "calibration": None if calib is None else {
-                "file": str(calib), "window": window, "max_tokens": max_tokens, "nll_16bit": ref_nll,
-                "nll": r["nll"], "ppl_increase": r.get("ppl_increase")},
+            "calibration": None if held is None else {
+                "file": str(calib), "window": window, "max_tokens": max_tokens, "profile_tokens": held.seen,
+                "held_out_begin": held.begin, "held_out_tokens": len(ref_tok),
+                "held_out_documents": int(held.doc[-1]) + 1,
+                "blocks": block_kind, "confidence": confidence, "nll_16bit": float(ref_tok.mean()), "nll": r["nll"],
+                "nll_increase_stderr": r["nll_increase_stderr"], "ppl_increase": r["ppl_increase"],
+                "ppl_increase_bound": r["ppl_increase_bound"]},
             "rounds": rounds,
             "importance": IMPORTANCE_FILE,
             "seconds": round(time.monotonic() - t0, 1),
@@ -367,7 +449,10 @@ def format_allocation(manifest: dict[str, Any]) -> str:
     line = f"bits auto ({a['mode'].replace('_', ' ')}): {per}; experts {100 * a['expert_bytes_ratio']:.1f}% of 16-bit"
     c = a.get("calibration")
     if c and c.get("ppl_increase") is not None:
-        line += f"; calibration perplexity {100 * c['ppl_increase']:+.2f}% vs 16-bit"
+        line += f"; held-out calibration perplexity {100 * c['ppl_increase']:+.2f}% vs 16-bit"
+        if c.get("ppl_increase_bound") is not None:
+            line += (f" ({100 * c['confidence']:g}% upper bound {100 * c['ppl_increase_bound']:+.2f}%, "
+                     f"{c['held_out_tokens']} tokens)")
     return line + f" ({len(a['rounds'])} candidate(s), {a['seconds']:.0f}s)"
 
 

@@ -38,20 +38,22 @@ def read_text(path: str | os.PathLike[str]) -> str:
         raise EdgeMoEError(f"cannot read {path} ({e.strerror}): give a UTF-8 text file") from None
 
 
+def documents(model: "Model", text: str) -> Iterator[list[int]]:
+    """Each non-empty document's token ids, BOS first when the model has one."""
+    for d in text.split(DOC_SEPARATOR):
+        d = d.strip("\n")
+        if d:
+            yield ([int(model.bos_id)] if model.bos_id is not None else []) + list(model.encode(d))
+
+
 def encode_documents(model: "Model", text: str, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of a text, in order: BOS, then each document's tokens (BOS again before
     every document after a \\x1e line). max_tokens keeps the first that many."""
     out: list[int] = []
     text_tokens = 0
-    for d in text.split(DOC_SEPARATOR):
-        d = d.strip("\n")
-        if not d:
-            continue
-        if model.bos_id is not None:
-            out.append(int(model.bos_id))
-        ids = model.encode(d)
+    for ids in documents(model, text):
         out.extend(ids)
-        text_tokens += len(ids)
+        text_tokens += len(ids) - (model.bos_id is not None)
         if max_tokens and len(out) >= max_tokens:
             break
     if not text_tokens:
@@ -97,6 +99,18 @@ def window_nll(logits: np.ndarray, ids: np.ndarray, scored: int) -> np.ndarray:
     """NLL of the last `scored` tokens of a window from its logits [T, vocab] (row t predicts t+1)."""
     T = len(ids)
     return token_nll(logits[T - 1 - scored:T - 1], ids[T - scored:])
+
+
+def token_nlls(model: "Model", ids: np.ndarray, window: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """NLL of every scored token of ids (float64 [N]) and its position in ids ([N]), windows as perplexity's."""
+    nll, pos = [], []
+    for begin, end, scored in windows(len(ids), window):
+        chunk = ids[begin:end]
+        nll.append(window_nll(model.logits(chunk), chunk, scored))
+        pos.append(np.arange(end - scored, end))
+    if not nll:
+        raise EdgeMoEError(f"{len(ids)} tokens are too few to score: give more text")
+    return np.concatenate(nll), np.concatenate(pos)
 
 
 def perplexity(model: "Model", text_or_ids: Any, window: int = 256, stride: int | None = None,

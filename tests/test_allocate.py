@@ -11,12 +11,13 @@ import torch
 
 import edgemoe
 from edgemoe import quant
-from edgemoe.allocate import (Allocation, allocation_from_importance, blob_nbytes, convert_auto, estimate_loss,
-                              parse_fraction)
+from edgemoe import allocate
+from edgemoe.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, convert_auto,
+                              estimate_loss, held_out, parse_fraction)
 from edgemoe.converters import cli
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError
-from edgemoe.evaluate import perplexity
+from edgemoe.evaluate import encode_documents, perplexity, read_text
 from edgemoe.manifest import blob_tables
 from test_parity import kl_per_position, prompt_ids, reference_logits
 from tiny import ARCHS, _TEXT, reference_model
@@ -209,14 +210,41 @@ def test_auto_tolerance_is_verified(auto_tolerance, calib):
     dst, m = auto_tolerance
     a = m["quantization"]["allocation"]
     c = a["calibration"]
-    assert a["mode"] == "tolerance" and a["rounds"] and c["ppl_increase"] <= 0.03 + 1e-12
-    got = perplexity(edgemoe.load(dst), calib, window=48)
-    assert got["nll"] == pytest.approx(c["nll"], abs=1e-9)
-    assert math.exp(got["nll"] - c["nll_16bit"]) - 1 <= 0.03 + 1e-9
+    assert a["mode"] == "tolerance" and a["rounds"] and c["ppl_increase_bound"] <= 0.03 + 1e-12
+    assert c["ppl_increase_bound"] >= c["ppl_increase"] and c["confidence"] == allocate.CONFIDENCE
+    # verified on tokens the importance profile did not see, and the record says which
+    profile = json.loads((dst / "importance.json").read_text())["calibration"]
+    assert profile["max_tokens"] == c["profile_tokens"] <= c["held_out_begin"]
+    model = edgemoe.load(dst)
+    held = encode_documents(model, read_text(calib))[c["held_out_begin"]:]
+    got = perplexity(model, held, window=48)
+    assert got["tokens"] == c["held_out_tokens"] and got["nll"] == pytest.approx(c["nll"], abs=1e-9)
+    assert math.exp(got["nll"] - c["nll_16bit"]) - 1 == pytest.approx(c["ppl_increase"], abs=1e-9)
     _, _, _, bits = blob_tables(m)
     assert sorted(int(b) for b in set(bits[m["experts"]["moe_layers"]].ravel())) == sorted(
         int(b) for b in a["experts_per_bits"])
     assert (dst / "importance.json").exists() and not list(dst.parent.glob(".*auto*"))
+
+
+def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoint, calib, auto_tolerance,
+                                                                    tmp_path, monkeypatch):
+    """Acceptance goes by the bound, not the point estimate: the first candidate's measured
+    increase fits the tolerance but its bound (widened here) does not, so it is not kept."""
+    real, calls = allocate.bound_increase, []
+
+    def wide_first(diff, blocks, confidence):
+        point, bound, se = real(diff, blocks, confidence)
+        calls.append(point)
+        return point, (max(bound, 2 * math.log1p(0.03)) if len(calls) == 1 else bound), se
+
+    monkeypatch.setattr(allocate, "bound_increase", wide_first)
+    m = convert_auto(tiny_checkpoint("mixtral"), tmp_path / "m", calib=calib, tolerance=0.03, window=48,
+                     max_tokens=None, importance=auto_tolerance[0], progress=False)
+    a = m["quantization"]["allocation"]
+    first = a["rounds"][0]
+    assert first["ppl_increase"] <= 0.03 < first["ppl_increase_bound"]  # fits as measured, not as bounded
+    assert len(a["rounds"]) > 1 and a["steps"] < first["steps"]
+    assert a["calibration"]["ppl_increase_bound"] <= 0.03
 
 
 def test_auto_expert_bytes_with_a_given_profile(auto_tolerance, tiny_checkpoint, tmp_path, capsys):
@@ -245,3 +273,45 @@ def test_auto_cli_errors(tiny_checkpoint, auto_tolerance, tmp_path, capsys):
                      "--importance", str(auto_tolerance[0])]) == 2
     assert "raise --expert-bytes" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    assert cli.main([src, "-o", str(tmp_path / "e"), "--bits", "auto", "--tolerance", "2%", "--confidence", "100%",
+                     "--importance", str(auto_tolerance[0])]) == 2
+    assert "confidence" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- verification on held-out text
+
+
+def test_held_out_documents_are_disjoint_from_the_profiled_tokens():
+    docs = [[1] + [10 + d] * n for d, n in enumerate((5, 3, 8, 2, 6))]  # starts 0, 6, 10, 19, 22; 29 tokens
+    stream = np.concatenate(docs)
+    h = held_out(docs, 7)  # the profile saw tokens 0..6 (into the second document): verify from the third
+    assert h.begin == 10 and h.seen == 7 and h.begin >= h.seen
+    np.testing.assert_array_equal(h.ids, stream[10:])
+    np.testing.assert_array_equal(h.doc, [0] * 9 + [1] * 3 + [2] * 7)
+    assert held_out(docs, 6).begin == 6  # a document starting right where the profile stopped is held out whole
+    assert len(held_out(docs, 10, limit=4).ids) == 4
+    assert held_out(docs, 0).begin == 0 and held_out(docs, 29).ids.size == 0
+    long = held_out([list(range(100))], 40)  # one document: split at the token
+    assert long.begin == 40 and long.ids[0] == 40 and (long.doc == 0).all()
+
+
+def test_the_bound_lies_above_the_point_estimate_and_covers_the_mean():
+    rng = np.random.default_rng(1)
+    blocks = np.repeat(np.arange(40), 50)
+    # documents differ (a shift per document) more than tokens within one do
+    diff = 0.02 + rng.normal(0, 0.02, 40)[blocks] + rng.normal(0, 0.05, blocks.size)
+    point, bound, se = bound_increase(diff, blocks, 0.9)
+    assert point == pytest.approx(diff.mean()) and bound > point and se > 0
+    assert bound_increase(diff, blocks, 0.99)[1] > bound
+    assert bound_increase(diff, blocks, 0.0)[1] == point
+    # resampling tokens as if independent would understate the spread between documents
+    assert bound_increase(diff, np.arange(blocks.size), 0.9)[1] < bound
+    # the 90% bound lies above the true mean in about 90% of samples
+    covered = 0
+    for seed in range(200):
+        r = np.random.default_rng(100 + seed)
+        d = 0.02 + r.normal(0, 0.02, 40)[blocks] + r.normal(0, 0.05, blocks.size)
+        covered += bound_increase(d, blocks, 0.9, resamples=400)[1] >= 0.02
+    assert 0.8 <= covered / 200 <= 0.97, covered
+    with pytest.raises(EdgeMoEError, match="one block"):
+        bound_increase(diff, np.zeros(blocks.size), 0.9)

@@ -5,7 +5,8 @@ without the low-bit fallback, measured the same way.
     python tools/eval_table.py --src HF_CKPT --test test.txt --calib calib.txt --work /tmp/evt
 
 Settings: 16, 8, 4, 3, 2 bits uniform, and `--bits auto` at 1%, 2% and 5% tolerance
-(calibration on calib.txt, importance profiled once and shared). Every conversion also
+(importance profiled once on calib.txt's first --calib-tokens and shared; each candidate
+verified on the calib.txt documents after them, as `edgemoe convert` does). Every conversion also
 carries 2-bit fallback copies (--fallback-bits 2; experts.bin is byte-identical to a
 conversion without them), so the "+ fallback" row is the same directory loaded with
 fallback=True. Per row:
@@ -22,7 +23,8 @@ fallback=True. Per row:
   lock (/tmp/edgemoe-cpu.lock), median of --repeats runs; optionally again with a device
   profile's storage emulated (--device).
 
-Writes eval_table.json and eval_table.md into --work (and prints the markdown).
+Writes eval_table.json and eval_table.md into --work (and prints the markdown; for the auto
+rows also their held-out calibration increase and its upper bound beside the test split's).
 """
 from __future__ import annotations
 
@@ -156,7 +158,11 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
     alloc = m["quantization"].get("allocation")
     if alloc:
         row["experts_per_bits"] = alloc["experts_per_bits"]
-        row["calibration_ppl_increase"] = (alloc.get("calibration") or {}).get("ppl_increase")
+        c = alloc.get("calibration") or {}
+        row["calibration_ppl_increase"] = c.get("ppl_increase")  # held-out calibration documents
+        row["calibration_ppl_increase_bound"] = c.get("ppl_increase_bound")
+        row["calibration_confidence"] = c.get("confidence")
+        row["calibration_held_out_tokens"] = c.get("held_out_tokens")
     say(f"{name}: test perplexity")
     with cpu_lock(False):
         r = perplexity(edgemoe.load(d), test_ids, window=args.window)
@@ -261,6 +267,19 @@ def markdown(rows: list[dict[str, Any]], args, ref_ppl: float) -> str:
     return "\n".join(lines)
 
 
+def auto_markdown(rows: list[dict[str, Any]], ref_ppl: float) -> str:
+    """The auto rows' verification: held-out calibration point estimate and bound beside the test split."""
+    lines = ["| setting | expert bytes | held-out calibration ppl | upper bound | test ppl |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("calibration_ppl_increase_bound") is None:
+            continue
+        lines.append(f"| {r['setting']} | {100 * r['expert_ratio']:.1f}% | {100 * r['calibration_ppl_increase']:+.2f}% "
+                     f"({r['calibration_held_out_tokens']} tokens) | {100 * r['calibration_ppl_increase_bound']:+.2f}% "
+                     f"({100 * r['calibration_confidence']:g}%) | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="Hugging Face checkpoint (default: the default model)")
@@ -330,7 +349,7 @@ def main(argv=None) -> int:
            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
            "simd": edgemoe._core.simd(), "rows": merged}
     (args.work / "eval_table_full.json").write_text(json.dumps(doc, indent=1))
-    md = markdown(merged, args, ref_ppl)
+    md = markdown(merged, args, ref_ppl) + "\n\n" + auto_markdown(merged, ref_ppl)
     (args.work / "eval_table.md").write_text(md + "\n")
     print(md)
     return 0
