@@ -327,6 +327,7 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
         raise
     fallback.path = model_dir / FALLBACK_FILE
     manifest["fallback"] = fallback.section()
+    manifest["format_version"] = FORMAT_VERSION  # the copies are written at this version (kind 4 if symmetric)
     write_manifest(model_dir, manifest)
     fsync_path(model_dir / "manifest.json")
     return manifest

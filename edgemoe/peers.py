@@ -29,7 +29,7 @@ ENGINES = ("edgemoe", "llama.cpp")
 DEFAULT_LIMITS = "unlimited,1.2,0.8,0.5,0.3"
 GGUF_TYPES = {4: "Q4_0", 8: "Q8_0"}
 # Our setting nearest each GGUF type. Q4_0: groups of 32, one f16 scale, w = d * (q - 8); ours
-# with --symmetric is the same arithmetic but also stores an f16 min per group (5.0 vs 4.5 bits).
+# with --symmetric is the same arithmetic and layout cost (kind 4, FORMAT.md: 4.5 bits per weight).
 OUR_SETTINGS = {4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
                 8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True)}
 SAMPLING = dict(temperature=0.8, top_p=0.95)  # both engines, no top-k, no min-p, no repeat penalty
@@ -385,10 +385,15 @@ def peer_checkpoint(name: str, cache: Path, bench_cache: Path | None = None) -> 
     return Path(name)
 
 
+def _format_version(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "manifest.json").read_text(encoding="utf-8")).get("format_version", 0))
+
+
 def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = None) -> dict[str, Any]:
     """Both engines' files for one model at one setting: our model directory and the GGUF."""
     from .converters.convert import convert
     from .default import _fingerprint
+    from .manifest import FORMAT_VERSION
 
     hf = peer_checkpoint(name, cache, bench_cache)
     # the checkpoint's fingerprint in every file name: a changed checkpoint is converted again
@@ -398,7 +403,7 @@ def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = N
     gguf = quantize_gguf(gguf16, cache / f"{tag}-{GGUF_TYPES[bits]}.gguf", GGUF_TYPES[bits])
     s = OUR_SETTINGS[bits]
     ours = cache / f"{tag}-edgemoe-{bits}bit-g{s['group_size']}{'-sym' if s['symmetric'] else ''}"
-    if not (ours / "manifest.json").exists():
+    if not (ours / "manifest.json").exists() or _format_version(ours) < FORMAT_VERSION:  # older: 5.0 bits, redo
         convert(hf, ours, overwrite=True, progress=False, **s)
     check_file = gguf.with_suffix(".tokenizer-check.json")
     if not check_file.exists():

@@ -3,18 +3,21 @@
 The converter writes with these functions; the native kernels (edgemoe._core)
 are tested against them. Everything here is plain numpy and favours clarity.
 
-Quantization (kind 3), per group of `group_size` consecutive columns of a row,
-`w = scale * q + min` with unsigned codes q in [0, 2^bits):
+Group quantization, per group of `group_size` consecutive columns of a row,
+with unsigned codes q in [0, 2^bits):
 
-- asymmetric: min = group min, scale = (max - min) / (2^bits - 1).
-- symmetric: `m` is the group's value of largest magnitude (with its sign),
-  scale = m / -2^(bits-1) and min = -2^(bits-1) * scale (llama.cpp Q4_0 style).
-  `m` lands exactly on code 0; the code range [-2^(bits-1), 2^(bits-1)) is used
-  in full, and only a value of the opposite sign and equal magnitude is clipped
-  (by one step). The scale can therefore be negative.
+- asymmetric (kind 3): `w = scale * q + min`, min = group min,
+  scale = (max - min) / (2^bits - 1); f16 scales and mins are stored.
+- symmetric (kind 4): `w = scale * (q - 2^(bits-1))` (llama.cpp Q4_0 style):
+  `m` is the group's value of largest magnitude (with its sign) and
+  scale = m / -2^(bits-1), so `m` lands exactly on code 0; the code range
+  [-2^(bits-1), 2^(bits-1)) is used in full, and only a value of the opposite
+  sign and equal magnitude is clipped (by one step). The scale can therefore be
+  negative. Only the f16 scales are stored; format version 1 wrote these as
+  kind 3 with min = -2^(bits-1) * scale, the same values w.
 
-Scales and mins are stored as f16; codes are computed from the f16-rounded
-values so that dequantization reproduces what the quantizer intended.
+Codes are computed from the f16-rounded scales (and mins) so that
+dequantization reproduces what the quantizer intended.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import struct
 
 import numpy as np
 
-KIND_F32, KIND_F16, KIND_BF16, KIND_Q = 0, 1, 2, 3
+KIND_F32, KIND_F16, KIND_BF16, KIND_Q, KIND_QS = 0, 1, 2, 3, 4
 FLOAT_KINDS = {"f32": KIND_F32, "f16": KIND_F16, "bf16": KIND_BF16}
-KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q"}
+KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q", KIND_QS: "qs"}
+QUANT_KINDS = (KIND_Q, KIND_QS)
 QBITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
 CHUNK = 32  # codes are packed per chunk of 32 consecutive values of a row
@@ -35,7 +39,7 @@ BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: symmetric matrices are kind 4 (no mins); see FORMAT.md
 ALIGN = 64
 
 
@@ -131,8 +135,16 @@ def _quantize_codes(w: np.ndarray, bits: int, group_size: int, symmetric: bool):
     return q, scale.reshape(rows, -1), mins.reshape(rows, -1)
 
 
-def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
-    """float32 W[rows, cols] -> serialized group-quantized QMatrix (kind 3)."""
+def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool, kind: int | None = None) -> np.ndarray:
+    """float32 W[rows, cols] -> serialized group-quantized QMatrix: kind 4 when symmetric, else kind 3.
+
+    kind=KIND_Q with symmetric=True writes format version 1's layout of the same values
+    (kind 3, min = -2^(bits-1) * scale stored), for tests of old model directories.
+    """
+    if kind is None:
+        kind = KIND_QS if symmetric else KIND_Q
+    if kind not in QUANT_KINDS or (kind == KIND_QS and not symmetric):
+        raise ValueError(f"kind must be {KIND_Q} (any quantization) or {KIND_QS} (symmetric only), got {kind}")
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -149,13 +161,17 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool) 
     packed = pack_codes(q, bits)
     codes_off = _align(MATRIX_HEADER.size)
     scales_off = _align(codes_off + packed.nbytes)
-    mins_off = _align(scales_off + scale.nbytes)
-    total = mins_off + mins.nbytes
+    if kind == KIND_QS:  # the min is -2^(bits-1) * scale: not stored
+        mins_off, total = 0, scales_off + scale.nbytes
+    else:
+        mins_off = _align(scales_off + scale.nbytes)
+        total = mins_off + mins.nbytes
     buf = np.zeros(total, dtype=np.uint8)
-    buf[:32] = np.frombuffer(_header(rows, cols, KIND_Q, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8)
+    buf[:32] = np.frombuffer(_header(rows, cols, kind, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8)
     buf[codes_off:codes_off + packed.nbytes] = packed.reshape(-1)
     buf[scales_off:scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
-    buf[mins_off:mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
+    if kind == KIND_Q:
+        buf[mins_off:mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
     return buf
 
 
@@ -221,7 +237,10 @@ def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
     q = unpack_codes(packed, bits, rows, cols).astype(np.float32)
     so, mo = offset + h["scales_offset"], offset + h["mins_offset"]
     scale = buf[so:so + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
-    mins = buf[mo:mo + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
+    if kind == KIND_QS:
+        mins = np.float32(-(1 << (bits - 1))) * scale  # exact: a power of two times an f16
+    else:
+        mins = buf[mo:mo + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
     return (q.reshape(rows, cols // gs, gs) * scale + mins).reshape(rows, cols)
 
 

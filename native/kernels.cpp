@@ -6,7 +6,8 @@
 //   - portable C++ (ARM Jetson/phone, or any other CPU): plain loops written so
 //     the compiler can auto-vectorize them (NEON on aarch64).
 // Every path streams each weight byte once per call; the group `min` term uses
-// per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g).
+// per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g), where
+// kind 4 (symmetric) has min_g = -2^(bits-1)*scale_g, read from the scales again.
 //   - decode (T=1, memory-bound): AVX2 rounds x to int16 per 32 values and
 //     dots widened codes with vpmaddwd, two rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
@@ -58,7 +59,8 @@ uint64_t QMatrix::row_bytes() const {
     case kF32: return uint64_t(cols) * 4;
     case kF16:
     case kBF16: return uint64_t(cols) * 2;
-    case kQuant: return uint64_t(cols) / kChunk * chunk_bytes(bits);
+    case kQuant:
+    case kQuantSym: return uint64_t(cols) / kChunk * chunk_bytes(bits);
   }
   return 0;
 }
@@ -74,23 +76,27 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   const uint64_t codes_off = load_u32(buf + 16), scales_off = load_u32(buf + 20),
                  mins_off = load_u32(buf + 24);
   m.total_bytes = load_u32(buf + 28);
-  if (kind > 3) bad("unknown QMatrix kind " + std::to_string(kind));
+  if (kind > 4) bad("unknown QMatrix kind " + std::to_string(kind));
   m.kind = Kind(kind);
   if (m.total_bytes > avail)
     bad("QMatrix claims " + std::to_string(m.total_bytes) + " bytes, only " + std::to_string(avail) + " available");
   const std::string shape = "[" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + "]";
-  if (m.kind == kQuant) {
+  if (m.quantized()) {
     if (m.bits != 2 && m.bits != 3 && m.bits != 4 && m.bits != 8)
       bad("QMatrix " + shape + " has unsupported bits " + std::to_string(m.bits));
     if ((m.group_size != 32 && m.group_size != 64 && m.group_size != 128) || m.cols % m.group_size)
       bad("QMatrix " + shape + " has group_size " + std::to_string(m.group_size) +
           " (must be 32, 64 or 128 and divide cols)");
     const uint64_t ng = uint64_t(m.rows) * (m.cols / m.group_size);
+    const bool sym = m.kind == kQuantSym;
     if (codes_off + uint64_t(m.rows) * m.row_bytes() > m.total_bytes || scales_off + 2 * ng > m.total_bytes ||
-        mins_off + 2 * ng > m.total_bytes)
+        (!sym && mins_off + 2 * ng > m.total_bytes))
       bad("QMatrix " + shape + " sections overrun its " + std::to_string(m.total_bytes) + " bytes");
+    if (sym && mins_off != 0)
+      bad("symmetric QMatrix " + shape + " has a mins offset (" + std::to_string(mins_off) + "), must be 0");
     m.scales = buf + scales_off;
-    m.mins = buf + mins_off;
+    m.mins = sym ? m.scales : buf + mins_off;
+    m.min_mult = sym ? -float(1u << (m.bits - 1)) : 1.0f;
   } else {
     const uint32_t want = m.kind == kF32 ? 32 : 16;
     if (m.bits != want) bad("float QMatrix " + shape + " has bits " + std::to_string(m.bits));
@@ -102,7 +108,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
 }
 
 QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind) {
-  if (kind == kQuant) bad("float_view needs a float kind");
+  if (kind == kQuant || kind == kQuantSym) bad("float_view needs a float kind");
   QMatrix m;
   m.rows = rows;
   m.cols = cols;
@@ -174,7 +180,7 @@ void qrow_portable(const QMatrix& w, uint32_t r, const float* const* x, const fl
       const uint32_t col = g * gs + c * kChunk;
       for (int t = 0; t < nt; ++t) dot[t] += dot_portable(wf, x[t] + col, kChunk);
     }
-    const float s = f16_to_f32(load_u16(sc + 2 * g)), m = f16_to_f32(load_u16(mn + 2 * g));
+    const float s = f16_to_f32(load_u16(sc + 2 * g)), m = w.min_mult * f16_to_f32(load_u16(mn + 2 * g));
     for (int t = 0; t < nt; ++t) acc[t] += s * dot[t] + m * xsum[t][g];
   }
   for (int t = 0; t < nt; ++t) out[t] = acc[t];
@@ -203,7 +209,7 @@ void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, 
 
 void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt,
                   float* out) {
-  if (w.kind != kQuant) return frow_portable(w, r, x, nt, out);
+  if (!w.quantized()) return frow_portable(w, r, x, nt, out);
   switch (w.bits) {
     case 2: return qrow_portable<2>(w, r, x, xsum, nt, out);
     case 3: return qrow_portable<3>(w, r, x, xsum, nt, out);
@@ -279,7 +285,8 @@ inline float hsum(__m256 v) {
 template <int NT>
 constexpr int kChains = NT == 1 ? 4 : 2;
 
-// sum_g min_g * xsum[g] for one row.
+// sum_g min_g * xsum[g] for one row, before the factor min_mult (a power of two, so
+// applying it to the sum rounds exactly as applying it to each min).
 inline float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
   __m256 acc = _mm256_setzero_ps();
   uint32_t g = 0;
@@ -320,19 +327,20 @@ void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* 
         }
       }
     }
-    // min term: sum_g min_g * xsum[t][g]
+    // min term: sum_g min_g * xsum[t][g] (min_mult a power of two: exact)
     __m256 macc[NT];
     for (int t = 0; t < NT; ++t) macc[t] = _mm256_setzero_ps();
+    const __m256 mm = _mm256_set1_ps(w.min_mult);
     uint32_t g = 0;
     for (; g + 8 <= ng; g += 8) {
-      const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g)));
+      const __m256 m8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g))), mm);
       for (int t = 0; t < NT; ++t) macc[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum[t] + g), macc[t]);
     }
     for (int t = 0; t < NT; ++t) {
       __m256 a = acc[t][0];
       for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[t][c]);
       float v = hsum(_mm256_add_ps(a, macc[t]));
-      for (uint32_t gg = g; gg < ng; ++gg) v += f16_to_f32(load_u16(mn + 2 * gg)) * xsum[t][gg];
+      for (uint32_t gg = g; gg < ng; ++gg) v += w.min_mult * f16_to_f32(load_u16(mn + 2 * gg)) * xsum[t][gg];
       y[uint64_t(t) * ystride + r] = v;
     }
   }
@@ -392,7 +400,8 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
     case kF32: return frows_avx2<kF32, NT>(w, r0, r1, x, y, ystride);
     case kF16: return frows_avx2<kF16, NT>(w, r0, r1, x, y, ystride);
     case kBF16: return frows_avx2<kBF16, NT>(w, r0, r1, x, y, ystride);
-    case kQuant: break;
+    case kQuant:
+    case kQuantSym: break;
   }
   switch (w.bits) {
     case 2: return qrows_avx2<2, NT>(w, r0, r1, x, xsum, y, ystride);
@@ -499,7 +508,7 @@ void qmatvec16_rows(const QMatrix& w, uint32_t r, const int16_t* x16, const floa
     }
   }
   for (int i = 0; i < RR; ++i)
-    y[r + uint32_t(i)] = hsum(acc[i]) + min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+    y[r + uint32_t(i)] = hsum(acc[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
 }
 
 // The scale of each of the 8 chunks b..b+7 of a row (b a multiple of 8) whose f16
@@ -568,7 +577,8 @@ void qmatvec16_rows_m(const QMatrix& w, uint32_t r, const int16_t* x16, const fl
   }
   for (int i = 0; i < RR; ++i)
     y[r + uint32_t(i)] =
-        hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+        hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
+        w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
 }
 
 template <int BITS, uint32_t CPG>
@@ -613,7 +623,7 @@ constexpr int kGemmRows = 3, kGemmTokens = 4;  // 12 accumulators + 3 weights + 
 void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
   const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
   const uint32_t cols = w.cols;
-  if (w.kind != kQuant) {
+  if (!w.quantized()) {
     uint32_t c = 0;
     for (; c + 8 <= cols; c += 8) {
       __m256 v;
@@ -631,7 +641,7 @@ void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
   const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;
   for (uint32_t g = 0; g < ng; ++g) {
     const __m256 s = _mm256_set1_ps(f16_to_f32(load_u16(sc + 2 * g)));
-    const __m256 m = _mm256_set1_ps(f16_to_f32(load_u16(mn + 2 * g)));
+    const __m256 m = _mm256_set1_ps(w.min_mult * f16_to_f32(load_u16(mn + 2 * g)));
     for (uint32_t c = 0; c < cpg; ++c, row += cb) {
       __m256 wv[4];
       switch (w.bits) {
@@ -759,7 +769,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   assert(T >= 0 && x != nullptr && y != nullptr);
   if (T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows, cols = w.cols;
-  const bool quant = w.kind == kQuant;
+  const bool quant = w.quantized();
   const uint32_t ng = quant ? cols / w.group_size : 0;
 
   // Per-group sums of x for the min term: xsum [T, ng] (not needed by the tile path).
@@ -816,7 +826,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
 #if defined(EDGEMOE_AVX2)
   bool shared = n > 1 && T == 1;
   for (size_t i = 0; i < n && shared; ++i)
-    shared = ws[i].kind == kQuant && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
+    shared = ws[i].quantized() && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
   if (shared) {
     // One token through matrices that read the same x: round x to int16 and sum its
     // groups once, then every matrix's row blocks in one parallel_for.
@@ -901,7 +911,7 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   // x [T, H] -> g, u [T, I] -> h [T, I] -> y [T, H]
   const uint32_t I = e.intermediate();
 #if defined(EDGEMOE_AVX2)
-  if (T == 1 && e.gate.kind == kQuant && e.up.kind == kQuant && e.gate.group_size == e.up.group_size) {
+  if (T == 1 && e.gate.quantized() && e.up.quantized() && e.gate.group_size == e.up.group_size) {
     // Decode: gate and up in one pass over the pool (x rounded to int16 once), each
     // task finishing its rows' silu(g) * u; the same numbers as two matmul calls.
     const uint32_t H = e.hidden(), gs = e.gate.group_size, ng = H / gs;

@@ -97,10 +97,10 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
     }
     if (std::memcmp(header.base, "EDGEMOEX", 8) != 0)
       throw ModelDirectoryError(path_ + " is not an edgemoe experts file (bad magic): convert the model again");
-    const uint32_t version = load_u32(header.base + 8);
-    if (version > 1)
-      throw ModelDirectoryError(path_ + " has format_version " + std::to_string(version) +
-                                ", this edgemoe reads up to 1: upgrade edgemoe");
+    const uint32_t version = load_u32(header.base + 8);  // 2 added kind 4 matrices; 1 still reads
+    if (version > kFormatVersion)
+      throw ModelDirectoryError(path_ + " has format_version " + std::to_string(version) + ", this edgemoe reads up to " +
+                                std::to_string(kFormatVersion) + ": upgrade edgemoe");
 
     for (uint32_t l = 0; l < num_layers_; ++l)
       for (uint32_t e = 0; e < num_experts_; ++e) {

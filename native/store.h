@@ -13,6 +13,9 @@
 
 namespace edgemoe {
 
+// The newest experts-file format_version this core reads (FORMAT.md); older ones read too.
+constexpr uint32_t kFormatVersion = 2;
+
 // One expert blob in a 4 KiB aligned buffer (as O_DIRECT wants it). The buffer
 // is its own anonymous mapping of exactly `capacity` bytes: no allocator slack,
 // and its pages go back to the OS when the blob is destroyed (a cache under a

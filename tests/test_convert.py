@@ -77,7 +77,7 @@ def test_blob_table_matches_file(converted, arch, bits):
     assert raw.size == ex["file_bytes"] == (d / "experts.bin").stat().st_size
     assert raw.size % 4096 == 0
     magic, version, hbytes, nl, ne, nblobs, fbytes = struct.unpack("<8sIIIIQQ", raw[:40].tobytes())
-    assert (magic, version, hbytes, nl, ne) == (b"EDGEMOEX", 1, 4096, ex["num_layers"], ex["num_experts"])
+    assert (magic, version, hbytes, nl, ne) == (b"EDGEMOEX", FORMAT_VERSION, 4096, ex["num_layers"], ex["num_experts"])
     assert nblobs == len(ex["blobs"]) == len(ex["moe_layers"]) * ex["num_experts"]
     assert fbytes == raw.size and not raw[40:4096].any()
 
@@ -520,3 +520,70 @@ def test_conversion_memory_stays_far_below_checkpoint_size(tmp_path):
     assert grown < ckpt_bytes / 5, (grown, ckpt_bytes)
     m = load_manifest(tmp_path / "out")
     assert len(m["experts"]["blobs"]) == 48
+
+
+# ---------------------------------------------------------------- format 2: symmetric kind 4, format 1 still read
+
+
+def _quantized_matrices(d):
+    """Every group-quantized QMatrix of a model directory: (where, buffer) for each matrix of each
+    expert blob and fallback copy, and each quantized backbone tensor."""
+    m = load_manifest(d)
+    out = []
+    for file, blobs in ((m["experts"]["file"], m["experts"]["blobs"]),
+                        (m.get("fallback", {}).get("file"), m.get("fallback", {}).get("blobs", []))):
+        raw = np.fromfile(d / file, dtype=np.uint8) if file else None
+        for layer, e, off, length, _, _ in blobs:
+            blob = raw[off:off + length]
+            out += [(f"{file} {layer}.{e}.{i}", blob[o:o + s])
+                    for i, (o, s) in enumerate(zip(*(quant.parse_blob(blob)[k] for k in ("offsets", "sizes"))))]
+    back = read_safetensors(d / "backbone.safetensors")
+    out += [(name, np.asarray(back[name][0])) for name in m["backbone"]["quantized"]]
+    return out
+
+
+def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_checkpoint, tmp_path, monkeypatch):
+    import functools
+
+    import edgemoe
+    from edgemoe.allocate import blob_nbytes
+    from edgemoe.converters import convert as convert_module
+
+    src = tiny_checkpoint("mixtral")
+    opts = dict(bits=4, backbone_bits=4, group_size=32, symmetric=True, fallback_bits=2, progress=False)
+    convert(src, tmp_path / "v2", **opts)
+    with monkeypatch.context() as mp:  # what the format 1 writer made: symmetric as kind 3 with its mins
+        mp.setattr(quant, "quantize_matrix", functools.partial(quant.quantize_matrix, kind=quant.KIND_Q))
+        mp.setattr(quant, "FORMAT_VERSION", 1)
+        mp.setattr(convert_module, "FORMAT_VERSION", 1)
+        convert(src, tmp_path / "v1", **opts)
+    new, old = load_manifest(tmp_path / "v2"), load_manifest(tmp_path / "v1")
+    assert (new["format_version"], old["format_version"]) == (2, 1)
+    for d, version in ((tmp_path / "v2", 2), (tmp_path / "v1", 1)):
+        for f in ("experts.bin", "experts.fallback.bin"):
+            assert struct.unpack("<I", (d / f).read_bytes()[8:12])[0] == version
+
+    # every quantized matrix (experts, fallback copies, backbone): kind 4 now, the same values
+    mats_new, mats_old = _quantized_matrices(tmp_path / "v2"), _quantized_matrices(tmp_path / "v1")
+    assert [w for w, _ in mats_new] == [w for w, _ in mats_old] and len(mats_new) > 3 * 8
+    for (where, a), (_, b) in zip(mats_new, mats_old):
+        ha, hb = quant.matrix_header(a), quant.matrix_header(b)
+        assert (ha["kind"], hb["kind"]) == (quant.KIND_QS, quant.KIND_Q), where
+        assert hb["total_bytes"] - ha["total_bytes"] == 2 * ha["rows"] * ha["cols"] // 32, where  # exactly the mins
+        np.testing.assert_array_equal(quant.dequantize_matrix(a), quant.dequantize_matrix(b), err_msg=where)
+
+    # blob lengths: the size allocation plans with, smaller by the three matrices' mins
+    H, I = new["experts"]["hidden_size"], new["experts"]["intermediate_size"]
+    mins = 3 * 2 * H * I // 32
+    for (*_, ln, b, _), (*_, lo, _, _) in zip(new["experts"]["blobs"], old["experts"]["blobs"]):
+        assert ln == blob_nbytes(H, I, 4, 32, symmetric=True) and lo - ln == mins
+    for (*_, ln, b, _), (*_, lo, _, _) in zip(new["fallback"]["blobs"], old["fallback"]["blobs"]):
+        assert ln == blob_nbytes(H, I, 2, 32, symmetric=True) and lo - ln == mins
+    assert new["backbone"]["bytes"] < old["backbone"]["bytes"]
+
+    # the format 1 directory loads and gives the same logits, with and without its fallback copies
+    for fb in ({}, {"fallback": True, "fallback_threshold": 0.6}):
+        a, b = edgemoe.load(tmp_path / "v2", **fb), edgemoe.load(tmp_path / "v1", **fb)
+        for ids in (list(range(3, 40)), [7]):  # prefill and one-token kernels
+            np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+        assert list(a.generate([3, 4, 5], max_new_tokens=6)) == list(b.generate([3, 4, 5], max_new_tokens=6))

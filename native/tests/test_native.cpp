@@ -70,20 +70,21 @@ struct TestMatrix {
   std::vector<uint8_t> buf;
   std::vector<double> w;  // dequantized [rows, cols], reference
   uint32_t rows, cols;
-  std::vector<double> mins;  // the min part of w (kind 3), for the int16-activation reference
+  std::vector<double> mins;  // the min part of w (kinds 3, 4), for the int16-activation reference
 };
 
-// Group-quantized matrix with random codes/scales/mins, packed per FORMAT.md.
-static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32_t gs) {
+// Group-quantized matrix with random codes/scales/mins, packed per FORMAT.md: kind 3,
+// or with sym kind 4 (no mins section, min = -2^(bits-1) * scale).
+static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32_t gs, bool sym = false) {
   TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols, std::vector<double>(size_t(rows) * cols)};
   const uint32_t ng = cols / gs, cb = bits * 4;
   const size_t codes = 64, codes_bytes = size_t(rows) * (cols / 32) * cb;
-  const size_t scales = align64(codes + codes_bytes), mins = align64(scales + 2 * size_t(rows) * ng);
-  const size_t total = mins + 2 * size_t(rows) * ng;
+  const size_t scales = align64(codes + codes_bytes), mins = sym ? 0 : align64(scales + 2 * size_t(rows) * ng);
+  const size_t total = (sym ? scales : mins) + 2 * size_t(rows) * ng;
   m.buf.assign(total, 0);
   put_u32(m.buf, 0, rows);
   put_u32(m.buf, 4, cols);
-  m.buf[8] = 3;
+  m.buf[8] = sym ? 4 : 3;
   m.buf[9] = uint8_t(bits);
   put_u32(m.buf, 12, gs);
   put_u32(m.buf, 16, uint32_t(codes));
@@ -96,7 +97,7 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
       sc[g] = rand_half();
       mn[g] = rand_half();
       std::memcpy(&m.buf[scales + 2 * (size_t(r) * ng + g)], &sc[g], 2);
-      std::memcpy(&m.buf[mins + 2 * (size_t(r) * ng + g)], &mn[g], 2);
+      if (!sym) std::memcpy(&m.buf[mins + 2 * (size_t(r) * ng + g)], &mn[g], 2);
     }
     for (uint32_t c0 = 0; c0 < cols; c0 += 32) {
       uint8_t v[32];
@@ -111,8 +112,10 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
       }
       for (int j = 0; j < 32; ++j) {
         const uint32_t g = (c0 + uint32_t(j)) / gs;
-        m.w[size_t(r) * cols + c0 + uint32_t(j)] = half_ref(sc[g]) * v[j] + half_ref(mn[g]);
-        m.mins[size_t(r) * cols + c0 + uint32_t(j)] = half_ref(mn[g]);
+        const double half = double(1u << (bits - 1)), mnv = sym ? -half * half_ref(sc[g]) : half_ref(mn[g]);
+        m.w[size_t(r) * cols + c0 + uint32_t(j)] = sym ? half_ref(sc[g]) * (double(v[j]) - half)
+                                                       : half_ref(sc[g]) * v[j] + mnv;
+        m.mins[size_t(r) * cols + c0 + uint32_t(j)] = mnv;
       }
     }
   }
@@ -207,11 +210,12 @@ static bool close_matmul_x16(const std::vector<float>& y, const std::vector<floa
 
 static void test_kernels() {
   const uint32_t shapes[][2] = {{1, 128}, {37, 256}, {130, 384}};
+  for (bool sym : {false, true})
   for (uint32_t bits : {2u, 3u, 4u, 8u})
     for (uint32_t gs : {32u, 64u, 128u})
       for (auto& s : shapes) {
         if (s[1] % gs) continue;
-        TestMatrix m = make_quant(s[0], s[1], bits, gs);
+        TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
         const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
         for (int64_t T : {1, 3, 4, 9, 14}) {
           auto x = rand_vec(size_t(T) * s[1]);
@@ -241,6 +245,14 @@ static void test_kernels() {
   CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size() - 1); }));
   m.buf[9] = 5;
   CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size()); }));
+  m.buf[9] = 4;
+  m.buf[8] = 5;  // no such kind
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size()); }));
+  m.buf[8] = 4;  // kind 4 has no mins: a mins offset is a lie
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size()); }));
+  TestMatrix sm = make_quant(4, 64, 4, 32, true);
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(sm.buf.data(), sm.buf.size() - 1); }));
+  CHECK(parse_qmatrix(sm.buf.data(), sm.buf.size()).kind == kQuantSym);
   // f16 conversion, subnormals and specials included (portable vs F16C agree with the spec)
   CHECK(f16_to_f32(0x3C00) == 1.0f && f16_to_f32(0xC000) == -2.0f && f16_to_f32(0x0001) == std::ldexp(1.0f, -24));
   CHECK(std::isinf(f16_to_f32(0x7C00)) && std::isnan(f16_to_f32(0x7E00)) && f16_to_f32(0x7BFF) == 65504.0f);
@@ -271,8 +283,8 @@ static void test_crc() {
 // ---------------------------------------------------------------- experts file
 
 static std::vector<uint8_t> make_blob(uint32_t layer, uint32_t expert, uint32_t H, uint32_t I, uint32_t bits,
-                                      std::vector<TestMatrix>* mats) {
-  TestMatrix g = make_quant(I, H, bits, 32), u = make_quant(I, H, bits, 32), d = make_quant(H, I, bits, 32);
+                                      std::vector<TestMatrix>* mats, bool sym = false) {
+  TestMatrix g = make_quant(I, H, bits, 32, sym), u = make_quant(I, H, bits, 32, sym), d = make_quant(H, I, bits, 32, sym);
   std::vector<uint8_t> blob(64, 0);
   std::memcpy(blob.data(), "EXPB", 4);
   put_u32(blob, 4, layer);
@@ -342,6 +354,35 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
   for (uint32_t r = 0; r < H; ++r)
     for (uint32_t i = 0; i < I; ++i) y[r] += m[2].w[size_t(r) * I + i] * h[i];
   return y;
+}
+
+// expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
+static void test_expert_forward() {
+  const uint32_t H = 64, I = 96;
+  for (bool sym : {false, true})
+    for (uint32_t bits : {3u, 4u}) {
+      std::vector<TestMatrix> mats;
+      const auto blob = make_blob(0, 0, H, I, bits, &mats, sym);
+      const Expert e = parse_expert(blob.data(), blob.size());
+      CHECK(e.gate.kind == (sym ? kQuantSym : kQuant) && e.down.kind == e.gate.kind);
+      for (int64_t T : {1, 3, 13}) {
+        // one token on AVX2 rounds x and h to int16 per 32 values (~2^-15 each): a looser bound
+        const double tol = T == 1 && std::strcmp(simd_name(), "portable") != 0 ? 1e-3 : 1e-4;
+        auto x = rand_vec(size_t(T) * H);
+        std::vector<float> y(size_t(T) * H);
+        expert_forward(e, x.data(), T, y.data());
+        for (int64_t t = 0; t < T; ++t) {
+          const auto ref = expert_ref(mats, &x[size_t(t) * H], H, I);
+          double mx = 0, err = 0;
+          for (uint32_t h = 0; h < H; ++h) {
+            mx = std::max(mx, std::fabs(ref[h]));
+            err = std::max(err, std::fabs(ref[h] - y[size_t(t) * H + h]));
+          }
+          if (err > tol * mx) std::fprintf(stderr, "kind %d bits %u T=%lld: error %g of %g\n", sym ? 4 : 3, bits, (long long)T, err, mx);
+          CHECK(err <= tol * mx);
+        }
+      }
+    }
 }
 
 static void test_store_and_cache() {
@@ -973,6 +1014,7 @@ int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
   test_kernels();
+  test_expert_forward();
   test_crc();
   test_store_and_cache();
   test_cache_threads();
