@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "read on a cache miss for a low gate weight with load(..., fallback=True)")
     a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
     a.add_argument("--tolerance", default=None,
-                   help="allowed perplexity increase over 16-bit on text like --calib, verified on calibration "
-                        "documents the importance profile did not see, as an upper confidence bound (default 2%%)")
+                   help="allowed perplexity increase over 16-bit on a text of --promise-tokens tokens like --calib, "
+                        "verified on calibration documents the importance profile did not see, as an upper "
+                        "prediction bound (default 2%%)")
     a.add_argument("--expert-bytes", default=None,
                    help="expert bytes as a share of the 16-bit experts' instead, e.g. 35%%")
     a.add_argument("--calib", default=None, help="calibration text (documents separated by a \\x1e line)")
@@ -50,8 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--verify-tokens", type=int, default=32768,
                    help="held-out calibration tokens a candidate is measured on (default 32768; 0: all the rest)")
     a.add_argument("--confidence", default="90%",
-                   help="--tolerance must hold for this one-sided upper confidence bound of the held-out perplexity "
-                        "increase (document bootstrap; default 90%%; 0: the measured value itself)")
+                   help="level of the one-sided upper bound of the held-out perplexity increase that --tolerance "
+                        "must hold for (document bootstrap, widened per --promise-tokens; default 90%%; 0: the "
+                        "measured value itself)")
+    a.add_argument("--promise-tokens", default=None, metavar="N",
+                   help="length in tokens of the text --tolerance is promised for: the bound covers the increase on "
+                        "one new text of N tokens like --calib, its own sampling variation included (a prediction "
+                        "bound: the confidence margin times sqrt(1 + held-out tokens / N)); default: as long as the "
+                        "held-out text (margin x sqrt(2)); 0 or inf: the mean over unlimited text (confidence bound)")
     p.add_argument("--routing-calib", default=None, metavar="FILE",
                    help="after converting, trace the model's routing on this text and store the statistics and "
                         "predictors in DST (routing.json; what `edgemoe profile DST` shows and prefetch uses)")
@@ -67,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.routing_calib and not os.path.isfile(args.routing_calib):  # before a long conversion, not after
             raise EdgeMoEError(f"--routing-calib {args.routing_calib}: no such file; give a UTF-8 text file")
         if args.bits == "auto":
-            from edgemoe.allocate import convert_auto, parse_fraction
+            from edgemoe.allocate import convert_auto, parse_fraction, parse_tokens
 
             try:
                 choices = [int(b) for b in args.bits_choices.split(",")]
@@ -77,16 +84,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if tolerance is None and expert_bytes is None:
                 tolerance = 0.02
             confidence = 0.0 if args.confidence.strip().rstrip("%") in ("0", "0.0") else parse_fraction(args.confidence)
+            promise_tokens = parse_tokens(args.promise_tokens)
             m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
                              importance=args.importance, choices=choices, group_size=args.group_size,
                              symmetric=args.symmetric, backbone_bits=args.backbone_bits,
                              max_tokens=args.calib_tokens or None, measure=args.measure, confidence=confidence,
-                             verify_tokens=args.verify_tokens or None,
+                             verify_tokens=args.verify_tokens or None, promise_tokens=promise_tokens,
                              fallback_bits=args.fallback_bits, overwrite=args.force,
                              progress=not args.quiet, log=None if args.quiet else sys.stderr)
         else:
             extra = [o for o, v in (("--tolerance", args.tolerance), ("--expert-bytes", args.expert_bytes),
-                                    ("--calib", args.calib), ("--importance", args.importance)) if v is not None]
+                                    ("--calib", args.calib), ("--importance", args.importance),
+                                    ("--promise-tokens", args.promise_tokens)) if v is not None]
             if extra:
                 raise EdgeMoEError(f"{extra[0]} only applies to --bits auto (got --bits {args.bits})")
             m = convert(args.src, args.output, bits=int(args.bits), group_size=args.group_size,

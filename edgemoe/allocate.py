@@ -30,16 +30,24 @@ after them (up to --verify-tokens), so experts that happened to look cheap on
 the profiled text are not also judged on it (the winner's curse; README,
 "Bitwidths and quality", has the default model's figures). What is measured is
 the per-token NLL difference, candidate minus 16-bit reference, on the held-out
-tokens. The tolerance is a promise about text like the calibration text, not
-about this sample of it, so a candidate is accepted only if the one-sided upper
-confidence bound (--confidence, 90%) of its perplexity increase is within the
-tolerance. The bound is a percentile bootstrap of sum(difference) / tokens that
-resamples whole documents (whole windows when fewer than 10 documents are held
-out), since the tokens of one document move together. A candidate above the
-tolerance gives steps back (the last steps: the most important demoted experts
-get their bits back) with the estimate rescaled by bound / estimated, and is
-measured again; one well below (bound under 80% of it) takes more steps the same
-way. The manifest records the point estimate, the bound and its standard error.
+tokens. Its one-sided upper confidence bound (--confidence, 90%) is a percentile
+bootstrap of sum(difference) / tokens that resamples whole documents (whole
+windows when fewer than 10 documents are held out), since the tokens of one
+document move together. That bounds the mean increase over unlimited text like
+the calibration text; a user runs one finite text, whose own increase scatters
+around that mean. The tolerance is promised for such a text of --promise-tokens
+tokens (N_new; default: as many as were held out, n_held), so a candidate is
+accepted only if the one-sided PREDICTION bound of the increase on that text is
+within the tolerance: with the new text's error independent of the held-out
+one's and its variance se^2 * n_held / N_new (same block structure, block
+variance scaling as 1 / tokens), point + (bound - point) * sqrt(1 + n_held / N_new),
+i.e. the confidence margin times sqrt(2) by default. --promise-tokens 0 (or inf)
+gives the confidence bound on the mean. A candidate above the tolerance gives
+steps back (the last steps: the most important demoted experts get their bits
+back) with the estimate rescaled by bound / estimated, and is measured again;
+one well below (bound under 80% of it) takes more steps the same way. The
+manifest records the point estimate, both bounds, the standard error and
+promise_tokens.
 """
 from __future__ import annotations
 
@@ -211,6 +219,19 @@ def parse_fraction(value: str | float | None) -> float | None:
     return v
 
 
+def parse_tokens(value: str | float | None) -> float | None:
+    """--promise-tokens: '50000' -> 50000.0, '0' or 'inf' -> 0.0 (the mean), None -> None (held-out size)."""
+    if value is None:
+        return None
+    try:
+        v = float(str(value).strip())
+    except ValueError:
+        v = math.nan
+    if not v >= 0:
+        raise EdgeMoEError(f"--promise-tokens takes a token count like 50000 (0 or inf: the mean), got {value!r}")
+    return 0.0 if math.isinf(v) else v
+
+
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
     """The part of the calibration text a candidate is verified on: whole documents after
@@ -264,21 +285,35 @@ def bound_increase(diff: np.ndarray, blocks: np.ndarray, confidence: float = CON
     return point, bound, float(boot.std(ddof=1))
 
 
+def prediction_bound(point: float, bound: float, held_tokens: int, promise_tokens: float | None) -> float:
+    """Upper bound of the increase on one new text of promise_tokens tokens drawn like the held-out
+    text (held_tokens of it): the confidence margin widened by sqrt(1 + held / new), since the new
+    text's mean scatters around the population mean with variance se^2 * held / new, independently
+    of the held-out estimate. promise_tokens 0, None or inf: the confidence bound itself."""
+    if not promise_tokens or math.isinf(promise_tokens):
+        return bound
+    if promise_tokens < 0 or held_tokens <= 0:
+        raise EdgeMoEError(f"promise tokens must be positive (0: the mean), got {promise_tokens} "
+                           f"with {held_tokens} held-out tokens")
+    return point + (bound - point) * math.sqrt(1.0 + held_tokens / promise_tokens)
+
+
 def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = None, tolerance: float | None = None,
                  expert_bytes: float | None = None, importance: str | Path | None = None,
                  choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
                  backbone_bits: int | None = None, low_bits: int = 2, window: int = 256,
                  max_tokens: int | None = 8192, max_rounds: int = 6, measure: str = "kl",
                  confidence: float = CONFIDENCE, verify_tokens: int | None = VERIFY_TOKENS,
-                 fallback_bits: int | None = None, overwrite: bool = False, progress: bool = True,
-                 log: Any = None) -> dict[str, Any]:
+                 promise_tokens: float | None = None, fallback_bits: int | None = None, overwrite: bool = False,
+                 progress: bool = True, log: Any = None) -> dict[str, Any]:
     """Convert `src` with a bitwidth per expert chosen from its importance; returns the manifest.
 
-    tolerance: allowed perplexity increase over the 16-bit model (0.02 = 2%) on text like
-    `calib`: the `confidence` upper bound measured on calibration documents the importance
-    profile has not seen (module docstring). expert_bytes: total expert bytes as a share of
-    the 16-bit experts' (0.35 = 35%), the lowest estimated loss that fits (measured the same
-    way, for the record). Exactly one of them. importance: an importance.json (file or model
+    tolerance: allowed perplexity increase over the 16-bit model (0.02 = 2%) on a text of
+    `promise_tokens` tokens like `calib` (None: as many as are held out; 0 or inf: the mean over
+    unlimited text): the `confidence` upper prediction bound measured on calibration documents
+    the importance profile has not seen (module docstring). expert_bytes: total expert bytes as
+    a share of the 16-bit experts' (0.35 = 35%), the lowest estimated loss that fits (measured
+    the same way, for the record). Exactly one of them. importance: an importance.json (file or model
     directory) measured on this checkpoint; without one, a temporary 16-bit conversion is
     profiled on the first `max_tokens` tokens of `calib` (at most half of it).
     verify_tokens: held-out tokens a candidate is measured on (None: all that are left).
@@ -295,6 +330,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
 
     if not 0 <= confidence < 1:
         raise EdgeMoEError(f"confidence must be at least 0 and below 1 (e.g. 0.9), got {confidence}")
+    if promise_tokens is not None and not promise_tokens >= 0:
+        raise EdgeMoEError(f"promise tokens must be a token count (0 or inf: the mean over unlimited text), "
+                           f"got {promise_tokens}")
     if (tolerance is None) == (expert_bytes is None):
         raise EdgeMoEError("--bits auto needs exactly one target: --tolerance (e.g. 2%) or --expert-bytes (e.g. 35%)")
     src, dst = Path(src), Path(dst)
@@ -343,6 +381,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             blocks = doc_of if block_kind == "document" else pos // window
             del ref_model
             shutil.rmtree(ref)
+            if promise_tokens is None:
+                promise_tokens = len(ref_tok)
+            promise_tokens = None if not promise_tokens or math.isinf(promise_tokens) else int(promise_tokens)
 
         alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric,
                                            measure)
@@ -358,14 +399,17 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             if held is not None:
                 nll, _ = token_nlls(load(d), held.ids, window)
                 point, bound, se = bound_increase(nll - ref_tok, blocks, confidence)
+                pred = prediction_bound(point, bound, len(ref_tok), promise_tokens)
                 r.update(nll=float(nll.mean()), nll_increase=point, nll_increase_bound=bound,
-                         nll_increase_stderr=se, ppl_increase=math.expm1(point), ppl_increase_bound=math.expm1(bound))
+                         nll_increase_prediction_bound=pred, nll_increase_stderr=se, ppl_increase=math.expm1(point),
+                         ppl_increase_bound=math.expm1(bound), ppl_increase_prediction_bound=math.expm1(pred))
                 inc = (f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({confidence:.0%} bound "
-                       f"{100 * r['ppl_increase_bound']:+.2f}%)")
+                       f"{100 * r['ppl_increase_bound']:+.2f}% on the mean, "
+                       f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise_tokens)})")
             rounds.append(r)
             say(f"candidate {len(rounds)}: {n}/{len(alloc)} steps, experts {100 * alloc.nbytes(n) / bytes16:.1f}% of "
                 f"16-bit, estimated {100 * math.expm1(alloc.loss(n)):+.2f}%{inc}")
-            return d, r.get("nll_increase_bound")
+            return d, r.get("nll_increase_prediction_bound")
 
         if tolerance is not None:
             target = math.log1p(tolerance)
@@ -395,8 +439,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 raise EdgeMoEError(
                     f"no allocation met the {100 * tolerance:g}% tolerance in {len(rounds)} tries (the one with "
                     f"the fewest low-bit experts gave {100 * closest['ppl_increase']:+.2f}% on held-out calibration "
-                    f"text, {confidence:.0%} bound {100 * closest['ppl_increase_bound']:+.2f}%): raise --tolerance, "
-                    f"lower --confidence, give more calibration text, "
+                    f"text, {confidence:.0%} bound {100 * closest['ppl_increase_prediction_bound']:+.2f}% "
+                    f"{promised(promise_tokens)}): raise --tolerance, lower --confidence, promise it for longer "
+                    f"texts (--promise-tokens), give more calibration text, "
                     f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)")
             chosen, chosen_round = best
         else:
@@ -424,9 +469,11 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 "file": str(calib), "window": window, "max_tokens": max_tokens, "profile_tokens": held.seen,
                 "held_out_begin": held.begin, "held_out_tokens": len(ref_tok),
                 "held_out_documents": int(held.doc[-1]) + 1,
-                "blocks": block_kind, "confidence": confidence, "nll_16bit": float(ref_tok.mean()), "nll": r["nll"],
+                "blocks": block_kind, "confidence": confidence, "promise_tokens": promise_tokens,
+                "nll_16bit": float(ref_tok.mean()), "nll": r["nll"],
                 "nll_increase_stderr": r["nll_increase_stderr"], "ppl_increase": r["ppl_increase"],
-                "ppl_increase_bound": r["ppl_increase_bound"]},
+                "ppl_increase_bound": r["ppl_increase_bound"],
+                "ppl_increase_prediction_bound": r["ppl_increase_prediction_bound"]},
             "rounds": rounds,
             "importance": IMPORTANCE_FILE,
             "seconds": round(time.monotonic() - t0, 1),
@@ -440,6 +487,11 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         shutil.rmtree(work, ignore_errors=True)
 
 
+def promised(promise_tokens: int | None) -> str:
+    """What a prediction bound is about, for messages: 'for a 32640-token text' or 'on the mean'."""
+    return f"for a {promise_tokens}-token text" if promise_tokens else "on the mean"
+
+
 def format_allocation(manifest: dict[str, Any]) -> str:
     """One paragraph on what --bits auto chose."""
     a = manifest["quantization"].get("allocation")
@@ -450,7 +502,11 @@ def format_allocation(manifest: dict[str, Any]) -> str:
     c = a.get("calibration")
     if c and c.get("ppl_increase") is not None:
         line += f"; held-out calibration perplexity {100 * c['ppl_increase']:+.2f}% vs 16-bit"
-        if c.get("ppl_increase_bound") is not None:
+        if c.get("ppl_increase_prediction_bound") is not None:
+            line += (f" ({c['held_out_tokens']} tokens; {100 * c['confidence']:g}% upper bound "
+                     f"{100 * c['ppl_increase_bound']:+.2f}% on the mean, "
+                     f"{100 * c['ppl_increase_prediction_bound']:+.2f}% {promised(c['promise_tokens'])})")
+        elif c.get("ppl_increase_bound") is not None:  # converted before prediction bounds
             line += (f" ({100 * c['confidence']:g}% upper bound {100 * c['ppl_increase_bound']:+.2f}%, "
                      f"{c['held_out_tokens']} tokens)")
     return line + f" ({len(a['rounds'])} candidate(s), {a['seconds']:.0f}s)"

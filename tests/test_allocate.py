@@ -13,7 +13,7 @@ import edgemoe
 from edgemoe import quant
 from edgemoe import allocate
 from edgemoe.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, convert_auto,
-                              estimate_loss, held_out, parse_fraction)
+                              estimate_loss, held_out, parse_fraction, parse_tokens, prediction_bound)
 from edgemoe.converters import cli
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError
@@ -212,6 +212,11 @@ def test_auto_tolerance_is_verified(auto_tolerance, calib):
     c = a["calibration"]
     assert a["mode"] == "tolerance" and a["rounds"] and c["ppl_increase_bound"] <= 0.03 + 1e-12
     assert c["ppl_increase_bound"] >= c["ppl_increase"] and c["confidence"] == allocate.CONFIDENCE
+    # accepted on the prediction bound for a text as long as the held-out one: the margin times sqrt(2)
+    assert c["promise_tokens"] == c["held_out_tokens"] and c["ppl_increase_prediction_bound"] <= 0.03 + 1e-12
+    point, bound, pred = (math.log1p(c[k]) for k in ("ppl_increase", "ppl_increase_bound",
+                                                     "ppl_increase_prediction_bound"))
+    assert pred - point == pytest.approx(math.sqrt(2) * (bound - point), rel=1e-9, abs=1e-15)
     # verified on tokens the importance profile did not see, and the record says which
     profile = json.loads((dst / "importance.json").read_text())["calibration"]
     assert profile["max_tokens"] == c["profile_tokens"] <= c["held_out_begin"]
@@ -232,7 +237,7 @@ def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoi
     increase fits the tolerance but its bound (widened here) does not, so it is not kept."""
     real, calls = allocate.bound_increase, []
 
-    def wide_first(diff, blocks, confidence):
+    def wide_first(diff, blocks, confidence):  # the confidence bound; the prediction bound is wider still
         point, bound, se = real(diff, blocks, confidence)
         calls.append(point)
         return point, (max(bound, 2 * math.log1p(0.03)) if len(calls) == 1 else bound), se
@@ -244,7 +249,35 @@ def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoi
     first = a["rounds"][0]
     assert first["ppl_increase"] <= 0.03 < first["ppl_increase_bound"]  # fits as measured, not as bounded
     assert len(a["rounds"]) > 1 and a["steps"] < first["steps"]
-    assert a["calibration"]["ppl_increase_bound"] <= 0.03
+    assert a["calibration"]["ppl_increase_bound"] <= a["calibration"]["ppl_increase_prediction_bound"] <= 0.03
+
+
+def test_promise_tokens_zero_accepts_on_the_confidence_bound(tiny_checkpoint, calib, auto_tolerance, tmp_path,
+                                                             monkeypatch):
+    m = convert_auto(tiny_checkpoint("mixtral"), tmp_path / "m", calib=calib, tolerance=0.03, window=48,
+                     max_tokens=None, importance=auto_tolerance[0], promise_tokens=0, progress=False)
+    c = m["quantization"]["allocation"]["calibration"]
+    assert c["promise_tokens"] is None and c["ppl_increase_prediction_bound"] == c["ppl_increase_bound"] <= 0.03
+    assert c["ppl_increase_bound"] > c["ppl_increase"]  # a real margin, which the default would widen
+    assert "on the mean" in allocate.format_allocation(m)
+    # the command line passes --promise-tokens through: 0 and inf mean the mean, no flag the held-out size
+    seen = []
+
+    def capture(*args, **kw):
+        seen.append(kw["promise_tokens"])
+        raise EdgeMoEError("stop here")
+
+    monkeypatch.setattr(allocate, "convert_auto", capture)
+    src = str(tiny_checkpoint("mixtral"))
+    for flag in (["--promise-tokens", "0"], ["--promise-tokens", "inf"], ["--promise-tokens", "50000"], []):
+        assert cli.main([src, "-o", str(tmp_path / "x"), "--bits", "auto", "--calib", str(calib)] + flag) == 2
+    assert seen == [0.0, 0.0, 50000.0, None]
+    assert parse_tokens(None) is None and parse_tokens("1e4") == 10000.0
+    for bad in ("-5", "many", "nan"):
+        with pytest.raises(EdgeMoEError, match="promise-tokens"):
+            parse_tokens(bad)
+    monkeypatch.undo()
+    assert cli.main([src, "-o", str(tmp_path / "y"), "--bits", "4", "--promise-tokens", "100"]) == 2
 
 
 def test_auto_expert_bytes_with_a_given_profile(auto_tolerance, tiny_checkpoint, tmp_path, capsys):
@@ -315,3 +348,39 @@ def test_the_bound_lies_above_the_point_estimate_and_covers_the_mean():
     assert 0.8 <= covered / 200 <= 0.97, covered
     with pytest.raises(EdgeMoEError, match="one block"):
         bound_increase(diff, np.zeros(blocks.size), 0.9)
+
+
+def sample(rng, blocks, mean=0.02):
+    """Per-token increases: a shift per document (block) plus token noise."""
+    return mean + rng.normal(0, 0.02, blocks.max() + 1)[blocks] + rng.normal(0, 0.05, blocks.size)
+
+
+def test_the_prediction_bound_widens_the_margin_by_sqrt_one_plus_held_over_new():
+    diff = sample(np.random.default_rng(2), np.repeat(np.arange(40), 50))
+    point, bound, _ = bound_increase(diff, np.repeat(np.arange(40), 50), 0.9)
+    n = diff.size
+    assert prediction_bound(point, bound, n, n) - point == pytest.approx(math.sqrt(2) * (bound - point))
+    assert prediction_bound(point, bound, n, n / 4) - point == pytest.approx(math.sqrt(5) * (bound - point))
+    assert prediction_bound(point, bound, n, 100 * n) == pytest.approx(bound, rel=0.01) and \
+        prediction_bound(point, bound, n, 100 * n) > bound  # a long text is almost the mean
+    for mean in (0, None, math.inf):  # the confidence bound on the mean itself
+        assert prediction_bound(point, bound, n, mean) == bound
+    with pytest.raises(EdgeMoEError, match="positive"):
+        prediction_bound(point, bound, n, -1)
+
+
+def test_the_prediction_bound_covers_a_new_texts_increase():
+    """A new text of 500 tokens (10 documents) drawn like the held-out 2000 (40 documents): its mean
+    increase lies under the 90% prediction bound in about 90% of draws; the confidence bound on the
+    mean covers it only about 72% of the time (Phi(1.28 / sqrt(1 + 4)))."""
+    held, new = np.repeat(np.arange(40), 50), np.repeat(np.arange(10), 50)
+    by_pred = by_conf = 0
+    trials = 400
+    for seed in range(trials):
+        r = np.random.default_rng(1000 + seed)
+        d, text = sample(r, held), sample(r, new)
+        point, bound, _ = bound_increase(d, held, 0.9, resamples=400)
+        by_pred += text.mean() <= prediction_bound(point, bound, held.size, new.size)
+        by_conf += text.mean() <= bound
+    assert 0.85 <= by_pred / trials <= 0.95, by_pred
+    assert by_conf / trials < 0.8, by_conf

@@ -24,7 +24,8 @@ fallback=True. Per row:
   profile's storage emulated (--device).
 
 Writes eval_table.json and eval_table.md into --work (and prints the markdown; for the auto
-rows also their held-out calibration increase and its upper bound beside the test split's).
+rows also their held-out calibration increase, its upper confidence bound on the mean and the
+prediction bound for one text that --tolerance is held to, beside the test split's).
 """
 from __future__ import annotations
 
@@ -160,7 +161,9 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
         row["experts_per_bits"] = alloc["experts_per_bits"]
         c = alloc.get("calibration") or {}
         row["calibration_ppl_increase"] = c.get("ppl_increase")  # held-out calibration documents
-        row["calibration_ppl_increase_bound"] = c.get("ppl_increase_bound")
+        row["calibration_ppl_increase_bound"] = c.get("ppl_increase_bound")  # on the mean
+        row["calibration_ppl_increase_prediction_bound"] = c.get("ppl_increase_prediction_bound")  # what is accepted
+        row["calibration_promise_tokens"] = c.get("promise_tokens")
         row["calibration_confidence"] = c.get("confidence")
         row["calibration_held_out_tokens"] = c.get("held_out_tokens")
     say(f"{name}: test perplexity")
@@ -268,15 +271,22 @@ def markdown(rows: list[dict[str, Any]], args, ref_ppl: float) -> str:
 
 
 def auto_markdown(rows: list[dict[str, Any]], ref_ppl: float) -> str:
-    """The auto rows' verification: held-out calibration point estimate and bound beside the test split."""
-    lines = ["| setting | expert bytes | held-out calibration ppl | upper bound | test ppl |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    """The auto rows' verification: held-out calibration point estimate, its upper confidence bound
+    (on the mean) and prediction bound (for one text of promise_tokens; what --tolerance is held
+    to) beside the test split."""
+    lines = ["| setting | expert bytes | held-out calibration ppl | confidence bound (mean) | prediction bound "
+             "(accepted on) | test ppl |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.get("calibration_ppl_increase_bound") is None:
             continue
+        pred = r.get("calibration_ppl_increase_prediction_bound")
+        promise = r.get("calibration_promise_tokens")
+        pcell = (f"{100 * pred:+.2f}% ({f'{promise}-token text' if promise else 'the mean'})"
+                 if pred is not None else "")
         lines.append(f"| {r['setting']} | {100 * r['expert_ratio']:.1f}% | {100 * r['calibration_ppl_increase']:+.2f}% "
                      f"({r['calibration_held_out_tokens']} tokens) | {100 * r['calibration_ppl_increase_bound']:+.2f}% "
-                     f"({100 * r['calibration_confidence']:g}%) | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
+                     f"({100 * r['calibration_confidence']:g}%) | {pcell} | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
     return "\n".join(lines)
 
 
