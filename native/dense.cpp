@@ -43,7 +43,58 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // y += a * x over n values.
 inline void axpy(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  int64_t i = 0;
+#if defined(EDGEMOE_DENSE_AVX2)
+  const __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+#if defined(EDGEMOE_DENSE_AVX2)
+// e^x for 8 floats with x <= 0 (a softmax after subtracting the row max): x = k ln2 + r
+// with |r| <= ln2/2, e^r by its Taylor polynomial to r^6 (relative error < 3e-7 there),
+// 2^k through the exponent bits. Below -87 (e^x < 1.7e-38) it gives 0, as float exp
+// nearly does (denormals).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#endif
+
+// x[i] = e^(x[i] - mx) over n values (all x[i] <= mx); returns their sum.
+inline float exp_shifted_sum(float* x, int64_t n, float mx) {
+  int64_t i = 0;
+  float sum = 0;
+#if defined(EDGEMOE_DENSE_AVX2)
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  sum = _mm_cvtss_f32(h);
+#endif
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  return sum;
 }
 
 }  // namespace
@@ -81,39 +132,99 @@ void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const f
   }
 }
 
+#if defined(EDGEMOE_DENSE_AVX2)
+namespace {
+
+// p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 8 == 0): eight keys
+// at a time, their eight partial-sum vectors reduced together into one vector of scores.
+void scores_avx2(const float* q, const float* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
+  int64_t j = 0;
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (; j + 8 <= n; j += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 8) {
+      const __m256 qc = _mm256_loadu_ps(q + c);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (j + u) * kstride + c), acc[u]);
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(p + j, _mm256_mul_ps(sum, vs));
+  }
+  for (; j < n; ++j) p[j] = dot(q, k + j * kstride, hd) * scale;
+}
+
+// o = sum_j p[j] * v_j over n value rows v_j = v + j * vstride (hd floats, hd % 8 == 0), in
+// blocks of 64 columns held in registers across all j.
+void weighted_sum_avx2(const float* p, const float* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
+  for (int64_t c = 0; c < hd; c += 64) {
+    const int w = int(std::min<int64_t>(8, (hd - c) / 8));
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    if (w == 8) {
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* vj = v + j * vstride + c;
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* vj = v + j * vstride + c;
+        for (int u = 0; u < w; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+      }
+    }
+    for (int u = 0; u < w; ++u) _mm256_storeu_ps(o + c + 8 * u, acc[u]);
+  }
+}
+
+}  // namespace
+#endif
+
 void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
                int64_t kv_heads, int64_t start, int64_t window, float* out) {
   // q [T, heads, hd]; k, v [S, kv_heads, hd]; out [T, heads, hd]
   assert(heads % kv_heads == 0 && S == start + T);
   const int64_t rep = heads / kv_heads, kstride = kv_heads * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
-  auto one = [&](int64_t i, std::vector<float>& p) {  // i = t * heads + h
-    const int64_t t = i / heads, h = i % heads, kh = h / rep, pos = start + t;
-    const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, j1 = pos + 1;
-    const float* qi = q + i * hd;
-    p.resize(size_t(j1 - j0));
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = j0; j < j1; ++j) {
-      const float s = dot(qi, k + j * kstride + kh * hd, hd) * scale;
-      p[size_t(j - j0)] = s;
-      mx = std::max(mx, s);
+  // One task per (token, kv head): the `rep` query heads that share a kv head, one after
+  // another while that head's keys and values are in cache.
+  auto group = [&](int64_t i, std::vector<float>& p) {  // i = t * kv_heads + g
+    const int64_t t = i / kv_heads, g = i % kv_heads, pos = start + t;
+    const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - j0;
+    const float* kg = k + j0 * kstride + g * hd;
+    const float* vg = v + j0 * kstride + g * hd;
+    p.resize(size_t(n));
+    for (int64_t r = 0; r < rep; ++r) {
+      const int64_t h = g * rep + r;
+      const float* qi = q + (t * heads + h) * hd;
+      float* o = out + (t * heads + h) * hd;
+#if defined(EDGEMOE_DENSE_AVX2)
+      if (hd % 8 == 0) {
+        scores_avx2(qi, kg, kstride, n, hd, scale, p.data());
+        const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+        for (float& e : p) e *= inv;
+        weighted_sum_avx2(p.data(), vg, kstride, n, hd, o);
+        continue;
+      }
+#endif
+      for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot(qi, kg + j * kstride, hd) * scale;
+      const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t j = 0; j < n; ++j) axpy(p[size_t(j)] * inv, vg + j * kstride, o, hd);
     }
-    float sum = 0;
-    for (float& e : p) sum += (e = std::exp(e - mx));
-    float* o = out + i * hd;
-    std::fill(o, o + hd, 0.0f);
-    for (int64_t j = j0; j < j1; ++j) axpy(p[size_t(j - j0)] / sum, v + j * kstride + kh * hd, o, hd);
   };
-  const int64_t n = T * heads;
+  const int64_t tasks = T * kv_heads;
   // Worth waking the pool only for long contexts or prefill.
-  if (n * S * hd < (int64_t(1) << 18)) {
+  if (T * heads * S * hd < (int64_t(1) << 18) || tasks == 1) {
     std::vector<float> p;
-    for (int64_t i = 0; i < n; ++i) one(i, p);
+    for (int64_t i = 0; i < tasks; ++i) group(i, p);
     return;
   }
-  ThreadPool::instance().parallel_for(n, [&](int64_t i) {
+  ThreadPool::instance().parallel_for(tasks, [&](int64_t i) {
     std::vector<float> p;
-    one(i, p);
+    group(i, p);
   });
 }
 
