@@ -180,6 +180,44 @@ class SafetensorsFile:
                 yield np.frombuffer(buf, dtype=np.uint8)
 
 
+class TensorRows:
+    """Rows of a 2-D tensor read from its file when asked for: `rows[ids]` is like
+    `array[ids]` for a 1-D array of row indices. For an embedding table, of which a token
+    needs one row: the table stays on disk (its pages in the OS page cache, which the
+    kernel may reclaim) instead of in the process's memory. Thread-safe (positional reads)."""
+
+    def __init__(self, st: SafetensorsFile, name: str):
+        dtype, shape, _, _ = st._info[name]
+        if len(shape) != 2:
+            raise ValueError(f"{name} is {list(shape)}: rows are read from 2-D tensors only")
+        self.path, self.name, self.shape = st.path, name, shape
+        self.dtype = NP_DTYPES[dtype]
+        self.offset = st.byte_range(name)[0]
+        self.row_bytes = shape[1] * self.dtype.itemsize
+        self._fd = os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def __getitem__(self, ids) -> np.ndarray:
+        ids = np.asarray(ids).reshape(-1)
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"row ids must be in [0, {self.shape[0]}) for {self.name}")
+        out = np.empty((len(ids), self.shape[1]), self.dtype)
+        mv = memoryview(out.reshape(-1).view(np.uint8))
+        rb = self.row_bytes
+        for i, r in enumerate(ids.tolist()):
+            if os.preadv(self._fd, [mv[i * rb:(i + 1) * rb]], self.offset + r * rb) != rb:
+                raise CheckpointError(f"{self.path} ended early while reading row {r} of {self.name}: "
+                                      f"the file is truncated; convert or copy it again")
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
 def read_safetensors(path) -> dict[str, tuple[np.ndarray, str]]:
     """All tensors of a safetensors file as {name: (memmap view, dtype string)}.
 

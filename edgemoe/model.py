@@ -90,7 +90,8 @@ class Model:
                  prefetch: str | None = None, prefetch_ratio: float = 1.5, prefetch_min_prob: float = 0.0,
                  policy: str = "lru", io_threads: int = 2,
                  device: str | None = None, fallback: bool = False,
-                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD, preload: bool | None = None):
+                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD, preload: bool | None = None,
+                 embeddings: str = "file"):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -128,12 +129,20 @@ class Model:
         if fallback:
             self.set_fallback(fallback_threshold)
 
-        from .converters.safetensors_io import SafetensorsFile
+        from .converters.safetensors_io import SafetensorsFile, TensorRows
 
+        if embeddings not in ("file", "ram"):
+            raise ValueError(f"embeddings must be 'file' or 'ram', got {embeddings!r}")
         # plain reads into private arrays: an mmap would keep the file's pages resident as well
         backbone = SafetensorsFile(self.path / self.manifest["backbone"]["file"])
-        tensors = {name: (backbone.read(name), backbone.dtype(name)) for name in backbone.names()}
-        self.backbone_bytes = sum(a.nbytes for a, _ in tensors.values())
+        # The embedding table is read one row per token from the file (embeddings="file"),
+        # unless the output head shares it (tied embeddings): for Mixtral that is 262 MB of
+        # bf16 that a decode step reads 8 KB of.
+        lazy = {"tok_embeddings"} if embeddings == "file" and "output" in backbone else set()
+        tensors = {name: (TensorRows(backbone, name) if name in lazy else backbone.read(name), backbone.dtype(name))
+                   for name in backbone.names()}
+        self.backbone_bytes = sum(a.nbytes for n, (a, _) in tensors.items() if n not in lazy)
+        self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
         self.prefetcher = None  # predictive preloading (edgemoe/predict.py)
@@ -391,7 +400,8 @@ class Model:
             "top_k": ex["top_k"],
             "hidden_size": self.config.hidden_size,
             "vocab_size": self.config.vocab_size,
-            "backbone_bytes": self.backbone_bytes,
+            "backbone_bytes": self.backbone_bytes,  # held in RAM
+            "file_embedding_bytes": self.file_embedding_bytes,  # the embedding table, read by row from the file
             "expert_bytes": int(lengths.sum()),
             "bitwidths": {int(v): int(c) for v, c in zip(values, counts)},
             "min_memory_budget": self.min_budget,
@@ -415,6 +425,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     preload: queue every expert for the I/O threads at load, read behind the first tokens'
     compute (demand reads first). None (default): when the budget holds all experts (or is
     unbounded) and they fit in half the memory available now.
+    embeddings: "file" (default) reads a token's row of the embedding table from the backbone
+    file when it is needed, instead of holding the table in RAM (not when the output head
+    shares it); "ram" holds it.
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")

@@ -597,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
         emit(f"\n## {name}: GGUF {pair['gguf_type']} {pair['gguf'].stat().st_size / 1e6:.1f} MB "
              f"(limits are multiples of the Q4_0 file, {q4 / 1e6:.1f} MB); edgemoe {bits}-bit "
              f"(group {s['group_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, backbone "
-             f"{s['backbone_bits']}-bit) {(info['expert_bytes'] + info['backbone_bytes']) / 1e6:.1f} MB, "
+             f"{s['backbone_bits']}-bit) {(info['expert_bytes'] + info['backbone_bytes'] + info['file_embedding_bytes']) / 1e6:.1f} MB, "
              f"{combo(options)}, {args.threads} threads, prompt {len(prompt)} ids, {args.tokens} new tokens, "
              f"median of {args.repeat} runs (min-max)")
         bw = direct_read_bandwidth(pair["ours"], max_bytes=128 << 20)

@@ -1,0 +1,57 @@
+"""The embedding table stays in the backbone file and a token's row is read when it is
+needed (load(embeddings="file"), the default), unless the output head shares the table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgemoe
+from edgemoe.converters.convert import convert
+from edgemoe.converters.safetensors_io import SafetensorsFile
+from edgemoe.errors import EdgeMoEError
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("emb")
+    out = {}
+    for arch in ("mixtral", "qwen3_moe"):  # untied, tied
+        convert(tiny_checkpoint(arch), root / arch, bits=8, progress=False)
+        out[arch] = root / arch
+    return out
+
+
+def test_rows_from_the_file_give_the_same_logits_and_tokens(converted):
+    d = converted["mixtral"]
+    table = SafetensorsFile(d / "backbone.safetensors").nbytes("tok_embeddings")
+    on_file, in_ram = edgemoe.load(d), edgemoe.load(d, embeddings="ram")
+    assert on_file.info()["file_embedding_bytes"] == table > 0
+    assert in_ram.info()["file_embedding_bytes"] == 0
+    assert in_ram.backbone_bytes - on_file.backbone_bytes == table
+    assert on_file.memory_needed(64) == in_ram.memory_needed(64) - table
+    ids = [5, 17, 17, 3, 250, 0, 42]
+    np.testing.assert_array_equal(on_file.logits(ids), in_ram.logits(ids))
+    assert on_file.generate(ids, max_new_tokens=8) == in_ram.generate(ids, max_new_tokens=8)
+
+
+def test_tied_embeddings_stay_in_ram(converted):
+    m = edgemoe.load(converted["qwen3_moe"])
+    assert m.info()["file_embedding_bytes"] == 0
+
+
+def test_a_backbone_truncated_after_load_is_named(converted, tmp_path):
+    import shutil
+
+    d = tmp_path / "model"
+    shutil.copytree(converted["mixtral"], d)
+    m = edgemoe.load(d)
+    begin, _ = SafetensorsFile(d / "backbone.safetensors").byte_range("tok_embeddings")
+    with open(d / "backbone.safetensors", "r+b") as f:
+        f.truncate(begin + 10)
+    with pytest.raises(EdgeMoEError, match="truncated"):
+        m.logits([1, 2, 3])
+
+
+def test_unknown_embeddings_mode_is_refused(converted):
+    with pytest.raises(ValueError, match="'file' or 'ram'"):
+        edgemoe.load(converted["mixtral"], embeddings="mmap")
