@@ -8,8 +8,9 @@
 // Every path streams each weight byte once per call; the group `min` term uses
 // per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g), where
 // kind 4 (symmetric) has min_g = -2^(bits-1)*scale_g, read from the scales again.
-//   - decode (T=1, memory-bound): AVX2 rounds x to int16 per 32 values and
-//     dots widened codes with vpmaddwd, two rows per pass, prefetching ahead;
+//   - decode (T=1): AVX2 rounds x per 32 values, to int8 for 4-bit codes (dotted
+//     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
+//     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
 //   - prefill (T >= 12, AVX2): 3 rows at a time are dequantized to an f32 tile
 //     and a 3x4 register-blocked FMA kernel runs every token over it.
@@ -51,6 +52,16 @@ constexpr uint32_t kChunk = 32;  // codes are packed per 32 values of a row
 constexpr uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
 
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
+
+// xsum[g] = sum of x over group g (cols / gs groups), summed in order.
+void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum) {
+  for (uint32_t g = 0; g < cols / gs; ++g) {
+    const float* xg = x + uint64_t(g) * gs;
+    float s = 0;
+    for (uint32_t j = 0; j < gs; ++j) s += xg[j];
+    xsum[g] = s;
+  }
+}
 
 }  // namespace
 
@@ -471,10 +482,102 @@ inline __m256i chunk_dot16(const uint8_t* p, __m256i xa, __m256i xb) {
   }
 }
 
-// RR rows at a time share the x16 loads; two FMA chains per row. CPG (chunks
+// ---- decode with int8 activations for 4-bit codes (as llama.cpp's Q4_0 x Q8_0):
+// x rounded per block of 32 to int8 (error <= max|x_block| / 254), so a chunk's dot
+// product is one vpmaddubsw (u8 codes x s8 x, pairs summed to s16: 15*127*2 fits)
+// and one vpmaddwd, half the multiplies and x loads of the int16 path.
+
+// x [cols] -> x8 [cols], dx [cols/32] with x ~= x8 * dx per block, and xsum
+// [cols/gs] the group sums of that rounded x (sum_b dx[b] * sum x8_b): the min term
+// then uses the same x as the codes' dot, so y = W . x8*dx exactly up to float sums
+// (with the float x's sums, kind 4's -8*scale min would add scale * sum (x8*dx - x) * 8).
+void quantize_x8(const float* x, uint32_t cols, uint32_t gs, int8_t* x8, float* dx, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const uint32_t bpg = gs / kChunk;
+  for (uint32_t g = 0; g < cols / gs; ++g) {
+    float s = 0;
+    for (uint32_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      const float* xb = x + b * kChunk;
+      __m256 mx = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
+      const float amax = hmax(mx);
+      dx[b] = amax / 127.0f;
+      const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+      __m256i q[4];
+      for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), inv));
+      // packs work per 128-bit lane: dwords come out as q0lo q1lo q2lo q3lo q0hi ..., reorder them
+      const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8 + b * kChunk), _mm256_permutevar8x32_epi32(p, order));
+      const __m256i qs = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      s += dx[b] * float(hsum(_mm256_cvtepi32_ps(qs)));  // |sum| <= 32*127: exact in f32
+    }
+    xsum[g] = s;
+  }
+}
+
+// 32 4-bit codes (a chunk: v[j] low nibble, v[j+16] high nibble of byte j) times x8 -> 8 int32 sums.
+inline __m256i chunk_dot8_q4(const uint8_t* p, __m256i x) {
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // the upper lane shifted by 4 bits: a byte then holds its own high nibble in its low 4 bits
+  const __m256i v = _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1));
+}
+
+// One token's x as the decode kernels read it: int8 (x8) for 4-bit codes, int16 (x16)
+// for the others, with the per-32 factors dx and group sums xsum that go with it.
+struct DecodeX {
+  const int16_t* x16;
+  const int8_t* x8;
+  const float* dx;    // [cols/32]
+  const float* xsum;  // [cols/gs]
+};
+
+// A block of 32 activations loaded once for the RR rows that use it.
+template <int BITS>
+struct XBlock {
+  __m256i a, b;
+  XBlock(const DecodeX& x, uint32_t blk) {
+    if constexpr (BITS == 4) {
+      a = b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x8 + blk * kChunk));
+    } else {
+      a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x16 + blk * kChunk));
+      b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x16 + blk * kChunk + 16));
+    }
+  }
+  __m256i dot(const uint8_t* p) const {
+    if constexpr (BITS == 4) return chunk_dot8_q4(p, a);
+    else return chunk_dot16<BITS>(p, a, b);
+  }
+};
+
+// x rounded for every bitwidth among the matrices it meets (4-bit: int8; else int16).
+struct DecodeInput {
+  std::vector<int16_t> x16;
+  std::vector<int8_t> x8;
+  std::vector<float> dx16, dx8, xsum16, xsum8;
+  DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8) {
+    if (need16) {
+      x16.resize(cols), dx16.resize(cols / kChunk), xsum16.resize(cols / gs);
+      quantize_x16(x, cols, x16.data(), dx16.data());
+      group_sums(x, cols, gs, xsum16.data());
+    }
+    if (need8) {
+      x8.resize(cols), dx8.resize(cols / kChunk), xsum8.resize(cols / gs);
+      quantize_x8(x, cols, gs, x8.data(), dx8.data(), xsum8.data());
+    }
+  }
+  DecodeX for_bits(uint32_t bits) const {
+    if (bits == 4) return {nullptr, x8.data(), dx8.data(), xsum8.data()};
+    return {x16.data(), nullptr, dx16.data(), xsum16.data()};
+  }
+};
+
+// RR rows at a time share the x loads; two FMA chains per row. CPG (chunks
 // per group) is a template argument so the chains stay in registers.
 template <int BITS, int RR, uint32_t CPG>
-void qmatvec16_rows(const QMatrix& w, uint32_t r, const int16_t* x16, const float* dx, const float* xsum, float* y) {
+void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  const float* dx = x.dx;
   constexpr uint32_t cpg = CPG;
   const uint32_t ng = w.cols / (CPG * kChunk);
   const uint8_t* codes[RR];
@@ -493,11 +596,10 @@ void qmatvec16_rows(const QMatrix& w, uint32_t r, const int16_t* x16, const floa
     }
     for (uint32_t c = 0; c < cpg; ++c) {
       const uint32_t b = g * cpg + c;
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk));
-      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk + 16));
+      const XBlock<BITS> xv(x, b);
       const __m256 dv = _mm256_broadcast_ss(dx + b);
       for (int i = 0; i < RR; ++i) {
-        const __m256i p = chunk_dot16<BITS>(codes[i], xa, xb);
+        const __m256i p = xv.dot(codes[i]);
         codes[i] += chunk_bytes(BITS);
         d[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, d[i][c & 1]);
       }
@@ -508,7 +610,7 @@ void qmatvec16_rows(const QMatrix& w, uint32_t r, const int16_t* x16, const floa
     }
   }
   for (int i = 0; i < RR; ++i)
-    y[r + uint32_t(i)] = hsum(acc[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+    y[r + uint32_t(i)] = hsum(acc[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
 }
 
 // The scale of each of the 8 chunks b..b+7 of a row (b a multiple of 8) whose f16
@@ -527,11 +629,12 @@ inline __m256 chunk_scales8(const uint8_t* sc, uint32_t b) {
   }
 }
 
-// As qmatvec16_rows, for small groups: per 8 chunks, each row's multipliers
+// As qmatvec_rows, for small groups: per 8 chunks, each row's multipliers
 // dx[b] * scale(b) come from one vector multiply and are read back as broadcasts
 // (load ports), instead of a scalar f16 scale load and convert per group.
 template <int BITS, int RR, uint32_t CPG>
-void qmatvec16_rows_m(const QMatrix& w, uint32_t r, const int16_t* x16, const float* dx, const float* xsum, float* y) {
+void qmatvec_rows_m(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  const float* dx = x.dx;
   const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
   constexpr uint32_t cb = chunk_bytes(BITS);
   const uint8_t* codes[RR];
@@ -556,20 +659,18 @@ void qmatvec16_rows_m(const QMatrix& w, uint32_t r, const int16_t* x16, const fl
         _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes + o, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
-      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + (b + uint32_t(c)) * kChunk));
-      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + (b + uint32_t(c)) * kChunk + 16));
+      const XBlock<BITS> xv(x, b + uint32_t(c));
       for (int i = 0; i < RR; ++i) {
-        const __m256i p = chunk_dot16<BITS>(codes[i], xa, xb);
+        const __m256i p = xv.dot(codes[i]);
         codes[i] += cb;
         acc[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&m[cur][i][c]), acc[i][c & 1]);
       }
     }
   }
   for (; b < nb; ++b) {  // the last < 8 chunks of a row
-    const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk));
-    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + b * kChunk + 16));
+    const XBlock<BITS> xv(x, b);
     for (int i = 0; i < RR; ++i) {
-      const __m256i p = chunk_dot16<BITS>(codes[i], xa, xb);
+      const __m256i p = xv.dot(codes[i]);
       codes[i] += cb;
       const float mult = dx[b] * f16_to_f32(load_u16(sc[i] + 2 * (b / CPG)));
       acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(mult), acc[i][0]);
@@ -578,39 +679,38 @@ void qmatvec16_rows_m(const QMatrix& w, uint32_t r, const int16_t* x16, const fl
   for (int i = 0; i < RR; ++i)
     y[r + uint32_t(i)] =
         hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
-        w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+        w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
 }
 
 template <int BITS, uint32_t CPG>
-void qmatvec16_t(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
-                 float* y) {
+void qmatvec_t(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
   uint32_t r = r0;
   if constexpr (CPG == 1) {  // groups of 32: 24.5 vs 18.9 GMAC/s on one Zen 3 core (g64: no gain)
-    for (; r + 2 <= r1; r += 2) qmatvec16_rows_m<BITS, 2, CPG>(w, r, x16, dx, xsum, y);
-    if (r < r1) qmatvec16_rows_m<BITS, 1, CPG>(w, r, x16, dx, xsum, y);
+    for (; r + 2 <= r1; r += 2) qmatvec_rows_m<BITS, 2, CPG>(w, r, x, y);
+    if (r < r1) qmatvec_rows_m<BITS, 1, CPG>(w, r, x, y);
     return;
   }
-  for (; r + 2 <= r1; r += 2) qmatvec16_rows<BITS, 2, CPG>(w, r, x16, dx, xsum, y);
-  if (r < r1) qmatvec16_rows<BITS, 1, CPG>(w, r, x16, dx, xsum, y);
+  for (; r + 2 <= r1; r += 2) qmatvec_rows<BITS, 2, CPG>(w, r, x, y);
+  if (r < r1) qmatvec_rows<BITS, 1, CPG>(w, r, x, y);
 }
 
 template <int BITS>
-void qmatvec16_b(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
-                 float* y) {
+void qmatvec_b(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
   switch (w.group_size) {
-    case 32: return qmatvec16_t<BITS, 1>(w, r0, r1, x16, dx, xsum, y);
-    case 64: return qmatvec16_t<BITS, 2>(w, r0, r1, x16, dx, xsum, y);
-    default: return qmatvec16_t<BITS, 4>(w, r0, r1, x16, dx, xsum, y);
+    case 32: return qmatvec_t<BITS, 1>(w, r0, r1, x, y);
+    case 64: return qmatvec_t<BITS, 2>(w, r0, r1, x, y);
+    default: return qmatvec_t<BITS, 4>(w, r0, r1, x, y);
   }
 }
 
-void qmatvec16(const QMatrix& w, uint32_t r0, uint32_t r1, const int16_t* x16, const float* dx, const float* xsum,
-               float* y) {
+// Rows [r0, r1) of y = W x for one token, x as in.for_bits(w.bits).
+void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  const DecodeX x = in.for_bits(w.bits);
   switch (w.bits) {
-    case 2: return qmatvec16_b<2>(w, r0, r1, x16, dx, xsum, y);
-    case 3: return qmatvec16_b<3>(w, r0, r1, x16, dx, xsum, y);
-    case 4: return qmatvec16_b<4>(w, r0, r1, x16, dx, xsum, y);
-    default: return qmatvec16_b<8>(w, r0, r1, x16, dx, xsum, y);
+    case 2: return qmatvec_b<2>(w, r0, r1, x, y);
+    case 3: return qmatvec_b<3>(w, r0, r1, x, y);
+    case 4: return qmatvec_b<4>(w, r0, r1, x, y);
+    default: return qmatvec_b<8>(w, r0, r1, x, y);
   }
 }
 
@@ -740,16 +840,6 @@ void run_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x,
 #endif
 }
 
-// xsum[g] = sum of x over group g (cols / gs groups), summed in order.
-void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum) {
-  for (uint32_t g = 0; g < cols / gs; ++g) {
-    const float* xg = x + uint64_t(g) * gs;
-    float s = 0;
-    for (uint32_t j = 0; j < gs; ++j) s += xg[j];
-    xsum[g] = s;
-  }
-}
-
 // How many blocks of rows a matmul over `rows` rows and `work` multiply-adds is cut into.
 int64_t decode_tasks(uint32_t rows, uint64_t work) {
   const int threads = ThreadPool::instance().num_threads();
@@ -772,6 +862,19 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const bool quant = w.quantized();
   const uint32_t ng = quant ? cols / w.group_size : 0;
 
+#if defined(EDGEMOE_AVX2)
+  if (T == 1 && quant) {
+    const DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
+    const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols);
+    const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
+    ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
+      const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
+      qmatvec(w, r0, r1, in, y);
+    });
+    return;
+  }
+#endif
+
   // Per-group sums of x for the min term: xsum [T, ng] (not needed by the tile path).
 #if defined(EDGEMOE_AVX2)
   const bool need_xsum = quant && T < kGemmMinTokens;
@@ -787,16 +890,6 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
 
 #if defined(EDGEMOE_AVX2)
-  if (T == 1 && quant) {
-    std::vector<int16_t> x16(cols);
-    std::vector<float> dx(cols / kChunk);
-    quantize_x16(x, cols, x16.data(), dx.data());
-    ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
-      const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
-      qmatvec16(w, r0, r1, x16.data(), dx.data(), xsum.data(), y);
-    });
-    return;
-  }
   if (T >= kGemmMinTokens) {
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
@@ -828,13 +921,13 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
   for (size_t i = 0; i < n && shared; ++i)
     shared = ws[i].quantized() && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
   if (shared) {
-    // One token through matrices that read the same x: round x to int16 and sum its
-    // groups once, then every matrix's row blocks in one parallel_for.
+    // One token through matrices that read the same x: round x (int8 for 4-bit
+    // codes, int16 for the others) and sum its groups once, then every matrix's
+    // row blocks in one parallel_for.
     const uint32_t cols = ws[0].cols, gs = ws[0].group_size;
-    std::vector<int16_t> x16(cols);
-    std::vector<float> dx(cols / kChunk), xsum(cols / gs);
-    quantize_x16(x, cols, x16.data(), dx.data());
-    group_sums(x, cols, gs, xsum.data());
+    bool need16 = false, need8 = false;
+    for (size_t i = 0; i < n; ++i) (ws[i].bits == 4 ? need8 : need16) = true;
+    const DecodeInput in(x, cols, gs, need16, need8);
     std::vector<int64_t> first(n + 1, 0);  // task index where matrix i starts
     std::vector<uint32_t> block(n);
     for (size_t i = 0; i < n; ++i) {
@@ -845,7 +938,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     ThreadPool::instance().parallel_for(first[n], [&](int64_t ti) {
       const size_t i = size_t(std::upper_bound(first.begin(), first.end(), ti) - first.begin()) - 1;
       const uint32_t r0 = uint32_t(ti - first[i]) * block[i], r1 = std::min(ws[i].rows, r0 + block[i]);
-      qmatvec16(ws[i], r0, r1, x16.data(), dx.data(), xsum.data(), ys[i]);
+      qmatvec(ws[i], r0, r1, in, ys[i]);
     });
     return;
   }
@@ -912,19 +1005,18 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   const uint32_t I = e.intermediate();
 #if defined(EDGEMOE_AVX2)
   if (T == 1 && e.gate.quantized() && e.up.quantized() && e.gate.group_size == e.up.group_size) {
-    // Decode: gate and up in one pass over the pool (x rounded to int16 once), each
-    // task finishing its rows' silu(g) * u; the same numbers as two matmul calls.
-    const uint32_t H = e.hidden(), gs = e.gate.group_size, ng = H / gs;
-    std::vector<int16_t> x16(H);
-    std::vector<float> dx(H / kChunk), xsum(ng), h(I), u(I);
-    quantize_x16(x, H, x16.data(), dx.data());
-    group_sums(x, H, gs, xsum.data());
+    // Decode: gate and up in one pass over the pool (x rounded once), each task
+    // finishing its rows' silu(g) * u; the same numbers as two matmul calls.
+    const uint32_t H = e.hidden(), gs = e.gate.group_size;
+    const bool four = e.gate.bits == 4 || e.up.bits == 4, other = e.gate.bits != 4 || e.up.bits != 4;
+    const DecodeInput in(x, H, gs, other, four);
+    std::vector<float> h(I), u(I);
     const int64_t tasks = decode_tasks(I, uint64_t(2) * I * H);
     const uint32_t row_block = uint32_t((I + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
-      qmatvec16(e.gate, r0, r1, x16.data(), dx.data(), xsum.data(), h.data());
-      qmatvec16(e.up, r0, r1, x16.data(), dx.data(), xsum.data(), u.data());
+      qmatvec(e.gate, r0, r1, in, h.data());
+      qmatvec(e.up, r0, r1, in, u.data());
       for (uint32_t r = r0; r < r1; ++r) h[r] = h[r] / (1.0f + std::exp(-h[r])) * u[r];
     });
     matmul(e.down, h.data(), 1, y);

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edgemoe
-from edgemoe import quant
+from edgemoe import _core, quant
 from edgemoe import allocate
 from edgemoe.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, convert_auto,
                               estimate_loss, held_out, parse_fraction, parse_tokens, prediction_bound)
@@ -87,7 +87,10 @@ def test_dequantized_reference_is_matched(converted, tiny_checkpoint, arch, bits
     ref = dequantized_reference(src, model)
     ids = prompt_ids(ref.config.vocab_size)
     got, want = model.logits(ids), reference_logits(ref, ids)
-    assert np.abs(got - want).max() < 2e-3, f"max |diff| {np.abs(got - want).max():.2e}"
+    # experts routed one token run the decode kernels, which round x to int8 for 4-bit codes
+    # (mixed has some; ~2e-3 of the largest logit) and to int16 otherwise
+    tol = 2e-2 if bits == "mixed" and _core.simd() != "portable" else 2e-3
+    assert np.abs(got - want).max() < tol, f"max |diff| {np.abs(got - want).max():.2e}"
 
 
 def test_mixed_manifest_records_each_bitwidth(converted):

@@ -20,8 +20,24 @@ def matmul_err(y, x, w):
 
 
 def uses_x16(bits, T):
-    """The AVX2 decode (one token) rounds x to int16 per 32 values (kernels.cpp)."""
+    """The AVX2 decode (one token) rounds x per 32 values (kernels.cpp): to int16, or int8 (uses_x8)."""
     return T == 1 and _core.simd() != "portable"
+
+
+def uses_x8(bits, T):
+    """4-bit codes meet x rounded to int8 (vpmaddubsw) in that decode."""
+    return uses_x16(bits, T) and bits == 4
+
+
+def round_x(x, levels):
+    """x rounded per block of 32 to integers in [-levels, levels] times the block's dx, as
+    quantize_x16 (levels 32767) and quantize_x8 (127) do it in float32; float64 result."""
+    xb = x.reshape(-1, x.shape[-1] // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    dx = amax / np.float32(levels)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(levels) / amax, np.float32(0)).astype(np.float32)
+    return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
 
 
 def group_mins(buf):
@@ -36,18 +52,14 @@ def group_mins(buf):
 
 
 def x16_matmul_reference(x, buf):
-    """What that kernel computes: (s*q) . x16*dx + min . x, in float64."""
+    """What that kernel computes, in float64: (s*q) . x16*dx + min . x for int16, and
+    w . x8*dx for int8 (its group sums, min term included, come from the rounded x)."""
     h = q.matrix_header(buf)
-    rows, cols, gs = h["rows"], h["cols"], h["group_size"]
-    xb = x.reshape(-1, cols // 32, 32).astype(np.float32)
-    amax = np.abs(xb).max(axis=-1, keepdims=True)
-    dx = amax / np.float32(32767)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(32767) / amax, np.float32(0)).astype(np.float32)
-    xq = (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape)
-    mins = np.repeat(group_mins(buf), gs, axis=1)
     deq = q.dequantize_matrix(buf).astype(np.float64)
-    return xq @ (deq - mins).T + x.astype(np.float64) @ mins.T
+    if uses_x8(h["bits"], 1):
+        return round_x(x, 127) @ deq.T
+    mins = np.repeat(group_mins(buf), h["group_size"], axis=1)
+    return round_x(x, 32767) @ (deq - mins).T + x.astype(np.float64) @ mins.T
 
 
 # (symmetric, kind): asymmetric kind 3, symmetric kind 4, and format 1's symmetric kind 3
@@ -73,20 +85,22 @@ def test_quantized_matmul_matches_reference(bits, group_size, symmetric, kind):
                 ref = x16_matmul_reference(x, buf)
                 scale = np.abs(x) @ np.abs(deq).T
                 assert (np.abs(y - ref) / scale).max() < 1e-6, (rows, cols, T)
-                assert matmul_err(y, x, deq) < 1e-4, (rows, cols, T)
+                # int8: error <= max|x_block| / 254 per value; int16: / 65534
+                assert matmul_err(y, x, deq) < (1e-2 if uses_x8(bits, T) else 1e-4), (rows, cols, T)
             else:
                 assert matmul_err(y, x, deq) < 1e-6, (rows, cols, T)
 
 
 @pytest.mark.parametrize("bits", q.QBITS)
 def test_x16_decode_error_stays_small_with_outliers(bits):
-    """Rounding x to int16 per 32 values costs ~2^-16 of a block's max, even with outliers."""
+    """Rounding x to int16 per 32 values costs ~2^-16 of a block's max, even with outliers;
+    int8 (4-bit codes) ~2^-8, as llama.cpp's Q8_0 activations."""
     rng = np.random.default_rng(bits)
     buf = q.quantize_matrix(rng.standard_normal((64, 1024)).astype(np.float32), bits, 64, False)
     deq = q.dequantize_matrix(buf)
     x = rng.standard_normal((1, 1024)).astype(np.float32)
     x[0, rng.integers(0, 1024, 8)] *= 50
-    assert matmul_err(_core.qmatrix_matmul(x, buf), x, deq) < 1e-4
+    assert matmul_err(_core.qmatrix_matmul(x, buf), x, deq) < (1e-2 if uses_x8(bits, 1) else 1e-4)
 
 
 @pytest.mark.parametrize("bits", q.QBITS)
@@ -97,7 +111,7 @@ def test_matmul_at_an_offset_and_1d_x(bits):
     x = RNG.standard_normal(64).astype(np.float32)
     y = _core.qmatrix_matmul(x, padded, 64)
     assert y.shape == (19,)
-    assert matmul_err(y[None], x[None], q.dequantize_matrix(buf)) < 1e-4
+    assert matmul_err(y[None], x[None], q.dequantize_matrix(buf)) < (1e-2 if uses_x8(bits, 1) else 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16"])
@@ -222,9 +236,19 @@ def test_expert_forward_matches_reference(bits, kind, sym):
     assert blob.size == info["offsets"][2] + info["sizes"][2]  # exact length
     for T in (1, 3, 6, 16):
         x = RNG.standard_normal((T, 64)).astype(np.float32)
+        y = _core.expert_forward(x, blob)
+        if uses_x8(bits, T):
+            # x and h rounded to int8 as the kernel does: ~2% of the largest output against
+            # the float reference, ~5e-7 against this one
+            gate, up, down = (m.astype(np.float64) for m in q.expert_matrices(blob))
+            xr = round_x(x, 127)
+            h = (q.silu(xr @ gate.T) * (xr @ up.T)).astype(np.float32)
+            assert rel_err(y, round_x(h, 127) @ down.T) < 1e-5, T
+            assert rel_err(y, q.expert_forward_reference(x, blob)) < 3e-2, T
+            continue
         # one token on AVX2 rounds x and h to int16 (uses_x16): ~2e-4 of the largest output at worst
         tol = 1e-3 if uses_x16(bits, T) else 1e-4
-        assert rel_err(_core.expert_forward(x, blob), q.expert_forward_reference(x, blob)) < tol, T
+        assert rel_err(y, q.expert_forward_reference(x, blob)) < tol, T
 
 
 @pytest.mark.parametrize("bits", [4, 8])
