@@ -427,18 +427,23 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
 // far below the weights' own quantization error), so a chunk's dot product is
 // two vpmaddwd on widened codes instead of eight int->float conversions.
 
+// One block of 32 values rounded to integers of magnitude <= qmax, nearest: q[0..3] (8 int32
+// each, in order); returns the step dx (x ~= q * dx).
+inline float round_block(const float* xb, float qmax, __m256i q[4]) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
+  const float amax = hmax(mx);
+  const __m256 inv = _mm256_set1_ps(amax > 0 ? qmax / amax : 0.0f);
+  for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), inv));
+  return amax / qmax;
+}
+
 // x [cols] -> x16 [cols], dx [cols/32] with x ~= x16 * dx per block.
 void quantize_x16(const float* x, uint32_t cols, int16_t* x16, float* dx) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   for (uint32_t b = 0; b < cols / kChunk; ++b) {
-    const float* xb = x + b * kChunk;
-    __m256 mx = _mm256_setzero_ps();
-    for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
-    const float amax = hmax(mx);
-    dx[b] = amax / 32767.0f;
-    const __m256 inv = _mm256_set1_ps(amax > 0 ? 32767.0f / amax : 0.0f);
     __m256i q[4];
-    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), inv));
+    dx[b] = round_block(x + b * kChunk, 32767.0f, q);
     // packs interleaves 128-bit lanes: restore order with a 64-bit permute
     const __m256i lo = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
     const __m256i hi = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8);
@@ -492,20 +497,13 @@ inline __m256i chunk_dot16(const uint8_t* p, __m256i xa, __m256i xb) {
 // then uses the same x as the codes' dot, so y = W . x8*dx exactly up to float sums
 // (with the float x's sums, kind 4's -8*scale min would add scale * sum (x8*dx - x) * 8).
 void quantize_x8(const float* x, uint32_t cols, uint32_t gs, int8_t* x8, float* dx, float* xsum) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const uint32_t bpg = gs / kChunk;
   for (uint32_t g = 0; g < cols / gs; ++g) {
     float s = 0;
     for (uint32_t b = g * bpg; b < (g + 1) * bpg; ++b) {
-      const float* xb = x + b * kChunk;
-      __m256 mx = _mm256_setzero_ps();
-      for (int k = 0; k < 4; ++k) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + 8 * k)));
-      const float amax = hmax(mx);
-      dx[b] = amax / 127.0f;
-      const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
       __m256i q[4];
-      for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + 8 * k), inv));
+      dx[b] = round_block(x + b * kChunk, 127.0f, q);
       // packs work per 128-bit lane: dwords come out as q0lo q1lo q2lo q3lo q0hi ..., reorder them
       const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8 + b * kChunk), _mm256_permutevar8x32_epi32(p, order));
