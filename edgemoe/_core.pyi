@@ -36,14 +36,14 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
     """y[T, rows] = x[T, cols] @ W.T for a QMatrix stored in buf at offset (any kind).
 
     Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a
-    group-quantized matrix rounds x to int16 per 32 values first (error <= 2^-16
-    of each block's max |x|, well below the weights' quantization error); every
-    other case uses x as given.
+    group-quantized matrix rounds x per 32 values first: to int8 for 4-bit codes
+    (error <= 1/254 of each block's max |x|, as llama.cpp's Q8_0 activations), to
+    int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.
     """
 
 def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.uint8]]) -> list[npt.NDArray[np.float32]]:
     """[x @ W.T for W in bufs] for QMatrix buffers of the same cols (a layer's q, k, v) in one call:
-    one token's x is rounded to int16 once and one pass over the threads covers every matrix.
+    one token's x is rounded once per width its matrices need and one pass over the threads covers every matrix.
     The same numbers as qmatrix_matmul on each."""
 
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:

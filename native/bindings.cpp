@@ -179,8 +179,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("x"), py::arg("buf"), py::arg("offset") = 0,
       "y[T, rows] = x[T, cols] @ W.T for the QMatrix (any kind) stored in buf at offset.\n\n"
       "Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a group-quantized\n"
-      "matrix rounds x to int16 per 32 values first (error <= 2^-16 of each block's max |x|); every\n"
-      "other case uses x as given.");
+      "matrix rounds x per 32 values first: to int8 for 4-bit codes (error <= 1/254 of each block's\n"
+      "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.");
 
   m.def(
       "qmatrix_matmul_many",
@@ -208,7 +208,7 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("x"), py::arg("bufs"),
       "[x @ W.T for W in bufs]: several QMatrix buffers (offset 0) of the same cols applied to\n"
-      "one x (a layer's q, k and v) in one call; for one token x is rounded to int16 once and\n"
+      "one x (a layer's q, k and v) in one call; for one token x is rounded once per width and\n"
       "one pass over the threads covers every matrix. The same numbers as qmatrix_matmul each.");
 
   m.def(
