@@ -172,8 +172,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import edgemoe
 
     from .model import peak_rss_bytes
+    from .peers import proc_read_bytes
 
-    io_before = _read_bytes()
+    io_before = proc_read_bytes()
     t0 = time.perf_counter()
     m = edgemoe.load(spec["model"], memory_budget=spec["budget"] or None, device=spec.get("device"),
                      **spec.get("options", {}))
@@ -201,7 +202,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "decode_seconds_per_token": decode_s / decoded if decoded else 0.0,
         "tokens": n,
         "peak_rss_bytes": peak_rss_bytes(),
-        "storage_read_bytes": _read_bytes() - io_before,
+        "storage_read_bytes": proc_read_bytes() - io_before,
         "expert_bytes_read": s["bytes_read"],
         "decode_bytes_per_token": (s["bytes_read"] - at_first["bytes_read"]) / decoded if decoded else 0.0,
         "decode_demand_bytes_per_token": (s["demand_bytes"] - at_first["demand_bytes"]) / decoded if decoded else 0.0,
@@ -211,15 +212,6 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "options": spec.get("options", {}),
         "stats": s,
     }
-
-
-def _read_bytes() -> int:
-    """Bytes this process has read from storage so far (the kernel's own count)."""
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
 
 
 # -- the disk ---------------------------------------------------------------------

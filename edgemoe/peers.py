@@ -434,7 +434,10 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
 
 
 # -- one measured run (in its own process) --------------------------------------------
-def _proc_read_bytes() -> int:
+# Standard library only: a llama.cpp worker runs this file as a script without importing
+# edgemoe (run_limited), so these two /proc readers live here; bench.py uses them too.
+def proc_read_bytes() -> int:
+    """Bytes this process has read from storage so far (the kernel's own count)."""
     with open("/proc/self/io") as f:
         for line in f:
             if line.startswith("read_bytes:"):
@@ -461,7 +464,7 @@ def _timed(tokens: Any) -> dict[str, float]:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    read0 = _proc_read_bytes()
+    read0 = proc_read_bytes()
     t0 = time.perf_counter()
     n = spec["new_tokens"]
     if spec["engine"] == "llama.cpp":
@@ -484,7 +487,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         out = _timed(m.generate(spec["prompt"], max_new_tokens=n, seed=spec["seed"], stream=True, **SAMPLING))
         s = m.stats()
         out.update(cache_hit_rate=s["cache_hit_rate"], expert_bytes_read=s["bytes_read"])
-    return dict(out, load_seconds=load_s, read_bytes=_proc_read_bytes() - read0, peak_rss_bytes=_peak_rss())
+    return dict(out, load_seconds=load_s, read_bytes=proc_read_bytes() - read0, peak_rss_bytes=_peak_rss())
 
 
 def run_in_cgroup(cmd: Sequence[str], files: Sequence[Path], limit: int | None, read_bps: int | None,
@@ -554,7 +557,7 @@ def blkio_check(path: Path) -> tuple[bool, str]:
 
 def run(args: argparse.Namespace) -> int:
     """`edgemoe bench --peers ...`: the sweep, its table, JSON and plot."""
-    from .bench import direct_read_bandwidth, mode_options
+    from .bench import combo_name, direct_read_bandwidth, mode_options
     from .default import cache_root
     from .devices import load_profile
     from .model import load
@@ -598,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
              f"(limits are multiples of the Q4_0 file, {q4 / 1e6:.1f} MB); edgemoe {bits}-bit "
              f"(group {s['group_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, backbone "
              f"{s['backbone_bits']}-bit) {(info['expert_bytes'] + info['backbone_bytes'] + info['file_embedding_bytes']) / 1e6:.1f} MB, "
-             f"{combo(options)}, {args.threads} threads, prompt {len(prompt)} ids, {args.tokens} new tokens, "
+             f"{combo_name(options)}, {args.threads} threads, prompt {len(prompt)} ids, {args.tokens} new tokens, "
              f"median of {args.repeat} runs (min-max)")
         bw = direct_read_bandwidth(pair["ours"], max_bytes=128 << 20)
         emit(f"local disk: {bw['expert_reads_bytes_per_s'] / 1e6:.0f} MB/s O_DIRECT reads of expert blobs "
@@ -629,7 +632,7 @@ def run(args: argparse.Namespace) -> int:
                         files = [pair["ours"]]
                         budget = edgemoe_budget(limit, others, min_budget)
                         spec = {"engine": engine, "model": str(pair["ours"]), "budget": budget, "options": options}
-                        cell["weights"] = f"{bits}-bit g{s['group_size']}, {combo(options)}" + (
+                        cell["weights"] = f"{bits}-bit g{s['group_size']}, {combo_name(options)}" + (
                             f", budget {budget / 1e6:.0f} MB" if budget else ", all experts" if budget is None else "")
                         cell["expert_budget_bytes"] = budget
                         cell["options"] = options
@@ -656,10 +659,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         plot(cells, args.plot)
     return 0
-
-
-def combo(o: dict[str, Any]) -> str:
-    return f"{o.get('policy')}+{o.get('prefetch') or 'none'}"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
