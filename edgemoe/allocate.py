@@ -506,9 +506,6 @@ def format_allocation(manifest: dict[str, Any]) -> str:
             line += (f" ({c['held_out_tokens']} tokens; {100 * c['confidence']:g}% upper bound "
                      f"{100 * c['ppl_increase_bound']:+.2f}% on the mean, "
                      f"{100 * c['ppl_increase_prediction_bound']:+.2f}% {promised(c['promise_tokens'])})")
-        elif c.get("ppl_increase_bound") is not None:  # converted before prediction bounds
-            line += (f" ({100 * c['confidence']:g}% upper bound {100 * c['ppl_increase_bound']:+.2f}%, "
-                     f"{c['held_out_tokens']} tokens)")
     return line + f" ({len(a['rounds'])} candidate(s), {a['seconds']:.0f}s)"
 
 
