@@ -73,14 +73,32 @@ def bench(name, mats, rows, cols, T, call, bw, rng):
     return fast
 
 
+def bench_attention(rng) -> None:
+    """One decode token's attention over the KV cache: the default model's heads (4 heads, 2 kv
+    heads of 64), the Mixtral-shaped model's (16 / 4 / 64) and a narrow-head case (8 / 2 / 32)."""
+    print(f"simd={_core.simd()} threads={_core.get_num_threads()}; us per call, fastest 10% / median")
+    for heads, kv_heads, hd in ((4, 2, 64), (16, 4, 64), (8, 2, 32)):
+        for S in (64, 512, 2048):
+            q = rng.standard_normal((1, heads, hd)).astype(np.float32)
+            k = rng.standard_normal((S, kv_heads, hd)).astype(np.float32)
+            v = rng.standard_normal((S, kv_heads, hd)).astype(np.float32)
+            t = call_seconds(lambda i: _core.attention(q, k, v, S - 1, 0), 50)
+            print(f"heads {heads:2d} / kv {kv_heads} / dim {hd:2d}, {S:4d} keys: "
+                  f"{1e6 * np.percentile(t, 10):7.1f} / {1e6 * np.median(t):7.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     ap.add_argument("--working-set-mb", type=int, default=256, help="bytes of weights cycled through (> L3)")
     ap.add_argument("--quick", action="store_true", help="INT4 expert matrices only (g64, and g32 symmetric)")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: decode attention (one query token) against 64-2048 cached keys, us per call")
     args = ap.parse_args()
     if args.threads:
         _core.set_num_threads(args.threads)
+    if args.attention:
+        return bench_attention(np.random.default_rng(0))
     ws = args.working_set_mb << 20
     rng = np.random.default_rng(0)
     print(f"simd={_core.simd()} threads={_core.get_num_threads()} working set {args.working_set_mb} MiB")
