@@ -49,6 +49,10 @@ def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.ui
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
 
+def sample(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """The token drawn from logits [vocab] at temperature > 0 with top_k (0: all) and top_p (1: all),
+    u a uniform draw in [0, 1) (native/dense.h)."""
+
 def rms_norm(x: npt.NDArray[np.float32], w: npt.NDArray[np.float32], eps: float) -> npt.NDArray[np.float32]:
     """x / sqrt(mean(x^2) + eps) * w over x's last axis; a new array shaped like x."""
 

@@ -228,6 +228,21 @@ PYBIND11_MODULE(_core, m) {
       py::arg("x"), py::arg("blob"),
       "SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden].");
 
+  // -- next-token sampling (dense.h) --
+  m.def(
+      "sample",
+      [](const FloatArray& logits, double temperature, int64_t top_k, double top_p, double u) {
+        if (logits.ndim() != 1) throw std::invalid_argument("sample: logits must be 1-D [vocab]");
+        const float* lp = logits.data();
+        const int64_t n = logits.shape(0);
+        py::gil_scoped_release nogil;
+        return sample_logits(lp, n, temperature, top_k, top_p, u);
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("u"),
+      "The token drawn from logits [vocab] at temperature > 0 with top_k (0: all) and top_p\n"
+      "(nucleus; 1: all), u a uniform draw in [0, 1): the inverse of the kept tokens' cumulative\n"
+      "weights in token-id order (native/dense.h gives the exact rule).");
+
   // -- the dense ops around the matmuls (dense.h) --
   m.def(
       "rms_norm",

@@ -3,7 +3,12 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "threadpool.h"
@@ -253,6 +258,112 @@ void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool nor
       weights[t * K + j] = normalize ? p[size_t(e)] / wsum : p[size_t(e)];
     }
   }
+}
+
+namespace {
+
+inline uint32_t f32_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+// Keep (in token-id order) the m values of w over idx that are above `cut`, or equal to it
+// while fewer than m are kept (ties at the cut go by the lower id).
+void keep_from(std::vector<int32_t>& idx, std::vector<float>& w, size_t m, float cut) {
+  size_t above = 0;
+  for (float x : w) above += x > cut;
+  size_t ties = m - std::min(m, above), out = 0;
+  for (size_t i = 0; i < idx.size(); ++i) {
+    const bool at = w[i] == cut && ties > 0;
+    if (w[i] > cut || at) {
+      ties -= at;
+      idx[out] = idx[i];
+      w[out] = w[i];
+      ++out;
+    }
+  }
+  idx.resize(out);
+  w.resize(out);
+}
+
+// The m largest of w over idx, ties at the cut by the lower id, in token-id order.
+void keep_largest(std::vector<int32_t>& idx, std::vector<float>& w, size_t m) {
+  if (m >= idx.size()) return;
+  std::vector<float> tmp(w);
+  std::nth_element(tmp.begin(), tmp.begin() + ptrdiff_t(m - 1), tmp.end(), std::greater<float>());
+  keep_from(idx, w, m, tmp[m - 1]);
+}
+
+// The nucleus of w (all >= 0): its size, the shortest prefix of w sorted descending whose
+// share of the sum reaches top_p, and its smallest value (size w.size() when rounding keeps
+// the whole share below top_p). For w >= 0 a float's bits order like its value, so bits >> 18
+// (the exponent and the top 5 mantissa bits) buckets w by value within 1/32 of an octave.
+// Summing the buckets from the top finds the one the cut falls in; only that bucket's
+// values are sorted.
+std::pair<size_t, float> nucleus(const std::vector<float>& w, double top_p) {
+  constexpr unsigned kShift = 18;
+  const size_t buckets = size_t(f32_bits(std::numeric_limits<float>::infinity()) >> kShift) + 1;
+  std::vector<double> mass(buckets, 0.0);
+  std::vector<uint32_t> count(buckets, 0);
+  double total = 0;
+  for (float x : w) {
+    const size_t b = f32_bits(x) >> kShift;
+    mass[b] += x;
+    count[b] += 1;
+    total += x;
+  }
+  const double need = top_p * total;
+  double c = 0;
+  size_t kept = 0;
+  for (size_t b = buckets; b-- > 0;) {
+    if (!count[b]) continue;
+    if (c + mass[b] >= need || b == 0) {
+      std::vector<float> in;
+      in.reserve(count[b]);
+      for (float x : w)
+        if ((f32_bits(x) >> kShift) == b) in.push_back(x);
+      std::sort(in.begin(), in.end(), std::greater<float>());
+      for (size_t i = 0; i < in.size(); ++i)
+        if ((c += in[i]) >= need) return {kept + i + 1, in[i]};
+      return {w.size(), in.back()};  // rounding: the whole share stays below top_p
+    }
+    c += mass[b];
+    kept += count[b];
+  }
+  return {w.size(), 0.0f};
+}
+
+}  // namespace
+
+int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_t top_k, double top_p, double u) {
+  if (n <= 0) throw std::invalid_argument("sample: no logits");
+  if (!(temperature > 0)) throw std::invalid_argument("sample: temperature must be > 0 (0 is greedy: argmax)");
+  if (!(top_p > 0 && top_p <= 1)) throw std::invalid_argument("sample: top_p must be in (0, 1]");
+  if (top_k < 0) throw std::invalid_argument("sample: top_k must be >= 0");
+  std::vector<int32_t> idx(static_cast<size_t>(n));
+  std::vector<float> w(static_cast<size_t>(n));
+  const float inv_t = float(1.0 / temperature);
+  for (int64_t i = 0; i < n; ++i) {
+    idx[size_t(i)] = int32_t(i);
+    w[size_t(i)] = logits[i] * inv_t;  // z for now
+    if (!std::isfinite(w[size_t(i)]))
+      throw std::invalid_argument("sample: logit " + std::to_string(i) + " is " + std::to_string(logits[i]) +
+                                  " after dividing by the temperature: logits must be finite");
+  }
+  if (top_k > 0) keep_largest(idx, w, size_t(top_k));
+  exp_shifted_sum(w.data(), int64_t(w.size()), *std::max_element(w.begin(), w.end()));
+  if (top_p < 1) {
+    const auto [m, cut] = nucleus(w, top_p);
+    if (m < w.size()) keep_from(idx, w, m, cut);
+  }
+  double c_last = 0;
+  for (float x : w) c_last += x;
+  const double target = u * c_last;
+  double c = 0;
+  for (size_t i = 0; i < w.size(); ++i)
+    if ((c += w[i]) > target) return idx[i];
+  return idx.back();
 }
 
 }  // namespace edgemoe

@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "crc32c.h"
+#include "dense.h"
 #include "kernels.h"
 #include "cache.h"
 #include "policy.h"
@@ -260,6 +261,28 @@ static void test_kernels() {
   // f16 conversion, subnormals and specials included (portable vs F16C agree with the spec)
   CHECK(f16_to_f32(0x3C00) == 1.0f && f16_to_f32(0xC000) == -2.0f && f16_to_f32(0x0001) == std::ldexp(1.0f, -24));
   CHECK(std::isinf(f16_to_f32(0x7C00)) && std::isnan(f16_to_f32(0x7E00)) && f16_to_f32(0x7BFF) == 65504.0f);
+}
+
+// sample_logits on a large vocabulary (the nucleus histogram and its bucket sort run under
+// the sanitizers here; tests/test_sampling.py checks its draws against the definition).
+static void test_sample() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  std::vector<float> l(8192);
+  for (float& x : l) x = nd(rng);
+  const int64_t top = std::max_element(l.begin(), l.end()) - l.begin();
+  CHECK(sample_logits(l.data(), 8192, 1.0, 1, 1.0, 0.99) == top);     // top_k 1: the argmax
+  CHECK(sample_logits(l.data(), 8192, 1.0, 0, 1e-9, 0.99) == top);    // the smallest nucleus
+  CHECK(sample_logits(l.data(), 8192, 0.01, 0, 0.95, 0.5) == top);    // a cold temperature
+  for (double u : {0.0, 0.3, 0.999999}) {
+    const int64_t t = sample_logits(l.data(), 8192, 0.8, 0, 0.95, u);
+    CHECK(t >= 0 && t < 8192 && l[size_t(t)] > -6.0f);  // never a token far below the nucleus
+  }
+  std::vector<float> flat(8192, 0.5f);  // one bucket holding every token, all tied
+  CHECK(sample_logits(flat.data(), 8192, 1.0, 0, 0.5, 0.0) == 0);
+  CHECK(sample_logits(flat.data(), 8192, 1.0, 0, 0.5, 0.999999) == 4095);  // half, ties by id
+  l[7] = std::nanf("");
+  CHECK(throws<std::invalid_argument>([&] { sample_logits(l.data(), 8192, 1.0, 0, 0.9, 0.5); }));
 }
 
 static void test_crc() {
@@ -1049,6 +1072,7 @@ int main() {
   test_kernels();
   test_expert_forward();
   test_crc();
+  test_sample();
   test_store_and_cache();
   test_cache_threads();
   test_policy_scores();
