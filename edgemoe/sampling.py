@@ -20,5 +20,4 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         if self.temperature == 0.0:
             return int(np.argmax(logits))
-        return _core.sample(np.ascontiguousarray(logits, dtype=np.float32), self.temperature, self.top_k,
-                            self.top_p, self.rng.random())
+        return _core.sample(logits, self.temperature, self.top_k, self.top_p, self.rng.random())

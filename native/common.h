@@ -51,6 +51,12 @@ inline float bits_to_f32(uint32_t u) {
   return f;
 }
 
+inline uint32_t f32_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
 inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
 
 inline float f16_to_f32(uint16_t h) {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <stdexcept>
@@ -11,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "common.h"
 #include "threadpool.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -262,12 +262,6 @@ void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool nor
 
 namespace {
 
-inline uint32_t f32_bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, 4);
-  return b;
-}
-
 // Keep (in token-id order) the m values of w over idx that are above `cut`, or equal to it
 // while fewer than m are kept (ties at the cut go by the lower id).
 void keep_from(std::vector<int32_t>& idx, std::vector<float>& w, size_t m, float cut) {
@@ -303,12 +297,12 @@ void keep_largest(std::vector<int32_t>& idx, std::vector<float>& w, size_t m) {
 // values are sorted.
 std::pair<size_t, float> nucleus(const std::vector<float>& w, double top_p) {
   constexpr unsigned kShift = 18;
-  const size_t buckets = size_t(f32_bits(std::numeric_limits<float>::infinity()) >> kShift) + 1;
+  const size_t buckets = size_t(f32_to_bits(std::numeric_limits<float>::infinity()) >> kShift) + 1;
   std::vector<double> mass(buckets, 0.0);
   std::vector<uint32_t> count(buckets, 0);
   double total = 0;
   for (float x : w) {
-    const size_t b = f32_bits(x) >> kShift;
+    const size_t b = f32_to_bits(x) >> kShift;
     mass[b] += x;
     count[b] += 1;
     total += x;
@@ -322,7 +316,7 @@ std::pair<size_t, float> nucleus(const std::vector<float>& w, double top_p) {
       std::vector<float> in;
       in.reserve(count[b]);
       for (float x : w)
-        if ((f32_bits(x) >> kShift) == b) in.push_back(x);
+        if ((f32_to_bits(x) >> kShift) == b) in.push_back(x);
       std::sort(in.begin(), in.end(), std::greater<float>());
       for (size_t i = 0; i < in.size(); ++i)
         if ((c += in[i]) >= need) return {kept + i + 1, in[i]};

@@ -33,10 +33,10 @@ void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool nor
 // the top_k largest z stay (ties at the cut: the lower token id); w = e^(z - max z) in
 // float (the attention's exp, relative error < 3e-7); with top_p < 1 only the nucleus
 // stays: tokens by descending w (ties by token id) up to the first whose running share
-// of the summed w (in double, in that order) reaches top_p. Then, over the kept tokens
-// in token-id order with running sums c, the first whose c exceeds u * c_last. The
-// nucleus needs no sort of the vocabulary: a histogram of w by its float's top bits
-// finds the cut's bucket, and only the tokens from that bucket up are sorted.
+// of the summed w (in double) reaches top_p. Then, over the kept tokens in token-id
+// order with running sums c, the first whose c exceeds u * c_last. The nucleus needs no
+// sort of the vocabulary: a histogram of w by its float's top bits gives the mass above
+// each bucket, and only the bucket the cut falls in is sorted.
 // temperature > 0, top_k >= 0, 0 < top_p <= 1, u in [0, 1), n > 0.
 int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_t top_k, double top_p, double u);
 
