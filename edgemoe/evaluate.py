@@ -38,12 +38,15 @@ def read_text(path: str | os.PathLike[str]) -> str:
         raise EdgeMoEError(f"cannot read {path} ({e.strerror}): give a UTF-8 text file") from None
 
 
+def split_documents(text: str) -> list[str]:
+    """The non-empty documents of a text, in order, without their surrounding newlines."""
+    return [d for d in (d.strip("\n") for d in text.split(DOC_SEPARATOR)) if d]
+
+
 def documents(model: "Model", text: str) -> Iterator[list[int]]:
     """Each non-empty document's token ids, BOS first when the model has one."""
-    for d in text.split(DOC_SEPARATOR):
-        d = d.strip("\n")
-        if d:
-            yield ([int(model.bos_id)] if model.bos_id is not None else []) + list(model.encode(d))
+    for d in split_documents(text):
+        yield ([int(model.bos_id)] if model.bos_id is not None else []) + list(model.encode(d))
 
 
 def encode_documents(model: "Model", text: str, max_tokens: int | None = None) -> np.ndarray:

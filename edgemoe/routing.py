@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 ROUTING_FILE = "routing.json"
 ROUTING_VERSION = 1
 LOOKAHEAD_POINTS = ("moe_in", "layer_out")
-DOC_SEPARATOR = "\x1e"  # a line holding only ASCII RS separates documents (tools/corpus)
 
 
 # -- traces ------------------------------------------------------------------------
@@ -210,11 +209,9 @@ def read_token_stream(model: "Model", path: str | Path, max_tokens: int | None =
     """Token ids of a text file. Documents (separated by a line holding only \\x1e) each
     start with BOS; with max_tokens they are taken in a seeded random order so a cap
     still samples the whole file."""
-    from .evaluate import read_text
+    from .evaluate import read_text, split_documents
 
-    text = read_text(path)
-    docs = [d.strip("\n") for d in text.split("\n" + DOC_SEPARATOR + "\n")]
-    docs = [d for d in docs if d]
+    docs = split_documents(read_text(path))
     if not docs:
         raise EdgeMoEError(f"{path} holds no text: give a UTF-8 text file to profile on")
     if len(docs) == 1:  # one long document: encode it in pieces of whole lines
