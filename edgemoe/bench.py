@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -153,18 +153,26 @@ def mode_options(mode: str, model_dir: Path) -> dict[str, Any]:
     return out
 
 
-def bench_prompt(m: Any, tokens: int, seed: int) -> list[int]:
-    """Held-out text when the model has a tokenizer and the default model's test text is
-    installed (learned routing follows text, not random ids), else random ids."""
+def held_out_prompt(encode: Callable[[str], Sequence[int]] | None, vocab_size: int, tokens: int,
+                    seed: int) -> list[int]:
+    """`tokens` prompt ids: from a seeded position of the default model's test text, encoded by
+    `encode`, when one is given and the text is installed (learned routing follows text, not
+    random ids); else seeded random ids. bench and bench --peers both take their prompts here."""
     from .default import SHIPPED
 
     text = SHIPPED / "test.txt"
-    if (m.path / "tokenizer.json").exists() and text.exists():
-        ids = m.encode(text.read_text(encoding="utf-8")[: 40 * tokens + 4000])
+    if encode is not None and text.exists():
+        ids = list(encode(text.read_text(encoding="utf-8")[: 40 * tokens + 4000]))
         start = int(np.random.default_rng(seed).integers(0, max(1, len(ids) - tokens)))
         if len(ids) >= tokens:
             return ids[start:start + tokens]
-    return np.random.default_rng(seed).integers(3, m.config.vocab_size, tokens).tolist()
+    return np.random.default_rng(seed).integers(3, vocab_size, tokens).tolist()
+
+
+def bench_prompt(m: Any, tokens: int, seed: int) -> list[int]:
+    """The prompt of a bench run: held-out text when the model has a tokenizer, else random ids."""
+    encode = m.encode if (m.path / "tokenizer.json").exists() else None
+    return held_out_prompt(encode, m.config.vocab_size, tokens, seed)
 
 
 # -- one measured run (in its own process) ------------------------------------------

@@ -416,21 +416,18 @@ def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = N
 
 
 def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> list[int]:
-    """The same prompt ids for both engines: held-out text for a model with a trained tokenizer,
-    random ids for the random-weight one (its routing does not follow text)."""
-    import numpy as np
+    """The same prompt ids for both engines, as bench.held_out_prompt gives them: held-out text
+    for a model with a trained tokenizer, random ids for the random-weight one (its routing does
+    not follow text)."""
+    from .bench import held_out_prompt
 
-    from .default import SHIPPED
-
+    encode = None
     if name != "mixtral-shaped" and (hf / "tokenizer.json").exists():
         from tokenizers import Tokenizer
 
-        text = (SHIPPED / "test.txt").read_text(encoding="utf-8")[: 40 * tokens + 4000]
-        ids = Tokenizer.from_file(str(hf / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-        start = int(np.random.default_rng(seed).integers(0, max(1, len(ids) - tokens)))
-        if len(ids) >= tokens:
-            return ids[start:start + tokens]
-    return np.random.default_rng(seed).integers(3, vocab_size, tokens).tolist()
+        tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
+        encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
+    return held_out_prompt(encode, vocab_size, tokens, seed)
 
 
 # -- one measured run (in its own process) --------------------------------------------
