@@ -432,7 +432,9 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
 
 # -- one measured run (in its own process) --------------------------------------------
 # Standard library only: a llama.cpp worker runs this file as a script without importing
-# edgemoe (run_limited), so these two /proc readers live here; bench.py uses them too.
+# edgemoe (run_limited), so these two /proc readers live here. bench.py reads /proc/self/io
+# through proc_read_bytes; _peak_rss has a twin in model.peak_rss_bytes, kept because importing
+# this module from model.py would add ~30 ms (tarfile, statistics) to every start-up.
 def proc_read_bytes() -> int:
     """Bytes this process has read from storage so far (the kernel's own count)."""
     with open("/proc/self/io") as f:
