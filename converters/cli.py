@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             expert_bytes, tolerance = parse_fraction(args.expert_bytes), parse_fraction(args.tolerance)
             if tolerance is None and expert_bytes is None:
                 tolerance = 0.02
-            confidence = 0.0 if args.confidence.strip().rstrip("%") in ("0", "0.0") else parse_fraction(args.confidence)
+            confidence = parse_fraction(args.confidence, zero_ok=True)
             promise_tokens = parse_tokens(args.promise_tokens)
             m = convert_auto(args.src, args.output, calib=args.calib, tolerance=tolerance, expert_bytes=expert_bytes,
                              importance=args.importance, choices=choices, group_size=args.group_size,

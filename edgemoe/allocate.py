@@ -203,8 +203,9 @@ def bits_map(alloc: Allocation, n: int, moe_layers: Sequence[int]) -> dict[tuple
     return {(int(layer), e): int(b[m, e]) for m, layer in enumerate(moe_layers) for e in range(b.shape[1])}
 
 
-def parse_fraction(value: str | float | None) -> float | None:
-    """'2%' -> 0.02, '0.02' -> 0.02, 2 -> 0.02 (a number above 1 is read as percent)."""
+def parse_fraction(value: str | float | None, zero_ok: bool = False) -> float | None:
+    """'2%' -> 0.02, '0.02' -> 0.02, 2 -> 0.02 (a number above 1 is read as percent); 0 only
+    with zero_ok (--confidence 0: the measured value itself)."""
     if value is None:
         return None
     s = str(value).strip()
@@ -214,7 +215,9 @@ def parse_fraction(value: str | float | None) -> float | None:
         raise EdgeMoEError(f"cannot read {value!r} as a fraction: write 2% or 0.02") from None
     if not s.endswith("%") and v > 1:
         v /= 100
-    if not 0 < v:
+    if zero_ok and not 0 <= v:
+        raise EdgeMoEError(f"a confidence must be 0 or more (e.g. 90%), got {value!r}")
+    if not zero_ok and not 0 < v:
         raise EdgeMoEError(f"a tolerance or byte share must be positive, got {value!r}")
     return v
 

@@ -189,6 +189,12 @@ def test_parse_fraction():
     assert parse_fraction("35") == pytest.approx(0.35)
     with pytest.raises(EdgeMoEError):
         parse_fraction("two")
+    with pytest.raises(EdgeMoEError, match="positive"):
+        parse_fraction("0")
+    for zero in ("0", "0%", "0.00"):  # --confidence 0: the measured value itself
+        assert parse_fraction(zero, zero_ok=True) == 0.0
+    with pytest.raises(EdgeMoEError, match="0 or more"):
+        parse_fraction("-5%", zero_ok=True)
 
 
 # ---------------------------------------------------------------- convert --bits auto
