@@ -341,12 +341,15 @@ int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_
   for (int64_t i = 0; i < n; ++i) {
     idx[size_t(i)] = int32_t(i);
     w[size_t(i)] = logits[i] * inv_t;  // z for now
-    if (!std::isfinite(w[size_t(i)]))
+    if (std::isnan(w[size_t(i)]) || w[size_t(i)] == std::numeric_limits<float>::infinity())
       throw std::invalid_argument("sample: logit " + std::to_string(i) + " is " + std::to_string(logits[i]) +
-                                  " after dividing by the temperature: logits must be finite");
+                                  " after dividing by the temperature: logits must be finite or -inf");
   }
+  const float zmax = *std::max_element(w.begin(), w.end());
+  if (zmax == -std::numeric_limits<float>::infinity())
+    throw std::invalid_argument("sample: every logit is -inf: no token can be drawn");
   if (top_k > 0) keep_largest(idx, w, size_t(top_k));
-  exp_shifted_sum(w.data(), int64_t(w.size()), *std::max_element(w.begin(), w.end()));
+  exp_shifted_sum(w.data(), int64_t(w.size()), zmax);  // -inf (a masked token) gives weight 0
   if (top_p < 1) {
     const auto [m, cut] = nucleus(w, top_p);
     if (m < w.size()) keep_from(idx, w, m, cut);
@@ -357,7 +360,7 @@ int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_
   double c = 0;
   for (size_t i = 0; i < w.size(); ++i)
     if ((c += w[i]) > target) return idx[i];
-  return idx.back();
+  return idx.back();  // not reached: for u < 1, u * c_last rounds below c_last
 }
 
 }  // namespace edgemoe

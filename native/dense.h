@@ -37,7 +37,8 @@ void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool nor
 // order with running sums c, the first whose c exceeds u * c_last. The nucleus needs no
 // sort of the vocabulary: a histogram of w by its float's top bits gives the mass above
 // each bucket, and only the bucket the cut falls in is sorted.
-// temperature > 0, top_k >= 0, 0 < top_p <= 1, u in [0, 1), n > 0.
+// temperature > 0, top_k >= 0, 0 < top_p <= 1, u in [0, 1), n > 0; a logit of -inf
+// (a masked token) is never drawn, NaN and +inf are refused.
 int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_t top_k, double top_p, double u);
 
 }  // namespace edgemoe

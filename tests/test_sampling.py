@@ -99,3 +99,21 @@ def test_sample_rejects_bad_arguments():
         _core.sample(np.zeros(0, np.float32), 1.0, 0, 0.9, 0.5)
     with pytest.raises(ValueError, match="finite"):
         _core.sample(np.array([0.0, np.nan, 1.0], np.float32), 1.0, 0, 0.9, 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        _core.sample(np.array([0.0, np.inf, 1.0], np.float32), 1.0, 0, 0.9, 0.5)
+    with pytest.raises(ValueError, match="every logit is -inf"):
+        _core.sample(np.full(3, -np.inf, np.float32), 1.0, 0, 0.9, 0.5)
+    with pytest.raises(ValueError, match="1-D"):
+        _core.sample(np.zeros((2, 4), np.float32), 1.0, 0, 0.9, 0.5)
+
+
+def test_masked_tokens_are_never_drawn():
+    """A logit of -inf (a banned token) has weight 0, as the definition gives it, whatever top-k/top-p."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal(300).astype(np.float32)
+    masked = rng.choice(300, 150, replace=False)
+    logits[masked] = -np.inf
+    for top_k, top_p in ((0, 1.0), (0, 0.95), (200, 1.0), (250, 0.9)):
+        s = Sampler(1.0, top_k, top_p, seed=0)
+        drawn = {s(logits) for _ in range(3000)}
+        assert not drawn & set(masked.tolist()), (top_k, top_p)
