@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level of the one-sided upper bound of the held-out perplexity increase that --tolerance "
                         "must hold for (document bootstrap, widened per --promise-tokens; default 90%%; 0: the "
                         "measured value itself)")
+    a.add_argument("--max-rounds", type=int, default=None,
+                   help="most candidates --tolerance measures on the held-out text (default 6); each is tested at "
+                        "1 - (1 - confidence) / max-rounds so that the one kept holds at --confidence")
     a.add_argument("--promise-tokens", default=None, metavar="N",
                    help="length in tokens of the text --tolerance is promised for: the bound covers the increase on "
                         "one new text of N tokens like --calib, its own sampling variation included (a prediction "
@@ -90,12 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                              symmetric=args.symmetric, backbone_bits=args.backbone_bits,
                              max_tokens=args.calib_tokens or None, measure=args.measure, confidence=confidence,
                              verify_tokens=args.verify_tokens or None, promise_tokens=promise_tokens,
+                             max_rounds=6 if args.max_rounds is None else args.max_rounds,
                              fallback_bits=args.fallback_bits, overwrite=args.force,
                              progress=not args.quiet, log=None if args.quiet else sys.stderr)
         else:
             extra = [o for o, v in (("--tolerance", args.tolerance), ("--expert-bytes", args.expert_bytes),
                                     ("--calib", args.calib), ("--importance", args.importance),
-                                    ("--promise-tokens", args.promise_tokens)) if v is not None]
+                                    ("--promise-tokens", args.promise_tokens),
+                                    ("--max-rounds", args.max_rounds)) if v is not None]
             if extra:
                 raise EdgeMoEError(f"{extra[0]} only applies to --bits auto (got --bits {args.bits})")
             m = convert(args.src, args.output, bits=int(args.bits), group_size=args.group_size,

@@ -45,8 +45,20 @@ i.e. the confidence margin times sqrt(2) by default. --promise-tokens 0 (or inf)
 gives the confidence bound on the mean. A candidate above the tolerance gives
 steps back (the last steps: the most important demoted experts get their bits
 back) with the estimate rescaled by bound / estimated, and is measured again;
-one well below (bound under 80% of it) takes more steps the same way. The
-manifest records the point estimate, both bounds, the standard error and
+one well below (bound under 80% of it) takes more steps the same way.
+
+The search and the confidence. Up to --max-rounds candidates (6) are measured on
+the same held-out text and the most compressed one that passes is kept. Were each
+tested at 90%, the kept one would be the candidate whose held-out noise happened
+to be most favourable among several that pass or nearly do, and its bound would
+hold less often than 90% (at the default model's 2% the search tried four nested
+candidates one step apart and kept the one just under the line). So each
+candidate is tested at 1 - (1 - confidence) / max_rounds (98.3% by default;
+Bonferroni): the bounds of all candidates the search may try then hold together
+with at least the stated confidence, and so does the kept one's, whichever the
+search keeps. --expert-bytes measures one candidate and uses the confidence as
+given. The manifest records the point estimate, both bounds (at the
+per-candidate level), the standard error, both confidence levels and
 promise_tokens.
 """
 from __future__ import annotations
@@ -301,6 +313,16 @@ def prediction_bound(point: float, bound: float, held_tokens: int, promise_token
     return point + (bound - point) * math.sqrt(1.0 + held_tokens / promise_tokens)
 
 
+def candidate_confidence(confidence: float, tolerance: float | None, max_rounds: int) -> float:
+    """The level each candidate is tested at so that the kept one's bound holds with `confidence`
+    (module docstring): 1 - (1 - confidence) / max_rounds for --tolerance, which tries up to
+    max_rounds candidates on the same held-out text; the confidence itself for --expert-bytes
+    (one candidate) and for confidence 0 (the measured value)."""
+    if tolerance is None or confidence == 0:
+        return confidence
+    return 1.0 - (1.0 - confidence) / max_rounds
+
+
 def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = None, tolerance: float | None = None,
                  expert_bytes: float | None = None, importance: str | Path | None = None,
                  choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
@@ -333,6 +355,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
 
     if not 0 <= confidence < 1:
         raise EdgeMoEError(f"confidence must be at least 0 and below 1 (e.g. 0.9), got {confidence}")
+    if max_rounds < 1:
+        raise EdgeMoEError(f"max_rounds must be at least 1, got {max_rounds}")
     if promise_tokens is not None and not promise_tokens >= 0:
         raise EdgeMoEError(f"promise tokens must be a token count (0 or inf: the mean over unlimited text), "
                            f"got {promise_tokens}")
@@ -388,6 +412,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 promise_tokens = len(ref_tok)
             promise_tokens = None if not promise_tokens or math.isinf(promise_tokens) else int(promise_tokens)
 
+        level = candidate_confidence(confidence, tolerance, max_rounds)
         alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric,
                                            measure)
         bytes16 = len(plan.moe_layers) * plan.num_experts * blob_nbytes(plan.hidden, plan.intermediate, 16)
@@ -401,12 +426,12 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             inc = ""
             if held is not None:
                 nll, _ = token_nlls(load(d), held.ids, window)
-                point, bound, se = bound_increase(nll - ref_tok, blocks, confidence)
+                point, bound, se = bound_increase(nll - ref_tok, blocks, level)
                 pred = prediction_bound(point, bound, len(ref_tok), promise_tokens)
                 r.update(nll=float(nll.mean()), nll_increase=point, nll_increase_bound=bound,
                          nll_increase_prediction_bound=pred, nll_increase_stderr=se, ppl_increase=math.expm1(point),
                          ppl_increase_bound=math.expm1(bound), ppl_increase_prediction_bound=math.expm1(pred))
-                inc = (f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({confidence:.0%} bound "
+                inc = (f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({100 * level:.3g}% bound "
                        f"{100 * r['ppl_increase_bound']:+.2f}% on the mean, "
                        f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise_tokens)})")
             rounds.append(r)
@@ -442,7 +467,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 raise EdgeMoEError(
                     f"no allocation met the {100 * tolerance:g}% tolerance in {len(rounds)} tries (the one with "
                     f"the fewest low-bit experts gave {100 * closest['ppl_increase']:+.2f}% on held-out calibration "
-                    f"text, {confidence:.0%} bound {100 * closest['ppl_increase_prediction_bound']:+.2f}% "
+                    f"text, {100 * level:.3g}% bound {100 * closest['ppl_increase_prediction_bound']:+.2f}% "
                     f"{promised(promise_tokens)}): raise --tolerance, lower --confidence, promise it for longer "
                     f"texts (--promise-tokens), give more calibration text, "
                     f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)")
@@ -472,7 +497,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 "file": str(calib), "window": window, "max_tokens": max_tokens, "profile_tokens": held.seen,
                 "held_out_begin": held.begin, "held_out_tokens": len(ref_tok),
                 "held_out_documents": int(held.doc[-1]) + 1,
-                "blocks": block_kind, "confidence": confidence, "promise_tokens": promise_tokens,
+                "blocks": block_kind, "confidence": confidence, "candidate_confidence": level,
+                "max_rounds": max_rounds, "promise_tokens": promise_tokens,
                 "nll_16bit": float(ref_tok.mean()), "nll": r["nll"],
                 "nll_increase_stderr": r["nll_increase_stderr"], "ppl_increase": r["ppl_increase"],
                 "ppl_increase_bound": r["ppl_increase_bound"],
@@ -506,7 +532,8 @@ def format_allocation(manifest: dict[str, Any]) -> str:
     if c and c.get("ppl_increase") is not None:
         line += f"; held-out calibration perplexity {100 * c['ppl_increase']:+.2f}% vs 16-bit"
         if c.get("ppl_increase_prediction_bound") is not None:
-            line += (f" ({c['held_out_tokens']} tokens; {100 * c['confidence']:g}% upper bound "
+            level = c.get("candidate_confidence", c["confidence"])
+            line += (f" ({c['held_out_tokens']} tokens; {100 * level:.3g}% upper bound "
                      f"{100 * c['ppl_increase_bound']:+.2f}% on the mean, "
                      f"{100 * c['ppl_increase_prediction_bound']:+.2f}% {promised(c['promise_tokens'])})")
     return line + f" ({len(a['rounds'])} candidate(s), {a['seconds']:.0f}s)"

@@ -164,7 +164,7 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
         row["calibration_ppl_increase_bound"] = c.get("ppl_increase_bound")  # on the mean
         row["calibration_ppl_increase_prediction_bound"] = c.get("ppl_increase_prediction_bound")  # what is accepted
         row["calibration_promise_tokens"] = c.get("promise_tokens")
-        row["calibration_confidence"] = c.get("confidence")
+        row["calibration_confidence"] = c.get("candidate_confidence", c.get("confidence"))  # per candidate
         row["calibration_held_out_tokens"] = c.get("held_out_tokens")
     say(f"{name}: test perplexity")
     with cpu_lock(False):
@@ -286,7 +286,7 @@ def auto_markdown(rows: list[dict[str, Any]], ref_ppl: float) -> str:
                  if pred is not None else "")
         lines.append(f"| {r['setting']} | {100 * r['expert_ratio']:.1f}% | {100 * r['calibration_ppl_increase']:+.2f}% "
                      f"({r['calibration_held_out_tokens']} tokens) | {100 * r['calibration_ppl_increase_bound']:+.2f}% "
-                     f"({100 * r['calibration_confidence']:g}%) | {pcell} | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
+                     f"({100 * r['calibration_confidence']:.3g}%) | {pcell} | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
     return "\n".join(lines)
 
 
