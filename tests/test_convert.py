@@ -33,7 +33,6 @@ def copy_ckpt(src, dst):
 
 def hf_tensors(path) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint, via the reference safetensors library (bf16 -> float32)."""
-    import torch
     from safetensors.torch import load_file
 
     out = {}

@@ -34,7 +34,6 @@ import contextlib
 import fcntl
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
