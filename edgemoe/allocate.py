@@ -356,7 +356,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     if not 0 <= confidence < 1:
         raise EdgeMoEError(f"confidence must be at least 0 and below 1 (e.g. 0.9), got {confidence}")
     if max_rounds < 1:
-        raise EdgeMoEError(f"max_rounds must be at least 1, got {max_rounds}")
+        raise EdgeMoEError(f"max_rounds (--max-rounds) must be at least 1, got {max_rounds}")
     if promise_tokens is not None and not promise_tokens >= 0:
         raise EdgeMoEError(f"promise tokens must be a token count (0 or inf: the mean over unlimited text), "
                            f"got {promise_tokens}")
