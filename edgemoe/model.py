@@ -91,7 +91,7 @@ class Model:
                  policy: str = "lru", io_threads: int = 2,
                  device: str | None = None, fallback: bool = False,
                  fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD, preload: bool | None = None,
-                 embeddings: str = "file"):
+                 embeddings: str | None = None):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
@@ -131,13 +131,15 @@ class Model:
 
         from .converters.safetensors_io import SafetensorsFile, TensorRows
 
+        if embeddings is None:  # unbounded: everything is meant to be in RAM, so is the table
+            embeddings = "file" if self.budget else "ram"
         if embeddings not in ("file", "ram"):
             raise ValueError(f"embeddings must be 'file' or 'ram', got {embeddings!r}")
         # plain reads into private arrays: an mmap would keep the file's pages resident as well
         backbone = SafetensorsFile(self.path / self.manifest["backbone"]["file"])
-        # The embedding table is read one row per token from the file (embeddings="file"),
-        # unless the output head shares it (tied embeddings): for Mixtral that is 262 MB of
-        # bf16 that a decode step reads 8 KB of.
+        # Under a budget the embedding table is read one row per token from the file
+        # (embeddings="file"), unless the output head shares it (tied embeddings): for Mixtral
+        # that is 262 MB of bf16 that a decode step reads 8 KB of. Unbounded, it is held.
         lazy = {"tok_embeddings"} if embeddings == "file" and "output" in backbone else set()
         tensors = {name: (TensorRows(backbone, name) if name in lazy else backbone.read(name), backbone.dtype(name))
                    for name in backbone.names()}
@@ -425,9 +427,11 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     preload: queue every expert for the I/O threads at load, read behind the first tokens'
     compute (demand reads first). None (default): when the budget holds all experts (or is
     unbounded) and they fit in half the memory available now.
-    embeddings: "file" (default) reads a token's row of the embedding table from the backbone
-    file when it is needed, instead of holding the table in RAM (not when the output head
-    shares it); "ram" holds it.
+    embeddings: "file" reads a token's row of the embedding table from the backbone file when
+    it is needed, instead of holding the table in RAM (not when the output head shares it);
+    "ram" holds it. None (default): "file" under a memory budget, "ram" without one (the
+    run holds every expert anyway, and a row read from a cold file costs a disk read per
+    new token).
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
