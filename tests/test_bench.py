@@ -1,7 +1,7 @@
 """edgemoe bench's reporting: the targets line of issue 4."""
 from __future__ import annotations
 
-from edgemoe.bench import targets
+from edgemoe.bench import pooled_io_ratios, targets
 
 
 def row(mode: str, tok_s: float, budget: int = 50, model: str = "default") -> dict:
@@ -17,3 +17,13 @@ def test_targets_pool_interleaved_modes_by_their_median():
                     "all-in-RAM is 2.50x faster (target <= 1.3x)")
     assert targets([row("edgemoe", 500.0), row("ram", 1000.0)]) == []  # no on-demand row: no line
     assert len(targets(rows + [dict(r, model="other") for r in rows])) == 2
+
+
+def test_io_ratios_pool_every_run_of_a_mode():
+    rows = [{"mode": "lru", "ratios_to_io_bound": [1.1, 1.2, 1.8]},
+            {"mode": "edgemoe", "ratios_to_io_bound": [1.2, 1.3, 1.6]},
+            {"mode": "edgemoe", "ratios_to_io_bound": [1.4, 1.7, 2.0]},
+            {"mode": "ondemand", "ratios_to_io_bound": []}]
+    assert pooled_io_ratios(rows) == [
+        "- lru: ratio to the I/O bound over 3 runs: median 1.20 (1.10-1.80), 2 of 3 runs within 1.5x",
+        "- edgemoe: ratio to the I/O bound over 6 runs: median 1.50 (1.20-2.00), 3 of 6 runs within 1.5x"]
