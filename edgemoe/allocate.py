@@ -52,7 +52,8 @@ the same held-out text and the most compressed one that passes is kept. Were eac
 tested at 90%, the kept one would be the candidate whose held-out noise happened
 to be most favourable among several that pass or nearly do, and its bound would
 hold less often than 90% (at the default model's 2% the search tried four nested
-candidates one step apart and kept the one just under the line). So each
+candidates, the last three one or two steps apart, and kept the one just under the
+line). So each
 candidate is tested at 1 - (1 - confidence) / max_rounds (98.3% by default;
 Bonferroni): the bounds of all candidates the search may try then hold together
 with at least the stated confidence, and so does the kept one's, whichever the
