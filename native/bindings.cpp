@@ -12,6 +12,7 @@
 #include "dense.h"
 #include "cache.h"
 #include "kernels.h"
+#include "layer.h"
 #include "policy.h"
 #include "store.h"
 #include "threadpool.h"
@@ -49,6 +50,37 @@ FloatArray run_matmul(const QMatrix& w, const FloatArray& x, const char* what) {
     matmul(w, xp, T, yp);
   }
   return y;
+}
+
+// A DecodeLayer and the arrays its views point into.
+struct PyDecodeLayer {
+  DecodeLayer L;
+  std::vector<py::object> keep;
+};
+
+// A linear given as (array, kind): 'qmatrix' (U8 QMatrix buffer) or a float kind.
+QMatrix linear_of(const py::tuple& t, std::vector<py::object>& keep) {
+  if (t.size() != 2) throw std::invalid_argument("DecodeLayer: a linear is an (array, kind) pair");
+  const py::array w = t[0].cast<py::array>();
+  const std::string kind = t[1].cast<std::string>();
+  if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("DecodeLayer: weights must be C-contiguous");
+  keep.push_back(w);
+  if (kind == "qmatrix") {
+    if (w.dtype().kind() != 'u' || w.itemsize() != 1) throw std::invalid_argument("DecodeLayer: a QMatrix is uint8");
+    return parse_qmatrix(static_cast<const uint8_t*>(w.data()), uint64_t(w.nbytes()));
+  }
+  if (w.ndim() != 2) throw std::invalid_argument("DecodeLayer: a float weight must be 2-D [out, in]");
+  Kind k;
+  if (kind == "f32" && py::isinstance<py::array_t<float>>(w)) {
+    k = kF32;
+  } else if (kind == "f16" && w.itemsize() == 2) {
+    k = kF16;
+  } else if (kind == "bf16" && w.itemsize() == 2 && w.dtype().kind() == 'u') {
+    k = kBF16;
+  } else {
+    throw std::invalid_argument("DecodeLayer: kind '" + kind + "' does not fit the weight's dtype");
+  }
+  return float_view(w.data(), uint32_t(w.shape(0)), uint32_t(w.shape(1)), k);
 }
 
 std::pair<const uint8_t*, uint64_t> bytes_of(const py::buffer& b) {
@@ -501,4 +533,76 @@ PYBIND11_MODULE(_core, m) {
       "out-of-range expert id raises ValueError.\n\n"
       "With cache.fallback_threshold > 0, a missing expert whose |weights| are all below it (every\n"
       "token of the call) is computed from its low-bit copy instead; y then depends on the cache.");
+
+  // -- one decode token through one decoder layer (layer.h) --
+  py::class_<PyDecodeLayer>(
+      m, "DecodeLayer",
+      "One MoE decoder layer's weights for the one-call decode step (native/layer.h): the same ops\n"
+      "and arithmetic as DecoderLM.block for one token. Linears are (array, kind) pairs: kind\n"
+      "'qmatrix' (a U8 QMatrix buffer) or 'f32' / 'f16' / 'bf16' (a float matrix [out, in]).")
+      .def(py::init([](uint32_t layer, const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
+                       const py::tuple& router, const FloatArray& attn_norm, const FloatArray& ffn_norm,
+                       const FloatArray& inv_freq, uint32_t heads, uint32_t kv_heads, uint32_t head_dim,
+                       uint32_t top_k, int64_t window, float eps, bool normalize) {
+             auto self = std::make_unique<PyDecodeLayer>();
+             DecodeLayer& L = self->L;
+             L.layer = layer;
+             L.q = linear_of(q, self->keep);
+             L.k = linear_of(k, self->keep);
+             L.v = linear_of(v, self->keep);
+             L.o = linear_of(o, self->keep);
+             L.router = linear_of(router, self->keep);
+             L.hidden = L.q.cols;
+             L.experts = L.router.rows;
+             L.heads = heads;
+             L.kv_heads = kv_heads;
+             L.head_dim = head_dim;
+             L.top_k = top_k;
+             L.window = window;
+             L.eps = eps;
+             L.normalize = normalize;
+             for (const FloatArray* a : {&attn_norm, &ffn_norm})
+               if (a->ndim() != 1 || a->shape(0) != int64_t(L.hidden))
+                 throw std::invalid_argument("DecodeLayer: norm weights must be [hidden]");
+             if (inv_freq.ndim() != 1 || 2 * inv_freq.shape(0) != int64_t(head_dim))
+               throw std::invalid_argument("DecodeLayer: inv_freq must be [head_dim / 2]");
+             self->keep.push_back(attn_norm);
+             self->keep.push_back(ffn_norm);
+             self->keep.push_back(inv_freq);
+             L.attn_norm = attn_norm.data();
+             L.ffn_norm = ffn_norm.data();
+             L.inv_freq = inv_freq.data();
+             check_decode_layer(L);
+             return self;
+           }),
+           py::arg("layer"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("router"),
+           py::arg("attn_norm"), py::arg("ffn_norm"), py::arg("inv_freq"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("top_k"), py::arg("window"), py::arg("eps"), py::arg("normalize"))
+      .def(
+          "step",
+          [](const PyDecodeLayer& self, ExpertCache& cache, py::array_t<float, py::array::c_style> h,
+             py::array_t<float, py::array::c_style> kc, py::array_t<float, py::array::c_style> vc, int64_t pos) {
+            const DecodeLayer& L = self.L;
+            if (h.ndim() != 1 || h.shape(0) != int64_t(L.hidden))
+              throw std::invalid_argument("DecodeLayer.step: h must be float32 [hidden]");
+            for (const auto* c : {&kc, &vc})
+              if (c->ndim() != 3 || c->shape(1) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim))
+                throw std::invalid_argument("DecodeLayer.step: the KV cache must be float32 [capacity, kv_heads, head_dim]");
+            if (pos < 0 || kc.shape(0) <= pos || vc.shape(0) <= pos)
+              throw std::invalid_argument("DecodeLayer.step: position " + std::to_string(pos) +
+                                          " is outside the KV cache's capacity");
+            if (L.layer >= cache.store().num_layers())
+              throw std::invalid_argument("DecodeLayer.step: layer " + std::to_string(L.layer) +
+                                          " is out of range for the experts file");
+            float* hp = h.mutable_data();
+            float* kp = kc.mutable_data();
+            float* vp = vc.mutable_data();
+            py::gil_scoped_release nogil;
+            decode_layer(L, cache, hp, kp, vp, pos);
+          },
+          py::arg("cache"), py::arg("h").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+          py::arg("pos"),
+          "The token at position pos through this layer: h [hidden] += attention + MoE, in place;\n"
+          "writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to\n"
+          "positions 0..pos.");
 }

@@ -173,14 +173,18 @@ class KVCache:
         self.length = 0
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
-    def append(self, layer: int, k: np.ndarray, v: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-        end = start + k.shape[0]
+    def reserve(self, layer: int, start: int, end: int) -> None:
+        """Room for positions up to `end` in layer's arrays, keeping positions before `start`."""
         if end > self.k[layer].shape[0]:
             cap = ((end + self.CHUNK - 1) // self.CHUNK) * self.CHUNK
             for store in (self.k, self.v):
                 grown = np.empty((cap, self.kv_heads, self.head_dim), np.float32)
                 grown[:start] = store[layer][:start]
                 store[layer] = grown
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        end = start + k.shape[0]
+        self.reserve(layer, start, end)
         self.k[layer][start:end] = k
         self.v[layer][start:end] = v
         return self.k[layer][:end], self.v[layer][:end]
@@ -256,6 +260,9 @@ class DecoderLM:
         self.lm_head = self.linear("output") if "output" in tensors else Linear(emb, emb_dtype)
         self.layers = [self._layer(i) for i in range(cfg.num_hidden_layers)]
         del self._t
+        # one native call per layer for a decode token where every layer allows it (_decode_layer)
+        fused = [self._decode_layer(i) for i in range(cfg.num_hidden_layers)]
+        self.decode_layers: list[Any] | None = fused if all(f is not None for f in fused) else None
 
     # -- weights --------------------------------------------------------------
     def vec(self, name: str) -> np.ndarray:
@@ -294,7 +301,30 @@ class DecoderLM:
             L["mlp"] = (self.linear(p + "ffn_gate"), self.linear(p + "ffn_up"), self.linear(p + "ffn_down"))
         return L
 
+    def _decode_layer(self, i: int) -> "_core.DecodeLayer | None":
+        """Layer i as one native decode step (native/layer.h), or None where it has what that
+        step does not do: a dense MLP, biases, q/k norms, qkv clipping, a shared expert, or a
+        routing other than softmax + top-k."""
+        L, cfg = self.layers[i], self.cfg
+        if i not in self.moe_layers or "shared" in L or cfg.clip_qkv is not None:
+            return None
+        if L["q_norm"] is not None or L["k_norm"] is not None:
+            return None
+        if type(self).route_is_softmax_topk is not True:
+            return None
+        lins = [L[n] for n in ("q", "k", "v", "o", "router")]
+        if any(lin.bias is not None for lin in lins):
+            return None
+        return _core.DecodeLayer(i, *[(lin.w, lin.kind) for lin in lins], L["attn_norm"], L["ffn_norm"],
+                                 self.rope.inv_freq, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                 cfg.head_dim, cfg.num_experts_per_tok, L["window"] or 0, cfg.rms_norm_eps,
+                                 bool(cfg.norm_topk_prob))
+
     # -- architecture hooks ---------------------------------------------------
+    # True when route() is route_softmax_topk(logits, num_experts_per_tok, cfg.norm_topk_prob),
+    # which the native decode step does itself.
+    route_is_softmax_topk = False
+
     def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E]."""
         raise NotImplementedError
@@ -354,6 +384,16 @@ class DecoderLM:
         h = h + self._attention(L, _core.rms_norm(h, L["attn_norm"], eps), i, kv, start)
         return h + self._ffn(L, _core.rms_norm(h, L["ffn_norm"], eps), i, h)
 
+    def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
+        """forward() for one token with no observer: one native call per layer, the same numbers
+        as block() (tests/test_decode_layer.py)."""
+        x = np.array(h[0], dtype=np.float32)  # [hidden], updated in place layer by layer
+        for i, layer in enumerate(self.decode_layers):
+            kv.reserve(i, start, start + 1)
+            layer.step(self.cache, x, kv.k[i], kv.v[i], start)
+        kv.length = start + 1
+        return self.head(x[None])
+
     def head(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's output h [T, hidden]."""
         return self.lm_head(_core.rms_norm(h, self.out_norm, self.cfg.rms_norm_eps))
@@ -365,6 +405,8 @@ class DecoderLM:
         """
         h = self.embed_tokens(ids)  # [T, hidden]
         obs = self.observer
+        if len(ids) == 1 and obs is None and self.decode_layers is not None and "moe" not in vars(self):
+            return self._decode_native(h, kv, start)
         for i in range(len(self.layers)):
             h = self.block(i, h, kv, start)
             if obs is not None:

@@ -15,5 +15,7 @@ def config_from_dict(d: dict[str, Any]) -> DecoderConfig:
 
 
 class Model(DecoderLM):
+    route_is_softmax_topk = True
+
     def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)

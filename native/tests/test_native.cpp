@@ -20,6 +20,7 @@
 #include "dense.h"
 #include "kernels.h"
 #include "cache.h"
+#include "layer.h"
 #include "policy.h"
 #include "store.h"
 #include "threadpool.h"
@@ -504,6 +505,78 @@ static void test_store_and_cache() {
   CHECK(small.stats().evictions == 1 && small.stats().resident_bytes <= two);
   ExpertCache tiny(store, 4096);
   CHECK(throws<BudgetError>([&] { tiny.acquire(0, 0); }, "4096 bytes"));
+}
+
+// decode_layer against the same ops called one by one (what the Python path does), at
+// several positions so the KV cache is written and read; under ASan this also checks
+// every buffer it touches. Streams the experts (a budget of two blobs).
+static void test_decode_layer() {
+  const uint32_t H = 64, I = 96, heads = 4, kvh = 2, hd = 16, K = 2;
+  TestFile f;
+  f.L = 2;
+  f.E = 4;
+  write_file(f, H, I);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  auto wq = rand_vec(size_t(heads) * hd * H), wk = rand_vec(size_t(kvh) * hd * H), wv = rand_vec(size_t(kvh) * hd * H);
+  auto wo = rand_vec(size_t(H) * heads * hd), wr = rand_vec(size_t(f.E) * H);
+  auto n1 = rand_vec(H), n2 = rand_vec(H);
+  std::vector<float> inv(hd / 2);
+  for (uint32_t i = 0; i < hd / 2; ++i) inv[i] = std::pow(10000.0f, -2.0f * float(i) / float(hd));
+  DecodeLayer L;
+  L.layer = 1;
+  L.hidden = H;
+  L.heads = heads;
+  L.kv_heads = kvh;
+  L.head_dim = hd;
+  L.experts = f.E;
+  L.top_k = K;
+  L.eps = 1e-6f;
+  L.q = float_view(wq.data(), heads * hd, H, kF32);
+  L.k = float_view(wk.data(), kvh * hd, H, kF32);
+  L.v = float_view(wv.data(), kvh * hd, H, kF32);
+  L.o = float_view(wo.data(), H, heads * hd, kF32);
+  L.router = float_view(wr.data(), f.E, H, kF32);
+  L.attn_norm = n1.data();
+  L.ffn_norm = n2.data();
+  L.inv_freq = inv.data();
+  check_decode_layer(L);
+  DecodeLayer bad = L;
+  bad.kv_heads = 3;
+  CHECK(throws<std::invalid_argument>([&] { check_decode_layer(bad); }, "kv_heads must divide"));
+
+  const int64_t cap = 4, kn = int64_t(kvh) * hd, qn = int64_t(heads) * hd;
+  ExpertCache cache(store, store->buffer_bytes(1, 0) + store->buffer_bytes(1, 1) + store->buffer_bytes(1, 2));
+  ExpertCache ref_cache(store, 0);
+  const size_t cs = static_cast<size_t>(cap * kn);
+  std::vector<float> kc(cs), vc(cs), rk(cs), rv(cs);
+  for (int64_t pos = 0; pos < 3; ++pos) {
+    auto h = rand_vec(H);
+    std::vector<float> r = h;
+    decode_layer(L, cache, h.data(), kc.data(), vc.data(), pos);
+    // the reference: the ops one by one
+    const size_t qs = static_cast<size_t>(qn), ks = static_cast<size_t>(kn);
+    std::vector<float> x(H), q(qs), k(ks), v(ks), att(qs), y(H), lg(f.E), w(K);
+    std::vector<int32_t> ids(K);
+    rms_norm(r.data(), n1.data(), 1, H, L.eps, x.data());
+    matmul(L.q, x.data(), 1, q.data());
+    matmul(L.k, x.data(), 1, k.data());
+    matmul(L.v, x.data(), 1, v.data());
+    rope(q.data(), 1, heads, hd, pos, inv.data());
+    rope(k.data(), 1, kvh, hd, pos, inv.data());
+    std::copy(k.begin(), k.end(), rk.begin() + pos * kn);
+    std::copy(v.begin(), v.end(), rv.begin() + pos * kn);
+    attention(q.data(), 1, heads, hd, rk.data(), rv.data(), pos + 1, kvh, pos, 0, att.data());
+    matmul(L.o, att.data(), 1, y.data());
+    for (uint32_t i = 0; i < H; ++i) r[i] += y[i];
+    rms_norm(r.data(), n2.data(), 1, H, L.eps, x.data());
+    matmul(L.router, x.data(), 1, lg.data());
+    softmax_topk(lg.data(), 1, f.E, K, true, ids.data(), w.data());
+    moe_forward(ref_cache, 1, x.data(), 1, H, ids.data(), w.data(), K, y.data());
+    for (uint32_t i = 0; i < H; ++i) r[i] += y[i];
+    CHECK(h == r);
+    CHECK(std::equal(kc.begin(), kc.begin() + (pos + 1) * kn, rk.begin()));
+  }
+  CHECK(cache.stats().loads > 0);
 }
 
 // Several threads acquire/prefetch/release under a budget smaller than the set
@@ -1074,6 +1147,7 @@ int main() {
   test_crc();
   test_sample();
   test_store_and_cache();
+  test_decode_layer();
   test_cache_threads();
   test_policy_scores();
   test_policy_evictions();

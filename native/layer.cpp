@@ -1,0 +1,62 @@
+#include "layer.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dense.h"
+
+namespace edgemoe {
+
+void check_decode_layer(const DecodeLayer& L) {
+  auto need = [](bool ok, const std::string& what) {
+    if (!ok) throw std::invalid_argument("DecodeLayer: " + what);
+  };
+  need(L.hidden > 0 && L.heads > 0 && L.kv_heads > 0 && L.head_dim > 0 && L.head_dim % 2 == 0,
+       "hidden, heads, kv_heads and an even head_dim must be positive");
+  need(L.heads % L.kv_heads == 0, "kv_heads must divide heads");
+  need(L.top_k >= 1 && L.top_k <= L.experts, "top_k must be in 1..experts");
+  need(L.attn_norm && L.ffn_norm && L.inv_freq, "norm weights and inv_freq are required");
+  const uint32_t qn = L.heads * L.head_dim, kn = L.kv_heads * L.head_dim;
+  need(L.q.rows == qn && L.q.cols == L.hidden, "q must be [heads * head_dim, hidden]");
+  need(L.k.rows == kn && L.k.cols == L.hidden, "k must be [kv_heads * head_dim, hidden]");
+  need(L.v.rows == kn && L.v.cols == L.hidden, "v must be [kv_heads * head_dim, hidden]");
+  need(L.o.rows == L.hidden && L.o.cols == qn, "o must be [hidden, heads * head_dim]");
+  need(L.router.rows == L.experts && L.router.cols == L.hidden, "router must be [experts, hidden]");
+}
+
+void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos) {
+  const int64_t H = L.hidden, qn = int64_t(L.heads) * L.head_dim, kn = int64_t(L.kv_heads) * L.head_dim;
+  const size_t hs = static_cast<size_t>(H), qs = static_cast<size_t>(qn), ks = static_cast<size_t>(kn);
+  std::vector<float> x(hs), q(qs), k(ks), v(ks), att(qs), y(hs), logits(L.experts), w(L.top_k);
+  std::vector<int32_t> ids(L.top_k);
+
+  // attention: h += o(attn(rope(q), rope(k), v)) of rms_norm(h)
+  rms_norm(h, L.attn_norm, 1, H, L.eps, x.data());
+  if (L.q.quantized() && L.k.quantized() && L.v.quantized()) {  // as LinearGroup: one call when all are
+    const QMatrix ws[3] = {L.q, L.k, L.v};
+    float* ys[3] = {q.data(), k.data(), v.data()};
+    matmul_many(ws, 3, x.data(), 1, ys);
+  } else {
+    matmul(L.q, x.data(), 1, q.data());
+    matmul(L.k, x.data(), 1, k.data());
+    matmul(L.v, x.data(), 1, v.data());
+  }
+  rope(q.data(), 1, L.heads, L.head_dim, pos, L.inv_freq);
+  rope(k.data(), 1, L.kv_heads, L.head_dim, pos, L.inv_freq);
+  std::memcpy(kc + pos * kn, k.data(), ks * sizeof(float));
+  std::memcpy(vc + pos * kn, v.data(), ks * sizeof(float));
+  attention(q.data(), 1, L.heads, L.head_dim, kc, vc, pos + 1, L.kv_heads, pos, L.window, att.data());
+  matmul(L.o, att.data(), 1, y.data());
+  for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];
+
+  // MoE: h += sum of the routed experts of rms_norm(h)
+  rms_norm(h, L.ffn_norm, 1, H, L.eps, x.data());
+  matmul(L.router, x.data(), 1, logits.data());
+  softmax_topk(logits.data(), 1, L.experts, L.top_k, L.normalize, ids.data(), w.data());
+  moe_forward(cache, L.layer, x.data(), 1, H, ids.data(), w.data(), L.top_k, y.data());
+  for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];
+}
+
+}  // namespace edgemoe

@@ -1,0 +1,36 @@
+// One decode token through one MoE decoder layer in a single native call: the
+// same ops, in the same order and with the same arithmetic, as the Python
+// path in edgemoe/models/base.py (DecoderLM.block), whose per-op calls cost a
+// small model more than its matmuls do.
+#pragma once
+
+#include <cstdint>
+
+#include "cache.h"
+#include "kernels.h"
+
+namespace edgemoe {
+
+// A layer's weights, viewed (the caller keeps them alive). Supported: no biases,
+// no q/k norms, no qkv clipping, no shared expert, softmax + top-k routing.
+struct DecodeLayer {
+  uint32_t layer = 0;  // index into the experts file
+  uint32_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0, experts = 0, top_k = 0;
+  int64_t window = 0;  // sliding window (0: none)
+  float eps = 0;
+  bool normalize = true;  // renormalize the top-k weights
+  QMatrix q, k, v, o, router;
+  const float* attn_norm = nullptr;  // [hidden]
+  const float* ffn_norm = nullptr;   // [hidden]
+  const float* inv_freq = nullptr;   // [head_dim / 2]
+};
+
+// Checks the shapes of a DecodeLayer against each other; std::invalid_argument.
+void check_decode_layer(const DecodeLayer& L);
+
+// h [hidden] -> h + attention + MoE, in place, for the token at position pos. kc, vc:
+// the layer's KV cache [capacity > pos, kv_heads, head_dim]; position pos is written,
+// positions 0..pos are attended to.
+void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos);
+
+}  // namespace edgemoe

@@ -1,0 +1,100 @@
+"""The one-call decode step (native/layer.h, DecoderLM._decode_native) gives bit for bit the
+logits of the per-op Python path (DecoderLM.block), and is used only where it applies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgemoe
+from edgemoe import _core
+from edgemoe.converters.convert import convert
+
+
+def decode_logits(model, ids: list[int], native: bool) -> np.ndarray:
+    """Logits of each token fed one at a time, with the native step on or off."""
+    net = model.net
+    saved = net.decode_layers
+    if not native:
+        net.decode_layers = None
+    try:
+        model.reset()
+        return np.stack([net.forward(np.array([t]), model.kv, pos, all_logits=False)[0]
+                         for pos, t in enumerate(ids)])
+    finally:
+        net.decode_layers = saved
+
+
+IDS = [5, 17, 17, 3, 250, 0, 42, 9, 9, 9, 100, 7, 64, 1, 33, 2, 8, 120, 77, 5]
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_native_step_matches_the_python_path(tiny_checkpoint, tmp_path, bits):
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=bits, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+    assert m.net.decode_layers is not None
+    np.testing.assert_array_equal(decode_logits(m, IDS, True), decode_logits(m, IDS, False))
+
+
+def test_native_step_matches_with_a_budget_and_a_sliding_window(tiny_checkpoint, tmp_path):
+    """Streaming experts (a budget of one layer's top-k) and a window shorter than the text."""
+    convert(tiny_checkpoint("mixtral", sliding_window=5), tmp_path / "m", bits=8, progress=False)
+    m = edgemoe.load(tmp_path / "m", memory_budget=edgemoe.load(tmp_path / "m").min_budget)
+    assert m.net.cfg.sliding_window == 5 and m.net.decode_layers is not None
+    native, python = decode_logits(m, IDS, True), decode_logits(m, IDS, False)
+    np.testing.assert_array_equal(native, python)
+    assert m.cache.stats()["misses"] > 0  # the experts really were streamed
+    # generation takes the native step and gives the tokens the Python path gives
+    m.net.decode_layers, saved = None, m.net.decode_layers
+    want = m.generate(IDS[:4], max_new_tokens=12)
+    m.net.decode_layers = saved
+    assert m.generate(IDS[:4], max_new_tokens=12) == want
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe"])
+def test_layers_the_step_does_not_cover_keep_the_python_path(tiny_checkpoint, tmp_path, arch):
+    """qwen2_moe: a shared expert, a dense layer and q/k/v biases; qwen3_moe and olmoe: q/k norms."""
+    convert(tiny_checkpoint(arch), tmp_path / "m", bits=8, progress=False)
+    assert edgemoe.load(tmp_path / "m").net.decode_layers is None
+
+
+def test_an_observer_or_a_swapped_moe_takes_the_python_path(tiny_checkpoint, tmp_path):
+    from edgemoe.models.base import RouteObserver
+
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+    seen = []
+
+    class Obs(RouteObserver):
+        def on_route(self, layer, resid, ids, weights):
+            seen.append(layer)
+
+    m.net.observer = Obs()
+    m.generate(IDS[:3], max_new_tokens=3)
+    assert len(seen) == 2 * 3  # prefill once per layer, then 2 decode steps x 2 layers
+    m.net.observer = None
+    calls = []
+    inner = m.net.moe
+    m.net.moe = lambda *a: calls.append(1) or inner(*a)
+    m.generate(IDS[:3], max_new_tokens=3)
+    assert len(calls) == 2 * 3
+
+
+def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+    layer, kv = m.net.decode_layers[0], m.kv
+    kv.reserve(0, 0, 1)
+    h = np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="h must be float32"):
+        layer.step(m.cache, np.zeros(63, np.float32), kv.k[0], kv.v[0], 0)
+    with pytest.raises(ValueError, match="capacity"):
+        layer.step(m.cache, h, kv.k[0], kv.v[0], kv.k[0].shape[0])
+    with pytest.raises(TypeError):
+        layer.step(m.cache, h.astype(np.float64), kv.k[0], kv.v[0], 0)  # no silent copy of h
+    L = m.net.layers[0]
+    lin = [(L[n].w, L[n].kind) for n in ("q", "k", "v", "o", "router")]
+    with pytest.raises(ValueError, match="q must be"):
+        _core.DecodeLayer(0, lin[1], *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2, 16, 2, 0,
+                          1e-6, True)
+    with pytest.raises(ValueError, match="kv_heads must divide"):
+        _core.DecodeLayer(0, *lin, L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 3, 16, 2, 0, 1e-6, True)
