@@ -58,29 +58,37 @@ struct PyDecodeLayer {
   std::vector<py::object> keep;
 };
 
-// A linear given as (array, kind): 'qmatrix' (U8 QMatrix buffer) or a float kind.
+// A float weight w [out, in] of kind 'f32' (float32), 'f16' (float16 or uint16 bits) or
+// 'bf16' (uint16 bits), viewed in place; errors start with `what`.
+QMatrix float_matrix(const py::array& w, const std::string& kind, const std::string& what) {
+  if (w.ndim() != 2) throw std::invalid_argument(what + ": w must be 2-D [out, in]");
+  if (!(w.flags() & py::array::c_style)) throw std::invalid_argument(what + ": w must be C-contiguous");
+  Kind k;
+  if (kind == "f32") {
+    if (!py::isinstance<py::array_t<float>>(w)) throw std::invalid_argument(what + ": kind 'f32' needs a float32 w");
+    k = kF32;
+  } else if (kind == "f16" || kind == "bf16") {
+    if (w.itemsize() != 2 || !(w.dtype().kind() == 'f' || w.dtype().kind() == 'u'))
+      throw std::invalid_argument(what + ": kind '" + kind + "' needs a float16 or uint16 w");
+    if (kind == "bf16" && w.dtype().kind() != 'u')
+      throw std::invalid_argument(what + ": kind 'bf16' needs w as uint16 bf16 bits");
+    k = kind == "f16" ? kF16 : kBF16;
+  } else {
+    throw std::invalid_argument(what + ": kind must be 'f32', 'f16' or 'bf16', got '" + kind + "'");
+  }
+  return float_view(w.data(), uint32_t(w.shape(0)), uint32_t(w.shape(1)), k);
+}
+
+// A linear given as (array, kind): 'qmatrix' (U8 QMatrix buffer) or a float kind (float_matrix).
 QMatrix linear_of(const py::tuple& t, std::vector<py::object>& keep) {
   if (t.size() != 2) throw std::invalid_argument("DecodeLayer: a linear is an (array, kind) pair");
   const py::array w = t[0].cast<py::array>();
   const std::string kind = t[1].cast<std::string>();
-  if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("DecodeLayer: weights must be C-contiguous");
   keep.push_back(w);
-  if (kind == "qmatrix") {
-    if (w.dtype().kind() != 'u' || w.itemsize() != 1) throw std::invalid_argument("DecodeLayer: a QMatrix is uint8");
-    return parse_qmatrix(static_cast<const uint8_t*>(w.data()), uint64_t(w.nbytes()));
-  }
-  if (w.ndim() != 2) throw std::invalid_argument("DecodeLayer: a float weight must be 2-D [out, in]");
-  Kind k;
-  if (kind == "f32" && py::isinstance<py::array_t<float>>(w)) {
-    k = kF32;
-  } else if (kind == "f16" && w.itemsize() == 2) {
-    k = kF16;
-  } else if (kind == "bf16" && w.itemsize() == 2 && w.dtype().kind() == 'u') {
-    k = kBF16;
-  } else {
-    throw std::invalid_argument("DecodeLayer: kind '" + kind + "' does not fit the weight's dtype");
-  }
-  return float_view(w.data(), uint32_t(w.shape(0)), uint32_t(w.shape(1)), k);
+  if (kind != "qmatrix") return float_matrix(w, kind, "DecodeLayer");
+  if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("DecodeLayer: w must be C-contiguous");
+  if (w.dtype().kind() != 'u' || w.itemsize() != 1) throw std::invalid_argument("DecodeLayer: a QMatrix is uint8");
+  return parse_qmatrix(static_cast<const uint8_t*>(w.data()), uint64_t(w.nbytes()));
 }
 
 std::pair<const uint8_t*, uint64_t> bytes_of(const py::buffer& b) {
@@ -178,23 +186,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "linear",
       [](const FloatArray& x, const py::array& w, const std::string& kind) {
-        if (w.ndim() != 2) throw std::invalid_argument("linear: w must be 2-D [out, in]");
-        if (!(w.flags() & py::array::c_style)) throw std::invalid_argument("linear: w must be C-contiguous");
-        Kind k;
-        if (kind == "f32") {
-          if (!py::isinstance<py::array_t<float>>(w)) throw std::invalid_argument("linear: kind 'f32' needs a float32 w");
-          k = kF32;
-        } else if (kind == "f16" || kind == "bf16") {
-          if (w.itemsize() != 2 || !(w.dtype().kind() == 'f' || w.dtype().kind() == 'u'))
-            throw std::invalid_argument("linear: kind '" + kind + "' needs a float16 or uint16 w");
-          if (kind == "bf16" && w.dtype().kind() != 'u')
-            throw std::invalid_argument("linear: kind 'bf16' needs w as uint16 bf16 bits");
-          k = kind == "f16" ? kF16 : kBF16;
-        } else {
-          throw std::invalid_argument("linear: kind must be 'f32', 'f16' or 'bf16', got '" + kind + "'");
-        }
-        const QMatrix qm = float_view(w.data(), uint32_t(w.shape(0)), uint32_t(w.shape(1)), k);
-        return run_matmul(qm, x, "linear");
+        return run_matmul(float_matrix(w, kind, "linear"), x, "linear");
       },
       py::arg("x"), py::arg("w"), py::arg("kind"),
       "y[T, out] = x[T, in] @ w[out, in].T for a float weight, read in place (no copy).\n\n"

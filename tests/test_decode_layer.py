@@ -96,5 +96,14 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="q must be"):
         _core.DecodeLayer(0, lin[1], *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2, 16, 2, 0,
                           1e-6, True)
+    with pytest.raises(ValueError, match="DecodeLayer: w must be 2-D"):  # a QMatrix buffer called a float matrix
+        _core.DecodeLayer(0, (lin[0][0], "f32"), *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2,
+                          16, 2, 0, 1e-6, True)
+    with pytest.raises(ValueError, match="DecodeLayer: kind must be 'f32', 'f16' or 'bf16', got 'q8'"):
+        _core.DecodeLayer(0, (np.zeros((64, 64), np.float32), "q8"), *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2,
+                          16, 2, 0, 1e-6, True)
+    # _core.linear checks float weights the same way (one helper, float_matrix, in bindings.cpp)
+    with pytest.raises(ValueError, match="linear: kind 'f32' needs a float32 w"):
+        _core.linear(np.zeros(3, np.float32), np.zeros((2, 3), np.float64), "f32")
     with pytest.raises(ValueError, match="kv_heads must divide"):
         _core.DecodeLayer(0, *lin, L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 3, 16, 2, 0, 1e-6, True)
