@@ -222,5 +222,21 @@ def moe_forward(
     cache's current layer. An out-of-range expert id or a shape mismatch raises ValueError.
     """
 
+class DecodeLayer:
+    """One MoE decoder layer's weights for the one-call decode step (native/layer.h): the same
+    ops and arithmetic as DecoderLM.block for one token. Linears are (array, kind) pairs: kind
+    'qmatrix' (a U8 QMatrix buffer) or 'f32' / 'f16' / 'bf16' (a float matrix [out, in])."""
+
+    def __init__(self, layer: int, q: tuple[npt.NDArray[Any], str], k: tuple[npt.NDArray[Any], str],
+                 v: tuple[npt.NDArray[Any], str], o: tuple[npt.NDArray[Any], str],
+                 router: tuple[npt.NDArray[Any], str], attn_norm: npt.NDArray[np.float32],
+                 ffn_norm: npt.NDArray[np.float32], inv_freq: npt.NDArray[np.float32], heads: int, kv_heads: int,
+                 head_dim: int, top_k: int, window: int, eps: float, normalize: bool) -> None: ...
+    def step(self, cache: ExpertCache, h: npt.NDArray[np.float32], k_cache: npt.NDArray[np.float32],
+             v_cache: npt.NDArray[np.float32], pos: int) -> None:
+        """The token at position pos through this layer: h [hidden] += attention + MoE, in place;
+        writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to
+        positions 0..pos."""
+
 class CorruptExpertError(Exception): ...
 class BudgetError(Exception): ...
