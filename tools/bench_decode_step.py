@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     path = args.model or default_model_path()
-    probe = edgemoe.load(path, memory_budget="1TB")
     share = parse_fraction(args.budget)
-    budget = max(probe.min_budget, int(share * probe.info()["expert_bytes"])) if share else None
-    del probe
+    budget = None
+    if share:  # the budget's bytes come from the model's own sizes
+        probe = edgemoe.load(path, memory_budget="1TB")
+        budget = max(probe.min_budget, int(share * probe.info()["expert_bytes"]))
+        del probe
     m = edgemoe.load(path, memory_budget=budget, policy="edgemoe")
     if budget is None:
         m.warm()
