@@ -307,7 +307,11 @@ class Model:
     def stats(self) -> dict[str, Any]:
         """Totals since load (or reset_stats), and under "layers" one dict per MoE layer
         (see layer_stats)."""
-        c = self.cache.stats()
+        layers = self.layer_stats()
+        c = dict(self.cache.stats())
+        # totals from the same snapshot as the rows: a prefetch landing between the two native
+        # calls would otherwise make them disagree
+        c.update({k: sum(r[k] for r in layers) for k in c if layers and k in layers[0] and k != "layer"})
         n, dt = self._counters["tokens_generated"], self._counters["decode_seconds"]
         lookups = c["hits"] + c["misses"]
         return {
@@ -339,7 +343,7 @@ class Model:
             **({"fallback": {"threshold": self.cache.fallback_threshold, "uses": int(c["fallback_uses"]),
                              "loads": int(c["fallback_loads"]), "bytes_read": int(c["fallback_bytes"]),
                              "bytes_saved": int(c["fallback_bytes_saved"])}} if self.fallback_store else {}),
-            "layers": self.layer_stats(),
+            "layers": layers,
         }
 
     def layer_stats(self) -> list[dict[str, Any]]:
