@@ -3,7 +3,7 @@
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow FORMAT.md's QMatrix layout; blobs follow its expert blob layout.
 """
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +79,8 @@ class ExpertStore:
     CorruptExpertError naming layer and expert. A blob beyond the end of the file
     raises edgemoe.errors.ModelDirectoryError at construction (truncated file).
     read_bytes_per_s / read_latency_s > 0 emulate a slower device (see set_throttle).
+    verify: True / 'first read' checks each blob's CRC-32C on its first read by this store,
+    'every read' on every read, False never.
     """
     def __init__(
         self,
@@ -87,7 +89,7 @@ class ExpertStore:
         sizes: npt.NDArray[np.uint64],
         checksums: npt.NDArray[np.uint32],
         direct: bool = True,
-        verify: bool = True,
+        verify: bool | Literal["first read", "every read", "never"] = True,
         read_bytes_per_s: float = 0.0,
         read_latency_s: float = 0.0,
     ) -> None: ...
@@ -95,7 +97,8 @@ class ExpertStore:
     def direct(self) -> bool:
         """True when reads use O_DIRECT."""
     @property
-    def verify(self) -> bool: ...
+    def verify(self) -> Literal["first read", "every read", "never"]:
+        """When reads check a blob's CRC-32C (True at construction is 'first read')."""
     @property
     def path(self) -> str: ...
     @property

@@ -86,7 +86,7 @@ class Model:
     """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
-                 direct_io: bool = True, verify: bool = True, threads: int | None = None,
+                 direct_io: bool = True, verify: bool | str = True, threads: int | None = None,
                  prefetch: str | None = None, prefetch_ratio: float = 1.5, prefetch_min_prob: float = 0.0,
                  policy: str = "lru", io_threads: int = 2,
                  device: str | None = None, fallback: bool = False,
@@ -428,6 +428,9 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss
     for an expert whose gate weight is below fallback_threshold, compute it from its
     low-bit copy instead of reading the full one (HOBBIT); see Model.set_fallback.
+    verify: check each expert blob's CRC-32C on its first read (True, the default), on
+    "every read", or never (False). Later reads of a checked blob are trusted: a damaged
+    file fails on the first read of the damaged expert either way.
     preload: queue every expert for the I/O threads at load, read behind the first tokens'
     compute (demand reads first). None (default): when the budget holds all experts (or is
     unbounded) and they fit in half the memory available now.

@@ -106,6 +106,19 @@ std::vector<T> table(const py::array& a, uint32_t L, uint32_t E, const char* nam
   return std::vector<T>(arr.data(), arr.data() + arr.size());
 }
 
+// ExpertStore's verify: True / "first read", "every read", False / "never".
+Verify verify_mode(const py::object& v) {
+  if (py::isinstance<py::bool_>(v)) return v.cast<bool>() ? Verify::kFirstRead : Verify::kNever;
+  if (py::isinstance<py::str>(v)) {
+    const auto name = v.cast<std::string>();
+    if (name == "first read") return Verify::kFirstRead;
+    if (name == "every read") return Verify::kEveryRead;
+    if (name == "never") return Verify::kNever;
+  }
+  throw std::invalid_argument("verify must be True, False, 'first read', 'every read' or 'never', got " +
+                              py::repr(v).cast<std::string>());
+}
+
 py::dict layer_dict(const LayerStats& s) {
   py::dict d;
   d["hits"] = double(s.hits);
@@ -349,9 +362,13 @@ PYBIND11_MODULE(_core, m) {
       "offsets/sizes/checksums are [num_layers, num_experts]; size 0 marks 'no expert'.\n"
       "A blob whose CRC-32C differs raises CorruptExpertError naming layer and expert; a blob\n"
       "beyond the end of the file raises ModelDirectoryError at construction.\n"
+      "verify: True or 'first read' (default) checks each blob's CRC-32C on its first read by\n"
+      "this store; 'every read' on every read; False never.\n"
       "read_bytes_per_s / read_latency_s > 0 emulate a slower device's storage (see set_throttle).")
       .def(py::init([](const std::string& path, const py::array& offsets, const py::array& sizes,
-                       const py::array& checksums, bool direct, bool verify, double bps, double latency) {
+                       const py::array& checksums, bool direct, const py::object& verify, double bps,
+                       double latency) {
+             const Verify v = verify_mode(verify);
              if (offsets.ndim() != 2) throw std::invalid_argument("offsets must be [num_layers, num_experts]");
              const auto L = uint32_t(offsets.shape(0)), E = uint32_t(offsets.shape(1));
              auto o = table<uint64_t>(offsets, L, E, "offsets");
@@ -359,12 +376,15 @@ PYBIND11_MODULE(_core, m) {
              auto c = table<uint32_t>(checksums, L, E, "checksums");
              py::gil_scoped_release nogil;
              return std::make_shared<ExpertStore>(path, L, E, std::move(o), std::move(s), std::move(c), direct,
-                                                  verify, bps, latency);
+                                                  v, bps, latency);
            }),
            py::arg("path"), py::arg("offsets"), py::arg("sizes"), py::arg("checksums"), py::arg("direct") = true,
            py::arg("verify") = true, py::arg("read_bytes_per_s") = 0.0, py::arg("read_latency_s") = 0.0)
       .def_property_readonly("direct", &ExpertStore::direct, "True when reads use O_DIRECT.")
-      .def_property_readonly("verify", &ExpertStore::verify, "True when reads check the CRC-32C.")
+      .def_property_readonly(
+          "verify", [](const ExpertStore& st) { return std::string(verify_name(st.verify())); },
+          "When reads check a blob's CRC-32C: 'first read' (each blob's first read by this store), "
+          "'every read' or 'never'.")
       .def_property_readonly("path", &ExpertStore::path)
       .def_property_readonly("num_layers", &ExpertStore::num_layers)
       .def_property_readonly("num_experts", &ExpertStore::num_experts)

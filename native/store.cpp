@@ -36,8 +36,17 @@ Blob::~Blob() { ::munmap(base, size_t(capacity)); }
 
 // ---------------------------------------------------------------- ExpertStore
 
+const char* verify_name(Verify v) {
+  switch (v) {
+    case Verify::kNever: return "never";
+    case Verify::kFirstRead: return "first read";
+    case Verify::kEveryRead: return "every read";
+  }
+  return "?";
+}
+
 ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_experts, std::vector<uint64_t> offsets,
-                         std::vector<uint64_t> sizes, std::vector<uint32_t> checksums, bool direct, bool verify,
+                         std::vector<uint64_t> sizes, std::vector<uint32_t> checksums, bool direct, Verify verify,
                          double read_bytes_per_s, double read_latency_s)
     : path_(std::move(path)),
       num_layers_(num_layers),
@@ -47,6 +56,8 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
       checksums_(std::move(checksums)),
       verify_(verify) {
   const size_t n = size_t(num_layers_) * num_experts_;
+  verified_.reset(new std::atomic<bool>[n]);
+  for (size_t i = 0; i < n; ++i) verified_[i].store(false, std::memory_order_relaxed);
   if (offsets_.size() != n || sizes_.size() != n || checksums_.size() != n)
     throw std::invalid_argument("offsets, sizes and checksums must all be [num_layers, num_experts]");
   set_throttle(read_bytes_per_s, read_latency_s);
@@ -222,9 +233,14 @@ std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::sh
     if (use_direct && got % kPage != 0) use_direct = false;  // short read mid-file: finish buffered
   }
 
-  if (verify_ && crc32c(blob->data, size) != checksums_[i])
-    throw CorruptExpertError(who(layer, expert) + " failed its checksum in " + path_ +
-                             ": the file is damaged, convert the model again");
+  const bool check = verify_ == Verify::kEveryRead ||
+                     (verify_ == Verify::kFirstRead && !verified_[i].load(std::memory_order_acquire));
+  if (check) {
+    if (crc32c(blob->data, size) != checksums_[i])
+      throw CorruptExpertError(who(layer, expert) + " failed its checksum in " + path_ +
+                               ": the file is damaged, convert the model again");
+    verified_[i].store(true, std::memory_order_release);
+  }
   const uint8_t* h = blob->data;
   if (std::memcmp(h, "EXPB", 4) != 0 || load_u32(h + 4) != layer || load_u32(h + 8) != expert)
     throw CorruptExpertError(who(layer, expert) + " in " + path_ +

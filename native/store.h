@@ -32,6 +32,18 @@ struct Blob {
   uint64_t size = 0;            // the blob's exact length
 };
 
+// When read() checks a blob's CRC-32C. kFirstRead (the default) checks each blob
+// the first time it is read by this store and trusts later reads of it: a file
+// damaged on disk or in transit fails on its first read, and a cache that reads
+// an expert again after evicting it does not pay for the check every time (on a
+// 2-core board that CPU competes with the layer's compute). kEveryRead also
+// catches a blob that changes between reads (a file rewritten under a running
+// process, a flash that returns different bytes).
+enum class Verify : uint8_t { kNever, kFirstRead, kEveryRead };
+
+// "never", "first read" or "every read".
+const char* verify_name(Verify v);
+
 class ExpertStore {
  public:
   // offsets/sizes/checksums: [num_layers * num_experts], row-major; size 0 = no expert.
@@ -39,20 +51,20 @@ class ExpertStore {
   // blob lies beyond its end (truncated). read_bytes_per_s / read_latency_s > 0
   // emulate slower storage (see set_throttle).
   ExpertStore(std::string path, uint32_t num_layers, uint32_t num_experts, std::vector<uint64_t> offsets,
-              std::vector<uint64_t> sizes, std::vector<uint32_t> checksums, bool direct, bool verify,
+              std::vector<uint64_t> sizes, std::vector<uint32_t> checksums, bool direct, Verify verify,
               double read_bytes_per_s = 0, double read_latency_s = 0);
   ~ExpertStore();
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
   // One pread into an aligned buffer (`reuse` if it has exactly the capacity
-  // needed, else a fresh one); verifies the CRC-32C (if verify) and the blob
+  // needed, else a fresh one); verifies the CRC-32C (as `verify` says) and the blob
   // header. Thread-safe. Throws CorruptExpertError, ModelDirectoryError,
   // std::invalid_argument (bad layer/expert), std::runtime_error (I/O error).
   std::shared_ptr<Blob> read(uint32_t layer, uint32_t expert, std::shared_ptr<Blob> reuse = nullptr) const;
 
   bool direct() const { return direct_.load(); }
-  bool verify() const { return verify_; }
+  Verify verify() const { return verify_; }
   const std::string& path() const { return path_; }
   uint32_t num_layers() const { return num_layers_; }
   uint32_t num_experts() const { return num_experts_; }
@@ -81,7 +93,8 @@ class ExpertStore {
   uint32_t num_layers_, num_experts_;
   std::vector<uint64_t> offsets_, sizes_;
   std::vector<uint32_t> checksums_;
-  bool verify_;
+  Verify verify_;
+  std::unique_ptr<std::atomic<bool>[]> verified_;  // [num_layers * num_experts]: kFirstRead's checked blobs
   int fd_ = -1;         // buffered
   int fd_direct_ = -1;  // O_DIRECT, -1 when unavailable
   mutable std::atomic<bool> direct_{false};

@@ -85,7 +85,36 @@ def test_flipped_byte_is_a_corrupt_expert(experts):
     assert "convert the model again" in str(info.value)
     store.read(1, 1)  # the others are fine
     unverified = _core.ExpertStore(path, offsets, sizes, crcs, verify=False)
-    assert unverified.read(1, 2).size == blobs[1, 2].size
+    assert unverified.verify == "never" and unverified.read(1, 2).size == blobs[1, 2].size
+    assert store.verify == "first read"
+    with pytest.raises(errors.CorruptExpertError, match="failed its checksum"):
+        store.read(1, 2)  # a blob that failed was not marked checked: it fails again
+
+
+def test_first_read_verification_checks_each_blob_once(experts):
+    """verify=True checks a blob's first read only; 'every read' also catches a blob that
+    changes on disk after it was read once."""
+    path, offsets, sizes, crcs, blobs = experts
+    once = _core.ExpertStore(path, offsets, sizes, crcs)
+    every = _core.ExpertStore(path, offsets, sizes, crcs, verify="every read")
+    assert every.verify == "every read"
+    for s in (once, every):
+        np.testing.assert_array_equal(s.read(0, 3), blobs[0, 3])
+    with open(path, "r+b") as f:  # damage two blobs: one already read, one not
+        for layer, expert in ((0, 3), (1, 1)):
+            f.seek(int(offsets[layer, expert]) + 700)
+            b = f.read(1)
+            f.seek(int(offsets[layer, expert]) + 700)
+            f.write(bytes([b[0] ^ 0x01]))
+    for s in (once, every):
+        s.drop_page_cache()  # buffered fallback reads must see the new bytes too
+        with pytest.raises(errors.CorruptExpertError, match="expert 1 of layer 1 failed its checksum"):
+            s.read(1, 1)  # never read before: checked by both
+    assert not np.array_equal(once.read(0, 3), blobs[0, 3])  # checked once already: trusted
+    with pytest.raises(errors.CorruptExpertError, match="expert 3 of layer 0 failed its checksum"):
+        every.read(0, 3)
+    with pytest.raises(ValueError, match="verify must be True, False, 'first read', 'every read' or 'never'"):
+        _core.ExpertStore(path, offsets, sizes, crcs, verify="sometimes")
 
 
 def test_blob_with_a_wrong_header_is_corrupt(experts):

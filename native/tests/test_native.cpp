@@ -446,7 +446,7 @@ static void test_store_and_cache() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
   CHECK(store->direct());
   for (uint32_t i = 0; i < f.L * f.E; ++i) {
     auto b = store->read(i / f.E, i % f.E);
@@ -458,12 +458,18 @@ static void test_store_and_cache() {
   // A wrong checksum names the expert.
   auto bad = f.crcs;
   bad[5] ^= 1;
-  ExpertStore corrupt(f.path, f.L, f.E, f.offsets, f.sizes, bad, false, true);
+  ExpertStore corrupt(f.path, f.L, f.E, f.offsets, f.sizes, bad, false, Verify::kEveryRead);
   CHECK(throws<CorruptExpertError>([&] { corrupt.read(1, 1); }, "expert 1 of layer 1 failed its checksum"));
+  CHECK(throws<CorruptExpertError>([&] { corrupt.read(1, 1); }, "expert 1 of layer 1 failed its checksum"));
+  // kFirstRead: a blob that fails is never marked checked, so it fails on every read.
+  ExpertStore once(f.path, f.L, f.E, f.offsets, f.sizes, bad, false, Verify::kFirstRead);
+  for (int k = 0; k < 2; ++k)
+    CHECK(throws<CorruptExpertError>([&] { once.read(1, 1); }, "expert 1 of layer 1 failed its checksum"));
+  CHECK(once.read(1, 0)->size == f.blobs[4].size());
   // A blob beyond the end is refused at construction.
   auto big = f.sizes;
   big[7] += 5000;
-  CHECK(throws<ModelDirectoryError>([&] { ExpertStore(f.path, f.L, f.E, f.offsets, big, f.crcs, true, true); },
+  CHECK(throws<ModelDirectoryError>([&] { ExpertStore(f.path, f.L, f.E, f.offsets, big, f.crcs, true, Verify::kEveryRead); },
                                     "expert 3 of layer 1"));
 
   // moe_forward vs the scalar reference.
@@ -516,7 +522,7 @@ static void test_decode_layer() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
   auto wq = rand_vec(size_t(heads) * hd * H), wk = rand_vec(size_t(kvh) * hd * H), wv = rand_vec(size_t(kvh) * hd * H);
   auto wo = rand_vec(size_t(H) * heads * hd), wr = rand_vec(size_t(f.E) * H);
   auto n1 = rand_vec(H), n2 = rand_vec(H);
@@ -586,7 +592,7 @@ static void test_cache_threads() {
   f.L = 2;
   f.E = 6;
   write_file(f, 64, 64);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
   uint64_t budget = 0;
   for (uint32_t e = 0; e < 5; ++e) budget = std::max(budget, store->buffer_bytes(0, e));
   ExpertCache cache(store, budget * 5);
@@ -630,7 +636,7 @@ static void test_cache_threads() {
 static uint32_t four_bits(uint32_t, uint32_t) { return 4; }  // equal blob sizes: budgets in whole experts
 
 static std::shared_ptr<ExpertStore> open_store(const TestFile& f) {
-  return std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, true);
+  return std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
 }
 
 static void use(ExpertCache& c, uint32_t layer, uint32_t expert) { c.acquire(layer, expert).release(); }
