@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="lru", choices=("lru", "lfu", "edgemoe"), help="expert cache eviction (default lru)")
     p.add_argument("--prefetch", default=None,
                    help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`")
+    p.add_argument("--preload", default="auto", choices=("auto", "all", "warm", "none"),
+                   help="what is read at load: every expert, a warm start of the most used ones that fit the "
+                        "budget, or nothing (default auto: all when the budget holds them, else warm)")
     p.add_argument("--device", default=None, metavar="PROFILE",
                    help="emulate this device profile's storage speed (devices/profiles, e.g. jetson-tx2-emmc)")
     p.add_argument("--fallback", type=float, default=None, metavar="THRESHOLD",
@@ -40,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
              direct_io=not args.buffered_io, policy=args.policy, prefetch=args.prefetch, device=args.device,
+             preload={"auto": None, "none": False}.get(args.preload, args.preload),
              **({"fallback": True, "fallback_threshold": args.fallback} if args.fallback is not None else {}))
     pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, seed=args.seed, stream=True)

@@ -82,6 +82,20 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
+def warm_start_order(lengths: np.ndarray, usage: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs of a warm start, most useful first: by each expert's share of
+    its layer's calibration uses (usage, [layers, experts]), so every layer gets its most used
+    experts before any layer gets its less used ones. Ties, and every expert without a
+    profile, go round the layers: each layer's first expert, then each layer's second, ..."""
+    share = np.zeros(lengths.shape)
+    if usage is not None:
+        totals = usage.sum(axis=1, keepdims=True)
+        share = np.divide(usage, totals, out=share, where=totals > 0)
+    layer, expert = np.nonzero(lengths)
+    order = np.lexsort((layer, expert, -share[layer, expert]))  # the last key sorts first
+    return [(int(layer[i]), int(expert[i])) for i in order]
+
+
 class Model:
     """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
 
@@ -153,11 +167,9 @@ class Model:
 
             self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio, min_prob=prefetch_min_prob)
 
-        if preload is None:  # not with fallback: low-bit copies exist to read less than everything
-            preload = not fallback and self._preload_fits(lengths, io_threads)
-        self.preloading = bool(preload)
-        if preload:
-            self.preload()
+        self.preloading = self._preload_mode(preload, lengths, io_threads, fallback)  # "all", "warm" or ""
+        if self.preloading:
+            self.preload(self.budget if self.preloading == "warm" else None)
 
         tok = self.manifest.get("tokenizer", {})
         self.eos_ids = set(tok.get("eos_token_ids") or [])
@@ -182,19 +194,55 @@ class Model:
         for layer, expert in zip(*np.nonzero(lengths)):
             self.cache.prefetch(int(layer), int(expert))
 
-    def preload(self) -> int:
-        """Queue every expert for the cache's I/O threads, layer by layer, without waiting
-        (what llama.cpp's load does by reading the whole file, but behind the first tokens'
-        compute: demand reads go first). Returns how many reads were queued."""
+    def preload(self, max_bytes: int | None = None) -> int:
+        """Queue experts for the cache's I/O threads without waiting, read behind the first
+        tokens' compute (demand reads go first). max_bytes None: every expert, layer by layer
+        (what llama.cpp's load does by reading the whole file). Otherwise a warm start: the
+        most used experts, as many as fit in max_bytes, so the first tokens do not start
+        from an empty cache (see warm_start_order). Returns how many reads were queued."""
         _, lengths, _, _ = blob_tables(self.manifest)
-        return sum(int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
-                   for layer in range(lengths.shape[0]) if lengths[layer].any())
+        if max_bytes is None:
+            return sum(int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
+                       for layer in range(lengths.shape[0]) if lengths[layer].any())
+        sizes, queued, used = page_bytes(lengths), 0, 0
+        for layer, expert in warm_start_order(lengths, self._routing_usage(lengths.shape)):
+            if used + sizes[layer, expert] > max_bytes:
+                break
+            used += int(sizes[layer, expert])
+            queued += int(self.cache.prefetch(layer, [expert]))
+        return queued
 
-    def _preload_fits(self, lengths: np.ndarray, io_threads: int) -> bool:
-        """preload=None: preload when the budget holds every expert (or is unbounded) and the
-        experts fit in the memory available now; never without I/O threads."""
-        if io_threads <= 0:
-            return False
+    def _routing_usage(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Per MoE layer and expert, how often calibration text routed to it (routing.json,
+        written by `edgemoe profile`), or None without a profile of this shape."""
+        from .routing import ROUTING_FILE, load_routing
+
+        if not (self.path / ROUTING_FILE).exists():
+            return None
+        try:
+            usage = np.asarray(load_routing(self.path)["usage"], np.float64)
+        except (EdgeMoEError, KeyError, TypeError, ValueError):
+            return None  # a profile this run cannot read costs the warm start its order, nothing else
+        return usage if usage.shape == shape else None
+
+    def _preload_mode(self, preload: bool | str | None, lengths: np.ndarray, io_threads: int,
+                      fallback: bool) -> str:
+        """What load queues for the I/O threads (see load's preload): "all", "warm" or ""."""
+        if preload not in (None, True, False, "all", "warm"):
+            raise ValueError(f"preload must be None, True, False, 'all' or 'warm', got {preload!r}")
+        if io_threads <= 0 or preload is False:
+            return ""
+        if preload is not None:
+            return "warm" if preload == "warm" else "all"
+        if fallback:  # low-bit copies exist to read less than everything
+            return ""
+        if self._preload_fits(lengths):
+            return "all"
+        return "warm" if self.budget else ""
+
+    def _preload_fits(self, lengths: np.ndarray) -> bool:
+        """Preload every expert when the budget holds them all (or is unbounded) and they fit
+        in half the memory available now."""
         total = int(page_bytes(lengths).sum())
         if self.budget and self.budget < total:
             return False
@@ -339,6 +387,7 @@ class Model:
             "backbone_bytes": self.backbone_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
             "storage_emulation": self.device.name if self.device else None,
+            "preload": self.preloading or None,  # "all", "warm" (a warm start) or None
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
             **({"fallback": {"threshold": self.cache.fallback_threshold, "uses": int(c["fallback_uses"]),
                              "loads": int(c["fallback_loads"]), "bytes_read": int(c["fallback_bytes"]),
@@ -431,9 +480,12 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, *
     verify: check each expert blob's CRC-32C on its first read (True, the default), on
     "every read", or never (False). Later reads of a checked blob are trusted: a damaged
     file fails on the first read of the damaged expert either way.
-    preload: queue every expert for the I/O threads at load, read behind the first tokens'
-    compute (demand reads first). None (default): when the budget holds all experts (or is
-    unbounded) and they fit in half the memory available now.
+    preload: what the I/O threads read at load, behind the first tokens' compute (demand
+    reads first). "all" (or True): every expert. "warm": a warm start, the most used experts
+    by the model's routing profile (routing.json usage; without one, the same number of each
+    layer's), as many as the budget holds. False: nothing; each expert is read when first
+    needed. None (default): "all" when the budget holds every expert (or is unbounded) and
+    they fit in half the memory available now, else "warm"; nothing with fallback.
     embeddings: "file" reads a token's row of the embedding table from the backbone file when
     it is needed, instead of holding the table in RAM (not when the output head shares it);
     "ram" holds it. None (default): "file" under a memory budget, "ram" without one (the

@@ -1,12 +1,16 @@
 """Preloading at load: when the budget holds every expert, the I/O threads read them all
-behind the first tokens' demand reads; the tokens are those of a run without it."""
+behind the first tokens' demand reads; under a smaller budget, a warm start reads the most
+used experts that fit. The tokens are those of a run without either."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.manifest import blob_tables
+from edgemoe.manifest import blob_tables, page_bytes
+from edgemoe.model import warm_start_order
+from edgemoe.routing import profile_model
 
 
 def test_preload_reads_every_expert_and_changes_no_token(tiny_checkpoint, tmp_path):
@@ -26,8 +30,55 @@ def test_preload_reads_every_expert_and_changes_no_token(tiny_checkpoint, tmp_pa
     assert s["prefetch_issued"] > 0 and s["loads"] == np.count_nonzero(lengths)  # each expert read once
 
 
-def test_no_preload_when_the_budget_is_smaller_than_the_experts(tiny_checkpoint, tmp_path):
+def test_warm_start_fills_the_budget_with_the_most_used_experts(tiny_checkpoint, tmp_path):
     dst = tmp_path / "m"
     convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
-    m = edgemoe.load(dst, memory_budget=edgemoe.load(dst, preload=False).min_budget)
-    assert not m.preloading and m.cache.stats()["prefetch_issued"] == 0
+    want = edgemoe.load(dst, preload=False).generate([1, 5, 9], max_new_tokens=8)
+    _, lengths, _, _ = blob_tables(edgemoe.load(dst, preload=False).manifest)
+    sizes = page_bytes(lengths)
+    budget = int(sizes.sum()) // 2
+
+    cold = edgemoe.load(dst, memory_budget=budget, preload=False)
+    assert not cold.preloading and cold.cache.stats()["prefetch_issued"] == 0
+
+    # no routing profile: the same number of each layer's experts, round the layers
+    m = edgemoe.load(dst, memory_budget=budget)  # default under a budget: a warm start
+    assert m.preloading == "warm" and m.stats()["preload"] == "warm"
+    m.cache.wait_idle()
+    order = warm_start_order(lengths)
+    fits = int(np.searchsorted(np.cumsum([sizes[k] for k in order]), budget, side="right"))
+    assert 0 < fits < len(order)
+    resident = {k for k in order if m.cache.contains(*k)}
+    assert resident == set(order[:fits])
+    assert m.cache.resident_bytes <= budget
+    assert m.generate([1, 5, 9], max_new_tokens=8) == want  # a warm start changes what is read, not tokens
+
+    # with one: the calibration text's most used experts of each layer
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\x1e\n".join(["The cache reads experts from flash while the layers compute."] * 8))
+    usage = np.asarray(profile_model(dst, text, window=32, max_tokens=300)["usage"])
+    assert usage.shape == lengths.shape
+    warm = edgemoe.load(dst, memory_budget=budget)
+    warm.cache.wait_idle()
+    picked = warm_start_order(lengths, usage)[:fits]
+    assert all(warm.cache.contains(*k) for k in picked)
+    share = usage / usage.sum(axis=1, keepdims=True)
+    least_picked = min(share[k] for k in picked)
+    assert all(share[k] <= least_picked for k in warm_start_order(lengths, usage)[fits:])
+
+
+def test_warm_start_order():
+    lengths = np.ones((2, 3), np.uint64)
+    assert warm_start_order(lengths) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    usage = np.array([[1, 8, 1], [30, 30, 40]])  # by share of the layer's uses, not raw counts
+    assert warm_start_order(lengths, usage)[:3] == [(0, 1), (1, 2), (1, 0)]
+    lengths[0, 1] = 0  # no such expert: never queued
+    assert (0, 1) not in warm_start_order(lengths, usage)
+
+
+def test_preload_names_its_choices(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "m"
+    convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
+    with pytest.raises(ValueError, match="preload must be None, True, False, 'all' or 'warm'"):
+        edgemoe.load(dst, preload="some")
+    assert edgemoe.load(dst, memory_budget=edgemoe.load(dst, preload=False).min_budget, io_threads=0).preloading == ""
