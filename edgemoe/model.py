@@ -5,6 +5,7 @@ import os
 import re
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -189,10 +190,9 @@ class Model:
         self.cache.fallback_threshold = float(threshold)
 
     def warm(self) -> None:
-        """Read every expert into the cache now (needs a budget that holds them all)."""
-        _, lengths, _, _ = blob_tables(self.manifest)
-        for layer, expert in zip(*np.nonzero(lengths)):
-            self.cache.prefetch(int(layer), int(expert))
+        """Read every expert into the cache now (needs a budget that holds them all): what
+        preload() queues, whatever load's preload was."""
+        self.preload()
 
     def preload(self, max_bytes: int | None = None) -> int:
         """Queue experts for the cache's I/O threads without waiting, read behind the first
@@ -221,14 +221,19 @@ class Model:
             return None
         try:
             usage = np.asarray(load_routing(self.path)["usage"], np.float64)
-        except (EdgeMoEError, KeyError, TypeError, ValueError):
-            return None  # a profile this run cannot read costs the warm start its order, nothing else
-        return usage if usage.shape == shape else None
+            if usage.shape != shape:
+                raise ValueError(f"its usage is {usage.shape}, the experts file {shape}")
+        except (EdgeMoEError, KeyError, TypeError, ValueError) as e:
+            # costs the warm start its order, nothing else: say so, and go on
+            warnings.warn(f"the warm start ignores {self.path / ROUTING_FILE} ({e}) and goes round the layers: "
+                          f"profile the model again with `edgemoe profile {self.path}`", stacklevel=3)
+            return None
+        return usage
 
     def _preload_mode(self, preload: bool | str | None, lengths: np.ndarray, io_threads: int,
                       fallback: bool) -> str:
         """What load queues for the I/O threads (see load's preload): "all", "warm" or ""."""
-        if preload not in (None, True, False, "all", "warm"):
+        if not (preload is None or isinstance(preload, bool) or preload in ("all", "warm")):
             raise ValueError(f"preload must be None, True, False, 'all' or 'warm', got {preload!r}")
         if io_threads <= 0 or preload is False:
             return ""

@@ -79,6 +79,24 @@ def test_warm_start_order():
 def test_preload_names_its_choices(tiny_checkpoint, tmp_path):
     dst = tmp_path / "m"
     convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
-    with pytest.raises(ValueError, match="preload must be None, True, False, 'all' or 'warm'"):
-        edgemoe.load(dst, preload="some")
+    for bad in ("some", 0, 1):  # 0 and 1 are not False and True
+        with pytest.raises(ValueError, match="preload must be None, True, False, 'all' or 'warm'"):
+            edgemoe.load(dst, preload=bad)
     assert edgemoe.load(dst, memory_budget=edgemoe.load(dst, preload=False).min_budget, io_threads=0).preloading == ""
+
+
+def test_a_damaged_profile_costs_the_warm_start_its_order_and_says_so(tiny_checkpoint, tmp_path):
+    dst = tmp_path / "m"
+    convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
+    want = edgemoe.load(dst, preload=False).generate([1, 5, 9], max_new_tokens=6)
+    _, lengths, _, _ = blob_tables(edgemoe.load(dst, preload=False).manifest)
+    budget = int(page_bytes(lengths).sum()) // 2
+    for text in ('{"format": "edgemoe-routing", "usage": [[1, 2]]}', "{not json"):
+        (dst / "routing.json").write_text(text)
+        with pytest.warns(UserWarning, match=r"warm start ignores .*routing.json.*edgemoe profile"):
+            m = edgemoe.load(dst, memory_budget=budget)
+        assert m.preloading == "warm"
+        m.cache.wait_idle()
+        fits = sum(1 for k in warm_start_order(lengths) if m.cache.contains(*k))
+        assert fits > 0 and all(m.cache.contains(*k) for k in warm_start_order(lengths)[:fits])
+        assert m.generate([1, 5, 9], max_new_tokens=6) == want
