@@ -1,7 +1,8 @@
-"""Checkpoint converters: Hugging Face safetensors -> edgemoe model directory (FORMAT.md).
+"""Checkpoint converters: Hugging Face safetensors -> edgemoe model directory (docs/format.md).
 
-- `safetensors_io`: torch-free safetensors reader (`read_safetensors`, `SafetensorsFile`) and writer.
-- `hf`: opening a checkpoint and the per-architecture name tables.
+- `hf`: opening a checkpoint and mapping its tensors through the architecture files' layouts.
 - `convert`: `convert(src, dst, bits=16|8|4, ...)`, the whole conversion.
-- `cli`: `edgemoe convert SRC -o DST`.
+
+They build on the format layer (edgemoe.format: safetensors, manifest, quantized layouts)
+and the architecture files (edgemoe.models); `edgemoe convert` is edgemoe.cli.convert.
 """

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint -> edgemoe model directory (FORMAT.md), numpy only.
+"""Hugging Face checkpoint -> edgemoe model directory (docs/format.md), numpy only.
 
     manifest = convert("Mixtral-8x7B", "mixtral-q4", bits=4)
 
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe import _core, quant
+from edgemoe import _core
 from edgemoe.errors import CheckpointError, EdgeMoEError
-from edgemoe.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
+from edgemoe.format import quant
+from edgemoe.format.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
+from edgemoe.format.safetensors import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
 
 from .hf import Checkpoint, Plan, plan_conversion
-from .safetensors_io import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
 
 ALIGNMENT = 4096
 EXPERTS_FILE = "experts.bin"
@@ -100,14 +101,14 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     if bits == "auto" and not bits_map:
         raise EdgeMoEError("bits='auto' needs a bits_map naming every expert's bitwidth: "
                            "use edgemoe.allocate.convert_auto (`edgemoe convert --bits auto`) to choose one")
-    _check_fallback_bits(fallback_bits)
+    check_fallback_bits(fallback_bits)
     if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
         raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
     used = set(bits_map.values()) | ({bits} if bits != "auto" else set())
     if ((used != {16} or backbone_bits not in (None, 16) or fallback_bits is not None)
             and group_size not in quant.GROUP_SIZES):
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite)
 
     ckpt = Checkpoint(src)
     plan = plan_conversion(ckpt)
@@ -171,14 +172,15 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
         write_manifest(tmp, manifest)  # last: a directory without it is not a model
         fsync_path(tmp / "manifest.json")
         fsync_path(tmp)
-        _move_into_place(tmp, dst)
+        move_into_place(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """Before any work: dst may be replaced only with overwrite, and never when it holds src."""
     if dst.exists() or dst.is_symlink():
         if not overwrite:
             raise EdgeMoEError(f"{dst} already exists: choose another output directory, or pass --force "
@@ -188,7 +190,8 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
             raise EdgeMoEError(f"refusing to replace {dst}: it holds the checkpoint being converted ({src})")
 
 
-def _move_into_place(tmp: Path, dst: Path) -> None:
+def move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename a finished output directory onto dst, replacing what was there only after it is in place."""
     old = None
     if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
@@ -252,7 +255,7 @@ class _FallbackSpec:
                 "symmetric": bool(self.symmetric), "columns": BLOB_COLUMNS, "blobs": self.blobs}
 
 
-def _check_fallback_bits(fallback_bits: int | None) -> None:
+def check_fallback_bits(fallback_bits: int | None) -> None:
     if fallback_bits is not None and fallback_bits not in FALLBACK_BITS:
         raise EdgeMoEError(f"fallback bits must be one of {', '.join(map(str, FALLBACK_BITS))}, got {fallback_bits}")
 
@@ -301,7 +304,7 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
     """Add (or replace) low-bit fallback copies in a converted model directory, reading the
     experts again from the checkpoint `src` it was converted from. Same group size and
     symmetry as the model's experts. Returns the new manifest."""
-    _check_fallback_bits(fallback_bits)
+    check_fallback_bits(fallback_bits)
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     q = manifest["quantization"]

@@ -1,7 +1,7 @@
-"""Hugging Face checkpoints: open one, and map its tensors to FORMAT.md names.
+"""Hugging Face checkpoints: open one, and map its tensors to docs/format.md names.
 
-One table per architecture says which HF tensor becomes which canonical
-backbone tensor; experts are found in either layout seen in the wild:
+Each architecture file's LAYOUT (edgemoe/models) says which HF tensor becomes which
+canonical backbone tensor; experts are found in either layout seen in the wild:
 
 - per expert: `model.layers.L.{mlp|block_sparse_moe}.experts.E.<proj>.weight`,
   proj = w1/w3/w2 (Mixtral) or gate_proj/up_proj/down_proj (Qwen, OLMoE);
@@ -20,110 +20,36 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemoe.errors import CheckpointError, UnsupportedArchitectureError
+from edgemoe import models
+from edgemoe.errors import CheckpointError
+from edgemoe.format.safetensors import SafetensorsFile
+from edgemoe.models.checkpoint import GLOBAL, CheckpointLayout
 
-from .safetensors_io import SafetensorsFile
+# ---------------------------------------------------------------- architectures
 
-# ---------------------------------------------------------------- architecture tables
-
-_ATTN = {
-    "input_layernorm.weight": "attn_norm",
-    "self_attn.q_proj.weight": "attn_q",
-    "self_attn.k_proj.weight": "attn_k",
-    "self_attn.v_proj.weight": "attn_v",
-    "self_attn.o_proj.weight": "attn_o",
-    "post_attention_layernorm.weight": "ffn_norm",
-}
-_QKV_BIAS = {
-    "self_attn.q_proj.bias": "attn_q_bias",
-    "self_attn.k_proj.bias": "attn_k_bias",
-    "self_attn.v_proj.bias": "attn_v_bias",
-}
-_QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm"}
-_DENSE_MLP = {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
-_SHARED_EXPERT = {
-    "mlp.shared_expert.gate_proj.weight": "ffn_shared_gate",
-    "mlp.shared_expert.up_proj.weight": "ffn_shared_up",
-    "mlp.shared_expert.down_proj.weight": "ffn_shared_down",
-    "mlp.shared_expert_gate.weight": "ffn_shared_router",
-}
-_GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
-_ROLES_MIXTRAL = {"w1": "gate", "w3": "up", "w2": "down"}
-_ROLES_GLU = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # tensors some exporters add that carry nothing the model needs
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    name: str                       # canonical architecture (manifest "architecture")
-    layer_tensors: dict[str, str]   # HF name after "model.layers.L." -> canonical after "layers.L."
-    expert_roles: dict[str, str]    # per-expert projection name -> gate/up/down
-    num_experts_keys: tuple[str, ...]  # config keys naming the expert count, first present wins
-    intermediate_key: str           # config key of one expert's intermediate size
-    moe_block: str = "mlp"          # module holding router + experts in HF names
-    sparse_step: bool = False       # honours decoder_sparse_step / mlp_only_layers
-    shared_expert: bool = False
-    qk_norm: bool = False
-    bias_key: tuple[str, bool] | None = None  # config key switching q/k/v biases on, and its default
+    """An architecture as the converter sees it: its name (manifest "architecture") and
+    where its weights sit in a checkpoint (the architecture file's LAYOUT)."""
 
-    def attn_tensors(self, config: dict) -> list[str]:
-        """Canonical per-layer attention tensors this config requires."""
-        names = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm"]
-        if self.qk_norm:
-            names += ["attn_q_norm", "attn_k_norm"]
-        if self.bias_key and config.get(self.bias_key[0], self.bias_key[1]):
-            names += ["attn_q_bias", "attn_k_bias", "attn_v_bias"]
-        return names
+    name: str
+    layout: CheckpointLayout
 
     def num_experts(self, config: dict) -> int:
-        for key in self.num_experts_keys:
-            if config.get(key) is not None:
-                return int(config[key])
-        raise CheckpointError(f"config.json of this {self.name} checkpoint has none of "
-                              f"{', '.join(map(repr, self.num_experts_keys))}: download config.json again")
+        return self.layout.num_experts(config, self.name)
 
     def moe_layers(self, config: dict) -> list[int]:
-        n = int(config["num_hidden_layers"])
-        if not self.sparse_step:
-            return list(range(n))
-        step = int(config.get("decoder_sparse_step") or 1)
-        dense = set(config.get("mlp_only_layers") or [])
-        if self.num_experts(config) <= 0:
-            return []
-        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+        return self.layout.moe_layers(config, self.name)
 
 
-# transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
-_EXPERT_KEYS = ("num_experts", "num_local_experts")
-
-ARCHS: dict[str, ArchSpec] = {
-    "mixtral": ArchSpec(
-        "mixtral", {**_ATTN, "block_sparse_moe.gate.weight": "ffn_router", "mlp.gate.weight": "ffn_router"},
-        _ROLES_MIXTRAL, _EXPERT_KEYS, "intermediate_size", moe_block="block_sparse_moe"),
-    "qwen2_moe": ArchSpec(
-        "qwen2_moe", {**_ATTN, **_QKV_BIAS, **_DENSE_MLP, **_SHARED_EXPERT, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True, shared_expert=True,
-        bias_key=("qkv_bias", True)),
-    "qwen3_moe": ArchSpec(
-        "qwen3_moe", {**_ATTN, **_QKV_BIAS, **_QK_NORM, **_DENSE_MLP, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "moe_intermediate_size", sparse_step=True, qk_norm=True,
-        bias_key=("attention_bias", False)),
-    "olmoe": ArchSpec(
-        "olmoe", {**_ATTN, **_QKV_BIAS, **_QK_NORM, "mlp.gate.weight": "ffn_router"},
-        _ROLES_GLU, _EXPERT_KEYS, "intermediate_size", qk_norm=True, bias_key=("attention_bias", False)),
-}
-# HF model_type -> canonical architecture
-ALIASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe"}
-
-
-def arch_spec(config: dict, where="the checkpoint") -> ArchSpec:
+def arch_spec(config: dict, where: str = "the checkpoint") -> ArchSpec:
     model_type = config.get("model_type")
-    if model_type not in ALIASES:
-        raise UnsupportedArchitectureError(
-            f"{where} is a {model_type!r} model; edgemoe converts these architectures: "
-            f"{', '.join(sorted(ALIASES))}. Use a checkpoint of one of them (or add the architecture)")
-    return ARCHS[ALIASES[model_type]]
+    module = models.get(str(model_type), where)
+    return ArchSpec(models.ALIASES[str(model_type)], module.LAYOUT)
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -311,19 +237,19 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
     p.num_experts = spec.num_experts(cfg)
     p.top_k = _config_int(cfg, "num_experts_per_tok", spec.name)
     p.hidden = _config_int(cfg, "hidden_size", spec.name)
-    p.intermediate = _config_int(cfg, spec.intermediate_key, spec.name)
+    p.intermediate = _config_int(cfg, spec.layout.intermediate_key, spec.name)
     p.moe_layers = spec.moe_layers(cfg)
     tied = bool(cfg.get("tie_word_embeddings", False))
-    moe_blocks = {spec.moe_block, "mlp"}
+    moe_blocks = {spec.layout.moe_block, "mlp"}
 
     for name, st in ckpt.tensors.items():
         ref = TensorRef(st, name)
         if _IGNORED.search(name):
             continue
-        if name in _GLOBAL:
+        if name in GLOBAL:
             if name == "lm_head.weight" and tied:
                 continue  # tied: the runtime uses tok_embeddings
-            p.backbone[_GLOBAL[name]] = ref
+            p.backbone[GLOBAL[name]] = ref
             continue
         m = _LAYER_RE.match(name)
         if m:
@@ -331,16 +257,16 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
             if layer >= p.num_layers:
                 raise CheckpointError(f"tensor {name} belongs to layer {layer}, but config.json says the model "
                                       f"has {p.num_layers} layers: config and weights do not match")
-            if rest in spec.layer_tensors:
-                canonical = f"layers.{layer}.{spec.layer_tensors[rest]}"
+            if rest in spec.layout.layer_tensors:
+                canonical = f"layers.{layer}.{spec.layout.layer_tensors[rest]}"
                 if canonical in p.backbone:
                     raise CheckpointError(f"tensors {p.backbone[canonical].name} and {name} both give {canonical}: "
                                           f"the checkpoint mixes two namings; keep one")
                 p.backbone[canonical] = ref
                 continue
             e = _PER_EXPERT_RE.match(rest)
-            if e and e.group(1) in moe_blocks and e.group(3) in spec.expert_roles:
-                p.per_expert[(layer, int(e.group(2)), spec.expert_roles[e.group(3)])] = ref
+            if e and e.group(1) in moe_blocks and e.group(3) in spec.layout.expert_roles:
+                p.per_expert[(layer, int(e.group(2)), spec.layout.expert_roles[e.group(3)])] = ref
                 continue
             f = _FUSED_RE.match(rest)
             if f and f.group(1) in moe_blocks:
@@ -355,7 +281,7 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
 
 def _check_complete(p: Plan, tied: bool) -> None:
     spec, H, I, E = p.arch, p.hidden, p.intermediate, p.num_experts
-    reverse = {v: k for k, v in spec.layer_tensors.items()}
+    reverse = {v: k for k, v in spec.layout.layer_tensors.items()}
 
     def need(canonical: str, hf: str) -> None:
         if canonical not in p.backbone:
@@ -368,11 +294,9 @@ def _check_complete(p: Plan, tied: bool) -> None:
         need("output", "lm_head.weight (and tie_word_embeddings is false)")
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
-        per_layer = spec.attn_tensors(p.config)
+        per_layer = spec.layout.attn_tensors(p.config)
         if layer in moe:
-            per_layer.append("ffn_router")
-            if spec.shared_expert and int(p.config.get("shared_expert_intermediate_size") or 0) > 0:
-                per_layer += ["ffn_shared_gate", "ffn_shared_up", "ffn_shared_down", "ffn_shared_router"]
+            per_layer += spec.layout.moe_tensors(p.config)
         else:
             per_layer += ["ffn_gate", "ffn_up", "ffn_down"]
         for c in per_layer:

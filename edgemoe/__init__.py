@@ -2,9 +2,10 @@
 from . import _core
 from .errors import (BudgetError, CheckpointError, CorruptExpertError, EdgeMoEError, ModelDirectoryError,
                      TokenizerError, UnsupportedArchitectureError)
-from .model import Model, load
+from .runtime.engine import Model, load
+from .runtime.options import StreamOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "EdgeMoEError", "CheckpointError", "UnsupportedArchitectureError",
+__all__ = ["load", "Model", "StreamOptions", "EdgeMoEError", "CheckpointError", "UnsupportedArchitectureError",
            "ModelDirectoryError", "CorruptExpertError", "BudgetError", "TokenizerError", "__version__"]

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 import edgemoe
-from edgemoe import _core, quant
-from edgemoe import allocate
-from edgemoe.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, candidate_confidence,
+from edgemoe import _core
+from edgemoe.format import quant
+from edgemoe.planning import allocate
+from edgemoe.planning.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, candidate_confidence,
                               convert_auto, estimate_loss, held_out, parse_fraction, parse_tokens, prediction_bound)
-from edgemoe.converters import cli
+from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError
-from edgemoe.evaluate import encode_documents, perplexity, read_text
-from edgemoe.manifest import blob_tables
+from edgemoe.planning.evaluate import encode_documents, perplexity, read_text
+from edgemoe.format.manifest import blob_tables
 from test_parity import kl_per_position, prompt_ids, reference_logits
 from tiny import ARCHS, _TEXT, reference_model
 
@@ -279,7 +280,7 @@ def test_promise_tokens_zero_accepts_on_the_confidence_bound(tiny_checkpoint, ca
         seen.append((kw["promise_tokens"], kw["max_rounds"]))
         raise EdgeMoEError("stop here")
 
-    monkeypatch.setattr(allocate, "convert_auto", capture)
+    monkeypatch.setattr(cli, "convert_auto", capture)
     src = str(tiny_checkpoint("mixtral"))
     for flag in (["--promise-tokens", "0"], ["--promise-tokens", "inf"], ["--promise-tokens", "50000"], [],
                  ["--max-rounds", "3"]):

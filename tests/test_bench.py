@@ -1,7 +1,7 @@
 """edgemoe bench's reporting: the targets line of issue 4."""
 from __future__ import annotations
 
-from edgemoe.bench import pooled_io_ratios, targets
+from edgemoe.bench.modes import pooled_io_ratios, targets
 
 
 def row(mode: str, tok_s: float, budget: int = 50, model: str = "default") -> dict:

@@ -37,7 +37,7 @@ def test_run_streams_text_then_stats(converted, capsys):
 def test_run_refuses_too_small_budget(converted, capsys):
     assert main(["run", str(converted), "-p", "x", "--memory-budget", "1KB"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("edgemoe: error: memory budget") and "at least" in err
+    assert err.startswith("edgemoe run: error: memory budget") and "at least" in err
 
 
 def test_convert_refuses_existing_destination(converted, tiny_checkpoint, capsys):

@@ -12,13 +12,14 @@ import textwrap
 import numpy as np
 import pytest
 
-from edgemoe import _core, quant
-from edgemoe.converters import cli
+from edgemoe import _core
+from edgemoe.format import quant
+from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import convert
-from edgemoe.converters.safetensors_io import (SafetensorsFile, bf16_to_f32, read_safetensors,
+from edgemoe.format.safetensors import (SafetensorsFile, bf16_to_f32, read_safetensors,
                                                write_safetensors)
 from edgemoe.errors import CheckpointError, EdgeMoEError, ModelDirectoryError, UnsupportedArchitectureError
-from edgemoe.manifest import FORMAT_VERSION, blob_tables, load_manifest
+from edgemoe.format.manifest import FORMAT_VERSION, blob_tables, load_manifest
 from tiny import ARCHS
 
 # HF expert projection names per architecture (per-expert layout)
@@ -133,7 +134,7 @@ def expected_backbone(arch, cfg, moe_layers):
         if i in moe_layers:
             names.add(f"layers.{i}.ffn_router")
             if arch == "qwen2_moe":
-                names |= {f"layers.{i}.ffn_shared_{x}" for x in ("gate", "up", "down", "router")}
+                names |= {f"layers.{i}.ffn_shared_{x}" for x in ("gate", "up", "down", "expert_gate")}
         else:
             names |= {f"layers.{i}.ffn_{x}" for x in ("gate", "up", "down")}
     return names
@@ -148,7 +149,7 @@ HF_NAME = {
     "attn_q_norm": "self_attn.q_norm.weight", "attn_k_norm": "self_attn.k_norm.weight",
     "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
     "ffn_shared_gate": "mlp.shared_expert.gate_proj.weight", "ffn_shared_up": "mlp.shared_expert.up_proj.weight",
-    "ffn_shared_down": "mlp.shared_expert.down_proj.weight", "ffn_shared_router": "mlp.shared_expert_gate.weight",
+    "ffn_shared_down": "mlp.shared_expert.down_proj.weight", "ffn_shared_expert_gate": "mlp.shared_expert_gate.weight",
 }
 
 
@@ -449,7 +450,7 @@ def write_big_mixtral(path, layers=6, experts=8, hidden=512, inter=2048, vocab=5
     rng = np.random.default_rng(0)
     block = (rng.standard_normal(hidden * inter, dtype=np.float32) * 0.02).view(np.uint32) >> 16
     block = block.astype(np.uint16)
-    from edgemoe.converters.safetensors_io import SafetensorsWriter
+    from edgemoe.format.safetensors import SafetensorsWriter
 
     weight_map = {}
     for i in range(layers):
@@ -545,7 +546,7 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
     import functools
 
     import edgemoe
-    from edgemoe.allocate import blob_nbytes
+    from edgemoe.planning.allocate import blob_nbytes
     from edgemoe.converters import convert as convert_module
 
     src = tiny_checkpoint("mixtral")
@@ -581,7 +582,7 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
     assert new["backbone"]["bytes"] < old["backbone"]["bytes"]
 
     # the format 1 directory loads and gives the same logits, with and without its fallback copies
-    for fb in ({}, {"fallback": True, "fallback_threshold": 0.6}):
+    for fb in ({}, {"fallback": 0.6}):
         a, b = edgemoe.load(tmp_path / "v2", **fb), edgemoe.load(tmp_path / "v1", **fb)
         for ids in (list(range(3, 40)), [7]):  # prefill and one-token kernels
             np.testing.assert_array_equal(a.logits(ids), b.logits(ids))

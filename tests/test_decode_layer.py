@@ -58,7 +58,7 @@ def test_layers_the_step_does_not_cover_keep_the_python_path(tiny_checkpoint, tm
 
 
 def test_an_observer_or_a_swapped_moe_takes_the_python_path(tiny_checkpoint, tmp_path):
-    from edgemoe.models.base import RouteObserver
+    from edgemoe.models.blocks import RouteObserver
 
     convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
     m = edgemoe.load(tmp_path / "m")
@@ -73,8 +73,7 @@ def test_an_observer_or_a_swapped_moe_takes_the_python_path(tiny_checkpoint, tmp
     assert len(seen) == 2 * 3  # prefill once per layer, then 2 decode steps x 2 layers
     m.net.observer = None
     calls = []
-    inner = m.net.moe
-    m.net.moe = lambda *a: calls.append(1) or inner(*a)
+    m.net.moe_override = lambda *a: calls.append(1) or m.net.moe(*a)
     m.generate(IDS[:3], max_new_tokens=3)
     assert len(calls) == 2 * 3
 
@@ -92,18 +91,18 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
     with pytest.raises(TypeError):
         layer.step(m.cache, h.astype(np.float64), kv.k[0], kv.v[0], 0)  # no silent copy of h
     L = m.net.layers[0]
-    lin = [(L[n].w, L[n].kind) for n in ("q", "k", "v", "o", "router")]
+    lin = [(lin.w, lin.kind) for lin in (L.attn.q, L.attn.k, L.attn.v, L.attn.o, L.moe.router)]
     with pytest.raises(ValueError, match="q must be"):
-        _core.DecodeLayer(0, lin[1], *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2, 16, 2, 0,
+        _core.DecodeLayer(0, lin[1], *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2, 16, 2, 0,
                           1e-6, True)
     with pytest.raises(ValueError, match="DecodeLayer: w must be 2-D"):  # a QMatrix buffer called a float matrix
-        _core.DecodeLayer(0, (lin[0][0], "f32"), *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2,
+        _core.DecodeLayer(0, (lin[0][0], "f32"), *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2,
                           16, 2, 0, 1e-6, True)
     with pytest.raises(ValueError, match="DecodeLayer: kind must be 'f32', 'f16' or 'bf16', got 'q8'"):
-        _core.DecodeLayer(0, (np.zeros((64, 64), np.float32), "q8"), *lin[1:], L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 2,
+        _core.DecodeLayer(0, (np.zeros((64, 64), np.float32), "q8"), *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2,
                           16, 2, 0, 1e-6, True)
     # _core.linear checks float weights the same way (one helper, float_matrix, in bindings.cpp)
     with pytest.raises(ValueError, match="linear: kind 'f32' needs a float32 w"):
         _core.linear(np.zeros(3, np.float32), np.zeros((2, 3), np.float64), "f32")
     with pytest.raises(ValueError, match="kv_heads must divide"):
-        _core.DecodeLayer(0, *lin, L["attn_norm"], L["ffn_norm"], m.net.rope.inv_freq, 4, 3, 16, 2, 0, 1e-6, True)
+        _core.DecodeLayer(0, *lin, L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 3, 16, 2, 0, 1e-6, True)

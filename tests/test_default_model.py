@@ -13,9 +13,9 @@ import pytest
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.default import SHIPPED
-from edgemoe.evaluate import perplexity
-from edgemoe.routing import profile_model
+from edgemoe.planning.default_model import SHIPPED
+from edgemoe.planning.evaluate import perplexity
+from edgemoe.planning.routing import profile_model
 
 
 @pytest.fixture(scope="module")

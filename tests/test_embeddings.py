@@ -8,7 +8,7 @@ import pytest
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.converters.safetensors_io import SafetensorsFile
+from edgemoe.format.safetensors import SafetensorsFile
 from edgemoe.errors import EdgeMoEError
 
 
@@ -63,5 +63,5 @@ def test_a_backbone_truncated_after_load_is_named(converted, tmp_path):
 
 
 def test_unknown_embeddings_mode_is_refused(converted):
-    with pytest.raises(ValueError, match="'file' or 'ram'"):
+    with pytest.raises(ValueError, match="embeddings must be one of 'auto', 'file', 'ram'"):
         edgemoe.load(converted["mixtral"], embeddings="mmap")

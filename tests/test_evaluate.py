@@ -10,7 +10,8 @@ import torch
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.evaluate import encode_documents, main, perplexity, windows
+from edgemoe.cli.eval import main
+from edgemoe.planning.evaluate import encode_documents, perplexity, windows
 from tiny import reference_model
 
 

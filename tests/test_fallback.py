@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import _core, quant
-from edgemoe.converters import cli
+from edgemoe import _core
+from edgemoe.format import quant
+from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import FALLBACK_FILE, add_fallback, convert
 from edgemoe.errors import CorruptExpertError, EdgeMoEError, ModelDirectoryError
-from edgemoe.manifest import blob_tables, fallback_tables
+from edgemoe.format.manifest import blob_tables, fallback_tables
 from edgemoe.converters.hf import Checkpoint, plan_conversion
-from edgemoe.converters.safetensors_io import to_float32
+from edgemoe.format.safetensors import to_float32
 from test_parity import kl_per_position, prompt_ids
 
 ARCH = "mixtral"  # 2 MoE layers x 4 experts, top-2: the second weight of a token is <= 0.5
@@ -109,11 +110,11 @@ def test_fallback_off_and_threshold_zero_are_identical(models):
     budget = plain.min_budget
     ids = ids_for(plain)
     ref = decode_logits(edgemoe.load(without, memory_budget=budget), ids)
-    for kwargs in ({}, {"fallback": True, "fallback_threshold": 0.0}):
+    for kwargs in ({}, {"fallback": 0.0}):
         m = edgemoe.load(with_fb, memory_budget=budget, **kwargs)
         np.testing.assert_array_equal(decode_logits(m, ids), ref)
         assert m.cache.stats()["fallback_uses"] == 0
-    np.testing.assert_array_equal(edgemoe.load(with_fb, fallback=True).logits(ids), plain.logits(ids))
+    np.testing.assert_array_equal(edgemoe.load(with_fb, fallback=0.3).logits(ids), plain.logits(ids))
 
 
 def test_fallback_under_a_small_budget(models):
@@ -121,7 +122,7 @@ def test_fallback_under_a_small_budget(models):
     full = edgemoe.load(without)
     ids = ids_for(full)
     ref = decode_logits(full, ids)
-    m = edgemoe.load(with_fb, memory_budget=full.min_budget, fallback=True, fallback_threshold=0.3)
+    m = edgemoe.load(with_fb, memory_budget=full.min_budget, fallback=0.3)
     got = decode_logits(m, ids)
     s = m.stats()["fallback"]
     assert s["uses"] > 0 and s["loads"] > 0 and s["bytes_saved"] > 0
@@ -141,7 +142,7 @@ def test_fallback_under_a_small_budget(models):
 
 def test_a_high_weight_loads_the_full_copy(models):
     _, with_fb, _, _ = models
-    m = edgemoe.load(with_fb, fallback=True, fallback_threshold=0.3)
+    m = edgemoe.load(with_fb, fallback=0.3)
     x = np.random.default_rng(0).standard_normal((2, m.config.hidden_size)).astype(np.float32)
     ids = np.array([[0, 1], [2, 1]], np.int32)
     low = np.array([[0.8, 0.2], [0.75, 0.25]], np.float32)  # expert 1 is below 0.3 for both tokens
@@ -178,11 +179,11 @@ def edit_manifest(model_dir, fn):
 def test_bad_fallback_files_and_manifests(models, tmp_path):
     _, with_fb, without, _ = models
     with pytest.raises(ModelDirectoryError, match="no low-bit fallback copies.*--fallback-bits"):
-        edgemoe.load(without, fallback=True)
+        edgemoe.load(without, fallback=0.3)
     with pytest.raises(EdgeMoEError, match="loaded without its low-bit copies"):
         edgemoe.load(with_fb).set_fallback(0.3)
     with pytest.raises(ValueError, match="between 0 and 1"):
-        edgemoe.load(with_fb, fallback=True, fallback_threshold=1.5)
+        edgemoe.load(with_fb, fallback=1.5)
 
     def copy(name):
         d = tmp_path / name
@@ -192,24 +193,24 @@ def test_bad_fallback_files_and_manifests(models, tmp_path):
     d = copy("newer")
     edit_manifest(d, lambda m: m["fallback"].update(version=2))
     with pytest.raises(ModelDirectoryError, match="version 2.*upgrade edgemoe, or load the model without fallback"):
-        edgemoe.load(d, fallback=True)
+        edgemoe.load(d, fallback=0.3)
     assert edgemoe.load(d).logits([3, 4, 5]).shape[0] == 3  # without fallback the section is not read
 
     d = copy("missing")
     (d / FALLBACK_FILE).unlink()
     with pytest.raises(ModelDirectoryError, match="fallback copies\\) is missing"):
-        edgemoe.load(d, fallback=True)
+        edgemoe.load(d, fallback=0.3)
 
     d = copy("truncated")
     with open(d / FALLBACK_FILE, "r+b") as f:
         f.truncate(8192)
     with pytest.raises(ModelDirectoryError, match="truncated or damaged"):
-        edgemoe.load(d, fallback=True)
+        edgemoe.load(d, fallback=0.3)
 
     d = copy("not_fewer_bits")
     edit_manifest(d, lambda m: m["fallback"]["blobs"][1].__setitem__(4, 4))
     with pytest.raises(ModelDirectoryError, match="expert 1 of layer 0 is at 4 bits.*fewer bits than its expert"):
-        edgemoe.load(d, fallback=True)
+        edgemoe.load(d, fallback=0.3)
 
     d = copy("corrupt")
     m = json.loads((d / "manifest.json").read_text())
@@ -219,7 +220,7 @@ def test_bad_fallback_files_and_manifests(models, tmp_path):
         b = f.read(1)
         f.seek(offset + length // 2)
         f.write(bytes([b[0] ^ 0xFF]))
-    model = edgemoe.load(d, fallback=True, fallback_threshold=0.5)
+    model = edgemoe.load(d, fallback=0.5)
     with pytest.raises(CorruptExpertError, match=f"expert {e} of layer {layer} failed its checksum in .*{FALLBACK_FILE}"):
         _core.moe_forward(model.cache, layer, np.zeros((1, model.config.hidden_size), np.float32),
                           np.array([[e, (e + 1) % 4]], np.int32), np.array([[0.1, 0.9]], np.float32))

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import quant
+from edgemoe.format import quant
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError, ModelDirectoryError
-from edgemoe.evaluate import perplexity
-from edgemoe.importance import (ERROR_BITS, _swap_expert, format_report, load_importance, main,
-                                profile_importance, requantize, spearman)
+from edgemoe.planning.evaluate import perplexity, token_ids
+from edgemoe.cli.profile import main
+from edgemoe.planning.importance import (ERROR_BITS, _swap_expert, format_report, load_importance, profile_importance,
+                                         requantize, spearman)
 from tiny import _TEXT
 
 WINDOW = 48
@@ -38,9 +39,9 @@ def test_cached_layers_equal_a_full_forward(profiled):
     assert base == pytest.approx(doc["calibration"]["nll"], abs=1e-9)
     for mi, e, bits in [(0, 1, 2), (1, 3, 3), (1, 0, 2)]:
         layer = doc["moe_layers"][mi]
-        m.net.moe = _swap_expert(m.net.moe, layer, e, requantize(m.store.read(layer, e), bits))
+        m.net.moe_override = _swap_expert(m.net.moe, layer, e, requantize(m.store.read(layer, e), bits))
         nll = perplexity(m, calib, window=WINDOW)["nll"]
-        del m.net.moe
+        m.net.moe_override = None
         assert nll - base == pytest.approx(doc["loss_increase"][str(bits)][mi][e], abs=1e-9)
 
 
@@ -49,7 +50,7 @@ def test_swapping_in_the_stored_blob_changes_nothing(profiled):
     m = edgemoe.load(dst)
     ids = np.arange(3, 40)
     want = m.logits(ids)
-    m.net.moe = _swap_expert(m.net.moe, 1, 2, m.store.read(1, 2))
+    m.net.moe_override = _swap_expert(m.net.moe, 1, 2, m.store.read(1, 2))
     np.testing.assert_allclose(m.logits(ids), want, atol=1e-4)
 
 
@@ -74,7 +75,7 @@ def test_document(profiled):
                   *doc["proxies"].values(), *doc["output_error"].values()]:
         assert np.asarray(table).shape == (M, E)
     usage = np.asarray(doc["usage"])
-    tokens = len(edgemoe.evaluate.token_ids(edgemoe.load(dst), calib))
+    tokens = len(token_ids(edgemoe.load(dst), calib))
     assert (usage.sum(axis=1) == tokens * doc["top_k"]).all()
     gate = np.asarray(doc["proxies"]["gate_mass"])
     np.testing.assert_allclose(gate.sum(axis=1), 1.0, atol=1e-5)  # top-k weights sum to 1 per token (Mixtral)

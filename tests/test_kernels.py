@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from edgemoe import _core
-from edgemoe import quant as q
+from edgemoe.format import quant as q
+
+import reference
 
 RNG = np.random.default_rng(1234)
 
@@ -242,13 +244,13 @@ def test_expert_forward_matches_reference(bits, kind, sym):
             # the float reference, ~5e-7 against this one
             gate, up, down = (m.astype(np.float64) for m in q.expert_matrices(blob))
             xr = round_x(x, 127)
-            h = (q.silu(xr @ gate.T) * (xr @ up.T)).astype(np.float32)
+            h = (reference.silu(xr @ gate.T) * (xr @ up.T)).astype(np.float32)
             assert rel_err(y, round_x(h, 127) @ down.T) < 1e-5, T
-            assert rel_err(y, q.expert_forward_reference(x, blob)) < 3e-2, T
+            assert rel_err(y, reference.expert_forward(x, blob)) < 3e-2, T
             continue
         # one token on AVX2 rounds x and h to int16 (uses_x16): ~2e-4 of the largest output at worst
         tol = 1e-3 if uses_x16(bits, T) else 1e-4
-        assert rel_err(y, q.expert_forward_reference(x, blob)) < tol, T
+        assert rel_err(y, reference.expert_forward(x, blob)) < tol, T
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -259,7 +261,7 @@ def test_symmetric_expert_blob_is_smaller_by_the_mins_and_computes_the_same(bits
     old = q.pack_expert_blob(0, 0, *(q.quantize_matrix(w, bits, 32, True, q.KIND_Q) for w in ws))
     mins_bytes = sum(2 * w.size // 32 for w in ws)  # 64-byte multiples here: no padding either way
     assert old.nbytes - new.nbytes == mins_bytes
-    from edgemoe.allocate import blob_nbytes
+    from edgemoe.planning.allocate import blob_nbytes
     assert blob_nbytes(H, I, bits, 32, symmetric=True) == new.nbytes
     assert blob_nbytes(H, I, bits, 32, symmetric=False) == old.nbytes  # asymmetric: same layout as before
     for T in (1, 3, 16):

@@ -37,7 +37,7 @@ print(json.dumps({"tokens": tokens, "expert_cache_peak_bytes": s["expert_cache_p
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from edgemoe.bench import synth_mixtral
+    from edgemoe.bench.synth import synth_mixtral
     from edgemoe.converters.convert import convert
 
     root = tmp_path_factory.mktemp("memlimit")
@@ -94,7 +94,7 @@ def test_bench_compares_each_cgroup_run_with_the_bandwidth_probed_around_it(mode
     import argparse
 
     import edgemoe
-    from edgemoe.bench import run_cgroup
+    from edgemoe.bench.modes import run_cgroup
 
     bounded = edgemoe.load(model_dir, memory_budget=edgemoe.load(model_dir).info()["expert_bytes"] // 4)
     limit = bounded.memory_needed(8 + 6)

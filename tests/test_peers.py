@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from edgemoe import peers
+from edgemoe.bench import llama_cpp as peers
+from edgemoe.planning.default_model import SHIPPED
 from edgemoe.devices.limits import cgroup_v1_available
 
-SHIPPED_TOKENIZER = Path(peers.__file__).parent / "default_model" / "tokenizer.json"
+SHIPPED_TOKENIZER = SHIPPED / "tokenizer.json"
 
 
 def test_limits_and_budget():
@@ -124,7 +125,7 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     hf = tiny_checkpoint("mixtral")
     cache = tmp_path / "peers"
     cache.mkdir()
-    from edgemoe.default import cache_root
+    from edgemoe.planning.default_model import cache_root
 
     shared, extract = cache_root() / "peers", peers.converter_dir  # the source package's converter, once per machine
     monkeypatch.setattr(peers, "converter_dir", lambda _: extract(shared))

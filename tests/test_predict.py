@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import predict, routing
+from edgemoe.runtime import prefetch
+from edgemoe.runtime import trace
+from edgemoe.planning import predictors
+from edgemoe.planning import routing
 from edgemoe.converters.convert import convert
-from edgemoe.converters.safetensors_io import read_safetensors, to_float32
+from edgemoe.format.safetensors import read_safetensors, to_float32
 from tiny import _TEXT
 
 PROMPT = list(range(5, 29))
@@ -27,7 +30,7 @@ def model_dir(tiny_checkpoint, tmp_path_factory):
     return dst
 
 
-class Capture(edgemoe.models.base.RouteObserver):
+class Capture(edgemoe.models.blocks.RouteObserver):
     def __init__(self):
         self.resid, self.out = {}, {}
 
@@ -67,46 +70,46 @@ def test_lookahead_is_the_next_router_on_this_layer_hidden_state(model_dir):
 def test_live_predictions_equal_offline_ones(model_dir):
     m = edgemoe.load(model_dir)
     tr = m.trace_routing(PROMPT)
-    la = predict.make_predictor(m, "lookahead", point="layer_out")
-    tab = predict.make_predictor(m, "table")
-    ctx = predict.RouteContext(list(tr.experts[-1:].transpose(1, 0, 2)), list(tr.weights[-1:].transpose(1, 0, 2)))
+    la = prefetch.make_predictor(m, "lookahead", point="layer_out")
+    tab = prefetch.make_predictor(m, "table")
+    ctx = prefetch.RouteContext(list(tr.experts[-1:].transpose(1, 0, 2)), list(tr.weights[-1:].transpose(1, 0, 2)))
     np.testing.assert_allclose(tab.probs(2, ctx), tab.trace_probs(tr, 2)[-1:])
     ids, q = tab.predict(2, ctx)
     assert sorted(ids.tolist()) == list(range(8)) and np.all(np.diff(q) <= 0) and q[0] <= 1
     assert la.point == "layer_out" and la.name == "lookahead_layer_out"
     with pytest.raises(ValueError, match="look-ahead point"):
-        predict.make_predictor(m, "lookahead", point="attn")
+        prefetch.make_predictor(m, "lookahead", point="attn")
 
 
 def test_fitted_lookahead(model_dir, tmp_path):
     m = edgemoe.load(model_dir)
     ids = routing.read_token_stream(m, model_dir.parent / "calib.txt", 300)
-    fitter = predict.LookaheadFitter(m.net, [0, 1, 2])
-    routing.trace_routing(m, ids, 64, lookahead=False, observer=fitter)
+    fitter = predictors.LookaheadFitter(m.net, [0, 1, 2])
+    trace.trace_routing(m, ids, 64, lookahead=False, observer=fitter)
     assert fitter.count.tolist() == [0, 300, 300]
     held = m.trace_routing(PROMPT)
     # pulled hard towards the router, the fit is the router
     stiff = fitter.solve(ridge=1e9)
     for point in ("moe_in", "layer_out"):
-        tr = routing.trace_routing(m, PROMPT, fits=stiff)
+        tr = trace.trace_routing(m, PROMPT, fits=stiff)
         np.testing.assert_allclose(tr.lookahead[f"fitted_{point}"][:, :2], held.lookahead[point][:, :2], atol=2e-3)
     # loosely pulled, it predicts the next router's logits on its own calibration text better than the router
     fits = fitter.solve(ridge=1e-3)
-    tr = routing.trace_routing(m, ids, 64, fits=fits)
+    tr = trace.trace_routing(m, ids, 64, fits=fits)
     sizes = np.full((3, 8), 4096.0)
     for point in ("moe_in", "layer_out"):
-        fitted = predict.evaluate(predict.RecordedPredictor(2, f"fitted_{point}"), tr, sizes)["overall"]["recall_k"]
-        plain = predict.evaluate(predict.RecordedPredictor(2, point), tr, sizes)["overall"]["recall_k"]
+        fitted = predictors.evaluate(predictors.RecordedPredictor(2, f"fitted_{point}"), tr, sizes)["overall"]["recall_k"]
+        plain = predictors.evaluate(predictors.RecordedPredictor(2, point), tr, sizes)["overall"]["recall_k"]
         assert fitted >= plain
-    predict.save_fits(tmp_path, fits)
-    back = predict.load_fits(tmp_path, m.config.rms_norm_eps)
+    prefetch.save_fits(tmp_path, fits)
+    back = prefetch.load_fits(tmp_path, m.config.rms_norm_eps)
     for n in (1, 2):
         np.testing.assert_array_equal(back["moe_in"].weights[n][0], fits["moe_in"].weights[n][0])
     # the live predictor gives what the trace recorded
-    shutil.copy(tmp_path / predict.FIT_FILE, model_dir / predict.FIT_FILE)
-    live = predict.make_predictor(m, "fitted:layer_out")
+    shutil.copy(tmp_path / prefetch.FIT_FILE, model_dir / prefetch.FIT_FILE)
+    live = prefetch.make_predictor(m, "fitted:layer_out")
     assert live.name == "fitted_layer_out" and live.point == "layer_out"
-    ctx = predict.RouteContext.empty(3)
+    ctx = prefetch.RouteContext.empty(3)
     cap = Capture()
     m.net.observer = cap
     m.trace_routing(ids[:40].tolist(), lookahead=False)
@@ -118,18 +121,18 @@ def test_fitted_lookahead(model_dir, tmp_path):
 def test_choose_and_offline_scores():
     ids, probs = np.array([3, 1, 2, 0]), np.array([0.9, 0.6, 0.3, 0.01])
     sizes = np.array([100.0, 200.0, 100.0, 100.0])
-    assert predict.choose(ids, probs, sizes, 400) == [3, 1, 2]
-    assert predict.choose(ids, probs, sizes, 250) == [3]
-    assert predict.choose(ids, probs, sizes, 1000, min_prob=0.1) == [3, 1, 2]
+    assert prefetch.choose(ids, probs, sizes, 400) == [3, 1, 2]
+    assert prefetch.choose(ids, probs, sizes, 250) == [3]
+    assert prefetch.choose(ids, probs, sizes, 1000, min_prob=0.1) == [3, 1, 2]
     # a predictor that is always right: recall 1 at the top-k, 1.5x bytes at the 1.5x operating point
     T, M, E, k = 200, 3, 8, 2
     rng = np.random.default_rng(0)
     ex = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(M)]) for _ in range(T)]).astype(np.int16)
-    tr = routing.RoutingTrace(ex, np.full(ex.shape, 0.5, np.float32), [0, 1, 2], E)
+    tr = trace.RoutingTrace(ex, np.full(ex.shape, 0.5, np.float32), [0, 1, 2], E)
     tr.lookahead = {"moe_in": np.zeros((T, M, E), np.float16)}
     for n in range(1, M):
         np.put_along_axis(tr.lookahead["moe_in"][:, n - 1], ex[:, n].astype(np.int64), 0.5, axis=1)
-    ev = predict.evaluate(predict.RecordedPredictor(k, "moe_in"), tr, np.full((M, E), 4096.0))["overall"]
+    ev = predictors.evaluate(predictors.RecordedPredictor(k, "moe_in"), tr, np.full((M, E), 4096.0))["overall"]
     assert ev["recall_k"] == 1.0 and ev["bytes_ratio_k"] == 1.0 and ev["bytes_ratio_2k"] == 2.0
     assert ev["operating_point"]["recall"] == 1.0 and ev["operating_point"]["bytes_ratio"] == 1.5
 
@@ -142,7 +145,7 @@ def test_prefetch_on_and_off_give_identical_tokens(model_dir, kind, point, mode)
     budget = edgemoe.load(model_dir).min_budget * 3 // 2
     assert edgemoe.load(model_dir, memory_budget=budget).generate(PROMPT, max_new_tokens=12) == want
     m = edgemoe.load(model_dir, memory_budget=budget, policy="edgemoe")
-    pf = predict.attach_prefetcher(m, kind, mode=mode, point=point)
+    pf = prefetch.attach_prefetcher(m, kind, mode=mode, point=point)
     assert m.generate(PROMPT, max_new_tokens=12) == want
     st = pf.stats()
     assert st["mode"] == mode and 0 < st["recall"] <= 1 and st["issued_bytes"] > 0
@@ -173,13 +176,12 @@ def test_load_with_prefetch_reports_prediction_stats(model_dir):
 
 
 class FakeAsyncCache:
-    """Stands in for the native cache's coming API, recording calls."""
+    """Records what the Prefetcher asks of the cache (its queue and cancel calls)."""
 
     def __init__(self):
         self.calls, self.cancels = [], []
 
     def prefetch(self, layer, experts, max_bytes=0):
-        """prefetch(self, layer: int, experts: list[int], max_bytes: int = 0) -> None"""
         self.calls.append((layer, list(experts), max_bytes))
 
     def cancel_prefetches(self, layer=-1):
@@ -187,13 +189,12 @@ class FakeAsyncCache:
 
 
 def test_async_protocol(model_dir):
-    assert predict.native_async_prefetch(FakeAsyncCache())
     m = edgemoe.load(model_dir)
-    pf = predict.attach_prefetcher(m, "lookahead")
+    pf = prefetch.attach_prefetcher(m, "lookahead")
     fake = FakeAsyncCache()
     pf.cache, pf.mode = fake, "async"
     m.generate(PROMPT, max_new_tokens=4)
-    sizes = routing.expert_sizes(m)
+    sizes = prefetch.expert_sizes(m)
     assert len(fake.calls) == 4 * 2 and fake.cancels == [0, 1, 2] * 4  # per forward: 2 guesses, a cancel per layer
     for layer, experts, max_bytes in fake.calls:
         assert layer in (1, 2) and len(set(experts)) == len(experts) >= 1

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import edgemoe
-from edgemoe import _core, errors, predict
-from edgemoe import quant as q
+from edgemoe import _core, errors
+from edgemoe.format import quant as q
 
 L, E, H, I = 3, 8, 64, 64
 PAGE = 4096
@@ -69,7 +69,6 @@ def reference(store, run):
 def test_api_and_errors(store):
     cache = _core.ExpertCache(store, 4 * one(store), policy="edgemoe", io_threads=1)
     assert (cache.policy, cache.io_threads) == ("edgemoe", 1)
-    assert predict.native_async_prefetch(cache)  # the Python prefetcher's probe
     assert _core.ExpertCache.entry_overhead_bytes > 0
     with pytest.raises(ValueError, match="'lru', 'lfu' or 'edgemoe'"):
         _core.ExpertCache(store, 0, policy="fifo")

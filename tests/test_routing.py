@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import edgemoe
-from edgemoe import predict, routing
+from edgemoe.runtime import prefetch
+from edgemoe.runtime import trace
+from edgemoe.planning import predictors
+from edgemoe.planning import routing
+from edgemoe.format import routing_file
+from edgemoe.cli import profile
 from edgemoe.converters.convert import convert
 from tiny import _TEXT, reference_model
 
@@ -24,7 +29,7 @@ def mixtral16(tiny_checkpoint, tmp_path_factory):
     return src, dst
 
 
-def synthetic(T, M, k=K, E=E, seed=0, rule=None) -> routing.RoutingTrace:
+def synthetic(T, M, k=K, E=E, seed=0, rule=None) -> trace.RoutingTrace:
     """Uniform random routing, or rule(prev2, prev1, rng) -> [T, k] for layers >= 1."""
     rng = np.random.default_rng(seed)
     ex = np.zeros((T, M, k), np.int16)
@@ -34,12 +39,12 @@ def synthetic(T, M, k=K, E=E, seed=0, rule=None) -> routing.RoutingTrace:
         else:
             ex[:, m] = rule(ex[:, m - 2] if m >= 2 else None, ex[:, m - 1], rng)
     w = np.full((T, M, k), 1.0 / k, np.float32)
-    return routing.RoutingTrace(ex, w, list(range(M)), E)
+    return trace.RoutingTrace(ex, w, list(range(M)), E)
 
 
 def recall(trace_fit, trace_eval, order):
-    table = routing.TransitionTable.fit(trace_fit)
-    ev = predict.evaluate(predict.TablePredictor(table, order=order), trace_eval,
+    table = routing.fit_table(trace_fit)
+    ev = predictors.evaluate(prefetch.TablePredictor(table, order=order), trace_eval,
                           np.full((trace_eval.experts.shape[1], E), 4096.0), first=order)
     return ev["overall"]["recall_k"]
 
@@ -83,7 +88,7 @@ def test_trace_save_load(tmp_path):
     tr = synthetic(50, 3)
     tr.lookahead = {"moe_in": np.random.default_rng(0).random((50, 3, E)).astype(np.float16)}
     tr.save(tmp_path / "t.npz")
-    back = routing.RoutingTrace.load(tmp_path / "t.npz")
+    back = trace.RoutingTrace.load(tmp_path / "t.npz")
     np.testing.assert_array_equal(back.experts, tr.experts)
     np.testing.assert_array_equal(back.lookahead["moe_in"], tr.lookahead["moe_in"])
     assert back.moe_layers == tr.moe_layers and back.num_experts == E
@@ -122,10 +127,10 @@ def test_second_order_table_sees_what_first_order_cannot():
     # top-1; layer n's expert is (e at n-2 + e at n-1) mod E: layer n-1 alone says nothing
     rule = lambda p2, p1, rng: (p2 + p1) % E if p2 is not None else rng.integers(0, E, p1.shape)  # noqa: E731
     fit, held = synthetic(4000, 4, k=1, rule=rule, seed=1), synthetic(1000, 4, k=1, rule=rule, seed=2)
-    table = routing.TransitionTable.fit(fit)
+    table = routing.fit_table(fit)
     sizes = np.ones((4, E))
-    second = predict.evaluate(predict.TablePredictor(table, order=2), held, sizes, first=2)["overall"]["recall_k"]
-    first = predict.evaluate(predict.TablePredictor(table, order=1), held, sizes, first=2)["overall"]["recall_k"]
+    second = predictors.evaluate(prefetch.TablePredictor(table, order=2), held, sizes, first=2)["overall"]["recall_k"]
+    first = predictors.evaluate(prefetch.TablePredictor(table, order=1), held, sizes, first=2)["overall"]["recall_k"]
     assert second == 1.0 and first < 0.3
 
 
@@ -135,7 +140,7 @@ def test_unseen_context_backs_off_to_first_order_then_frequency():
     tr.experts[:, 0] = [0, 1]
     tr.experts[:, 1] = [2, 3]
     tr.experts[:, 2] = [4, 5]
-    table = routing.TransitionTable.fit(tr)
+    table = routing.fit_table(tr)
     unseen = table.probs(2, np.array([[6, 7]]), np.array([[6, 7]]))  # (l-1, l) unseen, l unseen
     np.testing.assert_allclose(unseen.sum(), 1.0)
     assert set(np.argsort(-unseen[0])[:2]) == {4, 5}  # layer 2's frequency
@@ -146,28 +151,28 @@ def test_unseen_context_backs_off_to_first_order_then_frequency():
 def test_routing_json_round_trip(tmp_path):
     fit, held = synthetic(800, 4, seed=1), synthetic(300, 4, seed=2)
     doc = routing.build_routing(fit, held, np.full((4, E), 8192.0), {"file": "x"})
-    routing.save_routing(tmp_path, doc)
-    back = routing.load_routing(tmp_path)
-    a, b = routing.TransitionTable.fit(fit), routing.table_from_routing(back)
+    routing_file.save_routing(tmp_path, doc)
+    back = routing_file.load_routing(tmp_path)
+    a, b = routing.fit_table(fit), prefetch.table_from_routing(back)
     prev2, prev1 = held.experts[:, 1], held.experts[:, 2]
     np.testing.assert_allclose(b.probs(3, prev1, prev2), a.probs(3, prev1, prev2))
     assert back["layers"][0]["entropy"] == pytest.approx(doc["layers"][0]["entropy"])
     assert set(back["evaluation"]["predictors"]) == {"table_l", "table"}
     (tmp_path / "routing.json").write_text(json.dumps({**back, "version": 99}))
     with pytest.raises(edgemoe.ModelDirectoryError, match="version 99"):
-        routing.load_routing(tmp_path)
+        routing_file.load_routing(tmp_path)
 
 
 def test_profile_verb_writes_routing_json(mixtral16, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("\n\x1e\n".join([_TEXT] * 6))
-    assert routing.main([str(mixtral16[1]), "--calib", str(text), "--window", "64", "--max-tokens", "600",
+    assert profile.main([str(mixtral16[1]), "--calib", str(text), "--window", "64", "--max-tokens", "600",
                          "--no-save", "--traces", str(tmp_path / "tr")]) == 0
     out = capsys.readouterr().out
     assert "fit:moe_in" in out and "la:out" in out and "entropy" in out
-    calib = routing.RoutingTrace.load(tmp_path / "tr" / "calib.npz")
-    held = routing.RoutingTrace.load(tmp_path / "tr" / "eval.npz")
+    calib = trace.RoutingTrace.load(tmp_path / "tr" / "calib.npz")
+    held = trace.RoutingTrace.load(tmp_path / "tr" / "eval.npz")
     assert (calib.tokens, held.tokens) == (448, 152)  # 80% of 600, in whole windows
     assert set(held.lookahead) == {"moe_in", "layer_out", "fitted_moe_in", "fitted_layer_out"}
     with pytest.raises(edgemoe.ModelDirectoryError, match="edgemoe profile"):
-        routing.load_routing(tmp_path)
+        routing_file.load_routing(tmp_path)

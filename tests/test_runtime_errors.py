@@ -10,7 +10,7 @@ import pytest
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.manifest import blob_tables
+from edgemoe.format.manifest import blob_tables
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_budget_below_one_layer_states_the_minimum(model_dir):
 
 
 def test_budget_strings(model_dir):
-    from edgemoe.model import parse_bytes
+    from edgemoe.units import parse_bytes
 
     assert parse_bytes("1.5GB") == 1_500_000_000
     assert parse_bytes("512MiB") == 512 << 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgemoe.sampling import Sampler
+from edgemoe.runtime.sampling import Sampler
 
 
 def reference(logits, temperature, top_k, top_p):

@@ -8,15 +8,18 @@ import itertools
 import numpy as np
 import pytest
 
-from edgemoe import predict, routing, simulate
+from edgemoe.runtime import prefetch
+from edgemoe.runtime import trace
+from edgemoe.planning import routing
+from edgemoe.planning import simulate
 
 
-def trace_of(ex) -> routing.RoutingTrace:
+def trace_of(ex) -> trace.RoutingTrace:
     ex = np.asarray(ex, np.int16)
-    return routing.RoutingTrace(ex, np.ones(ex.shape, np.float32), list(range(ex.shape[1])), int(ex.max()) + 1)
+    return trace.RoutingTrace(ex, np.ones(ex.shape, np.float32), list(range(ex.shape[1])), int(ex.max()) + 1)
 
 
-def random_trace(T, M, E, k, seed, skew=1.0) -> routing.RoutingTrace:
+def random_trace(T, M, E, k, seed, skew=1.0) -> trace.RoutingTrace:
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.full(E, skew), size=M)  # a skewed usage per layer
     ex = np.stack([np.stack([rng.choice(E, k, replace=False, p=p[m]) for m in range(M)]) for _ in range(T)])
@@ -25,7 +28,7 @@ def random_trace(T, M, E, k, seed, skew=1.0) -> routing.RoutingTrace:
     return tr
 
 
-def brute_force_misses(trace: routing.RoutingTrace, capacity: int) -> int:
+def brute_force_misses(trace: trace.RoutingTrace, capacity: int) -> int:
     """Fewest misses any demand-paging cache of `capacity` equal-size experts can achieve."""
     T, M, k = trace.experts.shape
     groups = [frozenset((m, int(e)) for e in trace.experts[t, m]) for t in range(T) for m in range(M)]
@@ -98,9 +101,9 @@ def test_a_perfect_predictor_removes_every_wait_after_the_first_layer():
 
 def test_run_table_over_budgets_and_predictors():
     fit, held = random_trace(300, 3, 8, 2, 1, skew=0.3), random_trace(100, 3, 8, 2, 2, skew=0.3)
-    table = routing.TransitionTable.fit(fit)
+    table = routing.fit_table(fit)
     sizes = np.full((3, 8), 4096)
-    rows = simulate.run(held, sizes, predictors={"none": None, "table": predict.TablePredictor(table)})
+    rows = simulate.run(held, sizes, predictors={"none": None, "table": prefetch.TablePredictor(table)})
     assert len(rows) == 3 * 2 * len(simulate.POLICIES)
     assert {r["prefetch"] for r in rows} == {"none", "table"}
     assert all(r["prefetch_bytes"] == 0 for r in rows if r["prefetch"] == "none")

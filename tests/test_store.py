@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from edgemoe import _core, errors
-from edgemoe import quant as q
+from edgemoe.format import quant as q
+
+import reference
 
 L, E, H, I = 2, 4, 64, 96
 
@@ -179,7 +181,7 @@ def test_moe_forward_matches_reference(experts):
         ref = np.zeros((T, H), np.float32)
         for t in range(T):
             for k in range(K):
-                ref[t] += weights[t, k] * q.expert_forward_reference(x[t:t + 1], blobs[layer, ids[t, k]])[0]
+                ref[t] += weights[t, k] * reference.expert_forward(x[t:t + 1], blobs[layer, ids[t, k]])[0]
         y = _core.moe_forward(cache, layer, x, ids, weights)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
         # int64 ids work too (converted)

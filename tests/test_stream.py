@@ -9,7 +9,7 @@ import pytest
 
 import edgemoe
 from edgemoe.cli import main
-from edgemoe.models.base import RouteObserver
+from edgemoe.models.blocks import RouteObserver
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ class Routes(RouteObserver):
 def test_prefill_reads_each_routed_expert_once_per_layer_within_the_budget(model_dir):
     ref = edgemoe.load(model_dir)
     budget = ref.min_budget  # one layer's top-k: far fewer experts than a long prompt routes to
-    m = edgemoe.load(model_dir, memory_budget=budget, preload=False)  # no warm start: count the waves' reads
+    m = edgemoe.load(model_dir, memory_budget=budget, preload="none")  # no warm start: count the waves' reads
     routes = Routes()
     m.net.observer = routes
     prompt = np.random.default_rng(0).integers(3, m.config.vocab_size, 96).tolist()

@@ -41,9 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import onnx_backbone as ob  # noqa: E402
 
 from edgemoe import _core  # noqa: E402
-from edgemoe.models.base import DecoderConfig, KVCache, route_softmax_topk, to_f32  # noqa: E402
+from edgemoe.format.quant import quantize_matrix  # noqa: E402
+from edgemoe.format.safetensors import to_float32 as to_f32  # noqa: E402
+from edgemoe.models.blocks import KVCache, LinearGroup, route_softmax_topk  # noqa: E402
+from edgemoe.models.decoder import DecoderConfig  # noqa: E402
 from edgemoe.models.mixtral import Model as MixtralModel  # noqa: E402
-from edgemoe.quant import quantize_matrix  # noqa: E402
 
 DEFAULT_THREADS = 2
 PARITY_TOKENS = 4  # tokens every variant runs through the native path's checks before timing
@@ -108,6 +110,8 @@ def decoder_config(s: Shape) -> DecoderConfig:
 class NumpyLinear:
     """x @ W.T with W pre-converted to f32 and handed to numpy's BLAS: a stand-in kernel."""
 
+    kind, bias = "numpy", None
+
     def __init__(self, lin):
         self.w = np.ascontiguousarray(to_f32(lin.w, "BF16").T)  # [in, out]
 
@@ -117,6 +121,8 @@ class NumpyLinear:
 
 class Q4Linear:
     """x @ W.T with W as a FORMAT.md QMatrix, 4-bit asymmetric groups of 32, run by _core.qmatrix_matmul."""
+
+    kind, bias = "qmatrix", None
 
     def __init__(self, lin):
         self.w = quantize_matrix(to_f32(lin.w, "BF16"), bits=4, group_size=32, symmetric=False)  # uint8 buffer
@@ -143,10 +149,12 @@ class NativeBackbone:
         self.m = MixtralModel(decoder_config(s), tensors, cache=None, moe_layers=list(range(s.layers)))
         if kernel != "bf16":
             wrap = NumpyLinear if kernel == "numpy" else Q4Linear
-            keys = ("q", "k", "v", "o", "router") if kernel == "numpy" else ("q", "k", "v", "o")
             for L in self.m.layers:
-                for key in keys:
-                    L[key] = wrap(L[key])
+                a = L.attn
+                a.q, a.k, a.v, a.o = wrap(a.q), wrap(a.k), wrap(a.v), wrap(a.o)
+                a.qkv = LinearGroup(a.q, a.k, a.v)  # what attention calls: one native call when all are 4-bit
+                if kernel == "numpy":
+                    L.moe.router = wrap(L.moe.router)
             self.m.lm_head = wrap(self.m.lm_head)
         self.kv = KVCache(s.layers, s.kv_heads, s.head_dim)
         for i in range(s.layers):
@@ -157,15 +165,15 @@ class NativeBackbone:
         m = self.m
         n = m.embed.nbytes + m.lm_head.w.nbytes + m.out_norm.nbytes
         for L in m.layers:
-            n += sum(L[k].w.nbytes for k in ("q", "k", "v", "o", "router"))
-            n += L["attn_norm"].nbytes + L["ffn_norm"].nbytes
+            n += sum(lin.w.nbytes for lin in (L.attn.q, L.attn.k, L.attn.v, L.attn.o, L.moe.router))
+            n += L.attn.norm.nbytes + L.ffn_norm.nbytes
         return n
 
     def token(self, tok: int, trace: list | None = None) -> np.ndarray:
-        """DecoderLM.forward's own block() and head() for one token, with moe() answering zeros."""
+        """DecoderLM.forward's own block() and head() for one token, with the routed experts answering zeros."""
         m, start = self.m, self.context
         routed: list = []
-        m.moe = lambda layer, x, ids, weights: routed.append((x, ids, weights)) or np.zeros_like(x)
+        m.moe_override = lambda layer, x, ids, weights: routed.append((x, ids, weights)) or np.zeros_like(x)
         h = m.embed_tokens(np.array([tok]))  # [1, H]
         for i in range(len(m.layers)):
             h = m.block(i, h, self.kv, start)

@@ -20,9 +20,9 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     import edgemoe
-    from edgemoe.allocate import parse_fraction
-    from edgemoe.bench import bench_prompt
-    from edgemoe.default import default_model_path
+    from edgemoe.planning.allocate import parse_fraction
+    from edgemoe.bench.modes import bench_prompt
+    from edgemoe.planning.default_model import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     ap.add_argument("--model", default=None, help="a converted model directory (default: the default model, 8 bits)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         del probe
     m = edgemoe.load(path, memory_budget=budget, policy="edgemoe")
     if budget is None:
-        m.warm()
+        m.preload()
     native = m.net.decode_layers
     if native is None:
         sys.exit(f"{path}: its layers do not allow the native decode step (see DecoderLM._decode_layer)")

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from edgemoe import _core
-from edgemoe import quant as q
+from edgemoe.format import quant as q
 
 
 def call_seconds(fn, n: int, passes: int = 3, min_seconds: float = 0.3) -> np.ndarray:
@@ -108,7 +108,7 @@ def bench_sampler(rng) -> None:
     """One sampled token (temperature 0.8, top-p 0.95) from the default model's logits at 200
     positions of its test text: the native sampler against the numpy one it replaced."""
     import edgemoe
-    from edgemoe.default import SHIPPED, default_model_path
+    from edgemoe.planning.default_model import SHIPPED, default_model_path
 
     m = edgemoe.load(default_model_path())
     logits = m.logits(m.encode((SHIPPED / "test.txt").read_text(encoding="utf-8")[:4000])[:200])

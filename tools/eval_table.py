@@ -9,7 +9,7 @@ Settings: 16, 8, 4, 3, 2 bits uniform, and `--bits auto` at 1%, 2% and 5% tolera
 verified on the calib.txt documents after them, as `edgemoe convert` does). Every conversion also
 carries 2-bit fallback copies (--fallback-bits 2; experts.bin is byte-identical to a
 conversion without them), so the "+ fallback" row is the same directory loaded with
-fallback=True. Per row:
+fallback=0.3. Per row:
 
 - expert bytes: the experts file's blob bytes, and as a share of the 16-bit experts';
 - test ppl: `edgemoe.evaluate.perplexity` on the whole test text, windows of 256 tokens
@@ -67,9 +67,9 @@ def say(msg: str) -> None:
 # -- conversions ----------------------------------------------------------------------
 def convert_all(src: Path, work: Path, calib: Path, fallback_bits: int, calib_tokens: int,
                 measure: str) -> dict[str, Path]:
-    from edgemoe.allocate import convert_auto
+    from edgemoe.planning.allocate import convert_auto
     from edgemoe.converters.convert import convert
-    from edgemoe.importance import IMPORTANCE_FILE, profile_importance
+    from edgemoe.planning.importance import IMPORTANCE_FILE, profile_importance
 
     out: dict[str, Path] = {}
     for b in UNIFORM:
@@ -99,7 +99,7 @@ def convert_all(src: Path, work: Path, calib: Path, fallback_bits: int, calib_to
 # -- measurements ---------------------------------------------------------------------
 def decode_nll(model, ids: np.ndarray, window: int) -> tuple[float, int]:
     """Summed NLL and scored tokens of non-overlapping windows fed one token at a time."""
-    from edgemoe.evaluate import token_nll, windows
+    from edgemoe.planning.evaluate import token_nll, windows
 
     total, n = 0.0, 0
     for begin, end, scored in windows(len(ids), window):
@@ -125,8 +125,7 @@ def decode_speed(model_dir: Path, prompt: list[int], n: int, budget: int, fallba
 
     runs = []
     for seed in range(repeats):
-        m = edgemoe.load(model_dir, memory_budget=budget, fallback=fallback, fallback_threshold=threshold,
-                         device=device)
+        m = edgemoe.load(model_dir, memory_budget=budget, fallback=threshold if fallback else None, device=device)
         m.store.drop_page_cache()
         if m.fallback_store is not None:
             m.fallback_store.drop_page_cache()
@@ -149,7 +148,7 @@ def decode_speed(model_dir: Path, prompt: list[int], n: int, budget: int, fallba
 
 def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dict[str, Any]:
     import edgemoe
-    from edgemoe.evaluate import perplexity
+    from edgemoe.planning.evaluate import perplexity
 
     eb, fb = expert_bytes(d)
     row: dict[str, Any] = {"setting": name, "dir": str(d), "expert_bytes": eb, "expert_ratio": eb / bytes16,
@@ -178,7 +177,7 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
         if args.decode_ppl_tokens != 0:
             say(f"{name}: decode perplexity at 50% budget ({key})")
             with cpu_lock(False):
-                mm = edgemoe.load(d, memory_budget=budget, fallback=fallback, fallback_threshold=args.threshold)
+                mm = edgemoe.load(d, memory_budget=budget, fallback=args.threshold if fallback else None)
                 nll, n = decode_nll(mm, ids, args.window)
             st = mm.stats()
             row[f"decode_ppl_{key}"] = math.exp(nll / n)
@@ -217,7 +216,7 @@ def threshold_sweep(name: str, d: Path, args, test_ids: np.ndarray) -> list[dict
     for t in [0.0] + [float(x) for x in args.thresholds.split(",")]:
         say(f"{name}: threshold {t:g}")
         with cpu_lock(False):
-            m = edgemoe.load(d, memory_budget=budget, fallback=t > 0, fallback_threshold=t)
+            m = edgemoe.load(d, memory_budget=budget, fallback=t if t > 0 else None)
             nll, n = decode_nll(m, ids, args.window)
         s = m.stats()
         out.append({"threshold": t, "decode_ppl": math.exp(nll / n), "tokens": n,
@@ -321,7 +320,7 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
 
     import edgemoe
-    from edgemoe.evaluate import encode_documents, read_text
+    from edgemoe.planning.evaluate import encode_documents, read_text
 
     if args.phase in ("all", "quality"):
         dirs = convert_all(args.src, args.work, calib, args.fallback_bits, args.calib_tokens, args.measure)

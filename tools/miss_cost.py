@@ -28,13 +28,13 @@ import time
 
 def worker(spec: dict) -> dict:
     import edgemoe
-    from edgemoe.bench import bench_prompt
+    from edgemoe.bench.modes import bench_prompt
     from edgemoe.devices.limits import drop_page_cache
 
     drop_page_cache(spec["model"])
     if spec["config"] == "ram":
         m = edgemoe.load(spec["model"])
-        m.warm()
+        m.preload()
         m.cache.wait_idle()
     else:
         m = edgemoe.load(spec["model"], memory_budget=spec["budget"], policy="edgemoe",
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import edgemoe
-    from edgemoe.allocate import parse_fraction
-    from edgemoe.default import default_model_path
+    from edgemoe.planning.allocate import parse_fraction
+    from edgemoe.planning.default_model import default_model_path
 
     path = str(args.model or default_model_path())
-    probe = edgemoe.load(path, memory_budget="1TB", preload=False)
+    probe = edgemoe.load(path, memory_budget="1TB", preload="none")
     budget = max(probe.min_budget, int(parse_fraction(args.budget) * probe.info()["expert_bytes"]))
     runs: dict[str, list[dict]] = {"ram": [], "async": [], "sync": []}
     for _ in range(args.rounds):

@@ -7,9 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EdgeMoEError
+from ..converters.convert import convert
+from ..errors import EdgeMoEError
+from .routing import profile_model
 
-SHIPPED = Path(__file__).parent / "default_model"
+SHIPPED = Path(__file__).parent.parent / "default_model"
 DEFAULT_BITS = 8
 ROUTING_TOKENS = 12_000  # calibration tokens traced on first use (about ten seconds)
 
@@ -57,14 +59,10 @@ def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
                            "name a converted model directory instead")
     dst = cache_root() / f"default-{bits}bit-{_fingerprint(SHIPPED)}"
     if not (dst / "manifest.json").exists():
-        from .converters.convert import convert
-
         dst.parent.mkdir(parents=True, exist_ok=True)
         convert(SHIPPED, dst, bits=bits, progress=progress, overwrite=True)
     if not (dst / "routing.json").exists():
         # routing statistics and the prefetch table, traced on the shipped validation text
-        from .routing import profile_model
-
         profile_model(dst, SHIPPED / "calib.txt", max_tokens=ROUTING_TOKENS,
                       log=sys.stderr if progress else None)
     return dst

@@ -1,4 +1,5 @@
-"""`edgemoe convert SRC -o DST`: a thin command over converters.convert.convert."""
+"""`edgemoe convert SRC -o DST`: a thin command over converters.convert.convert (and, with
+--bits auto, planning.allocate.convert_auto)."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,10 @@ import sys
 import time
 from typing import Sequence
 
-from edgemoe.errors import EdgeMoEError
-
-from .convert import convert
+from ..converters.convert import convert
+from ..errors import EdgeMoEError
+from ..planning.allocate import convert_auto, format_allocation, parse_fraction, parse_tokens
+from ..planning.routing import profile_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
     p.add_argument("--fallback-bits", type=int, choices=(4, 3, 2), default=None,
                    help="also store a low-bit copy of every expert kept at more bits (experts.fallback.bin), "
-                        "read on a cache miss for a low gate weight with load(..., fallback=True)")
+                        "read on a cache miss for a low gate weight with load(..., fallback=THRESHOLD)")
     a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
     a.add_argument("--tolerance", default=None,
                    help="allowed perplexity increase over 16-bit on a text of --promise-tokens tokens like --calib, "
@@ -77,8 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.routing_calib and not os.path.isfile(args.routing_calib):  # before a long conversion, not after
             raise EdgeMoEError(f"--routing-calib {args.routing_calib}: no such file; give a UTF-8 text file")
         if args.bits == "auto":
-            from edgemoe.allocate import convert_auto, parse_fraction, parse_tokens
-
             try:
                 choices = [int(b) for b in args.bits_choices.split(",")]
             except ValueError:
@@ -107,8 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         symmetric=args.symmetric, progress=not args.quiet, overwrite=args.force,
                         backbone_bits=args.backbone_bits, fallback_bits=args.fallback_bits)
         if args.routing_calib:
-            from edgemoe.routing import profile_model
-
             profile_model(args.output, args.routing_calib, log=None if args.quiet else sys.stderr)
     except EdgeMoEError as e:
         print(f"edgemoe convert: error: {e}", file=sys.stderr)
@@ -116,8 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex = m["experts"]
     if not args.quiet:
         if args.bits == "auto":
-            from edgemoe.allocate import format_allocation
-
             print(format_allocation(m), file=sys.stderr)
         print(f"wrote {args.output}: {m['architecture']}, {len(ex['blobs'])} experts at {m['quantization']['bits']} bits "
               f"({ex['file_bytes'] / 1e6:.1f} MB) + backbone at {m['backbone']['bits']} bits "
@@ -127,6 +123,3 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f"in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Perplexity of a model on held-out text: `edgemoe eval MODEL --text FILE`.
+"""Perplexity of a model on held-out text (what `edgemoe eval MODEL --text FILE` prints).
 
     m = edgemoe.load("model-dir")
     r = perplexity(m, Path("test.txt"), window=256)      # {"ppl", "nll", "tokens", "tokens_per_s", ...}
@@ -12,21 +12,16 @@ tokens of context and scores only the tokens no earlier window scored
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import EdgeMoEError
-
-if TYPE_CHECKING:
-    from .model import Model
+from ..errors import EdgeMoEError
+from ..runtime.engine import Model
 
 DOC_SEPARATOR = "\n\x1e\n"  # a line holding only ASCII RS separates documents (tools/corpus)
 
@@ -43,13 +38,13 @@ def split_documents(text: str) -> list[str]:
     return [d for d in (d.strip("\n") for d in text.split(DOC_SEPARATOR)) if d]
 
 
-def documents(model: "Model", text: str) -> Iterator[list[int]]:
+def documents(model: Model, text: str) -> Iterator[list[int]]:
     """Each non-empty document's token ids, BOS first when the model has one."""
     for d in split_documents(text):
         yield ([int(model.bos_id)] if model.bos_id is not None else []) + list(model.encode(d))
 
 
-def encode_documents(model: "Model", text: str, max_tokens: int | None = None) -> np.ndarray:
+def encode_documents(model: Model, text: str, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of a text, in order: BOS, then each document's tokens (BOS again before
     every document after a \\x1e line). max_tokens keeps the first that many."""
     out: list[int] = []
@@ -64,7 +59,7 @@ def encode_documents(model: "Model", text: str, max_tokens: int | None = None) -
     return np.asarray(out[:max_tokens] if max_tokens else out, np.int64)
 
 
-def token_ids(model: "Model", text_or_ids: Any, max_tokens: int | None = None) -> np.ndarray:
+def token_ids(model: Model, text_or_ids: Any, max_tokens: int | None = None) -> np.ndarray:
     """A str is text, a path (Path / os.PathLike) names a text file, anything else is token ids."""
     if isinstance(text_or_ids, os.PathLike):
         return encode_documents(model, read_text(text_or_ids), max_tokens)
@@ -104,7 +99,7 @@ def window_nll(logits: np.ndarray, ids: np.ndarray, scored: int) -> np.ndarray:
     return token_nll(logits[T - 1 - scored:T - 1], ids[T - scored:])
 
 
-def token_nlls(model: "Model", ids: np.ndarray, window: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def token_nlls(model: Model, ids: np.ndarray, window: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """NLL of every scored token of ids (float64 [N]) and its position in ids ([N]), windows as perplexity's."""
     nll, pos = [], []
     for begin, end, scored in windows(len(ids), window):
@@ -116,7 +111,7 @@ def token_nlls(model: "Model", ids: np.ndarray, window: int = 256) -> tuple[np.n
     return np.concatenate(nll), np.concatenate(pos)
 
 
-def perplexity(model: "Model", text_or_ids: Any, window: int = 256, stride: int | None = None,
+def perplexity(model: Model, text_or_ids: Any, window: int = 256, stride: int | None = None,
                max_tokens: int | None = None, log: Any = None) -> dict[str, Any]:
     """Perplexity of `model` on a text (str), a text file (Path) or token ids.
 
@@ -148,41 +143,3 @@ def perplexity(model: "Model", text_or_ids: Any, window: int = 256, stride: int 
     return {"ppl": math.exp(nll), "nll": nll, "tokens": scored_tokens, "tokens_in": fed, "windows": n_win,
             "window": window, "stride": stride or window, "seconds": seconds,
             "tokens_per_s": fed / seconds if seconds > 0 else 0.0}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edgemoe eval [MODEL] --text FILE`: perplexity and tokens/s."""
-    p = argparse.ArgumentParser(prog="edgemoe eval", description="Perplexity of a model on a text file.")
-    p.add_argument("model", nargs="?", default=None,
-                   help="a converted model directory (default: the shipped default model)")
-    p.add_argument("--text", default=None, help="UTF-8 text file; documents separated by a line holding only "
-                   "\\x1e (default for the default model: its shipped test.txt)")
-    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--stride", type=int, default=None,
-                   help="tokens between window starts (default: the window, i.e. no overlap)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--memory-budget", default=None, help="RAM for expert weights, e.g. 20MB (default: unbounded)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = p.parse_args(argv)
-    from .cli import resolve_model
-    from .default import shipped_text
-    from .model import load
-
-    text = shipped_text(args.text, args.model, "test.txt", "no text to score: pass --text FILE")
-    m = load(resolve_model(args.model), memory_budget=args.memory_budget, threads=args.threads,
-             direct_io=not args.buffered_io)
-    r = perplexity(m, Path(text), window=args.window, stride=args.stride, max_tokens=args.max_tokens,
-                   log=None if args.json else sys.stderr)
-    r["expert_bytes"] = m.info()["expert_bytes"]
-    if args.json:
-        print(json.dumps(r, indent=2))
-    else:
-        print(f"perplexity {r['ppl']:.4f} (nll {r['nll']:.4f} nats/token) over {r['tokens']} tokens of {text}, "
-              f"{r['windows']} windows of {r['window']}; {r['tokens_per_s']:.0f} tokens/s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

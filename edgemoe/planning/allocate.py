@@ -75,8 +75,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import quant
-from .errors import EdgeMoEError
+from ..converters.convert import add_fallback, check_destination, check_fallback_bits, convert, move_into_place
+from ..converters.hf import Checkpoint, plan_conversion
+from ..errors import EdgeMoEError
+from ..format import quant
+from ..format.manifest import load_manifest, write_manifest
+from ..runtime.engine import load
 from .evaluate import documents, read_text, token_nlls
 from .importance import IMPORTANCE_FILE, file_digest, load_importance, profile_importance, save_importance
 
@@ -345,11 +349,6 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     verify_tokens: held-out tokens a candidate is measured on (None: all that are left).
     fallback_bits: also write low-bit fallback copies of the chosen model (converters.convert.add_fallback).
     """
-    from .converters.convert import _check_destination, _check_fallback_bits, _move_into_place, add_fallback, convert
-    from .converters.hf import Checkpoint, plan_conversion
-    from .manifest import load_manifest, write_manifest
-    from .model import load
-
     def say(msg: str) -> None:
         if log is not None:
             print(msg, file=log, flush=True)
@@ -364,8 +363,8 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     if (tolerance is None) == (expert_bytes is None):
         raise EdgeMoEError("--bits auto needs exactly one target: --tolerance (e.g. 2%) or --expert-bytes (e.g. 35%)")
     src, dst = Path(src), Path(dst)
-    _check_destination(src, dst, overwrite)
-    _check_fallback_bits(fallback_bits)
+    check_destination(src, dst, overwrite)
+    check_fallback_bits(fallback_bits)
     plan = plan_conversion(Checkpoint(src))
     doc = load_importance(importance) if importance is not None else None
     if calib is None and (doc is None or tolerance is not None):
@@ -511,7 +510,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         manifest["quantization"]["allocation"] = record
         write_manifest(chosen, manifest)
         save_importance(chosen, doc)
-        _move_into_place(chosen, dst)
+        move_into_place(chosen, dst)
         return load_manifest(dst)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Next-layer expert predictors, how well they do, and the prefetcher that hands
-their guesses to the expert cache while the current layer computes.
+"""Next-layer expert predictors and the prefetcher that hands their guesses to the
+expert cache while the current layer computes (how well they do is measured offline,
+in edgemoe.planning.predictors).
 
 Two predictors with one interface, `predict(m_next, ctx) -> (ids, probs)`, ids in
 decreasing probability of being needed by MoE layer m_next (a moe index, see
-routing.py) for the tokens in flight:
+runtime/trace.py) for the tokens in flight:
 
 - TablePredictor: EdgeMoE's offline table P(experts at l+1 | experts at l-1, l)
   from routing.json, backing off to l alone, then to layer l+1's frequency.
@@ -20,24 +21,22 @@ A guess costs bandwidth, never correctness: the real router always decides.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
-from .errors import EdgeMoEError, ModelDirectoryError
-from .models.base import RouteObserver, route_softmax_topk, softmax
-from .routing import (LOOKAHEAD_POINTS, RoutingTrace, TransitionTable, expert_sizes, load_routing,
-                      lookahead_logits, table_from_routing)
+from .. import _core
+from ..errors import EdgeMoEError, ModelDirectoryError
+from ..format.manifest import blob_tables, page_bytes
+from ..format.routing_file import load_routing
+from ..format.safetensors import read_safetensors, write_safetensors
+from ..models.blocks import RouteObserver, route_softmax_topk, softmax
+from .options import DEFAULT_PREFETCH_RATIO as DEFAULT_RATIO
+from .options import LOOKAHEAD_POINTS, PREDICTORS
+from .trace import RoutingTrace, lookahead_logits
 
-if TYPE_CHECKING:
-    from .model import Model
-
-PREDICTORS = ("table", "lookahead", "fitted")  # each may end in ":moe_in" or ":layer_out" (look-aheads)
 FIT_FILE = "routing.safetensors"
-DEFAULT_RATIO = 1.5  # prefetch byte budget per layer, in units of the bytes a token needs
 
 
 @dataclasses.dataclass
@@ -93,6 +92,87 @@ class Predictor:
         q = needed_probs(self.probs(m_next, ctx) if z is None else softmax(z), self.top_k)
         order = np.argsort(-q, kind="stable")
         return order.astype(np.int32), q[order]
+
+
+class TransitionTable:
+    """EdgeMoE's table: counts of expert paths between consecutive MoE layers.
+
+    c0[n, j]        tokens routed to expert j at layer n
+    c1[n, i, j]     pairs (i at n-1, j at n)               (n >= 1)
+    c2[n, h, i, j]  triples (h at n-2, i at n-1, j at n)   (n >= 2)
+    A token with k experts per layer adds k^2 pairs and k^3 triples.
+
+    `probs` turns them into P(expert j at n | experts at n-2, n-1) for each slot,
+    Dirichlet-smoothed towards the lower order: an unseen (h, i) falls back to
+    P(j | i), an unseen i to layer n's frequency.
+    """
+
+    def __init__(self, c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, top_k: int, smoothing: float | None = None):
+        self.c0, self.c1, self.c2 = c0.astype(np.float64), c1.astype(np.float64), c2.astype(np.float64)
+        self.top_k = int(top_k)
+        self.M, self.E = c0.shape
+        self.smoothing = float(smoothing if smoothing is not None else top_k)
+        self._p0 = self._p1 = self._p2 = None
+
+    def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._p0 is None:
+            b = self.smoothing
+            p0 = (self.c0 + 1.0) / (self.c0.sum(axis=1, keepdims=True) + self.E)  # [M, E]
+            p1 = (self.c1 + b * p0[:, None, :]) / (self.c1.sum(axis=2, keepdims=True) + b)  # [M, E, E]
+            p2 = (self.c2 + b * p1[:, None, :, :]) / (self.c2.sum(axis=3, keepdims=True) + b)  # [M, E, E, E]
+            self._p0, self._p1, self._p2 = p0, p1, p2
+        return self._p0, self._p1, self._p2
+
+    def probs(self, n: int, prev1: np.ndarray | None, prev2: np.ndarray | None = None,
+              w1: np.ndarray | None = None, w2: np.ndarray | None = None) -> np.ndarray:
+        """Slot probabilities [T, E] of MoE layer n's experts (rows sum to 1).
+
+        prev1 [T, k]: experts at n-1; prev2 [T, k]: experts at n-2 (None: first order
+        only). w1, w2: their gate weights, to weight the contexts (None: equal weights).
+        """
+        p0, p1, p2 = self._tables()
+        if prev1 is None or n == 0:
+            return np.broadcast_to(p0[n], (1 if prev1 is None else len(prev1), self.E)).copy()
+        prev1 = np.asarray(prev1, np.int64)
+        if prev2 is None or n < 2:
+            rows = p1[n][prev1]  # [T, k, E]
+            a = np.ones(prev1.shape) if w1 is None else np.asarray(w1, np.float64)
+        else:
+            prev2 = np.asarray(prev2, np.int64)
+            rows = p2[n][prev2[:, :, None], prev1[:, None, :]]  # [T, k, k, E]
+            rows = rows.reshape(len(prev1), -1, self.E)
+            a1 = np.ones(prev1.shape) if w1 is None else np.asarray(w1, np.float64)
+            a2 = np.ones(prev2.shape) if w2 is None else np.asarray(w2, np.float64)
+            a = (a2[:, :, None] * a1[:, None, :]).reshape(len(prev1), -1)
+        a = a / a.sum(axis=1, keepdims=True)
+        return np.einsum("tc,tce->te", a, rows)
+
+    # -- routing.json --------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        def sparse(c: np.ndarray) -> list[list[int]]:
+            idx = np.argwhere(c > 0)
+            return np.concatenate([idx, c[tuple(idx.T)][:, None]], axis=1).astype(np.int64).tolist()
+
+        return {"smoothing": self.smoothing,
+                "first_order": {str(n): sparse(self.c1[n]) for n in range(1, self.M)},
+                "second_order": {str(n): sparse(self.c2[n]) for n in range(2, self.M)}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], usage: np.ndarray, top_k: int) -> "TransitionTable":
+        M, E = usage.shape
+        c1 = np.zeros((M, E, E), np.int64)
+        c2 = np.zeros((M, E, E, E), np.int64)
+        for key, c in (("first_order", c1), ("second_order", c2)):
+            for n, rows in d.get(key, {}).items():
+                if rows:
+                    a = np.asarray(rows, np.int64)
+                    c[int(n)][tuple(a[:, :-1].T)] = a[:, -1]
+        return cls(np.asarray(usage), c1, c2, top_k, d.get("smoothing"))
+
+
+def table_from_routing(doc: dict[str, Any]) -> TransitionTable:
+    """The transition table kept in a routing.json document."""
+    return TransitionTable.from_json(doc["table"], np.asarray(doc["usage"], np.int64), doc["top_k"])
 
 
 class TablePredictor(Predictor):
@@ -156,8 +236,6 @@ class LookaheadFit:
 
 
 def save_fits(model_dir: str | Path, fits: dict[str, LookaheadFit]) -> Path:
-    from .converters.safetensors_io import write_safetensors
-
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     for fit in fits.values():
         tensors.update(fit.tensors())
@@ -170,8 +248,6 @@ def save_fits(model_dir: str | Path, fits: dict[str, LookaheadFit]) -> Path:
 
 def load_fits(model_dir: str | Path, eps: float = 1e-6) -> dict[str, LookaheadFit]:
     """point -> LookaheadFit from routing.safetensors (empty if the file is missing)."""
-    from .converters.safetensors_io import read_safetensors
-
     path = Path(model_dir) / FIT_FILE
     if not path.exists():
         return {}
@@ -181,77 +257,6 @@ def load_fits(model_dir: str | Path, eps: float = 1e-6) -> dict[str, LookaheadFi
         found.setdefault(point, {}).setdefault(int(n), {})[what] = np.array(a, np.float32)
     return {p: LookaheadFit(p, {n: (d["weight"], d["bias"]) for n, d in sorted(layers.items())}, eps)
             for p, layers in found.items()}
-
-
-class LookaheadFitter(RouteObserver):
-    """Accumulates, while calibration text runs, the least-squares statistics that map each
-    MoE layer's hidden state (at both points) to the next MoE layer's router logits."""
-
-    def __init__(self, net: Any, moe_layers: Sequence[int], inner: RouteObserver | None = None):
-        self.net, self.moe_layers, self.inner = net, list(moe_layers), inner
-        self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
-        H = net.cfg.hidden_size
-        M = len(self.moe_layers)
-        self.xtx = {p: np.zeros((M, H + 1, H + 1)) for p in LOOKAHEAD_POINTS}
-        self.xtz = {p: np.zeros((M, H + 1, net.cfg.num_experts)) for p in LOOKAHEAD_POINTS}
-        self.count = np.zeros(M, np.int64)
-        self.pending: dict[str, dict[int, np.ndarray]] = {p: {} for p in LOOKAHEAD_POINTS}
-
-    def _features(self, h: np.ndarray) -> np.ndarray:
-        x = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + self.net.cfg.rms_norm_eps)
-        return np.hstack([x, np.ones((len(x), 1), x.dtype)]).astype(np.float64)
-
-    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
-        m = self.pos[layer]
-        if m > 0:
-            L = self.net.layers[layer]
-            x = np.ascontiguousarray(resid / np.sqrt(np.mean(resid * resid, -1, keepdims=True)
-                                                     + self.net.cfg.rms_norm_eps) * L["ffn_norm"], np.float32)
-            z = L["router"](x).astype(np.float64)  # the logits this layer's router gave
-            for p in LOOKAHEAD_POINTS:
-                f = self.pending[p].pop(m - 1, None)
-                if f is not None:
-                    self.xtx[p][m] += f.T @ f
-                    self.xtz[p][m] += f.T @ z
-            self.count[m] += len(resid)
-        self.pending["moe_in"][m] = self._features(resid)
-        if self.inner is not None:
-            self.inner.on_route(layer, resid, ids, weights)
-
-    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
-        if layer in self.pos:
-            self.pending["layer_out"][self.pos[layer]] = self._features(h)
-        if self.inner is not None:
-            self.inner.on_layer_out(layer, h)
-
-    def solve(self, ridge: float = 1e-3) -> dict[str, LookaheadFit]:
-        """Ridge least squares pulled towards the router itself (W0 = router * ffn_norm, b0 = 0),
-        with weight ridge x tokens, so little calibration text stays close to the router."""
-        fits = {}
-        for p in LOOKAHEAD_POINTS:
-            weights = {}
-            for m in range(1, len(self.moe_layers)):
-                if not self.count[m]:
-                    continue
-                L = self.net.layers[self.moe_layers[m]]
-                W0 = router_matrix(L["router"], len(L["ffn_norm"])) * L["ffn_norm"][None, :]  # [E, H]
-                prior = np.vstack([W0.T, np.zeros((1, W0.shape[0]))])  # [H+1, E]
-                lam = ridge * self.count[m]
-                A = self.xtx[p][m] + lam * np.eye(len(prior))
-                sol = np.linalg.solve(A, self.xtz[p][m] + lam * prior)  # [H+1, E]
-                weights[m] = (sol[:-1].T.astype(np.float32), sol[-1].astype(np.float32))
-            fits[p] = LookaheadFit(p, weights, self.net.cfg.rms_norm_eps)
-        return fits
-
-
-def router_matrix(linear: Any, hidden: int) -> np.ndarray:
-    """A backbone Linear's weight [out, hidden] as float64, whatever its stored form
-    (float or quantized): its response to the identity, less its bias."""
-    eye = np.eye(hidden, dtype=np.float32)
-    y = linear(eye).astype(np.float64)  # [hidden, out]
-    if getattr(linear, "bias", None) is not None:
-        y -= linear.bias
-    return y.T
 
 
 class LookaheadPredictor(Predictor):
@@ -284,16 +289,10 @@ class LookaheadPredictor(Predictor):
         return trace.lookahead[self.key][:, m_next - 1].astype(np.float32)
 
 
-class RecordedPredictor(Predictor):
-    """Look-ahead probabilities already recorded in a trace under `key` (no model needed)."""
-
-    def __init__(self, top_k: int, key: str = "moe_in"):
-        super().__init__(top_k)
-        self.key = key
-        self.name = f"lookahead_{key}" if key in LOOKAHEAD_POINTS else key
-
-    def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
-        return trace.lookahead[self.key][:, m_next - 1].astype(np.float32)
+def expert_sizes(model: Any) -> np.ndarray:
+    """[M, E] bytes one read of each expert moves (blob length rounded up to 4 KiB, as O_DIRECT reads)."""
+    _, lengths, _, _ = blob_tables(model.manifest)
+    return page_bytes(lengths[model.manifest["experts"]["moe_layers"]])
 
 
 # -- choosing what to read ------------------------------------------------------------
@@ -319,77 +318,7 @@ def layer_byte_cap(sizes: np.ndarray, top_k: int, ratio: float) -> np.ndarray:
     return ratio * top_k * np.nan_to_num(np.nanmean(present, axis=1))
 
 
-# -- offline evaluation ----------------------------------------------------------------
-def _score(p: np.ndarray, actual: np.ndarray, sizes: np.ndarray, cap: float, k: int) -> dict[str, float]:
-    """Counts for one layer: p [T, E] slot probabilities, actual [T, k] experts, sizes [E]."""
-    T, E = p.shape
-    order = np.argsort(-p, axis=1, kind="stable")
-    need = np.zeros((T, E), bool)
-    np.put_along_axis(need, actual.astype(np.int64), True, axis=1)
-    hit_sorted = np.take_along_axis(need, order, axis=1)  # [T, E]: is the i-th guess needed
-    cum_bytes = np.cumsum(sizes[order], axis=1)
-    fetched = cum_bytes <= cap  # the operating point: a byte budget per token
-    needed_bytes = float(sizes[actual.astype(np.int64)].sum())
-    out = {"tokens": T, "needed": T * k, "needed_bytes": needed_bytes,
-           "hits_k": int(hit_sorted[:, :k].sum()), "hits_2k": int(hit_sorted[:, :2 * k].sum()),
-           "bytes_k": float(cum_bytes[:, k - 1].sum()), "bytes_2k": float(cum_bytes[:, min(2 * k, E) - 1].sum()),
-           "hits_op": int((hit_sorted & fetched).sum()), "bytes_op": float((sizes[order] * fetched).sum()),
-           "fetched_op": int(fetched.sum())}
-    for c in range(1, min(2 * k, E) + 1):  # recall and bytes if we always read the c likeliest
-        out[f"hits@{c}"] = int(hit_sorted[:, :c].sum())
-        out[f"bytes@{c}"] = float(cum_bytes[:, c - 1].sum())
-    return out
-
-
-def _summarize(c: dict[str, float], k: int, ratio: float) -> dict[str, Any]:
-    n, nb = max(1, c["needed"]), max(1.0, c["needed_bytes"])
-    return {"recall_k": c["hits_k"] / n, "recall_2k": c["hits_2k"] / n,
-            "bytes_ratio_k": c["bytes_k"] / nb, "bytes_ratio_2k": c["bytes_2k"] / nb,
-            "operating_point": {"ratio_cap": ratio, "recall": c["hits_op"] / n, "bytes_ratio": c["bytes_op"] / nb,
-                                "precision": c["hits_op"] / max(1, c["fetched_op"])},
-            "curve": [{"read": int(key[5:]), "recall": c[key] / n, "bytes_ratio": c["bytes@" + key[5:]] / nb}
-                      for key in c if key.startswith("hits@")]}
-
-
-def evaluate(predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio: float = DEFAULT_RATIO,
-             first: int = 1) -> dict[str, Any]:
-    """Next-layer recall of a predictor on a (held-out) trace, per MoE layer and overall.
-
-    recall_k / recall_2k: share of the experts layer l+1 used that were among the k / 2k
-    likeliest guesses; bytes_ratio_*: bytes of those guesses / bytes of the experts used.
-    operating_point: read guesses in order within ratio x the layer's mean bytes per
-    token (what the prefetcher does). sizes [M, E] bytes per expert.
-    """
-    k = trace.top_k
-    caps = layer_byte_cap(sizes, k, ratio)
-    per, total = [], None
-    for n in range(max(1, first), trace.experts.shape[1]):
-        c = _score(predictor.trace_probs(trace, n), trace.experts[:, n], sizes[n].astype(np.float64), caps[n], k)
-        per.append({"moe_index": n, **_summarize(c, k, ratio)})
-        total = c if total is None else {key: total[key] + c[key] for key in c}
-    return {"name": predictor.name, "layers": per, "overall": _summarize(total, k, ratio) if total else {}}
-
-
-def evaluate_all(table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray,
-                 ratio: float = DEFAULT_RATIO) -> dict[str, Any]:
-    """Table (order 1 and 2) and every look-ahead the trace recorded."""
-    out = {"table_l": evaluate(TablePredictor(table, order=1), trace, sizes, ratio),
-           "table": evaluate(TablePredictor(table, order=2), trace, sizes, ratio)}
-    out["table_l"]["name"] = "table_l"
-    for key in trace.lookahead:
-        p = RecordedPredictor(trace.top_k, key)
-        out[p.name] = evaluate(p, trace, sizes, ratio)
-    return out
-
-
 # -- live prefetch ---------------------------------------------------------------------
-def native_async_prefetch(cache: Any) -> bool:
-    """Does this cache take `prefetch(layer, experts, max_bytes=0)` (non-blocking reads)?
-    Every ExpertCache since a5b2a44 does; the Prefetcher no longer asks."""
-    fn = getattr(cache, "prefetch", None)
-    return fn is not None and hasattr(cache, "cancel_prefetches") and "max_bytes" in (fn.__doc__ or "")
-
-
 class Prefetcher(RouteObserver):
     """Watches the forward pass; when MoE layer l's routing (or output) is known, asks the
     predictor for layer l+1 and queues those reads in the cache, most likely first,
@@ -402,7 +331,7 @@ class Prefetcher(RouteObserver):
 
     MODES = ("async", "blocking", "off")
 
-    def __init__(self, model: "Model", predictor: Predictor, ratio: float = DEFAULT_RATIO,
+    def __init__(self, model: Any, predictor: Predictor, ratio: float = DEFAULT_RATIO,
                  min_prob: float = 0.0, mode: str = "async"):
         if mode not in self.MODES:
             raise ValueError(f"prefetch mode must be one of {', '.join(self.MODES)}, got {mode!r}")
@@ -497,42 +426,7 @@ class Prefetcher(RouteObserver):
                            for m in range(1, len(self.moe_layers))]}
 
 
-class _Clock(RouteObserver):
-    def __init__(self, moe_layers: Sequence[int]):
-        self.pos = {layer: m for m, layer in enumerate(moe_layers)}
-        self.routed: list[tuple[int, float]] = []
-        self.done: dict[int, float] = {}
-        self.gaps: dict[str, list[list[float]]] = {p: [[] for _ in moe_layers] for p in LOOKAHEAD_POINTS}
-
-    def on_route(self, layer: int, resid: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
-        now, m = time.perf_counter(), self.pos[layer]
-        if m > 0 and self.routed and self.routed[-1][0] == m - 1:
-            self.gaps["moe_in"][m].append(now - self.routed[-1][1])
-            self.gaps["layer_out"][m].append(now - self.done[m - 1])
-        self.routed.append((m, now))
-
-    def on_layer_out(self, layer: int, h: np.ndarray) -> None:
-        if layer in self.pos:
-            self.done[self.pos[layer]] = time.perf_counter()
-
-
-def lead_times(model: "Model", prompt: Sequence[int], new_tokens: int = 16) -> dict[str, Any]:
-    """Decode-time seconds between the moment a guess for MoE layer n can be issued and the
-    moment layer n routes (median per layer): from layer n-1's routing ("moe_in") or from
-    its output ("layer_out"). A prefetch read that takes longer than this still stalls."""
-    clock = _Clock(model.manifest["experts"]["moe_layers"])
-    inner, model.net.observer = model.net.observer, clock
-    try:
-        model.generate(list(prompt), max_new_tokens=1)  # prefill, not measured
-        clock.gaps = {p: [[] for _ in clock.pos] for p in LOOKAHEAD_POINTS}
-        model.generate(list(prompt), max_new_tokens=new_tokens + 1)
-    finally:
-        model.net.observer = inner
-    return {p: [float(np.median(g[1:])) if len(g) > 1 else None for g in gaps]  # g[0]: the prefill pass
-            for p, gaps in clock.gaps.items()}
-
-
-def make_predictor(model: "Model", kind: str, point: str | None = None, order: int = 2) -> Predictor:
+def make_predictor(model: Any, kind: str, point: str | None = None, order: int = 2) -> Predictor:
     """'table' (needs routing.json), 'lookahead' (the router) or 'fitted' (needs routing.safetensors).
     A look-ahead's point comes from `point` or a suffix ('lookahead:layer_out'); default moe_in."""
     kind, _, suffix = kind.partition(":")
@@ -553,7 +447,7 @@ def make_predictor(model: "Model", kind: str, point: str | None = None, order: i
     raise ValueError(f"unknown predictor {kind!r}: choose one of {', '.join(PREDICTORS)} (or None for no prefetch)")
 
 
-def attach_prefetcher(model: "Model", kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async",
+def attach_prefetcher(model: Any, kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async",
                       min_prob: float = 0.0, **kwargs: Any) -> Prefetcher:
     """Build the predictor and install a Prefetcher on the model's forward pass."""
     pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, min_prob=min_prob, mode=mode)

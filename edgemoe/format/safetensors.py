@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgemoe.errors import CheckpointError
+from ..errors import CheckpointError
 
 # safetensors dtype -> numpy dtype holding its bits (little-endian)
 NP_DTYPES = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelDirectoryError
+from ..errors import ModelDirectoryError
 from .quant import FORMAT_VERSION  # one number for manifest.json and experts.bin (FORMAT.md); reads 1 too
 MANIFEST = "manifest.json"
 BLOB_COLUMNS = ["layer", "expert", "offset", "length", "bits", "crc32c"]

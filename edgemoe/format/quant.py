@@ -1,7 +1,7 @@
-"""Numpy reference of FORMAT.md's QMatrix and expert blob layouts.
+"""The QMatrix and expert blob layouts of docs/format.md, in numpy.
 
-The converter writes with these functions; the native kernels (edgemoe._core)
-are tested against them. Everything here is plain numpy and favours clarity.
+The converter writes with these functions and the native kernels (edgemoe._core)
+read what they write. Everything here is plain numpy and favours clarity.
 
 Group quantization, per group of `group_size` consecutive columns of a row,
 with unsigned codes q in [0, 2^bits):
@@ -282,18 +282,6 @@ def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     """Dequantized (gate [I, H], up [I, H], down [H, I]) of an expert blob."""
     info = parse_blob(blob)
     return tuple(dequantize_matrix(blob, o) for o in info["offsets"])
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
-def expert_forward_reference(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
-    """SwiGLU of one expert: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
-    gate, up, down = expert_matrices(blob)
-    x = np.asarray(x, dtype=np.float32)
-    h = silu(x @ gate.T) * (x @ up.T)  # [T, I]
-    return (h @ down.T).astype(np.float32)
 
 
 def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import resource
 import time
 import warnings
@@ -10,44 +9,26 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import psutil
 
-from . import _core, models
-from .errors import BudgetError, EdgeMoEError, TokenizerError
-from .manifest import blob_tables, fallback_tables, load_manifest, page_bytes
-from .models.base import KVCache
+from .. import _core, models
+from ..devices import load_profile
+from ..errors import BudgetError, EdgeMoEError
+from ..format.manifest import blob_tables, fallback_tables, load_manifest, page_bytes
+from ..format.routing_file import ROUTING_FILE, load_routing
+from ..format.safetensors import SafetensorsFile, TensorRows
+from ..models.blocks import KVCache
+from ..units import format_bytes, parse_bytes
+from .options import StreamOptions
+from .prefetch import attach_prefetcher
 from .sampling import Sampler
-
-DEFAULT_FALLBACK_THRESHOLD = 0.3  # gate weight under which a miss reads the low-bit copy (load(fallback=True))
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """Bytes from an int or a string like '1.5GB' (powers of 1000) or '512MiB' (powers of 1024)."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"a memory budget cannot be negative: {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read '{value}' as a size: write bytes or a number with KB, MB, GB, KiB, MiB or GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
+from .tokenizer import Tokenizer
+from .trace import RoutingTrace, trace_routing
 
 # What the process holds beyond the expert budget, the backbone and the context-dependent
 # terms of Model.memory_needed: Python with numpy, tokenizers and the native core (~30 MB
 # resident, measured), the per-token activations of decode, and headroom for the allocator.
 RUNTIME_OVERHEAD_BYTES = 48 << 20
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def peak_rss_bytes() -> int:
@@ -61,26 +42,6 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS
-
-
-class Tokenizer:
-    """A Hugging Face tokenizer.json read with the `tokenizers` library."""
-
-    def __init__(self, model_dir: Path):
-        path = model_dir / "tokenizer.json"
-        if not path.exists():
-            raise TokenizerError(
-                f"{model_dir} has no tokenizer.json: pass token ids instead of text, or convert a checkpoint "
-                "that carries its tokenizer (tokenizer.json next to config.json)")
-        from tokenizers import Tokenizer as _Tok
-
-        self._tok = _Tok.from_file(str(path))
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
 def warm_start_order(lengths: np.ndarray, usage: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -101,17 +62,13 @@ class Model:
     """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
 
     def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
-                 direct_io: bool = True, verify: bool | str = True, threads: int | None = None,
-                 prefetch: str | None = None, prefetch_ratio: float = 1.5, prefetch_min_prob: float = 0.0,
-                 policy: str = "lru", io_threads: int = 2,
-                 device: str | None = None, fallback: bool = False,
-                 fallback_threshold: float = DEFAULT_FALLBACK_THRESHOLD, preload: bool | None = None,
-                 embeddings: str | None = None):
+                 options: StreamOptions | None = None, threads: int | None = None):
         self.path = Path(path)
+        self.options = o = options or StreamOptions()
         self.manifest = load_manifest(self.path)
         self.architecture = self.manifest["architecture"]
-        arch = models.get(self.architecture)
-        self.config = arch.config_from_dict(self.manifest["config"])
+        arch = models.get(self.architecture, str(self.path))
+        self.config = arch.Model.config_class.from_dict(self.manifest["config"])
         if threads:
             _core.set_num_threads(int(threads))
 
@@ -125,31 +82,25 @@ class Model:
                 f"{ex['top_k']} experts of up to {format_bytes(int(lengths.max()))} each; "
                 f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)")
         self.store = _core.ExpertStore(str(self.path / ex["file"]), offsets, lengths, crcs,
-                                       direct=direct_io, verify=verify)
-        self.device = None  # a device profile whose storage speed the store emulates (devices/profiles)
-        if device:
-            from .devices import load_profile
-
-            self.device = load_profile(device)
+                                       direct=o.direct_io, verify=o.verify)
+        # a device profile whose storage speed the store emulates (devices/profiles)
+        self.device = load_profile(o.device) if o.device else None
+        if self.device:
             self.store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
-        self.fallback_store = None  # low-bit copies read on a miss for a low gate weight (FORMAT.md, fallback)
-        if fallback:
+        self.fallback_store = None  # low-bit copies read on a miss for a low gate weight (docs/format.md)
+        if o.fallback is not None:
             fb_path, fb_offsets, fb_lengths, fb_crcs, _ = fallback_tables(self.path, self.manifest)
             self.fallback_store = _core.ExpertStore(str(fb_path), fb_offsets, fb_lengths, fb_crcs,
-                                                    direct=direct_io, verify=verify)
+                                                    direct=o.direct_io, verify=o.verify)
             if self.device:  # its own transfer schedule: reads of the two files do not share the emulated channel
                 self.fallback_store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
-        self.cache = _core.ExpertCache(self.store, self.budget, policy=policy, io_threads=io_threads,
+        self.cache = _core.ExpertCache(self.store, self.budget, policy=o.policy, io_threads=o.io_threads,
                                        fallback=self.fallback_store)
-        if fallback:
-            self.set_fallback(fallback_threshold)
+        if o.fallback is not None:
+            self.set_fallback(o.fallback)
 
-        from .converters.safetensors_io import SafetensorsFile, TensorRows
-
-        if embeddings is None:  # unbounded: everything is meant to be in RAM, so is the table
-            embeddings = "file" if self.budget else "ram"
-        if embeddings not in ("file", "ram"):
-            raise ValueError(f"embeddings must be 'file' or 'ram', got {embeddings!r}")
+        # unbounded: everything is meant to be in RAM, so is the embedding table
+        embeddings = ("file" if self.budget else "ram") if o.embeddings == "auto" else o.embeddings
         # plain reads into private arrays: an mmap would keep the file's pages resident as well
         backbone = SafetensorsFile(self.path / self.manifest["backbone"]["file"])
         # Under a budget the embedding table is read one row per token from the file
@@ -162,13 +113,12 @@ class Model:
         self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
-        self.prefetcher = None  # predictive preloading (edgemoe/predict.py)
-        if prefetch:
-            from .predict import attach_prefetcher
+        self.prefetcher = None  # predictive preloading (edgemoe/runtime/prefetch.py)
+        if o.prefetch:
+            self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio,
+                                                min_prob=o.prefetch_min_prob)
 
-            self.prefetcher = attach_prefetcher(self, prefetch, ratio=prefetch_ratio, min_prob=prefetch_min_prob)
-
-        self.preloading = self._preload_mode(preload, lengths, io_threads, fallback)  # "all", "warm" or ""
+        self.preloading = self._preload_mode(lengths)  # "all", "warm" or ""
         if self.preloading:
             self.preload(self.budget if self.preloading == "warm" else None)
 
@@ -184,15 +134,11 @@ class Model:
         for every token of the step (prefill: all of them) is read and computed from its low-bit
         copy. 0 turns it off. Needs a model loaded with fallback=True."""
         if self.fallback_store is None and threshold:
-            raise EdgeMoEError(f"{self.path} was loaded without its low-bit copies: load it with fallback=True")
+            raise EdgeMoEError(f"{self.path} was loaded without its low-bit copies: load it with "
+                               "fallback=THRESHOLD (e.g. 0.3; 0 opens the copies without using them)")
         if not 0 <= threshold <= 1:
             raise ValueError(f"the fallback threshold is a gate weight between 0 and 1, got {threshold}")
         self.cache.fallback_threshold = float(threshold)
-
-    def warm(self) -> None:
-        """Read every expert into the cache now (needs a budget that holds them all): what
-        preload() queues, whatever load's preload was."""
-        self.preload()
 
     def preload(self, max_bytes: int | None = None) -> int:
         """Queue experts for the cache's I/O threads without waiting, read behind the first
@@ -215,8 +161,6 @@ class Model:
     def _routing_usage(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """Per MoE layer and expert, how often calibration text routed to it (routing.json,
         written by `edgemoe profile`), or None without a profile of this shape."""
-        from .routing import ROUTING_FILE, load_routing
-
         if not (self.path / ROUTING_FILE).exists():
             return None
         try:
@@ -230,16 +174,14 @@ class Model:
             return None
         return usage
 
-    def _preload_mode(self, preload: bool | str | None, lengths: np.ndarray, io_threads: int,
-                      fallback: bool) -> str:
-        """What load queues for the I/O threads (see load's preload): "all", "warm" or ""."""
-        if not (preload is None or isinstance(preload, bool) or preload in ("all", "warm")):
-            raise ValueError(f"preload must be None, True, False, 'all' or 'warm', got {preload!r}")
-        if io_threads <= 0 or preload is False:
+    def _preload_mode(self, lengths: np.ndarray) -> str:
+        """What load queues for the I/O threads (StreamOptions.preload): "all", "warm" or ""."""
+        o = self.options
+        if o.io_threads <= 0 or o.preload == "none":
             return ""
-        if preload is not None:
-            return "warm" if preload == "warm" else "all"
-        if fallback:  # low-bit copies exist to read less than everything
+        if o.preload != "auto":
+            return o.preload
+        if o.fallback is not None:  # low-bit copies exist to read less than everything
             return ""
         if self._preload_fits(lengths):
             return "all"
@@ -251,8 +193,6 @@ class Model:
         total = int(page_bytes(lengths).sum())
         if self.budget and self.budget < total:
             return False
-        import psutil
-
         return total < 0.5 * psutil.virtual_memory().available
 
     def _min_budget(self, lengths: np.ndarray) -> int:
@@ -330,11 +270,10 @@ class Model:
             self._counters["tokens_generated"] += 1
             pos += 1
 
-    def trace_routing(self, prompt: str | Sequence[int], window: int | None = None, lookahead: bool = True):
-        """Routing of a prompt: a routing.RoutingTrace whose .experts is [tokens, moe_layers, top_k].
+    def trace_routing(self, prompt: str | Sequence[int], window: int | None = None,
+                      lookahead: bool = True) -> RoutingTrace:
+        """Routing of a prompt: a RoutingTrace whose .experts is [tokens, moe_layers, top_k].
         window: prefill windows of that many tokens, the KV cache reset before each."""
-        from .routing import trace_routing
-
         return trace_routing(self, prompt, window=window, lookahead=lookahead)
 
     def _detokenize(self, tokens: Iterator[int]) -> Iterator[str]:
@@ -468,35 +407,17 @@ class Model:
         }
 
 
-def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, **kwargs: Any) -> Model:
+def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, options: StreamOptions | None = None,
+         *, threads: int | None = None, **stream: Any) -> Model:
     """Open a converted model directory.
 
-    memory_budget bounds the RAM used for expert weights: bytes, or a string
-    like "1.5GB" / "512MiB". None keeps every expert that was read.
-    prefetch: "table" (routing.json, see `edgemoe profile`), "lookahead" or None:
-    read the experts the next layer will probably need while this one computes,
-    within prefetch_ratio x the bytes a token needs per layer, skipping guesses needed with
-    probability below prefetch_min_prob.
-    device: a device profile name (devices/profiles, e.g. "jetson-tx2-emmc"): expert reads are
-    throttled to its storage bandwidth and latency, to emulate that device's storage.
-    fallback: open the model's low-bit copies (convert with --fallback-bits) and, on a miss
-    for an expert whose gate weight is below fallback_threshold, compute it from its
-    low-bit copy instead of reading the full one (HOBBIT); see Model.set_fallback.
-    verify: check each expert blob's CRC-32C on its first read (True, the default), on
-    "every read", or never (False). Later reads of a checked blob are trusted: a damaged
-    file fails on the first read of the damaged expert either way.
-    preload: what the I/O threads read at load, behind the first tokens' compute (demand
-    reads first). "all" (or True): every expert. "warm": a warm start, the most used experts
-    by the model's routing profile (routing.json usage; without one, the same number of each
-    layer's), as many as the budget holds. False: nothing; each expert is read when first
-    needed. None (default): "all" when the budget holds every expert (or is unbounded) and
-    they fit in half the memory available now, else "warm"; nothing with fallback.
-    embeddings: "file" reads a token's row of the embedding table from the backbone file when
-    it is needed, instead of holding the table in RAM (not when the output head shares it);
-    "ram" holds it. None (default): "file" under a memory budget, "ram" without one (the
-    run holds every expert anyway, and a row read from a cold file costs a disk read per
-    new token).
+    memory_budget bounds the RAM used for expert weights: bytes, or a string like "1.5GB"
+    (powers of 1000) or "512MiB" (powers of 1024). None keeps every expert that was read.
+    options: how experts are streamed (StreamOptions: policy, prefetch, preload, fallback,
+    device, ...); any of its fields may also be given as a keyword, which replaces that field:
+    load(path, "300MB", prefetch="lookahead"). threads: compute threads (default: all cores).
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
-    return Model(path, memory_budget=memory_budget, **kwargs)
+    return Model(path, memory_budget=memory_budget, options=StreamOptions.with_overrides(options, stream),
+                 threads=threads)

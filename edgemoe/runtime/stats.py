@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import format_bytes
+from ..units import format_bytes
 
 # (header, key in a layer row, format); None values print as "-"
 COLUMNS = (

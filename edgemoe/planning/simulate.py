@@ -35,17 +35,13 @@ that prefetch improves.
 """
 from __future__ import annotations
 
-import argparse
 import bisect
-import json
-import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, layer_byte_cap
-from .routing import RoutingTrace
+from ..runtime.prefetch import DEFAULT_RATIO, Predictor, layer_byte_cap
+from ..runtime.trace import RoutingTrace
 
 POLICIES = ("lru", "lfu", "edgemoe", "belady")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
@@ -263,62 +259,3 @@ def format_rows(rows: list[dict[str, Any]], total_bytes: float, tokens: int) -> 
                      f"{r['bytes_read'] / tokens / 1e3:9.1f}KB {r['demand_bytes'] / tokens / 1e3:10.1f}KB "
                      f"{r['wasted_prefetch_bytes'] / tokens / 1e3:10.1f}KB")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
-    from .model import load
-    from .routing import ROUTING_FILE, collect_trace, expert_sizes, load_routing, table_from_routing
-
-    p = argparse.ArgumentParser(prog="edgemoe simulate",
-                                description="Replay a routing trace through the expert cache under each eviction "
-                                            "policy (LRU, LFU, EdgeMoE, Belady's oracle) and prefetch predictor.")
-    p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")
-    src.add_argument("--trace", help="a trace saved by `edgemoe profile --traces DIR` (eval.npz)")
-    p.add_argument("--max-tokens", type=int, default=5000, help="tokens of --text to trace (default 5000)")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of all expert bytes")
-    p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--prefetch", default=",".join(DEFAULT_PREDICTORS),
-                   help="predictors to try: none, table (needs routing.json), lookahead_moe_in, "
-                        "lookahead_layer_out, fitted_moe_in, fitted_layer_out (a trace that recorded them)")
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed")
-    p.add_argument("--json", default=None, help="write every row to this file")
-    args = p.parse_args(argv)
-
-    m = load(args.model)
-    sizes = expert_sizes(m)
-    if args.trace:
-        trace = RoutingTrace.load(args.trace)
-        if args.max_tokens:
-            trace = trace[:args.max_tokens]
-    else:
-        from .predict import load_fits
-
-        trace = collect_trace(m, args.text, args.window, args.max_tokens, seed=1,
-                              fits=load_fits(args.model, m.config.rms_norm_eps))
-    predictors: dict[str, Predictor | None] = {}
-    for name in args.prefetch.split(","):
-        name = name.strip()
-        if name == "none":
-            predictors[name] = None
-        elif name == "table":
-            if (Path(args.model) / ROUTING_FILE).exists():
-                predictors[name] = TablePredictor(table_from_routing(load_routing(args.model)))
-            else:
-                print(f"no {ROUTING_FILE}: skipping the table predictor (run `edgemoe profile` first)", file=sys.stderr)
-        elif name.removeprefix("lookahead_") in trace.lookahead:
-            predictors[name] = RecordedPredictor(trace.top_k, name.removeprefix("lookahead_"))
-        else:
-            print(f"skipping predictor {name!r}: unknown, or not recorded in the trace", file=sys.stderr)
-    fractions = [float(x) for x in args.budgets.split(",")]
-    policies = [x.strip() for x in args.policies.split(",")]
-    rows = run(trace, sizes, fractions, policies, predictors, ratio=args.ratio)
-    print(f"{trace.tokens} tokens, {len(trace.moe_layers)} MoE layers x {trace.num_experts} experts, "
-          f"top-{trace.top_k}; all experts {sizes.sum() / 1e6:.2f} MB; bytes per token, 'waited' = read on a miss")
-    print(format_rows(rows, float(sizes.sum()), trace.tokens))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0

@@ -21,9 +21,18 @@ import statistics
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..converters.convert import convert
+from ..devices import load_profile
+from ..devices.limits import Cgroup, cgroup_v1_available, drop_page_cache
+from ..format.manifest import FORMAT_VERSION
+from ..planning.default_model import SHIPPED, _fingerprint, cache_root
+from ..runtime.engine import load
+from . import llama_cpp_worker
+from .modes import combo_name, direct_read_bandwidth, held_out_prompt, mode_options
+from .synth import synth_mixtral
 
 ENGINES = ("edgemoe", "llama.cpp")
 DEFAULT_LIMITS = "unlimited,1.2,0.8,0.5,0.3"
@@ -32,7 +41,6 @@ GGUF_TYPES = {4: "Q4_0", 8: "Q8_0"}
 # with --symmetric is the same arithmetic and layout cost (kind 4, FORMAT.md: 4.5 bits per weight).
 OUR_SETTINGS = {4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
                 8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True)}
-SAMPLING = dict(temperature=0.8, top_p=0.95)  # both engines, no top-k, no min-p, no repeat penalty
 RUN_TIMEOUT_S = 300.0
 # HF pre-tokenizers llama.cpp implements under another model's name, for checkpoints whose
 # tokenizer hash convert_hf_to_gguf.py cannot know (it lists published models only).
@@ -297,7 +305,7 @@ def hf_to_gguf(hf: Path, out: Path, cache: Path) -> Path:
     llama_dir = converter_dir(cache)
     tmp = out.with_name(out.name + ".part")
     print(f"converting {hf} to GGUF with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr)
-    r = subprocess.run([sys.executable, "-m", "edgemoe.peers", "--convert-hf", str(llama_dir), str(hf), str(tmp)],
+    r = subprocess.run([sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), str(tmp)],
                        capture_output=True, text=True, cwd="/")
     if r.returncode != 0 or not tmp.exists():
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
@@ -345,8 +353,6 @@ def mixtral_shaped_tokenizer(dst: Path, vocab_size: int) -> None:
     both engines are given token ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from .default import SHIPPED
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -361,11 +367,8 @@ def mixtral_shaped_tokenizer(dst: Path, vocab_size: int) -> None:
 
 
 def peer_checkpoint(name: str, cache: Path, bench_cache: Path | None = None) -> Path:
-    """The Hugging Face folder both engines convert from (mixtral-shaped: bench.py's random
+    """The Hugging Face folder both engines convert from (mixtral-shaped: bench.synth's random
     checkpoint in bench_cache, with a tokenizer added beside it in `cache`)."""
-    from .bench import synth_mixtral
-    from .default import SHIPPED
-
     if name == "default":
         if not (SHIPPED / "config.json").exists():
             raise RuntimeError(f"this installation carries no default model ({SHIPPED})")
@@ -391,10 +394,6 @@ def _format_version(model_dir: Path) -> int:
 
 def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = None) -> dict[str, Any]:
     """Both engines' files for one model at one setting: our model directory and the GGUF."""
-    from .converters.convert import convert
-    from .default import _fingerprint
-    from .manifest import FORMAT_VERSION
-
     hf = peer_checkpoint(name, cache, bench_cache)
     # the checkpoint's fingerprint in every file name: a changed checkpoint is converted again
     tag = f"{name if name in ('default', 'mixtral-shaped') else hf.name}-{_fingerprint(hf)}"
@@ -407,8 +406,6 @@ def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = N
         convert(hf, ours, overwrite=True, progress=False, **s)
     check_file = gguf.with_suffix(".tokenizer-check.json")
     if not check_file.exists():
-        from .default import SHIPPED
-
         text = (SHIPPED / "test.txt").read_text(encoding="utf-8")[:20000]
         check_file.write_text(json.dumps(tokenizer_check(gguf, hf, text)))
     return {"hf": hf, "gguf": gguf, "gguf_q4_bytes": q4.stat().st_size, "ours": ours,
@@ -419,8 +416,6 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
     """The same prompt ids for both engines, as bench.held_out_prompt gives them: held-out text
     for a model with a trained tokenizer, random ids for the random-weight one (its routing does
     not follow text)."""
-    from .bench import held_out_prompt
-
     encode = None
     if name != "mixtral-shaped" and (hf / "tokenizer.json").exists():
         from tokenizers import Tokenizer
@@ -430,71 +425,10 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
     return held_out_prompt(encode, vocab_size, tokens, seed)
 
 
-# -- one measured run (in its own process) --------------------------------------------
-# Standard library only: a llama.cpp worker runs this file as a script without importing
-# edgemoe (run_limited), so these two /proc readers live here. bench.py reads /proc/self/io
-# through proc_read_bytes; _peak_rss has a twin in model.peak_rss_bytes, kept because importing
-# this module from model.py would add ~30 ms (tarfile, statistics) to every start-up.
-def proc_read_bytes() -> int:
-    """Bytes this process has read from storage so far (the kernel's own count)."""
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _timed(tokens: Any) -> dict[str, float]:
-    t0 = time.perf_counter()
-    next(tokens)
-    ttft = time.perf_counter() - t0
-    n = 1 + sum(1 for _ in tokens)
-    decode_s = time.perf_counter() - t0 - ttft
-    return {"ttft_seconds": ttft, "tokens": n, "decode_seconds": decode_s,
-            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0}
-
-
-def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    read0 = proc_read_bytes()
-    t0 = time.perf_counter()
-    n = spec["new_tokens"]
-    if spec["engine"] == "llama.cpp":
-        import itertools
-
-        import llama_cpp
-
-        llm = llama_cpp.Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                              seed=spec["seed"], verbose=False)
-        load_s = time.perf_counter() - t0
-        gen = llm.generate(spec["prompt"], temp=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=0,
-                           min_p=0.0, repeat_penalty=1.0, reset=True)
-        out = _timed(itertools.islice(gen, n))  # generate() never stops on its own, EOS included
-    else:
-        import edgemoe
-
-        m = edgemoe.load(spec["model"], memory_budget=spec["budget"], threads=spec["threads"], **spec["options"])
-        load_s = time.perf_counter() - t0
-        m.eos_ids = set()  # always the full count, as llama.cpp's generate()
-        out = _timed(m.generate(spec["prompt"], max_new_tokens=n, seed=spec["seed"], stream=True, **SAMPLING))
-        s = m.stats()
-        out.update(cache_hit_rate=s["cache_hit_rate"], expert_bytes_read=s["bytes_read"])
-    return dict(out, load_seconds=load_s, read_bytes=proc_read_bytes() - read0, peak_rss_bytes=_peak_rss())
-
-
 def run_in_cgroup(cmd: Sequence[str], files: Sequence[Path], limit: int | None, read_bps: int | None,
                   timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """cmd in a fresh cgroup (memory limit, optional blkio read throttle) after `files` left the
     page cache: its status (ok, oom, timeout, failed), the group's peak memory and its output."""
-    from edgemoe.devices.limits import Cgroup, drop_page_cache
-
     drop_page_cache(*files)
     with Cgroup(memory_limit=limit, read_bps=read_bps, device_path=files[0]) as cg:
         lr = cg.run(cmd, timeout=timeout, cwd="/")
@@ -517,8 +451,8 @@ def run_status(returncode: int, oom_kills: int, wall_seconds: float, timeout: fl
 def run_limited(spec: dict[str, Any], files: Sequence[Path], limit: int | None, read_bps: int | None,
                 timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """One measured run of run_worker(spec) in its own process and cgroup."""
-    # the file as a script (-P: not its folder on sys.path): a llama.cpp run must not carry edgemoe's imports
-    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    # the worker as a script (-P: not its folder on sys.path): a llama.cpp run must not carry edgemoe's imports
+    cmd = [sys.executable, "-P", str(Path(llama_cpp_worker.__file__).resolve()), "--worker", json.dumps(spec)]
     r = run_in_cgroup(cmd, files, limit, read_bps, timeout)
     out = r.pop("stdout")
     if r["status"] == "ok":
@@ -532,8 +466,6 @@ def run_limited(spec: dict[str, Any], files: Sequence[Path], limit: int | None, 
 def blkio_check(path: Path) -> tuple[bool, str]:
     """Whether a blkio read throttle really slows reads of `path` here: 8 MiB read with O_DIRECT
     under a 16 MB/s throttle must take about half a second."""
-    from edgemoe.devices.limits import Cgroup, cgroup_v1_available
-
     ok, why = cgroup_v1_available("blkio")
     if not ok:
         return False, why
@@ -556,11 +488,6 @@ def blkio_check(path: Path) -> tuple[bool, str]:
 
 def run(args: argparse.Namespace) -> int:
     """`edgemoe bench --peers ...`: the sweep, its table, JSON and plot."""
-    from .bench import combo_name, direct_read_bandwidth, mode_options
-    from .default import cache_root
-    from .devices import load_profile
-    from .model import load
-
     peers = [p for p in args.peers.split(",") if p]
     unknown = [p for p in peers if p not in ENGINES[1:]]
     if unknown:
@@ -661,22 +588,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of `edgemoe bench --peers` (bench.py adds --peers itself)."""
-    g = ap.add_argument_group("--peers", "edgemoe against other engines on the same weights (edgemoe/peers.py); "
+    """The options of `edgemoe bench --peers` (the bench verb adds --peers itself)."""
+    g = ap.add_argument_group("--peers", "edgemoe against other engines on the same weights (edgemoe/bench/llama_cpp.py); "
                               "--device there is a comma list of profiles (or none) run through a real blkio throttle")
     g.add_argument("--limits", default=DEFAULT_LIMITS,
                    help=f"memory limits, multiples of the 4-bit GGUF file size (default {DEFAULT_LIMITS})")
     g.add_argument("--peer-threads", dest="threads", type=int, default=2, help="threads of both engines (default 2)")
     g.add_argument("--peer-mode", default="edgemoe",
-                   help="edgemoe's mode in the comparison: edgemoe (bench.BEST, default) or POLICY+PREDICTOR")
+                   help="edgemoe's mode in the comparison: edgemoe (bench.modes.BEST, default) or POLICY+PREDICTOR")
     g.add_argument("--plot", default=None, help="write tokens/s against the memory limit to this PNG")
     g.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds before a run is stopped")
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
-        print(json.dumps(run_worker(json.loads(sys.argv[2]))))
-    elif sys.argv[1:2] == ["--convert-hf"]:
-        _convert_hf_main(*sys.argv[2:5])
-    else:
+if __name__ == "__main__":  # llama.cpp's converter in a process of its own (hf_to_gguf)
+    if sys.argv[1:2] != ["--convert-hf"]:
         sys.exit("usage: edgemoe bench --peers llama.cpp (see edgemoe bench -h)")
+    _convert_hf_main(*sys.argv[2:5])

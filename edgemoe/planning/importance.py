@@ -22,24 +22,21 @@ routed inputs x and gate weights w:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import _core, quant
-from .errors import EdgeMoEError, ModelDirectoryError
+from .. import _core
+from ..errors import EdgeMoEError, ModelDirectoryError
+from ..format import quant
+from ..models.blocks import KVCache
+from ..runtime.engine import Model, load
 from .evaluate import token_ids, window_nll, windows
-from .models.base import KVCache
-
-if TYPE_CHECKING:
-    from .model import Model
 
 IMPORTANCE_FILE = "importance.json"
 IMPORTANCE_VERSION = 1
@@ -104,7 +101,7 @@ class _LayerCapture:
 
 
 def _swap_expert(inner: Callable, layer: int, expert: int, blob: np.ndarray) -> Callable:
-    """A DecoderLM.moe replacement in which `expert` of `layer` computes with `blob`."""
+    """A DecoderLM.moe_override in which `expert` of `layer` computes with `blob`."""
     def moe(lyr: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         if lyr != layer:
             return inner(lyr, x, ids, weights)
@@ -136,7 +133,7 @@ def _expert_inputs(cap: _LayerCapture, expert: int) -> tuple[np.ndarray, np.ndar
 
 def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int | Sequence[int] = 2,
                        group_size: int = 64, symmetric: bool = False, window: int = 256,
-                       max_tokens: int | None = 8192, save: bool = True, model: "Model | None" = None,
+                       max_tokens: int | None = 8192, save: bool = True, model: Model | None = None,
                        log: Any = None) -> dict[str, Any]:
     """Measure every expert's importance on a calibration text and write importance.json.
 
@@ -144,8 +141,6 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
     (each measured separately; costs one run per bitwidth). max_tokens: calibration
     tokens (the first that many of the file; None: all). Returns the document.
     """
-    from .model import load
-
     def say(msg: str) -> None:
         if log is not None:
             print(msg, file=log, flush=True)
@@ -201,9 +196,9 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
                 continue
             mi = moe_layers.index(layer)
             cap = _LayerCapture(layer, inner)
-            net.moe = cap
+            net.moe_override = cap
             h_next = [net.block(layer, h, fresh(), 0) for h in hs]
-            net.moe = inner
+            net.moe_override = None
             t_layer = time.perf_counter()
             for e in range(E):
                 x, w, touched = _expert_inputs(cap, e)
@@ -218,7 +213,7 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
                     d = _core.expert_forward(x, requantize(blob, b, group_size, symmetric)) - f
                     out_err[b][mi, e] = float((w ** 2 * (d * d).sum(axis=1)).sum()) / total_tokens
                 for b in levels:
-                    net.moe = _swap_expert(inner, layer, e, requantize(blob, b, group_size, symmetric))
+                    net.moe_override = _swap_expert(inner, layer, e, requantize(blob, b, group_size, symmetric))
                     per_window = {}
                     for n in touched:
                         h, kv = hs[n], fresh()
@@ -227,12 +222,12 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
                         logits, lp = net.head(h), base_lp[n]
                         kl = (np.exp(lp) * (lp - log_softmax(window_logits(logits, scored[n])))).sum(dtype=np.float64)
                         per_window[n] = (float(window_nll(logits, chunks[n], scored[n]).sum()), float(kl))
-                    net.moe = inner
+                    net.moe_override = None
                     sums[b, mi, e] = per_window
             say(f"layer {layer}: {E} experts in {time.perf_counter() - t_layer:.1f}s")
             hs = h_next
     finally:
-        vars(net).pop("moe", None)  # back to DecoderLM.moe
+        net.moe_override = None  # back to the native experts
     W = len(chunks)
     tables = {name: {b: np.zeros((M, E)) for b in levels} for name in ("loss", "stderr", "kl", "kl_stderr")}
     halves = {name: {b: np.zeros((2, M, E)) for b in levels} for name in ("loss", "kl")}
@@ -335,42 +330,3 @@ def format_report(doc: dict[str, Any], top: int = 4) -> str:
     lines.append("rank correlation with the measured increase: " + ", ".join(
         f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in doc["rank_correlation"].items()))
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edgemoe profile [MODEL] --importance --calib FILE`: measure, write importance.json, print a summary."""
-    p = argparse.ArgumentParser(prog="edgemoe profile --importance",
-                                description="Expert importance: calibration loss increase when one expert alone "
-                                            "drops to a low bitwidth (writes importance.json).")
-    p.add_argument("model", nargs="?", default=None, help="a converted model directory, ideally 16-bit "
-                   "(default: the shipped default model)")
-    p.add_argument("--importance", action="store_true", help="accepted so `edgemoe profile` can pass its argv on")
-    p.add_argument("--calib", default=None, help="calibration text (default for the default model: its calib.txt)")
-    p.add_argument("--bits", default="2", help="bitwidth(s) one expert drops to, e.g. 2 or 2,3 (default 2)")
-    p.add_argument("--group-size", type=int, choices=quant.GROUP_SIZES, default=64)
-    p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--max-tokens", type=int, default=8192, help="calibration tokens (default 8192; 0: all)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-save", action="store_true", help="do not write importance.json")
-    p.add_argument("--json", action="store_true", help="print importance.json instead of a summary")
-    args = p.parse_args(argv)
-    from .cli import resolve_model
-    from .default import shipped_text
-    from .model import load
-
-    calib = str(shipped_text(args.calib, args.model, "calib.txt", "no calibration text: pass --calib FILE"))
-    path = resolve_model(args.model)
-    try:
-        levels = [int(b) for b in args.bits.split(",")]
-    except ValueError:
-        raise EdgeMoEError(f"--bits takes bitwidths like 2 or 2,3, got {args.bits!r}") from None
-    doc = profile_importance(path, calib, levels, group_size=args.group_size, symmetric=args.symmetric,
-                             window=args.window, max_tokens=args.max_tokens or None, save=not args.no_save,
-                             model=load(path, threads=args.threads), log=sys.stderr)
-    print(json.dumps(doc, indent=1) if args.json else format_report(doc))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

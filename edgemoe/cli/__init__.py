@@ -1,0 +1,52 @@
+"""The `edgemoe` command: one module per verb, each a thin main() over functions a Python
+user can call too."""
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+from typing import Sequence
+
+from ..errors import EdgeMoEError
+
+# verb -> (module in this package, one line of help)
+VERBS = {
+    "run": ("run", "generate text"),
+    "info": ("info", "what a converted model holds"),
+    "convert": ("convert", "convert a Hugging Face checkpoint into a model directory"),
+    "eval": ("eval", "perplexity and tokens/s on a text file"),
+    "profile": ("profile", "routing statistics and predictors (routing.json); with --importance, per-expert "
+                "importance (importance.json)"),
+    "simulate": ("simulate", "replay a routing trace under each eviction policy and predictor"),
+    "bench": ("bench", "compare expert-loading modes side by side, or edgemoe against llama.cpp (--peers)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: edgemoe VERB [options]   (edgemoe VERB -h for a verb's options)", "",
+             "Run Mixture-of-Experts LLMs with experts on flash.", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"{usage()}\n\nedgemoe: error: unknown verb {verb!r}: choose one of {', '.join(VERBS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(import_module(f".{VERBS[verb][0]}", __name__).main(rest))
+    except EdgeMoEError as e:
+        print(f"edgemoe {verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""How a Hugging Face checkpoint's tensor names map to edgemoe's canonical names
+(docs/format.md): the shared name tables architecture files combine, and the
+`CheckpointLayout` each architecture declares. The converter (edgemoe.converters.hf)
+reads checkpoints through it; nothing here reads a file."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import CheckpointError
+
+# per-layer tensors: HF name after "model.layers.L." -> canonical name after "layers.L."
+ATTENTION = {
+    "input_layernorm.weight": "attn_norm",
+    "self_attn.q_proj.weight": "attn_q",
+    "self_attn.k_proj.weight": "attn_k",
+    "self_attn.v_proj.weight": "attn_v",
+    "self_attn.o_proj.weight": "attn_o",
+    "post_attention_layernorm.weight": "ffn_norm",
+}
+QKV_BIAS = {
+    "self_attn.q_proj.bias": "attn_q_bias",
+    "self_attn.k_proj.bias": "attn_k_bias",
+    "self_attn.v_proj.bias": "attn_v_bias",
+}
+QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm"}
+DENSE_MLP = {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
+ROUTER = {"mlp.gate.weight": "ffn_router"}
+# model-level tensors
+GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm",
+          "lm_head.weight": "output"}
+# per-expert projection names -> role
+GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+# transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
+ATTENTION_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLayout:
+    """Where an architecture's weights sit in a Hugging Face checkpoint.
+
+    Experts are found in either layout seen in the wild: one tensor per expert
+    (`<moe_block>.experts.E.<proj>.weight`, proj a key of expert_roles) or fused 3D
+    (`<moe_block>.experts.gate_up_proj` [E, 2I, H] and `.down_proj` [E, H, I]).
+    """
+
+    layer_tensors: dict[str, str]       # HF name after "model.layers.L." -> canonical after "layers.L."
+    expert_roles: dict[str, str]        # per-expert projection name -> gate/up/down
+    intermediate_key: str               # config key of one expert's intermediate size
+    num_experts_keys: tuple[str, ...] = EXPERT_COUNT_KEYS  # first present wins
+    moe_block: str = "mlp"              # module holding router + experts in HF names
+    sparse_step: bool = False           # honours decoder_sparse_step / mlp_only_layers
+    qk_norm: bool = False
+    bias_key: tuple[str, bool] | None = None  # config key switching q/k/v biases on, and its default
+    # canonical names of the extra backbone tensors an MoE layer of this config has (a shared expert)
+    moe_extras: tuple[str, ...] = ()
+    moe_extras_key: str | None = None   # config key whose value > 0 means the extras are there
+
+    def attn_tensors(self, config: dict[str, Any]) -> list[str]:
+        """Canonical per-layer attention tensors this config requires."""
+        names = list(ATTENTION_TENSORS)
+        if self.qk_norm:
+            names += ["attn_q_norm", "attn_k_norm"]
+        if self.bias_key and config.get(self.bias_key[0], self.bias_key[1]):
+            names += ["attn_q_bias", "attn_k_bias", "attn_v_bias"]
+        return names
+
+    def moe_tensors(self, config: dict[str, Any]) -> list[str]:
+        """Canonical backbone tensors an MoE layer of this config requires."""
+        extras = self.moe_extras if self.moe_extras_key and int(config.get(self.moe_extras_key) or 0) > 0 else ()
+        return ["ffn_router", *extras]
+
+    def num_experts(self, config: dict[str, Any], name: str) -> int:
+        for key in self.num_experts_keys:
+            if config.get(key) is not None:
+                return int(config[key])
+        raise CheckpointError(f"config.json of this {name} checkpoint has none of "
+                              f"{', '.join(map(repr, self.num_experts_keys))}: download config.json again")
+
+    def moe_layers(self, config: dict[str, Any], name: str) -> list[int]:
+        n = int(config["num_hidden_layers"])
+        if not self.sparse_step:
+            return list(range(n))
+        step = int(config.get("decoder_sparse_step") or 1)
+        dense = set(config.get("mlp_only_layers") or [])
+        if self.num_experts(config, name) <= 0:
+            return []
+        return [i for i in range(n) if i not in dense and (i + 1) % step == 0]

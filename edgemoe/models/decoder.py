@@ -1,0 +1,256 @@
+"""The pre-norm MoE decoder that every architecture file specialises.
+
+An architecture subclasses `DecoderLM` and says what differs: its config class, its
+routing (`route`), its q/k norm (`qk_norm`), extra weights of its MoE block
+(`moe_block`), and whether the fused native decode step serves it (`fused_decode`).
+The backbone's matmuls and small dense ops run in the native core (float32), with
+numpy holding the arrays between them; routed experts run through `moe_forward`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from .. import _core
+from ..errors import ModelDirectoryError
+from ..format.safetensors import to_float32
+from .blocks import Attention, DenseMLP, KVCache, Layer, Linear, MoE, Rope, RouteObserver, attention
+
+Tensors = dict[str, tuple[Any, str]]  # canonical name -> (array as stored, safetensors dtype)
+MoEFn = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """What the shared decoder needs, read from a Hugging Face config dict."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    norm_topk_prob: bool = True
+
+    @staticmethod
+    def _get(d: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
+        if key in d and d[key] is not None:
+            return d[key]
+        if default is dataclasses.MISSING:
+            raise ModelDirectoryError(f"the model config has no '{key}': the checkpoint's config.json is incomplete")
+        return default
+
+    @classmethod
+    def fields_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """The shared fields from an HF config; keys they do not use are ignored."""
+        get = cls._get
+        heads = int(get(d, "num_attention_heads"))
+        hidden = int(get(d, "hidden_size"))
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise NotImplementedError(f"rope type '{rope_type}' is not supported yet (only the default RoPE)")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
+        return dict(
+            vocab_size=int(get(d, "vocab_size")),
+            hidden_size=hidden,
+            num_hidden_layers=int(get(d, "num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get(d, "num_key_value_heads", heads)),
+            head_dim=int(get(d, "head_dim", hidden // heads)),
+            # Released Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts
+            num_experts=int(get(d, "num_experts", d.get("num_local_experts"))),
+            num_experts_per_tok=int(get(d, "num_experts_per_tok")),
+            rms_norm_eps=float(get(d, "rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if window else None,
+            layer_types=d.get("layer_types"),
+            norm_topk_prob=bool(get(d, "norm_topk_prob", True)),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
+        return cls(**cls.fields_from_dict(d))
+
+
+class Weights:
+    """The backbone tensors a model is built from, by canonical name (docs/format.md)."""
+
+    def __init__(self, tensors: Tensors):
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def vec(self, name: str) -> np.ndarray:
+        a, dt = self.tensors[name]
+        return np.ascontiguousarray(to_float32(a, dt))
+
+    def opt_vec(self, name: str) -> np.ndarray | None:
+        return self.vec(name) if name in self.tensors else None
+
+    def linear(self, name: str, bias: str | None = None) -> Linear:
+        a, dt = self.tensors[name]
+        return Linear(a, dt, self.opt_vec(bias) if bias else None)
+
+    def opt_linear(self, name: str) -> Linear | None:
+        return self.linear(name) if name in self.tensors else None
+
+
+class DecoderLM:
+    """Pre-norm decoder: attention (GQA, RoPE, optional q/k norm, biases and clipping) and a
+    feed-forward that is a dense MLP or an MoE whose routed experts live in the native
+    expert cache."""
+
+    config_class: ClassVar[type[DecoderConfig]] = DecoderConfig
+    qk_norm: ClassVar[str | None] = None  # "per_head" (norm each head) or "full" (the whole projection)
+    # True when every layer is MoE, route() is softmax + top-k and attention has no biases, q/k
+    # norms or clipping: then one native call runs a whole layer for a decode token (native/layer.h)
+    fused_decode: ClassVar[bool] = False
+
+    def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: "_core.ExpertCache", moe_layers: list[int]):
+        self.cfg = cfg
+        self.cache = cache
+        self.moe_layers = set(moe_layers)
+        self.observer: RouteObserver | None = None
+        # replaces the routed experts' computation when set (importance profiling swaps one expert)
+        self.moe_override: MoEFn | None = None
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+
+        w = Weights(tensors)
+        self.embed, self.embed_dtype = tensors["tok_embeddings"]
+        self.out_norm = w.vec("output_norm")
+        self.lm_head = w.linear("output") if "output" in w else Linear(self.embed, self.embed_dtype)
+        self.layers = [self.build_layer(w, i) for i in range(cfg.num_hidden_layers)]
+        self.decode_layers = [self._decode_layer(L) for L in self.layers] if self.fused_decode else None
+
+    # -- building ---------------------------------------------------------------
+    def build_layer(self, w: Weights, i: int) -> Layer:
+        p = f"layers.{i}."
+        types = self.cfg.layer_types
+        attn = Attention(
+            norm=w.vec(p + "attn_norm"),
+            q=w.linear(p + "attn_q", p + "attn_q_bias"), k=w.linear(p + "attn_k", p + "attn_k_bias"),
+            v=w.linear(p + "attn_v", p + "attn_v_bias"), o=w.linear(p + "attn_o", p + "attn_o_bias"),
+            q_norm=w.opt_vec(p + "attn_q_norm") if self.qk_norm else None,
+            k_norm=w.opt_vec(p + "attn_k_norm") if self.qk_norm else None,
+            qk_norm=self.qk_norm, clip=self.clip_qkv(),
+            window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None)
+        if i in self.moe_layers:
+            return Layer(i, attn, w.vec(p + "ffn_norm"), moe=self.moe_block(w, p))
+        mlp = DenseMLP(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"))
+        return Layer(i, attn, w.vec(p + "ffn_norm"), mlp=mlp)
+
+    def moe_block(self, w: Weights, prefix: str) -> MoE:
+        """The backbone part of an MoE layer (prefix "layers.N."): its router, and in
+        architectures that have one, a shared expert."""
+        return MoE(w.linear(prefix + "ffn_router"))
+
+    def clip_qkv(self) -> float | None:
+        return None
+
+    def _decode_layer(self, L: Layer) -> "_core.DecodeLayer":
+        """Layer L as one native decode step (native/layer.h); the architecture vouches, by
+        fused_decode, that it has nothing that step does not do."""
+        a, cfg = L.attn, self.cfg
+        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, \
+            f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
+        lins = [a.q, a.k, a.v, a.o, L.moe.router]
+        assert all(lin.bias is None for lin in lins), f"layer {L.index} has biases the native decode step lacks"
+        return _core.DecodeLayer(L.index, *[(lin.w, lin.kind) for lin in lins], a.norm, L.ffn_norm,
+                                 self.rope.inv_freq, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                 cfg.head_dim, cfg.num_experts_per_tok, a.window or 0, cfg.rms_norm_eps,
+                                 bool(cfg.norm_topk_prob))
+
+    # -- architecture hooks -------------------------------------------------------
+    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E]."""
+        raise NotImplementedError
+
+    # -- forward ------------------------------------------------------------------
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(to_float32(self.embed[ids], self.embed_dtype))
+
+    def _attention(self, a: Attention, x: np.ndarray, layer: int, kv: KVCache, start: int) -> np.ndarray:
+        cfg = self.cfg
+        T = x.shape[0]
+        q, k, v = a.qkv(x)  # [T, heads * hd], [T, kv_heads * hd] x2
+        if a.qk_norm == "full":
+            q, k = _core.rms_norm(q, a.q_norm, cfg.rms_norm_eps), _core.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        if a.clip is not None:
+            c = a.clip
+            q, k, v = np.clip(q, -c, c), np.clip(k, -c, c), np.clip(v, -c, c)
+        q = q.reshape(T, cfg.num_attention_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
+        if a.qk_norm == "per_head":
+            q, k = _core.rms_norm(q, a.q_norm, cfg.rms_norm_eps), _core.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
+        q = self.rope(np.ascontiguousarray(q, dtype=np.float32), start)
+        k = self.rope(np.ascontiguousarray(k, dtype=np.float32), start)
+        k_all, v_all = kv.append(layer, k, v, start)
+        return a.o(attention(q, k_all, v_all, start, a.window))  # [T, hidden]
+
+    def _ffn(self, L: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        if L.mlp is not None:
+            return L.mlp(x)
+        assert L.moe is not None
+        ids, weights = self.route(L.moe.router(x))  # ffn_moe_topk: [T, k]
+        if self.observer is not None:
+            self.observer.on_route(L.index, resid, ids, weights)
+        moe = self.moe_override or self.moe
+        out = moe(L.index, x, ids, weights)  # [T, hidden]
+        if L.moe.shared is not None:
+            out += L.moe.shared(x)
+        return out
+
+    def moe(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The routed experts' weighted sum [T, hidden] for x [T, hidden], ids/weights [T, k]."""
+        return _core.moe_forward(self.cache, layer, x, ids, weights)
+
+    def block(self, i: int, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
+        """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
+        L, eps = self.layers[i], self.cfg.rms_norm_eps
+        h = h + self._attention(L.attn, _core.rms_norm(h, L.attn.norm, eps), i, kv, start)
+        return h + self._ffn(L, _core.rms_norm(h, L.ffn_norm, eps), h)
+
+    def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
+        """forward() for one token with no observer: one native call per layer, the same numbers
+        as block() (tests/test_decode_layer.py)."""
+        assert self.decode_layers is not None
+        x = np.array(h[0], dtype=np.float32)  # [hidden], updated in place layer by layer
+        for i, layer in enumerate(self.decode_layers):
+            kv.reserve(i, start, start + 1)
+            layer.step(self.cache, x, kv.k[i], kv.v[i], start)
+        kv.length = start + 1
+        return self.head(x[None])
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """Logits [T, vocab] from the last layer's output h [T, hidden]."""
+        return self.lm_head(_core.rms_norm(h, self.out_norm, self.cfg.rms_norm_eps))
+
+    def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
+        """Run T new tokens at positions start.. through the model, appending to kv.
+
+        Returns logits [T, vocab] when all_logits, else [1, vocab] for the last token.
+        """
+        h = self.embed_tokens(ids)  # [T, hidden]
+        obs = self.observer
+        if len(ids) == 1 and obs is None and self.moe_override is None and self.decode_layers is not None:
+            return self._decode_native(h, kv, start)
+        for i in range(len(self.layers)):
+            h = self.block(i, h, kv, start)
+            if obs is not None:
+                obs.on_layer_out(i, h)
+        kv.length = start + len(ids)
+        return self.head(h if all_logits else h[-1:])
