@@ -17,6 +17,8 @@ from edgemoe.planning.default_model import SHIPPED
 from edgemoe.planning.evaluate import perplexity
 from edgemoe.planning.routing import profile_model
 
+pytestmark = pytest.mark.slow  # converts and profiles the 48 MB default model
+
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):

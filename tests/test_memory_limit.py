@@ -16,7 +16,8 @@ import pytest
 from edgemoe.devices.limits import Cgroup, cgroup_v1_available
 
 ok, reason = cgroup_v1_available("memory")
-pytestmark = pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")
+pytestmark = [pytest.mark.cgroup,
+              pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")]
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_local_experts=16, intermediate_size=1024,
              num_attention_heads=8, num_key_value_heads=2, vocab_size=2000)

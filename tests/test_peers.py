@@ -13,6 +13,8 @@ from edgemoe.bench import llama_cpp as peers
 from edgemoe.planning.default_model import SHIPPED
 from edgemoe.devices.limits import cgroup_v1_available
 
+pytestmark = pytest.mark.peers
+
 SHIPPED_TOKENIZER = SHIPPED / "tokenizer.json"
 
 
@@ -104,6 +106,7 @@ def test_pre_tokenizer_alias(tmp_path):
 ok, reason = cgroup_v1_available("memory")
 
 
+@pytest.mark.cgroup
 @pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")
 def test_cgroup_oom_and_timeout_are_reported(tmp_path):
     f = tmp_path / "model.bin"
@@ -118,6 +121,7 @@ def test_cgroup_oom_and_timeout_are_reported(tmp_path):
     assert r["status"] == "timeout"
 
 
+@pytest.mark.cgroup
 @pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")
 def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     """A tiny Mixtral through llama.cpp's converter, Q4_0, and both engines in cgroups."""

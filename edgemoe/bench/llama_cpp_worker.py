@@ -59,9 +59,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                            min_p=0.0, repeat_penalty=1.0, reset=True)
         out = _timed(itertools.islice(gen, n))  # generate() never stops on its own, EOS included
     else:
-        import edgemoe  # only in an edgemoe run: a llama.cpp run must not carry edgemoe's imports
+        from edgemoe.runtime.engine import load  # only in an edgemoe run: a llama.cpp run must not carry them
 
-        m = edgemoe.load(spec["model"], memory_budget=spec["budget"], threads=spec["threads"], **spec["options"])
+        m = load(spec["model"], memory_budget=spec["budget"], threads=spec["threads"], **spec["options"])
         load_s = time.perf_counter() - t0
         m.eos_ids = set()  # always the full count, as llama.cpp's generate()
         out = _timed(m.generate(spec["prompt"], max_new_tokens=n, seed=spec["seed"], stream=True, **SAMPLING))
