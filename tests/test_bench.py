@@ -1,4 +1,4 @@
-"""edgemoe bench's reporting: the targets line of issue 4."""
+"""edgemoe bench's reporting: the line that compares the measured rows with the streaming targets."""
 from __future__ import annotations
 
 from edgemoe.bench.modes import pooled_io_ratios, targets

@@ -18,9 +18,9 @@ Random seeded weights; every timed token sees exactly `context` cached tokens (t
 new K/V row is written at slot `context` each time, so the context does not grow).
 Variants are timed round-robin in blocks so machine noise lands on all of them.
 
-    /work/venv/bin/python tools/bench_backbone.py            # ~2 minutes
-    /work/venv/bin/python tools/bench_backbone.py --tokens 50 --shapes small   # quick look
-    OPENBLAS_NUM_THREADS=1 /work/venv/bin/python tools/bench_backbone.py --threads 1 \
+    python tools/bench_backbone.py            # ~2 minutes
+    python tools/bench_backbone.py --tokens 50 --shapes small   # quick look
+    OPENBLAS_NUM_THREADS=1 python tools/bench_backbone.py --threads 1 \
         --variants native,numpy-f32-ref,ort-f32                # glue vs kernel, one core
 """
 from __future__ import annotations
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not hasattr(_core, "linear"):
         raise SystemExit("edgemoe._core has no 'linear' yet: the native core is older than edgemoe/models/base.py; "
-                         "rebuild it (pip install -e . in /work/main) and run again")
+                         "rebuild it (pip install . in the repository) and run again")
     _core.set_num_threads(args.threads)
     variants = args.variants.split(",")
     spinning = args.spin

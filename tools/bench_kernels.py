@@ -5,7 +5,7 @@ streamed per second compared with a plain streaming read of memory. The working
 set is several matrices visited round-robin and larger than the L3 cache, so
 weights come from DRAM as they would in a real decode step.
 
-    /work/venv/bin/python tools/bench_kernels.py [--threads N] [--working-set-mb 256]
+    python tools/bench_kernels.py [--threads N] [--working-set-mb 256]
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ fallback=0.3. Per row:
 - decode tokens/s @50%: greedy generation of --decode-tokens tokens after a prompt from the
   test text, budget 50% of the setting's expert bytes, O_DIRECT reads from this machine's
   disk (files dropped from the page cache), LRU, no prefetch; timed under the exclusive CPU
-  lock (/tmp/edgemoe-cpu.lock), median of --repeats runs; optionally again with a device
+  lock (edgemoe-cpu.lock in the temporary directory), median of --repeats runs; optionally again with a device
   profile's storage emulated (--device).
 
 Writes eval_table.json and eval_table.md into --work (and prints the markdown; for the auto
@@ -33,6 +33,8 @@ import argparse
 import contextlib
 import fcntl
 import json
+import os
+import tempfile
 import math
 import sys
 import time
@@ -43,7 +45,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = ROOT / "edgemoe" / "default_model"
-LOCK = "/tmp/edgemoe-cpu.lock"
+LOCK = os.path.join(tempfile.gettempdir(), "edgemoe-cpu.lock")
 UNIFORM = (16, 8, 4, 3, 2)
 TOLERANCES = (0.01, 0.02, 0.05)
 SUBDIRS = {**{f"{b}-bit": f"u{b}" for b in UNIFORM}, **{f"auto {t:.0%}": f"auto{round(t * 100)}" for t in TOLERANCES}}
@@ -293,7 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="Hugging Face checkpoint (default: the default model)")
     p.add_argument("--test", type=Path, default=None, help="test text (default: SRC/test.txt)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: SRC/calib.txt)")
-    p.add_argument("--work", type=Path, default=Path("/tmp/edgemoe-eval-table"),
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgemoe-eval-table",
                    help="conversions and results (reused when present)")
     p.add_argument("--fallback-bits", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.3, help="fallback gate-weight threshold")

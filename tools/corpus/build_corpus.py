@@ -14,7 +14,7 @@ This script installs nothing. Install its inputs first (Debian 12):
         manpages manpages-dev manpages-fr manpages-de manpages-es \
         libc6-dev linux-libc-dev libpython3.11-stdlib libpython3.11-minimal
 
-Then: python tools/corpus/build_corpus.py --out /work/artifacts/corpus
+Then: python tools/corpus/build_corpus.py --out artifacts/corpus
 
 Outputs: {train,validation,test}.txt (documents separated by a line holding
 only the ASCII record separator \\x1e), sources.json (one record per part:
@@ -401,7 +401,7 @@ def build(out: Path, seed: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("/work/artifacts/corpus"))
+    ap.add_argument("--out", type=Path, default=Path("artifacts/corpus"))
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
     build(args.out, args.seed)

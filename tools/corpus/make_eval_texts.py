@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cut the default model's calibration and test texts from the corpus splits.
 
-    python tools/corpus/make_eval_texts.py --corpus /work/artifacts/corpus --out edgemoe/default_model
+    python tools/corpus/make_eval_texts.py --corpus artifacts/corpus --out edgemoe/default_model
 
 calib.txt comes from the validation split and test.txt from the test split
 (never from train), about --bytes each, documents separated by a line holding
@@ -108,7 +108,7 @@ def select(labelled: list[tuple[str, str]], sources: dict, total: int, doc_bytes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path("/work/artifacts/corpus"))
+    ap.add_argument("--corpus", type=Path, default=Path("artifacts/corpus"))
     ap.add_argument("--out", type=Path, default=Path("edgemoe/default_model"))
     ap.add_argument("--bytes", type=int, default=150_000, help="about this many bytes per file")
     ap.add_argument("--doc-bytes", type=int, default=6_000, help="cut documents to at most this many bytes")

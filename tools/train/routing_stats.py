@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Routing statistics of a training checkpoint on held-out text: is routing non-uniform and predictable?
 
-    python tools/train/routing_stats.py /work/artifacts/train/last.pt --split validation --windows 64
+    python tools/train/routing_stats.py artifacts/train/last.pt --split validation --windows 64
 
 Per layer: expert usage entropy (1.0 = uniform), largest and smallest expert share.
 Per layer pair l -> l+1: how well layer l's top-1 expert predicts layer l+1's experts
@@ -68,7 +68,7 @@ def predictability(ctx: np.ndarray, nxt: np.ndarray, k: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--data", type=Path, default=Path("/work/artifacts/tokenizer"))
+    ap.add_argument("--data", type=Path, default=Path("artifacts/tokenizer"))
     ap.add_argument("--split", default="validation")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)

@@ -9,8 +9,8 @@ logits equal MixtralForCausalLM's on a batch.
 
     python tools/train/train_moe.py --check
     python tools/train/train_moe.py --bench
-    python tools/train/train_moe.py --train --steps N --out /work/artifacts/train   # resumes if a checkpoint exists
-    python tools/train/train_moe.py --export /work/artifacts/train/last.pt --to edgemoe/default_model
+    python tools/train/train_moe.py --train --steps N --out artifacts/train   # resumes if a checkpoint exists
+    python tools/train/train_moe.py --export artifacts/train/last.pt --to edgemoe/default_model
 """
 from __future__ import annotations
 
@@ -439,8 +439,8 @@ def main():
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--export", default=None)
     ap.add_argument("--to", default="edgemoe/default_model")
-    ap.add_argument("--data", default="/work/artifacts/tokenizer", help="tokenizer + tokenized corpus dir")
-    ap.add_argument("--out", default="/work/artifacts/train")
+    ap.add_argument("--data", default="artifacts/tokenizer", help="tokenizer + tokenized corpus dir")
+    ap.add_argument("--out", default="artifacts/train")
     ap.add_argument("--shape", default="s256", choices=sorted(SHAPES))
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the byte-level BPE tokenizer of edgemoe's default model and tokenize the corpus.
 
-    python tools/train/train_tokenizer.py --corpus /work/artifacts/corpus --out /work/artifacts/tokenizer
+    python tools/train/train_tokenizer.py --corpus artifacts/corpus --out artifacts/tokenizer
 
 Writes tokenizer.json + tokenizer_config.json (PreTrainedTokenizerFast.save_pretrained),
 and {train,validation,test}.bin: uint16 token ids, each document as <s> ... </s>, plus meta.json.
@@ -56,8 +56,8 @@ def encode_split(tok: Tokenizer, docs: list[str], bos: int, eos: int) -> np.ndar
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", type=Path, default=Path("/work/artifacts/corpus"))
-    ap.add_argument("--out", type=Path, default=Path("/work/artifacts/tokenizer"))
+    ap.add_argument("--corpus", type=Path, default=Path("artifacts/corpus"))
+    ap.add_argument("--out", type=Path, default=Path("artifacts/tokenizer"))
     ap.add_argument("--vocab-size", type=int, default=8192)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
