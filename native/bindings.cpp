@@ -13,6 +13,7 @@
 #include "cache.h"
 #include "kernels.h"
 #include "layer.h"
+#include "moe.h"
 #include "policy.h"
 #include "store.h"
 #include "threadpool.h"

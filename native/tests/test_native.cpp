@@ -21,6 +21,7 @@
 #include "kernels.h"
 #include "cache.h"
 #include "layer.h"
+#include "moe.h"
 #include "policy.h"
 #include "store.h"
 #include "threadpool.h"
