@@ -3,7 +3,7 @@
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow FORMAT.md's QMatrix layout; blobs follow its expert blob layout.
 """
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -167,20 +167,17 @@ class ExpertCache:
     def contains(self, layer: int, expert: int, low_bit: bool = False) -> bool:
         """True if the expert's full copy (low_bit: its low-bit copy) is resident."""
     def load(self, layer: int, expert: int) -> bool:
-        """Make the expert resident now, without pinning it (may evict); blocks until it is.
-        True if it was not resident. Not counted as a hit or miss; counted in loads."""
-    @overload
-    def prefetch(self, layer: int, expert: int) -> bool:
-        """Blocking, one expert: the same as load(layer, expert)."""
-    @overload
+        """Blocking, one expert: make it resident now, without pinning it (may evict);
+        returns when it is. True if it was not resident. Not counted as a hit or miss;
+        counted in loads. prefetch() is the non-blocking read of a list of experts."""
     def prefetch(self, layer: int, experts: list[int], max_bytes: int = 0) -> int:
-        """Non-blocking: queue reads of `experts` of `layer`, most likely first; returns
+        """Non-blocking: queue reads of `experts` (a list) of `layer`, most likely first; returns
         how many were queued. Skips experts resident, queued or being read, and stops
         before the bytes queued by this call would pass max_bytes (0: no cap). A queued
         read starts after every demand read; when it starts it evicts only unpinned
         experts the policy values less, never one of the layer computing now or of a
         layer that runs before it, else it is dropped. A wrong guess costs bandwidth,
-        never correctness."""
+        never correctness. load() is the blocking read of one expert."""
     def cancel_prefetches(self, layer: int = -1) -> int:
         """Drop queued prefetches that have not started (all, or those of `layer`); returns how many."""
     def set_current_layer(self, layer: int) -> None:

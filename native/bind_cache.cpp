@@ -172,22 +172,22 @@ void bind_cache(py::module_& m) {
       .def_property_readonly("has_fallback", py::overload_cast<>(&ExpertCache::has_fallback, py::const_),
                              "True when the cache was given a store of low-bit copies.")
       .def("load", &ExpertCache::load, py::arg("layer"), py::arg("expert"), py::call_guard<py::gil_scoped_release>(),
-           "Make the expert resident now, without pinning it (may evict); blocks until it is.\n"
-           "True if it was not resident. Not counted as a hit or miss; counted in loads and bytes_read.")
-      .def("prefetch", &ExpertCache::load, py::arg("layer"), py::arg("expert"),
-           py::call_guard<py::gil_scoped_release>(), "Blocking, one expert: the same as load(layer, expert).")
+           "Blocking, one expert: make it resident now, without pinning it (may evict); returns when\n"
+           "it is. True if it was not resident. Not counted as a hit or miss; counted in loads and\n"
+           "bytes_read. prefetch() is the non-blocking read of a list of experts.")
       .def("prefetch",
            [](ExpertCache& c, uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes) {
              py::gil_scoped_release nogil;
              return c.prefetch(layer, experts, max_bytes);
            },
            py::arg("layer"), py::arg("experts"), py::arg("max_bytes") = 0,
-           "Non-blocking: queue reads of `experts` of `layer`, most likely first; returns how many\n"
+           "Non-blocking: queue reads of `experts` (a list) of `layer`, most likely first; returns how many\n"
            "were queued. Skips experts resident, queued or being read, and stops before the bytes\n"
            "queued by this call would pass max_bytes (0: no cap). A queued read starts after every\n"
            "demand read; when it starts it evicts only unpinned experts the policy values less, never\n"
            "one of the layer computing now or of a layer that runs before it, else it is dropped.\n"
-           "A wrong guess costs bandwidth, never correctness. Queues nothing when io_threads is 0.")
+           "A wrong guess costs bandwidth, never correctness. Queues nothing when io_threads is 0.\n"
+           "load() is the blocking read of one expert.")
       .def("cancel_prefetches", &ExpertCache::cancel_prefetches, py::arg("layer") = -1,
            "Drop queued prefetches that have not started (all, or those of `layer`); returns how many.")
       .def("set_current_layer", &ExpertCache::set_current_layer, py::arg("layer"),

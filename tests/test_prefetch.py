@@ -79,8 +79,10 @@ def test_api_and_errors(store):
         cache.prefetch(0, [E])
     with pytest.raises(ValueError, match="out of range"):
         cache.set_current_layer(L)
-    # The blocking single-expert forms still work (Model.warm uses prefetch(layer, expert)).
-    assert cache.prefetch(0, 1) is True and cache.prefetch(0, 1) is False
+    # The blocking single-expert read is load(); prefetch takes a list and never blocks.
+    with pytest.raises(TypeError):
+        cache.prefetch(0, 1)
+    assert cache.load(0, 1) is True and cache.load(0, 1) is False
     assert cache.load(0, 2) is True and cache.contains(0, 2)
     assert cache.stats()["loads"] == 2 and cache.stats()["hits"] + cache.stats()["misses"] == 0
 

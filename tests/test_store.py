@@ -163,7 +163,7 @@ def test_cache_evicts_lru_under_a_two_blob_budget(experts):
     assert cache.stats()["hits"] == 0 and cache.stats()["resident_bytes"] == budget
     cache.clear()
     assert cache.resident_bytes == 0 and not cache.contains(0, 2)
-    assert cache.prefetch(0, 3) and not cache.prefetch(0, 3)
+    assert cache.load(0, 3) and not cache.load(0, 3)
     assert cache.contains(0, 3)
 
 
