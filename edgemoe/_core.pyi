@@ -187,11 +187,13 @@ class ExpertCache:
         """Block until no read is queued or in flight."""
     def clear(self) -> None:
         """Cancel queued prefetches and evict every unpinned expert."""
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, int | float]:
         """The layer_stats() keys summed over layers, and resident_bytes (charged now),
-        peak_resident_bytes (never above the budget), direct_io (1.0/0.0)."""
-    def layer_stats(self) -> list[dict[str, float]]:
-        """One dict per layer of the experts file (its model layer index in "layer"):
+        peak_resident_bytes (never above the budget), direct_io (a bool). Counts and bytes
+        are ints, the *_seconds floats."""
+    def layer_stats(self) -> list[dict[str, int | float]]:
+        """One dict per layer of the experts file (its model layer index in "layer"); counts
+        and bytes are ints, the *_seconds floats:
         hits / misses (demanded experts found resident / not), loads and bytes_read
         (reads, demand and prefetch, and their blob bytes), demand_bytes, prefetch_issued
         (queued), prefetch_loads and prefetch_bytes (read), prefetch_hits (demanded while

@@ -38,27 +38,27 @@ Verify verify_mode(const py::object& v) {
                               py::repr(v).cast<std::string>());
 }
 
-// One layer's counters (or the totals) as a dict.
+// One layer's counters (or the totals) as a dict: counts are ints, durations floats.
 py::dict layer_dict(const LayerStats& s) {
   py::dict d;
-  d["hits"] = double(s.hits);
-  d["misses"] = double(s.misses);
-  d["loads"] = double(s.loads);
-  d["evictions"] = double(s.evictions);
-  d["fallback_uses"] = double(s.fallback_uses);
-  d["fallback_loads"] = double(s.fallback_loads);
-  d["fallback_bytes"] = double(s.fallback_bytes);
-  d["fallback_bytes_saved"] = double(s.fallback_bytes_saved);
-  d["bytes_read"] = double(s.bytes_read);
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  d["loads"] = s.loads;
+  d["evictions"] = s.evictions;
+  d["fallback_uses"] = s.fallback_uses;
+  d["fallback_loads"] = s.fallback_loads;
+  d["fallback_bytes"] = s.fallback_bytes;
+  d["fallback_bytes_saved"] = s.fallback_bytes_saved;
+  d["bytes_read"] = s.bytes_read;
   d["read_seconds"] = s.read_seconds;
-  d["demand_bytes"] = double(s.demand_bytes);
-  d["prefetch_issued"] = double(s.prefetch_issued);
-  d["prefetch_loads"] = double(s.prefetch_loads);
-  d["prefetch_bytes"] = double(s.prefetch_bytes);
-  d["prefetch_hits"] = double(s.prefetch_hits);
-  d["prefetch_cancelled"] = double(s.prefetch_cancelled);
-  d["prefetch_dropped"] = double(s.prefetch_dropped);
-  d["wasted_prefetch_bytes"] = double(s.wasted_prefetch_bytes);
+  d["demand_bytes"] = s.demand_bytes;
+  d["prefetch_issued"] = s.prefetch_issued;
+  d["prefetch_loads"] = s.prefetch_loads;
+  d["prefetch_bytes"] = s.prefetch_bytes;
+  d["prefetch_hits"] = s.prefetch_hits;
+  d["prefetch_cancelled"] = s.prefetch_cancelled;
+  d["prefetch_dropped"] = s.prefetch_dropped;
+  d["wasted_prefetch_bytes"] = s.wasted_prefetch_bytes;
   d["stall_seconds"] = s.stall_seconds;
   d["compute_seconds"] = s.compute_seconds;
   return d;
@@ -201,13 +201,14 @@ void bind_cache(py::module_& m) {
           [](const ExpertCache& c) {
             const CacheStats s = c.stats();
             py::dict d = layer_dict(s);
-            d["resident_bytes"] = double(s.resident_bytes);
-            d["peak_resident_bytes"] = double(s.peak_resident_bytes);
-            d["direct_io"] = s.direct_io ? 1.0 : 0.0;
+            d["resident_bytes"] = s.resident_bytes;
+            d["peak_resident_bytes"] = s.peak_resident_bytes;
+            d["direct_io"] = s.direct_io;
             return d;
           },
           "Totals over layers (see layer_stats) and resident_bytes (charged now: resident, in flight,\n"
-          "reserved), peak_resident_bytes (<= budget), direct_io (1.0/0.0). All values are floats.")
+          "reserved), peak_resident_bytes (<= budget), direct_io (a bool). Counts and bytes are ints,\n"
+          "the *_seconds floats.")
       .def(
           "layer_stats",
           [](const ExpertCache& c) {
@@ -220,7 +221,8 @@ void bind_cache(py::module_& m) {
             }
             return out;
           },
-          "One dict per layer of the experts file (model layer index), floats:\n"
+          "One dict per layer of the experts file (model layer index); counts and bytes are ints, the\n"
+          "*_seconds floats:\n"
           "hits / misses: demanded experts found resident / not; loads, bytes_read: reads (demand and\n"
           "prefetch) and their blob bytes; demand_bytes: read because a computation needed them;\n"
           "prefetch_issued (queued), prefetch_loads, prefetch_bytes (read), prefetch_hits (demanded\n"
