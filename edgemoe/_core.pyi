@@ -8,6 +8,14 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+FORMAT_VERSION: int
+"""The newest experts-file format_version this core reads (older ones read too); the
+converter writes it and edgemoe.quant / edgemoe.manifest take it from here (FORMAT.md)."""
+
+EVICTION_DECAY: float
+"""Per token, the edgemoe policy's decayed activation rate is multiplied by this (0.95:
+a half-life of ~14 tokens); edgemoe.simulate replays the policy with the same figure."""
+
 def set_num_threads(n: int) -> None:
     """Threads used by the compute kernels (default: hardware threads)."""
 
@@ -130,7 +138,7 @@ class ExpertCache:
 
     - "lru": least recently used first (a prefetch landing counts as a use);
     - "lfu": fewest demand uses first, ties by recency;
-    - "edgemoe": lowest decayed activation rate (x0.95 per token) divided by the
+    - "edgemoe": lowest decayed activation rate (x EVICTION_DECAY per token) divided by the
       number of MoE layers until the expert's layer runs again (the layer just
       computed is the farthest, the next one the nearest), ties by recency.
 

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import _core
 from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, layer_byte_cap
 from .routing import RoutingTrace
 
@@ -51,7 +52,7 @@ POLICIES = ("lru", "lfu", "edgemoe", "belady")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_PREDICTORS = ("none", "table", "lookahead_moe_in", "lookahead_layer_out", "fitted_moe_in", "fitted_layer_out")
 NEVER = np.iinfo(np.int64).max // 4
-EDGEMOE_DECAY = 0.95  # per token: the edgemoe policy's activation rate has a half-life of ~14 tokens
+EVICTION_DECAY = _core.EVICTION_DECAY  # per token: the edgemoe policy's activation rate decays by this (the cache's)
 
 
 def min_budget(sizes: np.ndarray, top_k: int) -> int:
@@ -80,7 +81,7 @@ def _next_uses(ex: np.ndarray, M: int, E: int) -> tuple[np.ndarray, list[list[in
 
 def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str = "lru",
              prefetch: Predictor | np.ndarray | None = None, ratio: float = DEFAULT_RATIO, min_prob: float = 0.0,
-             decay: float = EDGEMOE_DECAY, _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
+             decay: float = EVICTION_DECAY, _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
     """Replay `trace` through a cache of `budget` bytes. sizes [M, E]: bytes per expert.
     prefetch: a predictor (its trace_probs), or slot probabilities [T, M, E] whose row m
     guesses layer m+1, or None. Returns counts, hit rate and bytes read."""

@@ -67,6 +67,7 @@ py::dict layer_dict(const LayerStats& s) {
 }  // namespace
 
 void bind_store(py::module_& m) {
+  m.attr("FORMAT_VERSION") = kFormatVersion;
   m.def(
       "crc32c",
       [](const py::buffer& data, uint32_t seed) {
@@ -138,6 +139,7 @@ void bind_store(py::module_& m) {
 }
 
 void bind_cache(py::module_& m) {
+  m.attr("EVICTION_DECAY") = kEvictionDecay;
   py::class_<ExpertCache, std::shared_ptr<ExpertCache>>(
       m, "ExpertCache",
       "Expert blobs resident in RAM under a byte budget (0 = unbounded), read by io_threads I/O\n"

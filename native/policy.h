@@ -14,9 +14,9 @@ enum class Policy : uint8_t { kLru, kLfu, kEdgeMoE };
 Policy policy_from_name(const std::string& name);
 const char* policy_name(Policy p);
 
-// Per token, the edgemoe policy's activation rate decays by this factor
-// (half-life ~14 tokens; the same figure as edgemoe/simulate.py).
-constexpr double kEdgeMoEDecay = 0.95;
+// Per token, the edgemoe policy's activation rate decays by this factor (half-life
+// ~14 tokens). Bound as edgemoe._core.EVICTION_DECAY, which edgemoe/simulate.py reads.
+constexpr double kEvictionDecay = 0.95;
 
 // What the policies know about one expert. Kept across evictions.
 struct Usage {
@@ -27,7 +27,7 @@ struct Usage {
 };
 
 // A demand use at `tick` during token `token`.
-void record_use(Usage& u, uint64_t tick, uint64_t token, double decay = kEdgeMoEDecay);
+void record_use(Usage& u, uint64_t tick, uint64_t token, double decay = kEvictionDecay);
 
 // Lower is evicted first: `value` decides, `last_use` breaks ties (older first).
 struct Score {
@@ -39,6 +39,6 @@ struct Score {
 // `distance`: MoE layers that run, counting the expert's own, before its layer
 // runs again (1 = the next layer; the layer computing now is the farthest, M).
 // lru: last use. lfu: uses, ties by recency. edgemoe: decayed rate / distance.
-Score policy_score(Policy p, const Usage& u, uint32_t distance, uint64_t token, double decay = kEdgeMoEDecay);
+Score policy_score(Policy p, const Usage& u, uint32_t distance, uint64_t token, double decay = kEvictionDecay);
 
 }  // namespace edgemoe
