@@ -13,7 +13,7 @@ FORMAT_VERSION: int
 converter writes it and edgemoe.quant / edgemoe.manifest take it from here (FORMAT.md)."""
 
 EVICTION_DECAY: float
-"""Per token, the edgemoe policy's decayed activation rate is multiplied by this (0.95:
+"""Per token, the structure policy's decayed activation rate is multiplied by this (0.95:
 a half-life of ~14 tokens); edgemoe.simulate replays the policy with the same figure."""
 
 def set_num_threads(n: int) -> None:
@@ -138,8 +138,8 @@ class ExpertCache:
 
     - "lru": least recently used first (a prefetch landing counts as a use);
     - "lfu": fewest demand uses first, ties by recency;
-    - "edgemoe": lowest decayed activation rate (x EVICTION_DECAY per token) divided by the
-      number of MoE layers until the expert's layer runs again (the layer just
+    - "structure" (structure-aware): lowest decayed activation rate (x EVICTION_DECAY
+      per token) divided by the number of MoE layers until the expert's layer runs again (the layer just
       computed is the farthest, the next one the nearest), ties by recency.
 
     The budget bounds every buffer the cache holds, in flight included: a blob is
@@ -189,7 +189,7 @@ class ExpertCache:
     def cancel_prefetches(self, layer: int = -1) -> int:
         """Drop queued prefetches that have not started (all, or those of `layer`); returns how many."""
     def set_current_layer(self, layer: int) -> None:
-        """The layer computing now (moe_forward sets it): the edgemoe policy's distances,
+        """The layer computing now (moe_forward sets it): the structure policy's distances,
         the layers a prefetch may not evict from, and token boundaries."""
     def wait_idle(self) -> None:
         """Block until no read is queued or in flight."""

@@ -7,8 +7,8 @@ Modes:
   ondemand  a cache of one layer's routed experts, no prefetch (EdgeMoE's baseline)
   lru       LRU cache at the given budget, no prefetch
   edgemoe   the best policy and predictor at the given budget (BEST, chosen by measurement)
-  POLICY+PREDICTOR[@RATIO[/P]][+warm]  any other combination, e.g. lfu+table, edgemoe+fitted,
-            lru+none, edgemoe+lookahead@1.0/0.5 (prefetch within 1.0x the bytes a token needs,
+  POLICY+PREDICTOR[@RATIO[/P]][+warm]  any other combination, e.g. lfu+table, structure+fitted,
+            lru+none, structure+lookahead@1.0/0.5 (prefetch within 1.0x the bytes a token needs,
             only guesses needed with probability >= 0.5); +warm: with a warm start at load
             (the most used experts that fit the budget), as the edgemoe mode has; without it,
             each expert is read when first needed
@@ -34,11 +34,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 MODES = ("ram", "ondemand", "lru", "edgemoe")
-POLICIES = ("lru", "lfu", "edgemoe")
+POLICIES = ("lru", "lfu", "structure")
 
 # The edgemoe mode: policy and predictor, in order of preference, by measurement (README,
 # "Streaming under a memory budget"); the first whose files the model has is used. Measured
-# at 50% on both bench models (lru/lfu/edgemoe x none/table/lookahead/fitted): the edgemoe
+# at 50% on both bench models (lru/lfu/structure x none/table/lookahead/fitted): the structure
 # policy reads the fewest bytes, and every predictor loses here. A layer computes in 0.1 ms
 # (default model) while one expert read takes 0.6 ms, so a guess issued one layer ahead lands
 # late, and at 55-60% precision prefetch reads 1.8-3x the bytes of a disk that is the bottleneck.
@@ -46,7 +46,7 @@ POLICIES = ("lru", "lfu", "edgemoe")
 # read at load behind the prompt) lifts the first tokens' hit rate from a cold cache; the
 # baselines (ondemand, lru, POLICY+PREDICTOR) load without one.
 BEST: list[dict[str, Any]] = [
-    {"policy": "edgemoe", "prefetch": None, "preload": "warm"},
+    {"policy": "structure", "prefetch": None, "preload": "warm"},
 ]
 
 # The Mixtral-shaped model of issue 4: about 0.88B parameters, 0.5 GB at 4 bits.

@@ -16,7 +16,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
-    p.add_argument("--policy", default="lru", choices=("lru", "lfu", "edgemoe"), help="expert cache eviction (default lru)")
+    p.add_argument("--policy", default="lru", choices=("lru", "lfu", "structure"), help="expert cache eviction (default lru)")
     p.add_argument("--prefetch", default=None,
                    help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`")
     p.add_argument("--preload", default="auto", choices=("auto", "all", "warm", "none"),

@@ -15,7 +15,7 @@ Policies (the victim is the unpinned resident expert with the lowest score):
 - lru: time of last use (a prefetch counts as a use).
 - lfu: number of demand uses since the start of the trace (kept across evictions),
   ties broken by LRU.
-- edgemoe: EdgeMoE-style, activation frequency and distance from the current layer:
+- structure: structure-aware (as EdgeMoE's), activation frequency and distance from the current layer:
   f / (d + 1), f = the expert's recent activation rate (uses per token, exponentially
   decayed by `decay` per token, so it follows the text), d = MoE layers that run
   before the expert's layer runs again (0 for the next layer; the layer just
@@ -48,11 +48,11 @@ from . import _core
 from .predict import DEFAULT_RATIO, Predictor, RecordedPredictor, TablePredictor, layer_byte_cap
 from .routing import RoutingTrace
 
-POLICIES = ("lru", "lfu", "edgemoe", "belady")
+POLICIES = ("lru", "lfu", "structure", "belady")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_PREDICTORS = ("none", "table", "lookahead_moe_in", "lookahead_layer_out", "fitted_moe_in", "fitted_layer_out")
 NEVER = np.iinfo(np.int64).max // 4
-EVICTION_DECAY = _core.EVICTION_DECAY  # per token: the edgemoe policy's activation rate decays by this (the cache's)
+EVICTION_DECAY = _core.EVICTION_DECAY  # per token: the structure policy's activation rate decays by this (the cache's)
 
 
 def min_budget(sizes: np.ndarray, top_k: int) -> int:
@@ -145,7 +145,7 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
             primary = last
         elif policy == "lfu":
             primary = freq
-        elif policy == "edgemoe":
+        elif policy == "structure":
             primary = rate * decay ** (tok - rate_t) / dist1[m]
         else:
             primary = -next_use.astype(np.float64)
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="edgemoe simulate",
                                 description="Replay a routing trace through the expert cache under each eviction "
-                                            "policy (LRU, LFU, EdgeMoE, Belady's oracle) and prefetch predictor.")
+                                            "policy (LRU, LFU, structure-aware, Belady's oracle) and prefetch predictor.")
     p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")

@@ -143,8 +143,8 @@ void bind_cache(py::module_& m) {
   py::class_<ExpertCache, std::shared_ptr<ExpertCache>>(
       m, "ExpertCache",
       "Expert blobs resident in RAM under a byte budget (0 = unbounded), read by io_threads I/O\n"
-      "threads, evicted by `policy`: 'lru', 'lfu' (demand uses, ties by recency) or 'edgemoe'\n"
-      "(decayed activation rate / MoE layers until the expert's layer runs again).\n\n"
+      "threads, evicted by `policy`: 'lru', 'lfu' (demand uses, ties by recency) or 'structure'\n"
+      "(structure-aware: decayed activation rate / MoE layers until the expert's layer runs again).\n\n"
       "The budget bounds every buffer the cache holds, in flight included: each blob is charged\n"
       "its size rounded up to 4 KiB before it is read. Experts in use by moe_forward are pinned\n"
       "and never evicted. Demand reads go before prefetches. Thread-safe.\n\n"
@@ -193,7 +193,7 @@ void bind_cache(py::module_& m) {
       .def("cancel_prefetches", &ExpertCache::cancel_prefetches, py::arg("layer") = -1,
            "Drop queued prefetches that have not started (all, or those of `layer`); returns how many.")
       .def("set_current_layer", &ExpertCache::set_current_layer, py::arg("layer"),
-           "The layer computing now (moe_forward sets it): the edgemoe policy's distances, the layers\n"
+           "The layer computing now (moe_forward sets it): the structure policy's distances, the layers\n"
            "a prefetch may not evict from, and token boundaries.")
       .def("wait_idle", &ExpertCache::wait_idle, py::call_guard<py::gil_scoped_release>(),
            "Block until no read is queued or in flight.")

@@ -169,7 +169,7 @@ class ExpertCache {
   size_t prefetch(uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes = 0);
   // Drops queued prefetches that have not started (all, or those of `layer`).
   size_t cancel_prefetches(int64_t layer = -1);
-  // The layer computing now: distances for the edgemoe policy, the layers a
+  // The layer computing now: distances for the structure policy, the layers a
   // prefetch may not evict from, and token boundaries (a layer at or before the
   // current one starts a token). moe_forward sets it.
   void set_current_layer(uint32_t layer);

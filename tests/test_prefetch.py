@@ -67,11 +67,11 @@ def reference(store, run):
 
 
 def test_api_and_errors(store):
-    cache = _core.ExpertCache(store, 4 * one(store), policy="edgemoe", io_threads=1)
-    assert (cache.policy, cache.io_threads) == ("edgemoe", 1)
+    cache = _core.ExpertCache(store, 4 * one(store), policy="structure", io_threads=1)
+    assert (cache.policy, cache.io_threads) == ("structure", 1)
     assert predict.native_async_prefetch(cache)  # the Python prefetcher's probe
     assert _core.ExpertCache.entry_overhead_bytes > 0
-    with pytest.raises(ValueError, match="'lru', 'lfu' or 'edgemoe'"):
+    with pytest.raises(ValueError, match="'lru', 'lfu' or 'structure'"):
         _core.ExpertCache(store, 0, policy="fifo")
     with pytest.raises(ValueError, match="io_threads"):
         _core.ExpertCache(store, 0, io_threads=-1)
@@ -157,7 +157,7 @@ def test_wrong_guess_storm_changes_nothing_and_keeps_the_budget(store):
     run = steps(8 * L, T=2)
     ref = reference(store, run)
     budget = 6 * one(store)  # two layers' worth of a 2-token step
-    for policy in ("lru", "lfu", "edgemoe"):
+    for policy in ("lru", "lfu", "structure"):
         cache = _core.ExpertCache(store, budget, policy=policy, io_threads=2)
         rng = np.random.default_rng(3)
         for i, ((layer, x, ids, w), y_ref) in enumerate(zip(run, ref)):
@@ -175,7 +175,7 @@ def test_wrong_guess_storm_changes_nothing_and_keeps_the_budget(store):
 
 
 def test_layer_stats_add_up_to_the_totals(store):
-    cache = _core.ExpertCache(store, 5 * one(store), policy="edgemoe", io_threads=2)
+    cache = _core.ExpertCache(store, 5 * one(store), policy="structure", io_threads=2)
     for layer, x, ids, w in steps(4 * L, T=2):
         cache.prefetch((layer + 1) % L, list(range(E)), max_bytes=2 * one(store))
         _core.moe_forward(cache, layer, x, ids, w)
@@ -235,7 +235,7 @@ def test_model_with_policy_and_prefetch_matches_the_unbounded_run(tiny_checkpoin
     ref = edgemoe.load(dst).generate(prompt, max_new_tokens=8)
     m0 = edgemoe.load(dst)
     budget = 2 * m0.min_budget
-    for policy in ("lru", "lfu", "edgemoe"):
+    for policy in ("lru", "lfu", "structure"):
         m = edgemoe.load(dst, memory_budget=budget, prefetch="lookahead", policy=policy, io_threads=2)
         assert m.prefetcher.mode == "async" and m.cache.policy == policy
         assert m.generate(prompt, max_new_tokens=8) == ref
