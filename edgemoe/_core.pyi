@@ -3,10 +3,18 @@
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow FORMAT.md's QMatrix layout; blobs follow its expert blob layout.
 """
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+FORMAT_VERSION: int
+"""The newest experts-file format_version this core reads (older ones read too); the
+converter writes it and edgemoe.quant / edgemoe.manifest take it from here (FORMAT.md)."""
+
+EVICTION_DECAY: float
+"""Per token, the structure policy's decayed activation rate is multiplied by this (0.95:
+a half-life of ~14 tokens); edgemoe.simulate replays the policy with the same figure."""
 
 def set_num_threads(n: int) -> None:
     """Threads used by the compute kernels (default: hardware threads)."""
@@ -130,8 +138,8 @@ class ExpertCache:
 
     - "lru": least recently used first (a prefetch landing counts as a use);
     - "lfu": fewest demand uses first, ties by recency;
-    - "edgemoe": lowest decayed activation rate (x0.95 per token) divided by the
-      number of MoE layers until the expert's layer runs again (the layer just
+    - "structure" (structure-aware): lowest decayed activation rate (x EVICTION_DECAY
+      per token) divided by the number of MoE layers until the expert's layer runs again (the layer just
       computed is the farthest, the next one the nearest), ties by recency.
 
     The budget bounds every buffer the cache holds, in flight included: a blob is
@@ -167,34 +175,33 @@ class ExpertCache:
     def contains(self, layer: int, expert: int, low_bit: bool = False) -> bool:
         """True if the expert's full copy (low_bit: its low-bit copy) is resident."""
     def load(self, layer: int, expert: int) -> bool:
-        """Make the expert resident now, without pinning it (may evict); blocks until it is.
-        True if it was not resident. Not counted as a hit or miss; counted in loads."""
-    @overload
-    def prefetch(self, layer: int, expert: int) -> bool:
-        """Blocking, one expert: the same as load(layer, expert)."""
-    @overload
+        """Blocking, one expert: make it resident now, without pinning it (may evict);
+        returns when it is. True if it was not resident. Not counted as a hit or miss;
+        counted in loads. prefetch() is the non-blocking read of a list of experts."""
     def prefetch(self, layer: int, experts: list[int], max_bytes: int = 0) -> int:
-        """Non-blocking: queue reads of `experts` of `layer`, most likely first; returns
+        """Non-blocking: queue reads of `experts` (a list) of `layer`, most likely first; returns
         how many were queued. Skips experts resident, queued or being read, and stops
         before the bytes queued by this call would pass max_bytes (0: no cap). A queued
         read starts after every demand read; when it starts it evicts only unpinned
         experts the policy values less, never one of the layer computing now or of a
         layer that runs before it, else it is dropped. A wrong guess costs bandwidth,
-        never correctness."""
+        never correctness. load() is the blocking read of one expert."""
     def cancel_prefetches(self, layer: int = -1) -> int:
         """Drop queued prefetches that have not started (all, or those of `layer`); returns how many."""
     def set_current_layer(self, layer: int) -> None:
-        """The layer computing now (moe_forward sets it): the edgemoe policy's distances,
+        """The layer computing now (moe_forward sets it): the structure policy's distances,
         the layers a prefetch may not evict from, and token boundaries."""
     def wait_idle(self) -> None:
         """Block until no read is queued or in flight."""
     def clear(self) -> None:
         """Cancel queued prefetches and evict every unpinned expert."""
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, int | float]:
         """The layer_stats() keys summed over layers, and resident_bytes (charged now),
-        peak_resident_bytes (never above the budget), direct_io (1.0/0.0)."""
-    def layer_stats(self) -> list[dict[str, float]]:
-        """One dict per layer of the experts file (its model layer index in "layer"):
+        peak_resident_bytes (never above the budget), direct_io (a bool). Counts and bytes
+        are ints, the *_seconds floats."""
+    def layer_stats(self) -> list[dict[str, int | float]]:
+        """One dict per layer of the experts file (its model layer index in "layer"); counts
+        and bytes are ints, the *_seconds floats:
         hits / misses (demanded experts found resident / not), loads and bytes_read
         (reads, demand and prefetch, and their blob bytes), demand_bytes, prefetch_issued
         (queued), prefetch_loads and prefetch_bytes (read), prefetch_hits (demanded while

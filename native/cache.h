@@ -1,7 +1,8 @@
 // The expert cache: blobs resident in RAM under a byte budget, read from the
 // ExpertStore by a small pool of I/O threads (demand reads before prefetches),
-// evicted by a policy (policy.h); and moe_forward, which overlaps the reads of
-// an MoE layer's missing experts with the compute of its resident ones.
+// evicted by a policy (policy.h). moe_forward (moe.h) runs an MoE layer over it,
+// overlapping the reads of the layer's missing experts with the compute of its
+// resident ones.
 //
 // Low-bit fallback (HOBBIT). Given a second store holding low-bit copies of the
 // experts (FORMAT.md, experts.fallback.bin) and a threshold > 0, a miss on an
@@ -168,7 +169,7 @@ class ExpertCache {
   size_t prefetch(uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes = 0);
   // Drops queued prefetches that have not started (all, or those of `layer`).
   size_t cancel_prefetches(int64_t layer = -1);
-  // The layer computing now: distances for the edgemoe policy, the layers a
+  // The layer computing now: distances for the structure policy, the layers a
   // prefetch may not evict from, and token boundaries (a layer at or before the
   // current one starts a token). moe_forward sets it.
   void set_current_layer(uint32_t layer);
@@ -269,15 +270,5 @@ class ExpertCache {
   std::vector<LayerStats> layer_stats_;
   std::vector<std::thread> threads_;
 };
-
-// y[T, H] = sum_k weights[t, k] * expert[ids[t, k]](x[t]) for layer `layer`.
-// x [T, H], ids/weights [T, K] (C-contiguous). Each distinct expert is pinned
-// once for all its tokens; the missing ones are read while the resident ones
-// compute. The sum runs in slot order, so y does not depend on what was cached.
-// With the cache's fallback threshold > 0, an expert whose |weights| in the
-// call are all below it is served by its low-bit copy on a miss (see above).
-// Throws std::invalid_argument on a bad id or shape.
-void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                 const float* weights, int64_t K, float* y);
 
 }  // namespace edgemoe

@@ -1,6 +1,7 @@
-// Small helpers shared by the native core: errors, f16/bf16 conversion, alignment.
+// Small helpers shared by the native core: errors, f16/bf16 conversion, alignment, timing.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -27,6 +28,10 @@ struct BudgetError : std::runtime_error {
 constexpr uint64_t kPage = 4096;
 
 inline uint64_t round_up(uint64_t n, uint64_t a) { return (n + a - 1) / a * a; }
+
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // Unaligned little-endian loads (buffers come from numpy at any offset).
 inline uint16_t load_u16(const uint8_t* p) {

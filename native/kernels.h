@@ -1,4 +1,5 @@
 // Matmul kernels over FORMAT.md's QMatrix layout, and the SwiGLU expert.
+// kernels.cpp drives them; the inner loops are per instruction set (kernels_impl.h).
 #pragma once
 
 #include <cstddef>
@@ -6,6 +7,7 @@
 
 namespace edgemoe {
 
+// The kernels' instruction set, fixed at build time: "avx2+fma+f16c" or "portable".
 const char* simd_name();
 
 // kQuant: w = scale * q + min; kQuantSym: w = scale * (q - 2^(bits-1)), no mins stored.
@@ -29,19 +31,21 @@ struct QMatrix {
   uint64_t row_bytes() const;  // bytes of one row of codes/data
 };
 
-// Parses the QMatrix header at buf (avail bytes from there). Throws
+// buf [avail] bytes (a QMatrix header, then its sections) -> a view into buf. Throws
 // std::invalid_argument when the header is inconsistent or overruns avail.
 QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail);
 
-// A float weight held elsewhere (e.g. a numpy array), viewed without a copy.
+// data [rows, cols] of `kind` (f32, f16 or bf16), held elsewhere (e.g. a numpy array)
+// -> a view of it, no copy.
 QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind);
 
-// y[T, rows] = x[T, cols] @ W^T. x and y are C-contiguous float32; y is overwritten.
+// x [T, cols] float32, W [rows, cols] any kind -> y [T, rows] float32 = x @ W^T.
+// x and y are C-contiguous; y is overwritten.
 void matmul(const QMatrix& w, const float* x, int64_t T, float* y);
 
-// ys[i][T, ws[i].rows] = x[T, cols] @ ws[i]^T for n matrices of the same cols (q, k and v
-// of one layer): for one token, x is prepared once and one parallel_for covers them all.
-// The same numbers as n matmul() calls.
+// x [T, cols] float32, ws[i] [rows_i, cols] any kind -> ys[i] [T, rows_i] float32 = x @ ws[i]^T
+// for n matrices of the same cols (q, k and v of one layer): for one token, x is prepared
+// once and one parallel_for covers them all. The same numbers as n matmul() calls.
 void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys);
 
 // One expert blob: gate [I, H], up [I, H], down [H, I].
@@ -52,15 +56,16 @@ struct Expert {
   uint32_t intermediate() const { return gate.rows; }
 };
 
-// Parses and checks an expert blob (magic, 3 matrices inside it, SwiGLU shapes).
-// Throws std::invalid_argument.
+// blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 matrices inside
+// it and their SwiGLU shapes; throws std::invalid_argument.
 Expert parse_expert(const uint8_t* blob, uint64_t size);
 
-// y[T, H] = down(silu(gate x) * up x) for x[T, H].
+// x [T, H] float32 -> y [T, H] float32 = down(silu(gate x) * up x), the expert's
+// gate, up [I, H] and down [H, I] of any kind.
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
-// Reads every byte of [p, p+n) once on the kernel threads and returns a checksum
-// of it: the memory bandwidth the matmul kernels can hope for (benchmarks).
+// p [n] bytes -> a checksum of them, every byte read once on the kernel threads:
+// the memory bandwidth the matmul kernels can hope for (benchmarks).
 uint64_t stream_read(const uint8_t* p, uint64_t n);
 
 }  // namespace edgemoe

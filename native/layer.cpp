@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dense.h"
+#include "moe.h"
 
 namespace edgemoe {
 

@@ -8,15 +8,15 @@ namespace edgemoe {
 Policy policy_from_name(const std::string& name) {
   if (name == "lru") return Policy::kLru;
   if (name == "lfu") return Policy::kLfu;
-  if (name == "edgemoe") return Policy::kEdgeMoE;
-  throw std::invalid_argument("unknown cache policy '" + name + "': choose 'lru', 'lfu' or 'edgemoe'");
+  if (name == "structure") return Policy::kStructure;
+  throw std::invalid_argument("unknown cache policy '" + name + "': choose 'lru', 'lfu' or 'structure'");
 }
 
 const char* policy_name(Policy p) {
   switch (p) {
     case Policy::kLru: return "lru";
     case Policy::kLfu: return "lfu";
-    case Policy::kEdgeMoE: return "edgemoe";
+    case Policy::kStructure: return "structure";
   }
   return "?";
 }
@@ -33,7 +33,7 @@ Score policy_score(Policy p, const Usage& u, uint32_t distance, uint64_t token, 
   switch (p) {
     case Policy::kLru: return {double(u.last_use), u.last_use};
     case Policy::kLfu: return {double(u.uses), u.last_use};
-    case Policy::kEdgeMoE: {
+    case Policy::kStructure: {
       const double rate = u.rate * std::pow(decay, double(token - u.rate_token));
       return {rate / double(distance == 0 ? 1 : distance), u.last_use};
     }

@@ -8,15 +8,17 @@
 
 namespace edgemoe {
 
-enum class Policy : uint8_t { kLru, kLfu, kEdgeMoE };
+// kStructure is the structure-aware policy: it scores an expert by its decayed activation
+// rate divided by the MoE layers until its layer runs again (the model's layer order).
+enum class Policy : uint8_t { kLru, kLfu, kStructure };
 
-// "lru", "lfu" or "edgemoe"; std::invalid_argument naming the choices otherwise.
+// "lru", "lfu" or "structure"; std::invalid_argument naming the choices otherwise.
 Policy policy_from_name(const std::string& name);
 const char* policy_name(Policy p);
 
-// Per token, the edgemoe policy's activation rate decays by this factor
-// (half-life ~14 tokens; the same figure as edgemoe/simulate.py).
-constexpr double kEdgeMoEDecay = 0.95;
+// Per token, the structure policy's activation rate decays by this factor (half-life
+// ~14 tokens). Bound as edgemoe._core.EVICTION_DECAY, which edgemoe/simulate.py reads.
+constexpr double kEvictionDecay = 0.95;
 
 // What the policies know about one expert. Kept across evictions.
 struct Usage {
@@ -27,7 +29,7 @@ struct Usage {
 };
 
 // A demand use at `tick` during token `token`.
-void record_use(Usage& u, uint64_t tick, uint64_t token, double decay = kEdgeMoEDecay);
+void record_use(Usage& u, uint64_t tick, uint64_t token, double decay = kEvictionDecay);
 
 // Lower is evicted first: `value` decides, `last_use` breaks ties (older first).
 struct Score {
@@ -38,7 +40,7 @@ struct Score {
 
 // `distance`: MoE layers that run, counting the expert's own, before its layer
 // runs again (1 = the next layer; the layer computing now is the farthest, M).
-// lru: last use. lfu: uses, ties by recency. edgemoe: decayed rate / distance.
-Score policy_score(Policy p, const Usage& u, uint32_t distance, uint64_t token, double decay = kEdgeMoEDecay);
+// lru: last use. lfu: uses, ties by recency. structure: decayed rate / distance.
+Score policy_score(Policy p, const Usage& u, uint32_t distance, uint64_t token, double decay = kEvictionDecay);
 
 }  // namespace edgemoe

@@ -76,7 +76,7 @@ def test_generation_fits_in_budget_plus_backbone_plus_overhead(model_dir):
     del probe, bounded
     assert limit < ref["bytes_read"]  # the experts the unbounded run reads alone exceed the limit
 
-    for options in ({"policy": "lru"}, {"policy": "edgemoe", "prefetch": "lookahead", "io_threads": 2}):
+    for options in ({"policy": "lru"}, {"policy": "structure", "prefetch": "lookahead", "io_threads": 2}):
         out, r = run(model_dir, budget, options, limit=limit)
         assert not r.oom_killed and r.returncode == 0, (options, r.returncode, r.stderr[-2000:])
         assert r.peak_memory_bytes <= limit

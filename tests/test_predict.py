@@ -144,7 +144,7 @@ def test_prefetch_on_and_off_give_identical_tokens(model_dir, kind, point, mode)
     want = edgemoe.load(model_dir).generate(PROMPT, max_new_tokens=12)  # unbounded, no prefetch
     budget = edgemoe.load(model_dir).min_budget * 3 // 2
     assert edgemoe.load(model_dir, memory_budget=budget).generate(PROMPT, max_new_tokens=12) == want
-    m = edgemoe.load(model_dir, memory_budget=budget, policy="edgemoe")
+    m = edgemoe.load(model_dir, memory_budget=budget, policy="structure")
     pf = prefetch.attach_prefetcher(m, kind, mode=mode, point=point)
     assert m.generate(PROMPT, max_new_tokens=12) == want
     st = pf.stats()

@@ -67,10 +67,10 @@ def reference(store, run):
 
 
 def test_api_and_errors(store):
-    cache = _core.ExpertCache(store, 4 * one(store), policy="edgemoe", io_threads=1)
-    assert (cache.policy, cache.io_threads) == ("edgemoe", 1)
+    cache = _core.ExpertCache(store, 4 * one(store), policy="structure", io_threads=1)
+    assert (cache.policy, cache.io_threads) == ("structure", 1)
     assert _core.ExpertCache.entry_overhead_bytes > 0
-    with pytest.raises(ValueError, match="'lru', 'lfu' or 'edgemoe'"):
+    with pytest.raises(ValueError, match="'lru', 'lfu' or 'structure'"):
         _core.ExpertCache(store, 0, policy="fifo")
     with pytest.raises(ValueError, match="io_threads"):
         _core.ExpertCache(store, 0, io_threads=-1)
@@ -78,8 +78,10 @@ def test_api_and_errors(store):
         cache.prefetch(0, [E])
     with pytest.raises(ValueError, match="out of range"):
         cache.set_current_layer(L)
-    # The blocking single-expert forms still work (Model.warm uses prefetch(layer, expert)).
-    assert cache.prefetch(0, 1) is True and cache.prefetch(0, 1) is False
+    # The blocking single-expert read is load(); prefetch takes a list and never blocks.
+    with pytest.raises(TypeError):
+        cache.prefetch(0, 1)
+    assert cache.load(0, 1) is True and cache.load(0, 1) is False
     assert cache.load(0, 2) is True and cache.contains(0, 2)
     assert cache.stats()["loads"] == 2 and cache.stats()["hits"] + cache.stats()["misses"] == 0
 
@@ -154,7 +156,7 @@ def test_wrong_guess_storm_changes_nothing_and_keeps_the_budget(store):
     run = steps(8 * L, T=2)
     ref = reference(store, run)
     budget = 6 * one(store)  # two layers' worth of a 2-token step
-    for policy in ("lru", "lfu", "edgemoe"):
+    for policy in ("lru", "lfu", "structure"):
         cache = _core.ExpertCache(store, budget, policy=policy, io_threads=2)
         rng = np.random.default_rng(3)
         for i, ((layer, x, ids, w), y_ref) in enumerate(zip(run, ref)):
@@ -172,7 +174,7 @@ def test_wrong_guess_storm_changes_nothing_and_keeps_the_budget(store):
 
 
 def test_layer_stats_add_up_to_the_totals(store):
-    cache = _core.ExpertCache(store, 5 * one(store), policy="edgemoe", io_threads=2)
+    cache = _core.ExpertCache(store, 5 * one(store), policy="structure", io_threads=2)
     for layer, x, ids, w in steps(4 * L, T=2):
         cache.prefetch((layer + 1) % L, list(range(E)), max_bytes=2 * one(store))
         _core.moe_forward(cache, layer, x, ids, w)
@@ -232,7 +234,7 @@ def test_model_with_policy_and_prefetch_matches_the_unbounded_run(tiny_checkpoin
     ref = edgemoe.load(dst).generate(prompt, max_new_tokens=8)
     m0 = edgemoe.load(dst)
     budget = 2 * m0.min_budget
-    for policy in ("lru", "lfu", "edgemoe"):
+    for policy in ("lru", "lfu", "structure"):
         m = edgemoe.load(dst, memory_budget=budget, prefetch="lookahead", policy=policy, io_threads=2)
         assert m.prefetcher.mode == "async" and m.cache.policy == policy
         assert m.generate(prompt, max_new_tokens=8) == ref

@@ -52,7 +52,7 @@ def test_hand_made_trace():
     tr = trace_of([[[0]], [[1]], [[0]], [[2]], [[1]]])  # one layer, top-1, room for two
     sizes = np.full((1, 3), 4096)
     hits = {p: simulate.simulate(tr, sizes, 2 * 4096, p)["hits"] for p in simulate.POLICIES}
-    assert hits == {"lru": 1, "lfu": 1, "edgemoe": 1, "belady": 2}
+    assert hits == {"lru": 1, "lfu": 1, "structure": 1, "belady": 2}
     r = simulate.simulate(tr, sizes, 2 * 4096, "lru")
     assert r["misses"] == 4 and r["bytes_read"] == r["demand_bytes"] == 4 * 4096 and r["evictions"] == 2
 

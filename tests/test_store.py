@@ -160,12 +160,16 @@ def test_cache_evicts_lru_under_a_two_blob_budget(experts):
     assert s["bytes_read"] == 4 * int(sizes[0, 0])
     assert s["resident_bytes"] == budget == cache.resident_bytes == s["peak_resident_bytes"]
     assert s["direct_io"] == 1.0 and s["read_seconds"] > 0
+    # counts and bytes cross as ints, durations as floats, per layer as in the totals
+    for d in [s, *cache.layer_stats()]:
+        assert all(type(v) is (float if k.endswith("_seconds") else bool if k == "direct_io" else int)
+                   for k, v in d.items()), d
     assert [cache.contains(0, e) for e in range(E)] == [False, True, True, False]
     cache.reset_stats()
     assert cache.stats()["hits"] == 0 and cache.stats()["resident_bytes"] == budget
     cache.clear()
     assert cache.resident_bytes == 0 and not cache.contains(0, 2)
-    assert cache.prefetch(0, 3) and not cache.prefetch(0, 3)
+    assert cache.load(0, 3) and not cache.load(0, 3)
     assert cache.contains(0, 3)
 
 

@@ -56,7 +56,7 @@ def test_prefill_reads_each_routed_expert_once_per_layer_within_the_budget(model
 
 def test_layer_stats_add_up_and_carry_prediction_quality(model_dir):
     m0 = edgemoe.load(model_dir)
-    m = edgemoe.load(model_dir, memory_budget=2 * m0.min_budget, prefetch="lookahead", policy="edgemoe")
+    m = edgemoe.load(model_dir, memory_budget=2 * m0.min_budget, prefetch="lookahead", policy="structure")
     prompt = list(range(5, 21))
     m.generate(prompt, max_new_tokens=12)
     s = m.stats()
@@ -78,7 +78,7 @@ def test_layer_stats_add_up_and_carry_prediction_quality(model_dir):
 
 def test_run_stats_prints_a_layer_table_and_json_on_request(model_dir, capsys):
     args = ["run", str(model_dir), "-p", "The robot", "-n", "6", "--memory-budget", "70KB", "--prefetch", "lookahead",
-            "--policy", "edgemoe"]
+            "--policy", "structure"]
     assert main(args + ["--stats"]) == 0
     err = capsys.readouterr().err
     table = err[err.index("layer  hit rate"):].splitlines()

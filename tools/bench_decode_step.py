@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         probe = edgemoe.load(path, memory_budget="1TB")
         budget = max(probe.min_budget, int(share * probe.info()["expert_bytes"]))
         del probe
-    m = edgemoe.load(path, memory_budget=budget, policy="edgemoe")
+    m = edgemoe.load(path, memory_budget=budget, policy="structure")
     if budget is None:
         m.preload()
     native = m.net.decode_layers

@@ -2,7 +2,7 @@
 all-in-RAM: each configuration in its own process (files dropped from the page cache),
 --warmup tokens generated, then --tokens timed, rounds interleaved.
 
-Configurations: all experts in RAM; the edgemoe policy at --budget with the usual two
+Configurations: all experts in RAM; the structure policy at --budget with the usual two
 I/O threads; the same with io_threads=0, where the decoding thread reads each miss
 itself, so the whole read is stall and nothing overlaps it. From the last two:
 
@@ -37,7 +37,7 @@ def worker(spec: dict) -> dict:
         m.preload()
         m.cache.wait_idle()
     else:
-        m = edgemoe.load(spec["model"], memory_budget=spec["budget"], policy="edgemoe",
+        m = edgemoe.load(spec["model"], memory_budget=spec["budget"], policy="structure",
                          io_threads=2 if spec["config"] == "async" else 0)
     m.eos_ids = set()
     tokens = m.generate(bench_prompt(m, 16, spec["seed"]), max_new_tokens=spec["warmup"] + spec["tokens"] + 1,

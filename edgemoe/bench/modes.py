@@ -43,11 +43,11 @@ from ..runtime.prefetch import FIT_FILE
 from .llama_cpp_worker import proc_read_bytes
 
 MODES = ("ram", "ondemand", "lru", "edgemoe")
-POLICIES = ("lru", "lfu", "edgemoe")
+POLICIES = ("lru", "lfu", "structure")
 
 # The edgemoe mode: policy and predictor, in order of preference, by measurement (README,
 # "Streaming under a memory budget"); the first whose files the model has is used. Measured
-# at 50% on both bench models (lru/lfu/edgemoe x none/table/lookahead/fitted): the edgemoe
+# at 50% on both bench models (lru/lfu/structure x none/table/lookahead/fitted): the structure
 # policy reads the fewest bytes, and every predictor loses here. A layer computes in 0.1 ms
 # (default model) while one expert read takes 0.6 ms, so a guess issued one layer ahead lands
 # late, and at 55-60% precision prefetch reads 1.8-3x the bytes of a disk that is the bottleneck.
@@ -55,7 +55,7 @@ POLICIES = ("lru", "lfu", "edgemoe")
 # read at load behind the prompt) lifts the first tokens' hit rate from a cold cache; the
 # baselines (ondemand, lru, POLICY+PREDICTOR) load without one.
 BEST: list[dict[str, Any]] = [
-    {"policy": "edgemoe", "prefetch": None, "preload": "warm"},
+    {"policy": "structure", "prefetch": None, "preload": "warm"},
 ]
 
 

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
     p = argparse.ArgumentParser(prog="edgemoe simulate",
                                 description="Replay a routing trace through the expert cache under each eviction "
-                                            "policy (LRU, LFU, EdgeMoE, Belady's oracle) and prefetch predictor.")
+                                            "policy (LRU, LFU, structure-aware, Belady's oracle) and prefetch predictor.")
     p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")

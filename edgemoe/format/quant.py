@@ -25,6 +25,8 @@ import struct
 
 import numpy as np
 
+from . import _core
+
 KIND_F32, KIND_F16, KIND_BF16, KIND_Q, KIND_QS = 0, 1, 2, 3, 4
 FLOAT_KINDS = {"f32": KIND_F32, "f16": KIND_F16, "bf16": KIND_BF16}
 KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q", KIND_QS: "qs"}
@@ -39,7 +41,7 @@ BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = 2  # 2: symmetric matrices are kind 4 (no mins); see FORMAT.md
+FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); see FORMAT.md
 ALIGN = 64
 
 

@@ -15,7 +15,7 @@ Policies (the victim is the unpinned resident expert with the lowest score):
 - lru: time of last use (a prefetch counts as a use).
 - lfu: number of demand uses since the start of the trace (kept across evictions),
   ties broken by LRU.
-- edgemoe: EdgeMoE-style, activation frequency and distance from the current layer:
+- structure: structure-aware (as EdgeMoE's), activation frequency and distance from the current layer:
   f / (d + 1), f = the expert's recent activation rate (uses per token, exponentially
   decayed by `decay` per token, so it follows the text), d = MoE layers that run
   before the expert's layer runs again (0 for the next layer; the layer just
@@ -40,14 +40,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import _core
 from ..runtime.prefetch import DEFAULT_RATIO, Predictor, layer_byte_cap
 from ..runtime.trace import RoutingTrace
 
-POLICIES = ("lru", "lfu", "edgemoe", "belady")
+POLICIES = ("lru", "lfu", "structure", "belady")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 DEFAULT_PREDICTORS = ("none", "table", "lookahead_moe_in", "lookahead_layer_out", "fitted_moe_in", "fitted_layer_out")
 NEVER = np.iinfo(np.int64).max // 4
-EDGEMOE_DECAY = 0.95  # per token: the edgemoe policy's activation rate has a half-life of ~14 tokens
+EVICTION_DECAY = _core.EVICTION_DECAY  # per token: the structure policy's activation rate decays by this (the cache's)
 
 
 def min_budget(sizes: np.ndarray, top_k: int) -> int:
@@ -76,7 +77,7 @@ def _next_uses(ex: np.ndarray, M: int, E: int) -> tuple[np.ndarray, list[list[in
 
 def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str = "lru",
              prefetch: Predictor | np.ndarray | None = None, ratio: float = DEFAULT_RATIO, min_prob: float = 0.0,
-             decay: float = EDGEMOE_DECAY, _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
+             decay: float = EVICTION_DECAY, _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
     """Replay `trace` through a cache of `budget` bytes. sizes [M, E]: bytes per expert.
     prefetch: a predictor (its trace_probs), or slot probabilities [T, M, E] whose row m
     guesses layer m+1, or None. Returns counts, hit rate and bytes read."""
@@ -140,7 +141,7 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
             primary = last
         elif policy == "lfu":
             primary = freq
-        elif policy == "edgemoe":
+        elif policy == "structure":
             primary = rate * decay ** (tok - rate_t) / dist1[m]
         else:
             primary = -next_use.astype(np.float64)

@@ -382,7 +382,7 @@ class Prefetcher(RouteObserver):
         elif self.mode == "blocking":
             for e in chosen:
                 try:
-                    self.cache.prefetch(layer, e)
+                    self.cache.load(layer, e)
                 except Exception:  # the budget is full of pinned experts: a prefetch is only a hint
                     break
 

@@ -21,6 +21,7 @@
 #include "kernels.h"
 #include "cache.h"
 #include "layer.h"
+#include "moe.h"
 #include "policy.h"
 #include "store.h"
 #include "threadpool.h"
@@ -643,13 +644,13 @@ static void use(ExpertCache& c, uint32_t layer, uint32_t expert) { c.acquire(lay
 
 // The scoring functions on a scripted history: three experts, three different victims.
 static void test_policy_scores() {
-  CHECK(policy_from_name("edgemoe") == Policy::kEdgeMoE && std::string(policy_name(Policy::kLfu)) == "lfu");
-  CHECK(throws<std::invalid_argument>([] { policy_from_name("fifo"); }, "'lru', 'lfu' or 'edgemoe'"));
+  CHECK(policy_from_name("structure") == Policy::kStructure && std::string(policy_name(Policy::kLfu)) == "lfu");
+  CHECK(throws<std::invalid_argument>([] { policy_from_name("fifo"); }, "'lru', 'lfu' or 'structure'"));
   Usage u;
   record_use(u, 1, 0);
   record_use(u, 2, 0);  // twice in one token
   CHECK(u.uses == 2 && std::fabs(u.rate - 0.1) < 1e-12);
-  CHECK(std::fabs(policy_score(Policy::kEdgeMoE, u, 1, 14).value - 0.1 * std::pow(0.95, 14)) < 1e-12);
+  CHECK(std::fabs(policy_score(Policy::kStructure, u, 1, 14).value - 0.1 * std::pow(0.95, 14)) < 1e-12);
 
   // X: layer 0, used at tokens 0-3 (old, frequent); Z: layer 0, once at token 20;
   // Y: layer 1, once at token 30. Now: token 30, layer 1 computing (M = 2), so
@@ -666,7 +667,7 @@ static void test_policy_scores() {
   };
   CHECK(victim(Policy::kLru) == 'X');      // least recently used
   CHECK(victim(Policy::kLfu) == 'Z');      // fewest uses, the older of Y and Z
-  CHECK(victim(Policy::kEdgeMoE) == 'Y');  // one use at the farthest layer beats an old one at the next
+  CHECK(victim(Policy::kStructure) == 'Y');  // one use at the farthest layer beats an old one at the next
 }
 
 // The same policies deciding a real cache's evictions.
@@ -690,7 +691,7 @@ static void test_policy_evictions() {
     CHECK(!c.contains(1, 1) && c.contains(0, 0) && c.contains(1, 0) && c.contains(2, 0) && c.contains(2, 1));
   }
   {  // edgemoe: equal rates, so the layer farthest from its next use goes (lru would take (0, 0))
-    ExpertCache c(store, 4 * one, Policy::kEdgeMoE, 1);
+    ExpertCache c(store, 4 * one, Policy::kStructure, 1);
     for (uint32_t l = 0; l < 2; ++l) {
       c.set_current_layer(l);
       use(c, l, 0);
@@ -740,7 +741,7 @@ static void test_prefetch_admission() {
     CHECK(!c.contains(1, 0) && c.stats().prefetch_dropped == 1);
   }
   {  // edgemoe: a landed guess for the next layer is valued as if used, so this layer's misses take others
-    ExpertCache c(store, 4 * one, Policy::kEdgeMoE, 1);
+    ExpertCache c(store, 4 * one, Policy::kStructure, 1);
     for (uint32_t l = 0; l < 3; ++l) {
       c.set_current_layer(l);
       use(c, l, 0);
@@ -878,7 +879,7 @@ static void test_prefetch_storm() {
     ExpertCache unbounded(store, 0, Policy::kLru, 0);
     run(unbounded, ref);
   }
-  for (Policy p : {Policy::kLru, Policy::kLfu, Policy::kEdgeMoE}) {
+  for (Policy p : {Policy::kLru, Policy::kLfu, Policy::kStructure}) {
     ExpertCache c(store, 7 * biggest, p, 2);  // room for a layer's 6 and one more
     std::atomic<bool> stop{false};
     std::thread storm([&] {
@@ -917,7 +918,7 @@ static void test_prefetch_threads() {
   auto store = open_store(f);
   uint64_t biggest = 0;
   for (uint32_t e = 0; e < f.E; ++e) biggest = std::max(biggest, store->read_capacity(0, e));
-  for (Policy p : {Policy::kLru, Policy::kEdgeMoE}) {
+  for (Policy p : {Policy::kLru, Policy::kStructure}) {
     ExpertCache cache(store, 5 * biggest, p, 2);
     std::atomic<int> bad{0}, budget_errors{0};
     std::vector<std::thread> threads;
@@ -1086,7 +1087,7 @@ static void test_fallback() {
   // each pinned blob must be the copy it claims to be (for TSan and ASan).
   uint64_t biggest = 0;
   for (uint32_t e = 0; e < full.E; ++e) biggest = std::max(biggest, store->read_capacity(0, e));
-  ExpertCache c(store, 3 * biggest, Policy::kEdgeMoE, 2, lstore);
+  ExpertCache c(store, 3 * biggest, Policy::kStructure, 2, lstore);
   c.set_fallback_threshold(0.3f);
   std::atomic<int> bad{0}, budget_errors{0};
   std::vector<std::thread> threads;

@@ -1,0 +1,111 @@
+// edgemoe._core: the matmul kernels, the SwiGLU expert and stream_read (kernels.h).
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+#include "kernels.h"
+
+namespace edgemoe::python {
+
+namespace {
+
+FloatArray run_matmul(const QMatrix& w, const FloatArray& x, const char* what) {
+  const int64_t T = tokens_of(x, w.cols, what);
+  FloatArray y = output_like(x, T, w.rows);
+  const float* xp = x.data();
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    matmul(w, xp, T, yp);
+  }
+  return y;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def("simd", &simd_name,
+        "Which kernel path this build uses: 'avx2+fma+f16c' (x86-64 built with -march=native) "
+        "or 'portable' (plain C++, auto-vectorized; ARM builds). Chosen at build time.");
+  m.def(
+      "stream_read",
+      [](const py::buffer& data) {
+        auto [p, n] = bytes_of(data);
+        py::gil_scoped_release nogil;
+        return stream_read(p, n);
+      },
+      py::arg("data"),
+      "Read every byte of a buffer once on the kernel threads (returns a checksum of it):\n"
+      "the memory bandwidth the kernels can hope for. For benchmarks.");
+
+  m.def(
+      "linear",
+      [](const FloatArray& x, const py::array& w, const std::string& kind) {
+        return run_matmul(float_matrix(w, kind, "linear"), x, "linear");
+      },
+      py::arg("x"), py::arg("w"), py::arg("kind"),
+      "y[T, out] = x[T, in] @ w[out, in].T for a float weight, read in place (no copy).\n\n"
+      "kind: 'f32' (w float32), 'f16' (w float16 or uint16 bits), 'bf16' (w uint16 bits). "
+      "A 1-D x is one token and gives a 1-D y.");
+
+  m.def(
+      "qmatrix_matmul",
+      [](const FloatArray& x, const ByteArray& buf, uint64_t offset) {
+        if (offset > uint64_t(buf.size())) throw std::invalid_argument("qmatrix_matmul: offset beyond the buffer");
+        const QMatrix qm = parse_qmatrix(buf.data() + offset, uint64_t(buf.size()) - offset);
+        return run_matmul(qm, x, "qmatrix_matmul");
+      },
+      py::arg("x"), py::arg("buf"), py::arg("offset") = 0,
+      "y[T, rows] = x[T, cols] @ W.T for the QMatrix (any kind) stored in buf at offset.\n\n"
+      "Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a group-quantized\n"
+      "matrix rounds x per 32 values first: to int8 for 4-bit codes (error <= 1/254 of each block's\n"
+      "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.");
+
+  m.def(
+      "qmatrix_matmul_many",
+      [](const FloatArray& x, const std::vector<ByteArray>& bufs) {
+        if (bufs.empty()) throw std::invalid_argument("qmatrix_matmul_many: give at least one matrix");
+        std::vector<QMatrix> ws;
+        for (const ByteArray& b : bufs) ws.push_back(parse_qmatrix(b.data(), uint64_t(b.size())));
+        const int64_t T = tokens_of(x, ws[0].cols, "qmatrix_matmul_many");
+        py::list out;
+        std::vector<float*> ys;
+        for (const QMatrix& w : ws) {
+          if (w.cols != ws[0].cols)
+            throw std::invalid_argument("qmatrix_matmul_many: the matrices have " + std::to_string(ws[0].cols) + " and " +
+                                        std::to_string(w.cols) + " columns; they must share x");
+          FloatArray y = output_like(x, T, w.rows);
+          ys.push_back(y.mutable_data());
+          out.append(y);
+        }
+        const float* xp = x.data();
+        {
+          py::gil_scoped_release nogil;
+          matmul_many(ws.data(), ws.size(), xp, T, ys.data());
+        }
+        return out;
+      },
+      py::arg("x"), py::arg("bufs"),
+      "[x @ W.T for W in bufs]: several QMatrix buffers (offset 0) of the same cols applied to\n"
+      "one x (a layer's q, k and v) in one call; for one token x is rounded once per width and\n"
+      "one pass over the threads covers every matrix. The same numbers as qmatrix_matmul each.");
+
+  m.def(
+      "expert_forward",
+      [](const FloatArray& x, const ByteArray& blob) {
+        const Expert e = parse_expert(blob.data(), uint64_t(blob.size()));
+        const int64_t T = tokens_of(x, e.hidden(), "expert_forward");
+        FloatArray y = output_like(x, T, e.hidden());
+        const float* xp = x.data();
+        float* yp = y.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          expert_forward(e, xp, T, yp);
+        }
+        return y;
+      },
+      py::arg("x"), py::arg("blob"),
+      "SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden].");
+}
+
+}  // namespace edgemoe::python

@@ -1,0 +1,80 @@
+// Internal to the matmul kernels: what the instruction-set files share and
+// export to the driver (kernels.cpp). Not part of the native core's API.
+//
+// One file per instruction set, as ggml does:
+//   kernels_portable.cpp  plain C++ (always compiled; the path of any build
+//                         without a SIMD file for its CPU, e.g. a non-native x86
+//                         build or an ARM board, where it auto-vectorizes);
+//   kernels_avx2.cpp      AVX2+FMA+F16C (compiled to nothing without them).
+// The driver picks one at build time, with no runtime dispatch: the wheel is
+// built for the device (EDGEMOE_NATIVE_ARCH in CMakeLists.txt). A NEON file
+// would add its macro below, its namespace here and its branches in the driver.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define EDGEMOE_AVX2 1
+#endif
+
+namespace edgemoe::kernels {
+
+constexpr int kTokenBlock = 4;          // tokens that share one decode of a weight row
+constexpr int64_t kGemmMinTokens = 12;  // from here on, dequantize rows to f32 once (AVX2 path)
+constexpr uint32_t kChunk = 32;         // codes are packed per 32 values of a row
+
+constexpr uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
+
+// x [cols] float32 -> xsum [cols / gs]: the sum of each group of gs values, in order.
+void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum);
+
+namespace portable {
+
+// Rows [r0, r1) of y = W x for nt <= kTokenBlock tokens.
+// x[t] [cols] float32, W [rows, cols] any kind, xsum[t] [cols / group_size] (group
+// sums of x[t]; quantized W only) -> y[t * ystride + r] for r in [r0, r1).
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
+          float* y, uint32_t ystride);
+
+// p [n] bytes -> their sum as little-endian u64 words (then the tail's bytes), mod 2^64.
+uint64_t byte_sum(const uint8_t* p, uint64_t n);
+
+}  // namespace portable
+
+#if defined(EDGEMOE_AVX2)
+namespace avx2 {
+
+// As portable::rows: x[t] [cols] float32, W [rows, cols] any kind, xsum[t]
+// [cols / group_size] -> y[t * ystride + r] for r in [r0, r1), nt <= kTokenBlock.
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
+          float* y, uint32_t ystride);
+
+// One token's x [cols] float32 rounded per block of 32 values for the decode
+// kernels: to int8 for 4-bit codes (need8), to int16 for 2/3/8-bit ones (need16),
+// with the per-block steps dx [cols / 32] and the group sums xsum [cols / gs] that
+// go with each.
+struct DecodeInput {
+  std::vector<int16_t> x16;
+  std::vector<int8_t> x8;
+  std::vector<float> dx16, dx8, xsum16, xsum8;
+  DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
+};
+
+// Rows [r0, r1) of y = W x for one token: W [rows, cols] group-quantized with the
+// group size `in` was made for, in = x [cols] rounded -> y[r] for r in [r0, r1).
+void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+
+// Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,
+// cols] any kind, dequantized a few rows at a time to an f32 tile -> y [T, rows].
+void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64_t T, float* y);
+
+// As portable::byte_sum, 128 bytes a step.
+uint64_t byte_sum(const uint8_t* p, uint64_t n);
+
+}  // namespace avx2
+#endif
+
+}  // namespace edgemoe::kernels

@@ -1,0 +1,89 @@
+#include "moe.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace edgemoe {
+
+void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
+                 const float* weights, int64_t K, float* y) {
+  // x [T, H], ids/weights [T, K] -> y [T, H]
+  const ExpertStore& store = cache.store();
+  if (layer >= store.num_layers())
+    throw std::invalid_argument("layer " + std::to_string(layer) + " is out of range: the experts file has " +
+                                std::to_string(store.num_layers()) + " layers");
+  const uint32_t E = store.num_experts();
+  // Which (token, slot) pairs each expert serves, in routing order.
+  std::vector<std::vector<int64_t>> slots(E);
+  for (int64_t i = 0; i < T * K; ++i) {
+    const int32_t e = ids[i];
+    if (e < 0 || uint32_t(e) >= E || store.blob_size(layer, uint32_t(e)) == 0)
+      throw std::invalid_argument("expert id " + std::to_string(e) + " (token " + std::to_string(i / K) + ", slot " +
+                                  std::to_string(i % K) + ") is out of range: layer " + std::to_string(layer) +
+                                  " has experts 0.." + std::to_string(E - 1) +
+                                  (e >= 0 && uint32_t(e) < E ? " but not this one" : ""));
+    slots[size_t(e)].push_back(i);
+  }
+  std::vector<uint32_t> needed;
+  for (uint32_t e = 0; e < E; ++e)
+    if (!slots[e].empty()) needed.push_back(e);
+
+  // Low-bit fallback: an expert may take its low-bit copy on a miss when every
+  // token of the call gives it less than the threshold (prefill: all of them).
+  std::vector<uint8_t> low_ok;
+  const float threshold = cache.fallback_threshold();
+  if (threshold > 0) {
+    low_ok.reserve(needed.size());
+    for (uint32_t e : needed) {
+      float top = 0;  // ffn_moe_weights' largest |w| for this expert
+      for (int64_t i : slots[e]) top = std::max(top, std::fabs(weights[i]));
+      low_ok.push_back(top < threshold ? 1 : 0);
+    }
+  }
+  cache.set_current_layer(layer);
+  // the missing ones are being read from here on
+  LayerRequest req = cache.request(layer, needed, true, low_ok.empty() ? nullptr : &low_ok);
+  std::vector<float> xb, yb;
+  std::vector<float> ys(size_t(T * K * H));  // ffn_moe_out per (token, slot) [T, K, H]
+  double compute = 0;
+  while (!req.done()) {
+    PinnedExpert pin = req.next();  // resident ones first, then each missing one as it lands
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint32_t e = pin.expert();
+    const auto& s = slots[e];
+    const auto n = int64_t(s.size());
+    const Expert ex = parse_expert(pin.blob().data, pin.blob().size);
+    if (int64_t(ex.hidden()) != H)
+      throw std::invalid_argument("x has hidden size " + std::to_string(H) + " but expert " + std::to_string(e) +
+                                  " of layer " + std::to_string(layer) + " expects " + std::to_string(ex.hidden()));
+    xb.resize(size_t(n * H));  // gathered tokens [n, H]
+    yb.resize(size_t(n * H));  // their expert outputs [n, H]
+    for (int64_t j = 0; j < n; ++j) std::memcpy(&xb[size_t(j * H)], x + (s[size_t(j)] / K) * H, size_t(H) * 4);
+    expert_forward(ex, xb.data(), n, yb.data());
+    pin.release();
+    for (int64_t j = 0; j < n; ++j) std::memcpy(&ys[size_t(s[size_t(j)] * H)], &yb[size_t(j * H)], size_t(H) * 4);
+    compute += seconds_since(t0);
+  }
+  // Weighted sum in slot order, whatever order the experts arrived in.
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t t = 0; t < T; ++t) {
+    float* yt = y + t * H;
+    std::fill(yt, yt + H, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float w = weights[t * K + k];
+      const float* src = &ys[size_t((t * K + k) * H)];
+      for (int64_t h = 0; h < H; ++h) yt[h] += w * src[h];
+    }
+  }
+  cache.record_compute(layer, compute + seconds_since(t0));
+}
+
+}  // namespace edgemoe
