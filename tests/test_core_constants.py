@@ -6,7 +6,9 @@ import inspect
 import json
 import struct
 
-from edgemoe import _core, manifest, quant, simulate
+from edgemoe import _core
+from edgemoe.format import manifest, quant
+from edgemoe.planning import simulate
 from edgemoe.converters.convert import convert
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelDirectoryError
-from .quant import FORMAT_VERSION  # one number for manifest.json and experts.bin (FORMAT.md); reads 1 too
+from .quant import FORMAT_VERSION  # one number for manifest.json and experts.bin (docs/format.md); reads 1 too
 MANIFEST = "manifest.json"
 BLOB_COLUMNS = ["layer", "expert", "offset", "length", "bits", "crc32c"]
 FALLBACK_VERSION = 1  # the optional "fallback" section (low-bit copies, FORMAT.md)

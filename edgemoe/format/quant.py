@@ -25,7 +25,7 @@ import struct
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 KIND_F32, KIND_F16, KIND_BF16, KIND_Q, KIND_QS = 0, 1, 2, 3, 4
 FLOAT_KINDS = {"f32": KIND_F32, "f16": KIND_F16, "bf16": KIND_BF16}
