@@ -212,7 +212,7 @@ def _encode(w: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bo
 
 
 class _BlobFile:
-    """An experts file being written (FORMAT.md): header placeholder, then 4 KiB aligned blobs."""
+    """An experts file being written (docs/format.md): header placeholder, then 4 KiB aligned blobs."""
 
     def __init__(self, path: Path, plan: Plan):
         self.path, self.plan = path, plan
@@ -342,7 +342,7 @@ def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
 
 
 def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool) -> tuple[int, list[str]]:
-    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (FORMAT.md)."""
+    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md)."""
     w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
     quantized = []
     for name in sorted(plan.backbone, key=_canonical_order):

@@ -1,7 +1,7 @@
 """Type stub for the native core (native/, bound with pybind11).
 
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
-Matrices follow FORMAT.md's QMatrix layout; blobs follow its expert blob layout.
+Matrices follow docs/format.md's QMatrix layout; blobs follow its expert blob layout.
 """
 from typing import Any, Literal
 
@@ -10,7 +10,7 @@ import numpy.typing as npt
 
 FORMAT_VERSION: int
 """The newest experts-file format_version this core reads (older ones read too); the
-converter writes it and edgemoe.quant / edgemoe.manifest take it from here (FORMAT.md)."""
+converter writes it and edgemoe.quant / edgemoe.manifest take it from here (docs/format.md)."""
 
 EVICTION_DECAY: float
 """Per token, the structure policy's decayed activation rate is multiplied by this (0.95:

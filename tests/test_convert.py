@@ -1,4 +1,4 @@
-"""The converter: HF checkpoint -> model directory (FORMAT.md), and its errors."""
+"""The converter: HF checkpoint -> model directory (docs/format.md), and its errors."""
 from __future__ import annotations
 
 import json

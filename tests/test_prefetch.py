@@ -16,7 +16,7 @@ PAGE = 4096
 
 
 def write_experts(path, seed=0):
-    """An experts.bin per FORMAT.md with [L, E] 4-bit experts (all the same size)."""
+    """An experts.bin per docs/format.md with [L, E] 4-bit experts (all the same size)."""
     rng = np.random.default_rng(seed)
     offsets, sizes, crcs = (np.zeros((L, E), t) for t in (np.uint64, np.uint64, np.uint32))
     pos, parts = q.EXPERTS_HEADER_BYTES, []

@@ -13,7 +13,7 @@ L, E, H, I = 2, 4, 64, 96
 
 
 def write_experts(path, bits_of=lambda l, e: 4, seed=0):
-    """An experts.bin per FORMAT.md; returns (offsets, sizes, checksums, blobs)."""
+    """An experts.bin per docs/format.md; returns (offsets, sizes, checksums, blobs)."""
     rng = np.random.default_rng(seed)
     blobs, offsets, sizes, crcs = {}, np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint32)
     pos, parts = q.EXPERTS_HEADER_BYTES, []

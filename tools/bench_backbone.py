@@ -79,7 +79,7 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
 
 
 def random_backbone(s: Shape, seed: int) -> dict[str, tuple[np.ndarray, str]]:
-    """Canonical backbone tensors (FORMAT.md names) in bf16, seeded."""
+    """Canonical backbone tensors (docs/format.md names) in bf16, seeded."""
     rng = np.random.default_rng(seed)
 
     def mat(rows: int, cols: int) -> tuple[np.ndarray, str]:
@@ -120,7 +120,7 @@ class NumpyLinear:
 
 
 class Q4Linear:
-    """x @ W.T with W as a FORMAT.md QMatrix, 4-bit asymmetric groups of 32, run by _core.qmatrix_matmul."""
+    """x @ W.T with W as a docs/format.md QMatrix, 4-bit asymmetric groups of 32, run by _core.qmatrix_matmul."""
 
     kind, bias = "qmatrix", None
 
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({', '.join(f'{k}: {v.layers + 1}' for k, v in SHAPES.items())}).")
     print("Weights held count the bf16 embedding table on every path. numpy-f32-ref is the native path's Python "
           "with numpy BLAS in place of _core.linear (a reference, not a candidate; BLAS threads follow "
-          "OPENBLAS_NUM_THREADS). int4 rows keep routers unquantized and use groups of 32: native-int4 as FORMAT.md "
+          "OPENBLAS_NUM_THREADS). int4 rows keep routers unquantized and use groups of 32: native-int4 as docs/format.md "
           "QMatrix (f16 scale+min), ort-int4 as MatMulNBits accuracy_level 4 (int8 activations). "
           f"Whole run: {time.perf_counter() - t_start:.0f} s.")
     return 0

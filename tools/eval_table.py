@@ -1,4 +1,4 @@
-"""The README's "Bitwidths and quality" table: every bitwidth setting of a checkpoint, with and
+"""The table of docs/benchmarks/bitwidths.md: every bitwidth setting of a checkpoint, with and
 without the low-bit fallback, measured the same way.
 
     python tools/eval_table.py                       # the default model, its test.txt and calib.txt

@@ -38,7 +38,7 @@ ENGINES = ("edgemoe", "llama.cpp")
 DEFAULT_LIMITS = "unlimited,1.2,0.8,0.5,0.3"
 GGUF_TYPES = {4: "Q4_0", 8: "Q8_0"}
 # Our setting nearest each GGUF type. Q4_0: groups of 32, one f16 scale, w = d * (q - 8); ours
-# with --symmetric is the same arithmetic and layout cost (kind 4, FORMAT.md: 4.5 bits per weight).
+# with --symmetric is the same arithmetic and layout cost (kind 4, docs/format.md: 4.5 bits per weight).
 OUR_SETTINGS = {4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
                 8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True)}
 RUN_TIMEOUT_S = 300.0

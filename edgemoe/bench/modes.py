@@ -45,8 +45,8 @@ from .llama_cpp_worker import proc_read_bytes
 MODES = ("ram", "ondemand", "lru", "edgemoe")
 POLICIES = ("lru", "lfu", "structure")
 
-# The edgemoe mode: policy and predictor, in order of preference, by measurement (README,
-# "Streaming under a memory budget"); the first whose files the model has is used. Measured
+# The edgemoe mode: policy and predictor, in order of preference, by measurement
+# (docs/benchmarks/streaming.md); the first whose files the model has is used. Measured
 # at 50% on both bench models (lru/lfu/structure x none/table/lookahead/fitted): the structure
 # policy reads the fewest bytes, and every predictor loses here. A layer computes in 0.1 ms
 # (default model) while one expert read takes 0.6 ms, so a guess issued one layer ahead lands

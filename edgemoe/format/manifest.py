@@ -1,4 +1,4 @@
-"""manifest.json of a model directory (FORMAT.md): load, validate, blob tables.
+"""manifest.json of a model directory (docs/format.md): load, validate, blob tables.
 
     m = load_manifest("model-dir")          # raises ModelDirectoryError with the fix
     offsets, lengths, crcs, bits = blob_tables(m)   # each [num_layers, num_experts]
@@ -14,7 +14,7 @@ from ..errors import ModelDirectoryError
 from .quant import FORMAT_VERSION  # one number for manifest.json and experts.bin (docs/format.md); reads 1 too
 MANIFEST = "manifest.json"
 BLOB_COLUMNS = ["layer", "expert", "offset", "length", "bits", "crc32c"]
-FALLBACK_VERSION = 1  # the optional "fallback" section (low-bit copies, FORMAT.md)
+FALLBACK_VERSION = 1  # the optional "fallback" section (low-bit copies, docs/format.md)
 
 
 def load_manifest(model_dir) -> dict:
@@ -105,7 +105,7 @@ def blob_tables(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 
 
 def fallback_tables(model_dir, manifest: dict) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The low-bit fallback copies (FORMAT.md, "fallback"): (file, offsets, lengths, crc32c, bits),
+    """The low-bit fallback copies (docs/format.md, "fallback"): (file, offsets, lengths, crc32c, bits),
     tables [num_layers, num_experts] like blob_tables; length 0 = no copy of that expert.
 
     Raises ModelDirectoryError naming the fix when the model has no fallback section, its

@@ -36,12 +36,12 @@ GROUP_SIZES = (32, 64, 128)
 CHUNK = 32  # codes are packed per chunk of 32 consecutive values of a row
 CHUNK_BYTES = {8: 32, 4: 16, 3: 12, 2: 8}
 
-MATRIX_HEADER = struct.Struct("<IIBBHIIIII")  # 32 bytes, see FORMAT.md
+MATRIX_HEADER = struct.Struct("<IIBBHIIIII")  # 32 bytes, see docs/format.md
 BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); see FORMAT.md
+FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); see docs/format.md
 ALIGN = 64
 
 
@@ -206,7 +206,7 @@ def float_matrix(w: np.ndarray, kind: str) -> np.ndarray:
 
 
 def matrix_header(buf: np.ndarray, offset: int = 0) -> dict:
-    """The QMatrix header at buf[offset:] as a dict (names as in FORMAT.md)."""
+    """The QMatrix header at buf[offset:] as a dict (names as in docs/format.md)."""
     buf = np.asarray(buf, dtype=np.uint8)
     if offset + MATRIX_HEADER.size > buf.size:
         raise ValueError(f"buffer too small for a QMatrix header at offset {offset}")

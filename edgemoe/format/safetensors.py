@@ -41,7 +41,7 @@ NP_DTYPES = {
     "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
-# the float dtypes a QMatrix can store as is (FORMAT.md float kinds)
+# the float dtypes a QMatrix can store as is (docs/format.md float kinds)
 FLOAT_KIND = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 TORCH_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

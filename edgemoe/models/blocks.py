@@ -18,7 +18,7 @@ from ..format.safetensors import FLOAT_KIND
 
 class Linear:
     """y = x @ W.T (+ b), W read by the native core as stored: a float matrix (bf16/f16/f32)
-    or, for a U8 tensor, a group-quantized QMatrix written by the converter (FORMAT.md)."""
+    or, for a U8 tensor, a group-quantized QMatrix written by the converter (docs/format.md)."""
 
     def __init__(self, w: np.ndarray, dtype: str, bias: np.ndarray | None = None):
         self.w = np.ascontiguousarray(w)

@@ -27,8 +27,8 @@ Verification (--tolerance). The importance profile and the check of its result
 never share text: the profile sees the calibration text's first --calib-tokens
 tokens (at most half of it) and a candidate is measured only on the documents
 after them (up to --verify-tokens), so experts that happened to look cheap on
-the profiled text are not also judged on it (the winner's curse; README,
-"Bitwidths and quality", has the default model's figures). What is measured is
+the profiled text are not also judged on it (the winner's curse;
+docs/benchmarks/bitwidths.md has the default model's figures). What is measured is
 the per-token NLL difference, candidate minus 16-bit reference, on the held-out
 tokens. Its one-sided upper confidence bound (--confidence, 90%) is a percentile
 bootstrap of sum(difference) / tokens that resamples whole documents (whole

@@ -4,7 +4,7 @@ to a low bitwidth (EdgeMoE's measure), with cheap proxies and their rank correla
     doc = profile_importance("model-dir", "calib.txt")      # writes model-dir/importance.json
     doc["loss_increase"]["2"][m][e]    # mean NLL increase per token (nats), expert e of MoE layer m
 
-How (FORMAT.md, importance.json): the calibration tokens are cut into windows; one
+How (docs/format.md, importance.json): the calibration tokens are cut into windows; one
 pass computes every window's residual stream h_l entering each layer l. For an
 expert e of MoE layer l, only layers l.. are run again, from the cached h_l, with
 e's contribution w * f(x) replaced by w * f_low(x), where f_low is e's blob

@@ -365,7 +365,7 @@ class Model:
         (prompt included, the prompt prefilled in one pass): the expert budget (all expert
         bytes when unbounded), the backbone, the expert cache's fixed overhead (native/cache.h),
         the KV cache, prefill's attention scores and moe_forward scratch, and
-        RUNTIME_OVERHEAD_BYTES. README "Streaming under a memory budget" explains the terms."""
+        RUNTIME_OVERHEAD_BYTES. docs/memory.md explains the terms."""
         cfg, ex = self.config, self.manifest["experts"]
         T = int(context_tokens)
         experts = self.budget or self.info()["expert_bytes"]
