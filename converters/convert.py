@@ -7,6 +7,7 @@ reads, so a checkpoint larger than RAM converts. Everything is written into a
 hidden sibling directory that is renamed into place at the very end: an
 interrupted conversion never leaves a directory with a manifest.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,30 @@ BACKBONE_FILE = "backbone.safetensors"
 BITS = (16, 8, 4, 3, 2)
 BACKBONE_BITS = (16, 8, 4)
 # backbone matrices that may be quantized (routers stay at the checkpoint's precision)
-QUANTIZABLE = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down",
-               "ffn_shared_gate", "ffn_shared_up", "ffn_shared_down")
+QUANTIZABLE = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "ffn_shared_gate",
+    "ffn_shared_up",
+    "ffn_shared_down",
+)
 # copied verbatim when present
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 EXTRA_FILES = ("generation_config.json",)
 
 
@@ -72,9 +92,18 @@ class Progress:
             sys.stderr.flush()
 
 
-def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: bool = False,
-            progress: bool = True, overwrite: bool = False, backbone_bits: int | None = None,
-            bits_map: dict[tuple[int, int], int] | None = None, fallback_bits: int | None = None) -> dict:
+def convert(
+    src,
+    dst,
+    bits: int | str = 16,
+    group_size: int = 64,
+    symmetric: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    backbone_bits: int | None = None,
+    bits_map: dict[tuple[int, int], int] | None = None,
+    fallback_bits: int | None = None,
+) -> dict:
     """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
 
     bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4,
@@ -99,14 +128,17 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     if bad:
         raise EdgeMoEError(f"bits_map holds bitwidths {bad}; each must be one of {', '.join(map(str, BITS))}")
     if bits == "auto" and not bits_map:
-        raise EdgeMoEError("bits='auto' needs a bits_map naming every expert's bitwidth: "
-                           "use edgemoe.allocate.convert_auto (`edgemoe convert --bits auto`) to choose one")
+        raise EdgeMoEError(
+            "bits='auto' needs a bits_map naming every expert's bitwidth: "
+            "use edgemoe.allocate.convert_auto (`edgemoe convert --bits auto`) to choose one"
+        )
     check_fallback_bits(fallback_bits)
     if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
         raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
     used = set(bits_map.values()) | ({bits} if bits != "auto" else set())
-    if ((used != {16} or backbone_bits not in (None, 16) or fallback_bits is not None)
-            and group_size not in quant.GROUP_SIZES):
+    if (
+        used != {16} or backbone_bits not in (None, 16) or fallback_bits is not None
+    ) and group_size not in quant.GROUP_SIZES:
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
     check_destination(src, dst, overwrite)
 
@@ -115,12 +147,15 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     experts = {(layer, e) for layer in plan.moe_layers for e in range(plan.num_experts)}
     unknown = sorted(set(bits_map) - experts)
     if unknown:
-        raise EdgeMoEError(f"bits_map names expert {unknown[0][1]} of layer {unknown[0][0]}, which the checkpoint "
-                           f"does not have (MoE layers {plan.moe_layers}, {plan.num_experts} experts each)")
+        raise EdgeMoEError(
+            f"bits_map names expert {unknown[0][1]} of layer {unknown[0][0]}, which the checkpoint "
+            f"does not have (MoE layers {plan.moe_layers}, {plan.num_experts} experts each)"
+        )
     if bits == "auto" and set(bits_map) != experts:
         layer, e = min(experts - set(bits_map))
-        raise EdgeMoEError(f"bits='auto' needs a bitwidth for every expert; bits_map has none for expert {e} "
-                           f"of layer {layer}")
+        raise EdgeMoEError(
+            f"bits='auto' needs a bitwidth for every expert; bits_map has none for expert {e} of layer {layer}"
+        )
     expert_bits = {k: bits_map.get(k, bits) for k in experts}
     used = set(expert_bits.values())
     uniform = next(iter(used)) if len(used) == 1 else None
@@ -129,8 +164,9 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     if uniform != 16 or fallback_bits is not None:
         for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
             if n % group_size:
-                ok = [g for g in quant.GROUP_SIZES if n % g == 0 and plan.hidden % g == 0
-                      and plan.intermediate % g == 0]
+                ok = [
+                    g for g in quant.GROUP_SIZES if n % g == 0 and plan.hidden % g == 0 and plan.intermediate % g == 0
+                ]
                 fix = f"use --group-size {ok[-1]}" if ok else "convert at --bits 16"
                 raise CheckpointError(f"the model's {what} {n} is not a multiple of the group size {group_size}: {fix}")
     expert_dtype = plan.expert_dtype
@@ -143,8 +179,9 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
     tmp.mkdir(parents=True)
     try:
         fallback = _FallbackSpec(tmp / FALLBACK_FILE, fallback_bits, group_size, symmetric) if fallback_bits else None
-        blobs, experts_bytes = _write_experts(tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress,
-                                              fallback)
+        blobs, experts_bytes = _write_experts(
+            tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress, fallback
+        )
         backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
         tok_files = _copy_tokenizer(src, tmp)
         manifest = {
@@ -152,19 +189,37 @@ def convert(src, dst, bits: int | str = 16, group_size: int = 64, symmetric: boo
             "format_version": FORMAT_VERSION,
             "architecture": plan.arch.name,
             "config": ckpt.config,
-            "source": {"path": str(src.resolve()), "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
-                       "layout": plan.layout},
-            "backbone": {"file": BACKBONE_FILE, "bytes": backbone_bytes, "bits": backbone_bits,
-                         "group_size": group_size if quantized else 0, "quantized": quantized},
+            "source": {
+                "path": str(src.resolve()),
+                "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
+                "layout": plan.layout,
+            },
+            "backbone": {
+                "file": BACKBONE_FILE,
+                "bytes": backbone_bytes,
+                "bits": backbone_bits,
+                "group_size": group_size if quantized else 0,
+                "quantized": quantized,
+            },
             "tokenizer": {"files": tok_files, **_special_ids(src, ckpt.config)},
-            "quantization": {"bits": uniform if uniform is not None else "mixed",
-                             "group_size": 0 if uniform == 16 else group_size,
-                             "symmetric": bool(symmetric) and uniform != 16, "float_dtype": FLOAT_KIND[expert_dtype]},
+            "quantization": {
+                "bits": uniform if uniform is not None else "mixed",
+                "group_size": 0 if uniform == 16 else group_size,
+                "symmetric": bool(symmetric) and uniform != 16,
+                "float_dtype": FLOAT_KIND[expert_dtype],
+            },
             "experts": {
-                "file": EXPERTS_FILE, "file_bytes": experts_bytes, "alignment": ALIGNMENT,
-                "num_layers": plan.num_layers, "num_experts": plan.num_experts, "top_k": plan.top_k,
-                "hidden_size": plan.hidden, "intermediate_size": plan.intermediate,
-                "moe_layers": plan.moe_layers, "columns": BLOB_COLUMNS, "blobs": blobs,
+                "file": EXPERTS_FILE,
+                "file_bytes": experts_bytes,
+                "alignment": ALIGNMENT,
+                "num_layers": plan.num_layers,
+                "num_experts": plan.num_experts,
+                "top_k": plan.top_k,
+                "hidden_size": plan.hidden,
+                "intermediate_size": plan.intermediate,
+                "moe_layers": plan.moe_layers,
+                "columns": BLOB_COLUMNS,
+                "blobs": blobs,
             },
         }
         if fallback is not None:
@@ -183,8 +238,9 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """Before any work: dst may be replaced only with overwrite, and never when it holds src."""
     if dst.exists() or dst.is_symlink():
         if not overwrite:
-            raise EdgeMoEError(f"{dst} already exists: choose another output directory, or pass --force "
-                               f"(overwrite=True) to replace it")
+            raise EdgeMoEError(
+                f"{dst} already exists: choose another output directory, or pass --force (overwrite=True) to replace it"
+            )
         s, d = src.resolve(), dst.resolve()
         if s == d or d in s.parents:
             raise EdgeMoEError(f"refusing to replace {dst}: it holds the checkpoint being converted ({src})")
@@ -232,8 +288,9 @@ class _BlobFile:
 
     def close(self) -> int:
         self.f.seek(0)
-        self.f.write(quant.experts_file_header(self.plan.num_layers, self.plan.num_experts, len(self.blobs),
-                                               self.pos).data)
+        self.f.write(
+            quant.experts_file_header(self.plan.num_layers, self.plan.num_experts, len(self.blobs), self.pos).data
+        )
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
@@ -250,9 +307,17 @@ class _FallbackSpec:
         self.file_bytes = 0
 
     def section(self) -> dict:
-        return {"version": FALLBACK_VERSION, "file": self.path.name, "file_bytes": self.file_bytes,
-                "alignment": ALIGNMENT, "bits": self.bits, "group_size": self.group_size,
-                "symmetric": bool(self.symmetric), "columns": BLOB_COLUMNS, "blobs": self.blobs}
+        return {
+            "version": FALLBACK_VERSION,
+            "file": self.path.name,
+            "file_bytes": self.file_bytes,
+            "alignment": ALIGNMENT,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": bool(self.symmetric),
+            "columns": BLOB_COLUMNS,
+            "blobs": self.blobs,
+        }
 
 
 def check_fallback_bits(fallback_bits: int | None) -> None:
@@ -260,9 +325,15 @@ def check_fallback_bits(fallback_bits: int | None) -> None:
         raise EdgeMoEError(f"fallback bits must be one of {', '.join(map(str, FALLBACK_BITS))}, got {fallback_bits}")
 
 
-def _write_experts(path: Path | None, plan: Plan, expert_bits: dict[tuple[int, int], int], group_size: int,
-                   symmetric: bool, show: bool,
-                   fallback: _FallbackSpec | None = None) -> tuple[list[list[int]], int]:
+def _write_experts(
+    path: Path | None,
+    plan: Plan,
+    expert_bits: dict[tuple[int, int], int],
+    group_size: int,
+    symmetric: bool,
+    show: bool,
+    fallback: _FallbackSpec | None = None,
+) -> tuple[list[list[int]], int]:
     """Write the experts file at `path` and, with `fallback`, the low-bit copies in the same pass
     over the checkpoint (each expert read once). path None: the low-bit copies only."""
     dtype = plan.expert_dtype
@@ -284,8 +355,10 @@ def _write_experts(path: Path | None, plan: Plan, expert_bits: dict[tuple[int, i
                     mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
                     nbytes += out.add(layer, e, bits, mats)
                 if low is not None and fallback.bits < bits:  # from the checkpoint's weights, not the quantized copy
-                    mats = [_encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
-                            for m in (gate, up, down)]
+                    mats = [
+                        _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
+                        for m in (gate, up, down)
+                    ]
                     nbytes += low.add(layer, e, fallback.bits, mats)
                 del gate, up, down
                 bar.update(1, nbytes)
@@ -312,12 +385,16 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
     plan = plan_conversion(Checkpoint(Path(src)))
     ex = manifest["experts"]
     if list(plan.moe_layers) != list(ex["moe_layers"]) or plan.num_experts != ex["num_experts"]:
-        raise EdgeMoEError(f"{src} has MoE layers {list(plan.moe_layers)} x {plan.num_experts} experts, but {model_dir} "
-                           f"has {ex['moe_layers']} x {ex['num_experts']}: give the checkpoint it was converted from")
+        raise EdgeMoEError(
+            f"{src} has MoE layers {list(plan.moe_layers)} x {plan.num_experts} experts, but {model_dir} "
+            f"has {ex['moe_layers']} x {ex['num_experts']}: give the checkpoint it was converted from"
+        )
     for what, n in (("hidden size", plan.hidden), ("expert intermediate size", plan.intermediate)):
         if n % group_size:
-            raise CheckpointError(f"the model's {what} {n} is not a multiple of the group size {group_size}: "
-                                  f"low-bit copies cannot be made at that group size")
+            raise CheckpointError(
+                f"the model's {what} {n} is not a multiple of the group size {group_size}: "
+                f"low-bit copies cannot be made at that group size"
+            )
     expert_bits = {(layer, e): b for layer, e, _, _, b, _ in ex["blobs"]}
     tmp = model_dir / f".{FALLBACK_FILE}.writing-{os.getpid()}"
     fallback = _FallbackSpec(tmp, fallback_bits, group_size, bool(q.get("symmetric")))
@@ -373,8 +450,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
             if name in TOKENIZER_FILES:
                 files.append(name)
     if not files:
-        print(f"edgemoe convert: warning: {src} has no tokenizer files; the model will need token ids",
-              file=sys.stderr)
+        print(f"edgemoe convert: warning: {src} has no tokenizer files; the model will need token ids", file=sys.stderr)
     return files
 
 
@@ -414,11 +490,23 @@ def _special_ids(src: Path, config: dict) -> dict:
     """bos id and eos ids: generation_config.json first (what generation uses), then config, then tokenizer."""
     gen = _read_json(src / "generation_config.json")
     tok_cfg = _read_json(src / "tokenizer_config.json")
-    bos = next((b for b in (_ids(gen.get("bos_token_id")) + _ids(config.get("bos_token_id"))
-                            + _ids(_token_id(tok_cfg.get("bos_token"), src)))), None)
+    bos = next(
+        (
+            b
+            for b in (
+                _ids(gen.get("bos_token_id"))
+                + _ids(config.get("bos_token_id"))
+                + _ids(_token_id(tok_cfg.get("bos_token"), src))
+            )
+        ),
+        None,
+    )
     eos: list[int] = []
-    for i in _ids(gen.get("eos_token_id")) + _ids(config.get("eos_token_id")) + _ids(
-            _token_id(tok_cfg.get("eos_token"), src)):
+    for i in (
+        _ids(gen.get("eos_token_id"))
+        + _ids(config.get("eos_token_id"))
+        + _ids(_token_id(tok_cfg.get("eos_token"), src))
+    ):
         if i not in eos:
             eos.append(i)
     return {"bos_token_id": bos, "eos_token_ids": eos}

@@ -11,6 +11,7 @@ canonical backbone tensor; experts are found in either layout seen in the wild:
   [E, H, I]. The transposed orientation [E, H, 2I] / [E, I, H] is recognised
   by shape when it is unambiguous.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,12 +69,16 @@ class Checkpoint:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path} is not a directory: pass the folder of a Hugging Face checkpoint "
-                                  f"(the one holding config.json and *.safetensors)")
+            raise CheckpointError(
+                f"{self.path} is not a directory: pass the folder of a Hugging Face checkpoint "
+                f"(the one holding config.json and *.safetensors)"
+            )
         cfg_path = self.path / "config.json"
         if not cfg_path.is_file():
-            raise CheckpointError(f"{self.path} is not a Hugging Face checkpoint: it has no config.json. "
-                                  f"Pass the folder that holds config.json and the *.safetensors files")
+            raise CheckpointError(
+                f"{self.path} is not a Hugging Face checkpoint: it has no config.json. "
+                f"Pass the folder that holds config.json and the *.safetensors files"
+            )
         try:
             self.config: dict = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -91,12 +96,18 @@ class Checkpoint:
                 self._open_files(found)
             else:
                 torch_files = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
-                    p.name for p in self.path.glob("*.pt*"))
-                hint = (f" It has PyTorch weights ({', '.join(torch_files[:3])}); re-save them as safetensors "
-                        f"(save_pretrained(..., safe_serialization=True)) or download the .safetensors files."
-                        if torch_files else " Download the model's *.safetensors files into it.")
-                raise CheckpointError(f"{self.path} has no {WEIGHTS}, no {INDEX} and no *.safetensors files, "
-                                      f"so there are no weights edgemoe can read.{hint}")
+                    p.name for p in self.path.glob("*.pt*")
+                )
+                hint = (
+                    f" It has PyTorch weights ({', '.join(torch_files[:3])}); re-save them as safetensors "
+                    f"(save_pretrained(..., safe_serialization=True)) or download the .safetensors files."
+                    if torch_files
+                    else " Download the model's *.safetensors files into it."
+                )
+                raise CheckpointError(
+                    f"{self.path} has no {WEIGHTS}, no {INDEX} and no *.safetensors files, "
+                    f"so there are no weights edgemoe can read.{hint}"
+                )
 
     def _open_index(self, index: Path) -> None:
         try:
@@ -110,14 +121,17 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} is incomplete: {INDEX} lists {len(shards)} shard files but "
                 f"{len(missing)} are missing ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}), "
-                f"holding {n} tensors. Download the missing files into {self.path}")
+                f"holding {n} tensors. Download the missing files into {self.path}"
+            )
         by_name = {s: SafetensorsFile(self.path / s) for s in shards}
         self.files = list(by_name.values())
         for name, shard in weight_map.items():
             st = by_name[shard]
             if name not in st:
-                raise CheckpointError(f"{INDEX} says tensor {name} is in {shard}, but that file does not hold it: "
-                                      f"the shard and the index come from different downloads; download both again")
+                raise CheckpointError(
+                    f"{INDEX} says tensor {name} is in {shard}, but that file does not hold it: "
+                    f"the shard and the index come from different downloads; download both again"
+                )
             self.tensors[name] = st
 
     def _open_files(self, paths) -> None:
@@ -125,8 +139,10 @@ class Checkpoint:
         for st in self.files:
             for name in st.names():
                 if name in self.tensors:
-                    raise CheckpointError(f"tensor {name} is in both {self.tensors[name].path.name} and "
-                                          f"{st.path.name}: remove the stray file (or add the index)")
+                    raise CheckpointError(
+                        f"tensor {name} is in both {self.tensors[name].path.name} and "
+                        f"{st.path.name}: remove the stray file (or add the index)"
+                    )
                 self.tensors[name] = st
 
     @property
@@ -154,6 +170,7 @@ class TensorRef:
 @dataclass
 class FusedRef:
     """One layer's 3D expert tensor; `transposed` marks [E, in, out] instead of [E, out, in]."""
+
     ref: TensorRef
     transposed: bool
 
@@ -161,9 +178,10 @@ class FusedRef:
 @dataclass
 class Plan:
     """Where every tensor of the canonical model comes from."""
+
     arch: ArchSpec
     config: dict
-    backbone: dict[str, TensorRef] = field(default_factory=dict)   # canonical name -> source
+    backbone: dict[str, TensorRef] = field(default_factory=dict)  # canonical name -> source
     per_expert: dict[tuple[int, int, str], TensorRef] = field(default_factory=dict)  # (layer, expert, role)
     fused: dict[tuple[int, str], FusedRef] = field(default_factory=dict)  # (layer, "gate_up"|"down")
     num_layers: int = 0
@@ -184,15 +202,17 @@ class Plan:
         refs = [r for r in self.per_expert.values()] + [f.ref for f in self.fused.values()]
         dtypes = {r.dtype for r in refs}
         if len(dtypes) > 1:
-            raise CheckpointError(f"the expert weights mix dtypes {sorted(dtypes)}; edgemoe stores one float "
-                                  f"dtype for all experts: re-save the checkpoint in one dtype")
+            raise CheckpointError(
+                f"the expert weights mix dtypes {sorted(dtypes)}; edgemoe stores one float "
+                f"dtype for all experts: re-save the checkpoint in one dtype"
+            )
         return dtypes.pop() if dtypes else "BF16"
 
     def expert(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gate [I, H], up [I, H], down [H, I]) as stored (bf16 as uint16 bits), read from disk."""
         I = self.intermediate
         if (layer, "gate_up") in self.fused:
-            gate_up = self._fused_slice(layer, "gate_up", expert)   # [2I, H]
+            gate_up = self._fused_slice(layer, "gate_up", expert)  # [2I, H]
             gate, up = np.ascontiguousarray(gate_up[:I]), np.ascontiguousarray(gate_up[I:])
         else:
             gate, up = (self._per_expert(layer, expert, r) for r in ("gate", "up"))
@@ -229,8 +249,10 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
     quant = cfg.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
-        raise CheckpointError(f"{ckpt.path} holds pre-quantized weights ({method}); edgemoe converts "
-                              f"bf16/f16/f32 checkpoints: use the original unquantized model")
+        raise CheckpointError(
+            f"{ckpt.path} holds pre-quantized weights ({method}); edgemoe converts "
+            f"bf16/f16/f32 checkpoints: use the original unquantized model"
+        )
     spec = arch_spec(cfg, where=str(ckpt.path))
     p = Plan(spec, cfg)
     p.num_layers = _config_int(cfg, "num_hidden_layers", spec.name)
@@ -255,13 +277,17 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
         if m:
             layer, rest = int(m.group(1)), m.group(2)
             if layer >= p.num_layers:
-                raise CheckpointError(f"tensor {name} belongs to layer {layer}, but config.json says the model "
-                                      f"has {p.num_layers} layers: config and weights do not match")
+                raise CheckpointError(
+                    f"tensor {name} belongs to layer {layer}, but config.json says the model "
+                    f"has {p.num_layers} layers: config and weights do not match"
+                )
             if rest in spec.layout.layer_tensors:
                 canonical = f"layers.{layer}.{spec.layout.layer_tensors[rest]}"
                 if canonical in p.backbone:
-                    raise CheckpointError(f"tensors {p.backbone[canonical].name} and {name} both give {canonical}: "
-                                          f"the checkpoint mixes two namings; keep one")
+                    raise CheckpointError(
+                        f"tensors {p.backbone[canonical].name} and {name} both give {canonical}: "
+                        f"the checkpoint mixes two namings; keep one"
+                    )
                 p.backbone[canonical] = ref
                 continue
             e = _PER_EXPERT_RE.match(rest)
@@ -272,9 +298,11 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
             if f and f.group(1) in moe_blocks:
                 p.fused[(layer, "gate_up" if f.group(2) == "gate_up_proj" else "down")] = FusedRef(ref, False)
                 continue
-        raise CheckpointError(f"tensor {name} ({ckpt.tensors[name].path.name}) has no place in a {spec.name} "
-                              f"model as edgemoe knows it (adapter, vision tower or quantized weights?): "
-                              f"convert a plain {spec.name} checkpoint")
+        raise CheckpointError(
+            f"tensor {name} ({ckpt.tensors[name].path.name}) has no place in a {spec.name} "
+            f"model as edgemoe knows it (adapter, vision tower or quantized weights?): "
+            f"convert a plain {spec.name} checkpoint"
+        )
     _check_complete(p, tied)
     return p
 
@@ -285,8 +313,10 @@ def _check_complete(p: Plan, tied: bool) -> None:
 
     def need(canonical: str, hf: str) -> None:
         if canonical not in p.backbone:
-            raise CheckpointError(f"the checkpoint has no tensor {hf} (edgemoe's {canonical}): "
-                                  f"a shard is missing or the checkpoint is not a complete {spec.name} model")
+            raise CheckpointError(
+                f"the checkpoint has no tensor {hf} (edgemoe's {canonical}): "
+                f"a shard is missing or the checkpoint is not a complete {spec.name} model"
+            )
 
     need("tok_embeddings", "model.embed_tokens.weight")
     need("output_norm", "model.norm.weight")
@@ -305,12 +335,16 @@ def _check_complete(p: Plan, tied: bool) -> None:
     expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused}
     both = sorted({k[0] for k in p.per_expert} & {k[0] for k in p.fused})
     if both:
-        raise CheckpointError(f"layers {both} have experts both as per-expert tensors and as fused 3D tensors: "
-                              f"the checkpoint mixes two exports; keep one")
+        raise CheckpointError(
+            f"layers {both} have experts both as per-expert tensors and as fused 3D tensors: "
+            f"the checkpoint mixes two exports; keep one"
+        )
     extra = sorted(expert_layers - moe)
     if extra:
-        raise CheckpointError(f"layers {extra} hold expert weights but config.json makes them dense layers "
-                              f"(decoder_sparse_step / mlp_only_layers): config and weights do not match")
+        raise CheckpointError(
+            f"layers {extra} hold expert weights but config.json makes them dense layers "
+            f"(decoder_sparse_step / mlp_only_layers): config and weights do not match"
+        )
     want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
     for layer in p.moe_layers:
         for kind, full in (("gate_up", (E, 2 * I, H)), ("down", (E, H, I))):
@@ -324,20 +358,28 @@ def _check_complete(p: Plan, tied: bool) -> None:
             elif shape == transposed:
                 f.transposed = True
             else:
-                raise CheckpointError(f"{f.ref.name} is {list(shape)}, expected {list(full)} "
-                                      f"(num_experts={E}, hidden={H}, intermediate={I} from config.json)")
+                raise CheckpointError(
+                    f"{f.ref.name} is {list(shape)}, expected {list(full)} "
+                    f"(num_experts={E}, hidden={H}, intermediate={I} from config.json)"
+                )
         for e in range(E):
             for role, fused_kind in (("gate", "gate_up"), ("up", "gate_up"), ("down", "down")):
                 if (layer, fused_kind) in p.fused:
                     continue
                 r = p.per_expert.get((layer, e, role))
                 if r is None:
-                    raise CheckpointError(f"expert {e} of layer {layer} has no {role} projection in the "
-                                          f"checkpoint: a shard is missing or incomplete; download it again")
+                    raise CheckpointError(
+                        f"expert {e} of layer {layer} has no {role} projection in the "
+                        f"checkpoint: a shard is missing or incomplete; download it again"
+                    )
                 if tuple(r.shape) != want[role]:
-                    raise CheckpointError(f"{r.name} is {list(r.shape)}, expected {list(want[role])} "
-                                          f"(hidden={H}, intermediate={I} from config.json)")
+                    raise CheckpointError(
+                        f"{r.name} is {list(r.shape)}, expected {list(want[role])} "
+                        f"(hidden={H}, intermediate={I} from config.json)"
+                    )
     bad = sorted({k[1] for k in p.per_expert if k[1] >= E})
     if bad:
-        raise CheckpointError(f"the checkpoint has experts {bad} but config.json says {E} experts per layer: "
-                              f"config and weights do not match")
+        raise CheckpointError(
+            f"the checkpoint has experts {bad} but config.json says {E} experts per layer: "
+            f"config and weights do not match"
+        )

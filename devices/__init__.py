@@ -1,5 +1,6 @@
 """Device profiles (data files in profiles/), auto-configuration for this machine,
 and real resource limits for benchmarks (limits.py)."""
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,17 @@ class DeviceProfile:
     read_latency_s: float
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DeviceProfile":
+    def from_dict(cls, d: dict) -> DeviceProfile:
         s = d["storage"]
-        return cls(d["name"], d.get("description", ""), int(d["ram_bytes"]), int(d["cpu_cores"]),
-                   s["kind"], int(s["read_bytes_per_s"]), float(s["read_latency_s"]))
+        return cls(
+            d["name"],
+            d.get("description", ""),
+            int(d["ram_bytes"]),
+            int(d["cpu_cores"]),
+            s["kind"],
+            int(s["read_bytes_per_s"]),
+            float(s["read_latency_s"]),
+        )
 
 
 def list_profiles() -> list[str]:
@@ -42,8 +50,15 @@ def this_machine() -> DeviceProfile:
     """This machine's RAM and cores from psutil; storage figures unknown (0) until measured."""
     import psutil
 
-    return DeviceProfile("this-machine", "detected with psutil", int(psutil.virtual_memory().total),
-                         os.cpu_count() or 1, "unknown", 0, 0.0)
+    return DeviceProfile(
+        "this-machine",
+        "detected with psutil",
+        int(psutil.virtual_memory().total),
+        os.cpu_count() or 1,
+        "unknown",
+        0,
+        0.0,
+    )
 
 
 def suggest_memory_budget(backbone_bytes: int, reserve_bytes: int = 256 << 20) -> int:

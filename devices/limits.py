@@ -4,15 +4,16 @@ read throttling (to emulate a device's storage), and page-cache eviction.
 Only cgroups this module creates are touched, and each is removed on close.
 Needs root and cgroup v1 controllers mounted at /sys/fs/cgroup/{memory,blkio}.
 """
+
 from __future__ import annotations
 
 import os
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -72,8 +73,9 @@ class LimitedRun:
 class Cgroup:
     """A fresh cgroup v1 memory group (and optional blkio group) of our own."""
 
-    def __init__(self, memory_limit: int | None = None, read_bps: int | None = None,
-                 device_path: str | os.PathLike[str] = "/"):
+    def __init__(
+        self, memory_limit: int | None = None, read_bps: int | None = None, device_path: str | os.PathLike[str] = "/"
+    ):
         tag = f"edgemoe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.memory = CGROUP_ROOT / "memory" / tag
         self.memory.mkdir()
@@ -116,14 +118,19 @@ class Cgroup:
                 except OSError:
                     time.sleep(0.05)
 
-    def __enter__(self) -> "Cgroup":
+    def __enter__(self) -> Cgroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, cmd: Sequence[str], timeout: float | None = None, env: dict[str, str] | None = None,
-            cwd: str | None = None) -> LimitedRun:
+    def run(
+        self,
+        cmd: Sequence[str],
+        timeout: float | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> LimitedRun:
         """Run cmd inside this group (it joins before exec, so every allocation counts)."""
         procs = [str(self.memory / "cgroup.procs")] + ([str(self.blkio / "cgroup.procs")] if self.blkio else [])
 
@@ -135,8 +142,9 @@ class Cgroup:
 
         read_before = _children_read_bytes()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=join, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=join, env=env, cwd=cwd
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -144,8 +152,15 @@ class Cgroup:
             out, err = proc.communicate()
         wall = time.perf_counter() - t0
         read_bytes = _children_read_bytes() - read_before
-        return LimitedRun(proc.returncode, out, err, wall, self.peak_memory(),
-                          self.oom_kills() > 0 or proc.returncode == -9, read_bytes)
+        return LimitedRun(
+            proc.returncode,
+            out,
+            err,
+            wall,
+            self.peak_memory(),
+            self.oom_kills() > 0 or proc.returncode == -9,
+            read_bytes,
+        )
 
 
 def _children_read_bytes() -> int:

@@ -3,6 +3,7 @@
 Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow docs/format.md's QMatrix layout; blobs follow its expert blob layout.
 """
+
 from typing import Any, Literal
 
 import numpy as np
@@ -68,13 +69,15 @@ def rope(x: npt.NDArray[np.float32], start: int, inv_freq: npt.NDArray[np.float3
     """Rotary embedding in place (rotate-half) on float32 x [T, heads, head_dim] at positions start..;
     inv_freq [head_dim / 2]. Any other dtype or layout is a TypeError (no silent copy)."""
 
-def attention(q: npt.NDArray[np.float32], k: npt.NDArray[np.float32], v: npt.NDArray[np.float32], start: int,
-              window: int = 0) -> npt.NDArray[np.float32]:
+def attention(
+    q: npt.NDArray[np.float32], k: npt.NDArray[np.float32], v: npt.NDArray[np.float32], start: int, window: int = 0
+) -> npt.NDArray[np.float32]:
     """Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole cache
     [start + T, kv_heads, hd]; window > 0: a query sees only its last `window` keys. -> [T, heads * hd]."""
 
-def softmax_topk(logits: npt.NDArray[np.float32], k: int,
-                 normalize: bool) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+def softmax_topk(
+    logits: npt.NDArray[np.float32], k: int, normalize: bool
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
     """Softmax over each row of logits [T, E], its k largest (largest first, lower id on a tie),
     renormalized to sum 1 if normalize: (ids [T, k], weights [T, k])."""
 
@@ -157,10 +160,18 @@ class ExpertCache:
     the call from its low-bit copy: its own entry, charged its own bytes. A use at or
     above the threshold always takes the full copy; a resident full copy is always used.
     """
+
     entry_overhead_bytes: int
     fallback_threshold: float
-    def __init__(self, store: ExpertStore, budget_bytes: int = 0, policy: str = "lru", io_threads: int = 2,
-                 fallback: ExpertStore | None = None, fallback_threshold: float = 0.0) -> None: ...
+    def __init__(
+        self,
+        store: ExpertStore,
+        budget_bytes: int = 0,
+        policy: str = "lru",
+        io_threads: int = 2,
+        fallback: ExpertStore | None = None,
+        fallback_threshold: float = 0.0,
+    ) -> None: ...
     @property
     def has_fallback(self) -> bool: ...
     @property
@@ -237,13 +248,33 @@ class DecodeLayer:
     ops and arithmetic as DecoderLM.block for one token. Linears are (array, kind) pairs: kind
     'qmatrix' (a U8 QMatrix buffer) or 'f32' / 'f16' / 'bf16' (a float matrix [out, in])."""
 
-    def __init__(self, layer: int, q: tuple[npt.NDArray[Any], str], k: tuple[npt.NDArray[Any], str],
-                 v: tuple[npt.NDArray[Any], str], o: tuple[npt.NDArray[Any], str],
-                 router: tuple[npt.NDArray[Any], str], attn_norm: npt.NDArray[np.float32],
-                 ffn_norm: npt.NDArray[np.float32], inv_freq: npt.NDArray[np.float32], heads: int, kv_heads: int,
-                 head_dim: int, top_k: int, window: int, eps: float, normalize: bool) -> None: ...
-    def step(self, cache: ExpertCache, h: npt.NDArray[np.float32], k_cache: npt.NDArray[np.float32],
-             v_cache: npt.NDArray[np.float32], pos: int) -> None:
+    def __init__(
+        self,
+        layer: int,
+        q: tuple[npt.NDArray[Any], str],
+        k: tuple[npt.NDArray[Any], str],
+        v: tuple[npt.NDArray[Any], str],
+        o: tuple[npt.NDArray[Any], str],
+        router: tuple[npt.NDArray[Any], str],
+        attn_norm: npt.NDArray[np.float32],
+        ffn_norm: npt.NDArray[np.float32],
+        inv_freq: npt.NDArray[np.float32],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        top_k: int,
+        window: int,
+        eps: float,
+        normalize: bool,
+    ) -> None: ...
+    def step(
+        self,
+        cache: ExpertCache,
+        h: npt.NDArray[np.float32],
+        k_cache: npt.NDArray[np.float32],
+        v_cache: npt.NDArray[np.float32],
+        pos: int,
+    ) -> None:
         """The token at position pos through this layer: h [hidden] += attention + MoE, in place;
         writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to
         positions 0..pos."""

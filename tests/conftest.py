@@ -1,4 +1,5 @@
 """Shared fixtures: tiny checkpoints built once per test session."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Numpy references the native kernels and ops are tested against (oracles, not runtime code)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,7 +42,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: i
     S, kv_heads, _ = k.shape
     rep = heads // kv_heads
     qg = q.reshape(T, kv_heads, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, T, hd]
-    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None]) * (hd ** -0.5)  # [kv, rep, T, S]
+    scores = np.matmul(qg, k.transpose(1, 2, 0)[:, None]) * (hd**-0.5)  # [kv, rep, T, S]
     qpos = np.arange(start, start + T)[:, None]
     kpos = np.arange(S)[None, :]
     masked = kpos > qpos

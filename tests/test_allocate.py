@@ -1,5 +1,6 @@
 """Per-expert bitwidths: 2- and 3-bit and mixed conversions against transformers, the greedy
 allocation, and `edgemoe convert --bits auto` end to end on a tiny checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -8,20 +9,31 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_parity import kl_per_position, prompt_ids, reference_logits
+from tiny import _TEXT, ARCHS, reference_model
 
 import edgemoe
 from edgemoe import _core
-from edgemoe.format import quant
-from edgemoe.planning import allocate
-from edgemoe.planning.allocate import (Allocation, allocation_from_importance, blob_nbytes, bound_increase, candidate_confidence,
-                              convert_auto, estimate_loss, held_out, parse_fraction, parse_tokens, prediction_bound)
 from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError
-from edgemoe.planning.evaluate import encode_documents, perplexity, read_text
+from edgemoe.format import quant
 from edgemoe.format.manifest import blob_tables
-from test_parity import kl_per_position, prompt_ids, reference_logits
-from tiny import ARCHS, _TEXT, reference_model
+from edgemoe.planning import allocate
+from edgemoe.planning.allocate import (
+    Allocation,
+    allocation_from_importance,
+    blob_nbytes,
+    bound_increase,
+    candidate_confidence,
+    convert_auto,
+    estimate_loss,
+    held_out,
+    parse_fraction,
+    parse_tokens,
+    prediction_bound,
+)
+from edgemoe.planning.evaluate import encode_documents, perplexity, read_text
 
 # KL(reference || edgemoe) per position with experts alone quantized (backbone 16), group 64.
 # Measured on the tiny random-weight models: 3 bits 8e-3..5e-2 mean, 2 bits 6e-2..1.8e-1 mean
@@ -103,8 +115,10 @@ def test_mixed_manifest_records_each_bitwidth(converted):
     for (layer, e), b in bmap.items():
         assert bits[layer, e] == b
         assert lengths[layer, e] == blob_nbytes(64, 128, b)  # the size model allocation uses
-        assert quant.matrix_header(m.store.read(layer, e), quant.parse_blob(m.store.read(layer, e))["offsets"][0])[
-            "bits"] == b
+        assert (
+            quant.matrix_header(m.store.read(layer, e), quant.parse_blob(m.store.read(layer, e))["offsets"][0])["bits"]
+            == b
+        )
 
 
 def test_bits_map_errors(tiny_checkpoint, tmp_path):
@@ -128,9 +142,16 @@ def synthetic_doc(M=3, E=4, seed=0):
     rng = np.random.default_rng(seed)
     loss2 = rng.uniform(0, 1e-2, (M, E))
     err2 = rng.uniform(1, 2, (M, E))
-    return {"loss_increase": {"2": loss2.tolist()}, "kl": {"2": loss2.tolist()},
-            "output_error": {"2": err2.tolist(), "3": (err2 * 0.2).tolist(), "4": (err2 * 0.04).tolist(),
-                             "8": (err2 * 1e-4).tolist()}}
+    return {
+        "loss_increase": {"2": loss2.tolist()},
+        "kl": {"2": loss2.tolist()},
+        "output_error": {
+            "2": err2.tolist(),
+            "3": (err2 * 0.2).tolist(),
+            "4": (err2 * 0.04).tolist(),
+            "8": (err2 * 1e-4).tolist(),
+        },
+    }
 
 
 def test_estimates_scale_by_output_error():
@@ -172,15 +193,15 @@ def test_greedy_prefixes_meet_their_budgets():
 
 def test_more_important_experts_keep_more_bits():
     # two experts, identical but for their measured 2-bit loss: the important one is demoted last
-    loss = {8: np.zeros((1, 2)), 4: np.array([[1e-4, 1e-3]]), 3: np.array([[5e-4, 5e-3]]),
-            2: np.array([[2e-3, 2e-2]])}
+    loss = {8: np.zeros((1, 2)), 4: np.array([[1e-4, 1e-3]]), 3: np.array([[5e-4, 5e-3]]), 2: np.array([[2e-3, 2e-2]])}
     sizes = {8: 400, 4: 220, 3: 170, 2: 120}
     alloc = Allocation(loss, sizes)
     seen = [tuple(alloc.bits(n)[0]) for n in range(len(alloc) + 1)]
     assert all(a <= b for a, b in seen), seen
     # a non-convex option is skipped: 3 bits costs almost as much loss as 2 here
-    alloc2 = Allocation({8: np.zeros((1, 1)), 4: np.array([[1e-4]]), 3: np.array([[1.9e-3]]),
-                         2: np.array([[2e-3]])}, sizes)
+    alloc2 = Allocation(
+        {8: np.zeros((1, 1)), 4: np.array([[1e-4]]), 3: np.array([[1.9e-3]]), 2: np.array([[2e-3]])}, sizes
+    )
     assert [(s.src, s.dst) for s in alloc2.steps] == [(8, 4), (4, 2)]
 
 
@@ -211,8 +232,9 @@ def calib(tmp_path_factory):
 @pytest.fixture(scope="module")
 def auto_tolerance(tiny_checkpoint, calib, tmp_path_factory):
     dst = tmp_path_factory.mktemp("auto") / "model"
-    m = convert_auto(tiny_checkpoint("mixtral"), dst, calib=calib, tolerance=0.03, window=48, max_tokens=None,
-                     progress=False)
+    m = convert_auto(
+        tiny_checkpoint("mixtral"), dst, calib=calib, tolerance=0.03, window=48, max_tokens=None, progress=False
+    )
     return dst, m
 
 
@@ -227,25 +249,28 @@ def test_auto_tolerance_is_verified(auto_tolerance, calib):
     assert f"{100 * c['candidate_confidence']:.3g}% upper bound" in allocate.format_allocation(m)
     # accepted on the prediction bound for a text as long as the held-out one: the margin times sqrt(2)
     assert c["promise_tokens"] == c["held_out_tokens"] and c["ppl_increase_prediction_bound"] <= 0.03 + 1e-12
-    point, bound, pred = (math.log1p(c[k]) for k in ("ppl_increase", "ppl_increase_bound",
-                                                     "ppl_increase_prediction_bound"))
+    point, bound, pred = (
+        math.log1p(c[k]) for k in ("ppl_increase", "ppl_increase_bound", "ppl_increase_prediction_bound")
+    )
     assert pred - point == pytest.approx(math.sqrt(2) * (bound - point), rel=1e-9, abs=1e-15)
     # verified on tokens the importance profile did not see, and the record says which
     profile = json.loads((dst / "importance.json").read_text())["calibration"]
     assert profile["max_tokens"] == c["profile_tokens"] <= c["held_out_begin"]
     model = edgemoe.load(dst)
-    held = encode_documents(model, read_text(calib))[c["held_out_begin"]:]
+    held = encode_documents(model, read_text(calib))[c["held_out_begin"] :]
     got = perplexity(model, held, window=48)
     assert got["tokens"] == c["held_out_tokens"] and got["nll"] == pytest.approx(c["nll"], abs=1e-9)
     assert math.exp(got["nll"] - c["nll_16bit"]) - 1 == pytest.approx(c["ppl_increase"], abs=1e-9)
     _, _, _, bits = blob_tables(m)
     assert sorted(int(b) for b in set(bits[m["experts"]["moe_layers"]].ravel())) == sorted(
-        int(b) for b in a["experts_per_bits"])
+        int(b) for b in a["experts_per_bits"]
+    )
     assert (dst / "importance.json").exists() and not list(dst.parent.glob(".*auto*"))
 
 
-def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoint, calib, auto_tolerance,
-                                                                    tmp_path, monkeypatch):
+def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(
+    tiny_checkpoint, calib, auto_tolerance, tmp_path, monkeypatch
+):
     """Acceptance goes by the bound, not the point estimate: the first candidate's measured
     increase fits the tolerance but its bound (widened here) does not, so it is not kept."""
     real, calls = allocate.bound_increase, []
@@ -256,8 +281,16 @@ def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoi
         return point, (max(bound, 2 * math.log1p(0.03)) if len(calls) == 1 else bound), se
 
     monkeypatch.setattr(allocate, "bound_increase", wide_first)
-    m = convert_auto(tiny_checkpoint("mixtral"), tmp_path / "m", calib=calib, tolerance=0.03, window=48,
-                     max_tokens=None, importance=auto_tolerance[0], progress=False)
+    m = convert_auto(
+        tiny_checkpoint("mixtral"),
+        tmp_path / "m",
+        calib=calib,
+        tolerance=0.03,
+        window=48,
+        max_tokens=None,
+        importance=auto_tolerance[0],
+        progress=False,
+    )
     a = m["quantization"]["allocation"]
     first = a["rounds"][0]
     assert first["ppl_increase"] <= 0.03 < first["ppl_increase_bound"]  # fits as measured, not as bounded
@@ -265,10 +298,20 @@ def test_a_candidate_whose_bound_exceeds_the_tolerance_is_rejected(tiny_checkpoi
     assert a["calibration"]["ppl_increase_bound"] <= a["calibration"]["ppl_increase_prediction_bound"] <= 0.03
 
 
-def test_promise_tokens_zero_accepts_on_the_confidence_bound(tiny_checkpoint, calib, auto_tolerance, tmp_path,
-                                                             monkeypatch, capsys):
-    m = convert_auto(tiny_checkpoint("mixtral"), tmp_path / "m", calib=calib, tolerance=0.03, window=48,
-                     max_tokens=None, importance=auto_tolerance[0], promise_tokens=0, progress=False)
+def test_promise_tokens_zero_accepts_on_the_confidence_bound(
+    tiny_checkpoint, calib, auto_tolerance, tmp_path, monkeypatch, capsys
+):
+    m = convert_auto(
+        tiny_checkpoint("mixtral"),
+        tmp_path / "m",
+        calib=calib,
+        tolerance=0.03,
+        window=48,
+        max_tokens=None,
+        importance=auto_tolerance[0],
+        promise_tokens=0,
+        progress=False,
+    )
     c = m["quantization"]["allocation"]["calibration"]
     assert c["promise_tokens"] is None and c["ppl_increase_prediction_bound"] == c["ppl_increase_bound"] <= 0.03
     assert c["ppl_increase_bound"] > c["ppl_increase"]  # a real margin, which the default would widen
@@ -282,8 +325,13 @@ def test_promise_tokens_zero_accepts_on_the_confidence_bound(tiny_checkpoint, ca
 
     monkeypatch.setattr(cli, "convert_auto", capture)
     src = str(tiny_checkpoint("mixtral"))
-    for flag in (["--promise-tokens", "0"], ["--promise-tokens", "inf"], ["--promise-tokens", "50000"], [],
-                 ["--max-rounds", "3"]):
+    for flag in (
+        ["--promise-tokens", "0"],
+        ["--promise-tokens", "inf"],
+        ["--promise-tokens", "50000"],
+        [],
+        ["--max-rounds", "3"],
+    ):
         assert cli.main([src, "-o", str(tmp_path / "x"), "--bits", "auto", "--calib", str(calib)] + flag) == 2
     assert seen == [(0.0, 6), (0.0, 6), (50000.0, 6), (None, 6), (None, 3)]
     assert parse_tokens(None) is None and parse_tokens("1e4") == 10000.0
@@ -301,8 +349,22 @@ def test_promise_tokens_zero_accepts_on_the_confidence_bound(tiny_checkpoint, ca
 def test_auto_expert_bytes_with_a_given_profile(auto_tolerance, tiny_checkpoint, tmp_path, capsys):
     src = tiny_checkpoint("mixtral")
     dst = tmp_path / "bytes"
-    assert cli.main([str(src), "-o", str(dst), "--bits", "auto", "--expert-bytes", "20%",
-                     "--importance", str(auto_tolerance[0])]) == 0
+    assert (
+        cli.main(
+            [
+                str(src),
+                "-o",
+                str(dst),
+                "--bits",
+                "auto",
+                "--expert-bytes",
+                "20%",
+                "--importance",
+                str(auto_tolerance[0]),
+            ]
+        )
+        == 0
+    )
     assert "bits auto (expert bytes)" in capsys.readouterr().err
     m = edgemoe.load(dst)
     a = m.manifest["quantization"]["allocation"]
@@ -313,19 +375,65 @@ def test_auto_expert_bytes_with_a_given_profile(auto_tolerance, tiny_checkpoint,
 
 def test_auto_cli_errors(tiny_checkpoint, auto_tolerance, tmp_path, capsys):
     src = str(tiny_checkpoint("mixtral"))
-    assert cli.main([src, "-o", str(tmp_path / "a"), "--bits", "auto", "--tolerance", "2%",
-                     "--expert-bytes", "30%", "--importance", str(auto_tolerance[0])]) == 2
+    assert (
+        cli.main(
+            [
+                src,
+                "-o",
+                str(tmp_path / "a"),
+                "--bits",
+                "auto",
+                "--tolerance",
+                "2%",
+                "--expert-bytes",
+                "30%",
+                "--importance",
+                str(auto_tolerance[0]),
+            ]
+        )
+        == 2
+    )
     assert "exactly one" in capsys.readouterr().err
     assert cli.main([src, "-o", str(tmp_path / "b"), "--bits", "auto", "--tolerance", "2%"]) == 2
     assert "--calib" in capsys.readouterr().err
     assert cli.main([src, "-o", str(tmp_path / "c"), "--bits", "4", "--tolerance", "2%"]) == 2
     assert "only applies to --bits auto" in capsys.readouterr().err
-    assert cli.main([src, "-o", str(tmp_path / "d"), "--bits", "auto", "--expert-bytes", "5%",
-                     "--importance", str(auto_tolerance[0])]) == 2
+    assert (
+        cli.main(
+            [
+                src,
+                "-o",
+                str(tmp_path / "d"),
+                "--bits",
+                "auto",
+                "--expert-bytes",
+                "5%",
+                "--importance",
+                str(auto_tolerance[0]),
+            ]
+        )
+        == 2
+    )
     assert "raise --expert-bytes" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
-    assert cli.main([src, "-o", str(tmp_path / "e"), "--bits", "auto", "--tolerance", "2%", "--confidence", "100%",
-                     "--importance", str(auto_tolerance[0])]) == 2
+    assert (
+        cli.main(
+            [
+                src,
+                "-o",
+                str(tmp_path / "e"),
+                "--bits",
+                "auto",
+                "--tolerance",
+                "2%",
+                "--confidence",
+                "100%",
+                "--importance",
+                str(auto_tolerance[0]),
+            ]
+        )
+        == 2
+    )
     assert "confidence" in capsys.readouterr().err
 
 
@@ -410,8 +518,10 @@ def test_the_prediction_bound_widens_the_margin_by_sqrt_one_plus_held_over_new()
     n = diff.size
     assert prediction_bound(point, bound, n, n) - point == pytest.approx(math.sqrt(2) * (bound - point))
     assert prediction_bound(point, bound, n, n / 4) - point == pytest.approx(math.sqrt(5) * (bound - point))
-    assert prediction_bound(point, bound, n, 100 * n) == pytest.approx(bound, rel=0.01) and \
-        prediction_bound(point, bound, n, 100 * n) > bound  # a long text is almost the mean
+    assert (
+        prediction_bound(point, bound, n, 100 * n) == pytest.approx(bound, rel=0.01)
+        and prediction_bound(point, bound, n, 100 * n) > bound
+    )  # a long text is almost the mean
     for mean in (0, None, math.inf):  # the confidence bound on the mean itself
         assert prediction_bound(point, bound, n, mean) == bound
     with pytest.raises(EdgeMoEError, match="positive"):

@@ -1,5 +1,6 @@
 """The `edgemoe` command end to end: convert, info, run (streamed text + one stats line),
 and errors as one line with exit code 2."""
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,22 @@ def test_eval_without_text_names_the_fix(converted, capsys):
 
 def test_convert_stores_routing_and_profile_shows_it(tiny_checkpoint, text_file, tmp_path, capsys):
     dst = tmp_path / "model"
-    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "8", "-q",
-                 "--routing-calib", str(text_file)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tiny_checkpoint("mixtral")),
+                "-o",
+                str(dst),
+                "--bits",
+                "8",
+                "-q",
+                "--routing-calib",
+                str(text_file),
+            ]
+        )
+        == 0
+    )
     assert (dst / "routing.json").exists()
     capsys.readouterr()
     assert main(["profile", str(dst), "--json"]) == 0  # shows the stored statistics, traces nothing
@@ -90,10 +105,16 @@ def test_profile_without_routing_names_the_fix(converted, capsys):
 
 def test_run_with_fallback_reports_its_reads(tiny_checkpoint, tmp_path, capsys):
     dst = tmp_path / "fb"
-    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "8", "--fallback-bits", "2",
-                 "-q"]) == 0
-    assert main(["run", str(dst), "-p", "The robot", "-n", "12", "--memory-budget", "100KB", "--fallback", "0.6",
-                 "--stats"]) == 0
+    assert (
+        main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "8", "--fallback-bits", "2", "-q"])
+        == 0
+    )
+    assert (
+        main(
+            ["run", str(dst), "-p", "The robot", "-n", "12", "--memory-budget", "100KB", "--fallback", "0.6", "--stats"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "fallback      gate weight < 0.60" in err and "uses of low-bit copies" in err
 
@@ -105,8 +126,20 @@ def test_run_fallback_without_copies_names_the_fix(converted, capsys):
 
 def test_missing_calibration_text_is_named_before_any_work(tiny_checkpoint, converted, tmp_path, capsys):
     dst = tmp_path / "never"
-    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "-q",
-                 "--routing-calib", str(tmp_path / "missing.txt")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(tiny_checkpoint("mixtral")),
+                "-o",
+                str(dst),
+                "-q",
+                "--routing-calib",
+                str(tmp_path / "missing.txt"),
+            ]
+        )
+        == 2
+    )
     assert "--routing-calib" in capsys.readouterr().err and not dst.exists()
     assert main(["profile", str(converted), "--calib", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err

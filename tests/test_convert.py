@@ -1,4 +1,5 @@
 """The converter: HF checkpoint -> model directory (docs/format.md), and its errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,20 +12,20 @@ import textwrap
 
 import numpy as np
 import pytest
+from tiny import ARCHS
 
 from edgemoe import _core
-from edgemoe.format import quant
 from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import convert
-from edgemoe.format.safetensors import (SafetensorsFile, bf16_to_f32, read_safetensors,
-                                               write_safetensors)
 from edgemoe.errors import CheckpointError, EdgeMoEError, ModelDirectoryError, UnsupportedArchitectureError
+from edgemoe.format import quant
 from edgemoe.format.manifest import FORMAT_VERSION, blob_tables, load_manifest
-from tiny import ARCHS
+from edgemoe.format.safetensors import SafetensorsFile, bf16_to_f32, read_safetensors, write_safetensors
 
 # HF expert projection names per architecture (per-expert layout)
 PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")} | {
-    a: ("mlp", "gate_proj", "up_proj", "down_proj") for a in ("qwen2_moe", "qwen3_moe", "olmoe")}
+    a: ("mlp", "gate_proj", "up_proj", "down_proj") for a in ("qwen2_moe", "qwen3_moe", "olmoe")
+}
 
 
 def copy_ckpt(src, dst):
@@ -86,7 +87,7 @@ def test_blob_table_matches_file(converted, arch, bits):
     for layer, e, off, length, b, crc in ex["blobs"]:
         assert off % 4096 == 0 and off >= end  # aligned, in order, not overlapping
         end = off + length
-        blob = raw[off:off + length]
+        blob = raw[off : off + length]
         assert _core.crc32c(blob) == crc
         assert b == bits
         info = quant.parse_blob(blob)
@@ -103,7 +104,7 @@ def test_16_bit_experts_are_the_checkpoint_weights(converted, tiny_checkpoint, a
     m = load_manifest(d)
     raw = np.fromfile(d / "experts.bin", dtype=np.uint8)
     for layer, e, off, length, _, _ in m["experts"]["blobs"]:
-        got = quant.expert_matrices(raw[off:off + length])
+        got = quant.expert_matrices(raw[off : off + length])
         for g, w in zip(got, expert_weights(ref, arch, layer, e)):
             np.testing.assert_array_equal(g, w)
 
@@ -115,8 +116,8 @@ def test_quantized_experts_are_close(converted, tiny_checkpoint, bits):
     m = load_manifest(converted(arch, bits))
     raw = np.fromfile(converted(arch, bits) / "experts.bin", dtype=np.uint8)
     layer, e, off, length, _, _ = m["experts"]["blobs"][-1]
-    for g, w in zip(quant.expert_matrices(raw[off:off + length]), expert_weights(ref, arch, layer, e)):
-        step = np.ptp(w.reshape(w.shape[0], -1, 64), axis=-1).max() / (2 ** bits - 1)
+    for g, w in zip(quant.expert_matrices(raw[off : off + length]), expert_weights(ref, arch, layer, e)):
+        step = np.ptp(w.reshape(w.shape[0], -1, 64), axis=-1).max() / (2**bits - 1)
         assert np.abs(g - w).max() <= step * 0.51 + 1e-3
 
 
@@ -141,15 +142,27 @@ def expected_backbone(arch, cfg, moe_layers):
 
 
 HF_NAME = {
-    "tok_embeddings": "model.embed_tokens.weight", "output_norm": "model.norm.weight", "output": "lm_head.weight",
-    "attn_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-    "attn_q": "self_attn.q_proj.weight", "attn_k": "self_attn.k_proj.weight", "attn_v": "self_attn.v_proj.weight",
-    "attn_o": "self_attn.o_proj.weight", "attn_q_bias": "self_attn.q_proj.bias",
-    "attn_k_bias": "self_attn.k_proj.bias", "attn_v_bias": "self_attn.v_proj.bias",
-    "attn_q_norm": "self_attn.q_norm.weight", "attn_k_norm": "self_attn.k_norm.weight",
-    "ffn_gate": "mlp.gate_proj.weight", "ffn_up": "mlp.up_proj.weight", "ffn_down": "mlp.down_proj.weight",
-    "ffn_shared_gate": "mlp.shared_expert.gate_proj.weight", "ffn_shared_up": "mlp.shared_expert.up_proj.weight",
-    "ffn_shared_down": "mlp.shared_expert.down_proj.weight", "ffn_shared_expert_gate": "mlp.shared_expert_gate.weight",
+    "tok_embeddings": "model.embed_tokens.weight",
+    "output_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+    "attn_norm": "input_layernorm.weight",
+    "ffn_norm": "post_attention_layernorm.weight",
+    "attn_q": "self_attn.q_proj.weight",
+    "attn_k": "self_attn.k_proj.weight",
+    "attn_v": "self_attn.v_proj.weight",
+    "attn_o": "self_attn.o_proj.weight",
+    "attn_q_bias": "self_attn.q_proj.bias",
+    "attn_k_bias": "self_attn.k_proj.bias",
+    "attn_v_bias": "self_attn.v_proj.bias",
+    "attn_q_norm": "self_attn.q_norm.weight",
+    "attn_k_norm": "self_attn.k_norm.weight",
+    "ffn_gate": "mlp.gate_proj.weight",
+    "ffn_up": "mlp.up_proj.weight",
+    "ffn_down": "mlp.down_proj.weight",
+    "ffn_shared_gate": "mlp.shared_expert.gate_proj.weight",
+    "ffn_shared_up": "mlp.shared_expert.up_proj.weight",
+    "ffn_shared_down": "mlp.shared_expert.down_proj.weight",
+    "ffn_shared_expert_gate": "mlp.shared_expert_gate.weight",
 }
 
 
@@ -186,6 +199,7 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
     for f in m["tokenizer"]["files"]:
         assert (d / f).read_bytes() == (src / f).read_bytes()
     from tokenizers import Tokenizer
+
     assert Tokenizer.from_file(str(d / "tokenizer.json")).encode("The quick brown fox").ids
     assert m["config"] == json.loads((src / "config.json").read_text())
 
@@ -201,9 +215,13 @@ def test_16_bit_keeps_the_checkpoint_float_dtype(tiny_checkpoint, tmp_path, dtyp
     ref = hf_tensors(src)
     raw = np.fromfile(tmp_path / "m" / "experts.bin", dtype=np.uint8)
     layer, e, off, length, _, _ = m["experts"]["blobs"][3]
-    assert quant.matrix_header(raw[off:off + length], quant.parse_blob(raw[off:off + length])["offsets"][0])[
-        "kind_name"] == kind
-    for g, w in zip(quant.expert_matrices(raw[off:off + length]), expert_weights(ref, "olmoe", layer, e)):
+    assert (
+        quant.matrix_header(raw[off : off + length], quant.parse_blob(raw[off : off + length])["offsets"][0])[
+            "kind_name"
+        ]
+        == kind
+    )
+    for g, w in zip(quant.expert_matrices(raw[off : off + length]), expert_weights(ref, "olmoe", layer, e)):
         np.testing.assert_array_equal(g, w)
 
 
@@ -254,8 +272,9 @@ def test_fused_layout_gives_identical_experts(tiny_checkpoint, tmp_path, arch):
         assert b["source"]["layout"] == "fused"
         assert (tmp_path / "a" / "experts.bin").read_bytes() == (tmp_path / name / "experts.bin").read_bytes()
         assert a["experts"]["blobs"] == b["experts"]["blobs"]
-        assert (tmp_path / "a" / "backbone.safetensors").read_bytes() == \
-            (tmp_path / name / "backbone.safetensors").read_bytes()
+        assert (tmp_path / "a" / "backbone.safetensors").read_bytes() == (
+            tmp_path / name / "backbone.safetensors"
+        ).read_bytes()
 
 
 # ---------------------------------------------------------------- checkpoint errors
@@ -291,8 +310,11 @@ def test_truncated_shard(tiny_checkpoint, tmp_path):
     shard = sorted(src.glob("model-*.safetensors"))[-1]
     size = shard.stat().st_size
     os.truncate(shard, size - 1000)
-    with pytest.raises(CheckpointError, match=rf"{shard.name} is {size - 1000} bytes but its header describes "
-                                              rf"{size}: the file is truncated.*download or copy it again"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{shard.name} is {size - 1000} bytes but its header describes "
+        rf"{size}: the file is truncated.*download or copy it again",
+    ):
         convert(src, tmp_path / "out", progress=False)
     os.truncate(shard, 3)
     with pytest.raises(CheckpointError, match="too short"):
@@ -336,8 +358,9 @@ def test_incomplete_or_foreign_tensors(tiny_checkpoint, tmp_path):
 
 
 def test_group_size_must_divide(tiny_checkpoint, tmp_path):
-    with pytest.raises(CheckpointError, match="hidden size 64 is not a multiple of the group size 128: "
-                                              "use --group-size 64"):
+    with pytest.raises(
+        CheckpointError, match="hidden size 64 is not a multiple of the group size 128: use --group-size 64"
+    ):
         convert(tiny_checkpoint("olmoe"), tmp_path / "out", bits=4, group_size=128, progress=False)
 
 
@@ -384,14 +407,19 @@ def test_load_manifest_errors(converted, tmp_path):
         load_manifest(tmp_path / "nope")
     size = (d / "experts.bin").stat().st_size
     os.truncate(d / "experts.bin", size - 4096)
-    with pytest.raises(ModelDirectoryError, match=f"experts.bin is {size - 4096} bytes, the manifest expects {size}: "
-                                                  "the file is truncated or damaged, convert the model again"):
+    with pytest.raises(
+        ModelDirectoryError,
+        match=f"experts.bin is {size - 4096} bytes, the manifest expects {size}: "
+        "the file is truncated or damaged, convert the model again",
+    ):
         load_manifest(d)
     os.truncate(d / "experts.bin", size)
     m = json.loads((d / "manifest.json").read_text())
     (d / "manifest.json").write_text(json.dumps(dict(m, format_version=FORMAT_VERSION + 1)))
-    with pytest.raises(ModelDirectoryError, match=f"format version {FORMAT_VERSION + 1}.*version "
-                                                  f"{FORMAT_VERSION} at most: upgrade edgemoe"):
+    with pytest.raises(
+        ModelDirectoryError,
+        match=f"format version {FORMAT_VERSION + 1}.*version {FORMAT_VERSION} at most: upgrade edgemoe",
+    ):
         load_manifest(d)
     (d / "manifest.json").write_text(json.dumps(m))
     (d / "backbone.safetensors").rename(d / "b")
@@ -413,13 +441,16 @@ def test_safetensors_reader_matches_reference(tiny_checkpoint, tmp_path):
     ours, ref = read_safetensors(shard), hf_tensors_file(shard)
     assert ours.keys() == ref.keys()
     st = SafetensorsFile(shard)
-    for k, (a, dtype) in ours.items():
+    for k, (a, _dtype) in ours.items():
         np.testing.assert_array_equal(bf16_to_f32(a), ref[k])
         np.testing.assert_array_equal(st.read(k), a)
         if a.ndim == 2:
             np.testing.assert_array_equal(st.read(k, 1), a[1])
-    x = {"f32": (np.arange(6, dtype=np.float32).reshape(2, 3), "F32"),
-         "bf": (np.array([0x3F80, 0x4000], np.uint16), "BF16"), "i8": (np.array([1, -2], np.int8), "I8")}
+    x = {
+        "f32": (np.arange(6, dtype=np.float32).reshape(2, 3), "F32"),
+        "bf": (np.array([0x3F80, 0x4000], np.uint16), "BF16"),
+        "i8": (np.array([1, -2], np.int8), "I8"),
+    }
     write_safetensors(tmp_path / "x.safetensors", x)
     back = hf_tensors_file(tmp_path / "x.safetensors")
     np.testing.assert_array_equal(back["f32"], x["f32"][0])
@@ -432,6 +463,7 @@ def hf_tensors_file(path):
     """A safetensors file via the reference library (bf16 widened to float32)."""
     import torch
     from safetensors.torch import load_file
+
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load_file(path).items()}
 
 
@@ -441,11 +473,22 @@ def hf_tensors_file(path):
 def write_big_mixtral(path, layers=6, experts=8, hidden=512, inter=2048, vocab=512):
     """A synthetic bf16 Mixtral checkpoint written tensor by tensor (no torch, little RAM)."""
     path.mkdir()
-    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8,
-           "num_key_value_heads": 4, "num_local_experts": experts, "num_experts_per_tok": 2,
-           "vocab_size": vocab, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1,
-           "eos_token_id": 2}
+    cfg = {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "num_local_experts": experts,
+        "num_experts_per_tok": 2,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     rng = np.random.default_rng(0)
     block = (rng.standard_normal(hidden * inter, dtype=np.float32) * 0.02).view(np.uint32) >> 16
@@ -463,22 +506,31 @@ def write_big_mixtral(path, layers=6, experts=8, hidden=512, inter=2048, vocab=5
             def chunks(salt=salt, n=n):
                 data = np.roll(block[:n], salt)  # distinct, cheap
                 yield data.view(np.uint8)
+
             w.add_lazy(name, "BF16", shape, chunks)
             weight_map[name] = f"model-{i:05d}.safetensors"
 
-        for k, shape in (("input_layernorm.weight", (hidden,)), ("post_attention_layernorm.weight", (hidden,)),
-                         ("self_attn.q_proj.weight", (hidden, hidden)), ("self_attn.k_proj.weight", (hidden // 2, hidden)),
-                         ("self_attn.v_proj.weight", (hidden // 2, hidden)), ("self_attn.o_proj.weight", (hidden, hidden)),
-                         ("block_sparse_moe.gate.weight", (experts, hidden))):
+        for k, shape in (
+            ("input_layernorm.weight", (hidden,)),
+            ("post_attention_layernorm.weight", (hidden,)),
+            ("self_attn.q_proj.weight", (hidden, hidden)),
+            ("self_attn.k_proj.weight", (hidden // 2, hidden)),
+            ("self_attn.v_proj.weight", (hidden // 2, hidden)),
+            ("self_attn.o_proj.weight", (hidden, hidden)),
+            ("block_sparse_moe.gate.weight", (experts, hidden)),
+        ):
             add(pre + k, shape, i)
         for e in range(experts):
             for j, (p, shape) in enumerate((("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter)))):
                 add(f"{pre}block_sparse_moe.experts.{e}.{p}.weight", shape, 1000 * i + 10 * e + j)
         w.write(path / f"model-{i:05d}.safetensors")
     w = SafetensorsWriter()
-    for name, shape in (("model.embed_tokens.weight", (vocab, hidden)), ("lm_head.weight", (vocab, hidden)),
-                        ("model.norm.weight", (hidden,))):
-        w.add(name, block[:int(np.prod(shape))].reshape(shape), "BF16")
+    for name, shape in (
+        ("model.embed_tokens.weight", (vocab, hidden)),
+        ("lm_head.weight", (vocab, hidden)),
+        ("model.norm.weight", (hidden,)),
+    ):
+        w.add(name, block[: int(np.prod(shape))].reshape(shape), "BF16")
         weight_map[name] = "model-extra.safetensors"
     w.write(path / "model-extra.safetensors")
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -503,13 +555,14 @@ def test_conversion_memory_stays_far_below_checkpoint_size(tmp_path):
 
         open("/proc/self/clear_refs", "w").write("5")
         base = hwm()
-        convert({str(src)!r}, {str(tmp_path / 'out')!r}, bits=16, progress=False)
+        convert({str(src)!r}, {str(tmp_path / "out")!r}, bits=16, progress=False)
         import sys
         assert not {{"torch", "transformers", "safetensors"}} & set(sys.modules), "converter imported torch"
         print(base, hwm())
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=tmp_path)  # not the repo root: import the installed package
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
+    )  # not the repo root: import the installed package
     assert out.returncode == 0, out.stderr
     base, peak = map(int, out.stdout.split())
     grown = peak - base
@@ -530,13 +583,17 @@ def _quantized_matrices(d):
     expert blob and fallback copy, and each quantized backbone tensor."""
     m = load_manifest(d)
     out = []
-    for file, blobs in ((m["experts"]["file"], m["experts"]["blobs"]),
-                        (m.get("fallback", {}).get("file"), m.get("fallback", {}).get("blobs", []))):
+    for file, blobs in (
+        (m["experts"]["file"], m["experts"]["blobs"]),
+        (m.get("fallback", {}).get("file"), m.get("fallback", {}).get("blobs", [])),
+    ):
         raw = np.fromfile(d / file, dtype=np.uint8) if file else None
         for layer, e, off, length, _, _ in blobs:
-            blob = raw[off:off + length]
-            out += [(f"{file} {layer}.{e}.{i}", blob[o:o + s])
-                    for i, (o, s) in enumerate(zip(*(quant.parse_blob(blob)[k] for k in ("offsets", "sizes"))))]
+            blob = raw[off : off + length]
+            out += [
+                (f"{file} {layer}.{e}.{i}", blob[o : o + s])
+                for i, (o, s) in enumerate(zip(*(quant.parse_blob(blob)[k] for k in ("offsets", "sizes"))))
+            ]
     back = read_safetensors(d / "backbone.safetensors")
     out += [(name, np.asarray(back[name][0])) for name in m["backbone"]["quantized"]]
     return out
@@ -546,8 +603,8 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
     import functools
 
     import edgemoe
-    from edgemoe.planning.allocate import blob_nbytes
     from edgemoe.converters import convert as convert_module
+    from edgemoe.planning.allocate import blob_nbytes
 
     src = tiny_checkpoint("mixtral")
     opts = dict(bits=4, backbone_bits=4, group_size=32, symmetric=True, fallback_bits=2, progress=False)
@@ -575,9 +632,9 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
     # blob lengths: the size allocation plans with, smaller by the three matrices' mins
     H, I = new["experts"]["hidden_size"], new["experts"]["intermediate_size"]
     mins = 3 * 2 * H * I // 32
-    for (*_, ln, b, _), (*_, lo, _, _) in zip(new["experts"]["blobs"], old["experts"]["blobs"]):
+    for (*_, ln, _, _), (*_, lo, _, _) in zip(new["experts"]["blobs"], old["experts"]["blobs"]):
         assert ln == blob_nbytes(H, I, 4, 32, symmetric=True) and lo - ln == mins
-    for (*_, ln, b, _), (*_, lo, _, _) in zip(new["fallback"]["blobs"], old["fallback"]["blobs"]):
+    for (*_, ln, _, _), (*_, lo, _, _) in zip(new["fallback"]["blobs"], old["fallback"]["blobs"]):
         assert ln == blob_nbytes(H, I, 2, 32, symmetric=True) and lo - ln == mins
     assert new["backbone"]["bytes"] < old["backbone"]["bytes"]
 

@@ -1,5 +1,6 @@
 """Numbers the native core and the Python side must agree on are defined once, in the core
 (edgemoe._core), and the Python side reads them from there."""
+
 from __future__ import annotations
 
 import inspect
@@ -7,9 +8,9 @@ import json
 import struct
 
 from edgemoe import _core
+from edgemoe.converters.convert import convert
 from edgemoe.format import manifest, quant
 from edgemoe.planning import simulate
-from edgemoe.converters.convert import convert
 
 
 def test_the_converter_writes_the_cores_format_version(tiny_checkpoint, tmp_path):

@@ -1,5 +1,6 @@
 """The one-call decode step (native/layer.h, DecoderLM._decode_native) gives bit for bit the
 logits of the per-op Python path (DecoderLM.block), and is used only where it applies."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,7 @@ def decode_logits(model, ids: list[int], native: bool) -> np.ndarray:
         net.decode_layers = None
     try:
         model.reset()
-        return np.stack([net.forward(np.array([t]), model.kv, pos, all_logits=False)[0]
-                         for pos, t in enumerate(ids)])
+        return np.stack([net.forward(np.array([t]), model.kv, pos, all_logits=False)[0] for pos, t in enumerate(ids)])
     finally:
         net.decode_layers = saved
 
@@ -93,14 +93,27 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
     L = m.net.layers[0]
     lin = [(lin.w, lin.kind) for lin in (L.attn.q, L.attn.k, L.attn.v, L.attn.o, L.moe.router)]
     with pytest.raises(ValueError, match="q must be"):
-        _core.DecodeLayer(0, lin[1], *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2, 16, 2, 0,
-                          1e-6, True)
+        _core.DecodeLayer(0, lin[1], *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2, 16, 2, 0, 1e-6, True)
     with pytest.raises(ValueError, match="DecodeLayer: w must be 2-D"):  # a QMatrix buffer called a float matrix
-        _core.DecodeLayer(0, (lin[0][0], "f32"), *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2,
-                          16, 2, 0, 1e-6, True)
+        _core.DecodeLayer(
+            0, (lin[0][0], "f32"), *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2, 16, 2, 0, 1e-6, True
+        )
     with pytest.raises(ValueError, match="DecodeLayer: kind must be 'f32', 'f16' or 'bf16', got 'q8'"):
-        _core.DecodeLayer(0, (np.zeros((64, 64), np.float32), "q8"), *lin[1:], L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 2,
-                          16, 2, 0, 1e-6, True)
+        _core.DecodeLayer(
+            0,
+            (np.zeros((64, 64), np.float32), "q8"),
+            *lin[1:],
+            L.attn.norm,
+            L.ffn_norm,
+            m.net.rope.inv_freq,
+            4,
+            2,
+            16,
+            2,
+            0,
+            1e-6,
+            True,
+        )
     # _core.linear checks float weights the same way (one helper, float_matrix, in bindings.cpp)
     with pytest.raises(ValueError, match="linear: kind 'f32' needs a float32 w"):
         _core.linear(np.zeros(3, np.float32), np.zeros((2, 3), np.float64), "f32")

@@ -3,6 +3,7 @@ transformers checkpoint, our conversion of it matches transformers, it has learn
 language (perplexity far below chance, readable greedy text) and learned routing
 (layer l+1's experts predictable from layers l-1 and l), and its routing drives the
 prefetcher without changing a single output token."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,9 @@ def test_sampled_text_is_made_of_real_words(converted):
     """Words of the shipped texts make up most of what the model writes, far more than of
     what the same tokenizer spells from random tokens (many pieces are words by chance)."""
     m = edgemoe.load(converted[8])
-    known = set(re.findall(r"[a-z]+", ((SHIPPED / "calib.txt").read_text() + (SHIPPED / "test.txt").read_text()).lower()))
+    known = set(
+        re.findall(r"[a-z]+", ((SHIPPED / "calib.txt").read_text() + (SHIPPED / "test.txt").read_text()).lower())
+    )
 
     def share(text):
         words = re.findall(r"[a-z]+", text.lower())

@@ -1,11 +1,11 @@
 """Native dense ops of the decoder (native/dense.cpp) against numpy references."""
+
 import numpy as np
 import pytest
+import reference
 
 from edgemoe import _core
 from edgemoe.models import blocks as base
-
-import reference
 
 RNG = np.random.default_rng(7)
 
@@ -43,9 +43,18 @@ def test_rope_refuses_a_copy():
         _core.rope(np.zeros((1, 2, 8), np.float64), 0, np.ones(4, np.float32))
 
 
-@pytest.mark.parametrize("T,start,heads,kv_heads,window", [(1, 0, 4, 4, None), (1, 40, 16, 4, None), (6, 0, 8, 2, None),
-                                                           (5, 11, 8, 2, None), (1, 40, 4, 2, 8), (9, 3, 4, 1, 4),
-                                                           (64, 0, 16, 4, None)])
+@pytest.mark.parametrize(
+    "T,start,heads,kv_heads,window",
+    [
+        (1, 0, 4, 4, None),
+        (1, 40, 16, 4, None),
+        (6, 0, 8, 2, None),
+        (5, 11, 8, 2, None),
+        (1, 40, 4, 2, 8),
+        (9, 3, 4, 1, 4),
+        (64, 0, 16, 4, None),
+    ],
+)
 def test_attention(T, start, heads, kv_heads, window):
     hd = 32
     S = start + T

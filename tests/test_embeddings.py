@@ -1,6 +1,7 @@
 """Under a memory budget the embedding table stays in the backbone file and a token's row is
 read when it is needed (load(embeddings="file"), the default with a budget), unless the output
 head shares the table; without a budget it is held in RAM."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from edgemoe.format.safetensors import SafetensorsFile
 from edgemoe.errors import EdgeMoEError
+from edgemoe.format.safetensors import SafetensorsFile
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """Perplexity (edgemoe/evaluate.py) against transformers' own loss, windows, and the eval verb."""
+
 from __future__ import annotations
 
 import json
@@ -7,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import reference_model
 
 import edgemoe
-from edgemoe.converters.convert import convert
 from edgemoe.cli.eval import main
+from edgemoe.converters.convert import convert
 from edgemoe.planning.evaluate import encode_documents, perplexity, windows
-from tiny import reference_model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Low-bit fallback on a miss (HOBBIT): the converter's low-bit copies (experts.fallback.bin),
 the runtime reading them for low gate weights, its statistics, and the errors on bad files."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,17 @@ import shutil
 
 import numpy as np
 import pytest
+from test_parity import kl_per_position, prompt_ids
 
 import edgemoe
 from edgemoe import _core
-from edgemoe.format import quant
 from edgemoe.cli import convert as cli
 from edgemoe.converters.convert import FALLBACK_FILE, add_fallback, convert
-from edgemoe.errors import CorruptExpertError, EdgeMoEError, ModelDirectoryError
-from edgemoe.format.manifest import blob_tables, fallback_tables
 from edgemoe.converters.hf import Checkpoint, plan_conversion
+from edgemoe.errors import CorruptExpertError, EdgeMoEError, ModelDirectoryError
+from edgemoe.format import quant
+from edgemoe.format.manifest import blob_tables, fallback_tables
 from edgemoe.format.safetensors import to_float32
-from test_parity import kl_per_position, prompt_ids
 
 ARCH = "mixtral"  # 2 MoE layers x 4 experts, top-2: the second weight of a token is <= 0.5
 
@@ -46,6 +47,7 @@ def ids_for(model) -> list[int]:
 
 
 # -- the converter --------------------------------------------------------------------
+
 
 def test_converter_writes_checksummed_low_bit_copies(models):
     src, with_fb, without, _ = models
@@ -87,8 +89,10 @@ def test_add_fallback_matches_convert(models, tmp_path):
     shutil.copytree(without, dst)
     add_fallback(src, dst, 2, progress=False)
     assert (dst / FALLBACK_FILE).read_bytes() == (with_fb / FALLBACK_FILE).read_bytes()
-    assert json.loads((dst / "manifest.json").read_text())["fallback"] == \
-        json.loads((with_fb / "manifest.json").read_text())["fallback"]
+    assert (
+        json.loads((dst / "manifest.json").read_text())["fallback"]
+        == json.loads((with_fb / "manifest.json").read_text())["fallback"]
+    )
 
 
 def test_cli_fallback_bits(tiny_checkpoint, tmp_path):
@@ -103,6 +107,7 @@ def test_cli_fallback_bits(tiny_checkpoint, tmp_path):
 
 
 # -- the runtime ----------------------------------------------------------------------
+
 
 def test_fallback_off_and_threshold_zero_are_identical(models):
     _, with_fb, without, _ = models
@@ -169,6 +174,7 @@ def test_a_high_weight_loads_the_full_copy(models):
 
 # -- errors ---------------------------------------------------------------------------
 
+
 def edit_manifest(model_dir, fn):
     path = model_dir / "manifest.json"
     m = json.loads(path.read_text())
@@ -221,9 +227,16 @@ def test_bad_fallback_files_and_manifests(models, tmp_path):
         f.seek(offset + length // 2)
         f.write(bytes([b[0] ^ 0xFF]))
     model = edgemoe.load(d, fallback=0.5)
-    with pytest.raises(CorruptExpertError, match=f"expert {e} of layer {layer} failed its checksum in .*{FALLBACK_FILE}"):
-        _core.moe_forward(model.cache, layer, np.zeros((1, model.config.hidden_size), np.float32),
-                          np.array([[e, (e + 1) % 4]], np.int32), np.array([[0.1, 0.9]], np.float32))
+    with pytest.raises(
+        CorruptExpertError, match=f"expert {e} of layer {layer} failed its checksum in .*{FALLBACK_FILE}"
+    ):
+        _core.moe_forward(
+            model.cache,
+            layer,
+            np.zeros((1, model.config.hidden_size), np.float32),
+            np.array([[e, (e + 1) % 4]], np.int32),
+            np.array([[0.1, 0.9]], np.float32),
+        )
 
 
 def test_old_manifest_without_fallback_still_loads(models):

@@ -1,21 +1,29 @@
 """Expert importance profiling (edgemoe/importance.py) on a tiny checkpoint: the cached-layer
 measurement equals a full forward pass with the expert swapped, and importance.json's schema."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from tiny import _TEXT
 
 import edgemoe
-from edgemoe.format import quant
+from edgemoe.cli.profile import main
 from edgemoe.converters.convert import convert
 from edgemoe.errors import EdgeMoEError, ModelDirectoryError
+from edgemoe.format import quant
 from edgemoe.planning.evaluate import perplexity, token_ids
-from edgemoe.cli.profile import main
-from edgemoe.planning.importance import (ERROR_BITS, _swap_expert, format_report, load_importance, profile_importance,
-                                         requantize, spearman)
-from tiny import _TEXT
+from edgemoe.planning.importance import (
+    ERROR_BITS,
+    _swap_expert,
+    format_report,
+    load_importance,
+    profile_importance,
+    requantize,
+    spearman,
+)
 
 WINDOW = 48
 
@@ -70,9 +78,15 @@ def test_document(profiled):
     assert sorted(doc["loss_increase"]) == ["2", "3"] and doc["reference"] == {"expert_bits": [16], "backbone_bits": 16}
     assert all(np.asarray(v).min() > -1e-6 for v in doc["kl"].values()), "KL is never negative"
     assert set(doc["split_half_correlation"]) == {"loss_increase", "kl"}
-    for table in [*doc["loss_increase"].values(), *doc["loss_increase_stderr"].values(), doc["usage"],
-                  *doc["kl"].values(), *doc["kl_stderr"].values(),
-                  *doc["proxies"].values(), *doc["output_error"].values()]:
+    for table in [
+        *doc["loss_increase"].values(),
+        *doc["loss_increase_stderr"].values(),
+        doc["usage"],
+        *doc["kl"].values(),
+        *doc["kl_stderr"].values(),
+        *doc["proxies"].values(),
+        *doc["output_error"].values(),
+    ]:
         assert np.asarray(table).shape == (M, E)
     usage = np.asarray(doc["usage"])
     tokens = len(token_ids(edgemoe.load(dst), calib))
@@ -96,7 +110,7 @@ def test_load_importance_errors(tmp_path):
 
 def test_spearman():
     a = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert spearman(a, a ** 3) == pytest.approx(1.0)
+    assert spearman(a, a**3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman(a, np.ones(5)) is None
     assert spearman(np.array([1.0, 1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(0.9486833)
@@ -104,8 +118,23 @@ def test_spearman():
 
 def test_verb(profiled, capsys):
     _, dst, calib, _ = profiled
-    assert main([str(dst), "--importance", "--calib", str(calib), "--window", str(WINDOW), "--max-tokens", "96",
-                 "--no-save", "--json"]) == 0
+    assert (
+        main(
+            [
+                str(dst),
+                "--importance",
+                "--calib",
+                str(calib),
+                "--window",
+                str(WINDOW),
+                "--max-tokens",
+                "96",
+                "--no-save",
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["calibration"]["max_tokens"] == 96 and doc["calibration"]["tokens"] == 96 - 2
     with pytest.raises(EdgeMoEError, match="bitwidth"):

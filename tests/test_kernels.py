@@ -1,11 +1,11 @@
 """Native kernels (edgemoe._core) against the numpy reference (edgemoe.quant)."""
+
 import numpy as np
 import pytest
+import reference
 
 from edgemoe import _core
 from edgemoe.format import quant as q
-
-import reference
 
 RNG = np.random.default_rng(1234)
 
@@ -50,7 +50,7 @@ def group_mins(buf):
         off, mult = h["scales_offset"], -float(1 << (h["bits"] - 1))
     else:
         off, mult = h["mins_offset"], 1.0
-    return mult * buf[off:off + 2 * ng].view("<f2").astype(np.float64).reshape(h["rows"], -1)
+    return mult * buf[off : off + 2 * ng].view("<f2").astype(np.float64).reshape(h["rows"], -1)
 
 
 def x16_matmul_reference(x, buf):
@@ -214,7 +214,7 @@ def test_symmetric_kind4_drops_exactly_the_mins(bits, group_size):
     assert hn["total_bytes"] == new.nbytes == ho["scales_offset"] + mins_bytes  # ends after the scales
     pad = ho["mins_offset"] - new.nbytes  # format 1 aligned its mins section to 64 bytes
     assert 0 <= pad < 64 and old.nbytes - new.nbytes == pad + mins_bytes
-    np.testing.assert_array_equal(new[32:], old[32:new.nbytes])  # codes and scales
+    np.testing.assert_array_equal(new[32:], old[32 : new.nbytes])  # codes and scales
     np.testing.assert_array_equal(q.dequantize_matrix(new), q.dequantize_matrix(old))
     for T in (1, 3, 13):  # decode, a few tokens, prefill
         x = RNG.standard_normal((T, 256)).astype(np.float32)
@@ -229,9 +229,22 @@ def make_blob(hidden, inter, bits, gs=32, sym=False, layer=0, expert=0, kind=Non
     return q.pack_expert_blob(layer, expert, mat(inter, hidden), mat(inter, hidden), mat(hidden, inter))
 
 
-@pytest.mark.parametrize("bits,kind,sym", [(2, None, False), (3, None, False), (4, None, False), (8, None, False),
-                                           (2, None, True), (3, None, True), (4, None, True), (8, None, True),
-                                           (16, "bf16", False), (16, "f16", False), (32, "f32", False)])
+@pytest.mark.parametrize(
+    "bits,kind,sym",
+    [
+        (2, None, False),
+        (3, None, False),
+        (4, None, False),
+        (8, None, False),
+        (2, None, True),
+        (3, None, True),
+        (4, None, True),
+        (8, None, True),
+        (16, "bf16", False),
+        (16, "f16", False),
+        (32, "f32", False),
+    ],
+)
 def test_expert_forward_matches_reference(bits, kind, sym):
     blob = make_blob(64, 96, bits, sym=sym, kind=kind)
     info = q.parse_blob(blob)
@@ -262,6 +275,7 @@ def test_symmetric_expert_blob_is_smaller_by_the_mins_and_computes_the_same(bits
     mins_bytes = sum(2 * w.size // 32 for w in ws)  # 64-byte multiples here: no padding either way
     assert old.nbytes - new.nbytes == mins_bytes
     from edgemoe.planning.allocate import blob_nbytes
+
     assert blob_nbytes(H, I, bits, 32, symmetric=True) == new.nbytes
     assert blob_nbytes(H, I, bits, 32, symmetric=False) == old.nbytes  # asymmetric: same layout as before
     for T in (1, 3, 16):
@@ -313,7 +327,9 @@ def test_crc32c_long_buffers_match_a_bytewise_reference():
 @pytest.mark.parametrize("T", [1, 3])
 def test_matmul_many_matches_one_at_a_time(T):
     cols = 256
-    bufs = [q.quantize_matrix(RNG.standard_normal((rows, cols)).astype(np.float32), 4, 64, False) for rows in (96, 32, 40)]
+    bufs = [
+        q.quantize_matrix(RNG.standard_normal((rows, cols)).astype(np.float32), 4, 64, False) for rows in (96, 32, 40)
+    ]
     bufs.append(q.quantize_matrix(RNG.standard_normal((8, cols)).astype(np.float32), 8, 64, False))
     bufs.append(q.quantize_matrix(RNG.standard_normal((24, cols)).astype(np.float32), 4, 64, True))  # kind 4
     x = RNG.standard_normal((T, cols)).astype(np.float32)

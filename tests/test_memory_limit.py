@@ -5,6 +5,7 @@ limit kills it, so the limit is one the budget has to respect.
 
 The model is a random-weight Mixtral with 200 MB of bf16 experts (64 of 3 MB) and a 9 MB
 backbone, generated and converted in a few seconds. Needs root and cgroup v1."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,20 @@ import pytest
 from edgemoe.devices.limits import Cgroup, cgroup_v1_available
 
 ok, reason = cgroup_v1_available("memory")
-pytestmark = [pytest.mark.cgroup,
-              pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}")]
+pytestmark = [
+    pytest.mark.cgroup,
+    pytest.mark.skipif(not ok, reason=f"needs a cgroup v1 memory group of our own: {reason}"),
+]
 
-SHAPE = dict(hidden_size=512, num_hidden_layers=4, num_local_experts=16, intermediate_size=1024,
-             num_attention_heads=8, num_key_value_heads=2, vocab_size=2000)
+SHAPE = dict(
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_local_experts=16,
+    intermediate_size=1024,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=2000,
+)
 PROMPT_TOKENS, NEW_TOKENS = 64, 24
 
 # Runs in the limited process: generate, then report tokens and what the cache held.
@@ -51,8 +61,13 @@ def run(model_dir, budget, options=None, limit=None):
     import numpy as np
 
     prompt = np.random.default_rng(0).integers(3, SHAPE["vocab_size"], PROMPT_TOKENS).tolist()
-    spec = {"model": str(model_dir), "budget": budget, "options": options or {}, "prompt": prompt,
-            "new_tokens": NEW_TOKENS}
+    spec = {
+        "model": str(model_dir),
+        "budget": budget,
+        "options": options or {},
+        "prompt": prompt,
+        "new_tokens": NEW_TOKENS,
+    }
     cmd = [sys.executable, "-c", WORKER, json.dumps(spec)]
     if limit is None:
         r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=120)
@@ -111,8 +126,9 @@ def test_bench_compares_each_cgroup_run_with_the_bandwidth_probed_around_it(mode
             bw = max(max(p["expert_reads_bytes_per_s"], p["sequential_bytes_per_s"]) for p in (before, after))
             assert run["io_bound_bytes_per_s"] == bw > 0
             assert run["io_bound_seconds_per_token"] == pytest.approx(run["decode_bytes_per_token"] / bw)
-            assert run["ratio_to_io_bound"] == pytest.approx(run["decode_seconds_per_token"] /
-                                                             run["io_bound_seconds_per_token"])
+            assert run["ratio_to_io_bound"] == pytest.approx(
+                run["decode_seconds_per_token"] / run["io_bound_seconds_per_token"]
+            )
         assert r["ratio_to_io_bound"] in r["ratios_to_io_bound"]
         assert r["decode_bytes_per_token"] > 0  # a quarter of the experts: decoding reads
     assert sum(line.startswith("| lru |") or line.startswith("| edgemoe |") for line in lines) == 2

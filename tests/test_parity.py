@@ -1,14 +1,15 @@
 """End-to-end parity with transformers: convert a tiny checkpoint, run it through
 edgemoe, compare logits and greedy continuations with the reference model."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny import ARCHS, reference_model
 
 import edgemoe
 from edgemoe.converters.convert import convert
-from tiny import ARCHS, reference_model
 
 PROMPT_LEN = 24
 NEW_TOKENS = 24
@@ -51,7 +52,7 @@ def reference_logits(ref, ids) -> np.ndarray:
 def reference_greedy(ref, ids, n) -> list[int]:
     with torch.no_grad():
         out = ref.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
@@ -83,12 +84,33 @@ def test_16bit_matches_transformers(converted, arch):
 
 # Settings the tiny defaults do not use: other head_dim, top-k, expert counts, tied/untied, dense layers.
 UNUSUAL = [
-    ("mixtral", dict(hidden_size=96, num_attention_heads=3, num_key_value_heads=1, num_local_experts=6,
-                     num_experts_per_tok=3, num_hidden_layers=3, head_dim=40)),
-    ("qwen2_moe", dict(num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, mlp_only_layers=[],
-                       decoder_sparse_step=2, qkv_bias=False)),
-    ("qwen3_moe", dict(head_dim=32, num_experts=5, num_experts_per_tok=1, tie_word_embeddings=False,
-                       num_key_value_heads=4)),
+    (
+        "mixtral",
+        dict(
+            hidden_size=96,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            num_local_experts=6,
+            num_experts_per_tok=3,
+            num_hidden_layers=3,
+            head_dim=40,
+        ),
+    ),
+    (
+        "qwen2_moe",
+        dict(
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            mlp_only_layers=[],
+            decoder_sparse_step=2,
+            qkv_bias=False,
+        ),
+    ),
+    (
+        "qwen3_moe",
+        dict(head_dim=32, num_experts=5, num_experts_per_tok=1, tie_word_embeddings=False, num_key_value_heads=4),
+    ),
     ("olmoe", dict(num_experts=12, num_experts_per_tok=3, norm_topk_prob=True, clip_qkv=0.5)),
 ]
 

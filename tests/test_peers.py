@@ -1,17 +1,17 @@
 """`edgemoe bench --peers`: the logic around the timings (limits, budgets, medians and spreads,
 the table, JSON, the plot, run status from a real cgroup), and with llama-cpp-python installed
 one tiny end-to-end comparison."""
+
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from edgemoe.bench import llama_cpp as peers
-from edgemoe.planning.default_model import SHIPPED
 from edgemoe.devices.limits import cgroup_v1_available
+from edgemoe.planning.default_model import SHIPPED
 
 pytestmark = pytest.mark.peers
 
@@ -35,8 +35,14 @@ def test_limits_and_budget():
 def _run(status, tps=None, **kw):
     r = {"status": status}
     if status == "ok":
-        r.update(decode_tokens_per_s=tps, ttft_seconds=0.1, load_seconds=0.2, cgroup_peak_bytes=300e6,
-                 read_bytes=200e6, peak_rss_bytes=250e6)
+        r.update(
+            decode_tokens_per_s=tps,
+            ttft_seconds=0.1,
+            load_seconds=0.2,
+            cgroup_peak_bytes=300e6,
+            read_bytes=200e6,
+            peak_rss_bytes=250e6,
+        )
     return dict(r, **kw)
 
 
@@ -60,13 +66,25 @@ def test_median_spread_and_kills():
 
 def _cells():
     cells = []
-    for factor, limit, e_runs, l_runs in [(None, None, [_run("ok", 40.0)] * 3, [_run("ok", 50.0)] * 3),
-                                          (1.2, 600_000_000, [_run("ok", 30.0)] * 3, [_run("ok", 3.0)] * 3),
-                                          (0.3, 150_000_000, [_run("ok", 12.5)] * 3, [_run("oom")] * 3)]:
+    for factor, limit, e_runs, l_runs in [
+        (None, None, [_run("ok", 40.0)] * 3, [_run("ok", 50.0)] * 3),
+        (1.2, 600_000_000, [_run("ok", 30.0)] * 3, [_run("ok", 3.0)] * 3),
+        (0.3, 150_000_000, [_run("ok", 12.5)] * 3, [_run("oom")] * 3),
+    ]:
         for engine, runs in (("edgemoe", e_runs), ("llama.cpp", l_runs)):
-            cells.append(dict(peers.summarize(runs), model="mixtral-shaped", storage="local disk", read_bps=None,
-                              limit_factor=factor, limit_bytes=limit, engine=engine,
-                              weights="Q4_0" if engine == "llama.cpp" else "4-bit g32", runs_detail=runs))
+            cells.append(
+                dict(
+                    peers.summarize(runs),
+                    model="mixtral-shaped",
+                    storage="local disk",
+                    read_bps=None,
+                    limit_factor=factor,
+                    limit_bytes=limit,
+                    engine=engine,
+                    weights="Q4_0" if engine == "llama.cpp" else "4-bit g32",
+                    runs_detail=runs,
+                )
+            )
     return cells
 
 
@@ -137,10 +155,11 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     assert pair["tokenizer_check"]["identical"], pair["tokenizer_check"]
     assert pair["gguf"].name.endswith("Q4_0.gguf") and pair["gguf_q4_bytes"] == pair["gguf"].stat().st_size
     prompt = peers.prompt_ids("mixtral-shaped", hf, 8, 0, 512)
-    for engine, model, extra in (("llama.cpp", pair["gguf"], {}),
-                                 ("edgemoe", pair["ours"], {"budget": None, "options": {}})):
+    for engine, model, extra in (
+        ("llama.cpp", pair["gguf"], {}),
+        ("edgemoe", pair["ours"], {"budget": None, "options": {}}),
+    ):
         spec = dict(engine=engine, model=str(model), prompt=prompt, new_tokens=6, threads=1, seed=0, **extra)
         r = peers.run_limited(spec, [model], None, None, timeout=120)
         assert r["status"] == "ok", r
         assert r["tokens"] == 6 and r["decode_tokens_per_s"] > 0 and r["cgroup_peak_bytes"] > 0
-

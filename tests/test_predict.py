@@ -1,20 +1,19 @@
 """Predictors (gate look-ahead definition, table, offline scoring) and the prefetcher:
 output identical with and without prefetch, and the async call protocol."""
+
 from __future__ import annotations
 
 import shutil
 
 import numpy as np
 import pytest
+from tiny import _TEXT
 
 import edgemoe
-from edgemoe.runtime import prefetch
-from edgemoe.runtime import trace
-from edgemoe.planning import predictors
-from edgemoe.planning import routing
 from edgemoe.converters.convert import convert
 from edgemoe.format.safetensors import read_safetensors, to_float32
-from tiny import _TEXT
+from edgemoe.planning import predictors, routing
+from edgemoe.runtime import prefetch, trace
 
 PROMPT = list(range(5, 29))
 
@@ -60,10 +59,12 @@ def test_lookahead_is_the_next_router_on_this_layer_hidden_state(model_dir):
         own = np.argsort(-router_probs(layer, cap.resid[layer]), axis=1)[:, :2]
         np.testing.assert_array_equal(np.sort(own, 1), np.sort(tr.experts[:, layer], 1))
     for layer in range(2):
-        np.testing.assert_allclose(tr.lookahead["moe_in"][:, layer], router_probs(layer + 1, cap.resid[layer]),
-                                   atol=2e-3)
-        np.testing.assert_allclose(tr.lookahead["layer_out"][:, layer], router_probs(layer + 1, cap.out[layer]),
-                                   atol=2e-3)
+        np.testing.assert_allclose(
+            tr.lookahead["moe_in"][:, layer], router_probs(layer + 1, cap.resid[layer]), atol=2e-3
+        )
+        np.testing.assert_allclose(
+            tr.lookahead["layer_out"][:, layer], router_probs(layer + 1, cap.out[layer]), atol=2e-3
+        )
     assert not tr.lookahead["moe_in"][:, 2].any()  # no layer after the last
 
 
@@ -98,7 +99,9 @@ def test_fitted_lookahead(model_dir, tmp_path):
     tr = trace.trace_routing(m, ids, 64, fits=fits)
     sizes = np.full((3, 8), 4096.0)
     for point in ("moe_in", "layer_out"):
-        fitted = predictors.evaluate(predictors.RecordedPredictor(2, f"fitted_{point}"), tr, sizes)["overall"]["recall_k"]
+        fitted = predictors.evaluate(predictors.RecordedPredictor(2, f"fitted_{point}"), tr, sizes)["overall"][
+            "recall_k"
+        ]
         plain = predictors.evaluate(predictors.RecordedPredictor(2, point), tr, sizes)["overall"]["recall_k"]
         assert fitted >= plain
     prefetch.save_fits(tmp_path, fits)
@@ -137,9 +140,17 @@ def test_choose_and_offline_scores():
     assert ev["operating_point"]["recall"] == 1.0 and ev["operating_point"]["bytes_ratio"] == 1.5
 
 
-@pytest.mark.parametrize("kind,point,mode", [("table", None, "async"), ("lookahead", "moe_in", "async"),
-                                             ("lookahead", "layer_out", "async"), ("fitted", "moe_in", "async"),
-                                             ("lookahead", "moe_in", "blocking"), ("fitted", "layer_out", "blocking")])
+@pytest.mark.parametrize(
+    "kind,point,mode",
+    [
+        ("table", None, "async"),
+        ("lookahead", "moe_in", "async"),
+        ("lookahead", "layer_out", "async"),
+        ("fitted", "moe_in", "async"),
+        ("lookahead", "moe_in", "blocking"),
+        ("fitted", "layer_out", "blocking"),
+    ],
+)
 def test_prefetch_on_and_off_give_identical_tokens(model_dir, kind, point, mode):
     want = edgemoe.load(model_dir).generate(PROMPT, max_new_tokens=12)  # unbounded, no prefetch
     budget = edgemoe.load(model_dir).min_budget * 3 // 2

@@ -1,5 +1,6 @@
 """Asynchronous prefetch, eviction policies, storage emulation and per-layer statistics
 of the native expert cache, on a small experts file written with quant.py."""
+
 from __future__ import annotations
 
 import time
@@ -30,7 +31,7 @@ def write_experts(path, seed=0):
     data = np.zeros(parts[-1][0] + parts[-1][1].size, np.uint8)
     data[:PAGE] = q.experts_file_header(L, E, L * E, data.size)
     for off, blob in parts:
-        data[off:off + blob.size] = blob
+        data[off : off + blob.size] = blob
     data.tofile(path)
     return offsets, sizes, crcs
 
@@ -114,7 +115,7 @@ def test_prefetch_then_moe_forward_is_identical_and_counts_prefetch_hits(store):
 def test_prefetch_in_flight_counts_and_moe_forward_waits_for_that_read(store_args):
     store = _core.ExpertStore(*store_args, read_latency_s=0.03)
     cache = _core.ExpertCache(store, 0, io_threads=2)
-    (layer, x, ids, w), = steps(1)
+    ((layer, x, ids, w),) = steps(1)
     ref = reference(_core.ExpertStore(*store_args), [(layer, x, ids, w)])[0]
     assert cache.prefetch(layer, ids[0].tolist()) == 2
     time.sleep(0.005)  # both reads started, neither landed
@@ -170,7 +171,9 @@ def test_wrong_guess_storm_changes_nothing_and_keeps_the_budget(store):
         cache.wait_idle()
         s = cache.stats()
         assert s["peak_resident_bytes"] <= budget
-        assert s["prefetch_issued"] > 0 and s["hits"] + s["misses"] == sum(len(set(ids.ravel())) for _, _, ids, _ in run)
+        assert s["prefetch_issued"] > 0 and s["hits"] + s["misses"] == sum(
+            len(set(ids.ravel())) for _, _, ids, _ in run
+        )
 
 
 def test_layer_stats_add_up_to_the_totals(store):
@@ -181,14 +184,23 @@ def test_layer_stats_add_up_to_the_totals(store):
     cache.wait_idle()
     total, per = cache.stats(), cache.layer_stats()
     assert [d["layer"] for d in per] == list(range(L))
-    for key, value in per[0].items():
+    for key, _value in per[0].items():
         if key != "layer":
             assert sum(d[key] for d in per) == pytest.approx(total[key]), key
     for d in per:
         assert d["hits"] + d["misses"] > 0 and d["compute_seconds"] > 0
         assert d["bytes_read"] == d["demand_bytes"] + d["prefetch_bytes"]
-    for key in ("hits", "misses", "loads", "evictions", "bytes_read", "read_seconds", "resident_bytes",
-                "peak_resident_bytes", "direct_io"):  # the keys Model.stats reads
+    for key in (
+        "hits",
+        "misses",
+        "loads",
+        "evictions",
+        "bytes_read",
+        "read_seconds",
+        "resident_bytes",
+        "peak_resident_bytes",
+        "direct_io",
+    ):  # the keys Model.stats reads
         assert key in total
     cache.reset_stats()
     assert all(d["loads"] == 0 for d in cache.layer_stats())

@@ -1,6 +1,7 @@
 """Preloading at load: when the budget holds every expert, the I/O threads read them all
 behind the first tokens' demand reads; under a smaller budget, a warm start reads the most
 used experts that fit. The tokens are those of a run without either."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 import edgemoe
 from edgemoe.converters.convert import convert
 from edgemoe.format.manifest import blob_tables, page_bytes
-from edgemoe.runtime.engine import warm_start_order
 from edgemoe.planning.routing import profile_model
+from edgemoe.runtime.engine import warm_start_order
 
 
 def test_preload_reads_every_expert_and_changes_no_token(tiny_checkpoint, tmp_path):

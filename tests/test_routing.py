@@ -1,5 +1,6 @@
 """Routing traces (shape, agreement with the transformers router) and routing statistics
 on synthetic traces whose answers are known; routing.json round trip."""
+
 from __future__ import annotations
 
 import json
@@ -7,16 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny import _TEXT, reference_model
 
 import edgemoe
-from edgemoe.runtime import prefetch
-from edgemoe.runtime import trace
-from edgemoe.planning import predictors
-from edgemoe.planning import routing
-from edgemoe.format import routing_file
 from edgemoe.cli import profile
 from edgemoe.converters.convert import convert
-from tiny import _TEXT, reference_model
+from edgemoe.format import routing_file
+from edgemoe.planning import predictors, routing
+from edgemoe.runtime import prefetch, trace
 
 E, K = 8, 2
 
@@ -44,8 +43,12 @@ def synthetic(T, M, k=K, E=E, seed=0, rule=None) -> trace.RoutingTrace:
 
 def recall(trace_fit, trace_eval, order):
     table = routing.fit_table(trace_fit)
-    ev = predictors.evaluate(prefetch.TablePredictor(table, order=order), trace_eval,
-                          np.full((trace_eval.experts.shape[1], E), 4096.0), first=order)
+    ev = predictors.evaluate(
+        prefetch.TablePredictor(table, order=order),
+        trace_eval,
+        np.full((trace_eval.experts.shape[1], E), 4096.0),
+        first=order,
+    )
     return ev["overall"]["recall_k"]
 
 
@@ -73,7 +76,7 @@ def test_windows_reset_the_kv_cache(mixtral16):
     m = edgemoe.load(mixtral16[1])
     ids = list(range(3, 43))
     whole = m.trace_routing(ids, window=16, lookahead=False)
-    parts = [m.trace_routing(ids[s:s + 16], lookahead=False) for s in (0, 16, 32)]
+    parts = [m.trace_routing(ids[s : s + 16], lookahead=False) for s in (0, 16, 32)]
     np.testing.assert_array_equal(whole.experts, np.concatenate([p.experts for p in parts]))
     assert whole.lookahead == {}
 
@@ -166,8 +169,23 @@ def test_routing_json_round_trip(tmp_path):
 def test_profile_verb_writes_routing_json(mixtral16, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("\n\x1e\n".join([_TEXT] * 6))
-    assert profile.main([str(mixtral16[1]), "--calib", str(text), "--window", "64", "--max-tokens", "600",
-                         "--no-save", "--traces", str(tmp_path / "tr")]) == 0
+    assert (
+        profile.main(
+            [
+                str(mixtral16[1]),
+                "--calib",
+                str(text),
+                "--window",
+                "64",
+                "--max-tokens",
+                "600",
+                "--no-save",
+                "--traces",
+                str(tmp_path / "tr"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "fit:moe_in" in out and "la:out" in out and "entropy" in out
     calib = trace.RoutingTrace.load(tmp_path / "tr" / "calib.npz")

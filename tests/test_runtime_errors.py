@@ -1,5 +1,6 @@
 """Bad input at load and run time: each gets a named error with the fix, never a crash
 or a silent wrong answer."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Next-token sampling: greedy, top-k, top-p (nucleus) and temperature give the
 distribution their definitions give, computed here the slow way with a full sort."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,10 @@ def reference(logits, temperature, top_k, top_p):
     return dict(zip(order.tolist(), p.tolist()))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 0, 0.95), (1.0, 0, 0.5), (0.7, 8, 0.9),
-                                                     (1.3, 5, 1.0), (1.0, 3, 0.6), (0.5, 0, 0.3)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.8, 0, 0.95), (1.0, 0, 0.5), (0.7, 8, 0.9), (1.3, 5, 1.0), (1.0, 3, 0.6), (0.5, 0, 0.3)],
+)
 def test_sampled_frequencies_follow_the_definition(temperature, top_k, top_p):
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal(40) * 2).astype(np.float32)
@@ -56,7 +59,6 @@ def test_greedy_seeds_and_arguments():
             Sampler(**bad)
 
 
-
 def draw_reference(logits, temperature, top_k, top_p, u):
     """The token the definition gives for a uniform draw u: inverse of the nucleus' cumulative
     probabilities in token-id order; also the distance of u to the nearest boundary."""
@@ -67,10 +69,18 @@ def draw_reference(logits, temperature, top_k, top_p, u):
     return toks[i], float(np.min(np.abs(c - u * c[-1])))
 
 
-@pytest.mark.parametrize("scale,temperature,top_k,top_p", [(0.3, 1.0, 0, 0.95), (1.5, 0.8, 0, 0.95),
-                                                           (4.0, 0.8, 0, 0.9), (8.0, 1.0, 0, 0.5),
-                                                           (2.0, 0.7, 50, 0.9), (1.0, 1.0, 0, 1.0 - 1e-12),
-                                                           (3.0, 1.2, 1000, 1.0)])
+@pytest.mark.parametrize(
+    "scale,temperature,top_k,top_p",
+    [
+        (0.3, 1.0, 0, 0.95),
+        (1.5, 0.8, 0, 0.95),
+        (4.0, 0.8, 0, 0.9),
+        (8.0, 1.0, 0, 0.5),
+        (2.0, 0.7, 50, 0.9),
+        (1.0, 1.0, 0, 1.0 - 1e-12),
+        (3.0, 1.2, 1000, 1.0),
+    ],
+)
 def test_large_vocabularies_draw_what_the_definition_draws(scale, temperature, top_k, top_p):
     """On 8192-token vocabularies, flat to peaked, with ties: for the same uniform draw the
     sampler returns the definition's token (the native nucleus sorts only the largest weights,

@@ -1,5 +1,6 @@
 """The cache policy simulator: known answers on a hand-made trace, Belady never worse than
 the online policies and equal to a brute-force optimum, prefetch accounting."""
+
 from __future__ import annotations
 
 import functools
@@ -8,10 +9,8 @@ import itertools
 import numpy as np
 import pytest
 
-from edgemoe.runtime import prefetch
-from edgemoe.runtime import trace
-from edgemoe.planning import routing
-from edgemoe.planning import simulate
+from edgemoe.planning import routing, simulate
+from edgemoe.runtime import prefetch, trace
 
 
 def trace_of(ex) -> trace.RoutingTrace:
@@ -33,7 +32,7 @@ def brute_force_misses(trace: trace.RoutingTrace, capacity: int) -> int:
     T, M, k = trace.experts.shape
     groups = [frozenset((m, int(e)) for e in trace.experts[t, m]) for t in range(T) for m in range(M)]
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i: int, state: frozenset) -> int:
         if i == len(groups):
             return 0
@@ -42,8 +41,9 @@ def brute_force_misses(trace: trace.RoutingTrace, capacity: int) -> int:
         over = len(state) + len(missing) - capacity
         if over <= 0:
             return len(missing) + best(i + 1, state | g)
-        return len(missing) + min(best(i + 1, (state - frozenset(out)) | g)
-                                  for out in itertools.combinations(sorted(state - g), over))
+        return len(missing) + min(
+            best(i + 1, (state - frozenset(out)) | g) for out in itertools.combinations(sorted(state - g), over)
+        )
 
     return best(0, frozenset())
 

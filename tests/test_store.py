@@ -1,13 +1,13 @@
 """ExpertStore / ExpertCache / moe_forward on a small experts file written with quant.py."""
+
 import os
 
 import numpy as np
 import pytest
+import reference
 
 from edgemoe import _core, errors
 from edgemoe.format import quant as q
-
-import reference
 
 L, E, H, I = 2, 4, 64, 96
 
@@ -15,7 +15,12 @@ L, E, H, I = 2, 4, 64, 96
 def write_experts(path, bits_of=lambda l, e: 4, seed=0):
     """An experts.bin per docs/format.md; returns (offsets, sizes, checksums, blobs)."""
     rng = np.random.default_rng(seed)
-    blobs, offsets, sizes, crcs = {}, np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint64), np.zeros((L, E), np.uint32)
+    blobs, offsets, sizes, crcs = (
+        {},
+        np.zeros((L, E), np.uint64),
+        np.zeros((L, E), np.uint64),
+        np.zeros((L, E), np.uint32),
+    )
     pos, parts = q.EXPERTS_HEADER_BYTES, []
     for l in range(L):
         for e in range(E):
@@ -34,7 +39,7 @@ def write_experts(path, bits_of=lambda l, e: 4, seed=0):
     data = np.zeros(file_bytes, np.uint8)
     data[:4096] = q.experts_file_header(L, E, L * E, file_bytes)
     for off, blob in parts:
-        data[off:off + blob.size] = blob
+        data[off : off + blob.size] = blob
     data.tofile(path)
     return offsets, sizes, crcs, blobs
 
@@ -162,8 +167,9 @@ def test_cache_evicts_lru_under_a_two_blob_budget(experts):
     assert s["direct_io"] == 1.0 and s["read_seconds"] > 0
     # counts and bytes cross as ints, durations as floats, per layer as in the totals
     for d in [s, *cache.layer_stats()]:
-        assert all(type(v) is (float if k.endswith("_seconds") else bool if k == "direct_io" else int)
-                   for k, v in d.items()), d
+        assert all(
+            type(v) is (float if k.endswith("_seconds") else bool if k == "direct_io" else int) for k, v in d.items()
+        ), d
     assert [cache.contains(0, e) for e in range(E)] == [False, True, True, False]
     cache.reset_stats()
     assert cache.stats()["hits"] == 0 and cache.stats()["resident_bytes"] == budget
@@ -185,7 +191,7 @@ def test_moe_forward_matches_reference(experts):
         ref = np.zeros((T, H), np.float32)
         for t in range(T):
             for k in range(K):
-                ref[t] += weights[t, k] * reference.expert_forward(x[t:t + 1], blobs[layer, ids[t, k]])[0]
+                ref[t] += weights[t, k] * reference.expert_forward(x[t : t + 1], blobs[layer, ids[t, k]])[0]
         y = _core.moe_forward(cache, layer, x, ids, weights)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
         # int64 ids work too (converted)

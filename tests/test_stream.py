@@ -1,5 +1,6 @@
 """Streaming experts through the cache on a whole model: prefill in expert waves under
 a small budget, the per-layer statistics, `edgemoe run --stats`, storage emulation."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ def test_layer_stats_add_up_and_carry_prediction_quality(model_dir):
     layers = s["layers"]
     assert [r["layer"] for r in layers] == m.manifest["experts"]["moe_layers"]
     for key in ("hits", "misses", "loads", "bytes_read", "prefetch_hits", "wasted_prefetch_bytes"):
-        assert sum(r[key] for r in layers) == s[{"hits": "cache_hits", "misses": "cache_misses",
-                                                 "loads": "expert_loads"}.get(key, key)], key
+        assert (
+            sum(r[key] for r in layers)
+            == s[{"hits": "cache_hits", "misses": "cache_misses", "loads": "expert_loads"}.get(key, key)]
+        ), key
     assert s["stall_seconds"] == pytest.approx(sum(r["stall_seconds"] for r in layers))
     assert s["compute_seconds"] > 0
     assert layers[0]["recall"] is None  # nothing predicts the first MoE layer
@@ -77,18 +80,30 @@ def test_layer_stats_add_up_and_carry_prediction_quality(model_dir):
 
 
 def test_run_stats_prints_a_layer_table_and_json_on_request(model_dir, capsys):
-    args = ["run", str(model_dir), "-p", "The robot", "-n", "6", "--memory-budget", "70KB", "--prefetch", "lookahead",
-            "--policy", "structure"]
+    args = [
+        "run",
+        str(model_dir),
+        "-p",
+        "The robot",
+        "-n",
+        "6",
+        "--memory-budget",
+        "70KB",
+        "--prefetch",
+        "lookahead",
+        "--policy",
+        "structure",
+    ]
     assert main(args + ["--stats"]) == 0
     err = capsys.readouterr().err
-    table = err[err.index("layer  hit rate"):].splitlines()
+    table = err[err.index("layer  hit rate") :].splitlines()
     assert "precision" in table[0] and "stall ms" in table[0]
     assert len(table) == 2 + 3 + 2  # header, rule, 3 MoE layers, rule, total
     assert table[-1].split()[0] == "all"
     assert "{" not in err  # no JSON unless asked
     assert main(args + ["--stats-json"]) == 0
     err = capsys.readouterr().err
-    s = json.loads(err[err.index("{"):])
+    s = json.loads(err[err.index("{") :])
     assert len(s["layers"]) == 3 and s["prefetch"]["predictor"] == "lookahead_moe_in"
 
 

@@ -8,6 +8,7 @@ expert intermediate 128 (a multiple of every group size) and vocab 512.
 Weights are drawn from one seeded generator, norms included (so a swapped
 q_norm/k_norm or a dropped bias changes the logits).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,23 +56,52 @@ def _base_config(arch: str) -> dict:
         num_experts_per_tok=2,
     )
     if arch == "mixtral":
-        return dict(common, num_hidden_layers=2, intermediate_size=128, num_local_experts=4,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return dict(
+            common,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_local_experts=4,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
     if arch == "qwen2_moe":
         # layer 1 is a dense MLP; MoE layers carry a shared expert with a sigmoid gate
-        return dict(common, num_hidden_layers=3, intermediate_size=192, moe_intermediate_size=128,
-                    shared_expert_intermediate_size=128, num_experts=8, norm_topk_prob=False,
-                    decoder_sparse_step=1, mlp_only_layers=[1], qkv_bias=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return dict(
+            common,
+            num_hidden_layers=3,
+            intermediate_size=192,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=128,
+            num_experts=8,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            qkv_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
     if arch == "qwen3_moe":
         # head_dim 24 != hidden / heads (16); tied embeddings
-        return dict(common, num_hidden_layers=2, intermediate_size=192, moe_intermediate_size=128,
-                    num_experts=8, norm_topk_prob=True, head_dim=24, decoder_sparse_step=1,
-                    mlp_only_layers=[], tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        return dict(
+            common,
+            num_hidden_layers=2,
+            intermediate_size=192,
+            moe_intermediate_size=128,
+            num_experts=8,
+            norm_topk_prob=True,
+            head_dim=24,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        )
     if arch == "olmoe":
-        return dict(common, num_hidden_layers=2, intermediate_size=128, num_experts=8,
-                    norm_topk_prob=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        return dict(
+            common,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_experts=8,
+            norm_topk_prob=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
 
 
@@ -94,8 +124,7 @@ def make_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFas
         show_progress=False,
     )
     tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
 @torch.no_grad()
@@ -111,8 +140,9 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
             p.copy_(std * noise)
 
 
-def make_checkpoint(arch: str, path, seed: int = 0, dtype=torch.bfloat16,
-                    shard_size="200KB", **config_overrides) -> Path:
+def make_checkpoint(
+    arch: str, path, seed: int = 0, dtype=torch.bfloat16, shard_size="200KB", **config_overrides
+) -> Path:
     """Write a tiny random `arch` checkpoint (sharded safetensors + tokenizer) to `path`."""
     path = Path(path)
     config = tiny_config(arch, **config_overrides)

@@ -10,6 +10,7 @@ None), in alternating order; the median tok/s of each over --rounds rounds is pr
     python tools/bench_decode_step.py --budget 50%                      # experts streamed, half the bytes
     python tools/bench_decode_step.py --model ~/.cache/edgemoe/bench/mixtral-shaped-4bit-bb4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,14 +21,17 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     import edgemoe
-    from edgemoe.planning.allocate import parse_fraction
     from edgemoe.bench.modes import bench_prompt
+    from edgemoe.planning.allocate import parse_fraction
     from edgemoe.planning.default_model import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     ap.add_argument("--model", default=None, help="a converted model directory (default: the default model, 8 bits)")
-    ap.add_argument("--budget", default=None, help="expert budget as a share of the expert bytes, e.g. 50%% "
-                                                   "(default: unbounded, every expert in RAM)")
+    ap.add_argument(
+        "--budget",
+        default=None,
+        help="expert budget as a share of the expert bytes, e.g. 50%% (default: unbounded, every expert in RAM)",
+    )
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = bench_prompt(m, 16, 0)
     runs: dict[str, list[float]] = {"native": [], "python": []}
     for r in range(args.rounds):
-        for name in (("native", "python") if r % 2 == 0 else ("python", "native")):
+        for name in ("native", "python") if r % 2 == 0 else ("python", "native"):
             m.net.decode_layers = native if name == "native" else None
             it = m.generate(prompt, max_new_tokens=args.tokens, temperature=0.8, top_p=0.95, seed=r, stream=True)
             next(it)

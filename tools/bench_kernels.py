@@ -7,6 +7,7 @@ weights come from DRAM as they would in a real decode step.
 
     python tools/bench_kernels.py [--threads N] [--working-set-mb 256]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,7 @@ def bandwidth_gbs(working_set: int, piece: int) -> tuple[float, float]:
     """Streaming-read GB/s over pieces of `piece` bytes cycled through `working_set`."""
     buf = np.ones(working_set, dtype=np.uint8)
     n = working_set // piece
-    views = [buf[i * piece:(i + 1) * piece] for i in range(n)]
+    views = [buf[i * piece : (i + 1) * piece] for i in range(n)]
     return summary(piece, call_seconds(lambda i: _core.stream_read(views[i]), n))
 
 
@@ -67,9 +68,11 @@ def bench(name, mats, rows, cols, T, call, bw, rng):
     times = call_seconds(lambda i: call(x, mats[i]), len(mats))
     fast, med = summary(nbytes, times)
     t10 = np.percentile(times, 10)
-    print(f"{name:<24} T={T:<3} {t10 * 1e6:8.1f} us  {fast:6.2f} GB/s  "
-          f"{100 * fast / bw[0]:5.1f}% of bandwidth   (median {med:5.2f} GB/s, {100 * med / bw[1]:5.1f}%)"
-          f"  {rows * cols * T / t10 / 1e9:6.1f} GMAC/s")
+    print(
+        f"{name:<24} T={T:<3} {t10 * 1e6:8.1f} us  {fast:6.2f} GB/s  "
+        f"{100 * fast / bw[0]:5.1f}% of bandwidth   (median {med:5.2f} GB/s, {100 * med / bw[1]:5.1f}%)"
+        f"  {rows * cols * T / t10 / 1e9:6.1f} GMAC/s"
+    )
     return fast
 
 
@@ -83,8 +86,10 @@ def bench_attention(rng) -> None:
             k = rng.standard_normal((S, kv_heads, hd)).astype(np.float32)
             v = rng.standard_normal((S, kv_heads, hd)).astype(np.float32)
             t = call_seconds(lambda i: _core.attention(q, k, v, S - 1, 0), 50)
-            print(f"heads {heads:2d} / kv {kv_heads} / dim {hd:2d}, {S:4d} keys: "
-                  f"{1e6 * np.percentile(t, 10):7.1f} / {1e6 * np.median(t):7.1f} us")
+            print(
+                f"heads {heads:2d} / kv {kv_heads} / dim {hd:2d}, {S:4d} keys: "
+                f"{1e6 * np.percentile(t, 10):7.1f} / {1e6 * np.median(t):7.1f} us"
+            )
 
 
 def numpy_sample(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
@@ -113,8 +118,10 @@ def bench_sampler(rng) -> None:
     m = edgemoe.load(default_model_path())
     logits = m.logits(m.encode((SHIPPED / "test.txt").read_text(encoding="utf-8")[:4000])[:200])
     print(f"{len(logits)} rows of {logits.shape[1]} logits; us per call, fastest 10% / median")
-    for name, fn in (("numpy", lambda r, u: numpy_sample(r, 0.8, 0.95, u)),
-                     ("native", lambda r, u: _core.sample(r, 0.8, 0, 0.95, u))):
+    for name, fn in (
+        ("numpy", lambda r, u: numpy_sample(r, 0.8, 0.95, u)),
+        ("native", lambda r, u: _core.sample(r, 0.8, 0, 0.95, u)),
+    ):
         t = call_seconds(lambda i: fn(logits[i % len(logits)], float(rng.random())), 5 * len(logits))
         print(f"{name:<7} {1e6 * np.percentile(t, 10):7.1f} / {1e6 * np.median(t):7.1f} us")
 
@@ -124,10 +131,16 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
     ap.add_argument("--working-set-mb", type=int, default=256, help="bytes of weights cycled through (> L3)")
     ap.add_argument("--quick", action="store_true", help="INT4 expert matrices only (g64, and g32 symmetric)")
-    ap.add_argument("--attention", action="store_true",
-                    help="instead: decode attention (one query token) against 64-2048 cached keys, us per call")
-    ap.add_argument("--sampler", action="store_true",
-                    help="instead: one sampled token from the default model's logits, native against numpy")
+    ap.add_argument(
+        "--attention",
+        action="store_true",
+        help="instead: decode attention (one query token) against 64-2048 cached keys, us per call",
+    )
+    ap.add_argument(
+        "--sampler",
+        action="store_true",
+        help="instead: one sampled token from the default model's logits, native against numpy",
+    )
     args = ap.parse_args()
     if args.threads:
         _core.set_num_threads(args.threads)
@@ -150,7 +163,9 @@ def main():
         for T in (1, 4, 16):
             bench(f"int4 g64 {rows}x{cols}", mats, rows, cols, T, qcall, bw, rng)
     # groups of 32, symmetric: the layout compared with llama.cpp's Q4_0 (edgemoe/peers.py)
-    bench("int4 g32 sym 2816x1024", quant_mats(2816, 1024, 4, 32, ws, rng, symmetric=True), 2816, 1024, 1, qcall, bw, rng)
+    bench(
+        "int4 g32 sym 2816x1024", quant_mats(2816, 1024, 4, 32, ws, rng, symmetric=True), 2816, 1024, 1, qcall, bw, rng
+    )
     if args.quick:
         return
     for bits in (2, 3, 8):

@@ -27,19 +27,21 @@ Writes eval_table.json and eval_table.md into --work (and prints the markdown; f
 rows also their held-out calibration increase, its upper confidence bound on the mean and the
 prediction bound for one text that --tolerance is held to, beside the test split's).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 import math
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -67,10 +69,11 @@ def say(msg: str) -> None:
 
 
 # -- conversions ----------------------------------------------------------------------
-def convert_all(src: Path, work: Path, calib: Path, fallback_bits: int, calib_tokens: int,
-                measure: str) -> dict[str, Path]:
-    from edgemoe.planning.allocate import convert_auto
+def convert_all(
+    src: Path, work: Path, calib: Path, fallback_bits: int, calib_tokens: int, measure: str
+) -> dict[str, Path]:
     from edgemoe.converters.convert import convert
+    from edgemoe.planning.allocate import convert_auto
     from edgemoe.planning.importance import IMPORTANCE_FILE, profile_importance
 
     out: dict[str, Path] = {}
@@ -79,8 +82,14 @@ def convert_all(src: Path, work: Path, calib: Path, fallback_bits: int, calib_to
         if not (d / "manifest.json").exists():
             say(f"converting {b}-bit uniform")
             with cpu_lock(False):
-                convert(src, d, bits=b, fallback_bits=fallback_bits if b > fallback_bits else None,
-                        progress=False, overwrite=True)
+                convert(
+                    src,
+                    d,
+                    bits=b,
+                    fallback_bits=fallback_bits if b > fallback_bits else None,
+                    progress=False,
+                    overwrite=True,
+                )
         out[f"{b}-bit"] = d
     imp = work / "u16" / IMPORTANCE_FILE
     if not imp.exists():
@@ -92,8 +101,19 @@ def convert_all(src: Path, work: Path, calib: Path, fallback_bits: int, calib_to
         if not (d / "manifest.json").exists():
             say(f"converting --bits auto --tolerance {tol:.0%} ({measure})")
             with cpu_lock(False):
-                convert_auto(src, d, calib=calib, tolerance=tol, importance=imp, fallback_bits=fallback_bits,
-                             max_tokens=calib_tokens, measure=measure, overwrite=True, progress=False, log=sys.stderr)
+                convert_auto(
+                    src,
+                    d,
+                    calib=calib,
+                    tolerance=tol,
+                    importance=imp,
+                    fallback_bits=fallback_bits,
+                    max_tokens=calib_tokens,
+                    measure=measure,
+                    overwrite=True,
+                    progress=False,
+                    log=sys.stderr,
+                )
         out[f"auto {tol:.0%}"] = d
     return out
 
@@ -107,10 +127,9 @@ def decode_nll(model, ids: np.ndarray, window: int) -> tuple[float, int]:
     for begin, end, scored in windows(len(ids), window):
         chunk = ids[begin:end]
         model.reset()
-        rows = [model.net.forward(np.array([t]), model.kv, pos, all_logits=True)[0]
-                for pos, t in enumerate(chunk[:-1])]
+        rows = [model.net.forward(np.array([t]), model.kv, pos, all_logits=True)[0] for pos, t in enumerate(chunk[:-1])]
         logits = np.stack(rows)
-        total += float(token_nll(logits[len(chunk) - 1 - scored:], chunk[len(chunk) - scored:]).sum())
+        total += float(token_nll(logits[len(chunk) - 1 - scored :], chunk[len(chunk) - scored :]).sum())
         n += scored
     return total, n
 
@@ -121,8 +140,16 @@ def expert_bytes(model_dir: Path) -> tuple[int, int]:
     return (sum(b[3] for b in m["experts"]["blobs"]), sum(b[3] for b in fb["blobs"]) if fb else 0)
 
 
-def decode_speed(model_dir: Path, prompt: list[int], n: int, budget: int, fallback: bool, threshold: float,
-                 repeats: int, device: str | None) -> dict[str, Any]:
+def decode_speed(
+    model_dir: Path,
+    prompt: list[int],
+    n: int,
+    budget: int,
+    fallback: bool,
+    threshold: float,
+    repeats: int,
+    device: str | None,
+) -> dict[str, Any]:
     import edgemoe
 
     runs = []
@@ -140,10 +167,15 @@ def decode_speed(model_dir: Path, prompt: list[int], n: int, budget: int, fallba
         rest = list(it)
         s = m.stats()
         steps = max(s["tokens_generated"], 1)
-        runs.append({"tokens_per_s": s["decode_tokens_per_s"], "hit_rate": s["cache_hit_rate"],
-                     "bytes_read_per_token": s["bytes_read"] / steps,
-                     "fallback_uses_per_token": s["fallback"]["uses"] / steps if fallback else 0.0,
-                     "tokens": len(rest) + 1})
+        runs.append(
+            {
+                "tokens_per_s": s["decode_tokens_per_s"],
+                "hit_rate": s["cache_hit_rate"],
+                "bytes_read_per_token": s["bytes_read"] / steps,
+                "fallback_uses_per_token": s["fallback"]["uses"] / steps if fallback else 0.0,
+                "tokens": len(rest) + 1,
+            }
+        )
     best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
     return {**best, "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
@@ -153,8 +185,13 @@ def measure(name: str, d: Path, args, test_ids: np.ndarray, bytes16: int) -> dic
     from edgemoe.planning.evaluate import perplexity
 
     eb, fb = expert_bytes(d)
-    row: dict[str, Any] = {"setting": name, "dir": str(d), "expert_bytes": eb, "expert_ratio": eb / bytes16,
-                           "fallback_bytes": fb}
+    row: dict[str, Any] = {
+        "setting": name,
+        "dir": str(d),
+        "expert_bytes": eb,
+        "expert_ratio": eb / bytes16,
+        "fallback_bytes": fb,
+    }
     m = json.loads((d / "manifest.json").read_text())
     alloc = m["quantization"].get("allocation")
     if alloc:
@@ -194,17 +231,19 @@ def measure_speed(name: str, d: Path, args, test_ids: np.ndarray) -> dict[str, A
     """Decode speed at 50% budget, with and without fallback, under one hold of the exclusive lock."""
     eb, fb = expert_bytes(d)
     budget = int(0.5 * eb)
-    prompt = test_ids[args.prompt_offset: args.prompt_offset + args.prompt_tokens].tolist()
+    prompt = test_ids[args.prompt_offset : args.prompt_offset + args.prompt_tokens].tolist()
     out: dict[str, Any] = {"budget": budget}
     with cpu_lock(True):  # one hold per setting (a few runs of a few seconds each)
         for fallback in [False] + ([True] if fb else []):
             key = "fallback" if fallback else "plain"
             say(f"{name}: decode speed at 50% budget ({key})")
-            out[f"speed_{key}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback, args.threshold,
-                                               args.repeats, None)
+            out[f"speed_{key}"] = decode_speed(
+                d, prompt, args.decode_tokens, budget, fallback, args.threshold, args.repeats, None
+            )
             if args.device:
-                out[f"speed_{key}_{args.device}"] = decode_speed(d, prompt, args.decode_tokens, budget, fallback,
-                                                                 args.threshold, args.repeats, args.device)
+                out[f"speed_{key}_{args.device}"] = decode_speed(
+                    d, prompt, args.decode_tokens, budget, fallback, args.threshold, args.repeats, args.device
+                )
     return out
 
 
@@ -221,21 +260,31 @@ def threshold_sweep(name: str, d: Path, args, test_ids: np.ndarray) -> list[dict
             m = edgemoe.load(d, memory_budget=budget, fallback=t if t > 0 else None)
             nll, n = decode_nll(m, ids, args.window)
         s = m.stats()
-        out.append({"threshold": t, "decode_ppl": math.exp(nll / n), "tokens": n,
-                    "bytes_read_per_token": s["bytes_read"] / n, "hit_rate": s["cache_hit_rate"],
-                    "fallback_share": s["fallback"]["uses"] / max(s["cache_hits"] + s["cache_misses"], 1)
-                    if t > 0 else 0.0})
+        out.append(
+            {
+                "threshold": t,
+                "decode_ppl": math.exp(nll / n),
+                "tokens": n,
+                "bytes_read_per_token": s["bytes_read"] / n,
+                "hit_rate": s["cache_hit_rate"],
+                "fallback_share": s["fallback"]["uses"] / max(s["cache_hits"] + s["cache_misses"], 1) if t > 0 else 0.0,
+            }
+        )
     return out
 
 
 def sweep_markdown(name: str, rows: list[dict[str, Any]], args) -> str:
     base = rows[0]
-    lines = [f"| {name}, threshold | decode ppl @50% | vs no fallback | expert bytes read / token | uses low-bit |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"| {name}, threshold | decode ppl @50% | vs no fallback | expert bytes read / token | uses low-bit |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['threshold']:g} | {r['decode_ppl']:.3f} | {100 * (r['decode_ppl'] / base['decode_ppl'] - 1):+.2f}% "
-                     f"| {r['bytes_read_per_token'] / 1e3:.0f} KB ({100 * (r['bytes_read_per_token'] / base['bytes_read_per_token'] - 1):+.0f}%) "
-                     f"| {100 * r['fallback_share']:.0f}% |")
+        lines.append(
+            f"| {r['threshold']:g} | {r['decode_ppl']:.3f} | {100 * (r['decode_ppl'] / base['decode_ppl'] - 1):+.2f}% "
+            f"| {r['bytes_read_per_token'] / 1e3:.0f} KB ({100 * (r['bytes_read_per_token'] / base['bytes_read_per_token'] - 1):+.0f}%) "
+            f"| {100 * r['fallback_share']:.0f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -265,8 +314,10 @@ def markdown(rows: list[dict[str, Any]], args, ref_ppl: float) -> str:
             devcell = (f" | {dv['tokens_per_s']:.1f}" if dv else " | ") if args.device else ""
             speed = f"{sp['tokens_per_s']:.1f}" if sp else ""
             read = f"{sp['bytes_read_per_token'] / 1e3:.0f} KB, {100 * sp['hit_rate']:.0f}% hits" if sp else ""
-            lines.append(f"| {name} | {eb} | {100 * r['expert_ratio']:.1f}% | {ppl} | {inc} | {dcell} | "
-                         f"{speed}{devcell} | {read} |")
+            lines.append(
+                f"| {name} | {eb} | {100 * r['expert_ratio']:.1f}% | {ppl} | {inc} | {dcell} | "
+                f"{speed}{devcell} | {read} |"
+            )
     return "\n".join(lines)
 
 
@@ -274,19 +325,22 @@ def auto_markdown(rows: list[dict[str, Any]], ref_ppl: float) -> str:
     """The auto rows' verification: held-out calibration point estimate, its upper confidence bound
     (on the mean) and prediction bound (for one text of promise_tokens; what --tolerance is held
     to) beside the test split."""
-    lines = ["| setting | expert bytes | held-out calibration ppl | confidence bound (mean) | prediction bound "
-             "(accepted on) | test ppl |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| setting | expert bytes | held-out calibration ppl | confidence bound (mean) | prediction bound "
+        "(accepted on) | test ppl |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         if r.get("calibration_ppl_increase_bound") is None:
             continue
         pred = r.get("calibration_ppl_increase_prediction_bound")
         promise = r.get("calibration_promise_tokens")
-        pcell = (f"{100 * pred:+.2f}% ({f'{promise}-token text' if promise else 'the mean'})"
-                 if pred is not None else "")
-        lines.append(f"| {r['setting']} | {100 * r['expert_ratio']:.1f}% | {100 * r['calibration_ppl_increase']:+.2f}% "
-                     f"({r['calibration_held_out_tokens']} tokens) | {100 * r['calibration_ppl_increase_bound']:+.2f}% "
-                     f"({100 * r['calibration_confidence']:.3g}%) | {pcell} | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |")
+        pcell = f"{100 * pred:+.2f}% ({f'{promise}-token text' if promise else 'the mean'})" if pred is not None else ""
+        lines.append(
+            f"| {r['setting']} | {100 * r['expert_ratio']:.1f}% | {100 * r['calibration_ppl_increase']:+.2f}% "
+            f"({r['calibration_held_out_tokens']} tokens) | {100 * r['calibration_ppl_increase_bound']:+.2f}% "
+            f"({100 * r['calibration_confidence']:.3g}%) | {pcell} | {100 * (r['test_ppl'] / ref_ppl - 1):+.2f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -295,16 +349,28 @@ def main(argv=None) -> int:
     p.add_argument("--src", type=Path, default=DEFAULT_SRC, help="Hugging Face checkpoint (default: the default model)")
     p.add_argument("--test", type=Path, default=None, help="test text (default: SRC/test.txt)")
     p.add_argument("--calib", type=Path, default=None, help="calibration text (default: SRC/calib.txt)")
-    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgemoe-eval-table",
-                   help="conversions and results (reused when present)")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "edgemoe-eval-table",
+        help="conversions and results (reused when present)",
+    )
     p.add_argument("--fallback-bits", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.3, help="fallback gate-weight threshold")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--calib-tokens", type=int, default=8192)
-    p.add_argument("--measure", choices=("kl", "loss_increase"), default="kl",
-                   help="what --bits auto ranks experts by (use another --work for each)")
-    p.add_argument("--decode-ppl-tokens", type=int, default=4096,
-                   help="tokens of the test text scored in decode mode at 50%% budget (0: skip; default 4096)")
+    p.add_argument(
+        "--measure",
+        choices=("kl", "loss_increase"),
+        default="kl",
+        help="what --bits auto ranks experts by (use another --work for each)",
+    )
+    p.add_argument(
+        "--decode-ppl-tokens",
+        type=int,
+        default=4096,
+        help="tokens of the test text scored in decode mode at 50%% budget (0: skip; default 4096)",
+    )
     p.add_argument("--decode-tokens", type=int, default=256, help="generated tokens per speed run")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--prompt-offset", type=int, default=1000)
@@ -312,9 +378,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="also time with this device profile's storage emulated")
     p.add_argument("--sweep", default=None, help="phase sweep: the setting whose fallback threshold is swept")
     p.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.5", help="phase sweep: thresholds")
-    p.add_argument("--phase", choices=("all", "quality", "speed", "report", "sweep"), default="all",
-                   help="quality: conversions and perplexities (shared CPU lock); speed: decode timing "
-                        "(exclusive lock); report: the table from what --work holds")
+    p.add_argument(
+        "--phase",
+        choices=("all", "quality", "speed", "report", "sweep"),
+        default="all",
+        help="quality: conversions and perplexities (shared CPU lock); speed: decode timing "
+        "(exclusive lock); report: the table from what --work holds",
+    )
     p.add_argument("--only", default=None, help="comma-separated settings to (re)measure, e.g. '4-bit,auto 2%%'")
     args = p.parse_args(argv)
     test = args.test or args.src / "test.txt"
@@ -355,9 +425,15 @@ def main(argv=None) -> int:
     order = [n for n in SUBDIRS if n in rows]
     merged = [{**rows[n], **speeds.get(n, {})} for n in order]
     ref_ppl = rows["16-bit"]["test_ppl"]
-    doc = {"src": str(args.src), "test": str(test), "test_tokens": int(len(test_ids)), "calib": str(calib),
-           "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-           "simd": edgemoe._core.simd(), "rows": merged}
+    doc = {
+        "src": str(args.src),
+        "test": str(test),
+        "test_tokens": int(len(test_ids)),
+        "calib": str(calib),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "simd": edgemoe._core.simd(),
+        "rows": merged,
+    }
     (args.work / "eval_table_full.json").write_text(json.dumps(doc, indent=1))
     md = markdown(merged, args, ref_ppl) + "\n\n" + auto_markdown(merged, ref_ppl)
     (args.work / "eval_table.md").write_text(md + "\n")

@@ -9,6 +9,7 @@ package's __init__ for anything but the native core.
 Run it where `import edgemoe` finds an installed (non-editable) copy: the wheel maps the
 top-level converters/ and devices/ folders to edgemoe.converters and edgemoe.devices.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     for m in root_importers:
         print(f"  {m} imports the {args.package} package itself for more than _core: import the module it needs")
     if args.edges:
+
         def top(m: str) -> str:
             parts = m.split(".")
             return ".".join(parts[:2])
-        pairs = sorted({(top(a), top(b)) for a in modules for b in graph.find_modules_directly_imported_by(a)
-                        if top(a) != top(b)})
+
+        pairs = sorted(
+            {(top(a), top(b)) for a in modules for b in graph.find_modules_directly_imported_by(a) if top(a) != top(b)}
+        )
         for a, b in pairs:
             print(f"  {a} -> {b}")
     return 1 if cycles or root_importers else 0

@@ -3,6 +3,7 @@
 Usage: python tools/make_tiny_checkpoint.py DST [--arch mixtral|qwen2_moe|qwen3_moe|olmoe]
 Needs torch and transformers (pip install '.[test]').
 """
+
 from __future__ import annotations
 
 import argparse

@@ -16,6 +16,7 @@ compute, could reach; --misses replaces the measured miss count (e.g. Belady's f
     python tools/miss_cost.py                       # the default model at 50%
     python tools/miss_cost.py --misses 1.3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,22 +38,35 @@ def worker(spec: dict) -> dict:
         m.preload()
         m.cache.wait_idle()
     else:
-        m = edgemoe.load(spec["model"], memory_budget=spec["budget"], policy="structure",
-                         io_threads=2 if spec["config"] == "async" else 0)
+        m = edgemoe.load(
+            spec["model"],
+            memory_budget=spec["budget"],
+            policy="structure",
+            io_threads=2 if spec["config"] == "async" else 0,
+        )
     m.eos_ids = set()
-    tokens = m.generate(bench_prompt(m, 16, spec["seed"]), max_new_tokens=spec["warmup"] + spec["tokens"] + 1,
-                        temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True)
+    tokens = m.generate(
+        bench_prompt(m, 16, spec["seed"]),
+        max_new_tokens=spec["warmup"] + spec["tokens"] + 1,
+        temperature=0.8,
+        top_p=0.95,
+        seed=spec["seed"],
+        stream=True,
+    )
     for _ in range(spec["warmup"] + 1):
         next(tokens)
     a, t0 = m.stats(), time.perf_counter()
     n = sum(1 for _ in tokens)
     dt, s = time.perf_counter() - t0, m.stats()
     uses = s["cache_hits"] + s["cache_misses"] - a["cache_hits"] - a["cache_misses"]
-    return {"us_per_token": 1e6 * dt / n, "stall_us": 1e6 * (s["stall_seconds"] - a["stall_seconds"]) / n,
-            "compute_us": 1e6 * (s["compute_seconds"] - a["compute_seconds"]) / n,
-            "read_us": 1e6 * (s["read_seconds"] - a["read_seconds"]) / n,
-            "misses": (s["cache_misses"] - a["cache_misses"]) / n,
-            "hit_rate": (s["cache_hits"] - a["cache_hits"]) / uses if uses else 1.0}
+    return {
+        "us_per_token": 1e6 * dt / n,
+        "stall_us": 1e6 * (s["stall_seconds"] - a["stall_seconds"]) / n,
+        "compute_us": 1e6 * (s["compute_seconds"] - a["compute_seconds"]) / n,
+        "read_us": 1e6 * (s["read_seconds"] - a["read_seconds"]) / n,
+        "misses": (s["cache_misses"] - a["cache_misses"]) / n,
+        "hit_rate": (s["cache_hits"] - a["cache_hits"]) / uses if uses else 1.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,29 +94,42 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {"ram": [], "async": [], "sync": []}
     for _ in range(args.rounds):
         for config in runs:
-            spec = {"model": path, "config": config, "budget": budget, "tokens": args.tokens,
-                    "warmup": args.warmup, "seed": args.seed}
-            r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                               text=True, check=True)
+            spec = {
+                "model": path,
+                "config": config,
+                "budget": budget,
+                "tokens": args.tokens,
+                "warmup": args.warmup,
+                "seed": args.seed,
+            }
+            r = subprocess.run(
+                [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=True
+            )
             runs[config].append(json.loads(r.stdout.strip().splitlines()[-1]))
 
     med = {c: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for c, rs in runs.items()}
-    print(f"{path}, budget {budget / 1e6:.1f} MB, {args.tokens} tokens after {args.warmup}, "
-          f"median of {args.rounds} rounds\n")
+    print(
+        f"{path}, budget {budget / 1e6:.1f} MB, {args.tokens} tokens after {args.warmup}, "
+        f"median of {args.rounds} rounds\n"
+    )
     print("| config | us/token | stall us/token | expert compute us/token | read us/token | misses/token | hit rate |")
     print("|---|---|---|---|---|---|---|")
     for c, name in (("ram", "all in RAM"), ("async", "edgemoe, 2 I/O threads"), ("sync", "edgemoe, io_threads=0")):
         r = med[c]
-        print(f"| {name} | {r['us_per_token']:.0f} | {r['stall_us']:.0f} | {r['compute_us']:.0f} | "
-              f"{r['read_us']:.0f} | {r['misses']:.2f} | {100 * r['hit_rate']:.1f}% |")
+        print(
+            f"| {name} | {r['us_per_token']:.0f} | {r['stall_us']:.0f} | {r['compute_us']:.0f} | "
+            f"{r['read_us']:.0f} | {r['misses']:.2f} | {100 * r['hit_rate']:.1f}% |"
+        )
     sync, ram = med["sync"], med["ram"]
     per_miss_read = sync["read_us"] / sync["misses"]
     per_miss_compute = max(0.0, sync["compute_us"] - ram["compute_us"]) / sync["misses"]
     misses = args.misses if args.misses is not None else med["async"]["misses"]
     floor = ram["us_per_token"] + misses * (per_miss_read + per_miss_compute)
-    print(f"\nper miss: {per_miss_read:.0f} us read + {per_miss_compute:.0f} us more expert compute; "
-          f"at {misses:.2f} misses/token the floor with no read hidden behind compute is {floor:.0f} us/token, "
-          f"{floor / ram['us_per_token']:.2f}x all-in-RAM (measured: {med['async']['us_per_token'] / ram['us_per_token']:.2f}x)")
+    print(
+        f"\nper miss: {per_miss_read:.0f} us read + {per_miss_compute:.0f} us more expert compute; "
+        f"at {misses:.2f} misses/token the floor with no read hidden behind compute is {floor:.0f} us/token, "
+        f"{floor / ram['us_per_token']:.2f}x all-in-RAM (measured: {med['async']['us_per_token'] / ram['us_per_token']:.2f}x)"
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ Layer graph contract (decode, one token):
 Returning only the new rows, not a concatenated present [S+1, kv, hd], lets the
 caller keep one preallocated cache and pass views of it: no per-token cache copy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -107,8 +108,11 @@ class _Builder:
         # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into SimplifiedLayerNormalization.
         sq = self.op("Pow", [x, self.const(name + ".two", np.array(2.0, np.float32))], name + ".sq")
         var = self.op("ReduceMean", [sq], name + ".var", axes=[-1], keepdims=1)
-        std = self.op("Sqrt", [self.op("Add", [var, self.const(name + ".eps", np.array(eps, np.float32))],
-                                       name + ".var_eps")], name + ".std")
+        std = self.op(
+            "Sqrt",
+            [self.op("Add", [var, self.const(name + ".eps", np.array(eps, np.float32))], name + ".var_eps")],
+            name + ".std",
+        )
         normed = self.op("Div", [x, std], name + ".normed")
         return self.op("Mul", [normed, self.const(name + ".weight", w.astype(np.float32), weight=True)], name)
 
@@ -122,17 +126,32 @@ class _Builder:
             # x86 CPU EP has no f16 MatMul: ORT inserts casts and folds the weight back to f32 at
             # load, so this halves the file, not the RAM (bench_backbone.py measures it).
             x16 = self.op("Cast", [x], name + ".x16", to=TensorProto.FLOAT16)
-            y16 = self.op("MatMul", [x16, self.const(name + ".weight", w.T.astype(np.float16), weight=True)],
-                          name + ".y16")
+            y16 = self.op(
+                "MatMul", [x16, self.const(name + ".weight", w.T.astype(np.float16), weight=True)], name + ".y16"
+            )
             return self.op("Cast", [y16], name, to=TensorProto.FLOAT)
         b, scales, zp = quantize_int4(w, self.block_size)
-        ins = [x, self.const(name + ".qweight", b, weight=True), self.const(name + ".scales", scales, weight=True),
-               self.const(name + ".zero_points", zp, weight=True)]
-        return self.op("MatMulNBits", ins, name, domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=self.block_size,
-                       accuracy_level=self.accuracy_level)
+        ins = [
+            x,
+            self.const(name + ".qweight", b, weight=True),
+            self.const(name + ".scales", scales, weight=True),
+            self.const(name + ".zero_points", zp, weight=True),
+        ]
+        return self.op(
+            "MatMulNBits",
+            ins,
+            name,
+            domain=MS_DOMAIN,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=self.block_size,
+            accuracy_level=self.accuracy_level,
+        )
 
-    def model(self, name: str, inputs: list[onnx.ValueInfoProto],
-              outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    def model(
+        self, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
         opsets = [helper.make_opsetid("", OPSET)]
         if any(n.domain == MS_DOMAIN for n in self.nodes):
@@ -142,9 +161,17 @@ class _Builder:
         return m
 
 
-def layer_graph(lw: LayerWeights, heads: int, kv_heads: int, head_dim: int, eps: float, rope_theta: float,
-                weight_format: str = "f32", block_size: int = 32,
-                accuracy_level: int = 0) -> tuple[onnx.ModelProto, int]:
+def layer_graph(
+    lw: LayerWeights,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    eps: float,
+    rope_theta: float,
+    weight_format: str = "f32",
+    block_size: int = 32,
+    accuracy_level: int = 0,
+) -> tuple[onnx.ModelProto, int]:
     """One decoder layer's attention block + router as an ONNX model, and its weight bytes.
 
     The router always stays f32 (it is tiny and routing is sensitive to it).
@@ -164,8 +191,14 @@ def layer_graph(lw: LayerWeights, heads: int, kv_heads: int, head_dim: int, eps:
     # RoPE, rotate-half convention: angles = position * inv_freq, [1, hd/2]
     inv_freq = (1.0 / (rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
     pos = g.op("Cast", ["position"], "pos_f", to=TensorProto.FLOAT)
-    angles = g.op("Mul", [g.op("Unsqueeze", [pos, g.const("axes.1", np.array([1], np.int64))], "pos_col"),
-                          g.const("rope.inv_freq", inv_freq[None, :])], "rope.angles")
+    angles = g.op(
+        "Mul",
+        [
+            g.op("Unsqueeze", [pos, g.const("axes.1", np.array([1], np.int64))], "pos_col"),
+            g.const("rope.inv_freq", inv_freq[None, :]),
+        ],
+        "rope.angles",
+    )
     cos, sin = g.op("Cos", [angles], "rope.cos"), g.op("Sin", [angles], "rope.sin")
     halves = g.const("rope.split", np.array([half, half], np.int64))
 
@@ -186,7 +219,7 @@ def layer_graph(lw: LayerWeights, heads: int, kv_heads: int, head_dim: int, eps:
     v_all = g.op("Concat", ["past_value", value], "v_all", axis=0)
     qg = g.op("Reshape", [q, g.const("shape.qg", np.array([kv_heads, rep, head_dim], np.int64))], "qg")
     scores = g.op("MatMul", [qg, g.op("Transpose", [k_all], "k_t", perm=[1, 2, 0])], "scores_raw")
-    scores = g.op("Mul", [scores, g.const("attn.scale", np.array(head_dim ** -0.5, np.float32))], "scores")
+    scores = g.op("Mul", [scores, g.const("attn.scale", np.array(head_dim**-0.5, np.float32))], "scores")
     probs = g.op("Softmax", [scores], "probs", axis=-1)  # [kv, rep, S+1]
     ctx = g.op("MatMul", [probs, g.op("Transpose", [v_all], "v_t", perm=[1, 0, 2])], "ctx")  # [kv, rep, hd]
     ctx = g.op("Reshape", [ctx, g.const("shape.ctx", np.array([1, heads * head_dim], np.int64))], "ctx_flat")
@@ -196,20 +229,30 @@ def layer_graph(lw: LayerWeights, heads: int, kv_heads: int, head_dim: int, eps:
     g.linear("ffn_input", lw.router, "router_logits", fmt="f32")
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    inputs = [helper.make_tensor_value_info("hidden", f32, [1, H]),
-              helper.make_tensor_value_info("past_key", f32, ["S", kv_heads, head_dim]),
-              helper.make_tensor_value_info("past_value", f32, ["S", kv_heads, head_dim]),
-              helper.make_tensor_value_info("position", i64, [1])]
-    outputs = [helper.make_tensor_value_info("hidden_out", f32, [1, H]),
-               helper.make_tensor_value_info("ffn_input", f32, [1, H]),
-               helper.make_tensor_value_info("router_logits", f32, [1, E]),
-               helper.make_tensor_value_info("key", f32, [1, kv_heads, head_dim]),
-               helper.make_tensor_value_info("value", f32, [1, kv_heads, head_dim])]
+    inputs = [
+        helper.make_tensor_value_info("hidden", f32, [1, H]),
+        helper.make_tensor_value_info("past_key", f32, ["S", kv_heads, head_dim]),
+        helper.make_tensor_value_info("past_value", f32, ["S", kv_heads, head_dim]),
+        helper.make_tensor_value_info("position", i64, [1]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("hidden_out", f32, [1, H]),
+        helper.make_tensor_value_info("ffn_input", f32, [1, H]),
+        helper.make_tensor_value_info("router_logits", f32, [1, E]),
+        helper.make_tensor_value_info("key", f32, [1, kv_heads, head_dim]),
+        helper.make_tensor_value_info("value", f32, [1, kv_heads, head_dim]),
+    ]
     return g.model("edgemoe_layer", inputs, outputs), g.weight_bytes
 
 
-def lm_head_graph(out_norm: np.ndarray, w: np.ndarray, eps: float, weight_format: str = "f32",
-                  block_size: int = 32, accuracy_level: int = 0) -> tuple[onnx.ModelProto, int]:
+def lm_head_graph(
+    out_norm: np.ndarray,
+    w: np.ndarray,
+    eps: float,
+    weight_format: str = "f32",
+    block_size: int = 32,
+    accuracy_level: int = 0,
+) -> tuple[onnx.ModelProto, int]:
     """logits [1, vocab] = lm_head(rms_norm(hidden [1, H])), and its weight bytes."""
     g = _Builder(weight_format, block_size, accuracy_level)
     g.linear(g.rms_norm("hidden", out_norm, eps, "output_norm"), w, "logits")

@@ -12,6 +12,7 @@ Limits are multiples of the 4-bit GGUF file's size. edgemoe's expert budget insi
 the limit minus everything else Model.memory_needed counts (backbone, KV cache, scratch, cache
 bookkeeping, RUNTIME_OVERHEAD_BYTES), so the process stays inside the cgroup.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ import statistics
 import subprocess
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..converters.convert import convert
 from ..devices import load_profile
@@ -39,8 +41,10 @@ DEFAULT_LIMITS = "unlimited,1.2,0.8,0.5,0.3"
 GGUF_TYPES = {4: "Q4_0", 8: "Q8_0"}
 # Our setting nearest each GGUF type. Q4_0: groups of 32, one f16 scale, w = d * (q - 8); ours
 # with --symmetric is the same arithmetic and layout cost (kind 4, docs/format.md: 4.5 bits per weight).
-OUR_SETTINGS = {4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
-                8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True)}
+OUR_SETTINGS = {
+    4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
+    8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True),
+}
 RUN_TIMEOUT_S = 300.0
 # HF pre-tokenizers llama.cpp implements under another model's name, for checkpoints whose
 # tokenizer hash convert_hf_to_gguf.py cannot know (it lists published models only).
@@ -48,9 +52,16 @@ RUN_TIMEOUT_S = 300.0
 # "\p{N}" + GPT-2 used for starcoder/refact/smollm; smollm also keeps spaces as they are
 # (clean_spaces = false), as our tokenizers do (clean_up_tokenization_spaces false).
 PRE_TOKENIZER_ALIASES = [
-    ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                            {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]},
-     "smollm"),
+    (
+        {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+            ],
+        },
+        "smollm",
+    ),
     ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt-2"),  # GPT-2's regex alone
 ]
 
@@ -93,8 +104,7 @@ def spread(values: Sequence[float]) -> dict[str, float] | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-FIGURES = ("decode_tokens_per_s", "ttft_seconds", "load_seconds", "cgroup_peak_bytes", "read_bytes",
-           "peak_rss_bytes")
+FIGURES = ("decode_tokens_per_s", "ttft_seconds", "load_seconds", "cgroup_peak_bytes", "read_bytes", "peak_rss_bytes")
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,14 +147,18 @@ def limit_text(factor: float | None, limit: int | None) -> str:
     return "unlimited" if factor is None else f"{factor:g}x ({limit / 1e6:.0f} MB)"
 
 
-TABLE_HEADER = ("| model | storage | limit | engine | weights | decode tok/s | TTFT s | load s | peak MB (cgroup) "
-                "| read MB | killed |\n|---|---|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = (
+    "| model | storage | limit | engine | weights | decode tok/s | TTFT s | load s | peak MB (cgroup) "
+    "| read MB | killed |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def table_row(c: dict[str, Any]) -> str:
-    return (f"| {c['model']} | {c['storage']} | {limit_text(c['limit_factor'], c['limit_bytes'])} | {c['engine']} "
-            f"| {c['weights']} | {fmt(c['decode_tokens_per_s'], digits=2)} | {fmt(c['ttft_seconds'], digits=3)} "
-            f"| {fmt(c['load_seconds'], digits=2)} | {fmt(c['cgroup_peak_bytes'], 1e6, 0)} | {fmt(c['read_bytes'], 1e6, 0)} | {status_text(c)} |")
+    return (
+        f"| {c['model']} | {c['storage']} | {limit_text(c['limit_factor'], c['limit_bytes'])} | {c['engine']} "
+        f"| {c['weights']} | {fmt(c['decode_tokens_per_s'], digits=2)} | {fmt(c['ttft_seconds'], digits=3)} "
+        f"| {fmt(c['load_seconds'], digits=2)} | {fmt(c['cgroup_peak_bytes'], 1e6, 0)} | {fmt(c['read_bytes'], 1e6, 0)} | {status_text(c)} |"
+    )
 
 
 def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
@@ -195,15 +209,29 @@ def plot(cells: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
             pts = sorted(((c["limit_bytes"] or right) / 1e6, c) for c in cs if c["engine"] == engine)
             xs = [x for x, c in pts if c["decode_tokens_per_s"]]
             ys = [c["decode_tokens_per_s"]["median"] for _, c in pts if c["decode_tokens_per_s"]]
-            err = [[c["decode_tokens_per_s"]["median"] - c["decode_tokens_per_s"]["min"] for _, c in pts
-                    if c["decode_tokens_per_s"]],
-                   [c["decode_tokens_per_s"]["max"] - c["decode_tokens_per_s"]["median"] for _, c in pts
-                    if c["decode_tokens_per_s"]]]
+            err = [
+                [
+                    c["decode_tokens_per_s"]["median"] - c["decode_tokens_per_s"]["min"]
+                    for _, c in pts
+                    if c["decode_tokens_per_s"]
+                ],
+                [
+                    c["decode_tokens_per_s"]["max"] - c["decode_tokens_per_s"]["median"]
+                    for _, c in pts
+                    if c["decode_tokens_per_s"]
+                ],
+            ]
             line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=engine)
             dead = [x for x, c in pts if not c["decode_tokens_per_s"]]
             if dead:
-                ax.plot(dead, [0] * len(dead), "x", color=line[0].get_color(), markersize=9,
-                        label=f"{engine}: killed / did not run")
+                ax.plot(
+                    dead,
+                    [0] * len(dead),
+                    "x",
+                    color=line[0].get_color(),
+                    markersize=9,
+                    label=f"{engine}: killed / did not run",
+                )
         ticks = sorted({(c["limit_bytes"] or right) / 1e6 for c in cs})
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:.0f}" if t != right / 1e6 else "none" for t in ticks])
@@ -226,8 +254,10 @@ def llama_cpp_version() -> str:
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:
-        raise RuntimeError("llama-cpp-python is not installed: pip install '.[bench]' (it compiles llama.cpp, "
-                           "10-25 minutes on 2 cores)") from None
+        raise RuntimeError(
+            "llama-cpp-python is not installed: pip install '.[bench]' (it compiles llama.cpp, "
+            "10-25 minutes on 2 cores)"
+        ) from None
 
 
 def converter_dir(cache: Path) -> Path:
@@ -241,19 +271,36 @@ def converter_dir(cache: Path) -> Path:
     sdist = sdists / f"llama_cpp_python-{ver}.tar.gz"
     if not sdist.exists():
         # --no-build-isolation: pip would otherwise build a private cmake just to read the metadata
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                            "--no-build-isolation", f"llama-cpp-python=={ver}", "-d", str(sdists)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--no-build-isolation",
+                f"llama-cpp-python=={ver}",
+                "-d",
+                str(sdists),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0 or not sdist.exists():
             raise RuntimeError(f"could not download the llama-cpp-python {ver} source package:\n{r.stderr[-2000:]}")
     root = f"llama_cpp_python-{ver}/vendor/llama.cpp/"
     wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
     tmp = dst.with_name(dst.name + ".part")
     with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(root)
-                   and m.name[len(root):].startswith(wanted) and (m.isfile() or m.isdir())]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.name.startswith(root) and m.name[len(root) :].startswith(wanted) and (m.isfile() or m.isdir())
+        ]
         for m in members:
-            m.name = m.name[len(root):]
+            m.name = m.name[len(root) :]
         tar.extractall(tmp, members=members, filter="data")
     tmp.rename(dst)
     return dst
@@ -305,8 +352,12 @@ def hf_to_gguf(hf: Path, out: Path, cache: Path) -> Path:
     llama_dir = converter_dir(cache)
     tmp = out.with_name(out.name + ".part")
     print(f"converting {hf} to GGUF with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr)
-    r = subprocess.run([sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), str(tmp)],
-                       capture_output=True, text=True, cwd="/")
+    r = subprocess.run(
+        [sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), str(tmp)],
+        capture_output=True,
+        text=True,
+        cwd="/",
+    )
     if r.returncode != 0 or not tmp.exists():
         raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
     tmp.rename(out)
@@ -334,16 +385,19 @@ def quantize_gguf(src: Path, out: Path, kind: str, threads: int = 2) -> Path:
 
 def tokenizer_check(gguf: Path, hf: Path, text: str) -> dict[str, Any]:
     """Does llama.cpp tokenize like the checkpoint's tokenizer.json? (the pre-tokenizer alias's proof)"""
-    from tokenizers import Tokenizer
-
     import llama_cpp
+    from tokenizers import Tokenizer
 
     ours = Tokenizer.from_file(str(hf / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    return {"tokens": len(ours), "llama_cpp_tokens": len(theirs), "identical": ours == theirs,
-            "first_difference": None if ours == theirs else first}
+    return {
+        "tokens": len(ours),
+        "llama_cpp_tokens": len(theirs),
+        "identical": ours == theirs,
+        "first_difference": None if ours == theirs else first,
+    }
 
 
 # -- the checkpoints ------------------------------------------------------------------
@@ -354,16 +408,30 @@ def mixtral_shaped_tokenizer(dst: Path, vocab_size: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train([str(SHIPPED / "calib.txt")], trainer)
     tok.save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-         "unk_token": "<unk>", "clean_up_tokenization_spaces": False}, indent=2))
+    (dst / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
 
 
 def peer_checkpoint(name: str, cache: Path, bench_cache: Path | None = None) -> Path:
@@ -408,8 +476,15 @@ def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = N
     if not check_file.exists():
         text = (SHIPPED / "test.txt").read_text(encoding="utf-8")[:20000]
         check_file.write_text(json.dumps(tokenizer_check(gguf, hf, text)))
-    return {"hf": hf, "gguf": gguf, "gguf_q4_bytes": q4.stat().st_size, "ours": ours,
-            "tokenizer_check": json.loads(check_file.read_text()), "setting": s, "gguf_type": GGUF_TYPES[bits]}
+    return {
+        "hf": hf,
+        "gguf": gguf,
+        "gguf_q4_bytes": q4.stat().st_size,
+        "ours": ours,
+        "tokenizer_check": json.loads(check_file.read_text()),
+        "setting": s,
+        "gguf_type": GGUF_TYPES[bits],
+    }
 
 
 def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> list[int]:
@@ -425,18 +500,24 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
     return held_out_prompt(encode, vocab_size, tokens, seed)
 
 
-def run_in_cgroup(cmd: Sequence[str], files: Sequence[Path], limit: int | None, read_bps: int | None,
-                  timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+def run_in_cgroup(
+    cmd: Sequence[str], files: Sequence[Path], limit: int | None, read_bps: int | None, timeout: float = RUN_TIMEOUT_S
+) -> dict[str, Any]:
     """cmd in a fresh cgroup (memory limit, optional blkio read throttle) after `files` left the
     page cache: its status (ok, oom, timeout, failed), the group's peak memory and its output."""
     drop_page_cache(*files)
     with Cgroup(memory_limit=limit, read_bps=read_bps, device_path=files[0]) as cg:
         lr = cg.run(cmd, timeout=timeout, cwd="/")
         oom_kills = cg.oom_kills()
-    return {"status": run_status(lr.returncode, oom_kills, lr.wall_seconds, timeout),
-            "cgroup_peak_bytes": lr.peak_memory_bytes, "wall_seconds": lr.wall_seconds,
-            "returncode": lr.returncode, "read_bytes_children": lr.read_bytes, "stdout": lr.stdout,
-            "stderr": lr.stderr[-2000:]}
+    return {
+        "status": run_status(lr.returncode, oom_kills, lr.wall_seconds, timeout),
+        "cgroup_peak_bytes": lr.peak_memory_bytes,
+        "wall_seconds": lr.wall_seconds,
+        "returncode": lr.returncode,
+        "read_bytes_children": lr.read_bytes,
+        "stdout": lr.stdout,
+        "stderr": lr.stderr[-2000:],
+    }
 
 
 def run_status(returncode: int, oom_kills: int, wall_seconds: float, timeout: float) -> str:
@@ -448,8 +529,9 @@ def run_status(returncode: int, oom_kills: int, wall_seconds: float, timeout: fl
     return "timeout" if wall_seconds >= timeout else "failed"
 
 
-def run_limited(spec: dict[str, Any], files: Sequence[Path], limit: int | None, read_bps: int | None,
-                timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+def run_limited(
+    spec: dict[str, Any], files: Sequence[Path], limit: int | None, read_bps: int | None, timeout: float = RUN_TIMEOUT_S
+) -> dict[str, Any]:
     """One measured run of run_worker(spec) in its own process and cgroup."""
     # the worker as a script (-P: not its folder on sys.path): a llama.cpp run must not carry edgemoe's imports
     cmd = [sys.executable, "-P", str(Path(llama_cpp_worker.__file__).resolve()), "--worker", json.dumps(spec)]
@@ -470,9 +552,12 @@ def blkio_check(path: Path) -> tuple[bool, str]:
     if not ok:
         return False, why
     size = path.stat().st_size
-    code = ("import os,mmap,time;fd=os.open(%r,os.O_RDONLY|os.O_DIRECT);b=mmap.mmap(-1,1<<20);t=time.perf_counter()\n"
-            "for i in range(8): os.preadv(fd,[b],(%d+i*(1<<20)))\nprint(time.perf_counter()-t)"
-            % (str(path), max(0, size // 2 // 4096 * 4096 - (8 << 20))))
+    start = max(0, size // 2 // 4096 * 4096 - (8 << 20))
+    code = (
+        f"import os,mmap,time;fd=os.open({str(path)!r},os.O_RDONLY|os.O_DIRECT);b=mmap.mmap(-1,1<<20)\n"
+        f"t=time.perf_counter()\nfor i in range(8): os.preadv(fd,[b],({start}+i*(1<<20)))\n"
+        "print(time.perf_counter()-t)"
+    )
     try:
         with Cgroup(read_bps=16_000_000, device_path=path) as cg:
             lr = cg.run([sys.executable, "-c", code], timeout=30)
@@ -498,8 +583,11 @@ def run(args: argparse.Namespace) -> int:
     factors = parse_limits(args.limits)
     storages: list[tuple[str, int | None]] = []
     for d in (args.device or "none").split(","):
-        storages.append(("local disk", None) if d in ("", "none") else
-                        (f"{d} ({load_profile(d).read_bytes_per_s / 1e6:.0f} MB/s)", int(load_profile(d).read_bytes_per_s)))
+        storages.append(
+            ("local disk", None)
+            if d in ("", "none")
+            else (f"{d} ({load_profile(d).read_bytes_per_s / 1e6:.0f} MB/s)", int(load_profile(d).read_bytes_per_s))
+        )
     cells: list[dict[str, Any]] = []
     notes: list[str] = []
     lines: list[str] = []
@@ -523,18 +611,27 @@ def run(args: argparse.Namespace) -> int:
         prompt = prompt_ids(name, pair["hf"], args.prompt_tokens, args.seed, vocab)
         tc = pair["tokenizer_check"]
         s = pair["setting"]
-        emit(f"\n## {name}: GGUF {pair['gguf_type']} {pair['gguf'].stat().st_size / 1e6:.1f} MB "
-             f"(limits are multiples of the Q4_0 file, {q4 / 1e6:.1f} MB); edgemoe {bits}-bit "
-             f"(group {s['group_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, backbone "
-             f"{s['backbone_bits']}-bit) {(info['expert_bytes'] + info['backbone_bytes'] + info['file_embedding_bytes']) / 1e6:.1f} MB, "
-             f"{combo_name(options)}, {args.threads} threads, prompt {len(prompt)} ids, {args.tokens} new tokens, "
-             f"median of {args.repeat} runs (min-max)")
+        emit(
+            f"\n## {name}: GGUF {pair['gguf_type']} {pair['gguf'].stat().st_size / 1e6:.1f} MB "
+            f"(limits are multiples of the Q4_0 file, {q4 / 1e6:.1f} MB); edgemoe {bits}-bit "
+            f"(group {s['group_size']}, {'symmetric' if s['symmetric'] else 'asymmetric'}, backbone "
+            f"{s['backbone_bits']}-bit) {(info['expert_bytes'] + info['backbone_bytes'] + info['file_embedding_bytes']) / 1e6:.1f} MB, "
+            f"{combo_name(options)}, {args.threads} threads, prompt {len(prompt)} ids, {args.tokens} new tokens, "
+            f"median of {args.repeat} runs (min-max)"
+        )
         bw = direct_read_bandwidth(pair["ours"], max_bytes=128 << 20)
-        emit(f"local disk: {bw['expert_reads_bytes_per_s'] / 1e6:.0f} MB/s O_DIRECT reads of expert blobs "
-             f"({bw['threads']} readers), {bw['sequential_bytes_per_s'] / 1e6:.0f} MB/s sequential")
-        emit(f"llama.cpp tokenizes {tc['tokens']} tokens of test.txt "
-             + ("identically to tokenizer.json" if tc["identical"] else
-                f"differently from tokenizer.json (first difference at token {tc['first_difference']})"))
+        emit(
+            f"local disk: {bw['expert_reads_bytes_per_s'] / 1e6:.0f} MB/s O_DIRECT reads of expert blobs "
+            f"({bw['threads']} readers), {bw['sequential_bytes_per_s'] / 1e6:.0f} MB/s sequential"
+        )
+        emit(
+            f"llama.cpp tokenizes {tc['tokens']} tokens of test.txt "
+            + (
+                "identically to tokenizer.json"
+                if tc["identical"]
+                else f"differently from tokenizer.json (first difference at token {tc['first_difference']})"
+            )
+        )
         for storage, bps in storages:
             if bps is not None:
                 ok, why = blkio_check(pair["gguf"])
@@ -548,8 +645,14 @@ def run(args: argparse.Namespace) -> int:
             for factor in factors:
                 limit = limit_bytes(factor, q4)
                 for engine in engines:
-                    cell: dict[str, Any] = {"model": name, "storage": storage, "read_bps": bps,
-                                            "limit_factor": factor, "limit_bytes": limit, "engine": engine}
+                    cell: dict[str, Any] = {
+                        "model": name,
+                        "storage": storage,
+                        "read_bps": bps,
+                        "limit_factor": factor,
+                        "limit_bytes": limit,
+                        "engine": engine,
+                    }
                     if engine == "llama.cpp":
                         files = [pair["gguf"]]
                         spec = {"engine": engine, "model": str(pair["gguf"])}
@@ -559,7 +662,8 @@ def run(args: argparse.Namespace) -> int:
                         budget = edgemoe_budget(limit, others, min_budget)
                         spec = {"engine": engine, "model": str(pair["ours"]), "budget": budget, "options": options}
                         cell["weights"] = f"{bits}-bit g{s['group_size']}, {combo_name(options)}" + (
-                            f", budget {budget / 1e6:.0f} MB" if budget else ", all experts" if budget is None else "")
+                            f", budget {budget / 1e6:.0f} MB" if budget else ", all experts" if budget is None else ""
+                        )
                         cell["expert_budget_bytes"] = budget
                         cell["options"] = options
                     spec.update(prompt=prompt, new_tokens=args.tokens, threads=args.threads, seed=args.seed)
@@ -567,8 +671,9 @@ def run(args: argparse.Namespace) -> int:
                         runs: list[dict[str, Any]] = []
                         cell.update(summarize(runs), skipped=f"no room: {others / 1e6:.0f} MB besides experts")
                     else:
-                        runs = [run_limited(spec, files, limit, bps, timeout=args.run_timeout)
-                                for _ in range(args.repeat)]
+                        runs = [
+                            run_limited(spec, files, limit, bps, timeout=args.run_timeout) for _ in range(args.repeat)
+                        ]
                         cell.update(summarize(runs))
                     cell["runs_detail"] = runs
                     cell["local_disk_read_bandwidth"] = bw
@@ -589,13 +694,22 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of `edgemoe bench --peers` (the bench verb adds --peers itself)."""
-    g = ap.add_argument_group("--peers", "edgemoe against other engines on the same weights (edgemoe/bench/llama_cpp.py); "
-                              "--device there is a comma list of profiles (or none) run through a real blkio throttle")
-    g.add_argument("--limits", default=DEFAULT_LIMITS,
-                   help=f"memory limits, multiples of the 4-bit GGUF file size (default {DEFAULT_LIMITS})")
+    g = ap.add_argument_group(
+        "--peers",
+        "edgemoe against other engines on the same weights (edgemoe/bench/llama_cpp.py); "
+        "--device there is a comma list of profiles (or none) run through a real blkio throttle",
+    )
+    g.add_argument(
+        "--limits",
+        default=DEFAULT_LIMITS,
+        help=f"memory limits, multiples of the 4-bit GGUF file size (default {DEFAULT_LIMITS})",
+    )
     g.add_argument("--peer-threads", dest="threads", type=int, default=2, help="threads of both engines (default 2)")
-    g.add_argument("--peer-mode", default="edgemoe",
-                   help="edgemoe's mode in the comparison: edgemoe (bench.modes.BEST, default) or POLICY+PREDICTOR")
+    g.add_argument(
+        "--peer-mode",
+        default="edgemoe",
+        help="edgemoe's mode in the comparison: edgemoe (bench.modes.BEST, default) or POLICY+PREDICTOR",
+    )
     g.add_argument("--plot", default=None, help="write tokens/s against the memory limit to this PNG")
     g.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT_S, help="seconds before a run is stopped")
 

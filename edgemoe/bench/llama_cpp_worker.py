@@ -6,6 +6,7 @@ Standard library only at the top: llama_cpp.run_limited runs this file as a scri
 edgemoe's imports. The bench modes read /proc/self/io through proc_read_bytes too;
 _peak_rss has a twin in runtime.engine.peak_rss_bytes, which this file cannot import.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,12 @@ def _timed(tokens: Any) -> dict[str, float]:
     ttft = time.perf_counter() - t0
     n = 1 + sum(1 for _ in tokens)
     decode_s = time.perf_counter() - t0 - ttft
-    return {"ttft_seconds": ttft, "tokens": n, "decode_seconds": decode_s,
-            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0}
+    return {
+        "ttft_seconds": ttft,
+        "tokens": n,
+        "decode_seconds": decode_s,
+        "decode_tokens_per_s": (n - 1) / decode_s if n > 1 else 0.0,
+    }
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +57,23 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         import llama_cpp
 
-        llm = llama_cpp.Llama(model_path=spec["model"], n_threads=spec["threads"], n_threads_batch=spec["threads"],
-                              seed=spec["seed"], verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=spec["model"],
+            n_threads=spec["threads"],
+            n_threads_batch=spec["threads"],
+            seed=spec["seed"],
+            verbose=False,
+        )
         load_s = time.perf_counter() - t0
-        gen = llm.generate(spec["prompt"], temp=SAMPLING["temperature"], top_p=SAMPLING["top_p"], top_k=0,
-                           min_p=0.0, repeat_penalty=1.0, reset=True)
+        gen = llm.generate(
+            spec["prompt"],
+            temp=SAMPLING["temperature"],
+            top_p=SAMPLING["top_p"],
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
         out = _timed(itertools.islice(gen, n))  # generate() never stops on its own, EOS included
     else:
         from edgemoe.runtime.engine import load  # only in an edgemoe run: a llama.cpp run must not carry them

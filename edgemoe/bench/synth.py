@@ -1,5 +1,6 @@
 """Bench models: the default model, and a random-weight Mixtral-shaped checkpoint made with
 numpy (about 0.88B parameters, 0.5 GB at 4 bits) that no test data has to ship."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,16 @@ from ..format.safetensors import SafetensorsWriter
 from ..planning.default_model import DEFAULT_BITS, default_model_path
 
 # The Mixtral-shaped bench model: about 0.88B parameters, 0.5 GB at 4 bits.
-MIXTRAL_SHAPED = dict(hidden_size=1024, num_hidden_layers=12, num_local_experts=8, num_experts_per_tok=2,
-                      intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4, vocab_size=8000)
-
+MIXTRAL_SHAPED = dict(
+    hidden_size=1024,
+    num_hidden_layers=12,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    intermediate_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=8000,
+)
 
 
 def synth_mixtral(dst: Path, seed: int = 0, std: float = 0.02, **shape: int) -> Path:
@@ -53,10 +61,19 @@ def synth_mixtral(dst: Path, seed: int = 0, std: float = 0.02, **shape: int) -> 
             w.add(q + "w3.weight", bf16(I, H), "BF16")
             w.add(q + "w2.weight", bf16(H, I), "BF16")
     w.write(dst / "model.safetensors")
-    config = dict(cfg, architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_act="silu",
-                  max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}, bos_token_id=1, eos_token_id=2,
-                  torch_dtype="bfloat16")
+    config = dict(
+        cfg,
+        architectures=["MixtralForCausalLM"],
+        model_type="mixtral",
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="bfloat16",
+    )
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     return dst
 

@@ -1,10 +1,11 @@
 """The `edgemoe` command: one module per verb, each a thin main() over functions a Python
 user can call too."""
+
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from importlib import import_module
-from typing import Sequence
 
 from ..errors import EdgeMoEError
 
@@ -14,8 +15,10 @@ VERBS = {
     "info": ("info", "what a converted model holds"),
     "convert": ("convert", "convert a Hugging Face checkpoint into a model directory"),
     "eval": ("eval", "perplexity and tokens/s on a text file"),
-    "profile": ("profile", "routing statistics and predictors (routing.json); with --importance, per-expert "
-                "importance (importance.json)"),
+    "profile": (
+        "profile",
+        "routing statistics and predictors (routing.json); with --importance, per-expert importance (importance.json)",
+    ),
     "simulate": ("simulate", "replay a routing trace under each eviction policy and predictor"),
     "bench": ("bench", "compare expert-loading modes side by side, or edgemoe against llama.cpp (--peers)"),
 }
@@ -23,8 +26,13 @@ VERBS = {
 
 def usage() -> str:
     width = max(map(len, VERBS))
-    lines = ["usage: edgemoe VERB [options]   (edgemoe VERB -h for a verb's options)", "",
-             "Run Mixture-of-Experts LLMs with experts on flash.", "", "verbs:"]
+    lines = [
+        "usage: edgemoe VERB [options]   (edgemoe VERB -h for a verb's options)",
+        "",
+        "Run Mixture-of-Experts LLMs with experts on flash.",
+        "",
+        "verbs:",
+    ]
     lines += [f"  {verb:<{width}}  {text}" for verb, (_, text) in VERBS.items()]
     return "\n".join(lines)
 
@@ -36,8 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"{usage()}\n\nedgemoe: error: unknown verb {verb!r}: choose one of {', '.join(VERBS)}",
-              file=sys.stderr)
+        print(f"{usage()}\n\nedgemoe: error: unknown verb {verb!r}: choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     try:
         return int(import_module(f".{VERBS[verb][0]}", __name__).main(rest))

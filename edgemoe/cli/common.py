@@ -1,4 +1,5 @@
 """What several verbs share: the model argument, the streaming flags and the default model."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,31 +21,65 @@ def size_arg(value: str) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL, --memory-budget, --threads and the streaming flags (StreamOptions)."""
-    p.add_argument("model", nargs="?", default=None,
-                   help="a converted model directory (default: the shipped default model, converted on first use)")
-    p.add_argument("--memory-budget", type=size_arg, default=None,
-                   help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a converted model directory (default: the shipped default model, converted on first use)",
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=size_arg,
+        default=None,
+        help="RAM for expert weights, e.g. 300MB or 1.5GB (default: unbounded)",
+    )
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
     p.add_argument("--buffered-io", action="store_true", help="read experts through the page cache, not O_DIRECT")
-    p.add_argument("--policy", default="lru", choices=("lru", "lfu", "structure"),
-                   help="expert cache eviction: least recently used, least used, or structure-aware "
-                        "(decayed use rate over distance to the expert's layer) (default lru)")
-    p.add_argument("--prefetch", default=None,
-                   help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`")
-    p.add_argument("--preload", default="auto", choices=("auto", "all", "warm", "none"),
-                   help="what is read at load: every expert, a warm start of the most used ones that fit the "
-                        "budget, or nothing (default auto: all when the budget holds them, else warm)")
-    p.add_argument("--device", default=None, metavar="PROFILE",
-                   help="emulate this device profile's storage speed (devices/profiles, e.g. jetson-tx2-emmc)")
-    p.add_argument("--fallback", type=float, default=None, metavar="THRESHOLD",
-                   help="on a miss for an expert whose gate weight is below THRESHOLD (e.g. 0.3), compute it from "
-                        "its low-bit copy (convert with --fallback-bits) instead of reading the full one")
+    p.add_argument(
+        "--policy",
+        default="lru",
+        choices=("lru", "lfu", "structure"),
+        help="expert cache eviction: least recently used, least used, or structure-aware "
+        "(decayed use rate over distance to the expert's layer) (default lru)",
+    )
+    p.add_argument(
+        "--prefetch",
+        default=None,
+        help="predictive preloading: table, lookahead or fitted (default: none); see `edgemoe profile`",
+    )
+    p.add_argument(
+        "--preload",
+        default="auto",
+        choices=("auto", "all", "warm", "none"),
+        help="what is read at load: every expert, a warm start of the most used ones that fit the "
+        "budget, or nothing (default auto: all when the budget holds them, else warm)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="PROFILE",
+        help="emulate this device profile's storage speed (devices/profiles, e.g. jetson-tx2-emmc)",
+    )
+    p.add_argument(
+        "--fallback",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="on a miss for an expert whose gate weight is below THRESHOLD (e.g. 0.3), compute it from "
+        "its low-bit copy (convert with --fallback-bits) instead of reading the full one",
+    )
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:
     """The StreamOptions the flags of add_model_args ask for."""
-    return StreamOptions(policy=args.policy, prefetch=args.prefetch, preload=args.preload, device=args.device,
-                         fallback=args.fallback, direct_io=not args.buffered_io)
+    return StreamOptions(
+        policy=args.policy,
+        prefetch=args.prefetch,
+        preload=args.preload,
+        device=args.device,
+        fallback=args.fallback,
+        direct_io=not args.buffered_io,
+    )
 
 
 def resolve_model(path: str | None) -> str:

@@ -1,9 +1,10 @@
 """`edgemoe info [MODEL]`: what a converted model holds."""
+
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..runtime.engine import load
 from ..units import format_bytes
@@ -22,13 +23,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = info["backbone_bytes"] + info["file_embedding_bytes"] + info["expert_bytes"]
     emb = info["file_embedding_bytes"]
     bits = ", ".join(f"{b}-bit: {n}" for b, n in sorted(info["bitwidths"].items()))
-    print(f"architecture   {info['architecture']}\n"
-          f"layers         {info['layers']} ({info['moe_layers']} MoE)\n"
-          f"experts        {info['experts_per_layer']} per layer, top-{info['top_k']}\n"
-          f"hidden / vocab {info['hidden_size']} / {info['vocab_size']}\n"
-          f"backbone       {format_bytes(info['backbone_bytes'])} in RAM ({100 * info['backbone_bytes'] / total:.1f}%)"
-          + (f", embeddings {format_bytes(emb)} read by row from the file" if emb else "") + "\n"
-          f"experts        {format_bytes(info['expert_bytes'])} ({100 * info['expert_bytes'] / total:.1f}%)\n"
-          f"bitwidths      {bits}\n"
-          f"min budget     {format_bytes(info['min_memory_budget'])}")
+    print(
+        f"architecture   {info['architecture']}\n"
+        f"layers         {info['layers']} ({info['moe_layers']} MoE)\n"
+        f"experts        {info['experts_per_layer']} per layer, top-{info['top_k']}\n"
+        f"hidden / vocab {info['hidden_size']} / {info['vocab_size']}\n"
+        f"backbone       {format_bytes(info['backbone_bytes'])} in RAM ({100 * info['backbone_bytes'] / total:.1f}%)"
+        + (f", embeddings {format_bytes(emb)} read by row from the file" if emb else "")
+        + "\n"
+        f"experts        {format_bytes(info['expert_bytes'])} ({100 * info['expert_bytes'] / total:.1f}%)\n"
+        f"bitwidths      {bits}\n"
+        f"min budget     {format_bytes(info['min_memory_budget'])}"
+    )
     return 0

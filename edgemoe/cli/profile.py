@@ -1,12 +1,13 @@
 """`edgemoe profile [MODEL]`: routing statistics and prefetch predictors (routing.json); with
 --importance, per-expert importance (importance.json) for `edgemoe convert --bits auto`."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import EdgeMoEError
 from ..format.quant import GROUP_SIZES
@@ -23,22 +24,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`edgemoe profile [MODEL] [--calib FILE] [--eval FILE]`: trace, write routing.json, print the table.
     Without --calib it prints the routing.json the model directory already holds; the default
     model is profiled on its shipped calib.txt (the validation split)."""
-    p = argparse.ArgumentParser(prog="edgemoe profile",
-                                description="Routing statistics of a model on calibration text (writes routing.json). "
-                                            "With --importance: per-expert importance instead "
-                                            "(see `edgemoe profile --importance -h`).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="a converted model directory (default: the shipped default model)")
-    p.add_argument("--calib", default=None, help="calibration text file (documents separated by a \\x1e line); "
-                   "without it, show the model's stored routing.json (the default model: profile its calib.txt "
-                   "if none is stored)")
-    p.add_argument("--eval", default=None, help="held-out text to score the predictors on "
-                   "(default: the last 20%% of the calibration tokens)")
+    p = argparse.ArgumentParser(
+        prog="edgemoe profile",
+        description="Routing statistics of a model on calibration text (writes routing.json). "
+        "With --importance: per-expert importance instead "
+        "(see `edgemoe profile --importance -h`).",
+    )
+    p.add_argument(
+        "model", nargs="?", default=None, help="a converted model directory (default: the shipped default model)"
+    )
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text file (documents separated by a \\x1e line); "
+        "without it, show the model's stored routing.json (the default model: profile its calib.txt "
+        "if none is stored)",
+    )
+    p.add_argument(
+        "--eval",
+        default=None,
+        help="held-out text to score the predictors on (default: the last 20%% of the calibration tokens)",
+    )
     p.add_argument("--window", type=int, default=256, help="prefill window in tokens; the KV cache resets per window")
     p.add_argument("--max-tokens", type=int, default=50_000, help="calibration tokens (0: the whole file)")
     p.add_argument("--eval-max-tokens", type=int, default=20_000, help="held-out tokens (0: the whole file)")
-    p.add_argument("--ratio", type=float, default=1.5, help="prefetch byte budget per layer, as a multiple of the "
-                   "bytes a token needs (default 1.5)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=1.5,
+        help="prefetch byte budget per layer, as a multiple of the bytes a token needs (default 1.5)",
+    )
     p.add_argument("--traces", default=None, help="also save the traces (calib.npz, eval.npz) in this directory")
     p.add_argument("--no-fit", action="store_true", help="do not fit the look-ahead maps (routing.safetensors)")
     p.add_argument("--no-save", action="store_true", help="do not write routing.json")
@@ -51,11 +66,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.calib is None and (Path(model_dir) / ROUTING_FILE).exists():
         doc = load_routing(model_dir)
     else:
-        calib = shipped_text(args.calib, args.model, "calib.txt",
-                             f"{model_dir} holds no {ROUTING_FILE} yet: pass --calib FILE to profile it")
-        doc = profile_model(model_dir, calib, args.eval, window=args.window, max_tokens=args.max_tokens or None,
-                            eval_max_tokens=args.eval_max_tokens or None, save=not args.no_save,
-                            traces_dir=args.traces, ratio=args.ratio, fit=not args.no_fit, log=sys.stderr)
+        calib = shipped_text(
+            args.calib,
+            args.model,
+            "calib.txt",
+            f"{model_dir} holds no {ROUTING_FILE} yet: pass --calib FILE to profile it",
+        )
+        doc = profile_model(
+            model_dir,
+            calib,
+            args.eval,
+            window=args.window,
+            max_tokens=args.max_tokens or None,
+            eval_max_tokens=args.eval_max_tokens or None,
+            save=not args.no_save,
+            traces_dir=args.traces,
+            ratio=args.ratio,
+            fit=not args.no_fit,
+            log=sys.stderr,
+        )
     if args.json:
         print(json.dumps({k: v for k, v in doc.items() if k not in ("table", "usage")}, indent=2))
     else:
@@ -65,11 +94,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def importance_main(argv: Sequence[str] | None = None) -> int:
     """`edgemoe profile [MODEL] --importance --calib FILE`: measure, write importance.json, print a summary."""
-    p = argparse.ArgumentParser(prog="edgemoe profile --importance",
-                                description="Expert importance: calibration loss increase when one expert alone "
-                                            "drops to a low bitwidth (writes importance.json).")
-    p.add_argument("model", nargs="?", default=None, help="a converted model directory, ideally 16-bit "
-                   "(default: the shipped default model)")
+    p = argparse.ArgumentParser(
+        prog="edgemoe profile --importance",
+        description="Expert importance: calibration loss increase when one expert alone "
+        "drops to a low bitwidth (writes importance.json).",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="a converted model directory, ideally 16-bit (default: the shipped default model)",
+    )
     p.add_argument("--importance", action="store_true", help="accepted so `edgemoe profile` can pass its argv on")
     p.add_argument("--calib", default=None, help="calibration text (default for the default model: its calib.txt)")
     p.add_argument("--bits", default="2", help="bitwidth(s) one expert drops to, e.g. 2 or 2,3 (default 2)")
@@ -88,8 +123,17 @@ def importance_main(argv: Sequence[str] | None = None) -> int:
         levels = [int(b) for b in args.bits.split(",")]
     except ValueError:
         raise EdgeMoEError(f"--bits takes bitwidths like 2 or 2,3, got {args.bits!r}") from None
-    doc = profile_importance(path, calib, levels, group_size=args.group_size, symmetric=args.symmetric,
-                             window=args.window, max_tokens=args.max_tokens or None, save=not args.no_save,
-                             model=load(path, threads=args.threads), log=sys.stderr)
+    doc = profile_importance(
+        path,
+        calib,
+        levels,
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        window=args.window,
+        max_tokens=args.max_tokens or None,
+        save=not args.no_save,
+        model=load(path, threads=args.threads),
+        log=sys.stderr,
+    )
     print(json.dumps(doc, indent=1) if args.json else format_importance(doc))
     return 0

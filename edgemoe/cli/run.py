@@ -1,10 +1,11 @@
 """`edgemoe run [MODEL] -p PROMPT`: generate text, streamed, and say how it went."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..runtime.engine import load
 from ..runtime.stats import format_stats
@@ -29,19 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     m = load(resolve_model(args.model), **load_args(args))
-    pieces = m.generate(args.prompt, max_new_tokens=args.n, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, seed=args.seed, stream=True)
+    pieces = m.generate(
+        args.prompt,
+        max_new_tokens=args.n,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stream=True,
+    )
     sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     s = m.stats()
-    print(f"[{s['tokens_generated']} tokens, {s['decode_tokens_per_s']:.1f} tok/s decode, "
-          f"prefill {s['prompt_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
-          f"cache hit rate {100 * s['cache_hit_rate']:.1f}%, read {format_bytes(s['bytes_read'])} "
-          f"({'O_DIRECT' if s['direct_io'] else 'buffered'}), peak RSS {format_bytes(s['peak_rss_bytes'])}]",
-          file=sys.stderr)
+    print(
+        f"[{s['tokens_generated']} tokens, {s['decode_tokens_per_s']:.1f} tok/s decode, "
+        f"prefill {s['prompt_tokens']} tokens in {s['prefill_seconds']:.2f}s, "
+        f"cache hit rate {100 * s['cache_hit_rate']:.1f}%, read {format_bytes(s['bytes_read'])} "
+        f"({'O_DIRECT' if s['direct_io'] else 'buffered'}), peak RSS {format_bytes(s['peak_rss_bytes'])}]",
+        file=sys.stderr,
+    )
     if args.stats:
         print(format_stats(s), file=sys.stderr)
     if args.stats_json:

@@ -1,12 +1,13 @@
 """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: replay a routing trace under each
 eviction policy and prefetch predictor (edgemoe.planning.simulate)."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..format.routing_file import ROUTING_FILE, load_routing
 from ..planning.predictors import RecordedPredictor
@@ -19,9 +20,11 @@ from ..runtime.trace import RoutingTrace
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
-    p = argparse.ArgumentParser(prog="edgemoe simulate",
-                                description="Replay a routing trace through the expert cache under each eviction "
-                                            "policy (LRU, LFU, structure-aware, Belady's oracle) and prefetch predictor.")
+    p = argparse.ArgumentParser(
+        prog="edgemoe simulate",
+        description="Replay a routing trace through the expert cache under each eviction "
+        "policy (LRU, LFU, structure-aware, Belady's oracle) and prefetch predictor.",
+    )
     p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")
@@ -30,9 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of all expert bytes")
     p.add_argument("--policies", default=",".join(POLICIES))
-    p.add_argument("--prefetch", default=",".join(DEFAULT_PREDICTORS),
-                   help="predictors to try: none, table (needs routing.json), lookahead_moe_in, "
-                        "lookahead_layer_out, fitted_moe_in, fitted_layer_out (a trace that recorded them)")
+    p.add_argument(
+        "--prefetch",
+        default=",".join(DEFAULT_PREDICTORS),
+        help="predictors to try: none, table (needs routing.json), lookahead_moe_in, "
+        "lookahead_layer_out, fitted_moe_in, fitted_layer_out (a trace that recorded them)",
+    )
     p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed")
     p.add_argument("--json", default=None, help="write every row to this file")
     args = p.parse_args(argv)
@@ -42,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.trace:
         trace = RoutingTrace.load(args.trace)
         if args.max_tokens:
-            trace = trace[:args.max_tokens]
+            trace = trace[: args.max_tokens]
     else:
-        trace = collect_trace(m, args.text, args.window, args.max_tokens, seed=1,
-                              fits=load_fits(args.model, m.config.rms_norm_eps))
+        trace = collect_trace(
+            m, args.text, args.window, args.max_tokens, seed=1, fits=load_fits(args.model, m.config.rms_norm_eps)
+        )
     predictors: dict[str, Predictor | None] = {}
     for name in args.prefetch.split(","):
         name = name.strip()
@@ -63,8 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     fractions = [float(x) for x in args.budgets.split(",")]
     policies = [x.strip() for x in args.policies.split(",")]
     rows = run(trace, sizes, fractions, policies, predictors, ratio=args.ratio)
-    print(f"{trace.tokens} tokens, {len(trace.moe_layers)} MoE layers x {trace.num_experts} experts, "
-          f"top-{trace.top_k}; all experts {sizes.sum() / 1e6:.2f} MB; bytes per token, 'waited' = read on a miss")
+    print(
+        f"{trace.tokens} tokens, {len(trace.moe_layers)} MoE layers x {trace.num_experts} experts, "
+        f"top-{trace.top_k}; all experts {sizes.sum() / 1e6:.2f} MB; bytes per token, 'waited' = read on a miss"
+    )
     print(format_rows(rows, float(sizes.sum()), trace.tokens))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -19,6 +19,7 @@ with unsigned codes q in [0, 2^bits):
 Codes are computed from the f16-rounded scales (and mins) so that
 dequantization reproduces what the quantizer intended.
 """
+
 from __future__ import annotations
 
 import struct
@@ -41,7 +42,9 @@ BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); see docs/format.md
+FORMAT_VERSION = (
+    _core.FORMAT_VERSION
+)  # the native store's; 2: symmetric matrices are kind 4 (no mins); see docs/format.md
 ALIGN = 64
 
 
@@ -169,11 +172,13 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool, 
         mins_off = _align(scales_off + scale.nbytes)
         total = mins_off + mins.nbytes
     buf = np.zeros(total, dtype=np.uint8)
-    buf[:32] = np.frombuffer(_header(rows, cols, kind, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8)
-    buf[codes_off:codes_off + packed.nbytes] = packed.reshape(-1)
-    buf[scales_off:scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
+    buf[:32] = np.frombuffer(
+        _header(rows, cols, kind, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8
+    )
+    buf[codes_off : codes_off + packed.nbytes] = packed.reshape(-1)
+    buf[scales_off : scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
     if kind == KIND_Q:
-        buf[mins_off:mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
+        buf[mins_off : mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
     return buf
 
 
@@ -211,14 +216,24 @@ def matrix_header(buf: np.ndarray, offset: int = 0) -> dict:
     if offset + MATRIX_HEADER.size > buf.size:
         raise ValueError(f"buffer too small for a QMatrix header at offset {offset}")
     rows, cols, kind, bits, _zero, gs, codes, scales, mins, total = MATRIX_HEADER.unpack(
-        buf[offset:offset + MATRIX_HEADER.size].tobytes())
+        buf[offset : offset + MATRIX_HEADER.size].tobytes()
+    )
     if kind not in KIND_NAMES:
         raise ValueError(f"unknown QMatrix kind {kind}")
     if offset + total > buf.size:
         raise ValueError(f"QMatrix at offset {offset} claims {total} bytes, buffer has {buf.size - offset}")
-    return {"rows": rows, "cols": cols, "kind": kind, "kind_name": KIND_NAMES[kind], "bits": bits,
-            "group_size": gs, "codes_offset": codes, "scales_offset": scales, "mins_offset": mins,
-            "total_bytes": total}
+    return {
+        "rows": rows,
+        "cols": cols,
+        "kind": kind,
+        "kind_name": KIND_NAMES[kind],
+        "bits": bits,
+        "group_size": gs,
+        "codes_offset": codes,
+        "scales_offset": scales,
+        "mins_offset": mins,
+        "total_bytes": total,
+    }
 
 
 def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
@@ -228,21 +243,21 @@ def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
     rows, cols, kind = h["rows"], h["cols"], h["kind"]
     start = offset + h["codes_offset"]
     if kind == KIND_F32:
-        return buf[start:start + rows * cols * 4].view("<f4").astype(np.float32).reshape(rows, cols)
+        return buf[start : start + rows * cols * 4].view("<f4").astype(np.float32).reshape(rows, cols)
     if kind == KIND_F16:
-        return buf[start:start + rows * cols * 2].view("<f2").astype(np.float32).reshape(rows, cols)
+        return buf[start : start + rows * cols * 2].view("<f2").astype(np.float32).reshape(rows, cols)
     if kind == KIND_BF16:
-        return bf16_bits_to_f32(buf[start:start + rows * cols * 2].view("<u2")).reshape(rows, cols)
+        return bf16_bits_to_f32(buf[start : start + rows * cols * 2].view("<u2")).reshape(rows, cols)
     bits, gs = h["bits"], h["group_size"]
     ngroups = rows * cols // gs
-    packed = buf[start:start + rows * cols // CHUNK * CHUNK_BYTES[bits]]
+    packed = buf[start : start + rows * cols // CHUNK * CHUNK_BYTES[bits]]
     q = unpack_codes(packed, bits, rows, cols).astype(np.float32)
     so, mo = offset + h["scales_offset"], offset + h["mins_offset"]
-    scale = buf[so:so + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
+    scale = buf[so : so + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
     if kind == KIND_QS:
         mins = np.float32(-(1 << (bits - 1))) * scale  # exact: a power of two times an f16
     else:
-        mins = buf[mo:mo + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
+        mins = buf[mo : mo + 2 * ngroups].view("<f2").astype(np.float32).reshape(rows, cols // gs, 1)
     return (q.reshape(rows, cols // gs, gs) * scale + mins).reshape(rows, cols)
 
 
@@ -259,9 +274,9 @@ def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, 
     total = offsets[-1] + mats[-1].size
     blob = np.zeros(total, dtype=np.uint8)
     header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets, *(m.size for m in mats))
-    blob[:len(header)] = np.frombuffer(header, np.uint8)
+    blob[: len(header)] = np.frombuffer(header, np.uint8)
     for off, m in zip(offsets, mats):
-        blob[off:off + m.size] = m
+        blob[off : off + m.size] = m
     return blob
 
 
@@ -289,7 +304,8 @@ def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:
     """The 4096-byte header of experts.bin."""
     h = np.zeros(EXPERTS_HEADER_BYTES, dtype=np.uint8)
-    raw = EXPERTS_MAGIC + struct.pack("<IIIIQQ", FORMAT_VERSION, EXPERTS_HEADER_BYTES, num_layers, num_experts,
-                                      num_blobs, file_bytes)
-    h[:len(raw)] = np.frombuffer(raw, np.uint8)
+    raw = EXPERTS_MAGIC + struct.pack(
+        "<IIIIQQ", FORMAT_VERSION, EXPERTS_HEADER_BYTES, num_layers, num_experts, num_blobs, file_bytes
+    )
+    h[: len(raw)] = np.frombuffer(raw, np.uint8)
     return h

@@ -1,5 +1,6 @@
 """routing.json: a model's routing profile (written by `edgemoe profile`, read by the runtime's
 warm start and table predictor). Its statistics are computed in edgemoe.planning.routing."""
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,21 @@ def save_routing(model_dir: str | Path, doc: dict[str, Any]) -> Path:
 def load_routing(model_dir: str | Path) -> dict[str, Any]:
     path = Path(model_dir) / ROUTING_FILE
     if not path.exists():
-        raise ModelDirectoryError(f"{model_dir} has no {ROUTING_FILE}: profile the model first with "
-                                  f"`edgemoe profile {model_dir} --calib TEXT_FILE`")
+        raise ModelDirectoryError(
+            f"{model_dir} has no {ROUTING_FILE}: profile the model first with "
+            f"`edgemoe profile {model_dir} --calib TEXT_FILE`"
+        )
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelDirectoryError(f"{path} cannot be read ({e}): profile the model again with "
-                                  f"`edgemoe profile {model_dir}`") from None
+        raise ModelDirectoryError(
+            f"{path} cannot be read ({e}): profile the model again with `edgemoe profile {model_dir}`"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != "edgemoe-routing":
         raise ModelDirectoryError(f"{path} is not an edgemoe routing file: profile the model again")
     if doc.get("version", 0) > ROUTING_VERSION:
-        raise ModelDirectoryError(f"{path} is routing version {doc['version']}, this edgemoe reads up to "
-                                  f"{ROUTING_VERSION}: upgrade edgemoe or profile the model again")
+        raise ModelDirectoryError(
+            f"{path} is routing version {doc['version']}, this edgemoe reads up to "
+            f"{ROUTING_VERSION}: upgrade edgemoe or profile the model again"
+        )
     return doc

@@ -22,13 +22,14 @@ Writing (`SafetensorsWriter`) takes tensors whose data is only read when the
 file is written, one chunk at a time, so a backbone larger than RAM can be
 copied from memmapped or lazily read sources.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -36,9 +37,18 @@ from ..errors import CheckpointError
 
 # safetensors dtype -> numpy dtype holding its bits (little-endian)
 NP_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
 # the float dtypes a QMatrix can store as is (docs/format.md float kinds)
@@ -89,23 +99,27 @@ class SafetensorsFile:
         for name, t in header.items():
             dtype, shape, (begin, end) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
             if dtype not in NP_DTYPES:
-                raise CheckpointError(f"tensor {name} in {self.path} has dtype {dtype}, which edgemoe "
-                                      f"cannot read (supported: {', '.join(NP_DTYPES)})")
+                raise CheckpointError(
+                    f"tensor {name} in {self.path} has dtype {dtype}, which edgemoe "
+                    f"cannot read (supported: {', '.join(NP_DTYPES)})"
+                )
             want = int(np.prod(shape, dtype=np.int64)) * NP_DTYPES[dtype].itemsize
             if end - begin != want:
-                raise self._damaged(f"describes tensor {name} {list(shape)} {dtype} with {end - begin} bytes "
-                                    f"instead of {want}")
+                raise self._damaged(
+                    f"describes tensor {name} {list(shape)} {dtype} with {end - begin} bytes instead of {want}"
+                )
             self._info[name] = (dtype, shape, begin, end)
             end_max = max(end_max, end)
         if self.data_start + end_max > size:
-            raise self._damaged(f"is {size} bytes but its header describes {self.data_start + end_max}: "
-                                f"the file is truncated (an interrupted download or copy?); "
-                                f"download or copy it again")
+            raise self._damaged(
+                f"is {size} bytes but its header describes {self.data_start + end_max}: "
+                f"the file is truncated (an interrupted download or copy?); "
+                f"download or copy it again"
+            )
         self._mmap: np.memmap | None = None
 
     def _damaged(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.path} {what}: it is not a valid safetensors file; "
-                               f"download or copy it again")
+        return CheckpointError(f"{self.path} {what}: it is not a valid safetensors file; download or copy it again")
 
     def __contains__(self, name: str) -> bool:
         return name in self._info
@@ -135,7 +149,7 @@ class SafetensorsFile:
             if self.file_bytes == self.data_start:  # no data at all: mmap of length 0 fails
                 return np.zeros(shape, NP_DTYPES[dtype])
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self.data_start + begin:self.data_start + end]
+        raw = self._mmap[self.data_start + begin : self.data_start + end]
         return raw.view(NP_DTYPES[dtype]).reshape(shape)
 
     def read(self, name: str, index: int | None = None) -> np.ndarray:
@@ -161,8 +175,10 @@ class SafetensorsFile:
             while got < out.nbytes:
                 n = f.readinto(mv[got:])
                 if not n:
-                    raise CheckpointError(f"{self.path} ended early while reading at byte {offset + got}: "
-                                          f"the file is truncated; download or copy it again")
+                    raise CheckpointError(
+                        f"{self.path} ended early while reading at byte {offset + got}: "
+                        f"the file is truncated; download or copy it again"
+                    )
                 got += n
 
     def iter_chunks(self, name: str, chunk: int = _COPY_CHUNK):
@@ -174,8 +190,10 @@ class SafetensorsFile:
             while pos < end:
                 buf = f.read(min(chunk, end - pos))
                 if not buf:
-                    raise CheckpointError(f"{self.path} ended early while reading {name}: "
-                                          f"the file is truncated; download or copy it again")
+                    raise CheckpointError(
+                        f"{self.path} ended early while reading {name}: "
+                        f"the file is truncated; download or copy it again"
+                    )
                 pos += len(buf)
                 yield np.frombuffer(buf, dtype=np.uint8)
 
@@ -204,9 +222,11 @@ class TensorRows:
         mv = memoryview(out.reshape(-1).view(np.uint8))
         rb = self.row_bytes
         for i, r in enumerate(ids.tolist()):
-            if os.preadv(self._fd, [mv[i * rb:(i + 1) * rb]], self.offset + r * rb) != rb:
-                raise CheckpointError(f"{self.path} ended early while reading row {r} of {self.name}: "
-                                      f"the file is truncated; convert or copy it again")
+            if os.preadv(self._fd, [mv[i * rb : (i + 1) * rb]], self.offset + r * rb) != rb:
+                raise CheckpointError(
+                    f"{self.path} ended early while reading row {r} of {self.name}: "
+                    f"the file is truncated; convert or copy it again"
+                )
         return out
 
     def close(self) -> None:
@@ -231,7 +251,8 @@ def _bytes_source(array: np.ndarray) -> Callable[[], object]:
     def chunks():
         flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         for i in range(0, flat.size, _COPY_CHUNK):
-            yield flat[i:i + _COPY_CHUNK]
+            yield flat[i : i + _COPY_CHUNK]
+
     return chunks
 
 

@@ -4,6 +4,7 @@ An architecture module holds LAYOUT (a CheckpointLayout: how its checkpoint name
 edgemoe's) and Model (a DecoderLM subclass: its config class, routing and blocks);
 docs/adding-an-architecture.md says how to add one.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,5 +29,6 @@ def get(model_type: str, where: str = "the model") -> ModuleType:
     if name is None:
         raise UnsupportedArchitectureError(
             f"{where} is a {model_type!r} model; edgemoe runs these architectures: {', '.join(SUPPORTED)}. "
-            f"Use a checkpoint of one of them (or add the architecture: docs/adding-an-architecture.md)")
+            f"Use a checkpoint of one of them (or add the architecture: docs/adding-an-architecture.md)"
+        )
     return importlib.import_module(f"{__name__}.{name}")

@@ -5,10 +5,11 @@ softmax top-k routing) run in the native core; the weight groups (Attention, Den
 SharedExpert, MoE, Layer) say what one decoder layer holds. Architecture files combine
 them; edgemoe/models/decoder.py runs them.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -73,7 +74,8 @@ class Rope:
 
     def __init__(self, head_dim: int, theta: float):
         self.inv_freq = np.ascontiguousarray(
-            1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32)
+            1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32
+        )
 
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, heads, head_dim] float32 at positions start..start+T-1, rotated in place."""

@@ -2,6 +2,7 @@
 (docs/format.md): the shared name tables architecture files combine, and the
 `CheckpointLayout` each architecture declares. The converter (edgemoe.converters.hf)
 reads checkpoints through it; nothing here reads a file."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,7 @@ QK_NORM = {"self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": 
 DENSE_MLP = {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up", "mlp.down_proj.weight": "ffn_down"}
 ROUTER = {"mlp.gate.weight": "ffn_router"}
 # model-level tensors
-GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm",
-          "lm_head.weight": "output"}
+GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
 # per-expert projection names -> role
 GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
@@ -45,17 +45,17 @@ class CheckpointLayout:
     (`<moe_block>.experts.gate_up_proj` [E, 2I, H] and `.down_proj` [E, H, I]).
     """
 
-    layer_tensors: dict[str, str]       # HF name after "model.layers.L." -> canonical after "layers.L."
-    expert_roles: dict[str, str]        # per-expert projection name -> gate/up/down
-    intermediate_key: str               # config key of one expert's intermediate size
+    layer_tensors: dict[str, str]  # HF name after "model.layers.L." -> canonical after "layers.L."
+    expert_roles: dict[str, str]  # per-expert projection name -> gate/up/down
+    intermediate_key: str  # config key of one expert's intermediate size
     num_experts_keys: tuple[str, ...] = EXPERT_COUNT_KEYS  # first present wins
-    moe_block: str = "mlp"              # module holding router + experts in HF names
-    sparse_step: bool = False           # honours decoder_sparse_step / mlp_only_layers
+    moe_block: str = "mlp"  # module holding router + experts in HF names
+    sparse_step: bool = False  # honours decoder_sparse_step / mlp_only_layers
     qk_norm: bool = False
     bias_key: tuple[str, bool] | None = None  # config key switching q/k/v biases on, and its default
     # canonical names of the extra backbone tensors an MoE layer of this config has (a shared expert)
     moe_extras: tuple[str, ...] = ()
-    moe_extras_key: str | None = None   # config key whose value > 0 means the extras are there
+    moe_extras_key: str | None = None  # config key whose value > 0 means the extras are there
 
     def attn_tensors(self, config: dict[str, Any]) -> list[str]:
         """Canonical per-layer attention tensors this config requires."""
@@ -75,8 +75,10 @@ class CheckpointLayout:
         for key in self.num_experts_keys:
             if config.get(key) is not None:
                 return int(config[key])
-        raise CheckpointError(f"config.json of this {name} checkpoint has none of "
-                              f"{', '.join(map(repr, self.num_experts_keys))}: download config.json again")
+        raise CheckpointError(
+            f"config.json of this {name} checkpoint has none of "
+            f"{', '.join(map(repr, self.num_experts_keys))}: download config.json again"
+        )
 
     def moe_layers(self, config: dict[str, Any], name: str) -> list[int]:
         n = int(config["num_hidden_layers"])

@@ -6,10 +6,12 @@ routing (`route`), its q/k norm (`qk_norm`), extra weights of its MoE block
 The backbone's matmuls and small dense ops run in the native core (float32), with
 numpy holding the arrays between them; routed experts run through `moe_forward`.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -80,7 +82,7 @@ class DecoderConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
         return cls(**cls.fields_from_dict(d))
 
 
@@ -119,7 +121,7 @@ class DecoderLM:
     # norms or clipping: then one native call runs a whole layer for a decode token (native/layer.h)
     fused_decode: ClassVar[bool] = False
 
-    def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: "_core.ExpertCache", moe_layers: list[int]):
+    def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: _core.ExpertCache, moe_layers: list[int]):
         self.cfg = cfg
         self.cache = cache
         self.moe_layers = set(moe_layers)
@@ -141,12 +143,16 @@ class DecoderLM:
         types = self.cfg.layer_types
         attn = Attention(
             norm=w.vec(p + "attn_norm"),
-            q=w.linear(p + "attn_q", p + "attn_q_bias"), k=w.linear(p + "attn_k", p + "attn_k_bias"),
-            v=w.linear(p + "attn_v", p + "attn_v_bias"), o=w.linear(p + "attn_o", p + "attn_o_bias"),
+            q=w.linear(p + "attn_q", p + "attn_q_bias"),
+            k=w.linear(p + "attn_k", p + "attn_k_bias"),
+            v=w.linear(p + "attn_v", p + "attn_v_bias"),
+            o=w.linear(p + "attn_o", p + "attn_o_bias"),
             q_norm=w.opt_vec(p + "attn_q_norm") if self.qk_norm else None,
             k_norm=w.opt_vec(p + "attn_k_norm") if self.qk_norm else None,
-            qk_norm=self.qk_norm, clip=self.clip_qkv(),
-            window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None)
+            qk_norm=self.qk_norm,
+            clip=self.clip_qkv(),
+            window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None,
+        )
         if i in self.moe_layers:
             return Layer(i, attn, w.vec(p + "ffn_norm"), moe=self.moe_block(w, p))
         mlp = DenseMLP(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"))
@@ -160,18 +166,29 @@ class DecoderLM:
     def clip_qkv(self) -> float | None:
         return None
 
-    def _decode_layer(self, L: Layer) -> "_core.DecodeLayer":
+    def _decode_layer(self, L: Layer) -> _core.DecodeLayer:
         """Layer L as one native decode step (native/layer.h); the architecture vouches, by
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
-        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, \
+        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
+        )
         lins = [a.q, a.k, a.v, a.o, L.moe.router]
         assert all(lin.bias is None for lin in lins), f"layer {L.index} has biases the native decode step lacks"
-        return _core.DecodeLayer(L.index, *[(lin.w, lin.kind) for lin in lins], a.norm, L.ffn_norm,
-                                 self.rope.inv_freq, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                 cfg.head_dim, cfg.num_experts_per_tok, a.window or 0, cfg.rms_norm_eps,
-                                 bool(cfg.norm_topk_prob))
+        return _core.DecodeLayer(
+            L.index,
+            *[(lin.w, lin.kind) for lin in lins],
+            a.norm,
+            L.ffn_norm,
+            self.rope.inv_freq,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.num_experts_per_tok,
+            a.window or 0,
+            cfg.rms_norm_eps,
+            bool(cfg.norm_topk_prob),
+        )
 
     # -- architecture hooks -------------------------------------------------------
     def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

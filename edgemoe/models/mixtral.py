@@ -1,5 +1,6 @@
 """Mixtral: every layer MoE (`block_sparse_moe`), softmax over all experts, top-k, always
 renormalized; experts w1/w3/w2 (gate/up/down). The fused native decode step serves it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ LAYOUT = CheckpointLayout(
 
 class Config(DecoderConfig):
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         return cls(**{**cls.fields_from_dict(d), "norm_topk_prob": True})  # Mixtral always renormalizes
 
 

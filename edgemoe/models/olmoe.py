@@ -1,6 +1,7 @@
 """OLMoE: RMSNorm on the whole q and k projections (before the head split), optional
 clip_qkv and attention biases; softmax -> top-k with norm_topk_prob false by default;
 every layer MoE."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ class Config(DecoderConfig):
     clip_qkv: float | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         fields = cls.fields_from_dict({**d, "norm_topk_prob": d.get("norm_topk_prob", False)})
         clip = d.get("clip_qkv")
         return cls(**fields, clip_qkv=None if clip is None else float(clip))

@@ -1,6 +1,7 @@
 """Qwen2-MoE: q/k/v biases (qkv_bias), softmax -> top-k renormalized only with
 norm_topk_prob, MoE every decoder_sparse_step layers except mlp_only_layers, and a shared
 expert every token runs, scaled by sigmoid(shared_expert_gate x), added to the routed output."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,11 @@ class Model(DecoderLM):
     def moe_block(self, w: Weights, prefix: str) -> MoE:
         shared = None
         if prefix + "ffn_shared_gate" in w:
-            mlp = DenseMLP(w.linear(prefix + "ffn_shared_gate"), w.linear(prefix + "ffn_shared_up"),
-                           w.linear(prefix + "ffn_shared_down"))
+            mlp = DenseMLP(
+                w.linear(prefix + "ffn_shared_gate"),
+                w.linear(prefix + "ffn_shared_up"),
+                w.linear(prefix + "ffn_shared_down"),
+            )
             gate = w.opt_linear(prefix + "ffn_shared_expert_gate") or w.opt_linear(prefix + OLD_SHARED_GATE)
             shared = SharedExpert(mlp, gate)
         return MoE(w.linear(prefix + "ffn_router"), shared)

@@ -1,6 +1,7 @@
 """Qwen3-MoE: RMSNorm on q and k per head (before RoPE), an explicit head_dim, optional
 attention biases; softmax -> top-k renormalized only with norm_topk_prob; MoE every
 decoder_sparse_step layers except mlp_only_layers; no shared expert."""
+
 from __future__ import annotations
 
 import numpy as np

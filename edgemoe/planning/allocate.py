@@ -62,6 +62,7 @@ given. The manifest records the point estimate, both bounds (at the
 per-candidate level), the standard error, both confidence levels and
 promise_tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,8 +71,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -86,14 +88,15 @@ from .importance import IMPORTANCE_FILE, file_digest, load_importance, profile_i
 
 CHOICES = (8, 4, 3, 2)
 ALL_BITS = (16, 8, 4, 3, 2)
-CONFIDENCE = 0.9          # one-sided, of the held-out perplexity increase
-VERIFY_TOKENS = 32768     # held-out calibration tokens a candidate is measured on
+CONFIDENCE = 0.9  # one-sided, of the held-out perplexity increase
+VERIFY_TOKENS = 32768  # held-out calibration tokens a candidate is measured on
 MIN_DOCUMENT_BLOCKS = 10  # fewer held-out documents than this: bootstrap windows instead
 RESAMPLES = 2000
 
 
-def blob_nbytes(hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False,
-                float_dtype: str = "bf16") -> int:
+def blob_nbytes(
+    hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
+) -> int:
     """Exact byte length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes it."""
     shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
     if bits == 16:
@@ -135,13 +138,14 @@ def estimate_loss(doc: dict[str, Any], choices: Sequence[int], measure: str = "k
 @dataclasses.dataclass(frozen=True)
 class Step:
     """Expert e of MoE layer m goes from `src` to `dst` bits."""
+
     m: int
     e: int
     src: int
     dst: int
-    saved: int          # bytes
-    added: float        # estimated nats per token
-    order: tuple        # sort key: loss per byte, then output error per byte, then position
+    saved: int  # bytes
+    added: float  # estimated nats per token
+    order: tuple  # sort key: loss per byte, then output error per byte, then position
 
 
 class Allocation:
@@ -168,8 +172,17 @@ class Allocation:
                         tie = (error[nxt][m, e] - error[cur][m, e]) / (sizes[cur] - sizes[nxt])
                     elif error is not None and nxt in error:
                         tie = error[nxt][m, e] / (sizes[cur] - sizes[nxt])
-                    steps.append(Step(m, e, cur, nxt, sizes[cur] - sizes[nxt], float(loss[nxt][m, e] - loss[cur][m, e]),
-                                      (float(slope[nxt]), float(tie), k, m, e)))
+                    steps.append(
+                        Step(
+                            m,
+                            e,
+                            cur,
+                            nxt,
+                            sizes[cur] - sizes[nxt],
+                            float(loss[nxt][m, e] - loss[cur][m, e]),
+                            (float(slope[nxt]), float(tie), k, m, e),
+                        )
+                    )
                     cur, k = nxt, k + 1
         self.steps = sorted(steps, key=lambda s: s.order)
         # estimated loss of each prefix, counting what the top bitwidth itself costs (0 at 16 bits)
@@ -204,8 +217,15 @@ class Allocation:
         return int(ok[0]) if ok.size else None
 
 
-def allocation_from_importance(doc: dict[str, Any], hidden: int, intermediate: int, choices: Sequence[int] = CHOICES,
-                               group_size: int = 64, symmetric: bool = False, measure: str = "kl") -> Allocation:
+def allocation_from_importance(
+    doc: dict[str, Any],
+    hidden: int,
+    intermediate: int,
+    choices: Sequence[int] = CHOICES,
+    group_size: int = 64,
+    symmetric: bool = False,
+    measure: str = "kl",
+) -> Allocation:
     choices = sorted({int(b) for b in choices}, reverse=True)
     bad = [b for b in choices if b not in ALL_BITS]
     if bad or not choices:
@@ -256,10 +276,11 @@ def parse_tokens(value: str | float | None) -> float | None:
 class HeldOut:
     """The part of the calibration text a candidate is verified on: whole documents after
     the tokens the importance profile saw (from `begin` in the calibration token stream)."""
-    ids: np.ndarray   # token ids [N]
-    doc: np.ndarray   # document index per token [N], 0 for the first held-out one
-    begin: int        # position of ids[0] in the calibration token stream
-    seen: int         # leading calibration tokens the profile used
+
+    ids: np.ndarray  # token ids [N]
+    doc: np.ndarray  # document index per token [N], 0 for the first held-out one
+    begin: int  # position of ids[0] in the calibration token stream
+    seen: int  # leading calibration tokens the profile used
 
 
 def held_out(docs: Sequence[Sequence[int]], seen: int, limit: int | None = None) -> HeldOut:
@@ -271,7 +292,7 @@ def held_out(docs: Sequence[Sequence[int]], seen: int, limit: int | None = None)
     after = np.flatnonzero(starts >= seen)
     begin = int(starts[after[0]]) if after.size else int(seen)
     stream = np.concatenate([np.asarray(d, np.int64) for d in docs]) if len(docs) else np.zeros(0, np.int64)
-    ids = stream[begin:begin + limit] if limit else stream[begin:]
+    ids = stream[begin : begin + limit] if limit else stream[begin:]
     doc = np.searchsorted(starts, np.arange(begin, begin + len(ids)), side="right") - 1
     return HeldOut(ids, doc - (doc[0] if len(doc) else 0), begin, int(seen))
 
@@ -287,8 +308,9 @@ def profiled_tokens(doc: dict[str, Any] | None, calib: str | Path, total: int, m
     return min(c.get("max_tokens") or total, total)
 
 
-def bound_increase(diff: np.ndarray, blocks: np.ndarray, confidence: float = CONFIDENCE,
-                   resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+def bound_increase(
+    diff: np.ndarray, blocks: np.ndarray, confidence: float = CONFIDENCE, resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean per-token NLL increase, its one-sided upper confidence bound and standard error:
     a percentile bootstrap of sum(diff) / tokens that resamples whole blocks (documents or
     windows, one id per token). confidence 0: the bound is the mean."""
@@ -313,8 +335,9 @@ def prediction_bound(point: float, bound: float, held_tokens: int, promise_token
     if not promise_tokens or math.isinf(promise_tokens):
         return bound
     if promise_tokens < 0 or held_tokens <= 0:
-        raise EdgeMoEError(f"promise tokens must be positive (0: the mean), got {promise_tokens} "
-                           f"with {held_tokens} held-out tokens")
+        raise EdgeMoEError(
+            f"promise tokens must be positive (0: the mean), got {promise_tokens} with {held_tokens} held-out tokens"
+        )
     return point + (bound - point) * math.sqrt(1.0 + held_tokens / promise_tokens)
 
 
@@ -328,14 +351,30 @@ def candidate_confidence(confidence: float, tolerance: float | None, max_rounds:
     return 1.0 - (1.0 - confidence) / max_rounds
 
 
-def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = None, tolerance: float | None = None,
-                 expert_bytes: float | None = None, importance: str | Path | None = None,
-                 choices: Sequence[int] = CHOICES, group_size: int = 64, symmetric: bool = False,
-                 backbone_bits: int | None = None, low_bits: int = 2, window: int = 256,
-                 max_tokens: int | None = 8192, max_rounds: int = 6, measure: str = "kl",
-                 confidence: float = CONFIDENCE, verify_tokens: int | None = VERIFY_TOKENS,
-                 promise_tokens: float | None = None, fallback_bits: int | None = None, overwrite: bool = False,
-                 progress: bool = True, log: Any = None) -> dict[str, Any]:
+def convert_auto(
+    src: str | Path,
+    dst: str | Path,
+    calib: str | Path | None = None,
+    tolerance: float | None = None,
+    expert_bytes: float | None = None,
+    importance: str | Path | None = None,
+    choices: Sequence[int] = CHOICES,
+    group_size: int = 64,
+    symmetric: bool = False,
+    backbone_bits: int | None = None,
+    low_bits: int = 2,
+    window: int = 256,
+    max_tokens: int | None = 8192,
+    max_rounds: int = 6,
+    measure: str = "kl",
+    confidence: float = CONFIDENCE,
+    verify_tokens: int | None = VERIFY_TOKENS,
+    promise_tokens: float | None = None,
+    fallback_bits: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Any = None,
+) -> dict[str, Any]:
     """Convert `src` with a bitwidth per expert chosen from its importance; returns the manifest.
 
     tolerance: allowed perplexity increase over the 16-bit model (0.02 = 2%) on a text of
@@ -349,6 +388,7 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     verify_tokens: held-out tokens a candidate is measured on (None: all that are left).
     fallback_bits: also write low-bit fallback copies of the chosen model (converters.convert.add_fallback).
     """
+
     def say(msg: str) -> None:
         if log is not None:
             print(msg, file=log, flush=True)
@@ -358,8 +398,9 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     if max_rounds < 1:
         raise EdgeMoEError(f"max_rounds (--max-rounds) must be at least 1, got {max_rounds}")
     if promise_tokens is not None and not promise_tokens >= 0:
-        raise EdgeMoEError(f"promise tokens must be a token count (0 or inf: the mean over unlimited text), "
-                           f"got {promise_tokens}")
+        raise EdgeMoEError(
+            f"promise tokens must be a token count (0 or inf: the mean over unlimited text), got {promise_tokens}"
+        )
     if (tolerance is None) == (expert_bytes is None):
         raise EdgeMoEError("--bits auto needs exactly one target: --tolerance (e.g. 2%) or --expert-bytes (e.g. 35%)")
     src, dst = Path(src), Path(dst)
@@ -368,14 +409,20 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
     plan = plan_conversion(Checkpoint(src))
     doc = load_importance(importance) if importance is not None else None
     if calib is None and (doc is None or tolerance is not None):
-        raise EdgeMoEError("--bits auto needs calibration text: pass --calib FILE" +
-                           ("" if doc is None else " (the tolerance is verified by measuring perplexity on it)"))
+        raise EdgeMoEError(
+            "--bits auto needs calibration text: pass --calib FILE"
+            + ("" if doc is None else " (the tolerance is verified by measuring perplexity on it)")
+        )
     if doc is not None and (doc["moe_layers"] != list(plan.moe_layers) or doc["num_experts"] != plan.num_experts):
-        raise EdgeMoEError(f"{importance} profiles MoE layers {doc['moe_layers']} x {doc['num_experts']} experts, but "
-                           f"{src} has {list(plan.moe_layers)} x {plan.num_experts}: profile this checkpoint instead")
+        raise EdgeMoEError(
+            f"{importance} profiles MoE layers {doc['moe_layers']} x {doc['num_experts']} experts, but "
+            f"{src} has {list(plan.moe_layers)} x {plan.num_experts}: profile this checkpoint instead"
+        )
     if doc is not None and (doc.get("group_size") != group_size or bool(doc.get("symmetric")) != bool(symmetric)):
-        say(f"note: {importance} was measured with group size {doc.get('group_size')}, symmetric "
-            f"{doc.get('symmetric')}; converting with group size {group_size}, symmetric {symmetric}")
+        say(
+            f"note: {importance} was measured with group size {doc.get('group_size')}, symmetric "
+            f"{doc.get('symmetric')}; converting with group size {group_size}, symmetric {symmetric}"
+        )
 
     t0 = time.monotonic()
     work = dst.parent / f".{dst.name}.auto-{os.getpid()}"
@@ -395,13 +442,26 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                 raise EdgeMoEError(
                     f"{calib}: {len(held.ids)} tokens are left to verify on after the {seen} the importance profile "
                     f"sees; profile and check need a window ({window} tokens) each of text the other does not see: "
-                    f"give more calibration text, or profile on fewer tokens (--calib-tokens)")
+                    f"give more calibration text, or profile on fewer tokens (--calib-tokens)"
+                )
             if doc is None:
                 say(f"profiling expert importance on the first {seen} tokens of {calib} ...")
-                doc = profile_importance(ref, calib, low_bits, group_size=group_size, symmetric=symmetric,
-                                         window=window, max_tokens=seen, save=False, model=ref_model, log=log)
-            say(f"verifying on {len(held.ids)} held-out tokens ({int(held.doc[-1]) + 1} documents) of {calib}, "
-                f"from token {held.begin}")
+                doc = profile_importance(
+                    ref,
+                    calib,
+                    low_bits,
+                    group_size=group_size,
+                    symmetric=symmetric,
+                    window=window,
+                    max_tokens=seen,
+                    save=False,
+                    model=ref_model,
+                    log=log,
+                )
+            say(
+                f"verifying on {len(held.ids)} held-out tokens ({int(held.doc[-1]) + 1} documents) of {calib}, "
+                f"from token {held.begin}"
+            )
             ref_tok, pos = token_nlls(ref_model, held.ids, window)
             doc_of = held.doc[pos]
             block_kind = "document" if len(np.unique(doc_of)) >= MIN_DOCUMENT_BLOCKS else "window"
@@ -413,30 +473,48 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
             promise_tokens = None if not promise_tokens or math.isinf(promise_tokens) else int(promise_tokens)
 
         level = candidate_confidence(confidence, tolerance, max_rounds)
-        alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric,
-                                           measure)
+        alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric, measure)
         bytes16 = len(plan.moe_layers) * plan.num_experts * blob_nbytes(plan.hidden, plan.intermediate, 16)
         rounds: list[dict[str, Any]] = []
 
         def candidate(n: int) -> tuple[Path, float | None]:
             d = work / f"candidate-{len(rounds)}"
-            convert(src, d, bits="auto", bits_map=bits_map(alloc, n, plan.moe_layers), group_size=group_size,
-                    symmetric=symmetric, backbone_bits=backbone_bits, progress=False)
+            convert(
+                src,
+                d,
+                bits="auto",
+                bits_map=bits_map(alloc, n, plan.moe_layers),
+                group_size=group_size,
+                symmetric=symmetric,
+                backbone_bits=backbone_bits,
+                progress=False,
+            )
             r = {"steps": n, "expert_bytes": alloc.nbytes(n), "estimated_nll_increase": alloc.loss(n)}
             inc = ""
             if held is not None:
                 nll, _ = token_nlls(load(d), held.ids, window)
                 point, bound, se = bound_increase(nll - ref_tok, blocks, level)
                 pred = prediction_bound(point, bound, len(ref_tok), promise_tokens)
-                r.update(nll=float(nll.mean()), nll_increase=point, nll_increase_bound=bound,
-                         nll_increase_prediction_bound=pred, nll_increase_stderr=se, ppl_increase=math.expm1(point),
-                         ppl_increase_bound=math.expm1(bound), ppl_increase_prediction_bound=math.expm1(pred))
-                inc = (f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({100 * level:.3g}% bound "
-                       f"{100 * r['ppl_increase_bound']:+.2f}% on the mean, "
-                       f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise_tokens)})")
+                r.update(
+                    nll=float(nll.mean()),
+                    nll_increase=point,
+                    nll_increase_bound=bound,
+                    nll_increase_prediction_bound=pred,
+                    nll_increase_stderr=se,
+                    ppl_increase=math.expm1(point),
+                    ppl_increase_bound=math.expm1(bound),
+                    ppl_increase_prediction_bound=math.expm1(pred),
+                )
+                inc = (
+                    f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({100 * level:.3g}% bound "
+                    f"{100 * r['ppl_increase_bound']:+.2f}% on the mean, "
+                    f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise_tokens)})"
+                )
             rounds.append(r)
-            say(f"candidate {len(rounds)}: {n}/{len(alloc)} steps, experts {100 * alloc.nbytes(n) / bytes16:.1f}% of "
-                f"16-bit, estimated {100 * math.expm1(alloc.loss(n)):+.2f}%{inc}")
+            say(
+                f"candidate {len(rounds)}: {n}/{len(alloc)} steps, experts {100 * alloc.nbytes(n) / bytes16:.1f}% of "
+                f"16-bit, estimated {100 * math.expm1(alloc.loss(n)):+.2f}%{inc}"
+            )
             return d, r.get("nll_increase_prediction_bound")
 
         if tolerance is not None:
@@ -470,15 +548,18 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
                     f"text, {100 * level:.3g}% bound {100 * closest['ppl_increase_prediction_bound']:+.2f}% "
                     f"{promised(promise_tokens)}): raise --tolerance, lower --confidence, promise it for longer "
                     f"texts (--promise-tokens), give more calibration text, "
-                    f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)")
+                    f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)"
+                )
             chosen, chosen_round = best
         else:
             target_bytes = int(expert_bytes * bytes16)
             n = alloc.prefix_for_bytes(target_bytes)
             if n is None:
                 low = alloc.nbytes(len(alloc))
-                raise EdgeMoEError(f"even every expert at {min(alloc.choices)} bits takes {100 * low / bytes16:.1f}% "
-                                   f"of the 16-bit expert bytes, above {100 * expert_bytes:g}%: raise --expert-bytes")
+                raise EdgeMoEError(
+                    f"even every expert at {min(alloc.choices)} bits takes {100 * low / bytes16:.1f}% "
+                    f"of the 16-bit expert bytes, above {100 * expert_bytes:g}%: raise --expert-bytes"
+                )
             chosen, _ = candidate(n)
             chosen_round = len(rounds) - 1
 
@@ -489,20 +570,38 @@ def convert_auto(src: str | Path, dst: str | Path, calib: str | Path | None = No
         counts = {str(b): int(c) for b, c in zip(*np.unique(alloc.bits(r["steps"]), return_counts=True))}
         record = {
             "mode": "tolerance" if tolerance is not None else "expert_bytes",
-            "tolerance": tolerance, "expert_bytes": expert_bytes, "choices": alloc.choices, "measure": measure,
-            "low_bits": sorted(int(b) for b in doc["loss_increase"]), "experts_per_bits": counts,
-            "expert_bytes_ratio": r["expert_bytes"] / bytes16, "steps": r["steps"], "total_steps": len(alloc),
+            "tolerance": tolerance,
+            "expert_bytes": expert_bytes,
+            "choices": alloc.choices,
+            "measure": measure,
+            "low_bits": sorted(int(b) for b in doc["loss_increase"]),
+            "experts_per_bits": counts,
+            "expert_bytes_ratio": r["expert_bytes"] / bytes16,
+            "steps": r["steps"],
+            "total_steps": len(alloc),
             "estimated_nll_increase": r["estimated_nll_increase"],
-            "calibration": None if held is None else {
-                "file": str(calib), "window": window, "max_tokens": max_tokens, "profile_tokens": held.seen,
-                "held_out_begin": held.begin, "held_out_tokens": len(ref_tok),
+            "calibration": None
+            if held is None
+            else {
+                "file": str(calib),
+                "window": window,
+                "max_tokens": max_tokens,
+                "profile_tokens": held.seen,
+                "held_out_begin": held.begin,
+                "held_out_tokens": len(ref_tok),
                 "held_out_documents": int(held.doc[-1]) + 1,
-                "blocks": block_kind, "confidence": confidence, "candidate_confidence": level,
-                "max_rounds": max_rounds, "promise_tokens": promise_tokens,
-                "nll_16bit": float(ref_tok.mean()), "nll": r["nll"],
-                "nll_increase_stderr": r["nll_increase_stderr"], "ppl_increase": r["ppl_increase"],
+                "blocks": block_kind,
+                "confidence": confidence,
+                "candidate_confidence": level,
+                "max_rounds": max_rounds,
+                "promise_tokens": promise_tokens,
+                "nll_16bit": float(ref_tok.mean()),
+                "nll": r["nll"],
+                "nll_increase_stderr": r["nll_increase_stderr"],
+                "ppl_increase": r["ppl_increase"],
                 "ppl_increase_bound": r["ppl_increase_bound"],
-                "ppl_increase_prediction_bound": r["ppl_increase_prediction_bound"]},
+                "ppl_increase_prediction_bound": r["ppl_increase_prediction_bound"],
+            },
             "rounds": rounds,
             "importance": IMPORTANCE_FILE,
             "seconds": round(time.monotonic() - t0, 1),
@@ -533,9 +632,11 @@ def format_allocation(manifest: dict[str, Any]) -> str:
         line += f"; held-out calibration perplexity {100 * c['ppl_increase']:+.2f}% vs 16-bit"
         if c.get("ppl_increase_prediction_bound") is not None:
             level = c.get("candidate_confidence", c["confidence"])
-            line += (f" ({c['held_out_tokens']} tokens; {100 * level:.3g}% upper bound "
-                     f"{100 * c['ppl_increase_bound']:+.2f}% on the mean, "
-                     f"{100 * c['ppl_increase_prediction_bound']:+.2f}% {promised(c['promise_tokens'])})")
+            line += (
+                f" ({c['held_out_tokens']} tokens; {100 * level:.3g}% upper bound "
+                f"{100 * c['ppl_increase_bound']:+.2f}% on the mean, "
+                f"{100 * c['ppl_increase_prediction_bound']:+.2f}% {promised(c['promise_tokens'])})"
+            )
     return line + f" ({len(a['rounds'])} candidate(s), {a['seconds']:.0f}s)"
 
 

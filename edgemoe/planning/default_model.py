@@ -1,5 +1,6 @@
 """The default model: a small Mixtral trained by this project (tools/train), shipped
 in the package as an ordinary Hugging Face checkpoint and converted on first use."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,13 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
 
 
-CHECKPOINT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                    "tokenizer_config.json")
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _fingerprint(src: Path) -> str:
@@ -55,14 +61,15 @@ def shipped_text(given: str | os.PathLike[str] | None, model: str | None, name: 
 def default_model_path(bits: int = DEFAULT_BITS, progress: bool = True) -> Path:
     """The converted default model, converting the shipped checkpoint on first use."""
     if not (SHIPPED / "config.json").exists():
-        raise EdgeMoEError(f"this installation carries no default model ({SHIPPED} is missing): "
-                           "name a converted model directory instead")
+        raise EdgeMoEError(
+            f"this installation carries no default model ({SHIPPED} is missing): "
+            "name a converted model directory instead"
+        )
     dst = cache_root() / f"default-{bits}bit-{_fingerprint(SHIPPED)}"
     if not (dst / "manifest.json").exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
         convert(SHIPPED, dst, bits=bits, progress=progress, overwrite=True)
     if not (dst / "routing.json").exists():
         # routing statistics and the prefetch table, traced on the shipped validation text
-        profile_model(dst, SHIPPED / "calib.txt", max_tokens=ROUTING_TOKENS,
-                      log=sys.stderr if progress else None)
+        profile_model(dst, SHIPPED / "calib.txt", max_tokens=ROUTING_TOKENS, log=sys.stderr if progress else None)
     return dst

@@ -10,13 +10,15 @@ whose first token is context only; stride < window re-reads window - stride
 tokens of context and scores only the tokens no earlier window scored
 (transformers' strided perplexity, so both report the same number).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -96,7 +98,7 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def window_nll(logits: np.ndarray, ids: np.ndarray, scored: int) -> np.ndarray:
     """NLL of the last `scored` tokens of a window from its logits [T, vocab] (row t predicts t+1)."""
     T = len(ids)
-    return token_nll(logits[T - 1 - scored:T - 1], ids[T - scored:])
+    return token_nll(logits[T - 1 - scored : T - 1], ids[T - scored :])
 
 
 def token_nlls(model: Model, ids: np.ndarray, window: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +113,14 @@ def token_nlls(model: Model, ids: np.ndarray, window: int = 256) -> tuple[np.nda
     return np.concatenate(nll), np.concatenate(pos)
 
 
-def perplexity(model: Model, text_or_ids: Any, window: int = 256, stride: int | None = None,
-               max_tokens: int | None = None, log: Any = None) -> dict[str, Any]:
+def perplexity(
+    model: Model,
+    text_or_ids: Any,
+    window: int = 256,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
     """Perplexity of `model` on a text (str), a text file (Path) or token ids.
 
     Returns ppl, nll (mean nats per scored token), tokens (scored), tokens_in (fed to
@@ -137,9 +145,20 @@ def perplexity(model: Model, text_or_ids: Any, window: int = 256, stride: int | 
         n_win += 1
         if log is not None and time.monotonic() - last_report > 5:
             last_report = time.monotonic()
-            print(f"  {n_win}/{len(spans)} windows, running ppl {math.exp(total / scored_tokens):.3f}",
-                  file=log, flush=True)
+            print(
+                f"  {n_win}/{len(spans)} windows, running ppl {math.exp(total / scored_tokens):.3f}",
+                file=log,
+                flush=True,
+            )
     nll = total / scored_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored_tokens, "tokens_in": fed, "windows": n_win,
-            "window": window, "stride": stride or window, "seconds": seconds,
-            "tokens_per_s": fed / seconds if seconds > 0 else 0.0}
+    return {
+        "ppl": math.exp(nll),
+        "nll": nll,
+        "tokens": scored_tokens,
+        "tokens_in": fed,
+        "windows": n_win,
+        "window": window,
+        "stride": stride or window,
+        "seconds": seconds,
+        "tokens_per_s": fed / seconds if seconds > 0 else 0.0,
+    }

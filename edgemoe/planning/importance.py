@@ -20,14 +20,16 @@ routed inputs x and gate weights w:
                 edgemoe.allocate estimates the loss at unmeasured bitwidths from
                 the measured one scaled by this error.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +56,7 @@ def requantize(blob: np.ndarray, bits: int, group_size: int = 64, symmetric: boo
 def window_logits(logits: np.ndarray, scored: int) -> np.ndarray:
     """The rows of a window's logits [T, vocab] that predict its last `scored` tokens."""
     T = logits.shape[0]
-    return logits[T - 1 - scored:T - 1]
+    return logits[T - 1 - scored : T - 1]
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -68,6 +70,7 @@ def file_digest(path: str | Path) -> str:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     """Spearman rank correlation (average ranks for ties); None when either side is constant."""
+
     def ranks(x: np.ndarray) -> np.ndarray:
         order = np.argsort(x, kind="stable")
         r = np.empty(len(x), np.float64)
@@ -102,6 +105,7 @@ class _LayerCapture:
 
 def _swap_expert(inner: Callable, layer: int, expert: int, blob: np.ndarray) -> Callable:
     """A DecoderLM.moe_override in which `expert` of `layer` computes with `blob`."""
+
     def moe(lyr: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         if lyr != layer:
             return inner(lyr, x, ids, weights)
@@ -113,6 +117,7 @@ def _swap_expert(inner: Callable, layer: int, expert: int, blob: np.ndarray) -> 
         w = (weights * sel).sum(axis=1)[rows, None].astype(np.float32)  # [R, 1]
         out[rows] += w * _core.expert_forward(np.ascontiguousarray(x[rows]), blob)
         return out
+
     return moe
 
 
@@ -131,16 +136,25 @@ def _expert_inputs(cap: _LayerCapture, expert: int) -> tuple[np.ndarray, np.ndar
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ws).astype(np.float32), touched
 
 
-def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int | Sequence[int] = 2,
-                       group_size: int = 64, symmetric: bool = False, window: int = 256,
-                       max_tokens: int | None = 8192, save: bool = True, model: Model | None = None,
-                       log: Any = None) -> dict[str, Any]:
+def profile_importance(
+    model_dir: str | Path,
+    calib: str | Path,
+    low_bits: int | Sequence[int] = 2,
+    group_size: int = 64,
+    symmetric: bool = False,
+    window: int = 256,
+    max_tokens: int | None = 8192,
+    save: bool = True,
+    model: Model | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
     """Measure every expert's importance on a calibration text and write importance.json.
 
     low_bits: the bitwidth one expert at a time drops to (EdgeMoE: 2), or several
     (each measured separately; costs one run per bitwidth). max_tokens: calibration
     tokens (the first that many of the file; None: all). Returns the document.
     """
+
     def say(msg: str) -> None:
         if log is not None:
             print(msg, file=log, flush=True)
@@ -154,12 +168,16 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
     ex = m.manifest["experts"]
     moe_layers, E = list(ex["moe_layers"]), int(ex["num_experts"])
     if ex["hidden_size"] % group_size or ex["intermediate_size"] % group_size:
-        raise EdgeMoEError(f"hidden size {ex['hidden_size']} and expert intermediate size {ex['intermediate_size']} "
-                           f"must be multiples of the group size {group_size}: pick another --group-size")
+        raise EdgeMoEError(
+            f"hidden size {ex['hidden_size']} and expert intermediate size {ex['intermediate_size']} "
+            f"must be multiples of the group size {group_size}: pick another --group-size"
+        )
     stored = m.expert_bits[moe_layers]
     if stored.min() <= min(levels):
-        say(f"warning: some experts are stored at {int(stored.min())} bits, not above the {min(levels)}-bit probe; "
-            "profile a 16-bit conversion instead")
+        say(
+            f"warning: some experts are stored at {int(stored.min())} bits, not above the {min(levels)}-bit probe; "
+            "profile a 16-bit conversion instead"
+        )
 
     ids = token_ids(m, Path(calib), max_tokens)
     spans = list(windows(len(ids), window))
@@ -211,7 +229,7 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
                 out_norm[mi, e] = (w * np.linalg.norm(f, axis=1)).sum() / total_tokens
                 for b in ERROR_BITS:
                     d = _core.expert_forward(x, requantize(blob, b, group_size, symmetric)) - f
-                    out_err[b][mi, e] = float((w ** 2 * (d * d).sum(axis=1)).sum()) / total_tokens
+                    out_err[b][mi, e] = float((w**2 * (d * d).sum(axis=1)).sum()) / total_tokens
                 for b in levels:
                     net.moe_override = _swap_expert(inner, layer, e, requantize(blob, b, group_size, symmetric))
                     per_window = {}
@@ -255,8 +273,10 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
         corr[f"output_error_{b}"] = spearman(out_err[b], key)
     nll = float(base_nll.sum() / n_tok)
     # the same measurement on even vs odd windows: how far the ranking is from noise
-    reliability = {"loss_increase": spearman(*halves["loss"][levels[0]]) if W > 1 else None,
-                   "kl": spearman(*halves["kl"][levels[0]]) if W > 1 else None}
+    reliability = {
+        "loss_increase": spearman(*halves["loss"][levels[0]]) if W > 1 else None,
+        "kl": spearman(*halves["kl"][levels[0]]) if W > 1 else None,
+    }
     doc = {
         "format": "edgemoe-importance",
         "version": IMPORTANCE_VERSION,
@@ -265,10 +285,19 @@ def profile_importance(model_dir: str | Path, calib: str | Path, low_bits: int |
         "moe_layers": moe_layers,
         "group_size": group_size,
         "symmetric": bool(symmetric),
-        "reference": {"expert_bits": sorted({int(b) for b in stored.ravel()}),
-                      "backbone_bits": int(m.manifest["backbone"].get("bits", 16))},
-        "calibration": {"file": str(calib), "sha256": file_digest(calib), "window": window,
-                        "max_tokens": max_tokens, "tokens": n_tok, "nll": nll, "ppl": math.exp(nll)},
+        "reference": {
+            "expert_bits": sorted({int(b) for b in stored.ravel()}),
+            "backbone_bits": int(m.manifest["backbone"].get("bits", 16)),
+        },
+        "calibration": {
+            "file": str(calib),
+            "sha256": file_digest(calib),
+            "window": window,
+            "max_tokens": max_tokens,
+            "tokens": n_tok,
+            "nll": nll,
+            "ppl": math.exp(nll),
+        },
         "loss_increase": {str(b): loss[b].tolist() for b in levels},
         "loss_increase_stderr": {str(b): tables["stderr"][b].tolist() for b in levels},
         "kl": {str(b): tables["kl"][b].tolist() for b in levels},
@@ -300,15 +329,18 @@ def load_importance(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise EdgeMoEError(f"no importance profile at {p}: run `edgemoe profile MODEL --importance --calib FILE`") \
-            from None
+        raise EdgeMoEError(
+            f"no importance profile at {p}: run `edgemoe profile MODEL --importance --calib FILE`"
+        ) from None
     except (OSError, ValueError) as e:
         raise ModelDirectoryError(f"{p} cannot be read ({e}): profile the model again") from None
     if doc.get("format") != "edgemoe-importance":
-        raise ModelDirectoryError(f"{p} is not an importance profile (no \"format\": \"edgemoe-importance\")")
+        raise ModelDirectoryError(f'{p} is not an importance profile (no "format": "edgemoe-importance")')
     if int(doc.get("version", 0)) > IMPORTANCE_VERSION:
-        raise ModelDirectoryError(f"{p} has importance version {doc['version']}; this edgemoe reads version "
-                                  f"{IMPORTANCE_VERSION} at most: upgrade edgemoe")
+        raise ModelDirectoryError(
+            f"{p} has importance version {doc['version']}; this edgemoe reads version "
+            f"{IMPORTANCE_VERSION} at most: upgrade edgemoe"
+        )
     return doc
 
 
@@ -317,8 +349,10 @@ def format_report(doc: dict[str, Any], top: int = 4) -> str:
     levels = sorted(doc["loss_increase"], key=int)
     key = np.asarray(doc["loss_increase"][levels[0]])
     c = doc["calibration"]
-    lines = [f"{c['tokens']} calibration tokens (ppl {c['ppl']:.3f}); loss increase per token when one expert alone "
-             f"drops to {levels[0]} bits (x1e-3 nats), {doc['seconds']:.0f}s"]
+    lines = [
+        f"{c['tokens']} calibration tokens (ppl {c['ppl']:.3f}); loss increase per token when one expert alone "
+        f"drops to {levels[0]} bits (x1e-3 nats), {doc['seconds']:.0f}s"
+    ]
     lines.append(f"{'moe':>3} {'layer':>5} {'sum':>8} {'max':>7} {'min':>7}  most important")
     for mi, layer in enumerate(doc["moe_layers"]):
         row = key[mi]
@@ -327,6 +361,8 @@ def format_report(doc: dict[str, Any], top: int = 4) -> str:
         lines.append(f"{mi:>3} {layer:>5} {1e3 * row.sum():8.2f} {1e3 * row.max():7.2f} {1e3 * row.min():7.2f}  {best}")
     se = np.asarray(doc["loss_increase_stderr"][levels[0]])
     lines.append(f"total {1e3 * key.sum():.2f}e-3 nats; median standard error per expert {1e3 * np.median(se):.3f}e-3")
-    lines.append("rank correlation with the measured increase: " + ", ".join(
-        f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in doc["rank_correlation"].items()))
+    lines.append(
+        "rank correlation with the measured increase: "
+        + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in doc["rank_correlation"].items())
+    )
     return "\n".join(lines)

@@ -1,10 +1,12 @@
 """Prefetch predictors offline: fitting the gate look-ahead on calibration text, scoring
 every predictor on a held-out trace (recall, bytes read per byte needed), and timing how
 early each look-ahead point is known in decode."""
+
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +39,10 @@ class LookaheadFitter(RouteObserver):
         m = self.pos[layer]
         if m > 0:
             L = self.net.layers[layer]
-            x = np.ascontiguousarray(resid / np.sqrt(np.mean(resid * resid, -1, keepdims=True)
-                                                     + self.net.cfg.rms_norm_eps) * L.ffn_norm, np.float32)
+            x = np.ascontiguousarray(
+                resid / np.sqrt(np.mean(resid * resid, -1, keepdims=True) + self.net.cfg.rms_norm_eps) * L.ffn_norm,
+                np.float32,
+            )
             z = L.moe.router(x).astype(np.float64)  # the logits this layer's router gave
             for p in LOOKAHEAD_POINTS:
                 f = self.pending[p].pop(m - 1, None)
@@ -108,11 +112,18 @@ def _score(p: np.ndarray, actual: np.ndarray, sizes: np.ndarray, cap: float, k: 
     cum_bytes = np.cumsum(sizes[order], axis=1)
     fetched = cum_bytes <= cap  # the operating point: a byte budget per token
     needed_bytes = float(sizes[actual.astype(np.int64)].sum())
-    out = {"tokens": T, "needed": T * k, "needed_bytes": needed_bytes,
-           "hits_k": int(hit_sorted[:, :k].sum()), "hits_2k": int(hit_sorted[:, :2 * k].sum()),
-           "bytes_k": float(cum_bytes[:, k - 1].sum()), "bytes_2k": float(cum_bytes[:, min(2 * k, E) - 1].sum()),
-           "hits_op": int((hit_sorted & fetched).sum()), "bytes_op": float((sizes[order] * fetched).sum()),
-           "fetched_op": int(fetched.sum())}
+    out = {
+        "tokens": T,
+        "needed": T * k,
+        "needed_bytes": needed_bytes,
+        "hits_k": int(hit_sorted[:, :k].sum()),
+        "hits_2k": int(hit_sorted[:, : 2 * k].sum()),
+        "bytes_k": float(cum_bytes[:, k - 1].sum()),
+        "bytes_2k": float(cum_bytes[:, min(2 * k, E) - 1].sum()),
+        "hits_op": int((hit_sorted & fetched).sum()),
+        "bytes_op": float((sizes[order] * fetched).sum()),
+        "fetched_op": int(fetched.sum()),
+    }
     for c in range(1, min(2 * k, E) + 1):  # recall and bytes if we always read the c likeliest
         out[f"hits@{c}"] = int(hit_sorted[:, :c].sum())
         out[f"bytes@{c}"] = float(cum_bytes[:, c - 1].sum())
@@ -121,16 +132,28 @@ def _score(p: np.ndarray, actual: np.ndarray, sizes: np.ndarray, cap: float, k: 
 
 def _summarize(c: dict[str, float], k: int, ratio: float) -> dict[str, Any]:
     n, nb = max(1, c["needed"]), max(1.0, c["needed_bytes"])
-    return {"recall_k": c["hits_k"] / n, "recall_2k": c["hits_2k"] / n,
-            "bytes_ratio_k": c["bytes_k"] / nb, "bytes_ratio_2k": c["bytes_2k"] / nb,
-            "operating_point": {"ratio_cap": ratio, "recall": c["hits_op"] / n, "bytes_ratio": c["bytes_op"] / nb,
-                                "precision": c["hits_op"] / max(1, c["fetched_op"])},
-            "curve": [{"read": int(key[5:]), "recall": c[key] / n, "bytes_ratio": c["bytes@" + key[5:]] / nb}
-                      for key in c if key.startswith("hits@")]}
+    return {
+        "recall_k": c["hits_k"] / n,
+        "recall_2k": c["hits_2k"] / n,
+        "bytes_ratio_k": c["bytes_k"] / nb,
+        "bytes_ratio_2k": c["bytes_2k"] / nb,
+        "operating_point": {
+            "ratio_cap": ratio,
+            "recall": c["hits_op"] / n,
+            "bytes_ratio": c["bytes_op"] / nb,
+            "precision": c["hits_op"] / max(1, c["fetched_op"]),
+        },
+        "curve": [
+            {"read": int(key[5:]), "recall": c[key] / n, "bytes_ratio": c["bytes@" + key[5:]] / nb}
+            for key in c
+            if key.startswith("hits@")
+        ],
+    }
 
 
-def evaluate(predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio: float = DEFAULT_RATIO,
-             first: int = 1) -> dict[str, Any]:
+def evaluate(
+    predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio: float = DEFAULT_RATIO, first: int = 1
+) -> dict[str, Any]:
     """Next-layer recall of a predictor on a (held-out) trace, per MoE layer and overall.
 
     recall_k / recall_2k: share of the experts layer l+1 used that were among the k / 2k
@@ -148,11 +171,14 @@ def evaluate(predictor: Predictor, trace: RoutingTrace, sizes: np.ndarray, ratio
     return {"name": predictor.name, "layers": per, "overall": _summarize(total, k, ratio) if total else {}}
 
 
-def evaluate_all(table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray,
-                 ratio: float = DEFAULT_RATIO) -> dict[str, Any]:
+def evaluate_all(
+    table: TransitionTable, trace: RoutingTrace, sizes: np.ndarray, ratio: float = DEFAULT_RATIO
+) -> dict[str, Any]:
     """Table (order 1 and 2) and every look-ahead the trace recorded."""
-    out = {"table_l": evaluate(TablePredictor(table, order=1), trace, sizes, ratio),
-           "table": evaluate(TablePredictor(table, order=2), trace, sizes, ratio)}
+    out = {
+        "table_l": evaluate(TablePredictor(table, order=1), trace, sizes, ratio),
+        "table": evaluate(TablePredictor(table, order=2), trace, sizes, ratio),
+    }
     out["table_l"]["name"] = "table_l"
     for key in trace.lookahead:
         p = RecordedPredictor(trace.top_k, key)
@@ -191,5 +217,7 @@ def lead_times(model: Model, prompt: Sequence[int], new_tokens: int = 16) -> dic
         model.generate(list(prompt), max_new_tokens=new_tokens + 1)
     finally:
         model.net.observer = inner
-    return {p: [float(np.median(g[1:])) if len(g) > 1 else None for g in gaps]  # g[0]: the prefill pass
-            for p, gaps in clock.gaps.items()}
+    return {
+        p: [float(np.median(g[1:])) if len(g) > 1 else None for g in gaps]  # g[0]: the prefill pass
+        for p, gaps in clock.gaps.items()
+    }

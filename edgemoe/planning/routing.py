@@ -6,12 +6,14 @@ from the experts of layers l-1 and l (EdgeMoE's table, kept in routing.json).
     trace = collect_trace(m, "calib.txt", window=256, max_tokens=50_000)   # RoutingTrace
     profile_model("model-dir", "calib.txt", eval_file="val.txt")          # writes model-dir/routing.json
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +58,15 @@ def read_token_stream(model: Model, path: str | Path, max_tokens: int | None = N
     return np.asarray(out[:max_tokens] if max_tokens else out, np.int64)
 
 
-def collect_trace(model: Model, path: str | Path, window: int = 256, max_tokens: int | None = None,
-                  lookahead: bool = True, seed: int = 0, fits: dict[str, Any] | None = None) -> RoutingTrace:
+def collect_trace(
+    model: Model,
+    path: str | Path,
+    window: int = 256,
+    max_tokens: int | None = None,
+    lookahead: bool = True,
+    seed: int = 0,
+    fits: dict[str, Any] | None = None,
+) -> RoutingTrace:
     """Routing trace of a text file: prefill windows of `window` tokens (KV cache reset per window)."""
     ids = read_token_stream(model, path, max_tokens, seed)
     return trace_routing(model, ids, window=window, lookahead=lookahead, fits=fits)
@@ -81,9 +90,14 @@ def usage_stats(counts: np.ndarray) -> list[dict[str, float]]:
     for c in counts:
         p = c / max(1, c.sum())
         nz = p[p > 0]
-        out.append({"entropy": float(-(nz * np.log(nz)).sum() / math.log(E)) if E > 1 else 1.0,
-                    "top_quarter_share": float(np.sort(p)[::-1][:q].sum()),
-                    "max_share": float(p.max()), "min_share": float(p.min())})
+        out.append(
+            {
+                "entropy": float(-(nz * np.log(nz)).sum() / math.log(E)) if E > 1 else 1.0,
+                "top_quarter_share": float(np.sort(p)[::-1][:q].sum()),
+                "max_share": float(p.max()),
+                "min_share": float(p.min()),
+            }
+        )
     return out
 
 
@@ -100,12 +114,10 @@ def path_coverage(trace: RoutingTrace, fraction: float = 0.2) -> list[float | No
             out.append(None)
             continue
         keys = (x[:, n - 2, :, None, None] * E + x[:, n - 1, None, :, None]) * E + x[:, n, None, None, :]
-        c = np.sort(np.bincount(keys.ravel(), minlength=E ** 3))[::-1]
-        top = max(1, int(round(fraction * E ** 3)))
+        c = np.sort(np.bincount(keys.ravel(), minlength=E**3))[::-1]
+        top = max(1, int(round(fraction * E**3)))
         out.append(float(c[:top].sum() / max(1, c.sum())))
     return out
-
-
 
 
 def fit_table(trace: RoutingTrace, smoothing: float | None = None) -> TransitionTable:
@@ -121,13 +133,18 @@ def fit_table(trace: RoutingTrace, smoothing: float | None = None) -> Transition
         c1[n] = np.bincount(keys.ravel(), minlength=E * E).reshape(E, E)
         if n >= 2:
             keys = (x[:, n - 2, :, None, None] * E + x[:, n - 1, None, :, None]) * E + x[:, n, None, None, :]
-            c2[n] = np.bincount(keys.ravel(), minlength=E ** 3).reshape(E, E, E)
+            c2[n] = np.bincount(keys.ravel(), minlength=E**3).reshape(E, E, E)
     return TransitionTable(c0, c1, c2, k, smoothing)
 
 
 # -- routing.json --------------------------------------------------------------------
-def build_routing(calib: RoutingTrace, eval_trace: RoutingTrace | None = None, sizes: np.ndarray | None = None,
-                  source: dict[str, Any] | None = None, ratio: float = 1.5) -> dict[str, Any]:
+def build_routing(
+    calib: RoutingTrace,
+    eval_trace: RoutingTrace | None = None,
+    sizes: np.ndarray | None = None,
+    source: dict[str, Any] | None = None,
+    ratio: float = 1.5,
+) -> dict[str, Any]:
     """The routing.json document: usage and path statistics of the calibration trace, the
     transition table fitted on it, and (with eval_trace) how well each predictor does
     on held-out tokens. sizes [M, E]: bytes per expert (for the prefetched/needed ratio)."""
@@ -136,11 +153,20 @@ def build_routing(calib: RoutingTrace, eval_trace: RoutingTrace | None = None, s
     cov = path_coverage(calib)
     layers = []
     for m, (u, c) in enumerate(zip(usage_stats(counts), cov)):
-        layers.append({"moe_index": m, "layer": calib.moe_layers[m], **{k: round(v, 6) for k, v in u.items()},
-                       "path_coverage_20": None if c is None else round(c, 6)})
+        layers.append(
+            {
+                "moe_index": m,
+                "layer": calib.moe_layers[m],
+                **{k: round(v, 6) for k, v in u.items()},
+                "path_coverage_20": None if c is None else round(c, 6),
+            }
+        )
     doc: dict[str, Any] = {
-        "format": "edgemoe-routing", "version": ROUTING_VERSION,
-        "num_experts": calib.num_experts, "top_k": calib.top_k, "moe_layers": list(calib.moe_layers),
+        "format": "edgemoe-routing",
+        "version": ROUTING_VERSION,
+        "num_experts": calib.num_experts,
+        "top_k": calib.top_k,
+        "moe_layers": list(calib.moe_layers),
         "calibration": {"tokens": calib.tokens, **(source or {})},
         "usage": counts.tolist(),
         "layers": layers,
@@ -149,19 +175,32 @@ def build_routing(calib: RoutingTrace, eval_trace: RoutingTrace | None = None, s
     if eval_trace is not None:
         if sizes is None:
             sizes = np.ones((len(calib.moe_layers), calib.num_experts))
-        doc["evaluation"] = {"tokens": eval_trace.tokens,
-                             "predictors": predictors.evaluate_all(table, eval_trace, sizes, ratio=ratio)}
+        doc["evaluation"] = {
+            "tokens": eval_trace.tokens,
+            "predictors": predictors.evaluate_all(table, eval_trace, sizes, ratio=ratio),
+        }
     return doc
 
 
-def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str | Path | None = None,
-                  window: int = 256, max_tokens: int | None = 50_000, eval_max_tokens: int | None = 20_000,
-                  save: bool = True, traces_dir: str | Path | None = None, ratio: float = 1.5,
-                  fit: bool = True, model: Model | None = None, log: Any = None) -> dict[str, Any]:
+def profile_model(
+    model_dir: str | Path,
+    text_file: str | Path,
+    eval_file: str | Path | None = None,
+    window: int = 256,
+    max_tokens: int | None = 50_000,
+    eval_max_tokens: int | None = 20_000,
+    save: bool = True,
+    traces_dir: str | Path | None = None,
+    ratio: float = 1.5,
+    fit: bool = True,
+    model: Model | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
     """Trace the model on a calibration text, fit the look-ahead maps on it, score every
     predictor on held-out text, and write routing.json (and routing.safetensors with the
     fitted look-ahead) into the model directory. Without eval_file the last 20% of the
     calibration tokens are held out (and left out of the table and the fit)."""
+
     def say(msg: str) -> None:
         if log:
             print(msg, file=log, flush=True)
@@ -200,8 +239,14 @@ def profile_model(model_dir: str | Path, text_file: str | Path, eval_file: str |
 
 
 # -- report --------------------------------------------------------------------------
-SHORT_NAMES = {"table_l": "table(l)", "table": "table", "lookahead_moe_in": "la:moe_in",
-               "lookahead_layer_out": "la:out", "fitted_moe_in": "fit:moe_in", "fitted_layer_out": "fit:out"}
+SHORT_NAMES = {
+    "table_l": "table(l)",
+    "table": "table",
+    "lookahead_moe_in": "la:moe_in",
+    "lookahead_layer_out": "la:out",
+    "fitted_moe_in": "fit:moe_in",
+    "fitted_layer_out": "fit:out",
+}
 
 
 def format_report(doc: dict[str, Any]) -> str:
@@ -210,8 +255,10 @@ def format_report(doc: dict[str, Any]) -> str:
     ev = doc.get("evaluation", {}).get("predictors", {})
     names = [n for n in SHORT_NAMES if n in ev]
     ratio = ev[names[0]]["overall"]["operating_point"]["ratio_cap"] if names else 1.5
-    lines = [f"{doc['calibration']['tokens']} calibration tokens, {E} experts, top-{k}"
-             + (f"; predictors scored on {doc['evaluation']['tokens']} held-out tokens" if ev else "")]
+    lines = [
+        f"{doc['calibration']['tokens']} calibration tokens, {E} experts, top-{k}"
+        + (f"; predictors scored on {doc['evaluation']['tokens']} held-out tokens" if ev else "")
+    ]
     if names:
         lines.append(f"next-layer recall when reading the likeliest experts within {ratio:g}x the bytes a token needs:")
     head = f"{'moe':>3} {'layer':>5} {'entropy':>7} {'top25%':>6} {'paths20%':>8}"
@@ -228,19 +275,24 @@ def format_report(doc: dict[str, Any]) -> str:
         lines.append(row)
     if names:
         lines.append("")
-        lines.append("all layers: recall of the k and 2k likeliest, and within the byte budget "
-                     "(bytes read / bytes needed)")
+        lines.append(
+            "all layers: recall of the k and 2k likeliest, and within the byte budget (bytes read / bytes needed)"
+        )
         for n in names:
             o = ev[n]["overall"]
             op = o["operating_point"]
-            lines.append(f"  {SHORT_NAMES[n]:<11} top-{k} {100 * o['recall_k']:5.1f}%  top-{2 * k} "
-                         f"{100 * o['recall_2k']:5.1f}%  budget: {100 * op['recall']:5.1f}% at "
-                         f"{op['bytes_ratio']:.2f}x, precision {100 * op['precision']:.1f}%")
+            lines.append(
+                f"  {SHORT_NAMES[n]:<11} top-{k} {100 * o['recall_k']:5.1f}%  top-{2 * k} "
+                f"{100 * o['recall_2k']:5.1f}%  budget: {100 * op['recall']:5.1f}% at "
+                f"{op['bytes_ratio']:.2f}x, precision {100 * op['precision']:.1f}%"
+            )
     lead = doc.get("evaluation", {}).get("lead_time_seconds")
     if lead:
         lines.append("")
-        lines.append("decode time from when a guess for layer l+1 can be issued to layer l+1's routing (median, ms; "
-                     "the table issues at moe_in):")
+        lines.append(
+            "decode time from when a guess for layer l+1 can be issued to layer l+1's routing (median, ms; "
+            "the table issues at moe_in):"
+        )
         for p, v in lead.items():
             lines.append(f"  {p:<10} " + " ".join("-" if x is None else f"{1e3 * x:.3f}" for x in v))
     return "\n".join(lines)

@@ -33,10 +33,12 @@ bytes when evicted unused. Timing is not modelled: a prefetch is assumed to land
 before it is needed, so demand_bytes (reads the compute waits for) is the figure
 that prefetch improves.
 """
+
 from __future__ import annotations
 
 import bisect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,9 +77,17 @@ def _next_uses(ex: np.ndarray, M: int, E: int) -> tuple[np.ndarray, list[list[in
     return nxt, uses
 
 
-def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str = "lru",
-             prefetch: Predictor | np.ndarray | None = None, ratio: float = DEFAULT_RATIO, min_prob: float = 0.0,
-             decay: float = EVICTION_DECAY, _next: tuple[np.ndarray, list[list[int]]] | None = None) -> dict[str, Any]:
+def simulate(
+    trace: RoutingTrace,
+    sizes: np.ndarray,
+    budget: float,
+    policy: str = "lru",
+    prefetch: Predictor | np.ndarray | None = None,
+    ratio: float = DEFAULT_RATIO,
+    min_prob: float = 0.0,
+    decay: float = EVICTION_DECAY,
+    _next: tuple[np.ndarray, list[list[int]]] | None = None,
+) -> dict[str, Any]:
     """Replay `trace` through a cache of `budget` bytes. sizes [M, E]: bytes per expert.
     prefetch: a predictor (its trace_probs), or slot probabilities [T, M, E] whose row m
     guesses layer m+1, or None. Returns counts, hit rate and bytes read."""
@@ -88,8 +98,9 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
     E = trace.num_experts
     budget = float(budget)
     if budget < min_budget(sizes, k):
-        raise ValueError(f"a budget of {budget:.0f} bytes cannot hold one layer's {k} largest experts "
-                         f"({min_budget(sizes, k)} bytes)")
+        raise ValueError(
+            f"a budget of {budget:.0f} bytes cannot hold one layer's {k} largest experts ({min_budget(sizes, k)} bytes)"
+        )
     size = sizes.reshape(-1).astype(np.float64)  # by key m*E + e
     layer_of = np.repeat(np.arange(M), E)
     # d + 1 for an expert of layer m' while layer m computes, [M, M*E]
@@ -130,8 +141,17 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
     next_use = np.full(M * E, NEVER, np.int64)
     prefetched = np.zeros(M * E, bool)
     used = 0.0
-    c = {"accesses": 0, "hits": 0, "misses": 0, "demand_bytes": 0.0, "prefetch_bytes": 0.0,
-         "prefetch_reads": 0, "prefetch_hits": 0, "wasted_prefetch_bytes": 0.0, "evictions": 0}
+    c = {
+        "accesses": 0,
+        "hits": 0,
+        "misses": 0,
+        "demand_bytes": 0.0,
+        "prefetch_bytes": 0.0,
+        "prefetch_reads": 0,
+        "prefetch_hits": 0,
+        "wasted_prefetch_bytes": 0.0,
+        "evictions": 0,
+    }
 
     def victim(m: int, pinned: np.ndarray) -> int:
         cand = resident & ~pinned
@@ -174,7 +194,7 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
             group = groups[t, m]
             pinned = np.zeros(M * E, bool)
             pinned[group] = True
-            for j, key in enumerate(group):
+            for _j, key in enumerate(group):
                 c["accesses"] += 1
                 if resident[key]:
                     c["hits"] += 1
@@ -196,7 +216,7 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
                 next_use[group] = nxt[step]
             if probs is not None and m + 1 < M:
                 n = m + 1
-                for e in order[t, m, :count[t, m]]:
+                for e in order[t, m, : count[t, m]]:
                     key = n * E + int(e)
                     pinned[key] = True  # a prefetch never evicts this round's other prefetches
                     if resident[key]:
@@ -226,9 +246,14 @@ def simulate(trace: RoutingTrace, sizes: np.ndarray, budget: float, policy: str 
     return c
 
 
-def run(trace: RoutingTrace, sizes: np.ndarray, fractions: Sequence[float] = BUDGET_FRACTIONS,
-        policies: Sequence[str] = POLICIES, predictors: dict[str, Predictor | None] | None = None,
-        ratio: float = DEFAULT_RATIO) -> list[dict[str, Any]]:
+def run(
+    trace: RoutingTrace,
+    sizes: np.ndarray,
+    fractions: Sequence[float] = BUDGET_FRACTIONS,
+    policies: Sequence[str] = POLICIES,
+    predictors: dict[str, Predictor | None] | None = None,
+    ratio: float = DEFAULT_RATIO,
+) -> list[dict[str, Any]]:
     """Every policy x budget (fractions of all expert bytes) x predictor ("none" = no prefetch)."""
     predictors = predictors or {"none": None}
     T, M, k = trace.experts.shape
@@ -253,10 +278,14 @@ def run(trace: RoutingTrace, sizes: np.ndarray, fractions: Sequence[float] = BUD
 
 
 def format_rows(rows: list[dict[str, Any]], total_bytes: float, tokens: int) -> str:
-    lines = [f"{'budget':>6} {'prefetch':<20} {'policy':<8} {'hit rate':>8} {'read/token':>11} "
-             f"{'waited/token':>12} {'wasted/token':>12}"]
+    lines = [
+        f"{'budget':>6} {'prefetch':<20} {'policy':<8} {'hit rate':>8} {'read/token':>11} "
+        f"{'waited/token':>12} {'wasted/token':>12}"
+    ]
     for r in rows:
-        lines.append(f"{100 * r['fraction']:5.0f}% {r['prefetch']:<20} {r['policy']:<8} {100 * r['hit_rate']:7.1f}% "
-                     f"{r['bytes_read'] / tokens / 1e3:9.1f}KB {r['demand_bytes'] / tokens / 1e3:10.1f}KB "
-                     f"{r['wasted_prefetch_bytes'] / tokens / 1e3:10.1f}KB")
+        lines.append(
+            f"{100 * r['fraction']:5.0f}% {r['prefetch']:<20} {r['policy']:<8} {100 * r['hit_rate']:7.1f}% "
+            f"{r['bytes_read'] / tokens / 1e3:9.1f}KB {r['demand_bytes'] / tokens / 1e3:10.1f}KB "
+            f"{r['wasted_prefetch_bytes'] / tokens / 1e3:10.1f}KB"
+        )
     return "\n".join(lines)

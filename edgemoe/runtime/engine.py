@@ -1,12 +1,14 @@
 """Loading a converted model directory and running it: `load`, `Model`."""
+
 from __future__ import annotations
 
 import os
 import resource
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import psutil
@@ -61,8 +63,13 @@ def warm_start_order(lengths: np.ndarray, usage: np.ndarray | None = None) -> li
 class Model:
     """A converted MoE model: backbone in RAM, experts streamed through the native cache."""
 
-    def __init__(self, path: str | os.PathLike[str], memory_budget: int | str | None = None,
-                 options: StreamOptions | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        memory_budget: int | str | None = None,
+        options: StreamOptions | None = None,
+        threads: int | None = None,
+    ):
         self.path = Path(path)
         self.options = o = options or StreamOptions()
         self.manifest = load_manifest(self.path)
@@ -80,9 +87,11 @@ class Model:
             raise BudgetError(
                 f"memory budget {format_bytes(self.budget)} cannot hold one layer's routed experts: a token needs "
                 f"{ex['top_k']} experts of up to {format_bytes(int(lengths.max()))} each; "
-                f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)")
-        self.store = _core.ExpertStore(str(self.path / ex["file"]), offsets, lengths, crcs,
-                                       direct=o.direct_io, verify=o.verify)
+                f"set the budget to at least {format_bytes(self.min_budget)} ({self.min_budget} bytes)"
+            )
+        self.store = _core.ExpertStore(
+            str(self.path / ex["file"]), offsets, lengths, crcs, direct=o.direct_io, verify=o.verify
+        )
         # a device profile whose storage speed the store emulates (devices/profiles)
         self.device = load_profile(o.device) if o.device else None
         if self.device:
@@ -90,12 +99,14 @@ class Model:
         self.fallback_store = None  # low-bit copies read on a miss for a low gate weight (docs/format.md)
         if o.fallback is not None:
             fb_path, fb_offsets, fb_lengths, fb_crcs, _ = fallback_tables(self.path, self.manifest)
-            self.fallback_store = _core.ExpertStore(str(fb_path), fb_offsets, fb_lengths, fb_crcs,
-                                                    direct=o.direct_io, verify=o.verify)
+            self.fallback_store = _core.ExpertStore(
+                str(fb_path), fb_offsets, fb_lengths, fb_crcs, direct=o.direct_io, verify=o.verify
+            )
             if self.device:  # its own transfer schedule: reads of the two files do not share the emulated channel
                 self.fallback_store.set_throttle(self.device.read_bytes_per_s, self.device.read_latency_s)
-        self.cache = _core.ExpertCache(self.store, self.budget, policy=o.policy, io_threads=o.io_threads,
-                                       fallback=self.fallback_store)
+        self.cache = _core.ExpertCache(
+            self.store, self.budget, policy=o.policy, io_threads=o.io_threads, fallback=self.fallback_store
+        )
         if o.fallback is not None:
             self.set_fallback(o.fallback)
 
@@ -107,16 +118,17 @@ class Model:
         # (embeddings="file"), unless the output head shares it (tied embeddings): for Mixtral
         # that is 262 MB of bf16 that a decode step reads 8 KB of. Unbounded, it is held.
         lazy = {"tok_embeddings"} if embeddings == "file" and "output" in backbone else set()
-        tensors = {name: (TensorRows(backbone, name) if name in lazy else backbone.read(name), backbone.dtype(name))
-                   for name in backbone.names()}
+        tensors = {
+            name: (TensorRows(backbone, name) if name in lazy else backbone.read(name), backbone.dtype(name))
+            for name in backbone.names()
+        }
         self.backbone_bytes = sum(a.nbytes for n, (a, _) in tensors.items() if n not in lazy)
         self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
         self.prefetcher = None  # predictive preloading (edgemoe/runtime/prefetch.py)
         if o.prefetch:
-            self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio,
-                                                min_prob=o.prefetch_min_prob)
+            self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio, min_prob=o.prefetch_min_prob)
 
         self.preloading = self._preload_mode(lengths)  # "all", "warm" or ""
         if self.preloading:
@@ -134,8 +146,10 @@ class Model:
         for every token of the step (prefill: all of them) is read and computed from its low-bit
         copy. 0 turns it off. Needs a model loaded with fallback=True."""
         if self.fallback_store is None and threshold:
-            raise EdgeMoEError(f"{self.path} was loaded without its low-bit copies: load it with "
-                               "fallback=THRESHOLD (e.g. 0.3; 0 opens the copies without using them)")
+            raise EdgeMoEError(
+                f"{self.path} was loaded without its low-bit copies: load it with "
+                "fallback=THRESHOLD (e.g. 0.3; 0 opens the copies without using them)"
+            )
         if not 0 <= threshold <= 1:
             raise ValueError(f"the fallback threshold is a gate weight between 0 and 1, got {threshold}")
         self.cache.fallback_threshold = float(threshold)
@@ -148,8 +162,11 @@ class Model:
         from an empty cache (see warm_start_order). Returns how many reads were queued."""
         _, lengths, _, _ = blob_tables(self.manifest)
         if max_bytes is None:
-            return sum(int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
-                       for layer in range(lengths.shape[0]) if lengths[layer].any())
+            return sum(
+                int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
+                for layer in range(lengths.shape[0])
+                if lengths[layer].any()
+            )
         sizes, queued, used = page_bytes(lengths), 0, 0
         for layer, expert in warm_start_order(lengths, self._routing_usage(lengths.shape)):
             if used + sizes[layer, expert] > max_bytes:
@@ -169,8 +186,11 @@ class Model:
                 raise ValueError(f"its usage is {usage.shape}, the experts file {shape}")
         except (EdgeMoEError, KeyError, TypeError, ValueError) as e:
             # costs the warm start its order, nothing else: say so, and go on
-            warnings.warn(f"the warm start ignores {self.path / ROUTING_FILE} ({e}) and goes round the layers: "
-                          f"profile the model again with `edgemoe profile {self.path}`", stacklevel=3)
+            warnings.warn(
+                f"the warm start ignores {self.path / ROUTING_FILE} ({e}) and goes round the layers: "
+                f"profile the model again with `edgemoe profile {self.path}`",
+                stacklevel=3,
+            )
             return None
         return usage
 
@@ -233,9 +253,16 @@ class Model:
         self.reset()
         return self.net.forward(arr, self.kv, 0, all_logits=True)
 
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stream: bool = False) -> str | list[int] | Iterator[str] | Iterator[int]:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> str | list[int] | Iterator[str] | Iterator[int]:
         """Continue a prompt. Text in -> text out; token ids in -> token ids out.
 
         Greedy at temperature 0. Stops at EOS or after max_new_tokens. With
@@ -270,8 +297,9 @@ class Model:
             self._counters["tokens_generated"] += 1
             pos += 1
 
-    def trace_routing(self, prompt: str | Sequence[int], window: int | None = None,
-                      lookahead: bool = True) -> RoutingTrace:
+    def trace_routing(
+        self, prompt: str | Sequence[int], window: int | None = None, lookahead: bool = True
+    ) -> RoutingTrace:
         """Routing of a prompt: a RoutingTrace whose .experts is [tokens, moe_layers, top_k].
         window: prefill windows of that many tokens, the KV cache reset before each."""
         return trace_routing(self, prompt, window=window, lookahead=lookahead)
@@ -288,12 +316,12 @@ class Model:
             if text.endswith("\ufffd"):
                 continue
             if text.startswith(emitted):
-                piece, emitted = text[len(emitted):], text
+                piece, emitted = text[len(emitted) :], text
                 if piece:
                     yield piece
         text = self.decode(out)
         if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
 
     # -- accounting ------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -333,9 +361,19 @@ class Model:
             "storage_emulation": self.device.name if self.device else None,
             "preload": self.preloading or None,  # "all", "warm" (a warm start) or None
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
-            **({"fallback": {"threshold": self.cache.fallback_threshold, "uses": int(c["fallback_uses"]),
-                             "loads": int(c["fallback_loads"]), "bytes_read": int(c["fallback_bytes"]),
-                             "bytes_saved": int(c["fallback_bytes_saved"])}} if self.fallback_store else {}),
+            **(
+                {
+                    "fallback": {
+                        "threshold": self.cache.fallback_threshold,
+                        "uses": int(c["fallback_uses"]),
+                        "loads": int(c["fallback_loads"]),
+                        "bytes_read": int(c["fallback_bytes"]),
+                        "bytes_saved": int(c["fallback_bytes_saved"]),
+                    }
+                }
+                if self.fallback_store
+                else {}
+            ),
             "layers": layers,
         }
 
@@ -376,8 +414,9 @@ class Model:
         kv = 2 * cfg.num_hidden_layers * kv_cap * cfg.num_key_value_heads * cfg.head_dim * 4
         scores = 2 * cfg.num_attention_heads * T * T * 4  # probabilities and a temporary [heads, T, T]
         moe_scratch = (ex["top_k"] + 2) * T * cfg.hidden_size * 4  # [T, K, H] slot outputs, gathered x, y
-        return int(experts + self.backbone_bytes + entries + per_blob + kv + scores + moe_scratch
-                   + RUNTIME_OVERHEAD_BYTES)
+        return int(
+            experts + self.backbone_bytes + entries + per_blob + kv + scores + moe_scratch + RUNTIME_OVERHEAD_BYTES
+        )
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
@@ -407,8 +446,14 @@ class Model:
         }
 
 
-def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, options: StreamOptions | None = None,
-         *, threads: int | None = None, **stream: Any) -> Model:
+def load(
+    path: str | os.PathLike[str],
+    memory_budget: int | str | None = None,
+    options: StreamOptions | None = None,
+    *,
+    threads: int | None = None,
+    **stream: Any,
+) -> Model:
     """Open a converted model directory.
 
     memory_budget bounds the RAM used for expert weights: bytes, or a string like "1.5GB"
@@ -419,5 +464,6 @@ def load(path: str | os.PathLike[str], memory_budget: int | str | None = None, o
     """
     if not Path(path).exists():
         raise EdgeMoEError(f"no model at {path}: convert a checkpoint first with `edgemoe convert SRC -o {path}`")
-    return Model(path, memory_budget=memory_budget, options=StreamOptions.with_overrides(options, stream),
-                 threads=threads)
+    return Model(
+        path, memory_budget=memory_budget, options=StreamOptions.with_overrides(options, stream), threads=threads
+    )

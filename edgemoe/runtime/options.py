@@ -1,9 +1,10 @@
 """How a model streams its experts: one typed, validated object.
 
-    edgemoe.load(path, memory_budget="300MB")                        # the defaults
-    edgemoe.load(path, memory_budget="300MB", prefetch="lookahead")  # any field as a keyword
-    edgemoe.load(path, options=StreamOptions(policy="structure", fallback=0.3))
+edgemoe.load(path, memory_budget="300MB")                        # the defaults
+edgemoe.load(path, memory_budget="300MB", prefetch="lookahead")  # any field as a keyword
+edgemoe.load(path, options=StreamOptions(policy="structure", fallback=0.3))
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,18 +81,23 @@ class StreamOptions:
         if self.prefetch is not None:
             kind, sep, point = self.prefetch.partition(":")
             if kind not in PREDICTORS or (sep and (kind == "table" or point not in LOOKAHEAD_POINTS)):
-                raise ValueError(f"unknown predictor {self.prefetch!r}: choose one of {', '.join(PREDICTORS)} "
-                                 f"(a look-ahead may end in :moe_in or :layer_out), or None for no prefetch")
+                raise ValueError(
+                    f"unknown predictor {self.prefetch!r}: choose one of {', '.join(PREDICTORS)} "
+                    f"(a look-ahead may end in :moe_in or :layer_out), or None for no prefetch"
+                )
         if not self.prefetch_ratio > 0:
-            raise ValueError(f"prefetch_ratio is a multiple of the bytes a token needs and must be > 0, "
-                             f"got {self.prefetch_ratio}")
+            raise ValueError(
+                f"prefetch_ratio is a multiple of the bytes a token needs and must be > 0, got {self.prefetch_ratio}"
+            )
         if not 0 <= self.prefetch_min_prob <= 1:
             raise ValueError(f"prefetch_min_prob is a probability between 0 and 1, got {self.prefetch_min_prob}")
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 0:
             raise ValueError(f"io_threads must be a whole number >= 0, got {self.io_threads!r}")
         if self.fallback is not None and (isinstance(self.fallback, bool) or not 0 <= self.fallback <= 1):
-            raise ValueError(f"fallback is None or a gate weight between 0 and 1 (e.g. "
-                             f"{DEFAULT_FALLBACK_THRESHOLD}), got {self.fallback!r}")
+            raise ValueError(
+                f"fallback is None or a gate weight between 0 and 1 (e.g. "
+                f"{DEFAULT_FALLBACK_THRESHOLD}), got {self.fallback!r}"
+            )
         if self.device is not None:
             load_profile(self.device)  # a named error listing the profiles
 
@@ -102,6 +108,8 @@ class StreamOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown streaming option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                            f"StreamOptions has {', '.join(sorted(names))}")
+            raise TypeError(
+                f"unknown streaming option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"StreamOptions has {', '.join(sorted(names))}"
+            )
         return dataclasses.replace(options or cls(), **overrides)

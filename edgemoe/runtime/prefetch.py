@@ -18,11 +18,13 @@ runtime/trace.py) for the tokens in flight:
 
 A guess costs bandwidth, never correctness: the real router always decides.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,7 @@ class RouteContext:
     hidden: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def empty(cls, num_moe_layers: int) -> "RouteContext":
+    def empty(cls, num_moe_layers: int) -> RouteContext:
         return cls([None] * num_moe_layers, [None] * num_moe_layers)
 
 
@@ -123,8 +125,14 @@ class TransitionTable:
             self._p0, self._p1, self._p2 = p0, p1, p2
         return self._p0, self._p1, self._p2
 
-    def probs(self, n: int, prev1: np.ndarray | None, prev2: np.ndarray | None = None,
-              w1: np.ndarray | None = None, w2: np.ndarray | None = None) -> np.ndarray:
+    def probs(
+        self,
+        n: int,
+        prev1: np.ndarray | None,
+        prev2: np.ndarray | None = None,
+        w1: np.ndarray | None = None,
+        w2: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Slot probabilities [T, E] of MoE layer n's experts (rows sum to 1).
 
         prev1 [T, k]: experts at n-1; prev2 [T, k]: experts at n-2 (None: first order
@@ -153,12 +161,14 @@ class TransitionTable:
             idx = np.argwhere(c > 0)
             return np.concatenate([idx, c[tuple(idx.T)][:, None]], axis=1).astype(np.int64).tolist()
 
-        return {"smoothing": self.smoothing,
-                "first_order": {str(n): sparse(self.c1[n]) for n in range(1, self.M)},
-                "second_order": {str(n): sparse(self.c2[n]) for n in range(2, self.M)}}
+        return {
+            "smoothing": self.smoothing,
+            "first_order": {str(n): sparse(self.c1[n]) for n in range(1, self.M)},
+            "second_order": {str(n): sparse(self.c2[n]) for n in range(2, self.M)},
+        }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], usage: np.ndarray, top_k: int) -> "TransitionTable":
+    def from_json(cls, d: dict[str, Any], usage: np.ndarray, top_k: int) -> TransitionTable:
         M, E = usage.shape
         c1 = np.zeros((M, E, E), np.int64)
         c2 = np.zeros((M, E, E, E), np.int64)
@@ -186,7 +196,7 @@ class TablePredictor(Predictor):
         self.table, self.order, self.weighted = table, order, weighted
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, **kwargs: Any) -> "TablePredictor":
+    def from_model_dir(cls, path: str | Path, **kwargs: Any) -> TablePredictor:
         return cls(table_from_routing(load_routing(path)), **kwargs)
 
     def _probs(self, n: int, e1: np.ndarray | None, e2: np.ndarray | None, w1: Any, w2: Any) -> np.ndarray:
@@ -255,16 +265,19 @@ def load_fits(model_dir: str | Path, eps: float = 1e-6) -> dict[str, LookaheadFi
     for name, (a, _) in read_safetensors(path).items():
         _, point, n, what = name.split(".")
         found.setdefault(point, {}).setdefault(int(n), {})[what] = np.array(a, np.float32)
-    return {p: LookaheadFit(p, {n: (d["weight"], d["bias"]) for n, d in sorted(layers.items())}, eps)
-            for p, layers in found.items()}
+    return {
+        p: LookaheadFit(p, {n: (d["weight"], d["bias"]) for n, d in sorted(layers.items())}, eps)
+        for p, layers in found.items()
+    }
 
 
 class LookaheadPredictor(Predictor):
     """Gate look-ahead from layer l's hidden state at `point` ("moe_in" or "layer_out"),
     through the router itself or, given `fit`, through the fitted map."""
 
-    def __init__(self, net: Any, moe_layers: Sequence[int], top_k: int, point: str = "moe_in",
-                 fit: LookaheadFit | None = None):
+    def __init__(
+        self, net: Any, moe_layers: Sequence[int], top_k: int, point: str = "moe_in", fit: LookaheadFit | None = None
+    ):
         if point not in LOOKAHEAD_POINTS:
             raise ValueError(f"look-ahead point must be one of {', '.join(LOOKAHEAD_POINTS)}, got {point!r}")
         super().__init__(top_k)
@@ -284,8 +297,9 @@ class LookaheadPredictor(Predictor):
 
     def trace_probs(self, trace: RoutingTrace, m_next: int) -> np.ndarray:
         if self.key not in trace.lookahead:
-            raise EdgeMoEError(f"this trace has no '{self.key}' look-ahead probabilities: record it with "
-                               "lookahead=True (and the fits)")
+            raise EdgeMoEError(
+                f"this trace has no '{self.key}' look-ahead probabilities: record it with lookahead=True (and the fits)"
+            )
         return trace.lookahead[self.key][:, m_next - 1].astype(np.float32)
 
 
@@ -296,8 +310,9 @@ def expert_sizes(model: Any) -> np.ndarray:
 
 
 # -- choosing what to read ------------------------------------------------------------
-def choose(ids: np.ndarray, probs: np.ndarray, sizes: Sequence[float], max_bytes: float,
-           min_prob: float = 0.0) -> list[int]:
+def choose(
+    ids: np.ndarray, probs: np.ndarray, sizes: Sequence[float], max_bytes: float, min_prob: float = 0.0
+) -> list[int]:
     """The longest prefix of ids (most likely first) whose bytes fit in max_bytes,
     dropping experts needed with probability below min_prob. sizes [E] per expert."""
     out: list[int] = []
@@ -331,8 +346,9 @@ class Prefetcher(RouteObserver):
 
     MODES = ("async", "blocking", "off")
 
-    def __init__(self, model: Any, predictor: Predictor, ratio: float = DEFAULT_RATIO,
-                 min_prob: float = 0.0, mode: str = "async"):
+    def __init__(
+        self, model: Any, predictor: Predictor, ratio: float = DEFAULT_RATIO, min_prob: float = 0.0, mode: str = "async"
+    ):
         if mode not in self.MODES:
             raise ValueError(f"prefetch mode must be one of {', '.join(self.MODES)}, got {mode!r}")
         self.cache, self.predictor = model.cache, predictor
@@ -415,15 +431,23 @@ class Prefetcher(RouteObserver):
 
         def summary(sl: Any) -> dict[str, float]:
             _, issued, needed, hits, issued_b, needed_b, hit_b = np.atleast_2d(c[sl]).sum(axis=0)
-            return {"recall": float(hits / needed) if needed else 0.0,
-                    "precision": float(hits / issued) if issued else 0.0,
-                    "bytes_ratio": float(issued_b / needed_b) if needed_b else 0.0,
-                    "issued_bytes": int(issued_b), "wasted_bytes": int(issued_b - hit_b)}
+            return {
+                "recall": float(hits / needed) if needed else 0.0,
+                "precision": float(hits / issued) if issued else 0.0,
+                "bytes_ratio": float(issued_b / needed_b) if needed_b else 0.0,
+                "issued_bytes": int(issued_b),
+                "wasted_bytes": int(issued_b - hit_b),
+            }
 
-        return {"predictor": self.predictor.name, "mode": self.mode, "ratio": self.ratio,
-                **summary(slice(None)),
-                "layers": [{"moe_index": m, "layer": self.moe_layers[m], **summary(m)}
-                           for m in range(1, len(self.moe_layers))]}
+        return {
+            "predictor": self.predictor.name,
+            "mode": self.mode,
+            "ratio": self.ratio,
+            **summary(slice(None)),
+            "layers": [
+                {"moe_index": m, "layer": self.moe_layers[m], **summary(m)} for m in range(1, len(self.moe_layers))
+            ],
+        }
 
 
 def make_predictor(model: Any, kind: str, point: str | None = None, order: int = 2) -> Predictor:
@@ -440,15 +464,18 @@ def make_predictor(model: Any, kind: str, point: str | None = None, order: int =
     if kind == "fitted":
         fits = load_fits(model.path, model.config.rms_norm_eps)
         if point not in fits:
-            raise ModelDirectoryError(f"{model.path} has no fitted look-ahead ({FIT_FILE}, point {point}): profile "
-                                      f"the model with `edgemoe profile {model.path} --calib TEXT_FILE`, or use "
-                                      f"prefetch='lookahead'")
+            raise ModelDirectoryError(
+                f"{model.path} has no fitted look-ahead ({FIT_FILE}, point {point}): profile "
+                f"the model with `edgemoe profile {model.path} --calib TEXT_FILE`, or use "
+                f"prefetch='lookahead'"
+            )
         return LookaheadPredictor(model.net, moe_layers, k, point, fit=fits[point])
     raise ValueError(f"unknown predictor {kind!r}: choose one of {', '.join(PREDICTORS)} (or None for no prefetch)")
 
 
-def attach_prefetcher(model: Any, kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async",
-                      min_prob: float = 0.0, **kwargs: Any) -> Prefetcher:
+def attach_prefetcher(
+    model: Any, kind: str, ratio: float = DEFAULT_RATIO, mode: str = "async", min_prob: float = 0.0, **kwargs: Any
+) -> Prefetcher:
     """Build the predictor and install a Prefetcher on the model's forward pass."""
     pf = Prefetcher(model, make_predictor(model, kind, **kwargs), ratio=ratio, min_prob=min_prob, mode=mode)
     model.net.observer = pf

@@ -1,4 +1,5 @@
 """Next-token choice: greedy, or temperature with top-k / top-p (native/dense.h draws it)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Readable summaries of Model.stats(): one line of totals and a per-MoE-layer table
 (what `edgemoe run --stats` prints)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -78,13 +79,17 @@ def format_stats(s: dict[str, Any]) -> str:
     ]
     pf = s.get("prefetch")
     if pf:
-        lines.append(f"prefetch      {pf['predictor']} ({pf['mode']}, {pf['ratio']}x bytes): precision "
-                     f"{pf['precision']:.1%}, recall {pf['recall']:.1%}, {pf['bytes_ratio']:.2f}x the bytes needed; "
-                     f"{s['prefetch_hits']} hits, {format_bytes(s['wasted_prefetch_bytes'])} evicted unused")
+        lines.append(
+            f"prefetch      {pf['predictor']} ({pf['mode']}, {pf['ratio']}x bytes): precision "
+            f"{pf['precision']:.1%}, recall {pf['recall']:.1%}, {pf['bytes_ratio']:.2f}x the bytes needed; "
+            f"{s['prefetch_hits']} hits, {format_bytes(s['wasted_prefetch_bytes'])} evicted unused"
+        )
     fb = s.get("fallback")
     if fb:
-        lines.append(f"fallback      gate weight < {fb['threshold']:.2f}: {fb['uses']} uses of low-bit copies, "
-                     f"{fb['loads']} read ({format_bytes(fb['bytes_read'])}), "
-                     f"{format_bytes(fb['bytes_saved'])} of full copies not read")
+        lines.append(
+            f"fallback      gate weight < {fb['threshold']:.2f}: {fb['uses']} uses of low-bit copies, "
+            f"{fb['loads']} read ({format_bytes(fb['bytes_read'])}), "
+            f"{format_bytes(fb['bytes_saved'])} of full copies not read"
+        )
     lines += ["", format_layer_table(s)]
     return "\n".join(lines)

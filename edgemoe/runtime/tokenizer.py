@@ -1,8 +1,9 @@
 """A model directory's tokenizer: Hugging Face tokenizer.json, read with the `tokenizers` library."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import Tokenizer as _Tok
 
@@ -17,7 +18,8 @@ class Tokenizer:
         if not path.exists():
             raise TokenizerError(
                 f"{model_dir} has no tokenizer.json: pass token ids instead of text, or convert a checkpoint "
-                "that carries its tokenizer (tokenizer.json next to config.json)")
+                "that carries its tokenizer (tokenizer.json next to config.json)"
+            )
         self._tok = _Tok.from_file(str(path))
 
     def encode(self, text: str) -> list[int]:

@@ -7,11 +7,13 @@ recorded by a RouteObserver on the forward pass, with the gate look-ahead's gues
 MoE layers are numbered by position ("moe index" m = 0..M-1) in
 manifest["experts"]["moe_layers"], which maps them to model layers.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,23 +55,37 @@ class RoutingTrace:
     def __len__(self) -> int:
         return self.tokens
 
-    def __getitem__(self, sl: slice) -> "RoutingTrace":
-        return RoutingTrace(self.experts[sl], self.weights[sl], list(self.moe_layers), self.num_experts,
-                            {p: a[sl] for p, a in self.lookahead.items()}, None if self.ids is None else self.ids[sl])
+    def __getitem__(self, sl: slice) -> RoutingTrace:
+        return RoutingTrace(
+            self.experts[sl],
+            self.weights[sl],
+            list(self.moe_layers),
+            self.num_experts,
+            {p: a[sl] for p, a in self.lookahead.items()},
+            None if self.ids is None else self.ids[sl],
+        )
 
     @staticmethod
-    def concat(traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
+    def concat(traces: Sequence[RoutingTrace]) -> RoutingTrace:
         first = traces[0]
         points = set.intersection(*(set(t.lookahead) for t in traces))
-        return RoutingTrace(np.concatenate([t.experts for t in traces]), np.concatenate([t.weights for t in traces]),
-                            list(first.moe_layers), first.num_experts,
-                            {p: np.concatenate([t.lookahead[p] for t in traces]) for p in sorted(points)},
-                            None if any(t.ids is None for t in traces) else np.concatenate([t.ids for t in traces]))
+        return RoutingTrace(
+            np.concatenate([t.experts for t in traces]),
+            np.concatenate([t.weights for t in traces]),
+            list(first.moe_layers),
+            first.num_experts,
+            {p: np.concatenate([t.lookahead[p] for t in traces]) for p in sorted(points)},
+            None if any(t.ids is None for t in traces) else np.concatenate([t.ids for t in traces]),
+        )
 
     def save(self, path: str | Path) -> None:
         """An .npz file (numpy only)."""
-        arrays = {"experts": self.experts, "weights": self.weights, "moe_layers": np.asarray(self.moe_layers),
-                  "num_experts": np.asarray(self.num_experts)}
+        arrays = {
+            "experts": self.experts,
+            "weights": self.weights,
+            "moe_layers": np.asarray(self.moe_layers),
+            "num_experts": np.asarray(self.num_experts),
+        }
         arrays.update({f"lookahead_{p}": a for p, a in self.lookahead.items()})
         if self.ids is not None:
             arrays["ids"] = self.ids
@@ -77,11 +93,16 @@ class RoutingTrace:
             np.savez_compressed(f, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RoutingTrace":
+    def load(cls, path: str | Path) -> RoutingTrace:
         with np.load(path) as z:
-            return cls(z["experts"], z["weights"], [int(x) for x in z["moe_layers"]], int(z["num_experts"]),
-                       {k[len("lookahead_"):]: z[k] for k in z.files if k.startswith("lookahead_")},
-                       z["ids"] if "ids" in z.files else None)
+            return cls(
+                z["experts"],
+                z["weights"],
+                [int(x) for x in z["moe_layers"]],
+                int(z["num_experts"]),
+                {k[len("lookahead_") :]: z[k] for k in z.files if k.startswith("lookahead_")},
+                z["ids"] if "ids" in z.files else None,
+            )
 
 
 def lookahead_logits(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
@@ -113,8 +134,13 @@ class TraceRecorder(RouteObserver):
     """Collects routing (and, optionally, look-ahead probabilities) as the model runs.
     Forwards every hook to `inner` (e.g. a prefetcher) so both can watch one run."""
 
-    def __init__(self, net: Any, moe_layers: Sequence[int], lookahead: Lookaheads | None = None,
-                 inner: RouteObserver | None = None):
+    def __init__(
+        self,
+        net: Any,
+        moe_layers: Sequence[int],
+        lookahead: Lookaheads | None = None,
+        inner: RouteObserver | None = None,
+    ):
         self.net, self.moe_layers, self.inner = net, list(moe_layers), inner
         self.pos = {layer: m for m, layer in enumerate(self.moe_layers)}
         M = len(self.moe_layers)
@@ -158,9 +184,14 @@ class TraceRecorder(RouteObserver):
         return RoutingTrace(experts, weights, list(self.moe_layers), E, lookahead)
 
 
-def trace_routing(model: Any, prompt: str | Sequence[int], window: int | None = None,
-                  lookahead: bool = True, fits: dict[str, Any] | None = None,
-                  observer: RouteObserver | None = None) -> RoutingTrace:
+def trace_routing(
+    model: Any,
+    prompt: str | Sequence[int],
+    window: int | None = None,
+    lookahead: bool = True,
+    fits: dict[str, Any] | None = None,
+    observer: RouteObserver | None = None,
+) -> RoutingTrace:
     """Run a prompt (text or token ids) through the model and record its routing.
 
     window: prefill windows of this many tokens, the KV cache reset before each
@@ -182,7 +213,7 @@ def trace_routing(model: Any, prompt: str | Sequence[int], window: int | None = 
     try:
         for s in range(0, len(arr), window):
             model.reset()
-            net.forward(arr[s:s + window], model.kv, 0, all_logits=False)
+            net.forward(arr[s : s + window], model.kv, 0, all_logits=False)
     finally:
         net.observer = saved
     trace = rec.trace()

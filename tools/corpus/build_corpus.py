@@ -20,6 +20,7 @@ Outputs: {train,validation,test}.txt (documents separated by a line holding
 only the ASCII record separator \\x1e), sources.json (one record per part:
 package, version, licence, documents and bytes per split).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,9 @@ import re
 import subprocess
 import sys
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 DOC_SEP = "\n\x1e\n"  # never occurs in cleaned text (control chars are stripped)
 SPLIT_FRACTIONS = {"validation": 0.01, "test": 0.01}  # the rest is train
@@ -42,6 +43,7 @@ MB = 1_000_000
 
 
 # --- reading what packages installed -----------------------------------------------------
+
 
 def package_files(pkg: str) -> list[str]:
     out = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True)
@@ -119,18 +121,49 @@ def dedup_key(text: str) -> str:
 
 # --- per-format extractors (each yields documents) -----------------------------------------
 
+
 def fortune_docs(path: str) -> Iterator[str]:
-    for cookie in re.split(r"^%\s*$", read_text(path), flags=re.M):
-        yield cookie
+    yield from re.split(r"^%\s*$", read_text(path), flags=re.M)
 
 
 class _HTMLText(html.parser.HTMLParser):
     """Visible text of an HTML page, skipping navigation; <pre> keeps its layout."""
+
     SKIP_TAGS = {"script", "style", "head", "title"}
-    SKIP_CLASSES = {"navheader", "navfooter", "related", "sphinxsidebar", "footer", "headerlink",
-                    "mobile-nav", "toc", "breadcrumbs"}
-    BLOCK = {"p", "div", "br", "li", "dt", "dd", "tr", "table", "ul", "ol", "dl", "section",
-             "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr"}
+    SKIP_CLASSES = {
+        "navheader",
+        "navfooter",
+        "related",
+        "sphinxsidebar",
+        "footer",
+        "headerlink",
+        "mobile-nav",
+        "toc",
+        "breadcrumbs",
+    }
+    BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "dt",
+        "dd",
+        "tr",
+        "table",
+        "ul",
+        "ol",
+        "dl",
+        "section",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "hr",
+    }
     VOID = {"br", "hr", "img", "input", "meta", "link", "area", "base", "col", "embed", "source", "wbr"}
 
     def __init__(self):
@@ -181,14 +214,47 @@ def html_doc(path: str) -> Iterator[str]:
 
 
 _ROFF_ESC = {
-    "\\-": "-", "\\(em": "—", "\\(en": "–", "\\(aq": "'", "\\(dq": '"', "\\(lq": "“", "\\(rq": "”",
-    "\\(oq": "‘", "\\(cq": "’", "\\(bu": "•", "\\(co": "©", "\\(rg": "®", "\\(mu": "×", "\\(de": "°",
-    "\\(ti": "~", "\\(ha": "^", "\\(ga": "`", "\\(rs": "\\", "\\(Fo": "«", "\\(Fc": "»", "\\(hy": "-",
-    "\\(+-": "±", "\\(<=": "<=", "\\(>=": ">=", "\\(->": "->", "\\(pc": "·", "\\e": "\\", "\\ ": " ",
-    "\\~": " ", "\\0": " ", "\\|": "", "\\^": "", "\\&": "", "\\%": "", "\\c": "", "\\:": "",
+    "\\-": "-",
+    "\\(em": "—",
+    "\\(en": "–",
+    "\\(aq": "'",
+    "\\(dq": '"',
+    "\\(lq": "“",
+    "\\(rq": "”",
+    "\\(oq": "‘",
+    "\\(cq": "’",
+    "\\(bu": "•",
+    "\\(co": "©",
+    "\\(rg": "®",
+    "\\(mu": "×",
+    "\\(de": "°",
+    "\\(ti": "~",
+    "\\(ha": "^",
+    "\\(ga": "`",
+    "\\(rs": "\\",
+    "\\(Fo": "«",
+    "\\(Fc": "»",
+    "\\(hy": "-",
+    "\\(+-": "±",
+    "\\(<=": "<=",
+    "\\(>=": ">=",
+    "\\(->": "->",
+    "\\(pc": "·",
+    "\\e": "\\",
+    "\\ ": " ",
+    "\\~": " ",
+    "\\0": " ",
+    "\\|": "",
+    "\\^": "",
+    "\\&": "",
+    "\\%": "",
+    "\\c": "",
+    "\\:": "",
 }
 _ROFF_ESC_RE = re.compile("|".join(re.escape(k) for k in sorted(_ROFF_ESC, key=len, reverse=True)))
-_ROFF_DROP_RE = re.compile(r"\\f(\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\*(\(..|\[[^\]]*\]|.)|\\\((..)|\\\[[^\]]*\]|\\[nk](\(..|.)|\\[hvwbo]'[^']*'")
+_ROFF_DROP_RE = re.compile(
+    r"\\f(\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\*(\(..|\[[^\]]*\]|.)|\\\((..)|\\\[[^\]]*\]|\\[nk](\(..|.)|\\[hvwbo]'[^']*'"
+)
 _FONT_MACROS = {"B", "I", "BR", "BI", "IB", "IR", "RB", "RI", "SM", "SB", "UR", "MT"}
 
 
@@ -207,7 +273,7 @@ def manpage_doc(path: str) -> Iterator[str]:
         return  # a link to another page
     out: list[str] = []
     for line in src.split("\n"):
-        if line.startswith(".\\\"") or line.startswith("'\\\"") or line.startswith('.\\"'):
+        if line.startswith('.\\"') or line.startswith("'\\\"") or line.startswith('.\\"'):
             continue
         if line.startswith(".") or line.startswith("'"):
             m = re.match(r"[.']\s*(\S+)\s*(.*)", line)
@@ -222,9 +288,45 @@ def manpage_doc(path: str) -> Iterator[str]:
                 out.append(roff_inline(joiner.join(args)))
             elif macro in ("PP", "P", "LP", "IP", "TP", "sp", "br"):
                 out.append("\n" if macro != "IP" else "\n" + roff_inline(" ".join(_roff_args(rest)[:1])))
-            elif macro in ("nf", "fi", "EX", "EE", "RS", "RE", "in", "TH", "ad", "na", "nh", "hy", "ft",
-                           "ne", "ps", "vs", "ta", "ti", "ll", "ds", "de", "if", "ie", "el", "so", "nr",
-                           "TS", "TE", "UE", "ME", "PD", "ss", "cs", "ig", "..", "mso", "ce"):
+            elif macro in (
+                "nf",
+                "fi",
+                "EX",
+                "EE",
+                "RS",
+                "RE",
+                "in",
+                "TH",
+                "ad",
+                "na",
+                "nh",
+                "hy",
+                "ft",
+                "ne",
+                "ps",
+                "vs",
+                "ta",
+                "ti",
+                "ll",
+                "ds",
+                "de",
+                "if",
+                "ie",
+                "el",
+                "so",
+                "nr",
+                "TS",
+                "TE",
+                "UE",
+                "ME",
+                "PD",
+                "ss",
+                "cs",
+                "ig",
+                "..",
+                "mso",
+                "ce",
+            ):
                 continue
             else:
                 continue
@@ -241,7 +343,7 @@ def dict_docs(path: str, entries_per_doc: int = 12) -> Iterator[str]:
     entries = re.split(r"\n\s*\n(?=\S)", text)
     entries = [e for e in entries if not e.startswith("00-database") and "Begin file" not in e[:200]]
     for i in range(0, len(entries), entries_per_doc):
-        yield "\n\n".join(entries[i:i + entries_per_doc])
+        yield "\n\n".join(entries[i : i + entries_per_doc])
 
 
 def paragraph_chunks(path: str, target: int = 3000) -> Iterator[str]:
@@ -264,6 +366,7 @@ def source_doc(path: str) -> Iterator[str]:
 
 # --- the parts of the corpus ---------------------------------------------------------------
 
+
 @dataclass
 class Part:
     name: str
@@ -280,8 +383,7 @@ class Part:
 
 
 def _is_fortune(path: str) -> bool:
-    return (path.startswith("/usr/share/games/fortunes") and "/off/" not in path
-            and not path.endswith((".dat", ".u8")))
+    return path.startswith("/usr/share/games/fortunes") and "/off/" not in path and not path.endswith((".dat", ".u8"))
 
 
 def _is_man(lang: str) -> Callable[[str], bool]:
@@ -290,37 +392,101 @@ def _is_man(lang: str) -> Callable[[str], bool]:
 
 
 PARTS = [
-    Part("fortunes-en", "fortunes", "en", ["fortunes", "fortunes-min", "fortunes-bofh-excuses"],
-         _is_fortune, fortune_docs),
+    Part(
+        "fortunes-en",
+        "fortunes",
+        "en",
+        ["fortunes", "fortunes-min", "fortunes-bofh-excuses"],
+        _is_fortune,
+        fortune_docs,
+    ),
     Part("fortunes-de", "fortunes", "de", ["fortunes-de"], _is_fortune, fortune_docs),
     Part("fortunes-es", "fortunes", "es", ["fortunes-es"], _is_fortune, fortune_docs),
     Part("fortunes-it", "fortunes", "it", ["fortunes-it"], _is_fortune, fortune_docs),
     Part("fortunes-br", "fortunes", "pt", ["fortunes-br"], _is_fortune, fortune_docs),
     Part("fortunes-eo", "fortunes", "eo", ["fortunes-eo"], _is_fortune, fortune_docs),
-    Part("python-docs", "reference-docs", "en", ["python3.11-doc"],
-         lambda p: p.endswith(".html") and "/html/" in p and "/_static/" not in p
-         and not p.endswith(("genindex.html", "search.html")) and "/genindex-" not in p,
-         html_doc, cap_bytes=14 * MB, min_chars=200),
-    Part("debian-reference-en", "reference-docs", "en", ["debian-reference-en"],
-         lambda p: p.endswith(".html"), html_doc, min_chars=200),
-    Part("debian-reference-fr", "reference-docs", "fr", ["debian-reference-fr"],
-         lambda p: p.endswith(".html"), html_doc, min_chars=200),
-    Part("debian-reference-de", "reference-docs", "de", ["debian-reference-de"],
-         lambda p: p.endswith(".html"), html_doc, min_chars=200),
-    Part("manpages-en", "manpages", "en", ["manpages", "manpages-dev"], _is_man(""), manpage_doc,
-         cap_bytes=9 * MB, min_chars=100),
+    Part(
+        "python-docs",
+        "reference-docs",
+        "en",
+        ["python3.11-doc"],
+        lambda p: (
+            p.endswith(".html")
+            and "/html/" in p
+            and "/_static/" not in p
+            and not p.endswith(("genindex.html", "search.html"))
+            and "/genindex-" not in p
+        ),
+        html_doc,
+        cap_bytes=14 * MB,
+        min_chars=200,
+    ),
+    Part(
+        "debian-reference-en",
+        "reference-docs",
+        "en",
+        ["debian-reference-en"],
+        lambda p: p.endswith(".html"),
+        html_doc,
+        min_chars=200,
+    ),
+    Part(
+        "debian-reference-fr",
+        "reference-docs",
+        "fr",
+        ["debian-reference-fr"],
+        lambda p: p.endswith(".html"),
+        html_doc,
+        min_chars=200,
+    ),
+    Part(
+        "debian-reference-de",
+        "reference-docs",
+        "de",
+        ["debian-reference-de"],
+        lambda p: p.endswith(".html"),
+        html_doc,
+        min_chars=200,
+    ),
+    Part(
+        "manpages-en",
+        "manpages",
+        "en",
+        ["manpages", "manpages-dev"],
+        _is_man(""),
+        manpage_doc,
+        cap_bytes=9 * MB,
+        min_chars=100,
+    ),
     Part("manpages-fr", "manpages", "fr", ["manpages-fr"], _is_man("fr"), manpage_doc, min_chars=100),
     Part("manpages-de", "manpages", "de", ["manpages-de"], _is_man("de"), manpage_doc, min_chars=100),
     Part("manpages-es", "manpages", "es", ["manpages-es"], _is_man("es"), manpage_doc, min_chars=100),
-    Part("gcide", "dictionary", "en", ["dict-gcide"], lambda p: p.endswith("gcide.dict.dz"), dict_docs,
-         cap_bytes=12 * MB),
-    Part("jargon", "dictionary", "en", ["jargon-text"], lambda p: p.endswith("jargon.txt.gz"),
-         paragraph_chunks),
-    Part("python-stdlib", "code-python", "python", ["libpython3.11-stdlib", "libpython3.11-minimal"],
-         lambda p: p.endswith(".py") and "/test/" not in p and "/idlelib/idle_test/" not in p,
-         source_doc, cap_bytes=11 * MB, min_chars=100, max_chars=150_000),
-    Part("c-headers", "code-c", "c", ["libc6-dev", "linux-libc-dev"],
-         lambda p: p.endswith(".h"), source_doc, cap_bytes=7 * MB, min_chars=100, max_chars=150_000),
+    Part(
+        "gcide", "dictionary", "en", ["dict-gcide"], lambda p: p.endswith("gcide.dict.dz"), dict_docs, cap_bytes=12 * MB
+    ),
+    Part("jargon", "dictionary", "en", ["jargon-text"], lambda p: p.endswith("jargon.txt.gz"), paragraph_chunks),
+    Part(
+        "python-stdlib",
+        "code-python",
+        "python",
+        ["libpython3.11-stdlib", "libpython3.11-minimal"],
+        lambda p: p.endswith(".py") and "/test/" not in p and "/idlelib/idle_test/" not in p,
+        source_doc,
+        cap_bytes=11 * MB,
+        min_chars=100,
+        max_chars=150_000,
+    ),
+    Part(
+        "c-headers",
+        "code-c",
+        "c",
+        ["libc6-dev", "linux-libc-dev"],
+        lambda p: p.endswith(".h"),
+        source_doc,
+        cap_bytes=7 * MB,
+        min_chars=100,
+        max_chars=150_000,
+    ),
 ]
 
 
@@ -340,7 +506,7 @@ def build(out: Path, seed: int) -> None:
                 if len(doc) < part.min_chars:
                     n_short += 1
                     continue
-                doc = doc[:part.max_chars]
+                doc = doc[: part.max_chars]
                 key = dedup_key(doc)
                 if key in seen:
                     n_dup += 1
@@ -361,20 +527,29 @@ def build(out: Path, seed: int) -> None:
         n = len(docs)
         n_val = max(1, round(n * SPLIT_FRACTIONS["validation"]))
         n_test = max(1, round(n * SPLIT_FRACTIONS["test"]))
-        assign = {"validation": docs[:n_val], "test": docs[n_val:n_val + n_test], "train": docs[n_val + n_test:]}
+        assign = {"validation": docs[:n_val], "test": docs[n_val : n_val + n_test], "train": docs[n_val + n_test :]}
         rec = {
-            "part": part.name, "domain": part.domain, "language": part.language,
-            "packages": [{"name": p, "version": package_version(p), "licence": package_licence(p)}
-                         for p in part.packages],
-            "files_read": len(files), "documents_dropped_duplicate": n_dup, "documents_dropped_short": n_short,
-            "bytes_available": total, "cap_bytes": part.cap_bytes,
+            "part": part.name,
+            "domain": part.domain,
+            "language": part.language,
+            "packages": [
+                {"name": p, "version": package_version(p), "licence": package_licence(p)} for p in part.packages
+            ],
+            "files_read": len(files),
+            "documents_dropped_duplicate": n_dup,
+            "documents_dropped_short": n_short,
+            "bytes_available": total,
+            "cap_bytes": part.cap_bytes,
             "splits": {s: {"documents": len(d), "bytes": sum(len(x.encode()) for x in d)} for s, d in assign.items()},
         }
         records.append(rec)
         for s, d in assign.items():
             splits[s].extend(d)
-        print(f"{part.name:22s} files={len(files):5d} docs={n:6d} bytes={sum(v['bytes'] for v in rec['splits'].values())/MB:6.2f}MB"
-              f" (available {total/MB:.2f}MB, dup {n_dup}, short {n_short})", flush=True)
+        print(
+            f"{part.name:22s} files={len(files):5d} docs={n:6d} bytes={sum(v['bytes'] for v in rec['splits'].values()) / MB:6.2f}MB"
+            f" (available {total / MB:.2f}MB, dup {n_dup}, short {n_short})",
+            flush=True,
+        )
 
     for s, docs in splits.items():
         random.Random(f"{seed}:order:{s}").shuffle(docs)
@@ -385,18 +560,22 @@ def build(out: Path, seed: int) -> None:
         domains[r["domain"]] = domains.get(r["domain"], 0) + sum(v["bytes"] for v in r["splits"].values())
     grand = sum(domains.values())
     summary = {
-        "seed": seed, "document_separator": repr(DOC_SEP), "split_fractions": SPLIT_FRACTIONS,
+        "seed": seed,
+        "document_separator": repr(DOC_SEP),
+        "split_fractions": SPLIT_FRACTIONS,
         "total_bytes": grand,
         "domains": {d: {"bytes": b, "share": round(b / grand, 4)} for d, b in sorted(domains.items())},
         "splits": {s: {"documents": len(d), "bytes": sum(len(x.encode()) for x in d)} for s, d in splits.items()},
         "parts": records,
     }
     (out / "sources.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    print(f"total {grand/MB:.1f} MB; domains: " +
-          ", ".join(f"{d} {v['share']*100:.1f}%" for d, v in summary["domains"].items()))
+    print(
+        f"total {grand / MB:.1f} MB; domains: "
+        + ", ".join(f"{d} {v['share'] * 100:.1f}%" for d, v in summary["domains"].items())
+    )
     worst = max(summary["domains"].items(), key=lambda kv: kv[1]["share"])
     if worst[1]["share"] > 0.40:
-        print(f"warning: domain {worst[0]} is {worst[1]['share']*100:.1f}% of the corpus (>40%)")
+        print(f"warning: domain {worst[0]} is {worst[1]['share'] * 100:.1f}% of the corpus (>40%)")
 
 
 def main() -> None:

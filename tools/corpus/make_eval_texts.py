@@ -20,6 +20,7 @@ Every document is cut to at most --doc-bytes (at a line end) so that no single
 man page or HTML page dominates a file, and each part gets a share of the bytes
 proportional to its share of the training split.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,10 @@ def split_documents(corpus: Path, split: str, sources: dict) -> list[tuple[str, 
     for p in sources["parts"]:
         got = sum(len(d.encode()) for name, d in labelled if name == p["part"])
         if got != p["splits"][split]["bytes"]:
-            sys.exit(f"part {p['part']}: {got} bytes in {split}.txt, sources.json says "
-                     f"{p['splits'][split]['bytes']}: the attribution does not hold, rebuild the corpus")
+            sys.exit(
+                f"part {p['part']}: {got} bytes in {split}.txt, sources.json says "
+                f"{p['splits'][split]['bytes']}: the attribution does not hold, rebuild the corpus"
+            )
     return labelled
 
 
@@ -88,8 +91,9 @@ def cut(doc: str, limit: int) -> str:
     return head[:nl] if nl > limit // 4 else head
 
 
-def select(labelled: list[tuple[str, str]], sources: dict, total: int, doc_bytes: int,
-           seed: int) -> list[tuple[str, str]]:
+def select(
+    labelled: list[tuple[str, str]], sources: dict, total: int, doc_bytes: int, seed: int
+) -> list[tuple[str, str]]:
     train = {p["part"]: p["splits"]["train"]["bytes"] for p in sources["parts"] if p["part"] in ALLOWED}
     share = sum(train.values())
     chosen = []
@@ -119,8 +123,9 @@ def main() -> None:
     rows: dict[str, dict[str, list[int]]] = {}
     summary = []
     for fname, split in SOURCES.items():
-        chosen = select(split_documents(args.corpus, split, sources), sources, args.bytes, args.doc_bytes,
-                        sources["seed"])
+        chosen = select(
+            split_documents(args.corpus, split, sources), sources, args.bytes, args.doc_bytes, sources["seed"]
+        )
         data = DOC_SEP.join(d for _, d in chosen) + "\n"
         (args.out / fname).write_text(data, encoding="utf-8")
         for part, d in chosen:
@@ -128,8 +133,10 @@ def main() -> None:
             r[0] += 1
             r[1] += len(d.encode())
         digest = hashlib.sha256(data.encode()).hexdigest()
-        summary.append(f"- `{fname}`: {len(chosen)} documents, {len(data.encode())} bytes, from the corpus's "
-                       f"{split} split; sha256 `{digest}`")
+        summary.append(
+            f"- `{fname}`: {len(chosen)} documents, {len(data.encode())} bytes, from the corpus's "
+            f"{split} split; sha256 `{digest}`"
+        )
         print(f"{args.out / fname}: {len(chosen)} documents, {len(data.encode())} bytes")
     lines = [
         "# calib.txt and test.txt",
@@ -138,8 +145,7 @@ def main() -> None:
         "for the default model, cut by `tools/corpus/make_eval_texts.py` from the validation and test splits",
         "of the training corpus (`tools/corpus/build_corpus.py`, seed "
         f"{sources['seed']}); no document of either file is in the training split.",
-        "Documents are separated by a line holding only `\\x1e` and cut to at most "
-        f"{args.doc_bytes} bytes.",
+        f"Documents are separated by a line holding only `\\x1e` and cut to at most {args.doc_bytes} bytes.",
         "",
         *summary,
         "",
@@ -155,9 +161,13 @@ def main() -> None:
         pk = ", ".join(f"{p['name']} {p['version']}" for p in packages[part])
         cells = [f"{rows[part].get(f, [0, 0])[0]} / {rows[part].get(f, [0, 0])[1]}" for f in SOURCES]
         lines.append(f"| {part} | {pk} | {ALLOWED[part]} | {cells[0]} | {cells[1]} |")
-    lines += ["", "Left out on purpose: the English fortunes (quotations whose rights are unclear; only the",
-              "fortune program is BSD) and the Italian fortunes (a quotation collection declared",
-              "\"freeware (public domain)\" without its authors' licence).", ""]
+    lines += [
+        "",
+        "Left out on purpose: the English fortunes (quotations whose rights are unclear; only the",
+        "fortune program is BSD) and the Italian fortunes (a quotation collection declared",
+        '"freeware (public domain)" without its authors\' licence).',
+        "",
+    ]
     (args.out / "TEXTS.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"{args.out / 'TEXTS.md'}")
 

@@ -1,4 +1,5 @@
 """Tokenized corpus on disk: {split}.bin (uint16 token ids, every document as <s> ... </s>) + meta.json."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,11 @@ class TokenData:
     def sample(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         """`batch` random windows of `length` tokens from the train split (documents packed back to back)."""
         starts = rng.integers(0, self.n_train - length, size=batch)
-        return np.stack([self.train[s:s + length] for s in starts]).astype(np.int64)
+        return np.stack([self.train[s : s + length] for s in starts]).astype(np.int64)
 
     def eval_windows(self, name: str, length: int, limit: int | None = None) -> np.ndarray:
         """Consecutive non-overlapping windows of a held-out split; `limit` spreads them evenly over it."""
         toks = self.split(name)
         n = len(toks) // length
         idx = np.arange(n) if not limit or limit >= n else np.linspace(0, n - 1, limit).astype(np.int64)
-        return np.stack([toks[i * length:(i + 1) * length] for i in idx]).astype(np.int64)
+        return np.stack([toks[i * length : (i + 1) * length] for i in idx]).astype(np.int64)

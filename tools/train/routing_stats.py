@@ -8,6 +8,7 @@ Per layer pair l -> l+1: how well layer l's top-1 expert predicts layer l+1's ex
 (table fitted on the first half of the tokens, scored on the second half), against a
 baseline that always guesses layer l+1's most used experts; the same conditioned on (l-1, l).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from train_moe import TrainMixtral  # noqa: E402
 @torch.no_grad()
 def collect_routes(ck_path: Path, data_dir: Path, split: str, windows: int, seq_len: int):
     from transformers import MixtralConfig
+
     ck = torch.load(ck_path, weights_only=False)
     c = MixtralConfig.from_dict(ck["config"])
     model = TrainMixtral(c)
@@ -37,10 +39,11 @@ def collect_routes(ck_path: Path, data_dir: Path, split: str, windows: int, seq_
     routes = []  # per batch: [L, tokens, k]
     nll, n = 0.0, 0
     for i in range(0, len(wins), 8):
-        b = torch.from_numpy(wins[i:i + 8])
+        b = torch.from_numpy(wins[i : i + 8])
         logits, _, topi = model(b[:, :-1])
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                                 reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         n += b[:, 1:].numel()
         routes.append(torch.stack(topi).numpy())
     return np.concatenate(routes, axis=1), c.num_local_experts, nll / n, ck["step"]

@@ -12,6 +12,7 @@ logits equal MixtralForCausalLM's on a batch.
     python tools/train/train_moe.py --train --steps N --out artifacts/train   # resumes if a checkpoint exists
     python tools/train/train_moe.py --export artifacts/train/last.pt --to edgemoe/default_model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,32 +35,50 @@ from data import TokenData  # noqa: E402
 # The shipped shape. Override with --shape for benchmarks.
 SHAPES = {
     # name: hidden, intermediate (per expert), layers, heads, kv heads
-    "s256": dict(hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "s256l6": dict(hidden_size=256, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
-                   num_key_value_heads=2),
-    "s320": dict(hidden_size=320, intermediate_size=320, num_hidden_layers=8, num_attention_heads=5,
-                 num_key_value_heads=5),
-    "s384": dict(hidden_size=384, intermediate_size=256, num_hidden_layers=8, num_attention_heads=6,
-                 num_key_value_heads=2),
+    "s256": dict(
+        hidden_size=256, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "s256l6": dict(
+        hidden_size=256, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "s320": dict(
+        hidden_size=320, intermediate_size=320, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=5
+    ),
+    "s384": dict(
+        hidden_size=384, intermediate_size=256, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2
+    ),
 }
 
 
 def make_config(shape: str, vocab_size: int, bos: int, eos: int, seq_len: int, aux_coef: float):
     from transformers import MixtralConfig
+
     s = SHAPES[shape]
     return MixtralConfig(
-        vocab_size=vocab_size, **s, head_dim=s["hidden_size"] // s["num_attention_heads"],
-        num_local_experts=16, num_experts_per_tok=2, hidden_act="silu",
-        max_position_embeddings=max(1024, seq_len), rms_norm_eps=1e-5,
+        vocab_size=vocab_size,
+        **s,
+        head_dim=s["hidden_size"] // s["num_attention_heads"],
+        num_local_experts=16,
+        num_experts_per_tok=2,
+        hidden_act="silu",
+        max_position_embeddings=max(1024, seq_len),
+        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=aux_coef,
-        output_router_logits=False, router_jitter_noise=0.0, attention_dropout=0.0,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=None, initializer_range=0.02,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        router_aux_loss_coef=aux_coef,
+        output_router_logits=False,
+        router_jitter_noise=0.0,
+        attention_dropout=0.0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        initializer_range=0.02,
     )
 
 
 # --- the training model: same state-dict names and shapes as MixtralForCausalLM ------------
+
 
 class RMSNorm(nn.Module):
     def __init__(self, n: int, eps: float):
@@ -83,7 +102,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
@@ -91,7 +110,7 @@ class Attention(nn.Module):
             rep = self.nh // self.nkv
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)         # [B, nh, T, hd]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -125,17 +144,17 @@ class SparseMoe(nn.Module):
     def forward(self, x):
         """x [N, H] -> (y [N, H], router_logits [N, E], topk_idx [N, k])"""
         N, H = x.shape
-        router_logits = F.linear(x, self.gate.weight)                       # [N, E]
+        router_logits = F.linear(x, self.gate.weight)  # [N, E]
         probs = torch.softmax(router_logits.float(), dim=-1)
-        topv, topi = torch.topk(probs, self.top_k, dim=-1)                  # [N, k]
+        topv, topi = torch.topk(probs, self.top_k, dim=-1)  # [N, k]
         topv = topv / topv.sum(-1, keepdim=True)
         # group the N*k (token, expert) assignments by expert
-        flat_e = topi.reshape(-1)                                           # [N*k]
+        flat_e = topi.reshape(-1)  # [N*k]
         order = torch.argsort(flat_e, stable=True)
-        tok = order // self.top_k                                           # token of each sorted row
-        w = topv.reshape(-1)[order].to(x.dtype)                             # [N*k]
+        tok = order // self.top_k  # token of each sorted row
+        w = topv.reshape(-1)[order].to(x.dtype)  # [N*k]
         counts = torch.bincount(flat_e, minlength=self.E).tolist()
-        xs = x.index_select(0, tok)                                         # [N*k, H], expert-contiguous
+        xs = x.index_select(0, tok)  # [N*k, H], expert-contiguous
         # unbind (not [e] indexing): its backward is one stack, not E full-size zero+add
         w_gu, w_down = self.experts.gate_up_proj.unbind(0), self.experts.down_proj.unbind(0)
         outs = []
@@ -180,7 +199,9 @@ class TrainMixtral(nn.Module):
         self.config = c
         self.model = Backbone(c)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        inv = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim))
+        inv = 1.0 / (
+            c.rope_parameters["rope_theta"] ** (torch.arange(0, c.head_dim, 2, dtype=torch.float) / c.head_dim)
+        )
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def init_weights(self, seed: int):
@@ -201,7 +222,7 @@ class TrainMixtral(nn.Module):
         pos = torch.arange(T, dtype=torch.float)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()                                     # [T, hd]
+        cos, sin = emb.cos(), emb.sin()  # [T, hd]
         x = self.model.embed_tokens(ids)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         router_logits, topis = [], []
@@ -229,22 +250,26 @@ def z_loss(router_logits: list[torch.Tensor]):
 
 # --- check against transformers ------------------------------------------------------------
 
+
 def check(args):
     from transformers import MixtralForCausalLM
+
     torch.manual_seed(0)
     c = make_config(args.shape, 512, 1, 2, 64, 0.01)
     ours = TrainMixtral(c)
     ours.init_weights(0)
     ref = MixtralForCausalLM(c).eval()
-    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True), None
+    ref.load_state_dict(ours.state_dict(), strict=True)  # strict: every name matches
     ids = torch.randint(0, 512, (3, 64))
     with torch.no_grad():
         a, rl, _ = ours(ids)
         out = ref(ids, output_router_logits=True)
     diff = (a - out.logits).abs().max().item()
     rdiff = max((x - y).abs().max().item() for x, y in zip(rl, out.router_logits))
-    print(f"check: max |logits diff| = {diff:.3g}, max |router logits diff| = {rdiff:.3g} "
-          f"(logit scale {out.logits.abs().max().item():.3g}); state dict keys identical")
+    print(
+        f"check: max |logits diff| = {diff:.3g}, max |router logits diff| = {rdiff:.3g} "
+        f"(logit scale {out.logits.abs().max().item():.3g}); state dict keys identical"
+    )
     assert diff < 1e-4 and rdiff < 1e-5, "training forward differs from MixtralForCausalLM"
     # gradients flow to every parameter
     ours.zero_grad()
@@ -256,6 +281,7 @@ def check(args):
 
 
 # --- training --------------------------------------------------------------------------------
+
 
 def count_params(c):
     m = TrainMixtral(c)
@@ -286,24 +312,29 @@ def evaluate(model, windows, batch_size, E):
     nll, n = 0.0, 0
     usage = torch.zeros(model.config.num_hidden_layers, E)
     for i in range(0, len(windows), batch_size):
-        b = torch.from_numpy(windows[i:i + batch_size].astype(np.int64))
+        b = torch.from_numpy(windows[i : i + batch_size].astype(np.int64))
         logits, _, ti = model(b[:, :-1])
-        nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                               reduction="sum").item()
+        nll += F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum"
+        ).item()
         n += b[:, 1:].numel()
         for l, t in enumerate(ti):
             usage[l] += torch.bincount(t.reshape(-1), minlength=E).float()
     model.train()
     p = usage / usage.sum(1, keepdim=True)
-    ent = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(E)   # 1.0 = uniform
+    ent = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(E)  # 1.0 = uniform
     return nll / n, ent.tolist()
 
 
 def build_optimizer(model, lr, wd):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     nodecay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed_tokens" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": nodecay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
 
 def log(fh, msg):
@@ -336,21 +367,31 @@ def train(args):
         args.steps, args.time_budget_min = ck["args"]["steps"], ck["args"].get("time_budget_min")
         log(fh, f"resumed from {ckpt_path} at step {step}")
     total, experts, active = count_params(c)
-    log(fh, f"shape {args.shape}: {json.dumps(SHAPES[args.shape])} vocab {c.vocab_size} experts 16 top-2; "
-            f"params total {total/1e6:.2f}M (experts {experts/1e6:.2f}M) active/token {active/1e6:.2f}M")
+    log(
+        fh,
+        f"shape {args.shape}: {json.dumps(SHAPES[args.shape])} vocab {c.vocab_size} experts 16 top-2; "
+        f"params total {total / 1e6:.2f}M (experts {experts / 1e6:.2f}M) active/token {active / 1e6:.2f}M",
+    )
     log(fh, f"args {json.dumps(vars(args))}")
     if args.time_budget_min:
-        log(fh, f"train tokens {data.n_train/1e6:.2f}M; tokens/step {args.batch * args.seq_len}; "
-                f"schedule by time: {args.time_budget_min} min of training (evals excluded)")
+        log(
+            fh,
+            f"train tokens {data.n_train / 1e6:.2f}M; tokens/step {args.batch * args.seq_len}; "
+            f"schedule by time: {args.time_budget_min} min of training (evals excluded)",
+        )
     else:
-        log(fh, f"train tokens {data.n_train/1e6:.2f}M; tokens/step {args.batch * args.seq_len}; "
-                f"steps {args.steps} -> {args.steps * args.batch * args.seq_len / 1e6:.1f}M tokens")
+        log(
+            fh,
+            f"train tokens {data.n_train / 1e6:.2f}M; tokens/step {args.batch * args.seq_len}; "
+            f"steps {args.steps} -> {args.steps * args.batch * args.seq_len / 1e6:.1f}M tokens",
+        )
     val = data.eval_windows("validation", args.seq_len + 1, args.val_windows)
     rng_base = args.seed * 1_000_003
     last_ck = time.time()
     t0, tok_done = time.time(), 0
     ce_acc = aux_acc = 0.0
     n_acc = 0
+
     def progress():
         # fraction of the schedule done: by training seconds when a time budget is set, else by steps
         if args.time_budget_min:
@@ -361,8 +402,11 @@ def train(args):
     while not done:
         # cosine over progress(); warmup in steps either way
         p = progress()
-        lr = args.lr * (step + 1) / args.warmup if step < args.warmup else \
-            args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+        lr = (
+            args.lr * (step + 1) / args.warmup
+            if step < args.warmup
+            else args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         batch = torch.from_numpy(data.sample(np.random.default_rng(rng_base + step), args.batch, args.seq_len + 1))
@@ -377,18 +421,33 @@ def train(args):
         n_acc += 1
         if step % args.log_every == 0:
             el = time.time() - t0
-            log(fh, f"step {step} ({progress()*100:.1f}%) lr {lr:.2e} loss {ce_acc/n_acc:.4f} aux {aux_acc/n_acc:.4f} "
-                    f"z {z:.2f} gnorm {gn:.2f} tok/s {tok_done/el:.0f}")
+            log(
+                fh,
+                f"step {step} ({progress() * 100:.1f}%) lr {lr:.2e} loss {ce_acc / n_acc:.4f} aux {aux_acc / n_acc:.4f} "
+                f"z {z:.2f} gnorm {gn:.2f} tok/s {tok_done / el:.0f}",
+            )
             ce_acc = aux_acc = 0.0
             n_acc = 0
         if step % args.eval_every == 0 or done:
             vl, ent = evaluate(model, val, args.batch, c.num_local_experts)
-            log(fh, f"eval step {step} val_loss {vl:.4f} val_ppl {math.exp(vl):.2f} "
-                    f"usage_entropy/layer {' '.join(f'{e:.3f}' for e in ent)}")
+            log(
+                fh,
+                f"eval step {step} val_loss {vl:.4f} val_ppl {math.exp(vl):.2f} "
+                f"usage_entropy/layer {' '.join(f'{e:.3f}' for e in ent)}",
+            )
         if time.time() - last_ck > args.ckpt_minutes * 60 or done:
             tmp = out / "last.pt.tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args),
-                        "trained_seconds": trained_s, "config": c.to_dict()}, tmp)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "args": vars(args),
+                    "trained_seconds": trained_s,
+                    "config": c.to_dict(),
+                },
+                tmp,
+            )
             os.replace(tmp, ckpt_path)
             last_ck = time.time()
             log(fh, f"checkpoint step {step} -> {ckpt_path}")
@@ -403,7 +462,7 @@ def bench(args):
         model.init_weights(0)
         opt = build_optimizer(model, 1e-3, 0.1)
         total, experts, active = count_params(c)
-        for bf16 in ([False, True] if args.bench_bf16 else [args.bf16]):
+        for bf16 in [False, True] if args.bench_bf16 else [args.bf16]:
             batch = torch.randint(0, 8192, (args.batch, args.seq_len + 1))
             train_step(model, opt, batch, args, bf16)
             t = time.time()
@@ -411,13 +470,17 @@ def bench(args):
             for _ in range(n):
                 train_step(model, opt, batch, args, bf16)
             dt = (time.time() - t) / n
-            print(f"{shape} total {total/1e6:.1f}M active {active/1e6:.2f}M bf16={bf16} batch {args.batch}x{args.seq_len}: "
-                  f"{dt:.2f}s/step {args.batch*args.seq_len/dt:.0f} tok/s", flush=True)
+            print(
+                f"{shape} total {total / 1e6:.1f}M active {active / 1e6:.2f}M bf16={bf16} batch {args.batch}x{args.seq_len}: "
+                f"{dt:.2f}s/step {args.batch * args.seq_len / dt:.0f} tok/s",
+                flush=True,
+            )
 
 
 def export(args):
     """Load a training checkpoint into MixtralForCausalLM and save it (bf16) with the tokenizer."""
     from transformers import MixtralConfig, MixtralForCausalLM
+
     ck = torch.load(args.export, weights_only=False)
     c = MixtralConfig.from_dict(ck["config"])
     model = MixtralForCausalLM(c)
@@ -445,8 +508,12 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--time-budget-min", type=float, default=None,
-                    help="schedule (cosine) and stop by training time instead of --steps")
+    ap.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="schedule (cosine) and stop by training time instead of --steps",
+    )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--wd", type=float, default=0.1)
