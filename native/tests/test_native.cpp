@@ -20,6 +20,7 @@
 #include "crc32c.h"
 #include "dense.h"
 #include "kernels.h"
+#include "kernels_impl.h"
 #include "layer.h"
 #include "moe.h"
 #include "policy.h"
@@ -409,6 +410,34 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
   for (uint32_t r = 0; r < H; ++r)
     for (uint32_t i = 0; i < I; ++i) y[r] += m[2].w[size_t(r) * I + i] * h[i];
   return y;
+}
+
+// The portable kernels are compiled into every build, whatever path matmul() takes:
+// check them directly against the reference, and the bandwidth probe against them.
+static bool portable_close(const TestMatrix& m, int nt) {
+  const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+  const uint32_t ng = q.quantized() ? m.cols / q.group_size : 0;
+  auto x = rand_vec(size_t(nt) * m.cols);
+  std::vector<float> xsum(size_t(nt) * ng), y(size_t(nt) * m.rows);
+  const float* xp[kernels::kTokenBlock];
+  const float* sp[kernels::kTokenBlock];
+  for (int t = 0; t < nt; ++t) {
+    xp[t] = x.data() + size_t(t) * m.cols;
+    if (ng) kernels::group_sums(xp[t], m.cols, q.group_size, &xsum[size_t(t) * ng]);
+    sp[t] = ng ? xsum.data() + size_t(t) * ng : nullptr;
+  }
+  kernels::portable::rows(q, 0, m.rows, xp, sp, nt, y.data(), m.rows);
+  return close_matmul(y, x, m.w, nt, m.rows, m.cols, 2e-6);
+}
+
+static void test_portable_kernels() {
+  for (bool sym : {false, true})
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
+      for (int nt : {1, 3}) CHECK(portable_close(make_quant(37, 256, bits, 64, sym), nt));
+  for (Kind k : {kF32, kF16, kBF16}) CHECK(portable_close(make_float(33, 100, k), 4));
+  std::vector<uint8_t> bytes((3u << 20) + 77);
+  for (auto& b : bytes) b = uint8_t(rng());
+  CHECK(stream_read(bytes.data(), bytes.size()) == kernels::portable::byte_sum(bytes.data(), bytes.size()));
 }
 
 // expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
@@ -1157,6 +1186,7 @@ int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
   test_kernels();
+  test_portable_kernels();
   test_expert_forward();
   test_crc();
   test_sample();
