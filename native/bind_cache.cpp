@@ -90,8 +90,7 @@ void bind_store(py::module_& m) {
       "this store; 'every read' on every read; False never.\n"
       "read_bytes_per_s / read_latency_s > 0 emulate a slower device's storage (see set_throttle).")
       .def(py::init([](const std::string& path, const py::array& offsets, const py::array& sizes,
-                       const py::array& checksums, bool direct, const py::object& verify, double bps,
-                       double latency) {
+                       const py::array& checksums, bool direct, const py::object& verify, double bps, double latency) {
              const Verify v = verify_mode(verify);
              if (offsets.ndim() != 2) throw std::invalid_argument("offsets must be [num_layers, num_experts]");
              const auto L = uint32_t(offsets.shape(0)), E = uint32_t(offsets.shape(1));
@@ -99,8 +98,8 @@ void bind_store(py::module_& m) {
              auto s = table<uint64_t>(sizes, L, E, "sizes");
              auto c = table<uint32_t>(checksums, L, E, "checksums");
              py::gil_scoped_release nogil;
-             return std::make_shared<ExpertStore>(path, L, E, std::move(o), std::move(s), std::move(c), direct,
-                                                  v, bps, latency);
+             return std::make_shared<ExpertStore>(path, L, E, std::move(o), std::move(s), std::move(c), direct, v, bps,
+                                                  latency);
            }),
            py::arg("path"), py::arg("offsets"), py::arg("sizes"), py::arg("checksums"), py::arg("direct") = true,
            py::arg("verify") = true, py::arg("read_bytes_per_s") = 0.0, py::arg("read_latency_s") = 0.0)
@@ -165,8 +164,9 @@ void bind_cache(py::module_& m) {
       .def_property_readonly("resident_bytes", &ExpertCache::resident_bytes)
       .def_property_readonly("policy", [](const ExpertCache& c) { return std::string(policy_name(c.policy())); })
       .def_property_readonly("io_threads", &ExpertCache::io_threads)
-      .def_property_readonly_static("entry_overhead_bytes", [](py::object) { return ExpertCache::kEntryBytes; },
-                                    "Fixed bytes the cache keeps per (layer, expert) of the file, beyond the budget.")
+      .def_property_readonly_static(
+          "entry_overhead_bytes", [](py::object) { return ExpertCache::kEntryBytes; },
+          "Fixed bytes the cache keeps per (layer, expert) of the file, beyond the budget.")
       .def("contains", &ExpertCache::contains, py::arg("layer"), py::arg("expert"), py::arg("low_bit") = false,
            "True if the expert's full copy (low_bit: its low-bit copy) is resident.")
       .def_property("fallback_threshold", &ExpertCache::fallback_threshold, &ExpertCache::set_fallback_threshold,
@@ -177,19 +177,20 @@ void bind_cache(py::module_& m) {
            "Blocking, one expert: make it resident now, without pinning it (may evict); returns when\n"
            "it is. True if it was not resident. Not counted as a hit or miss; counted in loads and\n"
            "bytes_read. prefetch() is the non-blocking read of a list of experts.")
-      .def("prefetch",
-           [](ExpertCache& c, uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes) {
-             py::gil_scoped_release nogil;
-             return c.prefetch(layer, experts, max_bytes);
-           },
-           py::arg("layer"), py::arg("experts"), py::arg("max_bytes") = 0,
-           "Non-blocking: queue reads of `experts` (a list) of `layer`, most likely first; returns how many\n"
-           "were queued. Skips experts resident, queued or being read, and stops before the bytes\n"
-           "queued by this call would pass max_bytes (0: no cap). A queued read starts after every\n"
-           "demand read; when it starts it evicts only unpinned experts the policy values less, never\n"
-           "one of the layer computing now or of a layer that runs before it, else it is dropped.\n"
-           "A wrong guess costs bandwidth, never correctness. Queues nothing when io_threads is 0.\n"
-           "load() is the blocking read of one expert.")
+      .def(
+          "prefetch",
+          [](ExpertCache& c, uint32_t layer, const std::vector<uint32_t>& experts, uint64_t max_bytes) {
+            py::gil_scoped_release nogil;
+            return c.prefetch(layer, experts, max_bytes);
+          },
+          py::arg("layer"), py::arg("experts"), py::arg("max_bytes") = 0,
+          "Non-blocking: queue reads of `experts` (a list) of `layer`, most likely first; returns how many\n"
+          "were queued. Skips experts resident, queued or being read, and stops before the bytes\n"
+          "queued by this call would pass max_bytes (0: no cap). A queued read starts after every\n"
+          "demand read; when it starts it evicts only unpinned experts the policy values less, never\n"
+          "one of the layer computing now or of a layer that runs before it, else it is dropped.\n"
+          "A wrong guess costs bandwidth, never correctness. Queues nothing when io_threads is 0.\n"
+          "load() is the blocking read of one expert.")
       .def("cancel_prefetches", &ExpertCache::cancel_prefetches, py::arg("layer") = -1,
            "Drop queued prefetches that have not started (all, or those of `layer`); returns how many.")
       .def("set_current_layer", &ExpertCache::set_current_layer, py::arg("layer"),
@@ -251,7 +252,8 @@ void bind_cache(py::module_& m) {
         if (weights.ndim() != 2 || weights.shape(0) != T || weights.shape(1) != K)
           throw std::invalid_argument("moe_forward: weights must be [T, k] like expert_ids");
         if (layer < 0 || layer >= int64_t(cache.store().num_layers()))
-          throw std::invalid_argument("moe_forward: layer " + std::to_string(layer) + " is out of range: the experts file has " +
+          throw std::invalid_argument("moe_forward: layer " + std::to_string(layer) +
+                                      " is out of range: the experts file has " +
                                       std::to_string(cache.store().num_layers()) + " layers");
         FloatArray y({T, H});
         const float* xp = x.data();

@@ -85,14 +85,14 @@ void bind_dense_ops(py::module_& m) {
       "attention",
       [](const FloatArray& q, const FloatArray& k, const FloatArray& v, int64_t start, int64_t window) {
         if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
-          throw std::invalid_argument("attention: q, k, v must be [T, heads, hd], [S, kv_heads, hd], [S, kv_heads, hd]");
+          throw std::invalid_argument(
+              "attention: q, k, v must be [T, heads, hd], [S, kv_heads, hd], [S, kv_heads, hd]");
         const int64_t T = q.shape(0), heads = q.shape(1), hd = q.shape(2), S = k.shape(0), kvh = k.shape(1);
-        if (k.shape(2) != hd || v.shape(0) != S || v.shape(1) != kvh || v.shape(2) != hd || kvh == 0 ||
-            heads % kvh)
+        if (k.shape(2) != hd || v.shape(0) != S || v.shape(1) != kvh || v.shape(2) != hd || kvh == 0 || heads % kvh)
           throw std::invalid_argument("attention: k and v must be [S, kv_heads, hd] with kv_heads dividing heads");
         if (start < 0 || S != start + T)
-          throw std::invalid_argument("attention: the cache holds " + std::to_string(S) + " positions, expected start + T = " +
-                                      std::to_string(start + T));
+          throw std::invalid_argument("attention: the cache holds " + std::to_string(S) +
+                                      " positions, expected start + T = " + std::to_string(start + T));
         FloatArray out({T, heads * hd});
         const float *qp = q.data(), *kp = k.data(), *vp = v.data();
         float* op = out.mutable_data();
@@ -134,8 +134,8 @@ void bind_decode_layer(py::module_& m) {
       "'qmatrix' (a U8 QMatrix buffer) or 'f32' / 'f16' / 'bf16' (a float matrix [out, in]).")
       .def(py::init([](uint32_t layer, const py::tuple& q, const py::tuple& k, const py::tuple& v, const py::tuple& o,
                        const py::tuple& router, const FloatArray& attn_norm, const FloatArray& ffn_norm,
-                       const FloatArray& inv_freq, uint32_t heads, uint32_t kv_heads, uint32_t head_dim,
-                       uint32_t top_k, int64_t window, float eps, bool normalize) {
+                       const FloatArray& inv_freq, uint32_t heads, uint32_t kv_heads, uint32_t head_dim, uint32_t top_k,
+                       int64_t window, float eps, bool normalize) {
              auto self = std::make_unique<PyDecodeLayer>();
              DecodeLayer& L = self->L;
              L.layer = layer;
@@ -179,7 +179,8 @@ void bind_decode_layer(py::module_& m) {
               throw std::invalid_argument("DecodeLayer.step: h must be float32 [hidden]");
             for (const auto* c : {&kc, &vc})
               if (c->ndim() != 3 || c->shape(1) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim))
-                throw std::invalid_argument("DecodeLayer.step: the KV cache must be float32 [capacity, kv_heads, head_dim]");
+                throw std::invalid_argument(
+                    "DecodeLayer.step: the KV cache must be float32 [capacity, kv_heads, head_dim]");
             if (pos < 0 || kc.shape(0) <= pos || vc.shape(0) <= pos)
               throw std::invalid_argument("DecodeLayer.step: position " + std::to_string(pos) +
                                           " is outside the KV cache's capacity");

@@ -72,8 +72,8 @@ void bind_kernels(py::module_& m) {
         std::vector<float*> ys;
         for (const QMatrix& w : ws) {
           if (w.cols != ws[0].cols)
-            throw std::invalid_argument("qmatrix_matmul_many: the matrices have " + std::to_string(ws[0].cols) + " and " +
-                                        std::to_string(w.cols) + " columns; they must share x");
+            throw std::invalid_argument("qmatrix_matmul_many: the matrices have " + std::to_string(ws[0].cols) +
+                                        " and " + std::to_string(w.cols) + " columns; they must share x");
           FloatArray y = output_like(x, T, w.rows);
           ys.push_back(y.mutable_data());
           out.append(y);

@@ -326,7 +326,8 @@ LayerRequest ExpertCache::request(uint32_t layer, const std::vector<uint32_t>& e
                                 std::to_string(experts.size()) + " experts");
   for (uint32_t e : experts) {
     const uint64_t size = store_->blob_size(layer, e);  // throws on a bad index
-    if (size == 0) throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(e));
+    if (size == 0)
+      throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(e));
     const uint64_t need = store_->read_capacity(layer, e);
     if (budget_ != 0 && need > budget_)
       throw BudgetError("the expert cache budget of " + std::to_string(budget_) + " bytes cannot hold " +
@@ -485,7 +486,7 @@ size_t ExpertCache::prefetch(uint32_t layer, const std::vector<uint32_t>& expert
     const size_t key = size_t(layer) * store_->num_experts() + e;
     Entry& en = entries_[key];
     if (en.state == State::kReady) en.usage.last_use = ++tick_;  // predicted again: keep it fresh
-    if (en.state != State::kAbsent || en.pins > 0) continue;      // resident, queued, read or demanded
+    if (en.state != State::kAbsent || en.pins > 0) continue;     // resident, queued, read or demanded
     const uint64_t need = store_->read_capacity(layer, e);
     if (budget_ != 0 && need > budget_) continue;
     if (max_bytes != 0 && bytes + need > max_bytes) break;
@@ -555,8 +556,9 @@ void ExpertCache::set_fallback_threshold(float threshold) {
     throw std::invalid_argument("the fallback threshold must be a finite gate weight >= 0 (0 = off), got " +
                                 std::to_string(threshold));
   if (threshold > 0 && !fallback_)
-    throw std::invalid_argument("this cache has no low-bit copies to fall back to: open the model with its "
-                                "fallback file (convert with --fallback-bits 2)");
+    throw std::invalid_argument(
+        "this cache has no low-bit copies to fall back to: open the model with its "
+        "fallback file (convert with --fallback-bits 2)");
   fallback_threshold_ = threshold;
 }
 

@@ -68,9 +68,9 @@ struct LayerStats {
   uint64_t fallback_loads = 0;        // reads of low-bit copies (counted in loads too)
   uint64_t fallback_bytes = 0;        // bytes of those reads (counted in bytes_read too)
   uint64_t fallback_bytes_saved = 0;  // per fallback use: full copy's bytes - bytes read for the use
-  double read_seconds = 0;     // inside reads, summed over threads
-  double stall_seconds = 0;    // moe_forward waiting for (or doing) reads
-  double compute_seconds = 0;  // moe_forward computing experts
+  double read_seconds = 0;            // inside reads, summed over threads
+  double stall_seconds = 0;           // moe_forward waiting for (or doing) reads
+  double compute_seconds = 0;         // moe_forward computing experts
   LayerStats& operator+=(const LayerStats& o);
 };
 
@@ -204,10 +204,10 @@ class ExpertCache {
   enum class State : uint8_t { kAbsent, kQueuedPrefetch, kQueuedDemand, kLoading, kReady, kCount };
   struct Entry {
     State state = State::kAbsent;
-    bool prefetched = false;  // read by a prefetch and not yet demanded
-    uint32_t pins = 0;        // holders and waiters, in any state
-    uint32_t slot = 0;        // index in resident_ when kReady
-    uint64_t bytes = 0;       // budget charge: kQueuedDemand, kLoading, kReady
+    bool prefetched = false;     // read by a prefetch and not yet demanded
+    uint32_t pins = 0;           // holders and waiters, in any state
+    uint32_t slot = 0;           // index in resident_ when kReady
+    uint64_t bytes = 0;          // budget charge: kQueuedDemand, kLoading, kReady
     std::shared_ptr<Blob> blob;  // kReady; or the evicted buffer a queued read will reuse
     std::exception_ptr error;    // a failed read's error, for the requests pinning it
     Usage usage;
@@ -255,13 +255,13 @@ class ExpertCache {
   uint32_t num_moe_layers_ = 0;
 
   mutable std::mutex mu_;
-  std::condition_variable changed_;  // a read landed or failed, a pin dropped, work was cancelled
-  std::condition_variable work_;     // the I/O threads' queues
-  std::vector<Entry> entries_;       // [key] (full copies, then low-bit ones), never resized
-  std::vector<size_t> resident_;     // keys in kReady
+  std::condition_variable changed_;           // a read landed or failed, a pin dropped, work was cancelled
+  std::condition_variable work_;              // the I/O threads' queues
+  std::vector<Entry> entries_;                // [key] (full copies, then low-bit ones), never resized
+  std::vector<size_t> resident_;              // keys in kReady
   std::deque<size_t> demand_q_, prefetch_q_;  // prefetch_q_ may hold stale keys: checked on pop
   std::array<size_t, size_t(State::kCount)> in_state_{};
-  size_t deferred_ = 0;              // demand reads waiting for room: prefetches wait meanwhile
+  size_t deferred_ = 0;  // demand reads waiting for room: prefetches wait meanwhile
   uint64_t resident_bytes_ = 0, peak_resident_bytes_ = 0;
   uint64_t tick_ = 0, token_ = 0;
   int64_t current_layer_ = -1;

@@ -51,7 +51,8 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   int64_t i = 0;
 #if defined(EDGEMOE_DENSE_AVX2)
   const __m256 va = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
 }
@@ -233,8 +234,7 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
   });
 }
 
-void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids,
-                  float* weights) {
+void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids, float* weights) {
   assert(K >= 1 && K <= E);
   std::vector<float> p(static_cast<size_t>(E));
   std::vector<int32_t> order(static_cast<size_t>(E));

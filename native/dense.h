@@ -26,8 +26,7 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
 // Per row of logits [T, E]: softmax, the K largest probabilities (largest first, the
 // lower expert id first on a tie), renormalized to sum 1 when normalize.
 // ids [T, K], weights [T, K].
-void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids,
-                  float* weights);
+void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids, float* weights);
 
 // The next token drawn from logits [n]: z = logits / temperature; with top_k > 0 only
 // the top_k largest z stay (ties at the cut: the lower token id); w = e^(z - max z) in

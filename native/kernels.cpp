@@ -76,7 +76,6 @@ int64_t decode_tasks(uint32_t rows, uint64_t work) {
 
 }  // namespace
 
-
 uint64_t QMatrix::row_bytes() const {
   switch (kind) {
     case kF32: return uint64_t(cols) * 4;
@@ -96,8 +95,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   const uint8_t kind = buf[8];
   m.bits = buf[9];
   m.group_size = load_u32(buf + 12);
-  const uint64_t codes_off = load_u32(buf + 16), scales_off = load_u32(buf + 20),
-                 mins_off = load_u32(buf + 24);
+  const uint64_t codes_off = load_u32(buf + 16), scales_off = load_u32(buf + 20), mins_off = load_u32(buf + 24);
   m.total_bytes = load_u32(buf + 28);
   if (kind > 4) bad("unknown QMatrix kind " + std::to_string(kind));
   m.kind = Kind(kind);

@@ -18,12 +18,12 @@ struct QMatrix {
   uint32_t rows = 0, cols = 0;
   Kind kind = kF32;
   uint32_t bits = 32;
-  uint32_t group_size = 0;     // kinds 3 and 4 only
+  uint32_t group_size = 0;          // kinds 3 and 4 only
   const uint8_t* data = nullptr;    // codes (kinds 3, 4) or float data, row-major
   const uint8_t* scales = nullptr;  // f16 [rows, cols/group_size], kinds 3 and 4 only
   // A group's min is min_mult * the f16 at mins: kind 3 stores them (min_mult 1); kind 4
   // reads the scales again (mins == scales, min_mult -2^(bits-1)), no extra bytes.
-  const uint8_t* mins = nullptr;    // f16 [rows, cols/group_size], kinds 3 and 4 only
+  const uint8_t* mins = nullptr;  // f16 [rows, cols/group_size], kinds 3 and 4 only
   float min_mult = 1.0f;
   uint64_t total_bytes = 0;
 

@@ -25,7 +25,6 @@ namespace {
 
 constexpr int kPrefetchBytes = 2048;  // how far decode runs ahead of the weight stream
 
-
 // 8 bytes at p zero-extended to 8 x u32 (the load folds into vpmovzxbd).
 inline __m256i u8x8(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
@@ -63,7 +62,8 @@ inline void decode_chunk(const uint8_t* p, __m256 w[4]) {
       const __m256i lo = k == 0 ? _mm256_and_si256(a, m) : _mm256_and_si256(_mm256_srli_epi32(a, 2 * k), m);
       const __m256i sh = _mm256_add_epi32(sh0, _mm256_set1_epi32(8 * k));
       // lanes 0,1 of chunk 0 need a left shift: srlv with a negative count gives 0, so use sllv there
-      const __m256i h = k == 0 ? _mm256_or_si256(_mm256_srlv_epi32(hi, sh), _mm256_sllv_epi32(hi, _mm256_sub_epi32(_mm256_setzero_si256(), sh)))
+      const __m256i h = k == 0 ? _mm256_or_si256(_mm256_srlv_epi32(hi, sh),
+                                                 _mm256_sllv_epi32(hi, _mm256_sub_epi32(_mm256_setzero_si256(), sh)))
                                : _mm256_srlv_epi32(hi, sh);
       w[k] = _mm256_cvtepi32_ps(_mm256_or_si256(lo, _mm256_and_si256(h, four)));
     }
@@ -105,8 +105,8 @@ inline float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
 // only when T > 1): weights are decoded and scaled once per chunk and shared
 // by the tokens; the min term uses xsum.
 template <int BITS, int NT>
-void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum,
-                float* y, uint32_t ystride) {
+void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, float* y,
+                uint32_t ystride) {
   constexpr int C = kChains<NT>;
   const uint32_t gs = w.group_size, ng = w.cols / gs, cpg = gs / kChunk;
   const uint64_t rb = w.row_bytes();
@@ -136,7 +136,8 @@ void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* 
     const __m256 mm = _mm256_set1_ps(w.min_mult);
     uint32_t g = 0;
     for (; g + 8 <= ng; g += 8) {
-      const __m256 m8 = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g))), mm);
+      const __m256 m8 =
+          _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g))), mm);
       for (int t = 0; t < NT; ++t) macc[t] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(xsum[t] + g), macc[t]);
     }
     for (int t = 0; t < NT; ++t) {
@@ -258,7 +259,8 @@ inline __m256i chunk_dot16(const uint8_t* p, __m256i xa, __m256i xb) {
     const __m256i w = _mm256_mullo_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi64(b, b)),
                                          _mm256_setr_epi16(4, 4, 4, 4, 4, 4, 4, 4, 1, 1, 1, 1, 1, 1, 1, 1));
     const __m256i three = _mm256_set1_epi16(3);
-    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(w, 2), three), hi = _mm256_and_si256(_mm256_srli_epi16(w, 6), three);
+    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(w, 2), three),
+            hi = _mm256_and_si256(_mm256_srli_epi16(w, 6), three);
     if constexpr (BITS == 3) {
       // bit 2 of v[j] is bit j of the u32 after the 2-bit part: test each lane's bit
       const uint32_t word = load_u32(p + 8);
@@ -422,7 +424,8 @@ void qmatvec_rows_m(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   alignas(32) float m[2][RR][8];  // double-buffered: a block's stores land well before its loads
   uint32_t b = 0;
   if (nb >= 8)
-    for (int i = 0; i < RR; ++i) _mm256_store_ps(m[0][i], _mm256_mul_ps(chunk_scales8<CPG>(sc[i], 0), _mm256_loadu_ps(dx)));
+    for (int i = 0; i < RR; ++i)
+      _mm256_store_ps(m[0][i], _mm256_mul_ps(chunk_scales8<CPG>(sc[i], 0), _mm256_loadu_ps(dx)));
   for (int cur = 0; b + 8 <= nb; b += 8, cur ^= 1) {
     if (b + 16 <= nb) {
       const __m256 dx8 = _mm256_loadu_ps(dx + b + 8);
@@ -451,9 +454,8 @@ void qmatvec_rows_m(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
     }
   }
   for (int i = 0; i < RR; ++i)
-    y[r + uint32_t(i)] =
-        hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
-        w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+    y[r + uint32_t(i)] = hsum(_mm256_add_ps(acc[i][0], acc[i][1])) +
+                         w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
 }
 
 template <int BITS, uint32_t CPG>
@@ -496,7 +498,9 @@ void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
       _mm256_storeu_ps(dst + c, v);
     }
     for (; c < cols; ++c)
-      dst[c] = w.kind == kF32 ? load1<kF32>(row + 4 * c) : w.kind == kF16 ? load1<kF16>(row + 2 * c) : load1<kBF16>(row + 2 * c);
+      dst[c] = w.kind == kF32   ? load1<kF32>(row + 4 * c)
+               : w.kind == kF16 ? load1<kF16>(row + 2 * c)
+                                : load1<kBF16>(row + 2 * c);
     return;
   }
   const uint32_t gs = w.group_size, ng = cols / gs, cpg = gs / kChunk, cb = chunk_bytes(w.bits);
@@ -563,8 +567,8 @@ void gemm_tokens(const float* const* wr, const float* x, int64_t T, uint32_t col
 
 }  // namespace
 
-void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
-          float* y, uint32_t ystride) {
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
+          uint32_t ystride) {
   // x[t] [cols], xsum[t] [cols / group_size] -> y[t * ystride + r], r in [r0, r1)
   switch (nt) {
     case 1: return rows_nt<1>(w, r0, r1, x, xsum, y, ystride);
@@ -630,7 +634,8 @@ uint64_t byte_sum(const uint8_t* p, uint64_t n) {
     a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 96)));
   }
   alignas(32) uint64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                     _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
   return lanes[0] + lanes[1] + lanes[2] + lanes[3] + portable::byte_sum(p + i, n - i);  // the tail, 8 bytes a step
 }
 

@@ -36,8 +36,8 @@ namespace portable {
 // Rows [r0, r1) of y = W x for nt <= kTokenBlock tokens.
 // x[t] [cols] float32, W [rows, cols] any kind, xsum[t] [cols / group_size] (group
 // sums of x[t]; quantized W only) -> y[t * ystride + r] for r in [r0, r1).
-void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
-          float* y, uint32_t ystride);
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
+          uint32_t ystride);
 
 // p [n] bytes -> their sum as little-endian u64 words (then the tail's bytes), mod 2^64.
 uint64_t byte_sum(const uint8_t* p, uint64_t n);
@@ -49,8 +49,8 @@ namespace avx2 {
 
 // As portable::rows: x[t] [cols] float32, W [rows, cols] any kind, xsum[t]
 // [cols / group_size] -> y[t * ystride + r] for r in [r0, r1), nt <= kTokenBlock.
-void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
-          float* y, uint32_t ystride);
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
+          uint32_t ystride);
 
 // One token's x [cols] float32 rounded per block of 32 values for the decode
 // kernels: to int8 for 4-bit codes (need8), to int16 for 2/3/8-bit ones (need16),

@@ -51,8 +51,7 @@ inline float dot_portable(const float* a, const float* b, uint32_t n) {
 // y[t] = W[r] . x[t] for nt tokens, group-quantized row r.
 // xsum: [nt][ngroups] per-group sums of x.
 template <int BITS>
-void qrow_portable(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt,
-                   float* out) {
+void qrow_portable(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt, float* out) {
   const uint32_t gs = w.group_size, ng = w.cols / gs, cpg = gs / kChunk;
   const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
   const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
@@ -96,8 +95,7 @@ void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, 
   for (int t = 0; t < nt; ++t) out[t] = acc[t];
 }
 
-void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt,
-                  float* out) {
+void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt, float* out) {
   if (!w.quantized()) return frow_portable(w, r, x, nt, out);
   switch (w.bits) {
     case 2: return qrow_portable<2>(w, r, x, xsum, nt, out);
@@ -111,8 +109,8 @@ void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const flo
 
 namespace portable {
 
-void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt,
-          float* y, uint32_t ystride) {
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
+          uint32_t ystride) {
   // x[t] [cols], xsum[t] [cols / group_size] -> y[t * ystride + r], r in [r0, r1)
   for (uint32_t r = r0; r < r1; ++r) {
     float out[kTokenBlock];

@@ -22,9 +22,9 @@ constexpr double kEvictionDecay = 0.95;
 
 // What the policies know about one expert. Kept across evictions.
 struct Usage {
-  uint64_t last_use = 0;    // cache tick of the last demand use or prefetch landing
-  uint64_t uses = 0;        // demand uses since the cache was made
-  double rate = 0;          // decayed uses per token, as of token `rate_token`
+  uint64_t last_use = 0;  // cache tick of the last demand use or prefetch landing
+  uint64_t uses = 0;      // demand uses since the cache was made
+  double rate = 0;        // decayed uses per token, as of token `rate_token`
   uint64_t rate_token = 0;
 };
 

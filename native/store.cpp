@@ -76,8 +76,9 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
 
   try {
     if (file_bytes_ < kPage)
-      throw ModelDirectoryError(path_ + " is " + std::to_string(file_bytes_) +
-                                " bytes, shorter than its 4096-byte header: the file is truncated, convert the model again");
+      throw ModelDirectoryError(
+          path_ + " is " + std::to_string(file_bytes_) +
+          " bytes, shorter than its 4096-byte header: the file is truncated, convert the model again");
     // The header, read through O_DIRECT when asked for: this also probes whether
     // the filesystem accepts O_DIRECT (tmpfs and some FUSE mounts answer EINVAL).
     Blob header(kPage);
@@ -110,8 +111,8 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
       throw ModelDirectoryError(path_ + " is not an edgemoe experts file (bad magic): convert the model again");
     const uint32_t version = load_u32(header.base + 8);  // 2 added kind 4 matrices; 1 still reads
     if (version > kFormatVersion)
-      throw ModelDirectoryError(path_ + " has format_version " + std::to_string(version) + ", this edgemoe reads up to " +
-                                std::to_string(kFormatVersion) + ": upgrade edgemoe");
+      throw ModelDirectoryError(path_ + " has format_version " + std::to_string(version) +
+                                ", this edgemoe reads up to " + std::to_string(kFormatVersion) + ": upgrade edgemoe");
 
     for (uint32_t l = 0; l < num_layers_; ++l)
       for (uint32_t e = 0; e < num_experts_; ++e) {
@@ -192,7 +193,8 @@ std::chrono::steady_clock::time_point ExpertStore::throttle_slot(uint64_t n) con
   const auto first_byte = now + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(latency_s_));
   if (bytes_per_s_ <= 0) return first_byte;
   const auto start = std::max(first_byte, free_at_);
-  free_at_ = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(double(n) / bytes_per_s_));
+  free_at_ =
+      start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(double(n) / bytes_per_s_));
   return free_at_;
 }
 
@@ -200,13 +202,15 @@ std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::sh
   check_index(layer, expert);
   const size_t i = index(layer, expert);
   const uint64_t size = sizes_[i];
-  if (size == 0) throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(expert));
+  if (size == 0)
+    throw std::invalid_argument("layer " + std::to_string(layer) + " has no expert " + std::to_string(expert));
 
   // O_DIRECT wants offset, length and buffer 4 KiB aligned: read whole pages
   // around the blob (the last blob may end mid-page at EOF: a short read).
   const uint64_t start = offsets_[i] / kPage * kPage, delta = offsets_[i] - start, want = delta + size;
   const uint64_t cap = read_capacity(layer, expert);
-  auto blob = reuse && reuse->capacity == cap && reuse.use_count() == 1 ? std::move(reuse) : std::make_shared<Blob>(cap);
+  auto blob =
+      reuse && reuse->capacity == cap && reuse.use_count() == 1 ? std::move(reuse) : std::make_shared<Blob>(cap);
   blob->data = blob->base + delta;
   blob->size = size;
 
@@ -233,8 +237,8 @@ std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::sh
     if (use_direct && got % kPage != 0) use_direct = false;  // short read mid-file: finish buffered
   }
 
-  const bool check = verify_ == Verify::kEveryRead ||
-                     (verify_ == Verify::kFirstRead && !verified_[i].load(std::memory_order_acquire));
+  const bool check =
+      verify_ == Verify::kEveryRead || (verify_ == Verify::kFirstRead && !verified_[i].load(std::memory_order_acquire));
   if (check) {
     if (crc32c(blob->data, size) != checksums_[i])
       throw CorruptExpertError(who(layer, expert) + " failed its checksum in " + path_ +

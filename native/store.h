@@ -27,10 +27,10 @@ struct Blob {
   ~Blob();
   Blob(const Blob&) = delete;
   Blob& operator=(const Blob&) = delete;
-  uint8_t* base = nullptr;      // aligned allocation
-  uint64_t capacity = 0;        // multiple of 4096
+  uint8_t* base = nullptr;        // aligned allocation
+  uint64_t capacity = 0;          // multiple of 4096
   const uint8_t* data = nullptr;  // the blob's first byte (inside base)
-  uint64_t size = 0;            // the blob's exact length
+  uint64_t size = 0;              // the blob's exact length
 };
 
 // When read() checks a blob's CRC-32C. kFirstRead (the default) checks each blob
@@ -71,7 +71,9 @@ class ExpertStore {
   uint32_t num_experts() const { return num_experts_; }
   uint64_t file_bytes() const { return file_bytes_; }
   uint64_t blob_size(uint32_t layer, uint32_t expert) const;  // 0 = no such expert
-  uint64_t buffer_bytes(uint32_t layer, uint32_t expert) const { return (blob_size(layer, expert) + 4095) / 4096 * 4096; }
+  uint64_t buffer_bytes(uint32_t layer, uint32_t expert) const {
+    return (blob_size(layer, expert) + 4095) / 4096 * 4096;
+  }
   // Bytes of the aligned buffer read() uses (whole pages around the blob).
   uint64_t read_capacity(uint32_t layer, uint32_t expert) const;
   // Throws std::invalid_argument naming the range when out of range.
@@ -96,8 +98,8 @@ class ExpertStore {
   std::vector<uint32_t> checksums_;
   Verify verify_;
   std::unique_ptr<std::atomic<bool>[]> verified_;  // [num_layers * num_experts]: kFirstRead's checked blobs
-  int fd_ = -1;         // buffered
-  int fd_direct_ = -1;  // O_DIRECT, -1 when unavailable
+  int fd_ = -1;                                    // buffered
+  int fd_direct_ = -1;                             // O_DIRECT, -1 when unavailable
   mutable std::atomic<bool> direct_{false};
   uint64_t file_bytes_ = 0;
 

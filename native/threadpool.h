@@ -42,9 +42,9 @@ class ThreadPool {
   std::condition_variable done_;
   std::vector<std::thread> workers_;
   std::atomic<bool> stopping_{false};
-  std::atomic<uint64_t> generation_{0};  // bumped (under m_) when a job opens
-  int sleeping_ = 0;                     // workers blocked on wake_
-  std::atomic<int> active_{0};           // workers inside the current job
+  std::atomic<uint64_t> generation_{0};               // bumped (under m_) when a job opens
+  int sleeping_ = 0;                                  // workers blocked on wake_
+  std::atomic<int> active_{0};                        // workers inside the current job
   const std::function<void(int64_t)>* fn_ = nullptr;  // null: no job open
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};

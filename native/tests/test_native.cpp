@@ -15,11 +15,12 @@
 #include <thread>
 #include <vector>
 
+#include "cache.h"
 #include "common.h"
 #include "crc32c.h"
 #include "dense.h"
 #include "kernels.h"
-#include "cache.h"
+#include "kernels_impl.h"
 #include "layer.h"
 #include "moe.h"
 #include "policy.h"
@@ -29,12 +30,12 @@
 using namespace edgemoe;
 
 static int g_failures = 0;
-#define CHECK(cond)                                                    \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
+#define CHECK(cond)                                                                 \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++g_failures;                                                    \
-    }                                                                  \
+      ++g_failures;                                                                 \
+    }                                                                               \
   } while (0)
 
 template <class E, class F>
@@ -117,8 +118,8 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
       for (int j = 0; j < 32; ++j) {
         const uint32_t g = (c0 + uint32_t(j)) / gs;
         const double half = double(1u << (bits - 1)), mnv = sym ? -half * half_ref(sc[g]) : half_ref(mn[g]);
-        m.w[size_t(r) * cols + c0 + uint32_t(j)] = sym ? half_ref(sc[g]) * (double(v[j]) - half)
-                                                       : half_ref(sc[g]) * v[j] + mnv;
+        m.w[size_t(r) * cols + c0 + uint32_t(j)] =
+            sym ? half_ref(sc[g]) * (double(v[j]) - half) : half_ref(sc[g]) * v[j] + mnv;
         m.mins[size_t(r) * cols + c0 + uint32_t(j)] = mnv;
       }
     }
@@ -128,8 +129,8 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
 
 static TestMatrix make_float(uint32_t rows, uint32_t cols, Kind kind) {
   const size_t es = kind == kF32 ? 4 : 2;
-  TestMatrix m{std::vector<uint8_t>(64 + size_t(rows) * cols * es, 0), std::vector<double>(size_t(rows) * cols), rows,
-               cols, {}};
+  TestMatrix m{
+      std::vector<uint8_t>(64 + size_t(rows) * cols * es, 0), std::vector<double>(size_t(rows) * cols), rows, cols, {}};
   put_u32(m.buf, 0, rows);
   put_u32(m.buf, 4, cols);
   m.buf[8] = uint8_t(kind);
@@ -217,25 +218,25 @@ static bool close_matmul_x16(const std::vector<float>& y, const std::vector<floa
 static void test_kernels() {
   const uint32_t shapes[][2] = {{1, 128}, {37, 256}, {130, 384}};
   for (bool sym : {false, true})
-  for (uint32_t bits : {2u, 3u, 4u, 8u})
-    for (uint32_t gs : {32u, 64u, 128u})
-      for (auto& s : shapes) {
-        if (s[1] % gs) continue;
-        TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
-        const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
-        for (int64_t T : {1, 3, 4, 9, 14}) {
-          auto x = rand_vec(size_t(T) * s[1]);
-          std::vector<float> y(size_t(T) * s[0]);
-          matmul(q, x.data(), T, y.data());
-          if (T == 1 && std::strcmp(simd_name(), "portable") != 0) {
-            CHECK(close_matmul_x16(y, x, m, bits, 2e-6));  // exactly what the kernel computes
-            // and within 2^-15-ish of f32 x (int8 for 4 bits: 2^-7-ish)
-            CHECK(close_matmul(y, x, m.w, T, s[0], s[1], bits == 4 ? 1e-2 : 1e-4));
-          } else {
-            CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
+      for (uint32_t gs : {32u, 64u, 128u})
+        for (auto& s : shapes) {
+          if (s[1] % gs) continue;
+          TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
+          const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+          for (int64_t T : {1, 3, 4, 9, 14}) {
+            auto x = rand_vec(size_t(T) * s[1]);
+            std::vector<float> y(size_t(T) * s[0]);
+            matmul(q, x.data(), T, y.data());
+            if (T == 1 && std::strcmp(simd_name(), "portable") != 0) {
+              CHECK(close_matmul_x16(y, x, m, bits, 2e-6));  // exactly what the kernel computes
+              // and within 2^-15-ish of f32 x (int8 for 4 bits: 2^-7-ish)
+              CHECK(close_matmul(y, x, m.w, T, s[0], s[1], bits == 4 ? 1e-2 : 1e-4));
+            } else {
+              CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+            }
           }
         }
-      }
   for (Kind k : {kF32, kF16, kBF16})
     for (auto s : {std::pair<uint32_t, uint32_t>{1, 7}, {33, 100}, {70, 512}}) {
       TestMatrix m = make_float(s.first, s.second, k);
@@ -273,9 +274,9 @@ static void test_sample() {
   std::vector<float> l(8192);
   for (float& x : l) x = nd(rng);
   const int64_t top = std::max_element(l.begin(), l.end()) - l.begin();
-  CHECK(sample_logits(l.data(), 8192, 1.0, 1, 1.0, 0.99) == top);     // top_k 1: the argmax
-  CHECK(sample_logits(l.data(), 8192, 1.0, 0, 1e-9, 0.99) == top);    // the smallest nucleus
-  CHECK(sample_logits(l.data(), 8192, 0.01, 0, 0.95, 0.5) == top);    // a cold temperature
+  CHECK(sample_logits(l.data(), 8192, 1.0, 1, 1.0, 0.99) == top);   // top_k 1: the argmax
+  CHECK(sample_logits(l.data(), 8192, 1.0, 0, 1e-9, 0.99) == top);  // the smallest nucleus
+  CHECK(sample_logits(l.data(), 8192, 0.01, 0, 0.95, 0.5) == top);  // a cold temperature
   for (double u : {0.0, 0.3, 0.999999}) {
     const int64_t t = sample_logits(l.data(), 8192, 0.8, 0, 0.95, u);
     CHECK(t >= 0 && t < 8192 && l[size_t(t)] > -6.0f);  // never a token far below the nucleus
@@ -313,7 +314,8 @@ static void test_crc() {
 
 static std::vector<uint8_t> make_blob(uint32_t layer, uint32_t expert, uint32_t H, uint32_t I, uint32_t bits,
                                       std::vector<TestMatrix>* mats, bool sym = false) {
-  TestMatrix g = make_quant(I, H, bits, 32, sym), u = make_quant(I, H, bits, 32, sym), d = make_quant(H, I, bits, 32, sym);
+  TestMatrix g = make_quant(I, H, bits, 32, sym), u = make_quant(I, H, bits, 32, sym),
+             d = make_quant(H, I, bits, 32, sym);
   std::vector<uint8_t> blob(64, 0);
   std::memcpy(blob.data(), "EXPB", 4);
   put_u32(blob, 4, layer);
@@ -410,6 +412,34 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
   return y;
 }
 
+// The portable kernels are compiled into every build, whatever path matmul() takes:
+// check them directly against the reference, and the bandwidth probe against them.
+static bool portable_close(const TestMatrix& m, int nt) {
+  const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+  const uint32_t ng = q.quantized() ? m.cols / q.group_size : 0;
+  auto x = rand_vec(size_t(nt) * m.cols);
+  std::vector<float> xsum(size_t(nt) * ng), y(size_t(nt) * m.rows);
+  const float* xp[kernels::kTokenBlock];
+  const float* sp[kernels::kTokenBlock];
+  for (int t = 0; t < nt; ++t) {
+    xp[t] = x.data() + size_t(t) * m.cols;
+    if (ng) kernels::group_sums(xp[t], m.cols, q.group_size, &xsum[size_t(t) * ng]);
+    sp[t] = ng ? xsum.data() + size_t(t) * ng : nullptr;
+  }
+  kernels::portable::rows(q, 0, m.rows, xp, sp, nt, y.data(), m.rows);
+  return close_matmul(y, x, m.w, nt, m.rows, m.cols, 2e-6);
+}
+
+static void test_portable_kernels() {
+  for (bool sym : {false, true})
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
+      for (int nt : {1, 3}) CHECK(portable_close(make_quant(37, 256, bits, 64, sym), nt));
+  for (Kind k : {kF32, kF16, kBF16}) CHECK(portable_close(make_float(33, 100, k), 4));
+  std::vector<uint8_t> bytes((3u << 20) + 77);
+  for (auto& b : bytes) b = uint8_t(rng());
+  CHECK(stream_read(bytes.data(), bytes.size()) == kernels::portable::byte_sum(bytes.data(), bytes.size()));
+}
+
 // expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
 static void test_expert_forward() {
   const uint32_t H = 64, I = 96;
@@ -434,7 +464,8 @@ static void test_expert_forward() {
             mx = std::max(mx, std::fabs(ref[h]));
             err = std::max(err, std::fabs(ref[h] - y[size_t(t) * H + h]));
           }
-          if (err > tol * mx) std::fprintf(stderr, "kind %d bits %u T=%lld: error %g of %g\n", sym ? 4 : 3, bits, (long long)T, err, mx);
+          if (err > tol * mx)
+            std::fprintf(stderr, "kind %d bits %u T=%lld: error %g of %g\n", sym ? 4 : 3, bits, (long long)T, err, mx);
           CHECK(err <= tol * mx);
         }
       }
@@ -470,8 +501,8 @@ static void test_store_and_cache() {
   // A blob beyond the end is refused at construction.
   auto big = f.sizes;
   big[7] += 5000;
-  CHECK(throws<ModelDirectoryError>([&] { ExpertStore(f.path, f.L, f.E, f.offsets, big, f.crcs, true, Verify::kEveryRead); },
-                                    "expert 3 of layer 1"));
+  CHECK(throws<ModelDirectoryError>(
+      [&] { ExpertStore(f.path, f.L, f.E, f.offsets, big, f.crcs, true, Verify::kEveryRead); }, "expert 3 of layer 1"));
 
   // moe_forward vs the scalar reference.
   ExpertCache cache(store, 0);
@@ -665,8 +696,8 @@ static void test_policy_scores() {
     if (sx < sy && sx < sz) return 'X';
     return sy < sz ? 'Y' : 'Z';
   };
-  CHECK(victim(Policy::kLru) == 'X');      // least recently used
-  CHECK(victim(Policy::kLfu) == 'Z');      // fewest uses, the older of Y and Z
+  CHECK(victim(Policy::kLru) == 'X');        // least recently used
+  CHECK(victim(Policy::kLfu) == 'Z');        // fewest uses, the older of Y and Z
   CHECK(victim(Policy::kStructure) == 'Y');  // one use at the farthest layer beats an old one at the next
 }
 
@@ -838,8 +869,8 @@ static void test_throttle() {
   dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   CHECK(dt >= double(total) / bw);
   CHECK(c.stats().read_seconds >= double(total) / bw);
-  std::printf("  throttle: %.1f ms for %llu bytes at %.0f MB/s (floor %.1f ms)\n", dt * 1e3,
-              (unsigned long long)total, bw / 1e6, 1e3 * double(total) / bw);
+  std::printf("  throttle: %.1f ms for %llu bytes at %.0f MB/s (floor %.1f ms)\n", dt * 1e3, (unsigned long long)total,
+              bw / 1e6, 1e3 * double(total) / bw);
   store->set_throttle(0, 0);
 }
 
@@ -897,7 +928,8 @@ static void test_prefetch_storm() {
     storm.join();
     c.wait_idle();
     bool same = true;
-    for (size_t i = 0; i < ids.size(); ++i) same = same && std::memcmp(ref[i].data(), got[i].data(), ref[i].size() * 4) == 0;
+    for (size_t i = 0; i < ids.size(); ++i)
+      same = same && std::memcmp(ref[i].data(), got[i].data(), ref[i].size() * 4) == 0;
     CHECK(same);
     const CacheStats s = c.stats();
     CHECK(s.peak_resident_bytes <= c.budget_bytes() && s.resident_bytes <= c.budget_bytes());
@@ -940,7 +972,8 @@ static void test_prefetch_threads() {
             while (!req.done()) {
               PinnedExpert pe = req.next();
               const size_t i = l * f.E + pe.expert();
-              if (pe.blob().size != f.blobs[i].size() || std::memcmp(pe.blob().data, f.blobs[i].data(), pe.blob().size) != 0)
+              if (pe.blob().size != f.blobs[i].size() ||
+                  std::memcmp(pe.blob().data, f.blobs[i].data(), pe.blob().size) != 0)
                 ++bad;
             }
           } catch (const BudgetError&) {
@@ -959,11 +992,12 @@ static void test_prefetch_threads() {
     CHECK(cache.prefetch(0, {0}) == 1);
     cache.wait_idle();
     CHECK(cache.contains(0, 0));
-    std::printf("  prefetch threads (%s): %llu hits, %llu misses, %llu loads (%llu prefetched), %llu prefetch hits, "
-                "%llu cancelled, %llu dropped, %d budget errors\n",
-                policy_name(p), (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.loads,
-                (unsigned long long)s.prefetch_loads, (unsigned long long)s.prefetch_hits,
-                (unsigned long long)s.prefetch_cancelled, (unsigned long long)s.prefetch_dropped, budget_errors.load());
+    std::printf(
+        "  prefetch threads (%s): %llu hits, %llu misses, %llu loads (%llu prefetched), %llu prefetch hits, "
+        "%llu cancelled, %llu dropped, %d budget errors\n",
+        policy_name(p), (unsigned long long)s.hits, (unsigned long long)s.misses, (unsigned long long)s.loads,
+        (unsigned long long)s.prefetch_loads, (unsigned long long)s.prefetch_hits,
+        (unsigned long long)s.prefetch_cancelled, (unsigned long long)s.prefetch_dropped, budget_errors.load());
   }
 }
 
@@ -988,8 +1022,8 @@ static void test_request_larger_than_budget() {
   ExpertCache c(store, 2 * one, Policy::kLru, 2);
   PinnedExpert a = c.acquire(0, 0), b = c.acquire(0, 1);
   CHECK(throws<BudgetError>([&] { c.acquire(0, 2); }, "pinned or being read"));
-  std::printf("  entry overhead: %zu bytes per (layer, expert), %zu per layer of statistics\n", ExpertCache::kEntryBytes,
-              sizeof(LayerStats));
+  std::printf("  entry overhead: %zu bytes per (layer, expert), %zu per layer of statistics\n",
+              ExpertCache::kEntryBytes, sizeof(LayerStats));
 }
 
 // Low-bit fallback: a second store of 2-bit copies (expert 3 of each layer has none).
@@ -1076,12 +1110,14 @@ static void test_fallback() {
     CHECK(c.stats().peak_resident_bytes <= one + lone);
   }
   CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0).set_fallback_threshold(0.5f); }, "no low-bit"));
-  CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0, Policy::kLru, 0, lstore).set_fallback_threshold(-1); }));
+  CHECK(throws<std::invalid_argument>(
+      [&] { ExpertCache(store, 0, Policy::kLru, 0, lstore).set_fallback_threshold(-1); }));
   TestFile other;
   other.L = 1;
   other.E = 4;
   write_file(other, H, I, two_bits);
-  CHECK(throws<std::invalid_argument>([&] { ExpertCache(store, 0, Policy::kLru, 0, open_store(other)); }, "must match"));
+  CHECK(
+      throws<std::invalid_argument>([&] { ExpertCache(store, 0, Policy::kLru, 0, open_store(other)); }, "must match"));
 
   // Threads: requests mixing full and low-bit copies, prefetches and a tight budget;
   // each pinned blob must be the copy it claims to be (for TSan and ASan).
@@ -1150,6 +1186,7 @@ int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
   test_kernels();
+  test_portable_kernels();
   test_expert_forward();
   test_crc();
   test_sample();
