@@ -5,7 +5,7 @@
 // resident ones.
 //
 // Low-bit fallback (HOBBIT). Given a second store holding low-bit copies of the
-// experts (FORMAT.md, experts.fallback.bin) and a threshold > 0, a miss on an
+// experts (docs/format.md, experts.fallback.bin) and a threshold > 0, a miss on an
 // expert whose |gate weight| is below the threshold for every token of the call
 // reads the low-bit copy instead of the full one. The copy is its own entry:
 // its own bytes under the same budget, its own usage for the policy. A use

@@ -1,4 +1,4 @@
-// Matmul kernels over FORMAT.md's QMatrix layout, and the SwiGLU expert.
+// Matmul kernels over docs/format.md's QMatrix layout, and the SwiGLU expert.
 // kernels.cpp drives them; the inner loops are per instruction set (kernels_impl.h).
 #pragma once
 

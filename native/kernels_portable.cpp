@@ -13,7 +13,7 @@ namespace edgemoe::kernels {
 
 namespace {
 
-// Unpacks one chunk of 32 codes (FORMAT.md "Codes are packed per chunk").
+// Unpacks one chunk of 32 codes (docs/format.md "Codes are packed per chunk").
 template <int BITS>
 inline void unpack_chunk(const uint8_t* p, uint8_t* v) {
   if constexpr (BITS == 8) {

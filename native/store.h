@@ -13,7 +13,7 @@
 
 namespace edgemoe {
 
-// The newest experts-file format_version this core reads (FORMAT.md); older ones read too.
+// The newest experts-file format_version this core reads (docs/format.md); older ones read too.
 // Bound as edgemoe._core.FORMAT_VERSION: the Python side writes and checks this version.
 constexpr uint32_t kFormatVersion = 2;
 

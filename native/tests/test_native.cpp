@@ -1,5 +1,5 @@
 // Native tests, no framework: kernels vs a scalar reference written from
-// FORMAT.md, CRC-32C vectors, store/cache on a temp file, and a multithreaded
+// docs/format.md, CRC-32C vectors, store/cache on a temp file, and a multithreaded
 // cache test for ASan/UBSan and TSan builds (see native/run_sanitized_tests.sh).
 #include <unistd.h>
 
@@ -78,7 +78,7 @@ struct TestMatrix {
   std::vector<double> mins;  // the min part of w (kinds 3, 4), for the int16-activation reference
 };
 
-// Group-quantized matrix with random codes/scales/mins, packed per FORMAT.md: kind 3,
+// Group-quantized matrix with random codes/scales/mins, packed per docs/format.md: kind 3,
 // or with sym kind 4 (no mins section, min = -2^(bits-1) * scale).
 static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32_t gs, bool sym = false) {
   TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols, std::vector<double>(size_t(rows) * cols)};
