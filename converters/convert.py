@@ -156,7 +156,8 @@ def convert(
         raise EdgeMoEError(
             f"bits='auto' needs a bitwidth for every expert; bits_map has none for expert {e} of layer {layer}"
         )
-    expert_bits = {k: bits_map.get(k, bits) for k in experts}
+    # bits "auto": bits_map names every expert (checked above)
+    expert_bits = {k: bits_map[k] if isinstance(bits, str) else bits_map.get(k, bits) for k in experts}
     used = set(expert_bits.values())
     uniform = next(iter(used)) if len(used) == 1 else None
     if backbone_bits is None:
@@ -354,7 +355,8 @@ def _write_experts(
                 if out is not None:
                     mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
                     nbytes += out.add(layer, e, bits, mats)
-                if low is not None and fallback.bits < bits:  # from the checkpoint's weights, not the quantized copy
+                # from the checkpoint's weights, not the quantized copy (low is set with fallback)
+                if low is not None and fallback is not None and fallback.bits < bits:
                     mats = [
                         _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
                         for m in (gate, up, down)
@@ -363,7 +365,7 @@ def _write_experts(
                 del gate, up, down
                 bar.update(1, nbytes)
         pos = out.close() if out is not None else 0
-        if low is not None:
+        if low is not None and fallback is not None:
             fallback.file_bytes, fallback.blobs = low.close(), low.blobs
     finally:
         for f in (out, low):

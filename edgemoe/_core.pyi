@@ -4,10 +4,12 @@ Every call that does real work releases the GIL. Arrays must be C-contiguous.
 Matrices follow docs/format.md's QMatrix layout; blobs follow its expert blob layout.
 """
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+import edgemoe.errors
 
 FORMAT_VERSION: int
 """The newest experts-file format_version this core reads (older ones read too); the
@@ -161,7 +163,7 @@ class ExpertCache:
     above the threshold always takes the full copy; a resident full copy is always used.
     """
 
-    entry_overhead_bytes: int
+    entry_overhead_bytes: Final[int]  # read-only, on the class
     fallback_threshold: float
     def __init__(
         self,
@@ -279,5 +281,6 @@ class DecodeLayer:
         writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to
         positions 0..pos."""
 
-class CorruptExpertError(Exception): ...
-class BudgetError(Exception): ...
+# raised by the core, caught as edgemoe.errors' classes (their subclasses)
+class CorruptExpertError(edgemoe.errors.CorruptExpertError): ...
+class BudgetError(edgemoe.errors.BudgetError): ...

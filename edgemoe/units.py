@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import overload
 
 _UNITS = {
     "": 1,
@@ -21,6 +22,10 @@ _UNITS = {
 }
 
 
+@overload
+def parse_bytes(value: None) -> None: ...
+@overload
+def parse_bytes(value: int | float | str) -> int: ...
 def parse_bytes(value: int | float | str | None) -> int | None:
     """Bytes from an int or a string like '1.5GB' (powers of 1000) or '512MiB' (powers of 1024)."""
     if value is None:

@@ -24,7 +24,7 @@ import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from ..converters.convert import convert
 from ..devices import load_profile
@@ -39,11 +39,22 @@ from .synth import synth_mixtral
 ENGINES = ("edgemoe", "llama.cpp")
 DEFAULT_LIMITS = "unlimited,1.2,0.8,0.5,0.3"
 GGUF_TYPES = {4: "Q4_0", 8: "Q8_0"}
+
+
+class _Setting(TypedDict):
+    """Keywords of converters.convert.convert."""
+
+    bits: int
+    backbone_bits: int
+    group_size: int
+    symmetric: bool
+
+
 # Our setting nearest each GGUF type. Q4_0: groups of 32, one f16 scale, w = d * (q - 8); ours
 # with --symmetric is the same arithmetic and layout cost (kind 4, docs/format.md: 4.5 bits per weight).
-OUR_SETTINGS = {
-    4: dict(bits=4, backbone_bits=4, group_size=32, symmetric=True),
-    8: dict(bits=8, backbone_bits=8, group_size=32, symmetric=True),
+OUR_SETTINGS: dict[int, _Setting] = {
+    4: _Setting(bits=4, backbone_bits=4, group_size=32, symmetric=True),
+    8: _Setting(bits=8, backbone_bits=8, group_size=32, symmetric=True),
 }
 RUN_TIMEOUT_S = 300.0
 # HF pre-tokenizers llama.cpp implements under another model's name, for checkpoints whose
@@ -96,7 +107,7 @@ def edgemoe_budget(limit: int | None, others: int, min_budget: int) -> int | Non
     return budget if budget >= min_budget else 0
 
 
-def spread(values: Sequence[float]) -> dict[str, float] | None:
+def spread(values: Sequence[float | None]) -> dict[str, float] | None:
     """Median, min and max of the completed runs' figure (None when none completed)."""
     vals = [float(v) for v in values if v is not None]
     if not vals:
@@ -144,7 +155,10 @@ def status_text(c: dict[str, Any]) -> str:
 
 
 def limit_text(factor: float | None, limit: int | None) -> str:
-    return "unlimited" if factor is None else f"{factor:g}x ({limit / 1e6:.0f} MB)"
+    if factor is None:
+        return "unlimited"
+    assert limit is not None  # a limit factor always comes with its bytes
+    return f"{factor:g}x ({limit / 1e6:.0f} MB)"
 
 
 TABLE_HEADER = (

@@ -81,7 +81,16 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         m = load(spec["model"], memory_budget=spec["budget"], threads=spec["threads"], **spec["options"])
         load_s = time.perf_counter() - t0
         m.eos_ids = set()  # always the full count, as llama.cpp's generate()
-        out = _timed(m.generate(spec["prompt"], max_new_tokens=n, seed=spec["seed"], stream=True, **SAMPLING))
+        out = _timed(
+            m.generate(
+                spec["prompt"],
+                max_new_tokens=n,
+                temperature=SAMPLING["temperature"],
+                top_p=SAMPLING["top_p"],
+                seed=spec["seed"],
+                stream=True,
+            )
+        )
         s = m.stats()
         out.update(cache_hit_rate=s["cache_hit_rate"], expert_bytes_read=s["bytes_read"])
     return dict(out, load_seconds=load_s, read_bytes=proc_read_bytes() - read0, peak_rss_bytes=_peak_rss())

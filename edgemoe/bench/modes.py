@@ -247,6 +247,7 @@ def measure(
     }
     cmd = [sys.executable, "-m", "edgemoe.bench.modes", "--worker", json.dumps(spec)]
     runs = []
+    extra: dict[str, Any]  # a run's record beyond the worker's own: the cgroup's figures, the probes
     for _ in range(args.repeat):
         before = around() if around else None
         drop_page_cache(model_dir)

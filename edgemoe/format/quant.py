@@ -76,6 +76,7 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """codes [rows, cols] (uint8, < 2^bits) -> packed bytes [rows, cols/32 * chunk_bytes]."""
     rows, cols = q.shape
     v = q.astype(np.uint8).reshape(rows, cols // CHUNK, CHUNK)
+    p: np.ndarray
     if bits == 8:
         p = v
     elif bits == 4:
@@ -297,8 +298,8 @@ def parse_blob(blob: np.ndarray) -> dict:
 
 def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dequantized (gate [I, H], up [I, H], down [H, I]) of an expert blob."""
-    info = parse_blob(blob)
-    return tuple(dequantize_matrix(blob, o) for o in info["offsets"])
+    gate, up, down = parse_blob(blob)["offsets"]
+    return dequantize_matrix(blob, gate), dequantize_matrix(blob, up), dequantize_matrix(blob, down)
 
 
 def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:

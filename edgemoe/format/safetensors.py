@@ -30,13 +30,14 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import CheckpointError
 
 # safetensors dtype -> numpy dtype holding its bits (little-endian)
-NP_DTYPES = {
+NP_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
@@ -168,7 +169,7 @@ class SafetensorsFile:
         return out.view(npdt).reshape(shape)
 
     def _read_into(self, out: np.ndarray, offset: int) -> None:
-        mv = memoryview(out)
+        mv = out.data  # memoryview(out); numpy's stubs declare the buffer protocol for Python >= 3.12 only
         with open(self.path, "rb", buffering=0) as f:
             f.seek(offset)
             got = 0
@@ -219,7 +220,7 @@ class TensorRows:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.shape[0]):
             raise IndexError(f"row ids must be in [0, {self.shape[0]}) for {self.name}")
         out = np.empty((len(ids), self.shape[1]), self.dtype)
-        mv = memoryview(out.reshape(-1).view(np.uint8))
+        mv = out.reshape(-1).view(np.uint8).data  # memoryview of its bytes (see _read_into)
         rb = self.row_bytes
         for i, r in enumerate(ids.tolist()):
             if os.preadv(self._fd, [mv[i * rb : (i + 1) * rb]], self.offset + r * rb) != rb:
@@ -290,7 +291,8 @@ class SafetensorsWriter:
 
     def _layout(self):
         order = sorted(range(len(self._tensors)), key=lambda i: -NP_DTYPES[self._tensors[i][1]].itemsize)
-        header, pos, plan = {}, 0, []
+        header: dict[str, Any] = {}
+        pos, plan = 0, []
         if self.metadata:
             header["__metadata__"] = {str(k): str(v) for k, v in self.metadata.items()}
         for i in order:

@@ -175,9 +175,14 @@ class DecoderLM:
         )
         lins = [a.q, a.k, a.v, a.o, L.moe.router]
         assert all(lin.bias is None for lin in lins), f"layer {L.index} has biases the native decode step lacks"
+        q, k, v, o, router = [(lin.w, lin.kind) for lin in lins]
         return _core.DecodeLayer(
             L.index,
-            *[(lin.w, lin.kind) for lin in lins],
+            q,
+            k,
+            v,
+            o,
+            router,
             a.norm,
             L.ffn_norm,
             self.rope.inv_freq,
@@ -204,6 +209,7 @@ class DecoderLM:
         T = x.shape[0]
         q, k, v = a.qkv(x)  # [T, heads * hd], [T, kv_heads * hd] x2
         if a.qk_norm == "full":
+            assert a.q_norm is not None and a.k_norm is not None  # qk_norm is set with its weights
             q, k = _core.rms_norm(q, a.q_norm, cfg.rms_norm_eps), _core.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         if a.clip is not None:
             c = a.clip
@@ -212,6 +218,7 @@ class DecoderLM:
         k = k.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(T, cfg.num_key_value_heads, cfg.head_dim)
         if a.qk_norm == "per_head":
+            assert a.q_norm is not None and a.k_norm is not None  # qk_norm is set with its weights
             q, k = _core.rms_norm(q, a.q_norm, cfg.rms_norm_eps), _core.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         q = self.rope(np.ascontiguousarray(q, dtype=np.float32), start)
         k = self.rope(np.ascontiguousarray(k, dtype=np.float32), start)

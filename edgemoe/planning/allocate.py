@@ -73,7 +73,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -240,6 +240,10 @@ def bits_map(alloc: Allocation, n: int, moe_layers: Sequence[int]) -> dict[tuple
     return {(int(layer), e): int(b[m, e]) for m, layer in enumerate(moe_layers) for e in range(b.shape[1])}
 
 
+@overload
+def parse_fraction(value: None, zero_ok: bool = False) -> None: ...
+@overload
+def parse_fraction(value: str | float, zero_ok: bool = False) -> float: ...
 def parse_fraction(value: str | float | None, zero_ok: bool = False) -> float | None:
     """'2%' -> 0.02, '0.02' -> 0.02, 2 -> 0.02 (a number above 1 is read as percent); 0 only
     with zero_ok (--confidence 0: the measured value itself)."""
@@ -430,6 +434,7 @@ def convert_auto(
     work.mkdir(parents=True)
     try:
         held = ref_tok = blocks = block_kind = None
+        promise: int | None = None  # promise_tokens as a count once the held-out text is known; None: the mean
         if calib is not None:
             ref = work / "ref16"
             say("converting a 16-bit reference ...")
@@ -470,9 +475,10 @@ def convert_auto(
             shutil.rmtree(ref)
             if promise_tokens is None:
                 promise_tokens = len(ref_tok)
-            promise_tokens = None if not promise_tokens or math.isinf(promise_tokens) else int(promise_tokens)
+            promise = None if not promise_tokens or math.isinf(promise_tokens) else int(promise_tokens)
 
         level = candidate_confidence(confidence, tolerance, max_rounds)
+        assert doc is not None  # loaded, or profiled on calib above
         alloc = allocation_from_importance(doc, plan.hidden, plan.intermediate, choices, group_size, symmetric, measure)
         bytes16 = len(plan.moe_layers) * plan.num_experts * blob_nbytes(plan.hidden, plan.intermediate, 16)
         rounds: list[dict[str, Any]] = []
@@ -492,9 +498,10 @@ def convert_auto(
             r = {"steps": n, "expert_bytes": alloc.nbytes(n), "estimated_nll_increase": alloc.loss(n)}
             inc = ""
             if held is not None:
+                assert ref_tok is not None and blocks is not None  # measured with held
                 nll, _ = token_nlls(load(d), held.ids, window)
                 point, bound, se = bound_increase(nll - ref_tok, blocks, level)
-                pred = prediction_bound(point, bound, len(ref_tok), promise_tokens)
+                pred = prediction_bound(point, bound, len(ref_tok), promise)
                 r.update(
                     nll=float(nll.mean()),
                     nll_increase=point,
@@ -508,7 +515,7 @@ def convert_auto(
                 inc = (
                     f", held-out ppl {100 * r['ppl_increase']:+.2f}% ({100 * level:.3g}% bound "
                     f"{100 * r['ppl_increase_bound']:+.2f}% on the mean, "
-                    f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise_tokens)})"
+                    f"{100 * r['ppl_increase_prediction_bound']:+.2f}% {promised(promise)})"
                 )
             rounds.append(r)
             say(
@@ -523,6 +530,7 @@ def convert_auto(
             lo, hi, best = -1, len(alloc) + 1, None
             for _ in range(max_rounds):
                 d, inc = candidate(n)
+                assert inc is not None  # a tolerance needs calib, so every candidate is measured
                 if inc <= target:
                     if best is not None:
                         shutil.rmtree(best[0])
@@ -546,21 +554,22 @@ def convert_auto(
                     f"no allocation met the {100 * tolerance:g}% tolerance in {len(rounds)} tries (the one with "
                     f"the fewest low-bit experts gave {100 * closest['ppl_increase']:+.2f}% on held-out calibration "
                     f"text, {100 * level:.3g}% bound {100 * closest['ppl_increase_prediction_bound']:+.2f}% "
-                    f"{promised(promise_tokens)}): raise --tolerance, lower --confidence, promise it for longer "
+                    f"{promised(promise)}): raise --tolerance, lower --confidence, promise it for longer "
                     f"texts (--promise-tokens), give more calibration text, "
                     f"keep the backbone at 16 bits (--backbone-bits 16), or allow 16-bit experts (--bits-choices)"
                 )
             chosen, chosen_round = best
         else:
+            assert expert_bytes is not None  # exactly one of tolerance and expert_bytes (checked above)
             target_bytes = int(expert_bytes * bytes16)
-            n = alloc.prefix_for_bytes(target_bytes)
-            if n is None:
+            steps = alloc.prefix_for_bytes(target_bytes)
+            if steps is None:
                 low = alloc.nbytes(len(alloc))
                 raise EdgeMoEError(
                     f"even every expert at {min(alloc.choices)} bits takes {100 * low / bytes16:.1f}% "
                     f"of the 16-bit expert bytes, above {100 * expert_bytes:g}%: raise --expert-bytes"
                 )
-            chosen, _ = candidate(n)
+            chosen, _ = candidate(steps)
             chosen_round = len(rounds) - 1
 
         r = rounds[chosen_round]
@@ -568,6 +577,29 @@ def convert_auto(
             add_fallback(src, chosen, fallback_bits, progress=progress)
         manifest = load_manifest(chosen)
         counts = {str(b): int(c) for b, c in zip(*np.unique(alloc.bits(r["steps"]), return_counts=True))}
+        calibration = None
+        if held is not None:
+            assert ref_tok is not None  # measured with held
+            calibration = {
+                "file": str(calib),
+                "window": window,
+                "max_tokens": max_tokens,
+                "profile_tokens": held.seen,
+                "held_out_begin": held.begin,
+                "held_out_tokens": len(ref_tok),
+                "held_out_documents": int(held.doc[-1]) + 1,
+                "blocks": block_kind,
+                "confidence": confidence,
+                "candidate_confidence": level,
+                "max_rounds": max_rounds,
+                "promise_tokens": promise,
+                "nll_16bit": float(ref_tok.mean()),
+                "nll": r["nll"],
+                "nll_increase_stderr": r["nll_increase_stderr"],
+                "ppl_increase": r["ppl_increase"],
+                "ppl_increase_bound": r["ppl_increase_bound"],
+                "ppl_increase_prediction_bound": r["ppl_increase_prediction_bound"],
+            }
         record = {
             "mode": "tolerance" if tolerance is not None else "expert_bytes",
             "tolerance": tolerance,
@@ -580,28 +612,7 @@ def convert_auto(
             "steps": r["steps"],
             "total_steps": len(alloc),
             "estimated_nll_increase": r["estimated_nll_increase"],
-            "calibration": None
-            if held is None
-            else {
-                "file": str(calib),
-                "window": window,
-                "max_tokens": max_tokens,
-                "profile_tokens": held.seen,
-                "held_out_begin": held.begin,
-                "held_out_tokens": len(ref_tok),
-                "held_out_documents": int(held.doc[-1]) + 1,
-                "blocks": block_kind,
-                "confidence": confidence,
-                "candidate_confidence": level,
-                "max_rounds": max_rounds,
-                "promise_tokens": promise_tokens,
-                "nll_16bit": float(ref_tok.mean()),
-                "nll": r["nll"],
-                "nll_increase_stderr": r["nll_increase_stderr"],
-                "ppl_increase": r["ppl_increase"],
-                "ppl_increase_bound": r["ppl_increase_bound"],
-                "ppl_increase_prediction_bound": r["ppl_increase_prediction_bound"],
-            },
+            "calibration": calibration,
             "rounds": rounds,
             "importance": IMPORTANCE_FILE,
             "seconds": round(time.monotonic() - t0, 1),

@@ -14,10 +14,10 @@ from ..models.blocks import RouteObserver
 from ..runtime.engine import Model
 from ..runtime.options import LOOKAHEAD_POINTS
 from ..runtime.prefetch import DEFAULT_RATIO, LookaheadFit, Predictor, TablePredictor, TransitionTable, layer_byte_cap
-from ..runtime.trace import RoutingTrace
+from ..runtime.trace import ChainedObserver, RoutingTrace
 
 
-class LookaheadFitter(RouteObserver):
+class LookaheadFitter(ChainedObserver):
     """Accumulates, while calibration text runs, the least-squares statistics that map each
     MoE layer's hidden state (at both points) to the next MoE layer's router logits."""
 

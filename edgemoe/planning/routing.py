@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ def read_token_stream(model: Model, path: str | Path, max_tokens: int | None = N
                 docs.append("".join(cur))
                 cur, size = [], 0
         docs.append("".join(cur))
-        order: Sequence[int] = range(len(docs))
+        order: range | np.ndarray = range(len(docs))
         bos_each = False
     else:
         order = np.random.default_rng(seed).permutation(len(docs)) if max_tokens else range(len(docs))
@@ -229,6 +228,7 @@ def profile_model(
     doc = build_routing(calib, held, expert_sizes(m), source, ratio=ratio)
     doc["evaluation"].update({"file": str(eval_file) if eval_file else f"last 20% of {text_file}"})
     if held.tokens >= 8:  # how early each look-ahead point is known, in decode
+        assert held.ids is not None  # trace_routing keeps the ids
         doc["evaluation"]["lead_time_seconds"] = predictors.lead_times(m, held.ids[:32].tolist(), 16)
     if save:
         path = save_routing(model_dir, doc)

@@ -141,7 +141,7 @@ def simulate(
     next_use = np.full(M * E, NEVER, np.int64)
     prefetched = np.zeros(M * E, bool)
     used = 0.0
-    c = {
+    c: dict[str, Any] = {
         "accesses": 0,
         "hits": 0,
         "misses": 0,
@@ -224,6 +224,7 @@ def simulate(
                         continue
                     limit = None
                     if policy == "belady":
+                        assert uses is not None  # made above for belady
                         u = uses[key]
                         i = bisect.bisect_right(u, step)
                         next_use[key] = u[i] if i < len(u) else NEVER

@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import psutil
@@ -122,7 +122,7 @@ class Model:
             name: (TensorRows(backbone, name) if name in lazy else backbone.read(name), backbone.dtype(name))
             for name in backbone.names()
         }
-        self.backbone_bytes = sum(a.nbytes for n, (a, _) in tensors.items() if n not in lazy)
+        self.backbone_bytes = sum(a.nbytes for a, _ in tensors.values() if not isinstance(a, TensorRows))
         self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
@@ -234,7 +234,7 @@ class Model:
         return self.tokenizer.decode(ids)
 
     # -- inference -------------------------------------------------------------
-    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+    def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         if arr.size == 0:
             raise ValueError("the prompt is empty: give at least one token")
@@ -247,12 +247,71 @@ class Model:
         """Forget the KV cache (the expert cache stays warm)."""
         self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 logits [len(ids), vocab] of a fresh sequence."""
         arr = self._check_ids(ids)
         self.reset()
         return self.net.forward(arr, self.kv, 0, all_logits=True)
 
+    # What generate returns, by the prompt's type and stream (stream=True given by keyword;
+    # passed by position it gets the union of the last overload).
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stream: Literal[False] = ...,
+    ) -> str: ...
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        *,
+        stream: Literal[True],
+    ) -> Iterator[str]: ...
+    @overload
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stream: Literal[False] = ...,
+    ) -> list[int]: ...
+    @overload
+    def generate(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        *,
+        stream: Literal[True],
+    ) -> Iterator[int]: ...
+    @overload
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = ...,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stream: bool = ...,
+    ) -> str | list[int] | Iterator[str] | Iterator[int]: ...
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -268,12 +327,14 @@ class Model:
         Greedy at temperature 0. Stops at EOS or after max_new_tokens. With
         stream=True returns an iterator of text pieces (or of token ids).
         """
-        is_text = isinstance(prompt, str)
-        ids = self.encode(prompt) if is_text else list(prompt)
-        if is_text and not ids:
-            raise ValueError("the prompt encodes to no tokens")
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+            if not ids:
+                raise ValueError("the prompt encodes to no tokens")
+        else:
+            ids = list(prompt)
         tokens = self._generate_ids(ids, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
-        if is_text:
+        if isinstance(prompt, str):
             pieces = self._detokenize(tokens)
             return pieces if stream else "".join(pieces)
         return tokens if stream else list(tokens)
@@ -298,7 +359,7 @@ class Model:
             pos += 1
 
     def trace_routing(
-        self, prompt: str | Sequence[int], window: int | None = None, lookahead: bool = True
+        self, prompt: str | Sequence[int] | np.ndarray, window: int | None = None, lookahead: bool = True
     ) -> RoutingTrace:
         """Routing of a prompt: a RoutingTrace whose .experts is [tokens, moe_layers, top_k].
         window: prefill windows of that many tokens, the KV cache reset before each."""

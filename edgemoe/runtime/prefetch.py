@@ -114,16 +114,16 @@ class TransitionTable:
         self.top_k = int(top_k)
         self.M, self.E = c0.shape
         self.smoothing = float(smoothing if smoothing is not None else top_k)
-        self._p0 = self._p1 = self._p2 = None
+        self._p: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (p0, p1, p2), made on first use
 
     def _tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._p0 is None:
+        if self._p is None:
             b = self.smoothing
             p0 = (self.c0 + 1.0) / (self.c0.sum(axis=1, keepdims=True) + self.E)  # [M, E]
             p1 = (self.c1 + b * p0[:, None, :]) / (self.c1.sum(axis=2, keepdims=True) + b)  # [M, E, E]
             p2 = (self.c2 + b * p1[:, None, :, :]) / (self.c2.sum(axis=3, keepdims=True) + b)  # [M, E, E, E]
-            self._p0, self._p1, self._p2 = p0, p1, p2
-        return self._p0, self._p1, self._p2
+            self._p = p0, p1, p2
+        return self._p
 
     def probs(
         self,

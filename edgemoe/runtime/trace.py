@@ -90,7 +90,8 @@ class RoutingTrace:
         if self.ids is not None:
             arrays["ids"] = self.ids
         with open(path, "wb") as f:  # np.savez would append .npz to a str path
-            np.savez_compressed(f, **arrays)
+            # mypy matches **arrays against allow_pickle too; no key here is named so
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
@@ -130,7 +131,14 @@ def router_lookaheads(net: Any, moe_layers: Sequence[int], fits: dict[str, Any] 
     return out
 
 
-class TraceRecorder(RouteObserver):
+class ChainedObserver(RouteObserver):
+    """A RouteObserver that passes every hook on to `inner` (when set) after its own work:
+    what trace_routing needs of the extra observer it is given, to keep the model's own running."""
+
+    inner: RouteObserver | None
+
+
+class TraceRecorder(ChainedObserver):
     """Collects routing (and, optionally, look-ahead probabilities) as the model runs.
     Forwards every hook to `inner` (e.g. a prefetcher) so both can watch one run."""
 
@@ -186,11 +194,11 @@ class TraceRecorder(RouteObserver):
 
 def trace_routing(
     model: Any,
-    prompt: str | Sequence[int],
+    prompt: str | Sequence[int] | np.ndarray,
     window: int | None = None,
     lookahead: bool = True,
     fits: dict[str, Any] | None = None,
-    observer: RouteObserver | None = None,
+    observer: ChainedObserver | None = None,
 ) -> RoutingTrace:
     """Run a prompt (text or token ids) through the model and record its routing.
 
