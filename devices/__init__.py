@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 
@@ -48,8 +50,6 @@ def load_profile(name: str) -> DeviceProfile:
 
 def this_machine() -> DeviceProfile:
     """This machine's RAM and cores from psutil; storage figures unknown (0) until measured."""
-    import psutil
-
     return DeviceProfile(
         "this-machine",
         "detected with psutil",
@@ -63,6 +63,4 @@ def this_machine() -> DeviceProfile:
 
 def suggest_memory_budget(backbone_bytes: int, reserve_bytes: int = 256 << 20) -> int:
     """Expert budget that fits in what is available now: available RAM minus the backbone and a reserve."""
-    import psutil
-
     return max(0, int(psutil.virtual_memory().available) - backbone_bytes - reserve_bytes)

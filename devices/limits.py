@@ -8,6 +8,7 @@ Needs root and cgroup v1 controllers mounted at /sys/fs/cgroup/{memory,blkio}.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import time
 import uuid
@@ -165,6 +166,4 @@ class Cgroup:
 
 def _children_read_bytes() -> int:
     """Storage bytes read so far by reaped children (the kernel's read_bytes, in 512-byte units)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_inblock * 512

@@ -16,15 +16,20 @@ bookkeeping, RUNTIME_OVERHEAD_BYTES), so the process stays inside the cgroup.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
 import tarfile
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypedDict
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..converters.convert import convert
 from ..devices import load_profile
@@ -208,7 +213,7 @@ def markdown(cells: list[dict[str, Any]], notes: list[str]) -> str:
 def plot(cells: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """tokens/s against the memory limit, one line per engine, one panel per model and storage;
     killed runs are drawn as crosses at 0, 'unlimited' at the right edge."""
-    import matplotlib
+    import matplotlib  # deferred: optional (the bench extra), and slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,8 +268,6 @@ def plot(cells: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
 
 # -- llama.cpp's converter, from the installed llama-cpp-python's source package -----
 def llama_cpp_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("llama-cpp-python")
     except PackageNotFoundError:
@@ -337,8 +340,6 @@ def pre_tokenizer_alias(tokenizer_json: Path) -> str | None:
 def _convert_hf_main(llama_dir: str, hf: str, out: str) -> None:
     """Run convert_hf_to_gguf.py in this process; a BPE pre-tokenizer it cannot identify by hash
     but whose structure llama.cpp implements (PRE_TOKENIZER_ALIASES) gets that name."""
-    import runpy
-
     sys.path[:0] = [llama_dir, str(Path(llama_dir) / "gguf-py")]
     from conversion.base import TextModel, logger  # llama.cpp's, from the source package
 
@@ -382,9 +383,7 @@ def quantize_gguf(src: Path, out: Path, kind: str, threads: int = 2) -> Path:
     """llama_cpp.llama_model_quantize to Q4_0 or Q8_0 (llama.cpp's own choices per tensor)."""
     if out.exists():
         return out
-    import ctypes
-
-    import llama_cpp
+    import llama_cpp  # deferred: optional (the bench extra)
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
@@ -399,8 +398,7 @@ def quantize_gguf(src: Path, out: Path, kind: str, threads: int = 2) -> Path:
 
 def tokenizer_check(gguf: Path, hf: Path, text: str) -> dict[str, Any]:
     """Does llama.cpp tokenize like the checkpoint's tokenizer.json? (the pre-tokenizer alias's proof)"""
-    import llama_cpp
-    from tokenizers import Tokenizer
+    import llama_cpp  # deferred: optional (the bench extra)
 
     ours = Tokenizer.from_file(str(hf / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     llm = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
@@ -419,8 +417,6 @@ def mixtral_shaped_tokenizer(dst: Path, vocab_size: int) -> None:
     """A byte-level BPE for the random-weight model (which has none; GGUF needs one), trained on
     the shipped calibration text with the default model's pre-tokenizer. Its text is never used:
     both engines are given token ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
@@ -507,8 +503,6 @@ def prompt_ids(name: str, hf: Path, tokens: int, seed: int, vocab_size: int) -> 
     not follow text)."""
     encode = None
     if name != "mixtral-shaped" and (hf / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
         tok = Tokenizer.from_file(str(hf / "tokenizer.json"))
         encode = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
     return held_out_prompt(encode, vocab_size, tokens, seed)

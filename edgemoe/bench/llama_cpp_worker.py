@@ -9,6 +9,7 @@ _peak_rss has a twin in runtime.engine.peak_rss_bytes, which this file cannot im
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -53,9 +54,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     n = spec["new_tokens"]
     if spec["engine"] == "llama.cpp":
-        import itertools
-
-        import llama_cpp
+        import llama_cpp  # only in a llama.cpp run, and optional (the bench extra)
 
         llm = llama_cpp.Llama(
             model_path=spec["model"],
