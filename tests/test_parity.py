@@ -71,7 +71,10 @@ def check_parity(src, dst):
     ids = prompt_ids(ref.config.vocab_size)
     want, got = reference_logits(ref, ids), model.logits(ids)
     assert got.shape == want.shape and got.dtype == np.float32
-    assert np.abs(got - want).max() < 2e-3, f"max |diff| {np.abs(got - want).max():.2e}"
+    # fp32 against fp32 on the same bf16 weights: every architecture, q/k norms or not, stays within
+    # a few 1e-6 of transformers (measured 1-4e-6 over 24-40 positions); 2e-5 leaves room for the
+    # summation order of other CPUs' kernels and catches any real drift
+    assert np.abs(got - want).max() < 2e-5, f"max |diff| {np.abs(got - want).max():.2e}"
     # min_new_tokens keeps transformers from stopping at EOS; ours is told the same by ignoring it
     model.eos_ids = set()
     assert model.generate(ids, max_new_tokens=NEW_TOKENS) == reference_greedy(ref, ids, NEW_TOKENS)
