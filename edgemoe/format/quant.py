@@ -262,6 +262,46 @@ def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
     return (q.reshape(rows, cols // gs, gs) * scale + mins).reshape(rows, cols)
 
 
+# ---------------------------------------------------------------- sizes without the weights
+
+
+def qmatrix_nbytes(rows: int, cols: int, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+    """Byte size of the group-quantized QMatrix quantize_matrix writes for W[rows, cols] (its
+    header, codes, f16 scales and, asymmetric, f16 mins, each section 64-byte aligned)."""
+    if bits not in QBITS:
+        raise ValueError(f"bits must be one of {QBITS}, got {bits}")
+    if group_size not in GROUP_SIZES or cols % group_size:
+        raise ValueError(f"cols ({cols}) must be a multiple of a group size in {GROUP_SIZES}, got {group_size}")
+    codes = rows * (cols // CHUNK) * CHUNK_BYTES[bits]
+    scales = 2 * rows * (cols // group_size)  # f16 per group; the mins take as much again
+    scales_off = _align(_align(MATRIX_HEADER.size) + codes)
+    return scales_off + scales if symmetric else _align(scales_off + scales) + scales
+
+
+def float_matrix_nbytes(rows: int, cols: int, kind: str = "bf16") -> int:
+    """Byte size of the float QMatrix float_matrix writes for W[rows, cols]."""
+    if kind not in FLOAT_KINDS:
+        raise ValueError(f"kind must be one of {sorted(FLOAT_KINDS)}, got {kind!r}")
+    return _align(MATRIX_HEADER.size) + rows * cols * (4 if kind == "f32" else 2)
+
+
+def matrix_nbytes(
+    rows: int, cols: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
+) -> int:
+    """A QMatrix's byte size at `bits`: 16 keeps float_dtype, 8/4/3/2 group-quantize."""
+    if bits == 16:
+        return float_matrix_nbytes(rows, cols, float_dtype)
+    return qmatrix_nbytes(rows, cols, bits, group_size, symmetric)
+
+
+def expert_blob_nbytes(gate: int, up: int, down: int) -> int:
+    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes."""
+    pos = BLOB_HEADER_BYTES
+    for size in (gate, up):
+        pos = _align(pos + size)
+    return pos + down
+
+
 # ---------------------------------------------------------------- expert blobs
 
 

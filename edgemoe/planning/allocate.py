@@ -98,12 +98,9 @@ def blob_nbytes(
     hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
 ) -> int:
     """Exact byte length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes it."""
-    shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
-    if bits == 16:
-        mats = [quant.float_matrix(np.zeros(s, np.float32), float_dtype) for s in shapes]
-    else:
-        mats = [quant.quantize_matrix(np.zeros(s, np.float32), bits, group_size, symmetric) for s in shapes]
-    return int(quant.pack_expert_blob(0, 0, *mats).nbytes)
+    gate = quant.matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
+    down = quant.matrix_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
+    return quant.expert_blob_nbytes(gate, gate, down)
 
 
 MEASURES = ("kl", "loss_increase")
