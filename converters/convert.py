@@ -24,6 +24,7 @@ from edgemoe.errors import CheckpointError, EdgeMoEError
 from edgemoe.format import quant
 from edgemoe.format.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
 from edgemoe.format.safetensors import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
+from edgemoe.models.checkpoint import quantizable
 
 from .hf import Checkpoint, Plan, plan_conversion
 
@@ -34,19 +35,6 @@ FALLBACK_BITS = (4, 3, 2)
 BACKBONE_FILE = "backbone.safetensors"
 BITS = (16, 8, 4, 3, 2)
 BACKBONE_BITS = (16, 8, 4)
-# backbone matrices that may be quantized (routers stay at the checkpoint's precision)
-QUANTIZABLE = (
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_o",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-    "ffn_shared_gate",
-    "ffn_shared_up",
-    "ffn_shared_down",
-)
 # copied verbatim when present
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -415,18 +403,13 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
     return manifest
 
 
-def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    role = name.split(".")[-1] if name.startswith("layers.") else name
-    return (role in QUANTIZABLE or name == "output") and len(shape) == 2 and shape[1] % group_size == 0
-
-
 def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool) -> tuple[int, list[str]]:
     """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md)."""
     w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
     quantized = []
     for name in sorted(plan.backbone, key=_canonical_order):
         ref = plan.backbone[name]
-        if bits != 16 and _quantizable(name, tuple(ref.shape), group_size):
+        if bits != 16 and quantizable(name, tuple(ref.shape), group_size):
             weight = to_float32(ref.file.read(ref.name), ref.dtype)
             w.add(name, quant.quantize_matrix(weight, bits, group_size, symmetric), "U8")
             quantized.append(name)

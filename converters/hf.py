@@ -324,12 +324,7 @@ def _check_complete(p: Plan, tied: bool) -> None:
         need("output", "lm_head.weight (and tie_word_embeddings is false)")
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
-        per_layer = spec.layout.attn_tensors(p.config)
-        if layer in moe:
-            per_layer += spec.layout.moe_tensors(p.config)
-        else:
-            per_layer += ["ffn_gate", "ffn_up", "ffn_down"]
-        for c in per_layer:
+        for c in spec.layout.layer_tensor_names(p.config, layer in moe):
             need(f"layers.{layer}.{c}", f"model.layers.{layer}.{reverse.get(c, c)}")
 
     expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused}

@@ -34,6 +34,29 @@ GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
 ATTENTION_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm"]
+DENSE_MLP_TENSORS = ["ffn_gate", "ffn_up", "ffn_down"]
+
+# The quantization policy of the backbone: per-layer roles whose matrices `--backbone-bits` may
+# group-quantize, besides the output head. Routers, embeddings, norms and biases keep the
+# checkpoint's precision.
+QUANTIZABLE = (
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_o",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+    "ffn_shared_gate",
+    "ffn_shared_up",
+    "ffn_shared_down",
+)
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether the converter group-quantizes backbone tensor `name` (canonical) of this shape."""
+    role = name.split(".")[-1] if name.startswith("layers.") else name
+    return (role in QUANTIZABLE or name == "output") and len(shape) == 2 and shape[1] % group_size == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +93,10 @@ class CheckpointLayout:
         """Canonical backbone tensors an MoE layer of this config requires."""
         extras = self.moe_extras if self.moe_extras_key and int(config.get(self.moe_extras_key) or 0) > 0 else ()
         return ["ffn_router", *extras]
+
+    def layer_tensor_names(self, config: dict[str, Any], moe: bool) -> list[str]:
+        """Canonical backbone tensors (after "layers.N.") of an MoE or a dense layer of this config."""
+        return self.attn_tensors(config) + (self.moe_tensors(config) if moe else list(DENSE_MLP_TENSORS))
 
     def num_experts(self, config: dict[str, Any], name: str) -> int:
         for key in self.num_experts_keys:
