@@ -21,16 +21,12 @@ from ..format.routing_file import ROUTING_FILE, load_routing
 from ..format.safetensors import SafetensorsFile, TensorRows
 from ..models.blocks import KVCache
 from ..units import format_bytes, parse_bytes
+from .memory import memory_terms
 from .options import StreamOptions
 from .prefetch import attach_prefetcher
 from .sampling import Sampler
 from .tokenizer import Tokenizer
 from .trace import RoutingTrace, trace_routing
-
-# What the process holds beyond the expert budget, the backbone and the context-dependent
-# terms of Model.memory_needed: Python with numpy, tokenizers and the native core (~30 MB
-# resident, measured), the per-token activations of decode, and headroom for the allocator.
-RUNTIME_OVERHEAD_BYTES = 48 << 20
 
 
 def peak_rss_bytes() -> int:
@@ -463,21 +459,21 @@ class Model:
         """An upper bound of this process's memory while it generates up to context_tokens
         (prompt included, the prompt prefilled in one pass): the expert budget (all expert
         bytes when unbounded), the backbone, the expert cache's fixed overhead (native/cache.h),
-        the KV cache, prefill's attention scores and moe_forward scratch, and
-        RUNTIME_OVERHEAD_BYTES. docs/memory.md explains the terms."""
+        the KV cache, prefill's attention scores and moe_forward scratch, and the runtime's own
+        (runtime/memory.py). docs/memory.md explains the terms."""
         cfg, ex = self.config, self.manifest["experts"]
-        T = int(context_tokens)
-        experts = self.budget or self.info()["expert_bytes"]
         copies = 2 if self.fallback_store is not None else 1  # low-bit copies have their own entries
-        entries = copies * ex["num_layers"] * ex["num_experts"] * _core.ExpertCache.entry_overhead_bytes
-        per_blob = copies * ex["num_layers"] * ex["num_experts"] * (64 + 128)  # malloc chunk, page-table share
-        kv_cap = -(-T // KVCache.CHUNK) * KVCache.CHUNK
-        kv = 2 * cfg.num_hidden_layers * kv_cap * cfg.num_key_value_heads * cfg.head_dim * 4
-        scores = 2 * cfg.num_attention_heads * T * T * 4  # probabilities and a temporary [heads, T, T]
-        moe_scratch = (ex["top_k"] + 2) * T * cfg.hidden_size * 4  # [T, K, H] slot outputs, gathered x, y
-        return int(
-            experts + self.backbone_bytes + entries + per_blob + kv + scores + moe_scratch + RUNTIME_OVERHEAD_BYTES
+        terms = memory_terms(
+            experts=self.budget or self.info()["expert_bytes"],
+            backbone=self.backbone_bytes,
+            expert_slots=copies * ex["num_layers"] * ex["num_experts"],
+            kv_values_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim,
+            heads=cfg.num_attention_heads,
+            hidden=cfg.hidden_size,
+            top_k=ex["top_k"],
+            context_tokens=context_tokens,
         )
+        return sum(terms.values())
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
