@@ -4,10 +4,15 @@ against the published parameter counts of real models, and `edgemoe info config.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from published_configs import PUBLISHED
 
 from edgemoe.format import quant
+from edgemoe.models import SUPPORTED as ARCHS
+from edgemoe.models.sizes import size_model
 
 GRID = [(r, c) for r in (1, 32, 96) for c in (64, 128, 384)]
 
@@ -40,3 +45,34 @@ def test_blob_size_is_what_pack_expert_blob_makes(bits):
             mats = [quant.quantize_matrix(np.zeros(s, np.float32), bits, 32, False) for s in shapes]
         blob = quant.pack_expert_blob(0, 0, *mats)
         assert quant.expert_blob_nbytes(*(m.nbytes for m in mats)) == blob.nbytes
+
+
+# ---------------------------------------------------------------- the size model against checkpoints
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameter_counts_are_the_checkpoints(tiny_checkpoint, arch):
+    from edgemoe.converters.hf import Checkpoint
+
+    ckpt = Checkpoint(tiny_checkpoint(arch))
+    stored = sum(math.prod(f.shape(name)) for name, f in ckpt.tensors.items() if "rotary_emb" not in name)
+    assert size_model(ckpt.config).params()["total"] == stored
+
+
+# ---------------------------------------------------------------- released models
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_match_the_published_ones(name):
+    config, total, active, with_embedding = PUBLISHED[name]
+    p = size_model(config).params()
+    counted = p["active"] if with_embedding else p["active"] - p["embedding"]
+    assert abs(p["total"] / total - 1) < 0.01, (name, p["total"], total)
+    # published active counts are rounded to 0.1B: DeepSeek-V2-Lite's 2.45B is published as 2.4B
+    assert abs(counted / active - 1) < 0.025, (name, counted, active)
+
+
+def test_qwen3_non_embedding_count_matches_its_card():
+    config, *_ = PUBLISHED["Qwen3-30B-A3B"]
+    p = size_model(config).params()
+    assert abs((p["total"] - 2 * p["embedding"]) / 29.9e9 - 1) < 0.01  # "Non-Embedding: 29.9B", untied head

@@ -53,10 +53,16 @@ QUANTIZABLE = (
 )
 
 
-def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
-    """Whether the converter group-quantizes backbone tensor `name` (canonical) of this shape."""
+def quantized_role(name: str) -> bool:
+    """Whether the policy quantizes canonical backbone tensor `name` (a QUANTIZABLE role or the output head)."""
     role = name.split(".")[-1] if name.startswith("layers.") else name
-    return (role in QUANTIZABLE or name == "output") and len(shape) == 2 and shape[1] % group_size == 0
+    return role in QUANTIZABLE or name == "output"
+
+
+def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    """Whether the converter group-quantizes backbone tensor `name` (canonical) of this shape:
+    a matrix of a quantized role whose columns split into groups."""
+    return quantized_role(name) and len(shape) == 2 and shape[1] % group_size == 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,414 @@
+"""Parameter counts and stored byte sizes of a model from its config.json alone, per architecture.
+
+For the architectures edgemoe runs, the tensors are those the architecture file's LAYOUT makes
+the converter require, shaped by its config class: the size model and the converter read the
+same declaration. Families edgemoe cannot run yet are sized by a small formula each (FAMILIES),
+from their config keys alone.
+
+    sm = size_model(json.load(open("config.json")))
+    sm.params()["total"], sm.expert_nbytes(4), sm.backbone_nbytes(8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import EdgeMoEError, UnsupportedArchitectureError
+from ..format import quant
+from . import ALIASES, get
+from .checkpoint import GLOBAL, CheckpointLayout, quantized_role
+
+FLOAT_BYTES = 2  # tensors kept as stored: a bf16 or f16 checkpoint (float32 ones keep 4 bytes per value)
+Shape = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """A backbone tensor: canonical name, shape, and whether the backbone policy quantizes it."""
+
+    name: str
+    shape: Shape
+    quantize: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+        """Bytes as the converter stores it with `--backbone-bits bits`: a QMatrix when the policy
+        quantizes it and its columns split into groups, else as stored."""
+        if bits != 16 and self.quantize and len(self.shape) == 2 and self.shape[1] % group_size == 0:
+            return quant.qmatrix_nbytes(self.shape[0], self.shape[1], bits, group_size, symmetric)
+        return self.numel * FLOAT_BYTES
+
+
+@dataclasses.dataclass
+class SizeModel:
+    """What a model holds, from its config: backbone tensors, experts, and what attention keeps."""
+
+    architecture: str  # the registry's name, or the family's model_type
+    supported: bool  # edgemoe runs it
+    why_not: str | None  # when not supported: what edgemoe lacks
+    layers: int
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    vocab_size: int
+    expert_shapes: tuple[Shape, Shape, Shape]  # gate [I, H], up [I, H], down [H, I]
+    backbone: list[Tensor]
+    tied: bool  # the output head is the embedding table
+    heads: int
+    kv_values_per_token: int  # float32 values the KV cache holds per token, all layers
+    expert_extra: int = 0  # values per expert besides its three matrices (biases), kept at 16 bits
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def expert_params(self) -> int:
+        return sum(math.prod(s) for s in self.expert_shapes) + self.expert_extra
+
+    def params(self) -> dict[str, int]:
+        """Parameter counts: total, active per token (the backbone, embedding table included,
+        and top_k experts of each MoE layer), the embedding table, and the expert and
+        backbone shares of the total."""
+        backbone = sum(t.numel for t in self.backbone)
+        slots = len(self.moe_layers) * self.num_experts
+        experts = slots * self.expert_params()
+        idle = len(self.moe_layers) * (self.num_experts - self.top_k) * self.expert_params()
+        return {
+            "total": backbone + experts,
+            "active": backbone + experts - idle,
+            "embedding": self.vocab_size * self.hidden_size,
+            "experts": experts,
+            "backbone": backbone,
+        }
+
+    def expert_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+        """One expert as stored at `bits`: its blob (docs/format.md), plus any biases at 16 bits."""
+        (i, h), _, (h2, i2) = self.expert_shapes
+        gate = quant.matrix_nbytes(i, h, bits, group_size, symmetric)
+        down = quant.matrix_nbytes(h2, i2, bits, group_size, symmetric)
+        return quant.expert_blob_nbytes(gate, gate, down) + self.expert_extra * FLOAT_BYTES
+
+    def experts_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+        """Every expert at `bits` (blob lengths, as `edgemoe info` sums them)."""
+        return len(self.moe_layers) * self.num_experts * self.expert_nbytes(bits, group_size, symmetric)
+
+    def backbone_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+        """The whole backbone as the converter stores it with `--backbone-bits bits`."""
+        return sum(t.nbytes(bits, group_size, symmetric) for t in self.backbone)
+
+    def embedding_nbytes(self) -> int:
+        return self.vocab_size * self.hidden_size * FLOAT_BYTES
+
+
+# ---------------------------------------------------------------- reading a config
+
+
+class _Keys:
+    """A config's keys, read so that a missing one is named."""
+
+    def __init__(self, config: dict[str, Any], family: str):
+        self.config, self.family = config, family
+
+    def need(self, key: str, *alternatives: str) -> int:
+        for k in (key, *alternatives):
+            if self.config.get(k) is not None:
+                return int(self.config[k])
+        names = " or ".join(repr(k) for k in (key, *alternatives))
+        raise EdgeMoEError(
+            f"config.json has no {names}, which sizing a {self.family} model needs: "
+            f"download the model's config.json again (it is incomplete)"
+        )
+
+    def opt(self, key: str, default: int = 0) -> int:
+        value = self.config.get(key)
+        return default if value is None else int(value)
+
+
+def _notes(config: dict[str, Any]) -> list[str]:
+    q = config.get("quantization_config")
+    if not q:
+        return []
+    method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+    return [
+        f"the published weights are quantized ({method}); `edgemoe convert` reads bf16, f16 or f32 "
+        f"checkpoints, so it needs a dequantized copy; these sizes are what edgemoe stores"
+    ]
+
+
+# ---------------------------------------------------------------- architectures edgemoe runs
+
+
+def _canonical_shapes(cfg: Any, layout: CheckpointLayout, qk_norm: str | None, keys: _Keys) -> Callable[[str], Shape]:
+    """Shape of a canonical per-layer tensor (docs/format.md) of this config."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_head = qk_norm == "per_head"
+    fixed: dict[str, Shape] = {
+        "attn_norm": (H,),
+        "ffn_norm": (H,),
+        "attn_q": (q, H),
+        "attn_k": (kv, H),
+        "attn_v": (kv, H),
+        "attn_o": (H, q),
+        "attn_q_bias": (q,),
+        "attn_k_bias": (kv,),
+        "attn_v_bias": (kv,),
+        "attn_q_norm": (hd if per_head else q,),
+        "attn_k_norm": (hd if per_head else kv,),
+        "ffn_router": (cfg.num_experts, H),
+        "ffn_shared_expert_gate": (1, H),
+    }
+
+    def shape(role: str) -> Shape:
+        if role in fixed:
+            return fixed[role]
+        if role in ("ffn_gate", "ffn_up", "ffn_down"):  # a dense layer's MLP
+            i = keys.need("intermediate_size")
+        elif role in ("ffn_shared_gate", "ffn_shared_up", "ffn_shared_down") and layout.moe_extras_key:
+            i = keys.need(layout.moe_extras_key)
+        else:
+            raise NotImplementedError(f"edgemoe.models.sizes has no shape for the canonical tensor {role!r}: add it")
+        return (H, i) if role.endswith("down") else (i, H)
+
+    return shape
+
+
+def _decoder(config: dict[str, Any]) -> SizeModel:
+    """An architecture of the registry: tensors from its LAYOUT, shapes from its config class."""
+    module = get(str(config["model_type"]))
+    name = ALIASES[str(config["model_type"])]
+    layout: CheckpointLayout = module.LAYOUT
+    keys = _Keys(config, name)
+    why_not = None
+    try:
+        cfg = module.Model.config_class.from_dict(config)
+    except NotImplementedError as e:  # e.g. a RoPE scaling the runtime lacks: the shapes do not depend on it
+        why_not = f"edgemoe cannot run this {name} config yet: {e}"
+        cfg = module.Model.config_class.from_dict({**config, "rope_scaling": None, "rope_parameters": None})
+    moe_layers = layout.moe_layers(config, name)
+    shape = _canonical_shapes(cfg, layout, module.Model.qk_norm, keys)
+
+    H, V = cfg.hidden_size, cfg.vocab_size
+    globals_: dict[str, Shape] = {"tok_embeddings": (V, H), "output_norm": (H,), "output": (V, H)}
+    backbone = [
+        Tensor(n, globals_[n], quantized_role(n))
+        for n in GLOBAL.values()
+        if not (n == "output" and cfg.tie_word_embeddings)
+    ]
+    moe = set(moe_layers)
+    for layer in range(cfg.num_hidden_layers):
+        for role in layout.layer_tensor_names(config, layer in moe):
+            full = f"layers.{layer}.{role}"
+            backbone.append(Tensor(full, shape(role), quantized_role(full)))
+    I = keys.need(layout.intermediate_key)
+    return SizeModel(
+        architecture=name,
+        supported=why_not is None,
+        why_not=why_not,
+        layers=cfg.num_hidden_layers,
+        moe_layers=moe_layers,
+        num_experts=layout.num_experts(config, name),
+        top_k=cfg.num_experts_per_tok,
+        hidden_size=H,
+        vocab_size=V,
+        expert_shapes=((I, H), (I, H), (H, I)),
+        backbone=backbone,
+        tied=cfg.tie_word_embeddings,
+        heads=cfg.num_attention_heads,
+        kv_values_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim,
+        notes=_notes(config),
+    )
+
+
+# ---------------------------------------------------------------- families edgemoe does not run yet
+
+
+def _head(V: int, H: int, tied: bool) -> list[Tensor]:
+    out = [Tensor("tok_embeddings", (V, H)), Tensor("output_norm", (H,))]
+    return out + ([] if tied else [Tensor("output", (V, H), True)])
+
+
+def _mlp(prefix: str, H: int, I: int) -> list[Tensor]:
+    return [
+        Tensor(f"{prefix}_gate", (I, H), True),
+        Tensor(f"{prefix}_up", (I, H), True),
+        Tensor(f"{prefix}_down", (H, I), True),
+    ]
+
+
+def _deepseek(config: dict[str, Any]) -> SizeModel:
+    """DeepSeek-V2/V3: multi-head latent attention (q optionally through a low-rank q_a/q_b,
+    k and v through a shared latent kv_a of kv_lora_rank plus a RoPE part, expanded by kv_b),
+    dense MLPs in the first first_k_dense_replace layers, then MoE every moe_layer_freq layers
+    with n_shared_experts shared experts (one MLP of n_shared x moe_intermediate_size)."""
+    family = str(config["model_type"])
+    k = _Keys(config, family)
+    H, L, heads, V = (
+        k.need("hidden_size"),
+        k.need("num_hidden_layers"),
+        k.need("num_attention_heads"),
+        k.need("vocab_size"),
+    )
+    q_rank = k.opt("q_lora_rank")  # null: q straight from the hidden state
+    kv_rank, nope, rope, vd = (
+        k.need("kv_lora_rank"),
+        k.need("qk_nope_head_dim"),
+        k.need("qk_rope_head_dim"),
+        k.need("v_head_dim"),
+    )
+    E, top_k, I, dense_I = (
+        k.need("n_routed_experts"),
+        k.need("num_experts_per_tok"),
+        k.need("moe_intermediate_size"),
+        k.need("intermediate_size"),
+    )
+    shared = k.opt("n_shared_experts")
+    first_dense, freq = k.opt("first_k_dense_replace"), k.opt("moe_layer_freq", 1)
+    bias = bool(config.get("attention_bias", False))
+    tied = bool(config.get("tie_word_embeddings", False))
+
+    moe_layers = [i for i in range(L) if i >= first_dense and i % freq == 0]
+    backbone = _head(V, H, tied)
+    for i in range(L):
+        p = f"layers.{i}."
+        t = [Tensor(p + "attn_norm", (H,)), Tensor(p + "ffn_norm", (H,))]
+        if q_rank:
+            t += [Tensor(p + "attn_q_a", (q_rank, H), True), Tensor(p + "attn_q_a_norm", (q_rank,))]
+            t += [Tensor(p + "attn_q_b", (heads * (nope + rope), q_rank), True)]
+            t += [Tensor(p + "attn_q_a_bias", (q_rank,))] if bias else []
+        else:
+            t += [Tensor(p + "attn_q", (heads * (nope + rope), H), True)]
+        t += [Tensor(p + "attn_kv_a", (kv_rank + rope, H), True), Tensor(p + "attn_kv_a_norm", (kv_rank,))]
+        t += [
+            Tensor(p + "attn_kv_b", (heads * (nope + vd), kv_rank), True),
+            Tensor(p + "attn_o", (H, heads * vd), True),
+        ]
+        t += [Tensor(p + "attn_kv_a_bias", (kv_rank + rope,)), Tensor(p + "attn_o_bias", (H,))] if bias else []
+        if i in moe_layers:
+            t += [Tensor(p + "ffn_router", (E, H))]
+            if config.get("topk_method") == "noaux_tc":  # V3's per-expert selection bias
+                t += [Tensor(p + "ffn_router_bias", (E,))]
+            t += _mlp(p + "ffn_shared", H, shared * I) if shared else []
+        else:
+            t += _mlp(p + "ffn", H, dense_I)
+        backbone += t
+
+    notes = _notes(config)
+    mtp = k.opt("num_nextn_predict_layers")
+    if mtp:
+        notes.append(
+            f"the {mtp} multi-token-prediction layer(s) of the checkpoint (num_nextn_predict_layers) "
+            f"are left out: generating text does not use them"
+        )
+    notes.append(
+        "KV cache: the compressed latent (kv_lora_rank + qk_rope_head_dim values per layer and "
+        "token), as a runtime with multi-head latent attention keeps it"
+    )
+    return SizeModel(
+        architecture=family,
+        supported=False,
+        why_not=(
+            "edgemoe cannot run DeepSeek-V2/V3 yet: multi-head latent attention, shared experts "
+            "and DeepSeek's routing need blocks edgemoe does not have"
+        ),
+        layers=L,
+        moe_layers=moe_layers,
+        num_experts=E,
+        top_k=top_k,
+        hidden_size=H,
+        vocab_size=V,
+        expert_shapes=((I, H), (I, H), (H, I)),
+        backbone=backbone,
+        tied=tied,
+        heads=heads,
+        kv_values_per_token=L * (kv_rank + rope),
+        notes=notes,
+    )
+
+
+def _gpt_oss(config: dict[str, Any]) -> SizeModel:
+    """gpt-oss: grouped-query attention with biases and a learned sink per head, every layer
+    MoE with a biased router and experts whose fused gate_up [2I, H] and down [H, I] carry biases."""
+    family = str(config["model_type"])
+    k = _Keys(config, family)
+    H, L, V = k.need("hidden_size"), k.need("num_hidden_layers"), k.need("vocab_size")
+    heads, kvh = k.need("num_attention_heads"), k.need("num_key_value_heads")
+    hd = k.opt("head_dim", H // heads)
+    E, top_k, I = (
+        k.need("num_local_experts"),
+        k.need("num_experts_per_tok", "experts_per_token"),
+        k.need("intermediate_size"),
+    )
+    bias = bool(config.get("attention_bias", True))
+    tied = bool(config.get("tie_word_embeddings", False))
+    q, kv = heads * hd, kvh * hd
+
+    backbone = _head(V, H, tied)
+    for i in range(L):
+        p = f"layers.{i}."
+        backbone += [Tensor(p + "attn_norm", (H,)), Tensor(p + "ffn_norm", (H,))]
+        backbone += [Tensor(p + "attn_q", (q, H), True), Tensor(p + "attn_k", (kv, H), True)]
+        backbone += [Tensor(p + "attn_v", (kv, H), True), Tensor(p + "attn_o", (H, q), True)]
+        if bias:
+            backbone += [
+                Tensor(p + n, (s,))
+                for n, s in (("attn_q_bias", q), ("attn_k_bias", kv), ("attn_v_bias", kv), ("attn_o_bias", H))
+            ]
+        backbone += [
+            Tensor(p + "attn_sinks", (heads,)),
+            Tensor(p + "ffn_router", (E, H)),
+            Tensor(p + "ffn_router_bias", (E,)),
+        ]
+
+    notes = _notes(config)
+    notes.append("each expert's biases (2 x intermediate_size + hidden_size values) are counted with it, at 16 bits")
+    return SizeModel(
+        architecture=family,
+        supported=False,
+        why_not=(
+            "edgemoe cannot run gpt-oss yet: attention sinks, expert biases and the clamped SwiGLU "
+            "of its fused gate_up experts need blocks edgemoe does not have"
+        ),
+        layers=L,
+        moe_layers=list(range(L)),
+        num_experts=E,
+        top_k=top_k,
+        hidden_size=H,
+        vocab_size=V,
+        expert_shapes=((I, H), (I, H), (H, I)),
+        backbone=backbone,
+        tied=tied,
+        heads=heads,
+        kv_values_per_token=2 * L * kv,
+        expert_extra=2 * I + H,
+        notes=notes,
+    )
+
+
+# model_type -> size formula of a family edgemoe cannot run yet
+FAMILIES: dict[str, Callable[[dict[str, Any]], SizeModel]] = {
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
+    "gpt_oss": _gpt_oss,
+}
+
+SIZEABLE = sorted(set(ALIASES) | set(FAMILIES))
+
+
+def size_model(config: dict[str, Any], where: str = "config.json") -> SizeModel:
+    """The size model of a Hugging Face config dict, or a clear error naming what can be sized."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise EdgeMoEError(f"{where} has no 'model_type': it is not a Hugging Face model config")
+    if model_type in ALIASES:
+        return _decoder(config)
+    if model_type in FAMILIES:
+        return FAMILIES[str(model_type)](config)
+    raise UnsupportedArchitectureError(
+        f"{where} is a {model_type!r} model; edgemoe can size these model types: {', '.join(SIZEABLE)} "
+        f"(and runs {', '.join(sorted(ALIASES))})"
+    )
