@@ -103,6 +103,14 @@ def test_an_address_nobody_answers_is_named(models):
     assert not ray.is_initialized()
 
 
+def test_run_names_an_unreachable_cluster_in_one_line(models, capsys):
+    from edgemoe.cli import main
+
+    assert main(["run", str(models["mixtral"]), "-p", "x", "-n", "2", "--cluster", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgemoe run: error: no Ray cluster answers at 127.0.0.1:1") and err.count("\n") == 1
+
+
 def test_a_cluster_without_devices_is_named(head, models):
     if head.worker_nodes:
         pytest.skip("device nodes were added already (this test runs first in file order)")
@@ -140,6 +148,20 @@ def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models
     finally:
         m.close()
     assert m.net.moe_override is None and not ray.is_initialized()
+
+
+def test_run_through_the_cluster_prints_its_statistics(devices, models, capsys):
+    from edgemoe.cli import main
+
+    path = str(models["mixtral"])
+    args = ["run", path, "-p", "The robot", "-n", "6", "--temperature", "0", "--stats"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert main([*args, "--cluster", devices.address, "--device-memory", "60KB"]) == 0
+    out, err = capsys.readouterr()
+    assert out == alone
+    assert f"cluster       {devices.address}:" in err and err.count(" up ") == 2
+    assert not ray.is_initialized()
 
 
 def test_a_device_that_misses_the_deadline_is_computed_here(devices, models):
