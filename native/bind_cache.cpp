@@ -300,10 +300,10 @@ void bind_cache(py::module_& m) {
       [](ExpertCache& cache, int64_t layer, const FloatArray& x, const py::array& expert_ids, const py::object& mask,
          const py::object& weights) {
         const MoEArgs a = moe_args("moe_forward_slots", cache, layer, x, expert_ids);
-        py::array_t<uint8_t, py::array::c_style | py::array::forcecast> m;
+        py::array_t<uint8_t, py::array::c_style | py::array::forcecast> picked;
         if (!mask.is_none()) {
-          m = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(mask);
-          if (!m || m.ndim() != 2 || m.shape(0) != a.T || m.shape(1) != a.K)
+          picked = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(mask);
+          if (!picked || picked.ndim() != 2 || picked.shape(0) != a.T || picked.shape(1) != a.K)
             throw std::invalid_argument("moe_forward_slots: mask must be a bool array [T, k] like expert_ids");
         }
         FloatArray w;
@@ -316,7 +316,7 @@ void bind_cache(py::module_& m) {
         float* yp = ys.mutable_data();
         std::memset(yp, 0, size_t(a.T * a.K * a.H) * sizeof(float));
         const float* xp = x.data();
-        const uint8_t* mp = mask.is_none() ? nullptr : m.data();
+        const uint8_t* mp = mask.is_none() ? nullptr : picked.data();
         const float* wp = weights.is_none() ? nullptr : w.data();
         {
           py::gil_scoped_release nogil;
