@@ -1,19 +1,61 @@
 """edgemoe: Mixture-of-Experts inference with experts streamed from flash into a RAM cache."""
 
+from __future__ import annotations
+
+import os
+from typing import Any
+
 from . import _core as _core  # the native core, re-exported
+from .cluster import attach
+from .cluster.moe import DEFAULT_TIMEOUT_S
 from .errors import (
     BudgetError,
     CheckpointError,
+    ClusterError,
     CorruptExpertError,
     EdgeMoEError,
     ModelDirectoryError,
     TokenizerError,
     UnsupportedArchitectureError,
 )
-from .runtime.engine import Model, load
+from .runtime import engine
+from .runtime.engine import Model
 from .runtime.options import StreamOptions
 
 __version__ = "0.1.0"
+
+
+def load(
+    path: str | os.PathLike[str],
+    memory_budget: int | str | None = None,
+    options: StreamOptions | None = None,
+    *,
+    threads: int | None = None,
+    cluster: str | None = None,
+    cluster_timeout: float = DEFAULT_TIMEOUT_S,
+    device_memory: int | str | None = None,
+    **stream: Any,
+) -> Model:
+    """Open a converted model directory.
+
+    memory_budget bounds the RAM used for expert weights: bytes, or a string like "1.5GB"
+    (powers of 1000) or "512MiB" (powers of 1024). None keeps every expert that was read.
+    options: how experts are streamed (StreamOptions: policy, prefetch, preload, fallback,
+    device, ...); any of its fields may also be given as a keyword, which replaces that field:
+    load(path, "300MB", prefetch="lookahead"). threads: compute threads (default: all cores).
+
+    cluster: serve the experts from the devices of a Ray cluster as well (docs/cluster.md):
+    "auto" (the cluster started on this machine), "HOST:PORT" (its head) or "ray://HOST:PORT".
+    This process keeps the backbone and the experts no device holds; the tokens are the ones
+    it would compute alone. cluster_timeout: seconds a layer waits for a device before
+    computing its experts here and marking it down. device_memory: bytes of experts per device
+    (default: half of each device's available RAM). Model.close() leaves the cluster.
+    """
+    model = engine.load(path, memory_budget, options, threads=threads, **stream)
+    if cluster is not None:
+        attach(model, cluster, timeout_s=cluster_timeout, device_memory=device_memory)
+    return model
+
 
 __all__ = [
     "load",
@@ -26,5 +68,6 @@ __all__ = [
     "CorruptExpertError",
     "BudgetError",
     "TokenizerError",
+    "ClusterError",
     "__version__",
 ]

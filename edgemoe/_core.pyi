@@ -243,7 +243,30 @@ def moe_forward(
     compute meanwhile, then each missing one as it lands. The weighted sum runs
     in slot order, so the result does not depend on what was cached. Sets the
     cache's current layer. An out-of-range expert id or a shape mismatch raises ValueError.
+    Bit for bit combine_slots(moe_forward_slots(cache, layer, x, expert_ids, weights=weights), weights).
     """
+
+def moe_forward_slots(
+    cache: ExpertCache,
+    layer: int,
+    x: npt.NDArray[np.float32],
+    expert_ids: npt.NDArray[np.int32],
+    mask: npt.NDArray[np.bool_] | None = None,
+    weights: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Each slot's expert output ys [T, k, hidden]: ys[t, j] = expert[expert_ids[t, j]](x[t])
+    for the slots where mask [T, k] is True (None: every slot); the others are zero.
+
+    Each expert computes all its slots in one call through the cache, as moe_forward does
+    (pinned once, reads overlapping compute), so combine_slots(ys, weights) is moe_forward's
+    result bit for bit. weights [T, k] only decide the low-bit fallback (as in moe_forward);
+    None: no slot falls back. Every expert id is checked, masked out or not (ValueError).
+    Sets the cache's current layer.
+    """
+
+def combine_slots(ys: npt.NDArray[np.float32], weights: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """y [T, hidden] = sum_j weights[t, j] * ys[t, j] for ys [T, k, hidden], in slot order
+    from 0: the weighted sum that ends moe_forward, with the same arithmetic."""
 
 class DecodeLayer:
     """One MoE decoder layer's weights for the one-call decode step (native/layer.h): the same

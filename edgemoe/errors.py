@@ -27,3 +27,8 @@ class BudgetError(EdgeMoEError):
 
 class TokenizerError(EdgeMoEError):
     """The model directory has no usable tokenizer."""
+
+
+class ClusterError(EdgeMoEError):
+    """The Ray cluster cannot serve the model's experts: it does not answer, no node offers the
+    `edgemoe` resource, or a device's copy of an expert fails its checksum."""

@@ -1,9 +1,11 @@
 // edgemoe._core: CRC-32C, the expert store (store.h), the expert cache over it
-// (cache.h) and the MoE layer that runs on the cache (moe.h).
+// (cache.h) and the MoE layer that runs on the cache (moe.h), whole or as slot
+// outputs and their weighted sum.
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bindings.h"
@@ -62,6 +64,33 @@ py::dict layer_dict(const LayerStats& s) {
   d["stall_seconds"] = s.stall_seconds;
   d["compute_seconds"] = s.compute_seconds;
   return d;
+}
+
+// The checked arguments shared by moe_forward and moe_forward_slots.
+struct MoEArgs {
+  int64_t T, H, K;
+  py::array_t<int32_t, py::array::c_style | py::array::forcecast> ids;
+};
+
+MoEArgs moe_args(const char* what, const ExpertCache& cache, int64_t layer, const FloatArray& x,
+                 const py::array& expert_ids) {
+  const std::string fn(what);
+  auto ids = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(expert_ids);
+  if (!ids) throw std::invalid_argument(fn + ": expert_ids must be an integer array");
+  if (x.ndim() != 2) throw std::invalid_argument(fn + ": x must be [T, hidden]");
+  const int64_t T = x.shape(0), H = x.shape(1);
+  if (ids.ndim() != 2 || ids.shape(0) != T)
+    throw std::invalid_argument(fn + ": expert_ids must be [T, k] with T = " + std::to_string(T));
+  if (layer < 0 || layer >= int64_t(cache.store().num_layers()))
+    throw std::invalid_argument(fn + ": layer " + std::to_string(layer) + " is out of range: the experts file has " +
+                                std::to_string(cache.store().num_layers()) + " layers");
+  return {T, H, ids.shape(1), std::move(ids)};
+}
+
+// A [T, k] float array like expert_ids (`name` in the message).
+void check_slots(const char* what, const char* name, const FloatArray& a, const MoEArgs& m) {
+  if (a.ndim() != 2 || a.shape(0) != m.T || a.shape(1) != m.K)
+    throw std::invalid_argument(std::string(what) + ": " + name + " must be [T, k] like expert_ids");
 }
 
 }  // namespace
@@ -242,27 +271,15 @@ void bind_cache(py::module_& m) {
       "moe_forward",
       [](ExpertCache& cache, int64_t layer, const FloatArray& x, const py::array& expert_ids,
          const FloatArray& weights) {
-        auto ids = py::array_t<int32_t, py::array::c_style | py::array::forcecast>::ensure(expert_ids);
-        if (!ids) throw std::invalid_argument("moe_forward: expert_ids must be an integer array");
-        if (x.ndim() != 2) throw std::invalid_argument("moe_forward: x must be [T, hidden]");
-        const int64_t T = x.shape(0), H = x.shape(1);
-        if (ids.ndim() != 2 || ids.shape(0) != T)
-          throw std::invalid_argument("moe_forward: expert_ids must be [T, k] with T = " + std::to_string(T));
-        const int64_t K = ids.shape(1);
-        if (weights.ndim() != 2 || weights.shape(0) != T || weights.shape(1) != K)
-          throw std::invalid_argument("moe_forward: weights must be [T, k] like expert_ids");
-        if (layer < 0 || layer >= int64_t(cache.store().num_layers()))
-          throw std::invalid_argument("moe_forward: layer " + std::to_string(layer) +
-                                      " is out of range: the experts file has " +
-                                      std::to_string(cache.store().num_layers()) + " layers");
-        FloatArray y({T, H});
+        const MoEArgs a = moe_args("moe_forward", cache, layer, x, expert_ids);
+        check_slots("moe_forward", "weights", weights, a);
+        FloatArray y({a.T, a.H});
         const float* xp = x.data();
-        const int32_t* ip = ids.data();
         const float* wp = weights.data();
         float* yp = y.mutable_data();
         {
           py::gil_scoped_release nogil;
-          moe_forward(cache, uint32_t(layer), xp, T, H, ip, wp, K, yp);
+          moe_forward(cache, uint32_t(layer), xp, a.T, a.H, a.ids.data(), wp, a.K, yp);
         }
         return y;
       },
@@ -275,7 +292,68 @@ void bind_cache(py::module_& m) {
       "slot order, so y does not depend on what was cached. Sets the cache's current layer. An\n"
       "out-of-range expert id raises ValueError.\n\n"
       "With cache.fallback_threshold > 0, a missing expert whose |weights| are all below it (every\n"
-      "token of the call) is computed from its low-bit copy instead; y then depends on the cache.");
+      "token of the call) is computed from its low-bit copy instead; y then depends on the cache.\n\n"
+      "Bit for bit combine_slots(moe_forward_slots(cache, layer, x, expert_ids, weights=weights), weights).");
+
+  m.def(
+      "moe_forward_slots",
+      [](ExpertCache& cache, int64_t layer, const FloatArray& x, const py::array& expert_ids, const py::object& mask,
+         const py::object& weights) {
+        const MoEArgs a = moe_args("moe_forward_slots", cache, layer, x, expert_ids);
+        py::array_t<uint8_t, py::array::c_style | py::array::forcecast> picked;
+        if (!mask.is_none()) {
+          picked = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>::ensure(mask);
+          if (!picked || picked.ndim() != 2 || picked.shape(0) != a.T || picked.shape(1) != a.K)
+            throw std::invalid_argument("moe_forward_slots: mask must be a bool array [T, k] like expert_ids");
+        }
+        FloatArray w;
+        if (!weights.is_none()) {
+          w = FloatArray::ensure(weights);
+          if (!w) throw std::invalid_argument("moe_forward_slots: weights must be a float array");
+          check_slots("moe_forward_slots", "weights", w, a);
+        }
+        FloatArray ys({a.T, a.K, a.H});
+        float* yp = ys.mutable_data();
+        std::memset(yp, 0, size_t(a.T * a.K * a.H) * sizeof(float));
+        const float* xp = x.data();
+        const uint8_t* mp = mask.is_none() ? nullptr : picked.data();
+        const float* wp = weights.is_none() ? nullptr : w.data();
+        {
+          py::gil_scoped_release nogil;
+          moe_forward_slots(cache, uint32_t(layer), xp, a.T, a.H, a.ids.data(), wp, a.K, mp, yp);
+        }
+        return ys;
+      },
+      py::arg("cache"), py::arg("layer"), py::arg("x"), py::arg("expert_ids"), py::arg("mask") = py::none(),
+      py::arg("weights") = py::none(),
+      "Each slot's expert output ys [T, k, hidden]: ys[t, j] = expert[expert_ids[t, j]](x[t]) for the\n"
+      "slots where mask [T, k] (bool; None: every slot) is True; the others are zero. Each expert\n"
+      "computes all its slots in one call through the cache as moe_forward does (pinned once, reads\n"
+      "overlapping compute), so combine_slots(ys, weights) is moe_forward's result bit for bit.\n"
+      "weights [T, k] only decide the low-bit fallback (as in moe_forward); None: no slot falls\n"
+      "back. Every expert id is checked, masked out or not (ValueError). Sets the cache's current layer.");
+
+  m.def(
+      "combine_slots",
+      [](const FloatArray& ys, const FloatArray& weights) {
+        if (ys.ndim() != 3) throw std::invalid_argument("combine_slots: ys must be [T, k, hidden]");
+        const int64_t T = ys.shape(0), K = ys.shape(1), H = ys.shape(2);
+        if (weights.ndim() != 2 || weights.shape(0) != T || weights.shape(1) != K)
+          throw std::invalid_argument("combine_slots: weights must be [T, k] = [" + std::to_string(T) + ", " +
+                                      std::to_string(K) + "] like ys");
+        FloatArray y({T, H});
+        const float* sp = ys.data();
+        const float* wp = weights.data();
+        float* yp = y.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          combine_slots(sp, wp, T, K, H, yp);
+        }
+        return y;
+      },
+      py::arg("ys"), py::arg("weights"),
+      "y [T, hidden] = sum_j weights[t, j] * ys[t, j] for ys [T, k, hidden], in slot order from 0:\n"
+      "the weighted sum that ends moe_forward, with the same arithmetic.");
 }
 
 }  // namespace edgemoe::python

@@ -13,9 +13,9 @@
 
 namespace edgemoe {
 
-void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                 const float* weights, int64_t K, float* y) {
-  // x [T, H], ids/weights [T, K] -> y [T, H]
+void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
+                       const float* weights, int64_t K, const uint8_t* mask, float* ys) {
+  // x [T, H], ids/weights/mask [T, K] -> ys [T, K, H] (masked-in slots only)
   const ExpertStore& store = cache.store();
   if (layer >= store.num_layers())
     throw std::invalid_argument("layer " + std::to_string(layer) + " is out of range: the experts file has " +
@@ -30,7 +30,7 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
                                   std::to_string(i % K) + ") is out of range: layer " + std::to_string(layer) +
                                   " has experts 0.." + std::to_string(E - 1) +
                                   (e >= 0 && uint32_t(e) < E ? " but not this one" : ""));
-    slots[size_t(e)].push_back(i);
+    if (!mask || mask[i]) slots[size_t(e)].push_back(i);
   }
   std::vector<uint32_t> needed;
   for (uint32_t e = 0; e < E; ++e)
@@ -40,7 +40,7 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
   // token of the call gives it less than the threshold (prefill: all of them).
   std::vector<uint8_t> low_ok;
   const float threshold = cache.fallback_threshold();
-  if (threshold > 0) {
+  if (threshold > 0 && weights) {
     low_ok.reserve(needed.size());
     for (uint32_t e : needed) {
       float top = 0;  // ffn_moe_weights' largest |w| for this expert
@@ -52,7 +52,6 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
   // the missing ones are being read from here on
   LayerRequest req = cache.request(layer, needed, true, low_ok.empty() ? nullptr : &low_ok);
   std::vector<float> xb, yb;
-  std::vector<float> ys(size_t(T * K * H));  // ffn_moe_out per (token, slot) [T, K, H]
   double compute = 0;
   while (!req.done()) {
     PinnedExpert pin = req.next();  // resident ones first, then each missing one as it lands
@@ -72,8 +71,11 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
     for (int64_t j = 0; j < n; ++j) std::memcpy(&ys[size_t(s[size_t(j)] * H)], &yb[size_t(j * H)], size_t(H) * 4);
     compute += seconds_since(t0);
   }
-  // Weighted sum in slot order, whatever order the experts arrived in.
-  const auto t0 = std::chrono::steady_clock::now();
+  cache.record_compute(layer, compute);
+}
+
+void combine_slots(const float* ys, const float* weights, int64_t T, int64_t K, int64_t H, float* y) {
+  // ys [T, K, H], weights [T, K] -> y [T, H]; in slot order, whatever order the experts arrived in
   for (int64_t t = 0; t < T; ++t) {
     float* yt = y + t * H;
     std::fill(yt, yt + H, 0.0f);
@@ -83,7 +85,16 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
       for (int64_t h = 0; h < H; ++h) yt[h] += w * src[h];
     }
   }
-  cache.record_compute(layer, compute + seconds_since(t0));
+}
+
+void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
+                 const float* weights, int64_t K, float* y) {
+  // x [T, H], ids/weights [T, K] -> ys [T, K, H] (ffn_moe_out per slot) -> y [T, H]
+  std::vector<float> ys(size_t(T * K * H));
+  moe_forward_slots(cache, layer, x, T, H, ids, weights, K, nullptr, ys.data());
+  const auto t0 = std::chrono::steady_clock::now();
+  combine_slots(ys.data(), weights, T, K, H, y);
+  cache.record_compute(layer, seconds_since(t0));
 }
 
 }  // namespace edgemoe

@@ -1,6 +1,10 @@
 // One MoE layer over the expert cache: each distinct routed expert is pinned
 // once for all the tokens that chose it, and the reads of the missing ones
 // overlap the compute of the resident ones.
+//
+// The layer is two steps: every (token, slot)'s expert output (moe_forward_slots),
+// then their weighted sum (combine_slots). Apart, they let some slots be computed
+// elsewhere (another device) and summed with the same arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +20,21 @@ namespace edgemoe {
 // With the cache's fallback threshold > 0, an expert whose |weights| in the
 // call are all below it is served by its low-bit copy on a miss (cache.h).
 // Throws std::invalid_argument on a bad id or shape.
+// The same numbers as moe_forward_slots (every slot) followed by combine_slots.
 void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
                  const float* weights, int64_t K, float* y);
+
+// ys [T, K, H] float32: ys[t, k] = expert[ids[t, k]](x[t]) for every slot with
+// mask[t * K + k] != 0 (mask nullptr: every slot); the other slots of ys are
+// neither read nor written. An expert computes all its masked-in rows in one
+// call, in slot order, as moe_forward does. weights (nullptr: none) only decide
+// the low-bit fallback, as in moe_forward; without them no slot falls back.
+// Every id is checked, masked out or not. Throws std::invalid_argument.
+void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
+                       const float* weights, int64_t K, const uint8_t* mask, float* ys);
+
+// ys [T, K, H], weights [T, K] -> y [T, H] = sum_k weights[t, k] * ys[t, k],
+// summed in slot order starting from 0.
+void combine_slots(const float* ys, const float* weights, int64_t T, int64_t K, int64_t H, float* y);
 
 }  // namespace edgemoe

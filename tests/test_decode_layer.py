@@ -119,3 +119,34 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
         _core.linear(np.zeros(3, np.float32), np.zeros((2, 3), np.float64), "f32")
     with pytest.raises(ValueError, match="kv_heads must divide"):
         _core.DecodeLayer(0, *lin, L.attn.norm, L.ffn_norm, m.net.rope.inv_freq, 4, 3, 16, 2, 0, 1e-6, True)
+
+
+def test_an_installed_moe_computation_adds_its_stats_and_is_closed_with_the_model(tiny_checkpoint, tmp_path):
+    """Model.stats, reset_stats and close reach an override's methods of those names (a cluster's)."""
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+
+    class Counting:
+        calls, closed = 0, False
+
+        def __call__(self, *a):
+            self.calls += 1
+            return m.net.moe(*a)
+
+        def stats(self):
+            return {"counting": {"calls": self.calls}}
+
+        def reset_stats(self):
+            self.calls = 0
+
+        def close(self):
+            self.closed = True
+
+    want = m.generate(IDS[:3], max_new_tokens=3)
+    m.net.moe_override = c = Counting()
+    assert m.generate(IDS[:3], max_new_tokens=3) == want
+    assert m.stats()["counting"] == {"calls": 2 * 3}
+    m.reset_stats()
+    assert m.stats()["counting"] == {"calls": 0}
+    m.close()
+    assert c.closed and m.net.moe_override is None and "counting" not in m.stats()

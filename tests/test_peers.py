@@ -147,7 +147,7 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     hf = tiny_checkpoint("mixtral")
     cache = tmp_path / "peers"
     cache.mkdir()
-    from edgemoe.planning.default_model import cache_root
+    from edgemoe.runtime.paths import cache_root
 
     shared, extract = cache_root() / "peers", peers.converter_dir  # the source package's converter, once per machine
     monkeypatch.setattr(peers, "converter_dir", lambda _: extract(shared))

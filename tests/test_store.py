@@ -199,6 +199,52 @@ def test_moe_forward_matches_reference(experts):
     assert cache.stats()["misses"] == cache.stats()["loads"] <= L * E  # each expert read once
 
 
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_moe_forward_is_its_slots_combined(experts, T):
+    """moe_forward == combine_slots(moe_forward_slots(...)) bit for bit, whole or with the slots
+    split in two by a mask; each expert's slots are expert_forward of its rows in slot order
+    (what a device computing some experts elsewhere returns)."""
+    path, offsets, sizes, crcs, blobs = experts
+    cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs), int(sizes.max()) * 3)  # experts stream
+    rng = np.random.default_rng(T)
+    K = 2
+    for layer in range(L):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        ids = np.stack([rng.choice(E, K, replace=False) for _ in range(T)]).astype(np.int32)
+        weights = rng.random((T, K)).astype(np.float32)
+        y = _core.moe_forward(cache, layer, x, ids, weights)
+        ys = _core.moe_forward_slots(cache, layer, x, ids, weights=weights)
+        assert ys.shape == (T, K, H) and ys.dtype == np.float32
+        np.testing.assert_array_equal(_core.combine_slots(ys, weights), y)
+
+        remote = np.isin(ids, [1, 2])  # the slots of experts 1 and 2, computed "elsewhere"
+        split = _core.moe_forward_slots(cache, layer, x, ids, mask=~remote)
+        assert not split[remote].any()  # masked-out slots stay zero
+        for e in (1, 2):
+            rows = np.flatnonzero(ids.reshape(-1) == e)  # slot indices t * K + k, in slot order
+            if rows.size:
+                split.reshape(T * K, H)[rows] = _core.expert_forward(x[rows // K], blobs[layer, e])
+        np.testing.assert_array_equal(_core.combine_slots(split, weights), y)
+
+
+def test_slot_arguments_are_checked(experts):
+    path, offsets, sizes, crcs, blobs = experts
+    cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs))
+    x = np.zeros((2, H), np.float32)
+    ids = np.array([[0, 1], [2, 3]], np.int32)
+    with pytest.raises(ValueError, match="mask must be"):
+        _core.moe_forward_slots(cache, 0, x, ids, mask=np.ones((2, 1), bool))
+    with pytest.raises(ValueError, match="weights must be"):
+        _core.moe_forward_slots(cache, 0, x, ids, weights=np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="out of range"):  # checked even when masked out
+        _core.moe_forward_slots(cache, 0, x, np.array([[0, E], [2, 3]]), mask=np.zeros((2, 2), bool))
+    with pytest.raises(ValueError, match="weights must be"):
+        _core.combine_slots(np.zeros((2, 2, H), np.float32), np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="ys must be"):
+        _core.combine_slots(np.zeros((2, H), np.float32), np.ones((2, 2), np.float32))
+    assert cache.stats()["loads"] == 0
+
+
 def test_budget_below_one_blob_is_a_budget_error(experts):
     path, offsets, sizes, crcs, blobs = experts
     cache = _core.ExpertCache(_core.ExpertStore(path, offsets, sizes, crcs), 4096)

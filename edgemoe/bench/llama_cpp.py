@@ -35,8 +35,9 @@ from ..converters.convert import convert
 from ..devices import load_profile
 from ..devices.limits import Cgroup, cgroup_v1_available, drop_page_cache
 from ..format.manifest import FORMAT_VERSION
-from ..planning.default_model import SHIPPED, _fingerprint, cache_root
+from ..planning.default_model import SHIPPED, _fingerprint
 from ..runtime.engine import load
+from ..runtime.paths import cache_root
 from . import llama_cpp_worker
 from .modes import combo_name, direct_read_bandwidth, held_out_prompt, mode_options
 from .synth import synth_mixtral

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..bench import llama_cpp, modes
 from ..bench.synth import prepare
-from ..planning.default_model import cache_root
 from ..runtime.engine import load
+from ..runtime.paths import cache_root
 from ..units import parse_bytes
 from .common import size_arg
 

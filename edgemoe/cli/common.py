@@ -1,10 +1,12 @@
-"""What several verbs share: the model argument, the streaming flags and the default model."""
+"""What several verbs share: the model argument, the streaming flags, the cluster flags and the
+default model."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..cluster.moe import DEFAULT_TIMEOUT_S
 from ..planning.default_model import default_model_path
 from ..runtime.options import StreamOptions
 from ..units import parse_bytes
@@ -67,6 +69,31 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="THRESHOLD",
         help="on a miss for an expert whose gate weight is below THRESHOLD (e.g. 0.3), compute it from "
         "its low-bit copy (convert with --fallback-bits) instead of reading the full one",
+    )
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """--cluster and --cluster-timeout: serve the experts from the devices of a Ray cluster too."""
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS",
+        help="serve experts from the devices of a Ray cluster as well: auto (the one started on this machine), "
+        "HOST:PORT or ray://HOST:PORT (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--cluster-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S * 1e3,
+        metavar="MS",
+        help="how long a layer waits for a device before computing its experts here and marking it down "
+        f"(default {DEFAULT_TIMEOUT_S * 1e3:.0f})",
+    )
+    p.add_argument(
+        "--device-memory",
+        type=size_arg,
+        default=None,
+        help="RAM for experts on each device, e.g. 2GB (default: half of each device's available RAM)",
     )
 
 

@@ -7,15 +7,17 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..runtime.engine import load
+from ..cluster import attach, format_cluster_stats
+from ..runtime.engine import Model, load
 from ..runtime.stats import format_stats
 from ..units import format_bytes
-from .common import add_model_args, load_args, resolve_model
+from .common import add_cluster_args, add_model_args, load_args, resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgemoe run", description="Generate text from a prompt.")
     add_model_args(p)
+    add_cluster_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", type=int, default=64, help="new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
@@ -30,6 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     m = load(resolve_model(args.model), **load_args(args))
+    try:
+        if args.cluster:
+            attach(m, args.cluster, timeout_s=args.cluster_timeout / 1e3, device_memory=args.device_memory)
+        generate(m, args)
+    finally:
+        m.close()  # a cluster's device servers stop with the command
+    return 0
+
+
+def generate(m: Model, args: argparse.Namespace) -> None:
+    """Stream the continuation to stdout, then a summary (and the statistics asked for) to stderr."""
     pieces = m.generate(
         args.prompt,
         max_new_tokens=args.n,
@@ -54,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.stats:
         print(format_stats(s), file=sys.stderr)
+        if "cluster" in s:
+            print(format_cluster_stats(s), file=sys.stderr)
     if args.stats_json:
         print(json.dumps(s, indent=2), file=sys.stderr)
-    return 0

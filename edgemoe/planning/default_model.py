@@ -10,19 +10,12 @@ from pathlib import Path
 
 from ..converters.convert import convert
 from ..errors import EdgeMoEError
+from ..runtime.paths import cache_root
 from .routing import profile_model
 
 SHIPPED = Path(__file__).parent.parent / "default_model"
 DEFAULT_BITS = 8
 ROUTING_TOKENS = 12_000  # calibration tokens traced on first use (about ten seconds)
-
-
-def cache_root() -> Path:
-    """Where converted models are kept: $EDGEMOE_CACHE, else $XDG_CACHE_HOME/edgemoe, else ~/.cache/edgemoe."""
-    if os.environ.get("EDGEMOE_CACHE"):
-        return Path(os.environ["EDGEMOE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "edgemoe"
 
 
 CHECKPOINT_FILES = (

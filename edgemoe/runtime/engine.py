@@ -381,9 +381,15 @@ class Model:
             yield text[len(emitted) :]
 
     # -- accounting ------------------------------------------------------------
+    def _override_hook(self, name: str) -> Any:
+        """A method of the MoE computation installed in place of the cache's (net.moe_override,
+        e.g. a cluster's), or None when there is none or it lacks that method."""
+        return getattr(self.net.moe_override, name, None)
+
     def stats(self) -> dict[str, Any]:
         """Totals since load (or reset_stats), and under "layers" one dict per MoE layer
-        (see layer_stats)."""
+        (see layer_stats). An installed MoE computation with a stats() method adds its sections
+        (a cluster: "cluster")."""
         layers = self.layer_stats()
         c = dict(self.cache.stats())
         # totals from the same snapshot as the rows: a prefetch landing between the two native
@@ -431,6 +437,7 @@ class Model:
                 if self.fallback_store
                 else {}
             ),
+            **(override_stats() if (override_stats := self._override_hook("stats")) else {}),
             "layers": layers,
         }
 
@@ -479,8 +486,17 @@ class Model:
         self.cache.reset_stats()
         if self.prefetcher:
             self.prefetcher.reset_stats()
+        if reset := self._override_hook("reset_stats"):
+            reset()
         for k in self._counters:
             self._counters[k] = 0 if isinstance(self._counters[k], int) else 0.0
+
+    def close(self) -> None:
+        """Release what the installed MoE computation holds outside this process (a cluster:
+        its device servers and connection); the model then computes every expert itself."""
+        if close := self._override_hook("close"):
+            close()
+        self.net.moe_override = None
 
     def info(self) -> dict[str, Any]:
         ex = self.manifest["experts"]

@@ -472,6 +472,68 @@ static void test_expert_forward() {
     }
 }
 
+// moe_forward = combine_slots(moe_forward_slots(every slot)) bit for bit, also when the slots
+// are split by a mask into two calls (the cluster's remote and local halves) made at once on
+// two threads over one cache that starts empty (both read); masked-out slots are left as they were.
+static void test_moe_slots() {
+  const uint32_t H = 64, I = 96;
+  TestFile f;
+  f.L = 2;
+  f.E = 4;
+  write_file(f, H, I);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kFirstRead);
+  for (int64_t T : {1, 5, 13}) {
+    const int64_t K = 2;
+    auto x = rand_vec(size_t(T * H));
+    std::vector<int32_t> ids(size_t(T * K));
+    std::vector<float> w(size_t(T * K));
+    for (int64_t i = 0; i < T * K; ++i) {
+      ids[size_t(i)] = int32_t((i % K) == 0 ? rng() % f.E : (uint32_t(ids[size_t(i - 1)]) + 1 + rng() % 3) % f.E);
+      w[size_t(i)] = float(rng() % 1000) / 1000.0f;
+    }
+    ExpertCache whole(store, 0);
+    std::vector<float> y(size_t(T * H)), ys(size_t(T * K * H), 0.0f), y2(size_t(T * H));
+    moe_forward(whole, 1, x.data(), T, H, ids.data(), w.data(), K, y.data());
+    moe_forward_slots(whole, 1, x.data(), T, H, ids.data(), w.data(), K, nullptr, ys.data());
+    combine_slots(ys.data(), w.data(), T, K, H, y2.data());
+    CHECK(std::memcmp(y.data(), y2.data(), y.size() * 4) == 0);
+
+    // the slots of experts 0 and 2 in one call, the others in another, on two threads at once,
+    // through a cache that holds two experts (both calls stream)
+    std::vector<uint8_t> even(size_t(T * K)), odd(size_t(T * K));
+    for (int64_t i = 0; i < T * K; ++i) {
+      even[size_t(i)] = uint8_t(ids[size_t(i)] % 2 == 0);
+      odd[size_t(i)] = uint8_t(!even[size_t(i)]);
+    }
+    uint64_t four = 0;
+    for (uint32_t e = 0; e < f.E; ++e) four += store->buffer_bytes(1, e);
+    ExpertCache small(store, four);
+    const float sentinel = 12345.0f;
+    std::vector<float> split(size_t(T * K * H), sentinel);
+    std::thread other(
+        [&] { moe_forward_slots(small, 1, x.data(), T, H, ids.data(), w.data(), K, odd.data(), split.data()); });
+    moe_forward_slots(small, 1, x.data(), T, H, ids.data(), nullptr, K, even.data(), split.data());
+    other.join();
+    std::vector<float> y3(size_t(T * H));
+    combine_slots(split.data(), w.data(), T, K, H, y3.data());
+    CHECK(std::memcmp(y.data(), y3.data(), y.size() * 4) == 0);
+
+    // a mask of nothing computes nothing and touches nothing
+    std::vector<uint8_t> none(size_t(T * K), 0);
+    std::vector<float> untouched(size_t(T * K * H), sentinel);
+    const uint64_t misses = small.stats().misses;
+    moe_forward_slots(small, 1, x.data(), T, H, ids.data(), w.data(), K, none.data(), untouched.data());
+    CHECK(std::all_of(untouched.begin(), untouched.end(), [&](float v) { return v == sentinel; }));
+    CHECK(small.stats().misses == misses);
+    // every id is checked, masked out or not
+    auto bad = ids;
+    bad[0] = int32_t(f.E);
+    CHECK(throws<std::invalid_argument>(
+        [&] { moe_forward_slots(small, 1, x.data(), T, H, bad.data(), w.data(), K, none.data(), untouched.data()); },
+        "out of range"));
+  }
+}
+
 static void test_store_and_cache() {
   const uint32_t H = 64, I = 96;
   TestFile f;
@@ -1191,6 +1253,7 @@ int main() {
   test_crc();
   test_sample();
   test_store_and_cache();
+  test_moe_slots();
   test_decode_layer();
   test_cache_threads();
   test_policy_scores();

@@ -1,0 +1,136 @@
+"""What runs on a device: the experts it serves, held in RAM and kept on its own flash.
+
+`ExpertServer` is a plain class; the coordinator makes it a Ray actor pinned to the device's
+node (moe.py). Blobs arrive once from the coordinator, are checked against the manifest's
+CRC-32C, and are written under $EDGEMOE_CACHE/cluster/<model fingerprint>/ so that a server
+started again on the same device reads them from its flash instead of the network.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .. import _core
+from ..errors import ClusterError
+from ..runtime.paths import cache_root
+
+Pair = tuple[int, int]  # (layer, expert)
+
+
+def copies_dir(fingerprint: str) -> Path:
+    """Where a device keeps its copies of one model's experts."""
+    return cache_root() / "cluster" / fingerprint
+
+
+class ExpertServer:
+    """One device's experts: `hold` says which, `put` delivers the ones it lacks, `forward`
+    computes them for the rows the coordinator sends."""
+
+    def __init__(self, fingerprint: str, name: str, threads: int = 0):
+        if threads > 0:
+            _core.set_num_threads(threads)
+        self.name = name
+        self.dir = copies_dir(fingerprint)
+        self.blobs: dict[Pair, np.ndarray] = {}
+        self.flash_error: str | None = None  # why copies are not kept on flash, if they are not
+
+    def info(self) -> dict[str, object]:
+        """What the coordinator shows about this device."""
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "simd": _core.simd(),
+            "threads": _core.get_num_threads(),
+            "available_bytes": psutil.virtual_memory().available,
+            "copies_dir": str(self.dir),
+            "flash_error": self.flash_error,
+        }
+
+    def _path(self, layer: int, expert: int) -> Path:
+        return self.dir / f"layer{layer}-expert{expert}.blob"
+
+    def _damaged(self, layer: int, expert: int, where: str, fix: str) -> ClusterError:
+        return ClusterError(
+            f"device {self.name}: its copy of expert {expert} of layer {layer} ({where}) failed its "
+            f"checksum against the manifest: {fix}"
+        )
+
+    def hold(self, wanted: list[tuple[int, int, int, int]]) -> dict[str, object]:
+        """Serve exactly the experts `wanted` ((layer, expert, length, crc32c) each): those held
+        already stay, those on this device's flash are read and checked, the others are
+        dropped. Returns {"missing": pairs the coordinator must send, "from_flash": how many
+        were read from flash}. A flash copy that fails its checksum raises ClusterError."""
+        keep: dict[Pair, np.ndarray] = {}
+        from_flash = 0
+        for layer, expert, length, crc in wanted:
+            pair = (layer, expert)
+            if pair in self.blobs:
+                keep[pair] = self.blobs[pair]
+                continue
+            path = self._path(layer, expert)
+            if not path.is_file():
+                continue
+            blob = np.fromfile(path, np.uint8)
+            if blob.size != length or _core.crc32c(blob) != crc:
+                raise self._damaged(
+                    layer,
+                    expert,
+                    str(path),
+                    f"the copy on that device's flash is damaged; delete {self.dir} on that device "
+                    "and load again (the coordinator then sends its experts again)",
+                )
+            keep[pair] = blob
+            from_flash += 1
+        self.blobs = keep
+        missing = [(layer, expert) for layer, expert, _, _ in wanted if (layer, expert) not in keep]
+        return {"missing": missing, "from_flash": from_flash}
+
+    def put(self, items: list[tuple[int, int, int, np.ndarray]]) -> int:
+        """Take blobs sent by the coordinator ((layer, expert, crc32c, blob) each): check each,
+        keep it in RAM and write it to this device's flash. Returns the bytes taken."""
+        taken = 0
+        for layer, expert, crc, data in items:
+            blob = np.array(data, np.uint8)  # our own copy: the argument views Ray's object store
+            if _core.crc32c(blob) != crc:
+                raise self._damaged(
+                    layer, expert, "as received", "it was damaged on the way; load again to send it once more"
+                )
+            self.blobs[(layer, expert)] = blob
+            taken += blob.size
+            self._keep_on_flash(layer, expert, blob)
+        return taken
+
+    def _keep_on_flash(self, layer: int, expert: int, blob: np.ndarray) -> None:
+        """Write a copy for the next server on this device; a device without room still serves
+        from RAM (the failure is shown in info)."""
+        path = self._path(layer, expert)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            blob.tofile(tmp)
+            os.replace(tmp, path)  # a reader never sees half a blob
+        except OSError as e:
+            self.flash_error = f"{path}: {e}"
+            tmp.unlink(missing_ok=True)
+
+    def forward(
+        self, layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """Expert outputs for rows of x [tokens, hidden]: experts [G] each take counts[g] rows,
+        rows [sum counts] indexes x, grouped by expert in slot order -> out [sum counts, hidden].
+        Each expert computes all its rows in one call, as moe_forward batches them, so the
+        numbers are the coordinator's bit for bit."""
+        out = np.empty((rows.size, x.shape[1]), np.float32)
+        start = 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            blob = self.blobs.get((layer, e))
+            if blob is None:
+                raise ClusterError(f"device {self.name} does not hold expert {e} of layer {layer}")
+            out[start : start + n] = _core.expert_forward(np.ascontiguousarray(x[rows[start : start + n]]), blob)
+            start += n
+        return out
