@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterError
@@ -49,7 +48,6 @@ def connect(address: str, timeout_s: float = 5.0) -> bool:
     call made the connection (so its owner ends it); False when one was already open."""
     try:
         import ray  # an optional dependency (the `cluster` extra): imported only when a cluster is used
-        from ray.job_config import JobConfig
     except ImportError:
         raise ClusterError("a cluster needs Ray: pip install 'edgemoe[cluster]'") from None
     if ray.is_initialized():
@@ -63,11 +61,7 @@ def connect(address: str, timeout_s: float = 5.0) -> bool:
                 f"no Ray cluster answers at {address} (tried {hp[0]}:{hp[1]}: {e}): {HOW_TO_START}"
             ) from None
     try:
-        # Ray puts the driver's working directory on every worker's sys.path; code_search_path
-        # goes before it, so a device imports the edgemoe this process runs, not a source tree
-        # (without the built core) that happens to be the current directory
-        job = JobConfig(code_search_path=[str(Path(__file__).resolve().parents[2])])
-        ray.init(address=address, logging_level="warning", log_to_driver=False, job_config=job)
+        ray.init(address=address, logging_level="warning", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot join a Ray cluster at {address!r} ({e}): {HOW_TO_START}") from None
     return True
