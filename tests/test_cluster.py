@@ -38,6 +38,15 @@ def models(tiny_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def outside_the_checkout(tmp_path_factory):
+    """Ray puts the driver's working directory on every device's import path: from the root of
+    a source checkout the devices would import its unbuilt edgemoe/ instead of the installed one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path_factory.mktemp("coordinator_cwd"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def head():
     from ray.cluster_utils import Cluster
