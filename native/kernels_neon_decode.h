@@ -1,0 +1,185 @@
+// Internal to kernels_neon.cpp and kernels_neon_dotprod.cpp: the one-token decode
+// kernel, written once over a `Dot` policy (how a block of 32 codes meets the rounded
+// x) and compiled once per instruction-set level. Each including file sets its
+// level's target (a pragma region) before including this header, so everything here
+// is in an unnamed namespace: every file keeps its own copy, compiled for its level,
+// and none can be linked in place of another's (no sdot reaching a Cortex-A72).
+// The including file has already included <arm_neon.h>, <cstdint> and common.h.
+#pragma once
+
+#include "kernels_impl.h"
+
+namespace edgemoe::kernels::neon {
+namespace {
+
+#define EDGEMOE_INLINE inline __attribute__((always_inline))
+
+constexpr uint32_t kPrefetchBytes = 1024;  // how far decode runs ahead of each row's weight stream
+
+// One chunk of 32 codes (docs/format.md) -> lo = values 0..15, hi = values 16..31, one byte each.
+template <int BITS>
+EDGEMOE_INLINE void unpack(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
+  if constexpr (BITS == 8) {
+    lo = vld1q_u8(p);
+    hi = vld1q_u8(p + 16);
+  } else if constexpr (BITS == 4) {
+    const uint8x16_t b = vld1q_u8(p);
+    lo = vandq_u8(b, vdupq_n_u8(0x0F));
+    hi = vshrq_n_u8(b, 4);
+  } else {
+    static_assert(BITS == 2 || BITS == 3, "bits");
+    // byte j holds values j, j+8, j+16, j+24 in its bit pairs 0-1, 2-3, 4-5, 6-7
+    const uint8x8_t b = vld1_u8(p), three = vdup_n_u8(3);
+    lo = vcombine_u8(vand_u8(b, three), vand_u8(vshr_n_u8(b, 2), three));
+    hi = vcombine_u8(vand_u8(vshr_n_u8(b, 4), three), vshr_n_u8(b, 6));
+    if constexpr (BITS == 3) {
+      // bit 2 of value j is bit j of the u32 after the 2-bit part: byte j/8 of it to lane j, then test bit j%8
+      static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+      static constexpr uint8_t kLo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+      static constexpr uint8_t kHi[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+      const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(load_u32(p + 8))), bit = vld1q_u8(kBit);
+      const uint8x16_t four = vdupq_n_u8(4);
+      lo = vorrq_u8(lo, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kLo)), bit), four));
+      hi = vorrq_u8(hi, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kHi)), bit), four));
+    }
+  }
+}
+
+// The part of a DecodeInput that a matrix of `bits`-bit codes reads.
+struct DecodeX {
+  const int8_t* x8 = nullptr;      // [cols] 4-bit codes
+  const int16_t* x16 = nullptr;    // [cols] 2/3/8-bit codes, plain NEON
+  const int8_t* xh = nullptr;      // [cols] x16 >> 8, dot-product levels
+  const uint8_t* xl = nullptr;     // [cols] x16 & 255, dot-product levels
+  const int32_t* hcorr = nullptr;  // [cols / 32]
+  const float* dx;                 // [cols / 32]
+  const float* xsum;               // [cols / gs]
+  DecodeX(const DecodeInput& in, int bits) {
+    if (bits == 4) {
+      x8 = in.x8.data(), dx = in.dx8.data(), xsum = in.xsum8.data();
+    } else {
+      x16 = in.x16.data(), xh = in.xh.data(), xl = in.xl.data(), hcorr = in.hcorr.data();
+      dx = in.dx16.data(), xsum = in.xsum16.data();
+    }
+  }
+};
+
+// 4 f16 at p (any alignment) -> f32.
+EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
+
+// sum_g min_g * xsum[g] for one row, before the factor min_mult (a power of two).
+EDGEMOE_INLINE float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
+  float32x4_t acc = vdupq_n_f32(0);
+  uint32_t g = 0;
+  for (; g + 4 <= ng; g += 4) acc = vfmaq_f32(acc, f16x4(mn + 2 * g), vld1q_f32(xsum + g));
+  float v = vaddvq_f32(acc);
+  for (; g < ng; ++g) v += f16_to_f32(load_u16(mn + 2 * g)) * xsum[g];
+  return v;
+}
+
+// The scales of the 4 chunks b..b+3 of a row (b a multiple of 4) whose f16 group
+// scales start at sc, CPG chunks per group.
+template <uint32_t CPG>
+EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
+  if constexpr (CPG == 1) {
+    return f16x4(sc + 2 * b);
+  } else if constexpr (CPG == 2) {  // groups b/2 and b/2 + 1, each twice
+    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u32(vdup_n_u32(load_u32(sc + b))));
+    return vzip1q_f32(s, s);
+  } else {
+    static_assert(CPG == 4, "chunks per group");
+    return vdupq_n_f32(f16_to_f32(load_u16(sc + b / 2)));
+  }
+}
+
+// RR rows from row r: y[r + i] = sum_b scale(b) dx[b] (codes_b . xq_b) + min_mult * min . xsum.
+// The block dot (Dot::Block<BITS>::dot) is an exact integer in 4 lanes; it is converted
+// once per block and scaled by that block's dx * scale, four blocks' factors a vector.
+template <class Dot, int BITS, int RR, uint32_t CPG>
+EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  using Block = typename Dot::template Block<BITS>;
+  constexpr uint32_t cb = chunk_bytes(BITS);
+  const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
+  const float* dx = x.dx;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  float32x4_t acc[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
+    acc[i] = vdupq_n_f32(0);
+  }
+  uint32_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    const float32x4_t dx4 = vld1q_f32(dx + b);
+    float32x4_t m[RR];
+    for (int i = 0; i < RR; ++i) {
+      __builtin_prefetch(codes[i] + kPrefetchBytes);
+      m[i] = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+    }
+    {
+      const Block xb(x, b);
+      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i])), m[i], 0);
+    }
+    {
+      const Block xb(x, b + 1);
+      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + cb)), m[i], 1);
+    }
+    {
+      const Block xb(x, b + 2);
+      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + 2 * cb)), m[i], 2);
+    }
+    {
+      const Block xb(x, b + 3);
+      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + 3 * cb)), m[i], 3);
+    }
+    for (int i = 0; i < RR; ++i) codes[i] += 4 * cb;
+  }
+  for (; b < nb; ++b) {  // the last < 4 blocks of a row
+    const Block xb(x, b);
+    for (int i = 0; i < RR; ++i) {
+      const float mult = dx[b] * f16_to_f32(load_u16(sc[i] + 2 * (b / CPG)));
+      acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i])), mult);
+      codes[i] += cb;
+    }
+  }
+  for (int i = 0; i < RR; ++i)
+    y[r + uint32_t(i)] =
+        vaddvq_f32(acc[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+}
+
+template <class Dot, int BITS, uint32_t CPG>
+EDGEMOE_INLINE void qmatvec_cpg(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
+  uint32_t r = r0;
+  for (; r + 4 <= r1; r += 4) qmatvec_rows<Dot, BITS, 4, CPG>(w, r, x, y);
+  for (; r < r1; ++r) qmatvec_rows<Dot, BITS, 1, CPG>(w, r, x, y);
+}
+
+template <class Dot, int BITS>
+EDGEMOE_INLINE void qmatvec_bits(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  const DecodeX x(in, BITS);
+  switch (w.group_size) {
+    case 32: return qmatvec_cpg<Dot, BITS, 1>(w, r0, r1, x, y);
+    case 64: return qmatvec_cpg<Dot, BITS, 2>(w, r0, r1, x, y);
+    default: return qmatvec_cpg<Dot, BITS, 4>(w, r0, r1, x, y);
+  }
+}
+
+// Rows [r0, r1) of y = W x for one token, the block dots formed by Dot.
+template <class Dot>
+EDGEMOE_INLINE void qmatvec_with(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  switch (w.bits) {
+    case 2: return qmatvec_bits<Dot, 2>(w, r0, r1, in, y);
+    case 3: return qmatvec_bits<Dot, 3>(w, r0, r1, in, y);
+    case 4: return qmatvec_bits<Dot, 4>(w, r0, r1, in, y);
+    default: return qmatvec_bits<Dot, 8>(w, r0, r1, in, y);
+  }
+}
+
+}  // namespace
+
+// The decode kernel at the dot-product levels (kernels_neon_dotprod.cpp).
+void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+
+}  // namespace edgemoe::kernels::neon
