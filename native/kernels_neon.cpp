@@ -4,8 +4,8 @@
 //     int16 for 2/3/8-bit ones), four rows per pass. The block dot comes in three
 //     variants picked at run time from the CPU's hwcaps (cpu_level): plain NEON
 //     (smull/smlal; Cortex-A72 of a Pi 4), sdot/udot (dotprod; A76, A78AE, X4,
-//     kernels_neon_dotprod.cpp) and usdot for 8-bit codes (i8mm). All three give
-//     the same exact integer per block;
+//     kernels_neon_dotprod.cpp) and usdot for 8-bit codes (i8mm). All three form
+//     the same exact integer per block, and so give the same bits;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
 //   - prefill (T >= 12): 4 rows at a time are dequantized to an f32 tile and a
 //     4x4 register-blocked FMA kernel runs every token over it.
@@ -33,6 +33,7 @@ namespace {
 // int16 lanes (4 * 15 * 127 fits), then widened. Others: codes widened to int16 and
 // multiplied-accumulated into int32 with int16 x (8 * 255 * 32767 fits).
 struct DotNeon {
+  static constexpr int kLevel = int(Level::kNeon);
   template <int BITS>
   struct Block {
     int8x16_t x0, x1;  // 4-bit: int8 x, values 0..15 and 16..31
@@ -139,11 +140,13 @@ void qrows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, co
       float32x4_t d[NT][2];  // two FMA chains per token
       for (int t = 0; t < NT; ++t) d[t][0] = d[t][1] = vdupq_n_f32(0);
       for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
+        EDGEMOE_MCA_MARK("BEGIN", "rows_b%c0_tokens%c1%c2%c3", BITS, NT, 0, 0);
         float32x4_t wv[8];
         decode_f32<BITS>(codes, wv);
         const uint32_t col = (g * cpg + c) * kChunk;
         for (int k = 0; k < 8; ++k)
           for (int t = 0; t < NT; ++t) d[t][k & 1] = vfmaq_f32(d[t][k & 1], wv[k], vld1q_f32(x[t] + col + 4 * k));
+        EDGEMOE_MCA_MARK("END", "rows_b%c0_tokens%c1%c2%c3", BITS, NT, 0, 0);
       }
       const float s = f16_to_f32(load_u16(sc + 2 * g));
       for (int t = 0; t < NT; ++t) acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(d[t][0], d[t][1]), s);
@@ -178,12 +181,15 @@ void frows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, fl
     float32x4_t acc[NT][2];
     for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0);
     uint32_t col = 0;
-    for (; col + 16 <= cols; col += 16)
+    for (; col + 16 <= cols; col += 16) {
+      EDGEMOE_MCA_MARK("BEGIN", "float_kind%c0_tokens%c1%c2%c3", int(K), NT, 0, 0);
       for (int k = 0; k < 4; ++k) {
         const float32x4_t wv = load4<K>(row + (col + 4 * uint32_t(k)) * es);
         for (int t = 0; t < NT; ++t)
           acc[t][k & 1] = vfmaq_f32(acc[t][k & 1], wv, vld1q_f32(x[t] + col + 4 * uint32_t(k)));
       }
+      EDGEMOE_MCA_MARK("END", "float_kind%c0_tokens%c1%c2%c3", int(K), NT, 0, 0);
+    }
     for (; col + 4 <= cols; col += 4) {
       const float32x4_t wv = load4<K>(row + col * es);
       for (int t = 0; t < NT; ++t) acc[t][0] = vfmaq_f32(acc[t][0], wv, vld1q_f32(x[t] + col));
@@ -264,12 +270,14 @@ void gemm_micro(const float* const* wr, const float* const* xt, uint32_t cols, f
     for (int r = 0; r < R; ++r) acc[t][r] = vdupq_n_f32(0);
   uint32_t c = 0;
   for (; c + 4 <= cols; c += 4) {
+    EDGEMOE_MCA_MARK("BEGIN", "gemm_rows%c0_tokens%c1%c2%c3", R, TB, 0, 0);
     float32x4_t wv[R];
     for (int r = 0; r < R; ++r) wv[r] = vld1q_f32(wr[r] + c);
     for (int t = 0; t < TB; ++t) {
       const float32x4_t xv = vld1q_f32(xt[t] + c);
       for (int r = 0; r < R; ++r) acc[t][r] = vfmaq_f32(acc[t][r], wv[r], xv);
     }
+    EDGEMOE_MCA_MARK("END", "gemm_rows%c0_tokens%c1%c2%c3", R, TB, 0, 0);
   }
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) {

@@ -4,7 +4,7 @@
 // level's target (a pragma region) before including this header, so everything here
 // is in an unnamed namespace: every file keeps its own copy, compiled for its level,
 // and none can be linked in place of another's (no sdot reaching a Cortex-A72).
-// The including file has already included <arm_neon.h>, <cstdint> and common.h.
+// The including file has already included <arm_neon.h> and <cstdint>.
 #pragma once
 
 #include "kernels_impl.h"
@@ -14,7 +14,30 @@ namespace {
 
 #define EDGEMOE_INLINE inline __attribute__((always_inline))
 
+// tools/mca_kernels.sh builds with EDGEMOE_MCA to mark each kernel's inner loop for
+// llvm-mca, one region per template instance (the immediates name it). Empty otherwise.
+#if defined(EDGEMOE_MCA)
+#define EDGEMOE_MCA_MARK(what, name, a, b, c, d) \
+  asm volatile("// LLVM-MCA-" what " " name ::"i"(a), "i"(b), "i"(c), "i"(d))
+#else
+#define EDGEMOE_MCA_MARK(what, name, a, b, c, d)
+#endif
+
 constexpr uint32_t kPrefetchBytes = 1024;  // how far decode runs ahead of each row's weight stream
+
+// Little-endian loads at any alignment, defined here so that they are compiled for the
+// including file's level: GCC does not inline a function compiled for another target
+// (common.h's, under -mcpu=cortex-a76, say) into the dot-product code.
+EDGEMOE_INLINE uint32_t ld_u32(const uint8_t* p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+EDGEMOE_INLINE float ld_f16(const uint8_t* p) {
+  __fp16 h;  // IEEE half on AArch64
+  __builtin_memcpy(&h, p, 2);
+  return float(h);
+}
 
 // One chunk of 32 codes (docs/format.md) -> lo = values 0..15, hi = values 16..31, one byte each.
 template <int BITS>
@@ -37,7 +60,7 @@ EDGEMOE_INLINE void unpack(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
       static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
       static constexpr uint8_t kLo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
       static constexpr uint8_t kHi[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-      const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(load_u32(p + 8))), bit = vld1q_u8(kBit);
+      const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(ld_u32(p + 8))), bit = vld1q_u8(kBit);
       const uint8x16_t four = vdupq_n_u8(4);
       lo = vorrq_u8(lo, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kLo)), bit), four));
       hi = vorrq_u8(hi, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kHi)), bit), four));
@@ -73,7 +96,7 @@ EDGEMOE_INLINE float min_term(const uint8_t* mn, const float* xsum, uint32_t ng)
   uint32_t g = 0;
   for (; g + 4 <= ng; g += 4) acc = vfmaq_f32(acc, f16x4(mn + 2 * g), vld1q_f32(xsum + g));
   float v = vaddvq_f32(acc);
-  for (; g < ng; ++g) v += f16_to_f32(load_u16(mn + 2 * g)) * xsum[g];
+  for (; g < ng; ++g) v += ld_f16(mn + 2 * g) * xsum[g];
   return v;
 }
 
@@ -84,17 +107,19 @@ EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
   if constexpr (CPG == 1) {
     return f16x4(sc + 2 * b);
   } else if constexpr (CPG == 2) {  // groups b/2 and b/2 + 1, each twice
-    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u32(vdup_n_u32(load_u32(sc + b))));
+    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u32(vdup_n_u32(ld_u32(sc + b))));
     return vzip1q_f32(s, s);
   } else {
     static_assert(CPG == 4, "chunks per group");
-    return vdupq_n_f32(f16_to_f32(load_u16(sc + b / 2)));
+    return vdupq_n_f32(ld_f16(sc + b / 2));
   }
 }
 
 // RR rows from row r: y[r + i] = sum_b scale(b) dx[b] (codes_b . xq_b) + min_mult * min . xsum.
-// The block dot (Dot::Block<BITS>::dot) is an exact integer in 4 lanes; it is converted
-// once per block and scaled by that block's dx * scale, four blocks' factors a vector.
+// A block's dot (Dot::Block<BITS>::dot) is an exact integer spread over 4 lanes; four
+// blocks' lanes are added pairwise into one vector of their totals, converted once and
+// scaled by those blocks' dx * scale. The totals are the same integers at every level,
+// and so is every float operation after them: all levels give the same bits.
 template <class Dot, int BITS, int RR, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   using Block = typename Dot::template Block<BITS>;
@@ -104,48 +129,44 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
   const uint8_t* codes[RR];
   const uint8_t* sc[RR];
   float32x4_t acc[RR];
+  float tail[RR];
   for (int i = 0; i < RR; ++i) {
     codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
     sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
     acc[i] = vdupq_n_f32(0);
+    tail[i] = 0;
   }
   uint32_t b = 0;
   for (; b + 4 <= nb; b += 4) {
+    EDGEMOE_MCA_MARK("BEGIN", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
+    int32x4_t t01[RR], t23[RR];  // pairwise lane sums of blocks b, b+1 and b+2, b+3
+    {
+      const Block x0(x, b), x1(x, b + 1);
+      for (int i = 0; i < RR; ++i) t01[i] = vpaddq_s32(x0.dot(codes[i]), x1.dot(codes[i] + cb));
+    }
+    {
+      const Block x2(x, b + 2), x3(x, b + 3);
+      for (int i = 0; i < RR; ++i) t23[i] = vpaddq_s32(x2.dot(codes[i] + 2 * cb), x3.dot(codes[i] + 3 * cb));
+    }
     const float32x4_t dx4 = vld1q_f32(dx + b);
-    float32x4_t m[RR];
     for (int i = 0; i < RR; ++i) {
       __builtin_prefetch(codes[i] + kPrefetchBytes);
-      m[i] = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+      codes[i] += 4 * cb;
+      const float32x4_t m = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+      acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vpaddq_s32(t01[i], t23[i])), m);
     }
-    {
-      const Block xb(x, b);
-      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i])), m[i], 0);
-    }
-    {
-      const Block xb(x, b + 1);
-      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + cb)), m[i], 1);
-    }
-    {
-      const Block xb(x, b + 2);
-      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + 2 * cb)), m[i], 2);
-    }
-    {
-      const Block xb(x, b + 3);
-      for (int i = 0; i < RR; ++i) acc[i] = vfmaq_laneq_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i] + 3 * cb)), m[i], 3);
-    }
-    for (int i = 0; i < RR; ++i) codes[i] += 4 * cb;
+    EDGEMOE_MCA_MARK("END", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
   }
   for (; b < nb; ++b) {  // the last < 4 blocks of a row
     const Block xb(x, b);
     for (int i = 0; i < RR; ++i) {
-      const float mult = dx[b] * f16_to_f32(load_u16(sc[i] + 2 * (b / CPG)));
-      acc[i] = vfmaq_n_f32(acc[i], vcvtq_f32_s32(xb.dot(codes[i])), mult);
+      tail[i] += float(vaddvq_s32(xb.dot(codes[i]))) * (dx[b] * ld_f16(sc[i] + 2 * (b / CPG)));
       codes[i] += cb;
     }
   }
   for (int i = 0; i < RR; ++i)
     y[r + uint32_t(i)] =
-        vaddvq_f32(acc[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+        (vaddvq_f32(acc[i]) + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
 }
 
 template <class Dot, int BITS, uint32_t CPG>

@@ -34,6 +34,7 @@ namespace {
 
 // Block dots with sdot/udot. 2/3-bit codes are < 8, so they fit int8 for sdot.
 struct DotSdot {
+  static constexpr int kLevel = int(Level::kDotprod);
   template <int BITS>
   struct Block {
     int8x16_t h0, h1;   // 4-bit: the int8 x; others: xh, values 0..15 and 16..31

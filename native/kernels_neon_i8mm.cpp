@@ -29,6 +29,7 @@ namespace edgemoe::kernels::neon {
 namespace {
 
 struct DotI8mm {
+  static constexpr int kLevel = int(Level::kI8mm);
   template <int BITS>
   struct Block {
     static_assert(BITS == 8, "usdot pays off for 8-bit codes only");
