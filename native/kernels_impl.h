@@ -106,9 +106,9 @@ void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, con
 // kernels read the int16 values split into bytes, x16 = 256 * xh + xl.
 struct DecodeInput {
   std::vector<int16_t> x16;
-  std::vector<int8_t> x8, xh;
-  std::vector<uint8_t> xl;
-  std::vector<int32_t> hcorr;  // per block: 32768 * sum(xh), for 8-bit codes taken as c - 128 (sdot)
+  std::vector<int8_t> x8, xh, xh2;
+  std::vector<uint8_t> xl, xl2;  // xh2, xl2: xh, xl of block pairs interleaved per 8 values (2/3-bit sdot)
+  std::vector<int32_t> hcorr;    // per block: 32768 * sum(xh), for 8-bit codes taken as c - 128 (sdot)
   std::vector<float> dx16, dx8, xsum16, xsum8;
   DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
 };

@@ -35,6 +35,40 @@ namespace {
 struct DotNeon {
   static constexpr int kLevel = int(Level::kNeon);
   template <int BITS>
+  static constexpr bool kPaired = BITS == 2 || BITS == 3;
+
+  // 2/3-bit codes, two blocks at once (unpack_pair) against xh2/xl2: codes < 8 times xh
+  // in int16 lanes (4 * 7 * 128 fits) and times xl in uint16 (4 * 7 * 255), block b in
+  // the low halves, b+1 in the high ones; then 256 * (c . xh) + (c . xl) per block.
+  template <int BITS>
+  struct Pair {
+    int8x16_t h[4];   // xh2: field k of blocks b, b+1
+    uint8x16_t l[4];  // xl2
+    Pair(const DecodeX& x, uint32_t b) {
+      for (uint32_t k = 0; k < 4; ++k) {
+        h[k] = vld1q_s8(x.xh2 + b * kChunk + 16 * k);
+        l[k] = vld1q_u8(x.xl2 + b * kChunk + 16 * k);
+      }
+    }
+    int32x4_t dot(const uint8_t* p) const {
+      uint8x16_t f[4];
+      unpack_pair<BITS>(p, f);
+      int8x16_t c = vreinterpretq_s8_u8(f[0]);
+      int16x8_t s0 = vmull_s8(vget_low_s8(c), vget_low_s8(h[0])), s1 = vmull_high_s8(c, h[0]);
+      uint16x8_t u0 = vmull_u8(vget_low_u8(f[0]), vget_low_u8(l[0])), u1 = vmull_high_u8(f[0], l[0]);
+      for (int k = 1; k < 4; ++k) {
+        c = vreinterpretq_s8_u8(f[k]);
+        s0 = vmlal_s8(s0, vget_low_s8(c), vget_low_s8(h[k]));
+        s1 = vmlal_high_s8(s1, c, h[k]);
+        u0 = vmlal_u8(u0, vget_low_u8(f[k]), vget_low_u8(l[k]));
+        u1 = vmlal_high_u8(u1, f[k], l[k]);
+      }
+      const int32x4_t t0 = vmlaq_n_s32(vreinterpretq_s32_u32(vpaddlq_u16(u0)), vpaddlq_s16(s0), 256);
+      const int32x4_t t1 = vmlaq_n_s32(vreinterpretq_s32_u32(vpaddlq_u16(u1)), vpaddlq_s16(s1), 256);
+      return vpaddq_s32(t0, t1);
+    }
+  };
+  template <int BITS>
   struct Block {
     int8x16_t x0, x1;  // 4-bit: int8 x, values 0..15 and 16..31
     int16x8_t v[4];    // others: int16 x, values 8k..8k+7
@@ -140,13 +174,13 @@ void qrows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, co
       float32x4_t d[NT][2];  // two FMA chains per token
       for (int t = 0; t < NT; ++t) d[t][0] = d[t][1] = vdupq_n_f32(0);
       for (uint32_t c = 0; c < cpg; ++c, codes += chunk_bytes(BITS)) {
-        EDGEMOE_MCA_MARK("BEGIN", "rows_b%c0_tokens%c1%c2%c3", BITS, NT, 0, 0);
+        EDGEMOE_MCA_MARK("BEGIN", "rows_b%c0_tokens%c1", BITS, NT, 0, 0);
         float32x4_t wv[8];
         decode_f32<BITS>(codes, wv);
         const uint32_t col = (g * cpg + c) * kChunk;
         for (int k = 0; k < 8; ++k)
           for (int t = 0; t < NT; ++t) d[t][k & 1] = vfmaq_f32(d[t][k & 1], wv[k], vld1q_f32(x[t] + col + 4 * k));
-        EDGEMOE_MCA_MARK("END", "rows_b%c0_tokens%c1%c2%c3", BITS, NT, 0, 0);
+        EDGEMOE_MCA_MARK("END", "rows_b%c0_tokens%c1", BITS, NT, 0, 0);
       }
       const float s = f16_to_f32(load_u16(sc + 2 * g));
       for (int t = 0; t < NT; ++t) acc[t] = vfmaq_n_f32(acc[t], vaddq_f32(d[t][0], d[t][1]), s);
@@ -182,13 +216,13 @@ void frows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, fl
     for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0);
     uint32_t col = 0;
     for (; col + 16 <= cols; col += 16) {
-      EDGEMOE_MCA_MARK("BEGIN", "float_kind%c0_tokens%c1%c2%c3", int(K), NT, 0, 0);
+      EDGEMOE_MCA_MARK("BEGIN", "float_kind%c0_tokens%c1", int(K), NT, 0, 0);
       for (int k = 0; k < 4; ++k) {
         const float32x4_t wv = load4<K>(row + (col + 4 * uint32_t(k)) * es);
         for (int t = 0; t < NT; ++t)
           acc[t][k & 1] = vfmaq_f32(acc[t][k & 1], wv, vld1q_f32(x[t] + col + 4 * uint32_t(k)));
       }
-      EDGEMOE_MCA_MARK("END", "float_kind%c0_tokens%c1%c2%c3", int(K), NT, 0, 0);
+      EDGEMOE_MCA_MARK("END", "float_kind%c0_tokens%c1", int(K), NT, 0, 0);
     }
     for (; col + 4 <= cols; col += 4) {
       const float32x4_t wv = load4<K>(row + col * es);
@@ -270,14 +304,14 @@ void gemm_micro(const float* const* wr, const float* const* xt, uint32_t cols, f
     for (int r = 0; r < R; ++r) acc[t][r] = vdupq_n_f32(0);
   uint32_t c = 0;
   for (; c + 4 <= cols; c += 4) {
-    EDGEMOE_MCA_MARK("BEGIN", "gemm_rows%c0_tokens%c1%c2%c3", R, TB, 0, 0);
+    EDGEMOE_MCA_MARK("BEGIN", "gemm_rows%c0_tokens%c1", R, TB, 0, 0);
     float32x4_t wv[R];
     for (int r = 0; r < R; ++r) wv[r] = vld1q_f32(wr[r] + c);
     for (int t = 0; t < TB; ++t) {
       const float32x4_t xv = vld1q_f32(xt[t] + c);
       for (int r = 0; r < R; ++r) acc[t][r] = vfmaq_f32(acc[t][r], wv[r], xv);
     }
-    EDGEMOE_MCA_MARK("END", "gemm_rows%c0_tokens%c1%c2%c3", R, TB, 0, 0);
+    EDGEMOE_MCA_MARK("END", "gemm_rows%c0_tokens%c1", R, TB, 0, 0);
   }
   for (int t = 0; t < TB; ++t)
     for (int r = 0; r < R; ++r) {
@@ -337,6 +371,7 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
   const uint32_t nb = cols / kChunk;
   if (need16) {
     x16.resize(cols), xh.resize(cols), xl.resize(cols), hcorr.resize(nb), dx16.resize(nb), xsum16.resize(cols / gs);
+    xh2.resize(cols), xl2.resize(cols);
     for (uint32_t b = 0; b < nb; ++b) {
       int32x4_t q[8];
       dx16[b] = round_block(x + b * kChunk, 32767.0f, q);
@@ -352,6 +387,14 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
       }
       hcorr[b] = 32768 * hs;
     }
+    // a pair of blocks as one 2-bit code load holds them: values 8k..8k+7 of the first, then of the second
+    for (uint32_t b = 0; b + 2 <= nb; b += 2)
+      for (uint32_t k = 0; k < 4; ++k)
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t from = (b + h) * kChunk + 8 * k, to = b * kChunk + 16 * k + 8 * h;
+          std::copy(&xh[from], &xh[from] + 8, &xh2[to]);
+          std::copy(&xl[from], &xl[from] + 8, &xl2[to]);
+        }
     group_sums(x, cols, gs, xsum16.data());
   }
   if (need8) {

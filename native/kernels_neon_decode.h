@@ -68,12 +68,41 @@ EDGEMOE_INLINE void unpack(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
   }
 }
 
+// Two blocks b, b+1 of 2/3-bit codes at p -> f[k] = field k (values 8k..8k+7) of block b
+// in bytes 0-7 and of block b+1 in bytes 8-15: one 16-byte load of 2-bit codes holds both,
+// so one shift and mask per field serves two blocks. DecodeInput's xh2/xl2 match the layout.
+template <int BITS>
+EDGEMOE_INLINE void unpack_pair(const uint8_t* p, uint8x16_t f[4]) {
+  static_assert(BITS == 2 || BITS == 3, "2/3-bit codes");
+  constexpr uint32_t cb = chunk_bytes(BITS);
+  const uint8x16_t q = BITS == 2 ? vld1q_u8(p) : vcombine_u8(vld1_u8(p), vld1_u8(p + cb));
+  const uint8x16_t three = vdupq_n_u8(3);
+  f[0] = vandq_u8(q, three);
+  f[1] = vandq_u8(vshrq_n_u8(q, 2), three);
+  f[2] = vandq_u8(vshrq_n_u8(q, 4), three);
+  f[3] = vshrq_n_u8(q, 6);
+  if constexpr (BITS == 3) {
+    // bit 2 of value j is bit j of the block's u32 after its 2-bit part: byte k of each
+    // block's word to its 8 lanes of field k, then test each lane's bit
+    static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    static constexpr uint8_t kSel[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4},
+                                            {1, 1, 1, 1, 1, 1, 1, 1, 5, 5, 5, 5, 5, 5, 5, 5},
+                                            {2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6},
+                                            {3, 3, 3, 3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 7, 7, 7}};
+    const uint64_t words = uint64_t(ld_u32(p + 8)) | uint64_t(ld_u32(p + cb + 8)) << 32;
+    const uint8x16_t w = vreinterpretq_u8_u64(vdupq_n_u64(words)), bit = vld1q_u8(kBit), four = vdupq_n_u8(4);
+    for (int k = 0; k < 4; ++k) f[k] = vorrq_u8(f[k], vandq_u8(vtstq_u8(vqtbl1q_u8(w, vld1q_u8(kSel[k])), bit), four));
+  }
+}
+
 // The part of a DecodeInput that a matrix of `bits`-bit codes reads.
 struct DecodeX {
   const int8_t* x8 = nullptr;      // [cols] 4-bit codes
   const int16_t* x16 = nullptr;    // [cols] 2/3/8-bit codes, plain NEON
   const int8_t* xh = nullptr;      // [cols] x16 >> 8, dot-product levels
   const uint8_t* xl = nullptr;     // [cols] x16 & 255, dot-product levels
+  const int8_t* xh2 = nullptr;     // [cols] xh, block pairs interleaved (DecodeInput)
+  const uint8_t* xl2 = nullptr;    // [cols] xl, block pairs interleaved
   const int32_t* hcorr = nullptr;  // [cols / 32]
   const float* dx;                 // [cols / 32]
   const float* xsum;               // [cols / gs]
@@ -82,6 +111,7 @@ struct DecodeX {
       x8 = in.x8.data(), dx = in.dx8.data(), xsum = in.xsum8.data();
     } else {
       x16 = in.x16.data(), xh = in.xh.data(), xl = in.xl.data(), hcorr = in.hcorr.data();
+      xh2 = in.xh2.data(), xl2 = in.xl2.data();
       dx = in.dx16.data(), xsum = in.xsum16.data();
     }
   }
@@ -140,13 +170,34 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
   for (; b + 4 <= nb; b += 4) {
     EDGEMOE_MCA_MARK("BEGIN", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
     int32x4_t t01[RR], t23[RR];  // pairwise lane sums of blocks b, b+1 and b+2, b+3
-    {
-      const Block x0(x, b), x1(x, b + 1);
-      for (int i = 0; i < RR; ++i) t01[i] = vpaddq_s32(x0.dot(codes[i]), x1.dot(codes[i] + cb));
-    }
-    {
-      const Block x2(x, b + 2), x3(x, b + 3);
-      for (int i = 0; i < RR; ++i) t23[i] = vpaddq_s32(x2.dot(codes[i] + 2 * cb), x3.dot(codes[i] + 3 * cb));
+    if constexpr (Dot::template kPaired<BITS>) {
+      // two blocks' sums in one vector, lanes [b, b, b+1, b+1] (Dot::Pair)
+      using Pair = typename Dot::template Pair<BITS>;
+      {
+        const Pair xp(x, b);
+        for (int i = 0; i < RR; ++i) t01[i] = xp.dot(codes[i]);
+      }
+      {
+        const Pair xp(x, b + 2);
+        for (int i = 0; i < RR; ++i) t23[i] = xp.dot(codes[i] + 2 * cb);
+      }
+    } else {
+      {
+        const Block xb(x, b);  // one block's x live at a time: the rows' partial sums stay in registers
+        for (int i = 0; i < RR; ++i) t01[i] = xb.dot(codes[i]);
+      }
+      {
+        const Block xb(x, b + 1);
+        for (int i = 0; i < RR; ++i) t01[i] = vpaddq_s32(t01[i], xb.dot(codes[i] + cb));
+      }
+      {
+        const Block xb(x, b + 2);
+        for (int i = 0; i < RR; ++i) t23[i] = xb.dot(codes[i] + 2 * cb);
+      }
+      {
+        const Block xb(x, b + 3);
+        for (int i = 0; i < RR; ++i) t23[i] = vpaddq_s32(t23[i], xb.dot(codes[i] + 3 * cb));
+      }
     }
     const float32x4_t dx4 = vld1q_f32(dx + b);
     for (int i = 0; i < RR; ++i) {
@@ -171,8 +222,11 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
 
 template <class Dot, int BITS, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_cpg(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
+  // rows per pass: 4 share each x load; 2 where a block pair's x and the 3-bit masks
+  // already take half the 32 vector registers (4 spilled, llvm-mca)
+  constexpr int kRows = BITS == 3 ? 2 : 4;
   uint32_t r = r0;
-  for (; r + 4 <= r1; r += 4) qmatvec_rows<Dot, BITS, 4, CPG>(w, r, x, y);
+  for (; r + kRows <= r1; r += kRows) qmatvec_rows<Dot, BITS, kRows, CPG>(w, r, x, y);
   for (; r < r1; ++r) qmatvec_rows<Dot, BITS, 1, CPG>(w, r, x, y);
 }
 

@@ -36,6 +36,35 @@ namespace {
 struct DotSdot {
   static constexpr int kLevel = int(Level::kDotprod);
   template <int BITS>
+  static constexpr bool kPaired = BITS == 2 || BITS == 3;
+
+  // 2/3-bit codes, two blocks at once (unpack_pair), dotted with xh2/xl2: four sdot and
+  // four udot per pair of blocks, not per block.
+  template <int BITS>
+  struct Pair {
+    static_assert(BITS == 2 || BITS == 3, "2/3-bit codes");
+    int8x16_t h[4];   // xh2: field k of blocks b, b+1
+    uint8x16_t l[4];  // xl2
+    Pair(const DecodeX& x, uint32_t b) {
+      for (uint32_t k = 0; k < 4; ++k) {
+        h[k] = vld1q_s8(x.xh2 + b * kChunk + 16 * k);
+        l[k] = vld1q_u8(x.xl2 + b * kChunk + 16 * k);
+      }
+    }
+    int32x4_t dot(const uint8_t* p) const {
+      uint8x16_t f[4];
+      unpack_pair<BITS>(p, f);
+      int32x4_t s = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(f[0]), h[0]);
+      uint32x4_t u = vdotq_u32(vdupq_n_u32(0), f[0], l[0]);
+      for (int k = 1; k < 4; ++k) {
+        s = vdotq_s32(s, vreinterpretq_s8_u8(f[k]), h[k]);
+        u = vdotq_u32(u, f[k], l[k]);
+      }
+      return vmlaq_n_s32(vreinterpretq_s32_u32(u), s, 256);
+    }
+  };
+
+  template <int BITS>
   struct Block {
     int8x16_t h0, h1;   // 4-bit: the int8 x; others: xh, values 0..15 and 16..31
     uint8x16_t l0, l1;  // xl (not 4-bit)

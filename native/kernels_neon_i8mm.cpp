@@ -31,6 +31,8 @@ namespace {
 struct DotI8mm {
   static constexpr int kLevel = int(Level::kI8mm);
   template <int BITS>
+  static constexpr bool kPaired = false;
+  template <int BITS>
   struct Block {
     static_assert(BITS == 8, "usdot pays off for 8-bit codes only");
     int8x16_t h0, h1;   // xh, values 0..15 and 16..31
