@@ -209,18 +209,20 @@ inline float load1(const uint8_t* p) {
 template <Kind K, int NT>
 void frows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, float* y, uint32_t ystride) {
   constexpr uint32_t es = K == kF32 ? 4 : 2;
+  constexpr int C = NT == 1 ? 4 : 2;  // FMA chains per token: enough to hide the FMA latency
   const uint32_t cols = w.cols;
   for (uint32_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
-    float32x4_t acc[NT][2];
-    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0);
+    float32x4_t acc[NT][C];
+    for (int t = 0; t < NT; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = vdupq_n_f32(0);
     uint32_t col = 0;
     for (; col + 16 <= cols; col += 16) {
       EDGEMOE_MCA_MARK("BEGIN", "float_kind%c0_tokens%c1", int(K), NT, 0, 0);
       for (int k = 0; k < 4; ++k) {
         const float32x4_t wv = load4<K>(row + (col + 4 * uint32_t(k)) * es);
         for (int t = 0; t < NT; ++t)
-          acc[t][k & 1] = vfmaq_f32(acc[t][k & 1], wv, vld1q_f32(x[t] + col + 4 * uint32_t(k)));
+          acc[t][k % C] = vfmaq_f32(acc[t][k % C], wv, vld1q_f32(x[t] + col + 4 * uint32_t(k)));
       }
       EDGEMOE_MCA_MARK("END", "float_kind%c0_tokens%c1", int(K), NT, 0, 0);
     }
@@ -229,7 +231,9 @@ void frows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, fl
       for (int t = 0; t < NT; ++t) acc[t][0] = vfmaq_f32(acc[t][0], wv, vld1q_f32(x[t] + col));
     }
     for (int t = 0; t < NT; ++t) {
-      float v = vaddvq_f32(vaddq_f32(acc[t][0], acc[t][1]));
+      float32x4_t a = acc[t][0];
+      for (int c = 1; c < C; ++c) a = vaddq_f32(a, acc[t][c]);
+      float v = vaddvq_f32(a);
       for (uint32_t c = col; c < cols; ++c) v += load1<K>(row + c * es) * x[t][c];
       y[uint64_t(t) * ystride + r] = v;
     }
