@@ -17,11 +17,13 @@
 
 #include "common.h"
 
-// Everything defined from here on is compiled for armv8.2-a with the feature
-// (GCC's intrinsics are declared for exactly that: the caller must be at least it).
+// Everything defined from here on is compiled with dotprod. GCC declares the intrinsics
+// for armv8.2-a+dotprod, so a caller must be at least that: below it (armv8-a, a Pi 4's
+// -mcpu) the region says so; a build that has dotprod already needs no region.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
-#else
+#elif !defined(__ARM_FEATURE_DOTPROD)
+#define EDGEMOE_DOTPROD_REGION 1
 #pragma GCC push_options
 #pragma GCC target("arch=armv8.2-a+dotprod")
 #endif
@@ -114,7 +116,7 @@ void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInp
 
 #if defined(__clang__)
 #pragma clang attribute pop
-#else
+#elif defined(EDGEMOE_DOTPROD_REGION)
 #pragma GCC pop_options
 #endif
 

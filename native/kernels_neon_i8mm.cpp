@@ -14,12 +14,19 @@
 
 #include "common.h"
 
-// Everything defined from here on is compiled for armv8.2-a+dotprod+i8mm.
+// Everything defined from here on is compiled with dotprod and i8mm: added to the
+// build's architecture when it has dotprod already (a v9 -mcpu keeps its __ARM_ARCH),
+// else as armv8.2-a+dotprod+i8mm, the least GCC's intrinsics are declared for.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("dotprod,i8mm"))), apply_to = function)
-#else
+#elif !defined(__ARM_FEATURE_MATMUL_INT8)
+#define EDGEMOE_I8MM_REGION 1
 #pragma GCC push_options
+#if defined(__ARM_FEATURE_DOTPROD)
+#pragma GCC target("+i8mm")
+#else
 #pragma GCC target("arch=armv8.2-a+dotprod+i8mm")
+#endif
 #endif
 
 #include "kernels_neon_decode.h"
@@ -64,7 +71,7 @@ void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput&
 
 #if defined(__clang__)
 #pragma clang attribute pop
-#else
+#elif defined(EDGEMOE_I8MM_REGION)
 #pragma GCC pop_options
 #endif
 
