@@ -137,7 +137,7 @@ EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
   if constexpr (CPG == 1) {
     return f16x4(sc + 2 * b);
   } else if constexpr (CPG == 2) {  // groups b/2 and b/2 + 1, each twice
-    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u32(vdup_n_u32(ld_u32(sc + b))));
+    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(ld_u32(sc + b))));  // one ldr s
     return vzip1q_f32(s, s);
   } else {
     static_assert(CPG == 4, "chunks per group");
@@ -222,9 +222,10 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
 
 template <class Dot, int BITS, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_cpg(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
-  // rows per pass: 4 share each x load; 2 where a block pair's x and the 3-bit masks
-  // already take half the 32 vector registers (4 spilled, llvm-mca)
-  constexpr int kRows = BITS == 3 ? 2 : 4;
+  // rows per pass: 4 for 4-bit codes, whose block x is two registers; 2 for the int16
+  // ones, whose x (four registers, eight for a 2/3-bit pair) and unpacked codes made four
+  // rows spill (llvm-mca, Neoverse N1 model: 8-bit 3.9 -> 4.5 bytes per cycle)
+  constexpr int kRows = BITS == 4 ? 4 : 2;
   uint32_t r = r0;
   for (; r + kRows <= r1; r += kRows) qmatvec_rows<Dot, BITS, kRows, CPG>(w, r, x, y);
   for (; r < r1; ++r) qmatvec_rows<Dot, BITS, 1, CPG>(w, r, x, y);
