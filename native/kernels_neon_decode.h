@@ -1,9 +1,9 @@
-// Internal to kernels_neon.cpp and kernels_neon_dotprod.cpp: the one-token decode
-// kernel, written once over a `Dot` policy (how a block of 32 codes meets the rounded
-// x) and compiled once per instruction-set level. Each including file sets its
-// level's target (a pragma region) before including this header, so everything here
-// is in an unnamed namespace: every file keeps its own copy, compiled for its level,
-// and none can be linked in place of another's (no sdot reaching a Cortex-A72).
+// Internal to kernels_neon.cpp, kernels_neon_dotprod.cpp and kernels_neon_i8mm.cpp: the
+// one-token decode kernel, written once over a `Dot` policy (how a block of 32 codes
+// meets the rounded x) and compiled once per instruction-set level. Each including file
+// sets its level's target (a pragma region) before including this header, so everything
+// here is in an unnamed namespace: every file keeps its own copy, compiled for its
+// level, and none can be linked in place of another's (no sdot reaching a Cortex-A72).
 // The including file has already included <arm_neon.h> and <cstdint>.
 #pragma once
 
@@ -14,7 +14,7 @@ namespace {
 
 #define EDGEMOE_INLINE inline __attribute__((always_inline))
 
-// tools/mca_kernels.sh builds with EDGEMOE_MCA to mark each kernel's inner loop for
+// tools/mca_kernels.py builds with EDGEMOE_MCA to mark each kernel's inner loop for
 // llvm-mca, one region per template instance (the immediates name it). Empty otherwise.
 #if defined(EDGEMOE_MCA)
 #define EDGEMOE_MCA_MARK(what, name, a, b, c, d) \
