@@ -34,7 +34,7 @@ def stream_read(data: npt.NDArray[Any] | bytes) -> int:
     the memory bandwidth the kernels can hope for. For benchmarks."""
 
 def simd() -> str:
-    """Which kernel path this build uses: 'avx2+fma+f16c' or 'portable' (chosen at build time)."""
+    """Which kernel path runs: 'avx2+fma+f16c', 'neon', 'neon+dotprod', 'neon+dotprod+i8mm' or 'portable'."""
 
 def linear(x: npt.NDArray[np.float32], w: npt.NDArray[Any], kind: str) -> npt.NDArray[np.float32]:
     """y[T, out] = x[T, in] @ w[out, in].T for a float weight.
@@ -46,7 +46,7 @@ def linear(x: npt.NDArray[np.float32], w: npt.NDArray[Any], kind: str) -> npt.ND
 def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offset: int = 0) -> npt.NDArray[np.float32]:
     """y[T, rows] = x[T, cols] @ W.T for a QMatrix stored in buf at offset (any kind).
 
-    Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a
+    Numerics: f32 accumulation. On the AVX2 and NEON paths a single token (T=1) times a
     group-quantized matrix rounds x per 32 values first: to int8 for 4-bit codes
     (error <= 1/254 of each block's max |x|, as llama.cpp's Q8_0 activations), to
     int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.

@@ -25,8 +25,9 @@ FloatArray run_matmul(const QMatrix& w, const FloatArray& x, const char* what) {
 
 void bind_kernels(py::module_& m) {
   m.def("simd", &simd_name,
-        "Which kernel path this build uses: 'avx2+fma+f16c' (x86-64 built with -march=native) "
-        "or 'portable' (plain C++, auto-vectorized; ARM builds). Chosen at build time.");
+        "Which kernel path runs: 'avx2+fma+f16c' (x86-64 built with -march=native), 'neon', "
+        "'neon+dotprod' or 'neon+dotprod+i8mm' (every aarch64 build; the level is read from the "
+        "CPU's features at run time) or 'portable' (plain C++).");
   m.def(
       "stream_read",
       [](const py::buffer& data) {
@@ -57,7 +58,7 @@ void bind_kernels(py::module_& m) {
       },
       py::arg("x"), py::arg("buf"), py::arg("offset") = 0,
       "y[T, rows] = x[T, cols] @ W.T for the QMatrix (any kind) stored in buf at offset.\n\n"
-      "Numerics: f32 accumulation. On the AVX2 path a single token (T=1) times a group-quantized\n"
+      "Numerics: f32 accumulation. On the AVX2 and NEON paths a single token (T=1) times a group-quantized\n"
       "matrix rounds x per 32 values first: to int8 for 4-bit codes (error <= 1/254 of each block's\n"
       "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.");
 

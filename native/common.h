@@ -67,6 +67,10 @@ inline float bf16_to_f32(uint16_t h) { return bits_to_f32(uint32_t(h) << 16); }
 inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
   return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 v;  // IEEE half on AArch64: one fcvt, exact like the bit path below
+  std::memcpy(&v, &h, 2);
+  return float(v);
 #else
   const uint32_t sign = uint32_t(h & 0x8000) << 16;
   const uint32_t exp = (h >> 10) & 0x1F;

@@ -16,6 +16,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGEMOE_DENSE_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define EDGEMOE_DENSE_NEON 1  // baseline on aarch64: no run-time choice needed
 #endif
 
 namespace edgemoe {
@@ -36,6 +39,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   s = _mm_cvtss_f32(h);
+#elif defined(EDGEMOE_DENSE_NEON)
+  float32x4_t a0 = vdupq_n_f32(0), a1 = a0;
+  for (; i + 8 <= n; i += 8) {
+    a0 = vfmaq_f32(a0, vld1q_f32(a + i), vld1q_f32(b + i));
+    a1 = vfmaq_f32(a1, vld1q_f32(a + i + 4), vld1q_f32(b + i + 4));
+  }
+  s = vaddvq_f32(vaddq_f32(a0, a1));
 #else
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (; i + 8 <= n; i += 8)
@@ -53,6 +63,8 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   const __m256 va = _mm256_set1_ps(a);
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#elif defined(EDGEMOE_DENSE_NEON)
+  for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), vld1q_f32(x + i), a));
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
 }
@@ -80,6 +92,26 @@ inline __m256 exp_nonpositive(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
+#elif defined(EDGEMOE_DENSE_NEON)
+// exp_nonpositive of the AVX2 path for 4 floats, the same operations in the same
+// order (round to nearest even, fused multiply-adds): the same bits.
+inline float32x4_t exp_nonpositive(float32x4_t x) {
+  const float32x4_t lo = vdupq_n_f32(-87.0f);
+  const uint32x4_t under = vcltq_f32(x, lo);
+  x = vmaxq_f32(x, lo);
+  const float32x4_t k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+  float32x4_t r = vfmsq_f32(x, k, vdupq_n_f32(0.693145751953125f));  // ln2 in two parts
+  r = vfmsq_f32(r, k, vdupq_n_f32(1.428606765330187045e-06f));
+  float32x4_t p = vdupq_n_f32(1.0f / 720);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 120), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 24), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f / 6), p, r);
+  p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
+  const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
+  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(e))), under));
+}
 #endif
 
 // x[i] = e^(x[i] - mx) over n values (all x[i] <= mx); returns their sum.
@@ -98,6 +130,15 @@ inline float exp_shifted_sum(float* x, int64_t n, float mx) {
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
   h = _mm_add_ss(h, _mm_movehdup_ps(h));
   sum = _mm_cvtss_f32(h);
+#elif defined(EDGEMOE_DENSE_NEON)
+  const float32x4_t vm = vdupq_n_f32(mx);
+  float32x4_t acc = vdupq_n_f32(0);
+  for (; i + 4 <= n; i += 4) {
+    const float32x4_t e = exp_nonpositive(vsubq_f32(vld1q_f32(x + i), vm));
+    vst1q_f32(x + i, e);
+    acc = vaddq_f32(acc, e);
+  }
+  sum = vaddvq_f32(acc);
 #endif
   for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
   return sum;
@@ -111,9 +152,25 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, float eps
     const float* xr = x + r * n;
     float* yr = y + r * n;
     double ss = 0;
-    for (int64_t i = 0; i < n; ++i) ss += double(xr[i]) * double(xr[i]);
+    int64_t i = 0;
+#if defined(EDGEMOE_DENSE_NEON)
+    float64x2_t s0 = vdupq_n_f64(0), s1 = s0;  // the sum of squares in double, as below
+    for (; i + 4 <= n; i += 4) {
+      const float32x4_t v = vld1q_f32(xr + i);
+      const float64x2_t lo = vcvt_f64_f32(vget_low_f32(v)), hi = vcvt_high_f64_f32(v);
+      s0 = vfmaq_f64(s0, lo, lo);
+      s1 = vfmaq_f64(s1, hi, hi);
+    }
+    ss = vaddvq_f64(vaddq_f64(s0, s1));
+#endif
+    for (; i < n; ++i) ss += double(xr[i]) * double(xr[i]);
     const float denom = std::sqrt(float(ss / double(n)) + eps);
-    for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] / denom) * w[i];
+    i = 0;
+#if defined(EDGEMOE_DENSE_NEON)
+    const float32x4_t vd = vdupq_n_f32(denom);
+    for (; i + 4 <= n; i += 4) vst1q_f32(yr + i, vmulq_f32(vdivq_f32(vld1q_f32(xr + i), vd), vld1q_f32(w + i)));
+#endif
+    for (; i < n; ++i) yr[i] = (xr[i] / denom) * w[i];
   }
 }
 
@@ -129,7 +186,16 @@ void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const f
     }
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + (t * heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
+      int64_t i = 0;
+#if defined(EDGEMOE_DENSE_NEON)
+      for (; i + 4 <= half; i += 4) {
+        const float32x4_t c = vld1q_f32(&cs[size_t(i)]), s = vld1q_f32(&cs[size_t(half + i)]);
+        const float32x4_t x1 = vld1q_f32(v + i), x2 = vld1q_f32(v + half + i);
+        vst1q_f32(v + i, vsubq_f32(vmulq_f32(x1, c), vmulq_f32(x2, s)));
+        vst1q_f32(v + half + i, vaddq_f32(vmulq_f32(x2, c), vmulq_f32(x1, s)));
+      }
+#endif
+      for (; i < half; ++i) {
         const float c = cs[size_t(i)], s = cs[size_t(half + i)], x1 = v[i], x2 = v[half + i];
         v[i] = x1 * c - x2 * s;
         v[half + i] = x2 * c + x1 * s;
@@ -188,6 +254,53 @@ void weighted_sum_avx2(const float* p, const float* v, int64_t vstride, int64_t 
 }  // namespace
 #endif
 
+#if defined(EDGEMOE_DENSE_NEON)
+namespace {
+
+// p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 4 == 0): eight keys
+// at a time, their partial-sum vectors reduced pairwise into two vectors of scores.
+void scores_neon(const float* q, const float* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    float32x4_t acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = vdupq_n_f32(0);
+    for (int64_t c = 0; c < hd; c += 4) {
+      const float32x4_t qc = vld1q_f32(q + c);
+      for (int u = 0; u < 8; ++u) acc[u] = vfmaq_f32(acc[u], qc, vld1q_f32(k + (j + u) * kstride + c));
+    }
+    const float32x4_t s0 = vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3]));
+    const float32x4_t s1 = vpaddq_f32(vpaddq_f32(acc[4], acc[5]), vpaddq_f32(acc[6], acc[7]));
+    vst1q_f32(p + j, vmulq_n_f32(s0, scale));
+    vst1q_f32(p + j + 4, vmulq_n_f32(s1, scale));
+  }
+  for (; j < n; ++j) p[j] = dot(q, k + j * kstride, hd) * scale;
+}
+
+// o = sum_j p[j] * v_j over n value rows v_j = v + j * vstride (hd floats, hd % 4 == 0), in
+// blocks of 64 columns held in 16 registers across all j.
+void weighted_sum_neon(const float* p, const float* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
+  for (int64_t c = 0; c < hd; c += 64) {
+    const int w = int(std::min<int64_t>(16, (hd - c) / 4));
+    float32x4_t acc[16];
+    for (int u = 0; u < 16; ++u) acc[u] = vdupq_n_f32(0);
+    if (w == 16) {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = v + j * vstride + c;
+        for (int u = 0; u < 16; ++u) acc[u] = vfmaq_n_f32(acc[u], vld1q_f32(vj + 4 * u), p[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = v + j * vstride + c;
+        for (int u = 0; u < w; ++u) acc[u] = vfmaq_n_f32(acc[u], vld1q_f32(vj + 4 * u), p[j]);
+      }
+    }
+    for (int u = 0; u < w; ++u) vst1q_f32(o + c + 4 * u, acc[u]);
+  }
+}
+
+}  // namespace
+#endif
+
 void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
                int64_t kv_heads, int64_t start, int64_t window, float* out) {
   // q [T, heads, hd]; k, v [S, kv_heads, hd]; out [T, heads, hd]
@@ -212,6 +325,14 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
         const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
         for (float& e : p) e *= inv;
         weighted_sum_avx2(p.data(), vg, kstride, n, hd, o);
+        continue;
+      }
+#elif defined(EDGEMOE_DENSE_NEON)
+      if (hd % 4 == 0) {
+        scores_neon(qi, kg, kstride, n, hd, scale, p.data());
+        const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+        for (float& e : p) e *= inv;
+        weighted_sum_neon(p.data(), vg, kstride, n, hd, o);
         continue;
       }
 #endif
@@ -338,7 +459,21 @@ int64_t sample_logits(const float* logits, int64_t n, double temperature, int64_
   std::vector<int32_t> idx(static_cast<size_t>(n));
   std::vector<float> w(static_cast<size_t>(n));
   const float inv_t = float(1.0 / temperature);
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i0 = 0;
+#if defined(EDGEMOE_DENSE_NEON)
+  // The vocabulary-long pass, four at a time; a block holding NaN or +inf goes to the
+  // scalar loop below, which names the logit.
+  const float32x4_t vt = vdupq_n_f32(inv_t), inf = vdupq_n_f32(std::numeric_limits<float>::infinity());
+  int32x4_t id = {0, 1, 2, 3};
+  for (; i0 + 4 <= n; i0 += 4, id = vaddq_s32(id, vdupq_n_s32(4))) {
+    const float32x4_t z = vmulq_f32(vld1q_f32(logits + i0), vt);
+    const uint32x4_t ok = vandq_u32(vceqq_f32(z, z), vmvnq_u32(vceqq_f32(z, inf)));
+    if (vminvq_u32(ok) == 0) break;
+    vst1q_f32(&w[size_t(i0)], z);
+    vst1q_s32(&idx[size_t(i0)], id);
+  }
+#endif
+  for (int64_t i = i0; i < n; ++i) {
     idx[size_t(i)] = int32_t(i);
     w[size_t(i)] = logits[i] * inv_t;  // z for now
     if (std::isnan(w[size_t(i)]) || w[size_t(i)] == std::numeric_limits<float>::infinity())

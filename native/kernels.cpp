@@ -2,21 +2,23 @@
 // driver that splits the work over the threads, and the choice of code path.
 //
 // The inner loops live in one file per instruction set (kernels_impl.h lists
-// them), chosen at build time with no runtime dispatch (the wheel is built for
-// the device, see EDGEMOE_NATIVE_ARCH in CMakeLists.txt):
+// them), the file chosen at build time:
 //   - AVX2+FMA+F16C (kernels_avx2.cpp; x86-64 built with -march=native on a CPU
 //     that has them);
-//   - portable C++ (kernels_portable.cpp; ARM Jetson/phone, or any other CPU):
-//     plain loops written so the compiler can auto-vectorize them (NEON on aarch64).
+//   - NEON (kernels_neon*.cpp; every aarch64 build), whose decode kernel picks
+//     plain NEON, dotprod or i8mm at run time from the CPU's hwcaps;
+//   - portable C++ (kernels_portable.cpp; any other CPU): plain loops written so
+//     the compiler can auto-vectorize them.
 // Every path streams each weight byte once per call; the group `min` term uses
 // per-group sums of x: y = sum_g scale_g*dot(q_g, x_g) + min_g*sum(x_g), where
 // kind 4 (symmetric) has min_g = -2^(bits-1)*scale_g, read from the scales again.
-//   - decode (T=1): AVX2 rounds x per 32 values, to int8 for 4-bit codes (dotted
-//     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
-//     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
+//   - decode (T=1): the SIMD paths round x per 32 values, to int8 for 4-bit codes
+//     (AVX2: vpmaddubsw, as llama.cpp's Q4_0 x Q8_0; NEON: sdot or smull) and to
+//     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
+//     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12, AVX2): 3 rows at a time are dequantized to an f32 tile
-//     and a 3x4 register-blocked FMA kernel runs every token over it.
+//   - prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
+//     f32 tile and a register-blocked FMA kernel runs every token over it.
 // Threads split the output rows (ThreadPool).
 #include "kernels.h"
 
@@ -36,9 +38,14 @@ namespace edgemoe {
 
 using namespace kernels;
 
-// The instruction set whose rows() and byte_sum() the driver runs.
+// The instruction set whose kernels the driver runs. The SIMD ones also have the
+// one-token decode (DecodeInput, qmatvec) and the prefill (gemm_rows).
 #if defined(EDGEMOE_AVX2)
 namespace isa = kernels::avx2;
+#define EDGEMOE_SIMD_DECODE 1
+#elif defined(EDGEMOE_NEON)
+namespace isa = kernels::neon;
+#define EDGEMOE_SIMD_DECODE 1
 #else
 namespace isa = kernels::portable;
 #endif
@@ -46,6 +53,8 @@ namespace isa = kernels::portable;
 const char* simd_name() {
 #if defined(EDGEMOE_AVX2)
   return "avx2+fma+f16c";
+#elif defined(EDGEMOE_NEON)
+  return neon::level_name(neon::cpu_level());
 #else
   return "portable";
 #endif
@@ -150,21 +159,21 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const bool quant = w.quantized();
   const uint32_t ng = quant ? cols / w.group_size : 0;
 
-#if defined(EDGEMOE_AVX2)
+#if defined(EDGEMOE_SIMD_DECODE)
   if (T == 1 && quant) {
-    const avx2::DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
+    const isa::DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
     const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols);
     const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
-      avx2::qmatvec(w, r0, r1, in, y);
+      isa::qmatvec(w, r0, r1, in, y);
     });
     return;
   }
 #endif
 
   // Per-group sums of x for the min term: xsum [T, ng] (not needed by the tile path).
-#if defined(EDGEMOE_AVX2)
+#if defined(EDGEMOE_SIMD_DECODE)
   const bool need_xsum = quant && T < kGemmMinTokens;
 #else
   const bool need_xsum = quant;
@@ -177,11 +186,11 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols * uint64_t(T));
   const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
 
-#if defined(EDGEMOE_AVX2)
+#if defined(EDGEMOE_SIMD_DECODE)
   if (T >= kGemmMinTokens) {
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
-      avx2::gemm_rows(w, r0, r1, x, T, y);
+      isa::gemm_rows(w, r0, r1, x, T, y);
     });
     return;
   }
@@ -204,7 +213,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
 
 void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys) {
   // x [T, cols] float32, ws[i] [rows_i, cols] any kind -> ys[i] [T, rows_i] float32
-#if defined(EDGEMOE_AVX2)
+#if defined(EDGEMOE_SIMD_DECODE)
   bool shared = n > 1 && T == 1;
   for (size_t i = 0; i < n && shared; ++i)
     shared = ws[i].quantized() && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
@@ -215,7 +224,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     const uint32_t cols = ws[0].cols, gs = ws[0].group_size;
     bool need16 = false, need8 = false;
     for (size_t i = 0; i < n; ++i) (ws[i].bits == 4 ? need8 : need16) = true;
-    const avx2::DecodeInput in(x, cols, gs, need16, need8);
+    const isa::DecodeInput in(x, cols, gs, need16, need8);
     std::vector<int64_t> first(n + 1, 0);  // task index where matrix i starts
     std::vector<uint32_t> block(n);
     for (size_t i = 0; i < n; ++i) {
@@ -226,7 +235,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     ThreadPool::instance().parallel_for(first[n], [&](int64_t ti) {
       const size_t i = size_t(std::upper_bound(first.begin(), first.end(), ti) - first.begin()) - 1;
       const uint32_t r0 = uint32_t(ti - first[i]) * block[i], r1 = std::min(ws[i].rows, r0 + block[i]);
-      avx2::qmatvec(ws[i], r0, r1, in, ys[i]);
+      isa::qmatvec(ws[i], r0, r1, in, ys[i]);
     });
     return;
   }
@@ -273,20 +282,20 @@ Expert parse_expert(const uint8_t* blob, uint64_t size) {
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   // x [T, H] float32 -> g, u [T, I] -> h [T, I] -> y [T, H] float32
   const uint32_t I = e.intermediate();
-#if defined(EDGEMOE_AVX2)
+#if defined(EDGEMOE_SIMD_DECODE)
   if (T == 1 && e.gate.quantized() && e.up.quantized() && e.gate.group_size == e.up.group_size) {
     // Decode: gate and up in one pass over the pool (x rounded once), each task
     // finishing its rows' silu(g) * u; the same numbers as two matmul calls.
     const uint32_t H = e.hidden(), gs = e.gate.group_size;
     const bool four = e.gate.bits == 4 || e.up.bits == 4, other = e.gate.bits != 4 || e.up.bits != 4;
-    const avx2::DecodeInput in(x, H, gs, other, four);
+    const isa::DecodeInput in(x, H, gs, other, four);
     std::vector<float> h(I), u(I);
     const int64_t tasks = decode_tasks(I, uint64_t(2) * I * H);
     const uint32_t row_block = uint32_t((I + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
-      avx2::qmatvec(e.gate, r0, r1, in, h.data());
-      avx2::qmatvec(e.up, r0, r1, in, u.data());
+      isa::qmatvec(e.gate, r0, r1, in, h.data());
+      isa::qmatvec(e.up, r0, r1, in, u.data());
       for (uint32_t r = r0; r < r1; ++r) h[r] = h[r] / (1.0f + std::exp(-h[r])) * u[r];
     });
     matmul(e.down, h.data(), 1, y);

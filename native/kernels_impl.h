@@ -5,10 +5,15 @@
 //   kernels_portable.cpp  plain C++ (always compiled; the path of any build
 //                         without a SIMD file for its CPU, e.g. a non-native x86
 //                         build or an ARM board, where it auto-vectorizes);
-//   kernels_avx2.cpp      AVX2+FMA+F16C (compiled to nothing without them).
-// The driver picks one at build time, with no runtime dispatch: the wheel is
-// built for the device (EDGEMOE_NATIVE_ARCH in CMakeLists.txt). A NEON file
-// would add its macro below, its namespace here and its branches in the driver.
+//   kernels_avx2.cpp      AVX2+FMA+F16C (compiled to nothing without them);
+//   kernels_neon.cpp      AArch64 NEON (compiled to nothing elsewhere), with
+//                         dot-product (sdot/udot) and i8mm (usdot) variants of
+//                         the decode kernel chosen at run time from the CPU's
+//                         hwcaps, so one aarch64 build serves a Pi 4 and an Orin.
+// The driver picks the instruction-set file at build time (x86: AVX2 only with
+// EDGEMOE_NATIVE_ARCH, see CMakeLists.txt; aarch64: always NEON, it is baseline).
+// The SIMD files share one contract: rows() as portable::rows, and a one-token
+// decode (DecodeInput, qmatvec) and a prefill (gemm_rows) the driver calls.
 #pragma once
 
 #include <cstdint>
@@ -19,11 +24,14 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define EDGEMOE_AVX2 1
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define EDGEMOE_NEON 1
+#endif
 
 namespace edgemoe::kernels {
 
 constexpr int kTokenBlock = 4;          // tokens that share one decode of a weight row
-constexpr int64_t kGemmMinTokens = 12;  // from here on, dequantize rows to f32 once (AVX2 path)
+constexpr int64_t kGemmMinTokens = 12;  // from here on, dequantize rows to f32 once (SIMD paths)
 constexpr uint32_t kChunk = 32;         // codes are packed per 32 values of a row
 
 constexpr uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
@@ -75,6 +83,52 @@ void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64
 uint64_t byte_sum(const uint8_t* p, uint64_t n);
 
 }  // namespace avx2
+#endif
+
+#if defined(EDGEMOE_NEON)
+namespace neon {
+
+// What the CPU adds to baseline NEON, in the order each level implies the ones before.
+enum class Level : int { kNeon = 0, kDotprod = 1, kI8mm = 2 };
+
+// The level of the CPU we run on (getauxval hwcaps, read once) and its name.
+Level cpu_level();
+const char* level_name(Level level);  // "neon", "neon+dotprod", "neon+dotprod+i8mm"
+
+// As portable::rows: x[t] [cols] float32, W [rows, cols] any kind, xsum[t]
+// [cols / group_size] -> y[t * ystride + r] for r in [r0, r1), nt <= kTokenBlock.
+void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
+          uint32_t ystride);
+
+// One token's x [cols] float32 rounded per block of 32 values, as avx2::DecodeInput:
+// to int8 for 4-bit codes (need8), to int16 for 2/3/8-bit ones (need16), with the
+// per-block steps dx and the group sums xsum that go with each. The dot-product
+// kernels read the int16 values split into bytes, x16 = 256 * xh + xl.
+struct DecodeInput {
+  std::vector<int16_t> x16;
+  std::vector<int8_t> x8, xh, xh2;
+  std::vector<uint8_t> xl, xl2;  // xh2, xl2: xh, xl of block pairs interleaved per 8 values (2/3-bit sdot)
+  std::vector<int32_t> hcorr;    // per block: 32768 * sum(xh), for 8-bit codes taken as c - 128 (sdot)
+  std::vector<float> dx16, dx8, xsum16, xsum8;
+  DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
+};
+
+// Rows [r0, r1) of y = W x for one token at the CPU's level: W [rows, cols]
+// group-quantized with the group size `in` was made for -> y[r] for r in [r0, r1).
+void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+
+// The same at a given level (tests; level <= cpu_level()). Every level forms the
+// same integer dot of each block, then the same float operations: the same bits.
+void qmatvec_at(Level level, const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+
+// Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,
+// cols] any kind, dequantized a few rows at a time to an f32 tile -> y [T, rows].
+void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64_t T, float* y);
+
+// As portable::byte_sum, 64 bytes a step.
+uint64_t byte_sum(const uint8_t* p, uint64_t n);
+
+}  // namespace neon
 #endif
 
 }  // namespace edgemoe::kernels

@@ -22,7 +22,7 @@ def matmul_err(y, x, w):
 
 
 def uses_x16(bits, T):
-    """The AVX2 decode (one token) rounds x per 32 values (kernels.cpp): to int16, or int8 (uses_x8)."""
+    """The SIMD decode (AVX2, NEON; one token) rounds x per 32 values (kernels.cpp): to int16, or int8 (uses_x8)."""
     return T == 1 and _core.simd() != "portable"
 
 
@@ -261,7 +261,7 @@ def test_expert_forward_matches_reference(bits, kind, sym):
             assert rel_err(y, round_x(h, 127) @ down.T) < 1e-5, T
             assert rel_err(y, reference.expert_forward(x, blob)) < 3e-2, T
             continue
-        # one token on AVX2 rounds x and h to int16 (uses_x16): ~2e-4 of the largest output at worst
+        # one token on AVX2/NEON rounds x and h to int16 (uses_x16): ~2e-4 of the largest output at worst
         tol = 1e-3 if uses_x16(bits, T) else 1e-4
         assert rel_err(y, reference.expert_forward(x, blob)) < tol, T
 

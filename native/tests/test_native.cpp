@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -187,7 +188,7 @@ static bool close_matmul(const std::vector<float>& y, const std::vector<float>& 
   return true;
 }
 
-// What the AVX2 decode (one token) computes, x rounded per 32 values: for 4-bit
+// What the SIMD decode (one token; AVX2, NEON) computes, x rounded per 32 values: for 4-bit
 // codes to int8, w . x8*dx (quantize_x8: the min term's group sums come from the
 // rounded x too); otherwise to int16, s*q . x16*dx + min . x (quantize_x16).
 static bool close_matmul_x16(const std::vector<float>& y, const std::vector<float>& x, const TestMatrix& m,
@@ -266,6 +267,101 @@ static void test_kernels() {
   CHECK(std::isinf(f16_to_f32(0x7C00)) && std::isnan(f16_to_f32(0x7E00)) && f16_to_f32(0x7BFF) == 65504.0f);
 }
 
+// The dense ops (RMSNorm, RoPE, attention, softmax top-k) against float64 references,
+// on sizes that leave vector tails, whichever path (AVX2, NEON, scalar) the build has.
+static void test_dense_ops() {
+  const auto rel_close = [](double got, double want, double scale, double tol) {
+    return std::fabs(got - want) <= tol * scale + 1e-30;
+  };
+  for (int64_t n : {1, 7, 64, 100}) {
+    const auto x = rand_vec(size_t(3 * n)), w = rand_vec(size_t(n));
+    std::vector<float> y(x.size());
+    rms_norm(x.data(), w.data(), 3, n, 1e-5f, y.data());
+    bool ok = true;
+    for (int64_t r = 0; r < 3; ++r) {
+      double ss = 0;
+      for (int64_t i = 0; i < n; ++i) ss += double(x[size_t(r * n + i)]) * x[size_t(r * n + i)];
+      const double d = std::sqrt(ss / double(n) + 1e-5);
+      for (int64_t i = 0; i < n; ++i) {
+        const double want = x[size_t(r * n + i)] / d * w[size_t(i)];
+        ok = ok && rel_close(y[size_t(r * n + i)], want, std::fabs(want), 1e-6);
+      }
+    }
+    CHECK(ok);
+  }
+  for (int64_t hd : {6, 16, 24}) {
+    const int64_t T = 3, heads = 2, half = hd / 2, start = 5;
+    std::vector<float> inv(static_cast<size_t>(half));
+    for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = std::pow(10000.0f, -2.0f * float(i) / float(hd));
+    const auto x0 = rand_vec(size_t(T * heads * hd));
+    auto x = x0;
+    rope(x.data(), T, heads, hd, start, inv.data());
+    bool ok = true;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < half; ++i) {
+          const double f = double(float(start + t) * inv[size_t(i)]), c = std::cos(f), sn = std::sin(f);
+          const size_t a = size_t((t * heads + h) * hd + i), b = a + size_t(half);
+          ok = ok && rel_close(x[a], x0[a] * c - x0[b] * sn, 1.0, 1e-5) &&
+               rel_close(x[b], x0[b] * c + x0[a] * sn, 1.0, 1e-5);
+        }
+    CHECK(ok);
+  }
+  // attention: head sizes on and off the vector widths, short and long contexts, a window
+  for (int64_t hd : {6, 12, 64, 80})
+    for (int64_t S : {1, 9, 21})
+      for (int64_t window : {0, 4}) {
+        const int64_t heads = 4, kvh = 2, T = std::min<int64_t>(S, 3), start = S - T;
+        const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
+                   v = rand_vec(size_t(S * kvh * hd));
+        std::vector<float> out(size_t(T * heads * hd));
+        attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, window, out.data());
+        bool ok = true;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < heads; ++h) {
+            const int64_t g = h / (heads / kvh), pos = start + t,
+                          j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+            std::vector<double> p;
+            double mx = -1e300, sum = 0;
+            for (int64_t j = j0; j <= pos; ++j) {
+              double d = 0;
+              for (int64_t c = 0; c < hd; ++c)
+                d += double(q[size_t((t * heads + h) * hd + c)]) * k[size_t((j * kvh + g) * hd + c)];
+              p.push_back(d / std::sqrt(double(hd)));
+              mx = std::max(mx, p.back());
+            }
+            for (double& e : p) sum += (e = std::exp(e - mx));
+            for (int64_t c = 0; c < hd; ++c) {
+              double o = 0, mag = 0;
+              for (int64_t j = j0; j <= pos; ++j) {
+                o += p[size_t(j - j0)] / sum * v[size_t((j * kvh + g) * hd + c)];
+                mag += p[size_t(j - j0)] / sum * std::fabs(v[size_t((j * kvh + g) * hd + c)]);
+              }
+              ok = ok && rel_close(out[size_t((t * heads + h) * hd + c)], o, mag, 1e-5);
+            }
+          }
+        if (!ok)
+          std::fprintf(stderr, "attention hd=%lld S=%lld window=%lld\n", (long long)hd, (long long)S,
+                       (long long)window);
+        CHECK(ok);
+      }
+  // softmax top-k: the exp of the attention (vector lanes and the scalar tail) against float64
+  for (int64_t E : {3, 8, 13, 64}) {
+    const auto l = rand_vec(size_t(E));
+    const int64_t K = std::min<int64_t>(E, 4);
+    std::vector<int32_t> ids(static_cast<size_t>(K));
+    std::vector<float> wts(static_cast<size_t>(K));
+    softmax_topk(l.data(), 1, E, K, false, ids.data(), wts.data());
+    const double mx = *std::max_element(l.begin(), l.end());
+    double sum = 0;
+    for (float v : l) sum += std::exp(double(v) - mx);
+    bool ok = true;
+    for (int64_t j = 0; j < K; ++j)
+      ok = ok && rel_close(wts[size_t(j)], std::exp(double(l[size_t(ids[size_t(j)])]) - mx) / sum, 1.0, 1e-6);
+    CHECK(ok);
+  }
+}
+
 // sample_logits on a large vocabulary (the nucleus histogram and its bucket sort run under
 // the sanitizers here; tests/test_sampling.py checks its draws against the definition).
 static void test_sample() {
@@ -285,7 +381,10 @@ static void test_sample() {
   CHECK(sample_logits(flat.data(), 8192, 1.0, 0, 0.5, 0.0) == 0);
   CHECK(sample_logits(flat.data(), 8192, 1.0, 0, 0.5, 0.999999) == 4095);  // half, ties by id
   l[7] = std::nanf("");
-  CHECK(throws<std::invalid_argument>([&] { sample_logits(l.data(), 8192, 1.0, 0, 0.9, 0.5); }));
+  CHECK(throws<std::invalid_argument>([&] { sample_logits(l.data(), 8192, 1.0, 0, 0.9, 0.5); }, "logit 7 "));
+  l[7] = 0;
+  l[8190] = std::numeric_limits<float>::infinity();
+  CHECK(throws<std::invalid_argument>([&] { sample_logits(l.data(), 8191, 1.0, 0, 0.9, 0.5); }, "logit 8190 "));
 }
 
 static void test_crc() {
@@ -372,7 +471,7 @@ static void write_file(TestFile& f, uint32_t H, uint32_t I, uint32_t (*bits_of)(
   ::close(fd);
 }
 
-// x [n] rounded per 32 values to int8 times the block's dx, as quantize_x8 in kernels.cpp.
+// x [n] rounded per 32 values to int8 times the block's dx, as the SIMD decode inputs do.
 static std::vector<double> round_x8(const float* x, uint32_t n) {
   std::vector<double> xq(n);
   for (uint32_t b = 0; b < n / 32; ++b) {
@@ -384,11 +483,11 @@ static std::vector<double> round_x8(const float* x, uint32_t n) {
   return xq;
 }
 
-// True if one token (T=1) meets 4-bit codes with int8 activations: the AVX2 decode.
+// True if one token (T=1) meets 4-bit codes with int8 activations: the SIMD decode.
 static bool decode_x8() { return std::strcmp(simd_name(), "portable") != 0; }
 
 // SwiGLU expert in float64; with x8, 4-bit matrices see their input rounded to int8 as
-// the AVX2 decode rounds it (gate/up: x; down: h, rounded from its float value).
+// the SIMD decode rounds it (gate/up: x; down: h, rounded from its float value).
 static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const float* x, uint32_t H, uint32_t I,
                                       bool x8 = false) {
   const auto is4 = [](const TestMatrix& t) { return t.buf[9] == 4 && (t.buf[8] == 3 || t.buf[8] == 4); };
@@ -440,6 +539,128 @@ static void test_portable_kernels() {
   CHECK(stream_read(bytes.data(), bytes.size()) == kernels::portable::byte_sum(bytes.data(), bytes.size()));
 }
 
+#if defined(EDGEMOE_NEON)
+// y [T, rows] from the portable kernels (the path every other one is checked against).
+static std::vector<float> portable_matmul(const QMatrix& q, const std::vector<float>& x, int64_t T) {
+  const uint32_t ng = q.quantized() ? q.cols / q.group_size : 0;
+  std::vector<float> xsum(size_t(T) * ng), y(size_t(T) * q.rows);
+  for (int64_t t0 = 0; t0 < T; t0 += kernels::kTokenBlock) {
+    const int nt = int(std::min<int64_t>(kernels::kTokenBlock, T - t0));
+    const float* xp[kernels::kTokenBlock];
+    const float* sp[kernels::kTokenBlock];
+    for (int t = 0; t < nt; ++t) {
+      xp[t] = x.data() + size_t(t0 + t) * q.cols;
+      if (ng) kernels::group_sums(xp[t], q.cols, q.group_size, &xsum[size_t(t0 + t) * ng]);
+      sp[t] = ng ? xsum.data() + size_t(t0 + t) * ng : nullptr;
+    }
+    kernels::portable::rows(q, 0, q.rows, xp, sp, nt, y.data() + size_t(t0) * q.rows, q.rows);
+  }
+  return y;
+}
+
+// |a - b| <= tol * (|x| |W|^T) elementwise, W the matrix's reference values.
+static bool close_to(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& x,
+                     const TestMatrix& m, int64_t T, double tol, const char* what) {
+  for (int64_t t = 0; t < T; ++t)
+    for (uint32_t r = 0; r < m.rows; ++r) {
+      double mag = 0;
+      for (uint32_t c = 0; c < m.cols; ++c)
+        mag += std::fabs(double(x[size_t(t) * m.cols + c]) * m.w[size_t(r) * m.cols + c]);
+      const size_t i = size_t(t) * m.rows + r;
+      if (std::fabs(double(a[i]) - b[i]) > tol * mag + 1e-30) {
+        std::fprintf(stderr, "%s: t=%lld r=%u: %g vs %g\n", what, (long long)t, r, double(a[i]), double(b[i]));
+        return false;
+      }
+    }
+  return true;
+}
+
+// Each NEON kernel against the portable path, on shapes with row and block tails: the
+// decode at every level this CPU has (each level forms the same exact block integers,
+// so the levels give the same bits), the few-token rows, the prefill tile, byte_sum. And
+// the level the CPU model has: native/run_arm64_tests.sh names it per qemu -cpu.
+static void test_neon_kernels() {
+  using kernels::neon::Level;
+  const Level top = kernels::neon::cpu_level();
+  std::printf("  neon: cpu level %s\n", kernels::neon::level_name(top));
+  if (const char* want = std::getenv("EDGEMOE_EXPECT_SIMD")) {
+    if (std::strcmp(simd_name(), want) != 0) std::fprintf(stderr, "simd %s, expected %s\n", simd_name(), want);
+    CHECK(std::strcmp(simd_name(), want) == 0);
+  }
+  const uint32_t shapes[][2] = {{1, 32}, {3, 96}, {7, 128}, {9, 160}, {13, 384}, {6, 512}};
+  int checked = 0;
+  for (bool sym : {false, true})
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
+      for (uint32_t gs : {32u, 64u, 128u})
+        for (auto& s : shapes) {
+          if (s[1] % gs) continue;
+          const TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
+          const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+          // decode: one token, every level up to the CPU's
+          const auto x1 = rand_vec(s[1]);
+          const kernels::neon::DecodeInput in(x1.data(), s[1], gs, bits != 4, bits == 4);
+          const auto ref1 = portable_matmul(q, x1, 1);
+          std::vector<float> base;
+          for (int lv = 0; lv <= int(top); ++lv) {
+            std::vector<float> y(s[0], 0.0f);
+            kernels::neon::qmatvec_at(Level(lv), q, 0, s[0], in, y.data());
+            CHECK(close_matmul_x16(y, x1, m, bits, 2e-6));  // the rounded x, exactly
+            CHECK(close_to(y, ref1, x1, m, 1, bits == 4 ? 1e-2 : 1e-4, "neon decode vs portable"));
+            if (lv == 0) base = y;
+            else
+              CHECK(std::memcmp(y.data(), base.data(), y.size() * 4) == 0);  // the same block integers: the same bits
+            ++checked;
+          }
+          // few tokens and prefill: x as given, as the portable path
+          for (int64_t T : {2, 4, 5, 12, 17}) {
+            const auto x = rand_vec(size_t(T) * s[1]);
+            const auto ref = portable_matmul(q, x, T);
+            std::vector<float> y(size_t(T) * s[0]);
+            if (T >= kernels::kGemmMinTokens) {
+              kernels::neon::gemm_rows(q, 0, s[0], x.data(), T, y.data());
+            } else {
+              std::vector<float> xsum(size_t(T) * (s[1] / gs));
+              for (int64_t t0 = 0; t0 < T; t0 += kernels::kTokenBlock) {
+                const int nt = int(std::min<int64_t>(kernels::kTokenBlock, T - t0));
+                const float* xp[kernels::kTokenBlock];
+                const float* sp[kernels::kTokenBlock];
+                for (int t = 0; t < nt; ++t) {
+                  xp[t] = x.data() + size_t(t0 + t) * s[1];
+                  kernels::group_sums(xp[t], s[1], gs, &xsum[size_t(t0 + t) * (s[1] / gs)]);
+                  sp[t] = xsum.data() + size_t(t0 + t) * (s[1] / gs);
+                }
+                kernels::neon::rows(q, 0, s[0], xp, sp, nt, y.data() + size_t(t0) * s[0], s[0]);
+              }
+            }
+            CHECK(close_to(y, ref, x, m, T, 2e-6, T >= kernels::kGemmMinTokens ? "neon gemm" : "neon rows"));
+          }
+        }
+  for (Kind k : {kF32, kF16, kBF16})
+    for (auto s : {std::pair<uint32_t, uint32_t>{1, 7}, {5, 100}, {9, 512}}) {
+      const TestMatrix m = make_float(s.first, s.second, k);
+      const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+      for (int64_t T : {1, 3, 13}) {
+        const auto x = rand_vec(size_t(T) * s.second);
+        const auto ref = portable_matmul(q, x, T);
+        std::vector<float> y(size_t(T) * s.first);
+        if (T >= kernels::kGemmMinTokens) {
+          kernels::neon::gemm_rows(q, 0, s.first, x.data(), T, y.data());
+        } else {
+          const float* xp[kernels::kTokenBlock];
+          for (int t = 0; t < T; ++t) xp[t] = x.data() + size_t(t) * s.second;
+          kernels::neon::rows(q, 0, s.first, xp, nullptr, int(T), y.data(), s.first);
+        }
+        CHECK(close_to(y, ref, x, m, T, 2e-6, "neon float rows"));
+      }
+    }
+  std::vector<uint8_t> bytes(100003);
+  for (auto& b : bytes) b = uint8_t(rng());
+  for (size_t n : {size_t(0), size_t(63), size_t(64), size_t(1000), bytes.size()})
+    CHECK(kernels::neon::byte_sum(bytes.data(), n) == kernels::portable::byte_sum(bytes.data(), n));
+  std::printf("  neon: %d decode checks over %d level(s)\n", checked, int(top) + 1);
+}
+#endif
+
 // expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
 static void test_expert_forward() {
   const uint32_t H = 64, I = 96;
@@ -450,7 +671,7 @@ static void test_expert_forward() {
       const Expert e = parse_expert(blob.data(), blob.size());
       CHECK(e.gate.kind == (sym ? kQuantSym : kQuant) && e.down.kind == e.gate.kind);
       for (int64_t T : {1, 3, 13}) {
-        // one token on AVX2 rounds x and h per 32 values: to int16 (~2^-15 each, a looser
+        // one token on AVX2/NEON rounds x and h per 32 values: to int16 (~2^-15 each, a looser
         // bound), or for 4 bits to int8, which the reference emulates (h's rounding can flip)
         const bool decode = T == 1 && decode_x8();
         const double tol = decode ? (bits == 4 ? 1e-5 : 1e-3) : 1e-4;
@@ -1249,6 +1470,10 @@ int main() {
   test_pool();
   test_kernels();
   test_portable_kernels();
+#if defined(EDGEMOE_NEON)
+  test_neon_kernels();
+#endif
+  test_dense_ops();
   test_expert_forward();
   test_crc();
   test_sample();

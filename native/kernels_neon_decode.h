@@ -1,0 +1,261 @@
+// Internal to kernels_neon.cpp, kernels_neon_dotprod.cpp and kernels_neon_i8mm.cpp: the
+// one-token decode kernel, written once over a `Dot` policy (how a block of 32 codes
+// meets the rounded x) and compiled once per instruction-set level. Each including file
+// sets its level's target (a pragma region) before including this header, so everything
+// here is in an unnamed namespace: every file keeps its own copy, compiled for its
+// level, and none can be linked in place of another's (no sdot reaching a Cortex-A72).
+// The including file has already included <arm_neon.h> and <cstdint>.
+#pragma once
+
+#include "kernels_impl.h"
+
+namespace edgemoe::kernels::neon {
+namespace {
+
+#define EDGEMOE_INLINE inline __attribute__((always_inline))
+
+// tools/mca_kernels.py builds with EDGEMOE_MCA to mark each kernel's inner loop for
+// llvm-mca, one region per template instance (the immediates name it). Empty otherwise.
+#if defined(EDGEMOE_MCA)
+#define EDGEMOE_MCA_MARK(what, name, a, b, c, d) \
+  asm volatile("// LLVM-MCA-" what " " name ::"i"(a), "i"(b), "i"(c), "i"(d))
+#else
+#define EDGEMOE_MCA_MARK(what, name, a, b, c, d)
+#endif
+
+constexpr uint32_t kPrefetchBytes = 1024;  // how far decode runs ahead of each row's weight stream
+
+// Little-endian loads at any alignment, defined here so that they are compiled for the
+// including file's level: GCC does not inline a function compiled for another target
+// (common.h's, under -mcpu=cortex-a76, say) into the dot-product code.
+EDGEMOE_INLINE uint32_t ld_u32(const uint8_t* p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+EDGEMOE_INLINE float ld_f16(const uint8_t* p) {
+  __fp16 h;  // IEEE half on AArch64
+  __builtin_memcpy(&h, p, 2);
+  return float(h);
+}
+
+// One chunk of 32 codes (docs/format.md) -> lo = values 0..15, hi = values 16..31, one byte each.
+template <int BITS>
+EDGEMOE_INLINE void unpack(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
+  if constexpr (BITS == 8) {
+    lo = vld1q_u8(p);
+    hi = vld1q_u8(p + 16);
+  } else if constexpr (BITS == 4) {
+    const uint8x16_t b = vld1q_u8(p);
+    lo = vandq_u8(b, vdupq_n_u8(0x0F));
+    hi = vshrq_n_u8(b, 4);
+  } else {
+    static_assert(BITS == 2 || BITS == 3, "bits");
+    // byte j holds values j, j+8, j+16, j+24 in its bit pairs 0-1, 2-3, 4-5, 6-7
+    const uint8x8_t b = vld1_u8(p), three = vdup_n_u8(3);
+    lo = vcombine_u8(vand_u8(b, three), vand_u8(vshr_n_u8(b, 2), three));
+    hi = vcombine_u8(vand_u8(vshr_n_u8(b, 4), three), vshr_n_u8(b, 6));
+    if constexpr (BITS == 3) {
+      // bit 2 of value j is bit j of the u32 after the 2-bit part: byte j/8 of it to lane j, then test bit j%8
+      static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+      static constexpr uint8_t kLo[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+      static constexpr uint8_t kHi[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+      const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(ld_u32(p + 8))), bit = vld1q_u8(kBit);
+      const uint8x16_t four = vdupq_n_u8(4);
+      lo = vorrq_u8(lo, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kLo)), bit), four));
+      hi = vorrq_u8(hi, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kHi)), bit), four));
+    }
+  }
+}
+
+// Two blocks b, b+1 of 2/3-bit codes at p -> f[k] = field k (values 8k..8k+7) of block b
+// in bytes 0-7 and of block b+1 in bytes 8-15: one 16-byte load of 2-bit codes holds both,
+// so one shift and mask per field serves two blocks. DecodeInput's xh2/xl2 match the layout.
+template <int BITS>
+EDGEMOE_INLINE void unpack_pair(const uint8_t* p, uint8x16_t f[4]) {
+  static_assert(BITS == 2 || BITS == 3, "2/3-bit codes");
+  constexpr uint32_t cb = chunk_bytes(BITS);
+  const uint8x16_t q = BITS == 2 ? vld1q_u8(p) : vcombine_u8(vld1_u8(p), vld1_u8(p + cb));
+  const uint8x16_t three = vdupq_n_u8(3);
+  f[0] = vandq_u8(q, three);
+  f[1] = vandq_u8(vshrq_n_u8(q, 2), three);
+  f[2] = vandq_u8(vshrq_n_u8(q, 4), three);
+  f[3] = vshrq_n_u8(q, 6);
+  if constexpr (BITS == 3) {
+    // bit 2 of value j is bit j of the block's u32 after its 2-bit part: byte k of each
+    // block's word to its 8 lanes of field k, then test each lane's bit
+    static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    static constexpr uint8_t kSel[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4},
+                                            {1, 1, 1, 1, 1, 1, 1, 1, 5, 5, 5, 5, 5, 5, 5, 5},
+                                            {2, 2, 2, 2, 2, 2, 2, 2, 6, 6, 6, 6, 6, 6, 6, 6},
+                                            {3, 3, 3, 3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 7, 7, 7}};
+    const uint64_t words = uint64_t(ld_u32(p + 8)) | uint64_t(ld_u32(p + cb + 8)) << 32;
+    const uint8x16_t w = vreinterpretq_u8_u64(vdupq_n_u64(words)), bit = vld1q_u8(kBit), four = vdupq_n_u8(4);
+    for (int k = 0; k < 4; ++k) f[k] = vorrq_u8(f[k], vandq_u8(vtstq_u8(vqtbl1q_u8(w, vld1q_u8(kSel[k])), bit), four));
+  }
+}
+
+// The part of a DecodeInput that a matrix of `bits`-bit codes reads.
+struct DecodeX {
+  const int8_t* x8 = nullptr;      // [cols] 4-bit codes
+  const int16_t* x16 = nullptr;    // [cols] 2/3/8-bit codes, plain NEON
+  const int8_t* xh = nullptr;      // [cols] x16 >> 8, dot-product levels
+  const uint8_t* xl = nullptr;     // [cols] x16 & 255, dot-product levels
+  const int8_t* xh2 = nullptr;     // [cols] xh, block pairs interleaved (DecodeInput)
+  const uint8_t* xl2 = nullptr;    // [cols] xl, block pairs interleaved
+  const int32_t* hcorr = nullptr;  // [cols / 32]
+  const float* dx;                 // [cols / 32]
+  const float* xsum;               // [cols / gs]
+  DecodeX(const DecodeInput& in, int bits) {
+    if (bits == 4) {
+      x8 = in.x8.data(), dx = in.dx8.data(), xsum = in.xsum8.data();
+    } else {
+      x16 = in.x16.data(), xh = in.xh.data(), xl = in.xl.data(), hcorr = in.hcorr.data();
+      xh2 = in.xh2.data(), xl2 = in.xl2.data();
+      dx = in.dx16.data(), xsum = in.xsum16.data();
+    }
+  }
+};
+
+// 4 f16 at p (any alignment) -> f32.
+EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
+
+// sum_g min_g * xsum[g] for one row, before the factor min_mult (a power of two).
+EDGEMOE_INLINE float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
+  float32x4_t acc = vdupq_n_f32(0);
+  uint32_t g = 0;
+  for (; g + 4 <= ng; g += 4) acc = vfmaq_f32(acc, f16x4(mn + 2 * g), vld1q_f32(xsum + g));
+  float v = vaddvq_f32(acc);
+  for (; g < ng; ++g) v += ld_f16(mn + 2 * g) * xsum[g];
+  return v;
+}
+
+// The scales of the 4 chunks b..b+3 of a row (b a multiple of 4) whose f16 group
+// scales start at sc, CPG chunks per group.
+template <uint32_t CPG>
+EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
+  if constexpr (CPG == 1) {
+    return f16x4(sc + 2 * b);
+  } else if constexpr (CPG == 2) {  // groups b/2 and b/2 + 1, each twice
+    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(ld_u32(sc + b))));  // one ldr s
+    return vzip1q_f32(s, s);
+  } else {
+    static_assert(CPG == 4, "chunks per group");
+    return vdupq_n_f32(ld_f16(sc + b / 2));
+  }
+}
+
+// RR rows from row r: y[r + i] = sum_b scale(b) dx[b] (codes_b . xq_b) + min_mult * min . xsum.
+// A block's dot (Dot::Block<BITS>::dot) is an exact integer spread over 4 lanes; four
+// blocks' lanes are added pairwise into one vector of their totals, converted once and
+// scaled by those blocks' dx * scale. The totals are the same integers at every level,
+// and so is every float operation after them: all levels give the same bits.
+template <class Dot, int BITS, int RR, uint32_t CPG>
+EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  using Block = typename Dot::template Block<BITS>;
+  constexpr uint32_t cb = chunk_bytes(BITS);
+  const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
+  const float* dx = x.dx;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  float32x4_t acc[RR];
+  float tail[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
+    acc[i] = vdupq_n_f32(0);
+    tail[i] = 0;
+  }
+  uint32_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    EDGEMOE_MCA_MARK("BEGIN", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
+    int32x4_t t01[RR], t23[RR];  // pairwise lane sums of blocks b, b+1 and b+2, b+3
+    if constexpr (Dot::template kPaired<BITS>) {
+      // two blocks' sums in one vector, lanes [b, b, b+1, b+1] (Dot::Pair)
+      using Pair = typename Dot::template Pair<BITS>;
+      {
+        const Pair xp(x, b);
+        for (int i = 0; i < RR; ++i) t01[i] = xp.dot(codes[i]);
+      }
+      {
+        const Pair xp(x, b + 2);
+        for (int i = 0; i < RR; ++i) t23[i] = xp.dot(codes[i] + 2 * cb);
+      }
+    } else {
+      {
+        const Block xb(x, b);  // one block's x live at a time: the rows' partial sums stay in registers
+        for (int i = 0; i < RR; ++i) t01[i] = xb.dot(codes[i]);
+      }
+      {
+        const Block xb(x, b + 1);
+        for (int i = 0; i < RR; ++i) t01[i] = vpaddq_s32(t01[i], xb.dot(codes[i] + cb));
+      }
+      {
+        const Block xb(x, b + 2);
+        for (int i = 0; i < RR; ++i) t23[i] = xb.dot(codes[i] + 2 * cb);
+      }
+      {
+        const Block xb(x, b + 3);
+        for (int i = 0; i < RR; ++i) t23[i] = vpaddq_s32(t23[i], xb.dot(codes[i] + 3 * cb));
+      }
+    }
+    const float32x4_t dx4 = vld1q_f32(dx + b);
+    for (int i = 0; i < RR; ++i) {
+      __builtin_prefetch(codes[i] + kPrefetchBytes);
+      codes[i] += 4 * cb;
+      const float32x4_t m = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+      acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vpaddq_s32(t01[i], t23[i])), m);
+    }
+    EDGEMOE_MCA_MARK("END", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
+  }
+  for (; b < nb; ++b) {  // the last < 4 blocks of a row
+    const Block xb(x, b);
+    for (int i = 0; i < RR; ++i) {
+      tail[i] += float(vaddvq_s32(xb.dot(codes[i]))) * (dx[b] * ld_f16(sc[i] + 2 * (b / CPG)));
+      codes[i] += cb;
+    }
+  }
+  for (int i = 0; i < RR; ++i)
+    y[r + uint32_t(i)] =
+        (vaddvq_f32(acc[i]) + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+}
+
+template <class Dot, int BITS, uint32_t CPG>
+EDGEMOE_INLINE void qmatvec_cpg(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
+  // rows per pass: 4 for 4-bit codes, whose block x is two registers; 2 for the int16
+  // ones, whose x (four registers, eight for a 2/3-bit pair) and unpacked codes made four
+  // rows spill (llvm-mca, Neoverse N1 model: 8-bit 3.9 -> 4.5 bytes per cycle)
+  constexpr int kRows = BITS == 4 ? 4 : 2;
+  uint32_t r = r0;
+  for (; r + kRows <= r1; r += kRows) qmatvec_rows<Dot, BITS, kRows, CPG>(w, r, x, y);
+  for (; r < r1; ++r) qmatvec_rows<Dot, BITS, 1, CPG>(w, r, x, y);
+}
+
+template <class Dot, int BITS>
+EDGEMOE_INLINE void qmatvec_bits(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  const DecodeX x(in, BITS);
+  switch (w.group_size) {
+    case 32: return qmatvec_cpg<Dot, BITS, 1>(w, r0, r1, x, y);
+    case 64: return qmatvec_cpg<Dot, BITS, 2>(w, r0, r1, x, y);
+    default: return qmatvec_cpg<Dot, BITS, 4>(w, r0, r1, x, y);
+  }
+}
+
+// Rows [r0, r1) of y = W x for one token, the block dots formed by Dot.
+template <class Dot>
+EDGEMOE_INLINE void qmatvec_with(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  switch (w.bits) {
+    case 2: return qmatvec_bits<Dot, 2>(w, r0, r1, in, y);
+    case 3: return qmatvec_bits<Dot, 3>(w, r0, r1, in, y);
+    case 4: return qmatvec_bits<Dot, 4>(w, r0, r1, in, y);
+    default: return qmatvec_bits<Dot, 8>(w, r0, r1, in, y);
+  }
+}
+
+}  // namespace
+
+// The decode kernel at the dot-product levels (kernels_neon_dotprod.cpp).
+void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+
+}  // namespace edgemoe::kernels::neon
