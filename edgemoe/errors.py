@@ -27,3 +27,8 @@ class BudgetError(EdgeMoEError):
 
 class TokenizerError(EdgeMoEError):
     """The model directory has no usable tokenizer."""
+
+
+class DeviceProfileError(EdgeMoEError, ValueError):
+    """A device or link profile is unknown, or its file lacks a field or a field's source."""
+
