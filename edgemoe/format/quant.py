@@ -281,6 +281,27 @@ def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, 
     return blob
 
 
+def matrix_nbytes(rows: int, cols: int, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+    """Length of the QMatrix quantize_matrix (bits < 16) or float_matrix (bits 16: f16/bf16,
+    32: f32) writes for [rows, cols], by arithmetic: nothing is packed."""
+    codes_off = _align(MATRIX_HEADER.size)
+    if bits in (16, 32):
+        return codes_off + rows * cols * bits // 8
+    if bits not in QBITS:
+        raise ValueError(f"bits must be one of {QBITS}, 16 or 32, got {bits}")
+    scales_off = _align(codes_off + rows * cols // CHUNK * CHUNK_BYTES[bits])
+    scales = rows * (cols // group_size) * 2  # f16 per group
+    return scales_off + scales if symmetric else _align(scales_off + scales) + scales
+
+
+def expert_blob_nbytes(hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
+    """Length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as pack_expert_blob
+    writes it; the experts file pads it to whole pages (manifest.page_bytes)."""
+    sizes = [matrix_nbytes(r, c, bits, group_size, symmetric) for r, c in ((intermediate, hidden),) * 2]
+    sizes.append(matrix_nbytes(hidden, intermediate, bits, group_size, symmetric))
+    return _align(_align(BLOB_HEADER_BYTES + sizes[0]) + sizes[1]) + sizes[2]
+
+
 def parse_blob(blob: np.ndarray) -> dict:
     """An expert blob's header: layer, expert, offsets and sizes of gate, up, down."""
     blob = np.asarray(blob, dtype=np.uint8)
