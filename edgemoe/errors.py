@@ -32,3 +32,6 @@ class TokenizerError(EdgeMoEError):
 class DeviceProfileError(EdgeMoEError, ValueError):
     """A device or link profile is unknown, or its file lacks a field or a field's source."""
 
+
+class PlacementError(EdgeMoEError, ValueError):
+    """The experts cannot be placed on the devices given (a memory budget too small or negative)."""
