@@ -1,2 +1,3 @@
-"""Several devices for one model: which experts live on which device (placement). The Ray
-runtime that carries the hidden states builds on it; nothing here imports ray."""
+"""Several devices for one model: placement of experts across devices (placement), and
+settings for one device from what it has free (settings). The Ray runtime that carries the
+hidden states builds on these; nothing here imports ray."""
