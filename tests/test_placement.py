@@ -1,6 +1,6 @@
 """The placement planner: the routing model on cases whose answer is known, the cost model on
 hand-computed cases, the optimiser against brute force over every assignment, memory caps,
-errors that name the problem, and the plan's JSON."""
+errors that name the problem, the plan's JSON, and `edgemoe cluster plan` end to end."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from edgemoe.cli import main
 from edgemoe.cluster import placement as P
 from edgemoe.cluster.placement import CoordinatorSpec, DeviceSpec, Plan, RoutingStats
 from edgemoe.errors import EdgeMoEError, PlacementError
@@ -335,3 +336,89 @@ def test_plan_round_trips_through_json_and_prints():
     assert f"{1e3 * plan.expected_token_s:.3f} ms" in text
     with pytest.raises(PlacementError, match="not a placement plan"):
         Plan.from_json({"format": "something else"})
+
+
+# -- the command --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("cluster") / "model"
+    assert main(["convert", str(tiny_checkpoint("mixtral")), "-o", str(dst), "--bits", "4", "-q"]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def profiled(model_dir, tmp_path_factory):
+    """A copy of the model with a routing.json from a synthetic trace (expert 0 hot everywhere)."""
+    import shutil
+
+    from edgemoe.format.routing_file import save_routing
+    from edgemoe.planning.routing import build_routing
+    from edgemoe.runtime.trace import RoutingTrace
+
+    dst = tmp_path_factory.mktemp("cluster") / "profiled"
+    shutil.copytree(model_dir, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    M, E, k = len(manifest["experts"]["moe_layers"]), manifest["experts"]["num_experts"], manifest["experts"]["top_k"]
+    rng = np.random.default_rng(0)
+    p = np.arange(E, 0, -1, dtype=np.float64) ** 2
+    ex = np.stack([[rng.choice(E, k, replace=False, p=p / p.sum()) for _ in range(M)] for _ in range(300)]).astype(
+        np.int16
+    )
+    save_routing(
+        dst, build_routing(RoutingTrace(ex, np.full(ex.shape, 1 / k, np.float32), manifest["experts"]["moe_layers"], E))
+    )
+    return dst
+
+
+def test_cluster_plan_prints_a_plan(profiled, tmp_path, capsys):
+    out_json = tmp_path / "plan.json"
+    argv = [
+        "cluster",
+        "plan",
+        str(profiled),
+        "--devices",
+        "raspberry-pi-5-sdx2,jetson-orin-nano-nvme",
+        "--link",
+        "wifi5",
+    ]
+    argv += [
+        "--coordinator",
+        "raspberry-pi-4-sd",
+        "--reserve",
+        "7GiB",
+        "--search-seconds",
+        "0.5",
+        "--json",
+        str(out_json),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in (
+        "raspberry-pi-5-sd#1",
+        "raspberry-pi-5-sd#2",
+        "jetson-orin-nano-nvme",
+        "coordinator RAM",
+        "expected MoE time per token",
+    ):
+        assert name in out
+    plan = Plan.from_json(json.loads(out_json.read_text()))
+    assert [d.name for d in plan.devices] == ["raspberry-pi-5-sd#1", "raspberry-pi-5-sd#2", "jetson-orin-nano-nvme"]
+    assert all(d.rtt_s == 0.001 for d in plan.devices)  # --link wifi5 for all
+
+
+def test_cluster_plan_without_routing_names_edgemoe_profile(model_dir, capsys):
+    assert (
+        main(
+            ["cluster", "plan", str(model_dir), "--devices", "raspberry-pi-5-sd", "--coordinator", "raspberry-pi-4-sd"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "routing.json" in err and f"edgemoe profile {model_dir}" in err and "Traceback" not in err
+
+
+def test_cluster_plan_refuses_unknown_devices_and_subcommands(profiled, capsys):
+    assert main(["cluster", "plan", str(profiled), "--devices", "pdp-11x2", "--coordinator", "raspberry-pi-4-sd"]) == 2
+    assert "no device profile 'pdp-11'" in capsys.readouterr().err
+    assert main(["cluster", "dance"]) == 2
+    assert "unknown subcommand 'dance'" in capsys.readouterr().err
