@@ -197,8 +197,8 @@ def random_case(seed, M, E, coordinator_room, table=False):
 
 
 # (layers, experts, room in the coordinator's cache, first-order co-use table) x seeds: 40
-# problems. The plan was optimal on all of them when this was written (and on 179 of 180 in a
-# longer run, the other 0.07% off); the test holds every plan to TOLERANCE and most to equality.
+# problems, on which the plan is optimal (docs/cluster.md has a longer run). The search has a
+# time budget, so a slower machine may stop it earlier: every plan within TOLERANCE, 90% equal.
 TOLERANCE = 0.01
 SHAPES = [(1, 4, False, False), (2, 3, False, False), (1, 3, True, False), (2, 3, False, True), (2, 2, True, True)]
 SEEDS = range(8)
