@@ -32,3 +32,11 @@ class TokenizerError(EdgeMoEError):
 class ClusterError(EdgeMoEError):
     """The Ray cluster cannot serve the model's experts: it does not answer, no node offers the
     `edgemoe` resource, or a device's copy of an expert fails its checksum."""
+
+
+class DeviceProfileError(EdgeMoEError, ValueError):
+    """A device or link profile is unknown, or its file lacks a field or a field's source."""
+
+
+class PlacementError(EdgeMoEError, ValueError):
+    """The experts cannot be placed on the devices given (a memory budget too small or negative)."""

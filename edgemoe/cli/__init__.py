@@ -21,6 +21,8 @@ VERBS = {
     ),
     "simulate": ("simulate", "replay a routing trace under each eviction policy and predictor"),
     "bench": ("bench", "compare expert-loading modes side by side, or edgemoe against llama.cpp (--peers)"),
+    "devices": ("devices", "device profiles; with --detect, this machine measured and settings for a model"),
+    "cluster": ("cluster", "one model's experts across several devices: `cluster plan` places them"),
 }
 
 

@@ -302,6 +302,16 @@ def expert_blob_nbytes(gate: int, up: int, down: int) -> int:
     return pos + down
 
 
+def expert_nbytes(
+    hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
+) -> int:
+    """Length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes
+    it; the experts file pads it to whole pages (manifest.page_bytes)."""
+    gate = matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
+    down = matrix_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
+    return expert_blob_nbytes(gate, gate, down)
+
+
 # ---------------------------------------------------------------- expert blobs
 
 

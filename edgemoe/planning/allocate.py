@@ -98,9 +98,7 @@ def blob_nbytes(
     hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
 ) -> int:
     """Exact byte length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes it."""
-    gate = quant.matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
-    down = quant.matrix_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
-    return quant.expert_blob_nbytes(gate, gate, down)
+    return quant.expert_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
 
 
 MEASURES = ("kl", "loss_increase")
