@@ -27,7 +27,7 @@ import numpy as np
 from .. import _core
 from ..errors import ClusterError, EdgeMoEError
 from ..format.manifest import blob_tables
-from ..format.routing_file import ROUTING_FILE, load_routing
+from ..format.routing_file import load_usage
 from ..runtime.engine import Model, warm_start_order
 from ..units import format_bytes, parse_bytes
 from .connect import RESOURCE, Node, connect, device_nodes
@@ -73,14 +73,12 @@ def model_fingerprint(manifest: dict[str, Any]) -> str:
 
 
 def routing_usage(model: Model, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Calibration usage [layers, experts] from routing.json, or None (no profile, or another shape)."""
-    if not (model.path / ROUTING_FILE).exists():
-        return None
+    """Calibration usage [layers, experts] from routing.json, or None (no profile, or one it
+    cannot use: the placement then goes round the layers, as the warm start does)."""
     try:
-        usage = np.asarray(load_routing(model.path)["usage"], np.float64)
-    except (EdgeMoEError, KeyError, TypeError, ValueError):
+        return load_usage(model.path, shape)
+    except EdgeMoEError:
         return None
-    return usage if usage.shape == shape else None
 
 
 def _cause(e: BaseException) -> BaseException:

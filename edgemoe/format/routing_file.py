@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ModelDirectoryError
 
 ROUTING_FILE = "routing.json"
@@ -42,3 +44,19 @@ def load_routing(model_dir: str | Path) -> dict[str, Any]:
             f"{ROUTING_VERSION}: upgrade edgemoe or profile the model again"
         )
     return doc
+
+
+def load_usage(model_dir: str | Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """How often calibration text routed to each expert ([layers, experts] float64, the
+    experts file's shape), from routing.json; None without one. A file it cannot use raises
+    ModelDirectoryError saying why."""
+    path = Path(model_dir) / ROUTING_FILE
+    if not path.exists():
+        return None
+    try:
+        usage = np.asarray(load_routing(model_dir)["usage"], np.float64)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelDirectoryError(f"{path} has no usable usage table ({e!r}): profile the model again") from None
+    if usage.shape != shape:
+        raise ModelDirectoryError(f"{path}'s usage is {usage.shape}, the experts file {shape}: profile the model again")
+    return usage

@@ -17,7 +17,7 @@ from .. import _core, models
 from ..devices import load_profile
 from ..errors import BudgetError, EdgeMoEError
 from ..format.manifest import blob_tables, fallback_tables, load_manifest, page_bytes
-from ..format.routing_file import ROUTING_FILE, load_routing
+from ..format.routing_file import ROUTING_FILE, load_usage
 from ..format.safetensors import SafetensorsFile, TensorRows
 from ..models.blocks import KVCache
 from ..units import format_bytes, parse_bytes
@@ -174,13 +174,9 @@ class Model:
     def _routing_usage(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """Per MoE layer and expert, how often calibration text routed to it (routing.json,
         written by `edgemoe profile`), or None without a profile of this shape."""
-        if not (self.path / ROUTING_FILE).exists():
-            return None
         try:
-            usage = np.asarray(load_routing(self.path)["usage"], np.float64)
-            if usage.shape != shape:
-                raise ValueError(f"its usage is {usage.shape}, the experts file {shape}")
-        except (EdgeMoEError, KeyError, TypeError, ValueError) as e:
+            return load_usage(self.path, shape)
+        except EdgeMoEError as e:
             # costs the warm start its order, nothing else: say so, and go on
             warnings.warn(
                 f"the warm start ignores {self.path / ROUTING_FILE} ({e}) and goes round the layers: "
@@ -188,7 +184,6 @@ class Model:
                 stacklevel=3,
             )
             return None
-        return usage
 
     def _preload_mode(self, lengths: np.ndarray) -> str:
         """What load queues for the I/O threads (StreamOptions.preload): "all", "warm" or ""."""
