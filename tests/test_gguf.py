@@ -183,6 +183,60 @@ def test_tokenizer_from_metadata_matches_the_checkpoints(gguf_file, tmp_path):
     assert cfg["bos_token"] == "<s>" and cfg["eos_token"] == "</s>"
 
 
+@pytest.fixture(scope="session")
+def spm_gguf(tmp_path_factory):
+    """A tiny Mixtral whose tokenizer is a SentencePiece BPE model (tokenizer.model, byte fallback,
+    as Mixtral's own): llama.cpp's converter writes it as a `llama` vocabulary with scores."""
+    import io
+    import shutil
+
+    import sentencepiece
+    import tiny
+
+    hf = tmp_path_factory.mktemp("hf_spm") / "mixtral"
+    tiny.make_checkpoint("mixtral", hf)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (hf / f).unlink(missing_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(tiny._TEXT.splitlines()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=400,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (hf / "tokenizer.model").write_bytes(model.getvalue())
+    out = peers.hf_to_gguf(hf, hf.parent / "mixtral-spm.gguf", cache_root() / "peers", "q8_0")
+    shutil.rmtree(hf)
+    return out, model.getvalue()
+
+
+def test_sentencepiece_vocabulary_matches_sentencepiece(spm_gguf, tmp_path):
+    import sentencepiece
+    from tokenizers import Tokenizer
+
+    path, proto = spm_gguf
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.model"].contents() == "llama"
+    convert(path, tmp_path / "m", progress=False)
+    ours = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    for text in TEXTS + [" leading space", ""]:
+        ids = ours.encode(text, add_special_tokens=False).ids
+        assert ids == sp.encode(text), text
+        assert ours.decode(ids) == text
+    bos = int(gguf.GGUFReader(path).fields["tokenizer.ggml.bos_token_id"].contents())
+    assert ours.encode("a b").ids == [bos] + sp.encode("a b")  # llama.cpp adds BOS for a `llama` vocabulary
+
+
 def test_cli_reports_what_it_did(gguf_file, tmp_path, capsys):
     from edgemoe.cli import main
 
@@ -294,6 +348,23 @@ def test_logits_match_llama_cpp_on_the_same_file(arch, outtype, gguf_file, tmp_p
     diff = np.abs(ours - theirs).max() / np.abs(theirs).max()
     assert diff < LLAMA_BOUND[outtype], f"{arch} {outtype}: logits differ from llama.cpp's by {diff:.2e} (relative)"
     # the tokenizer too: llama.cpp's and the rebuilt tokenizer.json split text the same way
+    assert_same_tokens(llm, tmp_path / "m")
+
+
+def assert_same_tokens(llm, model_dir):
+    from tokenizers import Tokenizer
+
+    ours = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     for text in TEXTS:
-        want = llm.tokenize(text.encode(), add_bos=False, special=False)
-        assert model.tokenizer._tok.encode(text, add_special_tokens=False).ids == want, text
+        for add_bos in (False, True):
+            want = llm.tokenize(text.encode(), add_bos=add_bos, special=False)
+            assert ours.encode(text, add_special_tokens=add_bos).ids == want, (text, add_bos)
+
+
+@pytest.mark.peers
+def test_sentencepiece_vocabulary_matches_llama_cpp(spm_gguf, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    path, _ = spm_gguf
+    convert(path, tmp_path / "m", progress=False)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert_same_tokens(llm, tmp_path / "m")
