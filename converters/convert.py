@@ -271,9 +271,12 @@ def move_into_place(tmp: Path, dst: Path) -> None:
             old.unlink()
 
 
-def _encode(w: np.ndarray | GGUFWeight, dtype: str, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
+def _encode(
+    w: np.ndarray | GGUFWeight, dtype: str, bits: int, group_size: int, symmetric: bool, record: bool = True
+) -> np.ndarray:
+    """One matrix serialized at `bits`; a GGUF weight records what that did to its values unless `record` is off."""
     if isinstance(w, GGUFWeight):  # as stored in a GGUF file: carried over when exact, else quantized again
-        return w.encode(bits, group_size, symmetric)
+        return w.encode(bits, group_size, symmetric, record)
     if bits == 16:
         return quant.float_matrix(w, FLOAT_KIND[dtype])
     return quant.quantize_matrix(to_float32(w, dtype), bits, group_size, symmetric)
@@ -369,7 +372,7 @@ def _write_experts(
                 # from the checkpoint's weights, not the quantized copy (low is set with fallback)
                 if low is not None and fallback is not None and fallback.bits < bits:
                     mats = [
-                        _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
+                        _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric, record=False)
                         for m in (gate, up, down)
                     ]
                     nbytes += low.add(layer, e, fallback.bits, mats)
@@ -388,14 +391,14 @@ def _write_experts(
 
 def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) -> dict:
     """Add (or replace) low-bit fallback copies in a converted model directory, reading the
-    experts again from the checkpoint `src` it was converted from. Same group size and
+    experts again from the checkpoint folder or GGUF file `src` it was converted from. Same group size and
     symmetry as the model's experts. Returns the new manifest."""
     check_fallback_bits(fallback_bits)
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     q = manifest["quantization"]
     group_size = q["group_size"] or 64
-    plan = plan_conversion(Checkpoint(Path(src)))
+    plan = plan_gguf(src) if is_gguf(src) else plan_conversion(Checkpoint(Path(src)))
     ex = manifest["experts"]
     if list(plan.moe_layers) != list(ex["moe_layers"]) or plan.num_experts != ex["num_experts"]:
         raise EdgeMoEError(

@@ -117,7 +117,9 @@ class GGUFFile:
             try:
                 self.metadata[key] = field.contents()
             except (ValueError, IndexError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{self.path}: metadata {key} cannot be read ({e}): the file is damaged") from None
+                raise CheckpointError(
+                    f"{self.path}: metadata {key} cannot be read ({e}): the file is damaged"
+                ) from None
 
     @property
     def bytes(self) -> int:
@@ -247,25 +249,27 @@ class GGUFWeight:
         # Q4_0's byte j holds value j (low nibble) and value j + 16 (high nibble): pack_codes' layout
         return quant.symmetric_matrix(codes.reshape(rows, -1), scales, rows, cols, bits)
 
-    def encode(self, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
-        """The weight as a serialized QMatrix at `bits` (16: a float matrix), exact when it can be."""
+    def encode(self, bits: int, group_size: int, symmetric: bool, record: bool = True) -> np.ndarray:
+        """The weight as a serialized QMatrix at `bits` (16: a float matrix), exact when it can be;
+        `record` adds what was done to the report (off for the low-bit fallback copies)."""
+        report = self.report if record else Report()
         if bits == 16:
             stored = self.stored_float()
             if stored is not None:
-                self.report.add(self.cls, self.gguf_type, stored[1], None, None)
+                report.add(self.cls, self.gguf_type, stored[1], None, None)
                 return quant.float_matrix(stored[0], {"F32": "f32", "F16": "f16", "BF16": "bf16"}[stored[1]])
             w = self.float32()
             buf = quant.float_matrix(w, "f16")
-            self.report.add(self.cls, self.gguf_type, "F16", w, w.astype(np.float16).astype(np.float32))
+            report.add(self.cls, self.gguf_type, "F16", w, w.astype(np.float16).astype(np.float32))
             return buf
         exact = self.exact_matrix(bits, group_size)
         if exact is not None:
-            self.report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} (carried over)", None, None)
+            report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} (carried over)", None, None)
             return exact
         w = self.float32()
         buf = quant.quantize_matrix(w, bits, group_size, symmetric)
         kind = "symmetric" if symmetric else "asymmetric"
-        self.report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} {kind}", w, quant.dequantize_matrix(buf))
+        report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} {kind}", w, quant.dequantize_matrix(buf))
         return buf
 
     def backbone_float(self) -> tuple[np.ndarray, str]:
@@ -340,7 +344,9 @@ class GGUFPlan(Plan):
 
     def default_backbone_bits(self, expert_bits: int) -> int:
         """The backbone's bitwidth when none is asked: the attention matrices' type's (16, 8 or 4)."""
-        names = [n for n in self.file.tensors if n.endswith(("attn_q.weight", "attn_output.weight"))] if self.file else []
+        names = (
+            [n for n in self.file.tensors if n.endswith(("attn_q.weight", "attn_output.weight"))] if self.file else []
+        )
         counts = self.type_counts(names)
         if not counts:
             return 16 if expert_bits == 16 else 8
@@ -466,7 +472,9 @@ def _check_complete(p: GGUFPlan, cfg: dict, arch: str) -> None:
     reverse = {v: k for k, v in p.gguf.tensors.items()}
     for canonical, gguf_name in (("tok_embeddings", "token_embd.weight"), ("output_norm", "output_norm.weight")):
         if canonical not in p.weights:
-            raise CheckpointError(f"{p.file.path.name} has no tensor {gguf_name}: the file is not a complete {arch} model")
+            raise CheckpointError(
+                f"{p.file.path.name} has no tensor {gguf_name}: the file is not a complete {arch} model"
+            )
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
         for c in p.arch.layout.layer_tensor_names(cfg, layer in moe):

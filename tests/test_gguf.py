@@ -63,7 +63,9 @@ def test_q4_0_and_q8_0_carry_over_exactly(qtype, bits):
     assert np.array_equal(codes, blocks[..., 2:] ^ np.uint8(0x80) if bits == 8 else blocks[..., 2:])
     # the native kernels read it: the matmul agrees with the exact values
     x = rng.standard_normal((3, 160)).astype(np.float32)
-    np.testing.assert_allclose(_core.qmatrix_matmul(x, buf), x @ values.T, rtol=2e-2, atol=2e-2 * np.abs(x @ values.T).max())
+    np.testing.assert_allclose(
+        _core.qmatrix_matmul(x, buf), x @ values.T, rtol=2e-2, atol=2e-2 * np.abs(x @ values.T).max()
+    )
     # no carry-over at another bitwidth or group size: those are quantized again
     assert weight.exact_matrix(8 if bits == 4 else 4, 32) is None and weight.exact_matrix(bits, 64) is None
 
@@ -241,7 +243,19 @@ def test_cli_reports_what_it_did(gguf_file, tmp_path, capsys):
     from edgemoe.cli import main
 
     _, path = gguf_file("mixtral", "q8_0")
-    assert main(["convert", str(path), "-o", str(tmp_path / "m4"), "--bits", "4", "--backbone-bits", "8"]) == 0
+    argv = [
+        "convert",
+        str(path),
+        "-o",
+        str(tmp_path / "m4"),
+        "--bits",
+        "4",
+        "--backbone-bits",
+        "8",
+        "--fallback-bits",
+        "2",
+    ]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     assert "experts.gate" in err and "Q8_0 x8" in err and "4-bit g32 asymmetric" in err and "relative RMS error" in err
     m = json.loads((tmp_path / "m4" / "manifest.json").read_text())
@@ -249,6 +263,7 @@ def test_cli_reports_what_it_did(gguf_file, tmp_path, capsys):
     assert s["experts.down"]["exact"] == 0 and 0 < s["experts.down"]["relative_rms_error"] < 0.2
     assert s["attn_q"]["exact"] == s["attn_q"]["tensors"]  # Q8_0 at 8 bits: carried over
     assert s["tok_embeddings"]["stored_as"] == {"F16": 1}
+    assert m["fallback"]["bits"] == 2 and len(m["fallback"]["blobs"]) == len(m["experts"]["blobs"])
 
 
 # ---------------------------------------------------------------- bad files
@@ -298,7 +313,9 @@ def test_bad_files_get_named_errors(gguf_file, tmp_path):
 
     i32 = np.zeros((32, 64), np.int32)
     odd = _rewrite(path, tmp_path / "i32.gguf", retype=("blk.0.attn_q.weight", i32, QT.I32))
-    with pytest.raises(CheckpointError, match="blk.0.attn_q.weight .* stored as I32.*requantize the file with llama-quantize"):
+    with pytest.raises(
+        CheckpointError, match="blk.0.attn_q.weight .* stored as I32.*requantize the file with llama-quantize"
+    ):
         convert(odd, tmp_path / "c", progress=False)
 
     missing = _rewrite(path, tmp_path / "missing.gguf", drop=("blk.1.ffn_down_exps.weight",))

@@ -173,8 +173,14 @@ def symmetric_matrix(packed: np.ndarray, scales: np.ndarray, rows: int, cols: in
     The GGUF importer carries llama.cpp's Q4_0 and Q8_0 blocks over with it, value for value."""
     if bits not in QBITS:
         raise ValueError(f"bits must be one of {QBITS}, got {bits}")
-    if cols % CHUNK or packed.shape != (rows, cols // CHUNK * CHUNK_BYTES[bits]) or scales.shape != (rows, cols // CHUNK):
-        raise ValueError(f"codes {packed.shape} and scales {scales.shape} do not make a [{rows}, {cols}] {bits}-bit matrix")
+    if (
+        cols % CHUNK
+        or packed.shape != (rows, cols // CHUNK * CHUNK_BYTES[bits])
+        or scales.shape != (rows, cols // CHUNK)
+    ):
+        raise ValueError(
+            f"codes {packed.shape} and scales {scales.shape} do not make a [{rows}, {cols}] {bits}-bit matrix"
+        )
     return _serialize(packed, scales.astype(np.float16), None, rows, cols, KIND_QS, bits, CHUNK)
 
 

@@ -191,7 +191,9 @@ class GGUFLayout:
         cfg["vocab_size"] = int(self.meta(metadata, "vocab_size") or (len(tokens) if tokens else 0))
         theta = float(self.meta(metadata, "rope.freq_base") or 10000.0)
         scaling = self.meta(metadata, "rope.scaling.type")
-        if scaling not in (None, "none", "linear") or (scaling == "linear" and self.meta(metadata, "rope.scaling.factor") not in (None, 1.0)):
+        if scaling not in (None, "none", "linear") or (
+            scaling == "linear" and self.meta(metadata, "rope.scaling.factor") not in (None, 1.0)
+        ):
             raise CheckpointError(
                 f"the GGUF file's RoPE is scaled ({scaling}); edgemoe runs the default RoPE only: "
                 f"use a GGUF of the model without RoPE scaling"
