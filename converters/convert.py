@@ -137,7 +137,9 @@ def convert(
     plan: Plan = plan_gguf(src) if gguf else plan_conversion(Checkpoint(src))
     if bits is None:
         bits = plan.default_bits() if isinstance(plan, GGUFPlan) else 16
-    if backbone_bits is None and isinstance(plan, GGUFPlan):
+    per_type = backbone_bits is None and isinstance(plan, GGUFPlan)  # each GGUF matrix follows its own type
+    if per_type:
+        assert isinstance(plan, GGUFPlan)
         backbone_bits = plan.default_backbone_bits(int(bits) if bits != "auto" else 8)
     if symmetric is None:  # a GGUF's Q4_0 / Q8_0 experts carry over as symmetric groups: the rest follows them
         symmetric = isinstance(plan, GGUFPlan) and plan.carries_over(bits, group_size)
@@ -186,7 +188,9 @@ def convert(
         blobs, experts_bytes = _write_experts(
             tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress, fallback
         )
-        backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
+        backbone_bytes, quantized = _write_backbone(
+            tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric, per_type
+        )
         if isinstance(plan, GGUFPlan):
             assert plan.file is not None
             tok_files, special = write_tokenizer(plan.file.metadata, tmp)
@@ -429,15 +433,19 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
     return manifest
 
 
-def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool) -> tuple[int, list[str]]:
-    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md)."""
+def _write_backbone(
+    path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool, per_type: bool = False
+) -> tuple[int, list[str]]:
+    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md).
+    per_type: a GGUF's matrices each at the bitwidth of their stored type (GGUFPlan.backbone_bits_for)."""
     w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
     quantized = []
     if isinstance(plan, GGUFPlan):
         for name in sorted(plan.weights, key=_canonical_order):
             g = plan.weights[name]
-            if bits != 16 and quantizable(name, g.shape, group_size):
-                w.add(name, g.encode(bits, group_size, symmetric), "U8")
+            b = plan.backbone_bits_for(g) if per_type else bits
+            if b != 16 and quantizable(name, g.shape, group_size):
+                w.add(name, g.encode(b, group_size, symmetric), "U8")
                 quantized.append(name)
             else:
                 w.add(name, *g.backbone_float())

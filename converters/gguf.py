@@ -342,8 +342,16 @@ class GGUFPlan(Plan):
         top = max(counts, key=lambda t: counts[t]) if counts else "F16"
         return NOMINAL_BITS.get(top, 8)
 
+    def backbone_bits_for(self, weight: GGUFWeight) -> int:
+        """A backbone matrix's bitwidth when none is asked, from its own type: Q4_0 and Q8_0 carry over
+        at 4 and 8, float types stay 16, the others go to the nearest of 4 and 8 at or above their own
+        (llama.cpp's quantizer keeps the output head and some attention matrices above the rest)."""
+        bits = NOMINAL_BITS.get(weight.gguf_type, 8)
+        return 16 if bits == 16 else 4 if bits <= 4 else 8
+
     def default_backbone_bits(self, expert_bits: int) -> int:
-        """The backbone's bitwidth when none is asked: the attention matrices' type's (16, 8 or 4)."""
+        """The backbone's bitwidth the manifest names when none is asked: the attention matrices' type's
+        (16, 8 or 4); each matrix follows its own type (backbone_bits_for)."""
         names = (
             [n for n in self.file.tensors if n.endswith(("attn_q.weight", "attn_output.weight"))] if self.file else []
         )
@@ -370,9 +378,11 @@ class GGUFPlan(Plan):
 _BLK = "blk."
 
 
-def _weight(file: GGUFFile, name: str, cls: str, report: Report, rows=None) -> GGUFWeight:
+def _weight(file: GGUFFile, name: str, cls: str, report: Report, rows=None, row_vector: bool = False) -> GGUFWeight:
     t = file.tensors[name]
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    if row_vector and len(shape) == 1:
+        shape = (1, shape[0])
     raw = t.data.view(np.uint8) if t.data.dtype != np.uint8 else t.data
     raw = raw.reshape(shape[:-1] + (-1,)) if len(shape) > 1 else raw.reshape(-1)
     if t.tensor_type.name not in NOMINAL_BITS:
@@ -446,7 +456,8 @@ def plan_gguf(path) -> GGUFPlan:
                     if layout.rope_interleaved and role in ("attn_q", "attn_k"):
                         n = int(f.tensors[tname].shape[1])  # GGUF shapes list columns first
                         rows = interleaved_to_halves(n, heads if role == "attn_q" else kv_heads)
-                    p.weights[f"layers.{layer}.{role}"] = _weight(f, tname, role, p.report, rows)
+                    vec = role in layout.row_vectors
+                    p.weights[f"layers.{layer}.{role}"] = _weight(f, tname, role, p.report, rows, vec)
                     continue
         raise CheckpointError(
             f"tensor {tname} of {f.path.name} has no place in a {name} model as edgemoe knows it "

@@ -338,9 +338,19 @@ def llama_logits(path, ids):
     return np.array(llm.scores[: len(ids)], dtype=np.float32), llm
 
 
-# llama.cpp's numbers differ from ours by its f16 KV cache and, for quantized weights, by
-# rounding the activations to 8 bits before each quantized matmul (as edgemoe's kernels do too)
-LLAMA_BOUND = {"f32": 2e-2, "f16": 2e-2, "q8_0": 5e-2, "q4_0": 5e-2}
+# llama.cpp's logits differ from ours by its f16 KV cache and, with quantized weights, by how each
+# engine rounds the activations before a quantized matmul (llama.cpp: 8-bit blocks of 32). Per
+# position, the largest difference relative to the largest logit: with float weights every position
+# stays under FLOAT_BOUND; with the same quantized weights the median stays under QUANT_MEDIAN and at
+# most one position in ten above QUANT_BOUND, where that rounding flipped a near-tied expert.
+FLOAT_BOUND, QUANT_MEDIAN, QUANT_BOUND = 5e-3, 2e-2, 5e-2
+# llama.cpp's olmoe normalizes k over all heads' width, so it needs as many kv heads as heads (as OLMoE has)
+LLAMA_OVERRIDES = {**OVERRIDES, "olmoe": {"num_key_value_heads": 4}}
+
+
+def relative_differences(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """Per position, max |ours - theirs| over the vocabulary divided by the largest |logit|."""
+    return np.abs(ours - theirs).max(axis=1) / np.abs(theirs).max()
 
 
 @pytest.mark.peers
@@ -348,7 +358,7 @@ LLAMA_BOUND = {"f32": 2e-2, "f16": 2e-2, "q8_0": 5e-2, "q4_0": 5e-2}
 @pytest.mark.parametrize("arch", ARCHS)
 def test_logits_match_llama_cpp_on_the_same_file(arch, outtype, gguf_file, tmp_path):
     pytest.importorskip("llama_cpp")
-    overrides = OVERRIDES.get(arch, {})
+    overrides = LLAMA_OVERRIDES.get(arch, {})
     if outtype == "q4_0":
         _, f16 = gguf_file(arch, "f32", **overrides)
         path = peers.quantize_gguf(f16, tmp_path / f"{arch}-Q4_0.gguf", "Q4_0")
@@ -361,9 +371,12 @@ def test_logits_match_llama_cpp_on_the_same_file(arch, outtype, gguf_file, tmp_p
     model = edgemoe.load(tmp_path / "m")
     ids = ids_for(model.config.vocab_size)
     theirs, llm = llama_logits(path, ids)
-    ours = model.logits(ids)
-    diff = np.abs(ours - theirs).max() / np.abs(theirs).max()
-    assert diff < LLAMA_BOUND[outtype], f"{arch} {outtype}: logits differ from llama.cpp's by {diff:.2e} (relative)"
+    rel = relative_differences(model.logits(ids), theirs)
+    where = f"{arch} {outtype}: logits differ from llama.cpp's by {np.round(rel, 4).tolist()} (relative)"
+    if outtype in ("f32", "f16"):
+        assert rel.max() < FLOAT_BOUND, where
+    else:
+        assert np.median(rel) < QUANT_MEDIAN and np.mean(rel > QUANT_BOUND) <= 0.1, where
     # the tokenizer too: llama.cpp's and the rebuilt tokenizer.json split text the same way
     assert_same_tokens(llm, tmp_path / "m")
 

@@ -175,6 +175,8 @@ class GGUFLayout:
     # edgemoe's RoPE rotates halves, as transformers does, so the import puts them back
     rope_interleaved: bool = False
     experts_key: str = "num_experts"  # the HF config key of the expert count
+    # canonical [1, n] matrices llama.cpp may store as vectors of n (its quantizer writes them so)
+    row_vectors: tuple[str, ...] = ()
 
     def meta(self, metadata: dict[str, Any], key: str) -> Any:
         return metadata.get(f"{self.arch}.{key}")

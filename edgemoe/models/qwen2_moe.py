@@ -58,6 +58,7 @@ GGUF = GGUFLayout(
         "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
     },
     fixed={"norm_topk_prob": False},  # llama.cpp's qwen2moe graph does not renormalize the top-k weights
+    row_vectors=("ffn_shared_expert_gate",),
 )
 
 
