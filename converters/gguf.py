@@ -183,6 +183,19 @@ def format_gguf_report(manifest: dict) -> str:
         stored = ", ".join(f"{t} x{n}" for t, n in s["stored_as"].items())
         err = "exact" if s["exact"] == s["tensors"] else f"relative RMS error {s['relative_rms_error']:.2e}"
         lines.append(f"  {name:<24} {types:<16} -> {stored:<30} {err}")
+    again = sorted(
+        {
+            t
+            for n, s in manifest["source"].get("tensors", {}).items()
+            if n.startswith("experts.") and s["exact"] < s["tensors"]
+            for t in s["gguf_types"]
+        }
+    )
+    if again and manifest["quantization"]["bits"] not in (8, 16):
+        lines.append(
+            f"  the experts ({', '.join(again)}) were quantized again at {manifest['quantization']['bits']} bits: "
+            f"--bits 8 keeps them closer to the file at twice the bytes"
+        )
     return "\n".join(lines)
 
 
