@@ -6,6 +6,7 @@ reads checkpoints through it; nothing here reads a file."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
@@ -177,6 +178,9 @@ class GGUFLayout:
     experts_key: str = "num_experts"  # the HF config key of the expert count
     # canonical [1, n] matrices llama.cpp may store as vectors of n (its quantizer writes them so)
     row_vectors: tuple[str, ...] = ()
+    # config values that are not a plain copy of one metadata key (an enum to a name, a count to a
+    # list): derive(metadata, config) edits the config in place after the copies
+    derive: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 
     def meta(self, metadata: dict[str, Any], key: str) -> Any:
         return metadata.get(f"{self.arch}.{key}")
@@ -219,5 +223,7 @@ class GGUFLayout:
             tid = metadata.get(f"tokenizer.ggml.{name}_token_id")
             if tid is not None:
                 cfg[key] = int(tid)
+        if self.derive is not None:
+            self.derive(metadata, cfg)
         cfg.update(self.fixed)
         return cfg
