@@ -99,6 +99,13 @@ def test_llama_q_k_rows_put_back():
 
 # ---------------------------------------------------------------- files made by llama.cpp's converter
 
+try:
+    import llama_cpp  # noqa: F401
+
+    has_llama_cpp = True
+except ImportError:
+    has_llama_cpp = False
+
 
 @pytest.fixture(scope="session")
 def gguf_file(tiny_checkpoint, tmp_path_factory):
@@ -108,13 +115,17 @@ def gguf_file(tiny_checkpoint, tmp_path_factory):
     shared = cache_root() / "peers"
     shared.mkdir(parents=True, exist_ok=True)
 
+    # every type a test asks for, converted together on the first request for a checkpoint
+    outtypes = ("f32", "q8_0", "f16") if has_llama_cpp else ("f32", "q8_0")
+
     def make(arch: str, outtype: str = "f32", **overrides):
-        key = (arch, outtype, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        key = (arch, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         if key not in made:
             hf = tiny_checkpoint(arch, **overrides)
-            out = tmp_path_factory.mktemp(f"gguf_{arch}") / f"{arch}-{outtype}.gguf"
-            made[key] = (hf, peers.hf_to_gguf(hf, out, shared, outtype))
-        return made[key]
+            d = tmp_path_factory.mktemp(f"gguf_{arch}")
+            made[key] = (hf, peers.hf_to_ggufs(hf, {t: d / f"{arch}-{t}.gguf" for t in outtypes}, shared))
+        hf, files = made[key]
+        return hf, files[outtype]
 
     return make
 

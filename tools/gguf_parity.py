@@ -64,13 +64,9 @@ def main() -> int:
         hf = work / f"hf-{arch}"
         if not (hf / "config.json").exists():
             tiny.make_checkpoint(arch, hf, **OVERRIDES.get(arch, {}))
-        f32 = peers.hf_to_gguf(hf, work / f"{arch}-F32.gguf", shared, "f32")
-        files = {
-            "F32": f32,
-            "F16": peers.hf_to_gguf(hf, work / f"{arch}-F16.gguf", shared, "f16"),
-            "Q8_0": peers.hf_to_gguf(hf, work / f"{arch}-Q8_0.gguf", shared, "q8_0"),
-            "Q4_0": peers.quantize_gguf(f32, work / f"{arch}-Q4_0.gguf", "Q4_0"),
-        }
+        made = peers.hf_to_ggufs(hf, {t: work / f"{arch}-{t.upper()}.gguf" for t in ("f32", "f16", "q8_0")}, shared)
+        files = {t.upper(): p for t, p in made.items()}
+        files["Q4_0"] = peers.quantize_gguf(made["f32"], work / f"{arch}-Q4_0.gguf", "Q4_0")
         for kind, path in files.items():
             m, row = compare(path, work / f"em-{arch}-{kind}")
             q = m["quantization"]

@@ -337,9 +337,10 @@ def pre_tokenizer_alias(tokenizer_json: Path) -> str | None:
     return next((name for spec, name in PRE_TOKENIZER_ALIASES if matches(spec, pre)), None)
 
 
-def _convert_hf_main(llama_dir: str, hf: str, out: str, outtype: str = "auto") -> None:
-    """Run convert_hf_to_gguf.py in this process; a BPE pre-tokenizer it cannot identify by hash
-    but whose structure llama.cpp implements (PRE_TOKENIZER_ALIASES) gets that name."""
+def _convert_hf_main(llama_dir: str, hf: str, *outs: str) -> None:
+    """Run convert_hf_to_gguf.py in this process, once per (out, outtype) pair of `outs`; a BPE
+    pre-tokenizer it cannot identify by hash but whose structure llama.cpp implements
+    (PRE_TOKENIZER_ALIASES) gets that name."""
     sys.path[:0] = [llama_dir, str(Path(llama_dir) / "gguf-py")]
     from conversion.base import TextModel, logger  # llama.cpp's, from the source package
 
@@ -356,28 +357,39 @@ def _convert_hf_main(llama_dir: str, hf: str, out: str, outtype: str = "auto") -
             return name
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
-    sys.argv = ["convert_hf_to_gguf.py", hf, "--outfile", out, "--outtype", outtype]
-    runpy.run_path(str(Path(llama_dir) / "convert_hf_to_gguf.py"), run_name="__main__")
+    for out, outtype in zip(outs[0::2], outs[1::2]):
+        sys.argv = ["convert_hf_to_gguf.py", hf, "--outfile", out, "--outtype", outtype]
+        runpy.run_path(str(Path(llama_dir) / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
 def hf_to_gguf(hf: Path, out: Path, cache: Path, outtype: str = "auto") -> Path:
     """The checkpoint as a GGUF converted by llama.cpp's own script: `outtype` auto (the checkpoint's
     16-bit type), f32, f16, bf16 or q8_0."""
-    if out.exists():
-        return out
-    llama_dir = converter_dir(cache)
-    tmp = out.with_name(out.name + ".part")
-    print(f"converting {hf} to GGUF with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr)
-    r = subprocess.run(
-        [sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), str(tmp), outtype],
-        capture_output=True,
-        text=True,
-        cwd="/",
-    )
-    if r.returncode != 0 or not tmp.exists():
-        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
-    tmp.rename(out)
-    return out
+    return hf_to_ggufs(hf, {outtype: out}, cache)[outtype]
+
+
+def hf_to_ggufs(hf: Path, outs: dict[str, Path], cache: Path) -> dict[str, Path]:
+    """The checkpoint as one GGUF per {outtype: path}, all converted in one process (the converter
+    imports torch and transformers once)."""
+    todo = {t: p for t, p in outs.items() if not p.exists()}
+    if todo:
+        llama_dir = converter_dir(cache)
+        tmps = {t: p.with_name(p.name + ".part") for t, p in todo.items()}
+        print(
+            f"converting {hf} to GGUF ({', '.join(todo)}) with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr
+        )
+        args = [a for t, tmp in tmps.items() for a in (str(tmp), t)]
+        r = subprocess.run(
+            [sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), *args],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+        if r.returncode != 0 or not all(tmp.exists() for tmp in tmps.values()):
+            raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
+        for t, tmp in tmps.items():
+            tmp.rename(todo[t])
+    return outs
 
 
 QUANTIZE_FTYPES = ("Q4_0", "Q8_0", "Q4_K_M", "Q6_K", "Q2_K", "IQ4_NL")
@@ -729,4 +741,4 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":  # llama.cpp's converter in a process of its own (hf_to_gguf)
     if sys.argv[1:2] != ["--convert-hf"]:
         sys.exit("usage: edgemoe bench --peers llama.cpp (see edgemoe bench -h)")
-    _convert_hf_main(*sys.argv[2:6])
+    _convert_hf_main(*sys.argv[2:])
