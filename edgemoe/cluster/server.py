@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,24 @@ class ExpertServer:
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
         }
+
+    def ping(self, payload: np.ndarray | None = None) -> int:
+        """The round trip the coordinator times (with a payload: the link's bandwidth)."""
+        return 0 if payload is None else int(payload.nbytes)
+
+    def probe(self, blob: np.ndarray, hidden: int, seconds: float = 0.05) -> float:
+        """Expert weight bytes per second this device computes one token's row through (for
+        the placement plan): `blob` (one expert of hidden size `hidden`) on one row, for about
+        `seconds` and at least three runs."""
+        blob = np.array(blob, np.uint8)
+        x = np.full((1, hidden), 0.01, np.float32)
+        runs, t0 = 0, time.perf_counter()
+        while True:
+            _core.expert_forward(x, blob)
+            runs += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds and runs >= 3:
+                return runs * blob.size / elapsed
 
     def _path(self, layer: int, expert: int) -> Path:
         return self.dir / f"layer{layer}-expert{expert}.blob"
