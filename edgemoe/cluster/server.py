@@ -23,6 +23,23 @@ from ..runtime.paths import cache_root
 Pair = tuple[int, int]  # (layer, expert)
 
 
+def available_bytes() -> int:
+    """RAM this process can still take: the machine's available memory, or less when its
+    cgroup v1 memory limit leaves less (a device of `edgemoe cluster local`)."""
+    free = int(psutil.virtual_memory().available)
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                group = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                limit = int((group / "memory.limit_in_bytes").read_text())
+                usage = int((group / "memory.usage_in_bytes").read_text())
+                free = min(free, max(0, limit - usage))
+    except (OSError, ValueError):  # no cgroup v1 memory controller to be seen here
+        pass
+    return free
+
+
 def copies_dir(fingerprint: str) -> Path:
     """Where a device keeps its copies of one model's experts."""
     return cache_root() / "cluster" / fingerprint
@@ -47,7 +64,7 @@ class ExpertServer:
             "pid": os.getpid(),
             "simd": _core.simd(),
             "threads": _core.get_num_threads(),
-            "available_bytes": psutil.virtual_memory().available,
+            "available_bytes": available_bytes(),
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
         }
