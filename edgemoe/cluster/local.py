@@ -463,8 +463,8 @@ print(json.dumps({"rtts": rtts, "echo_seconds": time.perf_counter() - t}))
 
 def measure_link(lc: LocalCluster, node: int = 0, count: int = 50, bulk_bytes: int = 1 << 20) -> dict[str, float]:
     """The round trip of a 64-byte message between the head's namespace and a node's (TCP,
-    median and p90 over `count`) and the throughput of echoing `bulk_bytes` (it crosses the
-    link twice), as the emulated link gives them."""
+    median and p90 over `count`) and the throughput of echoing `bulk_bytes` (out and back at
+    once over a full-duplex link: at most the link's rate), as the emulated link gives them."""
     port = 7000 + node
     server = subprocess.Popen(
         ["ip", "netns", "exec", lc.node_netns(node), sys.executable, "-c", ECHO_SERVER, node_address(node), str(port)],
@@ -492,5 +492,5 @@ def measure_link(lc: LocalCluster, node: int = 0, count: int = 50, bulk_bytes: i
     return {
         "rtt_median_s": rtts[len(rtts) // 2],
         "rtt_p90_s": rtts[int(0.9 * (len(rtts) - 1))],
-        "echo_bits_per_s": 2 * 8 * bulk_bytes / out["echo_seconds"],
+        "echo_bits_per_s": 8 * bulk_bytes / out["echo_seconds"],
     }
