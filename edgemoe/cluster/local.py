@@ -67,6 +67,7 @@ class LocalCluster:
     namespaces: list[str] = dataclasses.field(default_factory=list)
     cgroups: list[str] = dataclasses.field(default_factory=list)
     pids: list[int] = dataclasses.field(default_factory=list)  # the link emulator
+    flash: str = ""  # where each node keeps its expert copies (default: under root, removed by down)
 
     @property
     def address(self) -> str:
@@ -99,6 +100,9 @@ class LocalCluster:
     @classmethod
     def load(cls, path: Path) -> LocalCluster:
         return cls(**json.loads(path.read_text()))
+
+    def node_flash(self, i: int) -> Path:
+        return (Path(self.flash) if self.flash else self.root) / f"node{i}"
 
     def command(self, cmd: Sequence[str]) -> list[str]:
         """cmd run inside the head's namespace (where the coordinator reaches the cluster)."""
@@ -222,9 +226,17 @@ def _join(cgroup: Path) -> Any:
     return join
 
 
-def up(nodes: int, node_memory: int, link: str, object_store_bytes: int = OBJECT_STORE_BYTES) -> LocalCluster:
+def up(
+    nodes: int,
+    node_memory: int,
+    link: str,
+    object_store_bytes: int = OBJECT_STORE_BYTES,
+    flash_dir: str | os.PathLike[str] | None = None,
+) -> LocalCluster:
     """Make the namespaces, links and cgroups, start the Ray head and `nodes` device nodes,
-    and wait until every node has joined. On any error or interruption, removes what it made."""
+    and wait until every node has joined. On any error or interruption, removes what it made.
+    flash_dir: where node I keeps its expert copies (flash_dir/nodeI), kept after down so
+    that the next cluster's nodes read them instead of receiving them (default: removed)."""
     check_host()
     if nodes < 1:
         raise ClusterError(f"--nodes must be at least 1, got {nodes}")
@@ -234,7 +246,7 @@ def up(nodes: int, node_memory: int, link: str, object_store_bytes: int = OBJECT
             f"--node-memory {format_bytes(node_memory)} leaves no room: a node's Ray processes alone take "
             f"its {format_bytes(object_store_bytes)} object store and more; give it at least 400MB"
         )
-    lc = LocalCluster(uuid.uuid4().hex[:6], nodes, int(node_memory), link)
+    lc = LocalCluster(uuid.uuid4().hex[:6], nodes, int(node_memory), link, flash=str(flash_dir or ""))
     lc.save()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
 
@@ -274,44 +286,70 @@ def _up(lc: LocalCluster, rtt_s: float, bits_per_s: float, object_store_bytes: i
     for i in range(lc.nodes):
         (lc.node_cgroup(i) / "memory.limit_in_bytes").write_text(str(lc.node_memory))
 
-    ray = _ray_command()
-    common = ["--disable-usage-stats", f"--object-store-memory={object_store_bytes}", "--num-cpus=1"]
-    log = open(lc.root / "ray-start.log", "w")
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    head = [*ray, "start", "--head", f"--node-ip-address={HEAD_ADDRESS}", f"--port={PORT}", "--include-dashboard=false"]
-    r = subprocess.run(
-        ["ip", "netns", "exec", lc.head_netns, *head, *common],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        preexec_fn=_join(head_group),
-        cwd="/",
-        env=env,
-        timeout=START_TIMEOUT_S,
-    )
-    if r.returncode != 0:
-        raise ClusterError(f"the Ray head did not start: {_tail(lc.root / 'ray-start.log')}")
-    for i in range(lc.nodes):  # one at a time: nodes on one machine share Ray's session directory
-        cmd = [
-            *ray,
-            "start",
-            f"--address={lc.address}",
-            f"--node-ip-address={node_address(i)}",
-            '--resources={"edgemoe": 1}',
-            *common,
-        ]
-        node_env = dict(env, EDGEMOE_CACHE=str(lc.root / f"node{i}"))  # each node's own flash
+    log = lc.root / "ray-start.log"
+    with open(log, "w") as out:
         r = subprocess.run(
-            ["ip", "netns", "exec", lc.node_netns(i), *cmd],
-            stdout=log,
+            ["ip", "netns", "exec", lc.head_netns, *_ray_start(object_store_bytes, head=True)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_join(head_group),
+            cwd="/",
+            env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"),
+            timeout=START_TIMEOUT_S,
+        )
+    if r.returncode != 0:
+        raise ClusterError(f"the Ray head did not start: {_tail(log)}")
+    for i in range(lc.nodes):  # one at a time: nodes on one machine share Ray's session directory
+        start_node(lc, i, object_store_bytes)
+    wait_for_nodes(lc, lc.nodes)
+
+
+def _ray_start(object_store_bytes: int, head: bool = False, address: str = "", node_ip: str = "") -> list[str]:
+    cmd = [*_ray_command(), "start", "--disable-usage-stats", f"--object-store-memory={object_store_bytes}"]
+    cmd.append("--num-cpus=1")
+    if head:
+        return [*cmd, "--head", f"--node-ip-address={HEAD_ADDRESS}", f"--port={PORT}", "--include-dashboard=false"]
+    return [*cmd, f"--address={address}", f"--node-ip-address={node_ip}", '--resources={"edgemoe": 1}']
+
+
+def start_node(lc: LocalCluster, i: int, object_store_bytes: int = OBJECT_STORE_BYTES) -> None:
+    """Start Ray node i in its namespace and cgroup (again, after kill_node: a device that
+    comes back, with the copies on its flash)."""
+    log = lc.root / "ray-start.log"
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EDGEMOE_CACHE=str(lc.node_flash(i)))
+    with open(log, "a") as out:
+        r = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lc.node_netns(i),
+                *_ray_start(object_store_bytes, False, lc.address, node_address(i)),
+            ],
+            stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=_join(lc.node_cgroup(i)),
             cwd="/",
-            env=node_env,
+            env=env,
             timeout=START_TIMEOUT_S,
         )
-        if r.returncode != 0:
-            raise ClusterError(f"Ray node {i} did not start: {_tail(lc.root / 'ray-start.log')}")
-    wait_for_nodes(lc, lc.nodes)
+    if r.returncode != 0:
+        raise ClusterError(f"Ray node {i} did not start: {_tail(log)}")
+
+
+def kill_node(lc: LocalCluster, i: int, timeout_s: float = 10.0) -> int:
+    """SIGKILL every process of node i (a device losing power); returns how many."""
+    procs = lc.node_cgroup(i) / "cgroup.procs"
+    pids = [int(x) for x in procs.read_text().split()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + timeout_s
+    while procs.read_text().split() and time.monotonic() < end:
+        time.sleep(0.02)
+    return len(pids)
 
 
 WAIT_SCRIPT = """
@@ -414,9 +452,11 @@ def down_all() -> list[str]:
 
 
 @contextmanager
-def local_cluster(nodes: int, node_memory: int, link: str) -> Iterator[LocalCluster]:
+def local_cluster(
+    nodes: int, node_memory: int, link: str, flash_dir: str | os.PathLike[str] | None = None
+) -> Iterator[LocalCluster]:
     """up(), and down() when the block ends however it ends."""
-    lc = up(nodes, node_memory, link)
+    lc = up(nodes, node_memory, link, flash_dir=flash_dir)
     try:
         yield lc
     finally:

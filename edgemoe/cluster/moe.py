@@ -605,7 +605,9 @@ class ClusterMoE:
         ys = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=~remote, weights=weights)
         t1 = time.monotonic()
         ready, _ = ray.wait([r for _, _, r in sent], num_returns=len(sent), timeout=max(0.0, t0 + self.timeout_s - t1))
-        self.wait_seconds += time.monotonic() - t1
+        waited = time.monotonic() - t1
+        self.wait_seconds += waited
+        self.max_wait_seconds = max(self.max_wait_seconds, waited)
         done = set(ready)
         flat_ys = ys.reshape(T * K, H)
         redo = np.zeros(T * K, bool)
@@ -677,6 +679,7 @@ class ClusterMoE:
                 "remote_slots": self.remote_slots,
                 "recomputed_slots": self.recomputed_slots,
                 "wait_seconds": self.wait_seconds,
+                "max_wait_seconds": self.max_wait_seconds,
                 "devices": devices,
                 "assignment": {name: [list(p) for p in pairs] for name, pairs in assignment.items()},
                 "plan": self.route.plan.to_json() if self.route is not None else None,
@@ -687,7 +690,7 @@ class ClusterMoE:
     def reset_stats(self) -> None:
         self.tokens = self.remote_calls = 0
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
-        self.wait_seconds = 0.0
+        self.wait_seconds = self.max_wait_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)
