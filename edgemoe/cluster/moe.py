@@ -172,6 +172,8 @@ class ClusterMoE:
         self._watcher: threading.Thread | None = None
         self._closed = False
         self._server: Any = None
+        self.wait_seconds = 0.0
+        self.max_wait_seconds = 0.0  # the longest one call waited on devices
         self.reset_stats()
 
     # -- devices -----------------------------------------------------------------
