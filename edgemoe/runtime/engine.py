@@ -352,6 +352,7 @@ class Model:
         seed: int | None = None,
         stop: Sequence[str] = (),
         cancel: Callable[[], bool] | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[Step]:
         """Generate token by token: one Step (token id, the text it adds, finish) per token.
 
@@ -360,16 +361,18 @@ class Model:
         of the `stop` strings (cut from the text), after max_new_tokens, or when cancel()
         returns True, checked after each token, before the next forward pass: a caller on
         another thread cancels a generation by setting what cancel reads. The last Step
-        carries the finish reason and any text held back.
+        carries the finish reason and any text held back. ignore_eos: EOS is a token like
+        any other (fixed-length runs for benchmarks).
         """
         ids = prompt if not isinstance(prompt, str) else self.encode(prompt)
         if isinstance(prompt, str) and not ids:
             raise ValueError("the prompt encodes to no tokens")
         text = TextStream(self.decode, stop)
-        tokens = self._generate_ids(list(ids), max_new_tokens, Sampler(temperature, top_k, top_p, seed))
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        tokens = self._generate_ids(list(ids), max_new_tokens, sampler, stop_at_eos=not ignore_eos)
         try:
             for n, token in enumerate(tokens, start=1):
-                if token in self.eos_ids:
+                if token in self.eos_ids and not ignore_eos:
                     yield Step(token, text.flush(), "stop")
                     return
                 piece = text.push(token)
@@ -386,7 +389,9 @@ class Model:
         finally:
             tokens.close()
 
-    def _generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+    def _generate_ids(
+        self, ids: list[int], max_new_tokens: int, sampler: Sampler, stop_at_eos: bool = True
+    ) -> Iterator[int]:
         arr = self._check_ids(ids)
         self.reset()
         t0 = time.perf_counter()
@@ -397,7 +402,7 @@ class Model:
         for i in range(max_new_tokens):
             token = sampler(logits[-1])
             yield token
-            if token in self.eos_ids or i == max_new_tokens - 1:
+            if (stop_at_eos and token in self.eos_ids) or i == max_new_tokens - 1:
                 return
             t0 = time.perf_counter()
             logits = self.net.forward(np.array([token]), self.kv, pos, all_logits=False)
