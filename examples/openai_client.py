@@ -29,7 +29,11 @@ def main() -> None:
 
     print("streamed completion: ", end="", flush=True)
     stream = client.completions.create(
-        model=model, prompt="The Linux kernel", max_tokens=args.max_tokens, seed=1, stream=True,
+        model=model,
+        prompt="The Linux kernel",
+        max_tokens=args.max_tokens,
+        seed=1,
+        stream=True,
         stream_options={"include_usage": True},
     )
     for chunk in stream:
@@ -48,7 +52,11 @@ def main() -> None:
 
     print("streamed chat: ", end="", flush=True)
     stream = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=args.max_tokens, seed=1, stream=True,
+        model=model,
+        messages=messages,
+        max_tokens=args.max_tokens,
+        seed=1,
+        stream=True,
         stream_options={"include_usage": True},
     )
     for chunk in stream:

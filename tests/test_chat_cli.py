@@ -37,9 +37,29 @@ def api_reply(m, messages, n):
 def test_chat_streams_replies_and_obeys_commands(model_dir):
     session = "hello robot\nwhere is the river?\n/stats\n/reset\nhello robot\n/nope\n"
     r = subprocess.run(
-        [sys.executable, "-m", "edgemoe.cli", "chat", str(model_dir), "--temperature", "1", "--top-p", "1", "--seed", "3", "-n", "8",
-         "--memory-budget", "60KB", "--system", "Be brief."],
-        input=session, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "edgemoe.cli",
+            "chat",
+            str(model_dir),
+            "--temperature",
+            "1",
+            "--top-p",
+            "1",
+            "--seed",
+            "3",
+            "-n",
+            "8",
+            "--memory-budget",
+            "60KB",
+            "--system",
+            "Be brief.",
+        ],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert "chat template: model:default" in r.stderr and "/reset" in r.stderr
@@ -48,8 +68,12 @@ def test_chat_streams_replies_and_obeys_commands(model_dir):
     first = api_reply(m, [system, {"role": "user", "content": "hello robot"}], 8)
     second = api_reply(
         m,
-        [system, {"role": "user", "content": "hello robot"}, {"role": "assistant", "content": first},
-         {"role": "user", "content": "where is the river?"}],
+        [
+            system,
+            {"role": "user", "content": "hello robot"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "where is the river?"},
+        ],
         8,
     )
     assert first and second != first

@@ -51,7 +51,7 @@ TOOLS = """{%- set ns = namespace(last_user=-1) -%}
 {%- if add_generation_prompt -%}<assistant>{%- endif -%}"""
 
 CONVERSATION = [
-    {"role": "system", "content": "Answer briefly, in \"quotes\" & <tags>."},
+    {"role": "system", "content": 'Answer briefly, in "quotes" & <tags>.'},
     {"role": "user", "content": "Where is the robot?"},
     {"role": "assistant", "content": "  By the river.  "},
     {"role": "user", "content": "And the rain? é ✓"},

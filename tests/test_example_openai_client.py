@@ -22,7 +22,9 @@ def test_openai_client_example_against_a_live_server():
     try:
         r = subprocess.run(
             [sys.executable, str(EXAMPLE), "--base-url", s.url + "/v1", "--api-key", "k3y", "--max-tokens", "24"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     finally:
         s.stop()

@@ -64,14 +64,18 @@ def test_completion_is_the_python_api_greedy_text_with_usage(server, local):
     prompt = "The robot walked"
     want = local.generate(prompt, max_new_tokens=12, temperature=0)
     with server.client() as c:
-        r = c.post("/v1/completions", json={"model": "tiny-mixtral", "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        r = c.post(
+            "/v1/completions", json={"model": "tiny-mixtral", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["choices"][0]["text"] == want
     usage = body["usage"]
     assert usage["prompt_tokens"] == len(local.encode(prompt))
     n = usage["completion_tokens"]
-    assert (n == 12 and body["choices"][0]["finish_reason"] == "length") or body["choices"][0]["finish_reason"] == "stop"
+    assert (n == 12 and body["choices"][0]["finish_reason"] == "length") or body["choices"][0][
+        "finish_reason"
+    ] == "stop"
     assert usage["total_tokens"] == usage["prompt_tokens"] + n
 
 
@@ -79,7 +83,9 @@ def test_streamed_completion_and_chat_match_unstreamed(server):
     req = {"prompt": "the stars", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
     with server.client() as c:
         whole = c.post("/v1/completions", json=req).json()
-        with c.stream("POST", "/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        with c.stream(
+            "POST", "/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}}
+        ) as r:
             assert r.headers["content-type"].startswith("text/event-stream")
             events = sse(r)
     assert events[-1] == {"done": True}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -195,7 +194,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     ap.add_argument("--duration", type=float, default=120, help="seconds of N clients (default 120)")
     ap.add_argument("--alone", type=float, default=None, help="seconds of one client alone (default: duration/2)")
-    ap.add_argument("--budget", default="50%", help="expert budget: bytes or a percentage of the expert bytes (default 50%%)")
+    ap.add_argument(
+        "--budget", default="50%", help="expert budget: bytes or a percentage of the expert bytes (default 50%%)"
+    )
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     ap.add_argument(
         "--limit",
@@ -237,8 +238,11 @@ def main(argv: list[str]) -> int:
     finally:
         s.stop()
     overhead = max(0, served - bare)
-    print(f"peak RSS: plain process {format_bytes(bare)}, server under load {format_bytes(served)}: "
-          f"overhead {format_bytes(overhead)}", flush=True)
+    print(
+        f"peak RSS: plain process {format_bytes(bare)}, server under load {format_bytes(served)}: "
+        f"overhead {format_bytes(overhead)}",
+        flush=True,
+    )
 
     if args.limit == "none":
         limit = None
@@ -258,8 +262,9 @@ def main(argv: list[str]) -> int:
     try:
         s = ServerProcess(model, serve_args, cgroup)
         try:
-            alone = run_clients(s.url, 1, args.alone if args.alone is not None else args.duration / 2,
-                                args.max_tokens, texts)
+            alone = run_clients(
+                s.url, 1, args.alone if args.alone is not None else args.duration / 2, args.max_tokens, texts
+            )
             print(f"1 client: {alone.row()}", flush=True)
             many = run_clients(s.url, args.clients, args.duration, args.max_tokens, texts)
             print(f"{args.clients} clients: {many.row()}", flush=True)

@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .. import serve
     except ImportError as e:
-        raise EdgeMoEError(f"the server needs the serve extra ({e.name} is missing): pip install 'edgemoe[serve]'") from None
+        raise EdgeMoEError(
+            f"the server needs the serve extra ({e.name} is missing): pip install 'edgemoe[serve]'"
+        ) from None
     path = resolve_model(args.model)
     model = load(path, **load_args(args))
     try:

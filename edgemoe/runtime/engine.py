@@ -21,10 +21,10 @@ from ..format.routing_file import ROUTING_FILE, load_usage
 from ..format.safetensors import SafetensorsFile, TensorRows
 from ..models.blocks import KVCache
 from ..units import format_bytes, parse_bytes
-from .memory import memory_terms
-from .options import StreamOptions
 from .chat import ChatTemplate
 from .generation import Step, TextStream
+from .memory import memory_terms
+from .options import StreamOptions
 from .prefetch import attach_prefetcher
 from .sampling import Sampler
 from .tokenizer import Tokenizer

@@ -38,9 +38,7 @@ STATIC = files("edgemoe.serve") / "static"
 class Server:
     """One loaded model behind the API: its name, context length and queue."""
 
-    def __init__(
-        self, model: Model, name: str, context: int, api_key: str | None = None, max_queue: int = 256
-    ):
+    def __init__(self, model: Model, name: str, context: int, api_key: str | None = None, max_queue: int = 256):
         self.model, self.name, self.context, self.api_key = model, name, context, api_key
         self.scheduler = Scheduler(model, max_queue=max_queue)
         self.created = int(time.time())
@@ -57,7 +55,9 @@ def _error(e: RequestError) -> JSONResponse:
 async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(f"the request body is {len(raw)} bytes; the server takes at most {MAX_BODY_BYTES}", status=413)
+        raise RequestError(
+            f"the request body is {len(raw)} bytes; the server takes at most {MAX_BODY_BYTES}", status=413
+        )
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:

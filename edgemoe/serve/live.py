@@ -72,8 +72,10 @@ def prometheus(model: Model, scheduler: Scheduler, memory_needed: int) -> str:
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         out.append(f"# HELP edgemoe_{name} {help_}")
         out.append(f"# TYPE edgemoe_{name} {kind}")
-        out.extend(f"edgemoe_{name}{labels} {value:g}" if isinstance(value, float) else f"edgemoe_{name}{labels} {value}"
-                   for labels, value in samples)
+        out.extend(
+            f"edgemoe_{name}{labels} {value:g}" if isinstance(value, float) else f"edgemoe_{name}{labels} {value}"
+            for labels, value in samples
+        )
 
     metric(
         "requests_total",
@@ -86,36 +88,47 @@ def prometheus(model: Model, scheduler: Scheduler, memory_needed: int) -> str:
     metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", scheduler.prompt_tokens)])
     metric("generated_tokens_total", "counter", "Tokens generated.", [("", scheduler.completion_tokens)])
     metric(
-        "tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
+        "tokens_per_second",
+        "gauge",
+        "Tokens generated per second over the last 10 s.",
         [("", float(scheduler.tokens_per_second()))],
     )
     metric(
         "time_to_first_token_seconds",
         "summary",
         "Seconds from a request's arrival to its first token (the last 1000 requests).",
-        [('{quantile="0.5"}', float(_quantile(ttft, 0.5))), ('{quantile="0.99"}', float(_quantile(ttft, 0.99))),
-         ("_sum", float(sum(ttft))), ("_count", len(ttft))],
+        [
+            ('{quantile="0.5"}', float(_quantile(ttft, 0.5))),
+            ('{quantile="0.99"}', float(_quantile(ttft, 0.99))),
+            ("_sum", float(sum(ttft))),
+            ("_count", len(ttft)),
+        ],
     )
     metric("expert_cache_hits_total", "counter", "Expert lookups found resident.", [("", int(c["hits"]))])
     metric("expert_cache_misses_total", "counter", "Expert lookups that had to read.", [("", int(c["misses"]))])
     metric(
-        "expert_cache_hit_ratio", "gauge", "Hits over lookups since start.",
+        "expert_cache_hit_ratio",
+        "gauge",
+        "Hits over lookups since start.",
         [("", float(c["hits"] / lookups if lookups else 0.0))],
     )
     metric("expert_loads_total", "counter", "Expert blobs read from storage.", [("", int(c["loads"]))])
-    metric("expert_bytes_read_total", "counter", "Bytes of expert blobs read from storage.", [("", int(c["bytes_read"]))])
+    metric(
+        "expert_bytes_read_total", "counter", "Bytes of expert blobs read from storage.", [("", int(c["bytes_read"]))]
+    )
     metric("expert_evictions_total", "counter", "Experts evicted from the cache.", [("", int(c["evictions"]))])
     metric("expert_cache_bytes", "gauge", "Bytes the expert cache holds now.", [("", int(c["resident_bytes"]))])
+    metric("expert_cache_budget_bytes", "gauge", "The expert cache's byte budget (0: unbounded).", [("", model.budget)])
     metric(
-        "expert_cache_budget_bytes", "gauge", "The expert cache's byte budget (0: unbounded).", [("", model.budget)]
-    )
-    metric(
-        "memory_needed_bytes", "gauge",
+        "memory_needed_bytes",
+        "gauge",
         "Model.memory_needed at the server's context length plus the server's own overhead.",
         [("", memory_needed)],
     )
     metric(
-        "process_resident_memory_bytes", "gauge", "Resident set of the server process.",
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident set of the server process.",
         [("", psutil.Process().memory_info().rss)],
     )
     metric("process_peak_resident_memory_bytes", "gauge", "Peak resident set (VmHWM).", [("", peak_rss_bytes())])

@@ -98,7 +98,7 @@ def sampling(body: Mapping[str, Any], context: int) -> Sampling:
     opts = body.get("stream_options")
     if opts is not None:
         if not isinstance(opts, dict):
-            raise RequestError(f"stream_options must be an object such as {{\"include_usage\": true}}, got {opts!r}")
+            raise RequestError(f'stream_options must be an object such as {{"include_usage": true}}, got {opts!r}')
         out.include_usage = _flag(opts, "include_usage")
     out.ignore_eos = _flag(body, "ignore_eos")
     n = body.get("n")
