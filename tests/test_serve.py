@@ -182,6 +182,7 @@ def test_concurrent_requests_each_get_their_own_answer(server, local):
     with server.client() as c:
         snap = c.get("/api/cache").json()
     assert 0 < snap["expert_cache_bytes"] <= snap["memory_budget"] == 60_000
+    assert snap["expert_cache_peak_bytes"] <= snap["memory_budget"]
 
 
 def test_metrics_are_prometheus_text(server):

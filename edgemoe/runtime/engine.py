@@ -6,7 +6,7 @@ import os
 import resource
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -391,7 +391,7 @@ class Model:
 
     def _generate_ids(
         self, ids: list[int], max_new_tokens: int, sampler: Sampler, stop_at_eos: bool = True
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         arr = self._check_ids(ids)
         self.reset()
         t0 = time.perf_counter()

@@ -44,6 +44,7 @@ def cache_snapshot(model: Model, scheduler: Scheduler, memory_needed: int) -> di
         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
         "bytes_read": sum(r["bytes_read"] for r in layers),
         "expert_cache_bytes": int(cache.resident_bytes),
+        "expert_cache_peak_bytes": int(cache.stats()["peak_resident_bytes"]),
         "memory_budget": model.budget,
         "expert_bytes": model.info()["expert_bytes"],
         "rss_bytes": psutil.Process().memory_info().rss,
