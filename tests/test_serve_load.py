@@ -23,7 +23,21 @@ def test_load_test_loses_nothing_inside_the_limit(tiny_checkpoint, tmp_path, cap
     model = tmp_path / "model"
     convert(tiny_checkpoint("mixtral"), model, bits=8, progress=False)
     out = tmp_path / "load.json"
-    args = ["bench", "--serve", str(model), "--clients", "3", "--duration", "3", "--alone", "2", "--max-tokens", "16"]
+    args = [
+        "bench",
+        "--serve",
+        str(model),
+        "--clients",
+        "3",
+        "--duration",
+        "3",
+        "--alone",
+        "2",
+        "--max-tokens",
+        "16",
+        "--overhead-seconds",
+        "2",
+    ]
     assert main([*args, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["limit"] == r["memory_needed"] + r["server_overhead"] and not r["killed"]

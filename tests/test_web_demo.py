@@ -21,7 +21,6 @@ DRIVER = shutil.which("chromedriver")
 ARTEFACTS = Path(os.environ.get("EDGEMOE_TEST_ARTEFACTS", Path(tempfile.gettempdir()) / "edgemoe-artefacts"))
 
 
-
 @pytest.fixture(scope="module")
 def server():
     model = default_model_path(progress=False)

@@ -111,7 +111,7 @@ class ServerProcess:
             return self.proc.wait()
 
 
-def run_clients(url: str, clients: int, seconds: float, max_tokens: int, texts: list[str]) -> Result:
+def run_clients(url: str, clients: int, seconds: float, max_tokens: int, texts: list[str | list[int]]) -> Result:
     """`clients` threads, each sending streamed completions one after the other until
     `seconds` have passed; a request started before then is waited for and counted."""
     import httpx
@@ -174,7 +174,7 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, texts: 
     return result
 
 
-def bare_peak_rss(model: str, budget: int, max_tokens: int, prompt: str) -> int:
+def bare_peak_rss(model: str, budget: int, max_tokens: int, prompt: str | list[int]) -> int:
     """Peak RSS of a plain Python process that loads the model and generates one request:
     the baseline the server's overhead is measured against."""
     code = (
@@ -204,6 +204,12 @@ def main(argv: list[str]) -> int:
         help="the cgroup memory limit: auto (Model.memory_needed plus the server's measured overhead), "
         "a size, or none (default auto)",
     )
+    ap.add_argument(
+        "--overhead-seconds",
+        type=float,
+        default=5.0,
+        help="the burst the server's overhead is measured under (default 5)",
+    )
     ap.add_argument("--json", dest="json_out", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
 
@@ -219,8 +225,14 @@ def main(argv: list[str]) -> int:
     sized = load(model, memory_budget=budget, preload="none")
     context = min(int(sized.manifest["config"].get("max_position_embeddings") or 2048), 2048)
     needed = sized.memory_needed(context)
+    # a prompt takes at most half of what the completion leaves of the context; one longer
+    # (a small tokenizer cuts words into many tokens) is sent as its first token ids
+    longest = (context - args.max_tokens - 1) // 2
+    texts: list[str | list[int]] = []
+    for text in prompts():
+        ids = sized.encode(text)
+        texts.append(text if len(ids) <= longest else ids[:longest])
     del probe, sized
-    texts = prompts()
     serve_args = ["--memory-budget", str(budget), "--context", str(context)]
     print(
         f"model {model}: experts {format_bytes(expert_bytes)}, budget {format_bytes(budget)} "
@@ -233,7 +245,7 @@ def main(argv: list[str]) -> int:
     bare = bare_peak_rss(model, budget, args.max_tokens, texts[0])
     s = ServerProcess(model, serve_args)
     try:
-        run_clients(s.url, args.clients, 5.0, args.max_tokens, texts)
+        run_clients(s.url, args.clients, args.overhead_seconds, args.max_tokens, texts)
         served = s.status_bytes("VmHWM")
     finally:
         s.stop()
