@@ -39,3 +39,23 @@ def test_a_prefix_that_does_not_become_the_stop_string_is_released():
 def test_held_back_prefix_comes_out_at_the_end():
     pieces, tail, stopped = run("end\nUs", stop=["\nUser:"])
     assert not stopped and "".join(pieces) == "end" and tail == "\nUs"
+
+
+def test_model_stream_steps_finish_reasons_and_cancel(tiny_checkpoint, tmp_path):
+    import edgemoe
+    from edgemoe.converters.convert import convert
+
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+    steps = list(m.stream("the robot", max_new_tokens=12, ignore_eos=True))
+    assert len(steps) == 12 and steps[-1].finish == "length" and all(s.finish is None for s in steps[:-1])
+    made = []
+
+    def cancel():  # what another thread would set: here, after the third token
+        return len(made) >= 3
+
+    for step in m.stream("the robot", max_new_tokens=50, ignore_eos=True, cancel=cancel):
+        made.append(step)
+    assert len(made) == 4 and made[-1].token is None and made[-1].finish == "cancelled"
+    assert all(s.token is not None and s.finish is None for s in made[:3])
+    assert m.stats()["tokens_generated"] == 11 + 2  # decode passes: none after the cancel

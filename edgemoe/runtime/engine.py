@@ -359,9 +359,10 @@ class Model:
         A text prompt is encoded with the tokenizer's special tokens; token ids are used as
         given (a chat template's rendering: ChatTemplate.encode). Stops at EOS, at the first
         of the `stop` strings (cut from the text), after max_new_tokens, or when cancel()
-        returns True, checked after each token, before the next forward pass: a caller on
-        another thread cancels a generation by setting what cancel reads. The last Step
-        carries the finish reason and any text held back. ignore_eos: EOS is a token like
+        returns True, checked after each token's Step, before the next forward pass: a caller
+        on another thread cancels a generation by setting what cancel reads. The last Step
+        carries the finish reason and any text held back; a cancelled generation ends with a
+        Step whose token is None. ignore_eos: EOS is a token like
         any other (fixed-length runs for benchmarks).
         """
         ids = prompt if not isinstance(prompt, str) else self.encode(prompt)
@@ -382,10 +383,10 @@ class Model:
                 if n == max_new_tokens:
                     yield Step(token, piece + text.flush(), "length")
                     return
-                if cancel is not None and cancel():
-                    yield Step(token, piece + text.flush(), "cancelled")
-                    return
                 yield Step(token, piece)
+                if cancel is not None and cancel():  # before the next forward pass
+                    yield Step(None, text.flush(), "cancelled")
+                    return
         finally:
             tokens.close()
 

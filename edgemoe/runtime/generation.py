@@ -13,9 +13,10 @@ class Step:
     """One generated token: its id, the text it adds (may be "" while a UTF-8 character or a
     possible stop string is incomplete; the held-back text comes with a later step), and
     finish: None while generation goes on, else "stop" (EOS or a stop string), "length"
-    (max_new_tokens) or "cancelled" (the cancel callback said so)."""
+    (max_new_tokens) or "cancelled" (the cancel callback said so; that last Step has no
+    token, only the text held back)."""
 
-    token: int
+    token: int | None
     text: str
     finish: str | None = None
 

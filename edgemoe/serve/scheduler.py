@@ -159,13 +159,14 @@ class Scheduler:
             self.prompt_tokens += len(job.prompt)
         for step in steps:
             now = time.perf_counter()
-            if job.first_token is None:
-                job.first_token = now
-                self.ttft.append(now - job.submitted)
-            job.completion_tokens += 1
-            with self._lock:
-                self.completion_tokens += 1
-                self._recent.append((now, 1))
+            if step.token is not None:
+                if job.first_token is None:
+                    job.first_token = now
+                    self.ttft.append(now - job.submitted)
+                job.completion_tokens += 1
+                with self._lock:
+                    self.completion_tokens += 1
+                    self._recent.append((now, 1))
             if step.text:
                 job._emit("token", step.text, step.token)
             if step.finish:
