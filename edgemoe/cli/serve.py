@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise EdgeMoEError(
             f"the server needs the serve extra ({e.name} is missing): pip install 'edgemoe[serve]'"
         ) from None
+    sock = serve.bind(args.host, args.port)  # a taken port is an error before a long load
     path = resolve_model(args.model)
     model = load(path, **load_args(args))
     try:
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.name or os.path.basename(os.path.normpath(path))
     server = serve.Server(model, name, context, api_key=args.api_key, max_queue=args.max_queue)
     try:
-        serve.run(server, args.host, args.port)
+        serve.run(server, sock=sock)
     finally:
         server.close()
         model.close()

@@ -7,6 +7,7 @@ import socket
 import sys
 from typing import TextIO
 
+from ..errors import EdgeMoEError
 from ..runtime.engine import Model
 from .api import Server, create_app
 
@@ -30,17 +31,31 @@ def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: any free port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except (OSError, OverflowError) as e:
+        sock.close()
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise EdgeMoEError(
+            f"cannot listen on {host}:{port}: {reason}: choose another --port (0 picks a free one) or --host"
+        ) from None
     return sock
 
 
-def run(server: Server, host: str = "127.0.0.1", port: int = 8000, log: TextIO = sys.stderr) -> None:
-    """Serve until interrupted; prints the address once the socket listens."""
+def run(
+    server: Server,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log: TextIO = sys.stderr,
+    sock: socket.socket | None = None,
+) -> None:
+    """Serve until interrupted on sock (default: bind(host, port)); prints the address."""
     import uvicorn
 
-    sock = bind(host, port)
+    sock = sock or bind(host, port)
+    host = sock.getsockname()[0]
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(
