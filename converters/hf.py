@@ -276,6 +276,8 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
         m = _LAYER_RE.match(name)
         if m:
             layer, rest = int(m.group(1)), m.group(2)
+            if p.num_layers <= layer < p.num_layers + spec.layout.extra_layers(cfg):
+                continue  # layers the model has besides generation's (LAYOUT.extra_layers_key)
             if layer >= p.num_layers:
                 raise CheckpointError(
                     f"tensor {name} belongs to layer {layer}, but config.json says the model "

@@ -18,6 +18,8 @@ ALIASES: dict[str, str] = {
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
     "olmoe": "olmoe",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
 }
 
 SUPPORTED = sorted(ALIASES)
@@ -25,7 +27,8 @@ SUPPORTED = sorted(ALIASES)
 
 def get(model_type: str, where: str = "the model") -> ModuleType:
     """The architecture module for a model_type, or a clear error listing what is supported."""
-    name = ALIASES.get(model_type)
+    # a model_type, or a module's name as a manifest's "architecture" records it
+    name = ALIASES.get(model_type) or (model_type if model_type in ALIASES.values() else None)
     if name is None:
         raise UnsupportedArchitectureError(
             f"{where} is a {model_type!r} model; edgemoe runs these architectures: {', '.join(SUPPORTED)}. "
