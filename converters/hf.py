@@ -50,7 +50,7 @@ class ArchSpec:
 def arch_spec(config: dict, where: str = "the checkpoint") -> ArchSpec:
     model_type = config.get("model_type")
     module = models.get(str(model_type), where)
-    return ArchSpec(models.ALIASES[str(model_type)], module.LAYOUT)
+    return ArchSpec(str(model_type), module.LAYOUT)  # the manifest names the model_type
 
 
 # ---------------------------------------------------------------- checkpoint files

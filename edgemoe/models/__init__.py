@@ -27,8 +27,7 @@ SUPPORTED = sorted(ALIASES)
 
 def get(model_type: str, where: str = "the model") -> ModuleType:
     """The architecture module for a model_type, or a clear error listing what is supported."""
-    # a model_type, or a module's name as a manifest's "architecture" records it
-    name = ALIASES.get(model_type) or (model_type if model_type in ALIASES.values() else None)
+    name = ALIASES.get(model_type)
     if name is None:
         raise UnsupportedArchitectureError(
             f"{where} is a {model_type!r} model; edgemoe runs these architectures: {', '.join(SUPPORTED)}. "

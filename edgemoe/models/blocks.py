@@ -237,7 +237,7 @@ class LatentAttention:
     q_b: Linear | None  # [heads * (nope + rope_dim), q_lora_rank]
     kv_a: Linear  # [rank + rope_dim, hidden]
     kv_a_norm: np.ndarray  # [rank]
-    k_b: np.ndarray  # float32 [heads, nope, rank]
+    k_b: np.ndarray  # float32 [heads, nope, rank] (a view of kv_b [heads, nope + v_dim, rank])
     v_b: np.ndarray  # float32 [heads, v_dim, rank]
     o: Linear  # [hidden, heads * v_dim]
     heads: int

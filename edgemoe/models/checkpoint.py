@@ -57,6 +57,17 @@ QUANTIZABLE = (
 )
 
 
+# Per-layer roles the converter stores as float32 whatever the checkpoint's float dtype: the
+# runtime computes with them in numpy (multi-head latent attention's kv_b, folded into the
+# queries and outputs), so a 16-bit copy would be widened at every load.
+FLOAT32_ROLES = ("attn_kv_b",)
+
+
+def float32_role(name: str) -> bool:
+    """Whether the converter stores canonical backbone tensor `name` as float32 (FLOAT32_ROLES)."""
+    return name.startswith("layers.") and name.split(".")[-1] in FLOAT32_ROLES
+
+
 def quantized_role(name: str) -> bool:
     """Whether the policy quantizes canonical backbone tensor `name` (a QUANTIZABLE role or the output head)."""
     role = name.split(".")[-1] if name.startswith("layers.") else name

@@ -114,6 +114,11 @@ class DecoderConfig:
         """float32 values the KV cache holds per token over all layers (DecoderLM.new_kv_cache)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
+    def attention_values_per_token(self) -> int:
+        """float32 values per prefilled token that one layer's attention holds besides q, k, v
+        and the cache (runtime/memory.py); 0 for grouped-query attention."""
+        return 0
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of this architecture's canonical per-layer tensors where they differ from
         grouped-query attention's or are its own (edgemoe.models.sizes sizes a config by them)."""

@@ -17,8 +17,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..format.quant import dequantize_matrix
-from ..format.safetensors import to_float32
 from .blocks import DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
 from .checkpoint import DENSE_MLP, GLU_ROLES, CheckpointLayout
 from .decoder import DecoderConfig, DecoderLM, Weights
@@ -158,6 +156,11 @@ class Config(DecoderConfig):
     def kv_values_per_token(self) -> int:
         return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim)  # the latent, not k and v
 
+    def attention_values_per_token(self) -> int:
+        # per head: q folded into the latent, attention's output there, and the expanded output
+        width = self.kv_lora_rank + self.qk_rope_head_dim
+        return self.num_attention_heads * (2 * width + self.v_head_dim)
+
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         H, heads, rank, rope = self.hidden_size, self.num_attention_heads, self.kv_lora_rank, self.qk_rope_head_dim
         q, q_rank = heads * (self.qk_nope_head_dim + rope), self.q_lora_rank or 0
@@ -184,11 +187,6 @@ class Config(DecoderConfig):
         }
 
 
-def _float_matrix(w: Weights, name: str) -> np.ndarray:
-    a, dtype = w.tensors[name]
-    return dequantize_matrix(a) if dtype == "U8" else np.asarray(to_float32(a, dtype), np.float32)
-
-
 class Model(DecoderLM):
     config_class = Config
     cfg: Config
@@ -196,7 +194,7 @@ class Model(DecoderLM):
     def build_attention(self, w: Weights, p: str, i: int) -> LatentAttention:
         cfg = self.cfg
         heads, nope, vd, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_rope_head_dim
-        kv_b = _float_matrix(w, p + "attn_kv_b").reshape(heads, nope + vd, cfg.kv_lora_rank)
+        kv_b = w.vec(p + "attn_kv_b").reshape(heads, nope + vd, cfg.kv_lora_rank)  # float32 as converted
         low_rank = cfg.q_lora_rank is not None
         return LatentAttention(
             norm=w.vec(p + "attn_norm"),
@@ -206,8 +204,8 @@ class Model(DecoderLM):
             q_b=w.linear(p + "attn_q_b") if low_rank else None,
             kv_a=w.linear(p + "attn_kv_a", p + "attn_kv_a_bias"),
             kv_a_norm=w.vec(p + "attn_kv_a_norm"),
-            k_b=np.ascontiguousarray(kv_b[:, :nope]),
-            v_b=np.ascontiguousarray(kv_b[:, nope:]),
+            k_b=kv_b[:, :nope],  # views: each head's block is contiguous
+            v_b=kv_b[:, nope:],
             o=w.linear(p + "attn_o", p + "attn_o_bias"),
             heads=heads,
             nope=nope,
@@ -249,4 +247,3 @@ class Model(DecoderLM):
             weights = weights / (weights.sum(-1, keepdims=True) + np.float32(1e-20))
         weights = weights * np.float32(cfg.routed_scaling_factor)
         return ids.astype(np.int32), np.ascontiguousarray(weights, dtype=np.float32)
-

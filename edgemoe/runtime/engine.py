@@ -469,6 +469,7 @@ class Model:
             backbone=self.backbone_bytes,
             expert_slots=copies * ex["num_layers"] * ex["num_experts"],
             kv_values_per_token=cfg.kv_values_per_token(),
+            attention_values_per_token=cfg.attention_values_per_token(),
             heads=cfg.num_attention_heads,
             hidden=cfg.hidden_size,
             top_k=ex["top_k"],
