@@ -186,7 +186,7 @@ def test_quantized_backbone_kl_is_bounded(converted, arch, backbone_bits):
     )
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_small_budget_gives_identical_output(converted, arch):
     _, dst = converted(arch, 4)
     free = edgemoe.load(dst)
