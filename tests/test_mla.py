@@ -98,3 +98,29 @@ def test_multi_token_prediction_layers_are_left_out(tiny_checkpoint, tmp_path):
         else:
             with pytest.raises(CheckpointError, match=f"layer {extra}, but config.json says the model has {n} layers"):
                 convert(ck, tmp_path / f"out{extra}", progress=False)
+
+
+def test_released_configs_read_as_published():
+    """DeepSeek-V2-Lite's YaRN (factor 40, mscale_all_dim 0.707) scales the softmax as well."""
+    from published_configs import PUBLISHED
+
+    from edgemoe.models import deepseek
+
+    lite = deepseek.Config.from_dict(PUBLISHED["DeepSeek-V2-Lite"][0])
+    assert lite.q_lora_rank is None and lite.topk_method == "greedy" and lite.scoring == "softmax"
+    assert lite.rope_scaling is not None and lite.rope_scaling["original_max_position_embeddings"] == 4096
+    assert lite.softmax_scale == pytest.approx(192**-0.5 * (0.1 * 0.707 * np.log(40) + 1) ** 2)
+    assert lite.kv_values_per_token() == 27 * (512 + 64)
+    v3 = deepseek.Config.from_dict(PUBLISHED["DeepSeek-V3"][0])
+    assert (v3.topk_method, v3.scoring, v3.n_group, v3.topk_group) == ("noaux_tc", "sigmoid", 8, 4)
+    assert v3.norm_topk_prob and v3.routed_scaling_factor == 2.5 and v3.rope_interleave
+
+
+def test_inconsistent_groups_are_refused_by_name():
+    from published_configs import PUBLISHED
+
+    from edgemoe.errors import ModelDirectoryError
+    from edgemoe.models import deepseek
+
+    with pytest.raises(ModelDirectoryError, match="n_routed_experts, n_group, topk_group"):
+        deepseek.Config.from_dict({**PUBLISHED["DeepSeek-V3"][0], "n_group": 7})

@@ -104,7 +104,7 @@ def _base_config(arch: str) -> dict:
         )
     if arch in ("deepseek_v2", "deepseek_v3"):
         # multi-head latent attention: K heads 16 + 8 (RoPE) wide, V heads 12; a dense first layer;
-        # group-limited routing over 4 groups of 2; YaRN past a 32-token original context
+        # group-limited routing; YaRN past a 32-token original context
         mla = dict(
             common,
             num_hidden_layers=3,
@@ -126,6 +126,9 @@ def _base_config(arch: str) -> dict:
             return dict(
                 mla,
                 q_lora_rank=None,
+                n_group=2,  # the top 3 come from the one group with the highest single score
+                topk_group=1,
+                num_experts_per_tok=3,
                 topk_method="group_limited_greedy",
                 routed_scaling_factor=1.5,
                 norm_topk_prob=False,

@@ -8,6 +8,12 @@ groups holding the highest single score ("group_limited_greedy"); V3 ("noaux_tc"
 sigmoid scores, ranks groups by the sum of their two best biased scores, picks the top k of
 the biased scores within the chosen groups and weights them by the unbiased ones. Both scale
 the weights by routed_scaling_factor, after renormalizing them when norm_topk_prob.
+V2 renormalizes as DeepSeek's own code does (top-k > 1 and norm_topk_prob; transformers'
+V2 never does, and no released V2 config asks for it), and MoE layers follow
+moe_layer_freq as there (transformers assumes 1, as every released config says).
+
+The fused native decode step does not serve this architecture (its attention is GQA): every
+token takes the per-op path of DecoderLM.block.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import ModelDirectoryError
 from .blocks import DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
 from .checkpoint import DENSE_MLP, GLU_ROLES, CheckpointLayout
 from .decoder import DecoderConfig, DecoderLM, Weights
@@ -132,6 +139,17 @@ class Config(DecoderConfig):
         method = _topk_method(d)
         if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
             raise NotImplementedError(f"DeepSeek routing topk_method '{method}' is not supported yet")
+        scoring = str(d.get("scoring_func") or ("sigmoid" if v3 else "softmax"))
+        if scoring not in ("softmax", "sigmoid"):
+            raise NotImplementedError(f"DeepSeek routing scoring_func '{scoring}' is not supported yet")
+        E, k = int(fields["num_experts"]), int(fields["num_experts_per_tok"])
+        groups, kept = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
+        if method != "greedy" and (E % groups or not 1 <= kept <= groups or k > kept * (E // groups)):
+            raise ModelDirectoryError(
+                f"the model config routes top-{k} of {E} experts in {groups} groups keeping {kept} "
+                f"(n_routed_experts, n_group, topk_group): the groups must split the experts evenly and "
+                f"the kept ones hold at least top-k experts; the checkpoint's config.json is inconsistent"
+            )
         q_rank = d.get("q_lora_rank")
         return cls(
             **fields,
@@ -143,10 +161,10 @@ class Config(DecoderConfig):
             intermediate_size=int(get(d, "intermediate_size")),
             moe_intermediate_size=int(get(d, "moe_intermediate_size")),
             n_shared_experts=int(d.get("n_shared_experts") or 0),
-            scoring=str(d.get("scoring_func") or ("sigmoid" if v3 else "softmax")),
+            scoring=scoring,
             topk_method=method,
-            n_group=int(d.get("n_group") or 1),
-            topk_group=int(d.get("topk_group") or 1),
+            n_group=groups,
+            topk_group=kept,
             routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0),
             # V2 pairs its rotary dims as (x0, x1), (x2, x3), ...; V3 does unless rope_interleave is false
             rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
