@@ -124,3 +124,29 @@ def test_inconsistent_groups_are_refused_by_name():
 
     with pytest.raises(ModelDirectoryError, match="n_routed_experts, n_group, topk_group"):
         deepseek.Config.from_dict({**PUBLISHED["DeepSeek-V3"][0], "n_group": 7})
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(factor=40.0, mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),  # DeepSeek-V2-Lite
+        dict(factor=8.0, mscale=1.0, mscale_all_dim=0.8),
+        dict(factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False),  # gpt-oss
+        dict(factor=4.0, attention_factor=1.3),
+    ],
+)
+def test_yarn_frequencies_are_transformers(params):
+    import torch
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgemoe.models.blocks import yarn_frequencies
+
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 4096, **params}
+    cfg = transformers.AutoConfig.for_model(
+        "deepseek_v3", qk_rope_head_dim=64, max_position_embeddings=163840, rope_parameters=rope
+    )
+    want, want_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, torch.device("cpu"))
+    got, factor = yarn_frequencies(64, 10000.0, {**rope, "max_position_embeddings": 163840})
+    np.testing.assert_allclose(got, want.numpy(), rtol=2e-7)
+    assert factor == pytest.approx(want_factor)
