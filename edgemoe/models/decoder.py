@@ -259,9 +259,9 @@ class DecoderLM:
         self, a: Attention | LatentAttention, x: np.ndarray, layer: int, kv: KVCache, start: int
     ) -> np.ndarray:
         """Attention of layer `layer` for x [T, hidden] (after attn_norm) at positions start..,
-        appending to kv -> [T, hidden]."""
-        if isinstance(a, LatentAttention):
-            return a(x, self.rope, kv, layer, start, self.cfg.rms_norm_eps)
+        appending to kv -> [T, hidden]: grouped-query attention here; an architecture with
+        another attention block runs it in its own self_attention."""
+        assert isinstance(a, Attention), "an architecture with another attention overrides self_attention"
         cfg = self.cfg
         T = x.shape[0]
         q, k, v = a.qkv(x)  # [T, heads * hd], [T, kv_heads * hd] x2

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import ModelDirectoryError
-from .blocks import DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
+from .blocks import Attention, DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
 from .checkpoint import DENSE_MLP, GLU_ROLES, CheckpointLayout
 from .decoder import DecoderConfig, DecoderLM, Weights
 
@@ -231,6 +231,12 @@ class Model(DecoderLM):
             scale=cfg.softmax_scale,
             rope_order=np.r_[0:rope:2, 1:rope:2] if cfg.rope_interleave else None,
         )
+
+    def self_attention(
+        self, a: Attention | LatentAttention, x: np.ndarray, layer: int, kv: KVCache, start: int
+    ) -> np.ndarray:
+        assert isinstance(a, LatentAttention)
+        return a(x, self.rope, kv, layer, start, self.cfg.rms_norm_eps)
 
     def moe_block(self, w: Weights, prefix: str) -> MoE:
         shared = None
