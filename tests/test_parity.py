@@ -116,9 +116,10 @@ UNUSUAL = [
     ),
     ("olmoe", dict(num_experts=12, num_experts_per_tok=3, norm_topk_prob=True, clip_qkv=0.5)),
     (
-        "deepseek_v2",  # a low-rank q, plain greedy top-k, the default RoPE, no dense layer, tied embeddings
+        "deepseek_v2",  # a low-rank q, biases, plain greedy top-k, the default RoPE, no dense layer, tied embeddings
         dict(
             q_lora_rank=64,
+            attention_bias=True,
             kv_lora_rank=64,
             topk_method="greedy",
             n_group=1,
