@@ -223,7 +223,7 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
             assert dtype == "F32" and stored[hf] == "BF16"
             np.testing.assert_array_equal(arr, ref[hf], err_msg=name)
         else:
-            assert dtype == stored[hf]  # as the checkpoint stores it (transformers keeps some routers in f32)
+            assert dtype == stored[hf]  # as the checkpoint stores it
             np.testing.assert_array_equal(to_float32(arr, dtype), ref[hf], err_msg=name)
     assert m["experts"]["intermediate_size"] == 128 and m["experts"]["hidden_size"] == 64
     assert m["experts"]["top_k"] == m["config"]["num_experts_per_tok"] and m["source"]["layout"] == "per-expert"
