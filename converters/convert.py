@@ -24,7 +24,7 @@ from edgemoe.errors import CheckpointError, EdgeMoEError
 from edgemoe.format import quant
 from edgemoe.format.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
 from edgemoe.format.safetensors import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
-from edgemoe.models.checkpoint import quantizable
+from edgemoe.models.checkpoint import float32_role, quantizable
 
 from .hf import Checkpoint, Plan, plan_conversion
 
@@ -414,6 +414,8 @@ def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetri
             weight = to_float32(ref.file.read(ref.name), ref.dtype)
             w.add(name, quant.quantize_matrix(weight, bits, group_size, symmetric), "U8")
             quantized.append(name)
+        elif float32_role(name) and ref.dtype != "F32":
+            w.add(name, to_float32(ref.file.read(ref.name), ref.dtype), "F32")
         else:
             w.add_lazy(name, ref.dtype, ref.shape, lambda ref=ref: ref.file.iter_chunks(ref.name))
     size = w.write(path)

@@ -19,7 +19,6 @@ from ..errors import BudgetError, EdgeMoEError
 from ..format.manifest import blob_tables, fallback_tables, load_manifest, page_bytes
 from ..format.routing_file import ROUTING_FILE, load_usage
 from ..format.safetensors import SafetensorsFile, TensorRows
-from ..models.blocks import KVCache
 from ..units import format_bytes, parse_bytes
 from .chat import ChatTemplate
 from .generation import Step, TextStream
@@ -137,7 +136,7 @@ class Model:
         self.bos_id = tok.get("bos_token_id")
         self._tokenizer: Tokenizer | None = None
         self._chat_template: ChatTemplate | None = None
-        self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+        self.kv = self.net.new_kv_cache()
         self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
 
     def set_fallback(self, threshold: float) -> None:
@@ -253,7 +252,7 @@ class Model:
 
     def reset(self) -> None:
         """Forget the KV cache (the expert cache stays warm)."""
-        self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
+        self.kv = self.net.new_kv_cache()
 
     def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 logits [len(ids), vocab] of a fresh sequence."""
@@ -512,7 +511,8 @@ class Model:
             experts=self.budget or self.info()["expert_bytes"],
             backbone=self.backbone_bytes,
             expert_slots=copies * ex["num_layers"] * ex["num_experts"],
-            kv_values_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim,
+            kv_values_per_token=cfg.kv_values_per_token(),
+            attention_values_per_token=cfg.attention_values_per_token(),
             heads=cfg.num_attention_heads,
             hidden=cfg.hidden_size,
             top_k=ex["top_k"],
