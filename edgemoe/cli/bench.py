@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..bench import cluster, llama_cpp, modes
+from ..bench import cluster, llama_cpp, modes, serve_load
 from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
@@ -17,6 +17,8 @@ from .common import size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--serve" in argv:  # the server's load test has options of its own
+        return serve_load.main([a for a in argv if a != "--serve"])
     intro, _, rest = (modes.__doc__ or "").partition("\n\n")
     ap = argparse.ArgumentParser(
         prog="edgemoe bench",
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="where generated bench models go (default: the edgemoe cache)")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: a load test of `edgemoe serve` (edgemoe bench --serve -h for its options)",
+    )
     ap.add_argument(
         "--peers",
         default=None,
