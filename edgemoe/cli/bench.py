@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..bench import llama_cpp, modes, serve_load
+from ..bench import cluster, llama_cpp, modes, serve_load
 from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead: edgemoe against these engines (llama.cpp) on the same weights and memory limits",
     )
     llama_cpp.add_arguments(ap)
+    cluster.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.peers:
         return llama_cpp.run(args)
@@ -81,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     def emit(text: str) -> None:
         print(text, flush=True)
         lines.append(text)
+
+    if args.cluster:
+        args.cache = str(cache)
+        for name in [n for n in args.models.split(",") if n]:
+            rs = cluster.run(args, prepare(name, cache, args.bits), emit)
+            results += [dict(r, model=name) for r in rs]
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(lines) + "\n")
+        if args.plot:
+            cluster.plot(results, args.plot)
+        return 0
 
     names = [n for n in args.models.split(",") if n]
     for name in names:
