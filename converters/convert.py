@@ -24,7 +24,7 @@ from edgemoe.errors import CheckpointError, EdgeMoEError
 from edgemoe.format import quant
 from edgemoe.format.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSION, load_manifest, write_manifest
 from edgemoe.format.safetensors import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
-from edgemoe.models.checkpoint import quantizable
+from edgemoe.models.checkpoint import float32_role, quantizable
 
 from .gguf import GGUFPlan, GGUFWeight, is_gguf, plan_gguf
 from .gguf_vocab import write_tokenizer
@@ -50,6 +50,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 EXTRA_FILES = ("generation_config.json",)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named chat templates beside the default one
 
 
 class Progress:
@@ -448,13 +449,15 @@ def _write_backbone(
                 w.add(name, g.encode(b, group_size, symmetric), "U8")
                 quantized.append(name)
             else:
-                w.add(name, *g.backbone_float())
+                w.add(name, *g.backbone_float(float32=float32_role(name)))
     for name in sorted(plan.backbone, key=_canonical_order):
         ref = plan.backbone[name]
         if bits != 16 and quantizable(name, tuple(ref.shape), group_size):
             weight = to_float32(ref.file.read(ref.name), ref.dtype)
             w.add(name, quant.quantize_matrix(weight, bits, group_size, symmetric), "U8")
             quantized.append(name)
+        elif float32_role(name) and ref.dtype != "F32":
+            w.add(name, to_float32(ref.file.read(ref.name), ref.dtype), "F32")
         else:
             w.add_lazy(name, ref.dtype, ref.shape, lambda ref=ref: ref.file.iter_chunks(ref.name))
     size = w.write(path)
@@ -476,6 +479,11 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             if name in TOKENIZER_FILES:
                 files.append(name)
+    if (src / CHAT_TEMPLATE_DIR).is_dir():
+        (dst / CHAT_TEMPLATE_DIR).mkdir()
+        for f in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            shutil.copyfile(f, dst / CHAT_TEMPLATE_DIR / f.name)
+            files.append(f"{CHAT_TEMPLATE_DIR}/{f.name}")
     if not files:
         print(f"edgemoe convert: warning: {src} has no tokenizer files; the model will need token ids", file=sys.stderr)
     return files

@@ -285,9 +285,14 @@ class GGUFWeight:
         report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} {kind}", w, quant.dequantize_matrix(buf))
         return buf
 
-    def backbone_float(self) -> tuple[np.ndarray, str]:
+    def backbone_float(self, float32: bool = False) -> tuple[np.ndarray, str]:
         """The weight for a float backbone tensor: as stored when it is a float type, else dequantized
-        to f16 (routers, embeddings and norms are never group-quantized)."""
+        to f16 (routers, embeddings and norms are never group-quantized); float32 (FLOAT32_ROLES):
+        always float32, exact from any type."""
+        if float32:
+            w = self.float32()
+            self.report.add(self.cls, self.gguf_type, "F32", None, None)
+            return w, "F32"
         stored = self.stored_float()
         if stored is not None:
             self.report.add(self.cls, self.gguf_type, stored[1], None, None)
@@ -419,11 +424,11 @@ def plan_gguf(path) -> GGUFPlan:
     arch = f.metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise CheckpointError(f"{f.path} has no general.architecture: it is not a model file llama.cpp wrote")
-    name, module = models.get_gguf(arch, str(f.path))
+    _, module = models.get_gguf(arch, str(f.path))
     layout: GGUFLayout = module.GGUF
     names = set(f.tensors)
     cfg = layout.config(f.metadata, names)
-    spec = ArchSpec(name, module.LAYOUT)
+    spec = ArchSpec(layout.model_type, module.LAYOUT)  # the manifest names the model_type
     p = GGUFPlan(spec, cfg, file=f, gguf=layout)
 
     def need(key: str) -> int:
@@ -473,7 +478,7 @@ def plan_gguf(path) -> GGUFPlan:
                     p.weights[f"layers.{layer}.{role}"] = _weight(f, tname, role, p.report, rows, vec)
                     continue
         raise CheckpointError(
-            f"tensor {tname} of {f.path.name} has no place in a {name} model as edgemoe knows it "
+            f"tensor {tname} of {f.path.name} has no place in a {layout.model_type} model as edgemoe knows it "
             f"(RoPE frequency factors, a vision tower or another architecture's tensor?): "
             f"use a plain {arch} MoE GGUF"
         )

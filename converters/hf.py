@@ -50,7 +50,7 @@ class ArchSpec:
 def arch_spec(config: dict, where: str = "the checkpoint") -> ArchSpec:
     model_type = config.get("model_type")
     module = models.get(str(model_type), where)
-    return ArchSpec(models.ALIASES[str(model_type)], module.LAYOUT)
+    return ArchSpec(str(model_type), module.LAYOUT)  # the manifest names the model_type
 
 
 # ---------------------------------------------------------------- checkpoint files
@@ -276,6 +276,8 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
         m = _LAYER_RE.match(name)
         if m:
             layer, rest = int(m.group(1)), m.group(2)
+            if p.num_layers <= layer < p.num_layers + spec.layout.extra_layers(cfg):
+                continue  # layers the model has besides generation's (LAYOUT.extra_layers_key)
             if layer >= p.num_layers:
                 raise CheckpointError(
                     f"tensor {name} belongs to layer {layer}, but config.json says the model "

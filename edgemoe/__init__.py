@@ -6,8 +6,9 @@ import os
 from typing import Any
 
 from . import _core as _core  # the native core, re-exported
-from .cluster import attach
+from .cluster import PlanFigures, attach
 from .cluster.moe import DEFAULT_TIMEOUT_S
+from .cluster.placement import Plan
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -34,6 +35,8 @@ def load(
     cluster: str | None = None,
     cluster_timeout: float = DEFAULT_TIMEOUT_S,
     device_memory: int | str | None = None,
+    cluster_plan: Plan | str | os.PathLike[str] | None = None,
+    cluster_figures: PlanFigures | None = None,
     **stream: Any,
 ) -> Model:
     """Open a converted model directory.
@@ -49,11 +52,21 @@ def load(
     This process keeps the backbone and the experts no device holds; the tokens are the ones
     it would compute alone. cluster_timeout: seconds a layer waits for a device before
     computing its experts here and marking it down. device_memory: bytes of experts per device
-    (default: half of each device's available RAM). Model.close() leaves the cluster.
+    (default: half of each device's available RAM). cluster_plan: follow this placement plan
+    (a Plan or the file `edgemoe cluster plan --json` writes) instead of planning from the
+    devices measured; cluster_figures: take the plan's figures from profiles (PlanFigures).
+    Model.close() leaves the cluster.
     """
     model = engine.load(path, memory_budget, options, threads=threads, **stream)
     if cluster is not None:
-        attach(model, cluster, timeout_s=cluster_timeout, device_memory=device_memory)
+        attach(
+            model,
+            cluster,
+            timeout_s=cluster_timeout,
+            device_memory=device_memory,
+            plan=cluster_plan,
+            figures=cluster_figures,
+        )
     return model
 
 

@@ -61,3 +61,35 @@ def expert_forward(x: np.ndarray, blob: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     h = silu(x @ gate.T) * (x @ up.T)  # [T, I]
     return (h @ down.T).astype(np.float32)
+
+
+def rope_pairs(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, factor: float) -> np.ndarray:
+    """RoPE on adjacent pairs (x0, x1), (x2, x3), ... as complex numbers (DeepSeek's layout),
+    cos and sin scaled by `factor`: x [T, heads, d] at `positions` [T]."""
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]  # [T, d/2]
+    z = x[..., 0::2] + 1j * x[..., 1::2]
+    z = z * (factor * np.exp(1j * angles))[:, None, :]
+    out = np.empty(x.shape, np.float64)
+    out[..., 0::2], out[..., 1::2] = z.real, z.imag
+    return out
+
+
+def latent_attention(a, x: np.ndarray, inv_freq: np.ndarray, factor: float, eps: float) -> np.ndarray:
+    """Multi-head latent attention written out as the DeepSeek-V2 paper states it, without the
+    absorption: every head's keys [k_b[h] c, k_rope] and values v_b[h] c are expanded, then
+    causal attention with keys and values of different widths. a: a blocks.LatentAttention
+    with interleaved RoPE pairs; x [T, hidden] at positions 0..T-1 -> [T, hidden]."""
+    T, H, n, r = x.shape[0], a.heads, a.nope, a.rope_dim
+    q = a.q(x) if a.q is not None else a.q_b(rms_norm(a.q_a(x), a.q_a_norm, eps).astype(np.float32))
+    q = q.reshape(T, H, n + r).astype(np.float64)
+    latent = a.kv_a(x).astype(np.float64)
+    c = rms_norm(latent[:, : a.rank], a.kv_a_norm, eps)  # [T, rank]
+    pos = np.arange(T)
+    q_rope = rope_pairs(q[..., n:], pos, inv_freq, factor)
+    k_rope = rope_pairs(latent[:, None, a.rank :], pos, inv_freq, factor)  # [T, 1, r]
+    k_nope = np.einsum("hnc,tc->thn", a.k_b, c)  # [T, H, n]
+    v = np.einsum("hvc,tc->thv", a.v_b, c)  # [T, H, v_dim]
+    scores = (np.einsum("thd,shd->hts", q[..., :n], k_nope) + np.einsum("thd,sd->hts", q_rope, k_rope[:, 0])) * a.scale
+    scores = np.where(np.arange(T)[None, :] > np.arange(T)[:, None], -np.inf, scores)
+    out = np.einsum("hts,shv->thv", softmax(scores), v).reshape(T, -1)
+    return a.o(out.astype(np.float32))

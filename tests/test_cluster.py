@@ -2,8 +2,14 @@
 
 Real Ray nodes as separate processes (ray.cluster_utils.Cluster): a head that offers no
 device, and two nodes offering the `edgemoe` resource, each with its own $EDGEMOE_CACHE (its
-flash). Tiny checkpoints converted at 8 bits; every result is compared with the same model
-loaded without a cluster, bit for bit.
+flash); a third joins late in the module. Tiny checkpoints converted at 8 bits; every result
+is compared with the same model loaded without a cluster, bit for bit.
+
+The coordinator streams at its minimum budget, and plans with profile figures (a Raspberry
+Pi 4 streaming from SD, Orin Nano devices on wired gigabit): experts of a few KB read from an
+SD card cost more than a round trip, so the plans use the devices, as they would on boards.
+A plan from this machine's own figures would keep tiny experts here (its disk beats Ray's
+round trip on 2 busy cores).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import psutil
 import pytest
 
 import edgemoe
-from edgemoe.cluster import ClusterMoE, assign_experts
+from edgemoe.cluster import ClusterMoE, PlanFigures
+from edgemoe.cluster.placement import Plan
 from edgemoe.converters.convert import convert
 from edgemoe.errors import ClusterError
 
@@ -26,6 +33,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 PROMPT = [5, 17, 17, 3, 250, 0, 42, 9, 9, 100, 7, 64]
 NEW = 12
+BOARDS = PlanFigures(link="wired-gigabit", device="jetson-orin-nano-nvme", coordinator="raspberry-pi-4-sd")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +83,13 @@ def single(path, budget=None):
     return m.logits(PROMPT), m.generate(PROMPT, max_new_tokens=NEW)
 
 
+def on_cluster(path, address, room, budget="min", **kw):
+    """The model at its minimum budget, its experts planned over the cluster with board figures."""
+    budget = edgemoe.load(path).min_budget if budget == "min" else budget
+    kw.setdefault("cluster_figures", BOARDS)
+    return edgemoe.load(path, memory_budget=budget, cluster=address, device_memory=room, **kw)
+
+
 def expert_bytes(path) -> int:
     return edgemoe.load(path).info()["expert_bytes"]
 
@@ -89,18 +104,6 @@ def exited(pid: int) -> bool:
 def override(m) -> ClusterMoE:
     assert isinstance(m.net.moe_override, ClusterMoE)
     return m.net.moe_override
-
-
-def test_assign_experts_fills_devices_with_the_most_used_first():
-    sizes = np.array([[10, 10, 0, 10], [10, 10, 10, 10]])
-    usage = np.array([[1, 9, 0, 5], [7, 1, 1, 1]])
-    got = assign_experts({"b": 20, "a": 25}, sizes, usage)
-    # by share of their layer: (1,0) .7, (0,1) .6, (0,3) .33, (1,1) .1, ... (0,0) .07; each to the
-    # device with the most room left, ties by name
-    assert got == {"a": [(1, 0), (0, 3)], "b": [(0, 1), (1, 1)]}
-    # no usage: round the layers; nothing placed where nothing fits
-    assert assign_experts({"a": 15}, sizes) == {"a": [(0, 0)]}
-    assert assign_experts({"a": 0}, sizes) == {"a": []}
 
 
 def test_an_address_nobody_answers_is_named(models):
@@ -128,18 +131,21 @@ def test_a_cluster_without_devices_is_named(head, models):
     assert not ray.is_initialized()  # the connection load made is closed again
 
 
-@pytest.mark.parametrize(
-    "arch, budget",
-    [("mixtral", None), ("mixtral", "min"), ("qwen2_moe", None)],
-    ids=["mixtral", "mixtral-budget", "qwen2_moe"],
-)
-def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models, arch, budget):
+def plan_held(s) -> dict[str, set[tuple[int, int]]]:
+    """The plan in stats as device -> its (layer, expert) pairs."""
+    plan = Plan.from_json(s["plan"])
+    return {
+        d.name: {(plan.moe_layers[m], int(e)) for m, e in zip(*np.nonzero(plan.held[i]))}
+        for i, d in enumerate(plan.devices)
+    }
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models, arch):
     path = models[arch]
-    if budget == "min":
-        budget = edgemoe.load(path).min_budget
-    want_logits, want_tokens = single(path, budget)
-    # each device holds about a third of the experts: the rest stream through this process's cache
-    m = edgemoe.load(path, memory_budget=budget, cluster=devices.address, device_memory=expert_bytes(path) // 3)
+    want_logits, want_tokens = single(path, edgemoe.load(path).min_budget)
+    # each device has room for about a third of the experts: the rest stream through this process's cache
+    m = on_cluster(path, devices.address, expert_bytes(path) // 3)
     try:
         got_logits = m.logits(PROMPT)  # prefill: every prompt token in one call per device and layer
         s = m.stats()["cluster"]
@@ -148,15 +154,107 @@ def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models
         for d in s["devices"].values():
             assert d["state"] == "up" and d["experts"] > 0
             assert 0 < d["calls"] <= moe_layers and d["rows_sent"] <= d["calls"] * len(PROMPT)
+        # what runs is the plan kept in the stats
+        assert {k: set(map(tuple, v)) for k, v in s["assignment"].items()} == plan_held(s)
+        assert [e["reason"] for e in s["plans"]] == ["start"]
         np.testing.assert_array_equal(got_logits, want_logits)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want_tokens
         s = m.stats()["cluster"]
         assert s["recomputed_slots"] == 0 and all(d["failures"] == 0 for d in s["devices"].values())
-        if budget:
-            assert m.stats()["cache_misses"] > 0  # the coordinator's experts really streamed
+        assert m.stats()["cache_misses"] > 0  # the coordinator's experts really streamed
     finally:
         m.close()
     assert m.net.moe_override is None and not ray.is_initialized()
+
+
+def test_replicated_experts_change_no_token(devices, models):
+    """A plan with replicas: an expert on both devices goes, per call, to a device the call
+    visits anyway, else to the quicker one; every expert's rows still go to one place."""
+    from edgemoe.cluster.placement import CoordinatorSpec, DeviceSpec, model_inputs
+
+    path = models["mixtral"]
+    budget = edgemoe.load(path).min_budget
+    want_logits, want_tokens = single(path, budget)
+    sizes, stats, moe_layers = model_inputs(path, require_routing=False)
+    held = np.zeros((2, *sizes.shape), bool)
+    held[0, 0, :2] = held[1, 0, :] = True  # layer 0: experts 0-1 on both, 2-3 on the slower device only
+    held[0, 1, :] = held[1, 1, 2:] = True  # layer 1: 2-3 on both, 0-1 on the quicker device only
+    total = int(sizes.sum())
+    plan = Plan(
+        [DeviceSpec("quick", total, 18e9, 2e-4, 1e9), DeviceSpec("slow", total, 18e9, 4e-3, 5e7)],
+        CoordinatorSpec(budget, 45e6, 1e-3, 4e9),
+        sizes,
+        held,
+        np.zeros(sizes.shape, bool),
+        moe_layers,
+        stats.top_k,
+        stats.hidden_size,
+    )
+    m = on_cluster(path, devices.address, expert_bytes(path), cluster_plan=plan)
+    try:
+        s = m.stats()["cluster"]
+        assert [e["reason"] for e in s["plans"]] == ["the plan given"]
+        assert Plan.from_json(s["plan"]).held.tolist() == held.tolist()
+        np.testing.assert_array_equal(m.logits(PROMPT), want_logits)
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want_tokens
+        s = m.stats()["cluster"]
+        assert s["remote_slots"] > 0 and s["local_slots"] == 0 and s["recomputed_slots"] == 0
+        assert all(d["calls"] > 0 for d in s["devices"].values())
+    finally:
+        m.close()
+
+
+def test_tokens_with_the_plan_from_measured_figures(devices, models):
+    """Without profile figures the plan is made from the devices and this machine as measured
+    (it may keep every expert here): the tokens are the same whatever it decides."""
+    path = models["mixtral"]
+    _, want = single(path, edgemoe.load(path).min_budget)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 2, cluster_figures=None)
+    try:
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want
+        plan = Plan.from_json(m.stats()["cluster"]["plan"])
+        assert all(d.rtt_s > 0 and d.compute_bytes_per_s > 0 and d.link_bits_per_s > 0 for d in plan.devices)
+        assert plan.coordinator.flash_bytes_per_s > 0 and plan.coordinator.compute_bytes_per_s > 0
+    finally:
+        m.close()
+
+
+def test_run_follows_a_plan_given_and_prints_it(devices, models, tmp_path, capsys):
+    from edgemoe.cli import main
+    from edgemoe.cluster.placement import CoordinatorSpec, DeviceSpec, model_inputs, plan_placement
+
+    path = str(models["mixtral"])
+    budget = edgemoe.load(path).min_budget
+    sizes, stats, moe_layers = model_inputs(path, require_routing=False)
+    fast = DeviceSpec("board-a", int(sizes.sum()) // 2, 18e9, 2e-4, 1e9)
+    plan = plan_placement(
+        [fast, DeviceSpec("board-b", int(sizes.sum()) // 2, 18e9, 2e-4, 1e9)],
+        CoordinatorSpec(budget, 45e6, 1e-3, 4e9),
+        sizes,
+        stats,
+        moe_layers,
+        search_seconds=0.5,
+    )
+    (tmp_path / "plan.json").write_text(__import__("json").dumps(plan.to_json()))
+    args = ["run", path, "-p", "The robot", "-n", "6", "--temperature", "0", "--memory-budget", str(budget), "--stats"]
+    assert main(args) == 0
+    alone = capsys.readouterr().out
+    assert main([*args, "--cluster", devices.address, "--plan", str(tmp_path / "plan.json")]) == 0
+    out, err = capsys.readouterr()
+    assert out == alone
+    assert f"cluster       {devices.address}:" in err and err.count(" up ") == 2
+    assert "plan (the plan given)" in err and "expected MoE time per token" in err
+    assert not ray.is_initialized()
+
+    # a plan of another model is refused before anything starts
+    other = plan.to_json()
+    other["sizes"] = [[1 + x for x in row] for row in other["sizes"]]
+    (tmp_path / "other.json").write_text(__import__("json").dumps(other))
+    with pytest.raises(ClusterError, match="made for another model.*edgemoe cluster plan"):
+        edgemoe.load(path, cluster=devices.address, cluster_plan=tmp_path / "other.json")
+    with pytest.raises(ClusterError, match="cannot read the placement plan"):
+        edgemoe.load(path, cluster=devices.address, cluster_plan=tmp_path / "missing.json")
+    assert not ray.is_initialized()
 
 
 def test_run_through_the_cluster_prints_its_statistics(devices, models, capsys):
@@ -166,17 +264,18 @@ def test_run_through_the_cluster_prints_its_statistics(devices, models, capsys):
     args = ["run", path, "-p", "The robot", "-n", "6", "--temperature", "0", "--stats"]
     assert main(args) == 0
     alone = capsys.readouterr().out
-    assert main([*args, "--cluster", devices.address, "--device-memory", "60KB"]) == 0
+    assert main([*args, "--cluster", devices.address, "--device-memory", "60KB", "--link", "wifi5"]) == 0
     out, err = capsys.readouterr()
     assert out == alone
     assert f"cluster       {devices.address}:" in err and err.count(" up ") == 2
+    assert "plan (start)" in err
     assert not ray.is_initialized()
 
 
 def test_a_device_that_misses_the_deadline_is_computed_here(devices, models):
     path = models["mixtral"]
-    _, want = single(path)
-    m = edgemoe.load(path, cluster=devices.address, cluster_timeout=1e-6, device_memory=expert_bytes(path))
+    _, want = single(path, edgemoe.load(path).min_budget)
+    m = on_cluster(path, devices.address, expert_bytes(path), cluster_timeout=1e-6)
     try:
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         s = m.stats()["cluster"]
@@ -189,11 +288,11 @@ def test_a_device_that_misses_the_deadline_is_computed_here(devices, models):
 
 def test_a_server_started_again_reads_its_experts_from_its_flash(devices, models):
     path = models["mixtral"]
-    _, want = single(path)
+    _, want = single(path, edgemoe.load(path).min_budget)
     room = expert_bytes(path) // 2
-    first = edgemoe.load(path, cluster=devices.address, device_memory=room)
+    first = on_cluster(path, devices.address, room)
     first.close()  # the devices now hold copies on their flash
-    m = edgemoe.load(path, cluster=devices.address, device_memory=room)
+    m = on_cluster(path, devices.address, room)
     try:
         s = m.stats()["cluster"]["devices"]
         assert all(d["blob_bytes_sent"] == 0 and d["blobs_from_flash"] == d["experts"] > 0 for d in s.values())
@@ -215,7 +314,7 @@ def test_a_server_started_again_reads_its_experts_from_its_flash(devices, models
 
 def test_a_damaged_copy_on_a_device_is_named(devices, models):
     path = models["mixtral"]
-    edgemoe.load(path, cluster=devices.address, device_memory=expert_bytes(path) // 2).close()
+    on_cluster(path, devices.address, expert_bytes(path) // 2).close()
     copies = sorted(devices.root.glob("device0/cluster/*/*.blob"))
     assert copies
     for copy in copies:  # whichever the device is given, its copy is damaged
@@ -226,23 +325,61 @@ def test_a_damaged_copy_on_a_device_is_named(devices, models):
         with pytest.raises(
             ClusterError, match=r"its copy of expert \d+ of layer \d+ \(.*\.blob\) failed its checksum.*delete"
         ):
-            edgemoe.load(path, cluster=devices.address, device_memory=expert_bytes(path) // 2)
+            on_cluster(path, devices.address, expert_bytes(path) // 2)
         assert not ray.is_initialized()
     finally:
         for copy in copies:
             copy.unlink()
 
 
-def test_a_node_removed_mid_generation_changes_no_token(devices, models):
+def wait_for(cm: ClusterMoE, what, seconds: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not what():
+        assert time.monotonic() - t0 < seconds, "the cluster did not plan again in time"
+        time.sleep(0.05)
+    cm.settle()
+
+
+def test_a_node_joining_mid_generation_gets_experts(devices, models):
+    """Adds a third device node: later tests run with it."""
+    path = models["mixtral"]
+    reference = edgemoe.load(path, memory_budget=edgemoe.load(path).min_budget)
+    want = reference.generate(PROMPT, max_new_tokens=2 * NEW)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 3)
+    faulthandler.dump_traceback_later(180, exit=True)
+    try:
+        cm = override(m)
+        got = []
+        for i, token in enumerate(m.generate(PROMPT, max_new_tokens=2 * NEW, stream=True)):
+            got.append(token)
+            if i == 3:
+                node = devices.cluster.add_node(
+                    num_cpus=1, resources={"edgemoe": 1}, env_vars={"EDGEMOE_CACHE": str(devices.root / "device2")}
+                )
+                devices.nodes.append(node)
+                wait_for(cm, lambda: any("joined" in e["reason"] for e in cm.plan_events))
+                m.reset_stats()
+        assert got == want
+        s = m.stats()["cluster"]
+        joined = next(name for name, d in s["devices"].items() if d["node"] == node.node_id)
+        assert s["devices"][joined]["state"] == "up" and s["devices"][joined]["experts"] > 0
+        assert joined in plan_held(s) and s["devices"][joined]["calls"] > 0
+        assert s["plans"][-1]["reason"] == f"{joined} joined" and len(s["plans"][-1]["devices"]) == 3
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        m.close()
+
+
+def test_a_node_killed_mid_generation_changes_no_token(devices, models):
     """Runs last: it takes a device node away."""
     path = models["mixtral"]
-    _, want = single(path)
-    # room for every expert on each device: they share them, and the survivor can take all
-    m = edgemoe.load(path, cluster=devices.address, device_memory=expert_bytes(path))
+    want = edgemoe.load(path, memory_budget=edgemoe.load(path).min_budget).generate(PROMPT, max_new_tokens=2 * NEW)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 2)
     faulthandler.dump_traceback_later(120, exit=True)  # a hang ends the run with the stacks, not never
     try:
         cm = override(m)
-        victim = cm.devices[0]
+        held = plan_held(m.stats()["cluster"])
+        victim = next(d for d in cm.devices if held.get(d.name))
         node = next(n for n in devices.nodes if n.node_id == victim.node.id)
         t0 = time.monotonic()
         got = []
@@ -255,17 +392,17 @@ def test_a_node_removed_mid_generation_changes_no_token(devices, models):
                     assert time.monotonic() - t0 < 30, "the removed node's server does not exit"
                     time.sleep(0.05)
         assert time.monotonic() - t0 < 60  # no hang: a dead device costs one deadline
-        assert got == edgemoe.load(path).generate(PROMPT, max_new_tokens=2 * NEW)
-        assert got[:NEW] == want
+        assert got == want
         s = m.stats()["cluster"]
         d = s["devices"][victim.name]
         assert d["state"] == "down" and d["failures"] == 1 and d["error"]
-        assert s["recomputed_slots"] > 0
-        cm._wait_rebalance()  # its experts went to the device left
+        wait_for(cm, lambda: any(victim.name in e["reason"] for e in cm.plan_events))
         s = m.stats()["cluster"]
-        survivor = next(name for name in s["devices"] if name != victim.name)
-        assert s["assignment"][victim.name] == []
-        assert len(s["assignment"][survivor]) == m.info()["moe_layers"] * m.info()["experts_per_layer"]
+        assert s["assignment"][victim.name] == [] and victim.name not in plan_held(s)
+        event = next(e for e in s["plans"] if victim.name in e["reason"])
+        assert "down" in event["reason"] and victim.name not in event["devices"]
+        # and the plan for the devices left gives the same tokens
+        assert m.generate(PROMPT, max_new_tokens=2 * NEW) == want
     finally:
         faulthandler.cancel_dump_traceback_later()
         m.close()

@@ -20,11 +20,13 @@ from edgemoe.converters.convert import convert
 from edgemoe.errors import CheckpointError, EdgeMoEError, ModelDirectoryError, UnsupportedArchitectureError
 from edgemoe.format import quant
 from edgemoe.format.manifest import FORMAT_VERSION, blob_tables, load_manifest
-from edgemoe.format.safetensors import SafetensorsFile, bf16_to_f32, read_safetensors, write_safetensors
+from edgemoe.format.safetensors import SafetensorsFile, bf16_to_f32, read_safetensors, to_float32, write_safetensors
+from edgemoe.models.checkpoint import float32_role
 
 # HF expert projection names per architecture (per-expert layout)
 PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")} | {
-    a: ("mlp", "gate_proj", "up_proj", "down_proj") for a in ("qwen2_moe", "qwen3_moe", "olmoe")
+    a: ("mlp", "gate_proj", "up_proj", "down_proj")
+    for a in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 }
 
 
@@ -127,6 +129,17 @@ def expected_backbone(arch, cfg, moe_layers):
     if not cfg.get("tie_word_embeddings"):
         names.add("output")
     for i in range(cfg["num_hidden_layers"]):
+        if arch.startswith("deepseek"):  # multi-head latent attention
+            q = ("attn_q_a", "attn_q_a_norm", "attn_q_b") if cfg.get("q_lora_rank") else ("attn_q",)
+            mla = ("attn_norm", *q, "attn_kv_a", "attn_kv_a_norm", "attn_kv_b", "attn_o", "ffn_norm")
+            names |= {f"layers.{i}.{n}" for n in mla}
+            if i in moe_layers:
+                names |= {f"layers.{i}.ffn_{x}" for x in ("router", "shared_gate", "shared_up", "shared_down")}
+                if arch == "deepseek_v3":
+                    names.add(f"layers.{i}.ffn_router_bias")
+            else:
+                names |= {f"layers.{i}.ffn_{x}" for x in ("gate", "up", "down")}
+            continue
         names |= {f"layers.{i}.{n}" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm")}
         if arch == "qwen2_moe":
             names |= {f"layers.{i}.attn_{x}_bias" for x in "qkv"}
@@ -164,6 +177,19 @@ HF_NAME = {
     "ffn_shared_down": "mlp.shared_expert.down_proj.weight",
     "ffn_shared_expert_gate": "mlp.shared_expert_gate.weight",
 }
+HF_NAME_MLA = {
+    **HF_NAME,
+    "attn_q_a": "self_attn.q_a_proj.weight",
+    "attn_q_a_norm": "self_attn.q_a_layernorm.weight",
+    "attn_q_b": "self_attn.q_b_proj.weight",
+    "attn_kv_a": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm.weight",
+    "attn_kv_b": "self_attn.kv_b_proj.weight",
+    "ffn_router_bias": "mlp.gate.e_score_correction_bias",
+    "ffn_shared_gate": "mlp.shared_experts.gate_proj.weight",
+    "ffn_shared_up": "mlp.shared_experts.up_proj.weight",
+    "ffn_shared_down": "mlp.shared_experts.down_proj.weight",
+}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -175,25 +201,32 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
     back = read_safetensors(d / "backbone.safetensors")
     assert set(back) == expected_backbone(arch, m["config"], m["experts"]["moe_layers"])
     assert hf_tensors_file(d / "backbone.safetensors").keys() == back.keys()  # a standard safetensors file
+    stored = {}
+    for f in sorted(src.glob("*.safetensors")):
+        stored.update({k: dt for k, (_, dt) in read_safetensors(f).items()})
+    names = HF_NAME_MLA if arch.startswith("deepseek") else HF_NAME
     quantized = set(m["backbone"]["quantized"])  # --bits 4 quantizes the backbone to 8 bits by default
     assert m["backbone"]["bits"] == 8 and m["backbone"]["group_size"] == 64 and quantized
     for name, (arr, dtype) in back.items():
         if name.startswith("layers."):
             _, i, short = name.split(".")
             router = f"{PROJ[arch][0]}.gate.weight"
-            hf = f"model.layers.{i}." + (router if short == "ffn_router" else HF_NAME[short])
+            hf = f"model.layers.{i}." + (router if short == "ffn_router" else names[short])
         else:
-            hf = HF_NAME[name]
+            hf = names[name]
         if name in quantized:
             assert dtype == "U8" and "router" not in name and "norm" not in name
             w = quant.dequantize_matrix(np.asarray(arr))
             step = (ref[hf].max() - ref[hf].min()) / 255
             np.testing.assert_allclose(w, ref[hf], atol=step, err_msg=name)
+        elif float32_role(name):  # widened once by the converter, not at every load
+            assert dtype == "F32" and stored[hf] == "BF16"
+            np.testing.assert_array_equal(arr, ref[hf], err_msg=name)
         else:
-            assert dtype == "BF16"
-            np.testing.assert_array_equal(bf16_to_f32(arr), ref[hf], err_msg=name)
+            assert dtype == stored[hf]  # as the checkpoint stores it
+            np.testing.assert_array_equal(to_float32(arr, dtype), ref[hf], err_msg=name)
     assert m["experts"]["intermediate_size"] == 128 and m["experts"]["hidden_size"] == 64
-    assert m["experts"]["top_k"] == 2 and m["source"]["layout"] == "per-expert"
+    assert m["experts"]["top_k"] == m["config"]["num_experts_per_tok"] and m["source"]["layout"] == "per-expert"
     assert m["tokenizer"]["bos_token_id"] == 0 and m["tokenizer"]["eos_token_ids"] == [1]
     assert "tokenizer.json" in m["tokenizer"]["files"]
     for f in m["tokenizer"]["files"]:

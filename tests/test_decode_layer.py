@@ -50,9 +50,10 @@ def test_native_step_matches_with_a_budget_and_a_sliding_window(tiny_checkpoint,
     assert m.generate(IDS[:4], max_new_tokens=12) == want
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_layers_the_step_does_not_cover_keep_the_python_path(tiny_checkpoint, tmp_path, arch):
-    """qwen2_moe: a shared expert, a dense layer and q/k/v biases; qwen3_moe and olmoe: q/k norms."""
+    """qwen2_moe: a shared expert, a dense layer and q/k/v biases; qwen3_moe and olmoe: q/k norms;
+    deepseek_v3: multi-head latent attention and its own routing."""
     convert(tiny_checkpoint(arch), tmp_path / "m", bits=8, progress=False)
     assert edgemoe.load(tmp_path / "m").net.decode_layers is None
 

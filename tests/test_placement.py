@@ -129,6 +129,38 @@ def test_dispatch_sends_a_replica_to_a_device_the_token_already_visits():
     assert P.dispatch(plan, 0, [0, 2]) == {"local": [0], "flash": [], "d": [2]}  # replica: the quicker device
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_runtimes_dispatcher_makes_the_cost_models_choices(seed):
+    """What the cluster runs (Dispatcher.choose, per call) is what the plan was scored on
+    (_serve), for every set of random plans with replicas; with a device down, its experts go
+    to their other holders or to the coordinator."""
+    rng = np.random.default_rng(seed)
+    M, E, k = 2, 6, 2
+    sizes = rng.integers(1, 5, (M, E)) * MB
+    st = RoutingStats(rng.integers(1, 20, (M, E)), k, HIDDEN)
+    devs = [
+        DeviceSpec(f"d{i}", 100 * MB, float(rng.choice([1e9, 4e9])), float(rng.choice([2e-4, 4e-3])), 1e9)
+        for i in range(3)
+    ]
+    plan = plan_of(devs, COORD, sizes, st)
+    plan.held[:] = rng.random(plan.held.shape) < 0.5
+    plan.local[:] = rng.random(plan.local.shape) < 0.2
+    c = P._Costs.of(plan.devices, plan.coordinator, plan.sizes, HIDDEN)
+    for m in range(M):
+        sets = P.layer_sets(st, m)
+        _, want = P._serve(c, m, sets, plan.held[:, m], plan.local[m])
+        d = P.Dispatcher(plan)
+        got = np.stack([d.choose(m, row) for row in sets.idx])
+        np.testing.assert_array_equal(got, want)
+        # device 0 down: the plan as if it held nothing
+        down = P.Dispatcher(plan, up=[False, True, True])
+        without = plan.held[:, m].copy()
+        without[0] = False
+        _, want = P._serve(c, m, sets, without, plan.local[m])
+        np.testing.assert_array_equal(np.stack([down.choose(m, row) for row in sets.idx]), want)
+        assert not (np.stack([down.choose(m, row) for row in sets.idx]) == 0).any()
+
+
 # -- the optimiser ------------------------------------------------------------------------------
 def brute_force(devices, coord, sizes, stats):
     """The best expected time over every assignment of holders (a subset of the devices with

@@ -17,7 +17,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 VOCAB_SIZE = 512
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"  # token ids 0, 1, 2
@@ -102,6 +102,47 @@ def _base_config(arch: str) -> dict:
             norm_topk_prob=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4},
         )
+    if arch in ("deepseek_v2", "deepseek_v3"):
+        # multi-head latent attention: K heads 16 + 8 (RoPE) wide, V heads 12; a dense first layer;
+        # group-limited routing; YaRN past a 32-token original context
+        mla = dict(
+            common,
+            num_hidden_layers=3,
+            num_key_value_heads=4,
+            intermediate_size=96,
+            moe_intermediate_size=128,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_group=4,
+            topk_group=2,
+        )
+        yarn = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, original_max_position_embeddings=32)
+        if arch == "deepseek_v2":  # V2-Lite's shape: q straight from the hidden state
+            return dict(
+                mla,
+                q_lora_rank=None,
+                n_group=2,  # the top 3 come from the one group with the highest single score
+                topk_group=1,
+                num_experts_per_tok=3,
+                topk_method="group_limited_greedy",
+                routed_scaling_factor=1.5,
+                norm_topk_prob=False,
+                rope_parameters=dict(yarn, mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1),
+            )
+        # V3: q through a low-rank q_a/q_b, sigmoid scores with a selection bias (noaux_tc)
+        return dict(
+            mla,
+            q_lora_rank=48,
+            num_experts_per_tok=3,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            rope_parameters=dict(yarn, mscale=1.0, mscale_all_dim=0.8),
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
 
 
@@ -138,6 +179,9 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
             p.copy_(0.1 * noise)
         else:
             p.copy_(std * noise)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias: zeros at init
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
 
 
 def make_checkpoint(

@@ -140,10 +140,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = m.generate(
         prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True
     )
-    next(tokens)
+    ids = [next(tokens)]
     ttft = time.perf_counter() - t0
     at_first = m.cache.stats()
-    n = 1 + sum(1 for _ in tokens)
+    ids += list(tokens)
+    n = len(ids)
     total = time.perf_counter() - t0
     s = m.stats()
     decoded = n - 1
@@ -165,6 +166,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "cache_hit_rate": s["cache_hit_rate"],
         "direct_io": s["direct_io"],
         "options": spec.get("options", {}),
+        "token_ids": ids,
         "stats": s,
     }
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..bench import llama_cpp, modes
+from ..bench import cluster, llama_cpp, modes, serve_load
 from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
@@ -17,6 +17,8 @@ from .common import size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--serve" in argv:  # the server's load test has options of its own
+        return serve_load.main([a for a in argv if a != "--serve"])
     intro, _, rest = (modes.__doc__ or "").partition("\n\n")
     ap = argparse.ArgumentParser(
         prog="edgemoe bench",
@@ -56,12 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: a load test of `edgemoe serve` (edgemoe bench --serve -h for its options)",
+    )
+    ap.add_argument(
         "--peers",
         default=None,
         metavar="ENGINES",
         help="instead: edgemoe against these engines (llama.cpp) on the same weights and memory limits",
     )
     llama_cpp.add_arguments(ap)
+    cluster.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.peers:
         return llama_cpp.run(args)
@@ -74,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     def emit(text: str) -> None:
         print(text, flush=True)
         lines.append(text)
+
+    if args.cluster:
+        args.cache = str(cache)
+        for name in [n for n in args.models.split(",") if n]:
+            rs = cluster.run(args, prepare(name, cache, args.bits), emit)
+            results += [dict(r, model=name) for r in rs]
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(results, indent=2))
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(lines) + "\n")
+        if args.plot:
+            cluster.plot(results, args.plot)
+        return 0
 
     names = [n for n in args.models.split(",") if n]
     for name in names:

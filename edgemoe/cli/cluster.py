@@ -1,6 +1,9 @@
 """`edgemoe cluster SUBCOMMAND`: one model's experts across several devices.
 
 edgemoe cluster plan [MODEL] --devices PROFILE[xN],... [--link LINK]   place the experts, print the plan
+edgemoe cluster local --nodes N --node-memory SIZE --link LINK [-- CMD]  Ray nodes on this machine
+edgemoe cluster exec -- CMD                                            CMD beside the local cluster's head
+edgemoe cluster down                                                   remove every local cluster
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -114,9 +118,77 @@ def plan_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def local_main(argv: Sequence[str]) -> int:
+    from ..cluster import local
+
+    argv = list(argv)
+    cmd: list[str] = []
+    if "--" in argv:
+        cmd = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
+    p = argparse.ArgumentParser(
+        prog="edgemoe cluster local",
+        description="Start a Ray cluster on this machine: a head and N device nodes, each node in its own "
+        "network namespace and cgroup v1 memory limit, its link to the head emulated (tc netem, or a userspace "
+        "emulator where the kernel has no netem). Addresses 10.77.0.0/24 exist only inside those namespaces. "
+        "With `-- CMD`, run CMD beside the head (the coordinator) and remove the cluster afterwards; without, "
+        "leave it running for `edgemoe cluster exec` and `edgemoe cluster down`.",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="device nodes (default 2)")
+    p.add_argument("--node-memory", type=size_arg, default="1GB", help="each node's memory limit (default 1GB)")
+    p.add_argument("--link", default="wifi5", help=f"each node's link to the head: {', '.join(list_links())}")
+    args = p.parse_args(argv)
+    lc = local.up(args.nodes, parse_bytes(args.node_memory), args.link)
+    print(
+        f"local cluster {lc.tag}: {lc.nodes} nodes of {args.node_memory} over {lc.link} ({lc.emulator} links), "
+        f"head at {lc.address} in namespace {lc.head_netns}",
+        file=sys.stderr,
+    )
+    if not cmd:
+        print(
+            f"run the coordinator with: edgemoe cluster exec -- edgemoe run MODEL --cluster {lc.address} ...\n"
+            "remove it with: edgemoe cluster down",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        return subprocess.call(lc.command(cmd))
+    finally:
+        local.down(lc)
+
+
+def exec_main(argv: Sequence[str]) -> int:
+    from ..cluster import local
+
+    cmd = list(argv[1:] if argv[:1] == ["--"] else argv)
+    clusters = local.running()
+    if not cmd or not clusters:
+        print(
+            "edgemoe cluster exec: error: "
+            + ("no command: edgemoe cluster exec -- CMD" if not cmd else "no local cluster: edgemoe cluster local"),
+            file=sys.stderr,
+        )
+        return 2
+    return subprocess.call(clusters[-1].command(cmd))
+
+
+def down_main(argv: Sequence[str]) -> int:
+    from ..cluster import local
+
+    if argv:
+        print("usage: edgemoe cluster down  (removes every local cluster)", file=sys.stderr)
+        return 2
+    tags = local.down_all()
+    print(f"removed {len(tags)} local cluster(s)" + (f": {', '.join(tags)}" if tags else ""), file=sys.stderr)
+    return 0
+
+
 # subcommand -> (its main, one line of help)
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plan": (plan_main, "place a model's experts on devices and print the plan"),
+    "local": (local_main, "start Ray nodes on this machine, each with a memory limit and an emulated link"),
+    "exec": (exec_main, "run a command beside the local cluster's head (where the coordinator runs)"),
+    "down": (down_main, "remove every local cluster: processes, namespaces, cgroups"),
 }
 
 

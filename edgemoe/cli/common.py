@@ -95,6 +95,19 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="RAM for experts on each device, e.g. 2GB (default: half of each device's available RAM)",
     )
+    p.add_argument(
+        "--plan",
+        default=None,
+        metavar="FILE",
+        help="follow this placement plan (`edgemoe cluster plan --json FILE`; its devices are taken in the order "
+        "of the cluster's) instead of planning from the devices measured",
+    )
+    p.add_argument(
+        "--link",
+        default=None,
+        metavar="LINK",
+        help="plan with this link profile's round trip and bandwidth instead of measuring them (devices/links.json)",
+    )
 
 
 def stream_options(args: argparse.Namespace) -> StreamOptions:

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..cluster import attach, format_cluster_stats
+from ..cluster import PlanFigures, attach, format_cluster_stats
 from ..runtime.engine import Model, load
 from ..runtime.stats import format_stats
 from ..units import format_bytes
@@ -34,7 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = load(resolve_model(args.model), **load_args(args))
     try:
         if args.cluster:
-            attach(m, args.cluster, timeout_s=args.cluster_timeout / 1e3, device_memory=args.device_memory)
+            attach(
+                m,
+                args.cluster,
+                timeout_s=args.cluster_timeout / 1e3,
+                device_memory=args.device_memory,
+                plan=args.plan,
+                figures=PlanFigures(link=args.link),
+            )
         generate(m, args)
     finally:
         m.close()  # a cluster's device servers stop with the command

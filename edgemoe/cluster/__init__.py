@@ -4,6 +4,6 @@ Placement of experts across devices (placement) and settings for one device from
 free (settings) are plain Python; the Ray runtime (moe, server, connect) imports ray only when
 a cluster is used (`pip install 'edgemoe[cluster]'`)."""
 
-from .moe import ClusterMoE, assign_experts, attach, detach, format_cluster_stats
+from .moe import ClusterMoE, PlanFigures, attach, detach, format_cluster_stats, load_plan
 
-__all__ = ["ClusterMoE", "assign_experts", "attach", "detach", "format_cluster_stats"]
+__all__ = ["ClusterMoE", "PlanFigures", "attach", "detach", "format_cluster_stats", "load_plan"]

@@ -5,11 +5,15 @@ layer. `ClusterMoE` replaces the model's routed-expert computation (DecoderLM.mo
 at each MoE layer it sends each device holding some of the call's experts one call with all
 their rows, computes its own experts through the cache meanwhile (moe_forward_slots), and
 sums every slot with moe_forward's arithmetic (combine_slots), so the tokens are the ones a
-single device gives. A device that errs, dies or misses the deadline has its slots computed
-locally for that call, is marked down, and its experts go to the devices left.
+single device gives. Which device computes which expert is a placement plan (placement.py:
+plan_placement over the devices' measured figures, or a plan given), followed call by call
+by its Dispatcher. A device that errs, dies or misses the deadline has its slots computed
+locally for that call and is marked down: its experts go to their other replicas or the
+coordinator's flash at once, and a thread plans again for the devices left. A device that
+joins the cluster is seen by a watcher thread and gets experts at the next plan.
 
     m = edgemoe.load(path, cluster="auto")      # or attach(model, "HOST:PORT")
-    m.stats()["cluster"]                        # calls, bytes, failures, the assignment
+    m.stats()["cluster"]                        # calls, bytes, failures, the plan and its history
 """
 
 from __future__ import annotations
@@ -17,20 +21,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import _core
-from ..errors import ClusterError, EdgeMoEError
+from ..devices import load_link, load_profile
+from ..errors import ClusterError, PlacementError
 from ..format.manifest import blob_tables
-from ..format.routing_file import load_usage
-from ..runtime.engine import Model, warm_start_order
+from ..runtime.engine import Model
 from ..units import format_bytes, parse_bytes
 from .connect import RESOURCE, Node, connect, device_nodes
+from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
 from .server import ExpertServer
 
 Pair = tuple[int, int]  # (layer, expert)
@@ -40,28 +47,34 @@ DEFAULT_TIMEOUT_S = 0.5  # a device that has not answered a layer's call by then
 SETUP_TIMEOUT_S = 120.0  # starting a device's server, checking its flash, sending its experts
 SEND_BATCH_BYTES = 64 << 20  # blobs per call to a device while placing
 DEVICE_RAM_SHARE = 0.5  # without device_memory: this share of a device's available RAM holds experts
+WATCH_S = 1.0  # how often the watcher asks Ray which devices are alive
+PINGS = 5  # round trips timed per device for its plan figures (the median is taken)
+BANDWIDTH_PROBE_BYTES = 256 << 10
 
 
-def assign_experts(room: dict[str, int], sizes: np.ndarray, usage: np.ndarray | None = None) -> Assignment:
-    """Which (layer, expert) pairs each device holds. room: bytes each device gives experts;
-    sizes [layers, experts]: each expert's bytes (0: none, or not to place); usage: how often
-    calibration routed to each (routing.json), or None.
+@dataclasses.dataclass(frozen=True)
+class PlanFigures:
+    """Where a plan's figures come from. Each None is measured on the live cluster: a device's
+    round trip (PINGS timed calls) and bandwidth (a BANDWIDTH_PROBE_BYTES call), its expert
+    compute (ExpertServer.probe); the coordinator's flash (its emulated device, else timed
+    reads of its store) and compute. A name takes them from a profile instead: link from
+    devices/links.json, device and coordinator from devices/profiles (what `edgemoe cluster
+    plan` uses). search_seconds: the optimiser's time at each plan."""
 
-    The most used experts first (each expert's share of its layer's uses, as warm_start_order
-    ranks them; without usage, round the layers), each to the device with the most room left
-    (ties by name), skipping any that no device can take; experts no device holds run on the
-    coordinator. The one place a placement is decided: a planner's plan can take its place."""
-    left = {name: int(room[name]) for name in sorted(room)}
-    out: Assignment = {name: [] for name in left}
-    for layer, expert in warm_start_order(sizes, usage):
-        if not left:
-            break
-        name = max(left, key=lambda n: left[n])  # the first of the roomiest, by name
-        size = int(sizes[layer, expert])
-        if size <= left[name]:
-            left[name] -= size
-            out[name].append((layer, expert))
-    return out
+    link: str | None = None
+    device: str | None = None
+    coordinator: str | None = None
+    search_seconds: float = 1.0
+
+
+@dataclasses.dataclass
+class Route:
+    """The plan calls follow: its Dispatcher (the devices down masked out) and, per device of
+    the plan, the index of its Device."""
+
+    plan: Plan
+    dispatcher: Dispatcher
+    index: np.ndarray  # [plan devices] -> ClusterMoE.devices index
 
 
 def model_fingerprint(manifest: dict[str, Any]) -> str:
@@ -70,15 +83,6 @@ def model_fingerprint(manifest: dict[str, Any]) -> str:
     ex = manifest["experts"]
     blob = json.dumps([ex["file_bytes"], ex["blobs"]], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def routing_usage(model: Model, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Calibration usage [layers, experts] from routing.json, or None (no profile, or one it
-    cannot use: the placement then goes round the layers, as the warm start does)."""
-    try:
-        return load_usage(model.path, shape)
-    except EdgeMoEError:
-        return None
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -135,6 +139,9 @@ class ClusterMoE:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         device_memory: int | str | None = None,
         owns_ray: bool = False,
+        plan: Plan | None = None,
+        figures: PlanFigures | None = None,
+        watch_s: float = WATCH_S,
     ):
         if not timeout_s > 0:
             raise ValueError(f"the cluster timeout is a time in seconds > 0, got {timeout_s}")
@@ -143,17 +150,30 @@ class ClusterMoE:
         self.timeout_s = float(timeout_s)
         self.device_memory = parse_bytes(device_memory)
         self.owns_ray = owns_ray
+        self.figures = figures or PlanFigures()
+        self.watch_s = float(watch_s)
         _, self.lengths, self.crcs, _ = blob_tables(model.manifest)
-        self.usage = routing_usage(model, self.lengths.shape)
+        self.sizes, self.routing, self.moe_layers = model_inputs(model.path, require_routing=False)
+        self.moe_index = np.full(self.lengths.shape[0], -1, np.int64)
+        self.moe_index[self.moe_layers] = np.arange(len(self.moe_layers))
+        self.given_plan = plan
+        if plan is not None:
+            _check_plan(plan, self.sizes, self.moe_layers)
         self.fingerprint = model_fingerprint(model.manifest)
-        self.first_layer = min(model.manifest["experts"]["moe_layers"])
+        self.first_layer = min(self.moe_layers)
         self.devices: list[Device] = []
-        self.owner = np.full(self.lengths.shape, -1, np.int32)  # device index per (layer, expert); -1: local
+        self.route: Route | None = None  # None: every expert here
+        self.plan_events: list[dict[str, Any]] = []
+        self._measured: dict[str, dict[str, float]] = {}  # node id -> its plan figures
+        self._coordinator: CoordinatorSpec | None = None
         self._lock = threading.Lock()
-        self._rebalance_wanted = False
-        self._rebalancer: threading.Thread | None = None
+        self._replan_reasons: list[str] = []
+        self._replanner: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._closed = False
         self._server: Any = None
+        self.wait_seconds = 0.0
+        self.max_wait_seconds = 0.0  # the longest one call waited on devices
         self.reset_stats()
 
     # -- devices -----------------------------------------------------------------
@@ -180,22 +200,29 @@ class ClusterMoE:
             pass
 
     def _room(self, d: Device) -> int:
-        if self.device_memory is not None:
-            return self.device_memory
-        return int(DEVICE_RAM_SHARE * int(d.info.get("available_bytes", 0)))
+        room = (
+            self.device_memory
+            if self.device_memory is not None
+            else int(DEVICE_RAM_SHARE * int(d.info.get("available_bytes", 0)))
+        )
+        smallest = int(self.sizes[self.sizes > 0].min()) if (self.sizes > 0).any() else 0
+        return room if room >= smallest else 0  # room for no expert: it holds none
+
+    def _set_route(self, plan: Plan, devices: list[Device]) -> None:
+        """Calls follow `plan` from now on, the devices down left out (hold self._lock)."""
+        self.route = Route(plan, Dispatcher(plan, [d.up for d in devices]), np.array([d.index for d in devices]))
 
     def _down(self, d: Device, why: str) -> None:
-        """Mark d down: its experts are computed here from now on, and a re-assignment of them
-        to the devices left is wanted."""
+        """Mark d down: its experts go to their other holders or are computed here from now on,
+        and a plan for the devices left is wanted."""
         with self._lock:
             if not d.up:
                 return
             d.up, d.error = False, why
             d.failures += 1
-            owner = self.owner.copy()
-            owner[owner == d.index] = -1
-            self.owner = owner
-            self._rebalance_wanted = True
+            if self.route is not None:
+                self._set_route(self.route.plan, [self.devices[i] for i in self.route.index])
+            self._replan_reasons.append(f"{d.name} down: {why}")
 
     def _get(self, refs: list[Any], devices: list[Device], raise_damaged: bool) -> list[Any]:
         """ray.get of one setup call per device, each within SETUP_TIMEOUT_S; a device whose
@@ -222,7 +249,8 @@ class ClusterMoE:
         return out
 
     def _add_devices(self, nodes: list[Node], raise_damaged: bool) -> None:
-        """Start a server on each node (a device already up on it is kept) and learn about it."""
+        """Start a server on each node (a device already up on it is kept), learn about it and
+        measure what its plan needs."""
         fresh = []
         for node in nodes:
             old = next((d for d in self.devices if d.node.id == node.id), None)
@@ -234,17 +262,128 @@ class ClusterMoE:
             else:  # a new server on a device that was down: its counters go on
                 for f in Device.COUNTERS:
                     setattr(d, f, getattr(old, f))
-                self.devices[old.index] = d
+                with self._lock:
+                    self.devices[old.index] = d
                 self._stop(old)  # a server that was only late may still hold its experts
             fresh.append(d)
         for d, info in zip(fresh, self._get([d.handle.info.remote() for d in fresh], fresh, raise_damaged)):
             if info is not None:
                 d.info = info
+        self._measure([d for d in fresh if d.up and d.node.id not in self._measured], raise_damaged)
 
-    def _place(self, plan: Assignment, raise_damaged: bool) -> dict[int, list[Pair]]:
+    # -- the plan's figures --------------------------------------------------------
+    def _probe_blob(self) -> tuple[int, int, np.ndarray]:
+        """(layer, expert, blob): the largest expert of the first MoE layer, read from the store."""
+        m = 0
+        e = int(np.argmax(self.sizes[m]))
+        layer = self.moe_layers[m]
+        return layer, e, self.model.store.read(layer, e)
+
+    def _measure(self, devices: list[Device], raise_damaged: bool) -> None:
+        """Each device's compute (ExpertServer.probe on one expert), round trip and bandwidth,
+        unless the figures name profiles for them."""
+        import ray  # optional dependency
+
+        if not devices:
+            return
+        f = self.figures
+        link = load_link(f.link) if f.link else None
+        profile = load_profile(f.device) if f.device else None
+        hidden = int(self.model.manifest["config"]["hidden_size"])
+        rates: list[Any] = [None] * len(devices)
+        if profile is None:
+            _, _, blob = self._probe_blob()
+            rates = self._get([d.handle.probe.remote(blob, hidden) for d in devices], devices, raise_damaged)
+        payload = np.zeros(BANDWIDTH_PROBE_BYTES, np.uint8)
+        for d, rate in zip(devices, rates):
+            if not d.up:
+                continue
+            try:
+                rtts = []
+                for _ in range(PINGS):
+                    t0 = time.perf_counter()
+                    ray.get(d.handle.ping.remote(None), timeout=SETUP_TIMEOUT_S)
+                    rtts.append(time.perf_counter() - t0)
+                rtt = float(np.median(rtts))
+                bits = link.bits_per_s if link else 0.0
+                if link is None:
+                    t0 = time.perf_counter()
+                    ray.get(d.handle.ping.remote(payload), timeout=SETUP_TIMEOUT_S)
+                    bits = 8 * payload.nbytes / max(time.perf_counter() - t0 - rtt, 1e-6)
+            except ray.exceptions.RayError as e:
+                self._down(d, f"{type(_cause(e)).__name__}: {_cause(e)}")
+                continue
+            self._measured[d.node.id] = {
+                "rtt_s": link.rtt_s if link else rtt,
+                "link_bits_per_s": float(bits),
+                "compute_bytes_per_s": float(profile.int4_bytes_per_s if profile else rate),
+                "measured_rtt_s": rtt,
+            }
+
+    def coordinator_spec(self) -> CoordinatorSpec:
+        """The coordinator as the planner sees it: its cache budget (all experts when it has
+        none), flash and compute; measured once."""
+        if self._coordinator is not None:
+            return self._coordinator
+        total = int(self.sizes.sum())
+        cache = int(self.model.budget) or total
+        if self.figures.coordinator:
+            p = load_profile(self.figures.coordinator)
+            spec = CoordinatorSpec(cache, float(p.read_bytes_per_s), p.read_latency_s, float(p.int4_bytes_per_s))
+        else:
+            store = self.model.store
+            layer, e, blob = self._probe_blob()
+            if store.read_bytes_per_s > 0:  # its storage is emulated: the plan takes the emulated figures
+                flash, latency = float(store.read_bytes_per_s), float(store.read_latency_s)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(4):
+                    store.read(layer, e)  # O_DIRECT where the filesystem allows it
+                flash, latency = 4 * blob.size / max(time.perf_counter() - t0, 1e-9), 0.0
+            hidden = int(self.model.manifest["config"]["hidden_size"])
+            x = np.full((1, hidden), 0.01, np.float32)
+            runs, t0 = 0, time.perf_counter()
+            while runs < 3 or time.perf_counter() - t0 < 0.05:
+                _core.expert_forward(x, blob)
+                runs += 1
+            spec = CoordinatorSpec(cache, flash, latency, runs * blob.size / (time.perf_counter() - t0))
+        self._coordinator = spec
+        return spec
+
+    def device_spec(self, d: Device) -> DeviceSpec:
+        f = self._measured[d.node.id]
+        return DeviceSpec(d.name, self._room(d), f["compute_bytes_per_s"], f["rtt_s"], f["link_bits_per_s"])
+
+    def make_plan(self) -> Plan:
+        """plan_placement over the devices up (and measured), the coordinator and the model's
+        routing statistics (uniform without routing.json)."""
+        up = [d for d in self.devices if d.up and d.node.id in self._measured]
+        try:
+            return plan_placement(
+                [self.device_spec(d) for d in up],
+                self.coordinator_spec(),
+                self.sizes,
+                self.routing,
+                self.moe_layers,
+                search_seconds=self.figures.search_seconds,
+            )
+        except PlacementError as e:
+            raise ClusterError(f"cannot place the experts on the cluster at {self.address}: {e}") from None
+
+    # -- placing ---------------------------------------------------------------------
+    def _pairs(self, held: np.ndarray) -> list[Pair]:
+        """[M, E] mask -> (layer, expert) pairs."""
+        return [(self.moe_layers[m], int(e)) for m, e in zip(*np.nonzero(held))]
+
+    def _mask(self, pairs: list[Pair]) -> np.ndarray:
+        out = np.zeros(self.sizes.shape, bool)
+        for layer, e in pairs:
+            out[self.moe_index[layer], e] = True
+        return out
+
+    def _place(self, plan: dict[str, list[Pair]], raise_damaged: bool) -> None:
         """Make each device of the plan serve exactly its pairs: it reads what it has on its
-        flash, the coordinator sends the rest (read and checked by its ExpertStore). Returns,
-        per device index, the pairs now served by the devices that did not fail."""
+        flash, the coordinator sends the rest (read and checked by its ExpertStore)."""
         devices = [d for d in self.devices if d.up and d.name in plan]
         tables = [
             [(layer, e, int(self.lengths[layer, e]), int(self.crcs[layer, e])) for layer, e in plan[d.name]]
@@ -273,18 +412,47 @@ class ClusterMoE:
                 sending.append(d)
                 refs.append(d.handle.put.remote(batch))
         self._get(refs, sending, raise_damaged)
-        placed = {}
         for d in devices:
             if d.up:
                 d.pairs = list(plan[d.name])
-                placed[d.index] = d.pairs
-        return placed
+
+    def install(self, plan: Plan, reason: str, raise_damaged: bool = False) -> None:
+        """Move to `plan` (its devices named as self.devices are) without a call ever meeting
+        a device that lacks an expert it was sent: first calls follow what the old and the new
+        placement share, then every device is made to serve exactly its new experts (sending
+        what it lacks), then calls follow the new plan. A device's memory holds at most the
+        larger of its old and new sets meanwhile."""
+        t0 = time.monotonic()
+        by_name = {d.name: d for d in self.devices}
+        devices = [by_name[s.name] for s in plan.devices]
+        with self._lock:
+            shared = plan.held.copy()
+            for i, d in enumerate(devices):
+                shared[i] &= self._mask(d.pairs)
+            self._set_route(dataclasses.replace(plan, held=shared), devices)
+        self._place({d.name: self._pairs(plan.held[i]) for i, d in enumerate(devices)}, raise_damaged)
+        for d in self.devices:
+            if d.up and d.name not in {s.name for s in plan.devices} and d.pairs:
+                self._place({d.name: []}, raise_damaged)  # a device the plan leaves out frees its RAM
+        with self._lock:
+            self._set_route(plan, devices)
+        for m, e in zip(*np.nonzero(plan.local)):  # the coordinator's share of the plan, read now
+            self.model.cache.load(self.moe_layers[m], int(e))
+        self.plan_events.append(
+            {
+                "reason": reason,
+                "devices": [d.name for d in devices if d.up],
+                "expected_token_ms": 1e3 * plan.expected_token_s,
+                "seconds": time.monotonic() - t0,
+            }
+        )
 
     def start(self, raise_damaged: bool = True) -> None:
-        """(Re)discover the devices and place every expert over them: a device joined since
+        """(Re)discover the devices and place the experts over them: a device joined since
         gets a server, a device that was down whose node is alive gets a new one (which reads
-        its experts from its flash). Then generation uses the new placement."""
-        self._wait_rebalance()
+        its experts from its flash). The first start follows the plan given, if any; every
+        other start plans for the devices up."""
+        self._wait_replan()
         nodes = device_nodes()
         if not nodes:
             raise ClusterError(
@@ -292,79 +460,121 @@ class ClusterMoE:
                 f"there is no device to serve experts: join each device with "
                 f"`ray start --address=HEAD_IP:6379 --resources='{{\"{RESOURCE}\": 1}}'`"
             )
+        first = self.route is None
         self._add_devices(nodes, raise_damaged)
-        up = [d for d in self.devices if d.up]
-        plan = assign_experts({d.name: self._room(d) for d in up}, self.lengths, self.usage)
-        placed = self._place(plan, raise_damaged)
-        owner = np.full(self.lengths.shape, -1, np.int32)
-        with self._lock:
-            for index, pairs in placed.items():
-                if self.devices[index].up:
-                    for layer, e in pairs:
-                        owner[layer, e] = index
-            self.owner = owner
-            self._rebalance_wanted = False
         if not any(d.up for d in self.devices):
             errors = "; ".join(f"{d.name}: {d.error}" for d in self.devices)
             raise ClusterError(f"no device of the cluster at {self.address} could serve experts ({errors})")
+        if first and self.given_plan is not None:
+            plan, reason = self._name_plan(self.given_plan), "the plan given"
+        else:
+            plan, reason = self.make_plan(), "start" if first else "refresh"
+        with self._lock:
+            self._replan_reasons.clear()
+        self.install(plan, reason, raise_damaged)
+        if self._watcher is None and self.watch_s > 0:
+            self._watcher = threading.Thread(target=self._watch, name="edgemoe-cluster-watch", daemon=True)
+            self._watcher.start()
 
     refresh = start
 
-    # -- re-assignment after a failure ---------------------------------------------
-    def _maybe_rebalance(self) -> None:
-        with self._lock:
-            if not self._rebalance_wanted or self._rebalancer is not None or self._closed:
-                return
-            self._rebalancer = threading.Thread(target=self._rebalance, name="edgemoe-cluster-rebalance", daemon=True)
-        self._rebalancer.start()
+    def _name_plan(self, plan: Plan) -> Plan:
+        """A plan made for profiles (`edgemoe cluster plan --json`): its devices, in order, are
+        the live devices in order of their node ids."""
+        up = [d for d in self.devices if d.up]
+        if len(up) < len(plan.devices):
+            raise ClusterError(
+                f"the plan places experts on {len(plan.devices)} devices and the cluster at {self.address} has "
+                f"{len(up)} up: join more devices, or plan for these (`edgemoe cluster plan --devices ...`)"
+            )
+        specs = [dataclasses.replace(s, name=d.name) for s, d in zip(plan.devices, up)]
+        return dataclasses.replace(plan, devices=specs)
 
-    def _rebalance(self) -> None:
-        """On a thread: give the experts no device serves to the devices up that have room
-        (assign_experts over the room each has left), send them, and only then route to them.
-        A device keeps what it serves meanwhile, so calls in flight never miss an expert."""
+    # -- planning again after a failure or a join ---------------------------------------
+    def _watch(self) -> None:
+        """On a thread: every watch_s, the devices Ray knows: a device whose node is gone is
+        marked down at once (not at its next call), a node never seen asks for a plan."""
+        while not self._closed:
+            time.sleep(self.watch_s)
+            if self._closed:
+                return
+            try:
+                alive = {n.id: n for n in device_nodes()}
+            except Exception:  # Ray shutting down under us: nothing to watch
+                continue
+            known = {d.node.id for d in self.devices}
+            for d in list(self.devices):
+                if d.up and d.node.id not in alive:
+                    self._down(d, "its node left the cluster")
+            joined = [n for i, n in alive.items() if i not in known]
+            if joined:
+                with self._lock:
+                    self._replan_reasons.extend(f"{n.name} joined" for n in joined)
+            self._maybe_replan()
+
+    def _maybe_replan(self) -> None:
+        with self._lock:
+            if not self._replan_reasons or self._replanner is not None or self._closed:
+                return
+            self._replanner = threading.Thread(target=self._replan, name="edgemoe-cluster-replan", daemon=True)
+        self._replanner.start()
+
+    def _replan(self) -> None:
+        """On a thread: start servers on nodes that joined, plan for the devices up, and install
+        the plan. Meanwhile calls go on with the plan they have (a device down masked out)."""
         try:
             while True:
                 with self._lock:
-                    if not self._rebalance_wanted or self._closed:
+                    if not self._replan_reasons or self._closed:
                         return
-                    self._rebalance_wanted = False
-                    up = [d for d in self.devices if d.up]
-                    owner = self.owner.copy()
-                sizes = np.where(owner < 0, self.lengths, 0)  # only the experts no device serves
-                room = {
-                    d.name: self._room(d) - int(sum(int(self.lengths[layer, e]) for layer, e in d.pairs)) for d in up
-                }
-                extra = assign_experts(room, sizes, self.usage)
-                plan = {d.name: d.pairs + extra[d.name] for d in up if extra[d.name]}
-                placed = self._place(plan, raise_damaged=False)
-                with self._lock:
-                    owner = self.owner.copy()
-                    for index, pairs in placed.items():
-                        if self.devices[index].up:
-                            for layer, e in pairs:
-                                owner[layer, e] = index
-                    self.owner = owner
-        except Exception as e:  # a thread has nobody to raise to: say so, generation goes on locally
-            warnings.warn(f"re-assigning experts after a device failure stopped: {e}", stacklevel=1)
+                    reason = "; ".join(self._replan_reasons)
+                    self._replan_reasons.clear()
+                known = {d.node.id for d in self.devices}
+                self._add_devices([n for n in device_nodes() if n.id not in known], raise_damaged=False)
+                if any(d.up for d in self.devices):
+                    self.install(self.make_plan(), reason)
+        except Exception as e:  # a thread has nobody to raise to: say so, generation goes on
+            warnings.warn(f"placing experts again ({reason}) stopped: {e}", stacklevel=1)
         finally:
             with self._lock:
-                self._rebalancer = None
+                self._replanner = None
 
-    def _wait_rebalance(self) -> None:
-        t = self._rebalancer
+    def _wait_replan(self) -> None:
+        t = self._replanner
         if t is not None:
             t.join()
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until no plan is wanted or being installed (tests, benchmarks)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            self._maybe_replan()
+            self._wait_replan()
+            with self._lock:
+                if not self._replan_reasons and self._replanner is None:
+                    return
+            time.sleep(0.01)
+        raise ClusterError(f"placing experts again did not finish within {timeout_s:.0f} s")
 
     # -- the layer -----------------------------------------------------------------
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum [T, hidden] for x [T, hidden], ids/weights [T, k]."""
-        self._maybe_rebalance()
-        owner = self.owner  # one table for the whole call (a re-assignment swaps in a new one)
+        self._maybe_replan()
+        route = self.route  # one plan for the whole call (a new plan swaps in a new route)
         T, K = ids.shape
         H = x.shape[1]
         if layer == self.first_layer:
             self.tokens += T
-        where = owner[layer][ids]  # [T, k]: the device computing each slot, -1: here
+        if route is None:
+            return _core.moe_forward(self.model.cache, layer, x, ids, weights)
+        # who computes each expert of the call: one holder per expert for all its rows, so a
+        # device computes an expert's rows in one batch, as moe_forward does
+        used = np.unique(ids)
+        holder = route.dispatcher.choose(int(self.moe_index[layer]), used)
+        on_device = holder < route.dispatcher.D
+        table = np.full(self.lengths.shape[1], -1, np.int64)
+        table[used[on_device]] = route.index[holder[on_device]]
+        where = table[ids]  # [T, k]: the device computing each slot, -1: here
         remote = where >= 0
         self.remote_slots += int(remote.sum())
         self.local_slots += int(T * K - remote.sum())
@@ -397,7 +607,9 @@ class ClusterMoE:
         ys = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=~remote, weights=weights)
         t1 = time.monotonic()
         ready, _ = ray.wait([r for _, _, r in sent], num_returns=len(sent), timeout=max(0.0, t0 + self.timeout_s - t1))
-        self.wait_seconds += time.monotonic() - t1
+        waited = time.monotonic() - t1
+        self.wait_seconds += waited
+        self.max_wait_seconds = max(self.max_wait_seconds, waited)
         done = set(ready)
         flat_ys = ys.reshape(T * K, H)
         redo = np.zeros(T * K, bool)
@@ -423,9 +635,15 @@ class ClusterMoE:
 
     # -- accounting ----------------------------------------------------------------
     def assignment(self) -> Assignment:
-        """What each device serves now, by the table calls use (devices down serve nothing)."""
-        owner = self.owner
-        return {d.name: [(int(layer), int(e)) for layer, e in zip(*np.nonzero(owner == d.index))] for d in self.devices}
+        """What each device serves now, by the plan calls follow (devices down serve nothing)."""
+        route = self.route
+        out: Assignment = {d.name: [] for d in self.devices}
+        if route is not None:
+            for i, index in enumerate(route.index):
+                d = self.devices[index]
+                if d.up:
+                    out[d.name] = self._pairs(route.plan.held[i])
+        return out
 
     def stats(self) -> dict[str, Any]:
         """{"cluster": ...}: the totals, one dict per device, and the assignment (Model.stats
@@ -463,15 +681,18 @@ class ClusterMoE:
                 "remote_slots": self.remote_slots,
                 "recomputed_slots": self.recomputed_slots,
                 "wait_seconds": self.wait_seconds,
+                "max_wait_seconds": self.max_wait_seconds,
                 "devices": devices,
                 "assignment": {name: [list(p) for p in pairs] for name, pairs in assignment.items()},
+                "plan": self.route.plan.to_json() if self.route is not None else None,
+                "plans": list(self.plan_events),
             }
         }
 
     def reset_stats(self) -> None:
         self.tokens = self.remote_calls = 0
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
-        self.wait_seconds = 0.0
+        self.wait_seconds = self.max_wait_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)
@@ -483,7 +704,7 @@ class ClusterMoE:
 
         with self._lock:
             self._closed = True
-        self._wait_rebalance()
+        self._wait_replan()
         if self.model.net.moe_override is self:
             self.model.net.moe_override = None
         if ray.is_initialized():
@@ -493,21 +714,67 @@ class ClusterMoE:
                 ray.shutdown()
 
 
+def load_plan(plan: Plan | str | os.PathLike[str] | dict[str, Any]) -> Plan:
+    """A placement plan: as is, from its JSON (Plan.to_json) or from a file of it (`edgemoe
+    cluster plan --json FILE`)."""
+    if isinstance(plan, Plan):
+        return plan
+    try:
+        doc = plan if isinstance(plan, dict) else json.loads(Path(plan).read_text())
+        return Plan.from_json(doc)
+    except (OSError, ValueError, KeyError, TypeError, PlacementError) as e:
+        raise ClusterError(
+            f"cannot read the placement plan {plan if not isinstance(plan, dict) else '(given as JSON)'}: {e}; "
+            "write one with `edgemoe cluster plan MODEL --devices ... --json FILE`"
+        ) from None
+
+
+def _check_plan(plan: Plan, sizes: np.ndarray, moe_layers: list[int]) -> None:
+    if plan.sizes.shape != sizes.shape or not np.array_equal(plan.sizes, sizes) or plan.moe_layers != moe_layers:
+        raise ClusterError(
+            f"the placement plan was made for another model (its experts {plan.sizes.shape} and sizes differ from "
+            f"this model's {sizes.shape}): plan again with `edgemoe cluster plan MODEL --json FILE`"
+        )
+
+
 def attach(
     model: Model,
     address: str = "auto",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     device_memory: int | str | None = None,
+    plan: Plan | str | os.PathLike[str] | None = None,
+    figures: PlanFigures | None = None,
+    watch_s: float = WATCH_S,
 ) -> ClusterMoE:
     """Serve `model`'s experts from the devices of the Ray cluster at `address` ("auto",
     "HOST:PORT" or "ray://HOST:PORT"): start a server on each node offering the `edgemoe`
-    resource, place experts on them (assign_experts: up to device_memory bytes each, default
-    half a device's available RAM), send each the blobs its flash lacks, and install the
-    result as the model's MoE computation. timeout_s: how long a layer waits for a device
-    before computing its experts here and marking it down. Raises ClusterError naming the
-    fix when the cluster does not answer, has no device, or a device's copy is damaged."""
+    resource, plan where the experts go (plan_placement over the devices' figures, measured
+    or from profiles: `figures`; up to device_memory bytes each, default half a device's
+    available RAM), or follow `plan` (a Plan or its JSON file, its devices taken in order),
+    send each device the blobs its flash lacks, and install the result as the model's MoE
+    computation. timeout_s: how long a layer waits for a device before computing its
+    experts here and marking it down. watch_s: how often devices that joined or left are
+    looked for (0: never). Raises ClusterError naming the fix when the cluster does not
+    answer, has no device, a device's copy is damaged or the plan does not fit."""
+    given = load_plan(plan) if plan is not None else None
     owns = connect(address)
-    cm = ClusterMoE(model, address, timeout_s=timeout_s, device_memory=device_memory, owns_ray=owns)
+    try:
+        cm = ClusterMoE(
+            model,
+            address,
+            timeout_s=timeout_s,
+            device_memory=device_memory,
+            owns_ray=owns,
+            plan=given,
+            figures=figures,
+            watch_s=watch_s,
+        )
+    except BaseException:
+        if owns:
+            import ray  # optional dependency
+
+            ray.shutdown()
+        raise
     try:
         cm.start()
     except BaseException:
@@ -539,4 +806,11 @@ def format_cluster_stats(s: dict[str, Any]) -> str:
             f"{format_bytes(d['bytes_received'])}; blobs {d['blobs_sent']} sent ({format_bytes(d['blob_bytes_sent'])}),"
             f" {d['blobs_from_flash']} from its flash" + (f"; {d['error']}" if d["error"] else "")
         )
+    for event in c.get("plans", []):
+        lines.append(
+            f"  plan ({event['reason']}): {len(event['devices'])} devices, expected MoE time per token "
+            f"{event['expected_token_ms']:.3f} ms, placed in {event['seconds']:.2f} s"
+        )
+    if c.get("plan"):
+        lines.append(format_plan(Plan.from_json(c["plan"])))
     return "\n".join(lines)

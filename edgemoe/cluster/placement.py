@@ -32,7 +32,7 @@ import numpy as np
 from ..devices import DeviceProfile, LinkProfile
 from ..errors import PlacementError
 from ..format.manifest import blob_tables, load_manifest, page_bytes
-from ..format.routing_file import load_routing
+from ..format.routing_file import ROUTING_FILE, load_routing
 from ..runtime.prefetch import table_from_routing
 from ..units import format_bytes
 
@@ -364,31 +364,55 @@ class Plan:
         )
 
 
+class Dispatcher:
+    """dispatch() made ready for a plan, for every call of the runtime: who computes each expert
+    of a set at MoE layer m. An expert in the coordinator's cache is computed there; one held by
+    a single device goes to it; a replicated one goes to a holder the set already visits, else
+    to the holder that would finish it soonest (the cost model's rule, _serve). up [D]: the
+    devices still serving; a device down serves nothing, so its replicas' other holders take
+    its experts and the rest go to the coordinator (its flash)."""
+
+    def __init__(self, plan: Plan, up: Sequence[bool] | None = None):
+        D = len(plan.devices)
+        self.D = D
+        ok = np.ones(D, bool) if up is None else np.asarray(up, bool)
+        held = plan.held & ok[:, None, None]
+        nheld = held.sum(0)
+        first = held.argmax(0) if D else np.zeros(plan.local.shape, np.int64)
+        # [M, E]: a device index, D: the coordinator's cache, D + 1: its flash, -1: replicated
+        self.by_expert = np.where(plan.local, D, np.where(nheld == 0, D + 1, np.where(nheld == 1, first, -1)))
+        c = _Costs.of(plan.devices, plan.coordinator, plan.sizes, plan.hidden_size)
+        self.order: dict[tuple[int, int], list[int]] = {}  # replicated (m, e) -> its holders, quickest first
+        for m, e in zip(*np.nonzero(self.by_expert == -1)):
+            holders = np.flatnonzero(held[:, m, e])
+            quick = np.argsort(c.alone(float(plan.sizes[m, e]))[holders], kind="stable")
+            self.order[(int(m), int(e))] = holders[quick].tolist()
+
+    def choose(self, m: int, experts: np.ndarray) -> np.ndarray:
+        """experts [n] distinct ids -> [n] holders: a device index, D (cache) or D + 1 (flash)."""
+        experts = np.asarray(experts, np.int64)
+        out = self.by_expert[m, experts].copy()
+        if (out < 0).any():
+            involved = set(out[(out >= 0) & (out < self.D)].tolist())
+            for i in np.argsort(experts, kind="stable"):  # replicas in expert order, as _serve takes them
+                if out[i] >= 0:
+                    continue
+                holders = self.order[(m, int(experts[i]))]
+                d = next((h for h in holders if h in involved), holders[0])
+                involved.add(d)
+                out[i] = d
+        return out
+
+
 def dispatch(plan: Plan, m: int, experts: Sequence[int]) -> dict[str, list[int]]:
     """Who computes a token's experts at MoE layer m: {device name: experts, "local": ...,
-    "flash": ...}. An expert in the coordinator's cache is computed there; one held by a
-    single device goes to it; a replicated one goes to a holder the token already visits,
-    else to the holder with the shortest round trip for it (same rule as the cost model)."""
-    held, sz = plan.held[:, m], plan.sizes[m].astype(np.float64)
-    c = _Costs.of(plan.devices, plan.coordinator, plan.sizes, plan.hidden_size)
+    "flash": ...}, by the Dispatcher's rule (the one the runtime follows)."""
+    ids = sorted(int(e) for e in experts)
+    D = len(plan.devices)
     out: dict[str, list[int]] = {"local": [], "flash": []}
-    involved: set[int] = set()
-    later = []
-    for e in sorted(experts):
-        if plan.local[m, e]:
-            out["local"].append(e)
-        elif not held[:, e].any():
-            out["flash"].append(e)
-        elif held[:, e].sum() == 1:
-            involved.add(int(np.flatnonzero(held[:, e])[0]))
-            out.setdefault(plan.devices[int(np.flatnonzero(held[:, e])[0])].name, []).append(e)
-        else:
-            later.append(e)
-    for e in later:
-        holders = sorted(np.flatnonzero(held[:, e]), key=lambda d: c.alone(sz[e])[d])
-        d = next((h for h in holders if h in involved), holders[0])
-        involved.add(int(d))
-        out.setdefault(plan.devices[int(d)].name, []).append(e)
+    for e, h in zip(ids, Dispatcher(plan).choose(m, np.array(ids, np.int64)).tolist()):
+        key = "local" if h == D else "flash" if h == D + 1 else plan.devices[h].name
+        out.setdefault(key, []).append(e)
     return out
 
 
@@ -813,16 +837,19 @@ def _per_layer(mask: np.ndarray, detail: bool) -> str:
 
 
 # -- inputs from a converted model ---------------------------------------------------------------
-def model_inputs(model_dir: str | Path) -> tuple[np.ndarray, RoutingStats, list[int]]:
+def model_inputs(model_dir: str | Path, require_routing: bool = True) -> tuple[np.ndarray, RoutingStats, list[int]]:
     """(sizes [M, E] in whole pages, routing statistics, MoE layer indices) of a converted
-    model and its routing.json (ModelDirectoryError naming `edgemoe profile` without one)."""
+    model and its routing.json (ModelDirectoryError naming `edgemoe profile` without one;
+    without require_routing, a model without one plans as if every expert were used alike)."""
     manifest = load_manifest(model_dir)
     ex = manifest["experts"]
     moe = [int(x) for x in ex["moe_layers"]]
     _, lengths, _, _ = blob_tables(manifest)
     sizes = page_bytes(lengths[moe])
+    hidden = int(manifest["config"]["hidden_size"])
+    if not require_routing and not (Path(model_dir) / ROUTING_FILE).exists():
+        return sizes, RoutingStats((sizes > 0).astype(np.int64), int(ex["top_k"]), hidden), moe
     doc = load_routing(model_dir)
     usage = np.asarray(doc["usage"], np.int64)
     c1 = table_from_routing(doc).c1 if doc.get("table") else None
-    hidden = int(manifest["config"]["hidden_size"])
     return sizes, RoutingStats(usage, int(doc.get("top_k", ex["top_k"])), hidden, c1), moe

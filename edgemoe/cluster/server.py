@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,23 @@ from ..errors import ClusterError
 from ..runtime.paths import cache_root
 
 Pair = tuple[int, int]  # (layer, expert)
+
+
+def available_bytes() -> int:
+    """RAM this process can still take: the machine's available memory, or less when its
+    cgroup v1 memory limit leaves less (a device of `edgemoe cluster local`)."""
+    free = int(psutil.virtual_memory().available)
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                group = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                limit = int((group / "memory.limit_in_bytes").read_text())
+                usage = int((group / "memory.usage_in_bytes").read_text())
+                free = min(free, max(0, limit - usage))
+    except (OSError, ValueError):  # no cgroup v1 memory controller to be seen here
+        pass
+    return free
 
 
 def copies_dir(fingerprint: str) -> Path:
@@ -46,10 +64,28 @@ class ExpertServer:
             "pid": os.getpid(),
             "simd": _core.simd(),
             "threads": _core.get_num_threads(),
-            "available_bytes": psutil.virtual_memory().available,
+            "available_bytes": available_bytes(),
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
         }
+
+    def ping(self, payload: np.ndarray | None = None) -> int:
+        """The round trip the coordinator times (with a payload: the link's bandwidth)."""
+        return 0 if payload is None else int(payload.nbytes)
+
+    def probe(self, blob: np.ndarray, hidden: int, seconds: float = 0.05) -> float:
+        """Expert weight bytes per second this device computes one token's row through (for
+        the placement plan): `blob` (one expert of hidden size `hidden`) on one row, for about
+        `seconds` and at least three runs."""
+        blob = np.array(blob, np.uint8)
+        x = np.full((1, hidden), 0.01, np.float32)
+        runs, t0 = 0, time.perf_counter()
+        while True:
+            _core.expert_forward(x, blob)
+            runs += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds and runs >= 3:
+                return runs * blob.size / elapsed
 
     def _path(self, layer: int, expert: int) -> Path:
         return self.dir / f"layer{layer}-expert{expert}.blob"

@@ -18,6 +18,8 @@ ALIASES: dict[str, str] = {
     "qwen2_moe": "qwen2_moe",
     "qwen3_moe": "qwen3_moe",
     "olmoe": "olmoe",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
 }
 
 SUPPORTED = sorted(ALIASES)

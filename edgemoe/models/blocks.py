@@ -9,7 +9,9 @@ them; edgemoe/models/decoder.py runs them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,36 +71,90 @@ def route_softmax_topk(logits: np.ndarray, k: int, normalize: bool) -> tuple[np.
     return _core.softmax_topk(logits, k, normalize)
 
 
-class Rope:
-    """Rotary embedding, half-split ("rotate_half") convention as in transformers."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature factor: 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
-    def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = np.ascontiguousarray(
-            1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32
-        )
+
+def yarn_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """YaRN RoPE (rope_type "yarn"): inverse frequencies [dim/2] that blend interpolated
+    (divided by `factor`) and original frequencies along a ramp between the dimensions that
+    turn beta_fast and beta_slow times over the original context, and the factor cos and sin
+    are scaled by (transformers' _compute_yarn_parameters, float32 as there)."""
+    factor = scaling.get("factor")
+    original = float(scaling["original_max_position_embeddings"])
+    if factor is None:
+        factor = float(scaling["max_position_embeddings"]) / original
+    factor = float(factor)
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def turns_to_dim(turns: float) -> float:  # the dimension that turns `turns` times over the original context
+        return dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = turns_to_dim(beta_fast), turns_to_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (np.float32(factor) * pos_freqs)
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # share of the original frequency
+    inv_freq = interpolation * (1 - keep) + extrapolation * keep
+    return np.ascontiguousarray(inv_freq, dtype=np.float32), float(attention_factor)
+
+
+class Rope:
+    """Rotary embedding, half-split ("rotate_half") convention as in transformers. scaling: the
+    config's rope parameters when they are not the default RoPE ("yarn"), with the context
+    length they extend (original_max_position_embeddings, max_position_embeddings)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
+        self.attention_factor = 1.0  # what cos and sin are scaled by
+        if scaling is None:
+            self.inv_freq = np.ascontiguousarray(
+                1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32
+            )
+        else:
+            self.inv_freq, self.attention_factor = yarn_frequencies(head_dim, theta, scaling)
 
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, heads, head_dim] float32 at positions start..start+T-1, rotated in place."""
         _core.rope(x, start, self.inv_freq)
+        if self.attention_factor != 1.0:
+            x *= np.float32(self.attention_factor)
         return x
 
 
 class KVCache:
-    """Keys and values per layer, grown in chunks so decode appends in place."""
+    """Keys and values per layer, grown in chunks so decode appends in place. values=False:
+    one array per layer serves as both (multi-head latent attention caches one latent per
+    token that its keys and values are read from)."""
 
     CHUNK = 256
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, values: bool = True):
         self.k: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers
-        self.v: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers
+        self.v: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers if values else self.k
         self.length = 0
         self.kv_heads, self.head_dim = kv_heads, head_dim
+
+    def stores(self) -> tuple[list[np.ndarray], ...]:
+        return (self.k, self.v) if self.v is not self.k else (self.k,)
 
     def reserve(self, layer: int, start: int, end: int) -> None:
         """Room for positions up to `end` in layer's arrays, keeping positions before `start`."""
         if end > self.k[layer].shape[0]:
             cap = ((end + self.CHUNK - 1) // self.CHUNK) * self.CHUNK
-            for store in (self.k, self.v):
+            for store in self.stores():
                 grown = np.empty((cap, self.kv_heads, self.head_dim), np.float32)
                 grown[:start] = store[layer][:start]
                 store[layer] = grown
@@ -107,11 +163,12 @@ class KVCache:
         end = start + k.shape[0]
         self.reserve(layer, start, end)
         self.k[layer][start:end] = k
-        self.v[layer][start:end] = v
+        if self.v is not self.k:
+            self.v[layer][start:end] = v
         return self.k[layer][:end], self.v[layer][:end]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return sum(a.nbytes for store in self.stores() for a in store)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
@@ -162,6 +219,69 @@ class Attention:
 
 
 @dataclasses.dataclass
+class LatentAttention:
+    """Multi-head latent attention (DeepSeek-V2/V3). Keys and values come from one latent per
+    token: kv_a x = [c (rank values, normed by kv_a_norm), k_rope (rope_dim values, one RoPE key
+    shared by all heads)], and head h's key is [k_b[h] c, k_rope] and its value v_b[h] c. The
+    cache holds [c, k_rope] (rank + rope_dim values per token and layer), and attention runs on
+    it directly: q_nope is folded through k_b into the latent space, and the attended latent is
+    expanded through v_b once per query (the weight absorption of the DeepSeek-V2 paper).
+    q comes from q x, or through the low-rank q_b(q_a_norm(q_a x)) when q_lora_rank is set.
+    rope_order: the rotary dims' order that makes the checkpoint's interleaved pairs
+    (x0, x1), (x2, x3), ... rotate-half pairs, or None when they already are."""
+
+    norm: np.ndarray  # attn_norm [hidden]
+    q: Linear | None  # [heads * (nope + rope_dim), hidden], or None with q_a / q_b
+    q_a: Linear | None  # [q_lora_rank, hidden]
+    q_a_norm: np.ndarray | None  # [q_lora_rank]
+    q_b: Linear | None  # [heads * (nope + rope_dim), q_lora_rank]
+    kv_a: Linear  # [rank + rope_dim, hidden]
+    kv_a_norm: np.ndarray  # [rank]
+    k_b: np.ndarray  # float32 [heads, nope, rank] (a view of kv_b [heads, nope + v_dim, rank])
+    v_b: np.ndarray  # float32 [heads, v_dim, rank]
+    o: Linear  # [hidden, heads * v_dim]
+    heads: int
+    nope: int
+    rope_dim: int
+    scale: float  # the softmax scale of q . k
+    rope_order: np.ndarray | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.kv_a_norm.shape[0])
+
+    def __call__(self, x: np.ndarray, rope: Rope, kv: KVCache, layer: int, start: int, eps: float) -> np.ndarray:
+        """x [T, hidden] (after attn_norm) at positions start.. -> [T, hidden]; appends the
+        tokens' latents to kv (a values=False cache of [S, 1, rank + rope_dim])."""
+        T, H, n, r, rank = x.shape[0], self.heads, self.nope, self.rope_dim, self.rank
+        if self.q is not None:
+            q = self.q(x)
+        else:
+            assert self.q_a is not None and self.q_b is not None and self.q_a_norm is not None
+            q = self.q_b(_core.rms_norm(self.q_a(x), self.q_a_norm, eps))
+        q = q.reshape(T, H, n + r)
+        latent = self.kv_a(x)  # [T, rank + r]
+        q_rope, k_rope = q[:, :, n:], latent[:, None, rank:]
+        if self.rope_order is not None:
+            q_rope, k_rope = q_rope[..., self.rope_order], k_rope[..., self.rope_order]
+        q_rope = rope(np.ascontiguousarray(q_rope, dtype=np.float32), start)  # [T, H, r]
+        k_rope = rope(np.ascontiguousarray(k_rope, dtype=np.float32), start)  # [T, 1, r]
+        entry = np.empty((T, 1, rank + r), np.float32)  # what the cache keeps per token
+        entry[:, 0, :rank] = _core.rms_norm(np.ascontiguousarray(latent[:, :rank]), self.kv_a_norm, eps)
+        entry[:, :, rank:] = k_rope
+        cache, _ = kv.append(layer, entry, entry, start)  # [S, 1, rank + r]
+        # q . k over the latent: (k_b[h]^T q_nope[h]) . c + q_rope[h] . k_rope
+        q_lat = np.empty((T, H, rank + r), np.float32)
+        q_lat[:, :, :rank] = np.matmul(q[:, :, :n].transpose(1, 0, 2), self.k_b).transpose(1, 0, 2)
+        q_lat[:, :, rank:] = q_rope
+        q_lat *= np.float32(self.scale * math.sqrt(rank + r))  # attention() scales by 1/sqrt(rank + r)
+        # one key head for all query heads; the values are the latents' first `rank` values
+        out = attention(q_lat, cache, cache, start, None).reshape(T, H, rank + r)[:, :, :rank]
+        heads_out = np.matmul(out.transpose(1, 0, 2), self.v_b.transpose(0, 2, 1))  # [H, T, v_dim]
+        return self.o(np.ascontiguousarray(heads_out.transpose(1, 0, 2).reshape(T, -1)))  # [T, hidden]
+
+
+@dataclasses.dataclass
 class DenseMLP:
     """SwiGLU: down(silu(gate x) * up x)."""
 
@@ -195,6 +315,7 @@ class MoE:
 
     router: Linear
     shared: SharedExpert | None = None
+    score_bias: np.ndarray | None = None  # [E] added to the scores that rank experts, not to their weights
 
 
 @dataclasses.dataclass
@@ -202,7 +323,7 @@ class Layer:
     """Decoder layer `index`: pre-norm attention, then ffn_norm and either a dense MLP or an MoE."""
 
     index: int
-    attn: Attention
+    attn: Attention | LatentAttention
     ffn_norm: np.ndarray  # [hidden]
     mlp: DenseMLP | None = None
     moe: MoE | None = None

@@ -39,12 +39,16 @@ DENSE_MLP_TENSORS = ["ffn_gate", "ffn_up", "ffn_down"]
 
 # The quantization policy of the backbone: per-layer roles whose matrices `--backbone-bits` may
 # group-quantize, besides the output head. Routers, embeddings, norms and biases keep the
-# checkpoint's precision.
+# checkpoint's precision, and so do multi-head latent attention's kv_a (its one latent feeds
+# every head's keys and values: at 8 bits it raised the tiny DeepSeek models' median KL 6-fold)
+# and kv_b (read as float to fold it into the queries and outputs).
 QUANTIZABLE = (
     "attn_q",
     "attn_k",
     "attn_v",
     "attn_o",
+    "attn_q_a",
+    "attn_q_b",
     "ffn_gate",
     "ffn_up",
     "ffn_down",
@@ -52,6 +56,17 @@ QUANTIZABLE = (
     "ffn_shared_up",
     "ffn_shared_down",
 )
+
+
+# Per-layer roles the converter stores as float32 whatever the checkpoint's float dtype: the
+# runtime computes with them in numpy (multi-head latent attention's kv_b, folded into the
+# queries and outputs), so a 16-bit copy would be widened at every load.
+FLOAT32_ROLES = ("attn_kv_b",)
+
+
+def float32_role(name: str) -> bool:
+    """Whether the converter stores canonical backbone tensor `name` as float32 (FLOAT32_ROLES)."""
+    return name.startswith("layers.") and name.split(".")[-1] in FLOAT32_ROLES
 
 
 def quantized_role(name: str) -> bool:
@@ -63,7 +78,7 @@ def quantized_role(name: str) -> bool:
 def quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
     """Whether the converter group-quantizes backbone tensor `name` (canonical) of this shape:
     a matrix of a quantized role whose columns split into groups."""
-    return quantized_role(name) and len(shape) == 2 and shape[1] % group_size == 0
+    return quantized_role(name) and len(shape) == 2 and min(shape) > 0 and shape[1] % group_size == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +101,12 @@ class CheckpointLayout:
     # canonical names of the extra backbone tensors an MoE layer of this config has (a shared expert)
     moe_extras: tuple[str, ...] = ()
     moe_extras_key: str | None = None  # config key whose value > 0 means the extras are there
+    # config key counting layers after num_hidden_layers that checkpoints carry and generation
+    # does not use (DeepSeek-V3's multi-token prediction): the converter leaves them out
+    extra_layers_key: str | None = None
+
+    def extra_layers(self, config: dict[str, Any]) -> int:
+        return int(config.get(self.extra_layers_key) or 0) if self.extra_layers_key else 0
 
     def attn_tensors(self, config: dict[str, Any]) -> list[str]:
         """Canonical per-layer attention tensors this config requires."""

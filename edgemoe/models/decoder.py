@@ -18,7 +18,18 @@ import numpy as np
 from .. import _core
 from ..errors import ModelDirectoryError
 from ..format.safetensors import to_float32
-from .blocks import Attention, DenseMLP, KVCache, Layer, Linear, MoE, Rope, RouteObserver, attention
+from .blocks import (
+    Attention,
+    DenseMLP,
+    KVCache,
+    LatentAttention,
+    Layer,
+    Linear,
+    MoE,
+    Rope,
+    RouteObserver,
+    attention,
+)
 
 Tensors = dict[str, tuple[Any, str]]  # canonical name -> (array as stored, safetensors dtype)
 MoEFn = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -42,6 +53,12 @@ class DecoderConfig:
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     norm_topk_prob: bool = True
+    # the rope parameters of a scaled RoPE (rope_type in rope_types, not "default"), with the
+    # context lengths it is computed from; None for the default RoPE
+    rope_scaling: dict[str, Any] | None = None
+
+    # the RoPE types this architecture's runtime implements (blocks.Rope)
+    rope_types: ClassVar[tuple[str, ...]] = ("default",)
 
     @staticmethod
     def _get(d: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
@@ -59,9 +76,16 @@ class DecoderConfig:
         hidden = int(get(d, "hidden_size"))
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise NotImplementedError(f"rope type '{rope_type}' is not supported yet (only the default RoPE)")
+        if rope_type not in cls.rope_types:
+            raise NotImplementedError(
+                f"rope type '{rope_type}' is not supported yet for this architecture "
+                f"(it runs {', '.join(cls.rope_types)})"
+            )
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        scaling = None
+        if rope_type != "default":
+            scaling = {**rope, "max_position_embeddings": d.get("max_position_embeddings")}
+            scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
         window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         return dict(
             vocab_size=int(get(d, "vocab_size")),
@@ -79,11 +103,26 @@ class DecoderConfig:
             sliding_window=int(window) if window else None,
             layer_types=d.get("layer_types"),
             norm_topk_prob=bool(get(d, "norm_topk_prob", True)),
+            rope_scaling=scaling,
         )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
         return cls(**cls.fields_from_dict(d))
+
+    def kv_values_per_token(self) -> int:
+        """float32 values the KV cache holds per token over all layers (DecoderLM.new_kv_cache)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+    def attention_values_per_token(self) -> int:
+        """float32 values per prefilled token that one layer's attention holds besides q, k, v
+        and the cache (runtime/memory.py); 0 for grouped-query attention."""
+        return 0
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of this architecture's canonical per-layer tensors where they differ from
+        grouped-query attention's or are its own (edgemoe.models.sizes sizes a config by them)."""
+        return {}
 
 
 class Weights:
@@ -128,7 +167,7 @@ class DecoderLM:
         self.observer: RouteObserver | None = None
         # replaces the routed experts' computation when set (importance profiling swaps one expert)
         self.moe_override: MoEFn | None = None
-        self.rope = Rope(cfg.head_dim, cfg.rope_theta)
+        self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
         w = Weights(tensors)
         self.embed, self.embed_dtype = tensors["tok_embeddings"]
@@ -140,8 +179,17 @@ class DecoderLM:
     # -- building ---------------------------------------------------------------
     def build_layer(self, w: Weights, i: int) -> Layer:
         p = f"layers.{i}."
+        attn = self.build_attention(w, p, i)
+        if i in self.moe_layers:
+            return Layer(i, attn, w.vec(p + "ffn_norm"), moe=self.moe_block(w, p))
+        mlp = DenseMLP(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"))
+        return Layer(i, attn, w.vec(p + "ffn_norm"), mlp=mlp)
+
+    def build_attention(self, w: Weights, p: str, i: int) -> Attention | LatentAttention:
+        """Layer i's attention weights (prefix p = "layers.i."): grouped-query attention, or
+        another attention block that self_attention runs."""
         types = self.cfg.layer_types
-        attn = Attention(
+        return Attention(
             norm=w.vec(p + "attn_norm"),
             q=w.linear(p + "attn_q", p + "attn_q_bias"),
             k=w.linear(p + "attn_k", p + "attn_k_bias"),
@@ -153,10 +201,6 @@ class DecoderLM:
             clip=self.clip_qkv(),
             window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None,
         )
-        if i in self.moe_layers:
-            return Layer(i, attn, w.vec(p + "ffn_norm"), moe=self.moe_block(w, p))
-        mlp = DenseMLP(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"))
-        return Layer(i, attn, w.vec(p + "ffn_norm"), mlp=mlp)
 
     def moe_block(self, w: Weights, prefix: str) -> MoE:
         """The backbone part of an MoE layer (prefix "layers.N."): its router, and in
@@ -170,6 +214,7 @@ class DecoderLM:
         """Layer L as one native decode step (native/layer.h); the architecture vouches, by
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
+        assert isinstance(a, Attention) and self.rope.attention_factor == 1.0
         assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
         )
@@ -196,15 +241,27 @@ class DecoderLM:
         )
 
     # -- architecture hooks -------------------------------------------------------
-    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E]."""
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
+        """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E] of the
+        MoE layer `moe` (whose weights some routings read, e.g. a selection bias)."""
         raise NotImplementedError
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty KV cache this model's attention appends to (cfg.kv_values_per_token per token)."""
+        cfg = self.cfg
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
 
     # -- forward ------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(to_float32(self.embed[ids], self.embed_dtype))
 
-    def _attention(self, a: Attention, x: np.ndarray, layer: int, kv: KVCache, start: int) -> np.ndarray:
+    def self_attention(
+        self, a: Attention | LatentAttention, x: np.ndarray, layer: int, kv: KVCache, start: int
+    ) -> np.ndarray:
+        """Attention of layer `layer` for x [T, hidden] (after attn_norm) at positions start..,
+        appending to kv -> [T, hidden]: grouped-query attention here; an architecture with
+        another attention block runs it in its own self_attention."""
+        assert isinstance(a, Attention), "an architecture with another attention overrides self_attention"
         cfg = self.cfg
         T = x.shape[0]
         q, k, v = a.qkv(x)  # [T, heads * hd], [T, kv_heads * hd] x2
@@ -229,7 +286,7 @@ class DecoderLM:
         if L.mlp is not None:
             return L.mlp(x)
         assert L.moe is not None
-        ids, weights = self.route(L.moe.router(x))  # ffn_moe_topk: [T, k]
+        ids, weights = self.route(L.moe.router(x), L.moe)  # ffn_moe_topk: [T, k]
         if self.observer is not None:
             self.observer.on_route(L.index, resid, ids, weights)
         moe = self.moe_override or self.moe
@@ -245,7 +302,7 @@ class DecoderLM:
     def block(self, i: int, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
         """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
         L, eps = self.layers[i], self.cfg.rms_norm_eps
-        h = h + self._attention(L.attn, _core.rms_norm(h, L.attn.norm, eps), i, kv, start)
+        h = h + self.self_attention(L.attn, _core.rms_norm(h, L.attn.norm, eps), i, kv, start)
         return h + self._ffn(L, _core.rms_norm(h, L.ffn_norm, eps), h)
 
     def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:

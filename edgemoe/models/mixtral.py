@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .blocks import route_softmax_topk
+from .blocks import MoE, route_softmax_topk
 from .checkpoint import ATTENTION, GGUF_ATTENTION, GGUF_ROUTER, CheckpointLayout, GGUFLayout
 from .decoder import DecoderConfig, DecoderLM
 
@@ -37,5 +37,5 @@ class Model(DecoderLM):
     config_class = Config
     fused_decode = True
 
-    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, normalize=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .blocks import route_softmax_topk
+from .blocks import MoE, route_softmax_topk
 from .checkpoint import (
     ATTENTION,
     GGUF_ATTENTION,
@@ -59,5 +59,5 @@ class Model(DecoderLM):
     def clip_qkv(self) -> float | None:
         return self.cfg.clip_qkv  # type: ignore[attr-defined]
 
-    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)

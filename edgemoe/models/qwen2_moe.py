@@ -77,5 +77,5 @@ class Model(DecoderLM):
             shared = SharedExpert(mlp, gate)
         return MoE(w.linear(prefix + "ffn_router"), shared)
 
-    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)

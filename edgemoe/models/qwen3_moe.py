@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .blocks import route_softmax_topk
+from .blocks import MoE, route_softmax_topk
 from .checkpoint import (
     ATTENTION,
     DENSE_MLP,
@@ -45,5 +45,5 @@ class Model(DecoderLM):
     config_class = DecoderConfig
     qk_norm = "per_head"
 
-    def route(self, router_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         return route_softmax_topk(router_logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)

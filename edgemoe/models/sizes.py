@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import EdgeMoEError, UnsupportedArchitectureError
 from ..format import quant
 from . import ALIASES, get
-from .checkpoint import GLOBAL, CheckpointLayout, quantized_role
+from .checkpoint import GLOBAL, CheckpointLayout, float32_role, quantized_role
 
 FLOAT_BYTES = 2  # tensors kept as stored: a bf16 or f16 checkpoint (float32 ones keep 4 bytes per value)
 Shape = tuple[int, ...]
@@ -32,6 +32,7 @@ class Tensor:
     name: str
     shape: Shape
     quantize: bool = False
+    float32: bool = False  # stored as float32 whatever the checkpoint's dtype (checkpoint.FLOAT32_ROLES)
 
     @property
     def numel(self) -> int:
@@ -42,7 +43,7 @@ class Tensor:
         quantizes it and its columns split into groups, else as stored."""
         if bits != 16 and self.quantize and len(self.shape) == 2 and self.shape[1] % group_size == 0:
             return quant.qmatrix_nbytes(self.shape[0], self.shape[1], bits, group_size, symmetric)
-        return self.numel * FLOAT_BYTES
+        return self.numel * (4 if self.float32 else FLOAT_BYTES)
 
 
 @dataclasses.dataclass
@@ -63,6 +64,7 @@ class SizeModel:
     tied: bool  # the output head is the embedding table
     heads: int
     kv_values_per_token: int  # float32 values the KV cache holds per token, all layers
+    attention_values_per_token: int  # float32 scratch values per prefilled token of one layer's attention
     expert_extra: int = 0  # values per expert besides its three matrices (biases), kept at 16 bits
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -161,6 +163,7 @@ def _canonical_shapes(cfg: Any, layout: CheckpointLayout, qk_norm: str | None, k
         "attn_k_norm": (hd if per_head else kv,),
         "ffn_router": (cfg.num_experts, H),
         "ffn_shared_expert_gate": (1, H),
+        **cfg.tensor_shapes(),  # the architecture's own tensors, and where its shapes differ
     }
 
     def shape(role: str) -> Shape:
@@ -180,7 +183,7 @@ def _canonical_shapes(cfg: Any, layout: CheckpointLayout, qk_norm: str | None, k
 def _decoder(config: dict[str, Any]) -> SizeModel:
     """An architecture of the registry: tensors from its LAYOUT, shapes from its config class."""
     module = get(str(config["model_type"]))
-    name = ALIASES[str(config["model_type"])]
+    name = str(config["model_type"])
     layout: CheckpointLayout = module.LAYOUT
     keys = _Keys(config, name)
     why_not = None
@@ -203,8 +206,14 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
     for layer in range(cfg.num_hidden_layers):
         for role in layout.layer_tensor_names(config, layer in moe):
             full = f"layers.{layer}.{role}"
-            backbone.append(Tensor(full, shape(role), quantized_role(full)))
+            backbone.append(Tensor(full, shape(role), quantized_role(full), float32_role(full)))
     I = keys.need(layout.intermediate_key)
+    notes = _notes(config)
+    if layout.extra_layers(config):
+        notes.append(
+            f"the {layout.extra_layers(config)} layer(s) after num_hidden_layers ({layout.extra_layers_key}: "
+            f"multi-token prediction) are left out: generating text does not use them"
+        )
     return SizeModel(
         architecture=name,
         supported=why_not is None,
@@ -219,8 +228,9 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
         backbone=backbone,
         tied=cfg.tie_word_embeddings,
         heads=cfg.num_attention_heads,
-        kv_values_per_token=2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim,
-        notes=_notes(config),
+        kv_values_per_token=cfg.kv_values_per_token(),
+        attention_values_per_token=cfg.attention_values_per_token(),
+        notes=notes,
     )
 
 
@@ -238,96 +248,6 @@ def _mlp(prefix: str, H: int, I: int) -> list[Tensor]:
         Tensor(f"{prefix}_up", (I, H), True),
         Tensor(f"{prefix}_down", (H, I), True),
     ]
-
-
-def _deepseek(config: dict[str, Any]) -> SizeModel:
-    """DeepSeek-V2/V3: multi-head latent attention (q optionally through a low-rank q_a/q_b,
-    k and v through a shared latent kv_a of kv_lora_rank plus a RoPE part, expanded by kv_b),
-    dense MLPs in the first first_k_dense_replace layers, then MoE every moe_layer_freq layers
-    with n_shared_experts shared experts (one MLP of n_shared x moe_intermediate_size)."""
-    family = str(config["model_type"])
-    k = _Keys(config, family)
-    H, L, heads, V = (
-        k.need("hidden_size"),
-        k.need("num_hidden_layers"),
-        k.need("num_attention_heads"),
-        k.need("vocab_size"),
-    )
-    q_rank = k.opt("q_lora_rank")  # null: q straight from the hidden state
-    kv_rank, nope, rope, vd = (
-        k.need("kv_lora_rank"),
-        k.need("qk_nope_head_dim"),
-        k.need("qk_rope_head_dim"),
-        k.need("v_head_dim"),
-    )
-    E, top_k, I, dense_I = (
-        k.need("n_routed_experts"),
-        k.need("num_experts_per_tok"),
-        k.need("moe_intermediate_size"),
-        k.need("intermediate_size"),
-    )
-    shared = k.opt("n_shared_experts")
-    first_dense, freq = k.opt("first_k_dense_replace"), k.opt("moe_layer_freq", 1)
-    bias = bool(config.get("attention_bias", False))
-    tied = bool(config.get("tie_word_embeddings", False))
-
-    moe_layers = [i for i in range(L) if i >= first_dense and i % freq == 0]
-    backbone = _head(V, H, tied)
-    for i in range(L):
-        p = f"layers.{i}."
-        t = [Tensor(p + "attn_norm", (H,)), Tensor(p + "ffn_norm", (H,))]
-        if q_rank:
-            t += [Tensor(p + "attn_q_a", (q_rank, H), True), Tensor(p + "attn_q_a_norm", (q_rank,))]
-            t += [Tensor(p + "attn_q_b", (heads * (nope + rope), q_rank), True)]
-            t += [Tensor(p + "attn_q_a_bias", (q_rank,))] if bias else []
-        else:
-            t += [Tensor(p + "attn_q", (heads * (nope + rope), H), True)]
-        t += [Tensor(p + "attn_kv_a", (kv_rank + rope, H), True), Tensor(p + "attn_kv_a_norm", (kv_rank,))]
-        t += [
-            Tensor(p + "attn_kv_b", (heads * (nope + vd), kv_rank), True),
-            Tensor(p + "attn_o", (H, heads * vd), True),
-        ]
-        t += [Tensor(p + "attn_kv_a_bias", (kv_rank + rope,)), Tensor(p + "attn_o_bias", (H,))] if bias else []
-        if i in moe_layers:
-            t += [Tensor(p + "ffn_router", (E, H))]
-            if config.get("topk_method") == "noaux_tc":  # V3's per-expert selection bias
-                t += [Tensor(p + "ffn_router_bias", (E,))]
-            t += _mlp(p + "ffn_shared", H, shared * I) if shared else []
-        else:
-            t += _mlp(p + "ffn", H, dense_I)
-        backbone += t
-
-    notes = _notes(config)
-    mtp = k.opt("num_nextn_predict_layers")
-    if mtp:
-        notes.append(
-            f"the {mtp} multi-token-prediction layer(s) of the checkpoint (num_nextn_predict_layers) "
-            f"are left out: generating text does not use them"
-        )
-    notes.append(
-        "KV cache: the compressed latent (kv_lora_rank + qk_rope_head_dim values per layer and "
-        "token), as a runtime with multi-head latent attention keeps it"
-    )
-    return SizeModel(
-        architecture=family,
-        supported=False,
-        why_not=(
-            "edgemoe cannot run DeepSeek-V2/V3 yet: multi-head latent attention, shared experts "
-            "and DeepSeek's routing need blocks edgemoe does not have"
-        ),
-        layers=L,
-        moe_layers=moe_layers,
-        num_experts=E,
-        top_k=top_k,
-        hidden_size=H,
-        vocab_size=V,
-        expert_shapes=((I, H), (I, H), (H, I)),
-        backbone=backbone,
-        tied=tied,
-        heads=heads,
-        kv_values_per_token=L * (kv_rank + rope),
-        notes=notes,
-    )
 
 
 def _gpt_oss(config: dict[str, Any]) -> SizeModel:
@@ -384,6 +304,7 @@ def _gpt_oss(config: dict[str, Any]) -> SizeModel:
         tied=tied,
         heads=heads,
         kv_values_per_token=2 * L * kv,
+        attention_values_per_token=0,
         expert_extra=2 * I + H,
         notes=notes,
     )
@@ -391,8 +312,6 @@ def _gpt_oss(config: dict[str, Any]) -> SizeModel:
 
 # model_type -> size formula of a family edgemoe cannot run yet
 FAMILIES: dict[str, Callable[[dict[str, Any]], SizeModel]] = {
-    "deepseek_v2": _deepseek,
-    "deepseek_v3": _deepseek,
     "gpt_oss": _gpt_oss,
 }
 

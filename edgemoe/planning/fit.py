@@ -132,6 +132,7 @@ def _at_bits(sm: SizeModel, one: int, backbone_bits: int, backbone: int, context
         hidden=sm.hidden_size,
         top_k=sm.top_k,
         context_tokens=context_tokens,
+        attention_values_per_token=sm.attention_values_per_token,
     )
     return {
         "bytes": len(sm.moe_layers) * sm.num_experts * one,

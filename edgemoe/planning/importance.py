@@ -36,7 +36,6 @@ import numpy as np
 from .. import _core
 from ..errors import EdgeMoEError, ModelDirectoryError
 from ..format import quant
-from ..models.blocks import KVCache
 from ..runtime.engine import Model, load
 from .evaluate import token_ids, window_nll, windows
 
@@ -188,7 +187,7 @@ def profile_importance(
     n_tok = sum(scored)
     total_tokens = sum(len(c) for c in chunks)  # tokens that reach the experts
     L = len(net.layers)
-    fresh = lambda: KVCache(L, m.config.num_key_value_heads, m.config.head_dim)  # noqa: E731
+    fresh = net.new_kv_cache
 
     M = len(moe_layers)
     # (bits, m, e) -> window -> (nll sum, KL sum) over the window's scored tokens

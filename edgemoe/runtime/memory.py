@@ -25,6 +25,7 @@ def memory_terms(
     hidden: int,
     top_k: int,
     context_tokens: int,
+    attention_values_per_token: int = 0,
 ) -> dict[str, int]:
     """Bytes per term of an upper bound of the process's memory while it generates up to
     context_tokens (prompt included, prefilled in one pass).
@@ -32,7 +33,10 @@ def memory_terms(
     experts: the expert budget (all expert bytes when unbounded); backbone: the non-expert
     weights held in RAM; expert_slots: the cache's table size (layers x experts, twice with
     low-bit copies); kv_values_per_token: float32 values the KV cache holds per token over all
-    layers (2 x layers x kv_heads x head_dim for grouped-query attention).
+    layers (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
+    (kv_lora_rank + qk_rope_head_dim) for multi-head latent attention's latents);
+    attention_values_per_token: float32 values per prefilled token that one layer's attention
+    holds besides the cache (multi-head latent attention's queries and outputs in the latent space).
     """
     T = int(context_tokens)
     kv_cap = -(-T // KVCache.CHUNK) * KVCache.CHUNK  # the cache grows in chunks of tokens
@@ -44,5 +48,6 @@ def memory_terms(
         "kv_cache": kv_cap * kv_values_per_token * 4,
         "prefill_scores": 2 * heads * T * T * 4,  # probabilities and a temporary [heads, T, T]
         "moe_scratch": (top_k + 2) * T * hidden * 4,  # [T, K, H] slot outputs, gathered x, y
+        "attention_scratch": T * attention_values_per_token * 4,
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }

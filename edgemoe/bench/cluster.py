@@ -1,0 +1,390 @@
+"""`edgemoe bench --cluster LINKS`: one model's experts across local Ray nodes (edgemoe
+cluster local: each node in its own network namespace and memory limit, its link emulated)
+against one device with the same memory streaming from flash, and against every expert in
+RAM in one process; and node kills mid-generation.
+
+Per link profile: 3 nodes, each allowed NODE_SHARE of the model's expert bytes
+(device_memory) inside a cgroup of that plus what its Ray processes take; the coordinator
+(in the head's namespace) streams from the storage of --cluster-storage (emulated by the
+store's throttle, as `bench --device` does) at its minimum budget, for the experts no node
+holds. One device: the same budget, the best policy, storage local or emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..cluster import local
+from ..devices import load_link
+from ..runtime.engine import load
+from . import modes
+
+NODES = 3
+NODE_SHARE = 0.40
+NODE_OVERHEAD_BYTES = 450 << 20  # a node's raylet, worker and object store besides its experts
+KILL_AT_TOKEN = 3
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--cluster",
+        default=None,
+        metavar="LINKS",
+        help="instead: the model's experts on local Ray nodes over these link profiles (wired-gigabit,wifi5,"
+        "crowded-wifi), against one device streaming from flash and all-in-RAM (docs/benchmarks/cluster.md)",
+    )
+    ap.add_argument("--cluster-nodes", type=int, default=NODES, help="device nodes (default 3)")
+    ap.add_argument(
+        "--node-share", type=float, default=100 * NODE_SHARE, help="each node's share of the expert bytes, %%"
+    )
+    ap.add_argument(
+        "--flash-devices",
+        default="local,jetson-tx2-emmc,raspberry-pi-4-sd",
+        help="storage of the one-device runs: local (this disk) or device profiles to emulate",
+    )
+    ap.add_argument("--cluster-storage", default="jetson-tx2-emmc", help="storage the coordinator emulates (or local)")
+    ap.add_argument("--kills", type=int, default=20, help="node kills mid-generation (default 20; 0: none)")
+    ap.add_argument("--kill-link", default="wifi5", help="the link of the kill runs")
+    ap.add_argument("--cluster-timeout", type=float, default=500.0, help="the deadline for a device, ms")
+
+
+# -- in the head's namespace -------------------------------------------------------------
+def worker(spec: dict[str, Any]) -> None:
+    """Load the model, attach the cluster, then for each run: generate (reporting the first
+    token's time), print a JSON line. With "kills", before each run's KILL_AT_TOKEN-th token
+    print {"kill": i} and wait for a line on stdin (the node is dead), and after the run wait
+    until the cluster has planned again for the nodes there."""
+    from ..cluster.moe import ClusterMoE, attach
+
+    t0 = time.perf_counter()
+    m = load(spec["model"], memory_budget=spec["budget"], device=spec.get("device"), policy="structure")
+    attach(m, spec["address"], timeout_s=spec["timeout_s"], device_memory=spec["device_memory"])
+    load_s = time.perf_counter() - t0
+    cm = m.net.moe_override
+    assert isinstance(cm, ClusterMoE)
+    prompt = modes.bench_prompt(m, spec["prompt_tokens"], spec["seed"])
+    m.eos_ids = set()
+    print(json.dumps({"loaded": load_s, "plan": cm.stats()["cluster"]["plan"]}), flush=True)
+    cm.settle()
+    for run in range(spec["runs"]):
+        m.reset_stats()
+        times = []
+        t0 = time.perf_counter()
+        ids = []
+        for i, token in enumerate(
+            m.generate(
+                prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True
+            )
+        ):
+            ids.append(token)
+            times.append(time.perf_counter() - t0)
+            if spec.get("kills") and i == KILL_AT_TOKEN - 1:
+                print(json.dumps({"kill": run}), flush=True)
+                sys.stdin.readline()
+                times[-1] = time.perf_counter() - t0  # the pause for the kill is not the run's
+                t0 = time.perf_counter() - times[-1]
+        total = times[-1]
+        ttft = times[0]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        s = m.stats()["cluster"]
+        tokens = s["tokens"]
+        print(
+            json.dumps(
+                {
+                    "run": run,
+                    "token_ids": ids,
+                    "ttft_seconds": ttft,
+                    "decode_seconds_per_token": (total - ttft) / max(1, len(ids) - 1),
+                    "max_token_gap_seconds": max(gaps) if gaps else 0.0,
+                    "bytes_per_token": sum(d["bytes_sent"] + d["bytes_received"] for d in s["devices"].values())
+                    / max(1, tokens),
+                    "cluster": {k: v for k, v in s.items() if k not in ("plan", "assignment")},
+                }
+            ),
+            flush=True,
+        )
+        if spec.get("kills"):
+            sys.stdin.readline()  # the node killed is back
+            cm.settle()
+            cm.refresh()  # it gets experts again (from its flash) before the next run
+
+
+def _worker_main() -> None:
+    worker(json.loads(sys.argv[2]))
+
+
+# -- the comparison ----------------------------------------------------------------------
+def ray_call_seconds(lc: local.LocalCluster, calls: int = 50) -> dict[str, float]:
+    """Ray's own cost of one empty actor call to a node, measured from the head's namespace:
+    the median round trip of ExpertServer.ping minus the link's TCP round trip."""
+    script = f"""
+import json, time, ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from edgemoe.cluster.connect import device_nodes
+from edgemoe.cluster.server import ExpertServer
+ray.init(address="{lc.address}", logging_level="error", log_to_driver=False)
+node = device_nodes()[0]
+a = ray.remote(ExpertServer).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False)).remote("probe", "probe")
+ray.get(a.ping.remote(None))
+ts = []
+for _ in range({calls}):
+    t = time.perf_counter(); ray.get(a.ping.remote(None)); ts.append(time.perf_counter() - t)
+ts.sort()
+print(json.dumps({{"median": ts[len(ts) // 2], "p90": ts[int(0.9 * (len(ts) - 1))]}}))
+"""
+    r = subprocess.run(lc.command([sys.executable, "-c", script]), capture_output=True, text=True, cwd="/", timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"timing Ray's calls failed: {r.stderr[-2000:]}")
+    ray_rtt = json.loads(r.stdout.strip().splitlines()[-1])
+    link = local.measure_link(lc, 0)
+    return {
+        "ray_call_median_s": ray_rtt["median"],
+        "ray_call_p90_s": ray_rtt["p90"],
+        "link_rtt_median_s": link["rtt_median_s"],
+        "link_echo_bits_per_s": link["echo_bits_per_s"],
+        "ray_cost_s": max(0.0, ray_rtt["median"] - link["rtt_median_s"]),
+    }
+
+
+def _spawn(lc: local.LocalCluster, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        lc.command([sys.executable, "-m", "edgemoe.bench.cluster", "--worker", json.dumps(spec)]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",  # devices import the installed edgemoe (Ray puts the driver's directory on their path)
+    )
+
+
+def _lines(proc: subprocess.Popen[str]) -> Any:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("{"):
+            yield json.loads(line)
+
+
+def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, Any]]:
+    links = [x for x in args.cluster.split(",") if x]
+    m = load(model_dir)
+    info = m.info()
+    expert_bytes = int(info["expert_bytes"])
+    min_budget = int(m.min_budget)
+    moe_layers = int(info["moe_layers"])
+    share = args.node_share / 100
+    device_memory = int(share * expert_bytes)
+    node_memory = device_memory + NODE_OVERHEAD_BYTES
+    del m
+    results: list[dict[str, Any]] = []
+    emit(
+        f"\n## cluster: {info['layers']} layers x {info['experts_per_layer']} experts, experts "
+        f"{expert_bytes / 1e6:.0f} MB; {args.cluster_nodes} nodes, each {100 * share:.0f}% of the expert bytes "
+        f"({device_memory / 1e6:.0f} MB) in a {node_memory / 1e6:.0f} MB cgroup; the coordinator streams the rest "
+        f"from {args.cluster_storage} storage at its minimum budget ({min_budget / 1e6:.1f} MB)\n"
+    )
+    emit(
+        "| configuration | decode tok/s | ms/token | TTFT s | bytes sent/token | round trips/token "
+        "| Ray call ms (link RTT ms) | same tokens |\n|---|---|---|---|---|---|---|---|"
+    )
+
+    # everything in RAM, and one device with the same memory streaming from flash
+    ram = modes.measure(model_dir, "ram", 0, _mode_args(args, None))
+    ram.update(config="all in RAM, one process")
+    want = ram["token_ids"]
+    _row(emit, ram, want)
+    results.append(ram)
+    for storage in [x for x in args.flash_devices.split(",") if x]:
+        device = None if storage == "local" else storage
+        r = modes.measure(model_dir, "edgemoe", device_memory, _mode_args(args, device))
+        r.update(config=f"one device, {100 * share:.0f}% budget, flash: {storage}")
+        _row(emit, r, want)
+        results.append(r)
+
+    flash_root = Path(args.cache or ".") / "cluster-flash"
+    for link in links:
+        rtt = load_link(link).rtt_s
+        with local.local_cluster(args.cluster_nodes, node_memory, link, flash_dir=flash_root) as lc:
+            cost = ray_call_seconds(lc)
+            spec = _spec(args, model_dir, min_budget, device_memory, lc.address, runs=args.repeat)
+            proc = _spawn(lc, spec)
+            out = list(_lines(proc))
+            err = proc.communicate()[1]
+            if proc.returncode != 0:
+                raise RuntimeError(f"cluster bench worker failed over {link}:\n{err[-3000:]}")
+            runs = [x for x in out if "run" in x]
+            best = sorted(runs, key=lambda x: x["decode_seconds_per_token"])[len(runs) // 2]
+            best.update(
+                config=f"{args.cluster_nodes} nodes over {link}",
+                link=link,
+                load_seconds=out[0]["loaded"],
+                plan=out[0]["plan"],
+                decode_tokens_per_s=1 / best["decode_seconds_per_token"],
+                all_runs_same_tokens=all(x["token_ids"] == want for x in runs),
+                node_memory=lc.node_memory_usage(),
+                emulator=lc.emulator,
+                **cost,
+            )
+            best["bound_seconds_per_token"] = ram["decode_seconds_per_token"] + moe_layers * rtt
+            best["bound_with_ray_seconds_per_token"] = ram["decode_seconds_per_token"] + moe_layers * (
+                rtt + cost["ray_cost_s"]
+            )
+            _row(emit, best, want)
+            results.append(best)
+    emit("")
+    for line in targets(results, moe_layers):
+        emit(line)
+    if args.kills:
+        results.append(kills(args, model_dir, min_budget, device_memory, node_memory, want, flash_root, emit))
+    return results
+
+
+def _mode_args(args: argparse.Namespace, device: str | None) -> argparse.Namespace:
+    return argparse.Namespace(
+        seed=args.seed, prompt_tokens=args.prompt_tokens, tokens=args.tokens, device=device, repeat=args.repeat
+    )
+
+
+def _spec(
+    args: argparse.Namespace, model_dir: Path, budget: int, device_memory: int, address: str, runs: int, kills: int = 0
+) -> dict[str, Any]:
+    return {
+        "model": str(model_dir),
+        "budget": budget,
+        "device": None if args.cluster_storage == "local" else args.cluster_storage,
+        "address": address,
+        "timeout_s": args.cluster_timeout / 1e3,
+        "device_memory": device_memory,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.tokens,
+        "seed": args.seed,
+        "runs": runs,
+        "kills": kills,
+    }
+
+
+def _row(emit: Any, r: dict[str, Any], want: list[int]) -> None:
+    c = r.get("cluster")
+    ray = f"{1e3 * r['ray_call_median_s']:.2f} ({1e3 * r['link_rtt_median_s']:.2f})" if c else "-"
+    same = r.get("all_runs_same_tokens", r.get("token_ids") == want)
+    emit(
+        f"| {r['config']} | {r['decode_tokens_per_s']:.2f} | {1e3 * r['decode_seconds_per_token']:.1f} | "
+        f"{r['ttft_seconds']:.3f} | {(r['bytes_per_token'] / 1e3 if c else 0):.1f} KB | "
+        f"{(c['round_trips_per_token'] if c else 0):.2f} | {ray} | {'yes' if same else 'NO'} |"
+    )
+
+
+def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
+    """The cluster's speed targets from the rows measured."""
+    by = {r["config"]: r for r in results}
+    lines = []
+    tx2 = next((r for c, r in by.items() if c.endswith("flash: jetson-tx2-emmc")), None)
+    for r in results:
+        if not r.get("link"):
+            continue
+        t = r["decode_seconds_per_token"]
+        line = f"- over {r['link']}: {1e3 * t:.1f} ms/token"
+        if tx2:
+            line += f", {r['decode_tokens_per_s'] / tx2['decode_tokens_per_s']:.2f}x the tokens/s of one device on emulated TX2 eMMC (target >= 3x)"
+        line += (
+            f"; {t / r['bound_seconds_per_token']:.2f}x (all-in-RAM + {moe_layers} x the link's RTT) "
+            f"= {1e3 * r['bound_seconds_per_token']:.1f} ms (target <= 1.3x); "
+            f"{t / r['bound_with_ray_seconds_per_token']:.2f}x (all-in-RAM + {moe_layers} x (RTT + Ray's cost per call "
+            f"{1e3 * r['ray_cost_s']:.2f} ms)) = {1e3 * r['bound_with_ray_seconds_per_token']:.1f} ms"
+        )
+        lines.append(line)
+    return lines
+
+
+def kills(
+    args: argparse.Namespace,
+    model_dir: Path,
+    budget: int,
+    device_memory: int,
+    node_memory: int,
+    want: list[int],
+    flash_root: Path,
+    emit: Any,
+) -> dict[str, Any]:
+    """args.kills runs over args.kill_link; in each, node (run mod nodes) is SIGKILLed before
+    the KILL_AT_TOKEN-th token and started again after the run."""
+    deadline = args.cluster_timeout / 1e3
+    with local.local_cluster(args.cluster_nodes, node_memory, args.kill_link, flash_dir=flash_root) as lc:
+        proc = _spawn(lc, _spec(args, model_dir, budget, device_memory, lc.address, args.kills, kills=1))
+        assert proc.stdin is not None
+        runs = []
+        killed = None
+        for msg in _lines(proc):
+            if "kill" in msg:
+                killed = msg["kill"] % lc.nodes
+                local.kill_node(lc, killed)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            elif "run" in msg:
+                runs.append(msg)
+                if killed is not None:
+                    local.start_node(lc, killed)
+                    local.wait_for_nodes(lc, lc.nodes)
+                    killed = None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+        err = proc.communicate()[1]
+        if proc.returncode != 0:
+            raise RuntimeError(f"kill bench worker failed:\n{err[-3000:]}")
+        memory = lc.node_memory_usage()
+        pids = local._pids(lc)
+    left = [p for p in pids if local._alive(p)]
+    same = sum(r["token_ids"] == want for r in runs)
+    waits = [r["cluster"]["max_wait_seconds"] for r in runs]
+    out = {
+        "config": f"{args.kills} node kills over {args.kill_link}",
+        "runs": len(runs),
+        "same_tokens": same,
+        "max_wait_seconds": max(waits) if waits else 0.0,
+        "deadline_seconds": deadline,
+        "max_token_gap_seconds": max(r["max_token_gap_seconds"] for r in runs) if runs else 0.0,
+        "median_decode_seconds_per_token": statistics.median(r["decode_seconds_per_token"] for r in runs)
+        if runs
+        else 0.0,
+        "recomputed_slots": sum(r["cluster"]["recomputed_slots"] for r in runs),
+        "processes_left": len(left),
+        "namespaces_left": [n for n in lc.namespaces if Path("/run/netns", n).exists()],
+        "node_memory": memory,
+        "runs_detail": runs,
+    }
+    emit(
+        f"\n{out['config']}: {len(runs)} of {args.kills} runs completed, {same} with the all-in-RAM tokens; the "
+        f"longest a layer waited on devices {1e3 * out['max_wait_seconds']:.0f} ms (deadline {1e3 * deadline:.0f} ms, "
+        f"target <= 2x); longest gap between two tokens {1e3 * out['max_token_gap_seconds']:.0f} ms; "
+        f"{out['recomputed_slots']} slots recomputed here; left behind: {len(left)} processes, "
+        f"{len(out['namespaces_left'])} namespaces; node cgroup OOM kills: {sum(x['oom_kills'] for x in memory)}"
+    )
+    return out
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    import matplotlib  # deferred: optional (the bench extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "decode_tokens_per_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rows)))
+    ax.barh([r["config"] for r in rows], [r["decode_tokens_per_s"] for r in rows], color="#4a7ab5")
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s")
+    ax.set_title("Mixtral-shaped model, 4-bit: a cluster of nodes against one device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--worker"]:
+        sys.exit("usage: edgemoe bench --cluster LINKS (see edgemoe bench -h)")
+    _worker_main()
