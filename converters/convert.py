@@ -26,6 +26,8 @@ from edgemoe.format.manifest import BLOB_COLUMNS, FALLBACK_VERSION, FORMAT_VERSI
 from edgemoe.format.safetensors import FLOAT_KIND, TORCH_NAME, SafetensorsWriter, fsync_path, to_float32
 from edgemoe.models.checkpoint import float32_role, quantizable
 
+from .gguf import GGUFPlan, GGUFWeight, is_gguf, plan_gguf
+from .gguf_vocab import write_tokenizer
 from .hf import Checkpoint, Plan, plan_conversion
 
 ALIGNMENT = 4096
@@ -84,19 +86,24 @@ class Progress:
 def convert(
     src,
     dst,
-    bits: int | str = 16,
-    group_size: int = 64,
-    symmetric: bool = False,
+    bits: int | str | None = None,
+    group_size: int | None = None,
+    symmetric: bool | None = None,
     progress: bool = True,
     overwrite: bool = False,
     backbone_bits: int | None = None,
     bits_map: dict[tuple[int, int], int] | None = None,
     fallback_bits: int | None = None,
 ) -> dict:
-    """Convert the Hugging Face checkpoint at `src` into an edgemoe model directory `dst`.
+    """Convert the Hugging Face checkpoint folder or GGUF file at `src` into an edgemoe model directory `dst`.
 
     bits: 16 stores experts as in the checkpoint (bf16/f16/f32, lossless); 8, 4,
-    3 or 2 group-quantize them with `group_size` columns per group.
+    3 or 2 group-quantize them with `group_size` columns per group (default 64;
+    symmetric default False). Default: 16 for a checkpoint folder.
+    A GGUF file (docs/gguf.md): bits default to the experts' stored type's (Q4_0 -> 4,
+    Q8_0 -> 8, F16 -> 16, Q4_K -> 4, ...), group_size to 32; Q4_0 at 4 bits and Q8_0 at 8
+    bits with groups of 32 are carried over exactly (symmetric), other types are
+    dequantized and quantized again, and manifest["source"]["tensors"] reports the error.
     bits_map: {(layer, expert): bits} per-expert bitwidths overriding `bits`;
     with bits="auto" it must name every expert (edgemoe.allocate.convert_auto
     chooses one from measured importance).
@@ -110,7 +117,10 @@ def convert(
     Raises CheckpointError / UnsupportedArchitectureError naming the fix.
     """
     src, dst = Path(src), Path(dst)
-    if bits != "auto" and bits not in BITS:
+    gguf = is_gguf(src)
+    if group_size is None:
+        group_size = 32 if gguf else 64
+    if bits is not None and bits != "auto" and bits not in BITS:
         raise EdgeMoEError(f"bits must be one of {', '.join(map(str, BITS))} or 'auto', got {bits}")
     bits_map = {(int(k[0]), int(k[1])): int(v) for k, v in (bits_map or {}).items()}
     bad = sorted({b for b in bits_map.values() if b not in BITS})
@@ -124,15 +134,22 @@ def convert(
     check_fallback_bits(fallback_bits)
     if backbone_bits is not None and backbone_bits not in BACKBONE_BITS:
         raise EdgeMoEError(f"backbone bits must be one of {', '.join(map(str, BACKBONE_BITS))}, got {backbone_bits}")
+    check_destination(src, dst, overwrite)
+    plan: Plan = plan_gguf(src) if gguf else plan_conversion(Checkpoint(src))
+    if bits is None:
+        bits = plan.default_bits() if isinstance(plan, GGUFPlan) else 16
+    per_type = backbone_bits is None and isinstance(plan, GGUFPlan)  # each GGUF matrix follows its own type
+    if per_type:
+        assert isinstance(plan, GGUFPlan)
+        backbone_bits = plan.default_backbone_bits(int(bits) if bits != "auto" else 8)
+    if symmetric is None:  # a GGUF's Q4_0 / Q8_0 experts carry over as symmetric groups: the rest follows them
+        symmetric = isinstance(plan, GGUFPlan) and plan.carries_over(bits, group_size)
     used = set(bits_map.values()) | ({bits} if bits != "auto" else set())
     if (
         used != {16} or backbone_bits not in (None, 16) or fallback_bits is not None
     ) and group_size not in quant.GROUP_SIZES:
         raise EdgeMoEError(f"group size must be one of {', '.join(map(str, quant.GROUP_SIZES))}, got {group_size}")
-    check_destination(src, dst, overwrite)
 
-    ckpt = Checkpoint(src)
-    plan = plan_conversion(ckpt)
     experts = {(layer, e) for layer in plan.moe_layers for e in range(plan.num_experts)}
     unknown = sorted(set(bits_map) - experts)
     if unknown:
@@ -172,18 +189,26 @@ def convert(
         blobs, experts_bytes = _write_experts(
             tmp / EXPERTS_FILE, plan, expert_bits, group_size, symmetric, progress, fallback
         )
-        backbone_bytes, quantized = _write_backbone(tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric)
-        tok_files = _copy_tokenizer(src, tmp)
+        backbone_bytes, quantized = _write_backbone(
+            tmp / BACKBONE_FILE, plan, backbone_bits, group_size, symmetric, per_type
+        )
+        if isinstance(plan, GGUFPlan):
+            assert plan.file is not None
+            tok_files, special = write_tokenizer(plan.file.metadata, tmp)
+            source = plan.source_section()
+        else:
+            tok_files, special = _copy_tokenizer(src, tmp), _special_ids(src, plan.config)
+            source = {
+                "path": str(src.resolve()),
+                "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
+                "layout": plan.layout,
+            }
         manifest = {
             "format": "edgemoe",
             "format_version": FORMAT_VERSION,
             "architecture": plan.arch.name,
-            "config": ckpt.config,
-            "source": {
-                "path": str(src.resolve()),
-                "dtype": TORCH_NAME.get(expert_dtype, expert_dtype.lower()),
-                "layout": plan.layout,
-            },
+            "config": plan.config,
+            "source": source,
             "backbone": {
                 "file": BACKBONE_FILE,
                 "bytes": backbone_bytes,
@@ -191,7 +216,7 @@ def convert(
                 "group_size": group_size if quantized else 0,
                 "quantized": quantized,
             },
-            "tokenizer": {"files": tok_files, **_special_ids(src, ckpt.config)},
+            "tokenizer": {"files": tok_files, **special},
             "quantization": {
                 "bits": uniform if uniform is not None else "mixed",
                 "group_size": 0 if uniform == 16 else group_size,
@@ -251,7 +276,12 @@ def move_into_place(tmp: Path, dst: Path) -> None:
             old.unlink()
 
 
-def _encode(w: np.ndarray, dtype: str, bits: int, group_size: int, symmetric: bool) -> np.ndarray:
+def _encode(
+    w: np.ndarray | GGUFWeight, dtype: str, bits: int, group_size: int, symmetric: bool, record: bool = True
+) -> np.ndarray:
+    """One matrix serialized at `bits`; a GGUF weight records what that did to its values unless `record` is off."""
+    if isinstance(w, GGUFWeight):  # as stored in a GGUF file: carried over when exact, else quantized again
+        return w.encode(bits, group_size, symmetric, record)
     if bits == 16:
         return quant.float_matrix(w, FLOAT_KIND[dtype])
     return quant.quantize_matrix(to_float32(w, dtype), bits, group_size, symmetric)
@@ -347,7 +377,7 @@ def _write_experts(
                 # from the checkpoint's weights, not the quantized copy (low is set with fallback)
                 if low is not None and fallback is not None and fallback.bits < bits:
                     mats = [
-                        _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric)
+                        _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric, record=False)
                         for m in (gate, up, down)
                     ]
                     nbytes += low.add(layer, e, fallback.bits, mats)
@@ -366,14 +396,14 @@ def _write_experts(
 
 def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) -> dict:
     """Add (or replace) low-bit fallback copies in a converted model directory, reading the
-    experts again from the checkpoint `src` it was converted from. Same group size and
+    experts again from the checkpoint folder or GGUF file `src` it was converted from. Same group size and
     symmetry as the model's experts. Returns the new manifest."""
     check_fallback_bits(fallback_bits)
     model_dir = Path(model_dir)
     manifest = load_manifest(model_dir)
     q = manifest["quantization"]
     group_size = q["group_size"] or 64
-    plan = plan_conversion(Checkpoint(Path(src)))
+    plan = plan_gguf(src) if is_gguf(src) else plan_conversion(Checkpoint(Path(src)))
     ex = manifest["experts"]
     if list(plan.moe_layers) != list(ex["moe_layers"]) or plan.num_experts != ex["num_experts"]:
         raise EdgeMoEError(
@@ -404,10 +434,22 @@ def add_fallback(src, model_dir, fallback_bits: int = 2, progress: bool = True) 
     return manifest
 
 
-def _write_backbone(path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool) -> tuple[int, list[str]]:
-    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md)."""
+def _write_backbone(
+    path: Path, plan: Plan, bits: int, group_size: int, symmetric: bool, per_type: bool = False
+) -> tuple[int, list[str]]:
+    """Write backbone.safetensors; quantized matrices are U8 tensors holding a QMatrix (docs/format.md).
+    per_type: a GGUF's matrices each at the bitwidth of their stored type (GGUFPlan.backbone_bits_for)."""
     w = SafetensorsWriter({"edgemoe_format_version": str(FORMAT_VERSION)})
     quantized = []
+    if isinstance(plan, GGUFPlan):
+        for name in sorted(plan.weights, key=_canonical_order):
+            g = plan.weights[name]
+            b = plan.backbone_bits_for(g) if per_type else bits
+            if b != 16 and quantizable(name, g.shape, group_size):
+                w.add(name, g.encode(b, group_size, symmetric), "U8")
+                quantized.append(name)
+            else:
+                w.add(name, *g.backbone_float(float32=float32_role(name)))
     for name in sorted(plan.backbone, key=_canonical_order):
         ref = plan.backbone[name]
         if bits != 16 and quantizable(name, tuple(ref.shape), group_size):

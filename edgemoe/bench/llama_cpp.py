@@ -268,20 +268,19 @@ def plot(cells: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
 
 
 # -- llama.cpp's converter, from the installed llama-cpp-python's source package -----
-def llama_cpp_version() -> str:
-    try:
-        return version("llama-cpp-python")
-    except PackageNotFoundError:
-        raise RuntimeError(
-            "llama-cpp-python is not installed: pip install '.[bench]' (it compiles llama.cpp, "
-            "10-25 minutes on 2 cores)"
-        ) from None
+# the llama.cpp source package used for its converter when llama-cpp-python is not installed
+CONVERTER_SOURCE_VERSION = "0.3.36"
 
 
-def converter_dir(cache: Path) -> Path:
+def converter_dir(cache: Path, ver: str | None = None) -> Path:
     """llama.cpp's convert_hf_to_gguf.py with its conversion/ package and gguf-py, extracted from
-    the source package of the llama-cpp-python version installed (same llama.cpp commit)."""
-    ver = llama_cpp_version()
+    the source package of llama-cpp-python `ver` (default: the version installed, the same
+    llama.cpp commit; CONVERTER_SOURCE_VERSION when none is). Only pip and the network are needed."""
+    if ver is None:
+        try:
+            ver = version("llama-cpp-python")
+        except PackageNotFoundError:
+            ver = CONVERTER_SOURCE_VERSION
     dst = cache / f"llama.cpp-{ver}"
     if (dst / "convert_hf_to_gguf.py").exists():
         return dst
@@ -338,9 +337,10 @@ def pre_tokenizer_alias(tokenizer_json: Path) -> str | None:
     return next((name for spec, name in PRE_TOKENIZER_ALIASES if matches(spec, pre)), None)
 
 
-def _convert_hf_main(llama_dir: str, hf: str, out: str) -> None:
-    """Run convert_hf_to_gguf.py in this process; a BPE pre-tokenizer it cannot identify by hash
-    but whose structure llama.cpp implements (PRE_TOKENIZER_ALIASES) gets that name."""
+def _convert_hf_main(llama_dir: str, hf: str, *outs: str) -> None:
+    """Run convert_hf_to_gguf.py in this process, once per (out, outtype) pair of `outs`; a BPE
+    pre-tokenizer it cannot identify by hash but whose structure llama.cpp implements
+    (PRE_TOKENIZER_ALIASES) gets that name."""
     sys.path[:0] = [llama_dir, str(Path(llama_dir) / "gguf-py")]
     from conversion.base import TextModel, logger  # llama.cpp's, from the source package
 
@@ -357,37 +357,52 @@ def _convert_hf_main(llama_dir: str, hf: str, out: str) -> None:
             return name
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
-    sys.argv = ["convert_hf_to_gguf.py", hf, "--outfile", out, "--outtype", "auto"]
-    runpy.run_path(str(Path(llama_dir) / "convert_hf_to_gguf.py"), run_name="__main__")
+    for out, outtype in zip(outs[0::2], outs[1::2]):
+        sys.argv = ["convert_hf_to_gguf.py", hf, "--outfile", out, "--outtype", outtype]
+        runpy.run_path(str(Path(llama_dir) / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def hf_to_gguf(hf: Path, out: Path, cache: Path) -> Path:
-    """The checkpoint as a 16-bit GGUF, converted by llama.cpp's own script."""
-    if out.exists():
-        return out
-    llama_dir = converter_dir(cache)
-    tmp = out.with_name(out.name + ".part")
-    print(f"converting {hf} to GGUF with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr)
-    r = subprocess.run(
-        [sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), str(tmp)],
-        capture_output=True,
-        text=True,
-        cwd="/",
-    )
-    if r.returncode != 0 or not tmp.exists():
-        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
-    tmp.rename(out)
-    return out
+def hf_to_gguf(hf: Path, out: Path, cache: Path, outtype: str = "auto") -> Path:
+    """The checkpoint as a GGUF converted by llama.cpp's own script: `outtype` auto (the checkpoint's
+    16-bit type), f32, f16, bf16 or q8_0."""
+    return hf_to_ggufs(hf, {outtype: out}, cache)[outtype]
+
+
+def hf_to_ggufs(hf: Path, outs: dict[str, Path], cache: Path) -> dict[str, Path]:
+    """The checkpoint as one GGUF per {outtype: path}, all converted in one process (the converter
+    imports torch and transformers once)."""
+    todo = {t: p for t, p in outs.items() if not p.exists()}
+    if todo:
+        llama_dir = converter_dir(cache)
+        tmps = {t: p.with_name(p.name + ".part") for t, p in todo.items()}
+        print(
+            f"converting {hf} to GGUF ({', '.join(todo)}) with llama.cpp's convert_hf_to_gguf.py ...", file=sys.stderr
+        )
+        args = [a for t, tmp in tmps.items() for a in (str(tmp), t)]
+        r = subprocess.run(
+            [sys.executable, "-m", "edgemoe.bench.llama_cpp", "--convert-hf", str(llama_dir), str(hf), *args],
+            capture_output=True,
+            text=True,
+            cwd="/",
+        )
+        if r.returncode != 0 or not all(tmp.exists() for tmp in tmps.values()):
+            raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {hf}:\n{r.stderr[-3000:]}")
+        for t, tmp in tmps.items():
+            tmp.rename(todo[t])
+    return outs
+
+
+QUANTIZE_FTYPES = ("Q4_0", "Q8_0", "Q4_K_M", "Q6_K", "Q2_K", "IQ4_NL")
 
 
 def quantize_gguf(src: Path, out: Path, kind: str, threads: int = 2) -> Path:
-    """llama_cpp.llama_model_quantize to Q4_0 or Q8_0 (llama.cpp's own choices per tensor)."""
+    """llama_cpp.llama_model_quantize to one of QUANTIZE_FTYPES (llama.cpp's own choices per tensor)."""
     if out.exists():
         return out
     import llama_cpp  # deferred: optional (the bench extra)
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}[kind]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
     params.nthread = threads
     tmp = out.with_name(out.name + ".part")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
@@ -726,4 +741,4 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 if __name__ == "__main__":  # llama.cpp's converter in a process of its own (hf_to_gguf)
     if sys.argv[1:2] != ["--convert-hf"]:
         sys.exit("usage: edgemoe bench --peers llama.cpp (see edgemoe bench -h)")
-    _convert_hf_main(*sys.argv[2:5])
+    _convert_hf_main(*sys.argv[2:])

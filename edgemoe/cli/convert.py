@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from ..converters.convert import convert
+from ..converters.gguf import format_gguf_report
 from ..errors import EdgeMoEError
 from ..planning.allocate import convert_auto, format_allocation, parse_fraction, parse_tokens
 from ..planning.routing import profile_model
@@ -18,16 +19,18 @@ from ..planning.routing import profile_model
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgemoe convert",
-        description="Convert a Hugging Face MoE checkpoint (safetensors) into an edgemoe model directory.",
+        description="Convert a Hugging Face MoE checkpoint (safetensors) or a llama.cpp GGUF file into an "
+        "edgemoe model directory.",
     )
-    p.add_argument("src", help="checkpoint folder (config.json + *.safetensors + tokenizer files)")
+    p.add_argument("src", help="checkpoint folder (config.json + *.safetensors + tokenizer files), or a .gguf file")
     p.add_argument("-o", "--output", required=True, metavar="DST", help="model directory to create")
     p.add_argument(
         "--bits",
         choices=("16", "8", "4", "3", "2", "auto"),
-        default="16",
+        default=None,
         help="expert bitwidth: 16 keeps the checkpoint's floats, 8/4/3/2 group-quantize, auto picks one "
-        "per expert from its measured importance (default 16)",
+        "per expert from its measured importance (default 16; a GGUF: its experts' type's, Q4_0 -> 4, "
+        "Q8_0 -> 8, carried over exactly)",
     )
     p.add_argument(
         "--backbone-bits",
@@ -35,12 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(16, 8, 4),
         default=None,
         help="bitwidth of the backbone's attention/MLP/output matrices (routers, embeddings and norms "
-        "stay as stored); default 16 with --bits 16, else 8",
+        "stay as stored); default 16 with --bits 16, else 8 (a GGUF: its attention matrices' type's)",
     )
     p.add_argument(
-        "--group-size", type=int, choices=(32, 64, 128), default=64, help="columns per quantization group (default 64)"
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=None,
+        help="columns per quantization group (default 64; a GGUF: 32, as its Q4_0/Q8_0 blocks)",
     )
-    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    p.add_argument(
+        "--symmetric",
+        action="store_true",
+        default=None,
+        help="symmetric quantization (default asymmetric; a GGUF whose experts carry over: symmetric)",
+    )
     p.add_argument(
         "--fallback-bits",
         type=int,
@@ -147,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 expert_bytes=expert_bytes,
                 importance=args.importance,
                 choices=choices,
-                group_size=args.group_size,
-                symmetric=args.symmetric,
+                group_size=args.group_size or 64,
+                symmetric=bool(args.symmetric),
                 backbone_bits=args.backbone_bits,
                 max_tokens=args.calib_tokens or None,
                 measure=args.measure,
@@ -179,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             m = convert(
                 args.src,
                 args.output,
-                bits=int(args.bits),
+                bits=None if args.bits is None else int(args.bits),
                 group_size=args.group_size,
                 symmetric=args.symmetric,
                 progress=not args.quiet,
@@ -193,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgemoe convert: error: {e}", file=sys.stderr)
         return 2
     ex = m["experts"]
+    if not args.quiet and m["source"].get("format") == "gguf":
+        print(format_gguf_report(m), file=sys.stderr)
     if not args.quiet:
         if args.bits == "auto":
             print(format_allocation(m), file=sys.stderr)

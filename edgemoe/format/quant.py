@@ -164,7 +164,27 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool, 
     if not np.isfinite(w).all():
         raise ValueError("weight contains NaN or inf")
     q, scale, mins = _quantize_codes(w, bits, group_size, symmetric)
-    packed = pack_codes(q, bits)
+    return _serialize(pack_codes(q, bits), scale, mins, rows, cols, kind, bits, group_size)
+
+
+def symmetric_matrix(packed: np.ndarray, scales: np.ndarray, rows: int, cols: int, bits: int) -> np.ndarray:
+    """A kind 4 QMatrix, groups of 32, from codes already packed as pack_codes does ([rows, cols/32 *
+    chunk bytes] uint8) and one f16 scale per group ([rows, cols/32]): `w = scale * (q - 2^(bits-1))`.
+    The GGUF importer carries llama.cpp's Q4_0 and Q8_0 blocks over with it, value for value."""
+    if bits not in QBITS:
+        raise ValueError(f"bits must be one of {QBITS}, got {bits}")
+    if (
+        cols % CHUNK
+        or packed.shape != (rows, cols // CHUNK * CHUNK_BYTES[bits])
+        or scales.shape != (rows, cols // CHUNK)
+    ):
+        raise ValueError(
+            f"codes {packed.shape} and scales {scales.shape} do not make a [{rows}, {cols}] {bits}-bit matrix"
+        )
+    return _serialize(packed, scales.astype(np.float16), None, rows, cols, KIND_QS, bits, CHUNK)
+
+
+def _serialize(packed, scale, mins, rows: int, cols: int, kind: int, bits: int, group_size: int) -> np.ndarray:
     codes_off = _align(MATRIX_HEADER.size)
     scales_off = _align(codes_off + packed.nbytes)
     if kind == KIND_QS:  # the min is -2^(bits-1) * scale: not stored
@@ -179,6 +199,7 @@ def quantize_matrix(w: np.ndarray, bits: int, group_size: int, symmetric: bool, 
     buf[codes_off : codes_off + packed.nbytes] = packed.reshape(-1)
     buf[scales_off : scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
     if kind == KIND_Q:
+        assert mins is not None  # kind 3 stores its mins
         buf[mins_off : mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
     return buf
 

@@ -24,6 +24,15 @@ ALIASES: dict[str, str] = {
 
 SUPPORTED = sorted(ALIASES)
 
+# general.architecture of a GGUF file (llama.cpp's names) -> module in this package; the module's
+# GGUF (a GGUFLayout) says where its weights and settings sit in the file
+GGUF_ALIASES: dict[str, str] = {
+    "llama": "mixtral",  # llama.cpp stores Mixtral as llama with an expert count
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "olmoe": "olmoe",
+}
+
 
 def get(model_type: str, where: str = "the model") -> ModuleType:
     """The architecture module for a model_type, or a clear error listing what is supported."""
@@ -34,3 +43,15 @@ def get(model_type: str, where: str = "the model") -> ModuleType:
             f"Use a checkpoint of one of them (or add the architecture: docs/adding-an-architecture.md)"
         )
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def get_gguf(arch: str, where: str = "the GGUF file") -> tuple[str, ModuleType]:
+    """(canonical name, architecture module) for a GGUF file's general.architecture, or a clear error."""
+    name = GGUF_ALIASES.get(arch)
+    if name is None:
+        raise UnsupportedArchitectureError(
+            f"{where} holds a {arch!r} model (general.architecture); edgemoe imports GGUF files of "
+            f"{', '.join(sorted(GGUF_ALIASES))}. Use a GGUF of one of them, or convert the model's "
+            f"Hugging Face checkpoint if edgemoe runs its architecture ({', '.join(SUPPORTED)})"
+        )
+    return name, importlib.import_module(f"{__name__}.{name}")

@@ -6,6 +6,7 @@ reads checkpoints through it; nothing here reads a file."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import CheckpointError
@@ -143,3 +144,107 @@ class CheckpointLayout:
         if self.num_experts(config, name) <= 0:
             return []
         return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp's files)
+
+# per-layer tensors: GGUF name after "blk.L." -> canonical name after "layers.L."
+GGUF_ATTENTION = {
+    "attn_norm.weight": "attn_norm",
+    "attn_q.weight": "attn_q",
+    "attn_k.weight": "attn_k",
+    "attn_v.weight": "attn_v",
+    "attn_output.weight": "attn_o",
+    "ffn_norm.weight": "ffn_norm",
+}
+GGUF_QKV_BIAS = {"attn_q.bias": "attn_q_bias", "attn_k.bias": "attn_k_bias", "attn_v.bias": "attn_v_bias"}
+GGUF_QK_NORM = {"attn_q_norm.weight": "attn_q_norm", "attn_k_norm.weight": "attn_k_norm"}
+GGUF_DENSE_MLP = {"ffn_gate.weight": "ffn_gate", "ffn_up.weight": "ffn_up", "ffn_down.weight": "ffn_down"}
+GGUF_ROUTER = {"ffn_gate_inp.weight": "ffn_router"}
+GGUF_GLOBAL = {"token_embd.weight": "tok_embeddings", "output_norm.weight": "output_norm", "output.weight": "output"}
+# the experts of a layer, stacked: [E, I, H] for gate and up, [E, H, I] for down (expert outermost)
+GGUF_EXPERTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+# HF config key -> GGUF metadata key after "<arch>.", read by every architecture
+GGUF_CONFIG = {
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "num_experts_per_tok": "expert_used_count",
+    "max_position_embeddings": "context_length",
+    "intermediate_size": "feed_forward_length",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFLayout:
+    """Where an architecture's weights and settings sit in a GGUF file written by llama.cpp's
+    convert_hf_to_gguf.py (metadata keys `<arch>.*`, tensors `blk.L.*`).
+
+    `config` turns the metadata into the Hugging Face config the architecture file reads
+    (DecoderConfig.from_dict), so a model converted from GGUF runs through the same code.
+    """
+
+    arch: str  # general.architecture
+    model_type: str  # the config's model_type
+    tensors: dict[str, str]  # GGUF name after "blk.L." -> canonical name after "layers.L."
+    config_keys: dict[str, str] = dataclasses.field(default_factory=dict)  # more HF key -> GGUF key
+    # settings llama.cpp's graph for this architecture fixes instead of reading them (its build_moe_ffn call)
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # convert_hf_to_gguf.py reorders the rows of q and k for llama.cpp's interleaved ("normal") RoPE;
+    # edgemoe's RoPE rotates halves, as transformers does, so the import puts them back
+    rope_interleaved: bool = False
+    experts_key: str = "num_experts"  # the HF config key of the expert count
+    # canonical [1, n] matrices llama.cpp may store as vectors of n (its quantizer writes them so)
+    row_vectors: tuple[str, ...] = ()
+    # config values that are not a plain copy of one metadata key (an enum to a name, a count to a
+    # list): derive(metadata, config) edits the config in place after the copies
+    derive: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+
+    def meta(self, metadata: dict[str, Any], key: str) -> Any:
+        return metadata.get(f"{self.arch}.{key}")
+
+    def config(self, metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+        """The Hugging Face config of the model in a GGUF file, from its metadata and tensor names."""
+        cfg: dict[str, Any] = {"model_type": self.model_type}
+        for hf, key in {**GGUF_CONFIG, **self.config_keys}.items():
+            v = self.meta(metadata, key)
+            if v is not None:
+                cfg[hf] = v
+        cfg[self.experts_key] = int(self.meta(metadata, "expert_count") or 0)
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        cfg["vocab_size"] = int(self.meta(metadata, "vocab_size") or (len(tokens) if tokens else 0))
+        theta = float(self.meta(metadata, "rope.freq_base") or 10000.0)
+        scaling = self.meta(metadata, "rope.scaling.type")
+        if scaling not in (None, "none", "linear") or (
+            scaling == "linear" and self.meta(metadata, "rope.scaling.factor") not in (None, 1.0)
+        ):
+            raise CheckpointError(
+                f"the GGUF file's RoPE is scaled ({scaling}); edgemoe runs the default RoPE only: "
+                f"use a GGUF of the model without RoPE scaling"
+            )
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        heads = cfg.get("num_attention_heads")
+        hidden = cfg.get("hidden_size")
+        head_dim = cfg.get("head_dim") or (hidden // heads if heads and hidden else None)
+        rot = self.meta(metadata, "rope.dimension_count")
+        if rot is not None and head_dim is not None and int(rot) != int(head_dim):
+            raise CheckpointError(
+                f"the GGUF file rotates {rot} of each head's {head_dim} dimensions (partial RoPE), which "
+                f"edgemoe does not do: use a model that rotates whole heads"
+            )
+        cfg["tie_word_embeddings"] = "output.weight" not in tensor_names
+        cfg["attention_bias"] = cfg["qkv_bias"] = "blk.0.attn_q.bias" in tensor_names
+        n = int(cfg.get("num_hidden_layers") or 0)
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = [i for i in range(n) if f"blk.{i}.ffn_gate_exps.weight" not in tensor_names]
+        for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+            tid = metadata.get(f"tokenizer.ggml.{name}_token_id")
+            if tid is not None:
+                cfg[key] = int(tid)
+        if self.derive is not None:
+            self.derive(metadata, cfg)
+        cfg.update(self.fixed)
+        return cfg

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .blocks import MoE, route_softmax_topk
-from .checkpoint import ATTENTION, CheckpointLayout
+from .checkpoint import ATTENTION, GGUF_ATTENTION, GGUF_ROUTER, CheckpointLayout, GGUFLayout
 from .decoder import DecoderConfig, DecoderLM
 
 LAYOUT = CheckpointLayout(
@@ -16,6 +16,14 @@ LAYOUT = CheckpointLayout(
     expert_roles={"w1": "gate", "w3": "up", "w2": "down"},
     intermediate_key="intermediate_size",
     moe_block="block_sparse_moe",
+)
+# llama.cpp stores Mixtral as "llama" with an expert count, q/k rows permuted for its interleaved RoPE
+GGUF = GGUFLayout(
+    arch="llama",
+    model_type="mixtral",
+    tensors={**GGUF_ATTENTION, **GGUF_ROUTER},
+    rope_interleaved=True,
+    experts_key="num_local_experts",
 )
 
 

@@ -10,7 +10,19 @@ from typing import Any
 import numpy as np
 
 from .blocks import MoE, route_softmax_topk
-from .checkpoint import ATTENTION, GLU_ROLES, QK_NORM, QKV_BIAS, ROUTER, CheckpointLayout
+from .checkpoint import (
+    ATTENTION,
+    GGUF_ATTENTION,
+    GGUF_QK_NORM,
+    GGUF_QKV_BIAS,
+    GGUF_ROUTER,
+    GLU_ROLES,
+    QK_NORM,
+    QKV_BIAS,
+    ROUTER,
+    CheckpointLayout,
+    GGUFLayout,
+)
 from .decoder import DecoderConfig, DecoderLM
 
 LAYOUT = CheckpointLayout(
@@ -19,6 +31,13 @@ LAYOUT = CheckpointLayout(
     intermediate_key="intermediate_size",
     qk_norm=True,
     bias_key=("attention_bias", False),
+)
+# llama.cpp's olmoe graph keeps the softmax top-k weights as they are and clips nothing
+GGUF = GGUFLayout(
+    arch="olmoe",
+    model_type="olmoe",
+    tensors={**GGUF_ATTENTION, **GGUF_QKV_BIAS, **GGUF_QK_NORM, **GGUF_ROUTER},
+    fixed={"norm_topk_prob": False, "clip_qkv": None},
 )
 
 

@@ -7,7 +7,19 @@ from __future__ import annotations
 import numpy as np
 
 from .blocks import DenseMLP, MoE, SharedExpert, route_softmax_topk
-from .checkpoint import ATTENTION, DENSE_MLP, GLU_ROLES, QKV_BIAS, ROUTER, CheckpointLayout
+from .checkpoint import (
+    ATTENTION,
+    DENSE_MLP,
+    GGUF_ATTENTION,
+    GGUF_DENSE_MLP,
+    GGUF_QKV_BIAS,
+    GGUF_ROUTER,
+    GLU_ROLES,
+    QKV_BIAS,
+    ROUTER,
+    CheckpointLayout,
+    GGUFLayout,
+)
 from .decoder import DecoderConfig, DecoderLM, Weights
 
 SHARED_EXPERT = {
@@ -27,6 +39,26 @@ LAYOUT = CheckpointLayout(
     bias_key=("qkv_bias", True),
     moe_extras=tuple(SHARED_EXPERT.values()),
     moe_extras_key="shared_expert_intermediate_size",
+)
+GGUF = GGUFLayout(
+    arch="qwen2moe",
+    model_type="qwen2_moe",
+    tensors={
+        **GGUF_ATTENTION,
+        **GGUF_QKV_BIAS,
+        **GGUF_DENSE_MLP,
+        **GGUF_ROUTER,
+        "ffn_gate_shexp.weight": "ffn_shared_gate",
+        "ffn_up_shexp.weight": "ffn_shared_up",
+        "ffn_down_shexp.weight": "ffn_shared_down",
+        "ffn_gate_inp_shexp.weight": "ffn_shared_expert_gate",
+    },
+    config_keys={
+        "moe_intermediate_size": "expert_feed_forward_length",
+        "shared_expert_intermediate_size": "expert_shared_feed_forward_length",
+    },
+    fixed={"norm_topk_prob": False},  # llama.cpp's qwen2moe graph does not renormalize the top-k weights
+    row_vectors=("ffn_shared_expert_gate",),
 )
 
 

@@ -7,7 +7,21 @@ from __future__ import annotations
 import numpy as np
 
 from .blocks import MoE, route_softmax_topk
-from .checkpoint import ATTENTION, DENSE_MLP, GLU_ROLES, QK_NORM, QKV_BIAS, ROUTER, CheckpointLayout
+from .checkpoint import (
+    ATTENTION,
+    DENSE_MLP,
+    GGUF_ATTENTION,
+    GGUF_DENSE_MLP,
+    GGUF_QK_NORM,
+    GGUF_QKV_BIAS,
+    GGUF_ROUTER,
+    GLU_ROLES,
+    QK_NORM,
+    QKV_BIAS,
+    ROUTER,
+    CheckpointLayout,
+    GGUFLayout,
+)
 from .decoder import DecoderConfig, DecoderLM
 
 LAYOUT = CheckpointLayout(
@@ -17,6 +31,13 @@ LAYOUT = CheckpointLayout(
     sparse_step=True,
     qk_norm=True,
     bias_key=("attention_bias", False),
+)
+GGUF = GGUFLayout(
+    arch="qwen3moe",
+    model_type="qwen3_moe",
+    tensors={**GGUF_ATTENTION, **GGUF_QKV_BIAS, **GGUF_QK_NORM, **GGUF_DENSE_MLP, **GGUF_ROUTER},
+    config_keys={"moe_intermediate_size": "expert_feed_forward_length"},
+    fixed={"norm_topk_prob": True},  # llama.cpp's qwen3moe graph renormalizes the top-k weights
 )
 
 
