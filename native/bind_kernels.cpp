@@ -38,8 +38,8 @@ void bind_kernels(py::module_& m) {
       },
       py::arg("buf"), py::arg("offset") = 0,
       "Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels\n"
-      "(x rounded to int8 per 32 values, as one token's x for 4-bit codes): codes of at most\n"
-      "4 bits on the AVX2 path.");
+      "(x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on\n"
+      "the AVX2 path.");
   m.def(
       "stream_read",
       [](const py::buffer& data) {

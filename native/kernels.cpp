@@ -17,7 +17,9 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
+//   - prefill (T >= 12) of 4-bit codes (AVX2): x rounded to int8 per 32 values once
+//     per token, 8 rows unpacked to bytes for all the tokens (matmul_int8);
+//   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
 //     f32 tile and a register-blocked FMA kernel runs every token over it.
 // Threads split the output rows (ThreadPool).
 #include "kernels.h"
@@ -159,7 +161,10 @@ namespace int8isa = kernels::portable;  // the reference; the driver routes no m
 
 bool prefill_int8(const QMatrix& w) {
 #if defined(EDGEMOE_AVX2)
-  return w.quantized() && w.bits <= 4;
+  // 4-bit codes only, as the decode: x rounded to int8 costs ~2^-8 of a block's max, which
+  // 2- and 3-bit models amplify (a tiny 2-bit Mixtral's logits moved by a third); their
+  // decode rounds to int16, their prefill keeps float x
+  return w.quantized() && w.bits == 4;
 #else
   (void)w;
   return false;

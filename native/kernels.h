@@ -65,10 +65,10 @@ struct QuantizedActs {
 void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out);
 
 // Whether this build multiplies W with int8 activations for several tokens at once
-// (prefill_int8 below): group-quantized codes of at most 4 bits, on the AVX2 path.
+// (matmul_int8 below): 4-bit group-quantized codes, on the AVX2 path.
 bool prefill_int8(const QMatrix& w);
 
-// x [T, cols] rounded (quantize_acts), W [rows, cols] with prefill_int8(W) -> y [T, rows]
+// x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of at most 4 bits -> y [T, rows]
 // float32 = x @ W^T: W's rows are unpacked 8 at a time and every token runs over them.
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 

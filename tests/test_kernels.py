@@ -32,7 +32,7 @@ def uses_x8(bits, T):
 
 
 def uses_prefill_x8(buf, T):
-    """Several tokens times codes of up to 4 bits on AVX2: x rounded to int8 per 32 values
+    """Several tokens times 4-bit codes on AVX2: x rounded to int8 per 32 values
     (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
     return T >= _core.GEMM_MIN_TOKENS and _core.prefill_int8(buf)
 

@@ -97,7 +97,7 @@ def bench_prefill(rng) -> None:
     """Prefill matmuls, compute-bound: the Mixtral-shaped model's expert matrices times the
     tokens one expert gets from a 512-token prompt (~128) and its attention projection times
     all 512, at 4 bits g32 symmetric (llama.cpp's Q4_0 arithmetic) and the other bitwidths.
-    Codes of up to 4 bits take the int8 kernels where _core.prefill_int8 says so; 8-bit codes
+    4-bit codes take the int8 kernels where _core.prefill_int8 says so; the other bitwidths
     the f32 tile."""
     # one kernel thread runs on the calling thread: its CPU time leaves out what other
     # processes took from it, which on a shared machine is most of the spread
