@@ -161,9 +161,8 @@ namespace int8isa = kernels::portable;  // the reference; the driver routes no m
 
 bool prefill_int8(const QMatrix& w) {
 #if defined(EDGEMOE_AVX2)
-  // 4-bit codes only, as the decode: x rounded to int8 costs ~2^-8 of a block's max, which
-  // 2- and 3-bit models amplify (a tiny 2-bit Mixtral's logits moved by a third); their
-  // decode rounds to int16, their prefill keeps float x
+  // 4-bit codes only, as the decode: 2- and 3-bit models amplify int8 x's rounding (a tiny
+  // 2-bit Mixtral's logits moved by a third), so their prefill keeps float x
   return w.quantized() && w.bits == 4;
 #else
   (void)w;
