@@ -33,6 +33,15 @@ def stream_read(data: npt.NDArray[Any] | bytes) -> int:
     """Read every byte of a buffer once on the kernel threads (returns a checksum of it):
     the memory bandwidth the kernels can hope for. For benchmarks."""
 
+GEMM_MIN_TOKENS: int
+"""From this many tokens on, a matmul takes the prefill kernels (weights unpacked once for all
+the tokens) instead of the per-token ones."""
+
+def prefill_int8(buf: npt.NDArray[np.uint8], offset: int = 0) -> bool:
+    """Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels
+    (x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on
+    the AVX2 path."""
+
 def simd() -> str:
     """Which kernel path runs: 'avx2+fma+f16c', 'neon', 'neon+dotprod', 'neon+dotprod+i8mm' or 'portable'."""
 
@@ -49,7 +58,9 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
     Numerics: f32 accumulation. On the AVX2 and NEON paths a single token (T=1) times a
     group-quantized matrix rounds x per 32 values first: to int8 for 4-bit codes
     (error <= 1/254 of each block's max |x|, as llama.cpp's Q8_0 activations), to
-    int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.
+    int16 for 2/3/8-bit ones (<= 2^-16). GEMM_MIN_TOKENS or more tokens times a matrix
+    for which prefill_int8 holds round x to int8 per 32 values too (4-bit codes, AVX2);
+    every other case uses x as given.
     """
 
 def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.uint8]]) -> list[npt.NDArray[np.float32]]:

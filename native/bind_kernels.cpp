@@ -4,6 +4,7 @@
 
 #include "bindings.h"
 #include "kernels.h"
+#include "kernels_impl.h"
 
 namespace edgemoe::python {
 
@@ -28,6 +29,17 @@ void bind_kernels(py::module_& m) {
         "Which kernel path runs: 'avx2+fma+f16c' (x86-64 built with -march=native), 'neon', "
         "'neon+dotprod' or 'neon+dotprod+i8mm' (every aarch64 build; the level is read from the "
         "CPU's features at run time) or 'portable' (plain C++).");
+  m.attr("GEMM_MIN_TOKENS") = kernels::kGemmMinTokens;
+  m.def(
+      "prefill_int8",
+      [](const ByteArray& buf, uint64_t offset) {
+        if (offset > uint64_t(buf.size())) throw std::invalid_argument("prefill_int8: offset beyond the buffer");
+        return prefill_int8(parse_qmatrix(buf.data() + offset, uint64_t(buf.size()) - offset));
+      },
+      py::arg("buf"), py::arg("offset") = 0,
+      "Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels\n"
+      "(x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on\n"
+      "the AVX2 path.");
   m.def(
       "stream_read",
       [](const py::buffer& data) {
@@ -60,7 +72,8 @@ void bind_kernels(py::module_& m) {
       "y[T, rows] = x[T, cols] @ W.T for the QMatrix (any kind) stored in buf at offset.\n\n"
       "Numerics: f32 accumulation. On the AVX2 and NEON paths a single token (T=1) times a group-quantized\n"
       "matrix rounds x per 32 values first: to int8 for 4-bit codes (error <= 1/254 of each block's\n"
-      "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); every other case uses x as given.");
+      "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); GEMM_MIN_TOKENS or more tokens times a matrix\n"
+      "for which prefill_int8 holds round x to int8 per 32 values too; every other case uses x as given.");
 
   m.def(
       "qmatrix_matmul_many",

@@ -17,7 +17,9 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
+//   - prefill (T >= 12) of 4-bit codes (AVX2): x rounded to int8 per 32 values once
+//     per token, 8 rows unpacked to bytes for all the tokens (matmul_int8);
+//   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
 //     f32 tile and a register-blocked FMA kernel runs every token over it.
 // Threads split the output rows (ThreadPool).
 #include "kernels.h"
@@ -149,6 +151,58 @@ QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind) {
   return m;
 }
 
+// ---------------------------------------------------------------- int8 prefill
+
+#if defined(EDGEMOE_AVX2)
+namespace int8isa = kernels::avx2;
+#else
+namespace int8isa = kernels::portable;  // the reference; the driver routes no matmul here
+#endif
+
+bool prefill_int8(const QMatrix& w) {
+#if defined(EDGEMOE_AVX2)
+  // 4-bit codes only, as the decode: 2- and 3-bit models amplify int8 x's rounding (a tiny
+  // 2-bit Mixtral's logits moved by a third), so their prefill keeps float x
+  return w.quantized() && w.bits == 4;
+#else
+  (void)w;
+  return false;
+#endif
+}
+
+void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out) {
+  // x [T, cols] -> q [T, cols], dx and bsum [T, cols / 32]
+  if (cols % kChunk) bad("quantize_acts: cols " + std::to_string(cols) + " is not a multiple of 32");
+  const uint32_t nb = cols / kChunk;
+  out.T = T;
+  out.cols = cols;
+  out.q.resize(size_t(T) * cols);
+  out.dx.resize(size_t(T) * nb);
+  out.bsum.resize(size_t(T) * nb);
+  const int64_t per_task = std::max<int64_t>(1, (1 << 16) / int64_t(cols));  // ~64K values a task
+  const int64_t tasks = (T + per_task - 1) / per_task;
+  ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
+    for (int64_t t = ti * per_task; t < std::min(T, (ti + 1) * per_task); ++t)
+      int8isa::quantize_row_q8(x + t * cols, cols, &out.q[size_t(t) * cols], &out.dx[size_t(t) * nb],
+                               &out.bsum[size_t(t) * nb]);
+  });
+}
+
+void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
+  // x [T, cols] rounded, W [rows, cols] codes of <= 4 bits -> y [T, rows]
+  if (!w.quantized() || w.bits > 4 || x.cols != w.cols)
+    bad("matmul_int8 needs codes of at most 4 bits and x of the matrix's " + std::to_string(w.cols) + " columns");
+  if (x.T == 0 || w.rows == 0) return;
+  const uint32_t rows = w.rows;
+  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * w.cols * uint64_t(x.T));
+  const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), 8));  // whole panels
+  const int64_t n = (rows + row_block - 1) / row_block;
+  ThreadPool::instance().parallel_for(n, [&](int64_t ti) {
+    const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
+    int8isa::gemm_int8_rows(w, r0, r1, x, y);
+  });
+}
+
 // ---------------------------------------------------------------- driver
 
 void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
@@ -159,6 +213,12 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   const bool quant = w.quantized();
   const uint32_t ng = quant ? cols / w.group_size : 0;
 
+  if (T >= kGemmMinTokens && prefill_int8(w)) {
+    QuantizedActs qx;
+    quantize_acts(x, T, cols, qx);
+    matmul_int8(w, qx, y);
+    return;
+  }
 #if defined(EDGEMOE_SIMD_DECODE)
   if (T == 1 && quant) {
     const isa::DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
@@ -240,6 +300,14 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     return;
   }
 #endif
+  bool int8 = n > 1 && T >= kGemmMinTokens;
+  for (size_t i = 0; i < n && int8; ++i) int8 = prefill_int8(ws[i]) && ws[i].cols == ws[0].cols;
+  if (int8) {  // prefill: x rounded once for all of them
+    QuantizedActs qx;
+    quantize_acts(x, T, ws[0].cols, qx);
+    for (size_t i = 0; i < n; ++i) matmul_int8(ws[i], qx, ys[i]);
+    return;
+  }
   for (size_t i = 0; i < n; ++i) matmul(ws[i], x, T, ys[i]);
 }
 
@@ -303,8 +371,15 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   }
 #endif
   std::vector<float> g(size_t(T) * I), u(size_t(T) * I);
-  matmul(e.gate, x, T, g.data());
-  matmul(e.up, x, T, u.data());
+  if (T >= kGemmMinTokens && prefill_int8(e.gate) && prefill_int8(e.up)) {  // x rounded once for both
+    QuantizedActs qx;
+    quantize_acts(x, T, e.hidden(), qx);
+    matmul_int8(e.gate, qx, g.data());
+    matmul_int8(e.up, qx, u.data());
+  } else {
+    matmul(e.gate, x, T, g.data());
+    matmul(e.up, x, T, u.data());
+  }
   for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   matmul(e.down, g.data(), T, y);
 }

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace edgemoe {
 
@@ -47,6 +48,29 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y);
 // for n matrices of the same cols (q, k and v of one layer): for one token, x is prepared
 // once and one parallel_for covers them all. The same numbers as n matmul() calls.
 void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys);
+
+// T tokens' activations rounded for the integer prefill kernels, per block of 32 values to
+// int8 as the one-token decode rounds 4-bit codes' x: x ~= q * dx per block, bsum the
+// block's sum of that rounded x (dx * sum q) for the group min terms.
+struct QuantizedActs {
+  int64_t T = 0;
+  uint32_t cols = 0;          // a multiple of 32
+  std::vector<int8_t> q;      // [T, cols]
+  std::vector<float> dx;      // [T, cols / 32]
+  std::vector<float> bsum;    // [T, cols / 32]
+  uint32_t blocks() const { return cols / 32; }
+};
+
+// x [T, cols] float32 (cols % 32 == 0) -> out, rounded per block of 32 values (threads split tokens).
+void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out);
+
+// Whether this build multiplies W with int8 activations for several tokens at once
+// (matmul_int8 below): 4-bit group-quantized codes, on the AVX2 path.
+bool prefill_int8(const QMatrix& w);
+
+// x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of at most 4 bits -> y [T, rows]
+// float32 = x @ W^T: W's rows are unpacked 8 at a time and every token runs over them.
+void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
 // One expert blob: gate [I, H], up [I, H], down [H, I].
 struct Expert {

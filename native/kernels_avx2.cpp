@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common.h"
@@ -565,6 +566,145 @@ void gemm_tokens(const float* const* wr, const float* x, int64_t T, uint32_t col
   }
 }
 
+// ---- prefill with int8 activations, codes of at most 4 bits: a panel of 8 rows is
+// unpacked to bytes once, interleaved so that one vector holds 4 consecutive values of
+// each of the 8 rows; vpmaddubsw multiplies it with 4 of a token's int8 values broadcast
+// (u8 codes <= 15 times s8 x: 8 such products summed per 16-bit lane stay below
+// 8 * 2 * 15 * 127 = 30480), and each 32-bit lane of the block's dot is one row's.
+
+constexpr uint32_t kPanel = 8;  // rows per panel, one per 32-bit lane
+constexpr int kPanelTokens = 4;  // tokens per pass over a panel: 4 dots + 4 sums in registers
+
+// One chunk of 32 codes -> its values as bytes, in order.
+template <int BITS>
+inline __m256i chunk_u8(const uint8_t* p) {
+  if constexpr (BITS == 4) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+  } else {
+    static_assert(BITS == 2 || BITS == 3, "bits");
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x03);
+    const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 2), m));
+    const __m128i hi = _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(_mm_srli_epi16(b, 6), m));
+    __m256i v = _mm256_set_m128i(hi, lo);
+    if constexpr (BITS == 3) {
+      // bit 2 of v[j] is bit j of the u32 after the 2-bit part: byte j of the word spread over 8 lanes
+      const __m256i word = _mm256_set1_epi32(int(load_u32(p + 8)));
+      const __m256i spread = _mm256_shuffle_epi8(
+          word, _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+      v = _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+    }
+    return v;
+  }
+}
+
+// v[i] = 8 dwords of row i -> v[q] = dword q of rows 0..7.
+inline void transpose8x8_epi32(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x20);
+    v[q + 4] = _mm256_permute2x128_si256(u[q], u[q + 4], 0x31);
+  }
+}
+
+// Rows r0..r0+n-1 (n <= 8; the others zero) -> tile [nb][8] vectors, per block b the 8
+// vectors of 4 columns, and sc8, mn8 [nb][8]: each row's scale and min * min_mult per block.
+template <int BITS>
+void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, float* sc8, float* mn8) {
+  const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
+  const uint64_t rb = w.row_bytes();
+  for (uint32_t b = 0; b < nb; ++b) {
+    __m256i v[kPanel];
+    for (uint32_t i = 0; i < kPanel; ++i)
+      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * chunk_bytes(BITS)) : _mm256_setzero_si256();
+    transpose8x8_epi32(v);
+    for (int q = 0; q < 8; ++q) _mm256_store_si256(tile + b * 8 + uint32_t(q), v[q]);
+  }
+  for (uint32_t i = 0; i < kPanel; ++i) {
+    const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
+    const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
+    for (uint32_t b = 0; b < nb; ++b) {
+      sc8[b * kPanel + i] = i < n ? f16_to_f32(load_u16(sc + 2 * (b / cpg))) : 0.0f;
+      mn8[b * kPanel + i] = i < n ? w.min_mult * f16_to_f32(load_u16(mn + 2 * (b / cpg))) : 0.0f;
+    }
+  }
+}
+
+inline __m256i bcast_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// NT tokens from t0 over one unpacked panel -> y[t * ystride + r0 + i] for its n rows.
+template <int NT>
+void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
+                  int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
+  const int8_t* xq[NT];
+  const float* dx[NT];
+  const float* bs[NT];
+  __m256 acc[NT];
+  for (int t = 0; t < NT; ++t) {
+    xq[t] = x.q.data() + (t0 + t) * int64_t(x.cols);
+    dx[t] = x.dx.data() + (t0 + t) * int64_t(nb);
+    bs[t] = x.bsum.data() + (t0 + t) * int64_t(nb);
+    acc[t] = _mm256_setzero_ps();
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (uint32_t b = 0; b < nb; ++b) {
+    const __m256i* wb = tile + b * 8;
+    __m256i s16[NT];
+    {
+      const __m256i w0 = _mm256_load_si256(wb);
+      for (int t = 0; t < NT; ++t) s16[t] = _mm256_maddubs_epi16(w0, bcast_i32(xq[t] + b * kChunk));
+    }
+#pragma GCC unroll 7
+    for (uint32_t q = 1; q < 8; ++q) {
+      const __m256i wq = _mm256_load_si256(wb + q);
+      for (int t = 0; t < NT; ++t)
+        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+    }
+    const __m256 sv = _mm256_loadu_ps(sc8 + b * kPanel), mv = _mm256_loadu_ps(mn8 + b * kPanel);
+    for (int t = 0; t < NT; ++t) {
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
+      acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
+      acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    float* yt = y + uint64_t(t0 + t) * ystride + r0;
+    if (n == kPanel) {
+      _mm256_storeu_ps(yt, acc[t]);
+    } else {
+      alignas(32) float out[kPanel];
+      _mm256_store_ps(out, acc[t]);
+      for (uint32_t i = 0; i < n; ++i) yt[i] = out[i];
+    }
+  }
+}
+
+// The last nt < kPanelTokens tokens (NT the largest such count).
+template <int NT>
+void panel_tail(int nt, const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
+                int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
+  if constexpr (NT > 0) {
+    if (nt == NT) return panel_tokens<NT>(tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
+    panel_tail<NT - 1>(nt, tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
+  }
+}
+
 }  // namespace
 
 void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, const float* const* xsum, int nt, float* y,
@@ -621,6 +761,44 @@ void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64
       case 2: gemm_tokens<2>(wr, x, T, cols, y + r, w.rows); break;
       default: gemm_tokens<3>(wr, x, T, cols, y + r, w.rows); break;
     }
+  }
+}
+
+void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum) {
+  // x [cols] -> q [cols], dx, bsum [cols / 32], as portable::quantize_row_q8
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    __m256i v[4];
+    dx[b] = round_block(x + b * kChunk, 127.0f, v);
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kChunk), _mm256_permutevar8x32_epi32(p, order));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    bsum[b] = dx[b] * hsum(_mm256_cvtepi32_ps(s));  // |sum| <= 32 * 127: exact in f32
+  }
+}
+
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
+  // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1) in panels of 8
+  const uint32_t nb = w.cols / kChunk;
+  struct alignas(32) Vec {
+    uint8_t bytes[32];
+  };
+  std::vector<Vec> tile_buf(size_t(nb) * 8);  // C++17: over-aligned new
+  __m256i* tile = reinterpret_cast<__m256i*>(tile_buf.data());
+  std::vector<float> sc8_buf(size_t(nb) * kPanel), mn8_buf(size_t(nb) * kPanel);
+  float* sc8 = sc8_buf.data();
+  float* mn8 = mn8_buf.data();
+  for (uint32_t r = r0; r < r1; r += kPanel) {
+    const uint32_t n = std::min(kPanel, r1 - r);
+    switch (w.bits) {
+      case 2: unpack_panel<2>(w, r, n, tile, sc8, mn8); break;
+      case 3: unpack_panel<3>(w, r, n, tile, sc8, mn8); break;
+      default: unpack_panel<4>(w, r, n, tile, sc8, mn8); break;
+    }
+    int64_t t = 0;
+    for (; t + kPanelTokens <= x.T; t += kPanelTokens)
+      panel_tokens<kPanelTokens>(tile, sc8, mn8, nb, x, t, y, w.rows, r, n);
+    panel_tail<kPanelTokens - 1>(int(x.T - t), tile, sc8, mn8, nb, x, t, y, w.rows, r, n);
   }
 }
 

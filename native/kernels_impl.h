@@ -50,6 +50,15 @@ void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, con
 // p [n] bytes -> their sum as little-endian u64 words (then the tail's bytes), mod 2^64.
 uint64_t byte_sum(const uint8_t* p, uint64_t n);
 
+// One token's x [cols] float32 -> q [cols] int8, dx and bsum [cols / 32]: per block of 32
+// values amax / 127 and the nearest integers (ties to even), bsum = dx * sum q.
+void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum);
+
+// Rows [r0, r1) of y = x W^T for x's T tokens, W group-quantized with codes of at most 4
+// bits: per row, token and block of 32, the exact integer dot of codes and x's int8 values,
+// then y = sum over blocks of scale * dx * dot + min * bsum. y [T, rows].
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
+
 }  // namespace portable
 
 #if defined(EDGEMOE_AVX2)
@@ -81,6 +90,14 @@ void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64
 
 // As portable::byte_sum, 128 bytes a step.
 uint64_t byte_sum(const uint8_t* p, uint64_t n);
+
+// As portable::quantize_row_q8 (the same bits).
+void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum);
+
+// As portable::gemm_int8_rows, r0 a multiple of 8: 8 rows' codes are unpacked to bytes
+// interleaved per 4 columns (one 32-byte vector holds 4 values of each of the 8 rows), and
+// vpmaddubsw multiplies them with 4 of a token's int8 values broadcast.
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 
 }  // namespace avx2
 #endif

@@ -4,7 +4,9 @@
 // A row's codes are decoded to f32 once per chunk of 32 and dotted with up to
 // kTokenBlock tokens; the group min term uses the per-group sums of x.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "kernels_impl.h"
@@ -116,6 +118,54 @@ void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, con
     float out[kTokenBlock];
     row_dispatch(w, r, x, xsum, nt, out);
     for (int t = 0; t < nt; ++t) y[uint64_t(t) * ystride + r] = out[t];
+  }
+}
+
+void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum) {
+  // x [cols] -> q [cols], dx, bsum [cols / 32]
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    const float* xb = x + b * kChunk;
+    float amax = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) {
+      const auto v = int32_t(std::nearbyint(xb[j] * inv));
+      q[b * kChunk + j] = int8_t(v);
+      s += v;
+    }
+    dx[b] = amax / 127.0f;
+    bsum[b] = dx[b] * float(s);
+  }
+}
+
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
+  // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1)
+  const uint32_t cols = w.cols, nb = cols / kChunk, cpg = w.group_size / kChunk, ng = cols / w.group_size;
+  std::vector<uint8_t> v(cols);
+  for (uint32_t r = r0; r < r1; ++r) {
+    const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+    for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(w.bits)) switch (w.bits) {
+        case 2: unpack_chunk<2>(codes, &v[b * kChunk]); break;
+        case 3: unpack_chunk<3>(codes, &v[b * kChunk]); break;
+        default: unpack_chunk<4>(codes, &v[b * kChunk]); break;
+      }
+    const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
+    const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;
+    for (int64_t t = 0; t < x.T; ++t) {
+      const int8_t* xq = x.q.data() + t * cols;
+      const float* dx = x.dx.data() + t * nb;
+      const float* bs = x.bsum.data() + t * nb;
+      float acc = 0;
+      for (uint32_t b = 0; b < nb; ++b) {
+        int32_t dot = 0;
+        for (uint32_t j = 0; j < kChunk; ++j) dot += int32_t(v[b * kChunk + j]) * xq[b * kChunk + j];
+        const float s = f16_to_f32(load_u16(sc + 2 * (b / cpg))), m = w.min_mult * f16_to_f32(load_u16(mn + 2 * (b / cpg)));
+        acc += float(dot) * (s * dx[b]);
+        acc += m * bs[b];
+      }
+      y[uint64_t(t) * w.rows + r] = acc;
+    }
   }
 }
 

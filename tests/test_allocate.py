@@ -101,8 +101,9 @@ def test_dequantized_reference_is_matched(converted, tiny_checkpoint, arch, bits
     ids = prompt_ids(ref.config.vocab_size)
     got, want = model.logits(ids), reference_logits(ref, ids)
     # experts routed one token run the decode kernels, which round x to int8 for 4-bit codes
-    # (mixed has some; ~2e-3 of the largest logit) and to int16 otherwise
-    tol = 2e-2 if bits == "mixed" and _core.simd() != "portable" else 2e-3
+    # (mixed has some) and to int16 otherwise; on AVX2 the prompt's 12 or more tokens through
+    # a 4-bit matrix are rounded to int8 too (prefill_int8): ~1% of the largest logit here
+    tol = 5e-2 if bits == "mixed" and _core.simd() != "portable" else 2e-3
     assert np.abs(got - want).max() < tol, f"max |diff| {np.abs(got - want).max():.2e}"
 
 

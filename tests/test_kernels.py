@@ -31,6 +31,12 @@ def uses_x8(bits, T):
     return uses_x16(bits, T) and bits == 4
 
 
+def uses_prefill_x8(buf, T):
+    """Several tokens times 4-bit codes on AVX2: x rounded to int8 per 32 values
+    (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
+    return T >= _core.GEMM_MIN_TOKENS and _core.prefill_int8(buf)
+
+
 def round_x(x, levels):
     """x rounded per block of 32 to integers in [-levels, levels] times the block's dx, as
     quantize_x16 (levels 32767) and quantize_x8 (127) do it in float32; float64 result."""
@@ -79,11 +85,16 @@ def test_quantized_matmul_matches_reference(bits, group_size, symmetric, kind):
         buf = q.quantize_matrix(w, bits, group_size, symmetric, kind)
         assert q.matrix_header(buf)["kind"] == kind
         deq = q.dequantize_matrix(buf)
-        for T in (1, 2, 5, 9, 13):
+        for T in (1, 2, 5, 9, 13, 35):
             x = RNG.standard_normal((T, cols)).astype(np.float32)
             y = _core.qmatrix_matmul(x, buf)
             assert y.shape == (T, rows) and y.dtype == np.float32
-            if uses_x16(bits, T):
+            if uses_prefill_x8(buf, T):
+                ref = round_x(x, 127) @ deq.astype(np.float64).T
+                scale = np.abs(x) @ np.abs(deq).T
+                assert (np.abs(y - ref) / scale).max() < 1e-6, (rows, cols, T)
+                assert matmul_err(y, x, deq) < 1e-2, (rows, cols, T)
+            elif uses_x16(bits, T):
                 ref = x16_matmul_reference(x, buf)
                 scale = np.abs(x) @ np.abs(deq).T
                 assert (np.abs(y - ref) / scale).max() < 1e-6, (rows, cols, T)
@@ -252,7 +263,8 @@ def test_expert_forward_matches_reference(bits, kind, sym):
     for T in (1, 3, 6, 16):
         x = RNG.standard_normal((T, 64)).astype(np.float32)
         y = _core.expert_forward(x, blob)
-        if uses_x8(bits, T):
+        g_off, _, d_off = info["offsets"]
+        if uses_x8(bits, T) or (uses_prefill_x8(blob[g_off:], T) and uses_prefill_x8(blob[d_off:], T)):
             # x and h rounded to int8 as the kernel does: ~2% of the largest output against
             # the float reference, ~5e-7 against this one
             gate, up, down = (m.astype(np.float64) for m in q.expert_matrices(blob))
@@ -324,7 +336,7 @@ def test_crc32c_long_buffers_match_a_bytewise_reference():
         assert _core.crc32c(data[:n]) == _crc32c_python(data[:n].tobytes())
 
 
-@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("T", [1, 3, 16])
 def test_matmul_many_matches_one_at_a_time(T):
     cols = 256
     bufs = [
@@ -335,6 +347,9 @@ def test_matmul_many_matches_one_at_a_time(T):
     x = RNG.standard_normal((T, cols)).astype(np.float32)
     ys = _core.qmatrix_matmul_many(x, bufs)
     for y, buf in zip(ys, bufs):
+        np.testing.assert_array_equal(y, _core.qmatrix_matmul(x, buf))
+    four = [b for b in bufs if q.matrix_header(b)["bits"] == 4]  # prefill: x rounded once for all of them
+    for y, buf in zip(_core.qmatrix_matmul_many(x, four), four):
         np.testing.assert_array_equal(y, _core.qmatrix_matmul(x, buf))
     with pytest.raises(ValueError):
         _core.qmatrix_matmul_many(x, [bufs[0], q.quantize_matrix(np.ones((4, 128), np.float32), 4, 64, False)])

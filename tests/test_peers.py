@@ -4,12 +4,17 @@ one tiny end-to-end comparison."""
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
 import sys
+import tarfile
+import venv
 
 import pytest
 
 from edgemoe.bench import llama_cpp as peers
+from edgemoe.bench import llama_cpp_worker
 from edgemoe.devices.limits import cgroup_v1_available
 from edgemoe.planning.default_model import SHIPPED
 
@@ -39,6 +44,8 @@ def _run(status, tps=None, **kw):
             decode_tokens_per_s=tps,
             ttft_seconds=0.1,
             load_seconds=0.2,
+            first_token_seconds=0.3,
+            prefill_tokens_per_s=tps * 2,
             cgroup_peak_bytes=300e6,
             read_bytes=200e6,
             peak_rss_bytes=250e6,
@@ -93,10 +100,15 @@ def test_table_ratios_and_json():
     md = peers.markdown(cells, ["blkio throttling does not work here"])
     lines = md.splitlines()
     assert lines[0].startswith("| model | storage | limit | engine |")
-    assert lines[1].count("|---") == 11
-    assert "| mixtral-shaped | local disk | 1.2x (600 MB) | llama.cpp | Q4_0 | 3.00 |" in md
-    assert "| 0.3x (150 MB) | llama.cpp | Q4_0 | - | - | - | - | - | killed (OOM) 3/3 |" in md
-    assert "mixtral-shaped, local disk, unlimited: edgemoe 0.80x llama.cpp's decode speed" in md
+    assert lines[1].count("|---") == 13
+    assert (
+        "| mixtral-shaped | local disk | 1.2x (600 MB) | llama.cpp | Q4_0 | 3.00 | 0.20 | 0.100 | 0.300 | 6.0 |" in md
+    )
+    assert "| 0.3x (150 MB) | llama.cpp | Q4_0 | - | - | - | - | - | - | - | killed (OOM) 3/3 |" in md
+    assert (
+        "mixtral-shaped, local disk, unlimited: edgemoe 0.80x llama.cpp's decode speed, "
+        "0.80x its prefill speed (second prompt), load + TTFT 0.300 s against 0.300 s" in md
+    )
     assert "1.2x (600 MB): edgemoe 10.00x llama.cpp's decode speed" in md
     assert "0.3x (150 MB): edgemoe 12.50 tok/s, llama.cpp killed (OOM) 3/3" in md
     assert md.rstrip().endswith("- blkio throttling does not work here")
@@ -119,6 +131,54 @@ def test_pre_tokenizer_alias(tmp_path):
     odd["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = False
     (tmp_path / "tokenizer.json").write_text(json.dumps(odd))
     assert peers.pre_tokenizer_alias(tmp_path / "tokenizer.json") is None
+
+
+def test_llama_cpp_context_holds_the_run():
+    # llama.cpp's default context is 512 positions: a 512-token prompt had no room for a new token
+    for n_prompt in (16, 512, 700):
+        spec = dict(model="m.gguf", prompt=list(range(n_prompt)), new_tokens=32, threads=2, seed=0)
+        params = llama_cpp_worker.llama_params(spec)
+        assert params["n_ctx"] >= n_prompt + 32
+        assert (params["n_threads"], params["n_threads_batch"], params["model_path"]) == (2, 2, "m.gguf")
+
+
+def _probe_sdist(links, name="edgemoe-peers-probe", ver="1.0"):
+    """A source package built, as llama-cpp-python's is, by scikit-build-core."""
+    files = {
+        "pyproject.toml": (
+            '[build-system]\nrequires = ["scikit-build-core>=0.10"]\nbuild-backend = "scikit_build_core.build"\n'
+            f'[project]\nname = "{name}"\nversion = "{ver}"\n'
+        ),
+        "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: {ver}\n",
+    }
+    root = f"{name.replace('-', '_')}-{ver}"
+    with tarfile.open(links / f"{root}.tar.gz", "w:gz") as tar:
+        for fname, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{root}/{fname}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return f"{root}.tar.gz"
+
+
+@pytest.mark.slow
+def test_source_package_download_from_a_fresh_environment(tmp_path):
+    """The converter's source package comes through pip in an environment that has only pip,
+    as after `pip install '.[bench]'` in a fresh venv: no scikit-build-core to read the
+    package's metadata with, so pip must build that metadata in isolation."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    missing = subprocess.run([python, "-c", "import scikit_build_core"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "scikit_build_core" in missing.stderr
+    links, dest = tmp_path / "links", tmp_path / "sdist"
+    links.mkdir()
+    saved = _probe_sdist(links)
+    cmd = peers.sdist_download_command("edgemoe-peers-probe", "1.0", dest, python=python)
+    assert "--no-build-isolation" not in cmd and ":all:" not in cmd  # wheels for the backend's own needs
+    r = subprocess.run(cmd + ["--find-links", str(links)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (dest / saved).read_bytes() == (links / saved).read_bytes()
 
 
 ok, reason = cgroup_v1_available("memory")
@@ -154,7 +214,7 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
     pair = peers.prepare_pair(str(hf), 4, cache)
     assert pair["tokenizer_check"]["identical"], pair["tokenizer_check"]
     assert pair["gguf"].name.endswith("Q4_0.gguf") and pair["gguf_q4_bytes"] == pair["gguf"].stat().st_size
-    prompt = peers.prompt_ids("mixtral-shaped", hf, 8, 0, 512)
+    prompt = peers.prompt_ids("mixtral-shaped", hf, 520, 0, 512)  # longer than llama.cpp's default context
     for engine, model, extra in (
         ("llama.cpp", pair["gguf"], {}),
         ("edgemoe", pair["ours"], {"budget": None, "options": {}}),
@@ -163,3 +223,5 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
         r = peers.run_limited(spec, [model], None, None, timeout=120)
         assert r["status"] == "ok", r
         assert r["tokens"] == 6 and r["decode_tokens_per_s"] > 0 and r["cgroup_peak_bytes"] > 0
+        assert r["first_token_seconds"] == pytest.approx(r["load_seconds"] + r["ttft_seconds"])
+        assert r["prefill_tokens_per_s"] == pytest.approx(len(prompt) / r["prefill_seconds"])

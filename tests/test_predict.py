@@ -10,7 +10,9 @@ import pytest
 from tiny import _TEXT
 
 import edgemoe
+from edgemoe import _core
 from edgemoe.converters.convert import convert
+from edgemoe.format import quant
 from edgemoe.format.safetensors import read_safetensors, to_float32
 from edgemoe.planning import predictors, routing
 from edgemoe.runtime import prefetch, trace
@@ -118,7 +120,11 @@ def test_fitted_lookahead(model_dir, tmp_path):
     m.trace_routing(ids[:40].tolist(), lookahead=False)
     m.net.observer = None
     ctx.hidden["layer_out"] = cap.out[0]
-    np.testing.assert_allclose(live.probs(1, ctx), tr.lookahead["fitted_layer_out"][:40, 0], atol=2e-3)
+    # the trace ran windows of 64 tokens, this a prompt of 40: an expert given 12 or more of
+    # them meets x rounded to int8 (4-bit codes, prefill_int8) where it got float x in the other
+    blob = m.store.read(0, 0)
+    atol = 6e-3 if _core.prefill_int8(blob, quant.parse_blob(blob)["offsets"][0]) else 2e-3
+    np.testing.assert_allclose(live.probs(1, ctx), tr.lookahead["fitted_layer_out"][:40, 0], atol=atol)
 
 
 def test_choose_and_offline_scores():

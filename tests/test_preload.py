@@ -31,6 +31,23 @@ def test_preload_reads_every_expert_and_changes_no_token(tiny_checkpoint, tmp_pa
     assert s["prefetch_issued"] > 0 and s["loads"] == np.count_nonzero(lengths)  # each expert read once
 
 
+def test_a_warm_start_without_a_budget_reads_every_expert(tiny_checkpoint, tmp_path):
+    """Unbounded, a warm start is bounded by memory, not by a budget of 0: with room for all,
+    it reads every expert, most used first, as a run under a budget that holds them all does
+    (it used to read none, so a run with no memory limit missed where a limited one hit)."""
+    dst = tmp_path / "m"
+    convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
+    _, lengths, _, _ = blob_tables(edgemoe.load(dst, preload="none").manifest)
+    everything = int(page_bytes(lengths).sum())
+    for budget in (None, everything):
+        m = edgemoe.load(dst, memory_budget=budget, preload="warm")
+        assert m.preloading == "warm"
+        m.cache.wait_idle()
+        s = m.cache.stats()
+        assert s["prefetch_issued"] == s["loads"] == np.count_nonzero(lengths), budget
+        assert all(m.cache.contains(int(layer), int(e)) for layer, e in zip(*np.nonzero(lengths)))
+
+
 def test_warm_start_fills_the_budget_with_the_most_used_experts(tiny_checkpoint, tmp_path):
     dst = tmp_path / "m"
     convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)

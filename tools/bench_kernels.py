@@ -6,6 +6,7 @@ set is several matrices visited round-robin and larger than the L3 cache, so
 weights come from DRAM as they would in a real decode step.
 
     python tools/bench_kernels.py [--threads N] [--working-set-mb 256]
+    python tools/bench_kernels.py --prefill --threads 1   # prefill matmuls, GMAC/s of one core
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from edgemoe import _core
 from edgemoe.format import quant as q
 
 
-def call_seconds(fn, n: int, passes: int = 3, min_seconds: float = 0.3) -> np.ndarray:
+def call_seconds(fn, n: int, passes: int = 3, min_seconds: float = 0.3, clock=time.perf_counter) -> np.ndarray:
     """Seconds of each call fn(i), i cycling through range(n), over a few passes.
 
     Timed one call at a time: on a shared machine the fastest calls show what the
@@ -29,9 +30,9 @@ def call_seconds(fn, n: int, passes: int = 3, min_seconds: float = 0.3) -> np.nd
     p = 0
     while p < passes or time.perf_counter() < t_end:
         for i in range(n):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn(i)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         p += 1
     return np.array(times)
 
@@ -92,6 +93,34 @@ def bench_attention(rng) -> None:
             )
 
 
+def bench_prefill(rng) -> None:
+    """Prefill matmuls, compute-bound: the Mixtral-shaped model's expert matrices times the
+    tokens one expert gets from a 512-token prompt (~128) and its attention projection times
+    all 512, at 4 bits g32 symmetric (llama.cpp's Q4_0 arithmetic) and the other bitwidths.
+    4-bit codes take the int8 kernels where _core.prefill_int8 says so; the other bitwidths
+    the f32 tile."""
+    # one kernel thread runs on the calling thread: its CPU time leaves out what other
+    # processes took from it, which on a shared machine is most of the spread
+    one = _core.get_num_threads() == 1
+    clock = time.thread_time if one else time.perf_counter
+    print(
+        f"simd={_core.simd()} threads={_core.get_num_threads()}; GMAC/s of the fastest 10% / median call"
+        + (" (the thread's CPU time)" if one else " (wall time)")
+    )
+    for bits, gs, sym in ((4, 32, True), (4, 64, False), (2, 64, False), (3, 64, False), (8, 64, False)):
+        for rows, cols, T in ((2816, 1024, 128), (1024, 2816, 128), (1024, 1024, 512)):
+            buf = q.quantize_matrix(rng.standard_normal((rows, cols)).astype(np.float32), bits, gs, sym)
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            t = call_seconds(lambda i: _core.qmatrix_matmul(x, buf), 1, passes=5, clock=clock)
+            macs = rows * cols * T
+            int8 = getattr(_core, "prefill_int8", None)  # builds before the int8 prefill lack it
+            path = "int8" if int8 and int8(buf) else "f32 tile"
+            print(
+                f"int{bits} g{gs}{' sym' if sym else ''} {rows}x{cols} T={T:<3} ({path}): "
+                f"{macs / np.percentile(t, 10) / 1e9:6.1f} / {macs / np.median(t) / 1e9:6.1f} GMAC/s"
+            )
+
+
 def numpy_sample(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
     """The numpy sampler the native one replaced (edgemoe/sampling.py before it): the nucleus
     from a sort of all the weights."""
@@ -141,6 +170,11 @@ def main():
         action="store_true",
         help="instead: one sampled token from the default model's logits, native against numpy",
     )
+    ap.add_argument(
+        "--prefill",
+        action="store_true",
+        help="instead: prefill matmuls (128-512 tokens) of the Mixtral-shaped model's shapes, GMAC/s",
+    )
     args = ap.parse_args()
     if args.threads:
         _core.set_num_threads(args.threads)
@@ -148,6 +182,8 @@ def main():
         return bench_attention(np.random.default_rng(0))
     if args.sampler:
         return bench_sampler(np.random.default_rng(0))
+    if args.prefill:
+        return bench_prefill(np.random.default_rng(0))
     ws = args.working_set_mb << 20
     rng = np.random.default_rng(0)
     print(f"simd={_core.simd()} threads={_core.get_num_threads()} working set {args.working_set_mb} MiB")

@@ -121,7 +121,16 @@ def spread(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
-FIGURES = ("decode_tokens_per_s", "ttft_seconds", "load_seconds", "cgroup_peak_bytes", "read_bytes", "peak_rss_bytes")
+FIGURES = (
+    "decode_tokens_per_s",
+    "ttft_seconds",
+    "load_seconds",
+    "first_token_seconds",
+    "prefill_tokens_per_s",
+    "cgroup_peak_bytes",
+    "read_bytes",
+    "peak_rss_bytes",
+)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,21 +177,25 @@ def limit_text(factor: float | None, limit: int | None) -> str:
 
 
 TABLE_HEADER = (
-    "| model | storage | limit | engine | weights | decode tok/s | TTFT s | load s | peak MB (cgroup) "
-    "| read MB | killed |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | storage | limit | engine | weights | decode tok/s | load s | TTFT s | load + TTFT s "
+    "| prefill tok/s (2nd prompt) | peak MB (cgroup) | read MB | killed |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def table_row(c: dict[str, Any]) -> str:
     return (
         f"| {c['model']} | {c['storage']} | {limit_text(c['limit_factor'], c['limit_bytes'])} | {c['engine']} "
-        f"| {c['weights']} | {fmt(c['decode_tokens_per_s'], digits=2)} | {fmt(c['ttft_seconds'], digits=3)} "
-        f"| {fmt(c['load_seconds'], digits=2)} | {fmt(c['cgroup_peak_bytes'], 1e6, 0)} | {fmt(c['read_bytes'], 1e6, 0)} | {status_text(c)} |"
+        f"| {c['weights']} | {fmt(c['decode_tokens_per_s'], digits=2)} | {fmt(c['load_seconds'], digits=2)} "
+        f"| {fmt(c['ttft_seconds'], digits=3)} | {fmt(c.get('first_token_seconds'), digits=3)} "
+        f"| {fmt(c.get('prefill_tokens_per_s'), digits=1)} "
+        f"| {fmt(c['cgroup_peak_bytes'], 1e6, 0)} | {fmt(c['read_bytes'], 1e6, 0)} | {status_text(c)} |"
     )
 
 
 def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
-    """edgemoe's decode speed over llama.cpp's at each (model, storage, limit), medians."""
+    """At each (model, storage, limit), medians: edgemoe's decode and second-prompt prefill
+    speeds over llama.cpp's, and each engine's load + TTFT."""
     lines = []
     key = lambda c: (c["model"], c["storage"], c["limit_factor"])  # noqa: E731
     for k in dict.fromkeys(key(c) for c in cells):
@@ -193,7 +206,14 @@ def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
         es, ps = e["decode_tokens_per_s"], p["decode_tokens_per_s"]
         where = f"{k[0]}, {k[1]}, {limit_text(k[2], e['limit_bytes'])}"
         if es and ps:
-            lines.append(f"- {where}: edgemoe {es['median'] / ps['median']:.2f}x llama.cpp's decode speed")
+            parts = [f"edgemoe {es['median'] / ps['median']:.2f}x llama.cpp's decode speed"]
+            ef, pf = e.get("prefill_tokens_per_s"), p.get("prefill_tokens_per_s")
+            if ef and pf:
+                parts.append(f"{ef['median'] / pf['median']:.2f}x its prefill speed (second prompt)")
+            et, pt = e.get("first_token_seconds"), p.get("first_token_seconds")
+            if et and pt:
+                parts.append(f"load + TTFT {et['median']:.3f} s against {pt['median']:.3f} s")
+            lines.append(f"- {where}: " + ", ".join(parts))
         elif es:
             lines.append(f"- {where}: edgemoe {es['median']:.2f} tok/s, llama.cpp {status_text(p)}")
         elif ps:
@@ -272,6 +292,26 @@ def plot(cells: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
 CONVERTER_SOURCE_VERSION = "0.3.36"
 
 
+def sdist_download_command(package: str, ver: str, dest: Path, python: str | None = None) -> list[str]:
+    """pip's command that saves `package`==`ver`'s source package into dest, through the index
+    pip is configured with. pip reads a source package's metadata by running its build backend,
+    so the backend must come from an isolated build environment (a fresh install of the bench
+    extra has no scikit-build-core), and only `package` is held to its source: the backend's
+    own requirements come as wheels instead of being built from source."""
+    return [
+        python or sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        package,
+        f"{package}=={ver}",
+        "-d",
+        str(dest),
+    ]
+
+
 def converter_dir(cache: Path, ver: str | None = None) -> Path:
     """llama.cpp's convert_hf_to_gguf.py with its conversion/ package and gguf-py, extracted from
     the source package of llama-cpp-python `ver` (default: the version installed, the same
@@ -287,24 +327,7 @@ def converter_dir(cache: Path, ver: str | None = None) -> Path:
     sdists = cache / "sdist"
     sdist = sdists / f"llama_cpp_python-{ver}.tar.gz"
     if not sdist.exists():
-        # --no-build-isolation: pip would otherwise build a private cmake just to read the metadata
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                "--no-build-isolation",
-                f"llama-cpp-python=={ver}",
-                "-d",
-                str(sdists),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        r = subprocess.run(sdist_download_command("llama-cpp-python", ver, sdists), capture_output=True, text=True)
         if r.returncode != 0 or not sdist.exists():
             raise RuntimeError(f"could not download the llama-cpp-python {ver} source package:\n{r.stderr[-2000:]}")
     root = f"llama_cpp_python-{ver}/vendor/llama.cpp/"

@@ -129,7 +129,7 @@ class Model:
 
         self.preloading = self._preload_mode(lengths)  # "all", "warm" or ""
         if self.preloading:
-            self.preload(self.budget if self.preloading == "warm" else None)
+            self.preload(self._warm_bytes() if self.preloading == "warm" else None)
 
         tok = self.manifest.get("tokenizer", {})
         self.eos_ids = set(tok.get("eos_token_ids") or [])
@@ -199,6 +199,11 @@ class Model:
         if self._preload_fits(lengths):
             return "all"
         return "warm" if self.budget else ""
+
+    def _warm_bytes(self) -> int:
+        """What a warm start fills: the budget, or without one (every expert read stays)
+        half the memory available now, as "auto" preloads everything when it fits there."""
+        return self.budget or int(0.5 * psutil.virtual_memory().available)
 
     def _preload_fits(self, lengths: np.ndarray) -> bool:
         """Preload every expert when the budget holds them all (or is unbounded) and they fit

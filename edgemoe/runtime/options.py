@@ -43,7 +43,8 @@ class StreamOptions:
     preload: what the I/O threads read at load, behind the first tokens' compute (demand
         reads go first). "all": every expert. "warm": the most used experts by the model's
         routing profile (routing.json usage; without one, the same number of each layer's),
-        as many as the budget holds. "none": each expert is read when first needed.
+        as many as the budget holds (unbounded: as fit in half the memory available now).
+        "none": each expert is read when first needed.
         "auto": "all" when the budget holds every expert (or is unbounded) and they fit in
         half the memory available now, else "warm"; nothing with fallback.
     io_threads: threads that read experts (0: the decoding thread reads on a miss).

@@ -216,6 +216,40 @@ static bool close_matmul_x16(const std::vector<float>& y, const std::vector<floa
   return true;
 }
 
+// x [n] rounded per 32 values to int8 times the block's dx, as the SIMD decode inputs do.
+static std::vector<double> round_x8(const float* x, uint32_t n) {
+  std::vector<double> xq(n);
+  for (uint32_t b = 0; b < n / 32; ++b) {
+    float amax = 0;
+    for (uint32_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
+    const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+    for (uint32_t j = 0; j < 32; ++j) xq[b * 32 + j] = double(std::nearbyint(x[b * 32 + j] * inv)) * dx;
+  }
+  return xq;
+}
+
+// What the int8 prefill (matmul_int8) computes: every token's x rounded per 32 values to
+// int8 (quantize_acts), the min terms from the rounded x too: y = W . xq, W exact.
+static bool close_matmul_x8(const std::vector<float>& y, const std::vector<float>& x, const TestMatrix& m, int64_t T,
+                            uint32_t r0, uint32_t r1, double tol) {
+  for (int64_t t = 0; t < T; ++t) {
+    const auto xq = round_x8(&x[size_t(t) * m.cols], m.cols);
+    for (uint32_t r = r0; r < r1; ++r) {
+      double ref = 0, mag = 0;
+      for (uint32_t c = 0; c < m.cols; ++c) {
+        ref += m.w[size_t(r) * m.cols + c] * xq[c];
+        mag += std::fabs(m.w[size_t(r) * m.cols + c] * xq[c]);
+      }
+      const double got = y[size_t(t) * m.rows + r];
+      if (std::fabs(got - ref) > tol * mag + 1e-30) {
+        std::fprintf(stderr, "int8 prefill mismatch t=%lld r=%u: %g vs %g\n", (long long)t, r, got, ref);
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 static void test_kernels() {
   const uint32_t shapes[][2] = {{1, 128}, {37, 256}, {130, 384}};
   for (bool sym : {false, true})
@@ -225,11 +259,14 @@ static void test_kernels() {
           if (s[1] % gs) continue;
           TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
           const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
-          for (int64_t T : {1, 3, 4, 9, 14}) {
+          for (int64_t T : {1, 3, 4, 9, 14, 33}) {
             auto x = rand_vec(size_t(T) * s[1]);
             std::vector<float> y(size_t(T) * s[0]);
             matmul(q, x.data(), T, y.data());
-            if (T == 1 && std::strcmp(simd_name(), "portable") != 0) {
+            if (T >= kernels::kGemmMinTokens && prefill_int8(q)) {
+              CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));  // exactly what the kernel computes
+              CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
+            } else if (T == 1 && std::strcmp(simd_name(), "portable") != 0) {
               CHECK(close_matmul_x16(y, x, m, bits, 2e-6));  // exactly what the kernel computes
               // and within 2^-15-ish of f32 x (int8 for 4 bits: 2^-7-ish)
               CHECK(close_matmul(y, x, m.w, T, s[0], s[1], bits == 4 ? 1e-2 : 1e-4));
@@ -471,28 +508,27 @@ static void write_file(TestFile& f, uint32_t H, uint32_t I, uint32_t (*bits_of)(
   ::close(fd);
 }
 
-// x [n] rounded per 32 values to int8 times the block's dx, as the SIMD decode inputs do.
-static std::vector<double> round_x8(const float* x, uint32_t n) {
-  std::vector<double> xq(n);
-  for (uint32_t b = 0; b < n / 32; ++b) {
-    float amax = 0;
-    for (uint32_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
-    const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-    for (uint32_t j = 0; j < 32; ++j) xq[b * 32 + j] = double(std::nearbyint(x[b * 32 + j] * inv)) * dx;
-  }
-  return xq;
-}
 
 // True if one token (T=1) meets 4-bit codes with int8 activations: the SIMD decode.
 static bool decode_x8() { return std::strcmp(simd_name(), "portable") != 0; }
 
-// SwiGLU expert in float64; with x8, 4-bit matrices see their input rounded to int8 as
-// the SIMD decode rounds it (gate/up: x; down: h, rounded from its float value).
+// How a path rounds a matrix's input: not (float x), as the SIMD decode does (one token:
+// int8 for 4-bit codes), or as the int8 prefill does (several tokens: int8 for codes of up to
+// 4 bits, AVX2 only; prefill_int8).
+enum class XRound { kNone, kDecode, kPrefill };
+
+// SwiGLU expert in float64; the matrices whose input `round` rounds to int8 see it rounded
+// (gate/up: x; down: h, rounded from its float value).
 static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const float* x, uint32_t H, uint32_t I,
-                                      bool x8 = false) {
-  const auto is4 = [](const TestMatrix& t) { return t.buf[9] == 4 && (t.buf[8] == 3 || t.buf[8] == 4); };
+                                      XRound round = XRound::kNone) {
+  const auto rounds = [&](const TestMatrix& t) {
+    const bool quant = t.buf[8] == 3 || t.buf[8] == 4;
+    if (round == XRound::kDecode) return quant && t.buf[9] == 4;
+    if (round == XRound::kPrefill) return prefill_int8(parse_qmatrix(t.buf.data(), t.buf.size()));
+    return false;
+  };
   std::vector<double> xd(x, x + H);
-  if (x8 && is4(m[0])) xd = round_x8(x, H);
+  if (rounds(m[0])) xd = round_x8(x, H);
   std::vector<double> h(I), y(H, 0.0);
   for (uint32_t i = 0; i < I; ++i) {
     double g = 0, u = 0;
@@ -502,7 +538,7 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
     }
     h[i] = g / (1 + std::exp(-g)) * u;
   }
-  if (x8 && is4(m[2])) {
+  if (rounds(m[2])) {
     std::vector<float> hf(h.begin(), h.end());
     h = round_x8(hf.data(), I);
   }
@@ -537,6 +573,65 @@ static void test_portable_kernels() {
   std::vector<uint8_t> bytes((3u << 20) + 77);
   for (auto& b : bytes) b = uint8_t(rng());
   CHECK(stream_read(bytes.data(), bytes.size()) == kernels::portable::byte_sum(bytes.data(), bytes.size()));
+}
+
+// The int8 prefill: the portable kernels (every build) against the rounded-x reference,
+// the SIMD ones (AVX2) against the portable ones, on panels with row and token tails.
+static void test_int8_prefill() {
+  // the rounding: to the nearest int8 per block, the same bits on every path
+  const auto xr = rand_vec(32 * 7);
+  std::vector<int8_t> q(xr.size());
+  std::vector<float> dx(7), bsum(7);
+  kernels::portable::quantize_row_q8(xr.data(), uint32_t(xr.size()), q.data(), dx.data(), bsum.data());
+  const auto want = round_x8(xr.data(), uint32_t(xr.size()));
+  bool same = true;
+  for (size_t i = 0; i < xr.size(); ++i) same = same && double(q[i]) * dx[i / 32] == want[i];
+  CHECK(same);
+#if defined(EDGEMOE_AVX2)
+  std::vector<int8_t> q2(xr.size());
+  std::vector<float> dx2(7), bsum2(7);
+  kernels::avx2::quantize_row_q8(xr.data(), uint32_t(xr.size()), q2.data(), dx2.data(), bsum2.data());
+  CHECK(q2 == q && dx2 == dx && bsum2 == bsum);
+#endif
+  const uint32_t shapes[][2] = {{1, 64}, {7, 128}, {9, 256}, {37, 384}};
+  int checked = 0;
+  for (bool sym : {false, true})
+    for (uint32_t bits : {2u, 3u, 4u})
+      for (uint32_t gs : {32u, 64u, 128u})
+        for (auto& s : shapes) {
+          if (s[1] % gs) continue;
+          const TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
+          const QMatrix w = parse_qmatrix(m.buf.data(), m.buf.size());
+          for (int64_t T : {1, 2, 5, 13}) {
+            const auto x = rand_vec(size_t(T) * s[1]);
+            QuantizedActs qx;
+            quantize_acts(x.data(), T, s[1], qx);
+            std::vector<float> ref(size_t(T) * s[0]);
+            kernels::portable::gemm_int8_rows(w, 0, s[0], qx, ref.data());
+            CHECK(close_matmul_x8(ref, x, m, T, 0, s[0], 2e-6));
+#if defined(EDGEMOE_AVX2)
+            std::vector<float> y(size_t(T) * s[0], -1.0f);
+            kernels::avx2::gemm_int8_rows(w, 0, s[0], qx, y.data());
+            CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));
+            if (s[0] > 8) {  // a range starting at the second panel leaves the first rows alone
+              std::vector<float> z(size_t(T) * s[0], -1.0f);
+              kernels::avx2::gemm_int8_rows(w, 8, s[0], qx, z.data());
+              CHECK(close_matmul_x8(z, x, m, T, 8, s[0], 2e-6) && z[0] == -1.0f && z[7] == -1.0f);
+            }
+#endif
+            ++checked;
+          }
+        }
+  // what the int8 path cannot take is refused, not misread
+  const TestMatrix m8 = make_quant(4, 64, 8, 32);
+  const QMatrix w8 = parse_qmatrix(m8.buf.data(), m8.buf.size());
+  QuantizedActs qx;
+  const auto x = rand_vec(64);
+  quantize_acts(x.data(), 1, 64, qx);
+  std::vector<float> y(4);
+  CHECK(!prefill_int8(w8) && throws<std::invalid_argument>([&] { matmul_int8(w8, qx, y.data()); }));
+  CHECK(throws<std::invalid_argument>([&] { quantize_acts(x.data(), 1, 60, qx); }));
+  std::printf("  int8 prefill: %d checks (%s)\n", checked, prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())) ? "used by matmul" : "reference only");
 }
 
 #if defined(EDGEMOE_NEON)
@@ -673,13 +768,15 @@ static void test_expert_forward() {
       for (int64_t T : {1, 3, 13}) {
         // one token on AVX2/NEON rounds x and h per 32 values: to int16 (~2^-15 each, a looser
         // bound), or for 4 bits to int8, which the reference emulates (h's rounding can flip)
-        const bool decode = T == 1 && decode_x8();
+        // several tokens on AVX2 round x and h to int8 for every bitwidth here (prefill_int8)
+        const bool decode = T == 1 && decode_x8(), prefill = T >= kernels::kGemmMinTokens;
         const double tol = decode ? (bits == 4 ? 1e-5 : 1e-3) : 1e-4;
         auto x = rand_vec(size_t(T) * H);
         std::vector<float> y(size_t(T) * H);
         expert_forward(e, x.data(), T, y.data());
         for (int64_t t = 0; t < T; ++t) {
-          const auto ref = expert_ref(mats, &x[size_t(t) * H], H, I, decode && bits == 4);
+          const auto ref = expert_ref(mats, &x[size_t(t) * H], H, I,
+                                      decode ? XRound::kDecode : prefill ? XRound::kPrefill : XRound::kNone);
           double mx = 0, err = 0;
           for (uint32_t h = 0; h < H; ++h) {
             mx = std::max(mx, std::fabs(ref[h]));
@@ -1333,7 +1430,7 @@ static void test_fallback() {
       const auto& mats = (low_bit[e] ? low : full).mats[full.E + e];
       // an expert routed one token runs the one-token (decode) path
       const bool one = std::count(ids.begin(), ids.end(), int32_t(e)) == 1;
-      auto out = expert_ref(mats, &x[size_t(i / K) * H], H, I, one && decode_x8());
+      auto out = expert_ref(mats, &x[size_t(i / K) * H], H, I, one && decode_x8() ? XRound::kDecode : XRound::kNone);
       for (uint32_t h = 0; h < H; ++h) y[size_t(i / K) * H + h] += w[size_t(i)] * out[h];
     }
     return y;
@@ -1470,6 +1567,7 @@ int main() {
   test_pool();
   test_kernels();
   test_portable_kernels();
+  test_int8_prefill();
 #if defined(EDGEMOE_NEON)
   test_neon_kernels();
 #endif
