@@ -138,7 +138,12 @@ class SafetensorsFile:
             raise self._damaged(f"gives tensor {name!r} no dtype string")
         if not isinstance(shape, list) or not all(map(is_count, shape)):
             raise self._damaged(f"gives tensor {name!r} a shape {shape!r} that is not a list of sizes")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_count, offsets)) or offsets[0] > offsets[1]:
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(map(is_count, offsets))
+            or offsets[0] > offsets[1]
+        ):
             raise self._damaged(f"gives tensor {name!r} data_offsets {offsets!r}, not [begin, end] with begin <= end")
         return dtype, tuple(shape), offsets[0], offsets[1]
 
