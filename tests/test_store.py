@@ -135,6 +135,30 @@ def test_blob_with_a_wrong_header_is_corrupt(experts):
         store.read(0, 0)
 
 
+def test_blob_that_does_not_parse_is_corrupt_when_unchecked(experts):
+    """With checksums off, a damaged matrix header reaches the layer: it is still named."""
+    path, offsets, sizes, crcs, blobs = experts
+    with open(path, "r+b") as f:  # expert 2 of layer 1: its gate matrix's kind byte
+        f.seek(int(offsets[1, 2]) + int.from_bytes(blobs[1, 2][16:20].tobytes(), "little") + 8)
+        f.write(bytes([0xF0]))
+    store = _core.ExpertStore(path, offsets, sizes, crcs, verify=False)
+    cache = _core.ExpertCache(store, 0, io_threads=0)
+    x, w = np.ones((1, H), np.float32), np.ones((1, 1), np.float32)
+    with pytest.raises(
+        errors.CorruptExpertError, match=r"expert 2 of layer 1 in .*\(unknown QMatrix kind 240\).*convert"
+    ):
+        _core.moe_forward(cache, 1, x, np.array([[2]], np.int32), w)
+    _core.moe_forward(cache, 1, x, np.array([[1]], np.int32), w)  # the others still serve
+
+
+def test_matrix_sizes_that_overflow_are_refused():
+    # f32 [2^31, 2^31]: rows * row_bytes is 2^64, 0 in 64-bit arithmetic
+    header = np.array([1 << 31, 1 << 31, 32 << 8, 0, 64, 0, 0, 128], "<u4").view(np.uint8)
+    buf = np.concatenate([header, np.zeros(96, np.uint8)])
+    with pytest.raises(ValueError, match="overruns its 128 bytes"):
+        _core.qmatrix_matmul(np.zeros((1, 4), np.float32), buf)
+
+
 def test_truncated_file_is_refused_at_construction(experts):
     path, offsets, sizes, crcs, blobs = experts
     os.truncate(path, os.path.getsize(path) - 100)
