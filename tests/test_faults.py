@@ -118,9 +118,12 @@ CHILD = textwrap.dedent(
             return f"{type(e).__name__}: {e}"
 
     out = {"clean": run()}
+    hits = Path(str(control) + ".hits")
     for name, line in [("eio", "eio experts.bin"), ("short", "short experts.bin"), ("after", "")]:
         control.write_text(line)
+        hits.write_bytes(b"")
         out[name] = run()
+        out[name + " faults"] = hits.stat().st_size
     out["direct_io"] = m.stats()["direct_io"]
     print(json.dumps(out))
     """
@@ -156,3 +159,4 @@ def test_read_errors_and_short_reads_from_pread(model_dir, fault_lib, tmp_path):
     assert out["eio"].startswith("ExpertReadError: reading expert") and "Input/output error" in out["eio"]
     assert out["short"] == out["clean"]  # a short read is continued, not taken for the end of the file
     assert out["after"] == out["clean"]
+    assert out["eio faults"] >= 1 and out["short faults"] >= 4 and out["after faults"] == 0

@@ -5,7 +5,8 @@
  *   MODE SUFFIX [BEGIN END]
  * MODE: "eio" (fail with EIO) or "short" (return half of what was asked, at least one byte);
  * anything else, or no file, passes reads through. SUFFIX: reads of a file whose path ends with
- * it are affected. BEGIN END: only reads overlapping bytes [BEGIN, END) (default: all). */
+ * it are affected. BEGIN END: only reads overlapping bytes [BEGIN, END) (default: all).
+ * Each affected read appends one byte to CONTROL.hits, so a test can tell the fault happened. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -39,6 +40,13 @@ static ssize_t faulty(pread_fn real, int fd, void *buf, size_t count, off_t offs
     if (n >= (ssize_t)len && overlaps) {
       path[n] = '\0';
       if (strcmp(path + n - len, suffix) == 0) {
+        char hits[4200];
+        snprintf(hits, sizeof hits, "%s.hits", control);
+        FILE *h = fopen(hits, "ae");
+        if (h) {
+          fputc('.', h);
+          fclose(h);
+        }
         if (strcmp(mode, "eio") == 0) {
           errno = EIO;
           return -1;
