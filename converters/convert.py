@@ -48,6 +48,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 EXTRA_FILES = ("generation_config.json",)
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named chat templates beside the default one
 
 
 class Progress:
@@ -434,6 +435,11 @@ def _copy_tokenizer(src: Path, dst: Path) -> list[str]:
             shutil.copyfile(src / name, dst / name)
             if name in TOKENIZER_FILES:
                 files.append(name)
+    if (src / CHAT_TEMPLATE_DIR).is_dir():
+        (dst / CHAT_TEMPLATE_DIR).mkdir()
+        for f in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            shutil.copyfile(f, dst / CHAT_TEMPLATE_DIR / f.name)
+            files.append(f"{CHAT_TEMPLATE_DIR}/{f.name}")
     if not files:
         print(f"edgemoe convert: warning: {src} has no tokenizer files; the model will need token ids", file=sys.stderr)
     return files

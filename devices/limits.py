@@ -125,6 +125,18 @@ class Cgroup:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def popen(self, cmd: Sequence[str], **kwargs: object) -> subprocess.Popen:
+        """Start cmd inside this group (it joins before exec) and return at once: for a
+        process that runs while something else measures it (a server under load)."""
+        procs = [str(self.memory / "cgroup.procs")] + ([str(self.blkio / "cgroup.procs")] if self.blkio else [])
+
+        def join() -> None:
+            for p in procs:
+                with open(p, "w") as f:
+                    f.write(str(os.getpid()))
+
+        return subprocess.Popen(list(cmd), preexec_fn=join, **kwargs)  # type: ignore[call-overload]
+
     def run(
         self,
         cmd: Sequence[str],

@@ -46,3 +46,7 @@ class DeviceProfileError(EdgeMoEError, ValueError):
 
 class PlacementError(EdgeMoEError, ValueError):
     """The experts cannot be placed on the devices given (a memory budget too small or negative)."""
+
+
+class ChatTemplateError(EdgeMoEError, ValueError):
+    """A chat template does not parse, or refuses a conversation (its raise_exception)."""

@@ -12,6 +12,8 @@ from ..errors import EdgeMoEError
 # verb -> (module in this package, one line of help)
 VERBS = {
     "run": ("run", "generate text"),
+    "chat": ("chat", "chat with a model in the terminal, streamed, with its chat template"),
+    "serve": ("serve", "an OpenAI-compatible HTTP server with a live demo of the expert cache"),
     "info": ("info", "what a converted model holds"),
     "convert": ("convert", "convert a Hugging Face checkpoint into a model directory"),
     "eval": ("eval", "perplexity and tokens/s on a text file"),

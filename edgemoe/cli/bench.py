@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..bench import llama_cpp, modes
+from ..bench import llama_cpp, modes, serve_load
 from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
 from ..units import parse_bytes
-from .common import Parser, checked, comma_list, int_of, number, profile_arg, size_arg, threads_arg, whole
+from .common import Parser, checked, comma_list, int_of, number, profile_arg, retype, size_arg, threads_arg, whole
 
 
 def _model_name(value: str) -> str:
@@ -97,6 +97,11 @@ def build_parser() -> Parser:
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="instead: a load test of `edgemoe serve` (edgemoe bench --serve -h for its options)",
+    )
+    ap.add_argument(
         "--peers",
         type=checked(_peers, f"engines from {', '.join(llama_cpp.ENGINES[1:])}, comma-separated"),
         default=None,
@@ -105,14 +110,45 @@ def build_parser() -> Parser:
     )
     llama_cpp.add_arguments(ap)
     # the library declares the --peers options; their values are checked here like every flag's
-    for action in ap._actions:
-        action.type = {
+    return retype(
+        ap,
+        {
             "--limits": checked(llama_cpp.parse_limits, "multiples of the GGUF size like unlimited,1.2,0.5"),
             "--peer-threads": threads_arg,
             "--peer-mode": _mode,
             "--run-timeout": number(0.0, above=True),
-        }.get(action.option_strings[-1] if action.option_strings else "", action.type)
-    return ap
+        },
+    )
+
+
+def _budget(value: str) -> None:
+    if value.endswith("%"):
+        if not 0 < float(value[:-1]) <= 100:
+            raise ValueError("a percentage above 0 and at most 100")
+    else:
+        parse_bytes(value)
+
+
+def _limit(value: str) -> None:
+    if value not in ("auto", "none"):
+        parse_bytes(value)
+
+
+def build_serve_parser() -> Parser:
+    """`edgemoe bench --serve`'s options (edgemoe.bench.serve_load), their values checked."""
+    p = serve_load.build_parser(Parser)
+    return retype(
+        p,
+        {
+            "--clients": whole(1, 1024),
+            "--duration": number(0.0, above=True),
+            "--alone": number(0.0, above=True),
+            "--budget": checked(_budget, "a size like 20MB or a percentage of the expert bytes like 50%"),
+            "--max-tokens": whole(1),
+            "--limit": checked(_limit, "auto, none or a size like 300MB"),
+            "--overhead-seconds": number(0.0, above=True),
+        },
+    )
 
 
 def _peers(value: str) -> None:
@@ -122,6 +158,8 @@ def _peers(value: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--serve" in argv:  # the server's load test has options of its own
+        return serve_load.run(build_serve_parser().parse_args([a for a in argv if a != "--serve"]))
     args = build_parser().parse_args(argv)
     if args.peers:
         return llama_cpp.run(args)

@@ -125,6 +125,14 @@ def checked(check: Callable[[str], Any], form: str) -> Callable[[str], str]:
     return parse
 
 
+def retype(parser: argparse.ArgumentParser, types: dict[str, Callable[[str], Any]]) -> argparse.ArgumentParser:
+    """Gives the flags a library module declared (by their long option) the types above."""
+    for action in parser._actions:
+        if action.option_strings and action.option_strings[-1] in types:
+            action.type = types[action.option_strings[-1]]
+    return parser
+
+
 def existing_file(value: str) -> str:
     if not os.path.isfile(value):
         raise argparse.ArgumentTypeError(f"no such file: {value!r}; give the path of an existing file")

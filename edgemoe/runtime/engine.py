@@ -6,7 +6,7 @@ import os
 import resource
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -21,6 +21,8 @@ from ..format.routing_file import ROUTING_FILE, load_usage
 from ..format.safetensors import SafetensorsFile, TensorRows
 from ..models.blocks import KVCache
 from ..units import format_bytes, parse_bytes
+from .chat import ChatTemplate
+from .generation import Step, TextStream
 from .memory import memory_terms
 from .options import StreamOptions
 from .prefetch import attach_prefetcher
@@ -134,6 +136,7 @@ class Model:
         self.eos_ids = set(tok.get("eos_token_ids") or [])
         self.bos_id = tok.get("bos_token_id")
         self._tokenizer: Tokenizer | None = None
+        self._chat_template: ChatTemplate | None = None
         self.kv = KVCache(self.config.num_hidden_layers, self.config.num_key_value_heads, self.config.head_dim)
         self._counters = {"tokens_generated": 0, "decode_seconds": 0.0, "prompt_tokens": 0, "prefill_seconds": 0.0}
 
@@ -223,6 +226,20 @@ class Model:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The checkpoint's chat template, or a plain User:/Assistant: transcript for a model
+        without one (runtime/chat.py); .stop holds the strings that end a reply."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_model_dir(self.path)
+        return self._chat_template
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (its special tokens
+        are the template's: the tokenizer adds none of its own)."""
+        text = self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     # -- inference -------------------------------------------------------------
     def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -319,18 +336,63 @@ class Model:
         stream=True returns an iterator of text pieces (or of token ids).
         """
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
-            if not ids:
-                raise ValueError("the prompt encodes to no tokens")
-        else:
-            ids = list(prompt)
-        tokens = self._generate_ids(ids, max_new_tokens, Sampler(temperature, top_k, top_p, seed))
-        if isinstance(prompt, str):
-            pieces = self._detokenize(tokens)
+            steps = self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+            pieces = (step.text for step in steps if step.text)
             return pieces if stream else "".join(pieces)
+        tokens = self._generate_ids(list(prompt), max_new_tokens, Sampler(temperature, top_k, top_p, seed))
         return tokens if stream else list(tokens)
 
-    def _generate_ids(self, ids: list[int], max_new_tokens: int, sampler: Sampler) -> Iterator[int]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        cancel: Callable[[], bool] | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[Step]:
+        """Generate token by token: one Step (token id, the text it adds, finish) per token.
+
+        A text prompt is encoded with the tokenizer's special tokens; token ids are used as
+        given (a chat template's rendering: ChatTemplate.encode). Stops at EOS, at the first
+        of the `stop` strings (cut from the text), after max_new_tokens, or when cancel()
+        returns True, checked after each token's Step, before the next forward pass: a caller
+        on another thread cancels a generation by setting what cancel reads. The last Step
+        carries the finish reason and any text held back; a cancelled generation ends with a
+        Step whose token is None. ignore_eos: EOS is a token like
+        any other (fixed-length runs for benchmarks).
+        """
+        ids = prompt if not isinstance(prompt, str) else self.encode(prompt)
+        if isinstance(prompt, str) and not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        text = TextStream(self.decode, stop)
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        tokens = self._generate_ids(list(ids), max_new_tokens, sampler, stop_at_eos=not ignore_eos)
+        try:
+            for n, token in enumerate(tokens, start=1):
+                if token in self.eos_ids and not ignore_eos:
+                    yield Step(token, text.flush(), "stop")
+                    return
+                piece = text.push(token)
+                if text.stopped:
+                    yield Step(token, piece, "stop")
+                    return
+                if n == max_new_tokens:
+                    yield Step(token, piece + text.flush(), "length")
+                    return
+                yield Step(token, piece)
+                if cancel is not None and cancel():  # before the next forward pass
+                    yield Step(None, text.flush(), "cancelled")
+                    return
+        finally:
+            tokens.close()
+
+    def _generate_ids(
+        self, ids: list[int], max_new_tokens: int, sampler: Sampler, stop_at_eos: bool = True
+    ) -> Generator[int, None, None]:
         arr = self._check_ids(ids)
         self.reset()
         t0 = time.perf_counter()
@@ -341,7 +403,7 @@ class Model:
         for i in range(max_new_tokens):
             token = sampler(logits[-1])
             yield token
-            if token in self.eos_ids or i == max_new_tokens - 1:
+            if (stop_at_eos and token in self.eos_ids) or i == max_new_tokens - 1:
                 return
             t0 = time.perf_counter()
             logits = self.net.forward(np.array([token]), self.kv, pos, all_logits=False)
@@ -355,25 +417,6 @@ class Model:
         """Routing of a prompt: a RoutingTrace whose .experts is [tokens, moe_layers, top_k].
         window: prefill windows of that many tokens, the KV cache reset before each."""
         return trace_routing(self, prompt, window=window, lookahead=lookahead)
-
-    def _detokenize(self, tokens: Iterator[int]) -> Iterator[str]:
-        """Text pieces as tokens arrive; holds back a piece that ends inside a UTF-8 character."""
-        out: list[int] = []
-        emitted = ""
-        for t in tokens:
-            if t in self.eos_ids:
-                break
-            out.append(t)
-            text = self.decode(out)
-            if text.endswith("\ufffd"):
-                continue
-            if text.startswith(emitted):
-                piece, emitted = text[len(emitted) :], text
-                if piece:
-                    yield piece
-        text = self.decode(out)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted) :]
 
     # -- accounting ------------------------------------------------------------
     def _override_hook(self, name: str) -> Any:

@@ -22,8 +22,13 @@ class Tokenizer:
             )
         self._tok = _Tok.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of text; add_special_tokens=False leaves out what the tokenizer's
+        post-processor adds (a BOS), as for a chat template's rendering, which has its own."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
