@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from edgemoe.cli import VERBS, bench, cluster, convert, devices, info, main, profile, run, simulate
+from edgemoe.cli import VERBS, bench, chat, cluster, convert, devices, info, main, profile, run, serve, simulate
 from edgemoe.cli import eval as eval_
 from edgemoe.devices import list_profiles
 
 # Values that are free text or a path to write: any string is accepted.
-FREE = {"--prompt", "--output", "--json", "--markdown", "--cache", "--plot", "--traces"}
+FREE = {"--prompt", "--output", "--json", "--markdown", "--cache", "--plot", "--traces", "--system", "--host"}
+FREE |= {"--api-key", "--name"}
 
 
 def parsers(tmp_path):
@@ -22,6 +23,9 @@ def parsers(tmp_path):
     text.write_text("hello\n")
     return [
         ("run", run.build_parser(), ["-p", "x"]),
+        ("chat", chat.build_parser(), []),
+        ("serve", serve.build_parser(), []),
+        ("bench --serve", bench.build_serve_parser(), []),
         ("info", info.build_parser(), []),
         ("convert", convert.build_parser(), ["src", "-o", "dst"]),
         ("eval", eval_.build_parser(), []),
@@ -35,7 +39,8 @@ def parsers(tmp_path):
 
 
 def test_every_verb_is_walked():
-    assert set(VERBS) == {"run", "info", "convert", "eval", "profile", "simulate", "bench", "devices", "cluster"}
+    walked = {"run", "chat", "serve", "info", "convert", "eval", "profile", "simulate", "bench", "devices", "cluster"}
+    assert set(VERBS) == walked, "a new verb: add its parser to parsers() above"
 
 
 def value_flags(parser):
