@@ -134,7 +134,7 @@ def _limit(value: str) -> None:
         parse_bytes(value)
 
 
-def build_serve_parser() -> Parser:
+def build_serve_parser() -> argparse.ArgumentParser:
     """`edgemoe bench --serve`'s options (edgemoe.bench.serve_load), their values checked."""
     p = serve_load.build_parser(Parser)
     return retype(

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from ..cluster.moe import DEFAULT_TIMEOUT_S
 from ..devices import load_link, load_profile
@@ -125,7 +125,10 @@ def checked(check: Callable[[str], Any], form: str) -> Callable[[str], str]:
     return parse
 
 
-def retype(parser: argparse.ArgumentParser, types: dict[str, Callable[[str], Any]]) -> argparse.ArgumentParser:
+P = TypeVar("P", bound=argparse.ArgumentParser)
+
+
+def retype(parser: P, types: dict[str, Callable[[str], Any]]) -> P:
     """Gives the flags a library module declared (by their long option) the types above."""
     for action in parser._actions:
         if action.option_strings and action.option_strings[-1] in types:
