@@ -101,10 +101,12 @@ class ExpertStore:
     offsets/sizes/checksums are [num_layers, num_experts]; size 0 marks "no expert".
     A blob whose CRC-32C differs (or whose header names another expert) raises
     CorruptExpertError naming layer and expert. A blob beyond the end of the file
-    raises edgemoe.errors.ModelDirectoryError at construction (truncated file).
+    raises edgemoe.errors.ModelDirectoryError at construction (truncated file); a read
+    that fails (an I/O error, a file shrunk since) raises edgemoe.errors.ExpertReadError
+    and leaves the store usable.
     read_bytes_per_s / read_latency_s > 0 emulate a slower device (see set_throttle).
     verify: True / 'first read' checks each blob's CRC-32C on its first read by this store,
-    'every read' on every read, False never.
+    and again once the file's size or timestamps change; 'every read' on every read, False never.
     """
     def __init__(
         self,

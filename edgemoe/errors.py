@@ -21,6 +21,12 @@ class CorruptExpertError(ModelDirectoryError):
     """An expert blob failed its checksum or size check (raised by the native core)."""
 
 
+class ExpertReadError(ModelDirectoryError):
+    """Reading an expert from the experts file failed: an I/O error, or the file shrank or is being
+    rewritten under the running model (raised by the native core). The request fails; the model
+    keeps serving, and reads the expert again on its next use."""
+
+
 class BudgetError(EdgeMoEError):
     """The memory budget cannot hold what one layer needs."""
 

@@ -114,9 +114,11 @@ void bind_store(py::module_& m) {
       "buffers when the filesystem allows it (buffered otherwise).\n\n"
       "offsets/sizes/checksums are [num_layers, num_experts]; size 0 marks 'no expert'.\n"
       "A blob whose CRC-32C differs raises CorruptExpertError naming layer and expert; a blob\n"
-      "beyond the end of the file raises ModelDirectoryError at construction.\n"
+      "beyond the end of the file raises ModelDirectoryError at construction; a failed read\n"
+      "(an I/O error, a file shrunk since) raises ExpertReadError and leaves the store usable.\n"
       "verify: True or 'first read' (default) checks each blob's CRC-32C on its first read by\n"
-      "this store; 'every read' on every read; False never.\n"
+      "this store, and again once the file's size or timestamps change; 'every read' on every\n"
+      "read; False never.\n"
       "read_bytes_per_s / read_latency_s > 0 emulate a slower device's storage (see set_throttle).")
       .def(py::init([](const std::string& path, const py::array& offsets, const py::array& sizes,
                        const py::array& checksums, bool direct, const py::object& verify, double bps, double latency) {

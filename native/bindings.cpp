@@ -58,9 +58,12 @@ void bind_errors(py::module_& m) {
   static py::exception<CorruptExpertError> corrupt(m, "CorruptExpertError", errors.attr("CorruptExpertError"));
   static py::exception<BudgetError> budget(m, "BudgetError", errors.attr("BudgetError"));
   static py::object model_dir_error = errors.attr("ModelDirectoryError");
+  static py::object read_error = errors.attr("ExpertReadError");
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const ExpertReadError& e) {
+      py::set_error(read_error, e.what());
     } catch (const ModelDirectoryError& e) {
       py::set_error(model_dir_error, e.what());
     } catch (const CorruptExpertError& e) {

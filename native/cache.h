@@ -197,6 +197,7 @@ class ExpertCache {
   Policy policy() const { return policy_; }
   int io_threads() const { return int(threads_.size()); }
   const ExpertStore& store() const { return *store_; }
+  const ExpertStore* fallback_store() const { return fallback_.get(); }
 
  private:
   friend class PinnedExpert;

@@ -21,6 +21,10 @@ struct ModelDirectoryError : std::runtime_error {
 struct CorruptExpertError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+// Reading an expert failed: an I/O error, or the experts file shrank under the running model.
+struct ExpertReadError : ModelDirectoryError {
+  using ModelDirectoryError::ModelDirectoryError;
+};
 struct BudgetError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

@@ -73,6 +73,12 @@ void kernels::group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum
 
 namespace {
 
+// off + rows * row_bytes <= total, without overflow (each factor may be near 2^32).
+bool fits(uint64_t off, uint64_t rows, uint64_t row_bytes, uint64_t total) {
+  if (off > total) return false;
+  return rows == 0 || row_bytes <= (total - off) / rows;
+}
+
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
 // How many blocks of rows a matmul over `rows` rows and `work` multiply-adds is cut into.
@@ -121,7 +127,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
           " (must be 32, 64 or 128 and divide cols)");
     const uint64_t ng = uint64_t(m.rows) * (m.cols / m.group_size);
     const bool sym = m.kind == kQuantSym;
-    if (codes_off + uint64_t(m.rows) * m.row_bytes() > m.total_bytes || scales_off + 2 * ng > m.total_bytes ||
+    if (!fits(codes_off, m.rows, m.row_bytes(), m.total_bytes) || scales_off + 2 * ng > m.total_bytes ||
         (!sym && mins_off + 2 * ng > m.total_bytes))
       bad("QMatrix " + shape + " sections overrun its " + std::to_string(m.total_bytes) + " bytes");
     if (sym && mins_off != 0)
@@ -132,7 +138,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   } else {
     const uint32_t want = m.kind == kF32 ? 32 : 16;
     if (m.bits != want) bad("float QMatrix " + shape + " has bits " + std::to_string(m.bits));
-    if (codes_off + uint64_t(m.rows) * m.row_bytes() > m.total_bytes)
+    if (!fits(codes_off, m.rows, m.row_bytes(), m.total_bytes))
       bad("QMatrix " + shape + " data overruns its " + std::to_string(m.total_bytes) + " bytes");
   }
   m.data = buf + codes_off;

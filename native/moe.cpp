@@ -13,6 +13,29 @@
 
 namespace edgemoe {
 
+namespace {
+
+// A pinned blob's three matrices; a blob whose layout does not parse, or whose hidden
+// size is not the model's, comes from a damaged file (or one read with verify off).
+Expert parse_blob(const ExpertCache& cache, const PinnedExpert& pin, uint32_t layer, int64_t H) {
+  const std::string who = "expert " + std::to_string(pin.expert()) + " of layer " + std::to_string(layer) +
+                          (pin.low_bit() ? " (low-bit copy)" : "");
+  const std::string file = pin.low_bit() && cache.fallback_store() ? cache.fallback_store()->path() : cache.store().path();
+  Expert ex;
+  try {
+    ex = parse_expert(pin.blob().data, pin.blob().size);
+  } catch (const std::invalid_argument& err) {
+    throw CorruptExpertError(who + " in " + file + " is not a valid expert blob (" + err.what() +
+                             "): the file is damaged, convert the model again");
+  }
+  if (int64_t(ex.hidden()) != H)
+    throw CorruptExpertError(who + " in " + file + " has hidden size " + std::to_string(ex.hidden()) +
+                             ", the model " + std::to_string(H) + ": the file is damaged, convert the model again");
+  return ex;
+}
+
+}  // namespace
+
 void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
                        const float* weights, int64_t K, const uint8_t* mask, float* ys) {
   // x [T, H], ids/weights/mask [T, K] -> ys [T, K, H] (masked-in slots only)
@@ -59,10 +82,7 @@ void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64
     const uint32_t e = pin.expert();
     const auto& s = slots[e];
     const auto n = int64_t(s.size());
-    const Expert ex = parse_expert(pin.blob().data, pin.blob().size);
-    if (int64_t(ex.hidden()) != H)
-      throw std::invalid_argument("x has hidden size " + std::to_string(H) + " but expert " + std::to_string(e) +
-                                  " of layer " + std::to_string(layer) + " expects " + std::to_string(ex.hidden()));
+    const Expert ex = parse_blob(cache, pin, layer, H);
     xb.resize(size_t(n * H));  // gathered tokens [n, H]
     yb.resize(size_t(n * H));  // their expert outputs [n, H]
     for (int64_t j = 0; j < n; ++j) std::memcpy(&xb[size_t(j * H)], x + (s[size_t(j)] / K) * H, size_t(H) * 4);

@@ -21,6 +21,8 @@ namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
 
+int64_t ns_of(const struct timespec& t) { return int64_t(t.tv_sec) * 1000000000 + t.tv_nsec; }
+
 }  // namespace
 
 // ---------------------------------------------------------------- Blob
@@ -73,6 +75,7 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
     throw ModelDirectoryError("cannot stat " + path_ + ": " + errno_text(err));
   }
   file_bytes_ = uint64_t(st.st_size);
+  stamp_ = {int64_t(st.st_size), ns_of(st.st_mtim), ns_of(st.st_ctim)};
 
   try {
     if (file_bytes_ < kPage)
@@ -198,6 +201,23 @@ std::chrono::steady_clock::time_point ExpertStore::throttle_slot(uint64_t n) con
   return free_at_;
 }
 
+bool ExpertStore::file_changed() const {
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) return true;  // cannot tell: check
+  const Stamp now{int64_t(st.st_size), ns_of(st.st_mtim), ns_of(st.st_ctim)};
+  struct timespec wall {};
+  ::clock_gettime(CLOCK_REALTIME, &wall);
+  // Timestamps move in coarse ticks: a write in the same tick as the last look leaves them equal.
+  const bool recent = ns_of(wall) - std::max(now.mtime_ns, now.ctime_ns) < 2000000000;
+  std::lock_guard<std::mutex> lk(stamp_mu_);
+  if (now == stamp_) return recent;
+  stamp_ = now;
+  changed_ever_ = true;
+  const size_t n = size_t(num_layers_) * num_experts_;
+  for (size_t i = 0; i < n; ++i) verified_[i].store(false, std::memory_order_relaxed);
+  return true;
+}
+
 std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::shared_ptr<Blob> reuse) const {
   check_index(layer, expert);
   const size_t i = index(layer, expert);
@@ -228,21 +248,38 @@ std::shared_ptr<Blob> ExpertStore::read(uint32_t layer, uint32_t expert, std::sh
         use_direct = false;
         continue;
       }
-      throw std::runtime_error("reading " + who(layer, expert) + " from " + path_ + " failed: " + errno_text(errno));
+      throw ExpertReadError("reading " + who(layer, expert) + " from " + path_ + " failed: " + errno_text(errno) +
+                            ": check the storage (dmesg), then try again");
     }
-    if (r == 0)
-      throw ModelDirectoryError(who(layer, expert) + " ends beyond the end of " + path_ +
-                                ": the file is truncated, convert the model again");
+    if (r == 0) {
+      struct stat st {};
+      const uint64_t now = ::fstat(fd_, &st) == 0 ? uint64_t(st.st_size) : 0;
+      throw ExpertReadError(who(layer, expert) + " ends beyond the end of " + path_ + ", which is now " +
+                            std::to_string(now) + " bytes (" + std::to_string(file_bytes_) +
+                            " when the model was loaded): the file was truncated or is being rewritten; "
+                            "restore it, or convert the model again");
+    }
     got += uint64_t(r);
     if (use_direct && got % kPage != 0) use_direct = false;  // short read mid-file: finish buffered
   }
 
-  const bool check =
-      verify_ == Verify::kEveryRead || (verify_ == Verify::kFirstRead && !verified_[i].load(std::memory_order_acquire));
+  bool check = verify_ == Verify::kEveryRead;
+  if (verify_ == Verify::kFirstRead) {
+    const bool changed = file_changed();  // after the read: a write that fed it has moved the timestamps
+    check = changed || !verified_[i].load(std::memory_order_acquire);
+  }
   if (check) {
-    if (crc32c(blob->data, size) != checksums_[i])
+    if (crc32c(blob->data, size) != checksums_[i]) {
+      bool changed;
+      {
+        std::lock_guard<std::mutex> lk(stamp_mu_);
+        changed = changed_ever_;
+      }
       throw CorruptExpertError(who(layer, expert) + " failed its checksum in " + path_ +
-                               ": the file is damaged, convert the model again");
+                               (changed ? ", which changed while the model ran: restore the file, or load the model "
+                                          "again from a complete conversion"
+                                        : ": the file is damaged, convert the model again"));
+    }
     verified_[i].store(true, std::memory_order_release);
   }
   const uint8_t* h = blob->data;

@@ -60,8 +60,16 @@ class ExpertStore {
 
   // One pread into an aligned buffer (`reuse` if it has exactly the capacity
   // needed, else a fresh one); verifies the CRC-32C (as `verify` says) and the blob
-  // header. Thread-safe. Throws CorruptExpertError, ModelDirectoryError,
-  // std::invalid_argument (bad layer/expert), std::runtime_error (I/O error).
+  // header. Thread-safe. Throws CorruptExpertError (checksum or blob header),
+  // ExpertReadError (an I/O error, or the file now ends before the blob),
+  // std::invalid_argument (bad layer/expert). A failed read leaves the store usable:
+  // the next read of the blob tries the file again.
+  //
+  // A file changed under the running store: with kFirstRead, a read that finds
+  // the file's size, mtime or ctime different from when it last looked (or
+  // modified in the last two seconds, within the clock's coarse granularity)
+  // forgets which blobs were checked, so each is checked again on its next read.
+  // A file replaced by rename keeps being read from the old inode, unchanged.
   std::shared_ptr<Blob> read(uint32_t layer, uint32_t expert, std::shared_ptr<Blob> reuse = nullptr) const;
 
   bool direct() const { return direct_.load(); }
@@ -98,6 +106,18 @@ class ExpertStore {
   std::vector<uint32_t> checksums_;
   Verify verify_;
   std::unique_ptr<std::atomic<bool>[]> verified_;  // [num_layers * num_experts]: kFirstRead's checked blobs
+  // The file as last seen (size, mtime, ctime in ns): a change forgets verified_.
+  struct Stamp {
+    int64_t size = 0, mtime_ns = 0, ctime_ns = 0;
+    bool operator==(const Stamp& o) const {
+      return size == o.size && mtime_ns == o.mtime_ns && ctime_ns == o.ctime_ns;
+    }
+  };
+  // True when this read must check its blob's CRC-32C because the file changed or is being written.
+  bool file_changed() const;
+  mutable std::mutex stamp_mu_;
+  mutable Stamp stamp_;              // guarded by stamp_mu_
+  mutable bool changed_ever_ = false;  // guarded by stamp_mu_: the file changed since it was opened
   int fd_ = -1;                                    // buffered
   int fd_direct_ = -1;                             // O_DIRECT, -1 when unavailable
   mutable std::atomic<bool> direct_{false};

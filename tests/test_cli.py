@@ -143,4 +143,4 @@ def test_missing_calibration_text_is_named_before_any_work(tiny_checkpoint, conv
     assert "--routing-calib" in capsys.readouterr().err and not dst.exists()
     assert main(["profile", str(converted), "--calib", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err
-    assert "cannot read" in err and "missing.txt" in err
+    assert "--calib" in err and "no such file" in err and "missing.txt" in err

@@ -98,9 +98,9 @@ def test_flipped_byte_is_a_corrupt_expert(experts):
         store.read(1, 2)  # a blob that failed was not marked checked: it fails again
 
 
-def test_first_read_verification_checks_each_blob_once(experts):
-    """verify=True checks a blob's first read only; 'every read' also catches a blob that
-    changes on disk after it was read once."""
+def test_first_read_verification_checks_again_after_the_file_changes(experts):
+    """verify=True checks a blob's first read, and again after the file changed under the
+    store (its size or timestamps moved): a blob rewritten after it was read once fails too."""
     path, offsets, sizes, crcs, blobs = experts
     once = _core.ExpertStore(path, offsets, sizes, crcs)
     every = _core.ExpertStore(path, offsets, sizes, crcs, verify="every read")
@@ -117,9 +117,9 @@ def test_first_read_verification_checks_each_blob_once(experts):
         s.drop_page_cache()  # buffered fallback reads must see the new bytes too
         with pytest.raises(errors.CorruptExpertError, match="expert 1 of layer 1 failed its checksum"):
             s.read(1, 1)  # never read before: checked by both
-    assert not np.array_equal(once.read(0, 3), blobs[0, 3])  # checked once already: trusted
-    with pytest.raises(errors.CorruptExpertError, match="expert 3 of layer 0 failed its checksum"):
-        every.read(0, 3)
+    for s in (once, every):  # checked once already, but the file changed since
+        with pytest.raises(errors.CorruptExpertError, match="expert 3 of layer 0 failed its checksum"):
+            s.read(0, 3)
     with pytest.raises(ValueError, match="verify must be True, False, 'first read', 'every read' or 'never'"):
         _core.ExpertStore(path, offsets, sizes, crcs, verify="sometimes")
 
@@ -133,6 +133,30 @@ def test_blob_with_a_wrong_header_is_corrupt(experts):
     store = _core.ExpertStore(path, swapped_offsets, sizes, swapped_crcs)  # bf16 experts: same size
     with pytest.raises(errors.CorruptExpertError, match="expert 0 of layer 0"):
         store.read(0, 0)
+
+
+def test_blob_that_does_not_parse_is_corrupt_when_unchecked(experts):
+    """With checksums off, a damaged matrix header reaches the layer: it is still named."""
+    path, offsets, sizes, crcs, blobs = experts
+    with open(path, "r+b") as f:  # expert 2 of layer 1: its gate matrix's kind byte
+        f.seek(int(offsets[1, 2]) + int.from_bytes(blobs[1, 2][16:20].tobytes(), "little") + 8)
+        f.write(bytes([0xF0]))
+    store = _core.ExpertStore(path, offsets, sizes, crcs, verify=False)
+    cache = _core.ExpertCache(store, 0, io_threads=0)
+    x, w = np.ones((1, H), np.float32), np.ones((1, 1), np.float32)
+    with pytest.raises(
+        errors.CorruptExpertError, match=r"expert 2 of layer 1 in .*\(unknown QMatrix kind 240\).*convert"
+    ):
+        _core.moe_forward(cache, 1, x, np.array([[2]], np.int32), w)
+    _core.moe_forward(cache, 1, x, np.array([[1]], np.int32), w)  # the others still serve
+
+
+def test_matrix_sizes_that_overflow_are_refused():
+    # f32 [2^31, 2^31]: rows * row_bytes is 2^64, 0 in 64-bit arithmetic
+    header = np.array([1 << 31, 1 << 31, 32 << 8, 0, 64, 0, 0, 128], "<u4").view(np.uint8)
+    buf = np.concatenate([header, np.zeros(96, np.uint8)])
+    with pytest.raises(ValueError, match="overruns its 128 bytes"):
+        _core.qmatrix_matmul(np.zeros((1, 4), np.float32), buf)
 
 
 def test_truncated_file_is_refused_at_construction(experts):
@@ -266,7 +290,8 @@ def test_bad_ids_and_shapes_are_value_errors(experts):
         _core.moe_forward(cache, L, x, np.zeros((2, 1), np.int32), w)
     with pytest.raises(ValueError):
         _core.moe_forward(cache, 0, x, np.zeros((3, 1), np.int32), w)
-    with pytest.raises(ValueError, match="hidden size"):
+    # an expert whose hidden size is not the model's: a damaged file, as the model sees it
+    with pytest.raises(errors.CorruptExpertError, match="hidden size"):
         _core.moe_forward(cache, 0, np.zeros((2, H + 1), np.float32), np.zeros((2, 1), np.int32), w)
     with pytest.raises(ValueError):
         cache.contains(0, E)

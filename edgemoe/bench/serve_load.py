@@ -188,8 +188,9 @@ def bare_peak_rss(model: str, budget: int, max_tokens: int, prompt: str | list[i
     return int(out.stdout.split()[-1])
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edgemoe bench --serve", description=__doc__)
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `edgemoe bench --serve` (the CLI passes its parser class, which checks values)."""
+    ap = parser_class(prog="edgemoe bench --serve", description=__doc__)
     ap.add_argument("model", nargs="?", default=None, help="a converted model directory (default: the default model)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     ap.add_argument("--duration", type=float, default=120, help="seconds of N clients (default 120)")
@@ -211,7 +212,14 @@ def main(argv: list[str]) -> int:
         help="the burst the server's overhead is measured under (default 5)",
     )
     ap.add_argument("--json", dest="json_out", default=None, help="write the results to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
 
     from ..planning.default_model import default_model_path
 

@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # argparse's exits (-h, a bad value) as the verb's return code
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        raise
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,36 +14,72 @@ from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
 from ..units import parse_bytes
-from .common import size_arg
+from .common import Parser, checked, comma_list, int_of, number, profile_arg, retype, size_arg, threads_arg, whole
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv and "--serve" in argv:  # the server's load test has options of its own
-        return serve_load.main([a for a in argv if a != "--serve"])
+def _model_name(value: str) -> str:
+    if value not in ("default", "mixtral-shaped") and not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"expected default, mixtral-shaped or a model directory, got {value!r}")
+    return value
+
+
+def _mode(value: str) -> str:
+    try:
+        modes.mode_options(value, Path("."))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a mode, got {value!r}: {e}") from None
+    return value
+
+
+def as_given(parse):
+    """The value as given once `parse` accepts it (the bench library splits these lists itself)."""
+
+    def check(value: str) -> str:
+        parse(value)
+        return value
+
+    check.__name__ = "list"
+    return check
+
+
+mode_list = as_given(comma_list(_mode, f"modes from {', '.join(modes.MODES)} or POLICY+PREDICTOR"))
+
+
+def build_parser() -> Parser:
     intro, _, rest = (modes.__doc__ or "").partition("\n\n")
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="edgemoe bench",
         description=intro.replace("\n", " "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=rest,
     )
     ap.add_argument(
-        "--models", default="default,mixtral-shaped", help="comma list: default, mixtral-shaped, or model directories"
+        "--models",
+        type=as_given(comma_list(_model_name, "default, mixtral-shaped or model directories, comma-separated")),
+        default="default,mixtral-shaped",
+        help="comma list: default, mixtral-shaped, or model directories",
     )
     ap.add_argument(
         "--bits",
-        type=int,
+        type=int_of(16, 8, 4, 3, 2),
+        choices=(16, 8, 4, 3, 2),
         default=None,
         help="bitwidth the bench models are converted at (default: 8 for default, 4 for mixtral-shaped)",
     )
-    ap.add_argument("--modes", default=",".join(modes.MODES), help="comma list of modes (see above)")
-    ap.add_argument("--budgets", default="25,50,75", help="expert budgets in %% of the expert bytes")
-    ap.add_argument("--tokens", type=int, default=32, help="new tokens per run")
-    ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", type=mode_list, default=",".join(modes.MODES), help="comma list of modes (see above)")
+    ap.add_argument(
+        "--budgets",
+        type=comma_list(whole(1, 100), "percentages from 1 to 100 like 25,50,75"),
+        default="25,50,75",
+        help="expert budgets in %% of the expert bytes",
+    )
+    ap.add_argument("--tokens", type=whole(1), default=32, help="new tokens per run")
+    ap.add_argument("--prompt-tokens", type=whole(1), default=16)
+    ap.add_argument("--repeat", type=whole(1), default=3, help="runs per cell; the median is reported")
+    ap.add_argument("--seed", type=whole(0, 2**63 - 1), default=0)
     ap.add_argument(
         "--device",
+        type=profile_arg,
         default=None,
         metavar="PROFILE",
         help="emulate this device profile's storage speed (devices/profiles)",
@@ -53,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also run mixtral-shaped inside a cgroup memory limit of this size, e.g. 300MB",
     )
-    ap.add_argument("--cgroup-modes", default="ondemand,lru,edgemoe", help="modes run inside the cgroup")
+    ap.add_argument(
+        "--cgroup-modes", type=mode_list, default="ondemand,lru,edgemoe", help="modes run inside the cgroup"
+    )
     ap.add_argument("--cache", default=None, help="where generated bench models go (default: the edgemoe cache)")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results to this file")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -64,13 +103,69 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--peers",
+        type=checked(_peers, f"engines from {', '.join(llama_cpp.ENGINES[1:])}, comma-separated"),
         default=None,
         metavar="ENGINES",
         help="instead: edgemoe against these engines (llama.cpp) on the same weights and memory limits",
     )
     llama_cpp.add_arguments(ap)
     cluster.add_arguments(ap)
-    args = ap.parse_args(argv)
+    # the libraries declare the --peers and --cluster options; their values are checked here like every flag's
+    return retype(
+        ap,
+        {
+            "--limits": checked(llama_cpp.parse_limits, "multiples of the GGUF size like unlimited,1.2,0.5"),
+            "--peer-threads": threads_arg,
+            "--peer-mode": _mode,
+            "--run-timeout": number(0.0, above=True),
+            "--cluster-nodes": whole(1, 16),
+            "--node-share": number(0.0, 100.0, above=True),
+            "--kills": whole(0),
+            "--cluster-timeout": number(0.0, above=True),
+        },
+    )
+
+
+def _budget(value: str) -> None:
+    if value.endswith("%"):
+        if not 0 < float(value[:-1]) <= 100:
+            raise ValueError("a percentage above 0 and at most 100")
+    else:
+        parse_bytes(value)
+
+
+def _limit(value: str) -> None:
+    if value not in ("auto", "none"):
+        parse_bytes(value)
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """`edgemoe bench --serve`'s options (edgemoe.bench.serve_load), their values checked."""
+    p = serve_load.build_parser(Parser)
+    return retype(
+        p,
+        {
+            "--clients": whole(1, 1024),
+            "--duration": number(0.0, above=True),
+            "--alone": number(0.0, above=True),
+            "--budget": checked(_budget, "a size like 20MB or a percentage of the expert bytes like 50%"),
+            "--max-tokens": whole(1),
+            "--limit": checked(_limit, "auto, none or a size like 300MB"),
+            "--overhead-seconds": number(0.0, above=True),
+        },
+    )
+
+
+def _peers(value: str) -> None:
+    unknown = [p for p in value.split(",") if p and p not in llama_cpp.ENGINES[1:]]
+    if unknown or not value.strip(","):
+        raise ValueError(f"unknown peer {(unknown or [value])[0]!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv and "--serve" in argv:  # the server's load test has options of its own
+        return serve_load.run(build_serve_parser().parse_args([a for a in argv if a != "--serve"]))
+    args = build_parser().parse_args(argv)
     if args.peers:
         return llama_cpp.run(args)
 
@@ -116,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "ram"
                 else [m.min_budget]
                 if mode == "ondemand"
-                else [max(m.min_budget, expert_bytes * int(p) // 100) for p in args.budgets.split(",")]
+                else [max(m.min_budget, expert_bytes * p // 100) for p in args.budgets]
             )
             for budget in budgets:
                 r = modes.measure(model_dir, mode, budget, args)

@@ -10,19 +10,21 @@ from typing import Any, TextIO
 
 from ..runtime.engine import Model, load
 from ..runtime.stats import format_stats
-from .common import add_model_args, load_args, resolve_model
+from .common import Parser, add_model_args, load_args, number, resolve_model, whole
 
 HELP = "commands: /reset forgets the conversation, /stats prints the runtime's statistics, /quit ends (or Ctrl-D)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgemoe chat", description="Chat with a model in the terminal. " + HELP)
+def build_parser() -> Parser:
+    p = Parser(prog="edgemoe chat", description="Chat with a model in the terminal. " + HELP)
     add_model_args(p)
     p.add_argument("--system", default=None, help="a system message that starts the conversation")
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("-n", "--max-tokens", type=whole(1), default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--temperature", type=number(0.0), default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
+    p.add_argument(
+        "--top-p", type=number(0.0, 1.0, above=True), default=0.95, help="nucleus sampling mass (default 0.95)"
+    )
+    p.add_argument("--seed", type=whole(0, 2**63 - 1), default=None, help="sampling seed (default: random)")
     return p
 
 

@@ -8,7 +8,6 @@ edgemoe cluster down                                                   remove ev
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -23,7 +22,7 @@ from ..devices.detect import detect_machine
 from ..errors import EdgeMoEError
 from ..format.manifest import load_manifest
 from ..units import parse_bytes
-from .common import resolve_model, size_arg
+from .common import Parser, checked, link_arg, number, resolve_model, size_arg, whole
 
 
 def parse_devices(spec: str) -> list[tuple[str, DeviceProfile]]:
@@ -50,8 +49,8 @@ def parse_devices(spec: str) -> list[tuple[str, DeviceProfile]]:
     return out
 
 
-def plan_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(
+def build_plan_parser() -> Parser:
+    p = Parser(
         prog="edgemoe cluster plan",
         description="Place a converted model's experts on several devices (and the coordinator's cache and "
         "flash) to minimise the expected time per token, from the device profiles and the model's routing "
@@ -60,12 +59,16 @@ def plan_main(argv: Sequence[str]) -> int:
     p.add_argument("model", nargs="?", default=None, help="a converted model directory (default: the default model)")
     p.add_argument(
         "--devices",
+        type=checked(parse_devices, "device profiles, comma-separated, each optionally xN"),
         required=True,
         help="device profiles, comma-separated, each optionally times N: jetson-orin-nano-nvmex2,raspberry-pi-5-sd "
         f"(known: {', '.join(list_profiles())}; a path to a profile .json works too)",
     )
     p.add_argument(
-        "--link", default=None, help=f"the link to every device, overriding each profile's: {', '.join(list_links())}"
+        "--link",
+        type=link_arg,
+        default=None,
+        help=f"the link to every device, overriding each profile's: {', '.join(list_links())}",
     )
     p.add_argument(
         "--reserve",
@@ -75,6 +78,7 @@ def plan_main(argv: Sequence[str]) -> int:
     )
     p.add_argument(
         "--coordinator",
+        type=checked(lambda v: v == "this" or load_profile(v), "'this' or a device profile"),
         default="this",
         help="the coordinator's profile, or 'this' for this machine measured (default)",
     )
@@ -84,13 +88,20 @@ def plan_main(argv: Sequence[str]) -> int:
         default=None,
         help="the coordinator's expert cache (default: what its free RAM leaves after the backbone and the rest)",
     )
-    p.add_argument("--context", type=int, default=256, help="context tokens the coordinator's budget plans for")
+    p.add_argument("--context", type=whole(1), default=256, help="context tokens the coordinator's budget plans for")
     p.add_argument(
-        "--search-seconds", type=float, default=5.0, help="time for local search after the greedy (default 5)"
+        "--search-seconds",
+        type=number(0.0, 3600.0),
+        default=5.0,
+        help="time for local search after the greedy (default 5)",
     )
     p.add_argument("--detail", action="store_true", help="list the experts of each layer")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the plan as JSON (Plan.to_json)")
-    args = p.parse_args(argv)
+    return p
+
+
+def plan_main(argv: Sequence[str]) -> int:
+    args = build_plan_parser().parse_args(argv)
 
     model = resolve_model(args.model)
     sizes, stats, moe_layers = model_inputs(model)  # names `edgemoe profile MODEL` when routing.json is missing

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -14,10 +13,14 @@ from ..converters.gguf import format_gguf_report
 from ..errors import EdgeMoEError
 from ..planning.allocate import convert_auto, format_allocation, parse_fraction, parse_tokens
 from ..planning.routing import profile_model
+from .common import Parser, checked, comma_list, existing_file, existing_path, int_of, whole
+
+# --tolerance, --expert-bytes: checked here, read again by parse_fraction where used
+fraction = checked(parse_fraction, "a fraction like 2% or 0.02")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="edgemoe convert",
         description="Convert a Hugging Face MoE checkpoint (safetensors) or a llama.cpp GGUF file into an "
         "edgemoe model directory.",
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--backbone-bits",
-        type=int,
+        type=int_of(16, 8, 4),
         choices=(16, 8, 4),
         default=None,
         help="bitwidth of the backbone's attention/MLP/output matrices (routers, embeddings and norms "
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--group-size",
-        type=int,
+        type=int_of(32, 64, 128),
         choices=(32, 64, 128),
         default=None,
         help="columns per quantization group (default 64; a GGUF: 32, as its Q4_0/Q8_0 blocks)",
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fallback-bits",
-        type=int,
+        type=int_of(4, 3, 2),
         choices=(4, 3, 2),
         default=None,
         help="also store a low-bit copy of every expert kept at more bits (experts.fallback.bin), "
@@ -64,22 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("--bits auto", "a bitwidth per expert, the most important kept at higher precision")
     a.add_argument(
         "--tolerance",
+        type=fraction,
         default=None,
         help="allowed perplexity increase over 16-bit on a text of --promise-tokens tokens like --calib, "
         "verified on calibration documents the importance profile did not see, as an upper "
         "prediction bound (default 2%%)",
     )
     a.add_argument(
-        "--expert-bytes", default=None, help="expert bytes as a share of the 16-bit experts' instead, e.g. 35%%"
+        "--expert-bytes",
+        type=fraction,
+        default=None,
+        help="expert bytes as a share of the 16-bit experts' instead, e.g. 35%%",
     )
-    a.add_argument("--calib", default=None, help="calibration text (documents separated by a \\x1e line)")
+    a.add_argument(
+        "--calib", type=existing_file, default=None, help="calibration text (documents separated by a \\x1e line)"
+    )
     a.add_argument(
         "--importance",
+        type=existing_path,
         default=None,
         help="importance.json (or a model directory holding one) measured on this checkpoint; "
         "default: profile a temporary 16-bit conversion on --calib",
     )
-    a.add_argument("--bits-choices", default="8,4,3,2", help="bitwidths to choose from (default 8,4,3,2; add 16)")
+    a.add_argument(
+        "--bits-choices",
+        type=comma_list(int_of(16, 8, 4, 3, 2), "bitwidths from 16, 8, 4, 3, 2 like 8,4,3,2"),
+        default="8,4,3,2",
+        help="bitwidths to choose from (default 8,4,3,2; add 16)",
+    )
     a.add_argument(
         "--measure",
         choices=("kl", "loss_increase"),
@@ -89,19 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--calib-tokens",
-        type=int,
+        type=whole(0),
         default=8192,
         help="leading calibration tokens the importance profile sees, at most half the text "
         "(default 8192; 0: half); candidates are verified on the documents after them",
     )
     a.add_argument(
         "--verify-tokens",
-        type=int,
+        type=whole(0),
         default=32768,
         help="held-out calibration tokens a candidate is measured on (default 32768; 0: all the rest)",
     )
     a.add_argument(
         "--confidence",
+        type=checked(lambda v: parse_fraction(v, zero_ok=True), "a confidence level like 90% or 0.9 (0: none)"),
         default="90%",
         help="level of the one-sided upper bound of the held-out perplexity increase that --tolerance "
         "must hold for (document bootstrap, widened per --promise-tokens; default 90%%; 0: the "
@@ -109,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument(
         "--max-rounds",
-        type=int,
+        type=whole(1),
         default=None,
         help="most candidates --tolerance measures on the held-out text (default 6); each is tested at "
         "1 - (1 - confidence) / max-rounds so that the one kept holds at --confidence",
     )
     a.add_argument(
         "--promise-tokens",
+        type=checked(parse_tokens, "a token count like 50000 (0 or inf: the mean)"),
         default=None,
         metavar="N",
         help="length in tokens of the text --tolerance is promised for: the bound covers the increase on "
@@ -125,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--routing-calib",
+        type=existing_file,
         default=None,
         metavar="FILE",
         help="after converting, trace the model's routing on this text and store the statistics and "
@@ -142,10 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.routing_calib and not os.path.isfile(args.routing_calib):  # before a long conversion, not after
             raise EdgeMoEError(f"--routing-calib {args.routing_calib}: no such file; give a UTF-8 text file")
         if args.bits == "auto":
-            try:
-                choices = [int(b) for b in args.bits_choices.split(",")]
-            except ValueError:
-                raise EdgeMoEError(f"--bits-choices takes bitwidths like 8,4,3,2, got {args.bits_choices!r}") from None
+            choices = args.bits_choices
             expert_bytes, tolerance = parse_fraction(args.expert_bytes), parse_fraction(args.tolerance)
             if tolerance is None and expert_bytes is None:
                 tolerance = 0.02

@@ -3,7 +3,6 @@ this machine, measured, and settings for MODEL on it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -14,7 +13,7 @@ from ..devices import DeviceProfile, list_profiles, load_links, load_profile
 from ..devices.detect import MachineInfo, detect_machine
 from ..format.manifest import load_manifest
 from ..units import format_bytes, parse_bytes
-from .common import resolve_model, size_arg
+from .common import Parser, existing_dir, resolve_model, size_arg, whole
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -69,8 +68,8 @@ def describe(m: MachineInfo) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="edgemoe devices",
         description="Device profiles (devices/profiles): RAM, storage and memory speed, int4 expert compute, "
         "cores, power and default link; '~' marks an estimate. With --detect, this machine measured, "
@@ -86,10 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="64MiB",
         help="bytes read to measure storage: of MODEL's experts file, or of a temporary file (default 64MiB)",
     )
-    p.add_argument("--probe-dir", default=None, help="where the temporary file goes (default: the temp directory)")
-    p.add_argument("--context", type=int, default=256, help="context tokens the suggestion plans for (default 256)")
+    p.add_argument(
+        "--probe-dir",
+        type=existing_dir,
+        default=None,
+        help="where the temporary file goes (default: the temp directory)",
+    )
+    p.add_argument(
+        "--context", type=whole(1), default=256, help="context tokens the suggestion plans for (default 256)"
+    )
     p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.detect:
         profiles = [load_profile(n) for n in list_profiles()]
         if args.json:

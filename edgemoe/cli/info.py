@@ -4,7 +4,6 @@ runs in, before anything is downloaded."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -13,18 +12,11 @@ from ..format.quant import GROUP_SIZES
 from ..planning.fit import BACKBONE_BITS, is_config_path, plan_config, read_config
 from ..runtime.engine import load
 from ..units import format_bytes
-from .common import resolve_model
+from .common import Parser, int_of, resolve_model, whole
 
 
-def positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return n
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="edgemoe info",
         description="What a converted model holds, or, from a Hugging Face config.json alone, what a model "
         "would hold and the smallest memory it runs in.",
@@ -39,20 +31,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     sizing = p.add_argument_group("sizing from a config.json")
     sizing.add_argument(
-        "--context", type=positive_int, default=256, help="tokens of context the memory limit allows (default 256)"
+        "--context", type=whole(1), default=256, help="tokens of context the memory limit allows (default 256)"
     )
     sizing.add_argument(
-        "--group-size", type=int, choices=GROUP_SIZES, default=64, help="quantization group (default 64)"
+        "--group-size",
+        type=int_of(*GROUP_SIZES),
+        choices=GROUP_SIZES,
+        default=64,
+        help="quantization group (default 64)",
     )
     sizing.add_argument("--symmetric", action="store_true", help="symmetric quantization (no mins)")
     sizing.add_argument(
         "--backbone-bits",
-        type=int,
+        type=int_of(*BACKBONE_BITS),
         choices=BACKBONE_BITS,
         default=None,
         help="the backbone's bits in the memory limit (default as `edgemoe convert`: 16 with 16-bit experts, else 8)",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.model is not None and is_config_path(args.model):
         plan = plan_config(
             read_config(args.model), args.context, args.group_size, args.symmetric, args.backbone_bits, args.model

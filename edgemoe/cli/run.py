@@ -11,19 +11,26 @@ from ..cluster import PlanFigures, attach, format_cluster_stats
 from ..runtime.engine import Model, load
 from ..runtime.stats import format_stats
 from ..units import format_bytes
-from .common import add_cluster_args, add_model_args, load_args, resolve_model
+from .common import Parser, add_cluster_args, add_model_args, load_args, number, resolve_model, whole
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgemoe run", description="Generate text from a prompt.")
+    p = Parser(prog="edgemoe run", description="Generate text from a prompt.")
     add_model_args(p)
     add_cluster_args(p)
     p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", type=int, default=64, help="new tokens (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible text (default: random)")
+    p.add_argument("-n", type=whole(1), default=64, help="new tokens (default 64)")
+    p.add_argument("--temperature", type=number(0.0), default=0.8, help="sampling temperature (default 0.8; 0: greedy)")
+    p.add_argument("--top-k", type=whole(0), default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument(
+        "--top-p", type=number(0.0, 1.0, above=True), default=0.95, help="nucleus sampling mass (default 0.95)"
+    )
+    p.add_argument(
+        "--seed",
+        type=whole(0, 2**63 - 1),
+        default=None,
+        help="sampling seed, for a reproducible text (default: random)",
+    )
     p.add_argument("--stats", action="store_true", help="print a summary and a per-layer table of the statistics")
     p.add_argument("--stats-json", action="store_true", help="print every statistic as JSON")
     return p

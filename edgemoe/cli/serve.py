@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
 from ..errors import EdgeMoEError
 from ..runtime.engine import load
-from .common import add_model_args, load_args, resolve_model
+from .common import Parser, add_model_args, load_args, resolve_model, whole
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="edgemoe serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
         "/v1/models), with /health, /metrics and a live demo of the expert cache at /. Requests are queued "
@@ -20,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--port", type=whole(0, 65535), default=8000, help="port (default 8000; 0: any free port)")
     p.add_argument(
         "--api-key",
         default=os.environ.get("EDGEMOE_API_KEY"),
@@ -29,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="the model's name in the API (default: the model directory's name)")
     p.add_argument(
         "--context",
-        type=int,
+        type=whole(1),
         default=None,
         help="longest prompt plus completion, in tokens (default: the model's, at most 2048)",
     )
-    p.add_argument("--max-queue", type=int, default=256, help="requests that may wait; more get 503 (default 256)")
+    p.add_argument("--max-queue", type=whole(0), default=256, help="requests that may wait; more get 503 (default 256)")
     return p
 
 

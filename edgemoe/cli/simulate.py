@@ -3,7 +3,6 @@ eviction policy and prefetch predictor (edgemoe.planning.simulate)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -16,32 +15,49 @@ from ..planning.simulate import DEFAULT_PREDICTORS, POLICIES, format_rows, run
 from ..runtime.engine import load
 from ..runtime.prefetch import DEFAULT_RATIO, Predictor, TablePredictor, expert_sizes, load_fits, table_from_routing
 from ..runtime.trace import RoutingTrace
+from .common import Parser, comma_list, existing_file, number, one_of, whole
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="edgemoe simulate",
         description="Replay a routing trace through the expert cache under each eviction "
         "policy (LRU, LFU, structure-aware, Belady's oracle) and prefetch predictor.",
     )
     p.add_argument("model", help="a converted model directory (expert sizes; routing.json for the table predictor)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="held-out text to trace (documents separated by a \\x1e line)")
-    src.add_argument("--trace", help="a trace saved by `edgemoe profile --traces DIR` (eval.npz)")
-    p.add_argument("--max-tokens", type=int, default=5000, help="tokens of --text to trace (default 5000)")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--budgets", default="0.25,0.5,0.75", help="fractions of all expert bytes")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    src.add_argument("--text", type=existing_file, help="held-out text to trace (documents separated by a \\x1e line)")
+    src.add_argument("--trace", type=existing_file, help="a trace saved by `edgemoe profile --traces DIR` (eval.npz)")
+    p.add_argument("--max-tokens", type=whole(0), default=5000, help="tokens of --text to trace (default 5000)")
+    p.add_argument("--window", type=whole(1), default=256)
+    p.add_argument(
+        "--budgets",
+        type=comma_list(number(0.0, 1.0, above=True), "fractions in (0, 1] like 0.25,0.5"),
+        default="0.25,0.5,0.75",
+        help="fractions of all expert bytes",
+    )
+    p.add_argument(
+        "--policies",
+        type=comma_list(one_of(*POLICIES), f"policies from {', '.join(POLICIES)}"),
+        default=",".join(POLICIES),
+    )
     p.add_argument(
         "--prefetch",
+        type=comma_list(one_of(*DEFAULT_PREDICTORS), f"predictors from {', '.join(DEFAULT_PREDICTORS)}"),
         default=",".join(DEFAULT_PREDICTORS),
         help="predictors to try: none, table (needs routing.json), lookahead_moe_in, "
         "lookahead_layer_out, fitted_moe_in, fitted_layer_out (a trace that recorded them)",
     )
-    p.add_argument("--ratio", type=float, default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed")
+    p.add_argument(
+        "--ratio", type=number(0.0, above=True), default=DEFAULT_RATIO, help="prefetch bytes per layer / bytes needed"
+    )
     p.add_argument("--json", default=None, help="write every row to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`edgemoe simulate MODEL (--text FILE | --trace FILE.npz)`: policies x budgets x predictors."""
+    args = build_parser().parse_args(argv)
 
     m = load(args.model)
     sizes = expert_sizes(m)
@@ -54,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             m, args.text, args.window, args.max_tokens, seed=1, fits=load_fits(args.model, m.config.rms_norm_eps)
         )
     predictors: dict[str, Predictor | None] = {}
-    for name in args.prefetch.split(","):
-        name = name.strip()
+    for name in args.prefetch:
         if name == "none":
             predictors[name] = None
         elif name == "table":
@@ -67,9 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictors[name] = RecordedPredictor(trace.top_k, name.removeprefix("lookahead_"))
         else:
             print(f"skipping predictor {name!r}: unknown, or not recorded in the trace", file=sys.stderr)
-    fractions = [float(x) for x in args.budgets.split(",")]
-    policies = [x.strip() for x in args.policies.split(",")]
-    rows = run(trace, sizes, fractions, policies, predictors, ratio=args.ratio)
+    rows = run(trace, sizes, args.budgets, args.policies, predictors, ratio=args.ratio)
     print(
         f"{trace.tokens} tokens, {len(trace.moe_layers)} MoE layers x {trace.num_experts} experts, "
         f"top-{trace.top_k}; all experts {sizes.sum() / 1e6:.2f} MB; bytes per token, 'waited' = read on a miss"

@@ -42,7 +42,7 @@ def load_manifest(model_dir) -> dict:
         )
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise ModelDirectoryError(
             f"{path} cannot be read ({e}): the file is damaged, convert the model again"
         ) from None
@@ -61,6 +61,7 @@ def load_manifest(model_dir) -> dict:
     for key in ("architecture", "config", "backbone", "experts"):
         if key not in m:
             raise ModelDirectoryError(f'{path} has no "{key}" entry: the file is damaged, convert the model again')
+    _check_fields(path, m)
 
     ex = m["experts"]
     experts_path = d / ex["file"]
@@ -88,6 +89,69 @@ def load_manifest(model_dir) -> dict:
     return m
 
 
+def _is_count(v: object, below: int = 1 << 63) -> bool:
+    """A JSON whole number in [0, below) (not a bool, which Python counts as an int)."""
+    return type(v) is int and 0 <= v < below
+
+
+def _is_file_name(v: object) -> bool:
+    """A file inside the model directory: a relative path that does not climb out of it."""
+    return isinstance(v, str) and v != "" and "\0" not in v and not Path(v).is_absolute() and ".." not in Path(v).parts
+
+
+def _check_fields(path: Path, m: dict) -> None:
+    """The types and ranges of the entries a reader uses, each named when wrong."""
+
+    def damaged(what: str) -> ModelDirectoryError:
+        return ModelDirectoryError(f"{path}: {what}: the file is damaged, convert the model again")
+
+    if not isinstance(m["architecture"], str):
+        raise damaged('"architecture" is not a string')
+    if not isinstance(m["config"], dict):
+        raise damaged('"config" is not an object')
+    if not isinstance(m.get("tokenizer", {}), dict):
+        raise damaged('"tokenizer" is not an object')
+    bb = m["backbone"]
+    if not isinstance(bb, dict) or not _is_file_name(bb.get("file")):
+        raise damaged('"backbone" names no file of the model directory')
+    if "bytes" in bb and not _is_count(bb["bytes"]):
+        raise damaged('"backbone.bytes" is not a byte count')
+    ex = m["experts"]
+    if not isinstance(ex, dict) or not _is_file_name(ex.get("file")):
+        raise damaged('"experts" names no file of the model directory')
+    _check_experts(ex, damaged, "experts")
+    fb = m.get("fallback")
+    if fb is not None and not isinstance(fb, dict):
+        raise damaged('"fallback" is not an object')
+
+
+def _check_experts(ex: dict, damaged, where: str) -> None:
+    """An "experts" (or "fallback") section's counts and its blob table's rows."""
+    if not _is_count(ex.get("file_bytes")):
+        raise damaged(f'"{where}.file_bytes" is not a byte count')
+    for key in ("num_layers", "num_experts"):
+        if not _is_count(ex.get(key), 1 << 20) or ex[key] == 0:
+            raise damaged(f'"{where}.{key}" is not a count between 1 and 2^20')
+    if ex["num_layers"] * ex["num_experts"] > 1 << 24:
+        raise damaged(f'"{where}" has {ex["num_layers"]} x {ex["num_experts"]} experts, more than 2^24')
+    for key in ("top_k", "hidden_size", "intermediate_size"):
+        if key in ex and (not _is_count(ex[key], 1 << 31) or ex[key] == 0):
+            raise damaged(f'"{where}.{key}" is not a positive count')
+    layers = ex.get("moe_layers", [])
+    if not isinstance(layers, list) or not all(_is_count(i, ex["num_layers"]) for i in layers):
+        raise damaged(f'"{where}.moe_layers" is not a list of layer indices below {ex["num_layers"]}')
+    blobs = ex.get("blobs")
+    if not isinstance(blobs, list):
+        raise damaged(f'"{where}.blobs" is not a list')
+    limits = (ex["num_layers"], ex["num_experts"], 1 << 63, 1 << 63, 33, 1 << 32)
+    for row in blobs:
+        if not isinstance(row, list) or len(row) != len(BLOB_COLUMNS):
+            raise damaged(f'"{where}.blobs" has a row {str(row)[:80]} that is not [{", ".join(BLOB_COLUMNS)}]')
+        for col, v, limit in zip(BLOB_COLUMNS, row, limits):
+            if not _is_count(v, limit):
+                raise damaged(f'"{where}.blobs" has a row {str(row)[:80]} whose {col} is out of range')
+
+
 PAGE = 4096  # expert blobs start on 4 KiB boundaries; one O_DIRECT read moves whole pages
 
 
@@ -102,6 +166,13 @@ def blob_tables(manifest: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     Layers without experts (dense layers) have length 0 (and offset 0, bits 0).
     """
     ex = manifest["experts"]
+
+    def damaged(what: str) -> ModelDirectoryError:
+        return ModelDirectoryError(f"the manifest's {what}: the file is damaged, convert the model again")
+
+    if not isinstance(ex, dict):
+        raise damaged('"experts" is not an object')
+    _check_experts(ex, damaged, "experts")
     shape = (int(ex["num_layers"]), int(ex["num_experts"]))
     offsets = np.zeros(shape, np.uint64)
     lengths = np.zeros(shape, np.uint64)
@@ -158,6 +229,11 @@ def fallback_tables(model_dir, manifest: dict) -> tuple[Path, np.ndarray, np.nda
             raise ModelDirectoryError(
                 f'{d / MANIFEST}\'s "fallback" entry has no "{key}": the file is damaged, convert the model again'
             )
+    if not _is_file_name(fb["file"]) or not _is_count(fb["file_bytes"]):
+        raise ModelDirectoryError(
+            f'{d / MANIFEST}\'s "fallback" entry has a "file" outside the model directory or a "file_bytes" that is '
+            f"not a byte count: the file is damaged, convert the model again"
+        )
     path = d / fb["file"]
     if not path.is_file():
         raise ModelDirectoryError(

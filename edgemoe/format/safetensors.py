@@ -26,6 +26,7 @@ copied from memmapped or lazily read sources.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -90,21 +91,26 @@ class SafetensorsFile:
             raise CheckpointError(f"cannot read {self.path}: {e.strerror or e}") from e
         try:
             header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise self._damaged(f"has an unreadable header ({e})") from None
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise self._damaged(f"has a header that is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._damaged("has a __metadata__ entry that is not an object")
+        self.metadata: dict = metadata
         self.data_start = 8 + n
         self.file_bytes = size
         self._info: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         end_max = 0
         for name, t in header.items():
-            dtype, shape, (begin, end) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
+            dtype, shape, begin, end = self._entry(name, t)
             if dtype not in NP_DTYPES:
                 raise CheckpointError(
                     f"tensor {name} in {self.path} has dtype {dtype}, which edgemoe "
                     f"cannot read (supported: {', '.join(NP_DTYPES)})"
                 )
-            want = int(np.prod(shape, dtype=np.int64)) * NP_DTYPES[dtype].itemsize
+            want = math.prod(shape) * NP_DTYPES[dtype].itemsize
             if end - begin != want:
                 raise self._damaged(
                     f"describes tensor {name} {list(shape)} {dtype} with {end - begin} bytes instead of {want}"
@@ -118,6 +124,28 @@ class SafetensorsFile:
                 f"download or copy it again"
             )
         self._mmap: np.memmap | None = None
+
+    def _entry(self, name: str, t: object) -> tuple[str, tuple[int, ...], int, int]:
+        """One header entry's (dtype, shape, begin, end), its types and ranges checked."""
+
+        def is_count(v: object) -> bool:
+            return type(v) is int and v >= 0
+
+        if not isinstance(t, dict):
+            raise self._damaged(f"describes tensor {name!r} with a {type(t).__name__}, not an object")
+        dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise self._damaged(f"gives tensor {name!r} no dtype string")
+        if not isinstance(shape, list) or not all(map(is_count, shape)):
+            raise self._damaged(f"gives tensor {name!r} a shape {shape!r} that is not a list of sizes")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(map(is_count, offsets))
+            or offsets[0] > offsets[1]
+        ):
+            raise self._damaged(f"gives tensor {name!r} data_offsets {offsets!r}, not [begin, end] with begin <= end")
+        return dtype, tuple(shape), offsets[0], offsets[1]
 
     def _damaged(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path} {what}: it is not a valid safetensors file; download or copy it again")

@@ -1,0 +1,67 @@
+"""Seed corpora for the fuzz harnesses, from real files: tiny checkpoints made with
+transformers (tests/tiny.py) and converted by edgemoe.
+
+    python tests/fuzz/seeds.py OUT
+    OUT/model/                   a converted model (4-bit, with 2-bit fallback copies) the manifest harness opens
+    OUT/corpus/manifest/         manifest.json of each conversion
+    OUT/corpus/experts/          each conversion's "experts" section and experts.bin (fuzz_experts.SEP between)
+    OUT/corpus/safetensors/      backbones, a checkpoint shard, a three-tensor file
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # tests/: tiny.py
+sys.path.insert(0, str(HERE))
+
+# (name, convert keywords): float, asymmetric, symmetric (kind 4), mixed bitwidths
+CONVERSIONS = [
+    ("q4-fallback", {"bits": 4, "fallback_bits": 2}),
+    ("f16", {"bits": 16}),
+    ("q8-sym", {"bits": 8, "symmetric": True, "group_size": 32}),
+    ("q3", {"bits": 3, "group_size": 32}),
+    ("mixed", {"bits": 4, "bits_map": {(0, 0): 2, (0, 1): 8, (1, 2): 16, (1, 3): 3}}),
+]
+
+
+def write_seeds(out: Path) -> Path:
+    import tiny
+    from common import SEP
+
+    from edgemoe.converters.convert import convert
+    from edgemoe.format.safetensors import SafetensorsFile, write_safetensors
+
+    out = Path(out)
+    corpus = out / "corpus"
+    for sub in ("manifest", "experts", "safetensors"):
+        (corpus / sub).mkdir(parents=True, exist_ok=True)
+    ckpt = tiny.make_checkpoint("mixtral", out / "checkpoint", shard_size="64KB")
+    for name, kw in CONVERSIONS:
+        dst = out / "converted" / name
+        convert(ckpt, dst, progress=False, overwrite=True, **kw)
+        manifest = (dst / "manifest.json").read_bytes()
+        (corpus / "manifest" / name).write_bytes(manifest)
+        section = json.dumps(json.loads(manifest)["experts"]).encode()
+        (corpus / "experts" / name).write_bytes(section + SEP + (dst / "experts.bin").read_bytes())
+        (corpus / "safetensors" / f"backbone-{name}").write_bytes((dst / "backbone.safetensors").read_bytes())
+    shards = sorted(ckpt.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    (corpus / "safetensors" / "checkpoint-shard").write_bytes(shards[0].read_bytes())
+    st = SafetensorsFile(out / "converted" / "f16" / "backbone.safetensors")
+    small = {n: (st.read(n), st.dtype(n)) for n in sorted(st.names(), key=st.nbytes)[:3]}
+    write_safetensors(corpus / "safetensors" / "three-tensors", small, metadata={"format": "pt"})
+    model = out / "model"
+    if model.exists():
+        shutil.rmtree(model)
+    shutil.copytree(out / "converted" / "q4-fallback", model)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/fuzz/seeds.py OUT")
+    print(write_seeds(Path(sys.argv[1])))
