@@ -35,6 +35,7 @@ def parsers(tmp_path):
         ("bench", bench.build_parser(), []),
         ("devices", devices.build_parser(), []),
         ("cluster plan", cluster.build_plan_parser(), ["--devices", list_profiles()[0]]),
+        ("cluster local", cluster.build_local_parser(), []),
     ]
 
 

@@ -14,7 +14,19 @@ from ..bench.synth import prepare
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
 from ..units import parse_bytes
-from .common import Parser, checked, comma_list, int_of, number, profile_arg, retype, size_arg, threads_arg, whole
+from .common import (
+    Parser,
+    checked,
+    comma_list,
+    int_of,
+    link_arg,
+    number,
+    profile_arg,
+    retype,
+    size_arg,
+    threads_arg,
+    whole,
+)
 
 
 def _model_name(value: str) -> str:
@@ -118,12 +130,21 @@ def build_parser() -> Parser:
             "--peer-threads": threads_arg,
             "--peer-mode": _mode,
             "--run-timeout": number(0.0, above=True),
+            "--cluster": as_given(comma_list(link_arg, "link profiles like wired-gigabit,wifi5,crowded-wifi")),
+            "--flash-devices": as_given(comma_list(_storage, "local or device profiles, comma-separated")),
+            "--cluster-storage": _storage,
+            "--kill-link": link_arg,
             "--cluster-nodes": whole(1, 16),
             "--node-share": number(0.0, 100.0, above=True),
             "--kills": whole(0),
             "--cluster-timeout": number(0.0, above=True),
         },
     )
+
+
+def _storage(value: str) -> str:
+    """`local` (this disk) or a device profile whose storage is emulated."""
+    return value if value == "local" else profile_arg(value)
 
 
 def _budget(value: str) -> None:

@@ -129,6 +129,23 @@ def plan_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def build_local_parser() -> Parser:
+    p = Parser(
+        prog="edgemoe cluster local",
+        description="Start a Ray cluster on this machine: a head and N device nodes, each node in its own "
+        "network namespace and cgroup v1 memory limit, its link to the head emulated (tc netem, or a userspace "
+        "emulator where the kernel has no netem). Addresses 10.77.0.0/24 exist only inside those namespaces. "
+        "With `-- CMD`, run CMD beside the head (the coordinator) and remove the cluster afterwards; without, "
+        "leave it running for `edgemoe cluster exec` and `edgemoe cluster down`.",
+    )
+    p.add_argument("--nodes", type=whole(1, 16), default=2, help="device nodes (default 2)")
+    p.add_argument("--node-memory", type=size_arg, default="1GB", help="each node's memory limit (default 1GB)")
+    p.add_argument(
+        "--link", type=link_arg, default="wifi5", help=f"each node's link to the head: {', '.join(list_links())}"
+    )
+    return p
+
+
 def local_main(argv: Sequence[str]) -> int:
     from ..cluster import local
 
@@ -137,18 +154,7 @@ def local_main(argv: Sequence[str]) -> int:
     if "--" in argv:
         cmd = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
-    p = argparse.ArgumentParser(
-        prog="edgemoe cluster local",
-        description="Start a Ray cluster on this machine: a head and N device nodes, each node in its own "
-        "network namespace and cgroup v1 memory limit, its link to the head emulated (tc netem, or a userspace "
-        "emulator where the kernel has no netem). Addresses 10.77.0.0/24 exist only inside those namespaces. "
-        "With `-- CMD`, run CMD beside the head (the coordinator) and remove the cluster afterwards; without, "
-        "leave it running for `edgemoe cluster exec` and `edgemoe cluster down`.",
-    )
-    p.add_argument("--nodes", type=int, default=2, help="device nodes (default 2)")
-    p.add_argument("--node-memory", type=size_arg, default="1GB", help="each node's memory limit (default 1GB)")
-    p.add_argument("--link", default="wifi5", help=f"each node's link to the head: {', '.join(list_links())}")
-    args = p.parse_args(argv)
+    args = build_local_parser().parse_args(argv)
     lc = local.up(args.nodes, parse_bytes(args.node_memory), args.link)
     print(
         f"local cluster {lc.tag}: {lc.nodes} nodes of {args.node_memory} over {lc.link} ({lc.emulator} links), "

@@ -258,6 +258,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--plan",
+        type=existing_file,
         default=None,
         metavar="FILE",
         help="follow this placement plan (`edgemoe cluster plan --json FILE`; its devices are taken in the order "
@@ -265,6 +266,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--link",
+        type=link_arg,
         default=None,
         metavar="LINK",
         help="plan with this link profile's round trip and bandwidth instead of measuring them (devices/links.json)",
