@@ -15,6 +15,8 @@ quantized again; `Report` records the error that adds.
 from __future__ import annotations
 
 import dataclasses
+import mmap
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,87 @@ from edgemoe.models.checkpoint import GGUF_EXPERTS, GGUF_GLOBAL, GGUFLayout
 from .hf import ArchSpec, Plan
 
 MAGIC = b"GGUF"
+
+# bytes of one value of each GGUF metadata type (8: string, 9: array have their own rules)
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def check_header(path: Path) -> None:
+    """Walk a GGUF file's header (metadata and tensor table) and refuse one whose counts or
+    lengths run past the end of the file, before the gguf package reads it: that reader trusts
+    them, so a damaged count made it loop for minutes while its memory grew."""
+    size = path.stat().st_size
+
+    def bad(what: str, at: int) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is damaged or truncated: {what} at byte {at} runs past the end of the file ({size} bytes); "
+            f"download it again"
+        )
+
+    with open(path, "rb") as f:
+        if size < 24:
+            raise bad("the header", 0)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos = 0
+
+            def take(fmt: str, what: str) -> Any:
+                nonlocal pos
+                n = struct.calcsize(fmt)
+                if pos + n > size:
+                    raise bad(what, pos)
+                v = struct.unpack_from(fmt, m, pos)[0]
+                pos += n
+                return v
+
+            def skip(n: int, what: str) -> None:
+                nonlocal pos
+                if n < 0 or pos + n > size:
+                    raise bad(what, pos)
+                pos += n
+
+            def string(what: str) -> None:
+                skip(take("<Q", what), what)
+
+            def value(kind: int, what: str, depth: int = 0) -> None:
+                if kind in _SCALAR_BYTES:
+                    skip(_SCALAR_BYTES[kind], what)
+                elif kind == 8:
+                    string(what)
+                elif kind == 9 and depth < 3:
+                    item, count = take("<I", what), take("<Q", what)
+                    if item in _SCALAR_BYTES:
+                        skip(count * _SCALAR_BYTES[item], what)
+                    elif item in (8, 9):
+                        if count * 8 > size - pos:  # every item takes at least 8 bytes
+                            raise bad(what, pos)
+                        for _ in range(count):
+                            value(item, what, depth + 1)
+                    else:
+                        raise CheckpointError(
+                            f"{path}: {what} has an unknown array item type {item}: the file is damaged"
+                        )
+                else:
+                    raise CheckpointError(f"{path}: {what} has an unknown value type {kind}: the file is damaged")
+
+            skip(4, "the magic")
+            take("<I", "the version")
+            n_tensors, n_kv = take("<Q", "the tensor count"), take("<Q", "the metadata count")
+            if n_kv * 12 > size - pos or n_tensors * 24 > size - pos:
+                raise bad(f"a header of {n_kv} metadata entries and {n_tensors} tensors", pos)
+            for i in range(n_kv):
+                string(f"metadata entry {i}'s key")
+                value(take("<I", f"metadata entry {i}'s type"), f"metadata entry {i}")
+            for i in range(n_tensors):
+                string(f"tensor {i}'s name")
+                dims = take("<I", f"tensor {i}'s dimensions")
+                if not 1 <= dims <= _MAX_DIMS:
+                    raise CheckpointError(
+                        f"{path}: tensor {i} has {dims} dimensions (GGUF allows 1 to 4): the file is damaged"
+                    )
+                skip(8 * dims + 4 + 8, f"tensor {i}'s shape, type and offset")
+
+
 # ggml types edgemoe's kernels represent exactly (symmetric groups of 32, f16 scales) -> bits
 EXACT = {"Q4_0": 4, "Q8_0": 8}
 FLOATS = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
@@ -96,6 +179,7 @@ class GGUFFile:
                 f"reading {self.path.name} needs the gguf package, which edgemoe installs: pip install gguf"
             ) from None
 
+        check_header(self.path)
         try:
             self.reader = GGUFReader(self.path)
         except (ValueError, IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:

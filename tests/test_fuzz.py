@@ -29,8 +29,8 @@ def seeds(tmp_path_factory):
 READERS = sorted(p.stem.removeprefix("fuzz_") for p in FUZZ.glob("fuzz_*.py"))
 
 
-def test_the_three_readers_have_harnesses():
-    assert {"manifest", "experts", "safetensors"} <= set(READERS)
+def test_the_readers_have_harnesses():
+    assert {"manifest", "experts", "safetensors", "gguf"} <= set(READERS)
 
 
 @pytest.mark.parametrize("reader", READERS)

@@ -411,3 +411,28 @@ def test_sentencepiece_vocabulary_matches_llama_cpp(spm_gguf, tmp_path):
     convert(path, tmp_path / "m", progress=False)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     assert_same_tokens(llm, tmp_path / "m")
+
+
+def test_counts_past_the_end_of_the_file_are_refused_quickly(tmp_path):
+    """A damaged count in the header (here: an array of 2^40 strings in a file of a few bytes)
+    is refused before the gguf package's reader trusts it (it looped for minutes, its memory
+    growing, on such a file the fuzzer made)."""
+    import struct
+    import time
+
+    from edgemoe.converters.gguf import GGUFFile
+
+    key = b"tokenizer.ggml.tokens"
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    cases = {
+        "array": head + struct.pack("<IIQ", 9, 8, 1 << 40) + struct.pack("<Q", 1) + b"a",
+        "string": head + struct.pack("<IQ", 8, 1 << 50) + b"abc",
+        "tensors": b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 0) + b"\0" * 32,
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(data)
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointError, match="runs past the end|damaged"):
+            GGUFFile(path)
+        assert time.monotonic() - t0 < 5, name

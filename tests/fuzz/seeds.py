@@ -6,6 +6,8 @@ transformers (tests/tiny.py) and converted by edgemoe.
     OUT/corpus/manifest/         manifest.json of each conversion
     OUT/corpus/experts/          each conversion's "experts" section and experts.bin (fuzz_experts.SEP between)
     OUT/corpus/safetensors/      backbones, a checkpoint shard, a three-tensor file
+    OUT/corpus/gguf/             GGUF files written by the gguf package's own writer: F32, F16
+                                 and Q8_0 tensors, strings, arrays and a tokenizer's metadata
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def write_seeds(out: Path) -> Path:
 
     out = Path(out)
     corpus = out / "corpus"
-    for sub in ("manifest", "experts", "safetensors"):
+    for sub in ("manifest", "experts", "safetensors", "gguf"):
         (corpus / sub).mkdir(parents=True, exist_ok=True)
     ckpt = tiny.make_checkpoint("mixtral", out / "checkpoint", shard_size="64KB")
     for name, kw in CONVERSIONS:
@@ -54,11 +56,50 @@ def write_seeds(out: Path) -> Path:
     st = SafetensorsFile(out / "converted" / "f16" / "backbone.safetensors")
     small = {n: (st.read(n), st.dtype(n)) for n in sorted(st.names(), key=st.nbytes)[:3]}
     write_safetensors(corpus / "safetensors" / "three-tensors", small, metadata={"format": "pt"})
+    write_gguf_seeds(corpus / "gguf")
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(out / "converted" / "q4-fallback", model)
     return out
+
+
+def write_gguf_seeds(out: Path) -> None:
+    """Small GGUF files in the layout llama.cpp writes (the gguf package's writer), with the
+    metadata kinds the import reads: scalars, strings, string and number arrays."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, qtype in (
+        ("f32", None),
+        ("f16", gguf.GGMLQuantizationType.F16),
+        ("q8_0", gguf.GGMLQuantizationType.Q8_0),
+    ):
+        w = gguf.GGUFWriter(out / name, "llama")
+        w.add_block_count(1)
+        w.add_embedding_length(32)
+        w.add_expert_count(2)
+        w.add_expert_used_count(1)
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "ab", "<s>"])
+        w.add_token_types([1, 1, 1, 3])
+        w.add_token_merges(["a b"])
+        w.add_bos_token_id(3)
+        w.add_chat_template("{{ messages[0]['content'] }}")
+        for t in ("token_embd.weight", "blk.0.ffn_gate_exps.weight", "output_norm.weight"):
+            shape = (2, 4, 32) if "exps" in t else (32,) if "norm" in t else (4, 32)
+            x = rng.standard_normal(shape).astype(np.float32)
+            if qtype is None or "norm" in t:
+                w.add_tensor(t, x)
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(t, x.astype(np.float16))
+            else:
+                w.add_tensor(t, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
 
 
 if __name__ == "__main__":
