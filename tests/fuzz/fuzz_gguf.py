@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import atheris
+import numpy  # noqa: F401  (imported before: only the readers are instrumented, not numpy)
 
 with atheris.instrument_imports():
     import gguf  # noqa: F401  (llama.cpp's reader, which GGUFFile calls: instrumented too)
