@@ -219,6 +219,17 @@ def main(argv: list[str]) -> int:
     return run(build_parser().parse_args(argv))
 
 
+def budget_bytes(value: str, expert_bytes: int, min_budget: int) -> int:
+    """--budget: bytes (20MB) or a percentage of the expert bytes (50%, at least the minimum
+    budget). Raises ValueError (or EdgeMoEError for a size) naming what is wrong."""
+    if value.endswith("%"):
+        share = float(value[:-1])
+        if not 0 < share <= 100:
+            raise ValueError("a percentage above 0 and at most 100")
+        return max(min_budget, int(expert_bytes * share / 100))
+    return parse_bytes(value) or 0
+
+
 def run(args: argparse.Namespace) -> int:
 
     from ..planning.default_model import default_model_path
@@ -226,10 +237,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or str(default_model_path())
     probe = load(model, preload="none")
     expert_bytes = probe.info()["expert_bytes"]
-    if args.budget.endswith("%"):
-        budget = max(probe.min_budget, int(expert_bytes * float(args.budget[:-1]) / 100))
-    else:
-        budget = parse_bytes(args.budget) or 0
+    budget = budget_bytes(args.budget, expert_bytes, probe.min_budget)
     sized = load(model, memory_budget=budget, preload="none")
     context = min(int(sized.manifest["config"].get("max_position_embeddings") or 2048), 2048)
     needed = sized.memory_needed(context)

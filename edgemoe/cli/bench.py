@@ -148,11 +148,7 @@ def _storage(value: str) -> str:
 
 
 def _budget(value: str) -> None:
-    if value.endswith("%"):
-        if not 0 < float(value[:-1]) <= 100:
-            raise ValueError("a percentage above 0 and at most 100")
-    else:
-        parse_bytes(value)
+    serve_load.budget_bytes(value, expert_bytes=1, min_budget=0)  # the form only: no model yet
 
 
 def _limit(value: str) -> None:
