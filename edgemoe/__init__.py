@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _core as _core  # the native core, re-exported
 from .cluster import PlanFigures, attach
-from .cluster.moe import DEFAULT_TIMEOUT_S
+from .cluster.moe import DEFAULT_TIMEOUT_S, RETRY_S
 from .cluster.placement import Plan
 from .errors import (
     BudgetError,
@@ -38,6 +38,7 @@ def load(
     device_memory: int | str | None = None,
     cluster_plan: Plan | str | os.PathLike[str] | None = None,
     cluster_figures: PlanFigures | None = None,
+    cluster_retry: float = RETRY_S,
     **stream: Any,
 ) -> Model:
     """Open a converted model directory.
@@ -56,6 +57,7 @@ def load(
     (default: half of each device's available RAM). cluster_plan: follow this placement plan
     (a Plan or the file `edgemoe cluster plan --json` writes) instead of planning from the
     devices measured; cluster_figures: take the plan's figures from profiles (PlanFigures).
+    cluster_retry: seconds before a device marked down is tried again (doubling each time).
     Model.close() leaves the cluster.
     """
     model = engine.load(path, memory_budget, options, threads=threads, **stream)
@@ -67,6 +69,7 @@ def load(
             device_memory=device_memory,
             plan=cluster_plan,
             figures=cluster_figures,
+            retry_s=cluster_retry,
         )
     return model
 

@@ -340,6 +340,70 @@ def wait_for(cm: ClusterMoE, what, seconds: float = 60.0) -> None:
     cm.settle()
 
 
+def test_a_device_down_comes_back_by_itself(devices, models):
+    """A server that dies is started again by the watcher after cluster_retry, from its
+    flash, without a refresh; a device that fails again waits twice as long."""
+    path = models["mixtral"]
+    _, want = single(path, edgemoe.load(path).min_budget)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 2, cluster_retry=0.3)
+    try:
+        cm = override(m)
+        victim = cm.devices[0]
+        ray.kill(victim.handle)
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want
+        assert m.stats()["cluster"]["devices"][victim.name]["state"] == "down"
+        wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["state"] == "up")
+        d = m.stats()["cluster"]["devices"][victim.name]
+        assert d["recoveries"] == 1 and d["failures"] == 1 and d["error"] is None
+        assert d["blob_bytes_sent"] == 0 and d["blobs_from_flash"] > 0
+        assert any(f"{victim.name} tried again" in e["reason"] for e in cm.plan_events)
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want
+        assert m.stats()["cluster"]["devices"][victim.name]["calls"] > 0
+
+        again = cm.devices[victim.index]  # the new server; killed at once, it backs off longer
+        ray.kill(again.handle)
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want
+        d = m.stats()["cluster"]["devices"][victim.name]
+        assert d["state"] == "down" and d["failures"] == 2
+        assert 0.3 < d["retry_in_s"] <= 0.6
+        wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["recoveries"] == 2)
+        assert m.generate(PROMPT, max_new_tokens=NEW) == want
+    finally:
+        m.close()
+
+
+def test_the_deadline_grows_with_what_a_call_carries(devices, models):
+    """A base deadline of 2 ms plus each call's bytes over the link (the crowded Wi-Fi
+    profile's 50 Mbit/s) and its rows at the device's compute: a 240-token prompt's calls,
+    which carry tens of KB, are given tens of milliseconds and none is taken for a dead
+    device."""
+    path = models["mixtral"]
+    prompt = (PROMPT * 20)[:240]
+    want = edgemoe.load(path, memory_budget=edgemoe.load(path).min_budget).logits(prompt)
+    from edgemoe.cluster.placement import CoordinatorSpec, DeviceSpec, model_inputs, plan_placement
+
+    budget = edgemoe.load(path).min_budget
+    sizes, stats, moe_layers = model_inputs(path, require_routing=False)
+    boards = [DeviceSpec(f"board-{i}", int(sizes.sum()), 18e9, 2e-4, 1e9) for i in range(2)]
+    plan = plan_placement(
+        boards, CoordinatorSpec(budget, 45e6, 1e-3, 4e9), sizes, stats, moe_layers, search_seconds=0.2
+    )
+    figures = PlanFigures(link="crowded-wifi", device="jetson-orin-nano-nvme", coordinator="raspberry-pi-4-sd")
+    m = on_cluster(
+        path, devices.address, expert_bytes(path), cluster_timeout=0.002, cluster_figures=figures, cluster_plan=plan
+    )
+    try:
+        assert np.array_equal(m.logits(prompt), want)
+        s = m.stats()["cluster"]
+        assert s["remote_slots"] > 0 and s["recomputed_slots"] == 0
+        assert all(d["failures"] == 0 for d in s["devices"].values())
+        hidden, top_k = 64, 2
+        slots = len(prompt) * top_k // len(s["devices"])  # some device answers at least this many rows
+        assert s["max_deadline_ms"] > 2 + 1e3 * 8 * slots * hidden * 4 / 50e6
+    finally:
+        m.close()
+
+
 def test_a_node_joining_mid_generation_gets_experts(devices, models):
     """Adds a third device node: later tests run with it."""
     path = models["mixtral"]

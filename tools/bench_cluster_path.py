@@ -5,7 +5,9 @@ separate processes on this machine), puts one echo actor on each worker node, an
 sending hidden-state rows to both at once and getting same-sized outputs back (a layer's
 two experts on two devices), through:
 
-  (a) actor method calls: .remote() to both, ray.wait for both, ray.get;
+  (a) actor method calls: .remote() to both, ray.wait for both, ray.get; also a layer's
+      call with its expert table, as four NumPy arguments and as the one bytes object the
+      runtime sends (edgemoe.cluster.server.pack_call);
   (b) a Ray Compiled Graph (ray.dag, experimental_compile) over the two actors;
   (c) Ray's shared-memory channels used directly: the driver writes each device's rows into
       a channel its actor reads in a loop, the actor writes its output into a channel the
@@ -31,6 +33,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from edgemoe.cluster.server import pack_call, unpack_call
+
 
 @ray.remote(num_cpus=0)
 class Echo:
@@ -38,6 +42,13 @@ class Echo:
 
     def rows(self, x: np.ndarray | None) -> np.ndarray | None:
         return None if x is None else x + 0.0  # a new array, as an expert's output is
+
+    def four(self, layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return x[rows] + 0.0  # a layer's call as four arrays, as the runtime sent it before
+
+    def packed(self, call: bytes) -> bytes:
+        _, x, _, _, rows = unpack_call(call)  # a layer's call as the runtime sends it
+        return (x[rows] + 0.0).tobytes()
 
     failure: str | None = None  # why (c)'s loop stopped, if it did
 
@@ -105,6 +116,24 @@ def actor_calls(actors: list[Any], payload: np.ndarray | None) -> Callable[[], A
     return call
 
 
+def layer_calls(actors: list[Any], x: np.ndarray, packed: bool) -> Callable[[], Any]:
+    """A layer's call with its expert table (two experts, each taking every row): four
+    NumPy arguments, or the one bytes object of pack_call."""
+    experts, counts = np.array([3, 5], np.int32), np.array([len(x), len(x)], np.int32)
+    rows = np.concatenate([np.arange(len(x)), np.arange(len(x))]).astype(np.int32)
+
+    def call() -> Any:
+        if packed:
+            refs = [a.packed.remote(pack_call(7, x, experts, counts, rows)) for a in actors]
+        else:
+            refs = [a.four.remote(7, x, experts, counts, rows) for a in actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        assert len(ready) == len(refs)
+        return ray.get(refs)
+
+    return call
+
+
 def compiled_graph(actors: list[Any]) -> Any:
     from ray.dag import InputNode, MultiOutputNode
 
@@ -153,10 +182,14 @@ def main() -> int:
         def record(path: str, what: str, fn: Callable[[], Any]) -> None:
             med, p90 = timed(fn, args.calls)
             results.append((path, what, f"{med:8.0f} {p90:8.0f}"))
-            print(f"{path:<22} {what:<20} median {med:8.0f} us  p90 {p90:8.0f} us", flush=True)
+            print(f"{path:<30} {what:<20} median {med:8.0f} us  p90 {p90:8.0f} us", flush=True)
 
         for what, x in payloads:
             record("(a) actor calls", what, actor_calls(actors, x))
+        for what, x in payloads[1:]:
+            assert x is not None
+            record("(a) a layer's call, 4 arrays", what, layer_calls(actors, x, packed=False))
+            record("(a) a layer's call, packed", what, layer_calls(actors, x, packed=True))
 
         try:
             graph = compiled_graph(actors)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,10 +27,13 @@ from ..devices import load_link
 from ..runtime.engine import load
 from . import modes
 
+CORES = os.cpu_count() or 1
+
 NODES = 3
 NODE_SHARE = 0.40
 NODE_OVERHEAD_BYTES = 450 << 20  # a node's raylet, worker and object store besides its experts
 KILL_AT_TOKEN = 3
+IDLE_S = 3.0  # how long the cluster's CPU is watched at rest before the runs
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -63,6 +67,7 @@ def worker(spec: dict[str, Any]) -> None:
     until the cluster has planned again for the nodes there."""
     from ..cluster.moe import ClusterMoE, attach
 
+    spaces = spec.get("namespaces", [])
     t0 = time.perf_counter()
     m = load(spec["model"], memory_budget=spec["budget"], device=spec.get("device"), policy="structure")
     attach(m, spec["address"], timeout_s=spec["timeout_s"], device_memory=spec["device_memory"])
@@ -73,11 +78,18 @@ def worker(spec: dict[str, Any]) -> None:
     m.eos_ids = set()
     print(json.dumps({"loaded": load_s, "plan": cm.stats()["cluster"]["plan"]}), flush=True)
     cm.settle()
+    # the cluster's CPU while nobody asks it anything (Ray's own processes, the link emulator's
+    # polling), per second: taken off each run's CPU so what is left is what the tokens cost
+    idle0, t_idle = local.namespace_cpu_seconds(spaces), time.perf_counter()
+    time.sleep(IDLE_S if spaces else 0.0)
+    idle1, t_idle = local.namespace_cpu_seconds(spaces), time.perf_counter() - t_idle
+    idle = {n: (idle1[n] - idle0[n]) / t_idle for n in spaces}
     for run in range(spec["runs"]):
         m.reset_stats()
         times = []
         t0 = time.perf_counter()
         ids = []
+        cpu0: dict[str, float] = {}
         for i, token in enumerate(
             m.generate(
                 prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True
@@ -85,13 +97,22 @@ def worker(spec: dict[str, Any]) -> None:
         ):
             ids.append(token)
             times.append(time.perf_counter() - t0)
+            if i == 0:
+                cpu0 = local.namespace_cpu_seconds(spaces)
             if spec.get("kills") and i == KILL_AT_TOKEN - 1:
                 print(json.dumps({"kill": run}), flush=True)
                 sys.stdin.readline()
                 times[-1] = time.perf_counter() - t0  # the pause for the kill is not the run's
                 t0 = time.perf_counter() - times[-1]
+        cpu1 = local.namespace_cpu_seconds(spaces)
         total = times[-1]
         ttft = times[0]
+        decoded = max(1, len(ids) - 1)
+        cpu = {_part(n): 0.0 for n in spaces}
+        idle_cpu = {_part(n): 0.0 for n in spaces}
+        for n in spaces:
+            cpu[_part(n)] += (cpu1[n] - cpu0.get(n, 0.0) - idle[n] * (total - ttft)) / decoded
+            idle_cpu[_part(n)] += idle[n]
         gaps = [b - a for a, b in zip(times, times[1:])]
         s = m.stats()["cluster"]
         tokens = s["tokens"]
@@ -101,7 +122,9 @@ def worker(spec: dict[str, Any]) -> None:
                     "run": run,
                     "token_ids": ids,
                     "ttft_seconds": ttft,
-                    "decode_seconds_per_token": (total - ttft) / max(1, len(ids) - 1),
+                    "decode_seconds_per_token": (total - ttft) / decoded,
+                    "cpu_seconds_per_token": cpu,
+                    "idle_cpu_per_second": idle_cpu,
                     "max_token_gap_seconds": max(gaps) if gaps else 0.0,
                     "bytes_per_token": sum(d["bytes_sent"] + d["bytes_received"] for d in s["devices"].values())
                     / max(1, tokens),
@@ -114,6 +137,12 @@ def worker(spec: dict[str, Any]) -> None:
             sys.stdin.readline()  # the node killed is back
             cm.settle()
             cm.refresh()  # it gets experts again (from its flash) before the next run
+
+
+def _part(netns: str) -> str:
+    """What a local cluster's namespace holds, for the CPU accounting: the coordinator and
+    the Ray head, the link emulator, or a device node."""
+    return "coordinator" if netns.endswith("-head") else "link" if netns.endswith("-switch") else "nodes"
 
 
 def _worker_main() -> None:
@@ -191,7 +220,8 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
     )
     emit(
         "| configuration | decode tok/s | ms/token | TTFT s | bytes sent/token | round trips/token "
-        "| Ray call ms (link RTT ms) | same tokens |\n|---|---|---|---|---|---|---|---|"
+        "| Ray call ms (link RTT ms) | CPU ms/token beyond idle: coordinator, link, nodes | same tokens |"
+        "\n|---|---|---|---|---|---|---|---|---|"
     )
 
     # everything in RAM, and one device with the same memory streaming from flash
@@ -212,7 +242,7 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
         rtt = load_link(link).rtt_s
         with local.local_cluster(args.cluster_nodes, node_memory, link, flash_dir=flash_root) as lc:
             cost = ray_call_seconds(lc)
-            spec = _spec(args, model_dir, min_budget, device_memory, lc.address, runs=args.repeat)
+            spec = _spec(args, model_dir, min_budget, device_memory, lc, runs=args.repeat)
             proc = _spawn(lc, spec)
             out = list(_lines(proc))
             err = proc.communicate()[1]
@@ -252,13 +282,20 @@ def _mode_args(args: argparse.Namespace, device: str | None) -> argparse.Namespa
 
 
 def _spec(
-    args: argparse.Namespace, model_dir: Path, budget: int, device_memory: int, address: str, runs: int, kills: int = 0
+    args: argparse.Namespace,
+    model_dir: Path,
+    budget: int,
+    device_memory: int,
+    lc: local.LocalCluster,
+    runs: int,
+    kills: int = 0,
 ) -> dict[str, Any]:
     return {
         "model": str(model_dir),
         "budget": budget,
         "device": None if args.cluster_storage == "local" else args.cluster_storage,
-        "address": address,
+        "address": lc.address,
+        "namespaces": lc.namespaces,
         "timeout_s": args.cluster_timeout / 1e3,
         "device_memory": device_memory,
         "prompt_tokens": args.prompt_tokens,
@@ -273,10 +310,12 @@ def _row(emit: Any, r: dict[str, Any], want: list[int]) -> None:
     c = r.get("cluster")
     ray = f"{1e3 * r['ray_call_median_s']:.2f} ({1e3 * r['link_rtt_median_s']:.2f})" if c else "-"
     same = r.get("all_runs_same_tokens", r.get("token_ids") == want)
+    cpu = r.get("cpu_seconds_per_token")
+    cpu_ms = ", ".join(f"{1e3 * cpu.get(k, 0.0):.1f}" for k in ("coordinator", "link", "nodes")) if cpu else "-"
     emit(
         f"| {r['config']} | {r['decode_tokens_per_s']:.2f} | {1e3 * r['decode_seconds_per_token']:.1f} | "
         f"{r['ttft_seconds']:.3f} | {(r['bytes_per_token'] / 1e3 if c else 0):.1f} KB | "
-        f"{(c['round_trips_per_token'] if c else 0):.2f} | {ray} | {'yes' if same else 'NO'} |"
+        f"{(c['round_trips_per_token'] if c else 0):.2f} | {ray} | {cpu_ms} | {'yes' if same else 'NO'} |"
     )
 
 
@@ -298,6 +337,19 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
             f"{t / r['bound_with_ray_seconds_per_token']:.2f}x (all-in-RAM + {moe_layers} x (RTT + Ray's cost per call "
             f"{1e3 * r['ray_cost_s']:.2f} ms)) = {1e3 * r['bound_with_ray_seconds_per_token']:.1f} ms"
         )
+        cpu = r.get("cpu_seconds_per_token")
+        if cpu:
+            # what the cluster's processes spend per token, spread over every core of the machine
+            floor = sum(cpu.values()) / CORES
+            line += (
+                f"; a token cost its processes {1e3 * sum(cpu.values()):.1f} ms of CPU beyond what the cluster "
+                f"uses at rest, so on this machine's {CORES} cores no token takes less than {1e3 * floor:.1f} ms"
+            )
+            if tx2:
+                need = 1 / (3 * tx2["decode_tokens_per_s"])
+                line += f" (3x the TX2 device needs {1e3 * need:.1f} ms: " + (
+                    "bounded by this machine)" if floor > need else "not bounded by this machine's cores)"
+                )
         lines.append(line)
     return lines
 
@@ -316,7 +368,7 @@ def kills(
     the KILL_AT_TOKEN-th token and started again after the run."""
     deadline = args.cluster_timeout / 1e3
     with local.local_cluster(args.cluster_nodes, node_memory, args.kill_link, flash_dir=flash_root) as lc:
-        proc = _spawn(lc, _spec(args, model_dir, budget, device_memory, lc.address, args.kills, kills=1))
+        proc = _spawn(lc, _spec(args, model_dir, budget, device_memory, lc, args.kills, kills=1))
         assert proc.stdin is not None
         runs = []
         killed = None

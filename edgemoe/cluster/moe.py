@@ -38,7 +38,7 @@ from ..runtime.engine import Model
 from ..units import format_bytes, parse_bytes
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
-from .server import ExpertServer
+from .server import ExpertServer, pack_call
 
 Pair = tuple[int, int]  # (layer, expert)
 Assignment = dict[str, list[Pair]]  # device name -> the experts it holds
@@ -48,6 +48,9 @@ SETUP_TIMEOUT_S = 120.0  # starting a device's server, checking its flash, sendi
 SEND_BATCH_BYTES = 64 << 20  # blobs per call to a device while placing
 DEVICE_RAM_SHARE = 0.5  # without device_memory: this share of a device's available RAM holds experts
 WATCH_S = 1.0  # how often the watcher asks Ray which devices are alive
+RETRY_S = 2.0  # a device down whose node is alive is tried again after this, then twice as long each time
+RETRY_MAX_S = 60.0
+STEADY_S = 60.0  # a device up this long has its wait before the next retry back at retry_s
 PINGS = 5  # round trips timed per device for its plan figures (the median is taken)
 BANDWIDTH_PROBE_BYTES = 256 << 10
 
@@ -110,6 +113,10 @@ class Device:
     blobs_sent: int = 0
     blob_bytes_sent: int = 0
     blobs_from_flash: int = 0
+    recoveries: int = 0  # times it came back after being down
+    since: float = dataclasses.field(default_factory=time.monotonic)  # up (or down) since
+    retry_wait: float = 0.0  # before its next retry when down (0: the first, retry_s)
+    retry_at: float = 0.0  # when it is tried again, if down
 
     COUNTERS = (
         "calls",
@@ -120,6 +127,7 @@ class Device:
         "blobs_sent",
         "blob_bytes_sent",
         "blobs_from_flash",
+        "recoveries",
     )
 
     @property
@@ -142,9 +150,12 @@ class ClusterMoE:
         plan: Plan | None = None,
         figures: PlanFigures | None = None,
         watch_s: float = WATCH_S,
+        retry_s: float = RETRY_S,
     ):
         if not timeout_s > 0:
             raise ValueError(f"the cluster timeout is a time in seconds > 0, got {timeout_s}")
+        if not retry_s > 0:
+            raise ValueError(f"the wait before a device down is tried again is a time in seconds > 0, got {retry_s}")
         self.model = model
         self.address = address
         self.timeout_s = float(timeout_s)
@@ -152,6 +163,7 @@ class ClusterMoE:
         self.owns_ray = owns_ray
         self.figures = figures or PlanFigures()
         self.watch_s = float(watch_s)
+        self.retry_s = float(retry_s)
         _, self.lengths, self.crcs, _ = blob_tables(model.manifest)
         self.sizes, self.routing, self.moe_layers = model_inputs(model.path, require_routing=False)
         self.moe_index = np.full(self.lengths.shape[0], -1, np.int64)
@@ -168,12 +180,14 @@ class ClusterMoE:
         self._coordinator: CoordinatorSpec | None = None
         self._lock = threading.Lock()
         self._replan_reasons: list[str] = []
+        self._retry: set[str] = set()  # node ids of devices down whose retry is due
         self._replanner: threading.Thread | None = None
         self._watcher: threading.Thread | None = None
         self._closed = False
         self._server: Any = None
         self.wait_seconds = 0.0
         self.max_wait_seconds = 0.0  # the longest one call waited on devices
+        self.max_deadline_seconds = 0.0  # the longest deadline a call was given
         self.reset_stats()
 
     # -- devices -----------------------------------------------------------------
@@ -220,6 +234,10 @@ class ClusterMoE:
                 return
             d.up, d.error = False, why
             d.failures += 1
+            now = time.monotonic()
+            steady = now - d.since >= STEADY_S
+            d.retry_wait = self.retry_s if steady or not d.retry_wait else min(2 * d.retry_wait, RETRY_MAX_S)
+            d.since, d.retry_at = now, now + d.retry_wait
             if self.route is not None:
                 self._set_route(self.route.plan, [self.devices[i] for i in self.route.index])
             self._replan_reasons.append(f"{d.name} down: {why}")
@@ -251,7 +269,7 @@ class ClusterMoE:
     def _add_devices(self, nodes: list[Node], raise_damaged: bool) -> None:
         """Start a server on each node (a device already up on it is kept), learn about it and
         measure what its plan needs."""
-        fresh = []
+        fresh, replaced = [], []
         for node in nodes:
             old = next((d for d in self.devices if d.node.id == node.id), None)
             if old is not None and old.up:
@@ -259,9 +277,11 @@ class ClusterMoE:
             d = Device(node, self._start_server(node), old.index if old else len(self.devices))
             if old is None:
                 self.devices.append(d)
-            else:  # a new server on a device that was down: its counters go on
+            else:  # a new server on a device that was down: its counters and its backoff go on
                 for f in Device.COUNTERS:
                     setattr(d, f, getattr(old, f))
+                d.retry_wait, d.error = old.retry_wait, old.error
+                replaced.append(d)
                 with self._lock:
                     self.devices[old.index] = d
                 self._stop(old)  # a server that was only late may still hold its experts
@@ -269,6 +289,10 @@ class ClusterMoE:
         for d, info in zip(fresh, self._get([d.handle.info.remote() for d in fresh], fresh, raise_damaged)):
             if info is not None:
                 d.info = info
+        for d in replaced:
+            if d.up:  # back: its old error stays in the plan events, its failures in the counters
+                d.recoveries += 1
+                d.error = None
         self._measure([d for d in fresh if d.up and d.node.id not in self._measured], raise_damaged)
 
     # -- the plan's figures --------------------------------------------------------
@@ -503,9 +527,15 @@ class ClusterMoE:
             except Exception:  # Ray shutting down under us: nothing to watch
                 continue
             known = {d.node.id for d in self.devices}
+            now = time.monotonic()
             for d in list(self.devices):
                 if d.up and d.node.id not in alive:
                     self._down(d, "its node left the cluster")
+                elif not d.up and d.node.id in alive and now >= d.retry_at > 0:
+                    d.retry_at = 0.0  # asked once; _down sets the next if this try fails
+                    with self._lock:
+                        self._retry.add(d.node.id)
+                        self._replan_reasons.append(f"{d.name} tried again after {d.retry_wait:.0f} s down")
             joined = [n for i, n in alive.items() if i not in known]
             if joined:
                 with self._lock:
@@ -529,8 +559,10 @@ class ClusterMoE:
                         return
                     reason = "; ".join(self._replan_reasons)
                     self._replan_reasons.clear()
+                    retry, self._retry = self._retry, set()
                 known = {d.node.id for d in self.devices}
-                self._add_devices([n for n in device_nodes() if n.id not in known], raise_damaged=False)
+                nodes = [n for n in device_nodes() if n.id not in known or n.id in retry]
+                self._add_devices(nodes, raise_damaged=False)
                 if any(d.up for d in self.devices):
                     self.install(self.make_plan(), reason)
         except Exception as e:  # a thread has nobody to raise to: say so, generation goes on
@@ -557,6 +589,15 @@ class ClusterMoE:
         raise ClusterError(f"placing experts again did not finish within {timeout_s:.0f} s")
 
     # -- the layer -----------------------------------------------------------------
+    def _allowance(self, d: Device, link_bytes: int, work_bytes: int) -> float:
+        """Seconds a call to d may take beyond the base deadline: its bytes over the device's
+        measured link and its expert work at the device's measured compute, so a long prompt
+        over a slow link is not taken for a dead device (decode's calls add almost nothing)."""
+        f = self._measured.get(d.node.id)
+        if not f:
+            return 0.0
+        return 8 * link_bytes / max(f["link_bits_per_s"], 1.0) + work_bytes / max(f["compute_bytes_per_s"], 1.0)
+
     def __call__(self, layer: int, x: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The routed experts' weighted sum [T, hidden] for x [T, hidden], ids/weights [T, k]."""
         self._maybe_replan()
@@ -586,27 +627,28 @@ class ClusterMoE:
         t0 = time.monotonic()
         flat_ids, flat_where = ids.reshape(-1), where.reshape(-1)
         sent = []
+        allowed = 0.0  # the slowest device's time for its payload and work, beyond the base deadline
         for index in np.unique(flat_where[flat_where >= 0]).tolist():
             d = self.devices[index]
             slots = np.flatnonzero(flat_where == index)  # t * k + j, in slot order
             slots = slots[np.argsort(flat_ids[slots], kind="stable")]  # grouped by expert, slot order within
             experts, counts = np.unique(flat_ids[slots], return_counts=True)
             tokens, rows = np.unique(slots // K, return_inverse=True)  # each token's row sent once
-            payload = (
-                np.ascontiguousarray(x[tokens]),
-                experts.astype(np.int32),
-                counts.astype(np.int32),
-                rows.astype(np.int32),
-            )
-            sent.append((d, slots, d.handle.forward.remote(layer, *payload)))
+            call = pack_call(layer, x[tokens], experts, counts, rows)
+            sent.append((d, slots, d.handle.forward.remote(call)))
+            out_bytes = len(call)
+            work = int(np.dot(counts, self.lengths[layer, experts]))  # expert bytes streamed once per row
+            allowed = max(allowed, self._allowance(d, out_bytes + 4 * len(slots) * H, work))
             d.calls += 1
             d.rows_sent += len(tokens)
-            d.bytes_sent += sum(a.nbytes for a in payload)
+            d.bytes_sent += out_bytes
         self.remote_calls += 1
+        deadline = self.timeout_s + allowed
+        self.max_deadline_seconds = max(self.max_deadline_seconds, deadline)
 
         ys = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=~remote, weights=weights)
         t1 = time.monotonic()
-        ready, _ = ray.wait([r for _, _, r in sent], num_returns=len(sent), timeout=max(0.0, t0 + self.timeout_s - t1))
+        ready, _ = ray.wait([r for _, _, r in sent], num_returns=len(sent), timeout=max(0.0, t0 + deadline - t1))
         waited = time.monotonic() - t1
         self.wait_seconds += waited
         self.max_wait_seconds = max(self.max_wait_seconds, waited)
@@ -614,14 +656,14 @@ class ClusterMoE:
         flat_ys = ys.reshape(T * K, H)
         redo = np.zeros(T * K, bool)
         for d, slots, ref in sent:
-            why = f"no answer within {1e3 * self.timeout_s:.0f} ms"
+            why = f"no answer within {1e3 * deadline:.0f} ms"
             if ref in done:
                 try:
                     out = ray.get(ref)
-                    if out.shape != (len(slots), H):
-                        raise ClusterError(f"answered {out.shape} for {len(slots)} rows of hidden size {H}")
-                    flat_ys[slots] = out
-                    d.bytes_received += out.nbytes
+                    if len(out) != 4 * len(slots) * H:
+                        raise ClusterError(f"answered {len(out)} bytes for {len(slots)} rows of hidden size {H}")
+                    flat_ys[slots] = np.frombuffer(out, "<f4").reshape(len(slots), H)
+                    d.bytes_received += len(out)
                     continue
                 except Exception as e:  # anything a device or the link can do: its slots are computed here
                     why = f"{type(_cause(e)).__name__}: {_cause(e)}"
@@ -665,6 +707,8 @@ class ClusterMoE:
                 "bytes_received": d.bytes_received,
                 "round_trips_per_token": d.calls / tokens if tokens else 0.0,
                 "failures": d.failures,
+                "recoveries": d.recoveries,
+                "retry_in_s": max(0.0, d.retry_at - time.monotonic()) if not d.up and d.retry_at else None,
                 "blobs_sent": d.blobs_sent,
                 "blob_bytes_sent": d.blob_bytes_sent,
                 "blobs_from_flash": d.blobs_from_flash,
@@ -682,6 +726,7 @@ class ClusterMoE:
                 "recomputed_slots": self.recomputed_slots,
                 "wait_seconds": self.wait_seconds,
                 "max_wait_seconds": self.max_wait_seconds,
+                "max_deadline_ms": 1e3 * self.max_deadline_seconds,
                 "devices": devices,
                 "assignment": {name: [list(p) for p in pairs] for name, pairs in assignment.items()},
                 "plan": self.route.plan.to_json() if self.route is not None else None,
@@ -692,7 +737,7 @@ class ClusterMoE:
     def reset_stats(self) -> None:
         self.tokens = self.remote_calls = 0
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
-        self.wait_seconds = self.max_wait_seconds = 0.0
+        self.wait_seconds = self.max_wait_seconds = self.max_deadline_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)
@@ -745,6 +790,7 @@ def attach(
     plan: Plan | str | os.PathLike[str] | None = None,
     figures: PlanFigures | None = None,
     watch_s: float = WATCH_S,
+    retry_s: float = RETRY_S,
 ) -> ClusterMoE:
     """Serve `model`'s experts from the devices of the Ray cluster at `address` ("auto",
     "HOST:PORT" or "ray://HOST:PORT"): start a server on each node offering the `edgemoe`
@@ -753,8 +799,11 @@ def attach(
     available RAM), or follow `plan` (a Plan or its JSON file, its devices taken in order),
     send each device the blobs its flash lacks, and install the result as the model's MoE
     computation. timeout_s: how long a layer waits for a device before computing its
-    experts here and marking it down. watch_s: how often devices that joined or left are
-    looked for (0: never). Raises ClusterError naming the fix when the cluster does not
+    experts here and marking it down (plus the time the call's bytes take over the device's
+    link and its rows at the device's compute, both measured). watch_s: how often devices
+    that joined or left are looked for (0: never). retry_s: a device down whose node is still
+    in the cluster gets a new server after this long, then after twice as long each time it
+    fails again (up to a minute; back to retry_s once it has stayed up a minute). Raises ClusterError naming the fix when the cluster does not
     answer, has no device, a device's copy is damaged or the plan does not fit."""
     given = load_plan(plan) if plan is not None else None
     owns = connect(address)
@@ -768,6 +817,7 @@ def attach(
             plan=given,
             figures=figures,
             watch_s=watch_s,
+            retry_s=retry_s,
         )
     except BaseException:
         if owns:

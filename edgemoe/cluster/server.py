@@ -154,13 +154,12 @@ class ExpertServer:
             self.flash_error = f"{path}: {e}"
             tmp.unlink(missing_ok=True)
 
-    def forward(
-        self, layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray
-    ) -> np.ndarray:
-        """Expert outputs for rows of x [tokens, hidden]: experts [G] each take counts[g] rows,
-        rows [sum counts] indexes x, grouped by expert in slot order -> out [sum counts, hidden].
-        Each expert computes all its rows in one call, as moe_forward batches them, so the
-        numbers are the coordinator's bit for bit."""
+    def forward(self, call: bytes) -> bytes:
+        """One MoE layer's call (pack_call's bytes): expert outputs for rows of x, grouped by
+        expert in slot order -> [sum counts, hidden] float32 as bytes. Each expert computes all
+        its rows in one call, as moe_forward batches them, so the numbers are the
+        coordinator's bit for bit."""
+        layer, x, experts, counts, rows = unpack_call(call)
         out = np.empty((rows.size, x.shape[1]), np.float32)
         start = 0
         for e, n in zip(experts.tolist(), counts.tolist()):
@@ -169,4 +168,41 @@ class ExpertServer:
                 raise ClusterError(f"device {self.name} does not hold expert {e} of layer {layer}")
             out[start : start + n] = _core.expert_forward(np.ascontiguousarray(x[rows[start : start + n]]), blob)
             start += n
-        return out
+        return out.tobytes()
+
+
+# A layer's call travels as one bytes object: Ray passes bytes through without pickling, where
+# four numpy arguments cost it about 0.5 ms more per call to submit and as much to receive
+# (docs/cluster.md, Data path). Little-endian int32 header [layer, tokens, hidden, experts,
+# rows], then x float32 [tokens, hidden], experts int32, counts int32, rows int32.
+_HEADER = np.dtype("<i4")
+
+
+def pack_call(layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> bytes:
+    """The bytes of one layer's call to a device: x [tokens, hidden] float32, experts [G] each
+    taking counts[g] rows, rows [sum counts] indexing x."""
+    head = np.array([layer, x.shape[0], x.shape[1], experts.size, rows.size], _HEADER)
+    parts = [head, x.astype("<f4", copy=False), experts.astype("<i4"), counts.astype("<i4"), rows.astype("<i4")]
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in parts)
+
+
+def unpack_call(call: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """pack_call's arguments back, as read-only views of `call`; a call whose length does not
+    match its header is a ClusterError."""
+    if len(call) < 20:
+        raise ClusterError(f"a layer's call of {len(call)} bytes is shorter than its header")
+    layer, tokens, hidden, groups, nrows = (int(v) for v in np.frombuffer(call, _HEADER, 5))
+    sizes = [tokens * hidden, groups, groups, nrows]
+    if min(layer, tokens, hidden, groups, nrows) < 0 or len(call) != 20 + 4 * sum(sizes):
+        raise ClusterError(
+            f"a layer's call of {len(call)} bytes does not match its header {layer, tokens, hidden, groups, nrows}"
+        )
+    at = 20
+    x = np.frombuffer(call, "<f4", tokens * hidden, at).reshape(tokens, hidden)
+    at += 4 * tokens * hidden
+    experts = np.frombuffer(call, "<i4", groups, at)
+    counts = np.frombuffer(call, "<i4", groups, at + 4 * groups)
+    rows = np.frombuffer(call, "<i4", nrows, at + 8 * groups)
+    if int(counts.sum()) != nrows or (nrows and (rows.min() < 0 or rows.max() >= tokens)):
+        raise ClusterError(f"a layer's call names rows outside its {tokens} tokens")
+    return layer, x, experts, counts, rows
