@@ -24,7 +24,7 @@ import numpy as np
 from edgemoe import models
 from edgemoe.errors import CheckpointError
 from edgemoe.format.safetensors import SafetensorsFile
-from edgemoe.models.checkpoint import GLOBAL, CheckpointLayout
+from edgemoe.models.checkpoint import CheckpointLayout
 
 # ---------------------------------------------------------------- architectures
 
@@ -234,7 +234,6 @@ class Plan:
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _PER_EXPERT_RE = re.compile(r"^(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
-_FUSED_RE = re.compile(r"^(\w+)\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
 
 
 def _config_int(config: dict, key: str, arch: str) -> int:
@@ -263,15 +262,16 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
     p.moe_layers = spec.moe_layers(cfg)
     tied = bool(cfg.get("tie_word_embeddings", False))
     moe_blocks = {spec.layout.moe_block, "mlp"}
+    globals_ = spec.layout.global_names()
 
     for name, st in ckpt.tensors.items():
         ref = TensorRef(st, name)
         if _IGNORED.search(name):
             continue
-        if name in GLOBAL:
+        if name in globals_:
             if name == "lm_head.weight" and tied:
                 continue  # tied: the runtime uses tok_embeddings
-            p.backbone[GLOBAL[name]] = ref
+            p.backbone[globals_[name]] = ref
             continue
         m = _LAYER_RE.match(name)
         if m:
@@ -296,9 +296,9 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
             if e and e.group(1) in moe_blocks and e.group(3) in spec.layout.expert_roles:
                 p.per_expert[(layer, int(e.group(2)), spec.layout.expert_roles[e.group(3)])] = ref
                 continue
-            f = _FUSED_RE.match(rest)
-            if f and f.group(1) in moe_blocks:
-                p.fused[(layer, "gate_up" if f.group(2) == "gate_up_proj" else "down")] = FusedRef(ref, False)
+            block, _, tail = rest.partition(".")
+            if block in moe_blocks and tail in spec.layout.fused_experts:
+                p.fused[(layer, spec.layout.fused_experts[tail])] = FusedRef(ref, False)
                 continue
         raise CheckpointError(
             f"tensor {name} ({ckpt.tensors[name].path.name}) has no place in a {spec.name} "
@@ -324,6 +324,8 @@ def _check_complete(p: Plan, tied: bool) -> None:
     need("output_norm", "model.norm.weight")
     if not tied:
         need("output", "lm_head.weight (and tie_word_embeddings is false)")
+    for canonical, hf in spec.layout.required_globals(p.config).items():
+        need(canonical, hf)
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
         for c in spec.layout.layer_tensor_names(p.config, layer in moe):

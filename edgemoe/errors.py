@@ -31,6 +31,10 @@ class BudgetError(EdgeMoEError):
     """The memory budget cannot hold what one layer needs."""
 
 
+class ContextLengthError(EdgeMoEError, ValueError):
+    """The sequence is longer than the model runs."""
+
+
 class TokenizerError(EdgeMoEError):
     """The model directory has no usable tokenizer."""
 

@@ -24,10 +24,13 @@ from edgemoe.format.safetensors import SafetensorsFile, bf16_to_f32, read_safete
 from edgemoe.models.checkpoint import float32_role
 
 # HF expert projection names per architecture (per-expert layout)
-PROJ = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")} | {
+PROJ = {a: ("block_sparse_moe", "w1", "w3", "w2") for a in ("mixtral", "phimoe")} | {
     a: ("mlp", "gate_proj", "up_proj", "down_proj")
     for a in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 }
+# Granite's checkpoints fuse each layer's experts: input_linear [E, 2I, H] (gate rows first), output_linear [E, H, I]
+FUSED_ONLY = ("granitemoe", "granitemoeshared")
+ROUTER = {a: "block_sparse_moe.router.layer.weight" for a in FUSED_ONLY}
 
 
 def copy_ckpt(src, dst):
@@ -46,6 +49,11 @@ def hf_tensors(path) -> dict[str, np.ndarray]:
 
 
 def expert_weights(tensors, arch, layer, e):
+    if arch in FUSED_ONLY:
+        pre = f"model.layers.{layer}.block_sparse_moe."
+        gate_up, down = tensors[pre + "input_linear.weight"][e], tensors[pre + "output_linear.weight"][e]
+        i = gate_up.shape[0] // 2
+        return gate_up[:i], gate_up[i:], down
     block, g, u, d = PROJ[arch]
     pre = f"model.layers.{layer}.{block}.experts.{e}."
     return tuple(tensors[pre + p + ".weight"] for p in (g, u, d))
@@ -128,6 +136,8 @@ def expected_backbone(arch, cfg, moe_layers):
     names = {"tok_embeddings", "output_norm"}
     if not cfg.get("tie_word_embeddings"):
         names.add("output")
+    if arch == "phimoe":  # LayerNorms with biases, and the tiny model's lm_head bias
+        names |= {"output_norm_bias", "output_bias"}
     for i in range(cfg["num_hidden_layers"]):
         if arch.startswith("deepseek"):  # multi-head latent attention
             q = ("attn_q_a", "attn_q_a_norm", "attn_q_b") if cfg.get("q_lora_rank") else ("attn_q",)
@@ -143,6 +153,11 @@ def expected_backbone(arch, cfg, moe_layers):
         names |= {f"layers.{i}.{n}" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm")}
         if arch == "qwen2_moe":
             names |= {f"layers.{i}.attn_{x}_bias" for x in "qkv"}
+        if arch == "phimoe":
+            names |= {f"layers.{i}.attn_{x}_bias" for x in "qkvo"}
+            names |= {f"layers.{i}.attn_norm_bias", f"layers.{i}.ffn_norm_bias"}
+        if arch == "granitemoeshared" and i in moe_layers:
+            names |= {f"layers.{i}.ffn_shared_gate_up", f"layers.{i}.ffn_shared_down"}
         if arch in ("qwen3_moe", "olmoe"):
             names |= {f"layers.{i}.attn_q_norm", f"layers.{i}.attn_k_norm"}
         if i in moe_layers:
@@ -176,6 +191,16 @@ HF_NAME = {
     "ffn_shared_up": "mlp.shared_expert.up_proj.weight",
     "ffn_shared_down": "mlp.shared_expert.down_proj.weight",
     "ffn_shared_expert_gate": "mlp.shared_expert_gate.weight",
+    "output_norm_bias": "model.norm.bias",
+    "output_bias": "lm_head.bias",
+    "attn_o_bias": "self_attn.o_proj.bias",
+    "attn_norm_bias": "input_layernorm.bias",
+    "ffn_norm_bias": "post_attention_layernorm.bias",
+}
+HF_NAME_GRANITE = {
+    **HF_NAME,
+    "ffn_shared_gate_up": "shared_mlp.input_linear.weight",
+    "ffn_shared_down": "shared_mlp.output_linear.weight",
 }
 HF_NAME_MLA = {
     **HF_NAME,
@@ -204,13 +229,13 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
     stored = {}
     for f in sorted(src.glob("*.safetensors")):
         stored.update({k: dt for k, (_, dt) in read_safetensors(f).items()})
-    names = HF_NAME_MLA if arch.startswith("deepseek") else HF_NAME
+    names = HF_NAME_MLA if arch.startswith("deepseek") else HF_NAME_GRANITE if arch in FUSED_ONLY else HF_NAME
     quantized = set(m["backbone"]["quantized"])  # --bits 4 quantizes the backbone to 8 bits by default
     assert m["backbone"]["bits"] == 8 and m["backbone"]["group_size"] == 64 and quantized
     for name, (arr, dtype) in back.items():
         if name.startswith("layers."):
             _, i, short = name.split(".")
-            router = f"{PROJ[arch][0]}.gate.weight"
+            router = ROUTER.get(arch) or f"{PROJ[arch][0]}.gate.weight"
             hf = f"model.layers.{i}." + (router if short == "ffn_router" else names[short])
         else:
             hf = names[name]
@@ -226,7 +251,8 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
             assert dtype == stored[hf]  # as the checkpoint stores it
             np.testing.assert_array_equal(to_float32(arr, dtype), ref[hf], err_msg=name)
     assert m["experts"]["intermediate_size"] == 128 and m["experts"]["hidden_size"] == 64
-    assert m["experts"]["top_k"] == m["config"]["num_experts_per_tok"] and m["source"]["layout"] == "per-expert"
+    layout = "fused" if arch in FUSED_ONLY else "per-expert"
+    assert m["experts"]["top_k"] == m["config"]["num_experts_per_tok"] and m["source"]["layout"] == layout
     assert m["tokenizer"]["bos_token_id"] == 0 and m["tokenizer"]["eos_token_ids"] == [1]
     assert "tokenizer.json" in m["tokenizer"]["files"]
     for f in m["tokenizer"]["files"]:

@@ -20,6 +20,10 @@ NEW_TOKENS = 24
 # there); the median bound catches any systematic error.
 KL_MEAN_BOUND = {8: 1e-3, 4: 3e-2}
 KL_MEDIAN_BOUND = {8: 1e-4, 4: 1e-2}
+# Phi-MoE's sparse mixer weighs its two experts each by up to 1 (they do not sum to 1), so the
+# experts' quantization noise reaches the logits up to twice as strongly: measured at 4 bits
+# 1.4e-2 median (1.5e-2 at the released threshold), 8 bits 4e-5
+KL_MEDIAN_BOUND_ARCH = {("phimoe", 4): 2e-2}
 
 
 def prompt_ids(vocab: int, seed: int = 1) -> list[int]:
@@ -148,6 +152,43 @@ UNUSUAL = [
             v_head_dim=32,
         ),
     ),
+    (
+        "phimoe",  # head_dim 24, tied embeddings (the lm_head bias stays), a 12-token sliding window, 8 experts,
+        # no attention biases, the default RoPE, the released threshold
+        dict(
+            head_dim=24,
+            tie_word_embeddings=True,
+            num_local_experts=8,
+            sliding_window=12,
+            attention_bias=False,
+            num_hidden_layers=3,
+            router_jitter_noise=0.01,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        ),
+    ),
+    (
+        "granitemoe",  # head_dim 24 over one kv head, top-3 of 8, tied embeddings, 3 layers
+        dict(
+            head_dim=24,
+            num_key_value_heads=1,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            tie_word_embeddings=True,
+            num_hidden_layers=3,
+        ),
+    ),
+    (
+        "granitemoeshared",  # head_dim 32, no grouping, top-3 of 12, another shared width and multipliers
+        dict(
+            head_dim=32,
+            num_key_value_heads=4,
+            num_local_experts=12,
+            num_experts_per_tok=3,
+            shared_intermediate_size=64,
+            attention_multiplier=0.1,
+            residual_multiplier=0.8,
+        ),
+    ),
 ]
 
 
@@ -164,7 +205,8 @@ def test_quantized_kl_is_bounded(converted, arch, bits):
     ids = prompt_ids(ref.config.vocab_size)
     d = kl_per_position(reference_logits(ref, ids), edgemoe.load(dst).logits(ids))
     assert d.mean() < KL_MEAN_BOUND[bits], f"{arch} {bits}-bit: mean KL {d.mean():.2e}"
-    assert np.median(d) < KL_MEDIAN_BOUND[bits], f"{arch} {bits}-bit: median KL {np.median(d):.2e}"
+    median_bound = KL_MEDIAN_BOUND_ARCH.get((arch, bits), KL_MEDIAN_BOUND[bits])
+    assert np.median(d) < median_bound, f"{arch} {bits}-bit: median KL {np.median(d):.2e}"
 
 
 # Quantized backbone matrices (attention, MLPs, output head; routers stay float), experts at 16 bits.
@@ -187,7 +229,7 @@ def test_quantized_backbone_kl_is_bounded(converted, arch, backbone_bits):
     )
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared"])
 def test_small_budget_gives_identical_output(converted, arch):
     _, dst = converted(arch, 4)
     free = edgemoe.load(dst)

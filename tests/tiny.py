@@ -17,7 +17,17 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+ARCHS = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+)
 
 VOCAB_SIZE = 512
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"  # token ids 0, 1, 2
@@ -143,6 +153,46 @@ def _base_config(arch: str) -> dict:
             norm_topk_prob=True,
             rope_parameters=dict(yarn, mscale=1.0, mscale_all_dim=0.8),
         )
+    if arch == "phimoe":
+        # LayerNorms with biases, q/k/v/o and lm_head biases; LongRoPE over a 64-token original
+        # context (prompt and generation stay within it) with a short_mscale that is not 1; a wide
+        # sparse-mixer threshold so several experts share the softmax
+        half = 8  # head_dim 16 / 2
+        return dict(
+            common,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_local_experts=6,
+            rms_norm_eps=1e-5,
+            attention_bias=True,
+            lm_head_bias=True,
+            router_jitter_noise=0.2,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=1e4,
+                original_max_position_embeddings=64,
+                short_factor=[1.0 + 0.15 * i for i in range(half)],
+                long_factor=[2.0 + 0.5 * i for i in range(half)],
+                short_mscale=1.1,
+                long_mscale=1.3,
+            ),
+        )
+    if arch in ("granitemoe", "granitemoeshared"):
+        # all four multipliers away from 1; the shared variant adds a shared expert
+        granite = dict(
+            common,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_local_experts=6,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.4,
+            logits_scaling=6.0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        )
+        if arch == "granitemoeshared":
+            return dict(granite, shared_intermediate_size=96, num_local_experts=5, num_experts_per_tok=1)
+        return granite
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
 
 
@@ -173,9 +223,9 @@ def _randomize(model: torch.nn.Module, seed: int, std: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if "norm" in name:
+        if "norm" in name and name.endswith("weight"):
             p.copy_(1.0 + 0.1 * noise)
-        elif p.ndim == 1:  # biases
+        elif p.ndim == 1:  # biases, a LayerNorm's too
             p.copy_(0.1 * noise)
         else:
             p.copy_(std * noise)

@@ -20,6 +20,9 @@ ALIASES: dict[str, str] = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "phimoe": "phimoe",
+    "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoe",
 }
 
 SUPPORTED = sorted(ALIASES)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from ..errors import ContextLengthError, ModelDirectoryError
 from ..format.safetensors import FLOAT_KIND
 
 
@@ -58,6 +59,14 @@ class LinearGroup:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float) -> np.ndarray:
+    """LayerNorm over x's last axis (mean removed, biased variance), float32: Phi-MoE's norms."""
+    x = np.asarray(x, dtype=np.float32)
+    centred = x - x.mean(-1, keepdims=True)
+    out = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + np.float32(eps)) * w
+    return np.ascontiguousarray(out if b is None else out + b, dtype=np.float32)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -112,22 +121,55 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[n
     return np.ascontiguousarray(inv_freq, dtype=np.float32), float(attention_factor)
 
 
+def longrope_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[np.ndarray, float, int]:
+    """LongRoPE within the original context (rope_type "longrope", Phi-3 / Phi-3.5-MoE): each
+    frequency divided by its short_factor, cos and sin scaled by short_mscale (or, without one,
+    by the default sqrt(1 + ln(factor) / ln(original))). Returns (inv_freq [dim/2], factor, the
+    original context length): past that length the model switches to long_factor and
+    long_mscale for the whole sequence, which a KV cache of earlier positions cannot follow."""
+    original = int(scaling["original_max_position_embeddings"])
+    short = np.asarray(scaling["short_factor"], dtype=np.float32)
+    if short.shape != (dim // 2,):
+        raise ModelDirectoryError(
+            f"the model config's LongRoPE short_factor has {short.size} values for a head of {dim} "
+            f"dims (it needs {dim // 2}): the checkpoint's config.json is inconsistent"
+        )
+    mscale = scaling.get("short_mscale")
+    if mscale is None:
+        mscale = scaling.get("attention_factor")
+    if mscale is None:
+        factor = scaling.get("factor") or float(scaling["max_position_embeddings"]) / original
+        mscale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    base = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
+    return np.ascontiguousarray(1.0 / (short * base), dtype=np.float32), float(mscale), original
+
+
 class Rope:
     """Rotary embedding, half-split ("rotate_half") convention as in transformers. scaling: the
-    config's rope parameters when they are not the default RoPE ("yarn"), with the context
-    length they extend (original_max_position_embeddings, max_position_embeddings)."""
+    config's rope parameters when they are not the default RoPE ("yarn", "longrope"), with the
+    context length they extend (original_max_position_embeddings, max_position_embeddings)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         self.attention_factor = 1.0  # what cos and sin are scaled by
+        self.max_positions: int | None = None  # positions past this are refused (LongRoPE)
         if scaling is None:
             self.inv_freq = np.ascontiguousarray(
                 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32
             )
+        elif scaling.get("rope_type", scaling.get("type")) == "longrope":
+            self.inv_freq, self.attention_factor, self.max_positions = longrope_frequencies(head_dim, theta, scaling)
         else:
             self.inv_freq, self.attention_factor = yarn_frequencies(head_dim, theta, scaling)
 
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, heads, head_dim] float32 at positions start..start+T-1, rotated in place."""
+        if self.max_positions is not None and start + x.shape[0] > self.max_positions:
+            raise ContextLengthError(
+                f"the sequence reached {start + x.shape[0]} tokens; this model's LongRoPE runs its short "
+                f"factors up to {self.max_positions} tokens (original_max_position_embeddings), and edgemoe "
+                f"does not switch to the long factors yet: keep prompt and generation within "
+                f"{self.max_positions} tokens"
+            )
         _core.rope(x, start, self.inv_freq)
         if self.attention_factor != 1.0:
             x *= np.float32(self.attention_factor)
@@ -213,6 +255,8 @@ class Attention:
     qk_norm: str | None = None  # None, "per_head" or "full"
     clip: float | None = None
     window: int | None = None
+    scale: float | None = None  # the softmax scale of q . k when it is not 1/sqrt(head_dim) (Granite)
+    norm_bias: np.ndarray | None = None  # attn_norm's bias (LayerNorm architectures)
 
     def __post_init__(self) -> None:
         self.qkv = LinearGroup(self.q, self.k, self.v)
@@ -294,11 +338,25 @@ class DenseMLP:
 
 
 @dataclasses.dataclass
+class GateUpMLP:
+    """SwiGLU whose gate and up projections are one matrix, gate rows first:
+    down(silu(g) * u) with [g, u] = gate_up x (Granite's shared expert)."""
+
+    gate_up: Linear  # [2I, hidden]
+    down: Linear  # [hidden, I]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.gate_up(x)  # [T, 2I]
+        i = y.shape[-1] // 2
+        return self.down(np.ascontiguousarray(silu(y[:, :i]) * y[:, i:]))
+
+
+@dataclasses.dataclass
 class SharedExpert:
     """An expert every token runs (Qwen2-MoE), optionally scaled per token by
     sigmoid(sigmoid_gate x)."""
 
-    mlp: DenseMLP
+    mlp: DenseMLP | GateUpMLP
     sigmoid_gate: Linear | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -327,3 +385,4 @@ class Layer:
     ffn_norm: np.ndarray  # [hidden]
     mlp: DenseMLP | None = None
     moe: MoE | None = None
+    ffn_norm_bias: np.ndarray | None = None  # LayerNorm architectures

@@ -30,6 +30,13 @@ DENSE_MLP = {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
 ROUTER = {"mlp.gate.weight": "ffn_router"}
 # model-level tensors
 GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+# fused 3D experts: name after "<moe_block>." -> "gate_up" [E, 2I, H] (gate rows first) or "down" [E, H, I]
+FUSED_EXPERTS = {
+    "experts.gate_up_proj": "gate_up",
+    "experts.gate_up_proj.weight": "gate_up",
+    "experts.down_proj": "down",
+    "experts.down_proj.weight": "down",
+}
 # per-expert projection names -> role
 GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
@@ -55,6 +62,7 @@ QUANTIZABLE = (
     "ffn_shared_gate",
     "ffn_shared_up",
     "ffn_shared_down",
+    "ffn_shared_gate_up",
 )
 
 
@@ -104,6 +112,23 @@ class CheckpointLayout:
     # config key counting layers after num_hidden_layers that checkpoints carry and generation
     # does not use (DeepSeek-V3's multi-token prediction): the converter leaves them out
     extra_layers_key: str | None = None
+    # the fused 3D expert tensors' names after "<moe_block>." (Granite: input_linear, output_linear)
+    fused_experts: dict[str, str] = dataclasses.field(default_factory=lambda: dict(FUSED_EXPERTS))
+    # model-level tensors besides GLOBAL's (HF name -> canonical), and the config key (with its
+    # default) that makes each required: Phi-MoE's LayerNorm bias and lm_head bias
+    global_tensors: dict[str, tuple[str, str | None, bool]] = dataclasses.field(default_factory=dict)
+
+    def global_names(self) -> dict[str, str]:
+        """Every model-level tensor this architecture may have: HF name -> canonical."""
+        return {**GLOBAL, **{hf: c for hf, (c, _, _) in self.global_tensors.items()}}
+
+    def required_globals(self, config: dict[str, Any]) -> dict[str, str]:
+        """The model-level tensors besides GLOBAL's that this config requires: canonical -> HF name."""
+        return {
+            c: hf
+            for hf, (c, key, default) in self.global_tensors.items()
+            if key is None or config.get(key, default)
+        }
 
     def extra_layers(self, config: dict[str, Any]) -> int:
         return int(config.get(self.extra_layers_key) or 0) if self.extra_layers_key else 0

@@ -29,6 +29,7 @@ from .blocks import (
     Rope,
     RouteObserver,
     attention,
+    layer_norm,
 )
 
 Tensors = dict[str, tuple[Any, str]]  # canonical name -> (array as stored, safetensors dtype)
@@ -159,6 +160,8 @@ class DecoderLM:
     # True when every layer is MoE, route() is softmax + top-k and attention has no biases, q/k
     # norms or clipping: then one native call runs a whole layer for a decode token (native/layer.h)
     fused_decode: ClassVar[bool] = False
+    # LayerNorm with a bias (attn_norm_bias, ffn_norm_bias, output_norm_bias) instead of RMSNorm (Phi-MoE)
+    layer_norm: ClassVar[bool] = False
 
     def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: _core.ExpertCache, moe_layers: list[int]):
         self.cfg = cfg
@@ -172,7 +175,9 @@ class DecoderLM:
         w = Weights(tensors)
         self.embed, self.embed_dtype = tensors["tok_embeddings"]
         self.out_norm = w.vec("output_norm")
-        self.lm_head = w.linear("output") if "output" in w else Linear(self.embed, self.embed_dtype)
+        self.out_norm_bias = w.opt_vec("output_norm_bias")
+        tied_head = Linear(self.embed, self.embed_dtype, w.opt_vec("output_bias"))
+        self.lm_head = w.linear("output", "output_bias") if "output" in w else tied_head
         self.layers = [self.build_layer(w, i) for i in range(cfg.num_hidden_layers)]
         self.decode_layers = [self._decode_layer(L) for L in self.layers] if self.fused_decode else None
 
@@ -180,10 +185,11 @@ class DecoderLM:
     def build_layer(self, w: Weights, i: int) -> Layer:
         p = f"layers.{i}."
         attn = self.build_attention(w, p, i)
+        norm, bias = w.vec(p + "ffn_norm"), w.opt_vec(p + "ffn_norm_bias")
         if i in self.moe_layers:
-            return Layer(i, attn, w.vec(p + "ffn_norm"), moe=self.moe_block(w, p))
+            return Layer(i, attn, norm, moe=self.moe_block(w, p), ffn_norm_bias=bias)
         mlp = DenseMLP(w.linear(p + "ffn_gate"), w.linear(p + "ffn_up"), w.linear(p + "ffn_down"))
-        return Layer(i, attn, w.vec(p + "ffn_norm"), mlp=mlp)
+        return Layer(i, attn, norm, mlp=mlp, ffn_norm_bias=bias)
 
     def build_attention(self, w: Weights, p: str, i: int) -> Attention | LatentAttention:
         """Layer i's attention weights (prefix p = "layers.i."): grouped-query attention, or
@@ -200,6 +206,8 @@ class DecoderLM:
             qk_norm=self.qk_norm,
             clip=self.clip_qkv(),
             window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None,
+            scale=self.attention_scale(),
+            norm_bias=w.opt_vec(p + "attn_norm_bias"),
         )
 
     def moe_block(self, w: Weights, prefix: str) -> MoE:
@@ -210,12 +218,23 @@ class DecoderLM:
     def clip_qkv(self) -> float | None:
         return None
 
+    def attention_scale(self) -> float | None:
+        """The softmax scale of q . k when it is not 1/sqrt(head_dim), else None."""
+        return None
+
+    def normalize(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """The pre-norm of a block: RMSNorm with weight w, or LayerNorm (w, bias) when layer_norm."""
+        if self.layer_norm:
+            return layer_norm(x, w, bias, self.cfg.rms_norm_eps)
+        return _core.rms_norm(x, w, self.cfg.rms_norm_eps)
+
     def _decode_layer(self, L: Layer) -> _core.DecodeLayer:
         """Layer L as one native decode step (native/layer.h); the architecture vouches, by
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
         assert isinstance(a, Attention) and self.rope.attention_factor == 1.0
-        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, (
+        plain = a.q_norm is None and a.clip is None and a.scale is None and not self.layer_norm
+        assert L.moe is not None and L.moe.shared is None and plain, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
         )
         lins = [a.q, a.k, a.v, a.o, L.moe.router]
@@ -279,6 +298,8 @@ class DecoderLM:
             q, k = _core.rms_norm(q, a.q_norm, cfg.rms_norm_eps), _core.rms_norm(k, a.k_norm, cfg.rms_norm_eps)
         q = self.rope(np.ascontiguousarray(q, dtype=np.float32), start)
         k = self.rope(np.ascontiguousarray(k, dtype=np.float32), start)
+        if a.scale is not None:  # attention() scales by 1/sqrt(head_dim)
+            q *= np.float32(a.scale * np.sqrt(cfg.head_dim))
         k_all, v_all = kv.append(layer, k, v, start)
         return a.o(attention(q, k_all, v_all, start, a.window))  # [T, hidden]
 
@@ -301,9 +322,10 @@ class DecoderLM:
 
     def block(self, i: int, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
         """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
-        L, eps = self.layers[i], self.cfg.rms_norm_eps
-        h = h + self.self_attention(L.attn, _core.rms_norm(h, L.attn.norm, eps), i, kv, start)
-        return h + self._ffn(L, _core.rms_norm(h, L.ffn_norm, eps), h)
+        L = self.layers[i]
+        a = L.attn
+        h = h + self.self_attention(a, self.normalize(h, a.norm, a.norm_bias if isinstance(a, Attention) else None), i, kv, start)
+        return h + self._ffn(L, self.normalize(h, L.ffn_norm, L.ffn_norm_bias), h)
 
     def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
         """forward() for one token with no observer: one native call per layer, the same numbers
@@ -318,7 +340,7 @@ class DecoderLM:
 
     def head(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's output h [T, hidden]."""
-        return self.lm_head(_core.rms_norm(h, self.out_norm, self.cfg.rms_norm_eps))
+        return self.lm_head(self.normalize(h, self.out_norm, self.out_norm_bias))
 
     def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
         """Run T new tokens at positions start.. through the model, appending to kv.

@@ -197,9 +197,10 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
 
     H, V = cfg.hidden_size, cfg.vocab_size
     globals_: dict[str, Shape] = {"tok_embeddings": (V, H), "output_norm": (H,), "output": (V, H)}
+    globals_.update(cfg.tensor_shapes())  # an architecture's own model-level tensors (output_bias)
     backbone = [
         Tensor(n, globals_[n], quantized_role(n))
-        for n in GLOBAL.values()
+        for n in [*GLOBAL.values(), *layout.required_globals(config)]
         if not (n == "output" and cfg.tie_word_embeddings)
     ]
     moe = set(moe_layers)

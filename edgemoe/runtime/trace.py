@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
 from ..models.blocks import RouteObserver, softmax
 from .options import LOOKAHEAD_POINTS
 
@@ -110,7 +109,7 @@ def lookahead_logits(net: Any, layer: int, h: np.ndarray) -> np.ndarray:
     """Model layer `layer`'s router logits [T, E] applied to a hidden state h [T, hidden]
     taken from an earlier layer (with `layer`'s own ffn_norm): HOBBIT's gate look-ahead."""
     L = net.layers[layer]
-    x = _core.rms_norm(np.ascontiguousarray(h, np.float32), L.ffn_norm, net.cfg.rms_norm_eps)
+    x = net.normalize(np.ascontiguousarray(h, np.float32), L.ffn_norm, L.ffn_norm_bias)
     return L.moe.router(x)
 
 
