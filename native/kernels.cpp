@@ -17,8 +17,11 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4-bit codes (AVX2): x rounded to int8 per 32 values once
-//     per token, 8 rows unpacked to bytes for all the tokens (matmul_int8);
+//   - prefill (T >= 12) of 4- and 8-bit codes (AVX2, AVX-512): x rounded to int8 per 32
+//     values once per token, 8 rows (AVX-512: 16) unpacked to bytes for all the tokens
+//     (matmul_int8);
+//   - AVX-512 (kernels_avx512.cpp) is compiled into every x86-64 build and chosen at run
+//     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
 //     f32 tile and a register-blocked FMA kernel runs every token over it.
 // Threads split the output rows (ThreadPool).
@@ -52,13 +55,27 @@ namespace isa = kernels::neon;
 namespace isa = kernels::portable;
 #endif
 
+namespace {
+
+// Whether this x86 CPU runs the AVX-512 kernels (kernels_avx512.cpp), decided once.
+bool use_avx512() {
+#if defined(EDGEMOE_X86)
+  static const bool ok = avx512::cpu_ok();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
 const char* simd_name() {
 #if defined(EDGEMOE_AVX2)
-  return "avx2+fma+f16c";
+  return use_avx512() ? "avx2+fma+f16c+avx512vnni" : "avx2+fma+f16c";
 #elif defined(EDGEMOE_NEON)
   return neon::level_name(neon::cpu_level());
 #else
-  return "portable";
+  return use_avx512() ? "portable+avx512vnni" : "portable";
 #endif
 }
 
@@ -166,14 +183,14 @@ namespace int8isa = kernels::portable;  // the reference; the driver routes no m
 #endif
 
 bool prefill_int8(const QMatrix& w) {
+  // 4- and 8-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit
+  // Mixtral's logits moved by a third), so their prefill keeps float x
 #if defined(EDGEMOE_AVX2)
-  // 4-bit codes only, as the decode: 2- and 3-bit models amplify int8 x's rounding (a tiny
-  // 2-bit Mixtral's logits moved by a third), so their prefill keeps float x
-  return w.quantized() && w.bits == 4;
+  const bool simd = true;
 #else
-  (void)w;
-  return false;
+  const bool simd = use_avx512();
 #endif
+  return simd && w.quantized() && (w.bits == 4 || w.bits == 8);
 }
 
 void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out) {
@@ -196,20 +213,37 @@ void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out)
 
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
   // x [T, cols] rounded, W [rows, cols] codes of <= 4 bits -> y [T, rows]
-  if (!w.quantized() || w.bits > 4 || x.cols != w.cols)
-    bad("matmul_int8 needs codes of at most 4 bits and x of the matrix's " + std::to_string(w.cols) + " columns");
+  if (!w.quantized() || x.cols != w.cols)
+    bad("matmul_int8 needs group-quantized codes and x of the matrix's " + std::to_string(w.cols) + " columns");
   if (x.T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows;
+  const bool wide = use_avx512();
   const int64_t tasks = decode_tasks(rows, uint64_t(rows) * w.cols * uint64_t(x.T));
-  const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), 8));  // whole panels
+  const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), wide ? 16 : 8));  // whole panels
   const int64_t n = (rows + row_block - 1) / row_block;
   ThreadPool::instance().parallel_for(n, [&](int64_t ti) {
     const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
+#if defined(EDGEMOE_X86)
+    if (wide) return avx512::gemm_int8_rows(w, r0, r1, x, y);
+#endif
     int8isa::gemm_int8_rows(w, r0, r1, x, y);
   });
 }
 
 // ---------------------------------------------------------------- driver
+
+#if defined(EDGEMOE_SIMD_DECODE)
+namespace {
+// Rows [r0, r1) of one token's y = W x: 4-bit codes on AVX-512 when the CPU has it.
+void decode_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const isa::DecodeInput& in, float* y) {
+#if defined(EDGEMOE_AVX2)
+  if (w.bits == 4 && use_avx512())
+    return avx512::qmatvec_q4(w, r0, r1, in.x8.data(), in.dx8.data(), in.xsum8.data(), y);
+#endif
+  isa::qmatvec(w, r0, r1, in, y);
+}
+}  // namespace
+#endif
 
 void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   // x [T, cols] float32, W [rows, cols] any kind -> y [T, rows] float32
@@ -232,7 +266,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
     const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
-      isa::qmatvec(w, r0, r1, in, y);
+      decode_rows(w, r0, r1, in, y);
     });
     return;
   }
@@ -301,7 +335,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     ThreadPool::instance().parallel_for(first[n], [&](int64_t ti) {
       const size_t i = size_t(std::upper_bound(first.begin(), first.end(), ti) - first.begin()) - 1;
       const uint32_t r0 = uint32_t(ti - first[i]) * block[i], r1 = std::min(ws[i].rows, r0 + block[i]);
-      isa::qmatvec(ws[i], r0, r1, in, ys[i]);
+      decode_rows(ws[i], r0, r1, in, ys[i]);
     });
     return;
   }
@@ -368,8 +402,8 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
     const uint32_t row_block = uint32_t((I + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
-      isa::qmatvec(e.gate, r0, r1, in, h.data());
-      isa::qmatvec(e.up, r0, r1, in, u.data());
+      decode_rows(e.gate, r0, r1, in, h.data());
+      decode_rows(e.up, r0, r1, in, u.data());
       for (uint32_t r = r0; r < r1; ++r) h[r] = h[r] / (1.0f + std::exp(-h[r])) * u[r];
     });
     matmul(e.down, h.data(), 1, y);

@@ -8,7 +8,8 @@
 
 namespace edgemoe {
 
-// The kernels' instruction set, fixed at build time: "avx2+fma+f16c" or "portable".
+// The kernels' instruction sets: the build's ("avx2+fma+f16c", "portable", "neon..."), and
+// "+avx512vnni" when this x86 CPU has AVX-512 F/BW/VL/VNNI (chosen at run time).
 const char* simd_name();
 
 // kQuant: w = scale * q + min; kQuantSym: w = scale * (q - 2^(bits-1)), no mins stored.
@@ -64,12 +65,13 @@ struct QuantizedActs {
 // x [T, cols] float32 (cols % 32 == 0) -> out, rounded per block of 32 values (threads split tokens).
 void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out);
 
-// Whether this build multiplies W with int8 activations for several tokens at once
-// (matmul_int8 below): 4-bit group-quantized codes, on the AVX2 path.
+// Whether this build, on this CPU, multiplies W with int8 activations for several tokens at
+// once (matmul_int8 below): 4- and 8-bit group-quantized codes, on the AVX2 and AVX-512 paths.
 bool prefill_int8(const QMatrix& w);
 
-// x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of at most 4 bits -> y [T, rows]
-// float32 = x @ W^T: W's rows are unpacked 8 at a time and every token runs over them.
+// x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of 2, 3, 4 or 8 bits -> y [T, rows]
+// float32 = x @ W^T: W's rows are unpacked to bytes a panel at a time (8 rows on AVX2, 16 on
+// AVX-512) and every token runs over them.
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
 // One expert blob: gate [I, H], up [I, H], down [H, I].

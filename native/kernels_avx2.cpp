@@ -5,7 +5,9 @@
 //     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
 //     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12): 3 rows at a time are dequantized to an f32 tile and a
+//   - prefill (T >= 12) of 4- and 8-bit codes: x rounded to int8 per 32 values, 8 rows'
+//     codes unpacked to bytes (8-bit codes as two nibbles) for every token (vpmaddubsw);
+//   - other prefill (T >= 12): 3 rows at a time are dequantized to an f32 tile and a
 //     3x4 register-blocked FMA kernel runs every token over it.
 #include "kernels_impl.h"
 
@@ -578,7 +580,9 @@ constexpr int kPanelTokens = 4;  // tokens per pass over a panel: 4 dots + 4 sum
 // One chunk of 32 codes -> its values as bytes, in order.
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 8) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else if constexpr (BITS == 4) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
   } else {
@@ -619,8 +623,14 @@ inline void transpose8x8_epi32(__m256i v[8]) {
   }
 }
 
-// Rows r0..r0+n-1 (n <= 8; the others zero) -> tile [nb][8] vectors, per block b the 8
-// vectors of 4 columns, and sc8, mn8 [nb][8]: each row's scale and min * min_mult per block.
+// Vectors per block of a panel: 8-bit codes are split into their low and high nibbles
+// (8 vectors each), as vpmaddubsw's 16-bit sums would saturate on 255 * 127.
+template <int BITS>
+constexpr uint32_t kPanelVecs = BITS == 8 ? 16 : 8;
+
+// Rows r0..r0+n-1 (n <= 8; the others zero) -> tile [nb][kPanelVecs] vectors, per block b the
+// 8 vectors of 4 columns (8-bit codes: low nibbles, then high), and sc8, mn8 [nb][8]: each
+// row's scale and min * min_mult per block.
 template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, float* sc8, float* mn8) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
@@ -630,7 +640,15 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, floa
     for (uint32_t i = 0; i < kPanel; ++i)
       v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * chunk_bytes(BITS)) : _mm256_setzero_si256();
     transpose8x8_epi32(v);
-    for (int q = 0; q < 8; ++q) _mm256_store_si256(tile + b * 8 + uint32_t(q), v[q]);
+    if constexpr (BITS == 8) {
+      const __m256i m = _mm256_set1_epi8(0x0F);
+      for (uint32_t q = 0; q < 8; ++q) {
+        _mm256_store_si256(tile + b * 16 + q, _mm256_and_si256(v[q], m));
+        _mm256_store_si256(tile + b * 16 + 8 + q, _mm256_and_si256(_mm256_srli_epi16(v[q], 4), m));
+      }
+    } else {
+      for (uint32_t q = 0; q < 8; ++q) _mm256_store_si256(tile + b * 8 + q, v[q]);
+    }
   }
   for (uint32_t i = 0; i < kPanel; ++i) {
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
@@ -649,7 +667,7 @@ inline __m256i bcast_i32(const int8_t* p) {
 }
 
 // NT tokens from t0 over one unpacked panel -> y[t * ystride + r0 + i] for its n rows.
-template <int NT>
+template <int BITS, int NT>
 void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
                   int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
   const int8_t* xq[NT];
@@ -662,9 +680,9 @@ void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint3
     bs[t] = x.bsum.data() + (t0 + t) * int64_t(nb);
     acc[t] = _mm256_setzero_ps();
   }
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
   for (uint32_t b = 0; b < nb; ++b) {
-    const __m256i* wb = tile + b * 8;
+    const __m256i* wb = tile + b * kPanelVecs<BITS>;
     __m256i s16[NT];
     {
       const __m256i w0 = _mm256_load_si256(wb);
@@ -676,9 +694,21 @@ void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint3
       for (int t = 0; t < NT; ++t)
         s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
     }
+    __m256i d32[NT];
+    for (int t = 0; t < NT; ++t) d32[t] = _mm256_madd_epi16(s16[t], ones);
+    if constexpr (BITS == 8) {  // the high nibbles, weighted 16 when the pairs are summed to 32 bits
+      for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (uint32_t q = 0; q < 8; ++q) {
+        const __m256i wq = _mm256_load_si256(wb + 8 + q);
+        for (int t = 0; t < NT; ++t)
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+      }
+      for (int t = 0; t < NT; ++t) d32[t] = _mm256_add_epi32(d32[t], _mm256_madd_epi16(s16[t], sixteen));
+    }
     const __m256 sv = _mm256_loadu_ps(sc8 + b * kPanel), mv = _mm256_loadu_ps(mn8 + b * kPanel);
     for (int t = 0; t < NT; ++t) {
-      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
+      const __m256 d = _mm256_cvtepi32_ps(d32[t]);
       acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
       acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
     }
@@ -696,12 +726,32 @@ void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint3
 }
 
 // The last nt < kPanelTokens tokens (NT the largest such count).
-template <int NT>
+template <int BITS, int NT>
 void panel_tail(int nt, const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
                 int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
   if constexpr (NT > 0) {
-    if (nt == NT) return panel_tokens<NT>(tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
-    panel_tail<NT - 1>(nt, tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
+    if (nt == NT) return panel_tokens<BITS, NT>(tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
+    panel_tail<BITS, NT - 1>(nt, tile, sc8, mn8, nb, x, t0, y, ystride, r0, n);
+  }
+}
+
+// Every token of x over the panels of rows [r0, r1).
+template <int BITS>
+void gemm_int8_panels(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
+  const uint32_t nb = w.cols / kChunk;
+  struct alignas(32) Vec {
+    uint8_t bytes[32];
+  };
+  std::vector<Vec> tile_buf(size_t(nb) * kPanelVecs<BITS>);  // C++17: over-aligned new
+  __m256i* tile = reinterpret_cast<__m256i*>(tile_buf.data());
+  std::vector<float> sc8(size_t(nb) * kPanel), mn8(size_t(nb) * kPanel);
+  for (uint32_t r = r0; r < r1; r += kPanel) {
+    const uint32_t n = std::min(kPanel, r1 - r);
+    unpack_panel<BITS>(w, r, n, tile, sc8.data(), mn8.data());
+    int64_t t = 0;
+    for (; t + kPanelTokens <= x.T; t += kPanelTokens)
+      panel_tokens<BITS, kPanelTokens>(tile, sc8.data(), mn8.data(), nb, x, t, y, w.rows, r, n);
+    panel_tail<BITS, kPanelTokens - 1>(int(x.T - t), tile, sc8.data(), mn8.data(), nb, x, t, y, w.rows, r, n);
   }
 }
 
@@ -779,26 +829,11 @@ void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float*
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1) in panels of 8
-  const uint32_t nb = w.cols / kChunk;
-  struct alignas(32) Vec {
-    uint8_t bytes[32];
-  };
-  std::vector<Vec> tile_buf(size_t(nb) * 8);  // C++17: over-aligned new
-  __m256i* tile = reinterpret_cast<__m256i*>(tile_buf.data());
-  std::vector<float> sc8_buf(size_t(nb) * kPanel), mn8_buf(size_t(nb) * kPanel);
-  float* sc8 = sc8_buf.data();
-  float* mn8 = mn8_buf.data();
-  for (uint32_t r = r0; r < r1; r += kPanel) {
-    const uint32_t n = std::min(kPanel, r1 - r);
-    switch (w.bits) {
-      case 2: unpack_panel<2>(w, r, n, tile, sc8, mn8); break;
-      case 3: unpack_panel<3>(w, r, n, tile, sc8, mn8); break;
-      default: unpack_panel<4>(w, r, n, tile, sc8, mn8); break;
-    }
-    int64_t t = 0;
-    for (; t + kPanelTokens <= x.T; t += kPanelTokens)
-      panel_tokens<kPanelTokens>(tile, sc8, mn8, nb, x, t, y, w.rows, r, n);
-    panel_tail<kPanelTokens - 1>(int(x.T - t), tile, sc8, mn8, nb, x, t, y, w.rows, r, n);
+  switch (w.bits) {
+    case 2: return gemm_int8_panels<2>(w, r0, r1, x, y);
+    case 3: return gemm_int8_panels<3>(w, r0, r1, x, y);
+    case 4: return gemm_int8_panels<4>(w, r0, r1, x, y);
+    default: return gemm_int8_panels<8>(w, r0, r1, x, y);
   }
 }
 

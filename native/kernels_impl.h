@@ -6,6 +6,10 @@
 //                         without a SIMD file for its CPU, e.g. a non-native x86
 //                         build or an ARM board, where it auto-vectorizes);
 //   kernels_avx2.cpp      AVX2+FMA+F16C (compiled to nothing without them);
+//   kernels_avx512.cpp    AVX-512 F+BW+VL+VNNI (every x86-64 build, with its own
+//                         target; used when CPUID and the OS's XSAVE state say
+//                         the CPU we run on has them): the 4-bit decode and the
+//                         int8 prefill;
 //   kernels_neon.cpp      AArch64 NEON (compiled to nothing elsewhere), with
 //                         dot-product (sdot/udot) and i8mm (usdot) variants of
 //                         the decode kernel chosen at run time from the CPU's
@@ -26,6 +30,9 @@
 #endif
 #if defined(__aarch64__) && defined(__ARM_NEON)
 #define EDGEMOE_NEON 1
+#endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define EDGEMOE_X86 1
 #endif
 
 namespace edgemoe::kernels {
@@ -54,7 +61,7 @@ uint64_t byte_sum(const uint8_t* p, uint64_t n);
 // values amax / 127 and the nearest integers (ties to even), bsum = dx * sum q.
 void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum);
 
-// Rows [r0, r1) of y = x W^T for x's T tokens, W group-quantized with codes of at most 4
+// Rows [r0, r1) of y = x W^T for x's T tokens, W group-quantized with codes of 2, 3, 4 or 8
 // bits: per row, token and block of 32, the exact integer dot of codes and x's int8 values,
 // then y = sum over blocks of scale * dx * dot + min * bsum. y [T, rows].
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
@@ -96,10 +103,39 @@ void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float*
 
 // As portable::gemm_int8_rows, r0 a multiple of 8: 8 rows' codes are unpacked to bytes
 // interleaved per 4 columns (one 32-byte vector holds 4 values of each of the 8 rows), and
-// vpmaddubsw multiplies them with 4 of a token's int8 values broadcast.
+// vpmaddubsw multiplies them with 4 of a token's int8 values broadcast (8-bit codes as
+// their two nibbles, the high one weighted 16).
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 
 }  // namespace avx2
+#endif
+
+#if defined(EDGEMOE_X86)
+namespace avx512 {
+
+// The CPU has AVX-512 F, BW, VL and VNNI and the OS saves the zmm state (CPUID, XGETBV;
+// read once). EDGEMOE_NO_AVX512=1 in the environment turns it off (benchmarks).
+bool cpu_ok();
+// The sets missing, named ("avx512f avx512vnni", ...), or "" when cpu_ok().
+const char* cpu_missing();
+
+// As avx2::qmatvec for 4-bit codes: x8 [cols] int8, dx [cols / 32] and xsum [cols / gs]
+// as avx2::DecodeInput's x8, dx8, xsum8 -> y[r] for r in [r0, r1).
+void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+                float* y);
+
+// As portable::gemm_int8_rows, codes of 2, 3, 4 or 8 bits, r0 a multiple of 16: panels of
+// 16 rows unpacked to bytes, vpdpbusd per 4 values of a token broadcast.
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
+
+}  // namespace avx512
+
+// The same source built against SIMDe for the native tests only (no cpu_ok: it runs anywhere).
+namespace avx512_simde {
+void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+                float* y);
+void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
+}  // namespace avx512_simde
 #endif
 
 #if defined(EDGEMOE_NEON)

@@ -148,7 +148,8 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
     for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(w.bits)) switch (w.bits) {
         case 2: unpack_chunk<2>(codes, &v[b * kChunk]); break;
         case 3: unpack_chunk<3>(codes, &v[b * kChunk]); break;
-        default: unpack_chunk<4>(codes, &v[b * kChunk]); break;
+        case 4: unpack_chunk<4>(codes, &v[b * kChunk]); break;
+        default: unpack_chunk<8>(codes, &v[b * kChunk]); break;
       }
     const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;

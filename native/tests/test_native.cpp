@@ -596,7 +596,7 @@ static void test_int8_prefill() {
   const uint32_t shapes[][2] = {{1, 64}, {7, 128}, {9, 256}, {37, 384}};
   int checked = 0;
   for (bool sym : {false, true})
-    for (uint32_t bits : {2u, 3u, 4u})
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
       for (uint32_t gs : {32u, 64u, 128u})
         for (auto& s : shapes) {
           if (s[1] % gs) continue;
@@ -622,17 +622,82 @@ static void test_int8_prefill() {
             ++checked;
           }
         }
-  // what the int8 path cannot take is refused, not misread
-  const TestMatrix m8 = make_quant(4, 64, 8, 32);
-  const QMatrix w8 = parse_qmatrix(m8.buf.data(), m8.buf.size());
+  // what the int8 path cannot take is refused, not misread; 2-bit codes keep float x
+  const TestMatrix mf = make_float(4, 64, kF16), m2 = make_quant(4, 64, 2, 32);
+  const QMatrix wf = parse_qmatrix(mf.buf.data(), mf.buf.size()), w2 = parse_qmatrix(m2.buf.data(), m2.buf.size());
   QuantizedActs qx;
   const auto x = rand_vec(64);
   quantize_acts(x.data(), 1, 64, qx);
   std::vector<float> y(4);
-  CHECK(!prefill_int8(w8) && throws<std::invalid_argument>([&] { matmul_int8(w8, qx, y.data()); }));
+  CHECK(!prefill_int8(wf) && !prefill_int8(w2) && throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
   CHECK(throws<std::invalid_argument>([&] { quantize_acts(x.data(), 1, 60, qx); }));
   std::printf("  int8 prefill: %d checks (%s)\n", checked, prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())) ? "used by matmul" : "reference only");
 }
+
+#if defined(EDGEMOE_X86)
+// One AVX-512 build's kernels (real or SIMDe) against the rounded-x reference, as the AVX2
+// ones: the int8 prefill for 2/3/4/8-bit codes on panels with row and token tails (and a
+// range from the second panel), the 4-bit decode with an odd last block.
+template <class Gemm, class Decode>
+static int check_avx512(Gemm gemm, Decode decode) {
+  const uint32_t shapes[][2] = {{1, 64}, {7, 96}, {16, 128}, {17, 256}, {37, 384}};
+  int checked = 0;
+  for (bool sym : {false, true})
+    for (uint32_t bits : {2u, 3u, 4u, 8u})
+      for (uint32_t gs : {32u, 64u, 128u})
+        for (auto& s : shapes) {
+          if (s[1] % gs) continue;
+          const TestMatrix m = make_quant(s[0], s[1], bits, gs, sym);
+          const QMatrix w = parse_qmatrix(m.buf.data(), m.buf.size());
+          for (int64_t T : {1, 3, 8, 13}) {
+            const auto x = rand_vec(size_t(T) * s[1]);
+            QuantizedActs qx;
+            quantize_acts(x.data(), T, s[1], qx);
+            std::vector<float> y(size_t(T) * s[0], -1.0f);
+            gemm(w, 0, s[0], qx, y.data());
+            CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));
+            if (s[0] > 16) {  // a range starting at the second panel leaves the first rows alone
+              std::vector<float> z(size_t(T) * s[0], -1.0f);
+              gemm(w, 16, s[0], qx, z.data());
+              CHECK(close_matmul_x8(z, x, m, T, 16, s[0], 2e-6) && z[0] == -1.0f && z[15] == -1.0f);
+            }
+            ++checked;
+          }
+          if (bits != 4) continue;
+          const auto x1 = rand_vec(s[1]);
+          QuantizedActs q1;
+          quantize_acts(x1.data(), 1, s[1], q1);
+          std::vector<float> xsum(s[1] / gs, 0.0f);  // group sums of the rounded x, in block order
+          for (uint32_t b = 0; b < s[1] / 32; ++b) xsum[b / (gs / 32)] += q1.bsum[b];
+          std::vector<float> y(s[0], -1.0f);
+          decode(w, 0, s[0], q1.q.data(), q1.dx.data(), xsum.data(), y.data());
+          CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
+          ++checked;
+        }
+  return checked;
+}
+
+// The AVX-512 kernels: built against SIMDe (the same source, portable intrinsics) on every
+// x86-64 CPU, and the real ones where the CPU has AVX-512 F/BW/VL/VNNI; a set it lacks is
+// named and that half skipped. EDGEMOE_EXPECT_AVX512=1 makes a missing set a failure.
+static void test_avx512_kernels() {
+#if defined(EDGEMOE_TEST_AVX512_SIMDE)
+  const int n = check_avx512(kernels::avx512_simde::gemm_int8_rows, kernels::avx512_simde::qmatvec_q4);
+  std::printf("  avx512 (SIMDe build): %d checks\n", n);
+#else
+  std::printf("  avx512 (SIMDe build): skipped, built without SIMDe (apt-get install libsimde-dev)\n");
+#endif
+  if (kernels::avx512::cpu_ok()) {
+    const int n = check_avx512(kernels::avx512::gemm_int8_rows, kernels::avx512::qmatvec_q4);
+    std::printf("  avx512 (this CPU): %d checks, simd %s\n", n, simd_name());
+    CHECK(std::strstr(simd_name(), "avx512vnni") != nullptr);
+  } else {
+    std::printf("  avx512 (this CPU): skipped, it lacks %s\n", kernels::avx512::cpu_missing());
+    CHECK(std::strstr(simd_name(), "avx512") == nullptr);
+    if (const char* want = std::getenv("EDGEMOE_EXPECT_AVX512"); want && std::strcmp(want, "1") == 0) CHECK(false);
+  }
+}
+#endif
 
 #if defined(EDGEMOE_NEON)
 // y [T, rows] from the portable kernels (the path every other one is checked against).
@@ -1568,6 +1633,9 @@ int main() {
   test_kernels();
   test_portable_kernels();
   test_int8_prefill();
+#if defined(EDGEMOE_X86)
+  test_avx512_kernels();
+#endif
 #if defined(EDGEMOE_NEON)
   test_neon_kernels();
 #endif
