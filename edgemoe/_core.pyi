@@ -246,6 +246,8 @@ def moe_forward(
     x: npt.NDArray[np.float32],
     expert_ids: npt.NDArray[np.int32],
     weights: npt.NDArray[np.float32],
+    *,
+    per_token: bool = False,
 ) -> npt.NDArray[np.float32]:
     """sum_k weights[t, k] * expert[expert_ids[t, k]](x[t]) for every token t.
 

@@ -272,7 +272,7 @@ void bind_cache(py::module_& m) {
   m.def(
       "moe_forward",
       [](ExpertCache& cache, int64_t layer, const FloatArray& x, const py::array& expert_ids,
-         const FloatArray& weights) {
+         const FloatArray& weights, bool per_token) {
         const MoEArgs a = moe_args("moe_forward", cache, layer, x, expert_ids);
         check_slots("moe_forward", "weights", weights, a);
         FloatArray y({a.T, a.H});
@@ -281,11 +281,12 @@ void bind_cache(py::module_& m) {
         float* yp = y.mutable_data();
         {
           py::gil_scoped_release nogil;
-          moe_forward(cache, uint32_t(layer), xp, a.T, a.H, a.ids.data(), wp, a.K, yp);
+          moe_forward(cache, uint32_t(layer), xp, a.T, a.H, a.ids.data(), wp, a.K, yp, per_token);
         }
         return y;
       },
       py::arg("cache"), py::arg("layer"), py::arg("x"), py::arg("expert_ids"), py::arg("weights"),
+      py::kw_only(), py::arg("per_token") = false,
       "sum_k weights[t, k] * expert[expert_ids[t, k]](x[t]) for every token t.\n\n"
       "x [T, hidden], expert_ids/weights [T, k]. Each distinct expert is fetched from the cache once\n"
       "for all tokens that chose it and pinned for the call: the missing ones are read by the I/O\n"
@@ -295,6 +296,9 @@ void bind_cache(py::module_& m) {
       "out-of-range expert id raises ValueError.\n\n"
       "With cache.fallback_threshold > 0, a missing expert whose |weights| are all below it (every\n"
       "token of the call) is computed from its low-bit copy instead; y then depends on the cache.\n\n"
+      "per_token=True (rows that are decode steps of different sequences): each expert is still\n"
+      "fetched once for all its rows, but each row runs through the one-token kernels, so y[t] is\n"
+      "bit for bit what a call with x[t] alone gives (without fallback).\n\n"
       "Bit for bit combine_slots(moe_forward_slots(cache, layer, x, expert_ids, weights=weights), weights).");
 
   m.def(

@@ -37,7 +37,7 @@ Expert parse_blob(const ExpertCache& cache, const PinnedExpert& pin, uint32_t la
 }  // namespace
 
 void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                       const float* weights, int64_t K, const uint8_t* mask, float* ys) {
+                       const float* weights, int64_t K, const uint8_t* mask, float* ys, bool per_token) {
   // x [T, H], ids/weights/mask [T, K] -> ys [T, K, H] (masked-in slots only)
   const ExpertStore& store = cache.store();
   if (layer >= store.num_layers())
@@ -86,7 +86,11 @@ void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64
     xb.resize(size_t(n * H));  // gathered tokens [n, H]
     yb.resize(size_t(n * H));  // their expert outputs [n, H]
     for (int64_t j = 0; j < n; ++j) std::memcpy(&xb[size_t(j * H)], x + (s[size_t(j)] / K) * H, size_t(H) * 4);
-    expert_forward(ex, xb.data(), n, yb.data());
+    if (per_token) {  // one read, each token through the one-token kernels
+      for (int64_t j = 0; j < n; ++j) expert_forward(ex, &xb[size_t(j * H)], 1, &yb[size_t(j * H)]);
+    } else {
+      expert_forward(ex, xb.data(), n, yb.data());
+    }
     pin.release();
     for (int64_t j = 0; j < n; ++j) std::memcpy(&ys[size_t(s[size_t(j)] * H)], &yb[size_t(j * H)], size_t(H) * 4);
     compute += seconds_since(t0);
@@ -108,10 +112,10 @@ void combine_slots(const float* ys, const float* weights, int64_t T, int64_t K, 
 }
 
 void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                 const float* weights, int64_t K, float* y) {
+                 const float* weights, int64_t K, float* y, bool per_token) {
   // x [T, H], ids/weights [T, K] -> ys [T, K, H] (ffn_moe_out per slot) -> y [T, H]
   std::vector<float> ys(size_t(T * K * H));
-  moe_forward_slots(cache, layer, x, T, H, ids, weights, K, nullptr, ys.data());
+  moe_forward_slots(cache, layer, x, T, H, ids, weights, K, nullptr, ys.data(), per_token);
   const auto t0 = std::chrono::steady_clock::now();
   combine_slots(ys.data(), weights, T, K, H, y);
   cache.record_compute(layer, seconds_since(t0));

@@ -21,8 +21,11 @@ namespace edgemoe {
 // call are all below it is served by its low-bit copy on a miss (cache.h).
 // Throws std::invalid_argument on a bad id or shape.
 // The same numbers as moe_forward_slots (every slot) followed by combine_slots.
+// per_token: each expert still pinned once for all its tokens, but computed one
+// token at a time with the one-token kernels, so every row gets the numbers it
+// gets alone (a batch of decode steps: the multi-token kernels round x otherwise).
 void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                 const float* weights, int64_t K, float* y);
+                 const float* weights, int64_t K, float* y, bool per_token = false);
 
 // ys [T, K, H] float32: ys[t, k] = expert[ids[t, k]](x[t]) for every slot with
 // mask[t * K + k] != 0 (mask nullptr: every slot); the other slots of ys are
@@ -31,7 +34,7 @@ void moe_forward(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, 
 // the low-bit fallback, as in moe_forward; without them no slot falls back.
 // Every id is checked, masked out or not. Throws std::invalid_argument.
 void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64_t T, int64_t H, const int32_t* ids,
-                       const float* weights, int64_t K, const uint8_t* mask, float* ys);
+                       const float* weights, int64_t K, const uint8_t* mask, float* ys, bool per_token = false);
 
 // ys [T, K, H], weights [T, K] -> y [T, H] = sum_k weights[t, k] * ys[t, k],
 // summed in slot order starting from 0.

@@ -9,13 +9,16 @@ from ..errors import EdgeMoEError
 from ..runtime.engine import load
 from .common import Parser, add_model_args, load_args, resolve_model, whole
 
+# docs/benchmarks/serve.md measures queued (1) against batched decoding
+DEFAULT_BATCH = 1
+
 
 def build_parser() -> Parser:
     p = Parser(
         prog="edgemoe serve",
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
-        "/v1/models), with /health, /metrics and a live demo of the expert cache at /. Requests are queued "
-        "and run one at a time on the one model, within its memory budget.",
+        "/v1/models), with /health, /metrics and a live demo of the expert cache at /. Requests share the one "
+        "model within its memory budget: queued and run one at a time, or decoded together (--batch).",
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -33,6 +36,13 @@ def build_parser() -> Parser:
         help="longest prompt plus completion, in tokens (default: the model's, at most 2048)",
     )
     p.add_argument("--max-queue", type=whole(0), default=256, help="requests that may wait; more get 503 (default 256)")
+    p.add_argument(
+        "--batch",
+        type=whole(1, 256),
+        default=DEFAULT_BATCH,
+        help="requests decoded together, each step reading a routed expert once for all of them; each holds a "
+        f"KV cache of --context tokens, counted in the memory needed (default {DEFAULT_BATCH}; 1: one at a time)",
+    )
     return p
 
 
@@ -52,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         raise EdgeMoEError(str(e)) from None
     name = args.name or os.path.basename(os.path.normpath(path))
-    server = serve.Server(model, name, context, api_key=args.api_key, max_queue=args.max_queue)
+    server = serve.Server(model, name, context, api_key=args.api_key, max_queue=args.max_queue, batch=args.batch)
     try:
         serve.run(server, sock=sock)
     finally:

@@ -338,6 +338,50 @@ class DecoderLM:
         kv.length = start + 1
         return self.head(x[None])
 
+    def forward_batch(self, ids: np.ndarray, kvs: list[KVCache], starts: list[int]) -> np.ndarray:
+        """One decode step of B sequences at once: token ids[b] at position starts[b] of the
+        sequence whose cache is kvs[b] -> logits [B, vocab].
+
+        Row b is bit for bit forward(ids[b:b+1], kvs[b], starts[b]): the backbone's matrices
+        and attention run one row at a time through the one-token kernels (the multi-token
+        kernels round x differently), and each MoE layer fetches every routed expert once for
+        all the rows that chose it (moe_forward per_token), so the batch shares expert reads."""
+        B = len(ids)
+        assert len(kvs) == B and len(starts) == B, "one KV cache and one position per sequence"
+        if B == 1:
+            return self.forward(ids, kvs[0], starts[0], all_logits=False)
+        eps, obs = self.cfg.rms_norm_eps, self.observer
+        h = self.embed_tokens(ids)  # [B, hidden]
+        for i, L in enumerate(self.layers):
+            x = _core.rms_norm(h, L.attn.norm, eps)
+            h = h + np.concatenate([self.self_attention(L.attn, x[b : b + 1], i, kvs[b], starts[b]) for b in range(B)])
+            x = _core.rms_norm(h, L.ffn_norm, eps)
+            h = h + self._ffn_rows(L, x, h)
+            if obs is not None:
+                obs.on_layer_out(i, h)
+        for kv, start in zip(kvs, starts):
+            kv.length = start + 1
+        return np.concatenate([self.head(h[b : b + 1]) for b in range(B)])  # [B, vocab]
+
+    def _ffn_rows(self, L: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        """_ffn for rows of different sequences: each row's dense matrices alone, the routed
+        experts once for the batch."""
+        rows = range(x.shape[0])
+        if L.mlp is not None:
+            return np.concatenate([L.mlp(x[b : b + 1]) for b in rows])
+        assert L.moe is not None
+        router_logits = np.concatenate([L.moe.router(x[b : b + 1]) for b in rows])  # [B, E]
+        ids, weights = self.route(router_logits, L.moe)  # ffn_moe_topk: [B, k]
+        if self.observer is not None:
+            self.observer.on_route(L.index, resid, ids, weights)
+        if self.moe_override is not None:
+            out = np.concatenate([self.moe_override(L.index, x[b : b + 1], ids[b : b + 1], weights[b : b + 1]) for b in rows])
+        else:
+            out = _core.moe_forward(self.cache, L.index, x, ids, weights, per_token=True)  # [B, hidden]
+        if L.moe.shared is not None:
+            out += np.concatenate([L.moe.shared(x[b : b + 1]) for b in rows])
+        return out
+
     def head(self, h: np.ndarray) -> np.ndarray:
         """Logits [T, vocab] from the last layer's output h [T, hidden]."""
         return self.lm_head(self.normalize(h, self.out_norm, self.out_norm_bias))

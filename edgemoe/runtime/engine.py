@@ -504,12 +504,13 @@ class Model:
             out.append(row)
         return out
 
-    def memory_needed(self, context_tokens: int = 256) -> int:
+    def memory_needed(self, context_tokens: int = 256, sequences: int = 1) -> int:
         """An upper bound of this process's memory while it generates up to context_tokens
         (prompt included, the prompt prefilled in one pass): the expert budget (all expert
         bytes when unbounded), the backbone, the expert cache's fixed overhead (native/cache.h),
         the KV cache, prefill's attention scores and moe_forward scratch, and the runtime's own
-        (runtime/memory.py). docs/memory.md explains the terms."""
+        (runtime/memory.py). docs/memory.md explains the terms.
+        sequences: generations decoded together (runtime/batch.py), each with its own KV cache."""
         cfg, ex = self.config, self.manifest["experts"]
         copies = 2 if self.fallback_store is not None else 1  # low-bit copies have their own entries
         terms = memory_terms(
@@ -522,6 +523,7 @@ class Model:
             hidden=cfg.hidden_size,
             top_k=ex["top_k"],
             context_tokens=context_tokens,
+            sequences=sequences,
         )
         return sum(terms.values())
 

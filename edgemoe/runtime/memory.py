@@ -26,6 +26,7 @@ def memory_terms(
     top_k: int,
     context_tokens: int,
     attention_values_per_token: int = 0,
+    sequences: int = 1,
 ) -> dict[str, int]:
     """Bytes per term of an upper bound of the process's memory while it generates up to
     context_tokens (prompt included, prefilled in one pass).
@@ -36,7 +37,8 @@ def memory_terms(
     layers (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
     (kv_lora_rank + qk_rope_head_dim) for multi-head latent attention's latents);
     attention_values_per_token: float32 values per prefilled token that one layer's attention
-    holds besides the cache (multi-head latent attention's queries and outputs in the latent space).
+    holds besides the cache (multi-head latent attention's queries and outputs in the latent space);
+    sequences: how many generations hold a KV cache at once (a decode batch), each prefilled alone.
     """
     T = int(context_tokens)
     kv_cap = -(-T // KVCache.CHUNK) * KVCache.CHUNK  # the cache grows in chunks of tokens
@@ -45,7 +47,7 @@ def memory_terms(
         "backbone": int(backbone),
         "expert_entries": expert_slots * _core.ExpertCache.entry_overhead_bytes,
         "expert_blobs": expert_slots * BLOB_BOOKKEEPING_BYTES,
-        "kv_cache": kv_cap * kv_values_per_token * 4,
+        "kv_cache": int(sequences) * kv_cap * kv_values_per_token * 4,
         "prefill_scores": 2 * heads * T * T * 4,  # probabilities and a temporary [heads, T, T]
         "moe_scratch": (top_k + 2) * T * hidden * 4,  # [T, K, H] slot outputs, gathered x, y
         "attention_scratch": T * attention_values_per_token * 4,

@@ -36,13 +36,23 @@ STATIC = files("edgemoe.serve") / "static"
 
 
 class Server:
-    """One loaded model behind the API: its name, context length and queue."""
+    """One loaded model behind the API: its name, context length and queue; batch: requests
+    decoded together (1: one at a time), each with a KV cache of the whole context counted
+    in memory_needed."""
 
-    def __init__(self, model: Model, name: str, context: int, api_key: str | None = None, max_queue: int = 256):
+    def __init__(
+        self,
+        model: Model,
+        name: str,
+        context: int,
+        api_key: str | None = None,
+        max_queue: int = 256,
+        batch: int = 1,
+    ):
         self.model, self.name, self.context, self.api_key = model, name, context, api_key
-        self.scheduler = Scheduler(model, max_queue=max_queue)
+        self.scheduler = Scheduler(model, max_queue=max_queue, batch=batch)
         self.created = int(time.time())
-        self.memory_needed = model.memory_needed(context) + SERVER_OVERHEAD_BYTES
+        self.memory_needed = model.memory_needed(context, sequences=batch) + SERVER_OVERHEAD_BYTES
 
     def close(self) -> None:
         self.scheduler.close()

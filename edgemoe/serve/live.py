@@ -33,7 +33,7 @@ def cache_snapshot(model: Model, scheduler: Scheduler, memory_needed: int) -> di
             }
         )
     hits, misses = sum(r["hits"] for r in layers), sum(r["misses"] for r in layers)
-    running = scheduler.running
+    running = scheduler.running_count()
     return {
         "time": time.time(),
         "experts_per_layer": ex["num_experts"],
@@ -52,7 +52,8 @@ def cache_snapshot(model: Model, scheduler: Scheduler, memory_needed: int) -> di
         "tokens_per_s": scheduler.tokens_per_second(),
         "completion_tokens": scheduler.completion_tokens,
         "queue": scheduler.waiting,
-        "running": running is not None,
+        "running": running > 0,
+        "running_requests": running,
     }
 
 
@@ -85,7 +86,12 @@ def prometheus(model: Model, scheduler: Scheduler, memory_needed: int) -> str:
         [(f'{{outcome="{k}"}}', v) for k, v in scheduler.counts.items()],
     )
     metric("queue_length", "gauge", "Requests waiting for the model.", [("", scheduler.waiting)])
-    metric("requests_running", "gauge", "Requests generating now (at most one).", [("", int(bool(scheduler.running)))])
+    metric(
+        "requests_running",
+        "gauge",
+        f"Requests generating now (at most {scheduler.batch}).",
+        [("", scheduler.running_count())],
+    )
     metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", scheduler.prompt_tokens)])
     metric("generated_tokens_total", "counter", "Tokens generated.", [("", scheduler.completion_tokens)])
     metric(

@@ -1,10 +1,13 @@
 """One model, many requests: a FIFO queue served by one generation thread.
 
-A Model holds one KV cache and one expert cache under one budget, so one generation runs at a
-time and every request shares the same resident experts; nothing a request adds (a queue
-entry, its token list) grows with the model. Tokens go back to the event loop that asked as
-they are made; a request whose client went away is cancelled: dropped from the queue, or
-stopped before its next forward pass."""
+With batch=1 one generation runs at a time on the Model's own KV cache, every request
+sharing the same resident experts. With batch=N > 1 the thread decodes up to N requests
+together (continuous batching, runtime/batch.py): a waiting request joins between two steps
+(its prompt prefilled alone), each step runs one token of every live request with each
+routed expert fetched once for all of them, and a request leaves when it finishes or its
+client goes away; each holds its own KV cache, counted by Model.memory_needed(sequences=N).
+Tokens go back to the event loop that asked as they are made; a request whose client went
+away is cancelled: dropped from the queue, or stopped before its next forward pass."""
 
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.batch import DecodeBatch, Sequence
 from ..runtime.engine import Model
+from ..runtime.generation import Step
 
 RATE_WINDOW_S = 10.0  # tokens/s over the last seconds
 
@@ -62,11 +67,16 @@ class Job:
 
 
 class Scheduler:
-    """Runs Jobs one at a time on a thread of its own, in the order submitted."""
+    """Runs Jobs on a thread of its own, in the order submitted: one at a time (batch=1) or
+    up to `batch` decoded together."""
 
-    def __init__(self, model: Model, max_queue: int = 256):
+    def __init__(self, model: Model, max_queue: int = 256, batch: int = 1):
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1 (1: one request at a time), got {batch}")
         self.model = model
         self.max_queue = max_queue
+        self.batch = batch
+        self.live: list[Job] = []  # batch > 1: the requests being decoded together
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -81,7 +91,8 @@ class Scheduler:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per token made
         self.started_at = time.time()
         self.started_perf = time.perf_counter()
-        self._thread = threading.Thread(target=self._run, name="edgemoe-generate", daemon=True)
+        run = self._run if batch == 1 else self._run_batched
+        self._thread = threading.Thread(target=run, name="edgemoe-generate", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
@@ -109,6 +120,10 @@ class Scheduler:
                 job._emit("done", "cancelled")
         self._queue.put(None)
         self._thread.join(timeout=30)
+
+    def running_count(self) -> int:
+        """Requests generating now."""
+        return len(self.live) if self.batch > 1 else int(self.running is not None)
 
     def tokens_per_second(self) -> float:
         """Tokens made per second over the last RATE_WINDOW_S seconds."""
@@ -158,21 +173,108 @@ class Scheduler:
         with self._lock:
             self.prompt_tokens += len(job.prompt)
         for step in steps:
-            now = time.perf_counter()
-            if step.token is not None:
-                if job.first_token is None:
-                    job.first_token = now
-                    self.ttft.append(now - job.submitted)
-                job.completion_tokens += 1
-                with self._lock:
-                    self.completion_tokens += 1
-                    self._recent.append((now, 1))
-            if step.text:
-                job._emit("token", step.text, step.token)
+            self._on_step(job, step)
             if step.finish:
                 finish = step.finish
         self.busy_seconds += time.perf_counter() - job.started
         self._finish(job, finish)
+
+    def _on_step(self, job: Job, step: Step) -> None:
+        now = time.perf_counter()
+        if step.token is not None:
+            if job.first_token is None:
+                job.first_token = now
+                self.ttft.append(now - job.submitted)
+            job.completion_tokens += 1
+            with self._lock:
+                self.completion_tokens += 1
+                self._recent.append((now, 1))
+        if step.text:
+            job._emit("token", step.text, step.token)
+
+    # -- batch > 1 ------------------------------------------------------------------
+    def _run_batched(self) -> None:
+        batch = DecodeBatch(self.model)
+        seqs: dict[int, Sequence] = {}  # job id -> its sequence
+        while True:
+            # join: block for work only when nothing is being decoded
+            while len(self.live) < self.batch:
+                try:
+                    job = self._queue.get(block=not self.live)
+                except queue.Empty:
+                    break
+                if job is None:
+                    for j in self.live:
+                        self._finish(j, "cancelled")
+                    return
+                with self._lock:
+                    self.waiting -= 1
+                self._join(batch, seqs, job)
+            if not self.live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                steps = batch.step()
+            except Exception as e:  # the step is shared: every request in it gets the error
+                for j in self.live:
+                    self._fail(j, e)
+                self.live, batch.live = [], []
+                seqs.clear()
+                continue
+            self.busy_seconds += time.perf_counter() - t0
+            by_seq = {id(s): step for s, step in steps}
+            for job in list(self.live):
+                seq = seqs[job.id]
+                step = by_seq[id(seq)]
+                self._on_step(job, step)
+                if step.finish is None and job.cancelled.is_set():  # before the next step
+                    step = batch.remove(seq)
+                    self._on_step(job, step)
+                if step.finish is not None:
+                    self.live.remove(job)
+                    del seqs[job.id]
+                    self._finish(job, step.finish)
+
+    def _join(self, batch: DecodeBatch, seqs: dict[int, Sequence], job: Job) -> None:
+        """Prefill a waiting job's prompt and give its first token; it joins the live ones
+        unless that finished it."""
+        if job.cancelled.is_set():  # its client left while it waited
+            self._finish(job, "cancelled")
+            return
+        job.started = time.perf_counter()
+        try:
+            seq = Sequence(
+                self.model,
+                job.prompt,
+                max_new_tokens=job.max_tokens,
+                temperature=job.temperature,
+                top_p=job.top_p,
+                seed=job.seed,
+                stop=job.stop,
+                ignore_eos=job.ignore_eos,
+            )
+            with self._lock:
+                self.prompt_tokens += len(job.prompt)
+            step = batch.add(seq)
+        except Exception as e:  # this request's prompt failed: the others go on
+            self._fail(job, e)
+            return
+        self.busy_seconds += time.perf_counter() - job.started
+        self._on_step(job, step)
+        if step.finish is None and job.cancelled.is_set():
+            step = batch.remove(seq)
+            self._on_step(job, step)
+        if step.finish is not None:
+            self._finish(job, step.finish)
+            return
+        seqs[job.id] = seq
+        self.live.append(job)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        job.finished = time.perf_counter()
+        with self._lock:
+            self.counts["failed"] += 1
+        job._emit("error", e)
 
     def _finish(self, job: Job, reason: str) -> None:
         job.finished = time.perf_counter()
