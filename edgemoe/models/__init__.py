@@ -20,6 +20,7 @@ ALIASES: dict[str, str] = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "gpt_oss": "gpt_oss",
 }
 
 SUPPORTED = sorted(ALIASES)

@@ -200,6 +200,7 @@ class DecoderLM:
             qk_norm=self.qk_norm,
             clip=self.clip_qkv(),
             window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None,
+            sinks=w.opt_vec(p + "attn_sinks"),
         )
 
     def moe_block(self, w: Weights, prefix: str) -> MoE:
@@ -215,7 +216,7 @@ class DecoderLM:
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
         assert isinstance(a, Attention) and self.rope.attention_factor == 1.0
-        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None, (
+        assert L.moe is not None and L.moe.shared is None and a.q_norm is None and a.clip is None and a.sinks is None, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
         )
         lins = [a.q, a.k, a.v, a.o, L.moe.router]
@@ -280,7 +281,7 @@ class DecoderLM:
         q = self.rope(np.ascontiguousarray(q, dtype=np.float32), start)
         k = self.rope(np.ascontiguousarray(k, dtype=np.float32), start)
         k_all, v_all = kv.append(layer, k, v, start)
-        return a.o(attention(q, k_all, v_all, start, a.window))  # [T, hidden]
+        return a.o(attention(q, k_all, v_all, start, a.window, a.sinks))  # [T, hidden]
 
     def _ffn(self, L: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
         if L.mlp is not None:
