@@ -72,7 +72,8 @@ class Config(DecoderConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         # gpt-oss picks top-k of the logits and softmaxes those k: normalized weights by construction
-        return cls(**{**cls.fields_from_dict({**d, "num_experts": d.get("num_local_experts")}), "norm_topk_prob": True})
+        fields = cls.fields_from_dict({**d, "num_experts": cls._get(d, "num_local_experts")})
+        return cls(**{**fields, "norm_topk_prob": True})
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
