@@ -297,8 +297,8 @@ class _BlobFile:
         self.pos = ALIGNMENT
         self.blobs: list[list[int]] = []
 
-    def add(self, layer: int, e: int, bits: int, mats: list[np.ndarray]) -> int:
-        blob = quant.pack_expert_blob(layer, e, *mats)
+    def add(self, layer: int, e: int, bits: int, mats: list[np.ndarray], glu: quant.Glu | None = None) -> int:
+        blob = quant.pack_expert_blob(layer, e, *mats, glu=glu)
         self.blobs.append([layer, e, self.pos, int(blob.nbytes), bits, int(_core.crc32c(blob))])
         self.f.write(blob.data)
         pad = -blob.nbytes % ALIGNMENT
@@ -369,18 +369,19 @@ def _write_experts(
         for layer in plan.moe_layers:
             for e in range(plan.num_experts):
                 gate, up, down = plan.expert(layer, e)
+                glu = plan.glu(layer, e)  # biases and activation, kept in float32 at every bitwidth
                 bits = expert_bits[layer, e]
                 nbytes = 0
                 if out is not None:
                     mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
-                    nbytes += out.add(layer, e, bits, mats)
+                    nbytes += out.add(layer, e, bits, mats, glu)
                 # from the checkpoint's weights, not the quantized copy (low is set with fallback)
                 if low is not None and fallback is not None and fallback.bits < bits:
                     mats = [
                         _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric, record=False)
                         for m in (gate, up, down)
                     ]
-                    nbytes += low.add(layer, e, fallback.bits, mats)
+                    nbytes += low.add(layer, e, fallback.bits, mats, glu)
                 del gate, up, down
                 bar.update(1, nbytes)
         pos = out.close() if out is not None else 0

@@ -9,7 +9,11 @@ canonical backbone tensor; experts are found in either layout seen in the wild:
   `experts.gate_up_proj` [E, 2I, H] (gate = rows [0, I), up = rows [I, 2I), as
   transformers' `.chunk(2, dim=-1)` after the linear) and `experts.down_proj`
   [E, H, I]. The transposed orientation [E, H, 2I] / [E, I, H] is recognised
-  by shape when it is unambiguous.
+  by shape when it is unambiguous, or declared by the layout (gpt-oss: [E, H, 2I] and [E, I, H],
+  gate and up rows interleaved, with `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H]);
+- MXFP4 (gpt-oss as released): `<proj>_blocks` [E, out, in/32, 16] (two e2m1 codes per byte, the
+  even element in the low nibble) and `<proj>_scales` [E, out, in/32] (E8M0 exponents, bias 127).
+  They are decoded to bf16, which holds every MXFP4 value exactly, and stored or quantized from there.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import numpy as np
 
 from edgemoe import models
 from edgemoe.errors import CheckpointError
-from edgemoe.format.safetensors import SafetensorsFile
-from edgemoe.models.checkpoint import CheckpointLayout
+from edgemoe.format.quant import Glu, f32_to_bf16_bits
+from edgemoe.format.safetensors import SafetensorsFile, to_float32
+from edgemoe.models.checkpoint import GLOBAL, CheckpointLayout
 
 # ---------------------------------------------------------------- architectures
 
@@ -184,6 +189,9 @@ class Plan:
     backbone: dict[str, TensorRef] = field(default_factory=dict)  # canonical name -> source
     per_expert: dict[tuple[int, int, str], TensorRef] = field(default_factory=dict)  # (layer, expert, role)
     fused: dict[tuple[int, str], FusedRef] = field(default_factory=dict)  # (layer, "gate_up"|"down")
+    fused_bias: dict[tuple[int, str], TensorRef] = field(default_factory=dict)  # (layer, "gate_up"|"down")
+    # (layer, "gate_up"|"down") -> {"blocks": ref, "scales": ref}: MXFP4 experts
+    mxfp4: dict[tuple[int, str], dict[str, TensorRef]] = field(default_factory=dict)
     num_layers: int = 0
     num_experts: int = 0
     top_k: int = 0
@@ -193,6 +201,8 @@ class Plan:
 
     @property
     def layout(self) -> str:
+        if self.mxfp4:
+            return "fused-mxfp4"
         if self.fused and self.per_expert:
             return "mixed"
         return "fused" if self.fused else "per-expert"
@@ -200,7 +210,7 @@ class Plan:
     @property
     def expert_dtype(self) -> str:
         refs = [r for r in self.per_expert.values()] + [f.ref for f in self.fused.values()]
-        dtypes = {r.dtype for r in refs}
+        dtypes = {r.dtype for r in refs} | ({"BF16"} if self.mxfp4 else set())  # MXFP4 decodes to bf16 exactly
         if len(dtypes) > 1:
             raise CheckpointError(
                 f"the expert weights mix dtypes {sorted(dtypes)}; edgemoe stores one float "
@@ -210,23 +220,48 @@ class Plan:
 
     def expert(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(gate [I, H], up [I, H], down [H, I]) as stored (bf16 as uint16 bits), read from disk."""
-        I = self.intermediate
-        if (layer, "gate_up") in self.fused:
-            gate_up = self._fused_slice(layer, "gate_up", expert)  # [2I, H]
-            gate, up = np.ascontiguousarray(gate_up[:I]), np.ascontiguousarray(gate_up[I:])
+        if (layer, "gate_up") in self.fused or (layer, "gate_up") in self.mxfp4:
+            gate, up = (np.ascontiguousarray(m) for m in self._split(self._fused_slice(layer, "gate_up", expert)))
         else:
             gate, up = (self._per_expert(layer, expert, r) for r in ("gate", "up"))
-        if (layer, "down") in self.fused:
+        if (layer, "down") in self.fused or (layer, "down") in self.mxfp4:
             down = np.ascontiguousarray(self._fused_slice(layer, "down", expert))  # [H, I]
         else:
             down = self._per_expert(layer, expert, "down")
         return gate, up, down
+
+    def _split(self, gate_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """gate_up [2I, ...] -> (gate, up): halves, or alternate rows when the layout interleaves them."""
+        if self.arch.layout.gate_up_interleaved:
+            return gate_up[0::2], gate_up[1::2]
+        return gate_up[: self.intermediate], gate_up[self.intermediate :]
+
+    def glu(self, layer: int, expert: int) -> Glu | None:
+        """The expert's biases and activation as its blob stores them, or None for a plain SwiGLU expert."""
+        layout = self.arch.layout
+        act, alpha, limit = layout.expert_activation(self.config)
+        bias = None
+        if layout.expert_biases:
+            parts = {}
+            for kind in ("gate_up", "down"):
+                ref = self.fused_bias[(layer, kind)]
+                parts[kind] = to_float32(ref.file.read(ref.name, expert), ref.dtype)
+            gate, up = self._split(parts["gate_up"])
+            bias = np.concatenate([gate, up, parts["down"]]).astype(np.float32)
+        if bias is None and act == 0:
+            return None
+        return Glu(bias, act, alpha, limit)
 
     def _per_expert(self, layer: int, expert: int, role: str) -> np.ndarray:
         ref = self.per_expert[(layer, expert, role)]
         return ref.file.read(ref.name)
 
     def _fused_slice(self, layer: int, kind: str, expert: int) -> np.ndarray:
+        """One expert's [out, in] matrix of a fused tensor, as stored (MXFP4 decoded to bf16 bits)."""
+        if (layer, kind) in self.mxfp4:
+            refs = self.mxfp4[(layer, kind)]
+            blocks, scales = (refs[n].file.read(refs[n].name, expert) for n in ("blocks", "scales"))
+            return f32_to_bf16_bits(mxfp4_to_float32(blocks, scales))
         f = self.fused[(layer, kind)]
         part = f.ref.file.read(f.ref.name, expert)  # one expert is one contiguous range
         return part.T if f.transposed else part
@@ -234,6 +269,20 @@ class Plan:
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _PER_EXPERT_RE = re.compile(r"^(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
+_FUSED_RE = re.compile(r"^(\w+)\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?(?:\.weight)?$")
+
+# the e2m1 (FP4) values of the 16 MXFP4 codes: sign bit 3, then 2 exponent bits and 1 mantissa bit
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def mxfp4_to_float32(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 as transformers stores gpt-oss: blocks [rows, n, 16] (element 2j in byte j's low nibble,
+    2j+1 in its high nibble), scales [rows, n] (E8M0: 2^(s-127) per block of 32) -> [rows, 32 n]."""
+    rows, n = scales.shape
+    codes = np.empty((rows, n, 32), np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = blocks & 0x0F, blocks >> 4
+    w = FP4_VALUES[codes] * np.exp2(scales.astype(np.float32) - 127)[..., None]
+    return w.reshape(rows, n * 32)
 
 
 def _config_int(config: dict, key: str, arch: str) -> int:
@@ -246,8 +295,8 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
     """Classify every tensor of `ckpt` and check that the model is complete and consistent."""
     cfg = ckpt.config
     quant = cfg.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if quant and method != "mxfp4":  # MXFP4 experts are decoded (Plan.expert); nothing else is quantized then
         raise CheckpointError(
             f"{ckpt.path} holds pre-quantized weights ({method}); edgemoe converts "
             f"bf16/f16/f32 checkpoints: use the original unquantized model"
@@ -300,6 +349,14 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
             if block in moe_blocks and tail in spec.layout.fused_experts:
                 p.fused[(layer, spec.layout.fused_experts[tail])] = FusedRef(ref, False)
                 continue
+            f = _FUSED_RE.match(rest)
+            if f and f.group(1) in moe_blocks and f.group(3):  # gpt-oss: expert biases, MXFP4 blocks and scales
+                kind, part = "gate_up" if f.group(2) == "gate_up_proj" else "down", f.group(3)
+                if part == "_bias":
+                    p.fused_bias[(layer, kind)] = ref
+                else:
+                    p.mxfp4.setdefault((layer, kind), {})[part[1:]] = ref
+                continue
         raise CheckpointError(
             f"tensor {name} ({ckpt.tensors[name].path.name}) has no place in a {spec.name} "
             f"model as edgemoe knows it (adapter, vision tower or quantized weights?): "
@@ -331,8 +388,8 @@ def _check_complete(p: Plan, tied: bool) -> None:
         for c in spec.layout.layer_tensor_names(p.config, layer in moe):
             need(f"layers.{layer}.{c}", f"model.layers.{layer}.{reverse.get(c, c)}")
 
-    expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused}
-    both = sorted({k[0] for k in p.per_expert} & {k[0] for k in p.fused})
+    expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused} | {k[0] for k in p.mxfp4}
+    both = sorted({k[0] for k in p.per_expert} & ({k[0] for k in p.fused} | {k[0] for k in p.mxfp4}))
     if both:
         raise CheckpointError(
             f"layers {both} have experts both as per-expert tensors and as fused 3D tensors: "
@@ -345,16 +402,18 @@ def _check_complete(p: Plan, tied: bool) -> None:
             f"(decoder_sparse_step / mlp_only_layers): config and weights do not match"
         )
     want = {"gate": (I, H), "up": (I, H), "down": (H, I)}
+    declared = spec.layout.fused_transposed
     for layer in p.moe_layers:
         for kind, full in (("gate_up", (E, 2 * I, H)), ("down", (E, H, I))):
+            _check_fused_extras(p, layer, kind, full)
             f = p.fused.get((layer, kind))
             if f is None:
                 continue
             shape = tuple(f.ref.shape)
             transposed = (full[0], full[2], full[1])
-            if shape == full:
+            if shape == full and declared is not True:
                 f.transposed = False
-            elif shape == transposed:
+            elif shape == transposed and declared is not False:
                 f.transposed = True
             else:
                 raise CheckpointError(
@@ -363,7 +422,7 @@ def _check_complete(p: Plan, tied: bool) -> None:
                 )
         for e in range(E):
             for role, fused_kind in (("gate", "gate_up"), ("up", "gate_up"), ("down", "down")):
-                if (layer, fused_kind) in p.fused:
+                if (layer, fused_kind) in p.fused or (layer, fused_kind) in p.mxfp4:
                     continue
                 r = p.per_expert.get((layer, e, role))
                 if r is None:
@@ -382,3 +441,31 @@ def _check_complete(p: Plan, tied: bool) -> None:
             f"the checkpoint has experts {bad} but config.json says {E} experts per layer: "
             f"config and weights do not match"
         )
+
+
+def _check_fused_extras(p: Plan, layer: int, kind: str, full: tuple[int, int, int]) -> None:
+    """Layer `layer`'s MXFP4 blocks and scales and its expert biases for `kind` (gate_up or down,
+    [E, out, in] = full): present where the layout needs them, shaped by config.json."""
+    E, out, cols = full
+    hf = f"model.layers.{layer}.{p.arch.layout.moe_block}.experts.{kind}_proj"
+    refs = p.mxfp4.get((layer, kind))
+    if refs is not None:
+        if (layer, kind) in p.fused:
+            raise CheckpointError(f"{hf} is there both as a float tensor and in MXFP4 blocks: keep one export")
+        for part, shape in (("blocks", (E, out, cols // 32, 16)), ("scales", (E, out, cols // 32))):
+            ref = refs.get(part)
+            if ref is None:
+                raise CheckpointError(f"the checkpoint has no {hf}_{part} beside its MXFP4 {hf}_blocks/_scales: download it again")
+            if tuple(ref.shape) != shape or ref.dtype != "U8":
+                raise CheckpointError(
+                    f"{ref.name} is {ref.dtype} {list(ref.shape)}, expected U8 {list(shape)} (MXFP4 of "
+                    f"num_experts={E}, [{out}, {cols}] per expert from config.json)"
+                )
+    bias = p.fused_bias.get((layer, kind))
+    if p.arch.layout.expert_biases:
+        if bias is None:
+            raise CheckpointError(f"the checkpoint has no {hf}_bias: a shard is missing or incomplete; download it again")
+        if tuple(bias.shape) != (E, out):
+            raise CheckpointError(f"{bias.name} is {list(bias.shape)}, expected {[E, out]} (from config.json)")
+    elif bias is not None:
+        raise CheckpointError(f"{bias.name} has no place in a {p.arch.name} model (its experts have no biases)")

@@ -83,10 +83,16 @@ def rope(x: npt.NDArray[np.float32], start: int, inv_freq: npt.NDArray[np.float3
     inv_freq [head_dim / 2]. Any other dtype or layout is a TypeError (no silent copy)."""
 
 def attention(
-    q: npt.NDArray[np.float32], k: npt.NDArray[np.float32], v: npt.NDArray[np.float32], start: int, window: int = 0
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    start: int,
+    window: int = 0,
+    sinks: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
     """Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole cache
-    [start + T, kv_heads, hd]; window > 0: a query sees only its last `window` keys. -> [T, heads * hd]."""
+    [start + T, kv_heads, hd]; window > 0: a query sees only its last `window` keys; sinks [heads]:
+    one more logit per head in each softmax's denominator (attention sinks). -> [T, heads * hd]."""
 
 def softmax_topk(
     logits: npt.NDArray[np.float32], k: int, normalize: bool

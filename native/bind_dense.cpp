@@ -1,6 +1,7 @@
 // edgemoe._core: next-token sampling, the dense ops around the matmuls (dense.h),
 // and one decode token through one decoder layer (layer.h).
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -83,7 +84,8 @@ void bind_dense_ops(py::module_& m) {
       "positions start..start+T-1.");
   m.def(
       "attention",
-      [](const FloatArray& q, const FloatArray& k, const FloatArray& v, int64_t start, int64_t window) {
+      [](const FloatArray& q, const FloatArray& k, const FloatArray& v, int64_t start, int64_t window,
+         const std::optional<FloatArray>& sinks) {
         if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
           throw std::invalid_argument(
               "attention: q, k, v must be [T, heads, hd], [S, kv_heads, hd], [S, kv_heads, hd]");
@@ -93,16 +95,20 @@ void bind_dense_ops(py::module_& m) {
         if (start < 0 || S != start + T)
           throw std::invalid_argument("attention: the cache holds " + std::to_string(S) +
                                       " positions, expected start + T = " + std::to_string(start + T));
+        if (sinks && (sinks->ndim() != 1 || sinks->shape(0) != heads))
+          throw std::invalid_argument("attention: sinks must be [heads] = [" + std::to_string(heads) + "]");
         FloatArray out({T, heads * hd});
-        const float *qp = q.data(), *kp = k.data(), *vp = v.data();
+        const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *sp = sinks ? sinks->data() : nullptr;
         float* op = out.mutable_data();
         py::gil_scoped_release nogil;
-        attention(qp, T, heads, hd, kp, vp, S, kvh, start, window, op);
+        attention(qp, T, heads, hd, kp, vp, S, kvh, start, window, op, sp);
         return out;
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"), py::arg("window") = 0,
+      py::arg("sinks") = py::none(),
       "Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole\n"
       "cache [start + T, kv_heads, hd]. window > 0: a query sees only its last `window` keys.\n"
+      "sinks [heads] float32: a logit per head added to each softmax's denominator (attention sinks).\n"
       "Returns [T, heads * hd].");
   m.def(
       "softmax_topk",

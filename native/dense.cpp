@@ -302,13 +302,21 @@ void weighted_sum_neon(const float* p, const float* v, int64_t vstride, int64_t 
 #endif
 
 void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
-               int64_t kv_heads, int64_t start, int64_t window, float* out) {
-  // q [T, heads, hd]; k, v [S, kv_heads, hd]; out [T, heads, hd]
+               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks) {
+  // q [T, heads, hd]; k, v [S, kv_heads, hd]; sinks [heads] or nullptr; out [T, heads, hd]
   assert(heads % kv_heads == 0 && S == start + T);
   const int64_t rep = heads / kv_heads, kstride = kv_heads * hd;
   const float scale = 1.0f / std::sqrt(float(hd));
   // One task per (token, kv head): the `rep` query heads that share a kv head, one after
   // another while that head's keys and values are in cache.
+  // p [n] scores of head h -> exp(p - m) in place, returning their sum; with sinks, head h's sink
+  // logit takes part in the max m and the sum (its probability is dropped: no value of its own)
+  auto softmax_sum = [&](std::vector<float>& p, int64_t n, int64_t h) {
+    const float mx = *std::max_element(p.begin(), p.begin() + n);
+    if (!sinks) return exp_shifted_sum(p.data(), n, mx);
+    const float m = std::max(mx, sinks[h]);
+    return exp_shifted_sum(p.data(), n, m) + std::exp(sinks[h] - m);
+  };
   auto group = [&](int64_t i, std::vector<float>& p) {  // i = t * kv_heads + g
     const int64_t t = i / kv_heads, g = i % kv_heads, pos = start + t;
     const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - j0;
@@ -322,7 +330,7 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
 #if defined(EDGEMOE_DENSE_AVX2)
       if (hd % 8 == 0) {
         scores_avx2(qi, kg, kstride, n, hd, scale, p.data());
-        const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+        const float inv = 1.0f / softmax_sum(p, n, h);
         for (float& e : p) e *= inv;
         weighted_sum_avx2(p.data(), vg, kstride, n, hd, o);
         continue;
@@ -330,14 +338,14 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
 #elif defined(EDGEMOE_DENSE_NEON)
       if (hd % 4 == 0) {
         scores_neon(qi, kg, kstride, n, hd, scale, p.data());
-        const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+        const float inv = 1.0f / softmax_sum(p, n, h);
         for (float& e : p) e *= inv;
         weighted_sum_neon(p.data(), vg, kstride, n, hd, o);
         continue;
       }
 #endif
       for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot(qi, kg + j * kstride, hd) * scale;
-      const float inv = 1.0f / exp_shifted_sum(p.data(), n, *std::max_element(p.begin(), p.end()));
+      const float inv = 1.0f / softmax_sum(p, n, h);
       std::fill(o, o + hd, 0.0f);
       for (int64_t j = 0; j < n; ++j) axpy(p[size_t(j)] * inv, vg + j * kstride, o, hd);
     }

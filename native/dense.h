@@ -19,9 +19,10 @@ void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const f
 // Causal grouped-query attention of T new queries q [T, heads, hd] at positions
 // start..start+T-1 against k, v [S, kv_heads, hd] (S = start + T); query head h reads
 // kv head h / (heads / kv_heads). window > 0: key j is visible from query i only if
-// i - window < j <= i. out [T, heads * hd].
+// i - window < j <= i. out [T, heads * hd]. sinks [heads] (gpt-oss's attention sinks, or
+// nullptr): one more logit per head in each softmax's denominator, attending to nothing.
 void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
-               int64_t kv_heads, int64_t start, int64_t window, float* out);
+               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks = nullptr);
 
 // Per row of logits [T, E]: softmax, the K largest probabilities (largest first, the
 // lower expert id first on a tie), renormalized to sum 1 when normalize.

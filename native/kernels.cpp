@@ -384,8 +384,35 @@ Expert parse_expert(const uint8_t* blob, uint64_t size) {
   const uint32_t H = e.gate.cols, I = e.gate.rows;
   if (e.up.rows != I || e.up.cols != H || e.down.rows != H || e.down.cols != I)
     bad(who + ": gate/up/down shapes do not form a SwiGLU expert");
+  // bytes 40..63: biases (offset, size), activation, alpha, limit; all zero in a plain SwiGLU expert
+  const uint64_t boff = load_u32(blob + 40), blen = load_u32(blob + 44);
+  if (boff != 0 || blen != 0) {
+    if (blen != 4 * (uint64_t(2) * I + H) || boff < 64 || boff + blen > size)
+      bad(who + ": its biases are " + std::to_string(blen) + " bytes at " + std::to_string(boff) + ", expected " +
+          std::to_string(4 * (uint64_t(2) * I + H)) + " inside the blob");
+    e.bias = blob + boff;
+  }
+  const uint32_t act = load_u32(blob + 48);
+  if (act > kClampedSwiGLU) bad(who + " has activation " + std::to_string(act) + ", which this build does not know");
+  e.act = Activation(act);
+  std::memcpy(&e.alpha, blob + 52, 4);
+  std::memcpy(&e.limit, blob + 56, 4);
+  if (e.act == kClampedSwiGLU && !(std::isfinite(e.alpha) && std::isfinite(e.limit) && e.limit > 0))
+    bad(who + ": its clamped SwiGLU needs a finite alpha and a limit > 0");
   return e;
 }
+
+namespace {
+
+// b [n] little-endian f32 at an unaligned address -> added to each of the T rows of y [T, n]
+void add_bias(const uint8_t* b, int64_t T, uint32_t n, float* y) {
+  std::vector<float> v(n);
+  std::memcpy(v.data(), b, size_t(n) * 4);
+  for (int64_t t = 0; t < T; ++t)
+    for (uint32_t i = 0; i < n; ++i) y[t * n + i] += v[i];
+}
+
+}  // namespace
 
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   // x [T, H] float32 -> g, u [T, I] -> h [T, I] -> y [T, H] float32
@@ -404,9 +431,19 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
       decode_rows(e.gate, r0, r1, in, h.data());
       decode_rows(e.up, r0, r1, in, u.data());
-      for (uint32_t r = r0; r < r1; ++r) h[r] = h[r] / (1.0f + std::exp(-h[r])) * u[r];
+      if (e.bias) {
+        float bg, bu;
+        for (uint32_t r = r0; r < r1; ++r) {
+          std::memcpy(&bg, e.bias + 4 * size_t(r), 4);
+          std::memcpy(&bu, e.bias + 4 * (size_t(I) + r), 4);
+          h[r] += bg;
+          u[r] += bu;
+        }
+      }
+      for (uint32_t r = r0; r < r1; ++r) h[r] = e.glu(h[r], u[r]);
     });
     matmul(e.down, h.data(), 1, y);
+    if (e.bias) add_bias(e.bias + 8 * size_t(I), 1, H, y);
     return;
   }
 #endif
@@ -420,8 +457,13 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
     matmul(e.gate, x, T, g.data());
     matmul(e.up, x, T, u.data());
   }
-  for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  if (e.bias) {  // g, u [T, I] += bg, bu
+    add_bias(e.bias, T, I, g.data());
+    add_bias(e.bias + 4 * size_t(I), T, I, u.data());
+  }
+  for (size_t i = 0; i < g.size(); ++i) g[i] = e.glu(g[i], u[i]);
   matmul(e.down, g.data(), T, y);
+  if (e.bias) add_bias(e.bias + 8 * size_t(I), T, e.hidden(), y);
 }
 
 }  // namespace edgemoe

@@ -2,6 +2,8 @@
 // kernels.cpp drives them; the inner loops are per instruction set (kernels_impl.h).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -74,20 +76,35 @@ bool prefill_int8(const QMatrix& w);
 // AVX-512) and every token runs over them.
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
-// One expert blob: gate [I, H], up [I, H], down [H, I].
+// How an expert joins its gate and up projections (docs/format.md, the blob header's activation).
+// kSwiGLU: silu(g) * u. kClampedSwiGLU (gpt-oss): g' = min(g, limit), u' = clamp(u, -limit, limit),
+// (u' + 1) * g' * sigmoid(alpha * g').
+enum Activation : uint32_t { kSwiGLU = 0, kClampedSwiGLU = 1 };
+
+// One expert blob: gate [I, H], up [I, H], down [H, I], and optionally biases.
 struct Expert {
   uint32_t layer = 0, expert = 0;
   QMatrix gate, up, down;
+  const uint8_t* bias = nullptr;  // f32 [I] gate, [I] up, [H] down (little-endian, unaligned), or none
+  Activation act = kSwiGLU;
+  float alpha = 1.0f, limit = 0.0f;  // kClampedSwiGLU only
   uint32_t hidden() const { return gate.cols; }
   uint32_t intermediate() const { return gate.rows; }
+  // h = act(g, u) for one intermediate value
+  float glu(float g, float u) const {
+    if (act == kSwiGLU) return g / (1.0f + std::exp(-g)) * u;
+    g = std::min(g, limit);
+    u = std::max(-limit, std::min(u, limit));
+    return (u + 1.0f) * (g / (1.0f + std::exp(-alpha * g)));
+  }
 };
 
 // blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 matrices inside
-// it and their SwiGLU shapes; throws std::invalid_argument.
+// it and their SwiGLU shapes, the biases' size and the activation; throws std::invalid_argument.
 Expert parse_expert(const uint8_t* blob, uint64_t size);
 
-// x [T, H] float32 -> y [T, H] float32 = down(silu(gate x) * up x), the expert's
-// gate, up [I, H] and down [H, I] of any kind.
+// x [T, H] float32 -> y [T, H] float32 = down act(gate x + bg, up x + bu) + bd, the expert's
+// gate, up [I, H] and down [H, I] of any kind, the biases 0 when the blob has none.
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
 // p [n] bytes -> a checksum of them, every byte read once on the kernel threads:

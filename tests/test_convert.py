@@ -30,7 +30,7 @@ PROJ = {a: ("block_sparse_moe", "w1", "w3", "w2") for a in ("mixtral", "phimoe")
 }
 # Granite's checkpoints fuse each layer's experts: input_linear [E, 2I, H] (gate rows first), output_linear [E, H, I]
 FUSED_ONLY = ("granitemoe", "granitemoeshared")
-ROUTER = {a: "block_sparse_moe.router.layer.weight" for a in FUSED_ONLY}
+ROUTER = {**{a: "block_sparse_moe.router.layer.weight" for a in FUSED_ONLY}, "gpt_oss": "mlp.router.weight"}
 
 
 def copy_ckpt(src, dst):
@@ -54,6 +54,10 @@ def expert_weights(tensors, arch, layer, e):
         gate_up, down = tensors[pre + "input_linear.weight"][e], tensors[pre + "output_linear.weight"][e]
         i = gate_up.shape[0] // 2
         return gate_up[:i], gate_up[i:], down
+    if arch == "gpt_oss":  # fused [E, H, 2I] with gate, up rows interleaved, and [E, I, H]
+        pre = f"model.layers.{layer}.mlp.experts."
+        gate_up, down = tensors[pre + "gate_up_proj"][e], tensors[pre + "down_proj"][e]
+        return gate_up[:, 0::2].T, gate_up[:, 1::2].T, down.T
     block, g, u, d = PROJ[arch]
     pre = f"model.layers.{layer}.{block}.experts.{e}."
     return tuple(tensors[pre + p + ".weight"] for p in (g, u, d))
@@ -117,6 +121,14 @@ def test_16_bit_experts_are_the_checkpoint_weights(converted, tiny_checkpoint, a
         got = quant.expert_matrices(raw[off : off + length])
         for g, w in zip(got, expert_weights(ref, arch, layer, e)):
             np.testing.assert_array_equal(g, w)
+        glu = quant.parse_blob(raw[off : off + length])["glu"]
+        if arch == "gpt_oss":  # the biases, split as gate and up are, and the clamped SwiGLU's settings
+            pre = f"model.layers.{layer}.mlp.experts."
+            gu, down = ref[pre + "gate_up_proj_bias"][e], ref[pre + "down_proj_bias"][e]
+            np.testing.assert_array_equal(glu.bias, np.concatenate([gu[0::2], gu[1::2], down]))
+            assert (glu.activation, glu.alpha, glu.limit) == (quant.ACT_CLAMPED_SWIGLU, 1.5, np.float32(0.3))
+        else:
+            assert glu.plain
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -151,6 +163,9 @@ def expected_backbone(arch, cfg, moe_layers):
                 names |= {f"layers.{i}.ffn_{x}" for x in ("gate", "up", "down")}
             continue
         names |= {f"layers.{i}.{n}" for n in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn_norm")}
+        if arch == "gpt_oss":
+            names |= {f"layers.{i}.attn_{x}_bias" for x in "qkvo"} | {f"layers.{i}.attn_sinks"}
+            names |= {f"layers.{i}.ffn_router_bias"}
         if arch == "qwen2_moe":
             names |= {f"layers.{i}.attn_{x}_bias" for x in "qkv"}
         if arch == "phimoe":
@@ -196,6 +211,8 @@ HF_NAME = {
     "attn_o_bias": "self_attn.o_proj.bias",
     "attn_norm_bias": "input_layernorm.bias",
     "ffn_norm_bias": "post_attention_layernorm.bias",
+    "attn_sinks": "self_attn.sinks",
+    "ffn_router_bias": "mlp.router.bias",
 }
 HF_NAME_GRANITE = {
     **HF_NAME,
@@ -251,7 +268,7 @@ def test_backbone_and_tokenizer(converted, tiny_checkpoint, arch):
             assert dtype == stored[hf]  # as the checkpoint stores it
             np.testing.assert_array_equal(to_float32(arr, dtype), ref[hf], err_msg=name)
     assert m["experts"]["intermediate_size"] == 128 and m["experts"]["hidden_size"] == 64
-    layout = "fused" if arch in FUSED_ONLY else "per-expert"
+    layout = "fused" if arch in (*FUSED_ONLY, "gpt_oss") else "per-expert"  # transformers saves these fused
     assert m["experts"]["top_k"] == m["config"]["num_experts_per_tok"] and m["source"]["layout"] == layout
     assert m["tokenizer"]["bos_token_id"] == 0 and m["tokenizer"]["eos_token_ids"] == [1]
     assert "tokenizer.json" in m["tokenizer"]["files"]

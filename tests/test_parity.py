@@ -189,6 +189,25 @@ UNUSUAL = [
             residual_multiplier=0.8,
         ),
     ),
+    (
+        "gpt_oss",  # no attention biases, top-1 of 12, a 3-token window on two middle layers, tied, the default RoPE
+        dict(
+            hidden_size=96,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=20,
+            num_local_experts=12,
+            num_experts_per_tok=1,
+            num_hidden_layers=4,
+            sliding_window=3,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            attention_bias=False,
+            swiglu_alpha=1.702,
+            swiglu_limit=7.0,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1.5e5},
+        ),
+    ),
 ]
 
 
@@ -229,7 +248,9 @@ def test_quantized_backbone_kl_is_bounded(converted, arch, backbone_bits):
     )
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared"])
+@pytest.mark.parametrize(
+    "arch", ["mixtral", "qwen2_moe", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared", "gpt_oss"]
+)
 def test_small_budget_gives_identical_output(converted, arch):
     _, dst = converted(arch, 4)
     free = edgemoe.load(dst)

@@ -27,6 +27,7 @@ ARCHS = (
     "phimoe",
     "granitemoe",
     "granitemoeshared",
+    "gpt_oss",
 )
 
 VOCAB_SIZE = 512
@@ -193,6 +194,29 @@ def _base_config(arch: str) -> dict:
         if arch == "granitemoeshared":
             return dict(granite, shared_intermediate_size=96, num_local_experts=5, num_experts_per_tok=1)
         return granite
+    if arch == "gpt_oss":
+        # head_dim 24 != hidden / heads; sliding windows of 5 tokens on even layers; top-3 of 6
+        # experts; a SwiGLU limit low enough that the clamp bites on these weights; YaRN past 32 tokens
+        return dict(
+            common,
+            num_hidden_layers=3,
+            head_dim=24,
+            intermediate_size=128,
+            num_local_experts=6,
+            num_experts_per_tok=3,
+            sliding_window=5,
+            swiglu_alpha=1.5,
+            swiglu_limit=0.3,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=1e4,
+                factor=8.0,
+                beta_fast=32.0,
+                beta_slow=1.0,
+                truncate=False,
+                original_max_position_embeddings=32,
+            ),
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
 
 

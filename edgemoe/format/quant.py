@@ -22,6 +22,7 @@ dequantization reproduces what the quantizer intended.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -44,7 +45,7 @@ EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
 FORMAT_VERSION = (
     _core.FORMAT_VERSION
-)  # the native store's; 2: symmetric matrices are kind 4 (no mins); see docs/format.md
+)  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases and activation
 ALIGN = 64
 
 
@@ -315,12 +316,13 @@ def matrix_nbytes(
     return qmatrix_nbytes(rows, cols, bits, group_size, symmetric)
 
 
-def expert_blob_nbytes(gate: int, up: int, down: int) -> int:
-    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes."""
+def expert_blob_nbytes(gate: int, up: int, down: int, bias_values: int = 0) -> int:
+    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes (and
+    bias_values float32 biases)."""
     pos = BLOB_HEADER_BYTES
     for size in (gate, up):
         pos = _align(pos + size)
-    return pos + down
+    return _align(pos + down) + 4 * bias_values if bias_values else pos + down
 
 
 def expert_nbytes(
@@ -336,16 +338,44 @@ def expert_nbytes(
 # ---------------------------------------------------------------- expert blobs
 
 
-def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """Three serialized QMatrices -> one expert blob (exact length, no trailing padding)."""
+ACT_SWIGLU, ACT_CLAMPED_SWIGLU = 0, 1  # the blob header's activation (docs/format.md)
+
+
+@dataclasses.dataclass(frozen=True)
+class Glu:
+    """What an expert blob holds besides its three matrices: biases (float32 [I] gate, [I] up,
+    [H] down, concatenated) and how gate and up are joined (ACT_SWIGLU: silu(g) * u;
+    ACT_CLAMPED_SWIGLU: gpt-oss's (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+    g' = min(g, limit))."""
+
+    bias: np.ndarray | None = None
+    activation: int = ACT_SWIGLU
+    alpha: float = 1.0
+    limit: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return self.bias is None and self.activation == ACT_SWIGLU
+
+
+def pack_expert_blob(
+    layer: int, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray, glu: Glu | None = None
+) -> np.ndarray:
+    """Three serialized QMatrices (and the biases and activation of `glu`) -> one expert blob
+    (exact length, no trailing padding)."""
     mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in (gate, up, down)]
+    if glu is not None and glu.bias is not None:
+        mats.append(np.ascontiguousarray(glu.bias, dtype="<f4").view(np.uint8).reshape(-1))
     offsets, pos = [], BLOB_HEADER_BYTES
     for m in mats:
         offsets.append(pos)
         pos = _align(pos + m.size)
     total = offsets[-1] + mats[-1].size
     blob = np.zeros(total, dtype=np.uint8)
-    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets, *(m.size for m in mats))
+    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets[:3], *(m.size for m in mats[:3]))
+    if glu is not None:
+        boff, blen = (offsets[3], mats[3].size) if len(mats) == 4 else (0, 0)
+        header += struct.pack("<IIIff", boff, blen, glu.activation, glu.alpha, glu.limit)
     blob[: len(header)] = np.frombuffer(header, np.uint8)
     for off, m in zip(offsets, mats):
         blob[off : off + m.size] = m
@@ -353,7 +383,7 @@ def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, 
 
 
 def parse_blob(blob: np.ndarray) -> dict:
-    """An expert blob's header: layer, expert, offsets and sizes of gate, up, down."""
+    """An expert blob's header: layer, expert, offsets and sizes of gate, up, down, and its Glu."""
     blob = np.asarray(blob, dtype=np.uint8)
     if blob.size < BLOB_HEADER_BYTES or blob[:4].tobytes() != BLOB_MAGIC:
         raise ValueError("not an expert blob (bad magic or too short)")
@@ -364,7 +394,12 @@ def parse_blob(blob: np.ndarray) -> dict:
     for name, o, s in zip(("gate", "up", "down"), offsets, sizes):
         if o + s > blob.size:
             raise ValueError(f"{name} matrix [{o}, {o + s}) lies outside the {blob.size}-byte blob")
-    return {"layer": layer, "expert": expert, "offsets": offsets, "sizes": sizes}
+    boff, blen, act, alpha, limit = struct.unpack("<IIIff", blob[40:60].tobytes())
+    if boff + blen > blob.size:
+        raise ValueError(f"biases [{boff}, {boff + blen}) lie outside the {blob.size}-byte blob")
+    bias = blob[boff : boff + blen].view("<f4").astype(np.float32) if blen else None
+    glu = Glu(bias, act, alpha, limit)
+    return {"layer": layer, "expert": expert, "offsets": offsets, "sizes": sizes, "glu": glu}
 
 
 def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

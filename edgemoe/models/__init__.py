@@ -23,6 +23,7 @@ ALIASES: dict[str, str] = {
     "phimoe": "phimoe",
     "granitemoe": "granitemoe",
     "granitemoeshared": "granitemoe",
+    "gpt_oss": "gpt_oss",
 }
 
 SUPPORTED = sorted(ALIASES)

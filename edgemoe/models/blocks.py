@@ -213,13 +213,15 @@ class KVCache:
         return sum(a.nbytes for store in self.stores() for a in store)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None) -> np.ndarray:
+def attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, window: int | None, sinks: np.ndarray | None = None
+) -> np.ndarray:
     """Causal grouped-query attention of T new queries against all cached keys (native).
 
-    q [T, heads, hd] at positions start..start+T-1; k, v [S, kv_heads, hd] with S = start+T.
-    Returns [T, heads*hd].
+    q [T, heads, hd] at positions start..start+T-1; k, v [S, kv_heads, hd] with S = start+T;
+    sinks [heads] or None (attention sinks). Returns [T, heads*hd].
     """
-    return _core.attention(q, k, v, start, window or 0)
+    return _core.attention(q, k, v, start, window or 0, sinks)
 
 
 Router = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -243,7 +245,8 @@ class Attention:
     """Grouped-query attention with RoPE. q_norm/k_norm: RMSNorm weights applied per head
     (qk_norm "per_head", Qwen3) or over the whole projection before the head split
     (qk_norm "full", OLMoE); clip: clamp q, k and v to [-clip, clip] (OLMoE's clip_qkv);
-    window: a sliding window in tokens, or None."""
+    window: a sliding window in tokens, or None; sinks: a learned logit per head that joins each
+    softmax's denominator and attends to nothing (gpt-oss), or None."""
 
     norm: np.ndarray  # attn_norm [hidden]
     q: Linear
@@ -257,6 +260,7 @@ class Attention:
     window: int | None = None
     scale: float | None = None  # the softmax scale of q . k when it is not 1/sqrt(head_dim) (Granite)
     norm_bias: np.ndarray | None = None  # attn_norm's bias (LayerNorm architectures)
+    sinks: np.ndarray | None = None  # float32 [heads]
 
     def __post_init__(self) -> None:
         self.qkv = LinearGroup(self.q, self.k, self.v)

@@ -129,6 +129,18 @@ class CheckpointLayout:
             for hf, (c, key, default) in self.global_tensors.items()
             if key is None or config.get(key, default)
         }
+    # fused experts stored [E, in, out] (gpt-oss: gate_up [E, H, 2I], down [E, I, H]); None: told by
+    # shape, which cannot tell a square down_proj's orientation
+    fused_transposed: bool | None = None
+    # the fused gate_up's rows alternate gate, up, gate, up... (gpt-oss) instead of all gate, then all up
+    gate_up_interleaved: bool = False
+    # experts carry biases (`experts.gate_up_proj_bias` [E, 2I], `experts.down_proj_bias` [E, H])
+    expert_biases: bool = False
+
+    def expert_activation(self, config: dict[str, Any]) -> tuple[int, float, float]:
+        """(activation, alpha, limit) of the expert blobs (format.quant.Glu): SwiGLU unless the
+        architecture says otherwise."""
+        return (0, 1.0, 0.0)
 
     def extra_layers(self, config: dict[str, Any]) -> int:
         return int(config.get(self.extra_layers_key) or 0) if self.extra_layers_key else 0

@@ -208,6 +208,7 @@ class DecoderLM:
             window=self.cfg.sliding_window if types and types[i] == "sliding_attention" else None,
             scale=self.attention_scale(),
             norm_bias=w.opt_vec(p + "attn_norm_bias"),
+            sinks=w.opt_vec(p + "attn_sinks"),
         )
 
     def moe_block(self, w: Weights, prefix: str) -> MoE:
@@ -233,7 +234,7 @@ class DecoderLM:
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
         assert isinstance(a, Attention) and self.rope.attention_factor == 1.0
-        plain = a.q_norm is None and a.clip is None and a.scale is None and not self.layer_norm
+        plain = a.q_norm is None and a.clip is None and a.scale is None and a.sinks is None and not self.layer_norm
         assert L.moe is not None and L.moe.shared is None and plain, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
         )
@@ -301,7 +302,7 @@ class DecoderLM:
         if a.scale is not None:  # attention() scales by 1/sqrt(head_dim)
             q *= np.float32(a.scale * np.sqrt(cfg.head_dim))
         k_all, v_all = kv.append(layer, k, v, start)
-        return a.o(attention(q, k_all, v_all, start, a.window))  # [T, hidden]
+        return a.o(attention(q, k_all, v_all, start, a.window, a.sinks))  # [T, hidden]
 
     def _ffn(self, L: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
         if L.mlp is not None:

@@ -65,7 +65,7 @@ class SizeModel:
     heads: int
     kv_values_per_token: int  # float32 values the KV cache holds per token, all layers
     attention_values_per_token: int  # float32 scratch values per prefilled token of one layer's attention
-    expert_extra: int = 0  # values per expert besides its three matrices (biases), kept at 16 bits
+    expert_extra: int = 0  # values per expert besides its three matrices (biases), kept in float32
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def expert_params(self) -> int:
@@ -88,11 +88,11 @@ class SizeModel:
         }
 
     def expert_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
-        """One expert as stored at `bits`: its blob (docs/format.md), plus any biases at 16 bits."""
+        """One expert as stored at `bits`: its blob (docs/format.md), biases included."""
         (i, h), _, (h2, i2) = self.expert_shapes
         gate = quant.matrix_nbytes(i, h, bits, group_size, symmetric)
         down = quant.matrix_nbytes(h2, i2, bits, group_size, symmetric)
-        return quant.expert_blob_nbytes(gate, gate, down) + self.expert_extra * FLOAT_BYTES
+        return quant.expert_blob_nbytes(gate, gate, down, self.expert_extra)
 
     def experts_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
         """Every expert at `bits` (blob lengths, as `edgemoe info` sums them)."""
@@ -135,6 +135,11 @@ def _notes(config: dict[str, Any]) -> list[str]:
     if not q:
         return []
     method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+    if method == "mxfp4":
+        return [
+            "the published experts are MXFP4; `edgemoe convert` decodes them exactly to bf16 and stores "
+            "them at the bits asked for (4 bits: quantized again, docs/gguf.md says what that adds)"
+        ]
     return [
         f"the published weights are quantized ({method}); `edgemoe convert` reads bf16, f16 or f32 "
         f"checkpoints, so it needs a dequantized copy; these sizes are what edgemoe stores"
@@ -231,90 +236,13 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
         heads=cfg.num_attention_heads,
         kv_values_per_token=cfg.kv_values_per_token(),
         attention_values_per_token=cfg.attention_values_per_token(),
+        expert_extra=2 * I + H if layout.expert_biases else 0,
         notes=notes,
     )
 
 
-# ---------------------------------------------------------------- families edgemoe does not run yet
-
-
-def _head(V: int, H: int, tied: bool) -> list[Tensor]:
-    out = [Tensor("tok_embeddings", (V, H)), Tensor("output_norm", (H,))]
-    return out + ([] if tied else [Tensor("output", (V, H), True)])
-
-
-def _mlp(prefix: str, H: int, I: int) -> list[Tensor]:
-    return [
-        Tensor(f"{prefix}_gate", (I, H), True),
-        Tensor(f"{prefix}_up", (I, H), True),
-        Tensor(f"{prefix}_down", (H, I), True),
-    ]
-
-
-def _gpt_oss(config: dict[str, Any]) -> SizeModel:
-    """gpt-oss: grouped-query attention with biases and a learned sink per head, every layer
-    MoE with a biased router and experts whose fused gate_up [2I, H] and down [H, I] carry biases."""
-    family = str(config["model_type"])
-    k = _Keys(config, family)
-    H, L, V = k.need("hidden_size"), k.need("num_hidden_layers"), k.need("vocab_size")
-    heads, kvh = k.need("num_attention_heads"), k.need("num_key_value_heads")
-    hd = k.opt("head_dim", H // heads)
-    E, top_k, I = (
-        k.need("num_local_experts"),
-        k.need("num_experts_per_tok", "experts_per_token"),
-        k.need("intermediate_size"),
-    )
-    bias = bool(config.get("attention_bias", True))
-    tied = bool(config.get("tie_word_embeddings", False))
-    q, kv = heads * hd, kvh * hd
-
-    backbone = _head(V, H, tied)
-    for i in range(L):
-        p = f"layers.{i}."
-        backbone += [Tensor(p + "attn_norm", (H,)), Tensor(p + "ffn_norm", (H,))]
-        backbone += [Tensor(p + "attn_q", (q, H), True), Tensor(p + "attn_k", (kv, H), True)]
-        backbone += [Tensor(p + "attn_v", (kv, H), True), Tensor(p + "attn_o", (H, q), True)]
-        if bias:
-            backbone += [
-                Tensor(p + n, (s,))
-                for n, s in (("attn_q_bias", q), ("attn_k_bias", kv), ("attn_v_bias", kv), ("attn_o_bias", H))
-            ]
-        backbone += [
-            Tensor(p + "attn_sinks", (heads,)),
-            Tensor(p + "ffn_router", (E, H)),
-            Tensor(p + "ffn_router_bias", (E,)),
-        ]
-
-    notes = _notes(config)
-    notes.append("each expert's biases (2 x intermediate_size + hidden_size values) are counted with it, at 16 bits")
-    return SizeModel(
-        architecture=family,
-        supported=False,
-        why_not=(
-            "edgemoe cannot run gpt-oss yet: attention sinks, expert biases and the clamped SwiGLU "
-            "of its fused gate_up experts need blocks edgemoe does not have"
-        ),
-        layers=L,
-        moe_layers=list(range(L)),
-        num_experts=E,
-        top_k=top_k,
-        hidden_size=H,
-        vocab_size=V,
-        expert_shapes=((I, H), (I, H), (H, I)),
-        backbone=backbone,
-        tied=tied,
-        heads=heads,
-        kv_values_per_token=2 * L * kv,
-        attention_values_per_token=0,
-        expert_extra=2 * I + H,
-        notes=notes,
-    )
-
-
-# model_type -> size formula of a family edgemoe cannot run yet
-FAMILIES: dict[str, Callable[[dict[str, Any]], SizeModel]] = {
-    "gpt_oss": _gpt_oss,
-}
+# model_type -> size formula of a family edgemoe cannot run yet (none at present)
+FAMILIES: dict[str, Callable[[dict[str, Any]], SizeModel]] = {}
 
 SIZEABLE = sorted(set(ALIASES) | set(FAMILIES))
 

@@ -49,7 +49,7 @@ def requantize(blob: np.ndarray, bits: int, group_size: int = 64, symmetric: boo
     16-bit blob this is bit for bit what the converter writes at `bits`."""
     info = quant.parse_blob(blob)
     mats = [quant.quantize_matrix(w, bits, group_size, symmetric) for w in quant.expert_matrices(blob)]
-    return quant.pack_expert_blob(info["layer"], info["expert"], *mats)
+    return quant.pack_expert_blob(info["layer"], info["expert"], *mats, glu=info["glu"])
 
 
 def window_logits(logits: np.ndarray, scored: int) -> np.ndarray:

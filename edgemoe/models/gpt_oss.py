@@ -1,0 +1,97 @@
+"""gpt-oss: grouped-query attention with q/k/v/o biases and a learned sink per head (one more
+logit in each softmax's denominator), sliding-window and full layers alternating (layer_types),
+YaRN RoPE; every layer MoE, the router with a bias, top-k of its logits, then softmax over those k.
+
+Experts are fused in the checkpoint: gate_up [E, H, 2I] with gate and up rows interleaved and a
+bias, down [E, I, H] with a bias (the converter splits, transposes and keeps the biases in each
+expert blob), or MXFP4 blocks and scales as released (decoded to bf16 exactly). An expert is the
+clamped SwiGLU: g = min(gate x + bg, limit), u = clamp(up x + bu, -limit, limit),
+down((u + 1) * g * sigmoid(alpha * g)) + bd, computed natively from the blob (docs/format.md).
+
+The fused native decode step does not serve this architecture (attention biases and sinks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..format.quant import ACT_CLAMPED_SWIGLU
+from .blocks import MoE, softmax
+from .checkpoint import ATTENTION, QKV_BIAS, CheckpointLayout
+from .decoder import DecoderConfig, DecoderLM, Weights
+
+LAYER_TENSORS = {
+    **ATTENTION,
+    **QKV_BIAS,
+    "self_attn.o_proj.bias": "attn_o_bias",
+    "self_attn.sinks": "attn_sinks",
+    "mlp.router.weight": "ffn_router",
+    "mlp.router.bias": "ffn_router_bias",
+}
+SWIGLU_ALPHA, SWIGLU_LIMIT = 1.702, 7.0  # transformers' defaults; released configs give the limit only
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout(CheckpointLayout):
+    """Attention with biases and sinks, a router with a bias, experts with biases and the clamped SwiGLU."""
+
+    def attn_tensors(self, config: dict[str, Any]) -> list[str]:
+        biases = ["attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias"] if config.get("attention_bias", True) else []
+        return [*super().attn_tensors(config), *biases, "attn_sinks"]
+
+    def moe_tensors(self, config: dict[str, Any]) -> list[str]:
+        return ["ffn_router", "ffn_router_bias"]
+
+    def expert_activation(self, config: dict[str, Any]) -> tuple[int, float, float]:
+        alpha, limit = config.get("swiglu_alpha"), config.get("swiglu_limit")
+        return (
+            ACT_CLAMPED_SWIGLU,
+            float(SWIGLU_ALPHA if alpha is None else alpha),
+            float(SWIGLU_LIMIT if limit is None else limit),
+        )
+
+
+LAYOUT = Layout(
+    layer_tensors=LAYER_TENSORS,
+    expert_roles={},  # experts come fused only
+    intermediate_key="intermediate_size",
+    num_experts_keys=("num_local_experts",),
+    fused_transposed=True,
+    gate_up_interleaved=True,
+    expert_biases=True,
+)
+
+
+@dataclasses.dataclass
+class Config(DecoderConfig):
+    rope_types: ClassVar[tuple[str, ...]] = ("default", "yarn")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        # gpt-oss picks top-k of the logits and softmaxes those k: normalized weights by construction
+        fields = cls.fields_from_dict({**d, "num_experts": cls._get(d, "num_local_experts")})
+        return cls(**{**fields, "norm_topk_prob": True})
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "attn_o_bias": (self.hidden_size,),
+            "attn_sinks": (self.num_attention_heads,),
+            "ffn_router_bias": (self.num_experts,),
+        }
+
+
+class Model(DecoderLM):
+    config_class = Config
+
+    def moe_block(self, w: Weights, prefix: str) -> MoE:
+        return MoE(w.linear(prefix + "ffn_router", prefix + "ffn_router_bias"))
+
+    def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
+        k = self.cfg.num_experts_per_tok
+        logits = router_logits.astype(np.float32)  # the router's bias is in them
+        ids = np.argsort(-logits, axis=-1, kind="stable")[:, :k]  # ffn_moe_topk [T, k], lower id first on a tie
+        weights = softmax(np.take_along_axis(logits, ids, axis=-1))  # over the k chosen logits only
+        return ids.astype(np.int32), np.ascontiguousarray(weights, dtype=np.float32)
