@@ -29,7 +29,7 @@ from edgemoe import models
 from edgemoe.errors import CheckpointError
 from edgemoe.format.quant import Glu, f32_to_bf16_bits
 from edgemoe.format.safetensors import SafetensorsFile, to_float32
-from edgemoe.models.checkpoint import GLOBAL, CheckpointLayout
+from edgemoe.models.checkpoint import CheckpointLayout
 
 # ---------------------------------------------------------------- architectures
 
