@@ -72,20 +72,22 @@ bool prefill_int8(const QMatrix& w);
 // float32 = x @ W^T: W's rows are unpacked 8 at a time and every token runs over them.
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
-// One expert blob: gate [I, H], up [I, H], down [H, I].
+// One expert blob: gate [I, H], up [I, H], down [H, I] (SwiGLU), or, with two matrices,
+// up [I, H] and down [H, I] of a ReLU expert (Switch Transformers' wi, wo); gate is then empty.
 struct Expert {
   uint32_t layer = 0, expert = 0;
   QMatrix gate, up, down;
-  uint32_t hidden() const { return gate.cols; }
-  uint32_t intermediate() const { return gate.rows; }
+  bool glu = true;  // false: down(relu(up x))
+  uint32_t hidden() const { return up.cols; }
+  uint32_t intermediate() const { return up.rows; }
 };
 
-// blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 matrices inside
-// it and their SwiGLU shapes; throws std::invalid_argument.
+// blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 (SwiGLU) or 2 (ReLU)
+// matrices inside it and their shapes; throws std::invalid_argument.
 Expert parse_expert(const uint8_t* blob, uint64_t size);
 
 // x [T, H] float32 -> y [T, H] float32 = down(silu(gate x) * up x), the expert's
-// gate, up [I, H] and down [H, I] of any kind.
+// gate, up [I, H] and down [H, I] of any kind; down(relu(up x)) for a two-matrix expert.
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
 // p [n] bytes -> a checksum of them, every byte read once on the kernel threads:

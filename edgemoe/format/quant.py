@@ -44,7 +44,7 @@ EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
 FORMAT_VERSION = (
     _core.FORMAT_VERSION
-)  # the native store's; 2: symmetric matrices are kind 4 (no mins); see docs/format.md
+)  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: two-matrix (ReLU) experts
 ALIGN = 64
 
 
@@ -315,37 +315,51 @@ def matrix_nbytes(
     return qmatrix_nbytes(rows, cols, bits, group_size, symmetric)
 
 
-def expert_blob_nbytes(gate: int, up: int, down: int) -> int:
-    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes."""
+def expert_blob_nbytes(*sizes: int) -> int:
+    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes
+    (gate, up, down of a SwiGLU expert; up, down of a ReLU one)."""
     pos = BLOB_HEADER_BYTES
-    for size in (gate, up):
+    for size in sizes[:-1]:
         pos = _align(pos + size)
-    return pos + down
+    return pos + sizes[-1]
 
 
 def expert_nbytes(
-    hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
+    hidden: int,
+    intermediate: int,
+    bits: int,
+    group_size: int = 64,
+    symmetric: bool = False,
+    float_dtype: str = "bf16",
+    glu: bool = True,
 ) -> int:
-    """Length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes
-    it; the experts file pads it to whole pages (manifest.page_bytes)."""
-    gate = matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
+    """Length of one expert blob (gate/up [I, H], down [H, I]; no gate when not glu) at `bits`,
+    as the converter writes it; the experts file pads it to whole pages (manifest.page_bytes)."""
+    up = matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
     down = matrix_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
-    return expert_blob_nbytes(gate, gate, down)
+    return expert_blob_nbytes(up, up, down) if glu else expert_blob_nbytes(up, down)
 
 
 # ---------------------------------------------------------------- expert blobs
 
+EXPERT_ROLES = {3: ("gate", "up", "down"), 2: ("up", "down")}  # matrices in a blob, by count
 
-def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
-    """Three serialized QMatrices -> one expert blob (exact length, no trailing padding)."""
-    mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in (gate, up, down)]
+
+def pack_expert_blob(layer: int, expert: int, *mats_in: np.ndarray) -> np.ndarray:
+    """Serialized QMatrices -> one expert blob (exact length, no trailing padding): gate, up,
+    down (SwiGLU: down(silu(gate x) * up x)) or up, down (ReLU: down(relu(up x)))."""
+    if len(mats_in) not in EXPERT_ROLES:
+        raise ValueError(f"an expert blob holds 3 (SwiGLU) or 2 (ReLU) matrices, got {len(mats_in)}")
+    mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in mats_in]
     offsets, pos = [], BLOB_HEADER_BYTES
     for m in mats:
         offsets.append(pos)
         pos = _align(pos + m.size)
     total = offsets[-1] + mats[-1].size
     blob = np.zeros(total, dtype=np.uint8)
-    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets, *(m.size for m in mats))
+    pad = [0] * (3 - len(mats))  # unused slots of the header's three
+    sizes = [m.size for m in mats]
+    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, len(mats), *offsets, *pad, *sizes, *pad)
     blob[: len(header)] = np.frombuffer(header, np.uint8)
     for off, m in zip(offsets, mats):
         blob[off : off + m.size] = m
@@ -353,24 +367,24 @@ def pack_expert_blob(layer: int, expert: int, gate: np.ndarray, up: np.ndarray, 
 
 
 def parse_blob(blob: np.ndarray) -> dict:
-    """An expert blob's header: layer, expert, offsets and sizes of gate, up, down."""
+    """An expert blob's header: layer, expert, roles, offsets and sizes of its matrices."""
     blob = np.asarray(blob, dtype=np.uint8)
     if blob.size < BLOB_HEADER_BYTES or blob[:4].tobytes() != BLOB_MAGIC:
         raise ValueError("not an expert blob (bad magic or too short)")
     layer, expert, n, *rest = struct.unpack("<III3I3I", blob[4:40].tobytes())
-    if n != 3:
-        raise ValueError(f"expert blob has {n} matrices, expected 3")
-    offsets, sizes = list(rest[:3]), list(rest[3:])
-    for name, o, s in zip(("gate", "up", "down"), offsets, sizes):
+    if n not in EXPERT_ROLES:
+        raise ValueError(f"expert blob has {n} matrices, expected 3 (SwiGLU) or 2 (ReLU)")
+    offsets, sizes = list(rest[:n]), list(rest[3 : 3 + n])
+    for name, o, s in zip(EXPERT_ROLES[n], offsets, sizes):
         if o + s > blob.size:
             raise ValueError(f"{name} matrix [{o}, {o + s}) lies outside the {blob.size}-byte blob")
-    return {"layer": layer, "expert": expert, "offsets": offsets, "sizes": sizes}
+    return {"layer": layer, "expert": expert, "roles": EXPERT_ROLES[n], "offsets": offsets, "sizes": sizes}
 
 
-def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dequantized (gate [I, H], up [I, H], down [H, I]) of an expert blob."""
-    gate, up, down = parse_blob(blob)["offsets"]
-    return dequantize_matrix(blob, gate), dequantize_matrix(blob, up), dequantize_matrix(blob, down)
+def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Dequantized matrices of an expert blob: (gate [I, H], up [I, H], down [H, I]), or
+    (up, down) for a ReLU expert."""
+    return tuple(dequantize_matrix(blob, off) for off in parse_blob(blob)["offsets"])
 
 
 def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:

@@ -20,6 +20,7 @@ ALIASES: dict[str, str] = {
     "olmoe": "olmoe",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "switch_transformers": "switch_transformers",
 }
 
 SUPPORTED = sorted(ALIASES)

@@ -294,6 +294,18 @@ class DenseMLP:
 
 
 @dataclasses.dataclass
+class ReluMLP:
+    """down(relu(up x)): the feed-forward of T5-style models (Switch Transformers' dense layers
+    and, in the experts file, its experts)."""
+
+    up: Linear
+    down: Linear
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.down(np.ascontiguousarray(np.maximum(self.up(x), np.float32(0))))
+
+
+@dataclasses.dataclass
 class SharedExpert:
     """An expert every token runs (Qwen2-MoE), optionally scaled per token by
     sigmoid(sigmoid_gate x)."""
@@ -325,5 +337,5 @@ class Layer:
     index: int
     attn: Attention | LatentAttention
     ffn_norm: np.ndarray  # [hidden]
-    mlp: DenseMLP | None = None
+    mlp: DenseMLP | ReluMLP | None = None
     moe: MoE | None = None

@@ -6,6 +6,7 @@ reads checkpoints through it; nothing here reads a file."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,9 @@ DENSE_MLP = {"mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
 ROUTER = {"mlp.gate.weight": "ffn_router"}
 # model-level tensors
 GLOBAL = {"model.embed_tokens.weight": "tok_embeddings", "model.norm.weight": "output_norm", "lm_head.weight": "output"}
+# HF names of the per-layer tensors of a decoder stack, and of one expert's projections in them
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+PER_EXPERT_NAME = re.compile(r"^(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 # per-expert projection names -> role
 GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
@@ -47,6 +51,10 @@ QUANTIZABLE = (
     "attn_k",
     "attn_v",
     "attn_o",
+    "cross_q",
+    "cross_k",
+    "cross_v",
+    "cross_o",
     "attn_q_a",
     "attn_q_b",
     "ffn_gate",
@@ -104,6 +112,54 @@ class CheckpointLayout:
     # config key counting layers after num_hidden_layers that checkpoints carry and generation
     # does not use (DeepSeek-V3's multi-token prediction): the converter leaves them out
     extra_layers_key: str | None = None
+    # model-level tensors: HF name -> canonical name, or None for a copy the converter skips
+    global_tensors: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(GLOBAL))
+    # experts are SwiGLU (gate, up, down) or, when False, ReLU (up, down: Switch Transformers)
+    glu: bool = True
+    # config keys of the layer count, the hidden size and the routed experts per token
+    num_layers_key: str = "num_hidden_layers"
+    hidden_key: str = "hidden_size"
+    top_k_key: str = "num_experts_per_tok"
+
+    def expert_role_order(self) -> tuple[str, ...]:
+        """The roles of an expert's matrices in the order its blob stores them (docs/format.md)."""
+        return ("gate", "up", "down") if self.glu else ("up", "down")
+
+    def locate(self, name: str, config: dict[str, Any]) -> tuple[int, str] | None:
+        """(layer, name within the layer) of a per-layer HF tensor, None for any other."""
+        m = LAYER_NAME.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def hf_layer_name(self, layer: int, rest: str, config: dict[str, Any]) -> str:
+        """The HF name of tensor `rest` of layer `layer` (locate's inverse), for error messages."""
+        return f"model.layers.{layer}.{rest}"
+
+    def match_expert(self, rest: str) -> tuple[int, str] | None:
+        """(expert, projection) of a per-expert tensor named `rest` within its layer, or None."""
+        e = PER_EXPERT_NAME.match(rest)
+        if e and e.group(1) in (self.moe_block, "mlp") and e.group(3) in self.expert_roles:
+            return int(e.group(2)), e.group(3)
+        return None
+
+    def tied(self, config: dict[str, Any]) -> bool:
+        """Whether the output head is the embedding table (no lm_head in the checkpoint)."""
+        return bool(config.get("tie_word_embeddings", False))
+
+    def required_globals(self, config: dict[str, Any]) -> list[str]:
+        """Canonical model-level tensors a checkpoint of this config must hold."""
+        return ["tok_embeddings", "output_norm"] + ([] if self.tied(config) else ["output"])
+
+    def top_k(self, config: dict[str, Any], name: str) -> int:
+        """Routed experts per token."""
+        if config.get(self.top_k_key) is None:
+            raise CheckpointError(
+                f"config.json of this {name} checkpoint has no {self.top_k_key!r}: download config.json again"
+            )
+        return int(config[self.top_k_key])
+
+    def num_layers(self, config: dict[str, Any]) -> int:
+        """Layers of the model, numbered as canonical names and the experts file number them."""
+        return int(config[self.num_layers_key])
 
     def extra_layers(self, config: dict[str, Any]) -> int:
         return int(config.get(self.extra_layers_key) or 0) if self.extra_layers_key else 0
@@ -122,8 +178,9 @@ class CheckpointLayout:
         extras = self.moe_extras if self.moe_extras_key and int(config.get(self.moe_extras_key) or 0) > 0 else ()
         return ["ffn_router", *extras]
 
-    def layer_tensor_names(self, config: dict[str, Any], moe: bool) -> list[str]:
-        """Canonical backbone tensors (after "layers.N.") of an MoE or a dense layer of this config."""
+    def layer_tensor_names(self, config: dict[str, Any], moe: bool, layer: int = 0) -> list[str]:
+        """Canonical backbone tensors (after "layers.N.") of an MoE or a dense layer of this config
+        (layer: its index, for architectures whose layers differ by more than that)."""
         return self.attn_tensors(config) + (self.moe_tensors(config) if moe else list(DENSE_MLP_TENSORS))
 
     def num_experts(self, config: dict[str, Any], name: str) -> int:
@@ -136,7 +193,7 @@ class CheckpointLayout:
         )
 
     def moe_layers(self, config: dict[str, Any], name: str) -> list[int]:
-        n = int(config["num_hidden_layers"])
+        n = self.num_layers(config)
         if not self.sparse_step:
             return list(range(n))
         step = int(config.get("decoder_sparse_step") or 1)

@@ -159,6 +159,8 @@ class DecoderLM:
     # True when every layer is MoE, route() is softmax + top-k and attention has no biases, q/k
     # norms or clipping: then one native call runs a whole layer for a decode token (native/layer.h)
     fused_decode: ClassVar[bool] = False
+    # True for an encoder-decoder: start() encodes the prompt, forward() runs the decoder
+    encoder_decoder: ClassVar[bool] = False
 
     def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: _core.ExpertCache, moe_layers: list[int]):
         self.cfg = cfg
@@ -241,6 +243,12 @@ class DecoderLM:
         )
 
     # -- architecture hooks -------------------------------------------------------
+    def start(self, ids: np.ndarray, kv: KVCache) -> np.ndarray:
+        """The tokens forward() starts from for a prompt `ids`, with kv fresh: the prompt itself
+        here; an encoder-decoder runs its encoder on the prompt into kv and returns the
+        decoder's start tokens."""
+        return ids
+
     def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E] of the
         MoE layer `moe` (whose weights some routings read, e.g. a selection bias)."""
