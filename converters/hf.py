@@ -271,11 +271,10 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
         if _IGNORED.search(name):
             continue
         if name in layout.global_tensors:
-            if layout.global_tensors[name] == "output" and tied:
-                continue  # tied: the runtime uses tok_embeddings
-            if layout.global_tensors[name] is None:
-                continue  # a copy of another tensor (a tied embedding saved twice)
-            p.backbone[layout.global_tensors[name]] = ref
+            canonical = layout.global_tensors[name]
+            if canonical is None or (canonical == "output" and tied):
+                continue  # a copy the layout skips; tied: the runtime uses tok_embeddings
+            p.backbone[canonical] = ref
             continue
         m = layout.locate(name, cfg)
         if m:

@@ -186,3 +186,34 @@ def test_edgemoe_run_and_info(switch, tmp_path):
         [sys.executable, "-m", "edgemoe.cli", "info", str(dst)], capture_output=True, text=True, cwd=tmp_path
     )
     assert info.returncode == 0 and "switch_transformers" in info.stdout, info.stderr
+
+
+def test_routing_trace_covers_encoder_and_decoder_layers(switch):
+    """A trace routes each token through the encoder and, teacher-forced, the decoder: one row per token."""
+    _, dst = switch("untied")
+    m = edgemoe.load(dst)
+    ids = prompt_ids(m.config.vocab_size)
+    trace = m.trace_routing(ids)
+    layers = m.manifest["experts"]["moe_layers"]
+    assert trace.experts.shape == (len(ids), len(layers), 1) and trace.moe_layers == layers
+    assert (trace.experts >= 0).all() and (trace.experts < m.config.num_experts).all()
+
+
+def test_lookahead_prefetch_under_a_budget_keeps_the_tokens(switch):
+    _, dst = switch("untied")
+    full = edgemoe.load(dst)
+    ids = prompt_ids(full.config.vocab_size, seed=3)
+    full.eos_ids = set()
+    want = full.generate(ids, max_new_tokens=NEW_TOKENS)
+    m = edgemoe.load(dst, memory_budget=2 * full.min_budget, prefetch="lookahead")
+    m.eos_ids = set()
+    assert m.generate(ids, max_new_tokens=NEW_TOKENS) == want
+
+
+def test_perplexity_names_what_an_encoder_decoder_lacks(switch):
+    from edgemoe.errors import EdgeMoEError
+    from edgemoe.planning.evaluate import perplexity
+
+    _, dst = switch("tied")
+    with pytest.raises(EdgeMoEError, match="encoder-decoder.*fixed --bits"):
+        perplexity(edgemoe.load(dst), "The quick brown fox jumps over the lazy dog. " * 4, window=16)

@@ -243,6 +243,12 @@ class DecoderLM:
         )
 
     # -- architecture hooks -------------------------------------------------------
+    def run_text(self, ids: np.ndarray, kv: KVCache) -> None:
+        """Route every token of a text through every MoE layer once, with kv fresh (routing
+        traces, calibration): one forward pass here; an encoder-decoder encodes the text and
+        decodes it back, teacher-forced."""
+        self.forward(ids, kv, 0, all_logits=False)
+
     def start(self, ids: np.ndarray, kv: KVCache) -> np.ndarray:
         """The tokens forward() starts from for a prompt `ids`, with kv fresh: the prompt itself
         here; an encoder-decoder runs its encoder on the prompt into kv and returns the

@@ -368,6 +368,7 @@ class Model(DecoderLM):
         bias = self.position_bias(self.enc_bias, 0, T, T, causal=False)
         for i in range(cfg.encoder_layers):
             L = self.layers[i]
+            assert isinstance(L.attn, Attention)
             h = h + self._self_attention(L.attn, _core.rms_norm(h, L.attn.norm, cfg.rms_norm_eps), bias, None, i, 0)
             h = self._ffn_block(L, h)
             if self.observer is not None:
@@ -387,6 +388,12 @@ class Model(DecoderLM):
             kv.cross_v.append(L.cross.v(enc).reshape(S, heads, hd))
         return np.array([self.cfg.decoder_start_token_id], dtype=np.int64)
 
+    def run_text(self, ids: np.ndarray, kv: KVCache) -> None:
+        """The encoder over the text, then the decoder over it shifted right (decoder start token
+        first): each token passes every encoder and every decoder MoE layer once."""
+        first = self.start(ids, kv)
+        self.forward(np.concatenate([first, ids[:-1]]), kv, 0, all_logits=False)
+
     def forward(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
         """Decoder tokens ids [T] at positions start.. (after start() filled kv's cross-attention)
         -> logits [T, vocab], or [1, vocab] for the last token."""
@@ -398,7 +405,7 @@ class Model(DecoderLM):
         for j in range(cfg.decoder_layers):
             i = cfg.encoder_layers + j
             L = self.layers[i]
-            assert isinstance(L, Block) and L.cross is not None
+            assert isinstance(L, Block) and L.cross is not None and isinstance(L.attn, Attention)
             h = h + self._self_attention(L.attn, _core.rms_norm(h, L.attn.norm, eps), bias, kv, j, start)
             q = L.cross.q(_core.rms_norm(h, L.cross.norm, eps)).reshape(T, heads, hd)
             h = h + L.cross.o(t5_attention(q, kv.cross_k[j], kv.cross_v[j], None))

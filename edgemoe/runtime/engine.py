@@ -280,7 +280,7 @@ class Model:
         """An encoder-decoder's encoder output [len(ids), hidden] (after its final norm)."""
         if not self.net.encoder_decoder:
             raise ValueError(f"this {self.architecture} model is decoder-only: it has no encoder")
-        return self.net.encode(self._check_ids(ids))  # type: ignore[attr-defined]
+        return self.net.encode(self._check_ids(ids))
 
     # What generate returns, by the prompt's type and stream (stream=True given by keyword;
     # passed by position it gets the union of the last overload).
