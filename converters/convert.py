@@ -368,21 +368,21 @@ def _write_experts(
     try:
         for layer in plan.moe_layers:
             for e in range(plan.num_experts):
-                gate, up, down = plan.expert(layer, e)
+                weights = plan.expert(layer, e)  # (gate, up, down), or (up, down) of a ReLU expert
                 glu = plan.glu(layer, e)  # biases and activation, kept in float32 at every bitwidth
                 bits = expert_bits[layer, e]
                 nbytes = 0
                 if out is not None:
-                    mats = [_encode(m, dtype, bits, group_size, symmetric) for m in (gate, up, down)]
+                    mats = [_encode(m, dtype, bits, group_size, symmetric) for m in weights]
                     nbytes += out.add(layer, e, bits, mats, glu)
                 # from the checkpoint's weights, not the quantized copy (low is set with fallback)
                 if low is not None and fallback is not None and fallback.bits < bits:
                     mats = [
                         _encode(m, dtype, fallback.bits, fallback.group_size, fallback.symmetric, record=False)
-                        for m in (gate, up, down)
+                        for m in weights
                     ]
                     nbytes += low.add(layer, e, fallback.bits, mats, glu)
-                del gate, up, down
+                del weights
                 bar.update(1, nbytes)
         pos = out.close() if out is not None else 0
         if low is not None and fallback is not None:

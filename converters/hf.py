@@ -218,17 +218,20 @@ class Plan:
             )
         return dtypes.pop() if dtypes else "BF16"
 
-    def expert(self, layer: int, expert: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(gate [I, H], up [I, H], down [H, I]) as stored (bf16 as uint16 bits), read from disk."""
+    def expert(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
+        """The expert's matrices as stored (bf16 as uint16 bits), read from disk: (gate [I, H],
+        up [I, H], down [H, I]), or (up, down) for a ReLU expert (LAYOUT.glu False)."""
         if (layer, "gate_up") in self.fused or (layer, "gate_up") in self.mxfp4:
             gate, up = (np.ascontiguousarray(m) for m in self._split(self._fused_slice(layer, "gate_up", expert)))
-        else:
+        elif self.arch.layout.glu:
             gate, up = (self._per_expert(layer, expert, r) for r in ("gate", "up"))
+        else:
+            up = self._per_expert(layer, expert, "up")
         if (layer, "down") in self.fused or (layer, "down") in self.mxfp4:
             down = np.ascontiguousarray(self._fused_slice(layer, "down", expert))  # [H, I]
         else:
             down = self._per_expert(layer, expert, "down")
-        return gate, up, down
+        return (gate, up, down) if self.arch.layout.glu else (up, down)
 
     def _split(self, gate_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """gate_up [2I, ...] -> (gate, up): halves, or alternate rows when the layout interleaves them."""
@@ -267,8 +270,6 @@ class Plan:
         return part.T if f.transposed else part
 
 
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_PER_EXPERT_RE = re.compile(r"^(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 _FUSED_RE = re.compile(r"^(\w+)\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?(?:\.weight)?$")
 
 # the e2m1 (FP4) values of the 16 MXFP4 codes: sign bit 3, then 2 exponent bits and 1 mantissa bit
@@ -303,28 +304,30 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
         )
     spec = arch_spec(cfg, where=str(ckpt.path))
     p = Plan(spec, cfg)
-    p.num_layers = _config_int(cfg, "num_hidden_layers", spec.name)
+    layout = spec.layout
+    _config_int(cfg, layout.num_layers_key, spec.name)
+    p.num_layers = layout.num_layers(cfg)
     p.num_experts = spec.num_experts(cfg)
-    p.top_k = _config_int(cfg, "num_experts_per_tok", spec.name)
-    p.hidden = _config_int(cfg, "hidden_size", spec.name)
-    p.intermediate = _config_int(cfg, spec.layout.intermediate_key, spec.name)
+    p.top_k = layout.top_k(cfg, spec.name)
+    p.hidden = _config_int(cfg, layout.hidden_key, spec.name)
+    p.intermediate = _config_int(cfg, layout.intermediate_key, spec.name)
     p.moe_layers = spec.moe_layers(cfg)
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = layout.tied(cfg)
     moe_blocks = {spec.layout.moe_block, "mlp"}
-    globals_ = spec.layout.global_names()
 
     for name, st in ckpt.tensors.items():
         ref = TensorRef(st, name)
         if _IGNORED.search(name):
             continue
-        if name in globals_:
-            if name == "lm_head.weight" and tied:
-                continue  # tied: the runtime uses tok_embeddings
-            p.backbone[globals_[name]] = ref
+        if name in layout.global_tensors:
+            canonical = layout.global_tensors[name]
+            if canonical is None or (canonical == "output" and tied):
+                continue  # a copy the layout skips; tied: the runtime uses tok_embeddings
+            p.backbone[canonical] = ref
             continue
-        m = _LAYER_RE.match(name)
+        m = layout.locate(name, cfg)
         if m:
-            layer, rest = int(m.group(1)), m.group(2)
+            layer, rest = m
             if p.num_layers <= layer < p.num_layers + spec.layout.extra_layers(cfg):
                 continue  # layers the model has besides generation's (LAYOUT.extra_layers_key)
             if layer >= p.num_layers:
@@ -341,12 +344,12 @@ def plan_conversion(ckpt: Checkpoint) -> Plan:
                     )
                 p.backbone[canonical] = ref
                 continue
-            e = _PER_EXPERT_RE.match(rest)
-            if e and e.group(1) in moe_blocks and e.group(3) in spec.layout.expert_roles:
-                p.per_expert[(layer, int(e.group(2)), spec.layout.expert_roles[e.group(3)])] = ref
+            e = layout.match_expert(rest)
+            if e is not None:
+                p.per_expert[(layer, e[0], layout.expert_roles[e[1]])] = ref
                 continue
             block, _, tail = rest.partition(".")
-            if block in moe_blocks and tail in spec.layout.fused_experts:
+            if block in moe_blocks and tail in spec.layout.fused_experts and layout.glu:
                 p.fused[(layer, spec.layout.fused_experts[tail])] = FusedRef(ref, False)
                 continue
             f = _FUSED_RE.match(rest)
@@ -377,16 +380,13 @@ def _check_complete(p: Plan, tied: bool) -> None:
                 f"a shard is missing or the checkpoint is not a complete {spec.name} model"
             )
 
-    need("tok_embeddings", "model.embed_tokens.weight")
-    need("output_norm", "model.norm.weight")
-    if not tied:
-        need("output", "lm_head.weight (and tie_word_embeddings is false)")
-    for canonical, hf in spec.layout.required_globals(p.config).items():
-        need(canonical, hf)
+    hf_global = {v: k for k, v in spec.layout.global_tensors.items() if v is not None}
+    for c in spec.layout.required_globals(p.config):
+        need(c, hf_global.get(c, c) + (" (and tie_word_embeddings is false)" if c == "output" else ""))
     moe = set(p.moe_layers)
     for layer in range(p.num_layers):
-        for c in spec.layout.layer_tensor_names(p.config, layer in moe):
-            need(f"layers.{layer}.{c}", f"model.layers.{layer}.{reverse.get(c, c)}")
+        for c in spec.layout.layer_tensor_names(p.config, layer in moe, layer):
+            need(f"layers.{layer}.{c}", spec.layout.hf_layer_name(layer, reverse.get(c, c), p.config))
 
     expert_layers = {k[0] for k in p.per_expert} | {k[0] for k in p.fused} | {k[0] for k in p.mxfp4}
     both = sorted({k[0] for k in p.per_expert} & ({k[0] for k in p.fused} | {k[0] for k in p.mxfp4}))
@@ -421,7 +421,8 @@ def _check_complete(p: Plan, tied: bool) -> None:
                     f"(num_experts={E}, hidden={H}, intermediate={I} from config.json)"
                 )
         for e in range(E):
-            for role, fused_kind in (("gate", "gate_up"), ("up", "gate_up"), ("down", "down")):
+            for role in spec.layout.expert_role_order():
+                fused_kind = "down" if role == "down" else "gate_up"
                 if (layer, fused_kind) in p.fused or (layer, fused_kind) in p.mxfp4:
                     continue
                 r = p.per_expert.get((layer, e, role))

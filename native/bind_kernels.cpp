@@ -119,7 +119,8 @@ void bind_kernels(py::module_& m) {
         return y;
       },
       py::arg("x"), py::arg("blob"),
-      "SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden].");
+      "One expert blob: down(silu(gate x) * up x) (SwiGLU) or down(relu(up x)) (two matrices),\n"
+      "x [T, hidden] -> [T, hidden].");
 }
 
 }  // namespace edgemoe::python

@@ -368,31 +368,40 @@ uint64_t stream_read(const uint8_t* p, uint64_t n) {
 // ---------------------------------------------------------------- experts
 
 Expert parse_expert(const uint8_t* blob, uint64_t size) {
-  // blob [size] bytes (header, gate, up, down QMatrix) -> views into it
+  // blob [size] bytes (header, gate, up, down QMatrix; or up, down) -> views into it
   if (size < 64 || std::memcmp(blob, "EXPB", 4) != 0) bad("not an expert blob (bad magic or too short)");
   Expert e;
   e.layer = load_u32(blob + 4);
   e.expert = load_u32(blob + 8);
   const std::string who = "expert " + std::to_string(e.expert) + " of layer " + std::to_string(e.layer);
-  if (load_u32(blob + 12) != 3) bad(who + " has " + std::to_string(load_u32(blob + 12)) + " matrices, expected 3");
-  QMatrix* mats[3] = {&e.gate, &e.up, &e.down};
-  for (int i = 0; i < 3; ++i) {
+  const uint32_t n = load_u32(blob + 12);
+  if (n != 3 && n != 2) bad(who + " has " + std::to_string(n) + " matrices, expected 3 (SwiGLU) or 2 (ReLU)");
+  e.gated = n == 3;
+  QMatrix* gated[3] = {&e.gate, &e.up, &e.down};
+  QMatrix* relu[2] = {&e.up, &e.down};
+  QMatrix** mats = e.gated ? gated : relu;
+  for (uint32_t i = 0; i < n; ++i) {
     const uint64_t off = load_u32(blob + 16 + 4 * i), len = load_u32(blob + 28 + 4 * i);
     if (off + len > size) bad(who + ": matrix " + std::to_string(i) + " lies outside the blob");
     *mats[i] = parse_qmatrix(blob + off, len);
   }
-  const uint32_t H = e.gate.cols, I = e.gate.rows;
-  if (e.up.rows != I || e.up.cols != H || e.down.rows != H || e.down.cols != I)
+  const uint32_t H = e.up.cols, I = e.up.rows;
+  if (e.gated && (e.gate.rows != I || e.gate.cols != H))
     bad(who + ": gate/up/down shapes do not form a SwiGLU expert");
-  // bytes 40..63: biases (offset, size), activation, alpha, limit; all zero in a plain SwiGLU expert
+  if (e.down.rows != H || e.down.cols != I)
+    bad(who + ": the down projection's shape does not match the up projection's");
+  // bytes 40..63: biases (offset, size), activation, alpha, limit; all zero in a plain SwiGLU
+  // expert and in a two-matrix (ReLU) one
   const uint64_t boff = load_u32(blob + 40), blen = load_u32(blob + 44);
+  const uint32_t act = load_u32(blob + 48);
+  if (!e.gated && (boff != 0 || blen != 0 || act != 0))
+    bad(who + ": a two-matrix (ReLU) expert carries no biases and no activation");
   if (boff != 0 || blen != 0) {
     if (blen != 4 * (uint64_t(2) * I + H) || boff < 64 || boff + blen > size)
       bad(who + ": its biases are " + std::to_string(blen) + " bytes at " + std::to_string(boff) + ", expected " +
           std::to_string(4 * (uint64_t(2) * I + H)) + " inside the blob");
     e.bias = blob + boff;
   }
-  const uint32_t act = load_u32(blob + 48);
   if (act > kClampedSwiGLU) bad(who + " has activation " + std::to_string(act) + ", which this build does not know");
   e.act = Activation(act);
   std::memcpy(&e.alpha, blob + 52, 4);
@@ -417,6 +426,13 @@ void add_bias(const uint8_t* b, int64_t T, uint32_t n, float* y) {
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   // x [T, H] float32 -> g, u [T, I] -> h [T, I] -> y [T, H] float32
   const uint32_t I = e.intermediate();
+  if (!e.gated) {  // x [T, H] -> h [T, I] = relu(up x) -> y [T, H]
+    std::vector<float> h(size_t(T) * I);
+    matmul(e.up, x, T, h.data());
+    for (float& v : h) v = std::max(v, 0.0f);
+    matmul(e.down, h.data(), T, y);
+    return;
+  }
 #if defined(EDGEMOE_SIMD_DECODE)
   if (T == 1 && e.gate.quantized() && e.up.quantized() && e.gate.group_size == e.up.group_size) {
     // Decode: gate and up in one pass over the pool (x rounded once), each task

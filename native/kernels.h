@@ -78,19 +78,22 @@ void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
 // How an expert joins its gate and up projections (docs/format.md, the blob header's activation).
 // kSwiGLU: silu(g) * u. kClampedSwiGLU (gpt-oss): g' = min(g, limit), u' = clamp(u, -limit, limit),
-// (u' + 1) * g' * sigmoid(alpha * g').
+// (u' + 1) * g' * sigmoid(alpha * g'). A two-matrix expert (Switch Transformers' wi, wo) has no
+// gate: down(relu(up x)).
 enum Activation : uint32_t { kSwiGLU = 0, kClampedSwiGLU = 1 };
 
-// One expert blob: gate [I, H], up [I, H], down [H, I], and optionally biases.
+// One expert blob: gate [I, H], up [I, H], down [H, I] (a gated expert) and optionally biases,
+// or, with two matrices, up [I, H] and down [H, I] of a ReLU expert; gate is then empty.
 struct Expert {
   uint32_t layer = 0, expert = 0;
   QMatrix gate, up, down;
+  bool gated = true;  // false: down(relu(up x))
   const uint8_t* bias = nullptr;  // f32 [I] gate, [I] up, [H] down (little-endian, unaligned), or none
   Activation act = kSwiGLU;
   float alpha = 1.0f, limit = 0.0f;  // kClampedSwiGLU only
-  uint32_t hidden() const { return gate.cols; }
-  uint32_t intermediate() const { return gate.rows; }
-  // h = act(g, u) for one intermediate value
+  uint32_t hidden() const { return up.cols; }
+  uint32_t intermediate() const { return up.rows; }
+  // h = act(g, u) for one intermediate value of a gated expert
   float glu(float g, float u) const {
     if (act == kSwiGLU) return g / (1.0f + std::exp(-g)) * u;
     g = std::min(g, limit);
@@ -99,12 +102,14 @@ struct Expert {
   }
 };
 
-// blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 matrices inside
-// it and their SwiGLU shapes, the biases' size and the activation; throws std::invalid_argument.
+// blob [size] bytes -> an Expert viewing it. Checks the magic, the 3 (gated) or 2 (ReLU)
+// matrices inside it and their shapes, the biases' size and the activation; throws
+// std::invalid_argument.
 Expert parse_expert(const uint8_t* blob, uint64_t size);
 
 // x [T, H] float32 -> y [T, H] float32 = down act(gate x + bg, up x + bu) + bd, the expert's
-// gate, up [I, H] and down [H, I] of any kind, the biases 0 when the blob has none.
+// gate, up [I, H] and down [H, I] of any kind, the biases 0 when the blob has none;
+// down(relu(up x)) for a two-matrix expert.
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
 // p [n] bytes -> a checksum of them, every byte read once on the kernel threads:

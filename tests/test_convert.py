@@ -691,8 +691,8 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
         mp.setattr(convert_module, "FORMAT_VERSION", 1)
         convert(src, tmp_path / "v1", **opts)
     new, old = load_manifest(tmp_path / "v2"), load_manifest(tmp_path / "v1")
-    assert (new["format_version"], old["format_version"]) == (2, 1)
-    for d, version in ((tmp_path / "v2", 2), (tmp_path / "v1", 1)):
+    assert (new["format_version"], old["format_version"]) == (FORMAT_VERSION, 1)
+    for d, version in ((tmp_path / "v2", FORMAT_VERSION), (tmp_path / "v1", 1)):
         for f in ("experts.bin", "experts.fallback.bin"):
             assert struct.unpack("<I", (d / f).read_bytes()[8:12])[0] == version
 

@@ -263,6 +263,9 @@ def make_checkpoint(
 ) -> Path:
     """Write a tiny random `arch` checkpoint (sharded safetensors + tokenizer) to `path`."""
     path = Path(path)
+    if arch == "switch_transformers":  # an encoder-decoder: SWITCH's "tied" settings unless a variant is named
+        variant = config_overrides.pop("variant", "tied")
+        return make_switch_checkpoint(variant, path, seed, dtype, shard_size, **config_overrides)
     config = tiny_config(arch, **config_overrides)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -280,4 +283,103 @@ def make_checkpoint(
 def reference_model(path) -> torch.nn.Module:
     """The checkpoint at `path` loaded by transformers in float32, eval mode."""
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- encoder-decoders (Switch Transformers)
+
+# T5's special tokens: <pad>=0 (also the decoder's start token), </s>=1, <unk>=2
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+
+# Switch settings that differ where the code could go wrong: stack depths, sparse steps, expert
+# counts, tied and untied heads, a d_kv shorter than d_model / heads, few relative buckets and a
+# short max distance (so a short prompt reaches the logarithmic buckets), an expert capacity a
+# prompt overflows.
+SWITCH = {
+    "tied": dict(
+        num_layers=3,
+        num_sparse_encoder_layers=1,  # encoder step 3: block 1
+        num_decoder_layers=2,
+        num_sparse_decoder_layers=2,  # decoder step 1: every block
+        num_experts=4,
+        d_kv=8,
+        tie_word_embeddings=True,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    ),
+    "untied": dict(
+        num_layers=2,
+        num_sparse_encoder_layers=2,  # encoder step 1: every block
+        num_decoder_layers=3,
+        num_sparse_decoder_layers=1,  # decoder step 3: block 1
+        num_experts=8,
+        d_kv=16,
+        tie_word_embeddings=False,
+        expert_capacity=3,
+    ),
+}
+
+
+def switch_config(name: str, **overrides) -> transformers.PretrainedConfig:
+    cfg = dict(
+        vocab_size=VOCAB_SIZE,
+        d_model=64,
+        num_heads=4,
+        d_ff=128,
+        expert_capacity=64,
+        dense_act_fn="relu",
+        layer_norm_epsilon=1e-6,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        router_jitter_noise=0.0,
+        dropout_rate=0.0,
+    )
+    cfg.update(SWITCH[name])
+    cfg.update(overrides)
+    return transformers.SwitchTransformersConfig(**cfg)
+
+
+def make_t5_tokenizer(vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
+    """A T5-style tokenizer (Unigram over Metaspace pieces, </s> appended to every input)
+    trained on the built-in text: <pad>=0, </s>=1, <unk>=2."""
+    from tokenizers import processors
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=[T5_PAD, T5_EOS, T5_UNK], unk_token=T5_UNK, show_progress=False
+    )
+    tok.train_from_iterator(_TEXT.splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, 1)]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=T5_EOS, pad_token=T5_PAD, unk_token=T5_UNK
+    )
+
+
+def make_switch_checkpoint(
+    name: str, path, seed: int = 0, dtype=torch.bfloat16, shard_size="200KB", **overrides
+) -> Path:
+    """Write a tiny random Switch Transformers checkpoint (SWITCH[name]) with a T5-style tokenizer."""
+    path = Path(path)
+    config = switch_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.SwitchTransformersForConditionalGeneration(config).to(torch.float32)
+    _randomize(model, seed, 0.1)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.to(dtype).eval()
+    model.save_pretrained(path, max_shard_size=shard_size)
+    tokenizer = make_t5_tokenizer()
+    assert len(tokenizer) <= config.vocab_size, (len(tokenizer), config.vocab_size)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def reference_seq2seq(path) -> torch.nn.Module:
+    """The Switch checkpoint at `path` loaded by transformers in float32, eval mode."""
+    model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
     return model.eval()

@@ -66,7 +66,8 @@ def generate(m: Model, args: argparse.Namespace) -> None:
         seed=args.seed,
         stream=True,
     )
-    sys.stdout.write(args.prompt)
+    if not m.encoder_decoder:  # a decoder continues the prompt; an encoder-decoder answers it
+        sys.stdout.write(args.prompt)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()

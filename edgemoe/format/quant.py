@@ -45,7 +45,7 @@ EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
 FORMAT_VERSION = (
     _core.FORMAT_VERSION
-)  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases and activation
+)  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases, activation and two-matrix (ReLU) experts
 ALIGN = 64
 
 
@@ -316,35 +316,42 @@ def matrix_nbytes(
     return qmatrix_nbytes(rows, cols, bits, group_size, symmetric)
 
 
-def expert_blob_nbytes(gate: int, up: int, down: int, bias_values: int = 0) -> int:
-    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes (and
-    bias_values float32 biases)."""
+def expert_blob_nbytes(*sizes: int, bias_values: int = 0) -> int:
+    """Exact length of the blob pack_expert_blob makes from matrices of these byte sizes
+    (gate, up, down of a gated expert; up, down of a ReLU one) and bias_values float32 biases."""
     pos = BLOB_HEADER_BYTES
-    for size in (gate, up):
+    for size in sizes[:-1]:
         pos = _align(pos + size)
-    return _align(pos + down) + 4 * bias_values if bias_values else pos + down
+    return _align(pos + sizes[-1]) + 4 * bias_values if bias_values else pos + sizes[-1]
 
 
 def expert_nbytes(
-    hidden: int, intermediate: int, bits: int, group_size: int = 64, symmetric: bool = False, float_dtype: str = "bf16"
+    hidden: int,
+    intermediate: int,
+    bits: int,
+    group_size: int = 64,
+    symmetric: bool = False,
+    float_dtype: str = "bf16",
+    glu: bool = True,
 ) -> int:
-    """Length of one expert blob (gate/up [I, H], down [H, I]) at `bits`, as the converter writes
-    it; the experts file pads it to whole pages (manifest.page_bytes)."""
-    gate = matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
+    """Length of one expert blob (gate/up [I, H], down [H, I]; no gate when not glu) at `bits`,
+    as the converter writes it; the experts file pads it to whole pages (manifest.page_bytes)."""
+    up = matrix_nbytes(intermediate, hidden, bits, group_size, symmetric, float_dtype)
     down = matrix_nbytes(hidden, intermediate, bits, group_size, symmetric, float_dtype)
-    return expert_blob_nbytes(gate, gate, down)
+    return expert_blob_nbytes(up, up, down) if glu else expert_blob_nbytes(up, down)
 
 
 # ---------------------------------------------------------------- expert blobs
 
+EXPERT_ROLES = {3: ("gate", "up", "down"), 2: ("up", "down")}  # matrices in a blob, by count
 
 ACT_SWIGLU, ACT_CLAMPED_SWIGLU = 0, 1  # the blob header's activation (docs/format.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class Glu:
-    """What an expert blob holds besides its three matrices: biases (float32 [I] gate, [I] up,
-    [H] down, concatenated) and how gate and up are joined (ACT_SWIGLU: silu(g) * u;
+    """What a gated expert blob holds besides its three matrices: biases (float32 [I] gate, [I]
+    up, [H] down, concatenated) and how gate and up are joined (ACT_SWIGLU: silu(g) * u;
     ACT_CLAMPED_SWIGLU: gpt-oss's (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
     g' = min(g, limit))."""
 
@@ -358,12 +365,16 @@ class Glu:
         return self.bias is None and self.activation == ACT_SWIGLU
 
 
-def pack_expert_blob(
-    layer: int, expert: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray, glu: Glu | None = None
-) -> np.ndarray:
-    """Three serialized QMatrices (and the biases and activation of `glu`) -> one expert blob
-    (exact length, no trailing padding)."""
-    mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in (gate, up, down)]
+def pack_expert_blob(layer: int, expert: int, *mats_in: np.ndarray, glu: Glu | None = None) -> np.ndarray:
+    """Serialized QMatrices -> one expert blob (exact length, no trailing padding): gate, up,
+    down (a gated expert: down(act(gate x, up x)), with the biases and activation of `glu`) or
+    up, down (ReLU: down(relu(up x)))."""
+    if len(mats_in) not in EXPERT_ROLES:
+        raise ValueError(f"an expert blob holds 3 (gated) or 2 (ReLU) matrices, got {len(mats_in)}")
+    if len(mats_in) == 2 and glu is not None and not glu.plain:
+        raise ValueError("a two-matrix (ReLU) expert carries no biases and no activation")
+    mats = [np.asarray(m, dtype=np.uint8).reshape(-1) for m in mats_in]
+    n = len(mats)
     if glu is not None and glu.bias is not None:
         mats.append(np.ascontiguousarray(glu.bias, dtype="<f4").view(np.uint8).reshape(-1))
     offsets, pos = [], BLOB_HEADER_BYTES
@@ -372,9 +383,11 @@ def pack_expert_blob(
         pos = _align(pos + m.size)
     total = offsets[-1] + mats[-1].size
     blob = np.zeros(total, dtype=np.uint8)
-    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, 3, *offsets[:3], *(m.size for m in mats[:3]))
+    pad = [0] * (3 - n)  # unused slots of the header's three
+    sizes = [m.size for m in mats[:n]]
+    header = BLOB_MAGIC + struct.pack("<III3I3I", layer, expert, n, *offsets[:n], *pad, *sizes, *pad)
     if glu is not None:
-        boff, blen = (offsets[3], mats[3].size) if len(mats) == 4 else (0, 0)
+        boff, blen = (offsets[n], mats[n].size) if len(mats) > n else (0, 0)
         header += struct.pack("<IIIff", boff, blen, glu.activation, glu.alpha, glu.limit)
     blob[: len(header)] = np.frombuffer(header, np.uint8)
     for off, m in zip(offsets, mats):
@@ -383,15 +396,15 @@ def pack_expert_blob(
 
 
 def parse_blob(blob: np.ndarray) -> dict:
-    """An expert blob's header: layer, expert, offsets and sizes of gate, up, down, and its Glu."""
+    """An expert blob's header: layer, expert, roles, offsets and sizes of its matrices, and its Glu."""
     blob = np.asarray(blob, dtype=np.uint8)
     if blob.size < BLOB_HEADER_BYTES or blob[:4].tobytes() != BLOB_MAGIC:
         raise ValueError("not an expert blob (bad magic or too short)")
     layer, expert, n, *rest = struct.unpack("<III3I3I", blob[4:40].tobytes())
-    if n != 3:
-        raise ValueError(f"expert blob has {n} matrices, expected 3")
-    offsets, sizes = list(rest[:3]), list(rest[3:])
-    for name, o, s in zip(("gate", "up", "down"), offsets, sizes):
+    if n not in EXPERT_ROLES:
+        raise ValueError(f"expert blob has {n} matrices, expected 3 (SwiGLU) or 2 (ReLU)")
+    offsets, sizes = list(rest[:n]), list(rest[3 : 3 + n])
+    for name, o, s in zip(EXPERT_ROLES[n], offsets, sizes):
         if o + s > blob.size:
             raise ValueError(f"{name} matrix [{o}, {o + s}) lies outside the {blob.size}-byte blob")
     boff, blen, act, alpha, limit = struct.unpack("<IIIff", blob[40:60].tobytes())
@@ -399,13 +412,13 @@ def parse_blob(blob: np.ndarray) -> dict:
         raise ValueError(f"biases [{boff}, {boff + blen}) lie outside the {blob.size}-byte blob")
     bias = blob[boff : boff + blen].view("<f4").astype(np.float32) if blen else None
     glu = Glu(bias, act, alpha, limit)
-    return {"layer": layer, "expert": expert, "offsets": offsets, "sizes": sizes, "glu": glu}
+    return {"layer": layer, "expert": expert, "roles": EXPERT_ROLES[n], "offsets": offsets, "sizes": sizes, "glu": glu}
 
 
-def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dequantized (gate [I, H], up [I, H], down [H, I]) of an expert blob."""
-    gate, up, down = parse_blob(blob)["offsets"]
-    return dequantize_matrix(blob, gate), dequantize_matrix(blob, up), dequantize_matrix(blob, down)
+def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Dequantized matrices of an expert blob: (gate [I, H], up [I, H], down [H, I]), or
+    (up, down) for a ReLU expert."""
+    return tuple(dequantize_matrix(blob, off) for off in parse_blob(blob)["offsets"])
 
 
 def experts_file_header(num_layers: int, num_experts: int, num_blobs: int, file_bytes: int) -> np.ndarray:

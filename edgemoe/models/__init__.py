@@ -24,6 +24,7 @@ ALIASES: dict[str, str] = {
     "granitemoe": "granitemoe",
     "granitemoeshared": "granitemoe",
     "gpt_oss": "gpt_oss",
+    "switch_transformers": "switch_transformers",
 }
 
 SUPPORTED = sorted(ALIASES)

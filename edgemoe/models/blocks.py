@@ -353,6 +353,15 @@ class GateUpMLP:
         y = self.gate_up(x)  # [T, 2I]
         i = y.shape[-1] // 2
         return self.down(np.ascontiguousarray(silu(y[:, :i]) * y[:, i:]))
+class ReluMLP:
+    """down(relu(up x)): the feed-forward of T5-style models (Switch Transformers' dense layers
+    and, in the experts file, its experts)."""
+
+    up: Linear
+    down: Linear
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.down(np.ascontiguousarray(np.maximum(self.up(x), np.float32(0))))
 
 
 @dataclasses.dataclass
@@ -387,6 +396,6 @@ class Layer:
     index: int
     attn: Attention | LatentAttention
     ffn_norm: np.ndarray  # [hidden]
-    mlp: DenseMLP | None = None
+    mlp: DenseMLP | ReluMLP | None = None
     moe: MoE | None = None
     ffn_norm_bias: np.ndarray | None = None  # LayerNorm architectures

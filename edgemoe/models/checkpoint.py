@@ -6,6 +6,7 @@ reads checkpoints through it; nothing here reads a file."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,9 @@ FUSED_EXPERTS = {
     "experts.down_proj": "down",
     "experts.down_proj.weight": "down",
 }
+# HF names of the per-layer tensors of a decoder stack, and of one expert's projections in them
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+PER_EXPERT_NAME = re.compile(r"^(\w+)\.experts\.(\d+)\.(\w+)\.weight$")
 # per-expert projection names -> role
 GLU_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 # transformers 5 writes qwen3_moe's count as num_local_experts; released checkpoints say num_experts
@@ -54,6 +58,10 @@ QUANTIZABLE = (
     "attn_k",
     "attn_v",
     "attn_o",
+    "cross_q",
+    "cross_k",
+    "cross_v",
+    "cross_o",
     "attn_q_a",
     "attn_q_b",
     "ffn_gate",
@@ -114,21 +122,6 @@ class CheckpointLayout:
     extra_layers_key: str | None = None
     # the fused 3D expert tensors' names after "<moe_block>." (Granite: input_linear, output_linear)
     fused_experts: dict[str, str] = dataclasses.field(default_factory=lambda: dict(FUSED_EXPERTS))
-    # model-level tensors besides GLOBAL's (HF name -> canonical), and the config key (with its
-    # default) that makes each required: Phi-MoE's LayerNorm bias and lm_head bias
-    global_tensors: dict[str, tuple[str, str | None, bool]] = dataclasses.field(default_factory=dict)
-
-    def global_names(self) -> dict[str, str]:
-        """Every model-level tensor this architecture may have: HF name -> canonical."""
-        return {**GLOBAL, **{hf: c for hf, (c, _, _) in self.global_tensors.items()}}
-
-    def required_globals(self, config: dict[str, Any]) -> dict[str, str]:
-        """The model-level tensors besides GLOBAL's that this config requires: canonical -> HF name."""
-        return {
-            c: hf
-            for hf, (c, key, default) in self.global_tensors.items()
-            if key is None or config.get(key, default)
-        }
     # fused experts stored [E, in, out] (gpt-oss: gate_up [E, H, 2I], down [E, I, H]); None: told by
     # shape, which cannot tell a square down_proj's orientation
     fused_transposed: bool | None = None
@@ -136,11 +129,63 @@ class CheckpointLayout:
     gate_up_interleaved: bool = False
     # experts carry biases (`experts.gate_up_proj_bias` [E, 2I], `experts.down_proj_bias` [E, H])
     expert_biases: bool = False
+    # model-level tensors: HF name -> canonical name, or None for a copy the converter skips
+    global_tensors: dict[str, str | None] = dataclasses.field(default_factory=lambda: dict(GLOBAL))
+    # model-level tensors beyond the embeddings, the final norm and the head that a config makes
+    # required: canonical -> (config key, its default), key None: always (Phi-MoE's norm and head biases)
+    global_required_by: dict[str, tuple[str | None, bool]] = dataclasses.field(default_factory=dict)
+    # experts are gated (gate, up, down) or, when False, ReLU (up, down: Switch Transformers)
+    glu: bool = True
+    # config keys of the layer count, the hidden size and the routed experts per token
+    num_layers_key: str = "num_hidden_layers"
+    hidden_key: str = "hidden_size"
+    top_k_key: str = "num_experts_per_tok"
 
     def expert_activation(self, config: dict[str, Any]) -> tuple[int, float, float]:
         """(activation, alpha, limit) of the expert blobs (format.quant.Glu): SwiGLU unless the
         architecture says otherwise."""
         return (0, 1.0, 0.0)
+
+    def expert_role_order(self) -> tuple[str, ...]:
+        """The roles of an expert's matrices in the order its blob stores them (docs/format.md)."""
+        return ("gate", "up", "down") if self.glu else ("up", "down")
+
+    def locate(self, name: str, config: dict[str, Any]) -> tuple[int, str] | None:
+        """(layer, name within the layer) of a per-layer HF tensor, None for any other."""
+        m = LAYER_NAME.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def hf_layer_name(self, layer: int, rest: str, config: dict[str, Any]) -> str:
+        """The HF name of tensor `rest` of layer `layer` (locate's inverse), for error messages."""
+        return f"model.layers.{layer}.{rest}"
+
+    def match_expert(self, rest: str) -> tuple[int, str] | None:
+        """(expert, projection) of a per-expert tensor named `rest` within its layer, or None."""
+        e = PER_EXPERT_NAME.match(rest)
+        if e and e.group(1) in (self.moe_block, "mlp") and e.group(3) in self.expert_roles:
+            return int(e.group(2)), e.group(3)
+        return None
+
+    def tied(self, config: dict[str, Any]) -> bool:
+        """Whether the output head is the embedding table (no lm_head in the checkpoint)."""
+        return bool(config.get("tie_word_embeddings", False))
+
+    def required_globals(self, config: dict[str, Any]) -> list[str]:
+        """Canonical model-level tensors a checkpoint of this config must hold."""
+        extra = [c for c, (key, default) in self.global_required_by.items() if key is None or config.get(key, default)]
+        return ["tok_embeddings", "output_norm"] + ([] if self.tied(config) else ["output"]) + extra
+
+    def top_k(self, config: dict[str, Any], name: str) -> int:
+        """Routed experts per token."""
+        if config.get(self.top_k_key) is None:
+            raise CheckpointError(
+                f"config.json of this {name} checkpoint has no {self.top_k_key!r}: download config.json again"
+            )
+        return int(config[self.top_k_key])
+
+    def num_layers(self, config: dict[str, Any]) -> int:
+        """Layers of the model, numbered as canonical names and the experts file number them."""
+        return int(config[self.num_layers_key])
 
     def extra_layers(self, config: dict[str, Any]) -> int:
         return int(config.get(self.extra_layers_key) or 0) if self.extra_layers_key else 0
@@ -159,8 +204,9 @@ class CheckpointLayout:
         extras = self.moe_extras if self.moe_extras_key and int(config.get(self.moe_extras_key) or 0) > 0 else ()
         return ["ffn_router", *extras]
 
-    def layer_tensor_names(self, config: dict[str, Any], moe: bool) -> list[str]:
-        """Canonical backbone tensors (after "layers.N.") of an MoE or a dense layer of this config."""
+    def layer_tensor_names(self, config: dict[str, Any], moe: bool, layer: int = 0) -> list[str]:
+        """Canonical backbone tensors (after "layers.N.") of an MoE or a dense layer of this config
+        (layer: its index, for architectures whose layers differ by more than that)."""
         return self.attn_tensors(config) + (self.moe_tensors(config) if moe else list(DENSE_MLP_TENSORS))
 
     def num_experts(self, config: dict[str, Any], name: str) -> int:
@@ -173,7 +219,7 @@ class CheckpointLayout:
         )
 
     def moe_layers(self, config: dict[str, Any], name: str) -> list[int]:
-        n = int(config["num_hidden_layers"])
+        n = self.num_layers(config)
         if not self.sparse_step:
             return list(range(n))
         step = int(config.get("decoder_sparse_step") or 1)

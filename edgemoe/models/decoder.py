@@ -162,6 +162,8 @@ class DecoderLM:
     fused_decode: ClassVar[bool] = False
     # LayerNorm with a bias (attn_norm_bias, ffn_norm_bias, output_norm_bias) instead of RMSNorm (Phi-MoE)
     layer_norm: ClassVar[bool] = False
+    # True for an encoder-decoder: start() encodes the prompt, forward() runs the decoder
+    encoder_decoder: ClassVar[bool] = False
 
     def __init__(self, cfg: DecoderConfig, tensors: Tensors, cache: _core.ExpertCache, moe_layers: list[int]):
         self.cfg = cfg
@@ -261,6 +263,18 @@ class DecoderLM:
         )
 
     # -- architecture hooks -------------------------------------------------------
+    def run_text(self, ids: np.ndarray, kv: KVCache) -> None:
+        """Route every token of a text through every MoE layer once, with kv fresh (routing
+        traces, calibration): one forward pass here; an encoder-decoder encodes the text and
+        decodes it back, teacher-forced."""
+        self.forward(ids, kv, 0, all_logits=False)
+
+    def start(self, ids: np.ndarray, kv: KVCache) -> np.ndarray:
+        """The tokens forward() starts from for a prompt `ids`, with kv fresh: the prompt itself
+        here; an encoder-decoder runs its encoder on the prompt into kv and returns the
+        decoder's start tokens."""
+        return ids
+
     def route(self, router_logits: np.ndarray, moe: MoE) -> tuple[np.ndarray, np.ndarray]:
         """(expert ids int32 [T, k], weights float32 [T, k]) from router logits [T, E] of the
         MoE layer `moe` (whose weights some routings read, e.g. a selection bias)."""

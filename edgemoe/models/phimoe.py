@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ModelDirectoryError
 from .blocks import MoE
-from .checkpoint import ATTENTION, ATTENTION_TENSORS, QKV_BIAS, CheckpointLayout
+from .checkpoint import ATTENTION, ATTENTION_TENSORS, GLOBAL, QKV_BIAS, CheckpointLayout
 from .decoder import DecoderConfig, DecoderLM
 
 NORM_BIAS = {"input_layernorm.bias": "attn_norm_bias", "post_attention_layernorm.bias": "ffn_norm_bias"}
@@ -45,10 +45,8 @@ LAYOUT = Layout(
     intermediate_key="intermediate_size",
     num_experts_keys=("num_local_experts",),
     moe_block="block_sparse_moe",
-    global_tensors={
-        "model.norm.bias": ("output_norm_bias", None, True),
-        "lm_head.bias": ("output_bias", "lm_head_bias", False),
-    },
+    global_tensors={**GLOBAL, "model.norm.bias": "output_norm_bias", "lm_head.bias": "output_bias"},
+    global_required_by={"output_norm_bias": (None, True), "output_bias": ("lm_head_bias", False)},
 )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import EdgeMoEError, UnsupportedArchitectureError
 from ..format import quant
 from . import ALIASES, get
-from .checkpoint import GLOBAL, CheckpointLayout, float32_role, quantized_role
+from .checkpoint import CheckpointLayout, float32_role, quantized_role
 
 FLOAT_BYTES = 2  # tensors kept as stored: a bf16 or f16 checkpoint (float32 ones keep 4 bytes per value)
 Shape = tuple[int, ...]
@@ -59,7 +59,7 @@ class SizeModel:
     top_k: int
     hidden_size: int
     vocab_size: int
-    expert_shapes: tuple[Shape, Shape, Shape]  # gate [I, H], up [I, H], down [H, I]
+    expert_shapes: tuple[Shape, ...]  # gate [I, H], up [I, H], down [H, I]; no gate for ReLU experts
     backbone: list[Tensor]
     tied: bool  # the output head is the embedding table
     heads: int
@@ -89,10 +89,8 @@ class SizeModel:
 
     def expert_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
         """One expert as stored at `bits`: its blob (docs/format.md), biases included."""
-        (i, h), _, (h2, i2) = self.expert_shapes
-        gate = quant.matrix_nbytes(i, h, bits, group_size, symmetric)
-        down = quant.matrix_nbytes(h2, i2, bits, group_size, symmetric)
-        return quant.expert_blob_nbytes(gate, gate, down, self.expert_extra)
+        sizes = [quant.matrix_nbytes(r, c, bits, group_size, symmetric) for r, c in self.expert_shapes]
+        return quant.expert_blob_nbytes(*sizes, bias_values=self.expert_extra)
 
     def experts_nbytes(self, bits: int, group_size: int = 64, symmetric: bool = False) -> int:
         """Every expert at `bits` (blob lengths, as `edgemoe info` sums them)."""
@@ -201,16 +199,16 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
     shape = _canonical_shapes(cfg, layout, module.Model.qk_norm, keys)
 
     H, V = cfg.hidden_size, cfg.vocab_size
-    globals_: dict[str, Shape] = {"tok_embeddings": (V, H), "output_norm": (H,), "output": (V, H)}
-    globals_.update(cfg.tensor_shapes())  # an architecture's own model-level tensors (output_bias)
-    backbone = [
-        Tensor(n, globals_[n], quantized_role(n))
-        for n in [*GLOBAL.values(), *layout.required_globals(config)]
-        if not (n == "output" and cfg.tie_word_embeddings)
-    ]
+    globals_: dict[str, Shape] = {
+        "tok_embeddings": (V, H),
+        "output_norm": (H,),
+        "output": (V, H),
+        **cfg.tensor_shapes(),
+    }
+    backbone = [Tensor(n, globals_[n], quantized_role(n)) for n in layout.required_globals(config)]
     moe = set(moe_layers)
     for layer in range(cfg.num_hidden_layers):
-        for role in layout.layer_tensor_names(config, layer in moe):
+        for role in layout.layer_tensor_names(config, layer in moe, layer):
             full = f"layers.{layer}.{role}"
             backbone.append(Tensor(full, shape(role), quantized_role(full), float32_role(full)))
     I = keys.need(layout.intermediate_key)
@@ -230,7 +228,7 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
         top_k=cfg.num_experts_per_tok,
         hidden_size=H,
         vocab_size=V,
-        expert_shapes=((I, H), (I, H), (H, I)),
+        expert_shapes=((I, H), (I, H), (H, I)) if layout.glu else ((I, H), (H, I)),
         backbone=backbone,
         tied=cfg.tie_word_embeddings,
         heads=cfg.num_attention_heads,

@@ -61,6 +61,15 @@ def encode_documents(model: Model, text: str, max_tokens: int | None = None) -> 
     return np.asarray(out[:max_tokens] if max_tokens else out, np.int64)
 
 
+def decoder_only(model: Model, what: str) -> None:
+    """Refuse an encoder-decoder by name: `what` scores a decoder's next-token predictions."""
+    if model.encoder_decoder:
+        raise EdgeMoEError(
+            f"{what} scores next-token predictions of a decoder-only model; this {model.architecture} "
+            f"model is an encoder-decoder, which edgemoe does not score yet: convert it with fixed --bits"
+        )
+
+
 def token_ids(model: Model, text_or_ids: Any, max_tokens: int | None = None) -> np.ndarray:
     """A str is text, a path (Path / os.PathLike) names a text file, anything else is token ids."""
     if isinstance(text_or_ids, os.PathLike):
@@ -103,6 +112,7 @@ def window_nll(logits: np.ndarray, ids: np.ndarray, scored: int) -> np.ndarray:
 
 def token_nlls(model: Model, ids: np.ndarray, window: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """NLL of every scored token of ids (float64 [N]) and its position in ids ([N]), windows as perplexity's."""
+    decoder_only(model, "scoring tokens")
     nll, pos = [], []
     for begin, end, scored in windows(len(ids), window):
         chunk = ids[begin:end]
@@ -127,6 +137,7 @@ def perplexity(
     the model, > tokens when windows overlap), windows, seconds and tokens_per_s
     (tokens fed per second of forward passes, i.e. prefill throughput).
     """
+    decoder_only(model, "perplexity")
     ids = token_ids(model, text_or_ids, max_tokens)
     total, scored_tokens, fed, n_win = 0.0, 0, 0, 0
     spans = list(windows(len(ids), window, stride))

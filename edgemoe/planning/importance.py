@@ -37,7 +37,7 @@ from .. import _core
 from ..errors import EdgeMoEError, ModelDirectoryError
 from ..format import quant
 from ..runtime.engine import Model, load
-from .evaluate import token_ids, window_nll, windows
+from .evaluate import decoder_only, token_ids, window_nll, windows
 
 IMPORTANCE_FILE = "importance.json"
 IMPORTANCE_VERSION = 1
@@ -163,6 +163,7 @@ def profile_importance(
         if b not in quant.QBITS:
             raise EdgeMoEError(f"importance bitwidth must be one of {quant.QBITS}, got {b}")
     m = model or load(model_dir)
+    decoder_only(m, "expert importance (--bits auto)")
     net = m.net
     ex = m.manifest["experts"]
     moe_layers, E = list(ex["moe_layers"]), int(ex["num_experts"])

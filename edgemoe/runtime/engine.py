@@ -73,6 +73,8 @@ class Model:
         self.architecture = self.manifest["architecture"]
         arch = models.get(self.architecture, str(self.path))
         self.config = arch.Model.config_class.from_dict(self.manifest["config"])
+        # generate() encodes the prompt and decodes an answer rather than continuing the prompt
+        self.encoder_decoder: bool = arch.Model.encoder_decoder
         if threads:
             _core.set_num_threads(int(threads))
 
@@ -259,11 +261,26 @@ class Model:
         """Forget the KV cache (the expert cache stays warm)."""
         self.kv = self.net.new_kv_cache()
 
-    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 logits [len(ids), vocab] of a fresh sequence."""
+    def logits(
+        self, ids: Sequence[int] | np.ndarray, decoder_ids: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
+        """float32 logits [len(ids), vocab] of a fresh sequence. An encoder-decoder encodes ids and
+        gives the decoder's logits [len(decoder_ids), vocab] over decoder_ids (default: its start token)."""
         arr = self._check_ids(ids)
         self.reset()
-        return self.net.forward(arr, self.kv, 0, all_logits=True)
+        if not self.net.encoder_decoder:
+            if decoder_ids is not None:
+                raise ValueError(f"decoder_ids is for encoder-decoder models; this {self.architecture} is decoder-only")
+            return self.net.forward(arr, self.kv, 0, all_logits=True)
+        first = self.net.start(arr, self.kv)
+        dec = first if decoder_ids is None else self._check_ids(decoder_ids)
+        return self.net.forward(dec, self.kv, 0, all_logits=True)
+
+    def encoder_output(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """An encoder-decoder's encoder output [len(ids), hidden] (after its final norm)."""
+        if not self.net.encoder_decoder:
+            raise ValueError(f"this {self.architecture} model is decoder-only: it has no encoder")
+        return self.net.encode(self._check_ids(ids))
 
     # What generate returns, by the prompt's type and stream (stream=True given by keyword;
     # passed by position it gets the union of the last overload).
@@ -400,9 +417,10 @@ class Model:
         arr = self._check_ids(ids)
         self.reset()
         t0 = time.perf_counter()
+        self._counters["prompt_tokens"] += len(arr)
+        arr = self.net.start(arr, self.kv)  # an encoder-decoder encodes the prompt here
         logits = self.net.forward(arr, self.kv, 0, all_logits=False)
         self._counters["prefill_seconds"] += time.perf_counter() - t0
-        self._counters["prompt_tokens"] += len(arr)
         pos = len(arr)
         for i in range(max_new_tokens):
             token = sampler(logits[-1])

@@ -220,7 +220,7 @@ def trace_routing(
     try:
         for s in range(0, len(arr), window):
             model.reset()
-            net.forward(arr[s : s + window], model.kv, 0, all_logits=False)
+            net.run_text(arr[s : s + window], model.kv)
     finally:
         net.observer = saved
     trace = rec.trace()

@@ -855,6 +855,46 @@ static void test_expert_forward() {
     }
 }
 
+// A two-matrix blob is a ReLU expert, down(relu(up x)) (Switch Transformers); other counts are refused.
+static void test_relu_expert_forward() {
+  const uint32_t H = 64, I = 96;
+  TestMatrix u = make_quant(I, H, 8, 32), d = make_quant(H, I, 8, 32);
+  std::vector<uint8_t> blob(64, 0);
+  std::memcpy(blob.data(), "EXPB", 4);
+  put_u32(blob, 12, 2);
+  int i = 0;
+  for (TestMatrix* m : {&u, &d}) {
+    blob.resize(align64(blob.size()), 0);
+    put_u32(blob, 16 + 4 * size_t(i), uint32_t(blob.size()));
+    put_u32(blob, 28 + 4 * size_t(i), uint32_t(m->buf.size()));
+    blob.insert(blob.end(), m->buf.begin(), m->buf.end());
+    ++i;
+  }
+  const Expert e = parse_expert(blob.data(), blob.size());
+  CHECK(!e.gated && e.hidden() == H && e.intermediate() == I);
+  for (int64_t T : {1, 5, 13}) {
+    auto x = rand_vec(size_t(T) * H);
+    std::vector<float> y(size_t(T) * H);
+    expert_forward(e, x.data(), T, y.data());
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> h(I, 0.0), ref(H, 0.0);
+      for (uint32_t r = 0; r < I; ++r) {
+        for (uint32_t c = 0; c < H; ++c) h[r] += u.w[size_t(r) * H + c] * x[size_t(t) * H + c];
+        h[r] = std::max(h[r], 0.0);
+      }
+      double mx = 0, err = 0;
+      for (uint32_t r = 0; r < H; ++r) {
+        for (uint32_t c = 0; c < I; ++c) ref[r] += d.w[size_t(r) * I + c] * h[c];
+        mx = std::max(mx, std::fabs(ref[r]));
+        err = std::max(err, std::fabs(ref[r] - y[size_t(t) * H + r]));
+      }
+      CHECK(err <= 1e-3 * mx);  // 8-bit codes: x and h rounded to int16 at most
+    }
+  }
+  put_u32(blob, 12, 1);
+  CHECK(throws([&] { parse_expert(blob.data(), blob.size()); }, "expected 3 (SwiGLU) or 2 (ReLU)"));
+}
+
 // moe_forward = combine_slots(moe_forward_slots(every slot)) bit for bit, also when the slots
 // are split by a mask into two calls (the cluster's remote and local halves) made at once on
 // two threads over one cache that starts empty (both read); masked-out slots are left as they were.
@@ -1641,6 +1681,7 @@ int main() {
 #endif
   test_dense_ops();
   test_expert_forward();
+  test_relu_expert_forward();
   test_crc();
   test_sample();
   test_store_and_cache();
