@@ -462,11 +462,11 @@ def test_destination_exists(tiny_checkpoint, tmp_path, capsys):
 def test_failed_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     real, calls = quant.pack_expert_blob, []
 
-    def pack_then_fail(*args):
+    def pack_then_fail(*args, **kw):
         calls.append(args)
         if len(calls) == 5:
             raise OSError("disk full")
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(quant, "pack_expert_blob", pack_then_fail)
     with pytest.raises(OSError, match="disk full"):

@@ -353,6 +353,9 @@ class GateUpMLP:
         y = self.gate_up(x)  # [T, 2I]
         i = y.shape[-1] // 2
         return self.down(np.ascontiguousarray(silu(y[:, :i]) * y[:, i:]))
+
+
+@dataclasses.dataclass
 class ReluMLP:
     """down(relu(up x)): the feed-forward of T5-style models (Switch Transformers' dense layers
     and, in the experts file, its experts)."""
