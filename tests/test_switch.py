@@ -46,14 +46,16 @@ def prompt_ids(vocab: int, seed: int = 1) -> list[int]:
 
 
 def reference_greedy(ref, ids: list[int], n: int) -> list[int]:
-    """n greedy decoder tokens, each from a full forward pass over what came before (no cache,
-    no logits processors): the plain argmax continuation."""
+    """n greedy decoder tokens, one decoder call per token with transformers' cache (as its
+    generate runs them, so expert capacity counts one token per call), no logits processors."""
     out = [ref.config.decoder_start_token_id]
+    cache = None
     with torch.no_grad():
         enc = ref.get_encoder()(input_ids=torch.tensor([ids]))
         for _ in range(n):
-            logits = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out])).logits[0, -1]
-            out.append(int(logits.argmax()))
+            step = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out[-1:]]), cache=cache, use_cache=True)
+            cache = step.past_key_values
+            out.append(int(step.logits[0, -1].argmax()))
     return out[1:]
 
 
