@@ -219,3 +219,22 @@ def test_perplexity_names_what_an_encoder_decoder_lacks(switch):
     _, dst = switch("tied")
     with pytest.raises(EdgeMoEError, match="encoder-decoder.*fixed --bits"):
         perplexity(edgemoe.load(dst), "The quick brown fox jumps over the lazy dog. " * 4, window=16)
+
+
+def test_quantized_experts_stream_and_fall_back(tmp_path):
+    """4-bit two-matrix experts (symmetric, with 2-bit low-bit copies): the same tokens under the
+    smallest budget as unbounded, and low-bit copies served for low gate weights."""
+    src = make_switch_checkpoint("untied", tmp_path / "hf")
+    dst = tmp_path / "q4"
+    convert(src, dst, bits=4, group_size=32, symmetric=True, fallback_bits=2, progress=False)
+    full = edgemoe.load(dst)
+    ids = prompt_ids(full.config.vocab_size, seed=4)
+    full.eos_ids = set()
+    want = full.generate(ids, max_new_tokens=12)
+    small = edgemoe.load(dst, memory_budget=full.min_budget)
+    small.eos_ids = set()
+    assert small.generate(ids, max_new_tokens=12) == want
+    low = edgemoe.load(dst, memory_budget=full.min_budget, fallback=1.0)  # every miss takes its low-bit copy
+    low.eos_ids = set()
+    assert len(low.generate(ids, max_new_tokens=12)) == 12
+    assert low.stats()["fallback"]["uses"] > 0
