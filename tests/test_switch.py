@@ -46,14 +46,16 @@ def prompt_ids(vocab: int, seed: int = 1) -> list[int]:
 
 
 def reference_greedy(ref, ids: list[int], n: int) -> list[int]:
-    """n greedy decoder tokens, each from a full forward pass over what came before (no cache,
-    no logits processors): the plain argmax continuation."""
+    """n greedy decoder tokens, one decoder call per token with transformers' cache (as its
+    generate runs them, so expert capacity counts one token per call), no logits processors."""
     out = [ref.config.decoder_start_token_id]
+    cache = None
     with torch.no_grad():
         enc = ref.get_encoder()(input_ids=torch.tensor([ids]))
         for _ in range(n):
-            logits = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out])).logits[0, -1]
-            out.append(int(logits.argmax()))
+            step = ref(encoder_outputs=enc, decoder_input_ids=torch.tensor([out[-1:]]), cache=cache, use_cache=True)
+            cache = step.past_key_values
+            out.append(int(step.logits[0, -1].argmax()))
     return out[1:]
 
 
@@ -217,3 +219,22 @@ def test_perplexity_names_what_an_encoder_decoder_lacks(switch):
     _, dst = switch("tied")
     with pytest.raises(EdgeMoEError, match="encoder-decoder.*fixed --bits"):
         perplexity(edgemoe.load(dst), "The quick brown fox jumps over the lazy dog. " * 4, window=16)
+
+
+def test_quantized_experts_stream_and_fall_back(tmp_path):
+    """4-bit two-matrix experts (symmetric, with 2-bit low-bit copies): the same tokens under the
+    smallest budget as unbounded, and low-bit copies served for low gate weights."""
+    src = make_switch_checkpoint("untied", tmp_path / "hf")
+    dst = tmp_path / "q4"
+    convert(src, dst, bits=4, group_size=32, symmetric=True, fallback_bits=2, progress=False)
+    full = edgemoe.load(dst)
+    ids = prompt_ids(full.config.vocab_size, seed=4)
+    full.eos_ids = set()
+    want = full.generate(ids, max_new_tokens=12)
+    small = edgemoe.load(dst, memory_budget=full.min_budget)
+    small.eos_ids = set()
+    assert small.generate(ids, max_new_tokens=12) == want
+    low = edgemoe.load(dst, memory_budget=full.min_budget, fallback=1.0)  # every miss takes its low-bit copy
+    low.eos_ids = set()
+    assert len(low.generate(ids, max_new_tokens=12)) == 12
+    assert low.stats()["fallback"]["uses"] > 0

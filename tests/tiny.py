@@ -294,7 +294,7 @@ T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
 # Switch settings that differ where the code could go wrong: stack depths, sparse steps, expert
 # counts, tied and untied heads, a d_kv shorter than d_model / heads, few relative buckets and a
 # short max distance (so a short prompt reaches the logarithmic buckets), an expert capacity a
-# prompt overflows.
+# prompt overflows, a router with a bias.
 SWITCH = {
     "tied": dict(
         num_layers=3,
@@ -316,6 +316,7 @@ SWITCH = {
         d_kv=16,
         tie_word_embeddings=False,
         expert_capacity=3,
+        router_bias=True,
     ),
 }
 

@@ -892,7 +892,7 @@ static void test_relu_expert_forward() {
     }
   }
   put_u32(blob, 12, 1);
-  CHECK(throws([&] { parse_expert(blob.data(), blob.size()); }, "expected 3 (SwiGLU) or 2 (ReLU)"));
+  CHECK(throws<std::invalid_argument>([&] { parse_expert(blob.data(), blob.size()); }, "expected 3 (SwiGLU) or 2 (ReLU)"));
 }
 
 // moe_forward = combine_slots(moe_forward_slots(every slot)) bit for bit, also when the slots
