@@ -251,6 +251,131 @@ void weighted_sum_avx2(const float* p, const float* v, int64_t vstride, int64_t 
   }
 }
 
+// ---- attention over the prompt, blocked: kQueryBlock tokens times the heads sharing a kv
+// head form the query rows of one task; each key and value row is loaded once for all of them.
+
+constexpr int64_t kQueryBlock = 4;  // prompt tokens per task
+constexpr int kScoreRows = 8;       // query rows per pass over a tile of 8 keys
+constexpr int kPvRows = 3;          // query rows per pass over the values: 3 x 4 accumulators
+
+// r[i] = 8 floats of row i -> r[c] = element c of rows 0..7.
+inline void transpose8_ps(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
+  }
+}
+
+// s[i * sstride + l] = scale * qrow[i] . key l of the tile kt [hd][8] (key l in lane l), R rows.
+template <int R>
+inline void scores_tile(const float* const* qrow, const float* kt, int64_t hd, float scale, float* s, int64_t sstride) {
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < hd; ++c) {
+    const __m256 kc = _mm256_loadu_ps(kt + c * 8);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(qrow[i] + c), kc, acc[i]);
+  }
+  const __m256 vs = _mm256_set1_ps(scale);
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(s + i * sstride, _mm256_mul_ps(acc[i], vs));
+}
+
+// o[i][c0 .. c0 + 8W) = sum_j p[i][j] v_j over j in [ja, jb), R rows (p zero outside each row's range).
+template <int R, int W>
+inline void pv_tile(const float* const* p, const float* v, int64_t vstride, int64_t ja, int64_t jb, int64_t c0,
+                    float* const* o) {
+  __m256 acc[R][W];
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < W; ++u) acc[i][u] = _mm256_setzero_ps();
+  for (int64_t j = ja; j < jb; ++j) {
+    __m256 vj[W];
+    for (int u = 0; u < W; ++u) vj[u] = _mm256_loadu_ps(v + j * vstride + c0 + 8 * u);
+    for (int i = 0; i < R; ++i) {
+      const __m256 pj = _mm256_broadcast_ss(p[i] + j);
+      for (int u = 0; u < W; ++u) acc[i][u] = _mm256_fmadd_ps(pj, vj[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < W; ++u) _mm256_storeu_ps(o[i] + c0 + 8 * u, acc[i][u]);
+}
+
+template <int R>
+void pv_rows(const float* const* p, const float* v, int64_t vstride, int64_t ja, int64_t jb, int64_t hd,
+             float* const* o) {
+  int64_t c = 0;
+  for (; c + 32 <= hd; c += 32) pv_tile<R, 4>(p, v, vstride, ja, jb, c, o);
+  for (; c < hd; c += 8) pv_tile<R, 1>(p, v, vstride, ja, jb, c, o);
+}
+
+// Tokens [t0, t1) of the prompt, kv head g (hd % 8 == 0): q [T, heads, hd], k and v [S,
+// kv_heads, hd] -> out rows of those tokens and of the heads that share g. buf: scratch.
+void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int64_t heads, int64_t hd,
+                          const float* k, const float* v, int64_t kv_heads, int64_t start, int64_t window,
+                          float* out, std::vector<float>& buf) {
+  const int64_t rep = heads / kv_heads, kstride = kv_heads * hd, nq = (t1 - t0) * rep;
+  const int64_t last = start + t1 - 1;
+  const int64_t j0 = window > 0 ? std::max<int64_t>(0, start + t0 - window + 1) : 0, n = last + 1 - j0;
+  const int64_t n8 = (n + 7) / 8 * 8;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  buf.resize(size_t(nq * n8 + hd * 8));
+  float* s = buf.data();  // [nq][n8] scores, then probabilities
+  float* kt = s + nq * n8;
+  const float* kg = k + j0 * kstride + g * hd;
+  const float* vg = v + j0 * kstride + g * hd;
+  std::vector<const float*> qrow(static_cast<size_t>(nq));
+  std::vector<float*> orow(static_cast<size_t>(nq));
+  std::vector<int64_t> lo(static_cast<size_t>(nq)), hi(static_cast<size_t>(nq));  // each row's keys [lo, hi), relative to j0
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t t = t0 + i / rep, h = g * rep + i % rep, pos = start + t;
+    qrow[size_t(i)] = q + (t * heads + h) * hd;
+    orow[size_t(i)] = out + (t * heads + h) * hd;
+    lo[size_t(i)] = (window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0) - j0;
+    hi[size_t(i)] = pos + 1 - j0;
+  }
+  // scores: 8 keys transposed into kt once, then every query row over them
+  for (int64_t jb = 0; jb < n; jb += 8) {
+    const int64_t m = std::min<int64_t>(8, n - jb);
+    for (int64_t c = 0; c < hd; c += 8) {
+      __m256 r[8];
+      for (int l = 0; l < 8; ++l) r[l] = l < m ? _mm256_loadu_ps(kg + (jb + l) * kstride + c) : _mm256_setzero_ps();
+      transpose8_ps(r);
+      for (int l = 0; l < 8; ++l) _mm256_storeu_ps(kt + (c + l) * 8, r[l]);
+    }
+    int64_t i = 0;
+    for (; i + kScoreRows <= nq; i += kScoreRows)
+      scores_tile<kScoreRows>(&qrow[size_t(i)], kt, hd, scale, s + i * n8 + jb, n8);
+    for (; i < nq; ++i) scores_tile<1>(&qrow[size_t(i)], kt, hd, scale, s + i * n8 + jb, n8);
+  }
+  // softmax over each row's own keys; zero elsewhere, so a pass over the union adds nothing
+  std::vector<const float*> prow(static_cast<size_t>(nq));
+  for (int64_t i = 0; i < nq; ++i) {
+    float* si = s + i * n8;
+    const int64_t a = lo[size_t(i)], b = hi[size_t(i)];
+    const float inv = 1.0f / exp_shifted_sum(si + a, b - a, *std::max_element(si + a, si + b));
+    for (int64_t j = a; j < b; ++j) si[j] *= inv;
+    std::fill(si, si + a, 0.0f);
+    std::fill(si + b, si + n8, 0.0f);
+    prow[size_t(i)] = si;
+  }
+  int64_t i = 0;
+  for (; i + kPvRows <= nq; i += kPvRows) {
+    const int64_t a = *std::min_element(&lo[size_t(i)], &lo[size_t(i)] + kPvRows);
+    const int64_t b = *std::max_element(&hi[size_t(i)], &hi[size_t(i)] + kPvRows);
+    pv_rows<kPvRows>(&prow[size_t(i)], vg, kstride, a, b, hd, &orow[size_t(i)]);
+  }
+  for (; i < nq; ++i) pv_rows<1>(&prow[size_t(i)], vg, kstride, lo[size_t(i)], hi[size_t(i)], hd, &orow[size_t(i)]);
+}
+
 }  // namespace
 #endif
 
@@ -350,6 +475,26 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
       for (int64_t j = 0; j < n; ++j) axpy(p[size_t(j)] * inv, vg + j * kstride, o, hd);
     }
   };
+#if defined(EDGEMOE_DENSE_AVX2)
+  if (T > 1 && hd % 8 == 0) {  // the prompt: blocks of tokens per kv head
+    const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock, n = blocks * kv_heads;
+    auto block = [&](int64_t i, std::vector<float>& buf) {
+      const int64_t b = i / kv_heads, t0 = b * kQueryBlock;
+      attention_block_avx2(q, t0, std::min(T, t0 + kQueryBlock), i % kv_heads, heads, hd, k, v, kv_heads, start,
+                           window, out, buf);
+    };
+    if (T * heads * S * hd < (int64_t(1) << 18) || n == 1) {
+      std::vector<float> buf;
+      for (int64_t i = 0; i < n; ++i) block(i, buf);
+    } else {
+      ThreadPool::instance().parallel_for(n, [&](int64_t i) {
+        std::vector<float> buf;
+        block(i, buf);
+      });
+    }
+    return;
+  }
+#endif
   const int64_t tasks = T * kv_heads;
   // Worth waking the pool only for long contexts or prefill.
   if (T * heads * S * hd < (int64_t(1) << 18) || tasks == 1) {

@@ -680,7 +680,8 @@ void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint3
     bs[t] = x.bsum.data() + (t0 + t) * int64_t(nb);
     acc[t] = _mm256_setzero_ps();
   }
-  const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  const __m256i ones = _mm256_set1_epi16(1);
+  [[maybe_unused]] const __m256i sixteen = _mm256_set1_epi16(16);
   for (uint32_t b = 0; b < nb; ++b) {
     const __m256i* wb = tile + b * kPanelVecs<BITS>;
     __m256i s16[NT];
@@ -694,21 +695,21 @@ void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint3
       for (int t = 0; t < NT; ++t)
         s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
     }
-    __m256i d32[NT];
-    for (int t = 0; t < NT; ++t) d32[t] = _mm256_madd_epi16(s16[t], ones);
+    __m256i hi16[BITS == 8 ? NT : 1];
     if constexpr (BITS == 8) {  // the high nibbles, weighted 16 when the pairs are summed to 32 bits
-      for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+      for (int t = 0; t < NT; ++t) hi16[t] = _mm256_setzero_si256();
 #pragma GCC unroll 8
       for (uint32_t q = 0; q < 8; ++q) {
         const __m256i wq = _mm256_load_si256(wb + 8 + q);
         for (int t = 0; t < NT; ++t)
-          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+          hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
       }
-      for (int t = 0; t < NT; ++t) d32[t] = _mm256_add_epi32(d32[t], _mm256_madd_epi16(s16[t], sixteen));
     }
     const __m256 sv = _mm256_loadu_ps(sc8 + b * kPanel), mv = _mm256_loadu_ps(mn8 + b * kPanel);
     for (int t = 0; t < NT; ++t) {
-      const __m256 d = _mm256_cvtepi32_ps(d32[t]);
+      __m256i d32 = _mm256_madd_epi16(s16[t], ones);
+      if constexpr (BITS == 8) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(hi16[t], sixteen));
+      const __m256 d = _mm256_cvtepi32_ps(d32);
       acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
       acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
     }

@@ -23,7 +23,7 @@ def matmul_err(y, x, w):
 
 def uses_x16(bits, T):
     """The SIMD decode (AVX2, NEON; one token) rounds x per 32 values (kernels.cpp): to int16, or int8 (uses_x8)."""
-    return T == 1 and _core.simd() != "portable"
+    return T == 1 and not _core.simd().startswith("portable")
 
 
 def uses_x8(bits, T):
@@ -32,8 +32,8 @@ def uses_x8(bits, T):
 
 
 def uses_prefill_x8(buf, T):
-    """Several tokens times 4-bit codes on AVX2: x rounded to int8 per 32 values
-    (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
+    """Several tokens times 4- or 8-bit codes on AVX2 or AVX-512: x rounded to int8 per 32
+    values (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
     return T >= _core.GEMM_MIN_TOKENS and _core.prefill_int8(buf)
 
 
@@ -353,3 +353,27 @@ def test_matmul_many_matches_one_at_a_time(T):
         np.testing.assert_array_equal(y, _core.qmatrix_matmul(x, buf))
     with pytest.raises(ValueError):
         _core.qmatrix_matmul_many(x, [bufs[0], q.quantize_matrix(np.ones((4, 128), np.float32), 4, 64, False)])
+
+
+# The AVX-512 sets the kernels need, as Linux names them in /proc/cpuinfo (it drops them
+# when the OS does not save the zmm state).
+AVX512_SETS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def test_avx512_kernels_follow_what_the_cpu_has():
+    """The core picks its AVX-512 kernels at run time exactly when this CPU has every set they use."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    if flags is None or "sse2" not in flags:
+        pytest.skip("not an x86 Linux machine: the AVX-512 kernels are x86 only")
+    missing = [s for s in AVX512_SETS if s not in flags]
+    assert ("avx512vnni" in _core.simd()) == (not missing), _core.simd()
+    if missing:
+        pytest.skip(f"this CPU lacks {' '.join(missing)}: the real AVX-512 kernels are not run here "
+                    "(the native tests check their SIMDe build)")
+    for bits in (4, 8):  # on this CPU the int8 prefill takes 4- and 8-bit codes
+        buf = q.quantize_matrix(RNG.standard_normal((32, 64)).astype(np.float32), bits, 32)
+        assert _core.prefill_int8(buf)

@@ -97,8 +97,8 @@ def bench_prefill(rng) -> None:
     """Prefill matmuls, compute-bound: the Mixtral-shaped model's expert matrices times the
     tokens one expert gets from a 512-token prompt (~128) and its attention projection times
     all 512, at 4 bits g32 symmetric (llama.cpp's Q4_0 arithmetic) and the other bitwidths.
-    4-bit codes take the int8 kernels where _core.prefill_int8 says so; the other bitwidths
-    the f32 tile."""
+    4- and 8-bit codes take the int8 kernels where _core.prefill_int8 says so; the other
+    bitwidths the f32 tile. Then attention over a whole prompt of 16-512 tokens."""
     # one kernel thread runs on the calling thread: its CPU time leaves out what other
     # processes took from it, which on a shared machine is most of the spread
     one = _core.get_num_threads() == 1
@@ -119,6 +119,19 @@ def bench_prefill(rng) -> None:
                 f"int{bits} g{gs}{' sym' if sym else ''} {rows}x{cols} T={T:<3} ({path}): "
                 f"{macs / np.percentile(t, 10) / 1e9:6.1f} / {macs / np.median(t) / 1e9:6.1f} GMAC/s"
             )
+
+    # attention over the whole prompt (T = S): the Mixtral-shaped model's heads
+    heads, kv_heads, hd = 16, 4, 64
+    for T in (16, 128, 512):
+        qa = rng.standard_normal((T, heads, hd)).astype(np.float32)
+        k = rng.standard_normal((T, kv_heads, hd)).astype(np.float32)
+        v = rng.standard_normal((T, kv_heads, hd)).astype(np.float32)
+        t = call_seconds(lambda i: _core.attention(qa, k, v, 0, 0), 1, passes=5, clock=clock)
+        macs = 2 * heads * hd * T * (T + 1) // 2  # QK^T and PV over the causal half
+        print(
+            f"prompt attention heads {heads} / kv {kv_heads} / dim {hd}, T={T:<3}: "
+            f"{macs / np.percentile(t, 10) / 1e9:6.1f} / {macs / np.median(t) / 1e9:6.1f} GMAC/s"
+        )
 
 
 def numpy_sample(logits: np.ndarray, temperature: float, top_p: float, u: float) -> int:
@@ -173,7 +186,7 @@ def main():
     ap.add_argument(
         "--prefill",
         action="store_true",
-        help="instead: prefill matmuls (128-512 tokens) of the Mixtral-shaped model's shapes, GMAC/s",
+        help="instead: prefill matmuls (128-512 tokens) and prompt attention of the Mixtral-shaped model's shapes, GMAC/s",
     )
     args = ap.parse_args()
     if args.threads:

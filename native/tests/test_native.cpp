@@ -266,7 +266,7 @@ static void test_kernels() {
             if (T >= kernels::kGemmMinTokens && prefill_int8(q)) {
               CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));  // exactly what the kernel computes
               CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
-            } else if (T == 1 && std::strcmp(simd_name(), "portable") != 0) {
+            } else if (T == 1 && std::strncmp(simd_name(), "portable", 8) != 0) {
               CHECK(close_matmul_x16(y, x, m, bits, 2e-6));  // exactly what the kernel computes
               // and within 2^-15-ish of f32 x (int8 for 4 bits: 2^-7-ish)
               CHECK(close_matmul(y, x, m.w, T, s[0], s[1], bits == 4 ? 1e-2 : 1e-4));
@@ -345,10 +345,12 @@ static void test_dense_ops() {
     CHECK(ok);
   }
   // attention: head sizes on and off the vector widths, short and long contexts, a window
+  // (a whole prompt too: the blocked prefill path, with a last block of fewer tokens)
   for (int64_t hd : {6, 12, 64, 80})
-    for (int64_t S : {1, 9, 21})
-      for (int64_t window : {0, 4}) {
-        const int64_t heads = 4, kvh = 2, T = std::min<int64_t>(S, 3), start = S - T;
+    for (int64_t S : {1, 9, 21, 70})
+      for (int64_t window : {0, 4, 30})
+        for (bool whole : {false, true}) {
+        const int64_t heads = 4, kvh = 2, T = whole ? S : std::min<int64_t>(S, 3), start = S - T;
         const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
                    v = rand_vec(size_t(S * kvh * hd));
         std::vector<float> out(size_t(T * heads * hd));
@@ -378,10 +380,10 @@ static void test_dense_ops() {
             }
           }
         if (!ok)
-          std::fprintf(stderr, "attention hd=%lld S=%lld window=%lld\n", (long long)hd, (long long)S,
-                       (long long)window);
+          std::fprintf(stderr, "attention hd=%lld S=%lld T=%lld window=%lld\n", (long long)hd, (long long)S,
+                       (long long)T, (long long)window);
         CHECK(ok);
-      }
+        }
   // softmax top-k: the exp of the attention (vector lanes and the scalar tail) against float64
   for (int64_t E : {3, 8, 13, 64}) {
     const auto l = rand_vec(size_t(E));
@@ -510,7 +512,7 @@ static void write_file(TestFile& f, uint32_t H, uint32_t I, uint32_t (*bits_of)(
 
 
 // True if one token (T=1) meets 4-bit codes with int8 activations: the SIMD decode.
-static bool decode_x8() { return std::strcmp(simd_name(), "portable") != 0; }
+static bool decode_x8() { return std::strncmp(simd_name(), "portable", 8) != 0; }
 
 // How a path rounds a matrix's input: not (float x), as the SIMD decode does (one token:
 // int8 for 4-bit codes), or as the int8 prefill does (several tokens: int8 for codes of up to
