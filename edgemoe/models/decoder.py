@@ -128,7 +128,9 @@ class DecoderConfig:
         layers = cls._int(d, "num_hidden_layers")
         layer_types = d.get("layer_types")
         if layer_types is not None and (
-            not isinstance(layer_types, list) or len(layer_types) < layers or not all(isinstance(t, str) for t in layer_types)
+            not isinstance(layer_types, list)
+            or len(layer_types) < layers
+            or not all(isinstance(t, str) for t in layer_types)
         ):
             raise ModelDirectoryError(
                 f"the model config's layer_types is {_shown(layer_types)}: expected a name per layer "
@@ -413,7 +415,9 @@ class DecoderLM:
         if self.observer is not None:
             self.observer.on_route(L.index, resid, ids, weights)
         if self.moe_override is not None:
-            out = np.concatenate([self.moe_override(L.index, x[b : b + 1], ids[b : b + 1], weights[b : b + 1]) for b in rows])
+            out = np.concatenate(
+                [self.moe_override(L.index, x[b : b + 1], ids[b : b + 1], weights[b : b + 1]) for b in rows]
+            )
         else:
             out = _core.moe_forward(self.cache, L.index, x, ids, weights, per_token=True)  # [B, hidden]
         if L.moe.shared is not None:

@@ -8,6 +8,7 @@ import importlib
 import sys
 
 import atheris
+from common import model_arg, run, scratch_dir
 
 from edgemoe.errors import EdgeMoEError
 from edgemoe.models import ALIASES, config_from_dict
@@ -18,8 +19,6 @@ from edgemoe.planning.fit import read_config
 for _module in sorted(set(ALIASES.values())):
     importlib.import_module(f"edgemoe.models.{_module}")
 atheris.instrument_all()
-
-from common import model_arg, run, scratch_dir
 
 MODEL, ARGV = model_arg(sys.argv)  # unused: the config needs no model beside it
 DIR = scratch_dir()
