@@ -13,6 +13,11 @@ class UnsupportedArchitectureError(EdgeMoEError):
     """The checkpoint's model_type is not one edgemoe implements."""
 
 
+class UnsupportedConfigError(UnsupportedArchitectureError, NotImplementedError):
+    """The architecture is one edgemoe runs, but its config asks for a variant (a RoPE scaling,
+    a routing method) that it does not implement yet."""
+
+
 class ModelDirectoryError(EdgeMoEError):
     """A converted model directory is damaged, truncated or from a newer format."""
 

@@ -160,7 +160,9 @@ def test_the_scheduler_batches_and_cancels_inside_a_batch(models):
     m = edgemoe.load(models["mixtral"], memory_budget="40KB")
     m.decode = lambda ids: "".join(chr(97 + t % 26) for t in ids)  # every token has text: an event each
     asks = [(PROMPTS[i % 4], 10 + i, i) for i in range(5)]
-    want = [[s.token for s in m.stream(p, max_new_tokens=n, seed=s, temperature=0.8, ignore_eos=True)] for p, n, s in asks]
+    want = [
+        [s.token for s in m.stream(p, max_new_tokens=n, seed=s, temperature=0.8, ignore_eos=True)] for p, n, s in asks
+    ]
     s = Scheduler(m, batch=3)
     try:
         jobs = [Job(prompt=p, max_tokens=n, seed=seed, temperature=0.8, ignore_eos=True) for p, n, seed in asks]

@@ -30,7 +30,7 @@ READERS = sorted(p.stem.removeprefix("fuzz_") for p in FUZZ.glob("fuzz_*.py"))
 
 
 def test_the_readers_have_harnesses():
-    assert {"manifest", "experts", "safetensors", "gguf"} <= set(READERS)
+    assert {"manifest", "experts", "safetensors", "gguf", "config"} <= set(READERS)
 
 
 @pytest.mark.parametrize("reader", READERS)

@@ -1,6 +1,7 @@
-"""`edgemoe bench --serve` on the tiny model for a few seconds: the server runs inside a cgroup
-memory limit of Model.memory_needed plus its measured overhead, every request completes, the
-server is never killed, and the report carries the figures the benchmark page shows."""
+"""`edgemoe bench --serve` on the tiny model for a few seconds, queued and batched: the server
+runs inside a cgroup memory limit of Model.memory_needed (a KV cache per batched sequence) plus
+its measured overhead, every request completes, the server is never killed, and the report
+carries the figures the benchmark page shows."""
 
 from __future__ import annotations
 
@@ -37,14 +38,20 @@ def test_load_test_loses_nothing_inside_the_limit(tiny_checkpoint, tmp_path, cap
         "16",
         "--overhead-seconds",
         "2",
+        "--batch",
+        "1,3",
     ]
     assert main([*args, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["limit"] == r["memory_needed"] + r["server_overhead"] and not r["killed"]
-    assert 0 < r["peak_memory"] <= r["limit"]
-    for phase, clients in (("alone", 1), ("concurrent", 3)):
-        row = r[phase]
-        assert row["clients"] == clients and row["requests"] >= clients and row["lost"] == 0, row
-        assert row["tokens"] == 16 * row["completed"] and row["ttft_p50_s"] <= row["ttft_p99_s"]
+    assert [m["batch"] for m in r["modes"]] == [1, 3]
+    for m in r["modes"]:  # queued, then decoded in batches of up to 3: each in its own limit
+        assert m["limit"] == m["memory_needed"] + m["server_overhead"] and not m["killed"]
+        assert 0 < m["peak_memory"] <= m["limit"]
+        for phase, clients in (("alone", 1), ("concurrent", 3)):
+            row = m[phase]
+            assert row["clients"] == clients and row["requests"] >= clients and row["lost"] == 0, row
+            assert row["tokens"] == 16 * row["completed"] and row["ttft_p50_s"] <= row["ttft_p99_s"]
+            assert row["bytes_per_token"] >= 0
+    assert r["modes"][1]["memory_needed"] > r["modes"][0]["memory_needed"]  # two more KV caches
     printed = capsys.readouterr().out
-    assert "| clients | seconds | requests |" in printed and "killed: no" in printed
+    assert "| server | clients | seconds |" in printed and "| batch 3 | 3 |" in printed

@@ -2,8 +2,11 @@
 inside a cgroup v1 memory limit of Model.memory_needed (at the server's context) plus the
 server's overhead, measured first; clients stream completions from it, one alone and then N
 at once, each for a bounded time. Reported: requests sent, completed and lost, aggregate
-tokens/s, time to first token (p50, p99), the cgroup's peak memory and whether anything was
-killed. The clients are threads of this process, outside the cgroup."""
+tokens/s, expert bytes read per generated token, time to first token (p50, p99), the cgroup's
+peak memory and whether anything was killed. With --batch 1,8 the same phases run once per
+server mode (`edgemoe serve --batch`: 1 queues requests, N decodes up to N together), each in
+its own limit (memory_needed counts a KV cache per sequence). The clients are threads of this
+process, outside the cgroup."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Result:
     completed: int = 0
     failed: list[str] = field(default_factory=list)
     tokens: int = 0
+    bytes_read: int = 0  # expert bytes the server read during the phase
     ttft: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
 
@@ -48,6 +52,7 @@ class Result:
             "lost": self.sent - self.completed,
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0,
+            "bytes_per_token": self.bytes_read / self.tokens if self.tokens else 0.0,
             "ttft_p50_s": _pct(self.ttft, 0.50),
             "ttft_p99_s": _pct(self.ttft, 0.99),
             "latency_p50_s": _pct(self.latency, 0.50),
@@ -165,13 +170,22 @@ def run_clients(url: str, clients: int, seconds: float, max_tokens: int, texts: 
                         result.latency.append(time.perf_counter() - t0)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    read0 = _bytes_read(url)
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - t0
+    result.bytes_read = _bytes_read(url) - read0
     return result
+
+
+def _bytes_read(url: str) -> int:
+    """The expert bytes the server has read so far (its /api/cache view)."""
+    import httpx
+
+    return int(httpx.get(url + "/api/cache", timeout=60).json()["bytes_read"])
 
 
 def bare_peak_rss(model: str, budget: int, max_tokens: int, prompt: str | list[int]) -> int:
@@ -211,6 +225,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
         default=5.0,
         help="the burst the server's overhead is measured under (default 5)",
     )
+    ap.add_argument(
+        "--batch",
+        default="1",
+        help="server modes to compare, comma separated: 1 queues requests, N decodes up to N together "
+        "(edgemoe serve --batch; default 1)",
+    )
     ap.add_argument("--json", dest="json_out", default=None, help="write the results to this file")
     return ap
 
@@ -235,12 +255,14 @@ def run(args: argparse.Namespace) -> int:
     from ..planning.default_model import default_model_path
 
     model = args.model or str(default_model_path())
+    given = args.batch  # the CLI gives a checked list; argparse alone the text
+    batches = [int(b) for b in (given if isinstance(given, list) else str(given).split(",")) if str(b).strip()]
     probe = load(model, preload="none")
     expert_bytes = probe.info()["expert_bytes"]
     budget = budget_bytes(args.budget, expert_bytes, probe.min_budget)
     sized = load(model, memory_budget=budget, preload="none")
     context = min(int(sized.manifest["config"].get("max_position_embeddings") or 2048), 2048)
-    needed = sized.memory_needed(context)
+    needed = {b: sized.memory_needed(context, sequences=b) for b in batches}
     # a prompt takes at most half of what the completion leaves of the context; one longer
     # (a small tokenizer cuts words into many tokens) is sent as its first token ids
     longest = (context - args.max_tokens - 1) // 2
@@ -249,16 +271,42 @@ def run(args: argparse.Namespace) -> int:
         ids = sized.encode(text)
         texts.append(text if len(ids) <= longest else ids[:longest])
     del probe, sized
-    serve_args = ["--memory-budget", str(budget), "--context", str(context)]
     print(
         f"model {model}: experts {format_bytes(expert_bytes)}, budget {format_bytes(budget)} "
-        f"({100 * budget / expert_bytes:.0f}%), Model.memory_needed({context}) {format_bytes(needed)}",
+        f"({100 * budget / expert_bytes:.0f}%), Model.memory_needed({context}) {format_bytes(needed[batches[0]])}",
         flush=True,
     )
+    bare = bare_peak_rss(model, budget, args.max_tokens, texts[0])
+    modes = [_run_mode(args, model, budget, context, b, needed[b], bare, texts) for b in batches]
+    report = {
+        "model": model,
+        "expert_bytes": expert_bytes,
+        "budget": budget,
+        "context": context,
+        "max_tokens": args.max_tokens,
+        "modes": modes,
+    }
+    print(table(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    bad = any(m["killed"] or m["alone"]["lost"] or m["concurrent"]["lost"] for m in modes)
+    return 1 if bad else 0
 
+
+def _run_mode(
+    args: argparse.Namespace,
+    model: str,
+    budget: int,
+    context: int,
+    batch: int,
+    needed: int,
+    bare: int,
+    texts: list[str | list[int]],
+) -> dict[str, Any]:
+    """One server mode (--batch): its overhead, then one client alone and N at once in its limit."""
+    serve_args = ["--memory-budget", str(budget), "--context", str(context), "--batch", str(batch)]
     # the server's overhead: its peak RSS under a short burst of the same load, against a
     # plain process that loads the model and generates
-    bare = bare_peak_rss(model, budget, args.max_tokens, texts[0])
     s = ServerProcess(model, serve_args)
     try:
         run_clients(s.url, args.clients, args.overhead_seconds, args.max_tokens, texts)
@@ -267,11 +315,10 @@ def run(args: argparse.Namespace) -> int:
         s.stop()
     overhead = max(0, served - bare)
     print(
-        f"peak RSS: plain process {format_bytes(bare)}, server under load {format_bytes(served)}: "
+        f"--batch {batch}: peak RSS: plain process {format_bytes(bare)}, server under load {format_bytes(served)}: "
         f"overhead {format_bytes(overhead)}",
         flush=True,
     )
-
     if args.limit == "none":
         limit = None
     elif args.limit == "auto":
@@ -286,16 +333,16 @@ def run(args: argparse.Namespace) -> int:
             limit = None
         else:
             cgroup = Cgroup(memory_limit=limit)
-    print(f"memory limit: {format_bytes(limit) if limit else 'none'}", flush=True)
+    print(f"--batch {batch}: memory limit: {format_bytes(limit) if limit else 'none'}", flush=True)
     try:
         s = ServerProcess(model, serve_args, cgroup)
         try:
             alone = run_clients(
                 s.url, 1, args.alone if args.alone is not None else args.duration / 2, args.max_tokens, texts
             )
-            print(f"1 client: {alone.row()}", flush=True)
+            print(f"--batch {batch}: 1 client: {alone.row()}", flush=True)
             many = run_clients(s.url, args.clients, args.duration, args.max_tokens, texts)
-            print(f"{args.clients} clients: {many.row()}", flush=True)
+            print(f"--batch {batch}: {args.clients} clients: {many.row()}", flush=True)
             alive = s.proc.poll() is None
             rss_peak = s.status_bytes("VmHWM") if alive else 0
         finally:
@@ -305,11 +352,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if cgroup:
             cgroup.close()
-    report = {
-        "model": model,
-        "expert_bytes": expert_bytes,
-        "budget": budget,
-        "context": context,
+    return {
+        "batch": batch,
         "memory_needed": needed,
         "server_overhead": overhead,
         "limit": limit,
@@ -317,35 +361,34 @@ def run(args: argparse.Namespace) -> int:
         "server_peak_rss": rss_peak,
         "killed": killed,
         "exit": code,
-        "max_tokens": args.max_tokens,
         "alone": alone.row(),
         "concurrent": many.row(),
     }
-    print(table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
-    lost = report["concurrent"]["lost"] + report["alone"]["lost"]
-    return 1 if killed or lost else 0
 
 
 def table(r: dict[str, Any]) -> str:
     lines = [
-        "| clients | seconds | requests | completed | lost | tokens | aggregate tok/s | TTFT p50 | TTFT p99 | latency p50 |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | seconds | requests | completed | lost | tokens | aggregate tok/s | expert bytes/token "
+        "| TTFT p50 | TTFT p99 | latency p50 | limit | peak memory | killed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for row in (r["alone"], r["concurrent"]):
+    for m in r["modes"]:
+        mode = "queue" if m["batch"] == 1 else f"batch {m['batch']}"
+        limit = format_bytes(m["limit"]) if m["limit"] else "none"
+        for row in (m["alone"], m["concurrent"]):
+            lines.append(
+                f"| {mode} | {row['clients']} | {row['seconds']:.0f} | {row['requests']} | {row['completed']} | "
+                f"{row['lost']} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
+                f"{format_bytes(int(row['bytes_per_token']))} | {1e3 * row['ttft_p50_s']:.0f} ms | "
+                f"{1e3 * row['ttft_p99_s']:.0f} ms | {1e3 * row['latency_p50_s']:.0f} ms | {limit} | "
+                f"{format_bytes(m['peak_memory'])} | {'yes' if m['killed'] else 'no'} |"
+            )
+    lines.append("")
+    for m in r["modes"]:
+        ratio = m["concurrent"]["tokens_per_s"] / m["alone"]["tokens_per_s"] if m["alone"]["tokens_per_s"] else 0.0
         lines.append(
-            f"| {row['clients']} | {row['seconds']:.0f} | {row['requests']} | {row['completed']} | {row['lost']} | "
-            f"{row['tokens']} | {row['tokens_per_s']:.1f} | {1e3 * row['ttft_p50_s']:.0f} ms | "
-            f"{1e3 * row['ttft_p99_s']:.0f} ms | {1e3 * row['latency_p50_s']:.0f} ms |"
+            f"--batch {m['batch']}: aggregate tok/s with {m['concurrent']['clients']} clients / one alone {ratio:.2f}x; "
+            f"limit = Model.memory_needed({r['context']}, sequences={m['batch']}) {format_bytes(m['memory_needed'])} "
+            f"+ server overhead {format_bytes(m['server_overhead'])}; server peak RSS {format_bytes(m['server_peak_rss'])}"
         )
-    ratio = r["concurrent"]["tokens_per_s"] / r["alone"]["tokens_per_s"] if r["alone"]["tokens_per_s"] else 0.0
-    limit = format_bytes(r["limit"]) if r["limit"] else "none"
-    lines += [
-        "",
-        f"aggregate tok/s with {r['concurrent']['clients']} clients / one client alone: {ratio:.2f}x",
-        f"memory: limit {limit} (Model.memory_needed({r['context']}) {format_bytes(r['memory_needed'])} + server "
-        f"overhead {format_bytes(r['server_overhead'])}); peak {format_bytes(r['peak_memory'])} (cgroup), server "
-        f"peak RSS {format_bytes(r['server_peak_rss'])}; killed: {'yes' if r['killed'] else 'no'}",
-    ]
     return "\n".join(lines)

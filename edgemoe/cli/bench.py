@@ -169,6 +169,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
             "--max-tokens": whole(1),
             "--limit": checked(_limit, "auto, none or a size like 300MB"),
             "--overhead-seconds": number(0.0, above=True),
+            "--batch": comma_list(whole(1, 256), "server batch sizes from 1 to 256 like 1,8"),
         },
     )
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ModelDirectoryError, UnsupportedArchitectureError
 
 # model_type (as in config.json) -> module in this package
 ALIASES: dict[str, str] = {
@@ -41,13 +42,27 @@ GGUF_ALIASES: dict[str, str] = {
 
 def get(model_type: str, where: str = "the model") -> ModuleType:
     """The architecture module for a model_type, or a clear error listing what is supported."""
-    name = ALIASES.get(model_type)
+    name = ALIASES.get(model_type) if isinstance(model_type, str) else None
     if name is None:
         raise UnsupportedArchitectureError(
             f"{where} is a {model_type!r} model; edgemoe runs these architectures: {', '.join(SUPPORTED)}. "
             f"Use a checkpoint of one of them (or add the architecture: docs/adding-an-architecture.md)"
         )
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def config_from_dict(config: Any, where: str = "the model") -> Any:
+    """The architecture's config (a DecoderConfig) of a Hugging Face config dict, as config.json
+    holds it and a manifest keeps it: dispatched on model_type, every field it reads checked."""
+    if not isinstance(config, dict):
+        raise ModelDirectoryError(f"{where}'s config is not a JSON object: it is not a Hugging Face model config")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise UnsupportedArchitectureError(
+            f"{where}'s config has no model_type naming its architecture (got {model_type!r}); "
+            f"edgemoe runs {', '.join(SUPPORTED)}: give the checkpoint's own config.json"
+        )
+    return get(model_type, where).Model.config_class.from_dict(config)
 
 
 def get_gguf(arch: str, where: str = "the GGUF file") -> tuple[str, ModuleType]:

@@ -10,13 +10,14 @@ numpy holding the arrays between them; routed experts run through `moe_forward`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .. import _core
-from ..errors import ModelDirectoryError
+from ..errors import ModelDirectoryError, UnsupportedConfigError
 from ..format.safetensors import to_float32
 from .blocks import (
     Attention,
@@ -70,40 +71,95 @@ class DecoderConfig:
         return default
 
     @classmethod
+    def _int(cls, d: dict[str, Any], key: str, default: Any = dataclasses.MISSING, least: int = 1) -> int:
+        """d[key] as a whole number >= least (default when absent), or a named error."""
+        v = cls._get(d, key, default)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ModelDirectoryError(
+                f"the model config's '{key}' is {_shown(v)}: expected a whole number >= {least}; "
+                f"the checkpoint's config.json is damaged"
+            )
+        return v
+
+    @classmethod
+    def _float(cls, d: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> float:
+        """d[key] as a finite number (default when absent), or a named error."""
+        v = cls._get(d, key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ModelDirectoryError(
+                f"the model config's '{key}' is {_shown(v)}: expected a number; the checkpoint's config.json is damaged"
+            )
+        return float(v)
+
+    @classmethod
     def fields_from_dict(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """The shared fields from an HF config; keys they do not use are ignored."""
-        get = cls._get
-        heads = int(get(d, "num_attention_heads"))
-        hidden = int(get(d, "hidden_size"))
+        """The shared fields from an HF config; keys they do not use are ignored. A field of
+        the wrong type or out of range is a ModelDirectoryError naming it."""
+        if not isinstance(d, dict):
+            raise ModelDirectoryError(f"the model config is {_shown(d)}, not a JSON object: convert the model again")
+        heads = cls._int(d, "num_attention_heads")
+        hidden = cls._int(d, "hidden_size")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ModelDirectoryError(
+                f"the model config's rope parameters are {_shown(rope)}: expected a JSON object; "
+                f"the checkpoint's config.json is damaged"
+            )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in cls.rope_types:
-            raise NotImplementedError(
-                f"rope type '{rope_type}' is not supported yet for this architecture "
+        if not isinstance(rope_type, str) or rope_type not in cls.rope_types:
+            raise UnsupportedConfigError(
+                f"rope type {_shown(rope_type)} is not supported yet for this architecture "
                 f"(it runs {', '.join(cls.rope_types)})"
             )
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        theta = cls._float({"rope_theta": rope.get("rope_theta", d.get("rope_theta"))}, "rope_theta", 10000.0)
         scaling = None
         if rope_type != "default":
+            original = cls._int(rope, "original_max_position_embeddings", d.get("max_position_embeddings"))
+            if rope.get("factor") is None:  # the factor the context was extended by
+                factor = cls._int(d, "max_position_embeddings") / original
+            else:
+                factor = cls._float(rope, "factor")
+            if factor <= 0:
+                raise ModelDirectoryError(f"the model config's RoPE factor is {factor}: expected a number > 0")
             scaling = {**rope, "max_position_embeddings": d.get("max_position_embeddings")}
-            scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+            scaling.update(original_max_position_embeddings=original, factor=factor)
         window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
+        layers = cls._int(d, "num_hidden_layers")
+        layer_types = d.get("layer_types")
+        if layer_types is not None and (
+            not isinstance(layer_types, list)
+            or len(layer_types) < layers
+            or not all(isinstance(t, str) for t in layer_types)
+        ):
+            raise ModelDirectoryError(
+                f"the model config's layer_types is {_shown(layer_types)}: expected a name per layer "
+                f"({layers}); the checkpoint's config.json is damaged"
+            )
+        # Released Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts
+        experts = cls._int(d, "num_experts", d.get("num_local_experts"))
+        top_k = cls._int(d, "num_experts_per_tok")
+        if top_k > experts:
+            raise ModelDirectoryError(
+                f"the model config routes each token to {top_k} experts of {experts} (num_experts_per_tok): "
+                f"the checkpoint's config.json is inconsistent"
+            )
         return dict(
-            vocab_size=int(get(d, "vocab_size")),
+            vocab_size=cls._int(d, "vocab_size"),
             hidden_size=hidden,
-            num_hidden_layers=int(get(d, "num_hidden_layers")),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(get(d, "num_key_value_heads", heads)),
-            head_dim=int(get(d, "head_dim", hidden // heads)),
-            # Released Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts
-            num_experts=int(get(d, "num_experts", d.get("num_local_experts"))),
-            num_experts_per_tok=int(get(d, "num_experts_per_tok")),
-            rms_norm_eps=float(get(d, "rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
+            num_key_value_heads=cls._int(d, "num_key_value_heads", heads),
+            head_dim=cls._int(d, "head_dim", max(1, hidden // heads)),
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            rms_norm_eps=cls._float(d, "rms_norm_eps", 1e-6),
+            rope_theta=theta,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=int(window) if window else None,
-            layer_types=d.get("layer_types"),
-            norm_topk_prob=bool(get(d, "norm_topk_prob", True)),
+            sliding_window=cls._int({"sliding_window": window}, "sliding_window") if window else None,
+            layer_types=layer_types,
+            norm_topk_prob=bool(cls._get(d, "norm_topk_prob", True)),
             rope_scaling=scaling,
         )
 
@@ -124,6 +180,12 @@ class DecoderConfig:
         """Shapes of this architecture's canonical per-layer tensors where they differ from
         grouped-query attention's or are its own (edgemoe.models.sizes sizes a config by them)."""
         return {}
+
+
+def _shown(v: Any) -> str:
+    """A config value in a message, cut short."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 class Weights:
@@ -390,7 +452,9 @@ class DecoderLM:
         if self.observer is not None:
             self.observer.on_route(L.index, resid, ids, weights)
         if self.moe_override is not None:
-            out = np.concatenate([self.moe_override(L.index, x[b : b + 1], ids[b : b + 1], weights[b : b + 1]) for b in rows])
+            out = np.concatenate(
+                [self.moe_override(L.index, x[b : b + 1], ids[b : b + 1], weights[b : b + 1]) for b in rows]
+            )
         else:
             out = _core.moe_forward(self.cache, L.index, x, ids, weights, per_token=True)  # [B, hidden]
         if L.moe.shared is not None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ModelDirectoryError
+from ..errors import ModelDirectoryError, UnsupportedConfigError
 from .blocks import Attention, DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
 from .checkpoint import DENSE_MLP, GLU_ROLES, CheckpointLayout
 from .decoder import DecoderConfig, DecoderLM, Weights
@@ -118,9 +118,11 @@ class Config(DecoderConfig):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
         get = cls._get
+        if not isinstance(d, dict):
+            raise ModelDirectoryError("the model config is not a JSON object: convert the model again")
         v3 = _v3(d)
-        rope_dim = int(get(d, "qk_rope_head_dim"))
-        heads = int(get(d, "num_attention_heads"))
+        rope_dim = cls._int(d, "qk_rope_head_dim")
+        heads = cls._int(d, "num_attention_heads")
         # the RoPE covers qk_rope_head_dim; one latent key head serves every query head
         fields = cls.fields_from_dict(
             {
@@ -131,19 +133,20 @@ class Config(DecoderConfig):
                 "norm_topk_prob": d.get("norm_topk_prob", v3),
             }
         )
-        nope = int(get(d, "qk_nope_head_dim"))
+        nope = cls._int(d, "qk_nope_head_dim", least=0)
         scale = (nope + rope_dim) ** -0.5
         scaling = fields["rope_scaling"]
         if scaling is not None and scaling.get("mscale_all_dim"):  # YaRN scales the whole q . k as well
-            scale *= yarn_mscale(float(scaling["factor"]), float(scaling["mscale_all_dim"])) ** 2
+            scale *= yarn_mscale(scaling["factor"], cls._float(scaling, "mscale_all_dim")) ** 2
         method = _topk_method(d)
         if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-            raise NotImplementedError(f"DeepSeek routing topk_method '{method}' is not supported yet")
+            raise UnsupportedConfigError(f"DeepSeek routing topk_method '{method}' is not supported yet")
         scoring = str(d.get("scoring_func") or ("sigmoid" if v3 else "softmax"))
         if scoring not in ("softmax", "sigmoid"):
-            raise NotImplementedError(f"DeepSeek routing scoring_func '{scoring}' is not supported yet")
+            raise UnsupportedConfigError(f"DeepSeek routing scoring_func '{scoring}' is not supported yet")
         E, k = int(fields["num_experts"]), int(fields["num_experts_per_tok"])
-        groups, kept = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
+        groups = cls._int({"n_group": d.get("n_group") or 1}, "n_group")
+        kept = cls._int({"topk_group": d.get("topk_group") or 1}, "topk_group")
         if method != "greedy" and (E % groups or not 1 <= kept <= groups or k > kept * (E // groups)):
             raise ModelDirectoryError(
                 f"the model config routes top-{k} of {E} experts in {groups} groups keeping {kept} "
@@ -153,19 +156,19 @@ class Config(DecoderConfig):
         q_rank = d.get("q_lora_rank")
         return cls(
             **fields,
-            q_lora_rank=int(q_rank) if q_rank else None,
-            kv_lora_rank=int(get(d, "kv_lora_rank")),
+            q_lora_rank=cls._int(d, "q_lora_rank") if q_rank else None,
+            kv_lora_rank=cls._int(d, "kv_lora_rank"),
             qk_nope_head_dim=nope,
             qk_rope_head_dim=rope_dim,
-            v_head_dim=int(get(d, "v_head_dim")),
-            intermediate_size=int(get(d, "intermediate_size")),
-            moe_intermediate_size=int(get(d, "moe_intermediate_size")),
-            n_shared_experts=int(d.get("n_shared_experts") or 0),
+            v_head_dim=cls._int(d, "v_head_dim"),
+            intermediate_size=cls._int(d, "intermediate_size"),
+            moe_intermediate_size=cls._int(d, "moe_intermediate_size"),
+            n_shared_experts=cls._int(d, "n_shared_experts", 0, least=0),
             scoring=scoring,
             topk_method=method,
             n_group=groups,
             topk_group=kept,
-            routed_scaling_factor=float(d.get("routed_scaling_factor") or 1.0),
+            routed_scaling_factor=cls._float(d, "routed_scaling_factor", 1.0) or 1.0,
             # V2 pairs its rotary dims as (x0, x1), (x2, x3), ...; V3 does unless rope_interleave is false
             rope_interleave=bool(d.get("rope_interleave", True)) if v3 else True,
             softmax_scale=scale,

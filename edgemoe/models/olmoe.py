@@ -49,7 +49,7 @@ class Config(DecoderConfig):
     def from_dict(cls, d: dict[str, Any]) -> Config:
         fields = cls.fields_from_dict({**d, "norm_topk_prob": d.get("norm_topk_prob", False)})
         clip = d.get("clip_qkv")
-        return cls(**fields, clip_qkv=None if clip is None else float(clip))
+        return cls(**fields, clip_qkv=None if clip is None else cls._float(d, "clip_qkv"))
 
 
 class Model(DecoderLM):

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..runtime.batch import DecodeBatch, Sequence
+from ..runtime import batch as decode_batch
 from ..runtime.engine import Model
 from ..runtime.generation import Step
 
@@ -194,8 +194,8 @@ class Scheduler:
 
     # -- batch > 1 ------------------------------------------------------------------
     def _run_batched(self) -> None:
-        batch = DecodeBatch(self.model)
-        seqs: dict[int, Sequence] = {}  # job id -> its sequence
+        batch = decode_batch.DecodeBatch(self.model)
+        seqs: dict[int, decode_batch.Sequence] = {}  # job id -> its sequence
         while True:
             # join: block for work only when nothing is being decoded
             while len(self.live) < self.batch:
@@ -235,7 +235,7 @@ class Scheduler:
                     del seqs[job.id]
                     self._finish(job, step.finish)
 
-    def _join(self, batch: DecodeBatch, seqs: dict[int, Sequence], job: Job) -> None:
+    def _join(self, batch: decode_batch.DecodeBatch, seqs: dict[int, decode_batch.Sequence], job: Job) -> None:
         """Prefill a waiting job's prompt and give its first token; it joins the live ones
         unless that finished it."""
         if job.cancelled.is_set():  # its client left while it waited
@@ -243,7 +243,7 @@ class Scheduler:
             return
         job.started = time.perf_counter()
         try:
-            seq = Sequence(
+            seq = decode_batch.Sequence(
                 self.model,
                 job.prompt,
                 max_new_tokens=job.max_tokens,

@@ -923,6 +923,14 @@ static void test_moe_slots() {
     combine_slots(ys.data(), w.data(), T, K, H, y2.data());
     CHECK(std::memcmp(y.data(), y2.data(), y.size() * 4) == 0);
 
+    // per_token: every row is bit for bit what a call with that row alone gives
+    std::vector<float> rows(size_t(T * H)), one(size_t(H));
+    moe_forward(whole, 1, x.data(), T, H, ids.data(), w.data(), K, rows.data(), true);
+    for (int64_t t = 0; t < T; ++t) {
+      moe_forward(whole, 1, &x[size_t(t * H)], 1, H, &ids[size_t(t * K)], &w[size_t(t * K)], K, one.data());
+      CHECK(std::memcmp(&rows[size_t(t * H)], one.data(), size_t(H) * 4) == 0);
+    }
+
     // the slots of experts 0 and 2 in one call, the others in another, on two threads at once,
     // through a cache that holds two experts (both calls stream)
     std::vector<uint8_t> even(size_t(T * K)), odd(size_t(T * K));

@@ -6,6 +6,8 @@ transformers (tests/tiny.py) and converted by edgemoe.
     OUT/corpus/manifest/         manifest.json of each conversion
     OUT/corpus/experts/          each conversion's "experts" section and experts.bin (fuzz_experts.SEP between)
     OUT/corpus/safetensors/      backbones, a checkpoint shard, a three-tensor file
+    OUT/corpus/config/           config.json of the tiny checkpoints (every architecture) and of
+                                 released models (tests/published_configs.py)
     OUT/corpus/gguf/             GGUF files written by the gguf package's own writer: F32, F16
                                  and Q8_0 tensors, strings, arrays and a tokenizer's metadata
 """
@@ -40,7 +42,7 @@ def write_seeds(out: Path) -> Path:
 
     out = Path(out)
     corpus = out / "corpus"
-    for sub in ("manifest", "experts", "safetensors", "gguf"):
+    for sub in ("manifest", "experts", "safetensors", "gguf", "config"):
         (corpus / sub).mkdir(parents=True, exist_ok=True)
     ckpt = tiny.make_checkpoint("mixtral", out / "checkpoint", shard_size="64KB")
     for name, kw in CONVERSIONS:
@@ -57,11 +59,23 @@ def write_seeds(out: Path) -> Path:
     small = {n: (st.read(n), st.dtype(n)) for n in sorted(st.names(), key=st.nbytes)[:3]}
     write_safetensors(corpus / "safetensors" / "three-tensors", small, metadata={"format": "pt"})
     write_gguf_seeds(corpus / "gguf")
+    write_config_seeds(corpus / "config")
     model = out / "model"
     if model.exists():
         shutil.rmtree(model)
     shutil.copytree(out / "converted" / "q4-fallback", model)
     return out
+
+
+def write_config_seeds(out: Path) -> None:
+    """config.json as transformers writes it for each tiny architecture, and as released."""
+    import published_configs
+    import tiny
+
+    for arch in tiny.ARCHS:
+        (out / f"tiny-{arch}").write_text(tiny.tiny_config(arch).to_json_string())
+    for name, (config, *_) in published_configs.PUBLISHED.items():
+        (out / f"published-{name}").write_text(json.dumps(config, indent=2))
 
 
 def write_gguf_seeds(out: Path) -> None:

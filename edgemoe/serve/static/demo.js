@@ -128,7 +128,7 @@ function renderCache(s) {
   $("tps").textContent = s.tokens_per_s.toFixed(1);
   $("hit-rate").textContent = (100 * s.hit_rate).toFixed(1) + "%";
   $("bytes-read").textContent = bytes(s.bytes_read);
-  $("queue").textContent = s.queue + (s.running ? " + 1 running" : "");
+  $("queue").textContent = s.queue + (s.running ? ` + ${s.running_requests || 1} running` : "");
   const budget = s.memory_budget || s.expert_bytes;
   $("cache-bytes").textContent = `${bytes(s.expert_cache_bytes)} of ${s.memory_budget ? "a budget of " + bytes(budget) : bytes(budget) + " (no budget)"}`;
   $("cache-bar").style.width = Math.min(100, (100 * s.expert_cache_bytes) / budget) + "%";
