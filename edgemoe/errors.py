@@ -50,3 +50,12 @@ class PlacementError(EdgeMoEError, ValueError):
 
 class ChatTemplateError(EdgeMoEError, ValueError):
     """A chat template does not parse, or refuses a conversation (its raise_exception)."""
+
+
+
+class MixtureError(EdgeMoEError, ValueError):
+    """A mixture directory (mixture.json, its specialists, gate.onnx, heldout.npz) cannot be used."""
+
+
+class MixtureBudgetError(MixtureError):
+    """No specialist of a mixture fits the latency and energy budgets given."""
