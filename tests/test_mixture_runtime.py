@@ -40,7 +40,8 @@ def reference(mix_dir, prompt, new, enabled=None):
     out = []
     for _ in range(new):
         probs = sum(
-            wi * np.exp(np.asarray(models[i].logits(ids)[-1], np.float64) - np.logaddexp.reduce(models[i].logits(ids)[-1]))
+            wi
+            * np.exp(np.asarray(models[i].logits(ids)[-1], np.float64) - np.logaddexp.reduce(models[i].logits(ids)[-1]))
             for wi, i in zip(ww, order)
         )
         t = int(np.argmax(probs))
@@ -133,7 +134,9 @@ def test_a_specialist_with_another_tokenizer_is_named(mix, tmp_path):
     a, b = list(vocab)[300:302]
     vocab[a], vocab[b] = vocab[b], vocab[a]
     tok.write_text(json.dumps(t))
-    with pytest.raises(MixtureTokenizerError, match=f"specialist '{spec['specialists'][1]['name']}'.*another tokenizer"):
+    with pytest.raises(
+        MixtureTokenizerError, match=f"specialist '{spec['specialists'][1]['name']}'.*another tokenizer"
+    ):
         edgemoe.load_mixture(dst)
 
 
@@ -149,10 +152,27 @@ def test_a_gate_trained_for_other_specialists_is_named(mix, tmp_path):
 def test_cli_plan_prints_the_choice_and_why(mix, capsys):
     from edgemoe.cli import main
 
-    assert main(["mixture", "plan", str(mix), "--devices", ",".join(DEVICES), "--energy", "100", "--latency", "chat=5,batch=500"]) == 0
+    assert (
+        main(
+            [
+                "mixture",
+                "plan",
+                str(mix),
+                "--devices",
+                ",".join(DEVICES),
+                "--energy",
+                "100",
+                "--latency",
+                "chat=5,batch=500",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "class chat" in out and "class batch" in out and "enable" in out and "search" in out
-    assert main(["mixture", "plan", str(mix), "--devices", ",".join(DEVICES), "--energy", "1e-12", "--latency", "1"]) == 2
+    assert (
+        main(["mixture", "plan", str(mix), "--devices", ",".join(DEVICES), "--energy", "1e-12", "--latency", "1"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("edgemoe mixture: error: no specialist fits the budgets") and err.count("\n") == 1
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgemoe.devices import load_link, load_profile
 from edgemoe.errors import MixtureBudgetError
 from edgemoe.mixture.select import HeldoutLoss, brute_force, costs_from_profiles, select
-from edgemoe.devices import load_link, load_profile
 
 
 def coverage_loss(rng: np.random.Generator, n: int, docs: int = 40):

@@ -49,7 +49,10 @@ def add_mixture_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("mix", type=existing_dir, help="a mixture directory (mixture.json, specialists, gate.onnx)")
     p.add_argument("--devices", type=devices_arg, default=None, metavar="PROFILES", help=DEVICES_HELP)
     p.add_argument(
-        "--link", type=link_arg, default=None, help=f"the link to every device (default each profile's): {', '.join(list_links())}"
+        "--link",
+        type=link_arg,
+        default=None,
+        help=f"the link to every device (default each profile's): {', '.join(list_links())}",
     )
 
 
@@ -99,7 +102,10 @@ def format_choice(
         best = min(fits, key=lambda i: heldout.loss((i,)))
         lb = heldout.loss((best,))
         gain = (1 - np.exp(choice.loss) / np.exp(lb)) * 100
-        lines.append(f"  vs single   {names[best]} alone (the best that fits): perplexity {np.exp(lb):.3f}, {gain:.1f}% higher")
+        lines.append(
+            f"  vs single   {names[best]} alone (the best that fits): perplexity {np.exp(lb):.3f}; the choice's is "
+            f"{gain:.1f}% lower"
+        )
     for i in range(len(names)):
         if i in enabled:
             continue
@@ -181,9 +187,19 @@ def build_run_parser() -> Parser:
     p.add_argument("-n", "--max-new-tokens", type=whole(1, 1 << 16), default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=number(0.0), default=0.0, help="0 is greedy (default)")
     p.add_argument("--seed", type=whole(0), default=None, help="sampling seed")
-    p.add_argument("--cluster", type=cluster_arg, default=None, metavar="ADDRESS", help="run each specialist on a node of this Ray cluster")
     p.add_argument(
-        "--timeout", type=number(0.0, above=True), default=30.0, metavar="S", help="seconds a token waits for a specialist before dropping it (default 30)"
+        "--cluster",
+        type=cluster_arg,
+        default=None,
+        metavar="ADDRESS",
+        help="run each specialist on a node of this Ray cluster",
+    )
+    p.add_argument(
+        "--timeout",
+        type=number(0.0, above=True),
+        default=30.0,
+        metavar="S",
+        help="seconds a token waits for a specialist before dropping it (default 30)",
     )
     p.add_argument("--class", dest="request_class", default=None, help="the request class whose plan serves it")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
@@ -204,7 +220,12 @@ def run_main(argv: Sequence[str]) -> int:
             mix.plan(args.energy, classes)
             cls = args.request_class or next(iter(classes))
         answer = mix.generate(
-            args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed, request_class=cls, details=True
+            args.prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            request_class=cls,
+            details=True,
         )
         if args.json:
             print(json.dumps({"answer": answer.to_json(), "stats": mix.stats()}, indent=1))

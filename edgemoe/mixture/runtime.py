@@ -350,7 +350,9 @@ class Mixture:
         self.enabled[request_class] = list(names)
 
     # -- the fine level ----------------------------------------------------------------------
-    def route(self, ids: Sequence[int], request_class: str = DEFAULT_CLASS) -> tuple[list[str], np.ndarray]:
+    def route(
+        self, ids: Sequence[int] | np.ndarray, request_class: str = DEFAULT_CLASS
+    ) -> tuple[list[str], np.ndarray]:
         """The top-k of the enabled specialists for a prompt, best first, and their renormalised weights."""
         if request_class not in self.enabled:
             raise MixtureError(f"no plan for request class {request_class!r}; planned: {sorted(self.enabled)}")
@@ -422,9 +424,7 @@ class Mixture:
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab - 1})")
         return arr
 
-    def _generate_ids(
-        self, ids: Sequence[int], max_new_tokens: int, sampler: Sampler, answer: Answer
-    ) -> Iterator[int]:
+    def _generate_ids(self, ids: Sequence[int], max_new_tokens: int, sampler: Sampler, answer: Answer) -> Iterator[int]:
         arr = self._check_ids(ids)
         names, w = self.route(arr, answer.request_class)
         answer.specialists, answer.weights = names, [float(x) for x in w]
@@ -545,7 +545,9 @@ class Mixture:
         self.close()
 
 
-def _profiles(spec_names: list[str], devices: Sequence[str | DeviceProfile] | dict[str, Any] | None) -> list[DeviceProfile] | None:
+def _profiles(
+    spec_names: list[str], devices: Sequence[str | DeviceProfile] | dict[str, Any] | None
+) -> list[DeviceProfile] | None:
     if devices is None:
         return None
     if isinstance(devices, dict):
@@ -585,12 +587,14 @@ def load(
     specialist takes at least this many times its profile's predicted time per token (slower
     devices emulated on one machine; 0: none). timeout_s: how long a step waits for a specialist before dropping it.
     Raises MixtureError (and its kinds: another tokenizer, a gate for other specialists)."""
-    spec = MixtureSpec.load(mix_dir)
+    spec = MixtureSpec.load(Path(mix_dir))
     gate = Gate.load(spec)
     names = list(gate.names)
     paths = {s.name: str(model_dir(s.path)) for s in spec.specialists}
     costs = mixture_costs(spec, devices, link) if devices is not None else None
-    pace_of = {n: (pace_scale * float(costs.seconds[costs.names.index(n)]) if costs is not None else 0.0) for n in names}
+    pace_of = {
+        n: (pace_scale * float(costs.seconds[costs.names.index(n)]) if costs is not None else 0.0) for n in names
+    }
     members: dict[str, Member] = {}
     owns = False
     try:
