@@ -53,6 +53,26 @@ def test_select_equals_brute_force_at_every_budget(seed, kind):
             assert got.energy_j == pytest.approx(float(energy[list(got.enabled)].sum()))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_fan_out_cost_per_further_specialist_matches_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(3, 11))
+    loss = mixture_loss(rng, n)
+    energy, latency = rng.uniform(0.1, 3.0, n), rng.uniform(0.01, 0.1, n)
+    fan, k = float(rng.uniform(0.005, 0.03)), int(rng.integers(2, 4))
+    for e_budget in (1.0, 3.0, 100.0):
+        for l_budget in (0.05, 0.09, 0.12, 1.0):
+            ref = brute_force(loss, energy, latency, e_budget, l_budget, fan_out_s=fan, top_k=k)
+            if ref is None:
+                continue
+            got = select(loss, energy, latency, e_budget, l_budget, fan_out_s=fan, top_k=k)
+            assert got.loss == pytest.approx(ref[1], abs=1e-12)
+            assert got.latency_s <= l_budget * (1 + 1e-9)
+            assert got.latency_s == pytest.approx(
+                latency[list(got.enabled)].max() + fan * (min(len(got.enabled), k) - 1)
+            )
+
+
 def test_copies_on_other_devices_match_brute_force():
     """Twelve specialists: four models, each on three devices (a group). The loss sees models."""
     rng = np.random.default_rng(7)

@@ -212,6 +212,18 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
         mix.enable(names)
         runs = requests(mix, prompts, args.requests, args.tokens)
         results["all"] = {"quality": quality(h, range(len(names))), **summarize(runs, names, power)}
+        # what calling several specialists costs beyond the slowest of them: the coordinator's
+        # fan-out, at the 95th percentile over these requests
+        lat_of = dict(zip(costs.names, costs.latency_s.tolist()))
+        fan = [
+            (r["seconds_per_token"] - max(lat_of[n] for n in r["served_by"])) / (len(r["served_by"]) - 1)
+            for r in runs
+            if len(r["served_by"]) > 1
+        ]
+        costs.fan_out_s = max(0.0, float(np.quantile(fan, 0.95))) if fan else 0.0
+        emit(
+            f"calibrated: {', '.join(f'{n} {v * 1e3:.2f} ms' for n, v in lat_of.items())}; fan-out {costs.fan_out_s * 1e3:.2f} ms per further specialist"
+        )
 
         order = [costs.names.index(n) for n in names]
         energy, latency = costs.energy_j[order], costs.latency_s[order]
@@ -230,8 +242,8 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
                         {"latency_budget_s": float(lb), "energy_budget_j": float(eb), "fits": False, "why": str(e)}
                     )
                     continue
-                ref = brute_force(h.loss, energy, latency, float(eb), float(lb))
-                fits = [i for i in range(len(names)) if energy[i] <= eb and latency[i] <= lb]
+                ref = brute_force(h.loss, energy, latency, float(eb), float(lb), None, costs.fan_out_s, mix.top_k)
+                fits = [i for i in range(len(names)) if energy[i] <= eb * (1 + 1e-9) and latency[i] <= lb * (1 + 1e-9)]
                 best = min(fits, key=lambda i: h.loss((i,)))
                 runs = requests(mix, prompts, args.requests, args.tokens)
                 enabled = [names[i] for i in c.enabled]

@@ -165,7 +165,9 @@ def plan_main(argv: Sequence[str]) -> int:
     print(format_costs(costs))
     out: dict[str, Any] = {"costs": costs.table(), "classes": {}}
     for cls, lb in _latency_classes(args.latency).items():
-        choice = select(heldout.loss, costs.energy_j[order], costs.latency_s[order], args.energy, lb, names=names)
+        choice = select(
+            heldout.loss, costs.energy_j[order], costs.latency_s[order], args.energy, lb, names=names, top_k=spec.top_k
+        )
         print()
         print(format_choice(names, costs, heldout, choice, args.energy, lb, cls))
         out["classes"][cls] = {"latency_budget_s": lb, "energy_budget_j": args.energy, **choice.to_json(names)}

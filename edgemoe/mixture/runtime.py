@@ -337,7 +337,16 @@ class Mixture:
         energy, latency = self.costs.energy_j[order], self.costs.latency_s[order]
         out = {}
         for cls, lb in budgets.items():
-            out[cls] = select(h.loss, energy, latency, energy_budget, lb, names=self.names)
+            out[cls] = select(
+                h.loss,
+                energy,
+                latency,
+                energy_budget,
+                lb,
+                names=self.names,
+                fan_out_s=self.costs.fan_out_s,
+                top_k=self.top_k,
+            )
         for cls, c in out.items():
             self.enabled[cls] = [self.names[i] for i in c.enabled]
         self.choices.update(out)

@@ -47,12 +47,14 @@ class Costs:
     power_w: np.ndarray  # [N] the device's active power
     devices: list[str]
     correction: np.ndarray = dataclasses.field(default_factory=lambda: np.ones(0))
+    fan_out_s: float = 0.0  # the coordinator's seconds per token for each further specialist it calls
 
     def __post_init__(self) -> None:
         if self.correction.size != len(self.names):
             self.correction = np.ones(len(self.names))
         self.link_seconds = np.array(self.link_seconds, dtype=np.float64)
         self.measured_count = np.zeros(len(self.names), dtype=np.int64)
+        self.wall_count = np.zeros(len(self.names), dtype=np.int64)
 
     @property
     def device_seconds(self) -> np.ndarray:
@@ -77,10 +79,12 @@ class Costs:
         ratio = seconds_per_token / max(self.seconds[i], 1e-12)
         first = not self.measured_count[i]
         self.correction[i] = ratio if first else (1 - EWMA) * self.correction[i] + EWMA * ratio
+        self.measured_count[i] += 1
         if wall_s is not None:
             extra = max(0.0, wall_s - seconds_per_token)
-            self.link_seconds[i] = extra if first else (1 - EWMA) * self.link_seconds[i] + EWMA * extra
-        self.measured_count[i] += 1
+            walls = self.wall_count[i]
+            self.link_seconds[i] = extra if not walls else (1 - EWMA) * self.link_seconds[i] + EWMA * extra
+            self.wall_count[i] += 1
 
     def table(self) -> list[dict[str, Any]]:
         return [
@@ -218,6 +222,14 @@ class HeldoutLoss:
         return float(-self.logprobs[model, tok].mean())
 
 
+def set_latency(slowest: float, count: int, fan_out_s: float, top_k: int) -> float:
+    """Seconds per token of a request served by `count` enabled specialists: the slowest one
+    plus its link, and fan_out_s for each further one the coordinator calls (at most top_k
+    serve a request). fan_out_s is measured (the coordinator's work per call); 0 when the
+    calls cost nothing beside the slowest answer."""
+    return slowest + fan_out_s * max(0, min(count, top_k) - 1)
+
+
 # -- the search ----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Choice:
@@ -268,9 +280,13 @@ def select(
     latency_budget: float,
     groups: Sequence[Any] | None = None,
     names: Sequence[str] | None = None,
+    fan_out_s: float = 0.0,
+    top_k: int = 1,
 ) -> Choice:
     """The set of specialists with the lowest `loss` whose summed energy_j is within
-    energy_budget and whose slowest latency_s is within latency_budget (ties: the cheaper).
+    energy_budget and whose latency (`set_latency`: the slowest latency_s, plus fan_out_s for
+    each further specialist serving a request, up to top_k) is within latency_budget (ties:
+    the cheaper).
     `loss(sorted indices)` must not rise when a specialist is added (monotone). Specialists
     with the same `groups` entry are one model on several devices: the loss sees only which
     models are enabled. Raises MixtureBudgetError when no specialist fits."""
@@ -303,6 +319,9 @@ def select(
 
     memo: dict[tuple[int, ...], float] = {}
 
+    def lat(slowest: float, count: int) -> float:
+        return set_latency(slowest, count, fan_out_s, top_k)
+
     def L(s: Sequence[int]) -> float:
         key = tuple(sorted(s))
         if key not in memo:
@@ -319,26 +338,31 @@ def select(
         if v < best[1] - 1e-12 or (abs(v - best[1]) <= 1e-12 and e < best[2]):
             best[:] = [s, v, e]
 
-    def dfs(s: tuple[int, ...], e: float, rest: list[int]) -> None:
-        fits = [j for j in rest if e + energy[j] <= energy_budget]
-        cut["infeasible"] += len(rest) - len(fits)  # every superset with j breaks the budget
+    def dfs(s: tuple[int, ...], e: float, slowest: float, rest: list[int]) -> None:
+        fits = [
+            j
+            for j in rest
+            if e + energy[j] <= energy_budget and lat(max(slowest, latency[j]), len(s) + 1) <= latency_budget
+        ]
+        cut["infeasible"] += len(rest) - len(fits)  # every superset with j breaks a budget
         if not fits:
             if s:
                 offer(s, e)
             return
         top = s + tuple(fits)
         e_top = e + float(energy[fits].sum())
-        if e_top <= energy_budget:  # the largest set of this branch is feasible: it is its best
+        l_top = lat(max(slowest, float(latency[fits].max())), len(top))
+        if e_top <= energy_budget and l_top <= latency_budget:  # the largest set of this branch fits: its best
             offer(top, e_top)
             return
         if L(top) >= best[1] - 1e-12:  # every set of this branch is a subset of `top`: none beats the best
             cut["dominated"] += 1
             return
         j, others = fits[0], fits[1:]
-        dfs(s + (j,), e + float(energy[j]), others)
-        dfs(s, e, others)
+        dfs(s + (j,), e + float(energy[j]), max(slowest, float(latency[j])), others)
+        dfs(s, e, slowest, others)
 
-    dfs((), 0.0, order)
+    dfs((), 0.0, 0.0, order)
     chosen = tuple(sorted(best[0]))
     # a cheaper set with the same loss (a specialist that never reaches a top-k): drop it
     changed = True
@@ -353,7 +377,7 @@ def select(
         enabled=chosen,
         loss=L(chosen),
         energy_j=float(energy[list(chosen)].sum()),
-        latency_s=float(latency[list(chosen)].max()),
+        latency_s=lat(float(latency[list(chosen)].max()), len(chosen)),
         evaluated=len(memo),
         pruned_infeasible=cut["infeasible"],
         pruned_dominated=cut["dominated"],
@@ -369,6 +393,8 @@ def brute_force(
     energy_budget: float,
     latency_budget: float,
     groups: Sequence[Any] | None = None,
+    fan_out_s: float = 0.0,
+    top_k: int = 1,
 ) -> tuple[tuple[int, ...], float] | None:
     """Every non-empty subset that fits, the one with the lowest loss (ties: least energy):
     the reference `select` is checked against. None when nothing fits."""
@@ -381,7 +407,7 @@ def brute_force(
     for r in range(1, n + 1):
         for s in itertools.combinations(range(n), r):
             e = float(energy[list(s)].sum())
-            if e > energy_budget or float(latency[list(s)].max()) > latency_budget:
+            if e > energy_budget or set_latency(float(latency[list(s)].max()), r, fan_out_s, top_k) > latency_budget:
                 continue
             v = float(loss(s))
             if best is None or v < best[1] - 1e-12 or (abs(v - best[1]) <= 1e-12 and e < best[2]):
