@@ -202,3 +202,18 @@ def test_cli_run(mix, capsys):
     assert main(["mixture", "run", str(mix), "-p", "The quick", "-n", "3"]) == 0
     cap = capsys.readouterr()
     assert "served by" in cap.err
+
+
+@pytest.mark.slow  # about 30 s here: every budget runs requests, and brute force checks 12 specialists
+def test_cli_bench_in_this_process(mix, tmp_path, capsys):
+    from edgemoe.cli import main
+
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["mixture", "bench", str(mix), "--devices", ",".join(DEVICES), "--requests", "1", "--tokens", "2"]
+    assert main([*argv, "--budgets", "2", "--json", str(out), "--plot", str(png)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["singles"]) == {"small", "medium", "large"} and png.stat().st_size > 0
+    assert r["all"]["quality"]["mixed"] < min(s["quality"]["mixed"] for s in r["singles"].values())
+    fits = [p for p in r["frontier"] if p["fits"]]
+    assert fits and all(p["equal_to_brute_force"] and p["at_least_best_single"] for p in fits)
+    assert r["selection"]["12"]["equal_to_brute_force"] == r["selection"]["12"]["tested"]

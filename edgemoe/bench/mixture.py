@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from ..mixture.runtime import DEFAULT_CLASS, Mixture, load
 from ..mixture.select import HeldoutLoss, brute_force, select
 from ..units import parse_bytes
 
+OUTER_COMMAND = "EDGEMOE_MIXTURE_BENCH_COMMAND"  # the command as typed, for the results of the run beside the head
 COPY_PROFILES = (
     "raspberry-pi-4-sd",
     "raspberry-pi-5-sd",
@@ -344,7 +346,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     results["targets"] = targets(results)
     results["machine"] = _machine()
     results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
-    results["command"] = "edgemoe mixture bench " + " ".join(argv)
+    results["command"] = os.environ.get(OUTER_COMMAND) or "edgemoe mixture bench " + " ".join(argv)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.plot)
     print(json.dumps(results["targets"], indent=1))
@@ -370,4 +372,5 @@ def on_testbed(args: argparse.Namespace, argv: list[str]) -> int:
     with local.local_cluster(max(1, n), parse_bytes(args.node_memory), args.testbed) as lc:
         print(f"test bed {lc.tag}: {lc.nodes} nodes over {lc.link} ({lc.emulator} links)", file=sys.stderr)
         cmd = [sys.executable, "-m", "edgemoe.cli", "mixture", "bench", *inner, "--cluster", lc.address]
-        return subprocess.call(lc.command(cmd), cwd="/")
+        env = {**os.environ, OUTER_COMMAND: "edgemoe mixture bench " + " ".join(argv)}
+        return subprocess.call(lc.command(cmd), cwd="/", env=env)
