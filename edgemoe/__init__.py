@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _core as _core  # the native core, re-exported
 from .cluster import PlanFigures, attach
@@ -16,6 +16,7 @@ from .errors import (
     CorruptExpertError,
     EdgeMoEError,
     ExpertReadError,
+    MixtureError,
     ModelDirectoryError,
     TokenizerError,
     UnsupportedArchitectureError,
@@ -23,6 +24,9 @@ from .errors import (
 from .runtime import engine
 from .runtime.engine import Model
 from .runtime.options import StreamOptions
+
+if TYPE_CHECKING:
+    from .mixture.runtime import Mixture
 
 __version__ = "0.1.0"
 
@@ -74,8 +78,18 @@ def load(
     return model
 
 
+def load_mixture(path: str | os.PathLike[str], **kwargs: Any) -> Mixture:
+    """Open a mixture directory (docs/mixture.md): several specialist models and a gate, used as
+    one model (generate, logits, stats; plan enables the specialists that fit budgets).
+    Keywords as edgemoe.mixture.runtime.load: cluster, devices, link, timeout_s, threads."""
+    from .mixture.runtime import load as load_mix  # deferred: the gate needs onnxruntime
+
+    return load_mix(path, **kwargs)
+
+
 __all__ = [
     "load",
+    "load_mixture",
     "Model",
     "StreamOptions",
     "EdgeMoEError",
@@ -87,5 +101,6 @@ __all__ = [
     "BudgetError",
     "TokenizerError",
     "ClusterError",
+    "MixtureError",
     "__version__",
 ]

@@ -59,3 +59,24 @@ class PlacementError(EdgeMoEError, ValueError):
 
 class ChatTemplateError(EdgeMoEError, ValueError):
     """A chat template does not parse, or refuses a conversation (its raise_exception)."""
+
+
+class MixtureError(EdgeMoEError, ValueError):
+    """A mixture of specialists cannot be planned or run (docs/mixture.md)."""
+
+
+class MixtureBudgetError(MixtureError):
+    """No specialist fits the latency and energy budgets given."""
+
+
+class MixtureTokenizerError(MixtureError):
+    """A specialist's tokenizer is not the one the mixture's specialists share."""
+
+
+class GateMismatchError(MixtureError):
+    """The gate was trained for other specialists than the mixture's."""
+
+
+class MixtureSpecError(MixtureError):
+    """A mixture directory's mixture.json, gate.onnx or heldout.npz is missing, damaged or from a
+    newer format, or names files that are not there."""

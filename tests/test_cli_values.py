@@ -8,13 +8,27 @@ import sys
 
 import pytest
 
-from edgemoe.cli import VERBS, bench, chat, cluster, convert, devices, info, main, profile, run, serve, simulate
+from edgemoe.cli import (
+    VERBS,
+    bench,
+    chat,
+    cluster,
+    convert,
+    devices,
+    info,
+    main,
+    mixture,
+    profile,
+    run,
+    serve,
+    simulate,
+)
 from edgemoe.cli import eval as eval_
 from edgemoe.devices import list_profiles
 
 # Values that are free text or a path to write: any string is accepted.
 FREE = {"--prompt", "--output", "--json", "--markdown", "--cache", "--plot", "--traces", "--system", "--host"}
-FREE |= {"--api-key", "--name"}
+FREE |= {"--api-key", "--name", "--class"}
 
 
 def parsers(tmp_path):
@@ -36,11 +50,27 @@ def parsers(tmp_path):
         ("devices", devices.build_parser(), []),
         ("cluster plan", cluster.build_plan_parser(), ["--devices", list_profiles()[0]]),
         ("cluster local", cluster.build_local_parser(), []),
+        ("mixture plan", mixture.build_plan_parser(), [str(tmp_path), "--energy", "1", "--latency", "10"]),
+        ("mixture run", mixture.build_run_parser(), [str(tmp_path), "-p", "x"]),
+        ("mixture bench", mixture.build_bench_parser(), [str(tmp_path), "--devices", list_profiles()[0]]),
     ]
 
 
 def test_every_verb_is_walked():
-    walked = {"run", "chat", "serve", "info", "convert", "eval", "profile", "simulate", "bench", "devices", "cluster"}
+    walked = {
+        "run",
+        "chat",
+        "serve",
+        "info",
+        "convert",
+        "eval",
+        "profile",
+        "simulate",
+        "bench",
+        "devices",
+        "cluster",
+        "mixture",
+    }
     assert set(VERBS) == walked, "a new verb: add its parser to parsers() above"
 
 

@@ -25,6 +25,7 @@ VERBS = {
     "bench": ("bench", "compare expert-loading modes side by side, or edgemoe against llama.cpp (--peers)"),
     "devices": ("devices", "device profiles; with --detect, this machine measured and settings for a model"),
     "cluster": ("cluster", "one model's experts across several devices: `cluster plan` places them"),
+    "mixture": ("mixture", "a mixture of specialist models: plan which to enable under budgets, run, bench"),
 }
 
 

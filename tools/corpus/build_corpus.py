@@ -493,7 +493,7 @@ PARTS = [
 def build(out: Path, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    splits: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    splits: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "test": []}  # (document, part)
     records = []
     for part in PARTS:
         rng = random.Random(f"{seed}:{part.name}")
@@ -544,16 +544,18 @@ def build(out: Path, seed: int) -> None:
         }
         records.append(rec)
         for s, d in assign.items():
-            splits[s].extend(d)
+            splits[s].extend((x, part.name) for x in d)
         print(
             f"{part.name:22s} files={len(files):5d} docs={n:6d} bytes={sum(v['bytes'] for v in rec['splits'].values()) / MB:6.2f}MB"
             f" (available {total / MB:.2f}MB, dup {n_dup}, short {n_short})",
             flush=True,
         )
 
-    for s, docs in splits.items():
-        random.Random(f"{seed}:order:{s}").shuffle(docs)
-        (out / f"{s}.txt").write_text(DOC_SEP.join(docs) + "\n", encoding="utf-8")
+    for s, items in splits.items():
+        random.Random(f"{seed}:order:{s}").shuffle(items)
+        (out / f"{s}.txt").write_text(DOC_SEP.join(doc for doc, _ in items) + "\n", encoding="utf-8")
+        # which part each document comes from, one line per document in the same order
+        (out / f"{s}.parts.txt").write_text("".join(part + "\n" for _, part in items), encoding="utf-8")
 
     domains: dict[str, int] = {}
     for r in records:
@@ -565,7 +567,7 @@ def build(out: Path, seed: int) -> None:
         "split_fractions": SPLIT_FRACTIONS,
         "total_bytes": grand,
         "domains": {d: {"bytes": b, "share": round(b / grand, 4)} for d, b in sorted(domains.items())},
-        "splits": {s: {"documents": len(d), "bytes": sum(len(x.encode()) for x in d)} for s, d in splits.items()},
+        "splits": {s: {"documents": len(d), "bytes": sum(len(x.encode()) for x, _ in d)} for s, d in splits.items()},
         "parts": records,
     }
     (out / "sources.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,376 @@
+"""`edgemoe mixture bench`: held-out perplexity against time and energy per token for each
+single specialist, all of them mixed, and the MoE² choice at a sweep of latency and energy
+budgets (the frontier), with the specialists on Ray nodes.
+
+With --testbed LINK the bench starts `edgemoe cluster local` (one node per specialist, each in
+its own network namespace and memory limit, its link emulated) and runs itself again beside
+the head; with --cluster ADDRESS it uses a running cluster; with neither, threads of this
+process. Perplexities come from heldout.npz (every specialist's log-probability of each true
+next token); times come from real requests on the nodes. Energy per token is each enabled
+specialist's device power (its profile) x its measured time per token.
+
+The cost model starts from the device profiles and is corrected by a calibration run of each
+specialist alone (its measured device time and the coordinator's wait), as a deployment
+corrects it online; the budgets of the sweep are then taken around the corrected costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..devices import load_profile
+from ..errors import MixtureError
+from ..mixture.heldout import Heldout
+from ..mixture.runtime import DEFAULT_CLASS, Mixture, load
+from ..mixture.select import HeldoutLoss, brute_force, select
+from ..units import parse_bytes
+
+OUTER_COMMAND = "EDGEMOE_MIXTURE_BENCH_COMMAND"  # the command as typed, for the results of the run beside the head
+COPY_PROFILES = (
+    "raspberry-pi-4-sd",
+    "raspberry-pi-5-sd",
+    "jetson-orin-nano-nvme",
+    "jetson-orin-nx-nvme",
+    "jetson-agx-orin-emmc",
+    "phone-ufs31",
+    "phone-sd8gen3-ufs40",
+    "rtx4090-server-nvme",
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's flags; the CLI gives them their checked types (cli/mixture.py)."""
+    p.add_argument("mix", help="a mixture directory")
+    p.add_argument(
+        "--devices", required=True, help="a device profile per specialist (mixture.json's order), comma-separated"
+    )
+    p.add_argument("--link", default=None, help="the link to every device (default: each profile's)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--testbed", default=None, metavar="LINK", help="run on `edgemoe cluster local` nodes over LINK")
+    where.add_argument("--cluster", default=None, metavar="ADDRESS", help="run on this Ray cluster")
+    p.add_argument("--node-memory", default="1500MB", help="each test-bed node's memory limit (default 1500MB)")
+    p.add_argument("--requests", default=8, help="requests per configuration (default 8)")
+    p.add_argument("--tokens", default=12, help="tokens generated per request (default 12)")
+    p.add_argument("--budgets", default=5, help="latency budgets and energy budgets each (default 5)")
+    p.add_argument(
+        "--pace-scale",
+        default=0.0,
+        help="each specialist takes at least this many times its profile's predicted time per token "
+        "(0: as fast as it runs here)",
+    )
+    p.add_argument("--json", metavar="FILE", default="mixture-bench.json", help="results (default mixture-bench.json)")
+    p.add_argument(
+        "--plot", metavar="FILE", default="mixture-bench.png", help="the frontier plot (default mixture-bench.png)"
+    )
+    p.add_argument("--timeout", default=60.0, help="seconds a token waits for a specialist (default 60)")
+
+
+# -- quality from the held-out set ---------------------------------------------------------
+def quality(h: HeldoutLoss, models: Sequence[int]) -> dict[str, float]:
+    """Perplexity on each domain and on all documents together (mixed-domain)."""
+    out = {"mixed": float(np.exp(h.loss(tuple(models))))}
+    for d in sorted(set(h.domains.tolist())):
+        out[d] = float(np.exp(h.loss(tuple(models), domain=d)))
+    return out
+
+
+# -- timing from real requests -------------------------------------------------------------
+def requests(
+    mix: Mixture, prompts: list[list[int]], n: int, tokens: int, cls: str = DEFAULT_CLASS
+) -> list[dict[str, Any]]:
+    """n requests (prompts in turn), each `tokens` long: its time per decode token and the
+    device seconds per token of the specialists that served it."""
+    out = []
+    for i in range(n):
+        before = {k: (v.tokens, v.device_seconds) for k, v in mix.records.items()}
+        a = mix.generate(prompts[i % len(prompts)], tokens, request_class=cls, details=True)
+        per = a.seconds_per_token[1:] or a.seconds_per_token  # the first token also carries the prompt
+        dev = {}
+        for k, v in mix.records.items():
+            dt, ds = v.tokens - before[k][0], v.device_seconds - before[k][1]
+            if dt:
+                dev[k] = ds / dt
+        out.append(
+            {
+                "seconds_per_token": float(np.mean(per)),
+                "served_by": a.specialists,
+                "device_seconds_per_token": dev,
+                "dropped": a.dropped,
+            }
+        )
+    return out
+
+
+def summarize(runs: list[dict[str, Any]], enabled: Sequence[str], power: dict[str, float]) -> dict[str, Any]:
+    spt = [r["seconds_per_token"] for r in runs]
+    dev: dict[str, list[float]] = {}
+    for r in runs:
+        for k, v in r["device_seconds_per_token"].items():
+            dev.setdefault(k, []).append(v)
+    dev_mean = {k: float(np.mean(v)) for k, v in dev.items()}
+    # the budget's definition: every enabled specialist's power x its time per token
+    energy = sum(power[k] * dev_mean.get(k, 0.0) for k in enabled)
+    return {
+        "seconds_per_token_median": float(np.median(spt)),
+        "seconds_per_token": spt,
+        "energy_j_per_token": float(energy),
+        "device_seconds_per_token": dev_mean,
+    }
+
+
+# -- the selection's own targets: brute force and speed ---------------------------------------
+def selection_checks(h: HeldoutLoss, names: list[str], emit: Any) -> dict[str, Any]:
+    """Copies of the real specialists on other device profiles: `select` against brute force
+    at every budget of a grid (12 specialists) and its time for 32."""
+    m = len(names)
+    out: dict[str, Any] = {}
+    for n in (12, 32):
+        groups = [i % m for i in range(n)]
+        profs = [load_profile(COPY_PROFILES[(i // m + i) % len(COPY_PROFILES)]) for i in range(n)]
+        # a copy's time per token: the same model bytes at its device's speed (a relative figure)
+        rel = np.array([1.0 + i % m for i in range(n)])
+        seconds = np.array([rel[i] / (p.int4_bytes_per_s or 1) * 1e9 for i, p in enumerate(profs)]) * 1e-3
+        energy = seconds * np.array([p.active_w for p in profs])
+        latency = seconds + np.array([p.link.rtt_s if p.link else 0.0 for p in profs])
+
+        def loss(s: tuple[int, ...], groups: list[int] = groups) -> float:
+            return h.loss(tuple(sorted({groups[i] for i in s})))
+
+        e_grid = np.quantile(np.cumsum(np.sort(energy)), np.linspace(0.0, 1.0, 8))
+        l_grid = np.quantile(latency, np.linspace(0.1, 1.0, 6))
+        times, agree, tested = [], 0, 0
+        for eb in e_grid:
+            for lb in l_grid:
+                ref = brute_force(loss, energy, latency, eb, lb, groups) if n <= 12 else None
+                try:
+                    c = select(loss, energy, latency, eb, lb, groups)
+                except MixtureError:
+                    if n <= 12:
+                        tested += 1
+                        agree += ref is None
+                    continue
+                times.append(c.seconds)
+                if n <= 12:
+                    tested += 1
+                    agree += ref is not None and abs(ref[1] - c.loss) <= 1e-12
+        out[str(n)] = {
+            "specialists": n,
+            "budgets": int(len(e_grid) * len(l_grid)),
+            "max_search_seconds": float(max(times)) if times else 0.0,
+            "median_search_seconds": float(np.median(times)) if times else 0.0,
+            **({"equal_to_brute_force": agree, "tested": tested} if n <= 12 else {}),
+        }
+        r = out[str(n)]
+        emit(
+            f"selection over {n} specialists ({m} models on {len(set(p.name for p in profs))} device profiles): "
+            f"slowest search {r['max_search_seconds'] * 1e3:.1f} ms over {r['budgets']} budgets"
+            + (f"; equal to brute force at {agree} of {tested}" if n <= 12 else "")
+        )
+    return out
+
+
+# -- the bench -----------------------------------------------------------------------------
+def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
+    mix = load(
+        args.mix,
+        cluster=args.cluster,
+        devices=args.devices,
+        link=args.link,
+        timeout_s=args.timeout,
+        pace_scale=args.pace_scale,
+    )
+    with mix:
+        names = mix.names
+        h = mix.heldout_loss()
+        raw = Heldout.load(mix.spec.heldout)
+        prompts = [[int(t) for t in raw.prompt(i)] for i in range(len(raw.domain))]
+        assert mix.costs is not None
+        costs = mix.costs
+        power = dict(zip(costs.names, costs.power_w.tolist()))
+        emit(f"specialists: {', '.join(f'{n} on {d}' for n, d in zip(costs.names, costs.devices))}; top_k {mix.top_k}")
+        emit(f"where: {', '.join(f'{n}: {mix.members[n].where}' for n in names)}")
+        results: dict[str, Any] = {"singles": {}, "frontier": []}
+
+        # each alone: its quality, and its measured cost (the calibration of the cost model)
+        for i, n in enumerate(names):
+            mix.enable([n])
+            runs = requests(mix, prompts, args.requests, args.tokens)
+            s = summarize(runs, [n], power)
+            # a latency budget holds for 95% of requests when planned with the 95th percentile
+            p95 = float(np.quantile(s["seconds_per_token"], 0.95))
+            costs.measured(n, s["device_seconds_per_token"][n], p95)
+            results["singles"][n] = {"quality": quality(h, [i]), **s}
+        mix.enable(names)
+        runs = requests(mix, prompts, args.requests, args.tokens)
+        results["all"] = {"quality": quality(h, range(len(names))), **summarize(runs, names, power)}
+        # what calling several specialists costs beyond the slowest of them: the coordinator's
+        # fan-out, at the 95th percentile over these requests
+        lat_of = dict(zip(costs.names, costs.latency_s.tolist()))
+        fan = [
+            (r["seconds_per_token"] - max(lat_of[n] for n in r["served_by"])) / (len(r["served_by"]) - 1)
+            for r in runs
+            if len(r["served_by"]) > 1
+        ]
+        costs.fan_out_s = max(0.0, float(np.quantile(fan, 0.95))) if fan else 0.0
+        emit(
+            f"calibrated: {', '.join(f'{n} {v * 1e3:.2f} ms' for n, v in lat_of.items())}; fan-out {costs.fan_out_s * 1e3:.2f} ms per further specialist"
+        )
+
+        order = [costs.names.index(n) for n in names]
+        energy, latency = costs.energy_j[order], costs.latency_s[order]
+        results["costs"] = costs.table()  # as calibrated; requests go on correcting them online
+        # budgets around the corrected costs: each specialist's latency (with a margin for noise)
+        # and energies from the most frugal one to all of them
+        l_grid = np.unique(np.quantile(latency * 1.05, np.linspace(0.0, 1.0, args.budgets)))
+        e_grid = np.unique(np.quantile(np.cumsum(np.sort(energy)), np.linspace(0.0, 1.0, args.budgets)))
+        for lb in l_grid:
+            for eb in e_grid:
+                energy, latency = costs.energy_j[order], costs.latency_s[order]  # the costs the plan sees
+                try:
+                    c = mix.plan(float(eb), float(lb), heldout=h)[DEFAULT_CLASS]
+                except MixtureError as e:
+                    results["frontier"].append(
+                        {"latency_budget_s": float(lb), "energy_budget_j": float(eb), "fits": False, "why": str(e)}
+                    )
+                    continue
+                ref = brute_force(h.loss, energy, latency, float(eb), float(lb), None, costs.fan_out_s, mix.top_k)
+                fits = [i for i in range(len(names)) if energy[i] <= eb * (1 + 1e-9) and latency[i] <= lb * (1 + 1e-9)]
+                best = min(fits, key=lambda i: h.loss((i,)))
+                runs = requests(mix, prompts, args.requests, args.tokens)
+                enabled = [names[i] for i in c.enabled]
+                s = summarize(runs, enabled, power)
+                within = float(np.mean([x <= lb for x in s["seconds_per_token"]]))
+                point = {
+                    "latency_budget_s": float(lb),
+                    "energy_budget_j": float(eb),
+                    "fits": True,
+                    "enabled": enabled,
+                    "expected_loss": c.loss,
+                    "brute_force_loss": ref[1] if ref else None,
+                    "equal_to_brute_force": ref is not None and abs(ref[1] - c.loss) <= 1e-12,
+                    "best_single": names[best],
+                    "best_single_perplexity": float(np.exp(h.loss((best,)))),
+                    "quality": quality(h, c.enabled),
+                    "planned_energy_j": c.energy_j,
+                    "planned_latency_s": c.latency_s,
+                    "search_seconds": c.seconds,
+                    "within_latency_budget": within,
+                    **s,
+                }
+                point["at_least_best_single"] = point["quality"]["mixed"] <= point["best_single_perplexity"] * (
+                    1 + 1e-9
+                )
+                results["frontier"].append(point)
+                emit(
+                    f"latency <= {lb * 1e3:7.2f} ms, energy <= {eb:9.4g} J: {'+'.join(enabled):<28} "
+                    f"ppl {point['quality']['mixed']:8.3f} (best single {names[best]} {point['best_single_perplexity']:8.3f}); "
+                    f"measured {s['seconds_per_token_median'] * 1e3:6.2f} ms/token, {s['energy_j_per_token']:.4g} J/token; "
+                    f"{within * 100:.0f}% of requests within budget"
+                )
+        results["selection"] = selection_checks(h, names, emit)
+        results["stats"] = mix.stats()
+    return results
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    pts = [p for p in results["frontier"] if p.get("fits")]
+    singles = results["singles"]
+    best_single = min(v["quality"]["mixed"] for v in singles.values())
+    within = [x <= p["latency_budget_s"] for p in pts for x in p["seconds_per_token"]]
+    return {
+        "all_mixed_vs_best_single_mixed_ppl": results["all"]["quality"]["mixed"] / best_single - 1,
+        "choice_at_least_best_single_at_every_budget": all(p["at_least_best_single"] for p in pts),
+        "choice_equal_to_brute_force_at_every_budget": all(p["equal_to_brute_force"] for p in pts),
+        "requests_within_latency_budget": float(np.mean(within)) if within else 0.0,
+        "budgets_that_fit": len(pts),
+        "budgets": len(results["frontier"]),
+    }
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib  # deferred: optional (the bench extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in (
+        (axes[0], "seconds_per_token_median", "time per token (ms)"),
+        (axes[1], "energy_j_per_token", "energy per token (mJ)"),
+    ):
+        pts = [p for p in results["frontier"] if p.get("fits")]
+        ax.scatter(
+            [p[key] * 1e3 for p in pts],
+            [p["quality"]["mixed"] for p in pts],
+            c="tab:blue",
+            label="MoE² choice at a budget",
+            s=18,
+        )
+        for n, s in results["singles"].items():
+            ax.scatter([s[key] * 1e3], [s["quality"]["mixed"]], marker="s", s=40, label=f"{n} alone")
+        a = results["all"]
+        ax.scatter([a[key] * 1e3], [a["quality"]["mixed"]], marker="*", s=120, c="k", label="all mixed")
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity, mixed-domain held-out")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("edgemoe mixture bench: quality against time and energy per token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _machine() -> dict[str, Any]:
+    from .. import _core
+
+    return {"platform": platform.platform(), "simd": _core.simd(), "python": platform.python_version()}
+
+
+def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run the bench with the parsed flags (`argv` as given: recorded, and passed on to the test bed)."""
+    if args.testbed:
+        return on_testbed(args, list(argv))
+    t0 = time.time()
+    results = run(args, lambda line: print(line, flush=True))
+    results["targets"] = targets(results)
+    results["machine"] = _machine()
+    results["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
+    results["command"] = os.environ.get(OUTER_COMMAND) or "edgemoe mixture bench " + " ".join(argv)
+    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.plot)
+    print(json.dumps(results["targets"], indent=1))
+    print(f"results in {args.json}, plot in {args.plot}", file=sys.stderr)
+    return 0
+
+
+def on_testbed(args: argparse.Namespace, argv: list[str]) -> int:
+    """One node per specialist on `edgemoe cluster local` over the link; this bench again
+    beside the head with --cluster pointing at it."""
+    from ..cluster import local
+
+    i = argv.index("--testbed")
+    inner = argv[:i] + argv[i + 2 :]
+    inner = [str(Path(a).resolve()) if a == args.mix else a for a in inner]
+    for flag in ("--json", "--plot"):
+        val = getattr(args, flag[2:])
+        if flag in inner:
+            inner[inner.index(flag) + 1] = str(Path(val).resolve())
+        else:
+            inner += [flag, str(Path(val).resolve())]
+    n = len(args.devices) if len(args.devices) > 1 else 1
+    with local.local_cluster(max(1, n), parse_bytes(args.node_memory), args.testbed) as lc:
+        print(f"test bed {lc.tag}: {lc.nodes} nodes over {lc.link} ({lc.emulator} links)", file=sys.stderr)
+        cmd = [sys.executable, "-m", "edgemoe.cli", "mixture", "bench", *inner, "--cluster", lc.address]
+        env = {**os.environ, OUTER_COMMAND: "edgemoe mixture bench " + " ".join(argv)}
+        return subprocess.call(lc.command(cmd), cwd="/", env=env)

@@ -1,0 +1,634 @@
+"""The fine level: one request served by the top-k of the enabled specialists.
+
+For every request the gate weighs the specialists on the prompt; the top-k of the enabled ones
+by weight serve it, their weights renormalised. At every step each of them gives its
+next-token distribution, the distributions are mixed with those weights, a token is sampled
+from the mixture and fed to each. Each specialist is a whole edgemoe model in a
+`SpecialistServer`: a Ray actor pinned to its device's node (the nodes that offer the
+`edgemoe` resource, found as the expert servers find theirs: cluster.connect), or a thread of
+this process without Ray. A specialist that fails or does not answer within the timeout is
+dropped: the weights are renormalised over the others and the request finishes; its Answer
+says which specialist was dropped, at which token and why.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cluster.connect import Node, connect, device_nodes
+from ..converters.convert import convert
+from ..devices import DeviceProfile, LinkProfile, load_link, load_profile
+from ..errors import ClusterError, MixtureError
+from ..format.manifest import blob_tables, load_manifest
+from ..runtime import engine
+from ..runtime.paths import cache_root
+from ..runtime.sampling import Sampler
+from ..runtime.tokenizer import Tokenizer
+from .gate import Gate
+from .select import Choice, Costs, HeldoutLoss, costs_from_profiles, select
+from .spec import MixtureSpec
+
+DEFAULT_TIMEOUT_S = 30.0  # how long a step waits for a specialist before dropping it
+DEFAULT_CLASS = "default"
+
+
+def model_dir(path: Path) -> Path:
+    """An edgemoe model directory for a specialist: the path itself when converted, else its
+    conversion (8 bits) in the cache, made on first use."""
+    if (path / "manifest.json").is_file():
+        return path
+    if not (path / "config.json").is_file():
+        raise MixtureError(f"specialist directory {path} is neither an edgemoe model directory nor a checkpoint")
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    dst = cache_root() / "mixture" / f"{path.name}-{h.hexdigest()[:12]}"
+    if not (dst / "manifest.json").is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        convert(path, dst, bits=8, progress=False, overwrite=True)
+    return dst
+
+
+def active_bytes(path: Path) -> float:
+    """Weight bytes one decode token streams through: the backbone and top_k of each layer's
+    experts (their mean size), from the model directory's manifest."""
+    m = load_manifest(path)
+    _, lengths, _, _ = blob_tables(m)
+    ex = m["experts"]
+    backbone = (path / m["backbone"]["file"]).stat().st_size
+    return float(backbone + lengths.sum() * ex["top_k"] / max(1, ex["num_experts"]))
+
+
+def mixture_costs(
+    spec: MixtureSpec,
+    devices: Sequence[str | DeviceProfile] | dict[str, Any],
+    link: str | LinkProfile | None = None,
+) -> Costs:
+    """The cost model of a mixture's specialists (mixture.json's order) on device profiles,
+    each reached over `link` (default: its profile's link)."""
+    profiles = _profiles(spec.names, devices)
+    assert profiles is not None
+    dirs = [model_dir(s.path) for s in spec.specialists]
+    vocab = int(load_manifest(dirs[0])["config"]["vocab_size"])
+    link_p = load_link(link) if isinstance(link, str) else link
+    links = [link_p] * len(profiles) if link_p is not None else None
+    return costs_from_profiles(spec.names, [active_bytes(d) for d in dirs], profiles, vocab, links)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+class SpecialistServer:
+    """One specialist: a whole model answering next-token log-probabilities for one request at
+    a time. The coordinator makes it a Ray actor pinned to its device, or runs it here.
+    `pace_s`: the least seconds a token takes (emulates a slower device on the test bed)."""
+
+    def __init__(self, path: str, name: str, threads: int = 0, pace_s: float = 0.0):
+        self.name = name
+        self.model = engine.load(path, threads=threads or None)
+        self.pace_s = float(pace_s)
+        self.pos = 0
+
+    def info(self) -> dict[str, Any]:
+        i = self.model.info()
+        active = i["backbone_bytes"] + i["expert_bytes"] * i["top_k"] / max(1, i["experts_per_layer"])
+        return {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "vocab_size": i["vocab_size"],
+            "active_bytes": float(active),
+            "eos_ids": sorted(self.model.eos_ids),
+        }
+
+    def _timed(self, ids: np.ndarray, pos: int, all_logits: bool = False) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        logits = self.model.net.forward(ids, self.model.kv, pos, all_logits=all_logits)
+        out = log_softmax(logits if all_logits else logits[-1])
+        dt = time.perf_counter() - t0
+        if dt < self.pace_s:
+            time.sleep(self.pace_s - dt)
+            dt = self.pace_s
+        return out, dt
+
+    def start(self, ids: np.ndarray) -> tuple[np.ndarray, float]:
+        """A fresh request: the prompt's next-token log-probabilities [vocab] and the seconds taken."""
+        self.model.reset()
+        arr = np.asarray(ids, dtype=np.int64)
+        out = self._timed(arr, 0)
+        self.pos = arr.size
+        return out
+
+    def step(self, token: int) -> tuple[np.ndarray, float]:
+        """Feed the sampled token: the next log-probabilities and the seconds taken."""
+        out = self._timed(np.array([int(token)], np.int64), self.pos)
+        self.pos += 1
+        return out
+
+    def logits(self, ids: np.ndarray) -> tuple[np.ndarray, float]:
+        """Log-probabilities [len(ids), vocab] of a fresh sequence."""
+        self.model.reset()
+        return self._timed(np.asarray(ids, dtype=np.int64), 0, all_logits=True)
+
+
+class Gone(Exception):
+    """A specialist did not answer: its process or node died, or it timed out."""
+
+
+class Member:
+    """A specialist as the coordinator calls it: `call` starts a method, `result` waits for it."""
+
+    name: str
+    where: str
+
+    def call(self, method: str, *args: Any) -> Any:
+        raise NotImplementedError
+
+    def result(self, fut: Any, timeout_s: float) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+
+class LocalMember(Member):
+    """A specialist in a thread of this process (the native core releases the GIL while it computes)."""
+
+    def __init__(self, name: str, path: str, threads: int = 0, pace_s: float = 0.0):
+        self.name, self.where = name, "this process"
+        self.server = SpecialistServer(path, name, threads, pace_s)
+        self.pool = cf.ThreadPoolExecutor(1, thread_name_prefix=f"specialist-{name}")
+
+    def call(self, method: str, *args: Any) -> cf.Future[Any]:
+        return self.pool.submit(getattr(self.server, method), *args)
+
+    def result(self, fut: cf.Future[Any], timeout_s: float) -> Any:
+        try:
+            return fut.result(timeout=timeout_s)
+        except cf.TimeoutError:
+            raise Gone(f"no answer within {timeout_s:g} s") from None
+        except Exception as e:  # the specialist failed: it is dropped, the request goes on
+            raise Gone(f"{type(e).__name__}: {e}") from None
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayMember(Member):
+    """A specialist as a Ray actor pinned to one node."""
+
+    def __init__(self, name: str, path: str, node: Node, actor_class: Any, pace_s: float = 0.0):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.name, self.node, self.where = name, node, node.name
+        self.handle = actor_class.options(
+            num_cpus=0,
+            max_restarts=0,
+            max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False),
+        ).remote(path, name, node.cpus, pace_s)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.handle, method).remote(*args)
+
+    def result(self, fut: Any, timeout_s: float) -> Any:
+        import ray
+
+        try:
+            return ray.get(fut, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise Gone(f"no answer within {timeout_s:g} s") from None
+        except ray.exceptions.RayError as e:
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+            raise Gone(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+
+    def stop(self) -> None:
+        import ray
+
+        try:
+            ray.kill(self.handle)
+        except Exception:  # already gone is what we want
+            pass
+
+
+@dataclasses.dataclass
+class Answer:
+    """One request's result and what happened to it."""
+
+    tokens: list[int]
+    text: str | None
+    specialists: list[str]  # the top-k that served it, best first
+    weights: list[float]  # their renormalised gate weights at the start
+    dropped: list[dict[str, Any]]  # {"name", "at_token", "why"} of each specialist dropped mid-request
+    finish: str  # "stop" (EOS) or "length"
+    seconds_per_token: list[float]  # each generated token's wall time (the first includes the prompt)
+    request_class: str = DEFAULT_CLASS
+
+    @property
+    def note(self) -> str:
+        """What a user is told when specialists were dropped ("" when none was)."""
+        if not self.dropped:
+            return ""
+        left = [s for s in self.specialists if s not in {d["name"] for d in self.dropped}]
+        parts = [f"specialist {d['name']} was dropped at token {d['at_token']} ({d['why']})" for d in self.dropped]
+        return "; ".join(parts) + f"; the answer was finished by {', '.join(left)} with renormalised weights"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "note": self.note}
+
+
+@dataclasses.dataclass
+class _Record:
+    tokens: int = 0
+    device_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    up: bool = True
+    error: str | None = None
+
+
+class Mixture:
+    """A mixture of specialists, used as one model: generate, logits, stats, plan."""
+
+    def __init__(
+        self,
+        spec: MixtureSpec,
+        gate: Gate,
+        members: dict[str, Member],
+        costs: Costs | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        owns_ray: bool = False,
+    ):
+        self.spec, self.gate, self.members = spec, gate, members
+        self.names = list(gate.names)  # the gate's order: weights index by it
+        self.top_k = spec.top_k
+        self.costs = costs
+        self.timeout_s = float(timeout_s)
+        self.owns_ray = owns_ray
+        first = spec.specialist(self.names[0]).path
+        self._tok_dir = model_dir(first)
+        self._tokenizer: Tokenizer | None = None
+        infos = {n: m.result(m.call("info"), self.timeout_s) for n, m in members.items()}
+        self.infos = infos
+        self.vocab = int(infos[self.names[0]]["vocab_size"])
+        for n, i in infos.items():
+            if int(i["vocab_size"]) != self.vocab:
+                raise MixtureError(
+                    f"specialist {n} has a vocabulary of {i['vocab_size']} tokens, {self.names[0]} of {self.vocab}: "
+                    "make every specialist with the mixture's tokenizer"
+                )
+        self.eos_ids = set(infos[self.names[0]]["eos_ids"])
+        self.enabled: dict[str, list[str]] = {DEFAULT_CLASS: list(self.names)}
+        self.choices: dict[str, Choice] = {}
+        self.records = {n: _Record() for n in self.names}
+        self.requests = 0
+        self.tokens_generated = 0
+        self.seconds = 0.0
+        self.dropped: list[dict[str, Any]] = []
+        self.last: Answer | None = None
+
+    # -- text ------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self._tok_dir)
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    # -- the coarse level ----------------------------------------------------------------------
+    def heldout_loss(self) -> HeldoutLoss:
+        return HeldoutLoss.load(self.spec, self.gate)
+
+    def plan(
+        self, energy_budget: float, latency_budget: float | dict[str, float], heldout: HeldoutLoss | None = None
+    ) -> dict[str, Choice]:
+        """Enable, per request class, the specialists `select` chooses under the energy budget
+        (joules per token) and the class's latency budget (seconds per token; a number is the
+        default class's). The costs are the profiles' corrected by what was measured so far."""
+        if self.costs is None:
+            raise MixtureError(
+                "the mixture has no cost model: load it with device profiles for its specialists "
+                "(load_mixture(MIX, devices=[...]) or --devices) to plan under budgets"
+            )
+        budgets = latency_budget if isinstance(latency_budget, dict) else {DEFAULT_CLASS: float(latency_budget)}
+        h = heldout or self.heldout_loss()
+        order = [self.costs.names.index(n) for n in self.names]
+        energy, latency = self.costs.energy_j[order], self.costs.latency_s[order]
+        out = {}
+        for cls, lb in budgets.items():
+            out[cls] = select(
+                h.loss,
+                energy,
+                latency,
+                energy_budget,
+                lb,
+                names=self.names,
+                fan_out_s=self.costs.fan_out_s,
+                top_k=self.top_k,
+            )
+        for cls, c in out.items():
+            self.enabled[cls] = [self.names[i] for i in c.enabled]
+        self.choices.update(out)
+        return out
+
+    def enable(self, names: Sequence[str], request_class: str = DEFAULT_CLASS) -> None:
+        unknown = [n for n in names if n not in self.names]
+        if unknown or not names:
+            raise MixtureError(f"cannot enable {list(names)}: the mixture's specialists are {self.names}")
+        self.enabled[request_class] = list(names)
+
+    # -- the fine level ----------------------------------------------------------------------
+    def route(
+        self, ids: Sequence[int] | np.ndarray, request_class: str = DEFAULT_CLASS
+    ) -> tuple[list[str], np.ndarray]:
+        """The top-k of the enabled specialists for a prompt, best first, and their renormalised weights."""
+        if request_class not in self.enabled:
+            raise MixtureError(f"no plan for request class {request_class!r}; planned: {sorted(self.enabled)}")
+        live = [n for n in self.enabled[request_class] if self.records[n].up]
+        if not live:
+            raise MixtureError(
+                f"every enabled specialist of class {request_class!r} is down "
+                f"({', '.join(f'{n}: {self.records[n].error}' for n in self.enabled[request_class])}): plan again"
+            )
+        w = self.gate.weights(np.asarray(ids), enabled=live)
+        order = [i for i in np.argsort(-w, kind="stable") if self.names[i] in live][: self.top_k]
+        chosen = np.array([w[i] for i in order], np.float64)
+        chosen = chosen / chosen.sum() if chosen.sum() > 0 else np.full(len(order), 1.0 / len(order))
+        return [self.names[i] for i in order], chosen
+
+    def _gather(
+        self, futs: dict[str, Any], weights: dict[str, float], at_token: int, answer: Answer | None
+    ) -> dict[str, np.ndarray]:
+        """The log-probabilities each specialist answered; those that failed are dropped from `weights`."""
+        out: dict[str, np.ndarray] = {}
+        deadline = time.monotonic() + self.timeout_s
+        for name, fut in futs.items():
+            m, r = self.members[name], self.records[name]
+            t0 = time.perf_counter()
+            try:
+                lp, dt = m.result(fut, max(0.0, deadline - time.monotonic()))
+            except Gone as e:
+                r.up, r.error, r.failures = False, str(e), r.failures + 1
+                event = {"name": name, "at_token": at_token, "why": str(e)}
+                self.dropped.append(event)
+                if answer is not None:
+                    answer.dropped.append(event)
+                weights.pop(name, None)
+                m.stop()
+                continue
+            r.wait_seconds += time.perf_counter() - t0
+            r.device_seconds += dt
+            r.tokens += 1
+            if at_token > 0 and self.costs is not None and name in self.costs.names:
+                self.costs.measured(name, dt)
+            out[name] = lp
+        if not out:
+            raise MixtureError(
+                "every specialist serving the request failed ("
+                + "; ".join(f"{n}: {self.records[n].error}" for n in futs)
+                + "): check the devices (`ray status`) and load the mixture again"
+            )
+        total = sum(weights[n] for n in out)
+        for n in out:
+            weights[n] = weights[n] / total
+        return out
+
+    @staticmethod
+    def _mix(lps: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+        """log sum_i w_i p_i, computed in log space."""
+        names = list(lps)
+        z = np.stack([lps[n].astype(np.float64) for n in names]) + np.log([weights[n] for n in names]).reshape(
+            (-1,) + (1,) * lps[names[0]].ndim
+        )
+        m = z.max(axis=0)
+        return m + np.log(np.exp(z - m).sum(axis=0))
+
+    def _check_ids(self, ids: Sequence[int]) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        bad = arr[(arr < 0) | (arr >= self.vocab)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab - 1})")
+        return arr
+
+    def _generate_ids(self, ids: Sequence[int], max_new_tokens: int, sampler: Sampler, answer: Answer) -> Iterator[int]:
+        arr = self._check_ids(ids)
+        names, w = self.route(arr, answer.request_class)
+        answer.specialists, answer.weights = names, [float(x) for x in w]
+        weights = dict(zip(names, w.tolist()))
+        self.requests += 1
+        for n in names:
+            self.records[n].requests += 1
+        t0 = time.perf_counter()
+        futs = {n: self.members[n].call("start", arr) for n in names}
+        for i in range(max_new_tokens):
+            lps = self._gather(futs, weights, i, answer)
+            token = sampler(self._mix(lps, weights))
+            now = time.perf_counter()
+            answer.seconds_per_token.append(now - t0)
+            self.seconds += now - t0
+            self.tokens_generated += 1
+            t0 = now
+            answer.tokens.append(token)
+            yield token
+            if token in self.eos_ids:
+                answer.finish = "stop"
+                return
+            if i == max_new_tokens - 1:
+                return
+            futs = {n: self.members[n].call("step", token) for n in lps}
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        request_class: str = DEFAULT_CLASS,
+    ) -> Iterator[int]:
+        """Token ids one by one; `self.last` is the request's Answer (filled as it goes)."""
+        text = isinstance(prompt, str)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("the prompt encodes to no tokens")
+        answer = Answer([], "" if text else None, [], [], [], "length", [], request_class)
+        self.last = answer
+        return self._generate_ids(ids, max_new_tokens, Sampler(temperature, top_k, top_p, seed), answer)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        request_class: str = DEFAULT_CLASS,
+        details: bool = False,
+    ) -> Any:
+        """Continue a prompt as one model would: text in -> text out, token ids in -> token ids
+        out; with details=True the Answer (tokens, text, the specialists that served it, the
+        ones dropped mid-request and why, time per token)."""
+        tokens = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, request_class))
+        answer = self.last
+        assert answer is not None
+        if answer.text is not None:
+            answer.text = self.decode([t for t in tokens if t not in self.eos_ids])
+        if details:
+            return answer
+        return answer.text if answer.text is not None else tokens
+
+    def logits(self, ids: Sequence[int], request_class: str = DEFAULT_CLASS) -> np.ndarray:
+        """float32 log-probabilities [len(ids), vocab] of the gated mixture on a fresh sequence
+        (the gate weighs the specialists on `ids`)."""
+        arr = self._check_ids(ids)
+        names, w = self.route(arr, request_class)
+        weights = dict(zip(names, w.tolist()))
+        futs = {n: self.members[n].call("logits", arr) for n in names}
+        return self._mix(self._gather(futs, weights, 0, None), weights).astype(np.float32)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Requests, tokens and time per token of the mixture; per specialist where it runs,
+        its tokens, device seconds per token, the wait for it, failures; the dropped events."""
+        per = {}
+        for n in self.names:
+            r = self.records[n]
+            per[n] = {
+                "where": self.members[n].where,
+                "up": r.up,
+                "error": r.error,
+                "requests": r.requests,
+                "tokens": r.tokens,
+                "device_seconds_per_token": r.device_seconds / r.tokens if r.tokens else 0.0,
+                "wait_seconds_per_token": r.wait_seconds / r.tokens if r.tokens else 0.0,
+                "failures": r.failures,
+            }
+        return {
+            "requests": self.requests,
+            "tokens_generated": self.tokens_generated,
+            "seconds_per_token": self.seconds / self.tokens_generated if self.tokens_generated else 0.0,
+            "enabled": dict(self.enabled),
+            "specialists": per,
+            "dropped": list(self.dropped),
+            "costs": self.costs.table() if self.costs is not None else None,
+        }
+
+    def close(self) -> None:
+        for m in self.members.values():
+            m.stop()
+        if self.owns_ray:
+            import ray
+
+            ray.shutdown()
+            self.owns_ray = False
+
+    def __enter__(self) -> Mixture:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _profiles(
+    spec_names: list[str], devices: Sequence[str | DeviceProfile] | dict[str, Any] | None
+) -> list[DeviceProfile] | None:
+    if devices is None:
+        return None
+    if isinstance(devices, dict):
+        missing = [n for n in spec_names if n not in devices]
+        if missing:
+            raise MixtureError(f"no device profile for specialists {missing}: give one per specialist")
+        seq = [devices[n] for n in spec_names]
+    else:
+        seq = list(devices)
+        if len(seq) == 1:
+            seq = seq * len(spec_names)
+        if len(seq) != len(spec_names):
+            raise MixtureError(
+                f"{len(seq)} device profiles for {len(spec_names)} specialists ({', '.join(spec_names)}): "
+                "give one per specialist, in mixture.json's order, or one for all"
+            )
+    return [p if isinstance(p, DeviceProfile) else load_profile(p) for p in seq]
+
+
+def load(
+    mix_dir: str | os.PathLike[str],
+    *,
+    cluster: str | None = None,
+    devices: Sequence[str | DeviceProfile] | dict[str, Any] | None = None,
+    link: str | LinkProfile | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int = 0,
+    pace_scale: float = 0.0,
+) -> Mixture:
+    """Open a mixture directory (mixture.json, its specialists, gate.onnx, heldout.npz).
+
+    cluster: run each specialist as a Ray actor on a node of the cluster at this address
+    ("auto", "HOST:PORT", "ray://HOST:PORT"), specialist i on the i-th node offering the
+    `edgemoe` resource (round robin); None runs them in threads of this process. devices: a
+    device profile per specialist (mixture.json's order; one name for all) for the cost
+    model `plan` uses; link: the link to every device (default: each profile's). pace_scale: each
+    specialist takes at least this many times its profile's predicted time per token (slower
+    devices emulated on one machine; 0: none). timeout_s: how long a step waits for a specialist before dropping it.
+    Raises MixtureError (and its kinds: another tokenizer, a gate for other specialists)."""
+    spec = MixtureSpec.load(Path(mix_dir))
+    gate = Gate.load(spec)
+    names = list(gate.names)
+    paths = {s.name: str(model_dir(s.path)) for s in spec.specialists}
+    costs = mixture_costs(spec, devices, link) if devices is not None else None
+    pace_of = {
+        n: (pace_scale * float(costs.seconds[costs.names.index(n)]) if costs is not None else 0.0) for n in names
+    }
+    members: dict[str, Member] = {}
+    owns = False
+    try:
+        if cluster is None:
+            for n in names:
+                members[n] = LocalMember(n, paths[n], threads, pace_of[n])
+        else:
+            import ray
+
+            owns = connect(cluster)
+            nodes = device_nodes()
+            if not nodes:
+                raise ClusterError(
+                    f"the cluster at {cluster} has no live node offering the 'edgemoe' resource: join each device "
+                    "with `ray start --address=HEAD_IP:6379 --resources='{\"edgemoe\": 1}'`"
+                )
+            actor = ray.remote(SpecialistServer)
+            for i, n in enumerate(spec.names):
+                members[n] = RayMember(n, paths[n], nodes[i % len(nodes)], actor, pace_of[n])
+        return Mixture(spec, gate, members, costs, timeout_s, owns)
+    except BaseException:
+        for m in members.values():
+            m.stop()
+        if owns:
+            import ray
+
+            ray.shutdown()
+        raise
