@@ -125,9 +125,7 @@ class CheckpointLayout:
     def required_globals(self, config: dict[str, Any]) -> dict[str, str]:
         """The model-level tensors besides GLOBAL's that this config requires: canonical -> HF name."""
         return {
-            c: hf
-            for hf, (c, key, default) in self.global_tensors.items()
-            if key is None or config.get(key, default)
+            c: hf for hf, (c, key, default) in self.global_tensors.items() if key is None or config.get(key, default)
         }
 
     def extra_layers(self, config: dict[str, Any]) -> int:
