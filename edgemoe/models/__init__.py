@@ -35,6 +35,7 @@ GGUF_ALIASES: dict[str, str] = {
     "qwen3moe": "qwen3_moe",
     "olmoe": "olmoe",
     "deepseek2": "deepseek",
+    "granitemoe": "granitemoe",
 }
 
 
