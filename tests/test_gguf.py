@@ -327,7 +327,9 @@ def test_bad_files_get_named_errors(gguf_file, tmp_path):
         convert(cut, tmp_path / "a", progress=False)
 
     other = _rewrite(path, tmp_path / "bert.gguf", arch="bert")
-    with pytest.raises(UnsupportedArchitectureError, match="'bert'.*edgemoe imports GGUF files of llama, olmoe"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="'bert'.*edgemoe imports GGUF files of deepseek2, granitemoe, llama, olmoe"
+    ):
         convert(other, tmp_path / "b", progress=False)
 
     i32 = np.zeros((32, 64), np.int32)
