@@ -536,6 +536,8 @@ def plan_gguf(path) -> GGUFPlan:
     p.moe_layers = spec.moe_layers(cfg)
     heads, kv_heads = need("num_attention_heads"), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
 
+    merged_from = {name: role for role, (sources, _) in layout.merged.items() for name in sources}
+    parts: dict[tuple[int, str], dict[str, str]] = {}  # (layer, merged role) -> {GGUF name after blk.L.: tensor}
     for tname in sorted(names):
         if tname in GGUF_GLOBAL:
             p.weights[GGUF_GLOBAL[tname]] = _weight(f, tname, GGUF_GLOBAL[tname], p.report)
@@ -552,6 +554,9 @@ def plan_gguf(path) -> GGUFPlan:
                 if rest in GGUF_EXPERTS:
                     p.stacked[(layer, GGUF_EXPERTS[rest])] = tname
                     continue
+                if rest in merged_from:
+                    parts.setdefault((layer, merged_from[rest]), {})[rest] = tname
+                    continue
                 if rest in layout.tensors:
                     role = layout.tensors[rest]
                     rows = None
@@ -566,6 +571,17 @@ def plan_gguf(path) -> GGUFPlan:
             f"(RoPE frequency factors, a vision tower or another architecture's tensor?): "
             f"use a plain {arch} MoE GGUF"
         )
+    for (layer, role), found in sorted(parts.items()):
+        sources, merge = layout.merged[role]
+        missing = [n for n in sources if n not in found]
+        if missing:
+            raise CheckpointError(
+                f"{f.path.name} has no tensor blk.{layer}.{missing[0]} (part of edgemoe's layers.{layer}.{role}): "
+                f"the file is not a complete {arch} model"
+            )
+        values = [_weight(f, found[n], n.split(".")[0], p.report).float32() for n in sources]
+        w = np.ascontiguousarray(merge(*values), dtype=np.float32)
+        p.weights[f"layers.{layer}.{role}"] = GGUFWeight(role, "F32", w.view(np.uint8), w.shape, p.report)
     _check_complete(p, cfg, arch)
     return p
 

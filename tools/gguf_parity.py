@@ -28,7 +28,14 @@ from edgemoe.bench import llama_cpp as peers  # noqa: E402
 from edgemoe.converters.convert import convert  # noqa: E402
 from edgemoe.runtime.paths import cache_root  # noqa: E402
 
-OVERRIDES = {"qwen2_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4}}
+# what llama.cpp's converter and graph need of the tiny models (tests/test_gguf.py says why)
+YARN_V3 = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, original_max_position_embeddings=32)
+OVERRIDES = {
+    "qwen2_moe": {"mlp_only_layers": []},
+    "olmoe": {"num_key_value_heads": 4},
+    "deepseek_v2": {"q_lora_rank": 48, "n_group": 1, "topk_group": 1, "topk_method": "greedy"},
+    "deepseek_v3": {"scoring_func": "sigmoid", "rope_parameters": dict(YARN_V3, mscale=0.8, mscale_all_dim=0.8)},
+}
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
@@ -53,6 +60,7 @@ def compare(path: Path, dst: Path) -> tuple[dict, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="folder for the checkpoints, GGUF files and conversions")
+    ap.add_argument("--arch", action="append", help="only this architecture (repeatable); no wide Mixtral table")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +69,8 @@ def main() -> int:
 
     print("| architecture | GGUF type | edgemoe experts | median | max | top token differs |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
-    for arch in [a for a in tiny.ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.values()]:
+    archs = [a for a in tiny.ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.values()]
+    for arch in [a for a in archs if not args.arch or a in args.arch]:
         hf = work / f"hf-{arch}"
         if not (hf / "config.json").exists():
             tiny.make_checkpoint(arch, hf, **OVERRIDES.get(arch, {}))
@@ -74,6 +83,8 @@ def main() -> int:
             print(
                 f"| {arch} | {kind} | {q['bits']} bits, {q['float_dtype'] if q['bits'] == 16 else 'carried over'} | {row} |"
             )
+    if args.arch:
+        return 0
 
     hf = work / "hf-mixtral-wide"
     if not (hf / "config.json").exists():

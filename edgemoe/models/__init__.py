@@ -37,6 +37,8 @@ GGUF_ALIASES: dict[str, str] = {
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
     "olmoe": "olmoe",
+    "deepseek2": "deepseek",
+    "granitemoe": "granitemoe",
 }
 
 

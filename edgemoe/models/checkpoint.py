@@ -285,6 +285,11 @@ class GGUFLayout:
     # config values that are not a plain copy of one metadata key (an enum to a name, a count to a
     # list): derive(metadata, config) edits the config in place after the copies
     derive: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
+    # derive sets the RoPE (rope_parameters) itself: a scaled or partial RoPE the architecture runs
+    own_rope: bool = False
+    # canonical per-layer tensors llama.cpp splits: role -> (its GGUF names after "blk.L.", a function
+    # of their float32 values [numpy shapes] that gives the canonical float32 tensor)
+    merged: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = dataclasses.field(default_factory=dict)
 
     def meta(self, metadata: dict[str, Any], key: str) -> Any:
         return metadata.get(f"{self.arch}.{key}")
@@ -301,8 +306,9 @@ class GGUFLayout:
         cfg["vocab_size"] = int(self.meta(metadata, "vocab_size") or (len(tokens) if tokens else 0))
         theta = float(self.meta(metadata, "rope.freq_base") or 10000.0)
         scaling = self.meta(metadata, "rope.scaling.type")
-        if scaling not in (None, "none", "linear") or (
-            scaling == "linear" and self.meta(metadata, "rope.scaling.factor") not in (None, 1.0)
+        if not self.own_rope and (
+            scaling not in (None, "none", "linear")
+            or (scaling == "linear" and self.meta(metadata, "rope.scaling.factor") not in (None, 1.0))
         ):
             raise CheckpointError(
                 f"the GGUF file's RoPE is scaled ({scaling}); edgemoe runs the default RoPE only: "
@@ -313,7 +319,7 @@ class GGUFLayout:
         hidden = cfg.get("hidden_size")
         head_dim = cfg.get("head_dim") or (hidden // heads if heads and hidden else None)
         rot = self.meta(metadata, "rope.dimension_count")
-        if rot is not None and head_dim is not None and int(rot) != int(head_dim):
+        if not self.own_rope and rot is not None and head_dim is not None and int(rot) != int(head_dim):
             raise CheckpointError(
                 f"the GGUF file rotates {rot} of each head's {head_dim} dimensions (partial RoPE), which "
                 f"edgemoe does not do: use a model that rotates whole heads"

@@ -401,7 +401,9 @@ class DecoderLM:
         """Decoder layer i: residual stream h [T, hidden] at positions start.. -> [T, hidden]."""
         L = self.layers[i]
         a = L.attn
-        h = h + self.self_attention(a, self.normalize(h, a.norm, a.norm_bias if isinstance(a, Attention) else None), i, kv, start)
+        h = h + self.self_attention(
+            a, self.normalize(h, a.norm, a.norm_bias if isinstance(a, Attention) else None), i, kv, start
+        )
         return h + self._ffn(L, self.normalize(h, L.ffn_norm, L.ffn_norm_bias), h)
 
     def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:

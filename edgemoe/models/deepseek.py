@@ -23,9 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..errors import ModelDirectoryError, UnsupportedConfigError
+from ..errors import CheckpointError, ModelDirectoryError, UnsupportedConfigError
 from .blocks import Attention, DenseMLP, KVCache, LatentAttention, MoE, SharedExpert, softmax, yarn_mscale
-from .checkpoint import DENSE_MLP, GLU_ROLES, CheckpointLayout
+from .checkpoint import DENSE_MLP, GGUF_DENSE_MLP, GGUF_ROUTER, GLU_ROLES, CheckpointLayout, GGUFLayout
 from .decoder import DecoderConfig, DecoderLM, Weights
 
 MLA = {
@@ -92,6 +92,98 @@ LAYOUT = Layout(
     intermediate_key="moe_intermediate_size",
     num_experts_keys=("n_routed_experts",),
     extra_layers_key="num_nextn_predict_layers",
+)
+
+
+# llama.cpp's deepseek2 (V2, V2-Lite, V3): MLA's tensors by its names; kv_b comes split per head as
+# k_b [heads, rank, nope] (transposed) and v_b [heads, v_dim, rank] from its converter, whole from older ones
+GGUF_MLA = {
+    "attn_norm.weight": "attn_norm",
+    "attn_q.weight": "attn_q",
+    "attn_q_a.weight": "attn_q_a",
+    "attn_q_a_norm.weight": "attn_q_a_norm",
+    "attn_q_b.weight": "attn_q_b",
+    "attn_kv_a_mqa.weight": "attn_kv_a",
+    "attn_kv_a_norm.weight": "attn_kv_a_norm",
+    "attn_kv_b.weight": "attn_kv_b",
+    "attn_output.weight": "attn_o",
+    "ffn_norm.weight": "ffn_norm",
+    "exp_probs_b.bias": "ffn_router_bias",
+    "ffn_gate_shexp.weight": "ffn_shared_gate",
+    "ffn_up_shexp.weight": "ffn_shared_up",
+    "ffn_down_shexp.weight": "ffn_shared_down",
+}
+
+
+def _kv_b_from_split(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """kv_b [heads * (nope + v_dim), rank] from llama.cpp's k_b [heads, rank, nope] and v_b [heads, v_dim, rank]."""
+    return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
+
+
+def _gguf_config(meta: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """The DeepSeek config keys from deepseek2.* metadata. llama.cpp keeps one YaRN temperature
+    (yarn_log_multiplier = 0.1 * mscale_all_dim) and no separate mscale: its graph computes as if
+    mscale == mscale_all_dim, which is what this config says."""
+
+    def g(key: str, default: Any = None) -> Any:
+        v = meta.get(f"deepseek2.{key}")
+        return default if v is None else v
+
+    rope = int(g("rope.dimension_count"))
+    mla_key, mla_value = g("attention.key_length_mla"), g("attention.value_length_mla")
+    key = int(mla_key if mla_key is not None else g("attention.key_length"))
+    value = int(mla_value if mla_value is not None else g("attention.value_length"))
+    sigmoid = int(g("expert_gating_func", 1)) == 2  # llama.cpp: 1 softmax, 2 sigmoid
+    groups, kept = int(g("expert_group_count", 1)), int(g("expert_group_used_count", 1))
+    q_rank = g("attention.q_lora_rank")
+    cfg.update(
+        model_type="deepseek_v3" if sigmoid else "deepseek_v2",
+        qk_rope_head_dim=rope,
+        qk_nope_head_dim=key - rope,
+        v_head_dim=value,
+        kv_lora_rank=int(g("attention.kv_lora_rank")),
+        q_lora_rank=int(q_rank) if q_rank else None,
+        first_k_dense_replace=int(g("leading_dense_block_count", 0)),
+        n_shared_experts=int(g("expert_shared_count", 0)),
+        routed_scaling_factor=float(g("expert_weights_scale", 1.0)),
+        norm_topk_prob=bool(g("expert_weights_norm", False)),
+        scoring_func="sigmoid" if sigmoid else "softmax",
+        topk_method="noaux_tc" if sigmoid else ("group_limited_greedy" if groups > 1 else "greedy"),
+        n_group=groups,
+        topk_group=kept,
+    )
+    theta = float(g("rope.freq_base", 10000.0))
+    scaling = g("rope.scaling.type")
+    if scaling in (None, "none"):
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    elif scaling == "yarn":
+        temperature = float(g("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+        cfg["rope_parameters"] = {
+            "rope_type": "yarn",
+            "rope_theta": theta,
+            "factor": float(g("rope.scaling.factor")),
+            "original_max_position_embeddings": int(g("rope.scaling.original_context_length")),
+            "beta_fast": float(g("rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(g("rope.scaling.yarn_beta_slow", 1.0)),
+            "mscale": temperature,
+            "mscale_all_dim": temperature,
+        }
+    else:
+        raise CheckpointError(
+            f"the GGUF file's RoPE is scaled as {scaling!r}; edgemoe runs DeepSeek with the default RoPE or "
+            f"YaRN: use a GGUF of the model with one of them"
+        )
+
+
+GGUF = GGUFLayout(
+    arch="deepseek2",
+    model_type="deepseek_v2",
+    tensors={**GGUF_MLA, **GGUF_DENSE_MLP, **GGUF_ROUTER},
+    config_keys={"moe_intermediate_size": "expert_feed_forward_length"},
+    experts_key="n_routed_experts",
+    derive=_gguf_config,
+    own_rope=True,
+    merged={"attn_kv_b": (("attn_k_b.weight", "attn_v_b.weight"), _kv_b_from_split)},
 )
 
 

@@ -20,7 +20,17 @@ from typing import Any
 import numpy as np
 
 from .blocks import GateUpMLP, KVCache, MoE, SharedExpert, route_softmax_topk
-from .checkpoint import ATTENTION, FUSED_EXPERTS, GLU_ROLES, QKV_BIAS, CheckpointLayout
+from .checkpoint import (
+    ATTENTION,
+    FUSED_EXPERTS,
+    GGUF_ATTENTION,
+    GGUF_QKV_BIAS,
+    GGUF_ROUTER,
+    GLU_ROLES,
+    QKV_BIAS,
+    CheckpointLayout,
+    GGUFLayout,
+)
 from .decoder import DecoderConfig, DecoderLM, Weights
 
 SHARED = {
@@ -54,6 +64,49 @@ LAYOUT = Layout(
     moe_extras=tuple(SHARED.values()),
     moe_extras_key="shared_intermediate_size",
     fused_experts={"input_linear.weight": "gate_up", "output_linear.weight": "down", **FUSED_EXPERTS},
+)
+
+
+def _gguf_config(meta: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """The four multipliers from granitemoe.* metadata (llama.cpp calls them scales), and which
+    of the two models the file holds."""
+
+    def g(key: str, default: float) -> float:
+        v = meta.get(f"granitemoe.{key}")
+        return default if v is None else float(v)
+
+    shared = int(meta.get("granitemoe.expert_shared_feed_forward_length") or 0)
+    cfg.update(
+        model_type="granitemoeshared" if shared else "granitemoe",
+        num_local_experts=cfg["num_experts"],
+        shared_intermediate_size=shared,
+        embedding_multiplier=g("embedding_scale", 1.0),
+        residual_multiplier=g("residual_scale", 1.0),
+        attention_multiplier=g("attention.scale", 1.0),
+        logits_scaling=g("logit_scale", 1.0),
+    )
+
+
+# llama.cpp's converter splits the shared expert's gate_up into ffn_gate_shexp and ffn_up_shexp
+# and permutes q/k rows for its interleaved RoPE, as for llama
+GGUF = GGUFLayout(
+    arch="granitemoe",
+    model_type="granitemoe",
+    tensors={
+        **GGUF_ATTENTION,
+        **GGUF_QKV_BIAS,
+        "attn_output.bias": "attn_o_bias",
+        **GGUF_ROUTER,
+        "ffn_down_shexp.weight": "ffn_shared_down",
+    },
+    rope_interleaved=True,
+    derive=_gguf_config,
+    merged={
+        "ffn_shared_gate_up": (
+            ("ffn_gate_shexp.weight", "ffn_up_shexp.weight"),
+            lambda gate, up: np.concatenate([gate, up]),
+        ),
+    },
 )
 
 
