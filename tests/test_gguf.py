@@ -349,6 +349,26 @@ def test_bad_files_get_named_errors(gguf_file, tmp_path):
         convert(notgguf, tmp_path / "e", progress=False)
 
 
+def test_deepseek2_kv_b_is_joined_from_its_halves_and_a_missing_half_is_named(gguf_file, tmp_path):
+    hf, path = gguf_file("deepseek_v2", "f32")
+    plan = plan_gguf(path)
+    cfg = plan.config
+    heads, nope, v, rank = 4, cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+    assert (nope, v, rank, cfg["qk_rope_head_dim"]) == (16, 12, 32, 8)
+    from safetensors import safe_open
+
+    want = None
+    for f in sorted(hf.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            if "model.layers.1.self_attn.kv_b_proj.weight" in st.keys():
+                want = st.get_tensor("model.layers.1.self_attn.kv_b_proj.weight").float().numpy()
+    assert want is not None and want.shape == (heads * (nope + v), rank)
+    np.testing.assert_array_equal(plan.weights["layers.1.attn_kv_b"].float32(), want)
+    half = _rewrite(path, tmp_path / "half.gguf", drop=("blk.1.attn_v_b.weight",))
+    with pytest.raises(CheckpointError, match="no tensor blk.1.attn_v_b.weight .*layers.1.attn_kv_b"):
+        convert(half, tmp_path / "a", progress=False)
+
+
 # ---------------------------------------------------------------- against llama.cpp itself
 
 
