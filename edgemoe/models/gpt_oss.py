@@ -39,7 +39,9 @@ class Layout(CheckpointLayout):
     """Attention with biases and sinks, a router with a bias, experts with biases and the clamped SwiGLU."""
 
     def attn_tensors(self, config: dict[str, Any]) -> list[str]:
-        biases = ["attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias"] if config.get("attention_bias", True) else []
+        biases = (
+            ["attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias"] if config.get("attention_bias", True) else []
+        )
         return [*super().attn_tensors(config), *biases, "attn_sinks"]
 
     def moe_tensors(self, config: dict[str, Any]) -> list[str]:
