@@ -35,7 +35,12 @@ TEXTS = [
 # the tiny architectures whose GGUF layout edgemoe knows (models.GGUF_ALIASES)
 GGUF_ARCHS = [a for a in ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.values()]
 # llama.cpp's qwen2moe has an MoE block in every layer (its converter refuses dense ones)
-OVERRIDES = {"qwen2_moe": {"mlp_only_layers": []}}
+# llama.cpp's gpt-oss graph fixes the SwiGLU's alpha and limit to the released 1.702 and 7, and its
+# YaRN is not imported (the GGUF's RoPE scaling is refused by name)
+OVERRIDES = {
+    "qwen2_moe": {"mlp_only_layers": []},
+    "gpt_oss": {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5}},
+}
 
 
 def ids_for(vocab: int, n: int = 20, seed: int = 3) -> list[int]:

@@ -32,6 +32,7 @@ GGUF_ALIASES: dict[str, str] = {
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
     "olmoe": "olmoe",
+    "gpt-oss": "gpt_oss",
 }
 
 
