@@ -39,7 +39,11 @@ GGUF_ARCHS = [a for a in ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.v
 # YaRN is not imported (the GGUF's RoPE scaling is refused by name)
 OVERRIDES = {
     "qwen2_moe": {"mlp_only_layers": []},
-    "gpt_oss": {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5}},
+    "gpt_oss": {
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5},
+    },
 }
 
 

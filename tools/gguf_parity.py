@@ -28,7 +28,17 @@ from edgemoe.bench import llama_cpp as peers  # noqa: E402
 from edgemoe.converters.convert import convert  # noqa: E402
 from edgemoe.runtime.paths import cache_root  # noqa: E402
 
-OVERRIDES = {"qwen2_moe": {"mlp_only_layers": []}, "olmoe": {"num_key_value_heads": 4}}
+# llama.cpp's graphs: qwen2moe has no dense layers, olmoe as many kv heads as heads, gpt-oss's SwiGLU
+# alpha and limit fixed at the released values (and its YaRN is not imported: the default RoPE here)
+OVERRIDES = {
+    "qwen2_moe": {"mlp_only_layers": []},
+    "olmoe": {"num_key_value_heads": 4},
+    "gpt_oss": {
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5},
+    },
+}
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
@@ -53,6 +63,9 @@ def compare(path: Path, dst: Path) -> tuple[dict, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="folder for the checkpoints, GGUF files and conversions")
+    ap.add_argument(
+        "--arch", action="append", help="only these tiny architectures (default: every one with a GGUF layout)"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -62,6 +75,8 @@ def main() -> int:
     print("| architecture | GGUF type | edgemoe experts | median | max | top token differs |")
     print("| --- | --- | --- | ---: | ---: | ---: |")
     for arch in [a for a in tiny.ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.values()]:
+        if args.arch and arch not in args.arch:
+            continue
         hf = work / f"hf-{arch}"
         if not (hf / "config.json").exists():
             tiny.make_checkpoint(arch, hf, **OVERRIDES.get(arch, {}))

@@ -75,7 +75,6 @@ LAYOUT = Layout(
 )
 
 
-
 def _gguf_derive(metadata: dict[str, Any], config: dict[str, Any]) -> None:
     # llama.cpp's gpt-oss graph: sliding-window attention on even layers (its SWA pattern of 2)
     n = int(config.get("num_hidden_layers") or 0)
