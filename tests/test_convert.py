@@ -438,11 +438,11 @@ def test_destination_exists(tiny_checkpoint, tmp_path, capsys):
 def test_failed_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     real, calls = quant.pack_expert_blob, []
 
-    def pack_then_fail(*args):
+    def pack_then_fail(*args, **kwargs):
         calls.append(args)
         if len(calls) == 5:
             raise OSError("disk full")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(quant, "pack_expert_blob", pack_then_fail)
     with pytest.raises(OSError, match="disk full"):
@@ -667,8 +667,8 @@ def test_symmetric_conversion_drops_the_mins_and_format_1_still_loads(tiny_check
         mp.setattr(convert_module, "FORMAT_VERSION", 1)
         convert(src, tmp_path / "v1", **opts)
     new, old = load_manifest(tmp_path / "v2"), load_manifest(tmp_path / "v1")
-    assert (new["format_version"], old["format_version"]) == (2, 1)
-    for d, version in ((tmp_path / "v2", 2), (tmp_path / "v1", 1)):
+    assert (new["format_version"], old["format_version"]) == (quant.FORMAT_VERSION, 1)
+    for d, version in ((tmp_path / "v2", quant.FORMAT_VERSION), (tmp_path / "v1", 1)):
         for f in ("experts.bin", "experts.fallback.bin"):
             assert struct.unpack("<I", (d / f).read_bytes()[8:12])[0] == version
 
