@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from tiny import reference_model
 
 import edgemoe
+from edgemoe import _core
 from edgemoe.converters.convert import convert
 from edgemoe.converters.hf import mxfp4_to_float32
 from edgemoe.format import quant
@@ -132,3 +133,46 @@ def test_mxfp4_at_4_bits_adds_a_measured_error(mxfp4_checkpoint, tmp_path):
     assert (
         errs[(8, True)] < 0.01 < min(errs[(4, True)], errs[(4, False)]) <= max(errs[(4, True)], errs[(4, False)]) < 0.2
     )
+
+
+# ---------------------------------------------------------------- the native blocks against numpy
+
+
+def test_expert_blob_with_biases_and_the_clamped_swiglu_against_numpy():
+    """One float32 expert blob with biases and activation 1 through the native expert kernel,
+    against transformers' formula written in numpy (several token counts: decode, small, prefill)."""
+    rng = np.random.default_rng(0)
+    H, I, alpha, limit = 64, 96, 1.702, 0.4
+    gate, up, down = rng.standard_normal((I, H)), rng.standard_normal((I, H)), rng.standard_normal((H, I))
+    gate, up, down = (np.float32(0.2) * m.astype(np.float32) for m in (gate, up, down))
+    bias = rng.standard_normal(2 * I + H).astype(np.float32)
+    glu = quant.Glu(bias, quant.ACT_CLAMPED_SWIGLU, alpha, limit)
+    blob = quant.pack_expert_blob(0, 0, *(quant.float_matrix(m, "f32") for m in (gate, up, down)), glu=glu)
+    parsed = quant.parse_blob(blob)["glu"]
+    np.testing.assert_array_equal(parsed.bias, bias)
+    assert (parsed.activation, parsed.alpha, parsed.limit) == (1, np.float32(alpha), np.float32(limit))
+    for T in (1, 3, 17):
+        x = rng.standard_normal((T, H)).astype(np.float32)
+        g = np.minimum(x @ gate.T + bias[:I], limit)
+        u = np.clip(x @ up.T + bias[I : 2 * I], -limit, limit)
+        want = ((u + 1) * g / (1 + np.exp(-alpha * g))) @ down.T + bias[2 * I :]
+        np.testing.assert_allclose(_core.expert_forward(x, blob), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_attention_sinks_against_numpy():
+    rng = np.random.default_rng(1)
+    T, S, heads, kv_heads, hd = 3, 9, 4, 2, 16
+    q = rng.standard_normal((T, heads, hd)).astype(np.float32)
+    k, v = (rng.standard_normal((S, kv_heads, hd)).astype(np.float32) for _ in range(2))
+    sinks = np.array([0.0, 3.0, -2.0, 9.0], np.float32)  # the last takes nearly all of its head's mass
+    for window in (0, 4):
+        got = _core.attention(q, k, v, S - T, window, sinks).reshape(T, heads, hd)
+        for t in range(T):
+            pos = S - T + t
+            lo = max(0, pos - window + 1) if window else 0
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                logits = k[lo : pos + 1, g] @ q[t, h] / np.sqrt(hd)
+                full = np.exp(np.append(logits, sinks[h]) - max(logits.max(), sinks[h]))
+                p = full[:-1] / full.sum()  # the sink's share attends to nothing
+                np.testing.assert_allclose(got[t, h], p @ v[lo : pos + 1, g], rtol=1e-5, atol=1e-6)
