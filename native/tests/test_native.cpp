@@ -350,45 +350,45 @@ static void test_dense_ops() {
     for (int64_t S : {1, 9, 21})
       for (int64_t window : {0, 4})
         for (bool with_sinks : {false, true}) {
-        const int64_t heads = 4, kvh = 2, T = std::min<int64_t>(S, 3), start = S - T;
-        const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
-                   v = rand_vec(size_t(S * kvh * hd));
-        std::vector<float> sinks = rand_vec(size_t(heads));
-        sinks[1] += 8.0f;
-        std::vector<float> out(size_t(T * heads * hd));
-        attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, window, out.data(),
-                  with_sinks ? sinks.data() : nullptr);
-        bool ok = true;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < heads; ++h) {
-            const int64_t g = h / (heads / kvh), pos = start + t,
-                          j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-            std::vector<double> p;
-            double mx = -1e300, sum = 0;
-            for (int64_t j = j0; j <= pos; ++j) {
-              double d = 0;
-              for (int64_t c = 0; c < hd; ++c)
-                d += double(q[size_t((t * heads + h) * hd + c)]) * k[size_t((j * kvh + g) * hd + c)];
-              p.push_back(d / std::sqrt(double(hd)));
-              mx = std::max(mx, p.back());
-            }
-            if (with_sinks) mx = std::max(mx, double(sinks[size_t(h)]));
-            for (double& e : p) sum += (e = std::exp(e - mx));
-            if (with_sinks) sum += std::exp(double(sinks[size_t(h)]) - mx);
-            for (int64_t c = 0; c < hd; ++c) {
-              double o = 0, mag = 0;
+          const int64_t heads = 4, kvh = 2, T = std::min<int64_t>(S, 3), start = S - T;
+          const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
+                     v = rand_vec(size_t(S * kvh * hd));
+          std::vector<float> sinks = rand_vec(size_t(heads));
+          sinks[1] += 8.0f;
+          std::vector<float> out(size_t(T * heads * hd));
+          attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, window, out.data(),
+                    with_sinks ? sinks.data() : nullptr);
+          bool ok = true;
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < heads; ++h) {
+              const int64_t g = h / (heads / kvh), pos = start + t,
+                            j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+              std::vector<double> p;
+              double mx = -1e300, sum = 0;
               for (int64_t j = j0; j <= pos; ++j) {
-                o += p[size_t(j - j0)] / sum * v[size_t((j * kvh + g) * hd + c)];
-                mag += p[size_t(j - j0)] / sum * std::fabs(v[size_t((j * kvh + g) * hd + c)]);
+                double d = 0;
+                for (int64_t c = 0; c < hd; ++c)
+                  d += double(q[size_t((t * heads + h) * hd + c)]) * k[size_t((j * kvh + g) * hd + c)];
+                p.push_back(d / std::sqrt(double(hd)));
+                mx = std::max(mx, p.back());
               }
-              ok = ok && rel_close(out[size_t((t * heads + h) * hd + c)], o, mag, 1e-5);
+              if (with_sinks) mx = std::max(mx, double(sinks[size_t(h)]));
+              for (double& e : p) sum += (e = std::exp(e - mx));
+              if (with_sinks) sum += std::exp(double(sinks[size_t(h)]) - mx);
+              for (int64_t c = 0; c < hd; ++c) {
+                double o = 0, mag = 0;
+                for (int64_t j = j0; j <= pos; ++j) {
+                  o += p[size_t(j - j0)] / sum * v[size_t((j * kvh + g) * hd + c)];
+                  mag += p[size_t(j - j0)] / sum * std::fabs(v[size_t((j * kvh + g) * hd + c)]);
+                }
+                ok = ok && rel_close(out[size_t((t * heads + h) * hd + c)], o, mag, 1e-5);
+              }
             }
-          }
-        if (!ok)
-          std::fprintf(stderr, "attention hd=%lld S=%lld window=%lld sinks=%d\n", (long long)hd, (long long)S,
-                       (long long)window, int(with_sinks));
-        CHECK(ok);
-      }
+          if (!ok)
+            std::fprintf(stderr, "attention hd=%lld S=%lld window=%lld sinks=%d\n", (long long)hd, (long long)S,
+                         (long long)window, int(with_sinks));
+          CHECK(ok);
+        }
   // softmax top-k: the exp of the attention (vector lanes and the scalar tail) against float64
   for (int64_t E : {3, 8, 13, 64}) {
     const auto l = rand_vec(size_t(E));
