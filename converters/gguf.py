@@ -399,6 +399,8 @@ class GGUFPlan(Plan):
     gguf: GGUFLayout | None = None
     report: Report = dataclasses.field(default_factory=Report)
     stacked: dict[tuple[int, str], str] = dataclasses.field(default_factory=dict)  # (layer, role) -> tensor name
+    # (layer, role) -> the stacked experts' biases [E, rows] (gpt-oss)
+    stacked_bias: dict[tuple[int, str], str] = dataclasses.field(default_factory=dict)
     weights: dict[str, GGUFWeight] = dataclasses.field(default_factory=dict)  # canonical backbone name -> weight
 
     @property
@@ -422,6 +424,20 @@ class GGUFPlan(Plan):
             raw = t.data[expert].view(np.uint8)  # [rows, row bytes]: one contiguous range of the file
             out.append(GGUFWeight(f"experts.{role}", t.tensor_type.name, raw, shape, self.report))
         return out[0], out[1], out[2]
+
+    def glu(self, layer: int, expert: int) -> quant.Glu | None:
+        """The expert's biases (float32 as the file stores them) and the layout's activation."""
+        assert self.file is not None
+        act, alpha, limit = self.arch.layout.expert_activation(self.config)
+        if not self.arch.layout.expert_biases:
+            return None if act == 0 else quant.Glu(None, act, alpha, limit)
+        parts = []
+        for role in ("gate", "up", "down"):
+            t = self.file.tensors[self.stacked_bias[(layer, role)]]
+            if t.tensor_type.name not in ("F32", "F16"):
+                raise CheckpointError(f"{t.name} is {t.tensor_type.name}; expert biases are read as F32 or F16")
+            parts.append(np.asarray(t.data[expert], np.float32))
+        return quant.Glu(np.concatenate(parts), act, alpha, limit)
 
     def carries_over(self, bits: int | str, group_size: int) -> bool:
         """Whether every expert tensor is exactly representable at `bits` with groups of `group_size`."""
@@ -557,6 +573,9 @@ def plan_gguf(path) -> GGUFPlan:
                 if rest in merged_from:
                     parts.setdefault((layer, merged_from[rest]), {})[rest] = tname
                     continue
+                if rest.endswith(".bias") and rest[:-5] + ".weight" in GGUF_EXPERTS and module.LAYOUT.expert_biases:
+                    p.stacked_bias[(layer, GGUF_EXPERTS[rest[:-5] + ".weight"])] = tname
+                    continue
                 if rest in layout.tensors:
                     role = layout.tensors[rest]
                     rows = None
@@ -627,6 +646,15 @@ def _check_complete(p: GGUFPlan, cfg: dict, arch: str) -> None:
                     f"{name} is {list(have)}, expected {list(shape)} (experts={E}, hidden={H}, intermediate={I} "
                     f"from the metadata): the file is damaged"
                 )
+            if p.arch.layout.expert_biases:
+                bias = p.stacked_bias.get((layer, role))
+                if bias is None:
+                    raise CheckpointError(
+                        f"{p.file.path.name} has no blk.{layer}.ffn_{role}_exps.bias: the file is not a complete {arch} model"
+                    )
+                have = tuple(int(d) for d in reversed(p.file.tensors[bias].shape.tolist()))
+                if have != shape[:2]:
+                    raise CheckpointError(f"{bias} is {list(have)}, expected {list(shape[:2])}: the file is damaged")
     extra = sorted({layer for layer, _ in p.stacked} - moe)
     if extra:
         raise CheckpointError(f"layers {extra} hold experts the metadata does not account for: the file is damaged")

@@ -456,7 +456,9 @@ def _check_fused_extras(p: Plan, layer: int, kind: str, full: tuple[int, int, in
         for part, shape in (("blocks", (E, out, cols // 32, 16)), ("scales", (E, out, cols // 32))):
             ref = refs.get(part)
             if ref is None:
-                raise CheckpointError(f"the checkpoint has no {hf}_{part} beside its MXFP4 {hf}_blocks/_scales: download it again")
+                raise CheckpointError(
+                    f"the checkpoint has no {hf}_{part} beside its MXFP4 {hf}_blocks/_scales: download it again"
+                )
             if tuple(ref.shape) != shape or ref.dtype != "U8":
                 raise CheckpointError(
                     f"{ref.name} is {ref.dtype} {list(ref.shape)}, expected U8 {list(shape)} (MXFP4 of "
@@ -465,7 +467,9 @@ def _check_fused_extras(p: Plan, layer: int, kind: str, full: tuple[int, int, in
     bias = p.fused_bias.get((layer, kind))
     if p.arch.layout.expert_biases:
         if bias is None:
-            raise CheckpointError(f"the checkpoint has no {hf}_bias: a shard is missing or incomplete; download it again")
+            raise CheckpointError(
+                f"the checkpoint has no {hf}_bias: a shard is missing or incomplete; download it again"
+            )
         if tuple(bias.shape) != (E, out):
             raise CheckpointError(f"{bias.name} is {list(bias.shape)}, expected {[E, out]} (from config.json)")
     elif bias is not None:

@@ -318,10 +318,11 @@ void pv_rows(const float* const* p, const float* v, int64_t vstride, int64_t ja,
 }
 
 // Tokens [t0, t1) of the prompt, kv head g (hd % 8 == 0): q [T, heads, hd], k and v [S,
-// kv_heads, hd] -> out rows of those tokens and of the heads that share g. buf: scratch.
+// kv_heads, hd] -> out rows of those tokens and of the heads that share g; sinks [heads] or
+// nullptr (a logit per head in each softmax's max and sum, with no value). buf: scratch.
 void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int64_t heads, int64_t hd,
                           const float* k, const float* v, int64_t kv_heads, int64_t start, int64_t window,
-                          float* out, std::vector<float>& buf) {
+                          const float* sinks, float* out, std::vector<float>& buf) {
   const int64_t rep = heads / kv_heads, kstride = kv_heads * hd, nq = (t1 - t0) * rep;
   const int64_t last = start + t1 - 1;
   const int64_t j0 = window > 0 ? std::max<int64_t>(0, start + t0 - window + 1) : 0, n = last + 1 - j0;
@@ -361,7 +362,15 @@ void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int
   for (int64_t i = 0; i < nq; ++i) {
     float* si = s + i * n8;
     const int64_t a = lo[size_t(i)], b = hi[size_t(i)];
-    const float inv = 1.0f / exp_shifted_sum(si + a, b - a, *std::max_element(si + a, si + b));
+    const float mx = *std::max_element(si + a, si + b);
+    float sum;
+    if (sinks) {
+      const float sink = sinks[g * rep + i % rep], m = std::max(mx, sink);
+      sum = exp_shifted_sum(si + a, b - a, m) + std::exp(sink - m);
+    } else {
+      sum = exp_shifted_sum(si + a, b - a, mx);
+    }
+    const float inv = 1.0f / sum;
     for (int64_t j = a; j < b; ++j) si[j] *= inv;
     std::fill(si, si + a, 0.0f);
     std::fill(si + b, si + n8, 0.0f);
@@ -481,7 +490,7 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
     auto block = [&](int64_t i, std::vector<float>& buf) {
       const int64_t b = i / kv_heads, t0 = b * kQueryBlock;
       attention_block_avx2(q, t0, std::min(T, t0 + kQueryBlock), i % kv_heads, heads, hd, k, v, kv_heads, start,
-                           window, out, buf);
+                           window, sinks, out, buf);
     };
     if (T * heads * S * hd < (int64_t(1) << 18) || n == 1) {
       std::vector<float> buf;

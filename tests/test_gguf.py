@@ -36,11 +36,18 @@ TEXTS = [
 GGUF_ARCHS = [a for a in ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.values()]
 # llama.cpp's qwen2moe has an MoE block in every layer (its converter refuses dense ones). Its converter
 # writes deepseek2's sigmoid scoring only when config.json says scoring_func (released V3 configs do;
-# transformers 5 does not), and one YaRN temperature: mscale == mscale_all_dim, as in released configs
+# transformers 5 does not), and one YaRN temperature: mscale == mscale_all_dim, as in released configs.
+# llama.cpp's gpt-oss graph fixes the SwiGLU's alpha and limit to the released 1.702 and 7, and its
+# YaRN is not imported (the GGUF's RoPE scaling is refused by name)
 YARN_V3 = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, original_max_position_embeddings=32)
 OVERRIDES = {
     "qwen2_moe": {"mlp_only_layers": []},
     "deepseek_v3": {"scoring_func": "sigmoid", "rope_parameters": dict(YARN_V3, mscale=0.8, mscale_all_dim=0.8)},
+    "gpt_oss": {
+        "swiglu_alpha": 1.702,
+        "swiglu_limit": 7.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5},
+    },
 }
 
 

@@ -372,8 +372,10 @@ def test_avx512_kernels_follow_what_the_cpu_has():
     missing = [s for s in AVX512_SETS if s not in flags]
     assert ("avx512vnni" in _core.simd()) == (not missing), _core.simd()
     if missing:
-        pytest.skip(f"this CPU lacks {' '.join(missing)}: the real AVX-512 kernels are not run here "
-                    "(the native tests check their SIMDe build)")
+        pytest.skip(
+            f"this CPU lacks {' '.join(missing)}: the real AVX-512 kernels are not run here "
+            "(the native tests check their SIMDe build)"
+        )
     for bits in (4, 8):  # on this CPU the int8 prefill takes 4- and 8-bit codes
         buf = q.quantize_matrix(RNG.standard_normal((32, 64)).astype(np.float32), bits, 32)
         assert _core.prefill_int8(buf)

@@ -34,7 +34,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from ..converters.convert import convert
 from ..devices import load_profile
 from ..devices.limits import Cgroup, cgroup_v1_available, drop_page_cache
-from ..format.manifest import FORMAT_VERSION
 from ..planning.default_model import SHIPPED, _fingerprint
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
@@ -519,7 +518,8 @@ def prepare_pair(name: str, bits: int, cache: Path, bench_cache: Path | None = N
     gguf = quantize_gguf(gguf16, cache / f"{tag}-{GGUF_TYPES[bits]}.gguf", GGUF_TYPES[bits])
     s = OUR_SETTINGS[bits]
     ours = cache / f"{tag}-edgemoe-{bits}bit-g{s['group_size']}{'-sym' if s['symmetric'] else ''}"
-    if not (ours / "manifest.json").exists() or _format_version(ours) < FORMAT_VERSION:  # older: 5.0 bits, redo
+    # format 1 stored symmetric codes with mins (5.0 bits at 4): redo; later versions differ only where this model has nothing
+    if not (ours / "manifest.json").exists() or _format_version(ours) < 2:
         convert(hf, ours, overwrite=True, progress=False, **s)
     check_file = gguf.with_suffix(".tokenizer-check.json")
     if not check_file.exists():

@@ -43,9 +43,7 @@ BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = (
-    _core.FORMAT_VERSION
-)  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases, activation and two-matrix (ReLU) experts
+FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases, activation and two-matrix (ReLU) experts
 ALIGN = 64
 
 

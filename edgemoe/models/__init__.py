@@ -39,6 +39,7 @@ GGUF_ALIASES: dict[str, str] = {
     "olmoe": "olmoe",
     "deepseek2": "deepseek",
     "granitemoe": "granitemoe",
+    "gpt-oss": "gpt_oss",
 }
 
 

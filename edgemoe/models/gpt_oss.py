@@ -20,7 +20,15 @@ import numpy as np
 
 from ..format.quant import ACT_CLAMPED_SWIGLU
 from .blocks import MoE, softmax
-from .checkpoint import ATTENTION, QKV_BIAS, CheckpointLayout
+from .checkpoint import (
+    ATTENTION,
+    GGUF_ATTENTION,
+    GGUF_QKV_BIAS,
+    GGUF_ROUTER,
+    QKV_BIAS,
+    CheckpointLayout,
+    GGUFLayout,
+)
 from .decoder import DecoderConfig, DecoderLM, Weights
 
 LAYER_TENSORS = {
@@ -39,7 +47,9 @@ class Layout(CheckpointLayout):
     """Attention with biases and sinks, a router with a bias, experts with biases and the clamped SwiGLU."""
 
     def attn_tensors(self, config: dict[str, Any]) -> list[str]:
-        biases = ["attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias"] if config.get("attention_bias", True) else []
+        biases = (
+            ["attn_q_bias", "attn_k_bias", "attn_v_bias", "attn_o_bias"] if config.get("attention_bias", True) else []
+        )
         return [*super().attn_tensors(config), *biases, "attn_sinks"]
 
     def moe_tensors(self, config: dict[str, Any]) -> list[str]:
@@ -62,6 +72,32 @@ LAYOUT = Layout(
     fused_transposed=True,
     gate_up_interleaved=True,
     expert_biases=True,
+)
+
+
+def _gguf_derive(metadata: dict[str, Any], config: dict[str, Any]) -> None:
+    # llama.cpp's gpt-oss graph: sliding-window attention on even layers (its SWA pattern of 2)
+    n = int(config.get("num_hidden_layers") or 0)
+    config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+
+
+GGUF = GGUFLayout(
+    arch="gpt-oss",
+    model_type="gpt_oss",
+    tensors={
+        **{k: v for k, v in GGUF_ATTENTION.items() if v != "ffn_norm"},
+        "post_attention_norm.weight": "ffn_norm",
+        **GGUF_QKV_BIAS,
+        "attn_output.bias": "attn_o_bias",
+        "attn_sinks.weight": "attn_sinks",
+        **GGUF_ROUTER,
+        "ffn_gate_inp.bias": "ffn_router_bias",
+    },
+    config_keys={"intermediate_size": "expert_feed_forward_length", "sliding_window": "attention.sliding_window"},
+    experts_key="num_local_experts",
+    # llama.cpp's swiglu_oai fixes gpt-oss's alpha and limit instead of reading them
+    fixed={"swiglu_alpha": SWIGLU_ALPHA, "swiglu_limit": SWIGLU_LIMIT},
+    derive=_gguf_derive,
 )
 
 

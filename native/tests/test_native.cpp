@@ -344,45 +344,52 @@ static void test_dense_ops() {
         }
     CHECK(ok);
   }
-  // attention: head sizes on and off the vector widths, short and long contexts, a window
-  // (a whole prompt too: the blocked prefill path, with a last block of fewer tokens)
+  // attention: head sizes on and off the vector widths, short and long contexts, a window,
+  // attention sinks (one more logit per head in the denominator; large ones dominate it), and
+  // a whole prompt too (the blocked prefill path, with a last block of fewer tokens)
   for (int64_t hd : {6, 12, 64, 80})
     for (int64_t S : {1, 9, 21, 70})
       for (int64_t window : {0, 4, 30})
-        for (bool whole : {false, true}) {
-        const int64_t heads = 4, kvh = 2, T = whole ? S : std::min<int64_t>(S, 3), start = S - T;
-        const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
-                   v = rand_vec(size_t(S * kvh * hd));
-        std::vector<float> out(size_t(T * heads * hd));
-        attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, window, out.data());
-        bool ok = true;
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < heads; ++h) {
-            const int64_t g = h / (heads / kvh), pos = start + t,
-                          j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-            std::vector<double> p;
-            double mx = -1e300, sum = 0;
-            for (int64_t j = j0; j <= pos; ++j) {
-              double d = 0;
-              for (int64_t c = 0; c < hd; ++c)
-                d += double(q[size_t((t * heads + h) * hd + c)]) * k[size_t((j * kvh + g) * hd + c)];
-              p.push_back(d / std::sqrt(double(hd)));
-              mx = std::max(mx, p.back());
-            }
-            for (double& e : p) sum += (e = std::exp(e - mx));
-            for (int64_t c = 0; c < hd; ++c) {
-              double o = 0, mag = 0;
+        for (int variant = 0; variant < 4; ++variant) {
+          const bool with_sinks = variant & 1, whole = variant & 2;
+          const int64_t heads = 4, kvh = 2, T = whole ? S : std::min<int64_t>(S, 3), start = S - T;
+          const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
+                     v = rand_vec(size_t(S * kvh * hd));
+          std::vector<float> sinks = rand_vec(size_t(heads));
+          sinks[1] += 8.0f;
+          std::vector<float> out(size_t(T * heads * hd));
+          attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, window, out.data(),
+                    with_sinks ? sinks.data() : nullptr);
+          bool ok = true;
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < heads; ++h) {
+              const int64_t g = h / (heads / kvh), pos = start + t,
+                            j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+              std::vector<double> p;
+              double mx = -1e300, sum = 0;
               for (int64_t j = j0; j <= pos; ++j) {
-                o += p[size_t(j - j0)] / sum * v[size_t((j * kvh + g) * hd + c)];
-                mag += p[size_t(j - j0)] / sum * std::fabs(v[size_t((j * kvh + g) * hd + c)]);
+                double d = 0;
+                for (int64_t c = 0; c < hd; ++c)
+                  d += double(q[size_t((t * heads + h) * hd + c)]) * k[size_t((j * kvh + g) * hd + c)];
+                p.push_back(d / std::sqrt(double(hd)));
+                mx = std::max(mx, p.back());
               }
-              ok = ok && rel_close(out[size_t((t * heads + h) * hd + c)], o, mag, 1e-5);
+              if (with_sinks) mx = std::max(mx, double(sinks[size_t(h)]));
+              for (double& e : p) sum += (e = std::exp(e - mx));
+              if (with_sinks) sum += std::exp(double(sinks[size_t(h)]) - mx);
+              for (int64_t c = 0; c < hd; ++c) {
+                double o = 0, mag = 0;
+                for (int64_t j = j0; j <= pos; ++j) {
+                  o += p[size_t(j - j0)] / sum * v[size_t((j * kvh + g) * hd + c)];
+                  mag += p[size_t(j - j0)] / sum * std::fabs(v[size_t((j * kvh + g) * hd + c)]);
+                }
+                ok = ok && rel_close(out[size_t((t * heads + h) * hd + c)], o, mag, 1e-5);
+              }
             }
-          }
-        if (!ok)
-          std::fprintf(stderr, "attention hd=%lld S=%lld T=%lld window=%lld\n", (long long)hd, (long long)S,
-                       (long long)T, (long long)window);
-        CHECK(ok);
+          if (!ok)
+            std::fprintf(stderr, "attention hd=%lld S=%lld T=%lld window=%lld sinks=%d\n", (long long)hd,
+                         (long long)S, (long long)T, (long long)window, int(with_sinks));
+          CHECK(ok);
         }
   // softmax top-k: the exp of the attention (vector lanes and the scalar tail) against float64
   for (int64_t E : {3, 8, 13, 64}) {
@@ -895,6 +902,69 @@ static void test_relu_expert_forward() {
   }
   put_u32(blob, 12, 1);
   CHECK(throws<std::invalid_argument>([&] { parse_expert(blob.data(), blob.size()); }, "expected 3 (SwiGLU) or 2 (ReLU)"));
+  // a two-matrix blob carries no biases or activation
+  put_u32(blob, 12, 2);
+  put_u32(blob, 48, 1);
+  CHECK(throws<std::invalid_argument>([&] { parse_expert(blob.data(), blob.size()); }, "no biases and no activation"));
+}
+
+// An expert blob with biases and gpt-oss's clamped SwiGLU (header bytes 40..63) against the
+// matmuls of its own matrices, the biases and the activation computed here in double.
+static void test_expert_glu() {
+  const uint32_t H = 64, I = 96;
+  const float alpha = 1.702f, limit = 0.5f;  // a limit the rand_vec inputs cross often
+  for (uint32_t bits : {4u, 8u}) {
+    std::vector<TestMatrix> mats;
+    auto blob = make_blob(0, 0, H, I, bits, &mats, true);
+    const size_t boff = (blob.size() + 63) / 64 * 64;
+    const auto bias = rand_vec(size_t(2 * I + H));  // [I] gate, [I] up, [H] down
+    blob.resize(boff + bias.size() * 4);
+    std::memcpy(blob.data() + boff, bias.data(), bias.size() * 4);
+    const uint32_t fields[3] = {uint32_t(boff), uint32_t(bias.size() * 4), uint32_t(kClampedSwiGLU)};
+    std::memcpy(blob.data() + 40, fields, sizeof fields);
+    std::memcpy(blob.data() + 52, &alpha, 4);
+    std::memcpy(blob.data() + 56, &limit, 4);
+    const Expert e = parse_expert(blob.data(), blob.size());
+    CHECK(e.bias != nullptr && e.act == kClampedSwiGLU && e.alpha == alpha && e.limit == limit);
+    for (int64_t T : {1, 3, 13}) {
+      const auto x = rand_vec(size_t(T) * H);
+      std::vector<float> y(size_t(T) * H), g(size_t(T) * I), u(size_t(T) * I), h(size_t(T) * I), ref(size_t(T) * H);
+      expert_forward(e, x.data(), T, y.data());
+      matmul(e.gate, x.data(), T, g.data());
+      matmul(e.up, x.data(), T, u.data());
+      for (int64_t t = 0; t < T; ++t)
+        for (uint32_t i = 0; i < I; ++i) {
+          const size_t at = size_t(t) * I + i;
+          const double gg = std::min(double(g[at]) + bias[i], double(limit));
+          const double uu = std::max(-double(limit), std::min(double(u[at]) + bias[I + i], double(limit)));
+          h[at] = float((uu + 1) * gg / (1 + std::exp(-double(alpha) * gg)));
+        }
+      matmul(e.down, h.data(), T, ref.data());
+      double mx = 0, err = 0;
+      for (int64_t t = 0; t < T; ++t)
+        for (uint32_t c = 0; c < H; ++c) {
+          const double want = double(ref[size_t(t) * H + c]) + bias[2 * I + c];
+          mx = std::max(mx, std::fabs(want));
+          err = std::max(err, std::fabs(want - y[size_t(t) * H + c]));
+        }
+      // one token and prefill round x to int8 per 32 values on AVX2/NEON (the matmul here does not)
+      const double tol = T == 3 ? 1e-5 : 2e-2;
+      if (err > tol * mx) std::fprintf(stderr, "expert glu bits %u T=%lld: error %g of %g\n", bits, (long long)T, err, mx);
+      CHECK(err <= tol * mx);
+    }
+  }
+  // a plain blob (zeros at 40..63) is SwiGLU without biases; an unknown activation is refused
+  std::vector<TestMatrix> mats;
+  auto blob = make_blob(0, 0, H, I, 4, &mats, true);
+  CHECK(parse_expert(blob.data(), blob.size()).bias == nullptr && parse_expert(blob.data(), blob.size()).act == kSwiGLU);
+  blob[48] = 7;
+  bool refused = false;
+  try {
+    parse_expert(blob.data(), blob.size());
+  } catch (const std::invalid_argument&) {
+    refused = true;
+  }
+  CHECK(refused);
 }
 
 // moe_forward = combine_slots(moe_forward_slots(every slot)) bit for bit, also when the slots
@@ -1692,6 +1762,7 @@ int main() {
   test_dense_ops();
   test_expert_forward();
   test_relu_expert_forward();
+  test_expert_glu();
   test_crc();
   test_sample();
   test_store_and_cache();
