@@ -32,7 +32,7 @@ namespace {
 // Baseline NEON block dots. 4-bit codes (<= 15) times int8 x: products summed in
 // int16 lanes (4 * 15 * 127 fits), then widened. Others: codes widened to int16 and
 // multiplied-accumulated into int32 with int16 x (8 * 255 * 32767 fits).
-struct DotNeon {
+struct DotNeon : PlainTotals {
   static constexpr int kLevel = int(Level::kNeon);
   template <int BITS>
   static constexpr bool kPaired = BITS == 2 || BITS == 3;
@@ -69,7 +69,7 @@ struct DotNeon {
     }
   };
   template <int BITS>
-  struct Block {
+  struct Block : OneVector {
     int8x16_t x0, x1;  // 4-bit: int8 x, values 0..15 and 16..31
     int16x8_t v[4];    // others: int16 x, values 8k..8k+7
     Block(const DecodeX& x, uint32_t b) {
