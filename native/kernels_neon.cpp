@@ -1,7 +1,8 @@
 // The AArch64 NEON kernels (NEON is baseline there, so every aarch64 build runs
 // them; elsewhere the file compiles to nothing):
 //   - decode (T=1): x is rounded per 32 values as on AVX2 (int8 for 4-bit codes,
-//     int16 for 2/3/8-bit ones), four rows per pass. The block dot comes in three
+//     int16 for 2/3/8-bit ones), 4-bit rows four per pass with sdot, two otherwise,
+//     groups of 64 scaled two rows at once. The block dot comes in three
 //     variants picked at run time from the CPU's hwcaps (cpu_level): plain NEON
 //     (smull/smlal; Cortex-A72 of a Pi 4), sdot/udot (dotprod; A76, A78AE, X4,
 //     kernels_neon_dotprod.cpp) and usdot for 8-bit codes (i8mm). All three form

@@ -121,7 +121,7 @@ struct DecodeX {
 EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
 
 // What most levels do with four blocks' integer totals: convert them. (DotSdot's 4-bit
-// blocks start their sums at kMagic instead of 0, see there.)
+// blocks start their sums at kMagicBits instead of 0, see there.)
 struct PlainTotals {
   template <int BITS>
   static constexpr int32_t kSeed = 0;  // what a block's dot adds to its total
@@ -286,9 +286,13 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
     }
   }
   for (int i = 0; i < RR; ++i) {
-    float main = vaddvq_f32(acc[i]);
-    if constexpr (kRowPairs) main = i % 2 ? vgetq_lane_f32(acc[i / 2], 2) + vgetq_lane_f32(acc[i / 2], 3)
-                                          : vgetq_lane_f32(acc[i / 2], 0) + vgetq_lane_f32(acc[i / 2], 1);
+    float main;
+    if constexpr (kRowPairs) {
+      main = i % 2 ? vgetq_lane_f32(acc[i / 2], 2) + vgetq_lane_f32(acc[i / 2], 3)
+                   : vgetq_lane_f32(acc[i / 2], 0) + vgetq_lane_f32(acc[i / 2], 1);
+    } else {
+      main = vaddvq_f32(acc[i]);
+    }
     y[r + uint32_t(i)] =
         (main + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
   }

@@ -109,7 +109,8 @@ struct DotSdot {
         return {s, vreinterpretq_s32_u32(u)};
       } else {
         const uint32x4_t u = vdotq_u32(vdotq_u32(vdupq_n_u32(0), lo, l0), hi, l1);
-        const int32x4_t s = vdotq_s32(vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
+        const int32x4_t s =
+            vdotq_s32(vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
         return vmlaq_n_s32(vreinterpretq_s32_u32(u), s, 256);
       }
     }
