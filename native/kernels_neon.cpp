@@ -1,7 +1,8 @@
 // The AArch64 NEON kernels (NEON is baseline there, so every aarch64 build runs
 // them; elsewhere the file compiles to nothing):
 //   - decode (T=1): x is rounded per 32 values as on AVX2 (int8 for 4-bit codes,
-//     int16 for 2/3/8-bit ones), four rows per pass. The block dot comes in three
+//     int16 for 2/3/8-bit ones), 4-bit rows four per pass with sdot, two otherwise,
+//     groups of 64 scaled two rows at once. The block dot comes in three
 //     variants picked at run time from the CPU's hwcaps (cpu_level): plain NEON
 //     (smull/smlal; Cortex-A72 of a Pi 4), sdot/udot (dotprod; A76, A78AE, X4,
 //     kernels_neon_dotprod.cpp) and usdot for 8-bit codes (i8mm). All three form
@@ -32,7 +33,7 @@ namespace {
 // Baseline NEON block dots. 4-bit codes (<= 15) times int8 x: products summed in
 // int16 lanes (4 * 15 * 127 fits), then widened. Others: codes widened to int16 and
 // multiplied-accumulated into int32 with int16 x (8 * 255 * 32767 fits).
-struct DotNeon {
+struct DotNeon : PlainTotals {
   static constexpr int kLevel = int(Level::kNeon);
   template <int BITS>
   static constexpr bool kPaired = BITS == 2 || BITS == 3;
@@ -69,7 +70,7 @@ struct DotNeon {
     }
   };
   template <int BITS>
-  struct Block {
+  struct Block : OneVector {
     int8x16_t x0, x1;  // 4-bit: int8 x, values 0..15 and 16..31
     int16x8_t v[4];    // others: int16 x, values 8k..8k+7
     Block(const DecodeX& x, uint32_t b) {

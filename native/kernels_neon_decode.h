@@ -120,6 +120,55 @@ struct DecodeX {
 // 4 f16 at p (any alignment) -> f32.
 EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
 
+// What most levels do with four blocks' integer totals: convert them. (DotSdot's 4-bit
+// blocks start their sums at kMagicBits instead of 0, see there.)
+struct PlainTotals {
+  template <int BITS>
+  static constexpr int32_t kSeed = 0;  // what a block's dot adds to its total
+  template <int BITS>
+  static EDGEMOE_INLINE float32x4_t totals(int32x4_t t) {
+    return vcvtq_f32_s32(t);
+  }
+};
+
+// 1.5 * 2^23 as f32 bits: for |t| < 2^22 the bits kMagicBits + t are the f32 1.5 * 2^23 + t
+// exactly, so subtracting 1.5 * 2^23 gives float(t) with one single-cycle fsub where scvtf
+// takes two micro-ops of one vector pipe (Neoverse N1 / Cortex-A76 and A78 tables).
+constexpr int32_t kMagicBits = 0x4B400000;
+EDGEMOE_INLINE float32x4_t magic_to_f32(int32x4_t biased) {
+  return vsubq_f32(vreinterpretq_f32_s32(biased), vdupq_n_f32(12582912.0f));
+}
+
+// A vector [v, 0, 0, 0] made by the integer unit (fmov from a general register), not by
+// a vector pipe as movi or a register copy would be: each block's dot chain needs a fresh
+// accumulator, and the vector pipes are what the decode loop is short of.
+EDGEMOE_INLINE int32x4_t seed(int32_t v) {
+  int32x4_t r;
+  asm volatile("fmov %s0, %w1" : "=w"(r) : "r"(v));
+  return r;
+}
+
+// What a block's dot returns when it is one vector of 4 partial sums (most kinds): the
+// sums of blocks are added pairwise (two blocks -> one vector) and in the end summed.
+struct OneVector {
+  using Part = int32x4_t;
+  static EDGEMOE_INLINE Part padd(Part a, Part b) { return vpaddq_s32(a, b); }
+  static EDGEMOE_INLINE int32x4_t total(Part p) { return p; }
+  static EDGEMOE_INLINE int32_t sum(Part p) { return vaddvq_s32(p); }
+};
+
+// 8-bit codes at the dot-product levels: a block is 256 * (c . xh) + (c . xl); the two
+// dots stay apart through the pairwise sums and are joined once per four blocks.
+struct HighLow {
+  struct Part {
+    int32x4_t s;  // c . xh
+    int32x4_t u;  // c . xl (at most 32 * 255 * 255: fits int32 as unsigned and signed)
+  };
+  static EDGEMOE_INLINE Part padd(Part a, Part b) { return {vpaddq_s32(a.s, b.s), vpaddq_s32(a.u, b.u)}; }
+  static EDGEMOE_INLINE int32x4_t total(Part p) { return vaddq_s32(p.u, vshlq_n_s32(p.s, 8)); }
+  static EDGEMOE_INLINE int32_t sum(Part p) { return vaddvq_s32(p.u) + 256 * vaddvq_s32(p.s); }
+};
+
 // sum_g min_g * xsum[g] for one row, before the factor min_mult (a power of two).
 EDGEMOE_INLINE float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
   float32x4_t acc = vdupq_n_f32(0);
@@ -154,6 +203,7 @@ template <class Dot, int BITS, int RR, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   using Block = typename Dot::template Block<BITS>;
   constexpr uint32_t cb = chunk_bytes(BITS);
+  constexpr bool kRowPairs = CPG == 2;  // acc[i / 2] holds rows i, i + 1 (a last odd row: twice)
   const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
   const float* dx = x.dx;
   const uint8_t* codes[RR];
@@ -169,8 +219,9 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
   uint32_t b = 0;
   for (; b + 4 <= nb; b += 4) {
     EDGEMOE_MCA_MARK("BEGIN", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
-    int32x4_t t01[RR], t23[RR];  // pairwise lane sums of blocks b, b+1 and b+2, b+3
+    int32x4_t t[RR];  // the totals of blocks b..b+3, one per lane
     if constexpr (Dot::template kPaired<BITS>) {
+      int32x4_t t01[RR], t23[RR];  // pairwise lane sums of blocks b, b+1 and b+2, b+3
       // two blocks' sums in one vector, lanes [b, b, b+1, b+1] (Dot::Pair)
       using Pair = typename Dot::template Pair<BITS>;
       {
@@ -181,14 +232,16 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
         const Pair xp(x, b + 2);
         for (int i = 0; i < RR; ++i) t23[i] = xp.dot(codes[i] + 2 * cb);
       }
+      for (int i = 0; i < RR; ++i) t[i] = vpaddq_s32(t01[i], t23[i]);
     } else {
+      typename Block::Part t01[RR], t23[RR];
       {
         const Block xb(x, b);  // one block's x live at a time: the rows' partial sums stay in registers
         for (int i = 0; i < RR; ++i) t01[i] = xb.dot(codes[i]);
       }
       {
         const Block xb(x, b + 1);
-        for (int i = 0; i < RR; ++i) t01[i] = vpaddq_s32(t01[i], xb.dot(codes[i] + cb));
+        for (int i = 0; i < RR; ++i) t01[i] = Block::padd(t01[i], xb.dot(codes[i] + cb));
       }
       {
         const Block xb(x, b + 2);
@@ -196,36 +249,63 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
       }
       {
         const Block xb(x, b + 3);
-        for (int i = 0; i < RR; ++i) t23[i] = vpaddq_s32(t23[i], xb.dot(codes[i] + 3 * cb));
+        for (int i = 0; i < RR; ++i) t23[i] = Block::padd(t23[i], xb.dot(codes[i] + 3 * cb));
       }
+      for (int i = 0; i < RR; ++i) t[i] = Block::total(Block::padd(t01[i], t23[i]));
     }
     const float32x4_t dx4 = vld1q_f32(dx + b);
     for (int i = 0; i < RR; ++i) {
       __builtin_prefetch(codes[i] + kPrefetchBytes);
       codes[i] += 4 * cb;
-      const float32x4_t m = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
-      acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(vpaddq_s32(t01[i], t23[i])), m);
+    }
+    if constexpr (kRowPairs) {
+      // two rows at once: their blocks' dx * total summed per group of two blocks, lanes
+      // [row i: group b/2, b/2 + 1, row i + 1: the same], times those four scales (one
+      // 8-byte f16 vector built from the rows' two 4-byte runs), in one accumulator
+      for (int i = 0; i < RR; i += 2) {
+        const int j = i + 1 < RR ? i + 1 : i;
+        const uint64_t s4 = uint64_t(ld_u32(sc[i] + b)) | uint64_t(ld_u32(sc[j] + b)) << 32;
+        const float32x4_t w0 = vmulq_f32(Dot::template totals<BITS>(t[i]), dx4);
+        const float32x4_t w1 = i == j ? w0 : vmulq_f32(Dot::template totals<BITS>(t[j]), dx4);
+        acc[i / 2] = vfmaq_f32(acc[i / 2], vpaddq_f32(w0, w1), vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(s4))));
+      }
+    } else {
+      for (int i = 0; i < RR; ++i) {
+        const float32x4_t m = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+        acc[i] = vfmaq_f32(acc[i], Dot::template totals<BITS>(t[i]), m);
+      }
     }
     EDGEMOE_MCA_MARK("END", "decode_b%c0_rows%c1_cpg%c2_level%c3", BITS, RR, CPG, Dot::kLevel);
   }
   for (; b < nb; ++b) {  // the last < 4 blocks of a row
     const Block xb(x, b);
     for (int i = 0; i < RR; ++i) {
-      tail[i] += float(vaddvq_s32(xb.dot(codes[i]))) * (dx[b] * ld_f16(sc[i] + 2 * (b / CPG)));
+      const int32_t t = Block::sum(xb.dot(codes[i])) - Dot::template kSeed<BITS>;
+      tail[i] += float(t) * (dx[b] * ld_f16(sc[i] + 2 * (b / CPG)));
       codes[i] += cb;
     }
   }
-  for (int i = 0; i < RR; ++i)
+  for (int i = 0; i < RR; ++i) {
+    float main;
+    if constexpr (kRowPairs) {
+      main = i % 2 ? vgetq_lane_f32(acc[i / 2], 2) + vgetq_lane_f32(acc[i / 2], 3)
+                   : vgetq_lane_f32(acc[i / 2], 0) + vgetq_lane_f32(acc[i / 2], 1);
+    } else {
+      main = vaddvq_f32(acc[i]);
+    }
     y[r + uint32_t(i)] =
-        (vaddvq_f32(acc[i]) + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+        (main + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
+  }
 }
 
 template <class Dot, int BITS, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_cpg(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
-  // rows per pass: 4 for 4-bit codes, whose block x is two registers; 2 for the int16
-  // ones, whose x (four registers, eight for a 2/3-bit pair) and unpacked codes made four
-  // rows spill (llvm-mca, Neoverse N1 model: 8-bit 3.9 -> 4.5 bytes per cycle)
-  constexpr int kRows = BITS == 4 ? 4 : 2;
+  // rows per pass: 4 for 4-bit codes with sdot, whose block x is two registers; 2 for the
+  // int16 ones, whose x (four registers, eight for a 2/3-bit pair) and unpacked codes made
+  // four rows spill (llvm-mca, Neoverse N1 model: 8-bit 3.9 -> 4.5 bytes per cycle), and
+  // for plain NEON, whose int16 products spill four rows too. Every row's result is the
+  // same whichever pass it is in.
+  constexpr int kRows = BITS == 4 && Dot::kLevel > 0 ? 4 : 2;
   uint32_t r = r0;
   for (; r + kRows <= r1; r += kRows) qmatvec_rows<Dot, BITS, kRows, CPG>(w, r, x, y);
   for (; r < r1; ++r) qmatvec_rows<Dot, BITS, 1, CPG>(w, r, x, y);

@@ -13,6 +13,7 @@
 #include <arm_neon.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -37,6 +38,16 @@ namespace {
 // Block dots with sdot/udot. 2/3-bit codes are < 8, so they fit int8 for sdot.
 struct DotSdot {
   static constexpr int kLevel = int(Level::kDotprod);
+  // 4-bit blocks start their sdot chain at [kMagicBits, 0, 0, 0] (magic_seed), so four
+  // blocks' totals arrive as f32 bits and one fsub converts them, exactly: |total| <=
+  // 32 * 15 * 127 < 2^22. Other bitwidths scale their halves by 256 and start at 0.
+  template <int BITS>
+  static constexpr int32_t kSeed = BITS == 4 ? kMagicBits : 0;
+  template <int BITS>
+  static EDGEMOE_INLINE float32x4_t totals(int32x4_t t) {
+    if constexpr (BITS == 4) return magic_to_f32(t);
+    return vcvtq_f32_s32(t);
+  }
   template <int BITS>
   static constexpr bool kPaired = BITS == 2 || BITS == 3;
 
@@ -56,8 +67,8 @@ struct DotSdot {
     int32x4_t dot(const uint8_t* p) const {
       uint8x16_t f[4];
       unpack_pair<BITS>(p, f);
-      int32x4_t s = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(f[0]), h[0]);
-      uint32x4_t u = vdotq_u32(vdupq_n_u32(0), f[0], l[0]);
+      int32x4_t s = vdotq_s32(seed(0), vreinterpretq_s8_u8(f[0]), h[0]);
+      uint32x4_t u = vdotq_u32(vreinterpretq_u32_s32(seed(0)), f[0], l[0]);
       for (int k = 1; k < 4; ++k) {
         s = vdotq_s32(s, vreinterpretq_s8_u8(f[k]), h[k]);
         u = vdotq_u32(u, f[k], l[k]);
@@ -67,10 +78,11 @@ struct DotSdot {
   };
 
   template <int BITS>
-  struct Block {
+  struct Block : std::conditional_t<BITS == 8, HighLow, OneVector> {
+    using Part = typename std::conditional_t<BITS == 8, HighLow, OneVector>::Part;
     int8x16_t h0, h1;   // 4-bit: the int8 x; others: xh, values 0..15 and 16..31
     uint8x16_t l0, l1;  // xl (not 4-bit)
-    int32x4_t corr;     // 8-bit codes: hcorr in lane 0
+    int32_t corr = 0;   // 8-bit codes: 128 * sum(xh), where c . xh starts (c - 128 . xh + it)
     Block(const DecodeX& x, uint32_t b) {
       const uint32_t at = b * kChunk;
       if constexpr (BITS == 4) {
@@ -81,26 +93,25 @@ struct DotSdot {
         h1 = vld1q_s8(x.xh + at + 16);
         l0 = vld1q_u8(x.xl + at);
         l1 = vld1q_u8(x.xl + at + 16);
-        if constexpr (BITS == 8) corr = vsetq_lane_s32(x.hcorr[b], vdupq_n_s32(0), 0);
+        if constexpr (BITS == 8) corr = x.hcorr[b] / 256;  // hcorr = 32768 * sum(xh)
       }
     }
-    int32x4_t dot(const uint8_t* p) const {
+    Part dot(const uint8_t* p) const {
       uint8x16_t lo, hi;
       unpack<BITS>(p, lo, hi);
-      const int32x4_t zero = vdupq_n_s32(0);
       if constexpr (BITS == 4) {
-        return vdotq_s32(vdotq_s32(zero, vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
+        return vdotq_s32(vdotq_s32(seed(kMagicBits), vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
+      } else if constexpr (BITS == 8) {
+        const uint32x4_t u = vdotq_u32(vdotq_u32(vreinterpretq_u32_s32(seed(0)), lo, l0), hi, l1);
+        const uint8x16_t flip = vdupq_n_u8(0x80);
+        const int32x4_t s = vdotq_s32(vdotq_s32(seed(corr), vreinterpretq_s8_u8(veorq_u8(lo, flip)), h0),
+                                      vreinterpretq_s8_u8(veorq_u8(hi, flip)), h1);
+        return {s, vreinterpretq_s32_u32(u)};
       } else {
         const uint32x4_t u = vdotq_u32(vdotq_u32(vdupq_n_u32(0), lo, l0), hi, l1);
-        if constexpr (BITS == 8) {
-          const uint8x16_t flip = vdupq_n_u8(0x80);
-          lo = veorq_u8(lo, flip);
-          hi = veorq_u8(hi, flip);
-        }
-        const int32x4_t s = vdotq_s32(vdotq_s32(zero, vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
-        const int32x4_t v = vmlaq_n_s32(vreinterpretq_s32_u32(u), s, 256);
-        if constexpr (BITS == 8) return vaddq_s32(v, corr);
-        return v;
+        const int32x4_t s =
+            vdotq_s32(vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
+        return vmlaq_n_s32(vreinterpretq_s32_u32(u), s, 256);
       }
     }
   };

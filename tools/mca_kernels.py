@@ -110,7 +110,7 @@ def kernels(level: int) -> list[tuple[str, str]]:
 
     def decode(bits: int, cpg: int) -> str:
         lv = level if bits == 8 else min(level, 1)  # i8mm has an 8-bit kernel only, the rest is dotprod's
-        return f"decode_b{bits}_rows{4 if bits == 4 else 2}_cpg{cpg}_level{lv}"
+        return f"decode_b{bits}_rows{4 if bits == 4 and lv > 0 else 2}_cpg{cpg}_level{lv}"
 
     rows = [(f"decode INT{b}, g64 (T=1)", decode(b, 2)) for b in (4, 8, 2, 3)]
     rows += [("decode INT4, g32 (T=1)", decode(4, 1))]
