@@ -287,12 +287,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated specialist names")
     ap.add_argument("--scratch", action="store_true", help="also train the smallest shape from scratch")
+    ap.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        help="keep this many experts per layer instead (top-2); writes specialists/NAME-eN, not part of the mixture",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tokenize(args.corpus, args.out / "data")
     only = set(args.only.split(",")) if args.only else None
     for spec in SPECIALISTS:
         if only is None or spec["name"] in only:
+            if args.experts:
+                spec = {
+                    "name": f"{spec['name']}-e{args.experts}",
+                    "domains": spec["domains"],
+                    "experts": args.experts,
+                    "top_k": 2,
+                }
             make_specialist(spec, args.out / "data", args.out, args)
     if args.scratch:
         scratch(SPECIALISTS[-1], args.out / "data", args.out, args, 2e-3)
