@@ -14,6 +14,7 @@ Arrays (D documents, N specialists, T scored tokens at most):
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,7 @@ class Heldout:
                     z["features"],
                     z["logprobs"],
                 )
-        except (OSError, ValueError, EOFError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise MixtureSpecError(f"{path} is damaged ({e}): write the held-out set again") from e
         d, n, t = h.logprobs.shape
         if n != len(h.specialists) or len(h.domain) != d or h.features.shape[0] != d or (h.n_scored > t).any():

@@ -125,7 +125,7 @@ def default_train_model():
 
 
 @torch.no_grad()
-def routing_counts(model, stream: np.ndarray, n_windows: int = 48, length: int = 256) -> np.ndarray:
+def routing_counts(model, stream: np.ndarray, n_windows: int = 32, length: int = 256) -> np.ndarray:
     """How often each expert is among a token's top-k, per layer: [layers, experts]."""
     c = model.config
     counts = np.zeros((c.num_hidden_layers, c.num_local_experts), dtype=np.int64)
@@ -164,13 +164,15 @@ def eval_loss(model, w: np.ndarray) -> float:
     return loss
 
 
-def finetune(model, stream: np.ndarray, val: np.ndarray, minutes: float, lr: float, seed: int, tag: str) -> dict:
-    """Train `model` on random 257-token windows of `stream` for `minutes` of training time."""
+def finetune(
+    model, stream: np.ndarray, val: np.ndarray, minutes: float, lr: float, seed: int, tag: str, batch: int, seq: int
+) -> dict:
+    """Train `model` on random (seq + 1)-token windows of `stream` for `minutes` of training time."""
     args = argparse.Namespace(aux_coef=0.01, z_coef=1e-3)
     opt = train_moe.build_optimizer(model, lr, 0.1)
     model.train()
     rng = np.random.default_rng(seed)
-    step, trained, warmup, batch, seq = 0, 0.0, 10, 8, 256
+    step, trained, warmup = 0, 0.0, 5
     budget = minutes * 60
     while trained < budget:
         p = trained / budget
@@ -183,7 +185,7 @@ def finetune(model, stream: np.ndarray, val: np.ndarray, minutes: float, lr: flo
         ce, aux, _, _ = train_moe.train_step(model, opt, b, args, False)
         trained += time.time() - t
         step += 1
-        if step % 20 == 0:
+        if step % 10 == 0:
             log(f"{tag} step {step} ({100 * trained / budget:.0f}%) loss {ce:.3f} aux {aux:.3f}")
     val_loss = eval_loss(model, val)
     return {"steps": step, "tokens": step * batch * seq, "train_seconds": round(trained, 1), "val_loss": val_loss}
@@ -202,14 +204,15 @@ def export(model, config, dst: Path) -> int:
     return sum(p.numel() for p in hf.parameters())
 
 
-def make_specialist(spec: dict, data: Path, out: Path, minutes: float, lr: float, seed: int) -> None:
+def make_specialist(spec: dict, data: Path, out: Path, args: argparse.Namespace) -> None:
+    minutes, lr, seed = args.minutes, args.lr, args.seed
     dst = out / "specialists" / spec["name"]
     if (dst / "made.json").exists():
         log(f"{spec['name']}: exists, skipped")
         return
     train, val = Split(data / "train.npz"), Split(data / "validation.npz")
     stream = train.stream(spec["domains"])
-    vw = windows(val.stream(spec["domains"]), 257, 24)
+    vw = windows(val.stream(spec["domains"]), 257, args.val_windows)
     base, c = default_train_model()
     default_loss = eval_loss(base, vw)
     counts = routing_counts(base, stream)
@@ -225,7 +228,7 @@ def make_specialist(spec: dict, data: Path, out: Path, minutes: float, lr: float
         f"top-{spec['top_k']}: val loss {pruned_loss:.3f} before fine-tuning"
     )
     torch.manual_seed(seed)
-    res = finetune(model, stream, vw, minutes, lr, seed, spec["name"])
+    res = finetune(model, stream, vw, minutes, lr, seed, spec["name"], args.batch, args.seq)
     params = export(model, pc, dst)
     made = {
         "name": spec["name"],
@@ -239,7 +242,8 @@ def make_specialist(spec: dict, data: Path, out: Path, minutes: float, lr: float
         "val_loss_default_model": round(default_loss, 4),
         "val_loss_after_pruning": round(pruned_loss, 4),
         "val_loss_after_finetuning": round(res["val_loss"], 4),
-        "finetune": {k: v for k, v in res.items() if k != "val_loss"} | {"lr": lr, "minutes": minutes, "seed": seed},
+        "finetune": {k: v for k, v in res.items() if k != "val_loss"}
+        | {"lr": lr, "minutes": minutes, "seed": seed, "batch": args.batch, "seq": args.seq},
         "made_by": (
             f"default model, the {spec['experts']} experts per layer its domains route to most kept "
             f"(top-{spec['top_k']}), fine-tuned {res['steps']} steps ({res['tokens']} tokens) on {'+'.join(spec['domains'])}"
@@ -249,19 +253,20 @@ def make_specialist(spec: dict, data: Path, out: Path, minutes: float, lr: float
     log(f"{spec['name']}: {params / 1e6:.2f}M params, val loss {res['val_loss']:.3f} -> {dst}")
 
 
-def scratch(spec: dict, data: Path, out: Path, minutes: float, lr: float, seed: int) -> None:
+def scratch(spec: dict, data: Path, out: Path, args: argparse.Namespace, lr: float) -> None:
+    minutes, seed = args.minutes, args.seed
     """The same shape as `spec` trained from a random start for the same time (for comparison)."""
     dst = out / "scratch" / f"{spec['name']}.json"
     if dst.exists():
         return
     train, val = Split(data / "train.npz"), Split(data / "validation.npz")
     stream = train.stream(spec["domains"])
-    vw = windows(val.stream(spec["domains"]), 257, 24)
+    vw = windows(val.stream(spec["domains"]), 257, args.val_windows)
     _, c = default_train_model()
     c.num_local_experts, c.num_experts_per_tok = spec["experts"], spec["top_k"]
     model = train_moe.TrainMixtral(c)
     model.init_weights(seed)
-    res = finetune(model, stream, vw, minutes, lr, seed, f"scratch-{spec['name']}")
+    res = finetune(model, stream, vw, minutes, lr, seed, f"scratch-{spec['name']}", args.batch, args.seq)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(res | {"lr": lr, "minutes": minutes}, indent=2) + "\n")
     log(f"scratch {spec['name']}: val loss {res['val_loss']:.3f}")
@@ -271,10 +276,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path("artifacts/corpus"))
     ap.add_argument("--out", type=Path, default=Path("artifacts/mixture"))
-    ap.add_argument("--minutes", type=float, default=6.0, help="fine-tuning time per specialist")
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--minutes", type=float, default=4.0, help="fine-tuning time per specialist")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--val-windows", type=int, default=16, help="257-token validation windows per specialist")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=2)
+    # one thread: on a shared, oversubscribed machine two torch threads made a step 10x slower here
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated specialist names")
     ap.add_argument("--scratch", action="store_true", help="also train the smallest shape from scratch")
     args = ap.parse_args()
@@ -283,9 +292,9 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     for spec in SPECIALISTS:
         if only is None or spec["name"] in only:
-            make_specialist(spec, args.out / "data", args.out, args.minutes, args.lr, args.seed)
+            make_specialist(spec, args.out / "data", args.out, args)
     if args.scratch:
-        scratch(SPECIALISTS[-1], args.out / "data", args.out, args.minutes, 2e-3, args.seed)
+        scratch(SPECIALISTS[-1], args.out / "data", args.out, args, 2e-3)
 
 
 if __name__ == "__main__":
