@@ -17,6 +17,7 @@ corrects it online; the budgets of the sweep are then taken around the corrected
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -135,6 +136,7 @@ def selection_checks(h: HeldoutLoss, names: list[str], emit: Any) -> dict[str, A
     at every budget of a grid (12 specialists) and its time for 32."""
     m = len(names)
     out: dict[str, Any] = {}
+    model_loss = functools.lru_cache(maxsize=None)(h.loss)  # copies share a model: one evaluation per model set
     for n in (12, 32):
         groups = [i % m for i in range(n)]
         profs = [load_profile(COPY_PROFILES[(i // m + i) % len(COPY_PROFILES)]) for i in range(n)]
@@ -145,7 +147,7 @@ def selection_checks(h: HeldoutLoss, names: list[str], emit: Any) -> dict[str, A
         latency = seconds + np.array([p.link.rtt_s if p.link else 0.0 for p in profs])
 
         def loss(s: tuple[int, ...], groups: list[int] = groups) -> float:
-            return h.loss(tuple(sorted({groups[i] for i in s})))
+            return model_loss(tuple(sorted({groups[i] for i in s})))
 
         e_grid = np.quantile(np.cumsum(np.sort(energy)), np.linspace(0.0, 1.0, 8))
         l_grid = np.quantile(latency, np.linspace(0.1, 1.0, 6))
