@@ -817,7 +817,7 @@ static void test_moe_slots() {
     CHECK(std::memcmp(y.data(), y2.data(), y.size() * 4) == 0);
 
     // per_token: every row is bit for bit what a call with that row alone gives
-    std::vector<float> rows(size_t(T * H)), one(size_t(H));
+    std::vector<float> rows(size_t(T * H)), one(H);
     moe_forward(whole, 1, x.data(), T, H, ids.data(), w.data(), K, rows.data(), true);
     for (int64_t t = 0; t < T; ++t) {
       moe_forward(whole, 1, &x[size_t(t * H)], 1, H, &ids[size_t(t * K)], &w[size_t(t * K)], K, one.data());
