@@ -667,8 +667,9 @@ inline __m256i bcast_i32(const int8_t* p) {
 }
 
 // NT tokens from t0 over one unpacked panel -> y[t * ystride + r0 + i] for its n rows.
+// Inlined into the panel loop: called once per panel it ran 25% slower (GCC 12).
 template <int BITS, int NT>
-void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
+__attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
                   int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
   const int8_t* xq[NT];
   const float* dx[NT];
