@@ -17,9 +17,9 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4- and 8-bit codes (AVX2, AVX-512): x rounded to int8 per 32
-//     values once per token, 8 rows (AVX-512: 16) unpacked to bytes for all the tokens
-//     (matmul_int8);
+//   - prefill (T >= 12) of 4-bit codes, and of an expert's 8-bit ones (AVX2, AVX-512): x
+//     rounded to int8 per 32 values once per token, 8 rows (AVX-512: 16) unpacked to bytes
+//     for all the tokens (matmul_int8);
 //   - AVX-512 (kernels_avx512.cpp) is compiled into every x86-64 build and chosen at run
 //     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an

@@ -5,7 +5,7 @@
 //     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
 //     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4- and 8-bit codes: x rounded to int8 per 32 values, 8 rows'
+//   - prefill (T >= 12) of 4-bit codes and experts' 8-bit ones: x rounded to int8 per 32 values, 8 rows'
 //     codes unpacked to bytes (8-bit codes as two nibbles) for every token (vpmaddubsw);
 //   - other prefill (T >= 12): 3 rows at a time are dequantized to an f32 tile and a
 //     3x4 register-blocked FMA kernel runs every token over it.
