@@ -37,13 +37,14 @@ GEMM_MIN_TOKENS: int
 """From this many tokens on, a matmul takes the prefill kernels (weights unpacked once for all
 the tokens) instead of the per-token ones."""
 
-def prefill_int8(buf: npt.NDArray[np.uint8], offset: int = 0) -> bool:
+def prefill_int8(buf: npt.NDArray[np.uint8], offset: int = 0, expert: bool = False) -> bool:
     """Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels
     (x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on
-    the AVX2 path."""
+    the AVX2 and AVX-512 paths; with expert=True, as an expert's matrix, also 8-bit codes."""
 
 def simd() -> str:
-    """Which kernel path runs: 'avx2+fma+f16c', 'neon', 'neon+dotprod', 'neon+dotprod+i8mm' or 'portable'."""
+    """Which kernel path runs: 'avx2+fma+f16c', 'neon', 'neon+dotprod', 'neon+dotprod+i8mm' or 'portable';
+    on x86 CPUs with AVX-512 F/BW/VL/VNNI (chosen at run time) '+avx512vnni' is appended."""
 
 def linear(x: npt.NDArray[np.float32], w: npt.NDArray[Any], kind: str) -> npt.NDArray[np.float32]:
     """y[T, out] = x[T, in] @ w[out, in].T for a float weight.
@@ -59,7 +60,7 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
     group-quantized matrix rounds x per 32 values first: to int8 for 4-bit codes
     (error <= 1/254 of each block's max |x|, as llama.cpp's Q8_0 activations), to
     int16 for 2/3/8-bit ones (<= 2^-16). GEMM_MIN_TOKENS or more tokens times a matrix
-    for which prefill_int8 holds round x to int8 per 32 values too (4-bit codes, AVX2);
+    for which prefill_int8 holds round x to int8 per 32 values too (4-bit codes, AVX2 or AVX-512);
     every other case uses x as given.
     """
 

@@ -28,18 +28,20 @@ void bind_kernels(py::module_& m) {
   m.def("simd", &simd_name,
         "Which kernel path runs: 'avx2+fma+f16c' (x86-64 built with -march=native), 'neon', "
         "'neon+dotprod' or 'neon+dotprod+i8mm' (every aarch64 build; the level is read from the "
-        "CPU's features at run time) or 'portable' (plain C++).");
+        "CPU's features at run time) or 'portable' (plain C++); x86 CPUs with AVX-512 F/BW/VL/VNNI "
+        "append '+avx512vnni' (those kernels are chosen at run time).");
   m.attr("GEMM_MIN_TOKENS") = kernels::kGemmMinTokens;
   m.def(
       "prefill_int8",
-      [](const ByteArray& buf, uint64_t offset) {
+      [](const ByteArray& buf, uint64_t offset, bool expert) {
         if (offset > uint64_t(buf.size())) throw std::invalid_argument("prefill_int8: offset beyond the buffer");
-        return prefill_int8(parse_qmatrix(buf.data() + offset, uint64_t(buf.size()) - offset));
+        const QMatrix w = parse_qmatrix(buf.data() + offset, uint64_t(buf.size()) - offset);
+        return expert ? prefill_int8_expert(w) : prefill_int8(w);
       },
-      py::arg("buf"), py::arg("offset") = 0,
+      py::arg("buf"), py::arg("offset") = 0, py::arg("expert") = false,
       "Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels\n"
       "(x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on\n"
-      "the AVX2 path.");
+      "the AVX2 and AVX-512 paths; with expert=True, as an expert's matrix, also 8-bit codes.");
   m.def(
       "stream_read",
       [](const py::buffer& data) {

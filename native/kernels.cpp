@@ -17,9 +17,9 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4- and 8-bit codes (AVX2, AVX-512): x rounded to int8 per 32
-//     values once per token, 8 rows (AVX-512: 16) unpacked to bytes for all the tokens
-//     (matmul_int8);
+//   - prefill (T >= 12) of 4-bit codes, and of an expert's 8-bit ones (AVX2, AVX-512): x
+//     rounded to int8 per 32 values once per token, 8 rows (AVX-512: 16) unpacked to bytes
+//     for all the tokens (matmul_int8);
 //   - AVX-512 (kernels_avx512.cpp) is compiled into every x86-64 build and chosen at run
 //     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
@@ -182,15 +182,24 @@ namespace int8isa = kernels::avx2;
 namespace int8isa = kernels::portable;  // the reference; the driver routes no matmul here
 #endif
 
-bool prefill_int8(const QMatrix& w) {
-  // 4- and 8-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit
-  // Mixtral's logits moved by a third), so their prefill keeps float x
+namespace {
+bool int8_kernels() {
 #if defined(EDGEMOE_AVX2)
-  const bool simd = true;
+  return true;
 #else
-  const bool simd = use_avx512();
+  return use_avx512();
 #endif
-  return simd && w.quantized() && (w.bits == 4 || w.bits == 8);
+}
+}  // namespace
+
+bool prefill_int8(const QMatrix& w) {
+  // 4-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit Mixtral's
+  // logits moved by a third), so their prefill keeps float x
+  return int8_kernels() && w.quantized() && w.bits == 4;
+}
+
+bool prefill_int8_expert(const QMatrix& w) {
+  return int8_kernels() && w.quantized() && (w.bits == 4 || w.bits == 8);
 }
 
 void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out) {
@@ -464,8 +473,9 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   }
 #endif
   std::vector<float> g(size_t(T) * I), u(size_t(T) * I);
-  if (T >= kGemmMinTokens && prefill_int8(e.gate) && prefill_int8(e.up)) {  // x rounded once for both
-    QuantizedActs qx;
+  const bool int8 = T >= kGemmMinTokens;
+  QuantizedActs qx;
+  if (int8 && prefill_int8_expert(e.gate) && prefill_int8_expert(e.up)) {  // x rounded once for both
     quantize_acts(x, T, e.hidden(), qx);
     matmul_int8(e.gate, qx, g.data());
     matmul_int8(e.up, qx, u.data());
@@ -478,7 +488,12 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
     add_bias(e.bias + 4 * size_t(I), T, I, u.data());
   }
   for (size_t i = 0; i < g.size(); ++i) g[i] = e.glu(g[i], u[i]);
-  matmul(e.down, g.data(), T, y);
+  if (int8 && prefill_int8_expert(e.down)) {
+    quantize_acts(g.data(), T, I, qx);
+    matmul_int8(e.down, qx, y);
+  } else {
+    matmul(e.down, g.data(), T, y);
+  }
   if (e.bias) add_bias(e.bias + 8 * size_t(I), T, e.hidden(), y);
 }
 

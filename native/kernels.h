@@ -68,8 +68,13 @@ struct QuantizedActs {
 void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out);
 
 // Whether this build, on this CPU, multiplies W with int8 activations for several tokens at
-// once (matmul_int8 below): 4- and 8-bit group-quantized codes, on the AVX2 and AVX-512 paths.
+// once in matmul (matmul_int8 below): 4-bit group-quantized codes, on the AVX2 and AVX-512 paths.
 bool prefill_int8(const QMatrix& w);
+
+// The same for an expert's matrices in expert_forward: 4- and 8-bit codes. The backbone's
+// 8-bit matrices keep float x: int8 x moved a tiny DeepSeek-V2's logits (8-bit low-rank
+// attention projections) 5x past the 8-bit parity bound, while 8-bit experts stay within theirs.
+bool prefill_int8_expert(const QMatrix& w);
 
 // x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of 2, 3, 4 or 8 bits -> y [T, rows]
 // float32 = x @ W^T: W's rows are unpacked to bytes a panel at a time (8 rows on AVX2, 16 on

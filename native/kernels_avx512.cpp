@@ -49,6 +49,12 @@ namespace edgemoe::kernels::EDGEMOE_AVX512_NS {
 
 namespace {
 
+#if defined(EDGEMOE_AVX512_SIMDE)
+using Mask32 = simde__mmask32;  // SIMDe aliases the intrinsics, not the mask types, without native AVX2
+#else
+using Mask32 = __mmask32;
+#endif
+
 constexpr int kPrefetchBytes = 2048;  // how far decode runs ahead of the weight stream
 constexpr uint32_t kPanel = 16;       // rows per prefill panel, one per 32-bit lane
 constexpr int kPanelTokens = 8;       // tokens per pass over a panel: 8 dots + 8 sums in registers
@@ -163,7 +169,7 @@ inline __m256i chunk_u8(const uint8_t* p) {
     __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
     if constexpr (BITS == 3) {
       // bit 2 of v[j] is bit j of the u32 after the 2-bit part: a mask register of 32 bits
-      v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(__mmask32(load_u32(p + 8)), _mm256_set1_epi8(4)));
+      v = _mm256_or_si256(v, _mm256_maskz_mov_epi8(Mask32(load_u32(p + 8)), _mm256_set1_epi8(4)));
     }
     return v;
   }

@@ -31,10 +31,10 @@ def uses_x8(bits, T):
     return uses_x16(bits, T) and bits == 4
 
 
-def uses_prefill_x8(buf, T):
-    """Several tokens times 4- or 8-bit codes on AVX2 or AVX-512: x rounded to int8 per 32
-    values (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
-    return T >= _core.GEMM_MIN_TOKENS and _core.prefill_int8(buf)
+def uses_prefill_x8(buf, T, expert=False):
+    """Several tokens times 4-bit codes (an expert's: also 8-bit) on AVX2 or AVX-512: x rounded
+    to int8 per 32 values (the int8 prefill kernels), min terms from the rounded x as the int8 decode."""
+    return T >= _core.GEMM_MIN_TOKENS and _core.prefill_int8(buf, expert=expert)
 
 
 def round_x(x, levels):
@@ -264,7 +264,7 @@ def test_expert_forward_matches_reference(bits, kind, sym):
         x = RNG.standard_normal((T, 64)).astype(np.float32)
         y = _core.expert_forward(x, blob)
         g_off, _, d_off = info["offsets"]
-        if uses_x8(bits, T) or (uses_prefill_x8(blob[g_off:], T) and uses_prefill_x8(blob[d_off:], T)):
+        if uses_x8(bits, T) or (uses_prefill_x8(blob[g_off:], T, True) and uses_prefill_x8(blob[d_off:], T, True)):
             # x and h rounded to int8 as the kernel does: ~2% of the largest output against
             # the float reference, ~5e-7 against this one
             gate, up, down = (m.astype(np.float64) for m in q.expert_matrices(blob))
@@ -376,6 +376,6 @@ def test_avx512_kernels_follow_what_the_cpu_has():
             f"this CPU lacks {' '.join(missing)}: the real AVX-512 kernels are not run here "
             "(the native tests check their SIMDe build)"
         )
-    for bits in (4, 8):  # on this CPU the int8 prefill takes 4- and 8-bit codes
+    for bits in (4, 8):  # on this CPU the int8 prefill takes 4-bit codes, and an expert's 8-bit ones
         buf = q.quantize_matrix(RNG.standard_normal((32, 64)).astype(np.float32), bits, 32)
-        assert _core.prefill_int8(buf)
+        assert _core.prefill_int8(buf, expert=True) and _core.prefill_int8(buf) == (bits == 4)

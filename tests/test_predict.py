@@ -123,7 +123,7 @@ def test_fitted_lookahead(model_dir, tmp_path):
     # the trace ran windows of 64 tokens, this a prompt of 40: an expert given 12 or more of
     # them meets x rounded to int8 (4-bit codes, prefill_int8) where it got float x in the other
     blob = m.store.read(0, 0)
-    atol = 6e-3 if _core.prefill_int8(blob, quant.parse_blob(blob)["offsets"][0]) else 2e-3
+    atol = 6e-3 if _core.prefill_int8(blob, quant.parse_blob(blob)["offsets"][0], expert=True) else 2e-3
     np.testing.assert_allclose(live.probs(1, ctx), tr.lookahead["fitted_layer_out"][:40, 0], atol=atol)
 
 

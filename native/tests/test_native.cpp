@@ -533,7 +533,7 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
   const auto rounds = [&](const TestMatrix& t) {
     const bool quant = t.buf[8] == 3 || t.buf[8] == 4;
     if (round == XRound::kDecode) return quant && t.buf[9] == 4;
-    if (round == XRound::kPrefill) return prefill_int8(parse_qmatrix(t.buf.data(), t.buf.size()));
+    if (round == XRound::kPrefill) return prefill_int8_expert(parse_qmatrix(t.buf.data(), t.buf.size()));
     return false;
   };
   std::vector<double> xd(x, x + H);
@@ -638,7 +638,11 @@ static void test_int8_prefill() {
   const auto x = rand_vec(64);
   quantize_acts(x.data(), 1, 64, qx);
   std::vector<float> y(4);
-  CHECK(!prefill_int8(wf) && !prefill_int8(w2) && throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
+  const TestMatrix m8 = make_quant(4, 64, 8, 32);
+  const QMatrix w8 = parse_qmatrix(m8.buf.data(), m8.buf.size());
+  CHECK(!prefill_int8(wf) && !prefill_int8(w2) && !prefill_int8_expert(w2) && !prefill_int8(w8) &&
+        prefill_int8_expert(w8) == prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), 1 << 20)) &&
+        throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
   CHECK(throws<std::invalid_argument>([&] { quantize_acts(x.data(), 1, 60, qx); }));
   std::printf("  int8 prefill: %d checks (%s)\n", checked, prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())) ? "used by matmul" : "reference only");
 }
