@@ -343,12 +343,13 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
             floor = sum(cpu.values()) / CORES
             line += (
                 f"; a token cost its processes {1e3 * sum(cpu.values()):.1f} ms of CPU beyond what the cluster "
-                f"uses at rest, so on this machine's {CORES} cores no token takes less than {1e3 * floor:.1f} ms"
+                f"uses at rest, so with this data path on this machine's {CORES} cores no token takes less "
+                f"than {1e3 * floor:.1f} ms"
             )
             if tx2:
                 need = 1 / (3 * tx2["decode_tokens_per_s"])
                 line += f" (3x the TX2 device needs {1e3 * need:.1f} ms: " + (
-                    "bounded by this machine)" if floor > need else "not bounded by this machine's cores)"
+                    "below that floor)" if floor > need else "above that floor)"
                 )
         lines.append(line)
     return lines
