@@ -97,21 +97,21 @@ def worker(spec: dict[str, Any]) -> None:
         ):
             ids.append(token)
             times.append(time.perf_counter() - t0)
-            if i == 0:
+            if i == 0 and not spec.get("kills"):  # a node killed takes its CPU time with it
                 cpu0 = local.namespace_cpu_seconds(spaces)
             if spec.get("kills") and i == KILL_AT_TOKEN - 1:
                 print(json.dumps({"kill": run}), flush=True)
                 sys.stdin.readline()
                 times[-1] = time.perf_counter() - t0  # the pause for the kill is not the run's
                 t0 = time.perf_counter() - times[-1]
-        cpu1 = local.namespace_cpu_seconds(spaces)
+        cpu1 = local.namespace_cpu_seconds(spaces) if cpu0 else {}
         total = times[-1]
         ttft = times[0]
         decoded = max(1, len(ids) - 1)
         cpu = {_part(n): 0.0 for n in spaces}
         idle_cpu = {_part(n): 0.0 for n in spaces}
-        for n in spaces:
-            cpu[_part(n)] += (cpu1[n] - cpu0.get(n, 0.0) - idle[n] * (total - ttft)) / decoded
+        for n in spaces if cpu0 else []:
+            cpu[_part(n)] += (cpu1[n] - cpu0[n] - idle[n] * (total - ttft)) / decoded
             idle_cpu[_part(n)] += idle[n]
         gaps = [b - a for a, b in zip(times, times[1:])]
         s = m.stats()["cluster"]
@@ -123,7 +123,7 @@ def worker(spec: dict[str, Any]) -> None:
                     "token_ids": ids,
                     "ttft_seconds": ttft,
                     "decode_seconds_per_token": (total - ttft) / decoded,
-                    "cpu_seconds_per_token": cpu,
+                    "cpu_seconds_per_token": cpu if cpu0 else None,
                     "idle_cpu_per_second": idle_cpu,
                     "max_token_gap_seconds": max(gaps) if gaps else 0.0,
                     "bytes_per_token": sum(d["bytes_sent"] + d["bytes_received"] for d in s["devices"].values())
