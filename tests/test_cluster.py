@@ -355,7 +355,7 @@ def test_a_device_down_comes_back_by_itself(devices, models):
         wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["state"] == "up")
         d = m.stats()["cluster"]["devices"][victim.name]
         assert d["recoveries"] == 1 and d["failures"] == 1 and d["error"] is None
-        assert d["blob_bytes_sent"] == 0 and d["blobs_from_flash"] > 0
+        assert d["blobs_from_flash"] > 0  # what it held before comes from its flash (a new plan may add others)
         assert any(f"{victim.name} tried again" in e["reason"] for e in cm.plan_events)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         assert m.stats()["cluster"]["devices"][victim.name]["calls"] > 0
