@@ -335,7 +335,8 @@ def test_bad_files_get_named_errors(gguf_file, tmp_path):
 
     other = _rewrite(path, tmp_path / "bert.gguf", arch="bert")
     with pytest.raises(
-        UnsupportedArchitectureError, match="'bert'.*edgemoe imports GGUF files of deepseek2, gpt-oss, granitemoe, llama, olmoe"
+        UnsupportedArchitectureError,
+        match="'bert'.*edgemoe imports GGUF files of deepseek2, gpt-oss, granitemoe, llama, olmoe",
     ):
         convert(other, tmp_path / "b", progress=False)
 
