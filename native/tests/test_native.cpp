@@ -640,9 +640,10 @@ static void test_int8_prefill() {
   std::vector<float> y(4);
   const TestMatrix m8 = make_quant(4, 64, 8, 32);
   const QMatrix w8 = parse_qmatrix(m8.buf.data(), m8.buf.size());
+  // 8-bit codes keep float x too (int8 x costs them a hundred times their own error); the
+  // panels above still take them
   CHECK(!prefill_int8(wf) && !prefill_int8(w2) && !prefill_int8_expert(w2) && !prefill_int8(w8) &&
-        prefill_int8_expert(w8) == prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), 1 << 20)) &&
-        throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
+        !prefill_int8_expert(w8) && throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
   CHECK(throws<std::invalid_argument>([&] { quantize_acts(x.data(), 1, 60, qx); }));
   std::printf("  int8 prefill: %d checks (%s)\n", checked, prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())) ? "used by matmul" : "reference only");
 }
