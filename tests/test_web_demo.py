@@ -82,7 +82,9 @@ def test_chat_streams_and_cache_view_updates(server, browser):
     assert "error" not in reply.get_attribute("class"), reply.text
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == "What does the kernel do with a file?"
     lengths = browser.execute_script("return window.lengths")
-    assert len(set(lengths)) > 10, lengths  # the text grew piece by piece
+    # the text grew piece by piece (sampled without a seed, a reply may be short: several
+    # changes, not one at the end, is what streaming shows)
+    assert len(set(lengths)) > 3 and lengths[-1] > 0, lengths
     assert "tokens in" in reply.find_element(By.CLASS_NAME, "meta").text
 
     # the cache view catches up: experts resident, hits and misses counted, bytes read
