@@ -37,17 +37,15 @@ GGUF_ARCHS = [a for a in ARCHS if models.ALIASES.get(a) in models.GGUF_ALIASES.v
 # llama.cpp's qwen2moe has an MoE block in every layer (its converter refuses dense ones). Its converter
 # writes deepseek2's sigmoid scoring only when config.json says scoring_func (released V3 configs do;
 # transformers 5 does not), and one YaRN temperature: mscale == mscale_all_dim, as in released configs.
-# llama.cpp's gpt-oss graph fixes the SwiGLU's alpha and limit to the released 1.702 and 7, and its
-# YaRN is not imported (the GGUF's RoPE scaling is refused by name)
+# llama.cpp's gpt-oss graph fixes the SwiGLU's alpha and limit to the released 1.702 and 7, and rounds
+# YaRN's correction range out to whole dimensions (transformers' truncate, its default; released
+# gpt-oss configs say false, which a GGUF does not carry: test_gpt_oss_yarn_runs_as_llama_cpp_does)
 YARN_V3 = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, original_max_position_embeddings=32)
+YARN_OSS = dict(rope_type="yarn", rope_theta=1.5e5, factor=8.0, original_max_position_embeddings=32, beta_fast=32.0)
 OVERRIDES = {
     "qwen2_moe": {"mlp_only_layers": []},
     "deepseek_v3": {"scoring_func": "sigmoid", "rope_parameters": dict(YARN_V3, mscale=0.8, mscale_all_dim=0.8)},
-    "gpt_oss": {
-        "swiglu_alpha": 1.702,
-        "swiglu_limit": 7.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5},
-    },
+    "gpt_oss": {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rope_parameters": YARN_OSS},
 }
 
 
@@ -162,6 +160,24 @@ def test_f32_gguf_matches_transformers(arch, gguf_file, tmp_path):
     ids = ids_for(model.config.vocab_size)
     diff = np.abs(model.logits(ids) - reference_logits(hf, ids)).max()
     assert diff < 2e-3, f"{arch}: logits differ from transformers by {diff}"
+
+
+def test_gpt_oss_yarn_runs_as_llama_cpp_does(gguf_file, tmp_path, capsys):
+    """A GGUF keeps YaRN's factor, original context and betas but not transformers' `truncate`
+    (false in released gpt-oss configs), and llama.cpp's gpt-oss graph scales cos and sin by
+    0.1 ln(factor) + 1 whatever the file's yarn_attn_factor says: the import runs what llama.cpp
+    runs (its correction range rounded out to whole dimensions, the default factor) and says so."""
+    released = dict(YARN_OSS, truncate=False, attention_factor=1.5)
+    hf, path = gguf_file("gpt_oss", "f32", **dict(OVERRIDES["gpt_oss"], rope_parameters=released))
+    convert(path, tmp_path / "m", progress=False)
+    assert "rope.scaling.yarn_attn_factor = 1.5; llama.cpp's gpt-oss graph runs 1.20794" in capsys.readouterr().err
+    model = edgemoe.load(tmp_path / "m")
+    ids = ids_for(model.config.vocab_size)
+    ours = model.logits(ids)
+    with torch.no_grad():  # the same weights with llama.cpp's YaRN: rounded range, default factor
+        as_llama_cpp = reference_model(hf, rope_parameters=YARN_OSS)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - as_llama_cpp).max() < 2e-3
+    assert np.abs(ours - reference_logits(hf, ids)).max() > 0.1  # transformers runs the config's own
 
 
 def test_q8_0_carried_over(gguf_file, tmp_path):

@@ -280,9 +280,9 @@ def make_checkpoint(
     return path
 
 
-def reference_model(path) -> torch.nn.Module:
-    """The checkpoint at `path` loaded by transformers in float32, eval mode."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+def reference_model(path, **config_overrides) -> torch.nn.Module:
+    """The checkpoint at `path` loaded by transformers in float32, eval mode (config values overridden)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **config_overrides)
     return model.eval()
 
 

@@ -29,18 +29,15 @@ from edgemoe.converters.convert import convert  # noqa: E402
 from edgemoe.runtime.paths import cache_root  # noqa: E402
 
 # what llama.cpp's converter and graph need of the tiny models (tests/test_gguf.py says why); gpt-oss's
-# SwiGLU alpha and limit fixed at the released values (and its YaRN is not imported: the default RoPE here)
+# SwiGLU alpha and limit fixed at the released values, its YaRN with the correction range llama.cpp rounds
 YARN_V3 = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, original_max_position_embeddings=32)
+YARN_OSS = dict(rope_type="yarn", rope_theta=1.5e5, factor=8.0, original_max_position_embeddings=32, beta_fast=32.0)
 OVERRIDES = {
     "qwen2_moe": {"mlp_only_layers": []},
     "olmoe": {"num_key_value_heads": 4},
     "deepseek_v2": {"q_lora_rank": 48, "n_group": 1, "topk_group": 1, "topk_method": "greedy"},
     "deepseek_v3": {"scoring_func": "sigmoid", "rope_parameters": dict(YARN_V3, mscale=0.8, mscale_all_dim=0.8)},
-    "gpt_oss": {
-        "swiglu_alpha": 1.702,
-        "swiglu_limit": 7.0,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1.5e5},
-    },
+    "gpt_oss": {"swiglu_alpha": 1.702, "swiglu_limit": 7.0, "rope_parameters": YARN_OSS},
 }
 WIDE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
 

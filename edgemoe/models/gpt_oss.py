@@ -14,12 +14,15 @@ The fused native decode step does not serve this architecture (attention biases 
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import CheckpointError
 from ..format.quant import ACT_CLAMPED_SWIGLU
-from .blocks import MoE, softmax
+from .blocks import MoE, softmax, yarn_mscale
 from .checkpoint import (
     ATTENTION,
     GGUF_ATTENTION,
@@ -75,10 +78,60 @@ LAYOUT = Layout(
 )
 
 
+# what llama.cpp runs for a gpt-oss file's YaRN whatever its metadata says: the defaults of its
+# hparams (the gpt-oss loader reads no yarn_* key) and a full ramp (yarn_ext_factor 1)
+GGUF_YARN_FIXED = {"yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_ext_factor": 1.0}
+
+
+def _gguf_rope(metadata: dict[str, Any], config: dict[str, Any]) -> None:
+    """rope_parameters from gpt-oss.rope.* as llama.cpp computes them: YaRN with its correction range
+    rounded out to whole dimensions (ggml_rope_yarn_corr_dims; the file does not carry transformers'
+    `truncate`, which released gpt-oss configs set to false) and cos and sin scaled by
+    0.1 ln(factor) + 1 times rope.scaling.attn_factor (llama_context replaces the file's
+    yarn_attn_factor by that)."""
+
+    def g(key: str) -> Any:
+        return metadata.get(f"gpt-oss.{key}")
+
+    theta = float(g("rope.freq_base") or 10000.0)
+    scaling = g("rope.scaling.type")
+    factor = g("rope.scaling.factor")
+    if scaling in (None, "none") or (scaling == "linear" and factor in (None, 1.0)):
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        return
+    if scaling != "yarn" or factor is None or g("rope.scaling.original_context_length") is None:
+        raise CheckpointError(
+            f"the GGUF file's RoPE is scaled as {scaling!r} (factor {factor}); edgemoe runs gpt-oss with the "
+            f"default RoPE or YaRN with a factor and an original context length: convert the model's "
+            f"Hugging Face checkpoint instead"
+        )
+    factor = float(factor)
+    attention_factor = yarn_mscale(factor) * float(g("rope.scaling.attn_factor") or 1.0)
+    for key, used in {**GGUF_YARN_FIXED, "yarn_attn_factor": attention_factor}.items():
+        said = g(f"rope.scaling.{key}")
+        if said is not None and not math.isclose(float(said), used, rel_tol=1e-6):
+            print(
+                f"edgemoe convert: warning: the GGUF file says rope.scaling.{key} = {said}; llama.cpp's gpt-oss "
+                f"graph runs {used:.6g} whatever the file says, and so does this conversion",
+                file=sys.stderr,
+            )
+    config["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": factor,
+        "original_max_position_embeddings": int(g("rope.scaling.original_context_length")),
+        "beta_fast": GGUF_YARN_FIXED["yarn_beta_fast"],
+        "beta_slow": GGUF_YARN_FIXED["yarn_beta_slow"],
+        "truncate": True,
+        "attention_factor": attention_factor,
+    }
+
+
 def _gguf_derive(metadata: dict[str, Any], config: dict[str, Any]) -> None:
     # llama.cpp's gpt-oss graph: sliding-window attention on even layers (its SWA pattern of 2)
     n = int(config.get("num_hidden_layers") or 0)
     config["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    _gguf_rope(metadata, config)
 
 
 GGUF = GGUFLayout(
@@ -98,6 +151,7 @@ GGUF = GGUFLayout(
     # llama.cpp's swiglu_oai fixes gpt-oss's alpha and limit instead of reading them
     fixed={"swiglu_alpha": SWIGLU_ALPHA, "swiglu_limit": SWIGLU_LIMIT},
     derive=_gguf_derive,
+    own_rope=True,
 )
 
 
