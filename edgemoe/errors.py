@@ -36,10 +36,6 @@ class BudgetError(EdgeMoEError):
     """The memory budget cannot hold what one layer needs."""
 
 
-class ContextLengthError(EdgeMoEError, ValueError):
-    """The sequence is longer than the model runs."""
-
-
 class TokenizerError(EdgeMoEError):
     """The model directory has no usable tokenizer."""
 

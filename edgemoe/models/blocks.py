@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..errors import ContextLengthError, ModelDirectoryError
+from ..errors import ModelDirectoryError
 from ..format.safetensors import FLOAT_KIND
 
 
@@ -121,58 +121,71 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[n
     return np.ascontiguousarray(inv_freq, dtype=np.float32), float(attention_factor)
 
 
-def longrope_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[np.ndarray, float, int]:
-    """LongRoPE within the original context (rope_type "longrope", Phi-3 / Phi-3.5-MoE): each
-    frequency divided by its short_factor, cos and sin scaled by short_mscale (or, without one,
-    by the default sqrt(1 + ln(factor) / ln(original))). Returns (inv_freq [dim/2], factor, the
-    original context length): past that length the model switches to long_factor and
-    long_mscale for the whole sequence, which a KV cache of earlier positions cannot follow."""
+def longrope_frequencies(
+    dim: int, theta: float, scaling: dict[str, Any]
+) -> tuple[tuple[np.ndarray, float], tuple[np.ndarray, float], int]:
+    """LongRoPE (rope_type "longrope", Phi-3 / Phi-3.5-MoE): ((short inv_freq [dim/2], short
+    factor), (long inv_freq, long factor), the original context length). Each frequency is divided
+    by its short_factor (long_factor), cos and sin are scaled by short_mscale (long_mscale) or,
+    without one, by attention_factor or sqrt(1 + ln(factor) / ln(original)). A sequence runs the
+    short set while it fits the original context and the long set, for all its positions, once
+    it is longer."""
     original = int(scaling["original_max_position_embeddings"])
-    short = np.asarray(scaling["short_factor"], dtype=np.float32)
-    if short.shape != (dim // 2,):
-        raise ModelDirectoryError(
-            f"the model config's LongRoPE short_factor has {short.size} values for a head of {dim} "
-            f"dims (it needs {dim // 2}): the checkpoint's config.json is inconsistent"
-        )
-    mscale = scaling.get("short_mscale")
-    if mscale is None:
-        mscale = scaling.get("attention_factor")
-    if mscale is None:
-        factor = scaling.get("factor") or float(scaling["max_position_embeddings"]) / original
-        mscale = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     base = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim))
-    return np.ascontiguousarray(1.0 / (short * base), dtype=np.float32), float(mscale), original
+    default = scaling.get("attention_factor")
+    if default is None:
+        factor = scaling.get("factor") or float(scaling["max_position_embeddings"]) / original
+        default = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+    def one(kind: str) -> tuple[np.ndarray, float]:
+        ext = np.asarray(scaling[f"{kind}_factor"], dtype=np.float32)
+        if ext.shape != (dim // 2,):
+            raise ModelDirectoryError(
+                f"the model config's LongRoPE {kind}_factor has {ext.size} values for a head of {dim} "
+                f"dims (it needs {dim // 2}): the checkpoint's config.json is inconsistent"
+            )
+        mscale = scaling.get(f"{kind}_mscale")
+        return np.ascontiguousarray(1.0 / (ext * base), dtype=np.float32), float(default if mscale is None else mscale)
+
+    return one("short"), one("long"), original
 
 
 class Rope:
     """Rotary embedding, half-split ("rotate_half") convention as in transformers. scaling: the
     config's rope parameters when they are not the default RoPE ("yarn", "longrope"), with the
-    context length they extend (original_max_position_embeddings, max_position_embeddings)."""
+    context length they extend (original_max_position_embeddings, max_position_embeddings).
+
+    LongRoPE has two sets of frequencies: a call whose sequence (start + T tokens) is longer than
+    `switch_at` rotates with the long set, a shorter one with the short set (inv_freq)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None = None):
         self.attention_factor = 1.0  # what cos and sin are scaled by
-        self.max_positions: int | None = None  # positions past this are refused (LongRoPE)
+        self.switch_at: int | None = None  # LongRoPE: sequences longer than this run `long`
+        self.long: tuple[np.ndarray, float] | None = None
         if scaling is None:
             self.inv_freq = np.ascontiguousarray(
                 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)), dtype=np.float32
             )
         elif scaling.get("rope_type", scaling.get("type")) == "longrope":
-            self.inv_freq, self.attention_factor, self.max_positions = longrope_frequencies(head_dim, theta, scaling)
+            (self.inv_freq, self.attention_factor), self.long, self.switch_at = longrope_frequencies(
+                head_dim, theta, scaling
+            )
         else:
             self.inv_freq, self.attention_factor = yarn_frequencies(head_dim, theta, scaling)
 
+    def recomputes(self, start: int, count: int) -> bool:
+        """Whether `count` tokens appended at `start` take a sequence past switch_at: its cached
+        positions were rotated with the short set and must be computed again with the long one."""
+        return self.switch_at is not None and 0 < start <= self.switch_at < start + count
+
     def __call__(self, x: np.ndarray, start: int) -> np.ndarray:
         """x [T, heads, head_dim] float32 at positions start..start+T-1, rotated in place."""
-        if self.max_positions is not None and start + x.shape[0] > self.max_positions:
-            raise ContextLengthError(
-                f"the sequence reached {start + x.shape[0]} tokens; this model's LongRoPE runs its short "
-                f"factors up to {self.max_positions} tokens (original_max_position_embeddings), and edgemoe "
-                f"does not switch to the long factors yet: keep prompt and generation within "
-                f"{self.max_positions} tokens"
-            )
-        _core.rope(x, start, self.inv_freq)
-        if self.attention_factor != 1.0:
-            x *= np.float32(self.attention_factor)
+        inv_freq, factor = self.inv_freq, self.attention_factor
+        if self.long is not None and self.switch_at is not None and start + x.shape[0] > self.switch_at:
+            inv_freq, factor = self.long
+        _core.rope(x, start, inv_freq)
+        if factor != 1.0:
+            x *= np.float32(factor)
         return x
 
 
@@ -188,6 +201,9 @@ class KVCache:
         self.v: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers if values else self.k
         self.length = 0
         self.kv_heads, self.head_dim = kv_heads, head_dim
+        # the token ids at positions 0..length-1, kept only by a model that may have to compute
+        # them again (DecoderLM.keeps_tokens: LongRoPE's switch to its long factors)
+        self.tokens: list[int] = []
 
     def stores(self) -> tuple[list[np.ndarray], ...]:
         return (self.k, self.v) if self.v is not self.k else (self.k,)

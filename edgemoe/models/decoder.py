@@ -297,7 +297,7 @@ class DecoderLM:
         """Layer L as one native decode step (native/layer.h); the architecture vouches, by
         fused_decode, that it has nothing that step does not do."""
         a, cfg = L.attn, self.cfg
-        assert isinstance(a, Attention) and self.rope.attention_factor == 1.0
+        assert isinstance(a, Attention) and self.rope.attention_factor == 1.0 and self.rope.long is None
         plain = a.q_norm is None and a.clip is None and a.scale is None and a.sinks is None and not self.layer_norm
         assert L.moe is not None and L.moe.shared is None and plain, (
             f"fused_decode is declared but layer {L.index} has what the native decode step does not do"
@@ -414,7 +414,6 @@ class DecoderLM:
         for i, layer in enumerate(self.decode_layers):
             kv.reserve(i, start, start + 1)
             layer.step(self.cache, x, kv.k[i], kv.v[i], start)
-        kv.length = start + 1
         return self.head(x[None])
 
     def forward_batch(self, ids: np.ndarray, kvs: list[KVCache], starts: list[int]) -> np.ndarray:
@@ -424,11 +423,22 @@ class DecoderLM:
         Row b is bit for bit forward(ids[b:b+1], kvs[b], starts[b]): the backbone's matrices
         and attention run one row at a time through the one-token kernels (the multi-token
         kernels round x differently), and each MoE layer fetches every routed expert once for
-        all the rows that chose it (moe_forward per_token), so the batch shares expert reads."""
+        all the rows that chose it (moe_forward per_token), so the batch shares expert reads.
+        A row whose token takes its sequence past LongRoPE's original context runs alone (its
+        cached positions are computed again)."""
         B = len(ids)
         assert len(kvs) == B and len(starts) == B, "one KV cache and one position per sequence"
         if B == 1:
             return self.forward(ids, kvs[0], starts[0], all_logits=False)
+        again = [b for b in range(B) if self.rope.recomputes(starts[b], 1)]
+        if again:  # a sequence computed again (LongRoPE's switch) runs alone
+            rest = [b for b in range(B) if b not in again]
+            out = np.empty((B, self.cfg.vocab_size), np.float32)
+            for b in again:
+                out[b] = self.forward(ids[b : b + 1], kvs[b], starts[b], all_logits=False)[0]
+            if rest:
+                out[rest] = self.forward_batch(ids[rest], [kvs[b] for b in rest], [starts[b] for b in rest])
+            return out
         eps, obs = self.cfg.rms_norm_eps, self.observer
         h = self.embed_tokens(ids)  # [B, hidden]
         for i, L in enumerate(self.layers):
@@ -438,8 +448,8 @@ class DecoderLM:
             h = h + self._ffn_rows(L, x, h)
             if obs is not None:
                 obs.on_layer_out(i, h)
-        for kv, start in zip(kvs, starts):
-            kv.length = start + 1
+        for b, (kv, start) in enumerate(zip(kvs, starts)):
+            self._advance(kv, ids[b : b + 1], start)
         return np.concatenate([self.head(h[b : b + 1]) for b in range(B)])  # [B, vocab]
 
     def _ffn_rows(self, L: Layer, x: np.ndarray, resid: np.ndarray) -> np.ndarray:
@@ -472,13 +482,34 @@ class DecoderLM:
 
         Returns logits [T, vocab] when all_logits, else [1, vocab] for the last token.
         """
+        if self.rope.recomputes(start, len(ids)):
+            return self._recompute(ids, kv, start, all_logits)
         h = self.embed_tokens(ids)  # [T, hidden]
         obs = self.observer
         if len(ids) == 1 and obs is None and self.moe_override is None and self.decode_layers is not None:
-            return self._decode_native(h, kv, start)
+            logits = self._decode_native(h, kv, start)
+            self._advance(kv, ids, start)
+            return logits
         for i in range(len(self.layers)):
             h = self.block(i, h, kv, start)
             if obs is not None:
                 obs.on_layer_out(i, h)
-        kv.length = start + len(ids)
+        self._advance(kv, ids, start)
         return self.head(h if all_logits else h[-1:])
+
+    def _advance(self, kv: KVCache, ids: np.ndarray, start: int) -> None:
+        """kv now holds positions up to start + len(ids), and their tokens when it may need them again."""
+        kv.length = start + len(ids)
+        if self.rope.switch_at is not None:
+            del kv.tokens[start:]
+            kv.tokens.extend(int(t) for t in ids)
+
+    def _recompute(self, ids: np.ndarray, kv: KVCache, start: int, all_logits: bool) -> np.ndarray:
+        """forward() for new tokens that take the sequence past LongRoPE's original context: every
+        position switches to the long factors, so the cached ones are computed again with the new
+        (transformers' Phi-MoE drops its cache at that step too)."""
+        assert len(kv.tokens) >= start, "the KV cache does not hold the tokens it was built from"
+        everything = np.concatenate([np.asarray(kv.tokens[:start], dtype=np.int64), np.asarray(ids, np.int64)])
+        kv.tokens.clear()
+        logits = self.forward(everything, kv, 0, all_logits)  # [start + T or 1, vocab]
+        return logits[start:] if all_logits else logits

@@ -8,8 +8,10 @@ of the rest's logits close enough to it. "Close enough": (top - logit) / max(|lo
 2 * router_jitter_noise. So it picks exactly two experts whatever num_experts_per_tok says, and
 the two weights do not sum to one.
 
-LongRoPE runs its short factors and short_mscale, as transformers does within the original
-context (original_max_position_embeddings); a longer sequence is refused by name (blocks.Rope).
+LongRoPE (blocks.Rope): a sequence within the original context (original_max_position_embeddings)
+rotates with the short factors and short_mscale, a longer one with the long factors and long_mscale
+at every position, so the step that takes a generation past it computes the cached positions again
+(DecoderLM.forward), as transformers' Phi-MoE drops its cache there.
 """
 
 from __future__ import annotations
