@@ -123,7 +123,12 @@ def test_longrope_logits_and_greedy_tokens_match_transformers(phi_long, n):
     assert diff < 2e-3, f"{n} tokens: logits differ from transformers by {diff}"
     print(f"{n} tokens: max |logit difference| {diff:.2e}")
     # 24 + 24 tokens cross the original context during generation; 40 + 24 start past it
-    assert model.generate(ids, max_new_tokens=24) == greedy[0, n:].tolist()
+    want_tokens = greedy[0, n:].tolist()
+    assert model.generate(ids, max_new_tokens=24) == want_tokens
+    # and streamed under the smallest budget, with look-ahead prefetch
+    bounded = edgemoe.load(model.path, memory_budget=model.min_budget, prefetch="lookahead")
+    bounded.eos_ids = set()
+    assert bounded.generate(ids, max_new_tokens=24) == want_tokens
 
 
 def test_crossing_the_original_context_computes_the_cache_again(phi_long, monkeypatch):
