@@ -214,10 +214,10 @@ def receive(channels: Sequence[Channel], deadline: float) -> list[bytes | BaseEx
                     out[i] = e
                     del pending[fd]
     finally:
-        for i, ch in enumerate(channels):
-            if isinstance(out[i], BaseException):
-                ch.close(f"{type(out[i]).__name__}: {out[i]}")
-            elif out[i] is None:
+        for ch, answer in zip(channels, out):
+            if isinstance(answer, BaseException):
+                ch.close(f"{type(answer).__name__}: {answer}")
+            elif answer is None:
                 ch.close("no answer by its deadline")
             else:
                 ch.sock.setblocking(True)

@@ -679,9 +679,12 @@ class ClusterMoE:
         self.max_deadline_seconds = max(self.max_deadline_seconds, deadline)
         end = t0 + deadline
         pending = self._submit(calls, end)
+        t_sent = time.monotonic()
+        self.send_seconds += t_sent - t0
 
         ys = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=~remote, weights=weights)
         t1 = time.monotonic()
+        self.local_seconds += t1 - t_sent
         answers = self._collect(pending, end)
         waited = time.monotonic() - t1
         self.wait_seconds += waited
@@ -707,7 +710,9 @@ class ClusterMoE:
             self.recomputed_slots += int(redo.sum())
             again = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=redo.reshape(T, K), weights=weights)
             flat_ys[redo] = again.reshape(T * K, H)[redo]
-        return _core.combine_slots(ys, weights)
+        out = _core.combine_slots(ys, weights)
+        self.remote_layer_seconds += time.monotonic() - t0
+        return out
 
     def _submit(self, calls: list[tuple[Device, np.ndarray, bytes]], end: float) -> list[Any]:
         """Send each device its call: over its channel (the socket path; a send that fails is
@@ -798,6 +803,9 @@ class ClusterMoE:
                 "remote_slots": self.remote_slots,
                 "recomputed_slots": self.recomputed_slots,
                 "wait_seconds": self.wait_seconds,
+                "send_seconds": self.send_seconds,
+                "local_seconds": self.local_seconds,
+                "remote_layer_seconds": self.remote_layer_seconds,
                 "max_wait_seconds": self.max_wait_seconds,
                 "max_deadline_ms": 1e3 * self.max_deadline_seconds,
                 "devices": devices,
@@ -811,6 +819,7 @@ class ClusterMoE:
         self.tokens = self.remote_calls = 0
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
         self.wait_seconds = self.max_wait_seconds = self.max_deadline_seconds = 0.0
+        self.send_seconds = self.local_seconds = self.remote_layer_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)
