@@ -466,7 +466,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     ax.barh([r["config"] for r in rows], [r["decode_tokens_per_s"] for r in rows], color="#4a7ab5")
     ax.invert_yaxis()
     ax.set_xlabel("decode tokens/s")
-    ax.set_title("Mixtral-shaped model, 4-bit: a cluster of nodes against one device")
+    ax.set_title("Mixtral-shaped model, 4-bit: 3 nodes against one device", loc="right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
