@@ -30,7 +30,7 @@ REPLY = struct.Struct("<QBQ")  # sequence number, status, payload bytes
 FORWARD, PING = 0, 1  # kinds: a layer's call (pack_call's bytes); a round trip (any payload, answered empty)
 OK, FAILED = 0, 1  # statuses: FAILED's payload is the error's message
 JOIN_BYTES = 64 << 10  # a header and a payload up to this size go out in one send (one segment)
-MAX_FRAME_BYTES = 1 << 34  # a header naming more than this is not a frame of ours
+MAX_FRAME_BYTES = 1 << 30  # a header naming more is not a frame of ours (a 4096-token prefill at hidden 8192: 128 MB)
 
 
 def _send(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
