@@ -203,9 +203,9 @@ def receive(channels: Sequence[Channel], deadline: float) -> list[bytes | BaseEx
                 i = pending[fd]
                 try:
                     while True:  # everything there is: an answer arrives in as few wake-ups as it can
-                        answer = channels[i]._take()
-                        if answer is not None:
-                            out[i] = answer
+                        whole = channels[i]._take()
+                        if whole is not None:
+                            out[i] = whole
                             del pending[fd]
                             break
                 except (BlockingIOError, InterruptedError):

@@ -710,9 +710,9 @@ class ClusterMoE:
             self.recomputed_slots += int(redo.sum())
             again = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=redo.reshape(T, K), weights=weights)
             flat_ys[redo] = again.reshape(T * K, H)[redo]
-        out = _core.combine_slots(ys, weights)
+        summed = _core.combine_slots(ys, weights)
         self.remote_layer_seconds += time.monotonic() - t0
-        return out
+        return summed
 
     def _submit(self, calls: list[tuple[Device, np.ndarray, bytes]], end: float) -> list[Any]:
         """Send each device its call: over its channel (the socket path; a send that fails is
