@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _core as _core  # the native core, re-exported
 from .cluster import PlanFigures, attach
-from .cluster.moe import DEFAULT_TIMEOUT_S, RETRY_S
+from .cluster.moe import DEFAULT_PATH, DEFAULT_TIMEOUT_S, RETRY_S
 from .cluster.placement import Plan
 from .errors import (
     BudgetError,
@@ -43,6 +43,7 @@ def load(
     cluster_plan: Plan | str | os.PathLike[str] | None = None,
     cluster_figures: PlanFigures | None = None,
     cluster_retry: float = RETRY_S,
+    cluster_path: str = DEFAULT_PATH,
     **stream: Any,
 ) -> Model:
     """Open a converted model directory.
@@ -62,6 +63,8 @@ def load(
     (a Plan or the file `edgemoe cluster plan --json` writes) instead of planning from the
     devices measured; cluster_figures: take the plan's figures from profiles (PlanFigures).
     cluster_retry: seconds before a device marked down is tried again (doubling each time).
+    cluster_path: how each layer's call travels to a device: "socket" (a TCP connection each
+    device's server opens, the default) or "ray" (a Ray actor call).
     Model.close() leaves the cluster.
     """
     model = engine.load(path, memory_budget, options, threads=threads, **stream)
@@ -74,6 +77,7 @@ def load(
             plan=cluster_plan,
             figures=cluster_figures,
             retry_s=cluster_retry,
+            path=cluster_path,
         )
     return model
 

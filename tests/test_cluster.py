@@ -15,6 +15,8 @@ round trip on 2 busy cores).
 from __future__ import annotations
 
 import faulthandler
+import os
+import signal
 import time
 from types import SimpleNamespace
 
@@ -140,15 +142,18 @@ def plan_held(s) -> dict[str, set[tuple[int, int]]]:
     }
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models, arch):
+@pytest.mark.parametrize("arch, data_path", [("mixtral", "socket"), ("qwen2_moe", "socket"), ("mixtral", "ray")])
+def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models, arch, data_path):
+    """Over each data path: the devices' own TCP channels (the default) and Ray actor calls."""
     path = models[arch]
     want_logits, want_tokens = single(path, edgemoe.load(path).min_budget)
     # each device has room for about a third of the experts: the rest stream through this process's cache
-    m = on_cluster(path, devices.address, expert_bytes(path) // 3)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 3, cluster_path=data_path)
     try:
         got_logits = m.logits(PROMPT)  # prefill: every prompt token in one call per device and layer
         s = m.stats()["cluster"]
+        assert s["path"] == data_path
+        assert all((d.channel is not None) == (data_path == "socket") for d in override(m).devices)
         moe_layers = m.info()["moe_layers"]
         assert s["remote_slots"] > 0 and s["local_slots"] > 0
         for d in s["devices"].values():
@@ -283,6 +288,42 @@ def test_a_device_that_misses_the_deadline_is_computed_here(devices, models):
         down = [d for d in s["devices"].values() if d["state"] == "down"]
         assert down and all("no answer within 0 ms" in d["error"] and d["failures"] == 1 for d in down)
     finally:
+        m.close()
+
+
+def test_a_channel_that_stalls_past_its_deadline_is_computed_here(devices, models):
+    """A device's server stops answering on its channel mid-generation (its process stopped,
+    its node alive): each call waits its deadline and no longer, the device's slots are
+    computed here, the tokens do not change; once it runs again, a new server on the same
+    device takes over (the stalled one's connection was dropped, its late answers never read)."""
+    path = models["mixtral"]
+    want = edgemoe.load(path, memory_budget=edgemoe.load(path).min_budget).generate(PROMPT, max_new_tokens=2 * NEW)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 2, cluster_timeout=0.3, cluster_retry=0.3)
+    faulthandler.dump_traceback_later(180, exit=True)
+    try:
+        cm = override(m)
+        assert cm.path == "socket"
+        held = plan_held(m.stats()["cluster"])
+        victim = next(d for d in cm.devices if held.get(d.name))
+        pid = victim.info["pid"]
+        got = []
+        try:
+            for i, token in enumerate(m.generate(PROMPT, max_new_tokens=2 * NEW, stream=True)):
+                got.append(token)
+                if i == 3:
+                    os.kill(pid, signal.SIGSTOP)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert got == want
+        s = m.stats()["cluster"]
+        assert s["devices"][victim.name]["failures"] >= 1 and s["recomputed_slots"] > 0
+        assert s["max_wait_seconds"] <= 2 * 1e-3 * s["max_deadline_ms"]
+        wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["recoveries"] >= 1)
+        assert any(f"{victim.name} down: no answer within" in e["reason"] for e in cm.plan_events)
+        assert m.stats()["cluster"]["devices"][victim.name]["state"] == "up"
+        assert m.generate(PROMPT, max_new_tokens=2 * NEW) == want
+    finally:
+        faulthandler.cancel_dump_traceback_later()
         m.close()
 
 
@@ -458,6 +499,7 @@ def test_a_node_killed_mid_generation_changes_no_token(devices, models):
         assert time.monotonic() - t0 < 60  # no hang: a dead device costs one deadline
         assert got == want
         s = m.stats()["cluster"]
+        assert s["path"] == "socket"  # the default data path: the devices' own TCP channels
         d = s["devices"][victim.name]
         assert d["state"] == "down" and d["failures"] == 1 and d["error"]
         wait_for(cm, lambda: any(victim.name in e["reason"] for e in cm.plan_events))

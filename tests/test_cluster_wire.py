@@ -40,3 +40,113 @@ def test_a_damaged_call_is_named(damage, match):
     call = pack_call(3, np.ones((2, 4), np.float32), np.array([1]), np.array([2]), np.array([0, 1]))
     with pytest.raises(ClusterError, match=match):
         unpack_call(damage(call))
+
+
+# -- the socket path: a device's own TCP channel (edgemoe.cluster.channel) ----------------------
+def _listener(handler):
+    from edgemoe.cluster.channel import Listener
+
+    return Listener("127.0.0.1", handler)
+
+
+def _soon(seconds: float = 5.0) -> float:
+    import time
+
+    return time.monotonic() + seconds
+
+
+def test_a_layer_call_over_a_channel_is_the_servers_answer_bit_for_bit():
+    from edgemoe.cluster.channel import PING, Channel, receive
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4096)).astype(np.float32)  # a prefill-sized call: more than one segment
+    call = pack_call(2, x, np.array([1, 4]), np.array([2, 3]), np.array([0, 2, 0, 1, 2]))
+
+    def forward(body: bytes) -> bytes:
+        _, x, _, _, rows = unpack_call(body)
+        return (x[rows] * 2).tobytes()
+
+    listener = _listener(forward)
+    try:
+        chs = [Channel(*listener.address, 5.0) for _ in range(2)]
+        for ch in chs:
+            ch.send(call, _soon())
+        answers = receive(chs, _soon())
+        want = (x[[0, 2, 0, 1, 2]] * 2).tobytes()
+        assert answers == [want, want]
+        assert chs[0].call(b"", _soon(), PING) == b"" and chs[0].call(call, _soon()) == want  # the connection stays
+    finally:
+        listener.close()
+
+
+def test_a_servers_error_over_a_channel_is_named_and_fails_the_call():
+    from edgemoe.cluster.channel import Channel
+
+    def forward(body: bytes) -> bytes:
+        raise ClusterError("device d does not hold expert 3 of layer 1")
+
+    listener = _listener(forward)
+    try:
+        ch = Channel(*listener.address, 5.0)
+        with pytest.raises(ClusterError, match="does not hold expert 3 of layer 1"):
+            ch.call(b"call", _soon())
+        assert ch.broken  # a failed call's connection is not used again
+        with pytest.raises(ConnectionError):
+            ch.send(b"call", _soon())
+    finally:
+        listener.close()
+
+
+def test_a_channel_that_stalls_past_its_deadline_gives_no_answer_and_is_dropped():
+    import threading
+    import time
+
+    from edgemoe.cluster.channel import Channel, receive
+
+    release = threading.Event()
+
+    def forward(body: bytes) -> bytes:
+        release.wait(10)  # a device that stalls (swapping, a stopped process)
+        return body
+
+    listener = _listener(forward)
+    try:
+        ch = Channel(*listener.address, 5.0)
+        t0 = time.monotonic()
+        ch.send(b"late", t0 + 0.2)
+        assert receive([ch], t0 + 0.2) == [None]
+        assert 0.2 <= time.monotonic() - t0 < 0.4  # waited for its deadline, not for the answer
+        release.set()
+        assert ch.broken == "no answer by its deadline"  # the late answer is never read as another call's
+    finally:
+        listener.close()
+
+
+def test_a_device_that_goes_away_mid_answer_fails_the_call_at_once():
+    import socket
+    import threading
+    import time
+
+    from edgemoe.cluster.channel import REPLY, REQUEST, Channel, receive
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def half_an_answer() -> None:  # a server killed while it answers
+        conn, _ = server.accept()
+        seq, _, n = REQUEST.unpack(conn.recv(REQUEST.size))
+        conn.recv(n)
+        conn.sendall(REPLY.pack(seq, 0, 1000) + b"\0" * 10)
+        conn.close()
+
+    threading.Thread(target=half_an_answer, daemon=True).start()
+    try:
+        ch = Channel(*server.getsockname()[:2], 5.0)
+        t0 = time.monotonic()
+        ch.send(b"call", t0 + 5)
+        (answer,) = receive([ch], t0 + 5)
+        assert isinstance(answer, ConnectionError) and "closed" in str(answer)
+        assert time.monotonic() - t0 < 1  # not a wait for the deadline
+    finally:
+        server.close()

@@ -11,10 +11,17 @@ two experts on two devices), through:
   (b) a Ray Compiled Graph (ray.dag, experimental_compile) over the two actors;
   (c) Ray's shared-memory channels used directly: the driver writes each device's rows into
       a channel its actor reads in a loop, the actor writes its output into a channel the
-      driver reads.
+      driver reads;
+  (d) a channel the actors set up themselves through Ray (edgemoe.cluster.channel, what the
+      runtime uses by default): each actor listens on a TCP socket on its node's address and
+      returns host:port from an ordinary Ray call; the driver then sends each layer's packed
+      call as one length-prefixed frame on a persistent connection (TCP_NODELAY) and reads
+      the answer.
 
 Each path also runs with no payload (the per-call overhead). Prints median and p90
-microseconds per round trip; docs/cluster.md records a run.
+microseconds per round trip and the driver's CPU time per round trip (what the coordinator
+spends, which on a machine of few cores is taken from everything else); docs/cluster.md
+records a run.
 
     python tools/bench_cluster_path.py [--calls 400] [--hidden 1024] [--rows 1 16]
 """
@@ -33,6 +40,7 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from edgemoe.cluster.channel import PING, Channel, Listener, receive
 from edgemoe.cluster.server import pack_call, unpack_call
 
 
@@ -51,6 +59,11 @@ class Echo:
         return (x[rows] + 0.0).tobytes()
 
     failure: str | None = None  # why (c)'s loop stopped, if it did
+
+    def open_channel(self, host: str) -> tuple[str, int]:
+        """(d): listen on this node's address; every frame is answered as `packed` answers."""
+        self.listener = Listener(host, self.packed)
+        return self.listener.address
 
     def why(self) -> str | None:
         return self.failure
@@ -93,17 +106,20 @@ class Driver:
         return None
 
 
-def timed(fn: Callable[[], Any], calls: int) -> tuple[float, float]:
-    """(median, p90) microseconds of fn() over `calls` calls after 20 warm-up calls."""
+def timed(fn: Callable[[], Any], calls: int) -> tuple[float, float, float]:
+    """(median, p90) microseconds of fn() over `calls` calls after 20 warm-up calls, and this
+    process's CPU microseconds per call."""
     for _ in range(20):
         fn()
     ts = []
+    cpu0 = time.process_time()
     for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / calls
     ts.sort()
-    return 1e6 * statistics.median(ts), 1e6 * ts[int(0.9 * (len(ts) - 1))]
+    return 1e6 * statistics.median(ts), 1e6 * ts[int(0.9 * (len(ts) - 1))], 1e6 * cpu
 
 
 def actor_calls(actors: list[Any], payload: np.ndarray | None) -> Callable[[], Any]:
@@ -132,6 +148,29 @@ def layer_calls(actors: list[Any], x: np.ndarray, packed: bool) -> Callable[[], 
         return ray.get(refs)
 
     return call
+
+
+def socket_calls(channels: list[Channel], x: np.ndarray | None) -> Callable[[], Any]:
+    """(d): the same layer's call as layer_calls, packed, over each actor's own TCP channel
+    (no payload: an empty frame, answered empty)."""
+    experts, counts = np.array([3, 5], np.int32), np.array([0, 0], np.int32)
+    rows = np.zeros(0, np.int32)
+    if x is not None:
+        counts = np.array([len(x), len(x)], np.int32)
+        rows = np.concatenate([np.arange(len(x)), np.arange(len(x))]).astype(np.int32)
+
+    def round_trip() -> Any:
+        end = time.monotonic() + 10
+        for c in channels:
+            if x is None:
+                c.send(b"", end, PING)
+            else:
+                c.send(pack_call(7, x, experts, counts, rows), end)  # packed per call, as the runtime does
+        answers = receive(channels, end)
+        assert all(isinstance(a, bytes) for a in answers), answers
+        return answers
+
+    return round_trip
 
 
 def compiled_graph(actors: list[Any]) -> Any:
@@ -180,9 +219,17 @@ def main() -> int:
         results: list[tuple[str, str, str]] = []
 
         def record(path: str, what: str, fn: Callable[[], Any]) -> None:
-            med, p90 = timed(fn, args.calls)
-            results.append((path, what, f"{med:8.0f} {p90:8.0f}"))
-            print(f"{path:<30} {what:<20} median {med:8.0f} us  p90 {p90:8.0f} us", flush=True)
+            med, p90, cpu = timed(fn, args.calls)
+            results.append((path, what, f"{med:8.0f} {p90:8.0f} {cpu:8.0f}"))
+            print(
+                f"{path:<30} {what:<20} median {med:8.0f} us  p90 {p90:8.0f} us  driver CPU {cpu:8.0f} us", flush=True
+            )
+
+        addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        where = ray.get([a.open_channel.remote(addresses[n]) for a, n in zip(actors, nodes)])
+        sockets = [Channel(host, port, 10.0) for host, port in where]
+        for what, x in payloads:
+            record("(d) the actors' TCP channels", what, socket_calls(sockets, x))
 
         for what, x in payloads:
             record("(a) actor calls", what, actor_calls(actors, x))
@@ -227,9 +274,9 @@ def main() -> int:
             results.append(("(c) channels", "error", f"{type(e).__name__}: {e}"))
             print(f"(c) channels: {type(e).__name__}: {e}", flush=True)
 
-        print("\n| path | payload | median us | p90 us |\n| --- | --- | ---: | ---: |")
+        print("\n| path | payload | median us | p90 us | driver CPU us |\n| --- | --- | ---: | ---: | ---: |")
         for path, what, numbers in results:
-            cells = numbers.split() if what != "error" else [numbers, ""]
+            cells = numbers.split() if what != "error" else [numbers, "", ""]
             print(f"| {path} | {what} | {' | '.join(cells)} |")
     finally:
         ray.shutdown()

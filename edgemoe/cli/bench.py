@@ -138,8 +138,16 @@ def build_parser() -> Parser:
             "--node-share": number(0.0, 100.0, above=True),
             "--kills": whole(0),
             "--cluster-timeout": number(0.0, above=True),
+            "--cluster-path": as_given(comma_list(_data_path, "data paths: socket and/or ray, comma-separated")),
         },
     )
+
+
+def _data_path(value: str) -> str:
+    """A cluster data path: socket or ray."""
+    if value not in ("socket", "ray"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a data path (socket or ray)")
+    return value
 
 
 def _storage(value: str) -> str:

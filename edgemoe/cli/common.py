@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from ..cluster.moe import DEFAULT_TIMEOUT_S
+from ..cluster.moe import DEFAULT_PATH, DEFAULT_TIMEOUT_S, PATHS
 from ..devices import load_link, load_profile
 from ..errors import EdgeMoEError
 from ..planning.default_model import default_model_path
@@ -249,6 +249,13 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         metavar="MS",
         help="how long a layer waits for a device before computing its experts here and marking it down "
         f"(default {DEFAULT_TIMEOUT_S * 1e3:.0f})",
+    )
+    p.add_argument(
+        "--cluster-path",
+        choices=PATHS,
+        default=DEFAULT_PATH,
+        help="how each layer's call travels to a device: socket (a TCP connection each device's server opens) or "
+        f"ray (an actor call); default {DEFAULT_PATH} (docs/cluster.md, Data path)",
     )
     p.add_argument(
         "--device-memory",

@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 device_memory=args.device_memory,
                 plan=args.plan,
                 figures=PlanFigures(link=args.link),
+                path=args.cluster_path,
             )
         generate(m, args)
     finally:

@@ -36,6 +36,7 @@ from ..errors import ClusterError, PlacementError
 from ..format.manifest import blob_tables
 from ..runtime.engine import Model
 from ..units import format_bytes, parse_bytes
+from .channel import PING, Channel, receive
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
 from .server import ExpertServer, pack_call
@@ -53,6 +54,8 @@ RETRY_MAX_S = 60.0
 STEADY_S = 60.0  # a device up this long has its wait before the next retry back at retry_s
 PINGS = 5  # round trips timed per device for its plan figures (the median is taken)
 BANDWIDTH_PROBE_BYTES = 256 << 10
+PATHS = ("socket", "ray")  # a layer's call: over the device's own TCP channel, or as a Ray actor call
+DEFAULT_PATH = "socket"  # measured the cheaper (docs/cluster.md, Data path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Device:
     node: Node
     handle: Any  # the ExpertServer actor
     index: int  # in ClusterMoE.devices, and in the owner table
+    channel: Channel | None = None  # the socket path's connection to its server
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     up: bool = True
     error: str | None = None
@@ -151,13 +155,17 @@ class ClusterMoE:
         figures: PlanFigures | None = None,
         watch_s: float = WATCH_S,
         retry_s: float = RETRY_S,
+        path: str = DEFAULT_PATH,
     ):
+        if path not in PATHS:
+            raise ValueError(f"the cluster's data path is one of {', '.join(PATHS)}, got {path!r}")
         if not timeout_s > 0:
             raise ValueError(f"the cluster timeout is a time in seconds > 0, got {timeout_s}")
         if not retry_s > 0:
             raise ValueError(f"the wait before a device down is tried again is a time in seconds > 0, got {retry_s}")
         self.model = model
         self.address = address
+        self.path = path
         self.timeout_s = float(timeout_s)
         self.device_memory = parse_bytes(device_memory)
         self.owns_ray = owns_ray
@@ -208,6 +216,8 @@ class ClusterMoE:
     def _stop(d: Device) -> None:
         import ray  # optional dependency
 
+        if d.channel is not None:
+            d.channel.close()
         try:
             ray.kill(d.handle)
         except Exception:  # a server already gone is what we want
@@ -289,11 +299,36 @@ class ClusterMoE:
         for d, info in zip(fresh, self._get([d.handle.info.remote() for d in fresh], fresh, raise_damaged)):
             if info is not None:
                 d.info = info
+        if self.path == "socket":
+            self._connect([d for d in fresh if d.up], raise_damaged)
         for d in replaced:
             if d.up:  # back: its old error stays in the plan events, its failures in the counters
                 d.recoveries += 1
                 d.error = None
         self._measure([d for d in fresh if d.up and d.node.id not in self._measured], raise_damaged)
+
+    def _connect(self, devices: list[Device], raise_damaged: bool) -> None:
+        """The socket path: each server listens on its node's address (asked through Ray),
+        and this process connects to it; a device that cannot be reached is down."""
+        where = self._get([d.handle.open_channel.remote(d.node.address) for d in devices], devices, raise_damaged)
+        for d, hp in zip(devices, where):
+            if hp is None:
+                continue
+            try:
+                d.channel = Channel(hp[0], int(hp[1]), SETUP_TIMEOUT_S)
+            except OSError as e:
+                self._down(d, f"cannot connect to its channel at {hp[0]}:{hp[1]}: {e}")
+
+    def _ping(self, d: Device, payload: np.ndarray | None) -> None:
+        """One round trip to d's server by the data path calls take (a payload: sent, not
+        returned)."""
+        import ray  # optional dependency
+
+        if d.channel is not None:
+            body = b"" if payload is None else payload.tobytes()
+            d.channel.call(body, time.monotonic() + SETUP_TIMEOUT_S, PING)
+        else:
+            ray.get(d.handle.ping.remote(payload), timeout=SETUP_TIMEOUT_S)
 
     # -- the plan's figures --------------------------------------------------------
     def _probe_blob(self) -> tuple[int, int, np.ndarray]:
@@ -326,15 +361,15 @@ class ClusterMoE:
                 rtts = []
                 for _ in range(PINGS):
                     t0 = time.perf_counter()
-                    ray.get(d.handle.ping.remote(None), timeout=SETUP_TIMEOUT_S)
+                    self._ping(d, None)
                     rtts.append(time.perf_counter() - t0)
                 rtt = float(np.median(rtts))
                 bits = link.bits_per_s if link else 0.0
                 if link is None:
                     t0 = time.perf_counter()
-                    ray.get(d.handle.ping.remote(payload), timeout=SETUP_TIMEOUT_S)
+                    self._ping(d, payload)
                     bits = 8 * payload.nbytes / max(time.perf_counter() - t0 - rtt, 1e-6)
-            except ray.exceptions.RayError as e:
+            except (ray.exceptions.RayError, OSError, ClusterError) as e:
                 self._down(d, f"{type(_cause(e)).__name__}: {_cause(e)}")
                 continue
             self._measured[d.node.id] = {
@@ -622,11 +657,9 @@ class ClusterMoE:
         if not remote.any():
             return _core.moe_forward(self.model.cache, layer, x, ids, weights)
 
-        import ray  # optional dependency
-
         t0 = time.monotonic()
         flat_ids, flat_where = ids.reshape(-1), where.reshape(-1)
-        sent = []
+        calls = []
         allowed = 0.0  # the slowest device's time for its payload and work, beyond the base deadline
         for index in np.unique(flat_where[flat_where >= 0]).tolist():
             d = self.devices[index]
@@ -635,31 +668,35 @@ class ClusterMoE:
             experts, counts = np.unique(flat_ids[slots], return_counts=True)
             tokens, rows = np.unique(slots // K, return_inverse=True)  # each token's row sent once
             call = pack_call(layer, x[tokens], experts, counts, rows)
-            sent.append((d, slots, d.handle.forward.remote(call)))
-            out_bytes = len(call)
+            calls.append((d, slots, call))
             work = int(np.dot(counts, self.lengths[layer, experts]))  # expert bytes streamed once per row
-            allowed = max(allowed, self._allowance(d, out_bytes + 4 * len(slots) * H, work))
+            allowed = max(allowed, self._allowance(d, len(call) + 4 * len(slots) * H, work))
             d.calls += 1
             d.rows_sent += len(tokens)
-            d.bytes_sent += out_bytes
+            d.bytes_sent += len(call)
         self.remote_calls += 1
         deadline = self.timeout_s + allowed
         self.max_deadline_seconds = max(self.max_deadline_seconds, deadline)
+        end = t0 + deadline
+        pending = self._submit(calls, end)
+        t_sent = time.monotonic()
+        self.send_seconds += t_sent - t0
 
         ys = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=~remote, weights=weights)
         t1 = time.monotonic()
-        ready, _ = ray.wait([r for _, _, r in sent], num_returns=len(sent), timeout=max(0.0, t0 + deadline - t1))
+        self.local_seconds += t1 - t_sent
+        answers = self._collect(pending, end)
         waited = time.monotonic() - t1
         self.wait_seconds += waited
         self.max_wait_seconds = max(self.max_wait_seconds, waited)
-        done = set(ready)
         flat_ys = ys.reshape(T * K, H)
         redo = np.zeros(T * K, bool)
-        for d, slots, ref in sent:
+        for (d, slots, _), out in zip(calls, answers):
             why = f"no answer within {1e3 * deadline:.0f} ms"
-            if ref in done:
+            if out is not None:
                 try:
-                    out = ray.get(ref)
+                    if isinstance(out, BaseException):
+                        raise out
                     if len(out) != 4 * len(slots) * H:
                         raise ClusterError(f"answered {len(out)} bytes for {len(slots)} rows of hidden size {H}")
                     flat_ys[slots] = np.frombuffer(out, "<f4").reshape(len(slots), H)
@@ -673,7 +710,47 @@ class ClusterMoE:
             self.recomputed_slots += int(redo.sum())
             again = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=redo.reshape(T, K), weights=weights)
             flat_ys[redo] = again.reshape(T * K, H)[redo]
-        return _core.combine_slots(ys, weights)
+        summed = _core.combine_slots(ys, weights)
+        self.remote_layer_seconds += time.monotonic() - t0
+        return summed
+
+    def _submit(self, calls: list[tuple[Device, np.ndarray, bytes]], end: float) -> list[Any]:
+        """Send each device its call: over its channel (the socket path; a send that fails is
+        its answer) or as a Ray actor call (its ObjectRef)."""
+        pending: list[Any] = []
+        for d, _, call in calls:
+            if self.path == "ray":
+                pending.append(d.handle.forward.remote(call))
+                continue
+            try:
+                if d.channel is None:
+                    raise ConnectionError("it has no channel")
+                d.channel.send(call, end)
+                pending.append(d.channel)
+            except Exception as e:  # sending failed: the device failed this call
+                pending.append(e)
+        return pending
+
+    def _collect(self, pending: list[Any], end: float) -> list[bytes | BaseException | None]:
+        """The answers to _submit's calls by `end` (time.monotonic): bytes, the exception a
+        call failed with, or None for no answer in time."""
+        out: list[bytes | BaseException | None] = [p if isinstance(p, BaseException) else None for p in pending]
+        if self.path == "socket":
+            live = [i for i, p in enumerate(pending) if isinstance(p, Channel)]
+            for i, answer in zip(live, receive([pending[i] for i in live], end)):
+                out[i] = answer
+            return out
+        import ray  # optional dependency
+
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, end - time.monotonic()))
+        done = set(ready)
+        for i, ref in enumerate(pending):
+            if ref in done:
+                try:
+                    out[i] = ray.get(ref)
+                except Exception as e:  # the device's error, or its death
+                    out[i] = e
+        return out
 
     # -- accounting ----------------------------------------------------------------
     def assignment(self) -> Assignment:
@@ -718,6 +795,7 @@ class ClusterMoE:
         return {
             "cluster": {
                 "address": self.address,
+                "path": self.path,
                 "timeout_ms": 1e3 * self.timeout_s,
                 "tokens": tokens,
                 "round_trips_per_token": self.remote_calls / tokens if tokens else 0.0,
@@ -725,6 +803,9 @@ class ClusterMoE:
                 "remote_slots": self.remote_slots,
                 "recomputed_slots": self.recomputed_slots,
                 "wait_seconds": self.wait_seconds,
+                "send_seconds": self.send_seconds,
+                "local_seconds": self.local_seconds,
+                "remote_layer_seconds": self.remote_layer_seconds,
                 "max_wait_seconds": self.max_wait_seconds,
                 "max_deadline_ms": 1e3 * self.max_deadline_seconds,
                 "devices": devices,
@@ -738,6 +819,7 @@ class ClusterMoE:
         self.tokens = self.remote_calls = 0
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
         self.wait_seconds = self.max_wait_seconds = self.max_deadline_seconds = 0.0
+        self.send_seconds = self.local_seconds = self.remote_layer_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)
@@ -791,6 +873,7 @@ def attach(
     figures: PlanFigures | None = None,
     watch_s: float = WATCH_S,
     retry_s: float = RETRY_S,
+    path: str = DEFAULT_PATH,
 ) -> ClusterMoE:
     """Serve `model`'s experts from the devices of the Ray cluster at `address` ("auto",
     "HOST:PORT" or "ray://HOST:PORT"): start a server on each node offering the `edgemoe`
@@ -803,7 +886,9 @@ def attach(
     link and its rows at the device's compute, both measured). watch_s: how often devices
     that joined or left are looked for (0: never). retry_s: a device down whose node is still
     in the cluster gets a new server after this long, then after twice as long each time it
-    fails again (up to a minute; back to retry_s once it has stayed up a minute). Raises ClusterError naming the fix when the cluster does not
+    fails again (up to a minute; back to retry_s once it has stayed up a minute). path: how a
+    layer's call travels, "socket" (each server's own TCP channel, set up through Ray) or
+    "ray" (an actor call per device and layer). Raises ClusterError naming the fix when the cluster does not
     answer, has no device, a device's copy is damaged or the plan does not fit."""
     given = load_plan(plan) if plan is not None else None
     owns = connect(address)
@@ -818,6 +903,7 @@ def attach(
             figures=figures,
             watch_s=watch_s,
             retry_s=retry_s,
+            path=path,
         )
     except BaseException:
         if owns:

@@ -19,6 +19,7 @@ import psutil
 from .. import _core
 from ..errors import ClusterError
 from ..runtime.paths import cache_root
+from .channel import Listener
 
 Pair = tuple[int, int]  # (layer, expert)
 
@@ -56,6 +57,7 @@ class ExpertServer:
         self.dir = copies_dir(fingerprint)
         self.blobs: dict[Pair, np.ndarray] = {}
         self.flash_error: str | None = None  # why copies are not kept on flash, if they are not
+        self.listener: Listener | None = None
 
     def info(self) -> dict[str, object]:
         """What the coordinator shows about this device."""
@@ -68,6 +70,14 @@ class ExpertServer:
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
         }
+
+    def open_channel(self, host: str) -> tuple[str, int]:
+        """Listen on `host` (this node's address) for the coordinator's layer calls
+        (channel.py): (host, port) to connect to. Calls on it run forward on a thread of
+        this process, beside Ray's."""
+        if self.listener is None:
+            self.listener = Listener(host, self.forward)
+        return self.listener.address
 
     def ping(self, payload: np.ndarray | None = None) -> int:
         """The round trip the coordinator times (with a payload: the link's bandwidth)."""
