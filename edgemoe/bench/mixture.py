@@ -245,27 +245,17 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
         emit(f"where: {', '.join(f'{n}: {mix.members[n].where}' for n in names)}")
         results: dict[str, Any] = {"singles": {}, "frontier": []}
 
-        # each alone: its quality, and its measured cost (the calibration of the cost model)
+        # each alone, then all of them: their quality, and the calibration of the cost model
+        # (every request corrects it, in the runtime, as in a deployment: each specialist's
+        # latency from the requests it served alone, the fan-out from those served by several)
         for i, n in enumerate(names):
             mix.enable([n])
             runs = requests(mix, prompts, args.requests, args.tokens)
-            s = summarize(runs, [n], power)
-            # a latency budget holds for 95% of requests when planned with the 95th percentile
-            p95 = float(np.quantile(s["seconds_per_token"], 0.95))
-            costs.measured(n, s["device_seconds_per_token"][n], p95)
-            results["singles"][n] = {"quality": quality(h, [i]), **s}
+            results["singles"][n] = {"quality": quality(h, [i]), **summarize(runs, [n], power)}
         mix.enable(names)
         runs = requests(mix, prompts, args.requests, args.tokens)
         results["all"] = {"quality": quality(h, range(len(names))), **summarize(runs, names, power)}
-        # what calling several specialists costs beyond the slowest of them: the coordinator's
-        # fan-out, at the 95th percentile over these requests
         lat_of = dict(zip(costs.names, costs.latency_s.tolist()))
-        fan = [
-            (r["seconds_per_token"] - max(lat_of[n] for n in r["served_by"])) / (len(r["served_by"]) - 1)
-            for r in runs
-            if len(r["served_by"]) > 1
-        ]
-        costs.fan_out_s = max(0.0, float(np.quantile(fan, 0.95))) if fan else 0.0
         emit(
             f"calibrated: {', '.join(f'{n} {v * 1e3:.2f} ms' for n, v in lat_of.items())}; fan-out {costs.fan_out_s * 1e3:.2f} ms per further specialist"
         )

@@ -17,6 +17,7 @@ share a `group`: only the cheapest copy that meets the latency budget can be in 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
@@ -31,7 +32,9 @@ from ..errors import MixtureBudgetError, MixtureError
 LossFn = Callable[[tuple[int, ...]], float]  # sorted specialist indices -> expected loss
 
 BYTES_PER_PROB = 4  # a next-token distribution travels as float32
-EWMA = 0.3  # weight of a new measurement in the online correction
+EWMA = 0.3  # weight of a new measurement in the online correction of device time (energy)
+WAIT_WINDOW = 64  # the most recent requests whose time per token a latency estimate is taken from
+WAIT_QUANTILE = 0.95  # a latency budget is to hold for this share of requests
 SLACK = 1e-9  # relative: a sum of energies equal to the budget but for rounding fits it
 
 
@@ -54,7 +57,11 @@ class Costs:
             self.correction = np.ones(len(self.names))
         self.link_seconds = np.array(self.link_seconds, dtype=np.float64)
         self.measured_count = np.zeros(len(self.names), dtype=np.int64)
-        self.wall_count = np.zeros(len(self.names), dtype=np.int64)
+        # per specialist, the time per token of recent requests it served alone, as the
+        # coordinator saw it (device, link, Ray, gate, mixing, sampling); and for requests
+        # served by several, what they took beyond the slowest one, per further specialist
+        self.waits: list[collections.deque[float]] = [collections.deque(maxlen=WAIT_WINDOW) for _ in self.names]
+        self.fan_out_waits: collections.deque[float] = collections.deque(maxlen=WAIT_WINDOW)
 
     @property
     def device_seconds(self) -> np.ndarray:
@@ -62,8 +69,14 @@ class Costs:
 
     @property
     def latency_s(self) -> np.ndarray:
-        """Seconds per token a request waits on each specialist: its device time plus its link."""
-        return self.device_seconds + self.link_seconds
+        """Seconds per token a request waits on each specialist: once measured, the 95th
+        percentile of what recent requests it served alone waited per token; before that, the
+        profile's device time (corrected by the device's measurements) plus its link."""
+        out = self.device_seconds + self.link_seconds
+        for i, w in enumerate(self.waits):
+            if w:
+                out[i] = float(np.quantile(np.fromiter(w, float), WAIT_QUANTILE))
+        return out
 
     @property
     def energy_j(self) -> np.ndarray:
@@ -72,19 +85,33 @@ class Costs:
 
     def measured(self, name: str, seconds_per_token: float, wall_s: float | None = None) -> None:
         """Correct the cost model online by a time per token a device measured (its compute): an
-        exponentially weighted ratio of measured over predicted. `wall_s`: the coordinator's
-        time per token with this specialist alone; what exceeds the device's time (the link,
-        Ray, the gate and the mixing) replaces the link's predicted share the same way."""
+        exponentially weighted ratio of measured over predicted, for energy and for the latency
+        of a specialist no request has measured yet. `wall_s`: a request's time per token with
+        this specialist alone, as `request` records it."""
         i = self.names.index(name)
         ratio = seconds_per_token / max(self.seconds[i], 1e-12)
         first = not self.measured_count[i]
         self.correction[i] = ratio if first else (1 - EWMA) * self.correction[i] + EWMA * ratio
         self.measured_count[i] += 1
         if wall_s is not None:
-            extra = max(0.0, wall_s - seconds_per_token)
-            walls = self.wall_count[i]
-            self.link_seconds[i] = extra if not walls else (1 - EWMA) * self.link_seconds[i] + EWMA * extra
-            self.wall_count[i] += 1
+            self.waits[i].append(float(wall_s))
+
+    def request(self, served: Sequence[str], seconds_per_token: float, top_k: int) -> None:
+        """A request's time per token as the coordinator saw it, the unit a latency budget is
+        kept in: a sample of its specialist's latency when one served it; when several did, of
+        the fan-out (what it took beyond the slowest one's latency, per further specialist)."""
+        idx = [self.names.index(n) for n in served if n in self.names]
+        if len(idx) != len(served) or not idx:
+            return
+        if len(idx) == 1:
+            self.waits[idx[0]].append(float(seconds_per_token))
+            return
+        further = min(len(idx), top_k) - 1
+        if further <= 0:
+            return
+        slowest = float(self.latency_s[idx].max())
+        self.fan_out_waits.append(max(0.0, float(seconds_per_token) - slowest) / further)
+        self.fan_out_s = float(np.quantile(np.fromiter(self.fan_out_waits, float), WAIT_QUANTILE))
 
     def table(self) -> list[dict[str, Any]]:
         return [
@@ -96,8 +123,9 @@ class Costs:
                 "device_s": float(s),
                 "link_s": float(ls),
                 "correction": float(c),
+                "latency_samples": len(w),
             }
-            for n, d, lat, e, s, ls, c in zip(
+            for n, d, lat, e, s, ls, c, w in zip(
                 self.names,
                 self.devices,
                 self.latency_s,
@@ -105,6 +133,7 @@ class Costs:
                 self.device_seconds,
                 self.link_seconds,
                 self.correction,
+                self.waits,
             )
         ]
 
