@@ -108,7 +108,7 @@ def test_requests_correct_the_latency_the_plan_sees(mix):
         answers = [m.generate(PROMPT, 4, details=True) for _ in range(3)]
         seen = [float(np.mean(a.seconds_per_token[1:])) for a in answers if len(a.seconds_per_token) > 1]
         assert seen and list(m.costs.waits[i]) == pytest.approx(seen)
-        assert m.costs.latency_s[i] == pytest.approx(np.quantile(seen, 0.95))
+        assert m.costs.latency_s[i] == pytest.approx(max(seen))  # three requests: the slowest
         assert m.costs.table()[i]["latency_samples"] == len(seen)
 
 

@@ -32,10 +32,17 @@ from ..errors import MixtureBudgetError, MixtureError
 LossFn = Callable[[tuple[int, ...]], float]  # sorted specialist indices -> expected loss
 
 BYTES_PER_PROB = 4  # a next-token distribution travels as float32
-EWMA = 0.3  # weight of a new measurement in the online correction of device time (energy)
+DEVICE_WINDOW = 256  # the most recent tokens whose device time the energy estimate is the mean of
 WAIT_WINDOW = 64  # the most recent requests whose time per token a latency estimate is taken from
 WAIT_QUANTILE = 0.95  # a latency budget is to hold for this share of requests
 SLACK = 1e-9  # relative: a sum of energies equal to the budget but for rounding fits it
+
+
+def upper_quantile(samples: Sequence[float] | collections.deque[float]) -> float:
+    """The 95th percentile of `samples` as the sample that reaches it, never interpolated down:
+    with fewer than 20 samples that is the largest (a few requests cannot tell a 95th
+    percentile from a maximum, and a latency estimate must not promise less than was seen)."""
+    return float(np.quantile(np.fromiter(samples, float), WAIT_QUANTILE, method="higher"))
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -61,6 +68,10 @@ class Costs:
         # coordinator saw it (device, link, Ray, gate, mixing, sampling); and for requests
         # served by several, what they took beyond the slowest one, per further specialist
         self.waits: list[collections.deque[float]] = [collections.deque(maxlen=WAIT_WINDOW) for _ in self.names]
+        # the device's own time per token (its compute), for energy: a mean over recent tokens
+        self.device_waits: list[collections.deque[float]] = [
+            collections.deque(maxlen=DEVICE_WINDOW) for _ in self.names
+        ]
         self.fan_out_waits: collections.deque[float] = collections.deque(maxlen=WAIT_WINDOW)
 
     @property
@@ -75,7 +86,7 @@ class Costs:
         out = self.device_seconds + self.link_seconds
         for i, w in enumerate(self.waits):
             if w:
-                out[i] = float(np.quantile(np.fromiter(w, float), WAIT_QUANTILE))
+                out[i] = upper_quantile(w)
         return out
 
     @property
@@ -84,14 +95,14 @@ class Costs:
         return self.power_w * self.device_seconds
 
     def measured(self, name: str, seconds_per_token: float, wall_s: float | None = None) -> None:
-        """Correct the cost model online by a time per token a device measured (its compute): an
-        exponentially weighted ratio of measured over predicted, for energy and for the latency
-        of a specialist no request has measured yet. `wall_s`: a request's time per token with
+        """Correct the cost model online by a time per token a device measured (its compute):
+        the mean over its recent tokens against the profile's prediction, for energy (a sum
+        over tokens: the mean is what it costs) and for the latency of a specialist no request
+        has measured yet. `wall_s`: a request's time per token with
         this specialist alone, as `request` records it."""
         i = self.names.index(name)
-        ratio = seconds_per_token / max(self.seconds[i], 1e-12)
-        first = not self.measured_count[i]
-        self.correction[i] = ratio if first else (1 - EWMA) * self.correction[i] + EWMA * ratio
+        self.device_waits[i].append(float(seconds_per_token))
+        self.correction[i] = float(np.mean(np.fromiter(self.device_waits[i], float))) / max(self.seconds[i], 1e-12)
         self.measured_count[i] += 1
         if wall_s is not None:
             self.waits[i].append(float(wall_s))
@@ -111,7 +122,7 @@ class Costs:
             return
         slowest = float(self.latency_s[idx].max())
         self.fan_out_waits.append(max(0.0, float(seconds_per_token) - slowest) / further)
-        self.fan_out_s = float(np.quantile(np.fromiter(self.fan_out_waits, float), WAIT_QUANTILE))
+        self.fan_out_s = upper_quantile(self.fan_out_waits)
 
     def table(self) -> list[dict[str, Any]]:
         return [
