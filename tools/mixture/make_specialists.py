@@ -42,13 +42,13 @@ DOC_SEP = "\n\x1e\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # name, corpus domains, experts kept per layer, experts per token, peak learning rate. Fewer experts
-# make a specialist smaller and faster but cost it routing it must relearn; the unpruned one gets a
-# lower rate (it has nothing to recover, only its domains to sharpen on).
+# make a specialist smaller and faster but cost it routing it must relearn (more than a few hundred
+# steps recover), so only python is pruned; the others keep all 16 and only sharpen on their domains.
 SPECIALISTS = [
     {"name": "sys", "domains": ["manpages", "code-c"], "experts": 16, "top_k": 2, "lr": 4e-4},
     {"name": "python", "domains": ["code-python", "reference-docs"], "experts": 12, "top_k": 2, "lr": 8e-4},
-    {"name": "lexicon", "domains": ["dictionary"], "experts": 8, "top_k": 2, "lr": 8e-4},
-    {"name": "fortunes", "domains": ["fortunes"], "experts": 6, "top_k": 2, "lr": 8e-4},
+    {"name": "lexicon", "domains": ["dictionary"], "experts": 16, "top_k": 2, "lr": 8e-4},
+    {"name": "fortunes", "domains": ["fortunes"], "experts": 16, "top_k": 2, "lr": 8e-4},
 ]
 
 
