@@ -207,20 +207,20 @@ def distinct_selection(h: HeldoutLoss, emit: Any, n: int = 32, seed: int = 32) -
             times.append(c.seconds)
             evals.append(c.evaluated)
             sizes.append(len(c.enabled))
-    r = {
+    slowest, median = float(max(times)), float(np.median(times))
+    emit(
+        f"selection over {n} distinct specialists: slowest search {slowest * 1e3:.1f} ms, median "
+        f"{median * 1e3:.1f} ms over {len(times)} budgets (at most {max(evals)} "
+        f"loss evaluations of {2**n - 1} subsets; {min(sizes)} to {max(sizes)} enabled)"
+    )
+    return {
         "specialists": n,
         "budgets": len(times),
-        "max_search_seconds": float(max(times)),
-        "median_search_seconds": float(np.median(times)),
+        "max_search_seconds": slowest,
+        "median_search_seconds": median,
         "max_loss_evaluations": int(max(evals)),
         "enabled_sizes": sizes,
     }
-    emit(
-        f"selection over {n} distinct specialists: slowest search {r['max_search_seconds'] * 1e3:.1f} ms, median "
-        f"{r['median_search_seconds'] * 1e3:.1f} ms over {r['budgets']} budgets (at most {r['max_loss_evaluations']} "
-        f"loss evaluations of {2**n - 1} subsets; {min(sizes)} to {max(sizes)} enabled)"
-    )
-    return r
 
 
 # -- the bench -----------------------------------------------------------------------------
