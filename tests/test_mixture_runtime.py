@@ -98,6 +98,20 @@ def test_plan_enables_what_fits_and_generation_uses_only_it(mix):
             m.plan(1e-12, 1e-12)
 
 
+def test_requests_correct_the_latency_the_plan_sees(mix):
+    """A request's time per decode token, as the coordinator saw it, becomes a latency sample of
+    the specialist that served it alone; the plan then uses their 95th percentile."""
+    with edgemoe.load_mixture(mix, devices=DEVICES, link="wired-gigabit") as m:
+        one = m.names[0]
+        m.enable([one])
+        i = m.costs.names.index(one)
+        answers = [m.generate(PROMPT, 4, details=True) for _ in range(3)]
+        seen = [float(np.mean(a.seconds_per_token[1:])) for a in answers if len(a.seconds_per_token) > 1]
+        assert seen and list(m.costs.waits[i]) == pytest.approx(seen)
+        assert m.costs.latency_s[i] == pytest.approx(max(seen))  # three requests: the slowest
+        assert m.costs.table()[i]["latency_samples"] == len(seen)
+
+
 def test_a_plan_without_devices_is_named(mix):
     with edgemoe.load_mixture(mix) as m:
         with pytest.raises(edgemoe.MixtureError, match="no cost model.*devices"):

@@ -32,16 +32,33 @@ def mixture_loss(rng: np.random.Generator, n: int, tokens: int = 200):
     return loss
 
 
+def gated_loss(rng: np.random.Generator, n: int, docs: int = 24, tokens: int = 12) -> HeldoutLoss:
+    """A gated top-2 mixture over distinct specialists, each good at some of eight domains (its
+    gate weight follows what it knows), on tokens that are hard or easy for all alike. Nearly
+    monotone, not exactly: a specialist the gate ranks first can push a better one out of a top-2."""
+    skill = rng.normal(0.0, 1.0, size=(n, 8))
+    dom = rng.integers(0, 8, docs)
+    hard = rng.gamma(2.0, 1.5, size=(docs, 1, tokens))
+    lp = -hard * np.exp(-0.3 * skill[:, dom].T)[:, :, None] - rng.gamma(1.0, 0.2, size=(docs, n, tokens))
+    logits = 2.0 * skill[:, dom].T + rng.normal(0.0, 0.5, size=(docs, n))
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return HeldoutLoss.from_arrays(w / w.sum(axis=1, keepdims=True), lp, np.full(docs, tokens), dom.astype(str), 2)
+
+
+KINDS = {"coverage": coverage_loss, "mixture": mixture_loss, "gated": lambda rng, n: gated_loss(rng, n).loss}
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("kind", ["coverage", "mixture"])
 def test_select_equals_brute_force_at_every_budget(seed, kind):
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(2, 13))
-    loss = (coverage_loss if kind == "coverage" else mixture_loss)(rng, n)
+    n = int(rng.integers(2, 13)) if seed < 9 else 12 + seed % 3  # the last three: 12 to 14 specialists
+    loss = KINDS[kind](rng, n)
     energy = rng.uniform(0.1, 3.0, n)
     latency = rng.uniform(0.01, 0.2, n)
-    for e_budget in np.quantile(np.cumsum(np.sort(energy)), [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]):
-        for l_budget in np.quantile(latency, [0.3, 0.7, 1.0]):
+    big = n > 12  # brute force over 8-16 thousand subsets: fewer budgets
+    for e_budget in np.quantile(np.cumsum(np.sort(energy)), [0.2, 0.5, 0.8] if big else [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]):
+        for l_budget in np.quantile(latency, [0.7, 1.0] if big else [0.3, 0.7, 1.0]):
             ref = brute_force(loss, energy, latency, e_budget, l_budget)
             if ref is None:
                 with pytest.raises(MixtureBudgetError, match="no specialist fits the budgets"):
@@ -94,6 +111,27 @@ def test_copies_on_other_devices_match_brute_force():
             assert len({groups[i] for i in got.enabled}) == len(got.enabled)  # never two copies of one model
 
 
+@pytest.mark.parametrize("kind", ["coverage", "gated"])
+def test_thirty_two_distinct_specialists(kind):
+    """Too many for brute force: the choice fits the budgets, and no specialist left out would
+    both fit beside it and lower the loss (an optimum of a monotone loss has no such one)."""
+    rng = np.random.default_rng(32)
+    n = 32
+    loss = KINDS[kind](rng, n)
+    energy, latency = rng.uniform(0.1, 3.0, n), rng.uniform(0.01, 0.2, n)
+    for l_budget in (0.1, 0.19):
+        sums = np.cumsum(np.sort(energy[latency <= l_budget]))
+        for e_budget in sums[[1, len(sums) // 3, len(sums) // 2]]:
+            got = select(loss, energy, latency, e_budget, l_budget)
+            s = list(got.enabled)
+            assert energy[s].sum() <= e_budget * (1 + 1e-9) and latency[s].max() <= l_budget
+            assert got.loss == pytest.approx(loss(tuple(s)))
+            assert got.evaluated < 5000  # a few thousand of 4.3e9 subsets
+            for j in set(range(n)) - set(s):
+                if energy[s].sum() + energy[j] <= e_budget and latency[j] <= l_budget:
+                    assert loss(tuple(sorted(s + [j]))) >= got.loss - 1e-12, (j, s)
+
+
 def test_the_search_prunes_instead_of_enumerating():
     rng = np.random.default_rng(3)
     n = 24
@@ -143,3 +181,27 @@ def test_costs_from_profiles_and_online_correction():
     # a measured wait beyond the device's time replaces the link's predicted share
     c.measured("b", c.seconds[1], wall_s=c.seconds[1] + 0.004)
     assert c.latency_s[1] == pytest.approx(c.seconds[1] + 0.004)
+
+
+def test_latency_is_the_95th_percentile_of_what_requests_waited():
+    """Never interpolated down: with fewer than 20 requests the estimate is the slowest one."""
+    agx = load_profile("jetson-agx-orin-emmc")
+    c = costs_from_profiles(["a", "b"], [1e8, 2e8], [agx, agx], vocab=512, links=[load_link("wifi5")] * 2)
+    predicted = c.latency_s.copy()
+    waits = np.linspace(0.010, 0.029, 20)  # what 20 requests served by a alone waited per token
+    for w in waits:
+        c.request(["a"], float(w), top_k=2)
+    assert c.latency_s[0] == pytest.approx(np.quantile(waits, 0.95, method="higher"))
+    assert c.latency_s[1] == predicted[1]  # b not measured yet: the profile's figure
+    assert (waits <= c.latency_s[0]).mean() >= 0.95
+    # served together: what a request took beyond the slower one's latency, per further specialist
+    for w in (0.031, 0.035, 0.032):
+        c.request(["a", "b"], w, top_k=2)
+    slow = max(c.latency_s)
+    assert c.fan_out_s == pytest.approx(0.035 - slow)  # three samples: the largest
+    c.request(["a", "gone"], 1.0, top_k=2)  # a specialist the cost table does not know: no sample
+    assert c.fan_out_s == pytest.approx(0.035 - slow)
+    # energy follows the mean of the device's recent times per token
+    for t in (1.0, 3.0):
+        c.measured("b", c.seconds[1] * t)
+    assert c.correction[1] == pytest.approx(2.0)

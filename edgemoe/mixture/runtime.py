@@ -443,22 +443,29 @@ class Mixture:
             self.records[n].requests += 1
         t0 = time.perf_counter()
         futs = {n: self.members[n].call("start", arr) for n in names}
-        for i in range(max_new_tokens):
-            lps = self._gather(futs, weights, i, answer)
-            token = sampler(self._mix(lps, weights))
-            now = time.perf_counter()
-            answer.seconds_per_token.append(now - t0)
-            self.seconds += now - t0
-            self.tokens_generated += 1
-            t0 = now
-            answer.tokens.append(token)
-            yield token
-            if token in self.eos_ids:
-                answer.finish = "stop"
-                return
-            if i == max_new_tokens - 1:
-                return
-            futs = {n: self.members[n].call("step", token) for n in lps}
+        try:
+            for i in range(max_new_tokens):
+                lps = self._gather(futs, weights, i, answer)
+                token = sampler(self._mix(lps, weights))
+                now = time.perf_counter()
+                answer.seconds_per_token.append(now - t0)
+                self.seconds += now - t0
+                self.tokens_generated += 1
+                t0 = now
+                answer.tokens.append(token)
+                yield token
+                if token in self.eos_ids:
+                    answer.finish = "stop"
+                    return
+                if i == max_new_tokens - 1:
+                    return
+                futs = {n: self.members[n].call("step", token) for n in lps}
+        finally:
+            # the request's time per decode token (the unit of a latency budget) corrects the
+            # latency the plan sees: the first token also carries the prompt
+            decode = answer.seconds_per_token[1:]
+            if decode and not answer.dropped and self.costs is not None:
+                self.costs.request(names, float(np.mean(decode)), self.top_k)
 
     def stream(
         self,

@@ -17,6 +17,7 @@ share a `group`: only the cheapest copy that meets the latency budget can be in 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
@@ -31,8 +32,17 @@ from ..errors import MixtureBudgetError, MixtureError
 LossFn = Callable[[tuple[int, ...]], float]  # sorted specialist indices -> expected loss
 
 BYTES_PER_PROB = 4  # a next-token distribution travels as float32
-EWMA = 0.3  # weight of a new measurement in the online correction
+DEVICE_WINDOW = 256  # the most recent tokens whose device time the energy estimate is the mean of
+WAIT_WINDOW = 64  # the most recent requests whose time per token a latency estimate is taken from
+WAIT_QUANTILE = 0.95  # a latency budget is to hold for this share of requests
 SLACK = 1e-9  # relative: a sum of energies equal to the budget but for rounding fits it
+
+
+def upper_quantile(samples: Sequence[float] | collections.deque[float]) -> float:
+    """The 95th percentile of `samples` as the sample that reaches it, never interpolated down:
+    with fewer than 20 samples that is the largest (a few requests cannot tell a 95th
+    percentile from a maximum, and a latency estimate must not promise less than was seen)."""
+    return float(np.quantile(np.fromiter(samples, float), WAIT_QUANTILE, method="higher"))
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -54,7 +64,15 @@ class Costs:
             self.correction = np.ones(len(self.names))
         self.link_seconds = np.array(self.link_seconds, dtype=np.float64)
         self.measured_count = np.zeros(len(self.names), dtype=np.int64)
-        self.wall_count = np.zeros(len(self.names), dtype=np.int64)
+        # per specialist, the time per token of recent requests it served alone, as the
+        # coordinator saw it (device, link, Ray, gate, mixing, sampling); and for requests
+        # served by several, what they took beyond the slowest one, per further specialist
+        self.waits: list[collections.deque[float]] = [collections.deque(maxlen=WAIT_WINDOW) for _ in self.names]
+        # the device's own time per token (its compute), for energy: a mean over recent tokens
+        self.device_waits: list[collections.deque[float]] = [
+            collections.deque(maxlen=DEVICE_WINDOW) for _ in self.names
+        ]
+        self.fan_out_waits: collections.deque[float] = collections.deque(maxlen=WAIT_WINDOW)
 
     @property
     def device_seconds(self) -> np.ndarray:
@@ -62,8 +80,14 @@ class Costs:
 
     @property
     def latency_s(self) -> np.ndarray:
-        """Seconds per token a request waits on each specialist: its device time plus its link."""
-        return self.device_seconds + self.link_seconds
+        """Seconds per token a request waits on each specialist: once measured, the 95th
+        percentile of what recent requests it served alone waited per token; before that, the
+        profile's device time (corrected by the device's measurements) plus its link."""
+        out = self.device_seconds + self.link_seconds
+        for i, w in enumerate(self.waits):
+            if w:
+                out[i] = upper_quantile(w)
+        return out
 
     @property
     def energy_j(self) -> np.ndarray:
@@ -71,20 +95,34 @@ class Costs:
         return self.power_w * self.device_seconds
 
     def measured(self, name: str, seconds_per_token: float, wall_s: float | None = None) -> None:
-        """Correct the cost model online by a time per token a device measured (its compute): an
-        exponentially weighted ratio of measured over predicted. `wall_s`: the coordinator's
-        time per token with this specialist alone; what exceeds the device's time (the link,
-        Ray, the gate and the mixing) replaces the link's predicted share the same way."""
+        """Correct the cost model online by a time per token a device measured (its compute):
+        the mean over its recent tokens against the profile's prediction, for energy (a sum
+        over tokens: the mean is what it costs) and for the latency of a specialist no request
+        has measured yet. `wall_s`: a request's time per token with
+        this specialist alone, as `request` records it."""
         i = self.names.index(name)
-        ratio = seconds_per_token / max(self.seconds[i], 1e-12)
-        first = not self.measured_count[i]
-        self.correction[i] = ratio if first else (1 - EWMA) * self.correction[i] + EWMA * ratio
+        self.device_waits[i].append(float(seconds_per_token))
+        self.correction[i] = float(np.mean(np.fromiter(self.device_waits[i], float))) / max(self.seconds[i], 1e-12)
         self.measured_count[i] += 1
         if wall_s is not None:
-            extra = max(0.0, wall_s - seconds_per_token)
-            walls = self.wall_count[i]
-            self.link_seconds[i] = extra if not walls else (1 - EWMA) * self.link_seconds[i] + EWMA * extra
-            self.wall_count[i] += 1
+            self.waits[i].append(float(wall_s))
+
+    def request(self, served: Sequence[str], seconds_per_token: float, top_k: int) -> None:
+        """A request's time per token as the coordinator saw it, the unit a latency budget is
+        kept in: a sample of its specialist's latency when one served it; when several did, of
+        the fan-out (what it took beyond the slowest one's latency, per further specialist)."""
+        idx = [self.names.index(n) for n in served if n in self.names]
+        if len(idx) != len(served) or not idx:
+            return
+        if len(idx) == 1:
+            self.waits[idx[0]].append(float(seconds_per_token))
+            return
+        further = min(len(idx), top_k) - 1
+        if further <= 0:
+            return
+        slowest = float(self.latency_s[idx].max())
+        self.fan_out_waits.append(max(0.0, float(seconds_per_token) - slowest) / further)
+        self.fan_out_s = upper_quantile(self.fan_out_waits)
 
     def table(self) -> list[dict[str, Any]]:
         return [
@@ -96,8 +134,9 @@ class Costs:
                 "device_s": float(s),
                 "link_s": float(ls),
                 "correction": float(c),
+                "latency_samples": len(w),
             }
-            for n, d, lat, e, s, ls, c in zip(
+            for n, d, lat, e, s, ls, c, w in zip(
                 self.names,
                 self.devices,
                 self.latency_s,
@@ -105,6 +144,7 @@ class Costs:
                 self.device_seconds,
                 self.link_seconds,
                 self.correction,
+                self.waits,
             )
         ]
 
@@ -189,6 +229,9 @@ class HeldoutLoss:
         d, m = self.weights.shape
         assert self.logprobs.shape[0] == m and self.logprobs.shape[1] == self.doc.size, "heldout shapes disagree"
         self.probs = np.exp(self.logprobs.astype(np.float64))  # [M, T]
+        self._m = m
+        self._probs_tm = np.ascontiguousarray(self.probs.T).ravel()  # [T * M], token-major
+        self._all = np.arange(self.doc.size)
 
     def restricted_weights(self, models: Sequence[int], docs: np.ndarray | None = None) -> np.ndarray:
         """[D, M]: per document the top-k of `models` by gate weight, renormalised; zero elsewhere."""
@@ -210,11 +253,20 @@ class HeldoutLoss:
 
     def loss(self, models: Sequence[int], domain: str | None = None) -> float:
         """Mean negative log-likelihood per token (nats) of the gated mixture of `models`."""
-        tok = np.arange(self.doc.size) if domain is None else np.flatnonzero(self.domains[self.doc] == domain)
-        if tok.size == 0:
-            raise MixtureError(f"the held-out set has no document of domain {domain!r}")
-        w = self.restricted_weights(models)  # [D, M]
-        mix = np.einsum("tm,mt->t", w[self.doc[tok]], self.probs[:, tok])
+        if domain is None:
+            tok, doc = self._all, self.doc
+        else:
+            tok = np.flatnonzero(self.domains[self.doc] == domain)
+            if tok.size == 0:
+                raise MixtureError(f"the held-out set has no document of domain {domain!r}")
+            doc = self.doc[tok]
+        w = self.restricted_weights(models)  # [D, M], at most top_k non-zero per row
+        k = min(self.top_k, len(set(models))) or 1
+        cols = np.argsort(-w, axis=1, kind="stable")[:, :k]  # [D, k] the models serving each document
+        vals = np.take_along_axis(w, cols, axis=1)  # [D, k]
+        # only the serving models' probabilities: [T, k] gathered from the token-major copy
+        p = self._probs_tm[(tok * self._m)[:, None] + cols[doc]]
+        mix = (vals[doc] * p).sum(axis=1)
         return float(-np.log(np.maximum(mix, 1e-300)).mean())
 
     def single_loss(self, model: int, domain: str | None = None) -> float:
@@ -328,8 +380,9 @@ def select(
             memo[key] = float(loss(key))
         return memo[key]
 
-    # good sets first: branch on the specialists that are best alone
-    order = sorted(cand, key=lambda i: (L((i,)), energy[i], i))
+    def fits_with(e: float, slowest: float, count: int, j: int) -> bool:
+        return e + energy[j] <= energy_budget and lat(max(slowest, latency[j]), count + 1) <= latency_budget
+
     best: list[Any] = [None, np.inf, np.inf]  # set, loss, energy
     cut = {"infeasible": 0, "dominated": 0}
 
@@ -338,39 +391,81 @@ def select(
         if v < best[1] - 1e-12 or (abs(v - best[1]) <= 1e-12 and e < best[2]):
             best[:] = [s, v, e]
 
-    def dfs(s: tuple[int, ...], e: float, slowest: float, rest: list[int]) -> None:
-        fits = [
-            j
-            for j in rest
-            if e + energy[j] <= energy_budget and lat(max(slowest, latency[j]), len(s) + 1) <= latency_budget
-        ]
+    # a good first set makes the bounds bite early: greedy by loss gained per joule (lazily
+    # re-evaluated: a stale gain only orders the queue), each pick in turn the next to branch on
+    picked: list[int] = []
+    e_g, slow_g, cur = 0.0, 0.0, np.inf
+    stale = {i: (np.inf, i) for i in cand}
+    while True:
+        live = [i for i in stale if fits_with(e_g, slow_g, len(picked), i)]
+        if not live:
+            break
+        live.sort(key=lambda i: (-stale[i][0], i))
+        for i in live:
+            gain = (cur - L((*picked, i))) / max(float(energy[i]), 1e-300) if np.isfinite(cur) else -L((i,))
+            stale[i] = (gain, i)
+            nxt = [x for x in live if x != i]
+            if not nxt or gain >= stale[max(nxt, key=lambda x: stale[x][0])][0]:
+                break
+        i = max(live, key=lambda x: (stale[x][0], -x))
+        picked.append(i)
+        del stale[i]
+        e_g, slow_g, cur = e_g + float(energy[i]), max(slow_g, float(latency[i])), L(tuple(picked))
+    offer(tuple(picked), e_g)
+    rest_order = sorted((i for i in cand if i not in picked), key=lambda i: (L((i,)), energy[i], i))
+    order = picked + rest_order
+
+    def dfs(
+        s: tuple[int, ...],
+        e: float,
+        slowest: float,
+        rest: list[int],
+        left_out: list[int],
+    ) -> None:
+        fits = [j for j in rest if fits_with(e, slowest, len(s), j)]
         cut["infeasible"] += len(rest) - len(fits)  # every superset with j breaks a budget
+        top = s + tuple(fits)
+        e_top = e + float(energy[fits].sum())
+        slow_top = max(slowest, float(latency[fits].max())) if fits else slowest
+        # a set that still has room for a specialist this branch left out is no better than that
+        # set with it, which the sibling branch holds: if even the largest set here has room, all do
+        if any(fits_with(e_top, slow_top, len(top), j) for j in left_out):
+            cut["dominated"] += 1
+            return
         if not fits:
             if s:
                 offer(s, e)
             return
-        top = s + tuple(fits)
-        e_top = e + float(energy[fits].sum())
-        l_top = lat(max(slowest, float(latency[fits].max())), len(top))
-        if e_top <= energy_budget and l_top <= latency_budget:  # the largest set of this branch fits: its best
+        if e_top <= energy_budget and lat(slow_top, len(top)) <= latency_budget:  # the largest set fits: its best
             offer(top, e_top)
             return
         if L(top) >= best[1] - 1e-12:  # every set of this branch is a subset of `top`: none beats the best
             cut["dominated"] += 1
             return
         j, others = fits[0], fits[1:]
-        dfs(s + (j,), e + float(energy[j]), max(slowest, float(latency[j])), others)
-        dfs(s, e, slowest, others)
+        dfs(s + (j,), e + float(energy[j]), max(slowest, float(latency[j])), others, left_out)
+        dfs(s, e, slowest, others, left_out + [j])
 
-    dfs((), 0.0, 0.0, order)
+    dfs((), 0.0, 0.0, order, [])
     chosen = tuple(sorted(best[0]))
-    # a cheaper set with the same loss (a specialist that never reaches a top-k): drop it
-    changed = True
-    while changed and len(chosen) > 1:
-        changed = False
+    # polish by single moves: add a specialist that fits and lowers the loss (none can for a
+    # monotone loss at its optimum; a gated top-k mixture is monotone only nearly: a specialist
+    # the gate ranks high can push a better one out of a document's top-k), or drop one whose
+    # removal does not raise the loss (a specialist that never reaches a top-k): the same loss
+    # for less energy. Each move lowers the loss, or the energy at the same loss.
+    changed, moves = True, 0
+    while changed and moves < 4 * n:
+        changed, moves = False, moves + 1
+        e_c, slow_c, v_c = float(energy[list(chosen)].sum()), float(latency[list(chosen)].max()), L(chosen)
+        for j in cand:
+            if j not in chosen and fits_with(e_c, slow_c, len(chosen), j) and L((*chosen, j)) < v_c - 1e-12:
+                chosen, changed = tuple(sorted((*chosen, j))), True
+                break
+        if changed or len(chosen) < 2:
+            continue
         for i in sorted(chosen, key=lambda i: -energy[i]):
             smaller = tuple(x for x in chosen if x != i)
-            if L(smaller) <= best[1] + 1e-12:
+            if L(smaller) <= v_c + 1e-12:
                 chosen, changed = smaller, True
                 break
     return Choice(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -40,13 +41,14 @@ DEFAULT_MODEL = REPO / "edgemoe" / "default_model"
 DOC_SEP = "\n\x1e\n"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-# name, corpus domains, experts kept per layer, experts per token (and a learning rate where the
-# default, for pruned models that must recover, is too high: the unpruned one lost 0.28 nats at 1e-3)
+# name, corpus domains, experts kept per layer, experts per token, peak learning rate. Fewer experts
+# make a specialist smaller and faster but cost it routing it must relearn (more than a few hundred
+# steps recover), so only python is pruned; the others keep all 16 and only sharpen on their domains.
 SPECIALISTS = [
-    {"name": "sys", "domains": ["manpages", "code-c"], "experts": 16, "top_k": 2, "lr": 2e-4},
-    {"name": "python", "domains": ["code-python", "reference-docs"], "experts": 8, "top_k": 2},
-    {"name": "lexicon", "domains": ["dictionary"], "experts": 4, "top_k": 2},
-    {"name": "fortunes", "domains": ["fortunes"], "experts": 2, "top_k": 1},
+    {"name": "sys", "domains": ["manpages", "code-c"], "experts": 16, "top_k": 2, "lr": 4e-4},
+    {"name": "python", "domains": ["code-python", "reference-docs"], "experts": 12, "top_k": 2, "lr": 8e-4},
+    {"name": "lexicon", "domains": ["dictionary"], "experts": 16, "top_k": 2, "lr": 8e-4},
+    {"name": "fortunes", "domains": ["fortunes"], "experts": 16, "top_k": 2, "lr": 8e-4},
 ]
 
 
@@ -173,7 +175,7 @@ def finetune(
     opt = train_moe.build_optimizer(model, lr, 0.1)
     model.train()
     rng = np.random.default_rng(seed)
-    step, trained, warmup = 0, 0.0, 5
+    step, trained, warmup = 0, 0.0, 20
     budget = minutes * 60
     while trained < budget:
         p = trained / budget
@@ -209,7 +211,10 @@ def make_specialist(spec: dict, data: Path, out: Path, args: argparse.Namespace)
     minutes, lr, seed = args.minutes, spec.get("lr", args.lr), args.seed
     dst = out / "specialists" / spec["name"]
     if (dst / "made.json").exists():
-        log(f"{spec['name']}: exists, skipped")
+        if args.more:
+            more(spec, data, dst, args)
+        else:
+            log(f"{spec['name']}: exists, skipped")
         return
     train, val = Split(data / "train.npz"), Split(data / "validation.npz")
     stream = train.stream(spec["domains"])
@@ -229,7 +234,9 @@ def make_specialist(spec: dict, data: Path, out: Path, args: argparse.Namespace)
         f"top-{spec['top_k']}: val loss {pruned_loss:.3f} before fine-tuning"
     )
     torch.manual_seed(seed)
+    load_before = os.getloadavg()
     res = finetune(model, stream, vw, minutes, lr, seed, spec["name"], args.batch, args.seq)
+    load_after = os.getloadavg()
     params = export(model, pc, dst)
     made = {
         "name": spec["name"],
@@ -245,6 +252,8 @@ def make_specialist(spec: dict, data: Path, out: Path, args: argparse.Namespace)
         "val_loss_after_finetuning": round(res["val_loss"], 4),
         "finetune": {k: v for k, v in res.items() if k != "val_loss"}
         | {"lr": lr, "minutes": minutes, "seed": seed, "batch": args.batch, "seq": args.seq},
+        "load_average_before_after": [round(x, 2) for x in (*load_before, *load_after)],
+        "command": " ".join(["python", *sys.argv]),
         "made_by": (
             f"default model, the {spec['experts']} experts per layer its domains route to most kept "
             f"(top-{spec['top_k']}), fine-tuned {res['steps']} steps ({res['tokens']} tokens) on {'+'.join(spec['domains'])}"
@@ -252,6 +261,37 @@ def make_specialist(spec: dict, data: Path, out: Path, args: argparse.Namespace)
     }
     (dst / "made.json").write_text(json.dumps(made, indent=2) + "\n")
     log(f"{spec['name']}: {params / 1e6:.2f}M params, val loss {res['val_loss']:.3f} -> {dst}")
+
+
+def more(spec: dict, data: Path, dst: Path, args: argparse.Namespace) -> None:
+    """Fine-tune a made specialist for another `--minutes` on its domains (a new warm-up and
+    cosine schedule), and record the round in its made.json."""
+    from transformers import MixtralForCausalLM
+
+    made = json.loads((dst / "made.json").read_text())
+    lr = spec.get("lr", args.lr)
+    train, val = Split(data / "train.npz"), Split(data / "validation.npz")
+    stream = train.stream(spec["domains"])
+    vw = windows(val.stream(spec["domains"]), 257, args.val_windows)
+    hf = MixtralForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
+    model = train_moe.TrainMixtral(hf.config)
+    model.load_state_dict(hf.state_dict(), strict=True)
+    torch.manual_seed(args.seed + len(made.get("rounds", [])) + 1)
+    load_before = os.getloadavg()
+    res = finetune(model, stream, vw, args.minutes, lr, args.seed + 1, spec["name"], args.batch, args.seq)
+    export(model, hf.config, dst)
+    made.setdefault("rounds", []).append(
+        {k: v for k, v in res.items() if k != "val_loss"}
+        | {"lr": lr, "minutes": args.minutes, "batch": args.batch, "seq": args.seq}
+        | {
+            "val_loss": round(res["val_loss"], 4),
+            "load_average_before_after": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+            "command": " ".join(["python", *sys.argv]),
+        }
+    )
+    made["val_loss_after_finetuning"] = round(res["val_loss"], 4)
+    (dst / "made.json").write_text(json.dumps(made, indent=2) + "\n")
+    log(f"{spec['name']}: another {res['steps']} steps, val loss {res['val_loss']:.3f} -> {dst}")
 
 
 def scratch(spec: dict, data: Path, out: Path, args: argparse.Namespace, lr: float) -> None:
@@ -277,15 +317,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", type=Path, default=Path("artifacts/corpus"))
     ap.add_argument("--out", type=Path, default=Path("artifacts/mixture"))
-    ap.add_argument("--minutes", type=float, default=4.0, help="fine-tuning time per specialist")
+    ap.add_argument("--minutes", type=float, default=16.0, help="fine-tuning time per specialist")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--val-windows", type=int, default=16, help="257-token validation windows per specialist")
     ap.add_argument("--seed", type=int, default=1234)
     # one thread: on a shared, oversubscribed machine two torch threads made a step 10x slower here
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default=None, help="comma-separated specialist names")
+    ap.add_argument(
+        "--more", action="store_true", help="fine-tune specialists already made for another --minutes (a new schedule)"
+    )
     ap.add_argument("--scratch", action="store_true", help="also train the smallest shape from scratch")
     ap.add_argument(
         "--experts",
