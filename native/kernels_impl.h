@@ -163,6 +163,7 @@ struct DecodeInput {
   std::vector<uint8_t> xl, xl2;  // xh2, xl2: xh, xl of block pairs interleaved per 8 values (2/3-bit sdot)
   std::vector<int32_t> hcorr;    // per block: 32768 * sum(xh), for 8-bit codes taken as c - 128 (sdot)
   std::vector<float> dx16, dx8, xsum16, xsum8;
+  std::vector<float> dx16w, dx8w;  // dx16, dx8 times 2^56 (the decode loop's scaling, kernels_neon_decode.h)
   DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
 };
 
