@@ -172,7 +172,8 @@ struct DecodeInput {
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // The same at a given level (tests; level <= cpu_level()). Every level forms the
-// same integer dot of each block, then the same float operations: the same bits.
+// same integer dot of each block, then the same float operations (up to exact powers of
+// two): the same bits.
 void qmatvec_at(Level level, const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,

@@ -258,7 +258,8 @@ EDGEMOE_INLINE float32x4_t pair_scales4(const uint8_t* sci, const uint8_t* scj, 
 // A block's dot (Dot::Block<BITS>::dot) is an exact integer spread over 4 lanes; four
 // blocks' lanes are added pairwise into one vector of their totals, converted once and
 // scaled by those blocks' dx * scale. The totals are the same integers at every level,
-// and so is every float operation after them: all levels give the same bits.
+// and so is every float operation after them, up to powers of two (kWide): all levels
+// give the same bits.
 template <class Dot, int BITS, int RR, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   using Block = typename Dot::template Block<BITS>;

@@ -161,7 +161,7 @@ def main() -> None:
             r = per_core[core][name]
             bpc = weight_bytes(name) / r.cycles
             gbs = bpc * core.cores * core.ghz
-            share = f" ({gbs / core.gbps:.1f}x)" if core.gbps else ""
+            share = f" ({gbs / core.gbps:.2f}x)" if core.gbps else ""
             cells.append(f"{bpc:.2f} B/cyc, {gbs:.1f} GB/s{share}")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
