@@ -141,18 +141,19 @@ struct DecodeX {
 // finite f16, subnormal or not; dx comes times kWide = 2^56 (DecodeInput::dx8w, dx16w); a
 // row's sum is multiplied by kWide at the end. Powers of two change no rounding while every
 // value stays a normal float (a row's terms above 2^-70 in magnitude, x below 2^50): then
-// these are the bits of the unscaled loop that plain NEON runs (fcvtl; the Cortex-A72 has
-// three-wide decode, which the integer work would fill). With flush-to-zero (FPCR.FZ, off
-// unless a program sets it) a scale below 2^-14 would count as 0 here.
+// these are the bits of the unscaled loop that plain NEON and the i8mm level run (fcvtl;
+// the Cortex-A72 decodes three instructions a cycle, which the integer work would fill).
+// With flush-to-zero (FPCR.FZ, off unless a program sets it) a scale below 2^-14 would
+// count as 0 here.
 constexpr float kWide = 0x1p56f;
 
 // Two f16 at p (little-endian, any alignment) -> their f32 bits times 2^-112 in one u64,
 // the first in the low half: each value's bits shifted 13 places up, sign back to bit 31.
 EDGEMOE_INLINE uint64_t scaled_f16x2(const uint8_t* p) {
   const uint32_t w = ld_u32(p);
-  const uint32_t lo = uint32_t(int32_t(int16_t(uint16_t(w)))) << 13;        // sign in bits 28..31
-  const uint64_t hi = uint64_t(uint32_t(int32_t(w) >> 16)) << 45;          // sign in bits 60..63
-  return (uint64_t(lo) | hi) & 0x8FFFFFFF8FFFFFFFull;                      // drop bits 28..30, 60..62
+  const uint32_t lo = uint32_t(int32_t(int16_t(uint16_t(w)))) << 13;  // sign in bits 28..31
+  const uint64_t hi = uint64_t(uint32_t(int32_t(w) >> 16)) << 45;     // sign in bits 60..63
+  return (uint64_t(lo) | hi) & 0x8FFFFFFF8FFFFFFFull;                 // drop bits 28..30, 60..62
 }
 
 // One f16 at p -> its f32 bits times 2^-112.
@@ -161,7 +162,6 @@ EDGEMOE_INLINE uint32_t scaled_f16(const uint8_t* p) {
   __builtin_memcpy(&h, p, 2);
   return (uint32_t(int32_t(h)) << 13) & 0x8FFFFFFFu;
 }
-
 
 // 4 f16 at p (any alignment) -> f32.
 EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
@@ -240,7 +240,8 @@ EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
     if constexpr (WIDE) return f32x4_bits(scaled_f16x2(sc + 2 * b), scaled_f16x2(sc + 2 * b + 4));
     return f16x4(sc + 2 * b);
   } else {
-    if constexpr (WIDE) return vreinterpretq_f32_u32(vdupq_n_u32(scaled_f16(sc + b / 2)));  // dup from a general register
+    if constexpr (WIDE)
+      return vreinterpretq_f32_u32(vdupq_n_u32(scaled_f16(sc + b / 2)));  // dup from a general register
     return vdupq_n_f32(ld_f16(sc + b / 2));
   }
 }
@@ -264,7 +265,7 @@ template <class Dot, int BITS, int RR, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   using Block = typename Dot::template Block<BITS>;
   constexpr uint32_t cb = chunk_bytes(BITS);
-  constexpr bool kRowPairs = CPG == 2;  // acc[i / 2] holds rows i, i + 1 (a last odd row: twice)
+  constexpr bool kRowPairs = CPG == 2;        // acc[i / 2] holds rows i, i + 1 (a last odd row: twice)
   constexpr bool kScaled = Dot::kWideScales;  // scaled floats, scales on the integer unit (see kWide)
   const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
   const float* dx = x.dx;

@@ -867,8 +867,7 @@ static void test_neon_decode_scales() {
           CHECK(std::isfinite(y[r]) && std::fabs(double(y[r]) - ref[r]) <= (bits == 4 ? 1e-2 : 1e-4) * mag + 1e-30);
         }
         if (lv == 0) base = y;
-        else
-          CHECK(std::memcmp(y.data(), base.data(), y.size() * 4) == 0);
+        else CHECK(std::memcmp(y.data(), base.data(), y.size() * 4) == 0);
       }
     }
 }
