@@ -163,6 +163,7 @@ struct DecodeInput {
   std::vector<uint8_t> xl, xl2;  // xh2, xl2: xh, xl of block pairs interleaved per 8 values (2/3-bit sdot)
   std::vector<int32_t> hcorr;    // per block: 32768 * sum(xh), for 8-bit codes taken as c - 128 (sdot)
   std::vector<float> dx16, dx8, xsum16, xsum8;
+  std::vector<float> dx16w, dx8w;  // dx16, dx8 times 2^56 (the decode loop's scaling, kernels_neon_decode.h)
   DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
 };
 
@@ -171,7 +172,8 @@ struct DecodeInput {
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // The same at a given level (tests; level <= cpu_level()). Every level forms the
-// same integer dot of each block, then the same float operations: the same bits.
+// same integer dot of each block, then the same float operations (up to exact powers of
+// two): the same bits.
 void qmatvec_at(Level level, const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,

@@ -35,6 +35,7 @@ namespace {
 // multiplied-accumulated into int32 with int16 x (8 * 255 * 32767 fits).
 struct DotNeon : PlainTotals {
   static constexpr int kLevel = int(Level::kNeon);
+  static constexpr bool kWideScales = false;  // the unscaled loop (see kWide)
   template <int BITS>
   static constexpr bool kPaired = BITS == 2 || BITS == 3;
 
@@ -401,6 +402,8 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
           std::copy(&xl[from], &xl[from] + 8, &xl2[to]);
         }
     group_sums(x, cols, gs, xsum16.data());
+    dx16w.resize(nb);
+    for (uint32_t b = 0; b < nb; ++b) dx16w[b] = dx16[b] * kWide;
   }
   if (need8) {
     // the group sums of the rounded x, as avx2's quantize_x8: the min term then sees the x the codes do
@@ -421,6 +424,8 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
       }
       xsum8[g] = s;
     }
+    dx8w.resize(nb);
+    for (uint32_t b = 0; b < nb; ++b) dx8w[b] = dx8[b] * kWide;
   }
 }
 

@@ -33,10 +33,23 @@ EDGEMOE_INLINE uint32_t ld_u32(const uint8_t* p) {
   __builtin_memcpy(&v, p, 4);
   return v;
 }
+EDGEMOE_INLINE uint64_t ld_u64(const uint8_t* p) {
+  uint64_t v;
+  __builtin_memcpy(&v, p, 8);
+  return v;
+}
 EDGEMOE_INLINE float ld_f16(const uint8_t* p) {
   __fp16 h;  // IEEE half on AArch64
   __builtin_memcpy(&h, p, 2);
   return float(h);
+}
+
+// [lo's 8 bytes, hi's 8 bytes] as a vector of 4 floats, moved by the integer unit (fmov;
+// an `ins` takes a vector pipe too).
+EDGEMOE_INLINE float32x4_t f32x4_bits(uint64_t lo, uint64_t hi) {
+  float32x4_t r;
+  asm("fmov %d0, %x1\n\tfmov %0.d[1], %x2" : "=w"(r) : "r"(lo), "r"(hi));
+  return r;
 }
 
 // One chunk of 32 codes (docs/format.md) -> lo = values 0..15, hi = values 16..31, one byte each.
@@ -62,8 +75,8 @@ EDGEMOE_INLINE void unpack(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
       static constexpr uint8_t kHi[16] = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
       const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(ld_u32(p + 8))), bit = vld1q_u8(kBit);
       const uint8x16_t four = vdupq_n_u8(4);
-      lo = vorrq_u8(lo, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kLo)), bit), four));
-      hi = vorrq_u8(hi, vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kHi)), bit), four));
+      lo = vbslq_u8(four, vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kLo)), bit), lo);  // bit 2 from the test
+      hi = vbslq_u8(four, vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kHi)), bit), hi);
     }
   }
 }
@@ -75,7 +88,9 @@ template <int BITS>
 EDGEMOE_INLINE void unpack_pair(const uint8_t* p, uint8x16_t f[4]) {
   static_assert(BITS == 2 || BITS == 3, "2/3-bit codes");
   constexpr uint32_t cb = chunk_bytes(BITS);
-  const uint8x16_t q = BITS == 2 ? vld1q_u8(p) : vcombine_u8(vld1_u8(p), vld1_u8(p + cb));
+  // 3-bit: the blocks' 2-bit parts are 12 bytes apart, joined by the integer unit (an
+  // ld1 to the upper half would take a vector pipe)
+  const uint8x16_t q = BITS == 2 ? vld1q_u8(p) : vreinterpretq_u8_f32(f32x4_bits(ld_u64(p), ld_u64(p + cb)));
   const uint8x16_t three = vdupq_n_u8(3);
   f[0] = vandq_u8(q, three);
   f[1] = vandq_u8(vshrq_n_u8(q, 2), three);
@@ -83,7 +98,8 @@ EDGEMOE_INLINE void unpack_pair(const uint8_t* p, uint8x16_t f[4]) {
   f[3] = vshrq_n_u8(q, 6);
   if constexpr (BITS == 3) {
     // bit 2 of value j is bit j of the block's u32 after its 2-bit part: byte k of each
-    // block's word to its 8 lanes of field k, then test each lane's bit
+    // block's word to its 8 lanes of field k, test each lane's bit, insert the test's bit 2
+    // into the field (one bit/bsl instead of an and and an orr)
     static constexpr uint8_t kBit[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
     static constexpr uint8_t kSel[4][16] = {{0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4},
                                             {1, 1, 1, 1, 1, 1, 1, 1, 5, 5, 5, 5, 5, 5, 5, 5},
@@ -91,7 +107,7 @@ EDGEMOE_INLINE void unpack_pair(const uint8_t* p, uint8x16_t f[4]) {
                                             {3, 3, 3, 3, 3, 3, 3, 3, 7, 7, 7, 7, 7, 7, 7, 7}};
     const uint64_t words = uint64_t(ld_u32(p + 8)) | uint64_t(ld_u32(p + cb + 8)) << 32;
     const uint8x16_t w = vreinterpretq_u8_u64(vdupq_n_u64(words)), bit = vld1q_u8(kBit), four = vdupq_n_u8(4);
-    for (int k = 0; k < 4; ++k) f[k] = vorrq_u8(f[k], vandq_u8(vtstq_u8(vqtbl1q_u8(w, vld1q_u8(kSel[k])), bit), four));
+    for (int k = 0; k < 4; ++k) f[k] = vbslq_u8(four, vtstq_u8(vqtbl1q_u8(w, vld1q_u8(kSel[k])), bit), f[k]);
   }
 }
 
@@ -105,17 +121,47 @@ struct DecodeX {
   const uint8_t* xl2 = nullptr;    // [cols] xl, block pairs interleaved
   const int32_t* hcorr = nullptr;  // [cols / 32]
   const float* dx;                 // [cols / 32]
+  const float* dxw;                // [cols / 32] dx * kWide
   const float* xsum;               // [cols / gs]
   DecodeX(const DecodeInput& in, int bits) {
     if (bits == 4) {
-      x8 = in.x8.data(), dx = in.dx8.data(), xsum = in.xsum8.data();
+      x8 = in.x8.data(), dx = in.dx8.data(), dxw = in.dx8w.data(), xsum = in.xsum8.data();
     } else {
       x16 = in.x16.data(), xh = in.xh.data(), xl = in.xl.data(), hcorr = in.hcorr.data();
       xh2 = in.xh2.data(), xl2 = in.xl2.data();
-      dx = in.dx16.data(), xsum = in.xsum16.data();
+      dx = in.dx16.data(), dxw = in.dx16w.data(), xsum = in.xsum16.data();
     }
   }
 };
+
+// At the dot-product levels the main loop's floats are scaled by powers of two so that
+// the f16 group scales need no vector conversion (fcvtl: two micro-ops of one vector pipe
+// per 4 scales, Neoverse N1 / Cortex-A76 and A78 tables): a scale's bits moved into f32
+// place on the integer unit (scaled_f16x2) are the scale times 2^-112 exactly, for every
+// finite f16, subnormal or not; dx comes times kWide = 2^56 (DecodeInput::dx8w, dx16w); a
+// row's sum is multiplied by kWide at the end. Powers of two change no rounding while every
+// value stays a normal float (a row's terms above 2^-70 in magnitude, x below 2^50): then
+// these are the bits of the unscaled loop that plain NEON and the i8mm level run (fcvtl;
+// the Cortex-A72 decodes three instructions a cycle, which the integer work would fill).
+// With flush-to-zero (FPCR.FZ, off unless a program sets it) a scale below 2^-14 would
+// count as 0 here.
+constexpr float kWide = 0x1p56f;
+
+// Two f16 at p (little-endian, any alignment) -> their f32 bits times 2^-112 in one u64,
+// the first in the low half: each value's bits shifted 13 places up, sign back to bit 31.
+EDGEMOE_INLINE uint64_t scaled_f16x2(const uint8_t* p) {
+  const uint32_t w = ld_u32(p);
+  const uint32_t lo = uint32_t(int32_t(int16_t(uint16_t(w)))) << 13;  // sign in bits 28..31
+  const uint64_t hi = uint64_t(uint32_t(int32_t(w) >> 16)) << 45;     // sign in bits 60..63
+  return (uint64_t(lo) | hi) & 0x8FFFFFFF8FFFFFFFull;                 // drop bits 28..30, 60..62
+}
+
+// One f16 at p -> its f32 bits times 2^-112.
+EDGEMOE_INLINE uint32_t scaled_f16(const uint8_t* p) {
+  int16_t h;
+  __builtin_memcpy(&h, p, 2);
+  return (uint32_t(int32_t(h)) << 13) & 0x8FFFFFFFu;
+}
 
 // 4 f16 at p (any alignment) -> f32.
 EDGEMOE_INLINE float32x4_t f16x4(const uint8_t* p) { return vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p))); }
@@ -145,6 +191,12 @@ EDGEMOE_INLINE float32x4_t magic_to_f32(int32x4_t biased) {
 EDGEMOE_INLINE int32x4_t seed(int32_t v) {
   int32x4_t r;
   asm volatile("fmov %s0, %w1" : "=w"(r) : "r"(v));
+  return r;
+}
+// [v, 0, v, 0] the same way (dup from a general register), for a pair of blocks in one vector.
+EDGEMOE_INLINE int32x4_t seed_pair(int32_t v) {
+  int32x4_t r;
+  asm volatile("dup %0.2d, %x1" : "=w"(r) : "r"(uint64_t(uint32_t(v))));
   return r;
 }
 
@@ -179,31 +231,42 @@ EDGEMOE_INLINE float min_term(const uint8_t* mn, const float* xsum, uint32_t ng)
   return v;
 }
 
-// The scales of the 4 chunks b..b+3 of a row (b a multiple of 4) whose f16 group
-// scales start at sc, CPG chunks per group.
-template <uint32_t CPG>
+// The scales of the 4 chunks b..b+3 of a row (b a multiple of 4) whose f16 group scales
+// start at sc, CPG chunks per group; WIDE: times 2^-112 (kWide), built on the integer unit.
+template <uint32_t CPG, bool WIDE>
 EDGEMOE_INLINE float32x4_t chunk_scales4(const uint8_t* sc, uint32_t b) {
+  static_assert(CPG == 1 || CPG == 4, "chunks per group (groups of 64 take two rows at once)");
   if constexpr (CPG == 1) {
+    if constexpr (WIDE) return f32x4_bits(scaled_f16x2(sc + 2 * b), scaled_f16x2(sc + 2 * b + 4));
     return f16x4(sc + 2 * b);
-  } else if constexpr (CPG == 2) {  // groups b/2 and b/2 + 1, each twice
-    const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(ld_u32(sc + b))));  // one ldr s
-    return vzip1q_f32(s, s);
   } else {
-    static_assert(CPG == 4, "chunks per group");
+    if constexpr (WIDE)
+      return vreinterpretq_f32_u32(vdupq_n_u32(scaled_f16(sc + b / 2)));  // dup from a general register
     return vdupq_n_f32(ld_f16(sc + b / 2));
   }
+}
+
+// The scales of groups b/2, b/2 + 1 of rows i and j (b a multiple of 4, groups of 64):
+// [i: b/2, b/2 + 1, j: b/2, b/2 + 1], from the rows' two 4-byte runs; WIDE as above.
+template <bool WIDE>
+EDGEMOE_INLINE float32x4_t pair_scales4(const uint8_t* sci, const uint8_t* scj, uint32_t b) {
+  if constexpr (WIDE) return f32x4_bits(scaled_f16x2(sci + b), scaled_f16x2(scj + b));
+  const uint64_t s4 = uint64_t(ld_u32(sci + b)) | uint64_t(ld_u32(scj + b)) << 32;
+  return vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(s4)));
 }
 
 // RR rows from row r: y[r + i] = sum_b scale(b) dx[b] (codes_b . xq_b) + min_mult * min . xsum.
 // A block's dot (Dot::Block<BITS>::dot) is an exact integer spread over 4 lanes; four
 // blocks' lanes are added pairwise into one vector of their totals, converted once and
 // scaled by those blocks' dx * scale. The totals are the same integers at every level,
-// and so is every float operation after them: all levels give the same bits.
+// and so is every float operation after them, up to powers of two (kWide): all levels
+// give the same bits.
 template <class Dot, int BITS, int RR, uint32_t CPG>
 EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
   using Block = typename Dot::template Block<BITS>;
   constexpr uint32_t cb = chunk_bytes(BITS);
-  constexpr bool kRowPairs = CPG == 2;  // acc[i / 2] holds rows i, i + 1 (a last odd row: twice)
+  constexpr bool kRowPairs = CPG == 2;        // acc[i / 2] holds rows i, i + 1 (a last odd row: twice)
+  constexpr bool kScaled = Dot::kWideScales;  // scaled floats, scales on the integer unit (see kWide)
   const uint32_t nb = w.cols / kChunk, ng = nb / CPG;
   const float* dx = x.dx;
   const uint8_t* codes[RR];
@@ -253,25 +316,25 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
       }
       for (int i = 0; i < RR; ++i) t[i] = Block::total(Block::padd(t01[i], t23[i]));
     }
-    const float32x4_t dx4 = vld1q_f32(dx + b);
+    const float32x4_t dx4 = vld1q_f32((kScaled ? x.dxw : dx) + b);  // kScaled: times kWide, the scales times kWide^-2
     for (int i = 0; i < RR; ++i) {
       __builtin_prefetch(codes[i] + kPrefetchBytes);
       codes[i] += 4 * cb;
     }
     if constexpr (kRowPairs) {
       // two rows at once: their blocks' dx * total summed per group of two blocks, lanes
-      // [row i: group b/2, b/2 + 1, row i + 1: the same], times those four scales (one
-      // 8-byte f16 vector built from the rows' two 4-byte runs), in one accumulator
+      // [row i: group b/2, b/2 + 1, row i + 1: the same], times those four scales, in one
+      // accumulator
       for (int i = 0; i < RR; i += 2) {
         const int j = i + 1 < RR ? i + 1 : i;
-        const uint64_t s4 = uint64_t(ld_u32(sc[i] + b)) | uint64_t(ld_u32(sc[j] + b)) << 32;
+        const float32x4_t s4 = pair_scales4<kScaled>(sc[i], sc[j], b);
         const float32x4_t w0 = vmulq_f32(Dot::template totals<BITS>(t[i]), dx4);
         const float32x4_t w1 = i == j ? w0 : vmulq_f32(Dot::template totals<BITS>(t[j]), dx4);
-        acc[i / 2] = vfmaq_f32(acc[i / 2], vpaddq_f32(w0, w1), vcvt_f32_f16(vreinterpret_f16_u64(vcreate_u64(s4))));
+        acc[i / 2] = vfmaq_f32(acc[i / 2], vpaddq_f32(w0, w1), s4);
       }
     } else {
       for (int i = 0; i < RR; ++i) {
-        const float32x4_t m = vmulq_f32(chunk_scales4<CPG>(sc[i], b), dx4);
+        const float32x4_t m = vmulq_f32(chunk_scales4<CPG, kScaled>(sc[i], b), dx4);
         acc[i] = vfmaq_f32(acc[i], Dot::template totals<BITS>(t[i]), m);
       }
     }
@@ -279,12 +342,14 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
   }
   for (; b < nb; ++b) {  // the last < 4 blocks of a row
     const Block xb(x, b);
+#pragma GCC unroll 4
     for (int i = 0; i < RR; ++i) {
       const int32_t t = Block::sum(xb.dot(codes[i])) - Dot::template kSeed<BITS>;
       tail[i] += float(t) * (dx[b] * ld_f16(sc[i] + 2 * (b / CPG)));
       codes[i] += cb;
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < RR; ++i) {
     float main;
     if constexpr (kRowPairs) {
@@ -293,6 +358,7 @@ EDGEMOE_INLINE void qmatvec_rows(const QMatrix& w, uint32_t r, const DecodeX& x,
     } else {
       main = vaddvq_f32(acc[i]);
     }
+    if constexpr (kScaled) main *= kWide;
     y[r + uint32_t(i)] =
         (main + tail[i]) + w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
   }
@@ -334,8 +400,10 @@ EDGEMOE_INLINE void qmatvec_with(const QMatrix& w, uint32_t r0, uint32_t r1, con
 
 }  // namespace
 
-// The decode kernel at the dot-product levels (kernels_neon_dotprod.cpp).
+// The decode kernel at the dot-product levels (kernels_neon_dotprod.cpp); the i8mm level
+// runs its 2/3/4-bit codes through qmatvec_dotprod_unscaled.
 void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
+void qmatvec_dotprod_unscaled(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 }  // namespace edgemoe::kernels::neon

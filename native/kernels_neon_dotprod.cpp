@@ -35,17 +35,24 @@ namespace edgemoe::kernels::neon {
 
 namespace {
 
-// Block dots with sdot/udot. 2/3-bit codes are < 8, so they fit int8 for sdot.
+// Block dots with sdot/udot. 2/3-bit codes are < 8, so they fit int8 for sdot. WIDE: the
+// scaled float loop (kWide), for the dotprod level (Neoverse N1 class: A76, A78AE); the
+// i8mm level (Neoverse N2 class: X2..X4, A710, A720) runs them unscaled, its cores
+// moving general registers to vectors on one pipe, which the seeds already keep busy.
+template <bool WIDE>
 struct DotSdot {
-  static constexpr int kLevel = int(Level::kDotprod);
-  // 4-bit blocks start their sdot chain at [kMagicBits, 0, 0, 0] (magic_seed), so four
-  // blocks' totals arrive as f32 bits and one fsub converts them, exactly: |total| <=
-  // 32 * 15 * 127 < 2^22. Other bitwidths scale their halves by 256 and start at 0.
+  static constexpr int kLevel = int(WIDE ? Level::kDotprod : Level::kI8mm);
+  static constexpr bool kWideScales = WIDE;
+  // 4-bit blocks start their sdot chain at [kMagicBits, 0, 0, 0] (seed), so four blocks'
+  // totals arrive as f32 bits and one fsub converts them, exactly: |total| <= 32 * 15 *
+  // 127 < 2^22. 2-bit blocks too, their udot chain (|total| <= 32 * 3 * 32767 < 2^22; a
+  // pair of blocks starts at [kMagicBits, 0, kMagicBits, 0], seed_pair). 3- and 8-bit
+  // totals can reach 2^22: converted by scvtf.
   template <int BITS>
-  static constexpr int32_t kSeed = BITS == 4 ? kMagicBits : 0;
+  static constexpr int32_t kSeed = BITS == 4 || BITS == 2 ? kMagicBits : 0;
   template <int BITS>
   static EDGEMOE_INLINE float32x4_t totals(int32x4_t t) {
-    if constexpr (BITS == 4) return magic_to_f32(t);
+    if constexpr (kSeed<BITS> != 0) return magic_to_f32(t);
     return vcvtq_f32_s32(t);
   }
   template <int BITS>
@@ -68,7 +75,7 @@ struct DotSdot {
       uint8x16_t f[4];
       unpack_pair<BITS>(p, f);
       int32x4_t s = vdotq_s32(seed(0), vreinterpretq_s8_u8(f[0]), h[0]);
-      uint32x4_t u = vdotq_u32(vreinterpretq_u32_s32(seed(0)), f[0], l[0]);
+      uint32x4_t u = vdotq_u32(vreinterpretq_u32_s32(seed_pair(kSeed<BITS>)), f[0], l[0]);
       for (int k = 1; k < 4; ++k) {
         s = vdotq_s32(s, vreinterpretq_s8_u8(f[k]), h[k]);
         u = vdotq_u32(u, f[k], l[k]);
@@ -108,7 +115,7 @@ struct DotSdot {
                                       vreinterpretq_s8_u8(veorq_u8(hi, flip)), h1);
         return {s, vreinterpretq_s32_u32(u)};
       } else {
-        const uint32x4_t u = vdotq_u32(vdotq_u32(vdupq_n_u32(0), lo, l0), hi, l1);
+        const uint32x4_t u = vdotq_u32(vdotq_u32(vreinterpretq_u32_s32(seed(kSeed<BITS>)), lo, l0), hi, l1);
         const int32x4_t s =
             vdotq_s32(vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(lo), h0), vreinterpretq_s8_u8(hi), h1);
         return vmlaq_n_s32(vreinterpretq_s32_u32(u), s, 256);
@@ -120,7 +127,15 @@ struct DotSdot {
 }  // namespace
 
 void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
-  qmatvec_with<DotSdot>(w, r0, r1, in, y);
+  qmatvec_with<DotSdot<true>>(w, r0, r1, in, y);
+}
+
+void qmatvec_dotprod_unscaled(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  switch (w.bits) {  // 8-bit codes have usdot there (kernels_neon_i8mm.cpp)
+    case 2: return qmatvec_bits<DotSdot<false>, 2>(w, r0, r1, in, y);
+    case 3: return qmatvec_bits<DotSdot<false>, 3>(w, r0, r1, in, y);
+    default: return qmatvec_bits<DotSdot<false>, 4>(w, r0, r1, in, y);
+  }
 }
 
 }  // namespace edgemoe::kernels::neon

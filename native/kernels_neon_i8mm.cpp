@@ -37,6 +37,7 @@ namespace {
 
 struct DotI8mm : PlainTotals {
   static constexpr int kLevel = int(Level::kI8mm);
+  static constexpr bool kWideScales = false;  // unscaled: these cores move general registers to vectors on one pipe
   template <int BITS>
   static constexpr bool kPaired = false;
   template <int BITS>
@@ -66,7 +67,7 @@ struct DotI8mm : PlainTotals {
 }  // namespace
 
 void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
-  if (w.bits != 8) return qmatvec_dotprod(w, r0, r1, in, y);
+  if (w.bits != 8) return qmatvec_dotprod_unscaled(w, r0, r1, in, y);
   qmatvec_bits<DotI8mm, 8>(w, r0, r1, in, y);
 }
 

@@ -109,8 +109,8 @@ def kernels(level: int) -> list[tuple[str, str]]:
     """(label, region) for the kernels of the table, at the dispatch's level."""
 
     def decode(bits: int, cpg: int) -> str:
-        lv = level if bits == 8 else min(level, 1)  # i8mm has an 8-bit kernel only, the rest is dotprod's
-        return f"decode_b{bits}_rows{4 if bits == 4 and lv > 0 else 2}_cpg{cpg}_level{lv}"
+        # the i8mm level: usdot for 8-bit codes, the other widths dotprod's block dots in the unscaled loop
+        return f"decode_b{bits}_rows{4 if bits == 4 and level > 0 else 2}_cpg{cpg}_level{level}"
 
     rows = [(f"decode INT{b}, g64 (T=1)", decode(b, 2)) for b in (4, 8, 2, 3)]
     rows += [("decode INT4, g32 (T=1)", decode(4, 1))]
@@ -161,7 +161,7 @@ def main() -> None:
             r = per_core[core][name]
             bpc = weight_bytes(name) / r.cycles
             gbs = bpc * core.cores * core.ghz
-            share = f" ({gbs / core.gbps:.1f}x)" if core.gbps else ""
+            share = f" ({gbs / core.gbps:.2f}x)" if core.gbps else ""
             cells.append(f"{bpc:.2f} B/cyc, {gbs:.1f} GB/s{share}")
         print(f"| {label} | " + " | ".join(cells) + " |")
 

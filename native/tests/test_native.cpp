@@ -833,6 +833,44 @@ static void test_neon_kernels() {
     CHECK(kernels::neon::byte_sum(bytes.data(), n) == kernels::portable::byte_sum(bytes.data(), n));
   std::printf("  neon: %d decode checks over %d level(s)\n", checked, int(top) + 1);
 }
+
+// Group scales of every kind of f16 (zero, -0, subnormal, the largest normal, either sign)
+// through the decode at every level: the dot-product level builds them on the integer unit
+// (kernels_neon_decode.h, kWide), plain NEON with fcvtl; the same bits, near the portable path.
+static void test_neon_decode_scales() {
+  using kernels::neon::Level;
+  const Level top = kernels::neon::cpu_level();
+  const uint16_t kScales[] = {0x0000, 0x8000, 0x0001, 0x83FF, 0x0200, 0x7BFF, 0xFBFF, 0x3C00, 0x8400, 0x2E66};
+  for (uint32_t bits : {2u, 3u, 4u, 8u})
+    for (uint32_t gs : {32u, 64u, 128u}) {
+      const uint32_t rows = 7, cols = 384, ng = cols / gs;  // 7 rows: a pass of 4 (or 2) and a rest
+      TestMatrix m = make_quant(rows, cols, bits, gs);
+      const QMatrix q0 = parse_qmatrix(m.buf.data(), m.buf.size());
+      const size_t scales_at = size_t(q0.scales - m.buf.data());
+      for (size_t i = 0; i < size_t(rows) * ng; ++i) std::memcpy(&m.buf[scales_at + 2 * i], &kScales[i % 10], 2);
+      const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+      const auto x = rand_vec(cols);
+      const kernels::neon::DecodeInput in(x.data(), cols, gs, bits != 4, bits == 4);
+      const auto ref = portable_matmul(q, x, 1);
+      std::vector<float> base;
+      for (int lv = 0; lv <= int(top); ++lv) {
+        std::vector<float> y(rows, 0.0f);
+        kernels::neon::qmatvec_at(Level(lv), q, 0, rows, in, y.data());
+        for (uint32_t r = 0; r < rows; ++r) {
+          double mag = 0;  // sum over the row of |scale| * (2^bits - 1) * |x| + |min x|
+          for (uint32_t c = 0; c < cols; ++c) {
+            const size_t g = size_t(r) * ng + c / gs;
+            mag += (std::fabs(f16_to_f32(kScales[g % 10])) * double((1u << bits) - 1) +
+                    std::fabs(f16_to_f32(load_u16(q.mins + 2 * g)))) *
+                   std::fabs(x[c]);
+          }
+          CHECK(std::isfinite(y[r]) && std::fabs(double(y[r]) - ref[r]) <= (bits == 4 ? 1e-2 : 1e-4) * mag + 1e-30);
+        }
+        if (lv == 0) base = y;
+        else CHECK(std::memcmp(y.data(), base.data(), y.size() * 4) == 0);
+      }
+    }
+}
 #endif
 
 // expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
@@ -1763,6 +1801,7 @@ int main() {
 #endif
 #if defined(EDGEMOE_NEON)
   test_neon_kernels();
+  test_neon_decode_scales();
 #endif
   test_dense_ops();
   test_expert_forward();
