@@ -172,11 +172,11 @@ def main() -> None:
         [("train", args.train_docs)] if args.train_docs else []
     )
     if args.rescore:
-        models = load_models(mix, args.rescore.split(","))
+        fresh = load_models(mix, args.rescore.split(","))
         for split, n in samples:
             if scored_path(mix, split, n).exists():
                 s = Split(mix / "data" / f"{split}.npz")
-                rescore(scored_path(mix, split, n), models, s, sample_rows(s, n), args.score_tokens, feats)
+                rescore(scored_path(mix, split, n), fresh, s, sample_rows(s, n), args.score_tokens, feats)
     need = not all(scored_path(mix, s, n).exists() for s, n in samples)
     models = load_models(mix) if need else None
     val_all = scored(mix, "validation", feats, args.score_tokens, args.docs, models)
