@@ -8,8 +8,14 @@
    test documents (48 per domain of each split, a random sample): per document, the first min(32, length/2)
    tokens are the prompt the gate sees, and the log-probability of each of the next (up to) 64
    true tokens is kept.
-2. The gate (features -> 64 ReLU -> one logit per specialist) is trained on the validation
-   documents to minimise the cross-entropy of the gated mixture, and exported as gate.onnx.
+   The gate also gets `--train-docs` documents per domain of the training split, scored the
+   same way: the validation split has only 5 code-python and 8 reference-docs documents, too
+   few for the gate to learn those domains from. The specialists were fine-tuned on random
+   windows of their domains' training text, but on a few percent of it (200 000 tokens of
+   python's 6M at most), so their scores on these documents are nearly those of unseen text.
+2. The gate (features -> 64 ReLU -> one logit per specialist) is trained on those documents
+   to minimise the cross-entropy of the gated mixture, and exported as gate.onnx; the test
+   documents are never used to train or tune it.
 3. The test documents with their log-probabilities become heldout.npz; mixture.json is written.
 4. Figures (results.json, results.md): held-out loss per domain of each specialist, of the
    default model and of the gated mixture; the mixture against the best single specialist on
@@ -64,23 +70,43 @@ class FastForward:
         return SimpleNamespace(logits=logits)
 
 
-def load_models(mix: Path) -> dict:
+def load_models(mix: Path, only: list[str] | None = None) -> dict:
     paths = {s["name"]: mix / "specialists" / s["name"] for s in SPECIALISTS} | {REFERENCE: DEFAULT_MODEL}
-    return {name: FastForward(p) for name, p in paths.items()}
+    return {name: FastForward(p) for name, p in paths.items() if only is None or name in only}
+
+
+def rescore(path: Path, models: dict, split: Split, rows: np.ndarray, score_tokens: int, features: FeatureSpec) -> None:
+    """Replace the columns of `models` (a specialist fine-tuned further) in a scored sample."""
+    h, docs = Heldout.load(path), split.docs()
+    fresh = make_heldout(models, [docs[i] for i in rows], list(split.domain[rows]), features, score_tokens)
+    assert np.array_equal(fresh.tokens, h.tokens), f"{path} was scored from other documents"
+    for j, name in enumerate(fresh.specialists):
+        h.logprobs[:, h.specialists.index(name)] = fresh.logprobs[:, j]
+    h.save(path)
+    log(f"rescored {path.name} with {', '.join(fresh.specialists)}")
+
+
+def scored_path(mix: Path, split: str, n_docs: int) -> Path:
+    # the validation and test samples keep their old names; the training sample's size is in its name
+    return mix / "work" / (f"{split}{n_docs}_scored.npz" if split == "train" else f"{split}_scored.npz")
+
+
+def sample_rows(s: Split, n_docs: int) -> np.ndarray:
+    # the split's documents are in a seeded random order; take the first n_docs of each domain
+    # (fortune cookies are most of the documents by count, a twelfth of the text)
+    return np.concatenate([np.flatnonzero(s.domain == d)[:n_docs] for d in sorted(set(s.domain))])
 
 
 def scored(
     mix: Path, split: str, features: FeatureSpec, score_tokens: int, n_docs: int, models: dict | None
 ) -> Heldout:
-    path = mix / "work" / f"{split}_scored.npz"
+    path = scored_path(mix, split, n_docs)
     if path.exists():
         return Heldout.load(path)
     s = Split(mix / "data" / f"{split}.npz")
     models = models or load_models(mix)
     t = time.time()
-    # the split's documents are in a seeded random order; take the first n_docs of each domain
-    # (fortune cookies are most of the documents by count, a twelfth of the text)
-    rows = np.concatenate([np.flatnonzero(s.domain == d)[:n_docs] for d in sorted(set(s.domain))])
+    rows = sample_rows(s, n_docs)
     docs = s.docs()
     h = make_heldout(models, [docs[i] for i in rows], list(s.domain[rows]), features, score_tokens)
     log(f"scored {split}: {len(h.domain)} documents, {int(h.n_scored.sum())} tokens, {time.time() - t:.0f}s")
@@ -94,6 +120,19 @@ def columns(h: Heldout, names: list[str]) -> Heldout:
     return Heldout(names, h.domain, h.tokens, h.prompt_len, h.n_scored, h.features, h.logprobs[:, idx])
 
 
+def concat(a: Heldout, b: Heldout) -> Heldout:
+    assert a.specialists == b.specialists and a.tokens.shape[1] == b.tokens.shape[1]
+    return Heldout(
+        a.specialists,
+        np.concatenate([a.domain, b.domain]),
+        np.concatenate([a.tokens, b.tokens]),
+        np.concatenate([a.prompt_len, b.prompt_len]),
+        np.concatenate([a.n_scored, b.n_scored]),
+        np.concatenate([a.features, b.features]),
+        np.concatenate([a.logprobs, b.logprobs]),
+    )
+
+
 def ppl(loss: float) -> float:
     return math.exp(loss)
 
@@ -105,9 +144,20 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--score-tokens", type=int, default=64)
     ap.add_argument("--docs", type=int, default=48, help="documents per domain scored in each split")
+    ap.add_argument(
+        "--train-docs",
+        type=int,
+        default=96,
+        help="documents per domain of the training split the gate also trains on (0: validation only)",
+    )
+    ap.add_argument(
+        "--rescore",
+        default=None,
+        help="comma-separated specialists fine-tuned since the documents were scored: score again with these only",
+    )
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-2)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -118,16 +168,27 @@ def main() -> None:
     feats = FeatureSpec(buckets=args.buckets, prompt_tokens=args.prompt_tokens)
     names = [s["name"] for s in SPECIALISTS]
 
-    need = not all((mix / "work" / f"{s}_scored.npz").exists() for s in ("validation", "test"))
+    samples = [("validation", args.docs), ("test", args.docs)] + (
+        [("train", args.train_docs)] if args.train_docs else []
+    )
+    if args.rescore:
+        fresh = load_models(mix, args.rescore.split(","))
+        for split, n in samples:
+            if scored_path(mix, split, n).exists():
+                s = Split(mix / "data" / f"{split}.npz")
+                rescore(scored_path(mix, split, n), fresh, s, sample_rows(s, n), args.score_tokens, feats)
+    need = not all(scored_path(mix, s, n).exists() for s, n in samples)
     models = load_models(mix) if need else None
     val_all = scored(mix, "validation", feats, args.score_tokens, args.docs, models)
     test_all = scored(mix, "test", feats, args.score_tokens, args.docs, models)
     val, test = columns(val_all, names), columns(test_all, names)
+    if args.train_docs:
+        val = concat(val, columns(scored(mix, "train", feats, args.score_tokens, args.train_docs, models), names))
 
     hp = dict(hidden=args.hidden, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
     t = time.time()
     net = train_gate(val, **hp)
-    log(f"gate trained on {len(val.domain)} validation documents in {time.time() - t:.1f}s")
+    log(f"gate trained on {len(val.domain)} validation and training documents in {time.time() - t:.1f}s")
     export_gate(net, mix / "gate.onnx", names, feats)
     test.save(mix / "heldout.npz")
     made = {s["name"]: json.loads((mix / "specialists" / s["name"] / "made.json").read_text()) for s in SPECIALISTS}
@@ -198,7 +259,8 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "specialists": {n: {k: made[n][k] for k in ("params", "domains", "made_by")} for n in names},
-        "gate": hp | {"features": feats.to_dict(), "validation_documents": len(val.domain)},
+        "gate": hp
+        | {"features": feats.to_dict(), "gate_documents": len(val.domain), "train_docs_per_domain": args.train_docs},
         "onnx_vs_torch_max_weight_diff": parity,
         "test_documents": len(test.domain),
         "loss_per_domain": per_domain,
