@@ -38,6 +38,13 @@ namespace {
 // Block dots with sdot/udot. 2/3-bit codes are < 8, so they fit int8 for sdot.
 struct DotSdot {
   static constexpr int kLevel = int(Level::kDotprod);
+
+  // An MXFP4 block: its codes looked up in lut (kE2m1x2, signed), sdot with the int8 x.
+  static EDGEMOE_INLINE int32x4_t mx_dot(int8x16_t lut, const uint8_t* p, int8x16_t x0, int8x16_t x1) {
+    const uint8x16_t b = vld1q_u8(p);
+    const int8x16_t a = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F))), c = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a, x0), c, x1);
+  }
   // 4-bit blocks start their sdot chain at [kMagicBits, 0, 0, 0] (magic_seed), so four
   // blocks' totals arrive as f32 bits and one fsub converts them, exactly: |total| <=
   // 32 * 15 * 127 < 2^22. Other bitwidths scale their halves by 256 and start at 0.

@@ -76,6 +76,24 @@ void qrow_portable(const QMatrix& w, uint32_t r, const float* const* x, const fl
   for (int t = 0; t < nt; ++t) out[t] = acc[t];
 }
 
+// y[t] = W[r] . x[t] for nt tokens, MXFP4 row r: per block of 32, the codes' e2m1 values
+// (doubled, kE2m1x2) dotted with x, times 2^(e - 128).
+void mxrow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, float* out) {
+  const uint32_t nb = w.cols / kChunk;
+  const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+  const uint8_t* sc = w.scales + uint64_t(r) * nb;
+  float acc[kTokenBlock] = {0, 0, 0, 0};
+  uint8_t q[kChunk];
+  float wf[kChunk];
+  for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(4)) {
+    unpack_chunk<4>(codes, q);
+    for (uint32_t j = 0; j < kChunk; ++j) wf[j] = float(kE2m1x2[q[j]]);
+    const float s = e8m0_half(sc[b]);
+    for (int t = 0; t < nt; ++t) acc[t] += s * dot_portable(wf, x[t] + b * kChunk, kChunk);
+  }
+  for (int t = 0; t < nt; ++t) out[t] = acc[t];
+}
+
 // Float rows: converted to f32 in pieces of kPiece columns, then dotted per token.
 void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, float* out) {
   constexpr uint32_t kPiece = 256;
@@ -98,6 +116,7 @@ void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, 
 }
 
 void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt, float* out) {
+  if (w.mxfp4()) return mxrow_portable(w, r, x, nt, out);
   if (!w.quantized()) return frow_portable(w, r, x, nt, out);
   switch (w.bits) {
     case 2: return qrow_portable<2>(w, r, x, xsum, nt, out);
