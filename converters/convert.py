@@ -28,7 +28,7 @@ from edgemoe.models.checkpoint import float32_role, quantizable
 
 from .gguf import GGUFPlan, GGUFWeight, is_gguf, plan_gguf
 from .gguf_vocab import write_tokenizer
-from .hf import Checkpoint, Plan, plan_conversion
+from .hf import Checkpoint, MXFP4Weight, Plan, plan_conversion
 
 ALIGNMENT = 4096
 EXPERTS_FILE = "experts.bin"
@@ -222,6 +222,7 @@ def convert(
                 "group_size": 0 if uniform == 16 else group_size,
                 "symmetric": bool(symmetric) and uniform != 16,
                 "float_dtype": FLOAT_KIND[expert_dtype],
+                **({"mxfp4": True} if 4 in used and plan.has_mxfp4_experts else {}),
             },
             "experts": {
                 "file": EXPERTS_FILE,
@@ -277,10 +278,15 @@ def move_into_place(tmp: Path, dst: Path) -> None:
 
 
 def _encode(
-    w: np.ndarray | GGUFWeight, dtype: str, bits: int, group_size: int, symmetric: bool, record: bool = True
+    w: np.ndarray | GGUFWeight | MXFP4Weight,
+    dtype: str,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    record: bool = True,
 ) -> np.ndarray:
     """One matrix serialized at `bits`; a GGUF weight records what that did to its values unless `record` is off."""
-    if isinstance(w, GGUFWeight):  # as stored in a GGUF file: carried over when exact, else quantized again
+    if isinstance(w, (GGUFWeight, MXFP4Weight)):  # as stored: carried over when exact (MXFP4 at 4 bits), else quantized
         return w.encode(bits, group_size, symmetric, record)
     if bits == 16:
         return quant.float_matrix(w, FLOAT_KIND[dtype])
