@@ -426,7 +426,7 @@ class GGUFPlan(Plan):
         types = {self.file.type_name(n) for n in self.stacked.values()}
         return FLOATS[types.pop()] if len(types) == 1 and next(iter(types)) in FLOATS else "F16"
 
-    def expert(self, layer: int, expert: int) -> tuple[GGUFWeight, GGUFWeight, GGUFWeight]:  # type: ignore[override]
+    def expert(self, layer: int, expert: int) -> tuple[GGUFWeight, GGUFWeight, GGUFWeight]:
         assert self.file is not None
         out = []
         for role in ("gate", "up", "down"):

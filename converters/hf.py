@@ -281,6 +281,7 @@ class Plan:
 
 _FUSED_RE = re.compile(r"^(\w+)\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?(?:\.weight)?$")
 
+
 def _contiguous(m):
     return m if isinstance(m, MXFP4Weight) else np.ascontiguousarray(m)
 

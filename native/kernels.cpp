@@ -132,8 +132,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   m.group_size = load_u32(buf + 12);
   const uint64_t codes_off = load_u32(buf + 16), scales_off = load_u32(buf + 20), mins_off = load_u32(buf + 24);
   m.total_bytes = load_u32(buf + 28);
-  if (kind > kMxfp4)
-    bad("unknown QMatrix kind " + std::to_string(kind) + " (this edgemoe knows 0 to 5): the file is damaged, or newer");
+  if (kind > kMxfp4) bad("unknown QMatrix kind " + std::to_string(kind));
   m.kind = Kind(kind);
   if (m.total_bytes > avail)
     bad("QMatrix claims " + std::to_string(m.total_bytes) + " bytes, only " + std::to_string(avail) + " available");
@@ -167,7 +166,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
     // E8M0 255 is NaN: no weight of a finite model has it, so it is damage (one memchr per parse)
     if (const void* nan = std::memchr(m.scales, 0xFF, size_t(nb)))
       bad("MXFP4 QMatrix " + shape + " has a NaN scale (E8M0 255) for block " +
-          std::to_string(static_cast<const uint8_t*>(nan) - m.scales) + ": the file is damaged, convert again");
+          std::to_string(static_cast<const uint8_t*>(nan) - m.scales));
   } else {
     const uint32_t want = m.kind == kF32 ? 32 : 16;
     if (m.bits != want) bad("float QMatrix " + shape + " has bits " + std::to_string(m.bits));
@@ -211,7 +210,7 @@ bool int8_kernels() {
 bool prefill_int8(const QMatrix& w) {
   // 4-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit Mixtral's
   // logits moved by a third), so their prefill keeps float x
-  return int8_kernels() && w.quantized() && w.bits == 4;
+  return int8_kernels() && ((w.quantized() && w.bits == 4) || w.mxfp4());
 }
 
 bool prefill_int8_expert(const QMatrix& w) {
@@ -241,8 +240,9 @@ void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out)
 
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
   // x [T, cols] rounded, W [rows, cols] codes of <= 4 bits -> y [T, rows]
-  if (!w.quantized() || x.cols != w.cols)
-    bad("matmul_int8 needs group-quantized codes and x of the matrix's " + std::to_string(w.cols) + " columns");
+  if (!w.coded() || x.cols != w.cols)
+    bad("matmul_int8 needs group-quantized or MXFP4 codes and x of the matrix's " + std::to_string(w.cols) +
+        " columns");
   if (x.T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows;
   const bool wide = use_avx512();

@@ -707,11 +707,27 @@ void gemm_tokens(const float* const* wr, const float* x, int64_t T, uint32_t col
 
 constexpr uint32_t kPanel = 8;  // rows per panel, one per 32-bit lane
 constexpr int kPanelTokens = 4;  // tokens per pass over a panel: 4 dots + 4 sums in registers
+// The panels' BITS for MXFP4 (kind 5): codes looked up as kE2m1x2 + kMxOffset (0..24), so a
+// block is scale * (u - kMxOffset) and its min -kMxOffset * scale. 24 * 127 * 2 per pair: 4
+// products per 16-bit lane at most (24384), so a block's 8 are summed as two halves.
+constexpr int kMx = 5;
+
+// The MXFP4 lookup table, unsigned: kE2m1x2 + kMxOffset.
+inline __m256i mx_lut_u8() {
+  alignas(16) static constexpr int8_t kLut[16] = {
+      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+}
 
 // One chunk of 32 codes -> its values as bytes, in order.
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == kMx) {
+    return _mm256_shuffle_epi8(mx_lut_u8(), nibbles32(p));
+  } else if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
@@ -766,10 +782,11 @@ template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, float* sc8, float* mn8) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
+  constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
   for (uint32_t b = 0; b < nb; ++b) {
     __m256i v[kPanel];
     for (uint32_t i = 0; i < kPanel; ++i)
-      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * chunk_bytes(BITS)) : _mm256_setzero_si256();
+      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * cb) : _mm256_setzero_si256();
     transpose8x8_epi32(v);
     if constexpr (BITS == 8) {
       const __m256i m = _mm256_set1_epi8(0x0F);
@@ -782,6 +799,14 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, floa
     }
   }
   for (uint32_t i = 0; i < kPanel; ++i) {
+    if constexpr (BITS == kMx) {
+      for (uint32_t b = 0; b < nb; ++b) {
+        const float s = i < n ? e8m0_half(w.scales[uint64_t(r0 + i) * nb + b]) : 0.0f;
+        sc8[b * kPanel + i] = s;
+        mn8[b * kPanel + i] = -float(kMxOffset) * s;
+      }
+      continue;
+    }
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
@@ -817,6 +842,7 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
   for (uint32_t b = 0; b < nb; ++b) {
     const __m256i* wb = tile + b * kPanelVecs<BITS>;
     __m256i s16[NT];
+    [[maybe_unused]] __m256i s16b[BITS == kMx ? NT : 1];  // MXFP4: columns 16..31 summed apart
     {
       const __m256i w0 = _mm256_load_si256(wb);
       for (int t = 0; t < NT; ++t) s16[t] = _mm256_maddubs_epi16(w0, bcast_i32(xq[t] + b * kChunk));
@@ -824,8 +850,15 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
 #pragma GCC unroll 7
     for (uint32_t q = 1; q < 8; ++q) {
       const __m256i wq = _mm256_load_si256(wb + q);
-      for (int t = 0; t < NT; ++t)
-        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i p = _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
+        if constexpr (BITS == kMx) {
+          if (q < 4) s16[t] = _mm256_add_epi16(s16[t], p);
+          else s16b[t] = q == 4 ? p : _mm256_add_epi16(s16b[t], p);
+        } else {
+          s16[t] = _mm256_add_epi16(s16[t], p);
+        }
+      }
     }
     __m256i hi16[BITS == 8 ? NT : 1];
     if constexpr (BITS == 8) {  // the high nibbles, weighted 16 when the pairs are summed to 32 bits
@@ -841,6 +874,7 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
     for (int t = 0; t < NT; ++t) {
       __m256i d32 = _mm256_madd_epi16(s16[t], ones);
       if constexpr (BITS == 8) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(hi16[t], sixteen));
+      if constexpr (BITS == kMx) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(s16b[t], ones));
       const __m256 d = _mm256_cvtepi32_ps(d32);
       acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
       acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
@@ -963,6 +997,7 @@ void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float*
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1) in panels of 8
+  if (w.mxfp4()) return gemm_int8_panels<kMx>(w, r0, r1, x, y);
   switch (w.bits) {
     case 2: return gemm_int8_panels<2>(w, r0, r1, x, y);
     case 3: return gemm_int8_panels<3>(w, r0, r1, x, y);

@@ -206,10 +206,22 @@ void mx_rows(const QMatrix& w, uint32_t r, const int8_t* x8, const float* dx, co
 
 // ---- prefill with int8 activations.
 
+// The panels' BITS for MXFP4 (kind 5): codes looked up as kE2m1x2 + kMxOffset (0..24, unsigned
+// for vpdpbusd), so a block is scale * (u - kMxOffset) and its min -kMxOffset * scale.
+constexpr int kMx = 5;
+
 // One chunk of 32 codes -> its values as bytes, in order.
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == kMx) {
+    alignas(16) static constexpr int8_t kLut[16] = {
+        kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+        kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+        kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+        kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+    return _mm256_shuffle_epi8(lut, nibbles32(p));
+  } else if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
     return nibbles32(p);
@@ -252,10 +264,11 @@ template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, float* sc16, float* mn16) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
+  constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
   for (uint32_t b = 0; b < nb; ++b) {
     __m256i lo[8], hi[8];  // rows 0..7 and 8..15
     for (uint32_t i = 0; i < 8; ++i) {
-      const uint64_t off = uint64_t(r0 + i) * rb + b * chunk_bytes(BITS);
+      const uint64_t off = uint64_t(r0 + i) * rb + b * cb;
       lo[i] = i < n ? chunk_u8<BITS>(w.data + off) : _mm256_setzero_si256();
       hi[i] = i + 8 < n ? chunk_u8<BITS>(w.data + off + 8 * rb) : _mm256_setzero_si256();
     }
@@ -265,6 +278,14 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, floa
       _mm512_store_si512(tile + b * 8 + q, _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1));
   }
   for (uint32_t i = 0; i < kPanel; ++i) {
+    if constexpr (BITS == kMx) {
+      for (uint32_t b = 0; b < nb; ++b) {
+        const float s = i < n ? e8m0_half(w.scales[uint64_t(r0 + i) * nb + b]) : 0.0f;
+        sc16[b * kPanel + i] = s;
+        mn16[b * kPanel + i] = -float(kMxOffset) * s;
+      }
+      continue;
+    }
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
@@ -355,7 +376,8 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
   std::vector<float> sc16(size_t(nb) * kPanel), mn16(size_t(nb) * kPanel);
   for (uint32_t r = r0; r < r1; r += kPanel) {
     const uint32_t n = std::min(kPanel, r1 - r);
-    switch (w.bits) {
+    if (w.mxfp4()) unpack_panel<kMx>(w, r, n, tile, sc16.data(), mn16.data());
+    else switch (w.bits) {
       case 2: unpack_panel<2>(w, r, n, tile, sc16.data(), mn16.data()); break;
       case 3: unpack_panel<3>(w, r, n, tile, sc16.data(), mn16.data()); break;
       case 4: unpack_panel<4>(w, r, n, tile, sc16.data(), mn16.data()); break;

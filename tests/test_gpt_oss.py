@@ -123,7 +123,9 @@ def test_mxfp4_requantized_adds_a_measured_error(mxfp4_checkpoint, tmp_path):
     num: dict = {}
     den = 0.0
     for a, b in zip(m16["experts"]["blobs"], m8["experts"]["blobs"]):
-        for x, y in zip(quant.expert_matrices(exact[a[2] : a[2] + a[3]]), quant.expert_matrices(got8[b[2] : b[2] + b[3]])):
+        for x, y in zip(
+            quant.expert_matrices(exact[a[2] : a[2] + a[3]]), quant.expert_matrices(got8[b[2] : b[2] + b[3]])
+        ):
             den += float((x**2).sum())
             num[8] = num.get(8, 0.0) + float(((x - y) ** 2).sum())
             for sym in (True, False):
@@ -133,6 +135,15 @@ def test_mxfp4_requantized_adds_a_measured_error(mxfp4_checkpoint, tmp_path):
     print("relative RMS error of MXFP4 experts re-quantized:", errs)
     # measured on this checkpoint: 4 bits 0.070 symmetric, 0.084 with mins; 8 bits 0.0044
     assert errs[8] < 0.01 < min(errs[(4, True)], errs[(4, False)]) <= max(errs[(4, True)], errs[(4, False)]) < 0.2
+
+
+def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    def log_softmax(z):
+        z = z.astype(np.float64) - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return np.sum(np.exp(lp) * (lp - lq), axis=-1)
 
 
 def _blob_matrices(model_dir, blob) -> list[tuple[dict, np.ndarray]]:
@@ -170,29 +181,31 @@ def test_mxfp4_at_4_bits_is_carried_over_exactly(mxfp4_checkpoint, mxfp4_models)
     # the experts file: 16 bits per weight against 4.25 (and the headers, 4 KiB pages)
     assert m4["experts"]["file_bytes"] < 0.4 * m16["experts"]["file_bytes"]
 
-    # an expert on several tokens computes with float x: the same products as the bf16 expert's,
-    # summed in another order (2..11 tokens: rows decoded once per token block; 12 and more: the f32 tile)
+    # an expert on 2..11 tokens computes with float x: the same products as the bf16 expert's,
+    # summed in another order (from 12 on, x is rounded to int8 per 32 values where the CPU has the
+    # int8 prefill, AVX2 and AVX-512, as for 4-bit codes)
     rng = np.random.default_rng(3)
     raw4, raw16 = (np.fromfile(d / "experts.bin", np.uint8) for d in (d4, d16))
     for b4, b16 in zip(m4["experts"]["blobs"][::5], m16["experts"]["blobs"][::5]):
         blob4, blob16 = raw4[b4[2] : b4[2] + b4[3]], raw16[b16[2] : b16[2] + b16[3]]
-        for T in (3, 17):
+        for T in (2, 5, 11):
             x = rng.standard_normal((T, m4["experts"]["hidden_size"])).astype(np.float32)
             y4, y16 = _core.expert_forward(x, blob4), _core.expert_forward(x, blob16)
             np.testing.assert_allclose(y4, y16, rtol=0, atol=1e-5 * np.abs(y16).max())
 
-    # the model: an expert given one token (decode, and the prompt's experts that one token routes
-    # to) rounds x per 32 values to int8 as for any 4-bit matrix, so the logits are within the
-    # parity bound, not bit for bit; transformers' greedy tokens, from its own decoding of the blocks
+    # the model: x is rounded per 32 values to int8 where an expert decodes one token and (AVX2,
+    # AVX-512) where it prefills 12 or more, as for any 4-bit matrix, so the logits are not the bf16
+    # model's bit for bit: measured 1.4e-3 at most with float prefill, 1.1e-2 with the int8 one, a
+    # KL of 2e-6 per position (8-bit experts: ~4e-5); the greedy tokens are transformers'
     model4, model16 = edgemoe.load(d4), edgemoe.load(d16)
     ids = np.random.default_rng(5).integers(3, model4.config.vocab_size, size=24).tolist()
     ref = decoded_reference(src, dst)
     with torch.no_grad():
-        want_logits = ref(torch.tensor([ids])).logits[0].numpy()
         want = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, min_new_tokens=24)[0, 24:]
-    got = model4.logits(ids)
-    print("MXFP4 vs bf16 experts:", np.abs(got - model16.logits(ids)).max(), "vs transformers:", np.abs(got - want_logits).max())
-    assert np.abs(got - model16.logits(ids)).max() < 2e-3 and np.abs(got - want_logits).max() < 2e-3
+    got, exact = model4.logits(ids), model16.logits(ids)
+    kl = kl_per_position(exact, got)
+    print(f"MXFP4 vs bf16 experts: logits {np.abs(got - exact).max():.2e} at most, KL median {np.median(kl):.1e}")
+    assert np.abs(got - exact).max() < 3e-2 and np.median(kl) < 2e-5
     model4.eos_ids = set()
     assert model4.generate(ids, max_new_tokens=24) == want.tolist()
 
@@ -254,7 +267,9 @@ def test_mxfp4_gguf_tensors_carry_over():
         assert (h["kind"], h["bits"], h["group_size"]) == (quant.KIND_MXFP4, 4, 32)
         assert np.array_equal(quant.dequantize_matrix(buf), values)
     x = rng.standard_normal((3, 160)).astype(np.float32)
-    np.testing.assert_allclose(_core.qmatrix_matmul(x, buf), x @ values.T, rtol=1e-5, atol=1e-5 * np.abs(x @ values.T).max())
+    np.testing.assert_allclose(
+        _core.qmatrix_matmul(x, buf), x @ values.T, rtol=1e-5, atol=1e-5 * np.abs(x @ values.T).max()
+    )
     weight.encode(8, 32, symmetric=True)
     s = report.summary()["experts.up"]
     assert s["stored_as"] == {"MXFP4 (carried over)": 2, "8-bit g32 symmetric": 1} and s["exact"] == 2

@@ -618,7 +618,8 @@ static void test_portable_kernels() {
 }
 
 // MXFP4 (kind 5) through matmul on every token count, against the float64 reference: one token
-// (SIMD decode) with x rounded per 32 values to int8, exactly, the others with float x; scales
+// (SIMD decode) and prefill where prefill_int8 says so with x rounded per 32 values to int8,
+// exactly, the others with float x; scales
 // down to E8M0 0 and 1 (subnormal floats) with an x large enough to keep the products normal.
 // And the portable rows directly, and headers that lie.
 static void test_mxfp4_kernels() {
@@ -635,7 +636,10 @@ static void test_mxfp4_kernels() {
         auto x = rand_vec(size_t(T) * s[1], xscale);
         std::vector<float> y(size_t(T) * s[0]);
         matmul(q, x.data(), T, y.data());
-        if (T == 1 && decode_x8()) {
+        if (T >= kernels::kGemmMinTokens && prefill_int8(q)) {
+          CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));  // exactly what the kernel computes
+          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
+        } else if (T == 1 && decode_x8()) {
           CHECK(close_matmul_x16(y, x, m, 4, 2e-6));  // exactly what the kernel computes
           CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
         } else {
@@ -719,6 +723,48 @@ static void test_int8_prefill() {
             ++checked;
           }
         }
+  // MXFP4: the codes' e2m1 values (offset to 0..24 on AVX2, whose 16-bit sums take 4 products)
+  for (auto& s : shapes)
+    for (auto range : {std::pair<uint32_t, uint32_t>{118, 133}, {0, 3}}) {
+      const TestMatrix m = make_mxfp4(s[0], s[1], range.first, range.second);
+      const QMatrix w = parse_qmatrix(m.buf.data(), m.buf.size());
+      CHECK(prefill_int8(w) == prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())));
+      for (int64_t T : {1, 2, 5, 13}) {
+        const auto x = rand_vec(size_t(T) * s[1], range.first == 0 ? 0x1p100f : 1.0f);
+        QuantizedActs qx;
+        quantize_acts(x.data(), T, s[1], qx);
+        std::vector<float> ref(size_t(T) * s[0]);
+        kernels::portable::gemm_int8_rows(w, 0, s[0], qx, ref.data());
+        CHECK(close_matmul_x8(ref, x, m, T, 0, s[0], 2e-6));
+#if defined(EDGEMOE_AVX2)
+        std::vector<float> y(size_t(T) * s[0], -1.0f);
+        kernels::avx2::gemm_int8_rows(w, 0, s[0], qx, y.data());
+        CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));
+        if (s[0] > 8) {
+          std::vector<float> z(size_t(T) * s[0], -1.0f);
+          kernels::avx2::gemm_int8_rows(w, 8, s[0], qx, z.data());
+          CHECK(close_matmul_x8(z, x, m, T, 8, s[0], 2e-6) && z[0] == -1.0f && z[7] == -1.0f);
+        }
+#endif
+        ++checked;
+      }
+      // every code at its largest value (6: 24 in the offset table) against x at its largest (127):
+      // a 16-bit sum of 8 such pairs would wrap, the kernels' halves of 4 must not
+      TestMatrix big = make_mxfp4(s[0], s[1], 127, 127);
+      std::fill(big.buf.begin() + 64, big.buf.begin() + 64 + size_t(s[0]) * s[1] / 2, uint8_t(0x77));
+      std::fill(big.w.begin(), big.w.end(), 6.0);
+      const QMatrix wb = parse_qmatrix(big.buf.data(), big.buf.size());
+      const std::vector<float> ones(size_t(13) * s[1], 1.0f);
+      QuantizedActs q1;
+      quantize_acts(ones.data(), 13, s[1], q1);
+      std::vector<float> yb(size_t(13) * s[0]);
+      kernels::portable::gemm_int8_rows(wb, 0, s[0], q1, yb.data());
+      CHECK(close_matmul_x8(yb, ones, big, 13, 0, s[0], 2e-6));
+#if defined(EDGEMOE_AVX2)
+      kernels::avx2::gemm_int8_rows(wb, 0, s[0], q1, yb.data());
+      CHECK(close_matmul_x8(yb, ones, big, 13, 0, s[0], 2e-6));
+#endif
+    }
   // what the int8 path cannot take is refused, not misread; 2-bit codes keep float x
   const TestMatrix mf = make_float(4, 64, kF16), m2 = make_quant(4, 64, 2, 32);
   const QMatrix wf = parse_qmatrix(mf.buf.data(), mf.buf.size()), w2 = parse_qmatrix(m2.buf.data(), m2.buf.size());
@@ -789,6 +835,15 @@ static int check_avx512(Gemm gemm, Decode decode, Decode decode_mx) {
         decode_mx(w, 0, s[0], q1.q.data(), q1.dx.data(), q1.bsum.data(), y.data());  // block sums: groups of 32
         CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
         ++checked;
+        for (int64_t T : {3, 13}) {  // the int8 prefill's panels
+          const auto x = rand_vec(size_t(T) * cols, range.first == 0 ? 0x1p100f : 1.0f);
+          QuantizedActs qx;
+          quantize_acts(x.data(), T, cols, qx);
+          std::vector<float> z(size_t(T) * s[0], -1.0f);
+          gemm(w, 0, s[0], qx, z.data());
+          CHECK(close_matmul_x8(z, x, m, T, 0, s[0], 2e-6));
+          ++checked;
+        }
       }
     }
   return checked;
