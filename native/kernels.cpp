@@ -24,6 +24,8 @@
 //     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
 //     f32 tile and a register-blocked FMA kernel runs every token over it.
+// MXFP4 matrices (kind 5) take the 4-bit paths: their codes are looked up as doubled e2m1
+// integers (kE2m1x2; vpshufb, tbl) and each block's integer dot is scaled by dx * 2^(e - 128).
 // Threads split the output rows (ThreadPool).
 #include "kernels.h"
 

@@ -539,17 +539,23 @@ void mx_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
     acc[i][0] = acc[i][1] = macc[i] = _mm256_setzero_ps();
     tail[i] = mtail[i] = 0;
   }
-  alignas(32) float m[RR][8];
-  uint32_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    const __m256 dx8 = _mm256_loadu_ps(x.dx + b), xs8 = _mm256_loadu_ps(x.xsum + b);
+  alignas(32) float m[2][RR][8];  // double-buffered: a block's stores land well before its loads
+  // the multipliers s_b dx_b of blocks b..b+7 into m[cur], and their min terms into macc
+  const auto multipliers = [&](uint32_t at, int cur) {
+    const __m256 dx8 = _mm256_loadu_ps(x.dx + at), xs8 = _mm256_loadu_ps(x.xsum + at);
     for (int i = 0; i < RR; ++i) {
-      const __m256 s = e8m0_half8(sc[i] + b);
-      _mm256_store_ps(m[i], _mm256_mul_ps(s, dx8));
+      const __m256 s = e8m0_half8(sc[i] + at);
+      _mm256_store_ps(m[cur][i], _mm256_mul_ps(s, dx8));
       macc[i] = _mm256_fmadd_ps(s, xs8, macc[i]);
+    }
+  };
+  uint32_t b = 0;
+  if (nb >= 8) multipliers(0, 0);
+  for (int cur = 0; b + 8 <= nb; b += 8, cur ^= 1) {
+    if (b + 16 <= nb) multipliers(b + 8, cur ^ 1);
+    for (int i = 0; i < RR; ++i)
       for (uint32_t o = 0; o < 8 * chunk_bytes(4); o += 64)
         _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes + o, _MM_HINT_T0);
-    }
 #pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x8 + (b + uint32_t(c)) * kChunk));
@@ -557,7 +563,7 @@ void mx_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
         const __m256i v = _mm256_shuffle_epi8(lut, nibbles32(codes[i]));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones);
         codes[i] += chunk_bytes(4);
-        acc[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&m[i][c]), acc[i][c & 1]);
+        acc[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&m[cur][i][c]), acc[i][c & 1]);
       }
     }
   }

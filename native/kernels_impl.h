@@ -105,7 +105,8 @@ struct DecodeInput {
 };
 
 // Rows [r0, r1) of y = W x for one token: W [rows, cols] group-quantized with the
-// group size `in` was made for, in = x [cols] rounded -> y[r] for r in [r0, r1).
+// group size `in` was made for, or MXFP4 (`in` made for groups of 32), in = x [cols]
+// rounded -> y[r] for r in [r0, r1).
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,
@@ -191,7 +192,7 @@ struct DecodeInput {
 };
 
 // Rows [r0, r1) of y = W x for one token at the CPU's level: W [rows, cols]
-// group-quantized with the group size `in` was made for -> y[r] for r in [r0, r1).
+// group-quantized with the group size `in` was made for, or MXFP4 -> y[r] for r in [r0, r1).
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // The same at a given level (tests; level <= cpu_level()). Every level forms the
