@@ -104,6 +104,8 @@ def convert(
     Q8_0 -> 8, F16 -> 16, Q4_K -> 4, ...), group_size to 32; Q4_0 at 4 bits and Q8_0 at 8
     bits with groups of 32 are carried over exactly (symmetric), other types are
     dequantized and quantized again, and manifest["source"]["tensors"] reports the error.
+    MXFP4 experts (gpt-oss as released, or a GGUF's MXFP4 tensors) at 4 bits are kept as MXFP4
+    matrices, exactly, whatever group_size and symmetric say (docs/format.md, kind 5).
     bits_map: {(layer, expert): bits} per-expert bitwidths overriding `bits`;
     with bits="auto" it must name every expert (edgemoe.allocate.convert_auto
     chooses one from measured importance).
