@@ -28,7 +28,7 @@ from edgemoe.models.checkpoint import float32_role, quantizable
 
 from .gguf import GGUFPlan, GGUFWeight, is_gguf, plan_gguf
 from .gguf_vocab import write_tokenizer
-from .hf import Checkpoint, Plan, plan_conversion
+from .hf import Checkpoint, MXFP4Weight, Plan, plan_conversion
 
 ALIGNMENT = 4096
 EXPERTS_FILE = "experts.bin"
@@ -104,6 +104,8 @@ def convert(
     Q8_0 -> 8, F16 -> 16, Q4_K -> 4, ...), group_size to 32; Q4_0 at 4 bits and Q8_0 at 8
     bits with groups of 32 are carried over exactly (symmetric), other types are
     dequantized and quantized again, and manifest["source"]["tensors"] reports the error.
+    MXFP4 experts (gpt-oss as released, or a GGUF's MXFP4 tensors) at 4 bits are kept as MXFP4
+    matrices, exactly, whatever group_size and symmetric say (docs/format.md, kind 5).
     bits_map: {(layer, expert): bits} per-expert bitwidths overriding `bits`;
     with bits="auto" it must name every expert (edgemoe.allocate.convert_auto
     chooses one from measured importance).
@@ -222,6 +224,7 @@ def convert(
                 "group_size": 0 if uniform == 16 else group_size,
                 "symmetric": bool(symmetric) and uniform != 16,
                 "float_dtype": FLOAT_KIND[expert_dtype],
+                **({"mxfp4": True} if 4 in used and plan.has_mxfp4_experts else {}),
             },
             "experts": {
                 "file": EXPERTS_FILE,
@@ -277,10 +280,15 @@ def move_into_place(tmp: Path, dst: Path) -> None:
 
 
 def _encode(
-    w: np.ndarray | GGUFWeight, dtype: str, bits: int, group_size: int, symmetric: bool, record: bool = True
+    w: np.ndarray | GGUFWeight | MXFP4Weight,
+    dtype: str,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    record: bool = True,
 ) -> np.ndarray:
     """One matrix serialized at `bits`; a GGUF weight records what that did to its values unless `record` is off."""
-    if isinstance(w, GGUFWeight):  # as stored in a GGUF file: carried over when exact, else quantized again
+    if isinstance(w, (GGUFWeight, MXFP4Weight)):  # as stored: carried over when exact (MXFP4 at 4 bits), else quantized
         return w.encode(bits, group_size, symmetric, record)
     if bits == 16:
         return quant.float_matrix(w, FLOAT_KIND[dtype])

@@ -7,9 +7,10 @@ becomes which canonical backbone tensor; a layer's experts are the stacked
 expert is one contiguous range of the file).
 
 A tensor stored as Q4_0 or Q8_0 is carried over into edgemoe's symmetric 32-column groups
-(docs/format.md, kind 4) byte for byte: same codes, same f16 scales, so the same values.
-Every other type (K-quants, IQ, MXFP4, ...) is dequantized with the gguf package and
-quantized again; `Report` records the error that adds.
+(docs/format.md, kind 4) byte for byte: same codes, same f16 scales, so the same values;
+one stored as MXFP4 becomes an MXFP4 matrix (kind 5) at 4 bits the same way. Every other
+type (K-quants, IQ, ...) is dequantized with the gguf package and quantized again; `Report`
+records the error that adds.
 """
 
 from __future__ import annotations
@@ -332,8 +333,18 @@ class GGUFWeight:
         return None
 
     def exact_matrix(self, bits: int, group_size: int) -> np.ndarray | None:
-        """The tensor as a kind 4 QMatrix holding exactly its values, when its type is Q4_0 at 4 bits or
-        Q8_0 at 8 bits with groups of 32; else None."""
+        """The tensor as a QMatrix holding exactly its values: kind 4 when its type is Q4_0 at 4 bits or
+        Q8_0 at 8 bits with groups of 32, kind 5 when it is MXFP4 at 4 bits (its blocks are 32 wide
+        whatever the group size); else None."""
+        if self.gguf_type == "MXFP4" and bits == 4 and len(self.shape) == 2:
+            rows, cols = self.shape
+            # llama.cpp's block_mxfp4: the E8M0 byte, then 16 bytes with value j in the low and
+            # j + 16 in the high nibble of byte j: pack_codes' layout
+            blocks = np.ascontiguousarray(self._raw()).reshape(rows, cols // quant.CHUNK, 1 + quant.CHUNK_BYTES[4])
+            scales = np.ascontiguousarray(blocks[..., 0])
+            if (scales == quant.E8M0_NAN).any():
+                raise CheckpointError(f"{self.cls} has a NaN MXFP4 scale (E8M0 255): the file is damaged")
+            return quant.mxfp4_matrix(np.ascontiguousarray(blocks[..., 1:]).reshape(rows, -1), scales, rows, cols)
         if EXACT.get(self.gguf_type) != bits or group_size != quant.CHUNK or len(self.shape) != 2:
             return None
         rows, cols = self.shape
@@ -361,7 +372,8 @@ class GGUFWeight:
             return buf
         exact = self.exact_matrix(bits, group_size)
         if exact is not None:
-            report.add(self.cls, self.gguf_type, f"{bits}-bit g{group_size} (carried over)", None, None)
+            how = "MXFP4" if self.gguf_type == "MXFP4" else f"{bits}-bit g{group_size}"
+            report.add(self.cls, self.gguf_type, f"{how} (carried over)", None, None)
             return exact
         w = self.float32()
         buf = quant.quantize_matrix(w, bits, group_size, symmetric)
@@ -414,7 +426,7 @@ class GGUFPlan(Plan):
         types = {self.file.type_name(n) for n in self.stacked.values()}
         return FLOATS[types.pop()] if len(types) == 1 and next(iter(types)) in FLOATS else "F16"
 
-    def expert(self, layer: int, expert: int) -> tuple[GGUFWeight, GGUFWeight, GGUFWeight]:  # type: ignore[override]
+    def expert(self, layer: int, expert: int) -> tuple[GGUFWeight, GGUFWeight, GGUFWeight]:
         assert self.file is not None
         out = []
         for role in ("gate", "up", "down"):
@@ -438,6 +450,11 @@ class GGUFPlan(Plan):
                 raise CheckpointError(f"{t.name} is {t.tensor_type.name}; expert biases are read as F32 or F16")
             parts.append(np.asarray(t.data[expert], np.float32))
         return quant.Glu(np.concatenate(parts), act, alpha, limit)
+
+    @property
+    def has_mxfp4_experts(self) -> bool:
+        assert self.file is not None
+        return any(self.file.type_name(n) == "MXFP4" for n in self.stacked.values())
 
     def carries_over(self, bits: int | str, group_size: int) -> bool:
         """Whether every expert tensor is exactly representable at `bits` with groups of `group_size`."""

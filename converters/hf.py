@@ -13,7 +13,8 @@ canonical backbone tensor; experts are found in either layout seen in the wild:
   gate and up rows interleaved, with `gate_up_proj_bias` [E, 2I] and `down_proj_bias` [E, H]);
 - MXFP4 (gpt-oss as released): `<proj>_blocks` [E, out, in/32, 16] (two e2m1 codes per byte, the
   even element in the low nibble) and `<proj>_scales` [E, out, in/32] (E8M0 exponents, bias 127).
-  They are decoded to bf16, which holds every MXFP4 value exactly, and stored or quantized from there.
+  At 4 bits they are carried over as they are (docs/format.md kind 5, the codes repacked); at 16
+  bits decoded to bf16, which holds every MXFP4 value exactly; at other bitwidths quantized again.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgemoe import models
 from edgemoe.errors import CheckpointError
-from edgemoe.format.quant import Glu, f32_to_bf16_bits
+from edgemoe.format import quant
+from edgemoe.format.quant import FP4_VALUES, Glu, f32_to_bf16_bits
 from edgemoe.format.safetensors import SafetensorsFile, to_float32
 from edgemoe.models.checkpoint import CheckpointLayout
 
@@ -208,6 +211,11 @@ class Plan:
         return "fused" if self.fused else "per-expert"
 
     @property
+    def has_mxfp4_experts(self) -> bool:
+        """Whether experts are stored in MXFP4: at 4 bits they are carried over as such (kind 5)."""
+        return bool(self.mxfp4)
+
+    @property
     def expert_dtype(self) -> str:
         refs = [r for r in self.per_expert.values()] + [f.ref for f in self.fused.values()]
         dtypes = {r.dtype for r in refs} | ({"BF16"} if self.mxfp4 else set())  # MXFP4 decodes to bf16 exactly
@@ -218,22 +226,23 @@ class Plan:
             )
         return dtypes.pop() if dtypes else "BF16"
 
-    def expert(self, layer: int, expert: int) -> tuple[np.ndarray, ...]:
-        """The expert's matrices as stored (bf16 as uint16 bits), read from disk: (gate [I, H],
-        up [I, H], down [H, I]), or (up, down) for a ReLU expert (LAYOUT.glu False)."""
+    def expert(self, layer: int, expert: int) -> tuple[Any, ...]:
+        """The expert's matrices as stored (bf16 as uint16 bits; MXFP4 as MXFP4Weight), read from
+        disk: (gate [I, H], up [I, H], down [H, I]), or (up, down) for a ReLU expert (LAYOUT.glu False)."""
         if (layer, "gate_up") in self.fused or (layer, "gate_up") in self.mxfp4:
-            gate, up = (np.ascontiguousarray(m) for m in self._split(self._fused_slice(layer, "gate_up", expert)))
+            gate, up = (_contiguous(m) for m in self._split(self._fused_slice(layer, "gate_up", expert)))
         elif self.arch.layout.glu:
             gate, up = (self._per_expert(layer, expert, r) for r in ("gate", "up"))
         else:
             up = self._per_expert(layer, expert, "up")
         if (layer, "down") in self.fused or (layer, "down") in self.mxfp4:
-            down = np.ascontiguousarray(self._fused_slice(layer, "down", expert))  # [H, I]
+            down = _contiguous(self._fused_slice(layer, "down", expert))  # [H, I]
         else:
             down = self._per_expert(layer, expert, "down")
         return (gate, up, down) if self.arch.layout.glu else (up, down)
 
-    def _split(self, gate_up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _split(self, gate_up):
+        # gate_up: an array or an MXFP4Weight, both cut by rows
         """gate_up [2I, ...] -> (gate, up): halves, or alternate rows when the layout interleaves them."""
         if self.arch.layout.gate_up_interleaved:
             return gate_up[0::2], gate_up[1::2]
@@ -259,12 +268,12 @@ class Plan:
         ref = self.per_expert[(layer, expert, role)]
         return ref.file.read(ref.name)
 
-    def _fused_slice(self, layer: int, kind: str, expert: int) -> np.ndarray:
-        """One expert's [out, in] matrix of a fused tensor, as stored (MXFP4 decoded to bf16 bits)."""
+    def _fused_slice(self, layer: int, kind: str, expert: int):
+        """One expert's [out, in] matrix of a fused tensor, as stored (an MXFP4Weight for MXFP4)."""
         if (layer, kind) in self.mxfp4:
             refs = self.mxfp4[(layer, kind)]
             blocks, scales = (refs[n].file.read(refs[n].name, expert) for n in ("blocks", "scales"))
-            return f32_to_bf16_bits(mxfp4_to_float32(blocks, scales))
+            return MXFP4Weight(np.asarray(blocks), np.asarray(scales))
         f = self.fused[(layer, kind)]
         part = f.ref.file.read(f.ref.name, expert)  # one expert is one contiguous range
         return part.T if f.transposed else part
@@ -272,18 +281,58 @@ class Plan:
 
 _FUSED_RE = re.compile(r"^(\w+)\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?(?:\.weight)?$")
 
-# the e2m1 (FP4) values of the 16 MXFP4 codes: sign bit 3, then 2 exponent bits and 1 mantissa bit
-FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+def _contiguous(m):
+    return m if isinstance(m, MXFP4Weight) else np.ascontiguousarray(m)
+
+
+def _mxfp4_codes(blocks: np.ndarray) -> np.ndarray:
+    """transformers' MXFP4 blocks [rows, n, 16] (element 2j in byte j's low nibble, 2j+1 in its high
+    nibble) -> the codes [rows, n, 32] in element order."""
+    rows, n, _ = blocks.shape
+    codes = np.empty((rows, n, 32), np.uint8)
+    codes[..., 0::2], codes[..., 1::2] = blocks & 0x0F, blocks >> 4
+    return codes
 
 
 def mxfp4_to_float32(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """MXFP4 as transformers stores gpt-oss: blocks [rows, n, 16] (element 2j in byte j's low nibble,
     2j+1 in its high nibble), scales [rows, n] (E8M0: 2^(s-127) per block of 32) -> [rows, 32 n]."""
     rows, n = scales.shape
-    codes = np.empty((rows, n, 32), np.uint8)
-    codes[..., 0::2], codes[..., 1::2] = blocks & 0x0F, blocks >> 4
-    w = FP4_VALUES[codes] * np.exp2(scales.astype(np.float32) - 127)[..., None]
+    w = FP4_VALUES[_mxfp4_codes(blocks)] * np.exp2(scales.astype(np.float32) - 127)[..., None]
     return w.reshape(rows, n * 32)
+
+
+@dataclass(frozen=True)
+class MXFP4Weight:
+    """One expert's matrix [rows, 32 n] as an MXFP4 checkpoint stores it: blocks [rows, n, 16] in
+    transformers' layout, E8M0 scales [rows, n]."""
+
+    blocks: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.scales.shape[0]), int(self.scales.shape[1]) * 32
+
+    def __getitem__(self, rows) -> MXFP4Weight:  # a selection of whole rows (gpt-oss's interleaved gate/up)
+        return MXFP4Weight(self.blocks[rows], self.scales[rows])
+
+    def float32(self) -> np.ndarray:
+        return mxfp4_to_float32(self.blocks, self.scales)
+
+    def encode(self, bits: int, group_size: int, symmetric: bool, record: bool = True) -> np.ndarray:
+        """The matrix as a serialized QMatrix: at 4 bits kind 5 with the same codes and scales (exact), at
+        16 bf16 (exact), else quantized again at `bits` from its values."""
+        rows, cols = self.shape
+        if bits == 4:
+            if (self.scales == quant.E8M0_NAN).any():
+                raise CheckpointError("an MXFP4 expert has a NaN scale (E8M0 255): the checkpoint is damaged")
+            packed = quant.pack_codes(_mxfp4_codes(self.blocks).reshape(rows, cols), 4)
+            return quant.mxfp4_matrix(packed, np.ascontiguousarray(self.scales, np.uint8), rows, cols)
+        if bits == 16:
+            return quant.float_matrix(f32_to_bf16_bits(self.float32()), "bf16")
+        return quant.quantize_matrix(self.float32(), bits, group_size, symmetric)
 
 
 def _config_int(config: dict, key: str, arch: str) -> int:

@@ -24,6 +24,8 @@
 //     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
 //     f32 tile and a register-blocked FMA kernel runs every token over it.
+// MXFP4 matrices (kind 5) take the 4-bit paths: their codes are looked up as doubled e2m1
+// integers (kE2m1x2; vpshufb, tbl) and each block's integer dot is scaled by dx * 2^(e - 128).
 // Threads split the output rows (ThreadPool).
 #include "kernels.h"
 
@@ -116,7 +118,8 @@ uint64_t QMatrix::row_bytes() const {
     case kF16:
     case kBF16: return uint64_t(cols) * 2;
     case kQuant:
-    case kQuantSym: return uint64_t(cols) / kChunk * chunk_bytes(bits);
+    case kQuantSym:
+    case kMxfp4: return uint64_t(cols) / kChunk * chunk_bytes(bits);
   }
   return 0;
 }
@@ -131,7 +134,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
   m.group_size = load_u32(buf + 12);
   const uint64_t codes_off = load_u32(buf + 16), scales_off = load_u32(buf + 20), mins_off = load_u32(buf + 24);
   m.total_bytes = load_u32(buf + 28);
-  if (kind > 4) bad("unknown QMatrix kind " + std::to_string(kind));
+  if (kind > kMxfp4) bad("unknown QMatrix kind " + std::to_string(kind));
   m.kind = Kind(kind);
   if (m.total_bytes > avail)
     bad("QMatrix claims " + std::to_string(m.total_bytes) + " bytes, only " + std::to_string(avail) + " available");
@@ -152,6 +155,20 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
     m.scales = buf + scales_off;
     m.mins = sym ? m.scales : buf + mins_off;
     m.min_mult = sym ? -float(1u << (m.bits - 1)) : 1.0f;
+  } else if (m.mxfp4()) {
+    if (m.bits != 4 || m.group_size != kChunk || m.cols % kChunk)
+      bad("MXFP4 QMatrix " + shape + " has bits " + std::to_string(m.bits) + " and group_size " +
+          std::to_string(m.group_size) + " (must be 4 and 32, and 32 must divide cols)");
+    const uint64_t nb = uint64_t(m.rows) * (m.cols / kChunk);
+    if (mins_off != 0) bad("MXFP4 QMatrix " + shape + " has a mins offset (" + std::to_string(mins_off) + "), must be 0");
+    if (!fits(codes_off, m.rows, m.row_bytes(), m.total_bytes) || scales_off > m.total_bytes ||
+        nb > m.total_bytes - scales_off)
+      bad("MXFP4 QMatrix " + shape + " sections overrun its " + std::to_string(m.total_bytes) + " bytes");
+    m.scales = buf + scales_off;
+    // E8M0 255 is NaN: no weight of a finite model has it, so it is damage (one memchr per parse)
+    if (const void* nan = std::memchr(m.scales, 0xFF, size_t(nb)))
+      bad("MXFP4 QMatrix " + shape + " has a NaN scale (E8M0 255) for block " +
+          std::to_string(static_cast<const uint8_t*>(nan) - m.scales));
   } else {
     const uint32_t want = m.kind == kF32 ? 32 : 16;
     if (m.bits != want) bad("float QMatrix " + shape + " has bits " + std::to_string(m.bits));
@@ -163,7 +180,7 @@ QMatrix parse_qmatrix(const uint8_t* buf, uint64_t avail) {
 }
 
 QMatrix float_view(const void* data, uint32_t rows, uint32_t cols, Kind kind) {
-  if (kind == kQuant || kind == kQuantSym) bad("float_view needs a float kind");
+  if (kind != kF32 && kind != kF16 && kind != kBF16) bad("float_view needs a float kind");
   QMatrix m;
   m.rows = rows;
   m.cols = cols;
@@ -195,7 +212,7 @@ bool int8_kernels() {
 bool prefill_int8(const QMatrix& w) {
   // 4-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit Mixtral's
   // logits moved by a third), so their prefill keeps float x
-  return int8_kernels() && w.quantized() && w.bits == 4;
+  return int8_kernels() && ((w.quantized() && w.bits == 4) || w.mxfp4());
 }
 
 bool prefill_int8_expert(const QMatrix& w) {
@@ -225,8 +242,9 @@ void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out)
 
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
   // x [T, cols] rounded, W [rows, cols] codes of <= 4 bits -> y [T, rows]
-  if (!w.quantized() || x.cols != w.cols)
-    bad("matmul_int8 needs group-quantized codes and x of the matrix's " + std::to_string(w.cols) + " columns");
+  if (!w.coded() || x.cols != w.cols)
+    bad("matmul_int8 needs group-quantized or MXFP4 codes and x of the matrix's " + std::to_string(w.cols) +
+        " columns");
   if (x.T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows;
   const bool wide = use_avx512();
@@ -249,6 +267,8 @@ namespace {
 // Rows [r0, r1) of one token's y = W x: 4-bit codes on AVX-512 when the CPU has it.
 void decode_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const isa::DecodeInput& in, float* y) {
 #if defined(EDGEMOE_AVX2)
+  if (w.mxfp4() && use_avx512())
+    return avx512::qmatvec_mxfp4(w, r0, r1, in.x8.data(), in.dx8.data(), in.xsum8.data(), y);
   if (w.bits == 4 && use_avx512())
     return avx512::qmatvec_q4(w, r0, r1, in.x8.data(), in.dx8.data(), in.xsum8.data(), y);
 #endif
@@ -263,7 +283,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
   if (T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows, cols = w.cols;
   const bool quant = w.quantized();
-  const uint32_t ng = quant ? cols / w.group_size : 0;
+  const uint32_t ng = quant ? cols / w.group_size : 0;  // MXFP4 rows need no group sums of x
 
   if (T >= kGemmMinTokens && prefill_int8(w)) {
     QuantizedActs qx;
@@ -272,7 +292,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
     return;
   }
 #if defined(EDGEMOE_SIMD_DECODE)
-  if (T == 1 && quant) {
+  if (T == 1 && w.coded()) {
     const isa::DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
     const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols);
     const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
@@ -328,7 +348,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
 #if defined(EDGEMOE_SIMD_DECODE)
   bool shared = n > 1 && T == 1;
   for (size_t i = 0; i < n && shared; ++i)
-    shared = ws[i].quantized() && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
+    shared = ws[i].coded() && ws[i].cols == ws[0].cols && ws[i].group_size == ws[0].group_size;
   if (shared) {
     // One token through matrices that read the same x: round x (int8 for 4-bit
     // codes, int16 for the others) and sum its groups once, then every matrix's
@@ -446,7 +466,7 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
     return;
   }
 #if defined(EDGEMOE_SIMD_DECODE)
-  if (T == 1 && e.gate.quantized() && e.up.quantized() && e.gate.group_size == e.up.group_size) {
+  if (T == 1 && e.gate.coded() && e.up.coded() && e.gate.group_size == e.up.group_size) {
     // Decode: gate and up in one pass over the pool (x rounded once), each task
     // finishing its rows' silu(g) * u; the same numbers as two matmul calls.
     const uint32_t H = e.hidden(), gs = e.gate.group_size;

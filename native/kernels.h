@@ -14,24 +14,28 @@ namespace edgemoe {
 // "+avx512vnni" when this x86 CPU has AVX-512 F/BW/VL/VNNI (chosen at run time).
 const char* simd_name();
 
-// kQuant: w = scale * q + min; kQuantSym: w = scale * (q - 2^(bits-1)), no mins stored.
-enum Kind : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kQuant = 3, kQuantSym = 4 };
+// kQuant: w = scale * q + min; kQuantSym: w = scale * (q - 2^(bits-1)), no mins stored;
+// kMxfp4: OCP MXFP4, w = e2m1(q) * 2^(e - 127) per block of 32 (one E8M0 byte e per block).
+enum Kind : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2, kQuant = 3, kQuantSym = 4, kMxfp4 = 5 };
 
 // A parsed, validated view of one QMatrix (W[rows, cols], y = W x). No ownership.
 struct QMatrix {
   uint32_t rows = 0, cols = 0;
   Kind kind = kF32;
   uint32_t bits = 32;
-  uint32_t group_size = 0;          // kinds 3 and 4 only
-  const uint8_t* data = nullptr;    // codes (kinds 3, 4) or float data, row-major
-  const uint8_t* scales = nullptr;  // f16 [rows, cols/group_size], kinds 3 and 4 only
+  uint32_t group_size = 0;          // kinds 3 and 4; 32 for kind 5
+  const uint8_t* data = nullptr;    // codes (kinds 3, 4, 5) or float data, row-major
+  // f16 [rows, cols/group_size] (kinds 3 and 4), or E8M0 bytes [rows, cols/32] (kind 5)
+  const uint8_t* scales = nullptr;
   // A group's min is min_mult * the f16 at mins: kind 3 stores them (min_mult 1); kind 4
   // reads the scales again (mins == scales, min_mult -2^(bits-1)), no extra bytes.
   const uint8_t* mins = nullptr;  // f16 [rows, cols/group_size], kinds 3 and 4 only
   float min_mult = 1.0f;
   uint64_t total_bytes = 0;
 
-  bool quantized() const { return kind == kQuant || kind == kQuantSym; }
+  bool quantized() const { return kind == kQuant || kind == kQuantSym; }  // group-quantized, f16 scales
+  bool mxfp4() const { return kind == kMxfp4; }
+  bool coded() const { return quantized() || mxfp4(); }  // codes per block of 32: the int8-x decode
   uint64_t row_bytes() const;  // bytes of one row of codes/data
 };
 

@@ -73,6 +73,34 @@ inline void decode_chunk(const uint8_t* p, __m256 w[4]) {
   }
 }
 
+// 32 4-bit codes (a chunk: v[j] low nibble, v[j+16] high nibble of byte j) -> their values as bytes, in order.
+inline __m256i nibbles32(const uint8_t* p) {
+  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // the upper lane shifted by 4 bits: a byte then holds its own high nibble in its low 4 bits
+  return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
+}
+
+// One MXFP4 chunk -> w[k] = values 8k..8k+7 as floats times s: the codes looked up (vpshufb)
+// as kE2m1x2, widened.
+inline void mx_decode_chunk(const uint8_t* p, __m256 s, __m256 w[4]) {
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kE2m1x2)));
+  const __m256i v = _mm256_shuffle_epi8(lut, nibbles32(p));
+  const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+  w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s);
+  w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s);
+  w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s);
+  w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s);
+}
+
+// 8 E8M0 bytes at e -> 2^(e[i] - 128) as floats (e8m0_half: exponent bits, subnormals below e = 2).
+inline __m256 e8m0_half8(const uint8_t* e) {
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e)));
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(v, one), 23);
+  const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), v);  // e < 2 (counts >= 32 give 0)
+  return _mm256_castsi256_ps(_mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(v, one)));
+}
+
 inline float hmax(__m256 v) {
   __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -153,6 +181,33 @@ void qrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* 
   }
 }
 
+// MXFP4 rows [r0, r1) for a few tokens: each chunk decoded to floats (times its block's
+// 2^(e - 128)) once and shared by the tokens.
+template <int NT>
+void mxrows_avx2(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, float* y, uint32_t ystride) {
+  constexpr int C = kChains<NT>;
+  const uint32_t nb = w.cols / kChunk;
+  for (uint32_t r = r0; r < r1; ++r) {
+    const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+    const uint8_t* sc = w.scales + uint64_t(r) * nb;
+    __m256 acc[NT][C];
+    for (int t = 0; t < NT; ++t)
+      for (int c = 0; c < C; ++c) acc[t][c] = _mm256_setzero_ps();
+    for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(4)) {
+      __m256 wv[4];
+      mx_decode_chunk(codes, _mm256_set1_ps(e8m0_half(sc[b])), wv);
+      for (int k = 0; k < 4; ++k)
+        for (int t = 0; t < NT; ++t)
+          acc[t][k % C] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(x[t] + b * kChunk + 8 * k), acc[t][k % C]);
+    }
+    for (int t = 0; t < NT; ++t) {
+      __m256 a = acc[t][0];
+      for (int c = 1; c < C; ++c) a = _mm256_add_ps(a, acc[t][c]);
+      y[uint64_t(t) * ystride + r] = hsum(a);
+    }
+  }
+}
+
 template <Kind K>
 inline __m256 load8(const uint8_t* p) {
   if constexpr (K == kF32) return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
@@ -207,6 +262,7 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
     case kF32: return frows_avx2<kF32, NT>(w, r0, r1, x, y, ystride);
     case kF16: return frows_avx2<kF16, NT>(w, r0, r1, x, y, ystride);
     case kBF16: return frows_avx2<kBF16, NT>(w, r0, r1, x, y, ystride);
+    case kMxfp4: return mxrows_avx2<NT>(w, r0, r1, x, y, ystride);
     case kQuant:
     case kQuantSym: break;
   }
@@ -313,10 +369,7 @@ void quantize_x8(const float* x, uint32_t cols, uint32_t gs, int8_t* x8, float* 
 
 // 32 4-bit codes (a chunk: v[j] low nibble, v[j+16] high nibble of byte j) times x8 -> 8 int32 sums.
 inline __m256i chunk_dot8_q4(const uint8_t* p, __m256i x) {
-  const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  // the upper lane shifted by 4 bits: a byte then holds its own high nibble in its low 4 bits
-  const __m256i v = _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles32(p), x), _mm256_set1_epi16(1));
 }
 
 // One token's x as the decode kernels read it: int8 (x8) for 4-bit codes, int16 (x16)
@@ -461,6 +514,81 @@ void qmatvec_rows_m(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
                          w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, x.xsum, ng);
 }
 
+// ---- decode of MXFP4 (kind 5), x rounded to int8 as for 4-bit codes: a chunk's codes are
+// looked up (vpshufb) as kE2m1x2 + kMxOffset, unsigned (0..24), so vpmaddubsw takes them as it
+// takes 4-bit codes (pairs of 24 * 127 fit int16); the offset comes back out once per row:
+// y = sum_b m_b (c_b . x8_b) - kMxOffset * sum_b s_b xsum_b, s_b = 2^(e_b - 128), m_b = s_b dx_b,
+// xsum the block sums of the rounded x (DecodeInput for groups of 32).
+template <int RR>
+void mx_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  alignas(16) static constexpr int8_t kLut[16] = {
+      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint32_t nb = w.cols / kChunk;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  __m256 acc[RR][2], macc[RR];
+  float tail[RR], mtail[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * nb;
+    acc[i][0] = acc[i][1] = macc[i] = _mm256_setzero_ps();
+    tail[i] = mtail[i] = 0;
+  }
+  alignas(32) float m[2][RR][8];  // double-buffered: a block's stores land well before its loads
+  // the multipliers s_b dx_b of blocks b..b+7 into m[cur], and their min terms into macc
+  const auto multipliers = [&](uint32_t at, int cur) {
+    const __m256 dx8 = _mm256_loadu_ps(x.dx + at), xs8 = _mm256_loadu_ps(x.xsum + at);
+    for (int i = 0; i < RR; ++i) {
+      const __m256 s = e8m0_half8(sc[i] + at);
+      _mm256_store_ps(m[cur][i], _mm256_mul_ps(s, dx8));
+      macc[i] = _mm256_fmadd_ps(s, xs8, macc[i]);
+    }
+  };
+  uint32_t b = 0;
+  if (nb >= 8) multipliers(0, 0);
+  for (int cur = 0; b + 8 <= nb; b += 8, cur ^= 1) {
+    if (b + 16 <= nb) multipliers(b + 8, cur ^ 1);
+    for (int i = 0; i < RR; ++i)
+      for (uint32_t o = 0; o < 8 * chunk_bytes(4); o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(codes[i]) + kPrefetchBytes + o, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x8 + (b + uint32_t(c)) * kChunk));
+      for (int i = 0; i < RR; ++i) {
+        const __m256i v = _mm256_shuffle_epi8(lut, nibbles32(codes[i]));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones);
+        codes[i] += chunk_bytes(4);
+        acc[i][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&m[cur][i][c]), acc[i][c & 1]);
+      }
+    }
+  }
+  for (; b < nb; ++b) {  // the last < 8 blocks of a row
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.x8 + b * kChunk));
+    for (int i = 0; i < RR; ++i) {
+      const __m256i v = _mm256_shuffle_epi8(lut, nibbles32(codes[i]));
+      const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, xv), ones);
+      codes[i] += chunk_bytes(4);
+      const float s = e8m0_half(sc[i][b]);
+      tail[i] += hsum(_mm256_cvtepi32_ps(p)) * (s * x.dx[b]);
+      mtail[i] += s * x.xsum[b];
+    }
+  }
+  for (int i = 0; i < RR; ++i)
+    y[r + uint32_t(i)] = (hsum(_mm256_add_ps(acc[i][0], acc[i][1])) + tail[i]) -
+                         float(kMxOffset) * (hsum(macc[i]) + mtail[i]);
+}
+
+void qmatvec_mx(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
+  uint32_t r = r0;
+  for (; r + 2 <= r1; r += 2) mx_rows<2>(w, r, x, y);
+  if (r < r1) mx_rows<1>(w, r, x, y);
+}
+
 template <int BITS, uint32_t CPG>
 void qmatvec_t(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, float* y) {
   uint32_t r = r0;
@@ -491,6 +619,15 @@ constexpr int kGemmRows = 3, kGemmTokens = 4;  // 12 accumulators + 3 weights + 
 void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
   const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
   const uint32_t cols = w.cols;
+  if (w.mxfp4()) {
+    const uint8_t* sc = w.scales + uint64_t(r) * (cols / kChunk);
+    for (uint32_t b = 0; b < cols / kChunk; ++b, row += chunk_bytes(4)) {
+      __m256 wv[4];
+      mx_decode_chunk(row, _mm256_set1_ps(e8m0_half(sc[b])), wv);
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(dst + b * kChunk + 8 * k, wv[k]);
+    }
+    return;
+  }
   if (!w.quantized()) {
     uint32_t c = 0;
     for (; c + 8 <= cols; c += 8) {
@@ -576,11 +713,27 @@ void gemm_tokens(const float* const* wr, const float* x, int64_t T, uint32_t col
 
 constexpr uint32_t kPanel = 8;  // rows per panel, one per 32-bit lane
 constexpr int kPanelTokens = 4;  // tokens per pass over a panel: 4 dots + 4 sums in registers
+// The panels' BITS for MXFP4 (kind 5): codes looked up as kE2m1x2 + kMxOffset (0..24), so a
+// block is scale * (u - kMxOffset) and its min -kMxOffset * scale. 24 * 127 * 2 per pair: 4
+// products per 16-bit lane at most (24384), so a block's 8 are summed as two halves.
+constexpr int kMx = 5;
+
+// The MXFP4 lookup table, unsigned: kE2m1x2 + kMxOffset.
+inline __m256i mx_lut_u8() {
+  alignas(16) static constexpr int8_t kLut[16] = {
+      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+}
 
 // One chunk of 32 codes -> its values as bytes, in order.
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == kMx) {
+    return _mm256_shuffle_epi8(mx_lut_u8(), nibbles32(p));
+  } else if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x0F);
@@ -635,10 +788,11 @@ template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, float* sc8, float* mn8) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
+  constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
   for (uint32_t b = 0; b < nb; ++b) {
     __m256i v[kPanel];
     for (uint32_t i = 0; i < kPanel; ++i)
-      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * chunk_bytes(BITS)) : _mm256_setzero_si256();
+      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * cb) : _mm256_setzero_si256();
     transpose8x8_epi32(v);
     if constexpr (BITS == 8) {
       const __m256i m = _mm256_set1_epi8(0x0F);
@@ -651,6 +805,14 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, floa
     }
   }
   for (uint32_t i = 0; i < kPanel; ++i) {
+    if constexpr (BITS == kMx) {
+      for (uint32_t b = 0; b < nb; ++b) {
+        const float s = i < n ? e8m0_half(w.scales[uint64_t(r0 + i) * nb + b]) : 0.0f;
+        sc8[b * kPanel + i] = s;
+        mn8[b * kPanel + i] = -float(kMxOffset) * s;
+      }
+      continue;
+    }
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
@@ -686,6 +848,7 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
   for (uint32_t b = 0; b < nb; ++b) {
     const __m256i* wb = tile + b * kPanelVecs<BITS>;
     __m256i s16[NT];
+    [[maybe_unused]] __m256i s16b[BITS == kMx ? NT : 1];  // MXFP4: columns 16..31 summed apart
     {
       const __m256i w0 = _mm256_load_si256(wb);
       for (int t = 0; t < NT; ++t) s16[t] = _mm256_maddubs_epi16(w0, bcast_i32(xq[t] + b * kChunk));
@@ -693,8 +856,15 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
 #pragma GCC unroll 7
     for (uint32_t q = 1; q < 8; ++q) {
       const __m256i wq = _mm256_load_si256(wb + q);
-      for (int t = 0; t < NT; ++t)
-        s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+      for (int t = 0; t < NT; ++t) {
+        const __m256i p = _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
+        if constexpr (BITS == kMx) {
+          if (q < 4) s16[t] = _mm256_add_epi16(s16[t], p);
+          else s16b[t] = q == 4 ? p : _mm256_add_epi16(s16b[t], p);
+        } else {
+          s16[t] = _mm256_add_epi16(s16[t], p);
+        }
+      }
     }
     __m256i hi16[BITS == 8 ? NT : 1];
     if constexpr (BITS == 8) {  // the high nibbles, weighted 16 when the pairs are summed to 32 bits
@@ -710,6 +880,7 @@ __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, con
     for (int t = 0; t < NT; ++t) {
       __m256i d32 = _mm256_madd_epi16(s16[t], ones);
       if constexpr (BITS == 8) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(hi16[t], sixteen));
+      if constexpr (BITS == kMx) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(s16b[t], ones));
       const __m256 d = _mm256_cvtepi32_ps(d32);
       acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
       acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
@@ -785,6 +956,7 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
   // in: x [cols] rounded -> y[r], r in [r0, r1)
   const DecodeX x = decode_x(in, w.bits);
+  if (w.mxfp4()) return qmatvec_mx(w, r0, r1, x, y);
   switch (w.bits) {
     case 2: return qmatvec_b<2>(w, r0, r1, x, y);
     case 3: return qmatvec_b<3>(w, r0, r1, x, y);
@@ -831,6 +1003,7 @@ void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float*
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1) in panels of 8
+  if (w.mxfp4()) return gemm_int8_panels<kMx>(w, r0, r1, x, y);
   switch (w.bits) {
     case 2: return gemm_int8_panels<2>(w, r0, r1, x, y);
     case 3: return gemm_int8_panels<3>(w, r0, r1, x, y);

@@ -2,7 +2,8 @@
 // int8 activations and sums four products into each 32-bit lane, with no 16-bit
 // saturation, so 8-bit codes take the int8 path too.
 //   - decode (T=1) of 4-bit codes: two blocks of 32 per zmm, x rounded to int8 per 32
-//     values as the AVX2 decode rounds it (the same integers, the same DecodeInput);
+//     values as the AVX2 decode rounds it (the same integers, the same DecodeInput); MXFP4
+//     the same way, its codes looked up with vpshufb first;
 //   - prefill with int8 activations (codes of 2, 3, 4 or 8 bits): a panel of 16 rows is
 //     unpacked to bytes, interleaved so that one zmm holds 4 consecutive values of each of
 //     the 16 rows; every token runs over it with its 4 int8 values broadcast.
@@ -152,12 +153,75 @@ void q4_rows(const QMatrix& w, uint32_t r, const int8_t* x8, const float* dx, co
                          w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
 }
 
+// ---- decode, MXFP4 (kind 5): as q4_rows, the codes looked up (vpshufb) as kE2m1x2 +
+// kMxOffset (0..24, unsigned for vpdpbusd); the offset comes back out once per row as
+// kMxOffset * sum_b s_b xsum_b, s_b = 2^(e_b - 128) the block's scale.
+template <int RR>
+void mx_rows(const QMatrix& w, uint32_t r, const int8_t* x8, const float* dx, const float* xsum, float* y) {
+  alignas(16) static constexpr int8_t kLut[16] = {
+      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+  const __m128i lut16 = _mm_load_si128(reinterpret_cast<const __m128i*>(kLut));
+  const __m512i lut = _mm512_broadcast_i32x4(lut16);
+  const __m256i lut256 = _mm256_broadcastsi128_si256(lut16);
+  const uint32_t nb = w.cols / kChunk;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  __m512 acc[RR];
+  float mt[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * nb;
+    acc[i] = _mm512_setzero_ps();
+    mt[i] = 0;
+  }
+  uint32_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const __m512i xv = _mm512_loadu_si512(x8 + b * kChunk);
+    for (int i = 0; i < RR; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(codes[i] + b * 16) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i v = _mm512_shuffle_epi8(lut, nibbles64(codes[i] + b * 16));
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
+      const float s0 = e8m0_half(sc[i][b]), s1 = e8m0_half(sc[i][b + 1]);
+      const __m512 m = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx[b] * s0), _mm512_set1_ps(dx[b + 1] * s1));
+      acc[i] = _mm512_fmadd_ps(cvt_ps(p), m, acc[i]);
+      mt[i] += s0 * xsum[b] + s1 * xsum[b + 1];
+    }
+  }
+  if (b < nb) {  // an odd last block: lanes 8..15 masked to zero
+    const __m512i xv =
+        _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)), 0);
+    for (int i = 0; i < RR; ++i) {
+      const __m512i v = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_shuffle_epi8(lut256, nibbles32(codes[i] + b * 16)), 0);
+      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
+      const float s0 = e8m0_half(sc[i][b]);
+      acc[i] = _mm512_fmadd_ps(cvt_ps(p), _mm512_set1_ps(dx[b] * s0), acc[i]);
+      mt[i] += s0 * xsum[b];
+    }
+  }
+  for (int i = 0; i < RR; ++i) y[r + uint32_t(i)] = hsum(acc[i]) - float(kMxOffset) * mt[i];
+}
+
 // ---- prefill with int8 activations.
+
+// The panels' BITS for MXFP4 (kind 5): codes looked up as kE2m1x2 + kMxOffset (0..24, unsigned
+// for vpdpbusd), so a block is scale * (u - kMxOffset) and its min -kMxOffset * scale.
+constexpr int kMx = 5;
 
 // One chunk of 32 codes -> its values as bytes, in order.
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
-  if constexpr (BITS == 8) {
+  if constexpr (BITS == kMx) {
+    alignas(16) static constexpr int8_t kLut[16] = {
+        kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+        kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+        kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+        kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+    return _mm256_shuffle_epi8(lut, nibbles32(p));
+  } else if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
     return nibbles32(p);
@@ -200,10 +264,11 @@ template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, float* sc16, float* mn16) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
+  constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
   for (uint32_t b = 0; b < nb; ++b) {
     __m256i lo[8], hi[8];  // rows 0..7 and 8..15
     for (uint32_t i = 0; i < 8; ++i) {
-      const uint64_t off = uint64_t(r0 + i) * rb + b * chunk_bytes(BITS);
+      const uint64_t off = uint64_t(r0 + i) * rb + b * cb;
       lo[i] = i < n ? chunk_u8<BITS>(w.data + off) : _mm256_setzero_si256();
       hi[i] = i + 8 < n ? chunk_u8<BITS>(w.data + off + 8 * rb) : _mm256_setzero_si256();
     }
@@ -213,6 +278,14 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, floa
       _mm512_store_si512(tile + b * 8 + q, _mm512_inserti64x4(_mm512_castsi256_si512(lo[q]), hi[q], 1));
   }
   for (uint32_t i = 0; i < kPanel; ++i) {
+    if constexpr (BITS == kMx) {
+      for (uint32_t b = 0; b < nb; ++b) {
+        const float s = i < n ? e8m0_half(w.scales[uint64_t(r0 + i) * nb + b]) : 0.0f;
+        sc16[b * kPanel + i] = s;
+        mn16[b * kPanel + i] = -float(kMxOffset) * s;
+      }
+      continue;
+    }
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
@@ -284,6 +357,14 @@ void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, co
   if (r < r1) q4_rows<1>(w, r, x8, dx, xsum, y);
 }
 
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+                   float* y) {
+  // x8 [cols], dx [cols / 32], xsum [cols / 32] -> y[r], r in [r0, r1)
+  uint32_t r = r0;
+  for (; r + 2 <= r1; r += 2) mx_rows<2>(w, r, x8, dx, xsum, y);
+  if (r < r1) mx_rows<1>(w, r, x8, dx, xsum, y);
+}
+
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1) in panels of 16
   const uint32_t nb = w.cols / kChunk;
@@ -295,7 +376,8 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
   std::vector<float> sc16(size_t(nb) * kPanel), mn16(size_t(nb) * kPanel);
   for (uint32_t r = r0; r < r1; r += kPanel) {
     const uint32_t n = std::min(kPanel, r1 - r);
-    switch (w.bits) {
+    if (w.mxfp4()) unpack_panel<kMx>(w, r, n, tile, sc16.data(), mn16.data());
+    else switch (w.bits) {
       case 2: unpack_panel<2>(w, r, n, tile, sc16.data(), mn16.data()); break;
       case 3: unpack_panel<3>(w, r, n, tile, sc16.data(), mn16.data()); break;
       case 4: unpack_panel<4>(w, r, n, tile, sc16.data(), mn16.data()); break;

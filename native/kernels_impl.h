@@ -43,6 +43,23 @@ constexpr uint32_t kChunk = 32;         // codes are packed per 32 values of a r
 
 constexpr uint32_t chunk_bytes(uint32_t bits) { return bits * 4; }  // 32 values * bits / 8
 
+// MXFP4 (kind 5): the e2m1 values of the 16 codes times two, so that they are integers
+// (sign bit 3, then 2 exponent bits and 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6, -0, ...).
+constexpr int8_t kE2m1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// kE2m1x2 + kMxOffset is unsigned (0..24), for the u8 x s8 multiplies of x86: a block's dot
+// is then (codes' u8 . x) - kMxOffset * sum(x).
+constexpr int32_t kMxOffset = 12;
+
+// An E8M0 scale byte e -> 2^(e - 128): the block's scale 2^(e - 127) with kE2m1x2's doubling
+// undone. Exact for every e (e < 2 gives the subnormals 2^-128 and 2^-127); the parser refuses
+// e = 255 (NaN).
+inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e >= 2 ? uint32_t(e - 1) << 23 : 0x00200000u << e;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
 // x [cols] float32 -> xsum [cols / gs]: the sum of each group of gs values, in order.
 void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum);
 
@@ -88,7 +105,8 @@ struct DecodeInput {
 };
 
 // Rows [r0, r1) of y = W x for one token: W [rows, cols] group-quantized with the
-// group size `in` was made for, in = x [cols] rounded -> y[r] for r in [r0, r1).
+// group size `in` was made for, or MXFP4 (`in` made for groups of 32), in = x [cols]
+// rounded -> y[r] for r in [r0, r1).
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // Rows [r0, r1) of y = x W^T for T tokens (prefill): x [T, cols] float32, W [rows,
@@ -124,6 +142,11 @@ const char* cpu_missing();
 void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
                 float* y);
 
+// The same for MXFP4 (kind 5): codes looked up (vpshufb) as kE2m1x2 + kMxOffset, dotted with
+// vpdpbusd; xsum [cols / 32] the block sums of the rounded x (avx2::DecodeInput's xsum8 for groups of 32).
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+                   float* y);
+
 // As portable::gemm_int8_rows, codes of 2, 3, 4 or 8 bits, r0 a multiple of 16: panels of
 // 16 rows unpacked to bytes, vpdpbusd per 4 values of a token broadcast.
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
@@ -134,6 +157,8 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
 namespace avx512_simde {
 void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
                 float* y);
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+                   float* y);
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 }  // namespace avx512_simde
 #endif
@@ -168,7 +193,7 @@ struct DecodeInput {
 };
 
 // Rows [r0, r1) of y = W x for one token at the CPU's level: W [rows, cols]
-// group-quantized with the group size `in` was made for -> y[r] for r in [r0, r1).
+// group-quantized with the group size `in` was made for, or MXFP4 -> y[r] for r in [r0, r1).
 void qmatvec(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 
 // The same at a given level (tests; level <= cpu_level()). Every level forms the

@@ -36,6 +36,18 @@ namespace {
 struct DotNeon : PlainTotals {
   static constexpr int kLevel = int(Level::kNeon);
   static constexpr bool kWideScales = false;  // the unscaled loop (see kWide)
+
+  // An MXFP4 block: its codes looked up in lut (kE2m1x2) and multiplied with int8 x, the
+  // products summed in int16 lanes (4 * 12 * 127 fits), then widened.
+  static EDGEMOE_INLINE int32x4_t mx_dot(int8x16_t lut, const uint8_t* p, int8x16_t x0, int8x16_t x1) {
+    const uint8x16_t b = vld1q_u8(p);
+    const int8x16_t a = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F))), c = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+    int16x8_t s = vmull_s8(vget_low_s8(a), vget_low_s8(x0));
+    s = vmlal_high_s8(s, a, x0);
+    s = vmlal_s8(s, vget_low_s8(c), vget_low_s8(x1));
+    s = vmlal_high_s8(s, c, x1);
+    return vpaddlq_s16(s);
+  }
   template <int BITS>
   static constexpr bool kPaired = BITS == 2 || BITS == 3;
 
@@ -193,6 +205,38 @@ void qrows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, co
   }
 }
 
+// One MXFP4 chunk -> w[k] = values 4k..4k+3 as floats times s (the codes looked up as kE2m1x2).
+inline void mx_decode_f32(const uint8_t* p, float s, float32x4_t w[8]) {
+  const int8x16_t lut = vld1q_s8(kE2m1x2);
+  const uint8x16_t b = vld1q_u8(p);
+  const int8x16_t lo = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F))), hi = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+  const int16x8_t h[4] = {vmovl_s8(vget_low_s8(lo)), vmovl_high_s8(lo), vmovl_s8(vget_low_s8(hi)), vmovl_high_s8(hi)};
+  for (int k = 0; k < 4; ++k) {
+    w[2 * k] = vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(h[k]))), s);
+    w[2 * k + 1] = vmulq_n_f32(vcvtq_f32_s32(vmovl_high_s16(h[k])), s);
+  }
+}
+
+// MXFP4 rows for NT tokens: each chunk decoded to floats once and shared by the tokens.
+template <int NT>
+void mxrows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, float* y, uint32_t ystride) {
+  const uint32_t nb = w.cols / kChunk;
+  for (uint32_t r = r0; r < r1; ++r) {
+    const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+    const uint8_t* sc = w.scales + uint64_t(r) * nb;
+    float32x4_t acc[NT][2];
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0);
+    for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(4)) {
+      float32x4_t wv[8];
+      mx_decode_f32(codes, e8m0_half(sc[b]), wv);
+      for (int k = 0; k < 8; ++k)
+        for (int t = 0; t < NT; ++t)
+          acc[t][k & 1] = vfmaq_f32(acc[t][k & 1], wv[k], vld1q_f32(x[t] + b * kChunk + 4 * uint32_t(k)));
+    }
+    for (int t = 0; t < NT; ++t) y[uint64_t(t) * ystride + r] = vaddvq_f32(vaddq_f32(acc[t][0], acc[t][1]));
+  }
+}
+
 // 4 values of a float row at p (any alignment) as f32.
 template <Kind K>
 inline float32x4_t load4(const uint8_t* p) {
@@ -249,6 +293,7 @@ void rows_nt(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, 
     case kF32: return frows<kF32, NT>(w, r0, r1, x, y, ystride);
     case kF16: return frows<kF16, NT>(w, r0, r1, x, y, ystride);
     case kBF16: return frows<kBF16, NT>(w, r0, r1, x, y, ystride);
+    case kMxfp4: return mxrows<NT>(w, r0, r1, x, y, ystride);
     case kQuant:
     case kQuantSym: break;
   }
@@ -269,6 +314,15 @@ constexpr int kGemmRows = 4, kGemmTokens = 4;  // 16 accumulators + 4 weights + 
 void dequant_row(const QMatrix& w, uint32_t r, float* dst) {
   const uint8_t* row = w.data + uint64_t(r) * w.row_bytes();
   const uint32_t cols = w.cols;
+  if (w.mxfp4()) {
+    const uint8_t* sc = w.scales + uint64_t(r) * (cols / kChunk);
+    for (uint32_t b = 0; b < cols / kChunk; ++b, row += chunk_bytes(4)) {
+      float32x4_t wv[8];
+      mx_decode_f32(row, e8m0_half(sc[b]), wv);
+      for (int k = 0; k < 8; ++k) vst1q_f32(dst + b * kChunk + 4 * uint32_t(k), wv[k]);
+    }
+    return;
+  }
   if (!w.quantized()) {
     const uint32_t es = w.kind == kF32 ? 4 : 2;
     uint32_t c = 0;

@@ -387,9 +387,70 @@ EDGEMOE_INLINE void qmatvec_bits(const QMatrix& w, uint32_t r0, uint32_t r1, con
   }
 }
 
+// 4 E8M0 bytes at e -> 2^(e[i] - 128) (e8m0_half: exponent bits; the subnormals below e = 2).
+EDGEMOE_INLINE float32x4_t e8m0_half4(const uint8_t* e) {
+  const uint32x4_t v = vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(ld_u32(e))))));
+  const uint32x4_t normal = vshlq_n_u32(vsubq_u32(v, vdupq_n_u32(1)), 23);
+  const uint32x4_t subnormal = vshlq_u32(vdupq_n_u32(0x00200000u), vreinterpretq_s32_u32(v));  // counts >= 32: 0
+  return vreinterpretq_f32_u32(vbslq_u32(vcgtq_u32(v, vdupq_n_u32(1)), normal, subnormal));
+}
+
+// MXFP4 rows (kind 5), RR from row r: each block's codes looked up (tbl) as kE2m1x2, signed,
+// and dotted with the int8 x by Dot::mx_dot (an exact integer spread over 4 lanes); four
+// blocks' totals in one vector, converted once and scaled by dx_b * 2^(e_b - 128). Every
+// level forms the same integers, then the same float operations: the same bits.
+template <class Dot, int RR>
+EDGEMOE_INLINE void mx_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
+  const int8x16_t lut = vld1q_s8(kE2m1x2);
+  const uint32_t nb = w.cols / kChunk;
+  const uint8_t* codes[RR];
+  const uint8_t* sc[RR];
+  float32x4_t acc[RR];
+  float tail[RR];
+  for (int i = 0; i < RR; ++i) {
+    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
+    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * nb;
+    acc[i] = vdupq_n_f32(0);
+    tail[i] = 0;
+  }
+  uint32_t b = 0;
+  for (; b + 4 <= nb; b += 4) {
+    int32x4_t t[RR][4];
+    for (uint32_t k = 0; k < 4; ++k) {
+      const int8x16_t x0 = vld1q_s8(x.x8 + (b + k) * kChunk), x1 = vld1q_s8(x.x8 + (b + k) * kChunk + 16);
+      for (int i = 0; i < RR; ++i) t[i][k] = Dot::mx_dot(lut, codes[i] + k * chunk_bytes(4), x0, x1);
+    }
+    const float32x4_t dx4 = vld1q_f32(x.dx + b);
+    for (int i = 0; i < RR; ++i) {
+      __builtin_prefetch(codes[i] + kPrefetchBytes);
+      codes[i] += 4 * chunk_bytes(4);
+      const int32x4_t tot = vpaddq_s32(vpaddq_s32(t[i][0], t[i][1]), vpaddq_s32(t[i][2], t[i][3]));
+      acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(tot), vmulq_f32(e8m0_half4(sc[i] + b), dx4));
+    }
+  }
+  for (; b < nb; ++b) {  // the last < 4 blocks of a row
+    const int8x16_t x0 = vld1q_s8(x.x8 + b * kChunk), x1 = vld1q_s8(x.x8 + b * kChunk + 16);
+    for (int i = 0; i < RR; ++i) {
+      const int32_t tot = vaddvq_s32(Dot::mx_dot(lut, codes[i], x0, x1));
+      tail[i] += float(tot) * (x.dx[b] * e8m0_half(sc[i][b]));
+      codes[i] += chunk_bytes(4);
+    }
+  }
+  for (int i = 0; i < RR; ++i) y[r + uint32_t(i)] = vaddvq_f32(acc[i]) + tail[i];
+}
+
+template <class Dot>
+EDGEMOE_INLINE void mx_with(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  const DecodeX x(in, 4);
+  uint32_t r = r0;
+  for (; r + 2 <= r1; r += 2) mx_rows<Dot, 2>(w, r, x, y);
+  for (; r < r1; ++r) mx_rows<Dot, 1>(w, r, x, y);
+}
+
 // Rows [r0, r1) of y = W x for one token, the block dots formed by Dot.
 template <class Dot>
 EDGEMOE_INLINE void qmatvec_with(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  if (w.mxfp4()) return mx_with<Dot>(w, r0, r1, in, y);
   switch (w.bits) {
     case 2: return qmatvec_bits<Dot, 2>(w, r0, r1, in, y);
     case 3: return qmatvec_bits<Dot, 3>(w, r0, r1, in, y);
@@ -401,7 +462,7 @@ EDGEMOE_INLINE void qmatvec_with(const QMatrix& w, uint32_t r0, uint32_t r1, con
 }  // namespace
 
 // The decode kernel at the dot-product levels (kernels_neon_dotprod.cpp); the i8mm level
-// runs its 2/3/4-bit codes through qmatvec_dotprod_unscaled.
+// runs its 2/3/4-bit and MXFP4 codes through qmatvec_dotprod_unscaled.
 void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 void qmatvec_dotprod_unscaled(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);
 void qmatvec_i8mm(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y);

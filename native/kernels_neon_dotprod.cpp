@@ -43,6 +43,13 @@ template <bool WIDE>
 struct DotSdot {
   static constexpr int kLevel = int(WIDE ? Level::kDotprod : Level::kI8mm);
   static constexpr bool kWideScales = WIDE;
+
+  // An MXFP4 block: its codes looked up in lut (kE2m1x2, signed), sdot with the int8 x.
+  static EDGEMOE_INLINE int32x4_t mx_dot(int8x16_t lut, const uint8_t* p, int8x16_t x0, int8x16_t x1) {
+    const uint8x16_t b = vld1q_u8(p);
+    const int8x16_t a = vqtbl1q_s8(lut, vandq_u8(b, vdupq_n_u8(0x0F))), c = vqtbl1q_s8(lut, vshrq_n_u8(b, 4));
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a, x0), c, x1);
+  }
   // 4-bit blocks start their sdot chain at [kMagicBits, 0, 0, 0] (seed), so four blocks'
   // totals arrive as f32 bits and one fsub converts them, exactly: |total| <= 32 * 15 *
   // 127 < 2^22. 2-bit blocks too, their udot chain (|total| <= 32 * 3 * 32767 < 2^22; a
@@ -131,6 +138,7 @@ void qmatvec_dotprod(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInp
 }
 
 void qmatvec_dotprod_unscaled(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeInput& in, float* y) {
+  if (w.mxfp4()) return mx_with<DotSdot<false>>(w, r0, r1, in, y);
   switch (w.bits) {  // 8-bit codes have usdot there (kernels_neon_i8mm.cpp)
     case 2: return qmatvec_bits<DotSdot<false>, 2>(w, r0, r1, in, y);
     case 3: return qmatvec_bits<DotSdot<false>, 3>(w, r0, r1, in, y);

@@ -76,6 +76,24 @@ void qrow_portable(const QMatrix& w, uint32_t r, const float* const* x, const fl
   for (int t = 0; t < nt; ++t) out[t] = acc[t];
 }
 
+// y[t] = W[r] . x[t] for nt tokens, MXFP4 row r: per block of 32, the codes' e2m1 values
+// (doubled, kE2m1x2) dotted with x, times 2^(e - 128).
+void mxrow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, float* out) {
+  const uint32_t nb = w.cols / kChunk;
+  const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+  const uint8_t* sc = w.scales + uint64_t(r) * nb;
+  float acc[kTokenBlock] = {0, 0, 0, 0};
+  uint8_t q[kChunk];
+  float wf[kChunk];
+  for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(4)) {
+    unpack_chunk<4>(codes, q);
+    for (uint32_t j = 0; j < kChunk; ++j) wf[j] = float(kE2m1x2[q[j]]);
+    const float s = e8m0_half(sc[b]);
+    for (int t = 0; t < nt; ++t) acc[t] += s * dot_portable(wf, x[t] + b * kChunk, kChunk);
+  }
+  for (int t = 0; t < nt; ++t) out[t] = acc[t];
+}
+
 // Float rows: converted to f32 in pieces of kPiece columns, then dotted per token.
 void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, float* out) {
   constexpr uint32_t kPiece = 256;
@@ -98,6 +116,7 @@ void frow_portable(const QMatrix& w, uint32_t r, const float* const* x, int nt, 
 }
 
 void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const float* const* xsum, int nt, float* out) {
+  if (w.mxfp4()) return mxrow_portable(w, r, x, nt, out);
   if (!w.quantized()) return frow_portable(w, r, x, nt, out);
   switch (w.bits) {
     case 2: return qrow_portable<2>(w, r, x, xsum, nt, out);
@@ -143,6 +162,27 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1)
   const uint32_t cols = w.cols, nb = cols / kChunk, cpg = w.group_size / kChunk, ng = cols / w.group_size;
   std::vector<uint8_t> v(cols);
+  if (w.mxfp4()) {  // the codes' doubled e2m1 values, signed, times x: no min term
+    std::vector<int8_t> e(cols);
+    for (uint32_t r = r0; r < r1; ++r) {
+      const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+      for (uint32_t b = 0; b < nb; ++b) unpack_chunk<4>(codes + b * chunk_bytes(4), &v[b * kChunk]);
+      for (uint32_t c = 0; c < cols; ++c) e[c] = kE2m1x2[v[c]];
+      const uint8_t* sc = w.scales + uint64_t(r) * nb;
+      for (int64_t t = 0; t < x.T; ++t) {
+        const int8_t* xq = x.q.data() + t * cols;
+        const float* dx = x.dx.data() + t * nb;
+        float acc = 0;
+        for (uint32_t b = 0; b < nb; ++b) {
+          int32_t dot = 0;
+          for (uint32_t j = 0; j < kChunk; ++j) dot += int32_t(e[b * kChunk + j]) * xq[b * kChunk + j];
+          acc += float(dot) * (e8m0_half(sc[b]) * dx[b]);
+        }
+        y[uint64_t(t) * w.rows + r] = acc;
+      }
+    }
+    return;
+  }
   for (uint32_t r = r0; r < r1; ++r) {
     const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
     for (uint32_t b = 0; b < nb; ++b, codes += chunk_bytes(w.bits)) switch (w.bits) {

@@ -112,7 +112,7 @@ ExpertStore::ExpertStore(std::string path, uint32_t num_layers, uint32_t num_exp
     }
     if (std::memcmp(header.base, "EDGEMOEX", 8) != 0)
       throw ModelDirectoryError(path_ + " is not an edgemoe experts file (bad magic): convert the model again");
-    const uint32_t version = load_u32(header.base + 8);  // 3 added two-matrix experts, 2 kind 4 matrices; 1 still reads
+    const uint32_t version = load_u32(header.base + 8);  // 4 added kind 5 (MXFP4), 3 two-matrix experts, 2 kind 4; 1 still reads
     if (version > kFormatVersion)
       throw ModelDirectoryError(path_ + " has format_version " + std::to_string(version) +
                                 ", this edgemoe reads up to " + std::to_string(kFormatVersion) + ": upgrade edgemoe");

@@ -15,7 +15,7 @@ namespace edgemoe {
 
 // The newest experts-file format_version this core reads (docs/format.md); older ones read too.
 // Bound as edgemoe._core.FORMAT_VERSION: the Python side writes and checks this version.
-constexpr uint32_t kFormatVersion = 3;
+constexpr uint32_t kFormatVersion = 4;
 
 // One expert blob in a 4 KiB aligned buffer (as O_DIRECT wants it). The buffer
 // is its own anonymous mapping of exactly `capacity` bytes: no allocator slack,

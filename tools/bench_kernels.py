@@ -7,6 +7,7 @@ weights come from DRAM as they would in a real decode step.
 
     python tools/bench_kernels.py [--threads N] [--working-set-mb 256]
     python tools/bench_kernels.py --prefill --threads 1   # prefill matmuls, GMAC/s of one core
+    python tools/bench_kernels.py --mxfp4                 # MXFP4 against INT4 g32 (gpt-oss's shapes)
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def quant_mats(rows, cols, bits, gs, working_set, rng, symmetric=False):
     return [one.copy() for _ in range(n)]  # distinct buffers: no cache reuse across the round-robin
 
 
+def mxfp4_mats(rows, cols, working_set, rng):
+    """MXFP4 matrices (kind 5) of random codes and E8M0 scales near 2^-4, as gpt-oss's experts hold."""
+    codes = rng.integers(0, 16, (rows, cols), dtype=np.uint8)
+    scales = rng.integers(119, 125, (rows, cols // 32), dtype=np.uint8)
+    one = q.mxfp4_matrix(q.pack_codes(codes, 4), scales, rows, cols)
+    n = max(2, working_set // one.nbytes + 1)
+    return [one.copy() for _ in range(n)]
+
+
 def float_mats(rows, cols, kind, working_set, rng):
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     one = {"f32": w, "f16": w.astype(np.float16), "bf16": q.f32_to_bf16_bits(w)}[kind]
@@ -75,6 +85,37 @@ def bench(name, mats, rows, cols, T, call, bw, rng):
         f"  {rows * cols * T / t10 / 1e9:6.1f} GMAC/s"
     )
     return fast
+
+
+def bench_mxfp4(ws: int, bw, rng, rounds: int = 3) -> None:
+    """MXFP4 (4.25 bits per weight) against INT4 in groups of 32 (symmetric: 4.5 bits, llama.cpp's
+    Q4_0 layout; with mins: 5 bits) on gpt-oss-20b's expert shape (2880 x 2880: gate, up and down)
+    and the Mixtral-shaped one: one token (the int8-x decode of both), 4 tokens (rows decoded to
+    f32 once for the tokens), 16 (prefill: the int8 kernels where _core.prefill_int8 says so, else
+    the f32 tile). The kinds take turns, `rounds` times; per kind the best round's fastest 10%, and
+    the median over rounds of MXFP4's time over INT4 g32 symmetric's in the same round."""
+    qcall = lambda x, m: _core.qmatrix_matmul(x, m)
+    for rows, cols in ((2880, 2880), (2816, 1024)):
+        mats = {
+            "mxfp4": mxfp4_mats(rows, cols, ws, rng),
+            "int4 g32 sym": quant_mats(rows, cols, 4, 32, ws, rng, symmetric=True),
+            "int4 g32": quant_mats(rows, cols, 4, 32, ws, rng),
+        }
+        for T in (1, 4, 16):
+            x = rng.standard_normal((T, cols)).astype(np.float32)
+            t10: dict[str, list[float]] = {name: [] for name in mats}
+            for _ in range(rounds):
+                for name, ms in mats.items():
+                    t10[name].append(float(np.percentile(call_seconds(lambda i: qcall(x, ms[i]), len(ms)), 10)))
+            for name, ms in mats.items():
+                best = min(t10[name])
+                gbs = ms[0].nbytes / best / 1e9
+                print(
+                    f"{name:<13} {rows}x{cols} T={T:<3} {best * 1e6:8.1f} us  {gbs:6.2f} GB/s "
+                    f"{100 * gbs / bw[0]:5.1f}% of bandwidth  {rows * cols * T / best / 1e9:6.1f} GMAC/s"
+                )
+            ratios = [a / b for a, b in zip(t10["mxfp4"], t10["int4 g32 sym"])]
+            print(f"  mxfp4 / int4 g32 sym time, per round: {' '.join(f'{r:.2f}' for r in ratios)}")
 
 
 def bench_attention(rng) -> None:
@@ -174,6 +215,9 @@ def main():
     ap.add_argument("--working-set-mb", type=int, default=256, help="bytes of weights cycled through (> L3)")
     ap.add_argument("--quick", action="store_true", help="INT4 expert matrices only (g64, and g32 symmetric)")
     ap.add_argument(
+        "--mxfp4", action="store_true", help="instead: MXFP4 against INT4 g32 on gpt-oss's expert shape, 1-16 tokens"
+    )
+    ap.add_argument(
         "--attention",
         action="store_true",
         help="instead: decode attention (one query token) against 64-2048 cached keys, us per call",
@@ -204,6 +248,8 @@ def main():
     print(f"streaming read bandwidth (2 MiB pieces): {bw[0]:.2f} GB/s fastest 10%, {bw[1]:.2f} GB/s median")
     print("kernel GB/s = weight bytes / time; fastest 10% of calls vs the same for the streaming read;")
     print("T > 1 is compute-bound: read GMAC/s there")
+    if args.mxfp4:
+        return bench_mxfp4(ws, bw, rng)
 
     qcall = lambda x, m: _core.qmatrix_matmul(x, m)
     shapes = [(2816, 1024), (1024, 2816)]

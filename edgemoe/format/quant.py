@@ -18,6 +18,11 @@ with unsigned codes q in [0, 2^bits):
 
 Codes are computed from the f16-rounded scales (and mins) so that
 dequantization reproduces what the quantizer intended.
+
+MXFP4 (kind 5, OCP microscaling): per block of 32 consecutive columns of a row, 4-bit
+e2m1 codes (sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their
+negatives) and one E8M0 byte e: `w = e2m1(q) * 2^(e - 127)`. Never quantized here: the
+converters carry gpt-oss's MXFP4 experts (and llama.cpp's MXFP4 tensors) over as they are.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ import numpy as np
 
 from .. import _core
 
-KIND_F32, KIND_F16, KIND_BF16, KIND_Q, KIND_QS = 0, 1, 2, 3, 4
+KIND_F32, KIND_F16, KIND_BF16, KIND_Q, KIND_QS, KIND_MXFP4 = 0, 1, 2, 3, 4, 5
 FLOAT_KINDS = {"f32": KIND_F32, "f16": KIND_F16, "bf16": KIND_BF16}
-KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q", KIND_QS: "qs"}
+KIND_NAMES = {v: k for k, v in FLOAT_KINDS.items()} | {KIND_Q: "q", KIND_QS: "qs", KIND_MXFP4: "mxfp4"}
 QUANT_KINDS = (KIND_Q, KIND_QS)
 QBITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -43,8 +48,11 @@ BLOB_MAGIC = b"EXPB"
 BLOB_HEADER_BYTES = 64
 EXPERTS_MAGIC = b"EDGEMOEX"
 EXPERTS_HEADER_BYTES = 4096
-FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases, activation and two-matrix (ReLU) experts
+FORMAT_VERSION = _core.FORMAT_VERSION  # the native store's; 2: symmetric matrices are kind 4 (no mins); 3: expert biases, activation and two-matrix (ReLU) experts; 4: MXFP4 matrices (kind 5)
 ALIGN = 64
+# the e2m1 (FP4) values of the 16 MXFP4 codes: sign bit 3, then 2 exponent bits and 1 mantissa bit
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+E8M0_NAN = 255  # the one E8M0 byte that is not a power of two
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -183,10 +191,34 @@ def symmetric_matrix(packed: np.ndarray, scales: np.ndarray, rows: int, cols: in
     return _serialize(packed, scales.astype(np.float16), None, rows, cols, KIND_QS, bits, CHUNK)
 
 
+def mxfp4_matrix(packed: np.ndarray, scales: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """A kind 5 (MXFP4) QMatrix from e2m1 codes packed as pack_codes packs 4-bit codes ([rows, cols/2]
+    uint8: per block of 32, byte j holds value j in its low and value j + 16 in its high nibble, as
+    llama.cpp's MXFP4 blocks do) and one E8M0 byte per block ([rows, cols/32]): `w = e2m1(q) *
+    2^(e - 127)`. No value changes: the converters carry MXFP4 weights over with it."""
+    packed, scales = np.asarray(packed), np.asarray(scales)
+    if cols % CHUNK or packed.shape != (rows, cols // 2) or scales.shape != (rows, cols // CHUNK):
+        raise ValueError(f"codes {packed.shape} and scales {scales.shape} do not make a [{rows}, {cols}] MXFP4 matrix")
+    if packed.dtype != np.uint8 or scales.dtype != np.uint8:
+        raise ValueError(f"MXFP4 codes and scales are uint8, got {packed.dtype} and {scales.dtype}")
+    if (scales == E8M0_NAN).any():
+        raise ValueError("an MXFP4 scale is NaN (E8M0 255): the weights are damaged")
+    return _serialize(packed, scales, None, rows, cols, KIND_MXFP4, 4, CHUNK)
+
+
+def mxfp4_to_float32(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The values of MXFP4 codes packed as mxfp4_matrix takes them ([rows, cols/2] uint8, [rows,
+    cols/32] E8M0) -> float32 [rows, cols]."""
+    rows, n = scales.shape
+    codes = unpack_codes(np.ascontiguousarray(packed, np.uint8), 4, rows, n * CHUNK).reshape(rows, n, CHUNK)
+    w = FP4_VALUES[codes] * np.exp2(scales.astype(np.float32) - 127)[..., None]
+    return w.reshape(rows, n * CHUNK)
+
+
 def _serialize(packed, scale, mins, rows: int, cols: int, kind: int, bits: int, group_size: int) -> np.ndarray:
     codes_off = _align(MATRIX_HEADER.size)
     scales_off = _align(codes_off + packed.nbytes)
-    if kind == KIND_QS:  # the min is -2^(bits-1) * scale: not stored
+    if kind in (KIND_QS, KIND_MXFP4):  # no mins: kind 4's is -2^(bits-1) * scale, MXFP4 has none
         mins_off, total = 0, scales_off + scale.nbytes
     else:
         mins_off = _align(scales_off + scale.nbytes)
@@ -196,7 +228,10 @@ def _serialize(packed, scale, mins, rows: int, cols: int, kind: int, bits: int, 
         _header(rows, cols, kind, bits, group_size, codes_off, scales_off, mins_off, total), np.uint8
     )
     buf[codes_off : codes_off + packed.nbytes] = packed.reshape(-1)
-    buf[scales_off : scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
+    if kind == KIND_MXFP4:
+        buf[scales_off : scales_off + scale.nbytes] = scale.reshape(-1)
+    else:
+        buf[scales_off : scales_off + scale.nbytes] = scale.astype("<f2").reshape(-1).view(np.uint8)
     if kind == KIND_Q:
         assert mins is not None  # kind 3 stores its mins
         buf[mins_off : mins_off + mins.nbytes] = mins.astype("<f2").reshape(-1).view(np.uint8)
@@ -269,6 +304,10 @@ def dequantize_matrix(buf: np.ndarray, offset: int = 0) -> np.ndarray:
         return buf[start : start + rows * cols * 2].view("<f2").astype(np.float32).reshape(rows, cols)
     if kind == KIND_BF16:
         return bf16_bits_to_f32(buf[start : start + rows * cols * 2].view("<u2")).reshape(rows, cols)
+    if kind == KIND_MXFP4:
+        so = offset + h["scales_offset"]
+        packed = buf[start : start + rows * cols // 2].reshape(rows, cols // 2)
+        return mxfp4_to_float32(packed, buf[so : so + rows * cols // CHUNK].reshape(rows, cols // CHUNK))
     bits, gs = h["bits"], h["group_size"]
     ngroups = rows * cols // gs
     packed = buf[start : start + rows * cols // CHUNK * CHUNK_BYTES[bits]]
@@ -296,6 +335,13 @@ def qmatrix_nbytes(rows: int, cols: int, bits: int, group_size: int = 64, symmet
     scales = 2 * rows * (cols // group_size)  # f16 per group; the mins take as much again
     scales_off = _align(_align(MATRIX_HEADER.size) + codes)
     return scales_off + scales if symmetric else _align(scales_off + scales) + scales
+
+
+def mxfp4_matrix_nbytes(rows: int, cols: int) -> int:
+    """Byte size of the MXFP4 QMatrix mxfp4_matrix writes for W[rows, cols] (4.25 bits per weight)."""
+    if cols % CHUNK:
+        raise ValueError(f"cols ({cols}) must be a multiple of {CHUNK} for MXFP4")
+    return _align(_align(MATRIX_HEADER.size) + rows * cols // 2) + rows * cols // CHUNK
 
 
 def float_matrix_nbytes(rows: int, cols: int, kind: str = "bf16") -> int:

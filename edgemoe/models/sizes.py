@@ -135,8 +135,9 @@ def _notes(config: dict[str, Any]) -> list[str]:
     method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
     if method == "mxfp4":
         return [
-            "the published experts are MXFP4; `edgemoe convert` decodes them exactly to bf16 and stores "
-            "them at the bits asked for (4 bits: quantized again, docs/gguf.md says what that adds)"
+            "the published experts are MXFP4; `edgemoe convert --bits 4` keeps them as they are, at 4.25 "
+            "bits per weight (a little under the 4-bit column's groups of 64 with mins); 16 decodes them "
+            "exactly to bf16, 8 quantizes them again (docs/gguf.md)"
         ]
     return [
         f"the published weights are quantized ({method}); `edgemoe convert` reads bf16, f16 or f32 "

@@ -128,6 +128,36 @@ static TestMatrix make_quant(uint32_t rows, uint32_t cols, uint32_t bits, uint32
   return m;
 }
 
+// MXFP4 (kind 5) matrix with random codes and E8M0 scales in [emin, emax], packed per
+// docs/format.md: codes as 4-bit chunks, one scale byte per block of 32.
+static TestMatrix make_mxfp4(uint32_t rows, uint32_t cols, uint32_t emin = 118, uint32_t emax = 133) {
+  static const double kFp4[8] = {0, 0.5, 1, 1.5, 2, 3, 4, 6};  // e2m1 magnitudes, from the OCP spec
+  TestMatrix m{{}, std::vector<double>(size_t(rows) * cols), rows, cols, std::vector<double>(size_t(rows) * cols, 0.0)};
+  const uint32_t nb = cols / 32;
+  const size_t codes = 64, scales = align64(codes + size_t(rows) * nb * 16), total = scales + size_t(rows) * nb;
+  m.buf.assign(total, 0);
+  put_u32(m.buf, 0, rows);
+  put_u32(m.buf, 4, cols);
+  m.buf[8] = 5;
+  m.buf[9] = 4;
+  put_u32(m.buf, 12, 32);
+  put_u32(m.buf, 16, uint32_t(codes));
+  put_u32(m.buf, 20, uint32_t(scales));
+  put_u32(m.buf, 28, uint32_t(total));
+  for (uint32_t r = 0; r < rows; ++r)
+    for (uint32_t b = 0; b < nb; ++b) {
+      const uint32_t e = emin + rng() % (emax - emin + 1);
+      m.buf[scales + size_t(r) * nb + b] = uint8_t(e);
+      uint8_t* p = &m.buf[codes + (size_t(r) * nb + b) * 16];
+      for (int j = 0; j < 32; ++j) {
+        const uint32_t v = rng() % 16;
+        p[j % 16] = uint8_t(p[j % 16] | (v << (4 * (j / 16))));
+        m.w[size_t(r) * cols + b * 32 + uint32_t(j)] = (v & 8 ? -1.0 : 1.0) * kFp4[v & 7] * std::ldexp(1.0, int(e) - 127);
+      }
+    }
+  return m;
+}
+
 static TestMatrix make_float(uint32_t rows, uint32_t cols, Kind kind) {
   const size_t es = kind == kF32 ? 4 : 2;
   TestMatrix m{
@@ -163,10 +193,10 @@ static TestMatrix make_float(uint32_t rows, uint32_t cols, Kind kind) {
   return m;
 }
 
-static std::vector<float> rand_vec(size_t n) {
+static std::vector<float> rand_vec(size_t n, float scale = 1.0f) {
   std::normal_distribution<float> nd;
   std::vector<float> v(n);
-  for (auto& x : v) x = nd(rng);
+  for (auto& x : v) x = scale * nd(rng);
   return v;
 }
 
@@ -457,10 +487,13 @@ static void test_crc() {
 
 // ---------------------------------------------------------------- experts file
 
+// bits 0: MXFP4 matrices (kind 5)
 static std::vector<uint8_t> make_blob(uint32_t layer, uint32_t expert, uint32_t H, uint32_t I, uint32_t bits,
                                       std::vector<TestMatrix>* mats, bool sym = false) {
-  TestMatrix g = make_quant(I, H, bits, 32, sym), u = make_quant(I, H, bits, 32, sym),
-             d = make_quant(H, I, bits, 32, sym);
+  const auto make = [&](uint32_t rows, uint32_t cols) {
+    return bits == 0 ? make_mxfp4(rows, cols, 122, 127) : make_quant(rows, cols, bits, 32, sym);
+  };
+  TestMatrix g = make(I, H), u = make(I, H), d = make(H, I);
   std::vector<uint8_t> blob(64, 0);
   std::memcpy(blob.data(), "EXPB", 4);
   put_u32(blob, 4, layer);
@@ -531,8 +564,8 @@ enum class XRound { kNone, kDecode, kPrefill };
 static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const float* x, uint32_t H, uint32_t I,
                                       XRound round = XRound::kNone) {
   const auto rounds = [&](const TestMatrix& t) {
-    const bool quant = t.buf[8] == 3 || t.buf[8] == 4;
-    if (round == XRound::kDecode) return quant && t.buf[9] == 4;
+    const bool coded = t.buf[8] == 3 || t.buf[8] == 4 || t.buf[8] == 5;
+    if (round == XRound::kDecode) return coded && t.buf[9] == 4;
     if (round == XRound::kPrefill) return prefill_int8_expert(parse_qmatrix(t.buf.data(), t.buf.size()));
     return false;
   };
@@ -558,10 +591,10 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
 
 // The portable kernels are compiled into every build, whatever path matmul() takes:
 // check them directly against the reference, and the bandwidth probe against them.
-static bool portable_close(const TestMatrix& m, int nt) {
+static bool portable_close(const TestMatrix& m, int nt, float xscale = 1.0f) {
   const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
   const uint32_t ng = q.quantized() ? m.cols / q.group_size : 0;
-  auto x = rand_vec(size_t(nt) * m.cols);
+  auto x = rand_vec(size_t(nt) * m.cols, xscale);
   std::vector<float> xsum(size_t(nt) * ng), y(size_t(nt) * m.rows);
   const float* xp[kernels::kTokenBlock];
   const float* sp[kernels::kTokenBlock];
@@ -582,6 +615,65 @@ static void test_portable_kernels() {
   std::vector<uint8_t> bytes((3u << 20) + 77);
   for (auto& b : bytes) b = uint8_t(rng());
   CHECK(stream_read(bytes.data(), bytes.size()) == kernels::portable::byte_sum(bytes.data(), bytes.size()));
+}
+
+// MXFP4 (kind 5) through matmul on every token count, against the float64 reference: one token
+// (SIMD decode) and prefill where prefill_int8 says so with x rounded per 32 values to int8,
+// exactly, the others with float x; scales
+// down to E8M0 0 and 1 (subnormal floats) with an x large enough to keep the products normal.
+// And the portable rows directly, and headers that lie.
+static void test_mxfp4_kernels() {
+  for (uint32_t e = 0; e < 255; ++e) CHECK(kernels::e8m0_half(uint8_t(e)) == std::ldexp(1.0f, int(e) - 128));
+  const uint32_t shapes[][2] = {{1, 32}, {3, 96}, {37, 256}, {130, 384}, {9, 544}};
+  int checked = 0;
+  for (auto range : {std::pair<uint32_t, uint32_t>{118, 133}, {0, 3}, {230, 240}})
+    for (auto& s : shapes) {
+      const TestMatrix m = make_mxfp4(s[0], s[1], range.first, range.second);
+      const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+      CHECK(q.kind == kMxfp4 && q.mxfp4() && q.coded() && !q.quantized() && q.row_bytes() == s[1] / 2);
+      const float xscale = range.first == 0 ? 0x1p100f : range.first >= 230 ? 0x1p-110f : 1.0f;
+      for (int64_t T : {1, 3, 4, 9, 14, 33}) {
+        auto x = rand_vec(size_t(T) * s[1], xscale);
+        std::vector<float> y(size_t(T) * s[0]);
+        matmul(q, x.data(), T, y.data());
+        if (T >= kernels::kGemmMinTokens && prefill_int8(q)) {
+          CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));  // exactly what the kernel computes
+          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
+        } else if (T == 1 && decode_x8()) {
+          CHECK(close_matmul_x16(y, x, m, 4, 2e-6));  // exactly what the kernel computes
+          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 1e-2));
+        } else {
+          CHECK(close_matmul(y, x, m.w, T, s[0], s[1], 2e-6));
+        }
+        ++checked;
+      }
+      CHECK(portable_close(m, 3, xscale));
+    }
+  std::printf("  mxfp4: %d matmul checks (%s)\n", checked, simd_name());
+  // a header that lies, or a NaN scale, is refused, never read past
+  TestMatrix m = make_mxfp4(4, 64);
+  const auto refused = [&](const char* needle) {
+    return throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size()); }, needle);
+  };
+  CHECK(throws<std::invalid_argument>([&] { parse_qmatrix(m.buf.data(), m.buf.size() - 1); }, "claims"));
+  m.buf[9] = 8;
+  CHECK(refused("bits 8"));
+  m.buf[9] = 4;
+  put_u32(m.buf, 12, 64);
+  CHECK(refused("group_size 64"));
+  put_u32(m.buf, 12, 32);
+  put_u32(m.buf, 24, 64);
+  CHECK(refused("mins offset"));
+  put_u32(m.buf, 24, 0);
+  const uint32_t scales = 64 + 4 * 2 * 16;
+  m.buf[scales + 5] = 0xFF;
+  CHECK(refused("NaN scale (E8M0 255) for block 5"));
+  m.buf[scales + 5] = 127;
+  m.buf[8] = 6;
+  CHECK(refused("unknown QMatrix kind 6"));
+  m.buf[8] = 5;
+  CHECK(parse_qmatrix(m.buf.data(), m.buf.size()).kind == kMxfp4);
+  CHECK(throws<std::invalid_argument>([&] { float_view(m.buf.data(), 1, 32, kMxfp4); }));
 }
 
 // The int8 prefill: the portable kernels (every build) against the rounded-x reference,
@@ -631,6 +723,48 @@ static void test_int8_prefill() {
             ++checked;
           }
         }
+  // MXFP4: the codes' e2m1 values (offset to 0..24 on AVX2, whose 16-bit sums take 4 products)
+  for (auto& s : shapes)
+    for (auto range : {std::pair<uint32_t, uint32_t>{118, 133}, {0, 3}}) {
+      const TestMatrix m = make_mxfp4(s[0], s[1], range.first, range.second);
+      const QMatrix w = parse_qmatrix(m.buf.data(), m.buf.size());
+      CHECK(prefill_int8(w) == prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())));
+      for (int64_t T : {1, 2, 5, 13}) {
+        const auto x = rand_vec(size_t(T) * s[1], range.first == 0 ? 0x1p100f : 1.0f);
+        QuantizedActs qx;
+        quantize_acts(x.data(), T, s[1], qx);
+        std::vector<float> ref(size_t(T) * s[0]);
+        kernels::portable::gemm_int8_rows(w, 0, s[0], qx, ref.data());
+        CHECK(close_matmul_x8(ref, x, m, T, 0, s[0], 2e-6));
+#if defined(EDGEMOE_AVX2)
+        std::vector<float> y(size_t(T) * s[0], -1.0f);
+        kernels::avx2::gemm_int8_rows(w, 0, s[0], qx, y.data());
+        CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));
+        if (s[0] > 8) {
+          std::vector<float> z(size_t(T) * s[0], -1.0f);
+          kernels::avx2::gemm_int8_rows(w, 8, s[0], qx, z.data());
+          CHECK(close_matmul_x8(z, x, m, T, 8, s[0], 2e-6) && z[0] == -1.0f && z[7] == -1.0f);
+        }
+#endif
+        ++checked;
+      }
+      // every code at its largest value (6: 24 in the offset table) against x at its largest (127):
+      // a 16-bit sum of 8 such pairs would wrap, the kernels' halves of 4 must not
+      TestMatrix big = make_mxfp4(s[0], s[1], 127, 127);
+      std::fill(big.buf.begin() + 64, big.buf.begin() + 64 + size_t(s[0]) * s[1] / 2, uint8_t(0x77));
+      std::fill(big.w.begin(), big.w.end(), 6.0);
+      const QMatrix wb = parse_qmatrix(big.buf.data(), big.buf.size());
+      const std::vector<float> ones(size_t(13) * s[1], 1.0f);
+      QuantizedActs q1;
+      quantize_acts(ones.data(), 13, s[1], q1);
+      std::vector<float> yb(size_t(13) * s[0]);
+      kernels::portable::gemm_int8_rows(wb, 0, s[0], q1, yb.data());
+      CHECK(close_matmul_x8(yb, ones, big, 13, 0, s[0], 2e-6));
+#if defined(EDGEMOE_AVX2)
+      kernels::avx2::gemm_int8_rows(wb, 0, s[0], q1, yb.data());
+      CHECK(close_matmul_x8(yb, ones, big, 13, 0, s[0], 2e-6));
+#endif
+    }
   // what the int8 path cannot take is refused, not misread; 2-bit codes keep float x
   const TestMatrix mf = make_float(4, 64, kF16), m2 = make_quant(4, 64, 2, 32);
   const QMatrix wf = parse_qmatrix(mf.buf.data(), mf.buf.size()), w2 = parse_qmatrix(m2.buf.data(), m2.buf.size());
@@ -653,7 +787,7 @@ static void test_int8_prefill() {
 // ones: the int8 prefill for 2/3/4/8-bit codes on panels with row and token tails (and a
 // range from the second panel), the 4-bit decode with an odd last block.
 template <class Gemm, class Decode>
-static int check_avx512(Gemm gemm, Decode decode) {
+static int check_avx512(Gemm gemm, Decode decode, Decode decode_mx) {
   const uint32_t shapes[][2] = {{1, 64}, {7, 96}, {16, 128}, {17, 256}, {37, 384}};
   int checked = 0;
   for (bool sym : {false, true})
@@ -688,6 +822,30 @@ static int check_avx512(Gemm gemm, Decode decode) {
           CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
           ++checked;
         }
+  // MXFP4: the decode (an odd last block in 96 and 544 columns), x rounded as for 4-bit codes
+  for (auto range : {std::pair<uint32_t, uint32_t>{118, 133}, {0, 3}})
+    for (auto& s : shapes) {
+      for (uint32_t cols : {s[1], s[1] + 32 * 5}) {
+        const TestMatrix m = make_mxfp4(s[0], cols, range.first, range.second);
+        const QMatrix w = parse_qmatrix(m.buf.data(), m.buf.size());
+        const auto x1 = rand_vec(cols, range.first == 0 ? 0x1p100f : 1.0f);
+        QuantizedActs q1;
+        quantize_acts(x1.data(), 1, cols, q1);
+        std::vector<float> y(s[0], -1.0f);
+        decode_mx(w, 0, s[0], q1.q.data(), q1.dx.data(), q1.bsum.data(), y.data());  // block sums: groups of 32
+        CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
+        ++checked;
+        for (int64_t T : {3, 13}) {  // the int8 prefill's panels
+          const auto x = rand_vec(size_t(T) * cols, range.first == 0 ? 0x1p100f : 1.0f);
+          QuantizedActs qx;
+          quantize_acts(x.data(), T, cols, qx);
+          std::vector<float> z(size_t(T) * s[0], -1.0f);
+          gemm(w, 0, s[0], qx, z.data());
+          CHECK(close_matmul_x8(z, x, m, T, 0, s[0], 2e-6));
+          ++checked;
+        }
+      }
+    }
   return checked;
 }
 
@@ -696,13 +854,15 @@ static int check_avx512(Gemm gemm, Decode decode) {
 // named and that half skipped. EDGEMOE_EXPECT_AVX512=1 makes a missing set a failure.
 static void test_avx512_kernels() {
 #if defined(EDGEMOE_TEST_AVX512_SIMDE)
-  const int n = check_avx512(kernels::avx512_simde::gemm_int8_rows, kernels::avx512_simde::qmatvec_q4);
+  const int n = check_avx512(kernels::avx512_simde::gemm_int8_rows, kernels::avx512_simde::qmatvec_q4,
+                             kernels::avx512_simde::qmatvec_mxfp4);
   std::printf("  avx512 (SIMDe build): %d checks\n", n);
 #else
   std::printf("  avx512 (SIMDe build): skipped, built without SIMDe (apt-get install libsimde-dev)\n");
 #endif
   if (kernels::avx512::cpu_ok()) {
-    const int n = check_avx512(kernels::avx512::gemm_int8_rows, kernels::avx512::qmatvec_q4);
+    const int n =
+        check_avx512(kernels::avx512::gemm_int8_rows, kernels::avx512::qmatvec_q4, kernels::avx512::qmatvec_mxfp4);
     std::printf("  avx512 (this CPU): %d checks, simd %s\n", n, simd_name());
     CHECK(std::strstr(simd_name(), "avx512vnni") != nullptr);
   } else {
@@ -827,6 +987,41 @@ static void test_neon_kernels() {
         CHECK(close_to(y, ref, x, m, T, 2e-6, "neon float rows"));
       }
     }
+  // MXFP4: the decode at every level (the same bits), the few-token rows and the prefill tile
+  for (auto range : {std::pair<uint32_t, uint32_t>{118, 133}, {0, 3}})
+    for (auto& s : shapes) {
+      const TestMatrix m = make_mxfp4(s[0], s[1], range.first, range.second);
+      const QMatrix q = parse_qmatrix(m.buf.data(), m.buf.size());
+      const float xscale = range.first == 0 ? 0x1p100f : 1.0f;
+      const auto x1 = rand_vec(s[1], xscale);
+      const kernels::neon::DecodeInput in(x1.data(), s[1], 32, false, true);
+      std::vector<float> base;
+      for (int lv = 0; lv <= int(top); ++lv) {
+        std::vector<float> y(s[0], 0.0f);
+        kernels::neon::qmatvec_at(Level(lv), q, 0, s[0], in, y.data());
+        CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
+        if (lv == 0) base = y;
+        else
+          CHECK(std::memcmp(y.data(), base.data(), y.size() * 4) == 0);
+        ++checked;
+      }
+      for (int64_t T : {2, 5, 12, 17}) {
+        const auto x = rand_vec(size_t(T) * s[1], xscale);
+        const auto ref = portable_matmul(q, x, T);
+        std::vector<float> y(size_t(T) * s[0]);
+        if (T >= kernels::kGemmMinTokens) {
+          kernels::neon::gemm_rows(q, 0, s[0], x.data(), T, y.data());
+        } else {
+          for (int64_t t0 = 0; t0 < T; t0 += kernels::kTokenBlock) {
+            const int nt = int(std::min<int64_t>(kernels::kTokenBlock, T - t0));
+            const float* xp[kernels::kTokenBlock];
+            for (int t = 0; t < nt; ++t) xp[t] = x.data() + size_t(t0 + t) * s[1];
+            kernels::neon::rows(q, 0, s[0], xp, nullptr, nt, y.data() + size_t(t0) * s[0], s[0]);
+          }
+        }
+        CHECK(close_to(y, ref, x, m, T, 2e-6, "neon mxfp4 rows/gemm"));
+      }
+    }
   std::vector<uint8_t> bytes(100003);
   for (auto& b : bytes) b = uint8_t(rng());
   for (size_t n : {size_t(0), size_t(63), size_t(64), size_t(1000), bytes.size()})
@@ -873,21 +1068,23 @@ static void test_neon_decode_scales() {
 }
 #endif
 
-// expert_forward on kind 3 and kind 4 blobs: the fused decode (T=1), a few tokens, prefill.
+// expert_forward on kind 3, 4 and 5 (MXFP4, bits 0 below) blobs: the fused decode (T=1), a
+// few tokens, prefill.
 static void test_expert_forward() {
   const uint32_t H = 64, I = 96;
   for (bool sym : {false, true})
-    for (uint32_t bits : {3u, 4u}) {
+    for (uint32_t bits : {3u, 4u, 0u}) {
+      if (bits == 0 && sym) continue;
       std::vector<TestMatrix> mats;
       const auto blob = make_blob(0, 0, H, I, bits, &mats, sym);
       const Expert e = parse_expert(blob.data(), blob.size());
-      CHECK(e.gate.kind == (sym ? kQuantSym : kQuant) && e.down.kind == e.gate.kind);
+      CHECK(e.gate.kind == (bits == 0 ? kMxfp4 : sym ? kQuantSym : kQuant) && e.down.kind == e.gate.kind);
       for (int64_t T : {1, 3, 13}) {
         // one token on AVX2/NEON rounds x and h per 32 values: to int16 (~2^-15 each, a looser
         // bound), or for 4 bits to int8, which the reference emulates (h's rounding can flip)
         // several tokens on AVX2 round x and h to int8 for every bitwidth here (prefill_int8)
         const bool decode = T == 1 && decode_x8(), prefill = T >= kernels::kGemmMinTokens;
-        const double tol = decode ? (bits == 4 ? 1e-5 : 1e-3) : 1e-4;
+        const double tol = decode ? (bits == 4 || bits == 0 ? 1e-5 : 1e-3) : 1e-4;
         auto x = rand_vec(size_t(T) * H);
         std::vector<float> y(size_t(T) * H);
         expert_forward(e, x.data(), T, y.data());
@@ -1795,6 +1992,7 @@ int main() {
   test_pool();
   test_kernels();
   test_portable_kernels();
+  test_mxfp4_kernels();
   test_int8_prefill();
 #if defined(EDGEMOE_X86)
   test_avx512_kernels();
