@@ -30,14 +30,14 @@ from .common import (
 )
 
 
-def _storage(value: str) -> None:
+def _storages(value: str) -> None:
     for part in value.split(","):  # none, or profiles: several with --peers
         if part not in ("", "none"):
             load_profile(part)
 
 
 storage_arg = checked(
-    _storage, "none or a device profile name (`edgemoe devices` lists them), with --peers a comma list of them"
+    _storages, "none or a device profile name (`edgemoe devices` lists them), with --peers a comma list of them"
 )
 
 
