@@ -38,9 +38,10 @@ GEMM_MIN_TOKENS: int
 the tokens) instead of the per-token ones."""
 
 def prefill_int8(buf: npt.NDArray[np.uint8], offset: int = 0, expert: bool = False) -> bool:
-    """Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels
-    (x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on
-    the AVX2 and AVX-512 paths; with expert=True, as an expert's matrix, also 8-bit codes."""
+    """Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the integer prefill kernels
+    (x rounded per 32 values: to int8 for 4-bit codes, as one token's x; to int16 for 8-bit
+    ones): 4- and 8-bit codes on the AVX2 path (and AVX-512); expert=True asks the same of an
+    expert's matrix (the same answer)."""
 
 def simd() -> str:
     """Which kernel path runs: 'avx2+fma+f16c', 'neon', 'neon+dotprod', 'neon+dotprod+i8mm' or 'portable';
@@ -60,8 +61,8 @@ def qmatrix_matmul(x: npt.NDArray[np.float32], buf: npt.NDArray[np.uint8], offse
     group-quantized matrix rounds x per 32 values first: to int8 for 4-bit codes
     (error <= 1/254 of each block's max |x|, as llama.cpp's Q8_0 activations), to
     int16 for 2/3/8-bit ones (<= 2^-16). GEMM_MIN_TOKENS or more tokens times a matrix
-    for which prefill_int8 holds round x to int8 per 32 values too (4-bit codes, AVX2 or AVX-512);
-    every other case uses x as given.
+    for which prefill_int8 holds round x per 32 values too (to int8 for 4-bit codes, to int16
+    for 8-bit ones; AVX2, and AVX-512 where the CPU has it); every other case uses x as given.
     """
 
 def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.uint8]]) -> list[npt.NDArray[np.float32]]:

@@ -39,9 +39,10 @@ void bind_kernels(py::module_& m) {
         return expert ? prefill_int8_expert(w) : prefill_int8(w);
       },
       py::arg("buf"), py::arg("offset") = 0, py::arg("expert") = false,
-      "Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the int8 prefill kernels\n"
-      "(x rounded to int8 per 32 values, as one token's x for 4-bit codes): 4-bit codes on\n"
-      "the AVX2 and AVX-512 paths; with expert=True, as an expert's matrix, also 8-bit codes.");
+      "Whether GEMM_MIN_TOKENS or more tokens times this QMatrix run the integer prefill kernels\n"
+      "(x rounded per 32 values: to int8 for 4-bit codes, as one token's x; to int16 for 8-bit\n"
+      "ones): 4- and 8-bit codes on the AVX2 path (and AVX-512); expert=True asks the same of an\n"
+      "expert's matrix (the same answer).");
   m.def(
       "stream_read",
       [](const py::buffer& data) {
@@ -75,7 +76,8 @@ void bind_kernels(py::module_& m) {
       "Numerics: f32 accumulation. On the AVX2 and NEON paths a single token (T=1) times a group-quantized\n"
       "matrix rounds x per 32 values first: to int8 for 4-bit codes (error <= 1/254 of each block's\n"
       "max |x|), to int16 for 2/3/8-bit ones (<= 2^-16); GEMM_MIN_TOKENS or more tokens times a matrix\n"
-      "for which prefill_int8 holds round x to int8 per 32 values too; every other case uses x as given.");
+      "for which prefill_int8 holds round x per 32 values too (int8; int16 for 8-bit codes); every\n"
+      "other case uses x as given.");
 
   m.def(
       "qmatrix_matmul_many",

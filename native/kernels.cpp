@@ -17,9 +17,9 @@
 //     int16 for 2/3/8-bit ones (AVX2: vpmaddwd on widened codes; NEON: smlal, or
 //     sdot/udot on x's two bytes), a few rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4-bit codes, and of an expert's 8-bit ones (AVX2, AVX-512): x
-//     rounded to int8 per 32 values once per token, 8 rows (AVX-512: 16) unpacked to bytes
-//     for all the tokens (matmul_int8);
+//   - prefill (T >= 12) of 4-bit and 8-bit codes (AVX2, AVX-512): x rounded per 32 values
+//     once per token (int8; int16 for 8-bit codes), 8 rows (AVX-512: 16) unpacked for all
+//     the tokens (matmul_int8);
 //   - AVX-512 (kernels_avx512.cpp) is compiled into every x86-64 build and chosen at run
 //     time (CPUID and XGETBV, once): vpdpbusd for the 4-bit decode and the int8 prefill;
 //   - other prefill (T >= 12, SIMD paths): a few rows at a time are dequantized to an
@@ -210,33 +210,39 @@ bool int8_kernels() {
 }  // namespace
 
 bool prefill_int8(const QMatrix& w) {
-  // 4-bit codes: 2- and 3-bit models amplify int8 x's rounding (a tiny 2-bit Mixtral's
-  // logits moved by a third), so their prefill keeps float x
+  // 4-bit codes and MXFP4 with int8 x, 8-bit ones with int16 x (int8 x cost them about a
+  // hundred times their own error: a tiny Phi-MoE's 8-bit logits left their bound). 2- and
+  // 3-bit models amplify int8 x's rounding (a tiny 2-bit Mixtral's logits moved by a third),
+  // so their prefill keeps float x. The wide panels have no portable build: AVX2 only.
+#if defined(EDGEMOE_AVX2)
+  return int8_kernels() && ((w.quantized() && (w.bits == 4 || w.bits == 8)) || w.mxfp4());
+#else
   return int8_kernels() && ((w.quantized() && w.bits == 4) || w.mxfp4());
+#endif
 }
 
-bool prefill_int8_expert(const QMatrix& w) {
-  // The panels take 8-bit codes too (native tests), but int8 x costs 8-bit weights about a
-  // hundred times their own error (a prefill row 1.3e-2 from float x, a decode row 1.5e-4):
-  // a tiny Phi-MoE's 8-bit logits left their bound, so 8-bit experts keep float x as well
-  return prefill_int8(w);
-}
+bool prefill_int8_expert(const QMatrix& w) { return prefill_int8(w); }
 
-void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out) {
-  // x [T, cols] -> q [T, cols], dx and bsum [T, cols / 32]
+void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out, bool wide) {
+  // x [T, cols] -> q or q16 [T, cols], dx and bsum [T, cols / 32]
   if (cols % kChunk) bad("quantize_acts: cols " + std::to_string(cols) + " is not a multiple of 32");
   const uint32_t nb = cols / kChunk;
   out.T = T;
   out.cols = cols;
-  out.q.resize(size_t(T) * cols);
+  out.wide = wide;
+  out.q.resize(wide ? 0 : size_t(T) * cols);
+  out.q16.resize(wide ? size_t(T) * cols : 0);
   out.dx.resize(size_t(T) * nb);
   out.bsum.resize(size_t(T) * nb);
   const int64_t per_task = std::max<int64_t>(1, (1 << 16) / int64_t(cols));  // ~64K values a task
   const int64_t tasks = (T + per_task - 1) / per_task;
   ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
-    for (int64_t t = ti * per_task; t < std::min(T, (ti + 1) * per_task); ++t)
-      int8isa::quantize_row_q8(x + t * cols, cols, &out.q[size_t(t) * cols], &out.dx[size_t(t) * nb],
-                               &out.bsum[size_t(t) * nb]);
+    for (int64_t t = ti * per_task; t < std::min(T, (ti + 1) * per_task); ++t) {
+      float* dx = &out.dx[size_t(t) * nb];
+      float* bs = &out.bsum[size_t(t) * nb];
+      if (wide) int8isa::quantize_row_q16(x + t * cols, cols, &out.q16[size_t(t) * cols], dx, bs);
+      else int8isa::quantize_row_q8(x + t * cols, cols, &out.q[size_t(t) * cols], dx, bs);
+    }
   });
 }
 
@@ -245,16 +251,19 @@ void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
   if (!w.coded() || x.cols != w.cols)
     bad("matmul_int8 needs group-quantized or MXFP4 codes and x of the matrix's " + std::to_string(w.cols) +
         " columns");
+  if (x.wide != wide_acts(w))
+    bad("matmul_int8: " + std::to_string(w.bits) + "-bit codes need x rounded to " + (wide_acts(w) ? "int16" : "int8") +
+        " (quantize_acts with wide = " + (wide_acts(w) ? "true)" : "false)"));
   if (x.T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows;
-  const bool wide = use_avx512();
+  const bool zmm = use_avx512();
   const int64_t tasks = decode_tasks(rows, uint64_t(rows) * w.cols * uint64_t(x.T));
-  const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), wide ? 16 : 8));  // whole panels
+  const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), zmm ? 16 : 8));  // whole panels
   const int64_t n = (rows + row_block - 1) / row_block;
   ThreadPool::instance().parallel_for(n, [&](int64_t ti) {
     const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
 #if defined(EDGEMOE_X86)
-    if (wide) return avx512::gemm_int8_rows(w, r0, r1, x, y);
+    if (zmm) return avx512::gemm_int8_rows(w, r0, r1, x, y);
 #endif
     int8isa::gemm_int8_rows(w, r0, r1, x, y);
   });
@@ -287,7 +296,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
 
   if (T >= kGemmMinTokens && prefill_int8(w)) {
     QuantizedActs qx;
-    quantize_acts(x, T, cols, qx);
+    quantize_acts(x, T, cols, qx, wide_acts(w));
     matmul_int8(w, qx, y);
     return;
   }
@@ -373,10 +382,11 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
   }
 #endif
   bool int8 = n > 1 && T >= kGemmMinTokens;
-  for (size_t i = 0; i < n && int8; ++i) int8 = prefill_int8(ws[i]) && ws[i].cols == ws[0].cols;
+  for (size_t i = 0; i < n && int8; ++i)
+    int8 = prefill_int8(ws[i]) && ws[i].cols == ws[0].cols && wide_acts(ws[i]) == wide_acts(ws[0]);
   if (int8) {  // prefill: x rounded once for all of them
     QuantizedActs qx;
-    quantize_acts(x, T, ws[0].cols, qx);
+    quantize_acts(x, T, ws[0].cols, qx, wide_acts(ws[0]));
     for (size_t i = 0; i < n; ++i) matmul_int8(ws[i], qx, ys[i]);
     return;
   }
@@ -498,8 +508,9 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   std::vector<float> g(size_t(T) * I), u(size_t(T) * I);
   const bool int8 = T >= kGemmMinTokens;
   QuantizedActs qx;
-  if (int8 && prefill_int8_expert(e.gate) && prefill_int8_expert(e.up)) {  // x rounded once for both
-    quantize_acts(x, T, e.hidden(), qx);
+  if (int8 && prefill_int8_expert(e.gate) && prefill_int8_expert(e.up) &&
+      wide_acts(e.gate) == wide_acts(e.up)) {  // x rounded once for both
+    quantize_acts(x, T, e.hidden(), qx, wide_acts(e.gate));
     matmul_int8(e.gate, qx, g.data());
     matmul_int8(e.up, qx, u.data());
   } else {
@@ -512,7 +523,7 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   }
   for (size_t i = 0; i < g.size(); ++i) g[i] = e.glu(g[i], u[i]);
   if (int8 && prefill_int8_expert(e.down)) {
-    quantize_acts(g.data(), T, I, qx);
+    quantize_acts(g.data(), T, I, qx, wide_acts(e.down));
     matmul_int8(e.down, qx, y);
   } else {
     matmul(e.down, g.data(), T, y);

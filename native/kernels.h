@@ -56,33 +56,40 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y);
 // once and one parallel_for covers them all. The same numbers as n matmul() calls.
 void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* const* ys);
 
-// T tokens' activations rounded for the integer prefill kernels, per block of 32 values to
-// int8 as the one-token decode rounds 4-bit codes' x: x ~= q * dx per block, bsum the
-// block's sum of that rounded x (dx * sum q) for the group min terms.
+// T tokens' activations rounded for the integer prefill kernels, per block of 32 values: to
+// int8 as the one-token decode rounds 4-bit codes' x, or (wide) to int16 for 8-bit codes, whose
+// own error int8 x would exceed many times over: x ~= q * dx per block, bsum the block's sum of
+// that rounded x (dx * sum q) for the group min terms.
 struct QuantizedActs {
   int64_t T = 0;
   uint32_t cols = 0;          // a multiple of 32
-  std::vector<int8_t> q;      // [T, cols]
+  bool wide = false;          // q16 holds the values (|q| <= 32767), else q (|q| <= 127)
+  std::vector<int8_t> q;      // [T, cols], or empty when wide
+  std::vector<int16_t> q16;   // [T, cols] when wide, else empty
   std::vector<float> dx;      // [T, cols / 32]
   std::vector<float> bsum;    // [T, cols / 32]
   uint32_t blocks() const { return cols / 32; }
 };
 
-// x [T, cols] float32 (cols % 32 == 0) -> out, rounded per block of 32 values (threads split tokens).
-void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out);
+// x [T, cols] float32 (cols % 32 == 0) -> out, rounded per block of 32 values to int8, or to
+// int16 when wide (threads split tokens).
+void quantize_acts(const float* x, int64_t T, uint32_t cols, QuantizedActs& out, bool wide = false);
 
-// Whether this build, on this CPU, multiplies W with int8 activations for several tokens at
-// once in matmul (matmul_int8 below): 4-bit group-quantized codes, on the AVX2 and AVX-512 paths.
+// Whether matmul_int8 wants W's x rounded to int16 (wide): 8-bit codes.
+inline bool wide_acts(const QMatrix& w) { return w.bits == 8; }
+
+// Whether this build, on this CPU, multiplies W with integer activations for several tokens
+// at once in matmul (matmul_int8 below): 4-bit group-quantized codes (int8 x) and 8-bit ones
+// (int16 x), on the AVX2 and AVX-512 paths.
 bool prefill_int8(const QMatrix& w);
 
-// The same for an expert's matrices in expert_forward: 4- and 8-bit codes. The backbone's
-// 8-bit matrices keep float x: int8 x moved a tiny DeepSeek-V2's logits (8-bit low-rank
-// attention projections) 5x past the 8-bit parity bound, while 8-bit experts stay within theirs.
+// The same for an expert's matrices in expert_forward (the same choice as prefill_int8).
 bool prefill_int8_expert(const QMatrix& w);
 
-// x [T, cols] rounded (quantize_acts), W [rows, cols] with codes of 2, 3, 4 or 8 bits -> y [T, rows]
-// float32 = x @ W^T: W's rows are unpacked to bytes a panel at a time (8 rows on AVX2, 16 on
-// AVX-512) and every token runs over them.
+// x [T, cols] rounded (quantize_acts, wide exactly when wide_acts(w)), W [rows, cols] with codes
+// of 2, 3, 4 or 8 bits -> y [T, rows] float32 = x @ W^T: W's rows are unpacked a panel at a time
+// (8 rows on AVX2, 16 on AVX-512; bytes, or 16-bit values for 8-bit codes) and every token runs
+// over them. Throws std::invalid_argument when x's width does not match W's codes.
 void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y);
 
 // How an expert joins its gate and up projections (docs/format.md, the blob header's activation).

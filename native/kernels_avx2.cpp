@@ -5,8 +5,9 @@
 //     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
 //     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
-//   - prefill (T >= 12) of 4-bit codes and experts' 8-bit ones: x rounded to int8 per 32 values, 8 rows'
-//     codes unpacked to bytes (8-bit codes as two nibbles) for every token (vpmaddubsw);
+//   - prefill (T >= 12) of 4-bit codes: x rounded to int8 per 32 values, 8 rows' codes unpacked
+//     to bytes for every token (vpmaddubsw); of 8-bit codes: x rounded to int16, the codes less
+//     128 in 16 bits (vpmaddwd);
 //   - other prefill (T >= 12): 3 rows at a time are dequantized to an f32 tile and a
 //     3x4 register-blocked FMA kernel runs every token over it.
 #include "kernels_impl.h"
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -705,11 +707,13 @@ void gemm_tokens(const float* const* wr, const float* x, int64_t T, uint32_t col
   }
 }
 
-// ---- prefill with int8 activations, codes of at most 4 bits: a panel of 8 rows is
+// ---- prefill with integer activations. Codes of at most 4 bits: a panel of 8 rows is
 // unpacked to bytes once, interleaved so that one vector holds 4 consecutive values of
 // each of the 8 rows; vpmaddubsw multiplies it with 4 of a token's int8 values broadcast
 // (u8 codes <= 15 times s8 x: 8 such products summed per 16-bit lane stay below
 // 8 * 2 * 15 * 127 = 30480), and each 32-bit lane of the block's dot is one row's.
+// 8-bit codes meet x rounded to int16 (int8 x would cost them many times their own error):
+// code - 128 in 16 bits, 2 columns per 32-bit lane, vpmaddwd with 2 of a token's values.
 
 constexpr uint32_t kPanel = 8;  // rows per panel, one per 32-bit lane
 constexpr int kPanelTokens = 4;  // tokens per pass over a panel: 4 dots + 4 sums in registers
@@ -776,31 +780,43 @@ inline void transpose8x8_epi32(__m256i v[8]) {
   }
 }
 
-// Vectors per block of a panel: 8-bit codes are split into their low and high nibbles
-// (8 vectors each), as vpmaddubsw's 16-bit sums would saturate on 255 * 127.
+// Vectors per block of a panel: 8-bit codes take 16-bit lanes (x is int16 for them).
 template <int BITS>
 constexpr uint32_t kPanelVecs = BITS == 8 ? 16 : 8;
 
 // Rows r0..r0+n-1 (n <= 8; the others zero) -> tile [nb][kPanelVecs] vectors, per block b the
-// 8 vectors of 4 columns (8-bit codes: low nibbles, then high), and sc8, mn8 [nb][8]: each
-// row's scale and min * min_mult per block.
+// 8 vectors of 4 columns as bytes (8-bit codes: 16 vectors of 2 columns as code - 128 in 16
+// bits), and sc8, mn8 [nb][8]: each row's scale and min * min_mult per block (8-bit codes:
+// the min plus 128 * scale, as the codes lost 128; 0 for symmetric ones).
 template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, float* sc8, float* mn8) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
   constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
   for (uint32_t b = 0; b < nb; ++b) {
-    __m256i v[kPanel];
-    for (uint32_t i = 0; i < kPanel; ++i)
-      v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * cb) : _mm256_setzero_si256();
-    transpose8x8_epi32(v);
     if constexpr (BITS == 8) {
-      const __m256i m = _mm256_set1_epi8(0x0F);
+      __m256i lo[kPanel], hi[kPanel];  // columns 0..15 and 16..31 of each row, 16 bits each
+      const __m256i off = _mm256_set1_epi16(128);
+      for (uint32_t i = 0; i < kPanel; ++i) {
+        if (i >= n) {
+          lo[i] = hi[i] = _mm256_setzero_si256();
+          continue;
+        }
+        const uint8_t* p = w.data + uint64_t(r0 + i) * rb + b * kChunk;
+        lo[i] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), off);
+        hi[i] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))), off);
+      }
+      transpose8x8_epi32(lo);
+      transpose8x8_epi32(hi);
       for (uint32_t q = 0; q < 8; ++q) {
-        _mm256_store_si256(tile + b * 16 + q, _mm256_and_si256(v[q], m));
-        _mm256_store_si256(tile + b * 16 + 8 + q, _mm256_and_si256(_mm256_srli_epi16(v[q], 4), m));
+        _mm256_store_si256(tile + b * 16 + q, lo[q]);
+        _mm256_store_si256(tile + b * 16 + 8 + q, hi[q]);
       }
     } else {
+      __m256i v[kPanel];
+      for (uint32_t i = 0; i < kPanel; ++i)
+        v[i] = i < n ? chunk_u8<BITS>(w.data + uint64_t(r0 + i) * rb + b * cb) : _mm256_setzero_si256();
+      transpose8x8_epi32(v);
       for (uint32_t q = 0; q < 8; ++q) _mm256_store_si256(tile + b * 8 + q, v[q]);
     }
   }
@@ -816,13 +832,17 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m256i* tile, floa
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
-      sc8[b * kPanel + i] = i < n ? f16_to_f32(load_u16(sc + 2 * (b / cpg))) : 0.0f;
-      mn8[b * kPanel + i] = i < n ? w.min_mult * f16_to_f32(load_u16(mn + 2 * (b / cpg))) : 0.0f;
+      const float s = i < n ? f16_to_f32(load_u16(sc + 2 * (b / cpg))) : 0.0f;
+      const float m = i < n ? w.min_mult * f16_to_f32(load_u16(mn + 2 * (b / cpg))) : 0.0f;
+      sc8[b * kPanel + i] = s;
+      mn8[b * kPanel + i] = BITS == 8 ? m + 128.0f * s : m;
     }
   }
 }
 
-inline __m256i bcast_i32(const int8_t* p) {
+// 4 bytes at p (4 int8 values, or 2 int16) in every 32-bit lane.
+template <class T>
+inline __m256i bcast_i32(const T* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
@@ -833,55 +853,63 @@ inline __m256i bcast_i32(const int8_t* p) {
 template <int BITS, int NT>
 __attribute__((always_inline)) inline void panel_tokens(const __m256i* tile, const float* sc8, const float* mn8, uint32_t nb, const QuantizedActs& x,
                   int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
-  const int8_t* xq[NT];
+  using XT = std::conditional_t<BITS == 8, int16_t, int8_t>;  // x's values: int16 for 8-bit codes
+  const XT* xq[NT];
   const float* dx[NT];
   const float* bs[NT];
   __m256 acc[NT];
   for (int t = 0; t < NT; ++t) {
-    xq[t] = x.q.data() + (t0 + t) * int64_t(x.cols);
+    if constexpr (BITS == 8) xq[t] = x.q16.data() + (t0 + t) * int64_t(x.cols);
+    else xq[t] = x.q.data() + (t0 + t) * int64_t(x.cols);
     dx[t] = x.dx.data() + (t0 + t) * int64_t(nb);
     bs[t] = x.bsum.data() + (t0 + t) * int64_t(nb);
     acc[t] = _mm256_setzero_ps();
   }
-  const __m256i ones = _mm256_set1_epi16(1);
-  [[maybe_unused]] const __m256i sixteen = _mm256_set1_epi16(16);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   for (uint32_t b = 0; b < nb; ++b) {
     const __m256i* wb = tile + b * kPanelVecs<BITS>;
-    __m256i s16[NT];
-    [[maybe_unused]] __m256i s16b[BITS == kMx ? NT : 1];  // MXFP4: columns 16..31 summed apart
-    {
-      const __m256i w0 = _mm256_load_si256(wb);
-      for (int t = 0; t < NT; ++t) s16[t] = _mm256_maddubs_epi16(w0, bcast_i32(xq[t] + b * kChunk));
-    }
+    __m256i d32[NT];
+    if constexpr (BITS == 8) {
+      // 16 vectors of 2 columns: (code - 128) * x16 pairs summed to 32 bits, |sum| < 2^31 over
+      // the block (32 * 128 * 32767)
+      {
+        const __m256i w0 = _mm256_load_si256(wb);
+        for (int t = 0; t < NT; ++t) d32[t] = _mm256_madd_epi16(w0, bcast_i32(xq[t] + b * kChunk));
+      }
+#pragma GCC unroll 15
+      for (uint32_t q = 1; q < 16; ++q) {
+        const __m256i wq = _mm256_load_si256(wb + q);
+        for (int t = 0; t < NT; ++t)
+          d32[t] = _mm256_add_epi32(d32[t], _mm256_madd_epi16(wq, bcast_i32(xq[t] + b * kChunk + 2 * q)));
+      }
+    } else {
+      __m256i s16[NT];
+      [[maybe_unused]] __m256i s16b[BITS == kMx ? NT : 1];  // MXFP4: columns 16..31 summed apart
+      {
+        const __m256i w0 = _mm256_load_si256(wb);
+        for (int t = 0; t < NT; ++t) s16[t] = _mm256_maddubs_epi16(w0, bcast_i32(xq[t] + b * kChunk));
+      }
 #pragma GCC unroll 7
-    for (uint32_t q = 1; q < 8; ++q) {
-      const __m256i wq = _mm256_load_si256(wb + q);
-      for (int t = 0; t < NT; ++t) {
-        const __m256i p = _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
-        if constexpr (BITS == kMx) {
-          if (q < 4) s16[t] = _mm256_add_epi16(s16[t], p);
-          else s16b[t] = q == 4 ? p : _mm256_add_epi16(s16b[t], p);
-        } else {
-          s16[t] = _mm256_add_epi16(s16[t], p);
+      for (uint32_t q = 1; q < 8; ++q) {
+        const __m256i wq = _mm256_load_si256(wb + q);
+        for (int t = 0; t < NT; ++t) {
+          const __m256i p = _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
+          if constexpr (BITS == kMx) {
+            if (q < 4) s16[t] = _mm256_add_epi16(s16[t], p);
+            else s16b[t] = q == 4 ? p : _mm256_add_epi16(s16b[t], p);
+          } else {
+            s16[t] = _mm256_add_epi16(s16[t], p);
+          }
         }
       }
-    }
-    __m256i hi16[BITS == 8 ? NT : 1];
-    if constexpr (BITS == 8) {  // the high nibbles, weighted 16 when the pairs are summed to 32 bits
-      for (int t = 0; t < NT; ++t) hi16[t] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (uint32_t q = 0; q < 8; ++q) {
-        const __m256i wq = _mm256_load_si256(wb + 8 + q);
-        for (int t = 0; t < NT; ++t)
-          hi16[t] = _mm256_add_epi16(hi16[t], _mm256_maddubs_epi16(wq, bcast_i32(xq[t] + b * kChunk + 4 * q)));
+      for (int t = 0; t < NT; ++t) {
+        d32[t] = _mm256_madd_epi16(s16[t], ones);
+        if constexpr (BITS == kMx) d32[t] = _mm256_add_epi32(d32[t], _mm256_madd_epi16(s16b[t], ones));
       }
     }
     const __m256 sv = _mm256_loadu_ps(sc8 + b * kPanel), mv = _mm256_loadu_ps(mn8 + b * kPanel);
     for (int t = 0; t < NT; ++t) {
-      __m256i d32 = _mm256_madd_epi16(s16[t], ones);
-      if constexpr (BITS == 8) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(hi16[t], sixteen));
-      if constexpr (BITS == kMx) d32 = _mm256_add_epi32(d32, _mm256_madd_epi16(s16b[t], ones));
-      const __m256 d = _mm256_cvtepi32_ps(d32);
+      const __m256 d = _mm256_cvtepi32_ps(d32[t]);
       acc[t] = _mm256_fmadd_ps(d, _mm256_mul_ps(sv, _mm256_broadcast_ss(dx[t] + b)), acc[t]);
       acc[t] = _mm256_fmadd_ps(mv, _mm256_broadcast_ss(bs[t] + b), acc[t]);
     }
@@ -985,6 +1013,21 @@ void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64
       case 2: gemm_tokens<2>(wr, x, T, cols, y + r, w.rows); break;
       default: gemm_tokens<3>(wr, x, T, cols, y + r, w.rows); break;
     }
+  }
+}
+
+void quantize_row_q16(const float* x, uint32_t cols, int16_t* q, float* dx, float* bsum) {
+  // x [cols] -> q [cols], dx, bsum [cols / 32], as portable::quantize_row_q16
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    __m256i v[4];
+    dx[b] = round_block(x + b * kChunk, 32767.0f, v);
+    // packs interleaves 128-bit lanes: restore order with a 64-bit permute
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kChunk),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(v[0], v[1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kChunk + 16),
+                        _mm256_permute4x64_epi64(_mm256_packs_epi32(v[2], v[3]), 0xD8));
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+    bsum[b] = dx[b] * hsum(_mm256_cvtepi32_ps(s));  // |sum| <= 32 * 32767 < 2^24: exact in f32
   }
 }
 

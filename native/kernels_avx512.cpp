@@ -1,12 +1,13 @@
 // The AVX-512 kernels (F, BW, VL and VNNI): vpdpbusd multiplies unsigned codes with
 // int8 activations and sums four products into each 32-bit lane, with no 16-bit
-// saturation, so 8-bit codes take the int8 path too.
+// saturation; vpdpwssd two 16-bit products (8-bit codes, whose x is int16).
 //   - decode (T=1) of 4-bit codes: two blocks of 32 per zmm, x rounded to int8 per 32
 //     values as the AVX2 decode rounds it (the same integers, the same DecodeInput); MXFP4
 //     the same way, its codes looked up with vpshufb first;
-//   - prefill with int8 activations (codes of 2, 3, 4 or 8 bits): a panel of 16 rows is
+//   - prefill with int8 activations (codes of 2, 3 or 4 bits, MXFP4): a panel of 16 rows is
 //     unpacked to bytes, interleaved so that one zmm holds 4 consecutive values of each of
-//     the 16 rows; every token runs over it with its 4 int8 values broadcast.
+//     the 16 rows; every token runs over it with its 4 int8 values broadcast. 8-bit codes:
+//     code - 128 in 16 bits, 2 values of each row per zmm, times 2 of a token's int16 values.
 // Compiled on every x86-64 build with its own target (a pragma, not a flag for the file,
 // so no inline function shared with other files is built with AVX-512), and chosen at run
 // time from CPUID and the OS's XSAVE state (cpu_ok), so one build serves every x86 CPU.
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -260,12 +262,34 @@ inline void transpose8x8_epi32(__m256i v[8]) {
 
 // Rows r0..r0+n-1 (n <= 16; the others zero) -> tile [nb][8] zmm, per block b the 8 vectors
 // of 4 columns (lane i: row i), and sc16, mn16 [nb][16]: each row's scale and min * min_mult.
+// 8-bit codes: tile [nb][16] zmm of 2 columns each, as code - 128 in 16 bits, and mn16 the
+// min plus 128 * scale (0 for symmetric codes).
 template <int BITS>
 void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, float* sc16, float* mn16) {
   const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
   const uint64_t rb = w.row_bytes();
   constexpr uint32_t cb = chunk_bytes(BITS == kMx ? 4 : BITS);
-  for (uint32_t b = 0; b < nb; ++b) {
+  for (uint32_t b = 0; b < nb && BITS == 8; ++b) {
+    __m256i a[4][8];  // [rows 0..7 columns 0..15, rows 0..7 columns 16..31, rows 8..15 ..., ...]
+    const __m256i off = _mm256_set1_epi16(128);
+    for (uint32_t i = 0; i < 16; ++i) {
+      const uint32_t h = i < 8 ? 0 : 2;
+      if (i >= n) {
+        a[h][i % 8] = a[h + 1][i % 8] = _mm256_setzero_si256();
+        continue;
+      }
+      const uint8_t* p = w.data + uint64_t(r0 + i) * rb + b * kChunk;
+      a[h][i % 8] = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), off);
+      a[h + 1][i % 8] =
+          _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))), off);
+    }
+    for (auto& v : a) transpose8x8_epi32(v);
+    for (uint32_t q = 0; q < 8; ++q) {
+      _mm512_store_si512(tile + b * 16 + q, _mm512_inserti64x4(_mm512_castsi256_si512(a[0][q]), a[2][q], 1));
+      _mm512_store_si512(tile + b * 16 + 8 + q, _mm512_inserti64x4(_mm512_castsi256_si512(a[1][q]), a[3][q], 1));
+    }
+  }
+  for (uint32_t b = 0; b < nb && BITS != 8; ++b) {
     __m256i lo[8], hi[8];  // rows 0..7 and 8..15
     for (uint32_t i = 0; i < 8; ++i) {
       const uint64_t off = uint64_t(r0 + i) * rb + b * cb;
@@ -289,40 +313,54 @@ void unpack_panel(const QMatrix& w, uint32_t r0, uint32_t n, __m512i* tile, floa
     const uint8_t* sc = w.scales + uint64_t(r0 + i) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r0 + i) * ng * 2;
     for (uint32_t b = 0; b < nb; ++b) {
-      sc16[b * kPanel + i] = i < n ? scale_of(sc, b / cpg) : 0.0f;
-      mn16[b * kPanel + i] = i < n ? w.min_mult * scale_of(mn, b / cpg) : 0.0f;
+      const float sv = i < n ? scale_of(sc, b / cpg) : 0.0f, mv = i < n ? w.min_mult * scale_of(mn, b / cpg) : 0.0f;
+      sc16[b * kPanel + i] = sv;
+      mn16[b * kPanel + i] = BITS == 8 ? mv + 128.0f * sv : mv;
     }
   }
 }
 
-inline __m512i bcast_i32(const int8_t* p) {
+template <class T>
+inline __m512i bcast_i32(const T* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
 
-// NT tokens from t0 over one unpacked panel -> y[t * ystride + r0 + i] for its n rows.
-template <int NT>
+// NT tokens from t0 over one unpacked panel -> y[t * ystride + r0 + i] for its n rows
+// (WIDE: a panel of 8-bit codes, x int16).
+template <bool WIDE, int NT>
 void panel_tokens(const __m512i* tile, const float* sc16, const float* mn16, uint32_t nb, const QuantizedActs& x,
                   int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
-  const int8_t* xq[NT];
+  using XT = std::conditional_t<WIDE, int16_t, int8_t>;
+  const XT* xq[NT];
   const float* dx[NT];
   const float* bs[NT];
   __m512 acc[NT];
   for (int t = 0; t < NT; ++t) {
-    xq[t] = x.q.data() + (t0 + t) * int64_t(x.cols);
+    if constexpr (WIDE) xq[t] = x.q16.data() + (t0 + t) * int64_t(x.cols);
+    else xq[t] = x.q.data() + (t0 + t) * int64_t(x.cols);
     dx[t] = x.dx.data() + (t0 + t) * int64_t(nb);
     bs[t] = x.bsum.data() + (t0 + t) * int64_t(nb);
     acc[t] = _mm512_setzero_ps();
   }
   for (uint32_t b = 0; b < nb; ++b) {
-    const __m512i* wb = tile + b * 8;
     __m512i d[NT];
     for (int t = 0; t < NT; ++t) d[t] = _mm512_setzero_si512();
+    if constexpr (WIDE) {
+      const __m512i* wb = tile + b * 16;
+#pragma GCC unroll 16
+      for (uint32_t q = 0; q < 16; ++q) {
+        const __m512i wq = _mm512_load_si512(wb + q);
+        for (int t = 0; t < NT; ++t) d[t] = _mm512_dpwssd_epi32(d[t], wq, bcast_i32(xq[t] + b * kChunk + 2 * q));
+      }
+    } else {
+      const __m512i* wb = tile + b * 8;
 #pragma GCC unroll 8
-    for (uint32_t q = 0; q < 8; ++q) {
-      const __m512i wq = _mm512_load_si512(wb + q);
-      for (int t = 0; t < NT; ++t) d[t] = _mm512_dpbusd_epi32(d[t], wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
+      for (uint32_t q = 0; q < 8; ++q) {
+        const __m512i wq = _mm512_load_si512(wb + q);
+        for (int t = 0; t < NT; ++t) d[t] = _mm512_dpbusd_epi32(d[t], wq, bcast_i32(xq[t] + b * kChunk + 4 * q));
+      }
     }
     const __m512 sv = _mm512_loadu_ps(sc16 + b * kPanel), mv = _mm512_loadu_ps(mn16 + b * kPanel);
     for (int t = 0; t < NT; ++t) {
@@ -338,12 +376,12 @@ void panel_tokens(const __m512i* tile, const float* sc16, const float* mn16, uin
 }
 
 // The last nt < kPanelTokens tokens (NT the largest such count).
-template <int NT>
+template <bool WIDE, int NT>
 void panel_tail(int nt, const __m512i* tile, const float* sc16, const float* mn16, uint32_t nb, const QuantizedActs& x,
                 int64_t t0, float* y, uint32_t ystride, uint32_t r0, uint32_t n) {
   if constexpr (NT > 0) {
-    if (nt == NT) return panel_tokens<NT>(tile, sc16, mn16, nb, x, t0, y, ystride, r0, n);
-    panel_tail<NT - 1>(nt, tile, sc16, mn16, nb, x, t0, y, ystride, r0, n);
+    if (nt == NT) return panel_tokens<WIDE, NT>(tile, sc16, mn16, nb, x, t0, y, ystride, r0, n);
+    panel_tail<WIDE, NT - 1>(nt, tile, sc16, mn16, nb, x, t0, y, ystride, r0, n);
   }
 }
 
@@ -371,7 +409,8 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
   struct alignas(64) Vec {
     uint8_t bytes[64];
   };
-  std::vector<Vec> tile_buf(size_t(nb) * 8);  // C++17: over-aligned new
+  const bool wide = w.bits == 8;  // x int16, 16 zmm per block
+  std::vector<Vec> tile_buf(size_t(nb) * (wide ? 16 : 8));  // C++17: over-aligned new
   __m512i* tile = reinterpret_cast<__m512i*>(tile_buf.data());
   std::vector<float> sc16(size_t(nb) * kPanel), mn16(size_t(nb) * kPanel);
   for (uint32_t r = r0; r < r1; r += kPanel) {
@@ -384,9 +423,15 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
       default: unpack_panel<8>(w, r, n, tile, sc16.data(), mn16.data()); break;
     }
     int64_t t = 0;
+    if (wide) {
+      for (; t + kPanelTokens <= x.T; t += kPanelTokens)
+        panel_tokens<true, kPanelTokens>(tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
+      panel_tail<true, kPanelTokens - 1>(int(x.T - t), tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
+      continue;
+    }
     for (; t + kPanelTokens <= x.T; t += kPanelTokens)
-      panel_tokens<kPanelTokens>(tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
-    panel_tail<kPanelTokens - 1>(int(x.T - t), tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
+      panel_tokens<false, kPanelTokens>(tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
+    panel_tail<false, kPanelTokens - 1>(int(x.T - t), tile, sc16.data(), mn16.data(), nb, x, t, y, w.rows, r, n);
   }
 }
 

@@ -78,9 +78,13 @@ uint64_t byte_sum(const uint8_t* p, uint64_t n);
 // values amax / 127 and the nearest integers (ties to even), bsum = dx * sum q.
 void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum);
 
+// As quantize_row_q8 to int16: amax / 32767 per block (the wide QuantizedActs of 8-bit codes).
+void quantize_row_q16(const float* x, uint32_t cols, int16_t* q, float* dx, float* bsum);
+
 // Rows [r0, r1) of y = x W^T for x's T tokens, W group-quantized with codes of 2, 3, 4 or 8
-// bits: per row, token and block of 32, the exact integer dot of codes and x's int8 values,
-// then y = sum over blocks of scale * dx * dot + min * bsum. y [T, rows].
+// bits: per row, token and block of 32, the exact integer dot of codes and x's integer values
+// (int16 for 8-bit codes, x.wide; int8 otherwise), then y = sum over blocks of
+// scale * dx * dot + min * bsum. y [T, rows].
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 
 }  // namespace portable
@@ -116,13 +120,14 @@ void gemm_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* x, int64
 // As portable::byte_sum, 128 bytes a step.
 uint64_t byte_sum(const uint8_t* p, uint64_t n);
 
-// As portable::quantize_row_q8 (the same bits).
+// As portable::quantize_row_q8 and quantize_row_q16 (the same bits).
 void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum);
+void quantize_row_q16(const float* x, uint32_t cols, int16_t* q, float* dx, float* bsum);
 
 // As portable::gemm_int8_rows, r0 a multiple of 8: 8 rows' codes are unpacked to bytes
 // interleaved per 4 columns (one 32-byte vector holds 4 values of each of the 8 rows), and
-// vpmaddubsw multiplies them with 4 of a token's int8 values broadcast (8-bit codes as
-// their two nibbles, the high one weighted 16).
+// vpmaddubsw multiplies them with 4 of a token's int8 values broadcast; 8-bit codes become
+// 16-bit values less 128, interleaved per 2 columns, times 2 of a token's int16 values (vpmaddwd).
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 
 }  // namespace avx2
@@ -148,7 +153,8 @@ void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8,
                    float* y);
 
 // As portable::gemm_int8_rows, codes of 2, 3, 4 or 8 bits, r0 a multiple of 16: panels of
-// 16 rows unpacked to bytes, vpdpbusd per 4 values of a token broadcast.
+// 16 rows unpacked to bytes, vpdpbusd per 4 values of a token broadcast; 8-bit codes as
+// 16-bit values less 128, vpdpwssd per 2 of a token's int16 values.
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 
 }  // namespace avx512

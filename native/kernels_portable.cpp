@@ -158,6 +158,24 @@ void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float*
   }
 }
 
+void quantize_row_q16(const float* x, uint32_t cols, int16_t* q, float* dx, float* bsum) {
+  // x [cols] -> q [cols], dx, bsum [cols / 32]
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    const float* xb = x + b * kChunk;
+    float amax = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+    int32_t s = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) {
+      const auto v = int32_t(std::nearbyint(xb[j] * inv));
+      q[b * kChunk + j] = int16_t(v);
+      s += v;
+    }
+    dx[b] = amax / 32767.0f;
+    bsum[b] = dx[b] * float(s);  // |s| <= 32 * 32767 < 2^24: exact
+  }
+}
+
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
   // x: T tokens rounded [T, cols] -> y [T, rows], rows [r0, r1)
   const uint32_t cols = w.cols, nb = cols / kChunk, cpg = w.group_size / kChunk, ng = cols / w.group_size;
@@ -194,13 +212,15 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
     const uint8_t* sc = w.scales + uint64_t(r) * ng * 2;
     const uint8_t* mn = w.mins + uint64_t(r) * ng * 2;
     for (int64_t t = 0; t < x.T; ++t) {
-      const int8_t* xq = x.q.data() + t * cols;
+      const int8_t* xq = x.wide ? nullptr : x.q.data() + t * cols;
+      const int16_t* xw = x.wide ? x.q16.data() + t * cols : nullptr;
       const float* dx = x.dx.data() + t * nb;
       const float* bs = x.bsum.data() + t * nb;
       float acc = 0;
       for (uint32_t b = 0; b < nb; ++b) {
-        int32_t dot = 0;
-        for (uint32_t j = 0; j < kChunk; ++j) dot += int32_t(v[b * kChunk + j]) * xq[b * kChunk + j];
+        int32_t dot = 0;  // |dot| <= 32 * 255 * 32767 < 2^31
+        for (uint32_t j = 0; j < kChunk; ++j)
+          dot += int32_t(v[b * kChunk + j]) * (xw ? int32_t(xw[b * kChunk + j]) : int32_t(xq[b * kChunk + j]));
         const float s = f16_to_f32(load_u16(sc + 2 * (b / cpg))), m = w.min_mult * f16_to_f32(load_u16(mn + 2 * (b / cpg)));
         acc += float(dot) * (s * dx[b]);
         acc += m * bs[b];

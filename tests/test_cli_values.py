@@ -134,9 +134,21 @@ def test_memory_budget_lots_through_the_command(tmp_path):
         (["bench", "--budgets", "25,150"], "--budgets"),
         (["convert", "s", "-o", "d", "--bits-choices", "8,5"], "--bits-choices"),
         (["cluster", "plan", "--devices", "toaster"], "--devices"),
+        (["bench", "--peers", "llama.cpp", "--device", "none,toaster"], "--device"),
+        (["bench", "--device", "none,jetson-tx2-emmc"], "--device"),
     ],
 )
 def test_out_of_range_values_through_main(argv, flag, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag in err and "Traceback" not in err, err
+
+
+def test_bench_storage_takes_none_and_with_peers_a_list():
+    """`bench --device none` is the local disk (the peers bench's documented command), and
+    --peers takes several storages in one run."""
+    from edgemoe.cli import bench
+
+    p = bench.build_parser()
+    assert p.parse_args(["--device", "none"]).device == "none"
+    assert p.parse_args(["--peers", "llama.cpp", "--device", "none,jetson-tx2-emmc"]).device == "none,jetson-tx2-emmc"

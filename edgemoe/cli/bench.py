@@ -11,6 +11,7 @@ from typing import Any
 
 from ..bench import cluster, llama_cpp, modes, serve_load
 from ..bench.synth import prepare
+from ..devices import load_profile
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
 from ..units import parse_bytes
@@ -26,6 +27,17 @@ from .common import (
     size_arg,
     threads_arg,
     whole,
+)
+
+
+def _storages(value: str) -> None:
+    for part in value.split(","):  # none, or profiles: several with --peers
+        if part not in ("", "none"):
+            load_profile(part)
+
+
+storage_arg = checked(
+    _storages, "none or a device profile name (`edgemoe devices` lists them), with --peers a comma list of them"
 )
 
 
@@ -91,10 +103,10 @@ def build_parser() -> Parser:
     ap.add_argument("--seed", type=whole(0, 2**63 - 1), default=0)
     ap.add_argument(
         "--device",
-        type=profile_arg,
+        type=storage_arg,
         default=None,
         metavar="PROFILE",
-        help="emulate this device profile's storage speed (devices/profiles)",
+        help="emulate this device profile's storage speed (devices/profiles); none: the local disk",
     )
     ap.add_argument(
         "--cgroup-limit",
@@ -191,9 +203,14 @@ def _peers(value: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv and "--serve" in argv:  # the server's load test has options of its own
         return serve_load.run(build_serve_parser().parse_args([a for a in argv if a != "--serve"]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.peers:
         return llama_cpp.run(args)
+    if args.device in ("", "none"):
+        args.device = None
+    elif args.device and "," in args.device:
+        parser.error(f"argument --device: one profile without --peers, got {args.device!r}")
 
     cache = Path(args.cache) if args.cache else cache_root() / "bench"
     cache.mkdir(parents=True, exist_ok=True)

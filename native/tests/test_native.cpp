@@ -246,24 +246,27 @@ static bool close_matmul_x16(const std::vector<float>& y, const std::vector<floa
   return true;
 }
 
-// x [n] rounded per 32 values to int8 times the block's dx, as the SIMD decode inputs do.
-static std::vector<double> round_x8(const float* x, uint32_t n) {
+// x [n] rounded per 32 values to int8 (levels 127; int16: 32767) times the block's dx, as the
+// SIMD decode inputs and the integer prefill (quantize_acts) do.
+static std::vector<double> round_x8(const float* x, uint32_t n, float levels = 127.0f) {
   std::vector<double> xq(n);
   for (uint32_t b = 0; b < n / 32; ++b) {
     float amax = 0;
     for (uint32_t j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[b * 32 + j]));
-    const float dx = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+    const float dx = amax / levels, inv = amax > 0 ? levels / amax : 0.0f;
     for (uint32_t j = 0; j < 32; ++j) xq[b * 32 + j] = double(std::nearbyint(x[b * 32 + j] * inv)) * dx;
   }
   return xq;
 }
 
-// What the int8 prefill (matmul_int8) computes: every token's x rounded per 32 values to
-// int8 (quantize_acts), the min terms from the rounded x too: y = W . xq, W exact.
+// What the integer prefill (matmul_int8) computes: every token's x rounded per 32 values to
+// int8, or int16 for 8-bit codes (quantize_acts), the min terms from the rounded x too:
+// y = W . xq, W exact.
 static bool close_matmul_x8(const std::vector<float>& y, const std::vector<float>& x, const TestMatrix& m, int64_t T,
                             uint32_t r0, uint32_t r1, double tol) {
+  const float levels = m.buf[9] == 8 ? 32767.0f : 127.0f;
   for (int64_t t = 0; t < T; ++t) {
-    const auto xq = round_x8(&x[size_t(t) * m.cols], m.cols);
+    const auto xq = round_x8(&x[size_t(t) * m.cols], m.cols, levels);
     for (uint32_t r = r0; r < r1; ++r) {
       double ref = 0, mag = 0;
       for (uint32_t c = 0; c < m.cols; ++c) {
@@ -569,8 +572,9 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
     if (round == XRound::kPrefill) return prefill_int8_expert(parse_qmatrix(t.buf.data(), t.buf.size()));
     return false;
   };
+  const auto levels = [](const TestMatrix& t) { return t.buf[9] == 8 ? 32767.0f : 127.0f; };
   std::vector<double> xd(x, x + H);
-  if (rounds(m[0])) xd = round_x8(x, H);
+  if (rounds(m[0])) xd = round_x8(x, H, round == XRound::kPrefill ? levels(m[0]) : 127.0f);
   std::vector<double> h(I), y(H, 0.0);
   for (uint32_t i = 0; i < I; ++i) {
     double g = 0, u = 0;
@@ -582,7 +586,7 @@ static std::vector<double> expert_ref(const std::vector<TestMatrix>& m, const fl
   }
   if (rounds(m[2])) {
     std::vector<float> hf(h.begin(), h.end());
-    h = round_x8(hf.data(), I);
+    h = round_x8(hf.data(), I, round == XRound::kPrefill ? levels(m[2]) : 127.0f);
   }
   for (uint32_t r = 0; r < H; ++r)
     for (uint32_t i = 0; i < I; ++i) y[r] += m[2].w[size_t(r) * I + i] * h[i];
@@ -688,7 +692,17 @@ static void test_int8_prefill() {
   bool same = true;
   for (size_t i = 0; i < xr.size(); ++i) same = same && double(q[i]) * dx[i / 32] == want[i];
   CHECK(same);
+  std::vector<int16_t> w16(xr.size());
+  std::vector<float> dxw(7), bsumw(7);
+  kernels::portable::quantize_row_q16(xr.data(), uint32_t(xr.size()), w16.data(), dxw.data(), bsumw.data());
+  const auto want16 = round_x8(xr.data(), uint32_t(xr.size()), 32767.0f);
+  for (size_t i = 0; i < xr.size(); ++i) same = same && double(w16[i]) * dxw[i / 32] == want16[i];
+  CHECK(same);
 #if defined(EDGEMOE_AVX2)
+  std::vector<int16_t> w16b(xr.size());
+  std::vector<float> dxw2(7), bsumw2(7);
+  kernels::avx2::quantize_row_q16(xr.data(), uint32_t(xr.size()), w16b.data(), dxw2.data(), bsumw2.data());
+  CHECK(w16b == w16 && dxw2 == dxw && bsumw2 == bsumw);
   std::vector<int8_t> q2(xr.size());
   std::vector<float> dx2(7), bsum2(7);
   kernels::avx2::quantize_row_q8(xr.data(), uint32_t(xr.size()), q2.data(), dx2.data(), bsum2.data());
@@ -706,7 +720,7 @@ static void test_int8_prefill() {
           for (int64_t T : {1, 2, 5, 13}) {
             const auto x = rand_vec(size_t(T) * s[1]);
             QuantizedActs qx;
-            quantize_acts(x.data(), T, s[1], qx);
+            quantize_acts(x.data(), T, s[1], qx, wide_acts(w));
             std::vector<float> ref(size_t(T) * s[0]);
             kernels::portable::gemm_int8_rows(w, 0, s[0], qx, ref.data());
             CHECK(close_matmul_x8(ref, x, m, T, 0, s[0], 2e-6));
@@ -774,10 +788,21 @@ static void test_int8_prefill() {
   std::vector<float> y(4);
   const TestMatrix m8 = make_quant(4, 64, 8, 32);
   const QMatrix w8 = parse_qmatrix(m8.buf.data(), m8.buf.size());
-  // 8-bit codes keep float x too (int8 x costs them a hundred times their own error); the
-  // panels above still take them
-  CHECK(!prefill_int8(wf) && !prefill_int8(w2) && !prefill_int8_expert(w2) && !prefill_int8(w8) &&
-        !prefill_int8_expert(w8) && throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }));
+  // 8-bit codes take the integer prefill with x rounded to int16 (int8 x would cost them many
+  // times their own error), on AVX2 builds; x of the wrong width is refused
+  const TestMatrix m4 = make_quant(4, 64, 4, 32);
+  const QMatrix w4 = parse_qmatrix(m4.buf.data(), m4.buf.size());
+#if defined(EDGEMOE_AVX2)
+  CHECK(prefill_int8(w8) && prefill_int8_expert(w8) && prefill_int8(w4));
+#else
+  CHECK(!prefill_int8(w8) && !prefill_int8_expert(w8));
+#endif
+  CHECK(!prefill_int8(wf) && !prefill_int8(w2) && !prefill_int8_expert(w2) &&
+        throws<std::invalid_argument>([&] { matmul_int8(wf, qx, y.data()); }) &&
+        throws<std::invalid_argument>([&] { matmul_int8(w8, qx, y.data()); }));
+  QuantizedActs qw;
+  quantize_acts(x.data(), 1, 64, qw, true);
+  CHECK(qw.wide && qw.q.empty() && qw.q16.size() == 64 && throws<std::invalid_argument>([&] { matmul_int8(w4, qw, y.data()); }));
   CHECK(throws<std::invalid_argument>([&] { quantize_acts(x.data(), 1, 60, qx); }));
   std::printf("  int8 prefill: %d checks (%s)\n", checked, prefill_int8(parse_qmatrix(make_quant(1, 32, 4, 32).buf.data(), make_quant(1, 32, 4, 32).buf.size())) ? "used by matmul" : "reference only");
 }
@@ -800,7 +825,7 @@ static int check_avx512(Gemm gemm, Decode decode, Decode decode_mx) {
           for (int64_t T : {1, 3, 8, 13}) {
             const auto x = rand_vec(size_t(T) * s[1]);
             QuantizedActs qx;
-            quantize_acts(x.data(), T, s[1], qx);
+            quantize_acts(x.data(), T, s[1], qx, wide_acts(w));
             std::vector<float> y(size_t(T) * s[0], -1.0f);
             gemm(w, 0, s[0], qx, y.data());
             CHECK(close_matmul_x8(y, x, m, T, 0, s[0], 2e-6));
@@ -1073,7 +1098,7 @@ static void test_neon_decode_scales() {
 static void test_expert_forward() {
   const uint32_t H = 64, I = 96;
   for (bool sym : {false, true})
-    for (uint32_t bits : {3u, 4u, 0u}) {
+    for (uint32_t bits : {3u, 4u, 8u, 0u}) {
       if (bits == 0 && sym) continue;
       std::vector<TestMatrix> mats;
       const auto blob = make_blob(0, 0, H, I, bits, &mats, sym);
@@ -1082,7 +1107,8 @@ static void test_expert_forward() {
       for (int64_t T : {1, 3, 13}) {
         // one token on AVX2/NEON rounds x and h per 32 values: to int16 (~2^-15 each, a looser
         // bound), or for 4 bits to int8, which the reference emulates (h's rounding can flip)
-        // several tokens on AVX2 round x and h to int8 for every bitwidth here (prefill_int8)
+        // several tokens on AVX2 round x and h per 32 values where prefill_int8 holds (int8; int16
+        // for 8-bit codes)
         const bool decode = T == 1 && decode_x8(), prefill = T >= kernels::kGemmMinTokens;
         const double tol = decode ? (bits == 4 || bits == 0 ? 1e-5 : 1e-3) : 1e-4;
         auto x = rand_vec(size_t(T) * H);
