@@ -126,6 +126,26 @@ void row_dispatch(const QMatrix& w, uint32_t r, const float* const* x, const flo
   }
 }
 
+// x [cols] -> q [cols] rounded to +-levels per block of 32, dx (amax / levels) and bsum
+// (dx * the block's sum of q) [cols / 32]: int8 (127) and int16 (32767) activations alike.
+template <class Q>
+void quantize_row(const float* x, uint32_t cols, float levels, Q* q, float* dx, float* bsum) {
+  for (uint32_t b = 0; b < cols / kChunk; ++b) {
+    const float* xb = x + b * kChunk;
+    float amax = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float inv = amax > 0 ? levels / amax : 0.0f;
+    int32_t s = 0;
+    for (uint32_t j = 0; j < kChunk; ++j) {
+      const auto v = int32_t(std::nearbyint(xb[j] * inv));
+      q[b * kChunk + j] = Q(v);
+      s += v;
+    }
+    dx[b] = amax / levels;
+    bsum[b] = dx[b] * float(s);
+  }
+}
+
 }  // namespace
 
 namespace portable {
@@ -141,39 +161,11 @@ void rows(const QMatrix& w, uint32_t r0, uint32_t r1, const float* const* x, con
 }
 
 void quantize_row_q8(const float* x, uint32_t cols, int8_t* q, float* dx, float* bsum) {
-  // x [cols] -> q [cols], dx, bsum [cols / 32]
-  for (uint32_t b = 0; b < cols / kChunk; ++b) {
-    const float* xb = x + b * kChunk;
-    float amax = 0;
-    for (uint32_t j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f;
-    int32_t s = 0;
-    for (uint32_t j = 0; j < kChunk; ++j) {
-      const auto v = int32_t(std::nearbyint(xb[j] * inv));
-      q[b * kChunk + j] = int8_t(v);
-      s += v;
-    }
-    dx[b] = amax / 127.0f;
-    bsum[b] = dx[b] * float(s);
-  }
+  quantize_row(x, cols, 127.0f, q, dx, bsum);
 }
 
 void quantize_row_q16(const float* x, uint32_t cols, int16_t* q, float* dx, float* bsum) {
-  // x [cols] -> q [cols], dx, bsum [cols / 32]
-  for (uint32_t b = 0; b < cols / kChunk; ++b) {
-    const float* xb = x + b * kChunk;
-    float amax = 0;
-    for (uint32_t j = 0; j < kChunk; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float inv = amax > 0 ? 32767.0f / amax : 0.0f;
-    int32_t s = 0;
-    for (uint32_t j = 0; j < kChunk; ++j) {
-      const auto v = int32_t(std::nearbyint(xb[j] * inv));
-      q[b * kChunk + j] = int16_t(v);
-      s += v;
-    }
-    dx[b] = amax / 32767.0f;
-    bsum[b] = dx[b] * float(s);  // |s| <= 32 * 32767 < 2^24: exact
-  }
+  quantize_row(x, cols, 32767.0f, q, dx, bsum);  // |sum| <= 32 * 32767 < 2^24: bsum exact
 }
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {
