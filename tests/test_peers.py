@@ -225,3 +225,16 @@ def test_tiny_comparison_end_to_end(tmp_path, tiny_checkpoint, monkeypatch):
         assert r["tokens"] == 6 and r["decode_tokens_per_s"] > 0 and r["cgroup_peak_bytes"] > 0
         assert r["first_token_seconds"] == pytest.approx(r["load_seconds"] + r["ttft_seconds"])
         assert r["prefill_tokens_per_s"] == pytest.approx(len(prompt) / r["prefill_seconds"])
+
+
+def test_repeats_run_round_by_round():
+    """Every cell once per round, so a machine that slows down during a sweep slows every
+    cell's runs alike; a skipped cell never runs."""
+    order: list[str] = []
+    cells = [{"name": n, "runs_detail": []} for n in ("edgemoe none", "llama.cpp none", "edgemoe 0.3x")]
+    cells[2]["skipped"] = "no room"
+    peers.run_rounds(
+        [(c, lambda c=c: order.append(c["name"]) or {"status": "ok", "n": len(order)}) for c in cells], repeat=3
+    )
+    assert order == ["edgemoe none", "llama.cpp none"] * 3
+    assert [r["n"] for r in cells[0]["runs_detail"]] == [1, 3, 5] and cells[2]["runs_detail"] == []

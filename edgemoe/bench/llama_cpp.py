@@ -24,7 +24,8 @@ import statistics
 import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypedDict
@@ -618,6 +619,17 @@ def blkio_check(path: Path) -> tuple[bool, str]:
     return True, f"8 MiB under a 16 MB/s throttle took {took:.2f} s"
 
 
+def run_rounds(cells: Sequence[tuple[dict[str, Any], Callable[[], dict[str, Any]]]], repeat: int) -> None:
+    """Each cell's `repeat` runs, appended to its "runs_detail", round by round: every cell
+    once per round (skipped cells never), so that a machine drifting over the minutes of a
+    sweep (other work, a slower host) weighs on every cell alike, not on whichever cell's
+    repeats fell in the slow minutes."""
+    for _ in range(repeat):
+        for cell, run_once in cells:
+            if not cell.get("skipped"):
+                cell["runs_detail"].append(run_once())
+
+
 def run(args: argparse.Namespace) -> int:
     """`edgemoe bench --peers ...`: the sweep, its table, JSON and plot."""
     peers = [p for p in args.peers.split(",") if p]
@@ -689,6 +701,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 emit(f"\nblkio throttle verified ({why}); both engines read at {storage}")
             emit("\n" + TABLE_HEADER)
+            sweep: list[tuple[dict[str, Any], Callable[[], dict[str, Any]]]] = []
             for factor in factors:
                 limit = limit_bytes(factor, q4)
                 for engine in engines:
@@ -714,18 +727,16 @@ def run(args: argparse.Namespace) -> int:
                         cell["expert_budget_bytes"] = budget
                         cell["options"] = options
                     spec.update(prompt=prompt, new_tokens=args.tokens, threads=args.threads, seed=args.seed)
+                    cell["runs_detail"] = []
                     if engine == "edgemoe" and spec["budget"] == 0:
-                        runs: list[dict[str, Any]] = []
-                        cell.update(summarize(runs), skipped=f"no room: {others / 1e6:.0f} MB besides experts")
-                    else:
-                        runs = [
-                            run_limited(spec, files, limit, bps, timeout=args.run_timeout) for _ in range(args.repeat)
-                        ]
-                        cell.update(summarize(runs))
-                    cell["runs_detail"] = runs
-                    cell["local_disk_read_bandwidth"] = bw
-                    cells.append(cell)
-                    emit(table_row(cell))
+                        cell["skipped"] = f"no room: {others / 1e6:.0f} MB besides experts"
+                    sweep.append((cell, partial(run_limited, spec, files, limit, bps, timeout=args.run_timeout)))
+            run_rounds(sweep, args.repeat)
+            for cell, _ in sweep:
+                cell.update(summarize(cell["runs_detail"]))
+                cell["local_disk_read_bandwidth"] = bw
+                cells.append(cell)
+                emit(table_row(cell))
     if len(cells):
         emit("")
         for line in ratio_lines(cells):
