@@ -85,6 +85,8 @@ LayerRequest::~LayerRequest() {
 
 PinnedExpert LayerRequest::next() { return cache_->next_of(*this); }
 
+size_t LayerRequest::ready() const { return cache_->ready_of(*this); }
+
 // ---------------------------------------------------------------- ExpertCache
 
 ExpertCache::ExpertCache(std::shared_ptr<ExpertStore> store, uint64_t budget_bytes, Policy policy, int io_threads,
@@ -441,6 +443,12 @@ PinnedExpert ExpertCache::next_of(LayerRequest& r) {
     }
     changed_.wait(lk);
   }
+}
+
+size_t ExpertCache::ready_of(const LayerRequest& r) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return size_t(std::count_if(r.waiting_.begin(), r.waiting_.end(),
+                              [&](size_t key) { return entries_[key].state == State::kReady; }));
 }
 
 void ExpertCache::finish(LayerRequest& r) {

@@ -116,6 +116,8 @@ class LayerRequest {
   ~LayerRequest();
 
   bool done() const { return waiting_.empty(); }
+  // How many of the experts not handed out yet are resident now (next() would not wait for them).
+  size_t ready() const;
   // A resident expert of the request, pinned; waits (as stall time) until one
   // is, reading queued demand reads itself meanwhile. Throws the read's error,
   // or BudgetError when the rest can never fit (the budget is held by pins).
@@ -242,6 +244,7 @@ class ExpertCache {
   void read_entry(std::unique_lock<std::mutex>& lk, size_t key, bool prefetch, Buffers& evicted);
   void io_loop();
   PinnedExpert next_of(LayerRequest& r);
+  size_t ready_of(const LayerRequest& r) const;
   void retry_deferred(LayerRequest& r, Buffers& evicted);
   void finish(LayerRequest& r);
   void unpin(size_t key);

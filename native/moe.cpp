@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "threadpool.h"
 
 namespace edgemoe {
 
@@ -32,6 +33,53 @@ Expert parse_blob(const ExpertCache& cache, const PinnedExpert& pin, uint32_t la
     throw CorruptExpertError(who + " in " + file + " has hidden size " + std::to_string(ex.hidden()) +
                              ", the model " + std::to_string(H) + ": the file is damaged, convert the model again");
   return ex;
+}
+
+// One token whose routed experts are all resident, with a pool of several threads: each
+// expert whole on one thread (gate, up and down streamed by it alone, the nested matmuls
+// run inline), one hand-over per layer instead of one per matrix and expert. The same
+// numbers as the loop below: a row's dot product does not depend on the thread that takes
+// it. Declines (false, nothing done) when whole experts would load one thread more than a
+// quarter above an even share (three experts on two threads, a mix of bitwidths): those
+// keep the row split.
+bool one_token_experts_in_parallel(ExpertCache& cache, LayerRequest& req, uint32_t layer, const float* x, int64_t H,
+                                   const std::vector<std::vector<int64_t>>& slots, float* ys) {
+  ThreadPool& pool = ThreadPool::instance();
+  const auto threads = size_t(pool.num_threads());
+  if (threads < 2) return false;
+  // the threads take experts in turn: the busiest one's bytes against an even share
+  std::vector<uint64_t> load(threads, 0);
+  uint64_t total = 0;
+  for (uint32_t e = 0; e < uint32_t(slots.size()); ++e)
+    if (!slots[e].empty()) {
+      const uint64_t b = cache.store().blob_size(layer, e);
+      *std::min_element(load.begin(), load.end()) += b;
+      total += b;
+    }
+  if (double(*std::max_element(load.begin(), load.end())) > 1.25 * double(total) / double(threads)) return false;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<PinnedExpert> pins;
+  std::vector<Expert> experts;
+  while (!req.done()) {
+    pins.push_back(req.next());  // resident: no wait
+    experts.push_back(parse_blob(cache, pins.back(), layer, H));
+  }
+  std::vector<std::exception_ptr> errors(pins.size());
+  pool.parallel_for(int64_t(pins.size()), [&](int64_t i) {
+    const auto& s = slots[pins[size_t(i)].expert()];
+    float* y = ys + s[0] * H;
+    try {
+      expert_forward(experts[size_t(i)], x, 1, y);
+    } catch (...) {
+      errors[size_t(i)] = std::current_exception();
+    }
+    for (size_t j = 1; j < s.size(); ++j) std::memcpy(ys + s[j] * H, y, size_t(H) * 4);
+  });
+  for (auto& pin : pins) pin.release();
+  for (const auto& err : errors)
+    if (err) std::rethrow_exception(err);
+  cache.record_compute(layer, seconds_since(t0));
+  return true;
 }
 
 }  // namespace
@@ -74,6 +122,9 @@ void moe_forward_slots(ExpertCache& cache, uint32_t layer, const float* x, int64
   cache.set_current_layer(layer);
   // the missing ones are being read from here on
   LayerRequest req = cache.request(layer, needed, true, low_ok.empty() ? nullptr : &low_ok);
+  if (T == 1 && needed.size() > 1 && req.ready() == needed.size() &&
+      one_token_experts_in_parallel(cache, req, layer, x, H, slots, ys))
+    return;
   std::vector<float> xb, yb;
   double compute = 0;
   while (!req.done()) {

@@ -50,6 +50,26 @@ def test_native_step_matches_with_a_budget_and_a_sliding_window(tiny_checkpoint,
     assert m.generate(IDS[:4], max_new_tokens=12) == want
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_one_expert_per_thread_gives_the_same_logits(tiny_checkpoint, tmp_path, bits):
+    """With two threads a token's two resident experts run one per thread; with one thread
+    (and with three, where two experts cannot share them evenly) each expert's rows are split
+    instead: the same numbers, bit for bit, on the native step and on the Python path."""
+    convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=bits, progress=False)
+    m = edgemoe.load(tmp_path / "m")
+    n = _core.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2, 3):
+            _core.set_num_threads(threads)
+            got[threads] = (decode_logits(m, IDS, True), decode_logits(m, IDS, False))
+    finally:
+        _core.set_num_threads(n)
+    for threads in (2, 3):
+        np.testing.assert_array_equal(got[threads][0], got[1][0])
+        np.testing.assert_array_equal(got[threads][1], got[1][1])
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_layers_the_step_does_not_cover_keep_the_python_path(tiny_checkpoint, tmp_path, arch):
     """qwen2_moe: a shared expert, a dense layer and q/k/v biases; qwen3_moe and olmoe: q/k norms;

@@ -1996,6 +1996,44 @@ static void test_fallback() {
               (unsigned long long)s.fallback_loads, budget_errors.load());
 }
 
+// One token whose experts are all resident: with two threads each expert runs whole on one
+// thread; with one (and with three for two experts: too uneven) each expert's rows are split.
+// Bit for bit the same, also with a second caller on another thread at the same time
+// (whose pool calls then run inline).
+static void test_one_token_experts_in_parallel() {
+  const uint32_t H = 64, I = 96;
+  TestFile f;
+  f.L = 2;
+  f.E = 4;
+  write_file(f, H, I);
+  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kFirstRead);
+  ExpertCache cache(store, 0);
+  ThreadPool& pool = ThreadPool::instance();
+  const int n0 = pool.num_threads();
+  for (int64_t K : {2, 3, 4}) {
+    auto x = rand_vec(static_cast<size_t>(H));
+    std::vector<int32_t> ids(static_cast<size_t>(K));
+    std::vector<float> w(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) {
+      ids[size_t(k)] = int32_t(k);
+      w[size_t(k)] = float(k + 1) / 10.0f;
+    }
+    std::vector<float> want(static_cast<size_t>(H));
+    pool.set_num_threads(1);
+    moe_forward(cache, 1, x.data(), 1, H, ids.data(), w.data(), K, want.data());  // reads them: resident after
+    for (int n : {2, 3, 2}) {
+      pool.set_num_threads(n);
+      std::vector<float> y(static_cast<size_t>(H)), y_other(static_cast<size_t>(H));
+      std::thread other([&] { moe_forward(cache, 1, x.data(), 1, H, ids.data(), w.data(), K, y_other.data()); });
+      moe_forward(cache, 1, x.data(), 1, H, ids.data(), w.data(), K, y.data());
+      other.join();
+      CHECK(std::memcmp(y.data(), want.data(), want.size() * 4) == 0);
+      CHECK(std::memcmp(y_other.data(), want.data(), want.size() * 4) == 0);
+    }
+  }
+  pool.set_num_threads(n0);
+}
+
 static void test_pool() {
   ThreadPool& pool = ThreadPool::instance();
   const int n0 = pool.num_threads();
@@ -2016,6 +2054,7 @@ static void test_pool() {
 int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
+  test_one_token_experts_in_parallel();
   test_kernels();
   test_portable_kernels();
   test_mxfp4_kernels();
