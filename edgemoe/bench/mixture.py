@@ -101,15 +101,16 @@ def requests(
     mix: Mixture, prompts: list[list[int]], n: int, tokens: int, cls: str = DEFAULT_CLASS
 ) -> list[dict[str, Any]]:
     """n requests (prompts in turn), each `tokens` long: its time per decode token and the
-    device seconds per token of the specialists that served it."""
+    device seconds per decode token of the specialists that served it (after the prompt: the
+    unit the energy budget is in)."""
     out = []
     for i in range(n):
-        before = {k: (v.tokens, v.device_seconds) for k, v in mix.records.items()}
+        before = {k: (v.decode_tokens, v.decode_device_seconds) for k, v in mix.records.items()}
         a = mix.generate(prompts[i % len(prompts)], tokens, request_class=cls, details=True)
         per = a.seconds_per_token[1:] or a.seconds_per_token  # the first token also carries the prompt
         dev = {}
         for k, v in mix.records.items():
-            dt, ds = v.tokens - before[k][0], v.device_seconds - before[k][1]
+            dt, ds = v.decode_tokens - before[k][0], v.decode_device_seconds - before[k][1]
             if dt:
                 dev[k] = ds / dt
         late_steps = {t for ts in a.late.values() for t in ts}
