@@ -63,6 +63,10 @@ def test_specialists_on_their_nodes_give_the_tokens_of_one_process(mix, cluster)
         assert m.generate(PROMPT, NEW) == want
         s = m.stats()
         assert all(s["specialists"][n]["where"] != "this process" for n in m.names)
+    # the per-token calls as Ray actor calls (the path the channel replaced) give the same tokens
+    with edgemoe.load_mixture(mix, cluster=cluster.address, transport="ray") as m:
+        assert all(m.members[n].link is None for n in m.names)
+        assert m.generate(PROMPT, NEW) == want
 
 
 def test_a_node_killed_mid_request_is_dropped_and_the_request_finishes(mix, cluster):

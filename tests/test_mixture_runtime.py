@@ -112,6 +112,11 @@ def test_requests_correct_the_latency_the_plan_sees(mix):
         assert m.costs.table()[i]["latency_samples"] == len(seen)
 
 
+def test_an_unknown_transport_is_named(mix):
+    with pytest.raises(edgemoe.MixtureError, match="transport 'grpc'.*'channel'"):
+        edgemoe.load_mixture(mix, transport="grpc")
+
+
 def test_a_plan_without_devices_is_named(mix):
     with edgemoe.load_mixture(mix) as m:
         with pytest.raises(edgemoe.MixtureError, match="no cost model.*devices"):

@@ -330,7 +330,9 @@ class Link:
 class RayMember(Member):
     """A specialist as a Ray actor pinned to one node. Ray places, starts and watches it; the
     per-token calls (start, step, logits) then go over the actor's own TCP channel (`Link`),
-    with no Ray task, object or scheduler per token; other calls are Ray calls."""
+    with no Ray task, object or scheduler per token; other calls are Ray calls. Until
+    `connect` (load(transport="ray")) the per-token calls are Ray actor calls too: the path
+    the channel is measured against (tools/mixture/fan_out.py)."""
 
     def __init__(self, name: str, path: str, node: Node, actor_class: Any, pace_s: float = 0.0):
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -352,7 +354,12 @@ class RayMember(Member):
     def call(self, method: str, *args: Any) -> Any:
         if method in METHODS and self.link is not None:
             return self.link.send(method, args[0] if method != "step" else np.array([args[0]], np.int64))
-        return getattr(self.handle, method).remote(*args)
+        ref = getattr(self.handle, method).remote(*args)
+        if method not in METHODS:
+            return ref
+        fut = ref.future()  # a per-token Ray call: the coordinator is woken when it lands
+        fut.add_done_callback(lambda _: self.wake())
+        return fut
 
     def forget(self, ticket: Any) -> None:
         if isinstance(ticket, int) and self.link is not None:
@@ -361,6 +368,8 @@ class RayMember(Member):
     def done(self, ticket: Any) -> bool:
         if isinstance(ticket, int):
             return self.link is not None and self.link.done(ticket)
+        if isinstance(ticket, cf.Future):
+            return ticket.done()
         import ray
 
         ready, _ = ray.wait([ticket], timeout=0)
@@ -378,8 +387,8 @@ class RayMember(Member):
         import ray
 
         try:
-            return ray.get(fut, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
+            return fut.result(timeout=timeout_s) if isinstance(fut, cf.Future) else ray.get(fut, timeout=timeout_s)
+        except (ray.exceptions.GetTimeoutError, cf.TimeoutError):
             raise Gone(f"no answer within {timeout_s:g} s") from None
         except ray.exceptions.RayError as e:
             cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
@@ -900,6 +909,7 @@ def load(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int = 0,
     pace_scale: float = 0.0,
+    transport: str = "channel",
 ) -> Mixture:
     """Open a mixture directory (mixture.json, its specialists, gate.onnx, heldout.npz).
 
@@ -910,7 +920,11 @@ def load(
     model `plan` uses; link: the link to every device (default: each profile's). pace_scale: each
     specialist takes at least this many times its profile's predicted time per token (slower
     devices emulated on one machine; 0: none). timeout_s: how long a step waits for a specialist before dropping it.
+    transport: how the per-token calls reach Ray actors: "channel" (each actor's own TCP
+    connection, the default) or "ray" (Ray actor calls, slower: kept to measure against).
     Raises MixtureError (and its kinds: another tokenizer, a gate for other specialists)."""
+    if transport not in ("channel", "ray"):
+        raise MixtureError(f"transport {transport!r}: use 'channel' (the default) or 'ray'")
     spec = MixtureSpec.load(Path(mix_dir))
     gate = Gate.load(spec)
     names = list(gate.names)
@@ -940,7 +954,8 @@ def load(
                 members[n] = RayMember(n, paths[n], nodes[i % len(nodes)], actor, pace_of[n])
             for m in members.values():
                 assert isinstance(m, RayMember)
-                m.connect(max(timeout_s, SETUP_TIMEOUT_S))
+                if transport == "channel":
+                    m.connect(max(timeout_s, SETUP_TIMEOUT_S))
         return Mixture(spec, gate, members, costs, timeout_s, owns)
     except BaseException:
         for m in members.values():
