@@ -236,8 +236,10 @@ def test_cli_bench_in_this_process(mix, tmp_path, capsys):
     assert r["all"]["quality"]["mixed"] < min(s["quality"]["mixed"] for s in r["singles"].values())
     fits = [p for p in r["frontier"] if p["fits"]]
     assert fits and all(p["equal_to_brute_force"] and p["at_least_best_single"] for p in fits)
-    # the sweep reaches sets that mix: latencies up to the slowest set's, energies up to all together
-    assert any(len(p["enabled"]) > 1 for p in fits)
+    # the sweep reaches sets that mix: latencies up to the slowest set's (the slowest specialist
+    # and the fan-out to the further one), energies up to all of them together, as calibrated
+    assert max(p["latency_budget_s"] for p in r["frontier"]) >= max(c["latency_s"] for c in r["costs"]) + r["fan_out_s"]
+    assert max(p["energy_budget_j"] for p in r["frontier"]) >= sum(c["energy_j"] for c in r["costs"])
     assert r["selection"]["12"]["equal_to_brute_force"] == r["selection"]["12"]["tested"]
 
 

@@ -107,7 +107,9 @@ def requests(
     for i in range(n):
         before = {k: (v.decode_tokens, v.decode_device_seconds) for k, v in mix.records.items()}
         a = mix.generate(prompts[i % len(prompts)], tokens, request_class=cls, details=True)
-        per = a.seconds_per_token[1:] or a.seconds_per_token  # the first token also carries the prompt
+        # the first token also carries the prompt: a request that ended there (its first token
+        # was the end of text) has no time per decode token, the unit a latency budget is in
+        per = a.seconds_per_token[1:]
         dev = {}
         for k, v in mix.records.items():
             dt, ds = v.decode_tokens - before[k][0], v.decode_device_seconds - before[k][1]
@@ -116,7 +118,7 @@ def requests(
         late_steps = {t for ts in a.late.values() for t in ts}
         out.append(
             {
-                "seconds_per_token": float(np.mean(per)),
+                "seconds_per_token": float(np.mean(per)) if per else None,
                 "decode_steps": max(0, len(a.tokens) - 1),
                 "steps_with_late": len(late_steps),
                 "served_by": a.specialists,
@@ -128,7 +130,7 @@ def requests(
 
 
 def summarize(runs: list[dict[str, Any]], enabled: Sequence[str], power: dict[str, float]) -> dict[str, Any]:
-    spt = [r["seconds_per_token"] for r in runs]
+    spt = [r["seconds_per_token"] for r in runs if r["seconds_per_token"] is not None]
     dev: dict[str, list[float]] = {}
     for r in runs:
         for k, v in r["device_seconds_per_token"].items():
@@ -137,8 +139,9 @@ def summarize(runs: list[dict[str, Any]], enabled: Sequence[str], power: dict[st
     # the budget's definition: every enabled specialist's power x its time per token
     energy = sum(power[k] * dev_mean.get(k, 0.0) for k in enabled)
     return {
-        "seconds_per_token_median": float(np.median(spt)),
-        "seconds_per_token": spt,
+        "seconds_per_token_median": float(np.median(spt)) if spt else float("nan"),
+        "seconds_per_token": spt,  # of the requests with a decode token
+        "requests_ended_at_first_token": len(runs) - len(spt),
         "energy_j_per_token": float(energy),
         "device_seconds_per_token": dev_mean,
     }
@@ -312,7 +315,11 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
                 runs = requests(mix, prompts, args.requests, args.tokens)
                 enabled = [names[i] for i in c.enabled]
                 s = summarize(runs, enabled, power)
-                within = float(np.mean([x <= lb for x in s["seconds_per_token"]]))
+                within = (
+                    float(np.mean([x <= lb for x in s["seconds_per_token"]]))
+                    if s["seconds_per_token"]
+                    else float("nan")
+                )
                 steps = sum(r["decode_steps"] for r in runs)
                 short = sum(r["steps_with_late"] for r in runs)
                 point = {
