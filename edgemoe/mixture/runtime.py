@@ -152,6 +152,10 @@ class SpecialistServer:
         self.model.reset()
         return self._timed(np.asarray(ids, dtype=np.int64), 0, all_logits=True)
 
+    def set_pace(self, seconds: float) -> None:
+        """The least seconds each token takes from now on (a device slowing down, emulated)."""
+        self.pace_s = float(seconds)
+
     def open_channel(self, host: str) -> tuple[str, int]:
         """Listen on `host` (this node's address) for the coordinator's per-token calls
         (cluster/channel.py's frames; `frame` answers each): (host, port) to connect to. The
@@ -955,7 +959,13 @@ def load(
             for m in members.values():
                 assert isinstance(m, RayMember)
                 if transport == "channel":
-                    m.connect(max(timeout_s, SETUP_TIMEOUT_S))
+                    try:
+                        m.connect(max(timeout_s, SETUP_TIMEOUT_S))
+                    except (Gone, OSError) as e:
+                        raise ClusterError(
+                            f"specialist {m.name} on node {m.where} did not start or cannot be reached ({e}): "
+                            "check the node (`ray status`) and load the mixture again"
+                        ) from None
         return Mixture(spec, gate, members, costs, timeout_s, owns)
     except BaseException:
         for m in members.values():
