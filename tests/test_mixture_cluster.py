@@ -63,6 +63,30 @@ def test_specialists_on_their_nodes_give_the_tokens_of_one_process(mix, cluster)
         assert m.generate(PROMPT, NEW) == want
         s = m.stats()
         assert all(s["specialists"][n]["where"] != "this process" for n in m.names)
+    # the per-token calls as Ray actor calls (the path the channel replaced) give the same tokens
+    with edgemoe.load_mixture(mix, cluster=cluster.address, transport="ray") as m:
+        assert all(m.members[n].link is None for n in m.names)
+        assert m.generate(PROMPT, NEW) == want
+
+
+def test_a_slow_node_is_left_out_of_the_steps_it_misses_and_the_tokens_are_those_of_one_process(mix, cluster):
+    """Over the actors' channels a late specialist's calls queue behind the one it computes:
+    it misses every decode step's deadline, the request finishes from the other, and the
+    tokens are those of the same request in one process with the same specialist late."""
+    got = {}
+    for where in (None, cluster.address):
+        with edgemoe.load_mixture(mix, cluster=where) as m:
+            (slow, _), _ = m.route(PROMPT)
+            if where is None:
+                m.members[slow].server.set_pace(0.3)
+            else:
+                m.members[slow].result(m.members[slow].handle.set_pace.remote(0.3), 30)
+            m.enable(m.names, latency_budget=0.1)
+            a = m.generate(PROMPT, NEW, details=True)
+            assert len(a.tokens) == NEW and not a.dropped and a.late == {slow: list(range(1, NEW))}
+            assert m.stats()["specialists"][slow]["late_steps"] == NEW - 1
+            got[where] = a.tokens
+    assert got[None] == got[cluster.address]
 
 
 def test_a_node_killed_mid_request_is_dropped_and_the_request_finishes(mix, cluster):

@@ -112,6 +112,11 @@ def test_requests_correct_the_latency_the_plan_sees(mix):
         assert m.costs.table()[i]["latency_samples"] == len(seen)
 
 
+def test_an_unknown_transport_is_named(mix):
+    with pytest.raises(edgemoe.MixtureError, match="transport 'grpc'.*'channel'"):
+        edgemoe.load_mixture(mix, transport="grpc")
+
+
 def test_a_plan_without_devices_is_named(mix):
     with edgemoe.load_mixture(mix) as m:
         with pytest.raises(edgemoe.MixtureError, match="no cost model.*devices"):
@@ -224,10 +229,61 @@ def test_cli_bench_in_this_process(mix, tmp_path, capsys):
 
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     argv = ["mixture", "bench", str(mix), "--devices", ",".join(DEVICES), "--requests", "1", "--tokens", "2"]
+    argv += ["--calibration-requests", "2", "--warmup", "1"]
     assert main([*argv, "--budgets", "2", "--json", str(out), "--plot", str(png)]) == 0
     r = json.loads(out.read_text())
     assert set(r["singles"]) == {"small", "medium", "large"} and png.stat().st_size > 0
     assert r["all"]["quality"]["mixed"] < min(s["quality"]["mixed"] for s in r["singles"].values())
     fits = [p for p in r["frontier"] if p["fits"]]
     assert fits and all(p["equal_to_brute_force"] and p["at_least_best_single"] for p in fits)
+    # the sweep reaches sets that mix: latencies up to the slowest set's (the slowest specialist
+    # and the fan-out to the further one), energies up to all of them together, as calibrated
+    assert max(p["latency_budget_s"] for p in r["frontier"]) >= max(c["latency_s"] for c in r["costs"]) + r["fan_out_s"]
+    assert max(p["energy_budget_j"] for p in r["frontier"]) >= sum(c["energy_j"] for c in r["costs"])
     assert r["selection"]["12"]["equal_to_brute_force"] == r["selection"]["12"]["tested"]
+
+
+def test_a_specialist_that_misses_the_step_deadline_is_left_out_of_those_steps(mix):
+    """With a latency budget, a step mixes only the distributions that came in time: a slow
+    specialist is left out of the steps it misses (the others renormalised), still fed every
+    token, and the tokens are those of the mixture of the answers that came: here both for the
+    prompt's step (it waits for all), the fast one alone after."""
+    with edgemoe.load_mixture(mix) as m:
+        (slow, fast), w = m.route(PROMPT)
+        m.members[slow].server.pace_s = 0.3  # each of its tokens takes 0.3 s at least
+        m.enable(m.names, latency_budget=0.05)
+        a = m.generate(PROMPT, NEW, details=True)
+        assert len(a.tokens) == NEW and not a.dropped
+        assert a.late == {slow: list(range(1, NEW))}
+        assert f"specialist {slow} missed the 50 ms step deadline at {NEW - 1} of {NEW} tokens" in a.note
+        s = m.stats()["specialists"]
+        assert s[slow]["late_steps"] == NEW - 1 and s[slow]["up"] and s[fast]["late_steps"] == 0
+        # without a budget every step waits for both again (the slow one catches up first)
+        m.enable(m.names)
+        b = m.generate(PROMPT, 3, details=True)
+        assert not b.late and b.note == ""
+    models = {n: edgemoe.load(model_dir(MixtureSpec.load(mix).specialist(n).path)) for n in (slow, fast)}
+
+    def logp(n, ids):
+        lg = np.asarray(models[n].logits(ids)[-1], np.float64)
+        return lg - np.logaddexp.reduce(lg)
+
+    first = int(np.argmax(np.logaddexp(np.log(w[0]) + logp(slow, PROMPT), np.log(w[1]) + logp(fast, PROMPT))))
+    want = [first]
+    for _ in range(NEW - 1):
+        want.append(int(np.argmax(logp(fast, PROMPT + want))))
+    assert a.tokens == want
+    assert b.tokens == reference(mix, PROMPT, 3)[0]
+
+
+def test_no_answer_within_the_budget_waits_for_the_first(mix):
+    with edgemoe.load_mixture(mix) as m:
+        names, _ = m.route(PROMPT)
+        for n in names:
+            m.members[n].server.pace_s = 0.02
+        m.enable(m.names, latency_budget=1e-6)  # no answer can come in time
+        a = m.generate(PROMPT, 4, details=True)
+        assert len(a.tokens) == 4 and not a.dropped
+        assert all(len(set(names) - {n for n, t in a.late.items() if i in t}) >= 1 for i in range(1, 4))
+        with pytest.raises(edgemoe.MixtureError, match="latency budget"):
+            m.enable(m.names, latency_budget=0.0)

@@ -10,8 +10,11 @@ next token); times come from real requests on the nodes. Energy per token is eac
 specialist's device power (its profile) x its measured time per token.
 
 The cost model starts from the device profiles and is corrected by a calibration run of each
-specialist alone (its measured device time and the coordinator's wait), as a deployment
-corrects it online; the budgets of the sweep are then taken around the corrected costs.
+specialist alone (its measured device time and the coordinator's wait) and of all of them
+together (the fan-out), after a warm-up that is not counted, as a deployment corrects it
+online; the budgets of the sweep are then taken around the corrected costs: latencies from
+the fastest specialist's to the slowest set's (the slowest specialist and the fan-out to the
+further ones), energies from the most frugal specialist's to all of them together.
 """
 
 from __future__ import annotations
@@ -61,7 +64,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--testbed", default=None, metavar="LINK", help="run on `edgemoe cluster local` nodes over LINK")
     where.add_argument("--cluster", default=None, metavar="ADDRESS", help="run on this Ray cluster")
     p.add_argument("--node-memory", default="1500MB", help="each test-bed node's memory limit (default 1500MB)")
-    p.add_argument("--requests", default=8, help="requests per configuration (default 8)")
+    p.add_argument("--requests", default=8, help="requests per budget of the sweep (default 8)")
+    p.add_argument(
+        "--calibration-requests",
+        default=40,
+        help="requests of each specialist alone and of all together that calibrate the latencies and the "
+        "fan-out, after the warm-up (default 40: their 95th percentile is a sample below the slowest)",
+    )
+    p.add_argument("--warmup", default=4, help="requests of each configuration first, not counted anywhere (default 4)")
     p.add_argument("--tokens", default=12, help="tokens generated per request (default 12)")
     p.add_argument("--budgets", default=5, help="latency budgets and energy budgets each (default 5)")
     p.add_argument(
@@ -91,20 +101,26 @@ def requests(
     mix: Mixture, prompts: list[list[int]], n: int, tokens: int, cls: str = DEFAULT_CLASS
 ) -> list[dict[str, Any]]:
     """n requests (prompts in turn), each `tokens` long: its time per decode token and the
-    device seconds per token of the specialists that served it."""
+    device seconds per decode token of the specialists that served it (after the prompt: the
+    unit the energy budget is in)."""
     out = []
     for i in range(n):
-        before = {k: (v.tokens, v.device_seconds) for k, v in mix.records.items()}
+        before = {k: (v.decode_tokens, v.decode_device_seconds) for k, v in mix.records.items()}
         a = mix.generate(prompts[i % len(prompts)], tokens, request_class=cls, details=True)
-        per = a.seconds_per_token[1:] or a.seconds_per_token  # the first token also carries the prompt
+        # the first token also carries the prompt: a request that ended there (its first token
+        # was the end of text) has no time per decode token, the unit a latency budget is in
+        per = a.seconds_per_token[1:]
         dev = {}
         for k, v in mix.records.items():
-            dt, ds = v.tokens - before[k][0], v.device_seconds - before[k][1]
+            dt, ds = v.decode_tokens - before[k][0], v.decode_device_seconds - before[k][1]
             if dt:
                 dev[k] = ds / dt
+        late_steps = {t for ts in a.late.values() for t in ts}
         out.append(
             {
-                "seconds_per_token": float(np.mean(per)),
+                "seconds_per_token": float(np.mean(per)) if per else None,
+                "decode_steps": max(0, len(a.tokens) - 1),
+                "steps_with_late": len(late_steps),
                 "served_by": a.specialists,
                 "device_seconds_per_token": dev,
                 "dropped": a.dropped,
@@ -114,7 +130,7 @@ def requests(
 
 
 def summarize(runs: list[dict[str, Any]], enabled: Sequence[str], power: dict[str, float]) -> dict[str, Any]:
-    spt = [r["seconds_per_token"] for r in runs]
+    spt = [r["seconds_per_token"] for r in runs if r["seconds_per_token"] is not None]
     dev: dict[str, list[float]] = {}
     for r in runs:
         for k, v in r["device_seconds_per_token"].items():
@@ -123,8 +139,9 @@ def summarize(runs: list[dict[str, Any]], enabled: Sequence[str], power: dict[st
     # the budget's definition: every enabled specialist's power x its time per token
     energy = sum(power[k] * dev_mean.get(k, 0.0) for k in enabled)
     return {
-        "seconds_per_token_median": float(np.median(spt)),
-        "seconds_per_token": spt,
+        "seconds_per_token_median": float(np.median(spt)) if spt else float("nan"),
+        "seconds_per_token": spt,  # of the requests with a decode token
+        "requests_ended_at_first_token": len(runs) - len(spt),
         "energy_j_per_token": float(energy),
         "device_seconds_per_token": dev_mean,
     }
@@ -245,28 +262,43 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
         emit(f"where: {', '.join(f'{n}: {mix.members[n].where}' for n in names)}")
         results: dict[str, Any] = {"singles": {}, "frontier": []}
 
-        # each alone, then all of them: their quality, and the calibration of the cost model
-        # (every request corrects it, in the runtime, as in a deployment: each specialist's
-        # latency from the requests it served alone, the fan-out from those served by several)
+        # a warm-up of each configuration (connections, caches, the allocator), then each alone
+        # and all of them: their quality, and the calibration of the cost model (every request
+        # corrects it, in the runtime, as in a deployment: each specialist's latency from the
+        # requests it served alone, the fan-out from those served by several)
+        for cfg in [[n] for n in names] + [names]:
+            mix.enable(cfg)
+            requests(mix, prompts, args.warmup, args.tokens)
+        costs.forget()
+        mix.mix_seconds.clear()
         for i, n in enumerate(names):
             mix.enable([n])
-            runs = requests(mix, prompts, args.requests, args.tokens)
+            runs = requests(mix, prompts, args.calibration_requests, args.tokens)
             results["singles"][n] = {"quality": quality(h, [i]), **summarize(runs, [n], power)}
         mix.enable(names)
-        runs = requests(mix, prompts, args.requests, args.tokens)
+        runs = requests(mix, prompts, args.calibration_requests, args.tokens)
         results["all"] = {"quality": quality(h, range(len(names))), **summarize(runs, names, power)}
         lat_of = dict(zip(costs.names, costs.latency_s.tolist()))
         emit(
-            f"calibrated: {', '.join(f'{n} {v * 1e3:.2f} ms' for n, v in lat_of.items())}; fan-out {costs.fan_out_s * 1e3:.2f} ms per further specialist"
+            f"calibrated: {', '.join(f'{n} {v * 1e3:.2f} ms' for n, v in lat_of.items())}; "
+            f"fan-out {costs.fan_out_s * 1e3:.2f} ms per further specialist; a step's own time "
+            f"{mix.mix_estimate() * 1e3:.2f} ms (95th percentile)"
         )
 
         order = [costs.names.index(n) for n in names]
         energy, latency = costs.energy_j[order], costs.latency_s[order]
         results["costs"] = costs.table()  # as calibrated; requests go on correcting them online
-        # budgets around the corrected costs: each specialist's latency (with a margin for noise)
-        # and energies from the most frugal one to all of them
-        l_grid = np.unique(np.quantile(latency * 1.05, np.linspace(0.0, 1.0, args.budgets)))
-        e_grid = np.unique(np.quantile(np.cumsum(np.sort(energy)), np.linspace(0.0, 1.0, args.budgets)))
+        results["fan_out_s"] = costs.fan_out_s
+        results["mix_seconds_p95"] = mix.mix_estimate()
+        # budgets around the corrected costs, with a 5% margin for noise: latencies from the
+        # fastest specialist's to what all of them enabled take (the slowest one plus the
+        # fan-out to the top-k), energies from the most frugal specialist's to all of them
+        # together (the top one with the margin too: the online correction moves them)
+        top = float(latency.max()) + costs.fan_out_s * (min(mix.top_k, len(names)) - 1)
+        l_grid = np.unique(np.linspace(float(latency.min()), top, args.budgets) * 1.05)
+        e_grid = np.cumsum(np.sort(energy))
+        e_grid = np.unique(np.interp(np.linspace(0.0, len(e_grid) - 1, args.budgets), np.arange(len(e_grid)), e_grid))
+        e_grid[-1] *= 1.05
         for lb in l_grid:
             for eb in e_grid:
                 energy, latency = costs.energy_j[order], costs.latency_s[order]  # the costs the plan sees
@@ -283,7 +315,13 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
                 runs = requests(mix, prompts, args.requests, args.tokens)
                 enabled = [names[i] for i in c.enabled]
                 s = summarize(runs, enabled, power)
-                within = float(np.mean([x <= lb for x in s["seconds_per_token"]]))
+                within = (
+                    float(np.mean([x <= lb for x in s["seconds_per_token"]]))
+                    if s["seconds_per_token"]
+                    else float("nan")
+                )
+                steps = sum(r["decode_steps"] for r in runs)
+                short = sum(r["steps_with_late"] for r in runs)
                 point = {
                     "latency_budget_s": float(lb),
                     "energy_budget_j": float(eb),
@@ -299,6 +337,8 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
                     "planned_latency_s": c.latency_s,
                     "search_seconds": c.seconds,
                     "within_latency_budget": within,
+                    "decode_steps": steps,
+                    "steps_with_a_specialist_late": short,
                     **s,
                 }
                 point["at_least_best_single"] = point["quality"]["mixed"] <= point["best_single_perplexity"] * (
@@ -310,6 +350,7 @@ def run(args: argparse.Namespace, emit: Any) -> dict[str, Any]:
                     f"ppl {point['quality']['mixed']:8.3f} (best single {names[best]} {point['best_single_perplexity']:8.3f}); "
                     f"measured {s['seconds_per_token_median'] * 1e3:6.2f} ms/token, {s['energy_j_per_token']:.4g} J/token; "
                     f"{within * 100:.0f}% of requests within budget"
+                    + (f"; {short} of {steps} steps left a late specialist out" if short else "")
                 )
         results["selection"] = selection_checks(h, names, emit)
         results["stats"] = mix.stats()

@@ -260,6 +260,8 @@ def build_bench_parser() -> Parser:
             "--cluster": cluster_arg,
             "--node-memory": size_arg,
             "--requests": whole(1, 10000),
+            "--calibration-requests": whole(1, 10000),
+            "--warmup": whole(0, 10000),
             "--tokens": whole(2, 4096),
             "--budgets": whole(2, 12),
             "--pace-scale": number(0.0),

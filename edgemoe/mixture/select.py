@@ -107,6 +107,14 @@ class Costs:
         if wall_s is not None:
             self.waits[i].append(float(wall_s))
 
+    def forget(self) -> None:
+        """Drop every measurement (after a warm-up): the profiles' figures again."""
+        for d in (*self.waits, *self.device_waits, self.fan_out_waits):
+            d.clear()
+        self.correction = np.ones(len(self.names))
+        self.measured_count[:] = 0
+        self.fan_out_s = 0.0
+
     def request(self, served: Sequence[str], seconds_per_token: float, top_k: int) -> None:
         """A request's time per token as the coordinator saw it, the unit a latency budget is
         kept in: a sample of its specialist's latency when one served it; when several did, of
