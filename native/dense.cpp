@@ -505,8 +505,9 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
   }
 #endif
   const int64_t tasks = T * kv_heads;
-  // Worth waking the pool only for long contexts or prefill.
-  if (T * heads * S * hd < (int64_t(1) << 18) || tasks == 1) {
+  // Worth a hand-over to the pool from a few dozen positions on: the threads are spinning
+  // between the decode step's matmuls, and serial attention leaves one of them idle.
+  if (T * heads * S * hd < (int64_t(1) << 15) || tasks == 1) {
     std::vector<float> p;
     for (int64_t i = 0; i < tasks; ++i) group(i, p);
     return;
