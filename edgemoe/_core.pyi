@@ -349,8 +349,9 @@ class LinkSwitch:
     def stats(self) -> dict[str, Any]:
         """Counters so far (not while run() is running in another thread): per flow (src and dst
         port index, IP protocol, TCP/UDP ports) packets, bytes and queued_s (time behind earlier
-        packets on the links); totals; late_*: how much later than due packets were written (the
-        emulator's own delay); wakeups; seconds switched."""
+        packets on the links); totals; late_*: how much later than due each packet's write began
+        (the emulator's own delay); write_sum_s: time in write() (the receiving stack, run by this
+        thread); wakeups; seconds switched."""
 
 class CorruptExpertError(edgemoe.errors.CorruptExpertError): ...
 class BudgetError(edgemoe.errors.BudgetError): ...

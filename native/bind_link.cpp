@@ -79,13 +79,15 @@ the caller's. spin_s: poll without sleeping for this long before a packet is due
             d["late_over_50us"] = st.late_over_50us;
             d["late_over_200us"] = st.late_over_200us;
             d["late_over_1ms"] = st.late_over_1ms;
+            d["write_sum_s"] = st.write_sum_s;
             d["wakeups"] = st.wakeups;
             d["seconds"] = st.seconds;
             return d;
           },
           "Counters so far (not while run() is running in another thread): per flow (src and dst port index, "
           "IP protocol, TCP/UDP ports) packets, bytes and queued_s (time behind earlier packets on the links); "
-          "totals; late_*: how much later than due packets were written (the emulator's own delay); wakeups; "
+          "totals; late_*: how much later than due each packet's write began (the emulator's own delay); "
+          "write_sum_s: time in write() (the receiving stack, run by this thread); wakeups; "
           "seconds switched.");
 }
 

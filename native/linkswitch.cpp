@@ -141,12 +141,14 @@ void LinkSwitch::read_port(uint32_t i, std::vector<uint8_t>& buf) {
 void LinkSwitch::deliver_due(int64_t now) {
   while (!held_.empty() && held_.top().due_ns <= now) {
     const Held& h = held_.top();
+    const int64_t before = now_ns();
     ssize_t n;
     do {
       n = write(ports_[h.dst].link.fd, h.packet.data(), h.packet.size());
     } while (n < 0 && errno == EINTR);
     if (n < 0) ++totals_.dropped;  // an endpoint whose namespace is going away: its packets are lost
-    const double late = double(now_ns() - h.due_ns) * 1e-9;
+    totals_.write_sum_s += double(now_ns() - before) * 1e-9;
+    const double late = double(before - h.due_ns) * 1e-9;
     totals_.late_sum_s += late;
     totals_.late_max_s = std::max(totals_.late_max_s, late);
     totals_.late_over_50us += late > 50e-6;

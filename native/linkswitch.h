@@ -38,11 +38,12 @@ struct LinkStats {
   std::vector<LinkFlow> flows;
   uint64_t packets = 0, bytes = 0;
   uint64_t dropped = 0;  // not IPv4, or to an address no endpoint has, or a failed write
-  // Written later than due: what the emulator adds beyond the link it emulates.
+  // How much later than due a packet's write began: what the emulator adds beyond the link.
   double late_sum_s = 0, late_max_s = 0;
   uint64_t late_over_50us = 0, late_over_200us = 0, late_over_1ms = 0;
-  uint64_t wakeups = 0;  // epoll returns
-  double seconds = 0;    // switching so far (all run() calls)
+  double write_sum_s = 0;  // in write(): the receiving namespace's network stack, run by this thread
+  uint64_t wakeups = 0;    // epoll returns
+  double seconds = 0;      // switching so far (all run() calls)
 };
 
 class LinkSwitch {

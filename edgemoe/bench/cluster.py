@@ -178,6 +178,7 @@ def _link_per_token(d: dict[str, Any], per: float, channel_ports: set[int]) -> d
         "channel_bytes": sum(f["bytes"] for f in channel) / per,
         "queued_s": sum(f["queued_s"] for f in d["flows"]) / per,
         "late_mean_s": d["late_sum_s"] / max(1, d["packets"]),
+        "write_mean_s": d["write_sum_s"] / max(1, d["packets"]),
         "late_over_200us": d["late_over_200us"] / max(1, d["packets"]),
         "wakeups": d["wakeups"] / per,
         "top_flows": d["flows"][:6],
@@ -433,9 +434,10 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
             lines.append(
                 f"  - the emulated link per decoded token: {link['packets']:.0f} packets, {link['bytes'] / 1e3:.1f} KB "
                 f"({link['channel_packets']:.0f} packets, {link['channel_bytes'] / 1e3:.1f} KB on the layers' channels), "
-                f"{1e3 * link['queued_s']:.2f} ms queued behind other packets in all; the emulator wrote packets "
-                f"{1e6 * link['late_mean_s']:.0f} us after their due time on average "
-                f"({100 * link['late_over_200us']:.0f}% over 200 us)"
+                f"{1e3 * link['queued_s']:.2f} ms queued behind other packets in all; the emulator began writing a packet "
+                f"{1e6 * link['late_mean_s']:.0f} us after its due time on average "
+                f"({100 * link['late_over_200us']:.0f}% over 200 us), and its write took {1e6 * link['write_mean_s']:.0f} us "
+                "(the receiving namespace's TCP stack)"
             )
         floor = r.get("floor")
         if floor and tx2:
