@@ -97,10 +97,10 @@ def worker(spec: dict[str, Any]) -> None:
     idle1, t_idle = local.namespace_cpu_seconds(spaces), time.perf_counter() - t_idle
     idle = {n: (idle1[n] - idle0[n]) / t_idle for n in spaces}
     lc = local.LocalCluster.load(Path(spec["cluster_state"])) if spec.get("cluster_state") else None
-    counting = lc is not None and lc.emulator == "userspace"
+    if lc is not None and lc.emulator != "userspace":
+        lc = None  # only the userspace emulator counts packets
     link_idle = None
-    if counting:  # what crosses the emulator while the model waits: Ray's own traffic
-        assert lc is not None
+    if lc is not None:  # what crosses the emulator while the model waits: Ray's own traffic
         c0 = local.link_counters(lc)
         time.sleep(IDLE_S)
         link_idle = local.counters_delta(local.link_counters(lc), c0)
@@ -111,6 +111,7 @@ def worker(spec: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         ids = []
         cpu0: dict[str, float] = {}
+        link0: dict[str, Any] | None = None
         for i, token in enumerate(
             m.generate(
                 prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True
@@ -120,14 +121,14 @@ def worker(spec: dict[str, Any]) -> None:
             times.append(time.perf_counter() - t0)
             if i == 0 and not spec.get("kills"):  # a node killed takes its CPU time with it
                 cpu0 = local.namespace_cpu_seconds(spaces)
-                link0 = local.link_counters(lc) if counting else None
+                link0 = local.link_counters(lc) if lc is not None else None
             if spec.get("kills") and i == KILL_AT_TOKEN - 1:
                 print(json.dumps({"kill": run}), flush=True)
                 sys.stdin.readline()
                 times[-1] = time.perf_counter() - t0  # the pause for the kill is not the run's
                 t0 = time.perf_counter() - times[-1]
         cpu1 = local.namespace_cpu_seconds(spaces) if cpu0 else {}
-        link = local.counters_delta(local.link_counters(lc), link0) if cpu0 and counting else None
+        link = local.counters_delta(local.link_counters(lc), link0) if lc is not None and link0 is not None else None
         total = times[-1]
         ttft = times[0]
         decoded = max(1, len(ids) - 1)

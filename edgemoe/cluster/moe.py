@@ -127,25 +127,25 @@ def group_slots(
     out = []
     for index in sorted(by_device):
         pairs = sorted(by_device[index])  # by expert, then slot
-        experts: list[int] = []
-        counts: list[int] = []
+        groups: list[int] = []  # experts in ascending order
+        sizes: list[int] = []  # how many slots each takes
         for e, _ in pairs:
-            if experts and experts[-1] == e:
-                counts[-1] += 1
+            if groups and groups[-1] == e:
+                sizes[-1] += 1
             else:
-                experts.append(e)
-                counts.append(1)
-        slots = [slot for _, slot in pairs]
-        tokens = sorted({slot // K for slot in slots})
-        at = {t: i for i, t in enumerate(tokens)}
+                groups.append(e)
+                sizes.append(1)
+        order = [slot for _, slot in pairs]
+        sent = sorted({slot // K for slot in order})
+        at = {t: i for i, t in enumerate(sent)}
         out.append(
             (
                 index,
-                np.array(slots, np.int64),
-                np.array(experts, ids.dtype),
-                np.array(counts, np.int64),
-                np.array(tokens, np.int64),
-                np.array([at[slot // K] for slot in slots], np.int64),
+                np.array(order, np.int64),
+                np.array(groups, ids.dtype),
+                np.array(sizes, np.int64),
+                np.array(sent, np.int64),
+                np.array([at[slot // K] for slot in order], np.int64),
             )
         )
     return out
