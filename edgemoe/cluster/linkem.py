@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import _core
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -51,8 +53,6 @@ def serve(spec: dict) -> None:
     """spec: {"prefix": 24, "ports": [{"netns", "address", "delay_s", "bits_per_s"}], "stats": path,
     "spin_s": s}. Makes the devices, hands each to its namespace, prints "ready", then switches
     until SIGTERM, writing its counters to spec["stats"] on SIGUSR1 and before it exits."""
-    from .. import _core
-
     # A signal (to whichever thread) writes its number to this pipe, which ends the switch's run()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
