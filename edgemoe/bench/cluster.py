@@ -58,6 +58,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kill-link", default="wifi5", help="the link of the kill runs")
     ap.add_argument("--cluster-timeout", type=float, default=500.0, help="the deadline for a device, ms")
     ap.add_argument(
+        "--coordinator-threads",
+        type=int,
+        default=0,
+        help="the coordinator's compute threads in the cluster runs (default: all cores)",
+    )
+    ap.add_argument(
         "--cluster-path",
         default="socket",
         help="data paths to run over each link, comma-separated: socket (the devices' own TCP channels, the "
@@ -75,7 +81,13 @@ def worker(spec: dict[str, Any]) -> None:
 
     spaces = spec.get("namespaces", [])
     t0 = time.perf_counter()
-    m = load(spec["model"], memory_budget=spec["budget"], device=spec.get("device"), policy="structure")
+    m = load(
+        spec["model"],
+        memory_budget=spec["budget"],
+        device=spec.get("device"),
+        policy="structure",
+        threads=spec.get("threads") or None,
+    )
     attach(
         m,
         spec["address"],
@@ -369,6 +381,7 @@ def _spec(
         "address": lc.address,
         "namespaces": lc.namespaces,
         "cluster_state": str(lc.state_file),
+        "threads": args.coordinator_threads,
         "timeout_s": args.cluster_timeout / 1e3,
         "device_memory": device_memory,
         "prompt_tokens": args.prompt_tokens,
