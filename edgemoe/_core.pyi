@@ -328,5 +328,30 @@ class DecodeLayer:
         positions 0..pos."""
 
 # raised by the core, caught as edgemoe.errors' classes (their subclasses)
+class LinkSwitch:
+    """The link emulator's switching loop (`python -m edgemoe.cluster.linkem`): every packet read
+    from a port's descriptor is held for the sender's and the receiver's one-way delays, paced
+    at their rates, and written to the port whose address is its IPv4 destination.
+
+    ports: (fd, "a.b.c.d", one-way delay in s, bits/s or 0 for no limit) per endpoint; the
+    descriptors (nonblocking, one packet per read and write: TUN devices, packet sockets) stay
+    the caller's. spin_s: poll without sleeping for this long before a packet is due."""
+
+    def __init__(self, ports: list[tuple[int, str, float, float]], spin_s: float = 0.0) -> None: ...
+    def run(self, watch_fd: int = -1) -> Literal["stopped", "readable"]:
+        """Switch until stop() ('stopped') or until watch_fd, if given, is readable ('readable'; not
+        read here: signal.set_wakeup_fd's descriptor, for one). Packets held stay held for the next
+        run(). Releases the GIL."""
+
+    def stop(self) -> None:
+        """Make run() return 'stopped' (from any thread; at once or when next called)."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters so far (not while run() is running in another thread): per flow (src and dst
+        port index, IP protocol, TCP/UDP ports) packets, bytes and queued_s (time behind earlier
+        packets on the links); totals; late_*: how much later than due each packet's write began
+        (the emulator's own delay); write_sum_s: time in write() (the receiving stack, run by this
+        thread); wakeups; seconds switched."""
+
 class CorruptExpertError(edgemoe.errors.CorruptExpertError): ...
 class BudgetError(edgemoe.errors.BudgetError): ...

@@ -95,4 +95,5 @@ PYBIND11_MODULE(_core, m) {
   bind_store(m);
   bind_cache(m);
   bind_decode_layer(m);
+  bind_link(m);
 }

@@ -42,5 +42,6 @@ void bind_dense_ops(py::module_& m);     // bind_dense.cpp: RMSNorm, RoPE, atten
 void bind_store(py::module_& m);         // bind_cache.cpp: CRC-32C, ExpertStore
 void bind_cache(py::module_& m);         // bind_cache.cpp: ExpertCache, moe_forward
 void bind_decode_layer(py::module_& m);  // bind_dense.cpp: DecodeLayer (after bind_cache)
+void bind_link(py::module_& m);          // bind_link.cpp: LinkSwitch (the link emulator's loop)
 
 }  // namespace edgemoe::python

@@ -116,12 +116,22 @@ def test_nodes_are_up_each_in_its_namespace_and_memory_limit(cluster):
 
 def test_the_measured_round_trip_is_the_links(cluster):
     want = load_link(LINK)
+    counting = cluster.emulator == "userspace"
+    before = local.link_counters(cluster) if counting else None
     for node in range(cluster.nodes):
         got = local.measure_link(cluster, node)
-        # the emulator adds its own time (a userspace process on a busy machine): at least the
+        # the emulator adds its own time (a process woken on a busy machine): at least the
         # profile's round trip, within a millisecond more at the median
         assert want.rtt_s <= got["rtt_median_s"] <= want.rtt_s + 1e-3, got
         assert got["echo_bits_per_s"] <= 1.05 * want.bits_per_s, got
+    if before is not None:  # the userspace emulator counted each node's 1 MiB echo, both ways, over TCP
+        crossed = local.counters_delta(local.link_counters(cluster), before)
+        for node in range(cluster.nodes):
+            ends = (local.HEAD_ADDRESS, local.node_address(node))
+            for src, dst in (ends, ends[::-1]):
+                tcp = [f for f in crossed["flows"] if (f["src"], f["dst"], f["protocol"]) == (src, dst, 6)]
+                assert sum(f["bytes"] for f in tcp) >= 1 << 20, crossed
+        assert crossed["packets"] == sum(f["packets"] for f in crossed["flows"])
 
 
 def test_a_generation_through_the_emulated_links_gives_the_same_tokens(cluster, tiny_checkpoint, tmp_path):

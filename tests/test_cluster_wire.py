@@ -22,6 +22,31 @@ def test_a_call_comes_back_bit_for_bit():
     assert e2.tolist() == [7, 2] and c2.tolist() == [3, 4] and r2.tolist() == rows.tolist()
 
 
+@pytest.mark.parametrize("T, K, devices", [(1, 1, 1), (1, 2, 3), (1, 8, 3), (3, 2, 2), (8, 8, 4), (40, 4, 3)])
+def test_a_layers_calls_group_alike_in_python_and_in_numpy(T, K, devices, monkeypatch):
+    """The decode path groups its few slots in plain Python: every device's call must be the
+    one numpy's grouping (the prefill path) makes, so the devices compute the same batches."""
+    from edgemoe.cluster import moe
+
+    rng = np.random.default_rng(T * 100 + K * 10 + devices)
+    for _ in range(20):
+        ids = np.stack([rng.choice(16, K, replace=False) for _ in range(T)])  # a token's experts differ
+        where = rng.integers(-1, devices, (T, K))
+        small = moe.group_slots(ids, where)
+        monkeypatch.setattr(moe, "SMALL_CALL_SLOTS", 0)
+        big = moe.group_slots(ids, where)
+        monkeypatch.undo()
+        assert [g[0] for g in small] == [g[0] for g in big] == sorted(set(where[where >= 0].tolist()))
+        for a, b in zip(small, big):
+            for u, v in zip(a[1:], b[1:]):
+                assert np.array_equal(u, v), (a, b)
+            index, slots, experts, counts, tokens, rows = a
+            assert (where.reshape(-1)[slots] == index).all() and (tokens[rows] == slots // K).all()
+            assert pack_call(0, np.zeros((T, 4), np.float32)[tokens], experts, counts, rows) == pack_call(
+                0, np.zeros((T, 4), np.float32)[b[4]], b[2], b[3], b[5]
+            )
+
+
 def test_an_empty_call_is_a_call():
     layer, x, experts, counts, rows = unpack_call(pack_call(0, np.zeros((0, 8), np.float32), *(np.zeros(0),) * 3))
     assert (layer, x.shape, experts.size, counts.size, rows.size) == (0, (0, 8), 0, 0, 0)

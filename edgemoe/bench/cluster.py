@@ -58,6 +58,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kill-link", default="wifi5", help="the link of the kill runs")
     ap.add_argument("--cluster-timeout", type=float, default=500.0, help="the deadline for a device, ms")
     ap.add_argument(
+        "--coordinator-threads",
+        type=int,
+        default=0,
+        help="the coordinator's compute threads in the cluster runs (default: all cores)",
+    )
+    ap.add_argument(
         "--cluster-path",
         default="socket",
         help="data paths to run over each link, comma-separated: socket (the devices' own TCP channels, the "
@@ -75,7 +81,13 @@ def worker(spec: dict[str, Any]) -> None:
 
     spaces = spec.get("namespaces", [])
     t0 = time.perf_counter()
-    m = load(spec["model"], memory_budget=spec["budget"], device=spec.get("device"), policy="structure")
+    m = load(
+        spec["model"],
+        memory_budget=spec["budget"],
+        device=spec.get("device"),
+        policy="structure",
+        threads=spec.get("threads") or None,
+    )
     attach(
         m,
         spec["address"],
@@ -96,12 +108,22 @@ def worker(spec: dict[str, Any]) -> None:
     time.sleep(IDLE_S if spaces else 0.0)
     idle1, t_idle = local.namespace_cpu_seconds(spaces), time.perf_counter() - t_idle
     idle = {n: (idle1[n] - idle0[n]) / t_idle for n in spaces}
+    lc = local.LocalCluster.load(Path(spec["cluster_state"])) if spec.get("cluster_state") else None
+    if lc is not None and lc.emulator != "userspace":
+        lc = None  # only the userspace emulator counts packets
+    link_idle = None
+    if lc is not None:  # what crosses the emulator while the model waits: Ray's own traffic
+        c0 = local.link_counters(lc)
+        time.sleep(IDLE_S)
+        link_idle = local.counters_delta(local.link_counters(lc), c0)
+    channel_ports = {d.channel.sock.getsockname()[1] for d in cm.devices if d.channel is not None}
     for run in range(spec["runs"]):
         m.reset_stats()
         times = []
         t0 = time.perf_counter()
         ids = []
         cpu0: dict[str, float] = {}
+        link0: dict[str, Any] | None = None
         for i, token in enumerate(
             m.generate(
                 prompt, max_new_tokens=spec["new_tokens"], temperature=0.8, top_p=0.95, seed=spec["seed"], stream=True
@@ -111,12 +133,14 @@ def worker(spec: dict[str, Any]) -> None:
             times.append(time.perf_counter() - t0)
             if i == 0 and not spec.get("kills"):  # a node killed takes its CPU time with it
                 cpu0 = local.namespace_cpu_seconds(spaces)
+                link0 = local.link_counters(lc) if lc is not None else None
             if spec.get("kills") and i == KILL_AT_TOKEN - 1:
                 print(json.dumps({"kill": run}), flush=True)
                 sys.stdin.readline()
                 times[-1] = time.perf_counter() - t0  # the pause for the kill is not the run's
                 t0 = time.perf_counter() - times[-1]
         cpu1 = local.namespace_cpu_seconds(spaces) if cpu0 else {}
+        link = local.counters_delta(local.link_counters(lc), link0) if lc is not None and link0 is not None else None
         total = times[-1]
         ttft = times[0]
         decoded = max(1, len(ids) - 1)
@@ -138,6 +162,10 @@ def worker(spec: dict[str, Any]) -> None:
                     "cpu_seconds_per_token": cpu if cpu0 else None,
                     "idle_cpu_per_second": idle_cpu,
                     "max_token_gap_seconds": max(gaps) if gaps else 0.0,
+                    "emulated_link": _link_per_token(link, decoded, channel_ports) if link else None,
+                    "emulated_link_idle": _link_per_token(link_idle, IDLE_S, channel_ports)
+                    if link_idle and run == 0
+                    else None,
                     "bytes_per_token": sum(d["bytes_sent"] + d["bytes_received"] for d in s["devices"].values())
                     / max(1, tokens),
                     "cluster": {k: v for k, v in s.items() if k not in ("plan", "assignment")},
@@ -149,6 +177,25 @@ def worker(spec: dict[str, Any]) -> None:
             sys.stdin.readline()  # the node killed is back
             cm.settle()
             cm.refresh()  # it gets experts again (from its flash) before the next run
+
+
+def _link_per_token(d: dict[str, Any], per: float, channel_ports: set[int]) -> dict[str, Any]:
+    """The emulator's counters over a run (or at rest) per decoded token (or per second):
+    packets and bytes in all and on the layers' channels, time queued behind other packets,
+    and how late the emulator wrote them on average (its own delay beyond the link's)."""
+    channel = [f for f in d["flows"] if f["sport"] in channel_ports or f["dport"] in channel_ports]
+    return {
+        "packets": d["packets"] / per,
+        "bytes": d["bytes"] / per,
+        "channel_packets": sum(f["packets"] for f in channel) / per,
+        "channel_bytes": sum(f["bytes"] for f in channel) / per,
+        "queued_s": sum(f["queued_s"] for f in d["flows"]) / per,
+        "late_mean_s": d["late_sum_s"] / max(1, d["packets"]),
+        "write_mean_s": d["write_sum_s"] / max(1, d["packets"]),
+        "late_over_200us": d["late_over_200us"] / max(1, d["packets"]),
+        "wakeups": d["wakeups"] / per,
+        "top_flows": d["flows"][:6],
+    }
 
 
 def _part(netns: str) -> str:
@@ -289,6 +336,14 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
                     **cost,
                 )
                 best["bound_seconds_per_token"] = ram["decode_seconds_per_token"] + moe_layers * rtt
+                if best.get("emulated_link"):
+                    best["floor"] = floor(
+                        ram["decode_seconds_per_token"],
+                        cost["link_rtt_median_s"],
+                        best["emulated_link"]["channel_bytes"],
+                        moe_layers,
+                        load_link(link).bits_per_s,
+                    )
                 best["call_cost_s"] = cost["channel_cost_s" if path == "socket" else "ray_cost_s"]
                 best["bound_with_calls_seconds_per_token"] = ram["decode_seconds_per_token"] + moe_layers * (
                     rtt + best["call_cost_s"]
@@ -325,6 +380,8 @@ def _spec(
         "device": None if args.cluster_storage == "local" else args.cluster_storage,
         "address": lc.address,
         "namespaces": lc.namespaces,
+        "cluster_state": str(lc.state_file),
+        "threads": args.coordinator_threads,
         "timeout_s": args.cluster_timeout / 1e3,
         "device_memory": device_memory,
         "prompt_tokens": args.prompt_tokens,
@@ -386,7 +443,44 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
                     "below that floor)" if floor > need else "above that floor)"
                 )
         lines.append(line)
+        link = r.get("emulated_link")
+        if link:
+            lines.append(
+                f"  - the emulated link per decoded token: {link['packets']:.0f} packets, {link['bytes'] / 1e3:.1f} KB "
+                f"({link['channel_packets']:.0f} packets, {link['channel_bytes'] / 1e3:.1f} KB on the layers' channels), "
+                f"{1e3 * link['queued_s']:.2f} ms queued behind other packets in all; the emulator began writing a packet "
+                f"{1e6 * link['late_mean_s']:.0f} us after its due time on average "
+                f"({100 * link['late_over_200us']:.0f}% over 200 us), and its write took {1e6 * link['write_mean_s']:.0f} us "
+                "(the receiving namespace's TCP stack)"
+            )
+        floor = r.get("floor")
+        if floor and tx2:
+            need = 1 / (3 * tx2["decode_tokens_per_s"])
+            lines.append(
+                f"  - floor = all-in-RAM {1e3 * floor['ram_s']:.1f} ms + {moe_layers} x (measured RTT "
+                f"{1e3 * floor['rtt_s']:.2f} ms + a device's share of a layer's bytes at the link's rate "
+                f"{1e3 * floor['wire_s']:.3f} ms) = {1e3 * floor['floor_s']:.1f} ms per token; 3x the TX2 device "
+                f"needs {1e3 * need:.1f} ms: "
+                + (
+                    "the floor is above it, so 3x is out of reach on this test bed whatever the data path"
+                    if floor["floor_s"] > need
+                    else "the floor is below it"
+                )
+            )
     return lines
+
+
+def floor(
+    ram_s: float, link_rtt_s: float, channel_bytes_per_token: float, moe_layers: int, bits_per_s: float
+) -> dict[str, float]:
+    """The least a token can take with its experts on devices: the coordinator's work, which
+    all-in-RAM bounds from below (on cores shared with the devices the experts' arithmetic
+    costs the same core time wherever it runs), plus per MoE layer one round trip of the
+    link as measured and the time its bytes take at the link's rate. A layer's call reaches
+    at most two devices (top-2), each over its own link: half the layer's channel bytes is
+    the least the slowest of them carries."""
+    wire = channel_bytes_per_token / moe_layers / 2 * 8 / bits_per_s
+    return {"ram_s": ram_s, "rtt_s": link_rtt_s, "wire_s": wire, "floor_s": ram_s + moe_layers * (link_rtt_s + wire)}
 
 
 def kills(

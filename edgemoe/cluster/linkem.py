@@ -8,8 +8,14 @@ paced at their rate, and written to the endpoint its destination address names.
                then max(that, dst downlink free) + bits / dst rate + dst delay
 
 so a round trip between the head (no delay) and a node costs the node's RTT (RTT / 2 each
-way) and a transfer is paced at the node's bandwidth. The addresses are the ones local.py
-gives, inside namespaces it created; this process touches no other interface.
+way) and a transfer is paced at the node's bandwidth. The switching loop is native
+(`_core.LinkSwitch`: epoll on the TUN devices and an absolute timerfd, GIL released), so a
+packet is read as soon as it is sent, even while others are held, and written when due.
+The addresses are the ones local.py gives, inside namespaces it created; this process
+touches no other interface.
+
+Counters (per flow: packets, bytes, time queued behind other packets; how late packets were
+written) go to the spec's "stats" file as JSON on SIGUSR1 and at exit (`local.link_counters`).
 
     python -m edgemoe.cluster.linkem SPEC_JSON     (run by local.py inside its switch namespace)
 """
@@ -17,34 +23,20 @@ gives, inside namespaces it created; this process touches no other interface.
 from __future__ import annotations
 
 import fcntl
-import heapq
 import json
 import os
-import select
 import signal
 import struct
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
+from pathlib import Path
+
+from .. import _core
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 MTU = 65000  # large segments: fewer packets through this process; delay and rate are what is emulated
-EPOLL_RESOLUTION_S = 0.001  # epoll waits whole milliseconds: shorter waits sleep instead
-
-
-@dataclass
-class Port:
-    """One endpoint's link: its TUN device's descriptor and the link's figures."""
-
-    fd: int
-    address: str
-    delay_s: float  # one way
-    bits_per_s: float  # 0: no limit
-    up_free: float = 0.0
-    down_free: float = 0.0
 
 
 def open_tun(name: str) -> int:
@@ -58,10 +50,15 @@ def ip(*args: str) -> None:
 
 
 def serve(spec: dict) -> None:
-    """spec: {"prefix": 24, "ports": [{"name", "netns", "address", "delay_s", "bits_per_s"}]}.
-    Makes the devices, hands each to its namespace, prints "ready", then switches until killed."""
-    ports: dict[bytes, Port] = {}
-    by_fd: dict[int, Port] = {}
+    """spec: {"prefix": 24, "ports": [{"netns", "address", "delay_s", "bits_per_s"}], "stats": path,
+    "spin_s": s}. Makes the devices, hands each to its namespace, prints "ready", then switches
+    until SIGTERM, writing its counters to spec["stats"] on SIGUSR1 and before it exits."""
+    # A signal (to whichever thread) writes its number to this pipe, which ends the switch's run()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, lambda *_: None)
+    ports = []
     for i, p in enumerate(spec["ports"]):
         dev = f"lem{i}"
         fd = open_tun(dev)
@@ -70,53 +67,47 @@ def serve(spec: dict) -> None:
         ip("-n", p["netns"], "addr", "add", f"{p['address']}/{spec['prefix']}", "dev", "eth0")
         ip("-n", p["netns"], "link", "set", "eth0", "mtu", str(MTU), "up")
         ip("-n", p["netns"], "link", "set", "lo", "up")
-        port = Port(fd, p["address"], float(p["delay_s"]), float(p["bits_per_s"]))
-        ports[bytes(map(int, p["address"].split(".")))] = port
-        by_fd[fd] = port
-    ep = select.epoll()
-    for fd in by_fd:
-        ep.register(fd, select.EPOLLIN)
+        ports.append((fd, p["address"], float(p["delay_s"]), float(p["bits_per_s"])))
+    switch = _core.LinkSwitch(ports, spin_s=float(spec.get("spin_s", 0.0)))
+    realtime(int(spec.get("priority", 0)))
     print("ready", flush=True)
-    queue: list[tuple[float, int, int, bytes]] = []  # (deliver at, sequence, fd, packet)
-    seq = 0
+    dumps = 0
     while True:
-        now = time.monotonic()
-        while queue and queue[0][0] <= now:
-            _, _, fd, packet = heapq.heappop(queue)
-            try:
-                os.write(fd, packet)
-            except OSError:  # an endpoint whose namespace is going away: its packets are lost
-                pass
-        if not queue:
-            events = ep.poll(1.0)
-        else:
-            wait = queue[0][0] - now
-            if wait > 2 * EPOLL_RESOLUTION_S:
-                events = ep.poll(wait - EPOLL_RESOLUTION_S)
-            else:
-                time.sleep(wait)  # sub-millisecond: nanosleep, not epoll's whole milliseconds
-                events = ep.poll(0)
-        for fd, _ in events:
-            src = by_fd[fd]
-            while True:
-                try:
-                    packet = os.read(fd, MTU + 64)
-                except BlockingIOError:
-                    break
-                if len(packet) < 20 or packet[0] >> 4 != 4:
-                    continue  # IPv4 only: the cluster's addresses
-                dst = ports.get(packet[16:20])
-                if dst is None:
-                    continue
-                t = time.monotonic()
-                bits = 8 * len(packet)
-                src.up_free = max(t, src.up_free) + (bits / src.bits_per_s if src.bits_per_s else 0.0)
-                arrive = src.up_free + src.delay_s
-                dst.down_free = max(arrive, dst.down_free) + (bits / dst.bits_per_s if dst.bits_per_s else 0.0)
-                seq += 1
-                heapq.heappush(queue, (dst.down_free + dst.delay_s, seq, dst.fd, packet))
+        switch.run(watch_fd=wake_r)
+        try:
+            signals = set(os.read(wake_r, 64))
+        except BlockingIOError:
+            signals = set()
+        if spec.get("stats"):
+            dumps += 1
+            write_stats(Path(spec["stats"]), switch.stats(), spec, dumps)
+        if signals - {signal.SIGUSR1}:
+            return
+
+
+def realtime(priority: int) -> None:
+    """Run the switch under SCHED_FIFO at `priority` (0: as started): a packet due is written
+    when due, not after the cluster's compute on the same cores lets this process run. It
+    sleeps between packets, and the kernel keeps 5% of each second for other tasks anyway."""
+    if priority <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except OSError as e:
+        print(f"link emulator: not real-time ({e}); packets wait for a core like any process", file=sys.stderr)
+
+
+def write_stats(path: Path, stats: dict, spec: dict, dumps: int) -> None:
+    """The counters as JSON (written whole, then renamed into place), with each flow's
+    endpoints by address and the dump's sequence number."""
+    names = [p["address"] for p in spec["ports"]]
+    for f in stats["flows"]:
+        f["src"], f["dst"] = names[f["src"]], names[f["dst"]]
+    stats["dump"] = dumps
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     serve(json.loads(sys.argv[1]))

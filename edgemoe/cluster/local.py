@@ -44,6 +44,11 @@ HEAD_ADDRESS = f"{SUBNET}.1"
 PORT = 6379
 OBJECT_STORE_BYTES = 80 << 20  # Ray's shared-memory store per node (its minimum is 75 MiB)
 START_TIMEOUT_S = 240.0
+LINK_STATS = "linkem-stats.json"  # the userspace emulator's counters, in the cluster's directory
+LINK_SPIN_S = 0.0  # the userspace emulator polls without sleeping for this long before a packet is due
+# The userspace emulator's SCHED_FIFO priority (0: an ordinary process): the link must not
+# wait behind the cluster's own compute for a core, or every packet arrives late.
+LINK_PRIORITY = 10
 
 
 def node_address(i: int) -> str:
@@ -192,6 +197,9 @@ def _links_userspace(lc: LocalCluster, switch: str, endpoints: list[tuple[str, s
     spec = {
         "prefix": PREFIX,
         "ports": [{"netns": n, "address": a, "delay_s": d, "bits_per_s": b} for n, a, d, b in endpoints],
+        "stats": str(lc.root / LINK_STATS),
+        "spin_s": LINK_SPIN_S,
+        "priority": LINK_PRIORITY,
     }
     log = open(lc.root / "linkem.log", "w")
     proc = subprocess.Popen(
@@ -209,6 +217,50 @@ def _links_userspace(lc: LocalCluster, switch: str, endpoints: list[tuple[str, s
     line = proc.stdout.readline() if ready else ""
     if line.strip() != "ready":
         raise ClusterError(f"the link emulator did not start: {(lc.root / 'linkem.log').read_text()[-2000:]}")
+
+
+def link_counters(lc: LocalCluster, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The userspace link emulator's counters so far (it writes them on SIGUSR1): per flow
+    between two endpoints (by address, IP protocol and TCP/UDP ports) packets, bytes and the
+    time they queued behind other packets on the links; and how late it wrote packets (its
+    own delay beyond the link's). The difference of two readings is what crossed meanwhile."""
+    if lc.emulator != "userspace" or not lc.pids:
+        raise ClusterError(
+            f"cluster {lc.tag}'s links are {lc.emulator or 'not made'}: only the userspace emulator counts"
+        )
+    path = lc.root / LINK_STATS
+    before = json.loads(path.read_text())["dump"] if path.exists() else 0
+    os.kill(lc.pids[0], signal.SIGUSR1)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            out: dict[str, Any] = json.loads(path.read_text())
+            if out["dump"] > before:
+                return out
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    raise ClusterError(
+        f"the link emulator (pid {lc.pids[0]}) wrote no counters in {timeout_s:.0f} s: see {lc.root}/linkem.log"
+    )
+
+
+def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """What crossed the emulator between two link_counters() readings: the totals and each
+    flow's packets, bytes and queued seconds, busiest flows first."""
+    key = ("src", "dst", "protocol", "sport", "dport")
+    old = {tuple(f[k] for k in key): f for f in before.get("flows", [])}
+    flows = []
+    for f in after["flows"]:
+        o = old.get(tuple(f[k] for k in key), {})
+        d = {k: f[k] for k in key}
+        d.update({k: f[k] - o.get(k, 0) for k in ("packets", "bytes", "queued_s")})
+        if d["packets"]:
+            flows.append(d)
+    flows.sort(key=lambda f: -f["bytes"])
+    out = {k: after[k] - before.get(k, 0) for k in after if k not in ("flows", "dump", "late_max_s")}
+    out["flows"] = flows
+    return out
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

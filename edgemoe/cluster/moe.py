@@ -97,6 +97,60 @@ def _cause(e: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+SMALL_CALL_SLOTS = 64  # up to this many (token, slot) pairs a layer's calls are grouped in plain Python
+
+
+def group_slots(
+    ids: np.ndarray, where: np.ndarray
+) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """A layer's calls, one per device (ascending): (device, slots, experts, counts, tokens,
+    rows) where slots (t * k + j) are the device's, grouped by expert in ascending order and in
+    slot order within one; experts[g] takes counts[g] of them; tokens are the rows of x sent
+    (each token once, ascending) and rows[i] the one slots[i] reads. where [T, k]: the device
+    of each slot, -1 for none. Decode's handful of slots is grouped in plain Python (numpy's
+    per-call overhead is most of a layer's packing); larger calls with numpy; the same result."""
+    T, K = ids.shape
+    if T * K > SMALL_CALL_SLOTS:
+        flat_ids, flat_where = ids.reshape(-1), where.reshape(-1)
+        out = []
+        for index in np.unique(flat_where[flat_where >= 0]).tolist():
+            slots = np.flatnonzero(flat_where == index)  # t * k + j, in slot order
+            slots = slots[np.argsort(flat_ids[slots], kind="stable")]  # grouped by expert, slot order within
+            experts, counts = np.unique(flat_ids[slots], return_counts=True)
+            tokens, rows = np.unique(slots // K, return_inverse=True)  # each token's row sent once
+            out.append((index, slots, experts, counts, tokens, rows))
+        return out
+    by_device: dict[int, list[tuple[int, int]]] = {}
+    for slot, (e, w) in enumerate(zip(ids.reshape(-1).tolist(), where.reshape(-1).tolist())):
+        if w >= 0:
+            by_device.setdefault(w, []).append((e, slot))
+    out = []
+    for index in sorted(by_device):
+        pairs = sorted(by_device[index])  # by expert, then slot
+        groups: list[int] = []  # experts in ascending order
+        sizes: list[int] = []  # how many slots each takes
+        for e, _ in pairs:
+            if groups and groups[-1] == e:
+                sizes[-1] += 1
+            else:
+                groups.append(e)
+                sizes.append(1)
+        order = [slot for _, slot in pairs]
+        sent = sorted({slot // K for slot in order})
+        at = {t: i for i, t in enumerate(sent)}
+        out.append(
+            (
+                index,
+                np.array(order, np.int64),
+                np.array(groups, ids.dtype),
+                np.array(sizes, np.int64),
+                np.array(sent, np.int64),
+                np.array([at[slot // K] for slot in order], np.int64),
+            )
+        )
+    return out
+
+
 @dataclasses.dataclass
 class Device:
     """A device as the coordinator sees it: its server (a Ray actor), state and counters."""
@@ -658,15 +712,10 @@ class ClusterMoE:
             return _core.moe_forward(self.model.cache, layer, x, ids, weights)
 
         t0 = time.monotonic()
-        flat_ids, flat_where = ids.reshape(-1), where.reshape(-1)
         calls = []
         allowed = 0.0  # the slowest device's time for its payload and work, beyond the base deadline
-        for index in np.unique(flat_where[flat_where >= 0]).tolist():
+        for index, slots, experts, counts, tokens, rows in group_slots(ids, where):
             d = self.devices[index]
-            slots = np.flatnonzero(flat_where == index)  # t * k + j, in slot order
-            slots = slots[np.argsort(flat_ids[slots], kind="stable")]  # grouped by expert, slot order within
-            experts, counts = np.unique(flat_ids[slots], return_counts=True)
-            tokens, rows = np.unique(slots // K, return_inverse=True)  # each token's row sent once
             call = pack_call(layer, x[tokens], experts, counts, rows)
             calls.append((d, slots, call))
             work = int(np.dot(counts, self.lengths[layer, experts]))  # expert bytes streamed once per row

@@ -2,6 +2,10 @@
 // docs/format.md, CRC-32C vectors, store/cache on a temp file, and a multithreaded
 // cache test for ASan/UBSan and TSan builds (see native/run_sanitized_tests.sh).
 #include <unistd.h>
+#if defined(__linux__)
+#include <fcntl.h>
+#include <sys/socket.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +27,7 @@
 #include "kernels.h"
 #include "kernels_impl.h"
 #include "layer.h"
+#include "linkswitch.h"
 #include "moe.h"
 #include "policy.h"
 #include "store.h"
@@ -2051,6 +2056,132 @@ static void test_pool() {
   pool.set_num_threads(n0);
 }
 
+// ---------------------------------------------------------------- link switch (the link emulator's loop)
+#if defined(__linux__)
+// An IPv4/UDP packet of `size` bytes from src to dst whose payload starts with n.
+static std::vector<uint8_t> udp_packet(uint32_t src, uint32_t dst, uint16_t sport, uint16_t dport, uint32_t n,
+                                       size_t size) {
+  std::vector<uint8_t> p(std::max<size_t>(size, 32), 0);
+  p[0] = 0x45;
+  p[2] = uint8_t(p.size() >> 8);
+  p[3] = uint8_t(p.size());
+  p[9] = 17;
+  for (int b = 0; b < 4; ++b) {
+    p[12 + b] = uint8_t(src >> (24 - 8 * b));
+    p[16 + b] = uint8_t(dst >> (24 - 8 * b));
+  }
+  p[20] = uint8_t(sport >> 8), p[21] = uint8_t(sport), p[22] = uint8_t(dport >> 8), p[23] = uint8_t(dport);
+  std::memcpy(p.data() + 28, &n, 4);
+  return p;
+}
+
+static double mono_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Reads `count` packets from fd (blocking); returns (arrival time, the number in each).
+static std::vector<std::pair<double, uint32_t>> receive_packets(int fd, int count) {
+  std::vector<std::pair<double, uint32_t>> got;
+  std::vector<uint8_t> buf(70000);
+  while (int(got.size()) < count) {
+    ssize_t n = read(fd, buf.data(), buf.size());
+    if (n < 32) break;
+    uint32_t k;
+    std::memcpy(&k, buf.data() + 28, 4);
+    got.push_back({mono_s(), k});
+  }
+  return got;
+}
+
+static void test_link_switch() {
+  // Three endpoints over packet socket pairs: [0] the switch's end, [1] the endpoint's.
+  const uint32_t head = 0x0A000001, slow = 0x0A000002, far = 0x0A000003;
+  int pairs[3][2];
+  for (auto& p : pairs) {
+    CHECK(socketpair(AF_UNIX, SOCK_SEQPACKET, 0, p) == 0);
+    fcntl(p[0], F_SETFL, fcntl(p[0], F_GETFL) | O_NONBLOCK);
+  }
+  const double slow_delay = 0.002, slow_rate = 8e6, far_delay = 0.001;  // 8 Mbit/s: 1 ms per 1000 bytes
+  std::vector<LinkPort> ports = {{pairs[0][0], head, 0, 0}, {pairs[1][0], slow, slow_delay, slow_rate},
+                                 {pairs[2][0], far, far_delay, 0}};
+  CHECK(throws<std::invalid_argument>([&] { LinkSwitch bad({ports[0], ports[0]}); }, "one address"));
+  CHECK(throws<std::invalid_argument>([&] { LinkSwitch bad({}); }, "no ports"));
+
+  int watch[2];
+  CHECK(pipe(watch) == 0);
+  LinkSwitch sw(ports);
+  std::atomic<int> why{-1};
+  std::thread t([&] { why = sw.run(watch[0]); });
+
+  // Delay and pacing: ten 1000-byte packets head -> slow take 1 ms each on the slow link; a
+  // 40-byte one sent after them does not overtake them.
+  const double t0 = mono_s();
+  for (uint32_t k = 0; k < 10; ++k) {
+    auto p = udp_packet(head, slow, 5000, 6000, k, 1000);
+    CHECK(write(pairs[0][1], p.data(), p.size()) == ssize_t(p.size()));
+  }
+  auto small = udp_packet(head, slow, 5000, 6000, 10, 40);
+  CHECK(write(pairs[0][1], small.data(), small.size()) == ssize_t(small.size()));
+  // Meanwhile a packet to the other node is held for its own delay only.
+  auto other = udp_packet(head, far, 5000, 7000, 99, 100);
+  CHECK(write(pairs[0][1], other.data(), other.size()) == ssize_t(other.size()));
+  auto to_far = receive_packets(pairs[2][1], 1);
+  auto to_slow = receive_packets(pairs[1][1], 11);
+  CHECK(to_far.size() == 1 && to_far[0].second == 99 && to_far[0].first - t0 >= far_delay);
+  CHECK(to_far.size() == 1 && to_slow.size() == 11 && to_far[0].first < to_slow.back().first);
+  CHECK(to_slow.size() == 11);
+  for (size_t k = 0; k < to_slow.size(); ++k) {
+    CHECK(to_slow[k].second == k);  // in the order sent
+    // packet k cannot arrive before k + 1 packets' time on the 8 Mbit/s link plus its delay
+    CHECK(to_slow[k].first - t0 >= slow_delay + 1e-3 * double(std::min<size_t>(k + 1, 10)) - 1e-6);
+  }
+
+  // The way back: slow -> head pays the slow link's delay and rate on leaving.
+  const double t1 = mono_s();
+  auto back = udp_packet(slow, head, 6000, 5000, 7, 500);
+  CHECK(write(pairs[1][1], back.data(), back.size()) == ssize_t(back.size()));
+  auto to_head = receive_packets(pairs[0][1], 1);
+  CHECK(to_head.size() == 1 && to_head[0].second == 7 && to_head[0].first - t1 >= slow_delay + 0.5e-3 - 1e-6);
+
+  // Not IPv4, and to an address no port has: dropped and counted.
+  std::vector<uint8_t> v6(40, 0);
+  v6[0] = 0x60;
+  CHECK(write(pairs[0][1], v6.data(), v6.size()) == 40);
+  auto nowhere = udp_packet(head, 0x0A000009, 1, 2, 0, 64);
+  CHECK(write(pairs[0][1], nowhere.data(), nowhere.size()) == 64);
+
+  // The watched descriptor readable (a signal's wake-up byte): run() returns, and can be called again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(write(watch[1], "x", 1) == 1);
+  t.join();
+  CHECK(why == LinkSwitch::kReadable);
+  LinkStats s = sw.stats();
+  CHECK(s.packets == 13 && s.dropped == 2);
+  CHECK(s.bytes == 10 * 1000 + 40 + 100 + 500);
+  uint64_t slow_packets = 0;
+  for (const LinkFlow& f : s.flows) {
+    if (f.src == 0 && f.dst == 1) {
+      CHECK(f.protocol == 17 && f.sport == 5000 && f.dport == 6000);
+      slow_packets += f.packets;
+      CHECK(f.queued_s > 0.03);  // the 10 followers waited 1..10 ms behind the first ones
+    }
+  }
+  CHECK(slow_packets == 11 && s.flows.size() == 3);
+  CHECK(s.late_max_s >= 0 && s.seconds > 0);
+
+  // stop() from another thread ends a run, even one that has not started yet.
+  sw.stop();
+  CHECK(sw.run() == LinkSwitch::kStopped);
+  std::thread t2([&] { why = sw.run(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  sw.stop();
+  t2.join();
+  CHECK(why == LinkSwitch::kStopped);
+  for (auto& p : pairs) close(p[0]), close(p[1]);
+  close(watch[0]), close(watch[1]);
+}
+#endif
+
 int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
@@ -2085,6 +2216,9 @@ int main() {
   test_prefetch_threads();
   test_request_larger_than_budget();
   test_fallback();
+#if defined(__linux__)
+  test_link_switch();
+#endif
   if (g_failures) {
     std::printf("%d check(s) FAILED\n", g_failures);
     return 1;
