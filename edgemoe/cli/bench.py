@@ -151,6 +151,7 @@ def build_parser() -> Parser:
             "--kills": whole(0),
             "--cluster-timeout": number(0.0, above=True),
             "--cluster-path": as_given(comma_list(_data_path, "data paths: socket and/or ray, comma-separated")),
+            "--coordinator-threads": whole(0, 1024),
         },
     )
 
