@@ -386,7 +386,8 @@ def test_a_device_down_comes_back_by_itself(devices, models):
     flash, without a refresh; a device that fails again waits twice as long."""
     path = models["mixtral"]
     _, want = single(path, edgemoe.load(path).min_budget)
-    m = on_cluster(path, devices.address, expert_bytes(path) // 2, cluster_retry=0.3)
+    # a second: the generation that finds the server dead ends well before the watcher retries
+    m = on_cluster(path, devices.address, expert_bytes(path) // 2, cluster_retry=1.0)
     try:
         cm = override(m)
         victim = cm.devices[0]
@@ -406,7 +407,7 @@ def test_a_device_down_comes_back_by_itself(devices, models):
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         d = m.stats()["cluster"]["devices"][victim.name]
         assert d["state"] == "down" and d["failures"] == 2
-        assert 0.3 < d["retry_in_s"] <= 0.6
+        assert 1.0 < d["retry_in_s"] <= 2.0
         wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["recoveries"] == 2)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
     finally:
