@@ -175,3 +175,29 @@ def test_a_device_that_goes_away_mid_answer_fails_the_call_at_once():
         assert time.monotonic() - t0 < 1  # not a wait for the deadline
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("header_bytes", [1 << 31, 1000])
+def test_a_frame_naming_too_much_or_cut_short_is_a_connection_error(header_bytes):
+    """recv_frame, which a device's listener and the mixture's link read with: a header
+    naming more than MAX_FRAME_BYTES is not a peer of ours, a connection closed inside a frame
+    is named; a connection closed between frames is the end (None)."""
+    import socket
+
+    from edgemoe.cluster.channel import MAX_FRAME_BYTES, REPLY, recv_frame
+
+    a, b = socket.socketpair()
+    try:
+        b.sendall(REPLY.pack(7, 0, 3) + b"abc")
+        assert recv_frame(a, REPLY) == (7, 0, bytearray(b"abc"))
+        b.sendall(REPLY.pack(8, 0, header_bytes) + b"\0" * 10)
+        b.close()
+        with pytest.raises(ConnectionError, match="not a peer" if header_bytes > MAX_FRAME_BYTES else "closed"):
+            recv_frame(a, REPLY)
+    finally:
+        a.close()
+        b.close()
+    a, b = socket.socketpair()
+    b.close()
+    assert recv_frame(a, REPLY) is None
+    a.close()

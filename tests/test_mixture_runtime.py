@@ -287,3 +287,39 @@ def test_no_answer_within_the_budget_waits_for_the_first(mix):
         assert all(len(set(names) - {n for n, t in a.late.items() if i in t}) >= 1 for i in range(1, 4))
         with pytest.raises(edgemoe.MixtureError, match="latency budget"):
             m.enable(m.names, latency_budget=0.0)
+
+
+def test_a_link_whose_answer_header_names_too_much_breaks_and_fails_its_call():
+    """The coordinator's connection to a specialist: an answer header naming more than a frame
+    may hold is not read as an answer (nor allocated); the call fails and the link is broken."""
+    import socket
+    import threading
+    import time
+
+    from edgemoe.cluster.channel import MAX_FRAME_BYTES, REPLY, REQUEST
+    from edgemoe.mixture.runtime import Gone, Link
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def garbled() -> None:
+        conn, _ = server.accept()
+        seq, _, n = REQUEST.unpack(conn.recv(REQUEST.size))
+        conn.recv(n)
+        conn.sendall(REPLY.pack(seq, 0, MAX_FRAME_BYTES + 1))
+        time.sleep(2)
+        conn.close()
+
+    threading.Thread(target=garbled, daemon=True).start()
+    woken = threading.Event()
+    link = Link(*server.getsockname()[:2], woken.set)
+    try:
+        seq = link.send("step", np.array([5], np.int64))
+        assert woken.wait(5) and link.done(seq)
+        assert link.broken is not None and "not a peer" in link.broken
+        with pytest.raises(Gone):
+            link.take(seq)
+    finally:
+        link.close()
+        server.close()

@@ -33,7 +33,8 @@ JOIN_BYTES = 64 << 10  # a header and a payload up to this size go out in one se
 MAX_FRAME_BYTES = 1 << 30  # a header naming more is not a frame of ours (a 4096-token prefill at hidden 8192: 128 MB)
 
 
-def _send(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
+def send_frame(sock: socket.socket, header: bytes, payload: bytes | memoryview) -> None:
+    """A frame's header (REQUEST or REPLY packed) and payload, on a blocking socket."""
     if len(payload) <= JOIN_BYTES:
         sock.sendall(header + bytes(payload))
     else:
@@ -54,6 +55,30 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
             raise ConnectionError(f"the connection closed {got} bytes into a frame of {n}")
         got += k
     return buf
+
+
+def recv_frame(sock: socket.socket, header: struct.Struct) -> tuple[int, int, bytearray] | None:
+    """One whole frame from a blocking socket: (sequence number, kind or status, payload); None
+    if the connection closes before it. A header naming more than MAX_FRAME_BYTES, or a
+    connection that closes inside a frame, is a ConnectionError (not a peer of ours)."""
+    head = _recv_exactly(sock, header.size)
+    if head is None:
+        return None
+    seq, kind, n = header.unpack(head)
+    if n > MAX_FRAME_BYTES:
+        raise ConnectionError(f"a frame header names {n} bytes: not a peer of ours")
+    payload = _recv_exactly(sock, n) if n else bytearray()
+    if payload is None:
+        raise ConnectionError("the connection closed between a frame's header and its payload")
+    return seq, kind, payload
+
+
+def shut(sock: socket.socket) -> None:
+    """Shut both ways (a thread blocked reading it wakes), whatever state it is in."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 # -- the device's side ---------------------------------------------------------------------
@@ -83,22 +108,17 @@ class Listener:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while True:
-                head = _recv_exactly(conn, REQUEST.size)
-                if head is None:
+                frame = recv_frame(conn, REQUEST)
+                if frame is None:
                     return
-                seq, kind, n = REQUEST.unpack(head)
-                if n > MAX_FRAME_BYTES:
-                    return  # not our peer: drop it
-                payload = _recv_exactly(conn, n) if n else bytearray()
-                if payload is None:
-                    return
+                seq, kind, payload = frame
                 try:
                     out = self.handler(bytes(payload)) if kind == FORWARD else b""
                     status = OK
                 except Exception as e:  # the coordinator is told, as a Ray call would tell it
                     out, status = f"{type(e).__name__}: {e}".encode(), FAILED
-                _send(conn, REPLY.pack(seq, status, len(out)), out)
-        except OSError:  # the coordinator went away or dropped the connection
+                send_frame(conn, REPLY.pack(seq, status, len(out)), out)
+        except OSError:  # the coordinator went away or dropped the connection, or is not ours
             return
         finally:
             conn.close()
@@ -128,7 +148,7 @@ class Channel:
         self._head, self._body, self._got = bytearray(), None, 0
         self.sock.settimeout(max(deadline - time.monotonic(), 1e-4))
         try:
-            _send(self.sock, REQUEST.pack(self.seq, kind, len(payload)), payload)
+            send_frame(self.sock, REQUEST.pack(self.seq, kind, len(payload)), payload)
         except BaseException as e:
             self.close(f"sending failed: {type(e).__name__}: {e}")
             raise
@@ -172,10 +192,7 @@ class Channel:
     def close(self, why: str = "closed") -> None:
         if self.broken is None:
             self.broken = why
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut(self.sock)
         self.sock.close()
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cluster.channel import FORWARD, OK, REPLY, REQUEST, Listener, _recv_exactly, _send
+from ..cluster.channel import FORWARD, OK, REPLY, REQUEST, Listener, recv_frame, send_frame, shut
 from ..cluster.connect import Node, connect, device_nodes
 from ..converters.convert import convert
 from ..devices import DeviceProfile, LinkProfile, load_link, load_profile
@@ -268,7 +268,7 @@ class Link:
             self.rows[seq] = arr.size if method == "logits" else 0
             body = bytes([METHODS.index(method)]) + bytes(7) + arr.tobytes()
             try:
-                _send(self.sock, REQUEST.pack(seq, FORWARD, len(body)), body)
+                send_frame(self.sock, REQUEST.pack(seq, FORWARD, len(body)), body)
             except OSError as e:
                 self._break(f"sending failed: {type(e).__name__}: {e}")
                 raise Gone(self.broken or "") from None
@@ -277,14 +277,13 @@ class Link:
     def _read(self) -> None:
         try:
             while True:
-                head = _recv_exactly(self.sock, REPLY.size)
-                if head is None:
+                frame = recv_frame(self.sock, REPLY)
+                if frame is None:
                     raise ConnectionError("the specialist closed the connection")
-                seq, status, n = REPLY.unpack(head)
-                body = _recv_exactly(self.sock, n) if n else bytearray()
+                seq, status, body = frame
                 with self.lock:
                     rows = self.rows.pop(seq, None)
-                    if rows is None or body is None:
+                    if rows is None:
                         raise ConnectionError(f"an answer to a call never made ({seq})")
                     if seq in self.unwanted:
                         self.unwanted.discard(seq)
@@ -303,10 +302,7 @@ class Link:
     def _break(self, why: str) -> None:
         if self.broken is None:
             self.broken = why
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut(self.sock)
 
     def done(self, seq: int) -> bool:
         return seq in self.answers or self.broken is not None
