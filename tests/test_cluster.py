@@ -393,7 +393,9 @@ def test_a_device_down_comes_back_by_itself(devices, models):
         victim = cm.devices[0]
         ray.kill(victim.handle)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
-        assert m.stats()["cluster"]["devices"][victim.name]["state"] == "down"
+        d = m.stats()["cluster"]["devices"][victim.name]
+        # marked down by that generation (on a slow machine the watcher may have brought it back already)
+        assert d["failures"] == 1 and d["retry_wait_s"] == 1.0
         wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["state"] == "up")
         d = m.stats()["cluster"]["devices"][victim.name]
         assert d["recoveries"] == 1 and d["failures"] == 1 and d["error"] is None
@@ -406,8 +408,8 @@ def test_a_device_down_comes_back_by_itself(devices, models):
         ray.kill(again.handle)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         d = m.stats()["cluster"]["devices"][victim.name]
-        assert d["state"] == "down" and d["failures"] == 2
-        assert 1.0 < d["retry_in_s"] <= 2.0
+        assert d["failures"] == 2 and d["retry_wait_s"] == 2.0
+        assert d["state"] == "up" or d["retry_in_s"] <= 2.0
         wait_for(cm, lambda: m.stats()["cluster"]["devices"][victim.name]["recoveries"] == 2)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
     finally:

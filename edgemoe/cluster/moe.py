@@ -835,6 +835,7 @@ class ClusterMoE:
                 "failures": d.failures,
                 "recoveries": d.recoveries,
                 "retry_in_s": max(0.0, d.retry_at - time.monotonic()) if not d.up and d.retry_at else None,
+                "retry_wait_s": d.retry_wait,  # the backoff after its last failure (doubles while it keeps failing)
                 "blobs_sent": d.blobs_sent,
                 "blob_bytes_sent": d.blob_bytes_sent,
                 "blobs_from_flash": d.blobs_from_flash,
