@@ -103,6 +103,16 @@ def exited(pid: int) -> bool:
         return True
 
 
+def kill_server(d) -> None:
+    """Kill a device's server and wait until its process is gone: ray.kill returns at once, and
+    a server still alive would answer the next calls as if nothing had happened."""
+    ray.kill(d.handle)
+    end = time.monotonic() + 30
+    while not exited(int(d.info["pid"])):
+        assert time.monotonic() < end, "the killed server's process is still there after 30 s"
+        time.sleep(0.01)
+
+
 def override(m) -> ClusterMoE:
     assert isinstance(m.net.moe_override, ClusterMoE)
     return m.net.moe_override
@@ -341,7 +351,7 @@ def test_a_server_started_again_reads_its_experts_from_its_flash(devices, models
         # a server that dies: its slots are computed here; refresh starts it again, from its flash
         cm = override(m)
         victim = cm.devices[0]
-        ray.kill(victim.handle)
+        kill_server(victim)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         assert m.stats()["cluster"]["devices"][victim.name]["state"] == "down"
         cm.refresh()
@@ -391,7 +401,7 @@ def test_a_device_down_comes_back_by_itself(devices, models):
     try:
         cm = override(m)
         victim = cm.devices[0]
-        ray.kill(victim.handle)
+        kill_server(victim)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         d = m.stats()["cluster"]["devices"][victim.name]
         # marked down by that generation (on a slow machine the watcher may have brought it back already)
@@ -405,7 +415,7 @@ def test_a_device_down_comes_back_by_itself(devices, models):
         assert m.stats()["cluster"]["devices"][victim.name]["calls"] > 0
 
         again = cm.devices[victim.index]  # the new server; killed at once, it backs off longer
-        ray.kill(again.handle)
+        kill_server(again)
         assert m.generate(PROMPT, max_new_tokens=NEW) == want
         d = m.stats()["cluster"]["devices"][victim.name]
         assert d["failures"] == 2 and d["retry_wait_s"] == 2.0
