@@ -23,6 +23,8 @@ def set_num_threads(n: int) -> None:
     """Threads used by the compute kernels (default: hardware threads)."""
 
 def get_num_threads() -> int: ...
+def set_thread_spin(microseconds: int) -> None: ...
+def get_thread_spin() -> int: ...
 def crc32c(data: npt.NDArray[np.uint8] | bytes, seed: int = 0) -> int:
     """CRC-32C (Castagnoli) of a buffer, as stored in the manifest."""
 
@@ -72,6 +74,11 @@ def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.ui
 
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
+
+def experts_forward(
+    xs: list[npt.NDArray[np.float32]], blobs: list[npt.NDArray[np.uint8]]
+) -> list[npt.NDArray[np.float32]]:
+    """expert_forward of each (x, blob) in one call; one-token inputs run whole experts one per thread."""
 
 def sample(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float, u: float) -> int:
     """The token drawn from logits [vocab] at temperature > 0 with top_k (0: all) and top_p (1: all),

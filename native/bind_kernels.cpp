@@ -1,10 +1,13 @@
 // edgemoe._core: the matmul kernels, the SwiGLU expert and stream_read (kernels.h).
+#include <algorithm>
+#include <exception>
 #include <string>
 #include <vector>
 
 #include "bindings.h"
 #include "kernels.h"
 #include "kernels_impl.h"
+#include "threadpool.h"
 
 namespace edgemoe::python {
 
@@ -125,6 +128,65 @@ void bind_kernels(py::module_& m) {
       py::arg("x"), py::arg("blob"),
       "One expert blob: down(silu(gate x) * up x) (SwiGLU) or down(relu(up x)) (two matrices),\n"
       "x [T, hidden] -> [T, hidden].");
+
+  m.def(
+      "experts_forward",
+      [](const std::vector<FloatArray>& xs, const std::vector<ByteArray>& blobs) {
+        if (xs.size() != blobs.size())
+          throw std::invalid_argument("experts_forward: " + std::to_string(xs.size()) + " inputs for " +
+                                      std::to_string(blobs.size()) + " experts");
+        std::vector<Expert> es;
+        std::vector<int64_t> ts;
+        std::vector<const float*> xp;
+        std::vector<float*> yp;
+        py::list out;
+        for (size_t i = 0; i < blobs.size(); ++i) {
+          es.push_back(parse_expert(blobs[i].data(), uint64_t(blobs[i].size())));
+          ts.push_back(tokens_of(xs[i], es.back().hidden(), "experts_forward"));
+          FloatArray y = output_like(xs[i], ts.back(), es.back().hidden());
+          xp.push_back(xs[i].data());
+          yp.push_back(y.mutable_data());
+          out.append(y);
+        }
+        ThreadPool& pool = ThreadPool::instance();
+        const auto threads = size_t(pool.num_threads());
+        // one token through each: whole experts, one per thread, when that shares the bytes
+        // evenly (the rule decode's layer follows; a lone expert runs on the calling thread
+        // alone), else each expert split over the threads
+        bool whole = std::all_of(ts.begin(), ts.end(), [](int64_t t) { return t == 1; });
+        if (whole && es.size() > 1) {
+          std::vector<uint64_t> load(threads, 0);
+          uint64_t total = 0;
+          for (const auto& b : blobs) {
+            *std::min_element(load.begin(), load.end()) += uint64_t(b.size());
+            total += uint64_t(b.size());
+          }
+          whole = double(*std::max_element(load.begin(), load.end())) <= 1.25 * double(total) / double(threads);
+        }
+        {
+          py::gil_scoped_release nogil;
+          if (whole) {
+            std::vector<std::exception_ptr> errors(es.size());
+            pool.parallel_for(int64_t(es.size()), [&](int64_t i) {
+              try {
+                expert_forward(es[size_t(i)], xp[size_t(i)], 1, yp[size_t(i)]);
+              } catch (...) {
+                errors[size_t(i)] = std::current_exception();
+              }
+            });
+            for (const auto& err : errors)
+              if (err) std::rethrow_exception(err);
+          } else {
+            for (size_t i = 0; i < es.size(); ++i) expert_forward(es[i], xp[i], ts[i], yp[i]);
+          }
+        }
+        return out;
+      },
+      py::arg("xs"), py::arg("blobs"),
+      "[expert_forward(x, blob) for x, blob in zip(xs, blobs)] in one call: when each x is one\n"
+      "token, whole experts run one per thread (if that shares the bytes evenly; one expert: on\n"
+      "the calling thread alone), as decode's layer runs its resident experts. The same numbers\n"
+      "as expert_forward each.");
 }
 
 }  // namespace edgemoe::python

@@ -80,6 +80,13 @@ void bind_threads(py::module_& m) {
       "Threads used by the compute kernels (default: hardware threads).");
   m.def(
       "get_num_threads", [] { return ThreadPool::instance().num_threads(); }, "Threads used by the compute kernels.");
+  m.def(
+      "set_thread_spin", [](int us) { ThreadPool::instance().set_spin_microseconds(us); }, py::arg("microseconds"),
+      "How long the kernels' idle threads spin before sleeping (default 200): decode's matmuls come back\n"
+      "to back; a process that computes now and then (a device's expert server) sets 0.");
+  m.def(
+      "get_thread_spin", [] { return ThreadPool::instance().spin_microseconds(); },
+      "How long the kernels' idle threads spin before sleeping, microseconds.");
 }
 
 }  // namespace edgemoe::python

@@ -29,8 +29,6 @@ bool spin_for(Pred pred, int us) {
   }
 }
 
-constexpr int kSpinMicros = 200;
-
 }  // namespace
 
 ThreadPool& ThreadPool::instance() {
@@ -71,6 +69,10 @@ void ThreadPool::set_num_threads(int n) {
 
 int ThreadPool::num_threads() const { return num_threads_; }
 
+void ThreadPool::set_spin_microseconds(int us) { spin_us_.store(us < 0 ? 0 : us, std::memory_order_relaxed); }
+
+int ThreadPool::spin_microseconds() const { return spin_us_.load(std::memory_order_relaxed); }
+
 void ThreadPool::run_tasks() {
   for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);
 }
@@ -81,7 +83,8 @@ void ThreadPool::run_tasks() {
 void ThreadPool::worker() {
   uint64_t seen = generation_.load();
   for (;;) {
-    spin_for([&] { return generation_.load(std::memory_order_acquire) != seen || stopping_.load(); }, kSpinMicros);
+    spin_for([&] { return generation_.load(std::memory_order_acquire) != seen || stopping_.load(); },
+             spin_us_.load(std::memory_order_relaxed));
     std::unique_lock<std::mutex> lk(m_);
     if (generation_.load() == seen && !stopping_) {
       ++sleeping_;
@@ -120,7 +123,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t)>& fn)
   if (notify) wake_.notify_all();
   run_tasks();
   // Every task is claimed; wait for the workers still finishing theirs, then close the job.
-  spin_for([&] { return active_.load(std::memory_order_acquire) == 0; }, kSpinMicros);
+  spin_for([&] { return active_.load(std::memory_order_acquire) == 0; }, spin_us_.load(std::memory_order_relaxed));
   std::unique_lock<std::mutex> lk(m_);
   done_.wait(lk, [&] { return active_.load() == 0; });
   fn_ = nullptr;

@@ -22,6 +22,11 @@ class ThreadPool {
   // Threads that run a parallel_for, the calling thread included (>= 1).
   void set_num_threads(int n);
   int num_threads() const;
+  // How long a worker, and a caller waiting for workers, spins before sleeping (default
+  // 200 us). A process that runs one job now and then (a device's expert server between
+  // layer calls) sets 0, so its idle threads leave the cores to others at once.
+  void set_spin_microseconds(int us);
+  int spin_microseconds() const;
 
   // Calls fn(i) for every i in [0, n) on the pool; the caller takes part and
   // returns when all are done. fn must not throw. If the pool is already busy
@@ -49,6 +54,7 @@ class ThreadPool {
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
   std::atomic<int> num_threads_{1};
+  std::atomic<int> spin_us_{200};
 };
 
 }  // namespace edgemoe

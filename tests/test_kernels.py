@@ -315,6 +315,34 @@ def test_threads_give_the_same_answer():
         _core.set_num_threads(n)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_several_experts_in_one_call_are_each_experts_answer(threads):
+    """experts_forward: one token through each expert (one per thread when the bytes share
+    evenly, a lone one on the calling thread), or several tokens, mixed bitwidths: every
+    output is expert_forward's, bit for bit, whatever the threads and however long idle
+    threads spin."""
+    blobs = [make_blob(64, 96, 4, sym=True), make_blob(64, 96, 8, sym=True), make_blob(64, 96, 4, sym=False)]
+    n, spin = _core.get_num_threads(), _core.get_thread_spin()
+    try:
+        _core.set_num_threads(threads)
+        for us in (0, 200):
+            _core.set_thread_spin(us)
+            assert _core.get_thread_spin() == us
+            for T, k in ((1, 1), (1, 2), (1, 3), (4, 2), (1, 0)):
+                xs = [RNG.standard_normal((T, 64)).astype(np.float32) for _ in range(k)]
+                ys = _core.experts_forward(xs, blobs[:k])
+                assert len(ys) == k
+                for x, blob, y in zip(xs, blobs, ys):
+                    np.testing.assert_array_equal(y, _core.expert_forward(x, blob))
+    finally:
+        _core.set_num_threads(n)
+        _core.set_thread_spin(spin)
+    with pytest.raises(ValueError, match="2 inputs for 1 experts"):
+        _core.experts_forward([np.zeros((1, 64), np.float32)] * 2, blobs[:1])
+    with pytest.raises(ValueError):  # a hidden size the expert does not take
+        _core.experts_forward([np.zeros((1, 32), np.float32)], blobs[:1])
+
+
 def test_crc32c_known_vectors():
     assert _core.crc32c(b"123456789") == 0xE3069283
     assert _core.crc32c(b"") == 0
