@@ -98,7 +98,7 @@ def test_an_interrupted_start_leaves_nothing(outside_the_checkout):
 
 @pytest.fixture(scope="module")
 def cluster(outside_the_checkout):
-    lc = local.up(2, NODE_MEMORY, LINK)
+    lc = local.up(2, NODE_MEMORY, LINK, node_cpus=2)  # each node's server then runs two experts at once
     yield lc
     local.down(lc)
 
@@ -112,6 +112,8 @@ def test_nodes_are_up_each_in_its_namespace_and_memory_limit(cluster):
         assert (group / "cgroup.procs").read_text().split()  # the node's Ray processes are in it
     with pytest.raises(ClusterError, match="at least 400MB"):
         local.up(1, 100 << 20, LINK)
+    with pytest.raises(ClusterError, match="--node-cpus must be at least 1"):
+        local.up(1, NODE_MEMORY, LINK, node_cpus=0)
 
 
 def test_the_measured_round_trip_is_the_links(cluster):
@@ -149,6 +151,9 @@ def test_a_generation_through_the_emulated_links_gives_the_same_tokens(cluster, 
     c = out["cluster"]
     assert c["remote_slots"] > 0 and c["recomputed_slots"] == 0
     assert sorted(d["address"] for d in c["devices"].values()) == [local.node_address(i) for i in range(2)]
+    assert all(d["threads"] == 2 for d in c["devices"].values())  # the CPUs each node offers Ray
+    assert 0 < c["slowest_device_seconds"] and 0 < c["hop_seconds"]  # the devices said what they spent
+    assert all(d["device_ms_per_call"] > 0 for d in c["devices"].values())
     for usage in cluster.node_memory_usage():  # every node stayed inside its limit
         assert usage["oom_kills"] == 0 and usage["peak_bytes"] <= usage["limit_bytes"] == NODE_MEMORY
 

@@ -64,6 +64,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="the coordinator's compute threads in the cluster runs (default: all cores)",
     )
     ap.add_argument(
+        "--node-cpus",
+        type=int,
+        default=CORES,
+        help="the CPUs each node offers Ray, its expert server's threads (default: this machine's cores, as the "
+        "one device and the all-in-RAM process use)",
+    )
+    ap.add_argument(
         "--cluster-path",
         default="socket",
         help="data paths to run over each link, comma-separated: socket (the devices' own TCP channels, the "
@@ -311,7 +318,9 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
     paths = [x for x in args.cluster_path.split(",") if x]
     for link in links:
         rtt = load_link(link).rtt_s
-        with local.local_cluster(args.cluster_nodes, node_memory, link, flash_dir=flash_root) as lc:
+        with local.local_cluster(
+            args.cluster_nodes, node_memory, link, flash_dir=flash_root, node_cpus=args.node_cpus
+        ) as lc:
             cost = ray_call_seconds(lc)
             for path in paths:
                 spec = _spec(args, model_dir, min_budget, device_memory, lc, runs=args.repeat, path=path)
@@ -453,6 +462,17 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
                 f"({100 * link['late_over_200us']:.0f}% over 200 us), and its write took {1e6 * link['write_mean_s']:.0f} us "
                 "(the receiving namespace's TCP stack)"
             )
+        c = r.get("cluster") or {}
+        n = c.get("remote_layers") or 0
+        if n:
+            lines.append(
+                f"  - a layer that called devices, on average over the last run ({n} layers, prefill included): "
+                f"{1e3 * c['remote_layer_seconds'] / n:.2f} ms, of which packing and sending "
+                f"{1e3 * c['send_seconds'] / n:.2f} ms, this process's own experts {1e3 * c['local_seconds'] / n:.2f} ms, "
+                f"the slowest device's own time (unpacking, its experts, packing) {1e3 * c['slowest_device_seconds'] / n:.2f} ms, "
+                f"and the hop {1e3 * c['hop_seconds'] / n:.2f} ms (from the last send to the last answer less that device's "
+                "time: the link, both ends' TCP and their wake-ups)"
+            )
         floor = r.get("floor")
         if floor and tx2:
             need = 1 / (3 * tx2["decode_tokens_per_s"])
@@ -496,7 +516,9 @@ def kills(
     """args.kills runs over args.kill_link; in each, node (run mod nodes) is SIGKILLed before
     the KILL_AT_TOKEN-th token and started again after the run."""
     deadline = args.cluster_timeout / 1e3
-    with local.local_cluster(args.cluster_nodes, node_memory, args.kill_link, flash_dir=flash_root) as lc:
+    with local.local_cluster(
+        args.cluster_nodes, node_memory, args.kill_link, flash_dir=flash_root, node_cpus=args.node_cpus
+    ) as lc:
         proc = _spawn(lc, _spec(args, model_dir, budget, device_memory, lc, args.kills, kills=1))
         assert proc.stdin is not None
         runs = []

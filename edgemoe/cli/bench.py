@@ -152,6 +152,7 @@ def build_parser() -> Parser:
             "--cluster-timeout": number(0.0, above=True),
             "--cluster-path": as_given(comma_list(_data_path, "data paths: socket and/or ray, comma-separated")),
             "--coordinator-threads": whole(0, 1024),
+            "--node-cpus": whole(1, 1024),
         },
     )
 

@@ -141,6 +141,13 @@ def build_local_parser() -> Parser:
     p.add_argument("--nodes", type=whole(1, 16), default=2, help="device nodes (default 2)")
     p.add_argument("--node-memory", type=size_arg, default="1GB", help="each node's memory limit (default 1GB)")
     p.add_argument(
+        "--node-cpus",
+        type=whole(1, 1024),
+        default=1,
+        help="the CPUs each node offers Ray, which its expert server uses as threads (default 1); the nodes share "
+        "this machine's cores",
+    )
+    p.add_argument(
         "--link", type=link_arg, default="wifi5", help=f"each node's link to the head: {', '.join(list_links())}"
     )
     return p
@@ -155,7 +162,7 @@ def local_main(argv: Sequence[str]) -> int:
         cmd = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
     args = build_local_parser().parse_args(argv)
-    lc = local.up(args.nodes, parse_bytes(args.node_memory), args.link)
+    lc = local.up(args.nodes, parse_bytes(args.node_memory), args.link, node_cpus=args.node_cpus)
     print(
         f"local cluster {lc.tag}: {lc.nodes} nodes of {args.node_memory} over {lc.link} ({lc.emulator} links), "
         f"head at {lc.address} in namespace {lc.head_netns}",

@@ -73,6 +73,7 @@ class LocalCluster:
     cgroups: list[str] = dataclasses.field(default_factory=list)
     pids: list[int] = dataclasses.field(default_factory=list)  # the link emulator
     flash: str = ""  # where each node keeps its expert copies (default: under root, removed by down)
+    node_cpus: int = 1  # the CPUs each node offers Ray, which its expert server uses as threads
 
     @property
     def address(self) -> str:
@@ -284,21 +285,28 @@ def up(
     link: str,
     object_store_bytes: int = OBJECT_STORE_BYTES,
     flash_dir: str | os.PathLike[str] | None = None,
+    node_cpus: int = 1,
 ) -> LocalCluster:
     """Make the namespaces, links and cgroups, start the Ray head and `nodes` device nodes,
     and wait until every node has joined. On any error or interruption, removes what it made.
     flash_dir: where node I keeps its expert copies (flash_dir/nodeI), kept after down so
-    that the next cluster's nodes read them instead of receiving them (default: removed)."""
+    that the next cluster's nodes read them instead of receiving them (default: removed).
+    node_cpus: the CPUs each node offers Ray (its servers' threads); the nodes share this
+    machine's cores, as many as each may use at once, not a partition of them."""
     check_host()
     if nodes < 1:
         raise ClusterError(f"--nodes must be at least 1, got {nodes}")
+    if node_cpus < 1:
+        raise ClusterError(f"--node-cpus must be at least 1, got {node_cpus}")
     ln = load_link(link)
     if node_memory < object_store_bytes + (64 << 20):
         raise ClusterError(
             f"--node-memory {format_bytes(node_memory)} leaves no room: a node's Ray processes alone take "
             f"its {format_bytes(object_store_bytes)} object store and more; give it at least 400MB"
         )
-    lc = LocalCluster(uuid.uuid4().hex[:6], nodes, int(node_memory), link, flash=str(flash_dir or ""))
+    lc = LocalCluster(
+        uuid.uuid4().hex[:6], nodes, int(node_memory), link, flash=str(flash_dir or ""), node_cpus=int(node_cpus)
+    )
     lc.save()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
 
@@ -356,9 +364,11 @@ def _up(lc: LocalCluster, rtt_s: float, bits_per_s: float, object_store_bytes: i
     wait_for_nodes(lc, lc.nodes)
 
 
-def _ray_start(object_store_bytes: int, head: bool = False, address: str = "", node_ip: str = "") -> list[str]:
+def _ray_start(
+    object_store_bytes: int, head: bool = False, address: str = "", node_ip: str = "", cpus: int = 1
+) -> list[str]:
     cmd = [*_ray_command(), "start", "--disable-usage-stats", f"--object-store-memory={object_store_bytes}"]
-    cmd.append("--num-cpus=1")
+    cmd.append(f"--num-cpus={cpus}")
     if head:
         return [*cmd, "--head", f"--node-ip-address={HEAD_ADDRESS}", f"--port={PORT}", "--include-dashboard=false"]
     return [*cmd, f"--address={address}", f"--node-ip-address={node_ip}", '--resources={"edgemoe": 1}']
@@ -376,7 +386,7 @@ def start_node(lc: LocalCluster, i: int, object_store_bytes: int = OBJECT_STORE_
                 "netns",
                 "exec",
                 lc.node_netns(i),
-                *_ray_start(object_store_bytes, False, lc.address, node_address(i)),
+                *_ray_start(object_store_bytes, False, lc.address, node_address(i), lc.node_cpus),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -534,10 +544,10 @@ def down_all() -> list[str]:
 
 @contextmanager
 def local_cluster(
-    nodes: int, node_memory: int, link: str, flash_dir: str | os.PathLike[str] | None = None
+    nodes: int, node_memory: int, link: str, flash_dir: str | os.PathLike[str] | None = None, node_cpus: int = 1
 ) -> Iterator[LocalCluster]:
     """up(), and down() when the block ends however it ends."""
-    lc = up(nodes, node_memory, link, flash_dir=flash_dir)
+    lc = up(nodes, node_memory, link, flash_dir=flash_dir, node_cpus=node_cpus)
     try:
         yield lc
     finally:

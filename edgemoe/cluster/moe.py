@@ -39,7 +39,7 @@ from ..units import format_bytes, parse_bytes
 from .channel import PING, Channel, receive
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
-from .server import ExpertServer, pack_call
+from .server import DEVICE_SECONDS, ExpertServer, pack_call
 
 Pair = tuple[int, int]  # (layer, expert)
 Assignment = dict[str, list[Pair]]  # device name -> the experts it holds
@@ -172,6 +172,7 @@ class Device:
     blob_bytes_sent: int = 0
     blobs_from_flash: int = 0
     recoveries: int = 0  # times it came back after being down
+    device_seconds: float = 0.0  # what its answers say it spent on them, unpacking to packing
     since: float = dataclasses.field(default_factory=time.monotonic)  # up (or down) since
     retry_wait: float = 0.0  # before its next retry when down (0: the first, retry_s)
     retry_at: float = 0.0  # when it is tried again, if down
@@ -183,6 +184,7 @@ class Device:
         "bytes_received",
         "failures",
         "blobs_sent",
+        "device_seconds",
         "blob_bytes_sent",
         "blobs_from_flash",
         "recoveries",
@@ -735,26 +737,33 @@ class ClusterMoE:
         t1 = time.monotonic()
         self.local_seconds += t1 - t_sent
         answers = self._collect(pending, end)
-        waited = time.monotonic() - t1
+        t_got = time.monotonic()
+        waited = t_got - t1
         self.wait_seconds += waited
         self.max_wait_seconds = max(self.max_wait_seconds, waited)
         flat_ys = ys.reshape(T * K, H)
         redo = np.zeros(T * K, bool)
+        slowest = 0.0  # the longest a device said it spent on its call
         for (d, slots, _), out in zip(calls, answers):
             why = f"no answer within {1e3 * deadline:.0f} ms"
             if out is not None:
                 try:
                     if isinstance(out, BaseException):
                         raise out
-                    if len(out) != 4 * len(slots) * H:
+                    if len(out) != DEVICE_SECONDS.size + 4 * len(slots) * H:
                         raise ClusterError(f"answered {len(out)} bytes for {len(slots)} rows of hidden size {H}")
-                    flat_ys[slots] = np.frombuffer(out, "<f4").reshape(len(slots), H)
+                    (spent,) = DEVICE_SECONDS.unpack_from(out)
+                    flat_ys[slots] = np.frombuffer(out, "<f4", offset=DEVICE_SECONDS.size).reshape(len(slots), H)
                     d.bytes_received += len(out)
+                    d.device_seconds += spent
+                    slowest = max(slowest, spent)
                     continue
                 except Exception as e:  # anything a device or the link can do: its slots are computed here
                     why = f"{type(_cause(e)).__name__}: {_cause(e)}"
             self._down(d, why)
             redo[slots] = True
+        self.slowest_device_seconds += slowest
+        self.hop_seconds += max(0.0, t_got - t_sent - slowest)
         if redo.any():
             self.recomputed_slots += int(redo.sum())
             again = _core.moe_forward_slots(self.model.cache, layer, x, ids, mask=redo.reshape(T, K), weights=weights)
@@ -839,6 +848,7 @@ class ClusterMoE:
                 "blobs_sent": d.blobs_sent,
                 "blob_bytes_sent": d.blob_bytes_sent,
                 "blobs_from_flash": d.blobs_from_flash,
+                "device_ms_per_call": 1e3 * d.device_seconds / d.calls if d.calls else 0.0,
                 "simd": d.info.get("simd"),
                 "threads": d.info.get("threads"),
             }
@@ -849,6 +859,7 @@ class ClusterMoE:
                 "timeout_ms": 1e3 * self.timeout_s,
                 "tokens": tokens,
                 "round_trips_per_token": self.remote_calls / tokens if tokens else 0.0,
+                "remote_layers": self.remote_calls,
                 "local_slots": self.local_slots,
                 "remote_slots": self.remote_slots,
                 "recomputed_slots": self.recomputed_slots,
@@ -856,6 +867,8 @@ class ClusterMoE:
                 "send_seconds": self.send_seconds,
                 "local_seconds": self.local_seconds,
                 "remote_layer_seconds": self.remote_layer_seconds,
+                "slowest_device_seconds": self.slowest_device_seconds,
+                "hop_seconds": self.hop_seconds,
                 "max_wait_seconds": self.max_wait_seconds,
                 "max_deadline_ms": 1e3 * self.max_deadline_seconds,
                 "devices": devices,
@@ -870,6 +883,7 @@ class ClusterMoE:
         self.local_slots = self.remote_slots = self.recomputed_slots = 0
         self.wait_seconds = self.max_wait_seconds = self.max_deadline_seconds = 0.0
         self.send_seconds = self.local_seconds = self.remote_layer_seconds = 0.0
+        self.hop_seconds = self.slowest_device_seconds = 0.0
         for d in self.devices:
             for f in Device.COUNTERS:
                 setattr(d, f, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..runtime.paths import cache_root
 from .channel import Listener
 
 Pair = tuple[int, int]  # (layer, expert)
+DEVICE_SECONDS = struct.Struct("<d")  # an answer opens with the seconds the device spent on the call
 
 
 def available_bytes() -> int:
@@ -53,6 +55,7 @@ class ExpertServer:
     def __init__(self, fingerprint: str, name: str, threads: int = 0):
         if threads > 0:
             _core.set_num_threads(threads)
+        _core.set_thread_spin(0)  # a call per layer now and then: idle threads leave the cores at once
         self.name = name
         self.dir = copies_dir(fingerprint)
         self.blobs: dict[Pair, np.ndarray] = {}
@@ -166,19 +169,22 @@ class ExpertServer:
 
     def forward(self, call: bytes) -> bytes:
         """One MoE layer's call (pack_call's bytes): expert outputs for rows of x, grouped by
-        expert in slot order -> [sum counts, hidden] float32 as bytes. Each expert computes all
-        its rows in one call, as moe_forward batches them, so the numbers are the
-        coordinator's bit for bit."""
+        expert in slot order -> the seconds this took (DEVICE_SECONDS), then [sum counts,
+        hidden] float32 as bytes. Each expert computes all its rows in one call, as moe_forward
+        batches them, so the numbers are the coordinator's bit for bit."""
+        t_a = time.perf_counter()
         layer, x, experts, counts, rows = unpack_call(call)
-        out = np.empty((rows.size, x.shape[1]), np.float32)
+        xs, blobs = [], []
         start = 0
         for e, n in zip(experts.tolist(), counts.tolist()):
             blob = self.blobs.get((layer, e))
             if blob is None:
                 raise ClusterError(f"device {self.name} does not hold expert {e} of layer {layer}")
-            out[start : start + n] = _core.expert_forward(np.ascontiguousarray(x[rows[start : start + n]]), blob)
+            xs.append(np.ascontiguousarray(x[rows[start : start + n]]))
+            blobs.append(blob)
             start += n
-        return out.tobytes()
+        body = b"".join(y.tobytes() for y in _core.experts_forward(xs, blobs))
+        return DEVICE_SECONDS.pack(time.perf_counter() - t_a) + body
 
 
 # A layer's call travels as one bytes object: Ray passes bytes through without pickling, where
