@@ -49,6 +49,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--node-share", type=float, default=100 * NODE_SHARE, help="each node's share of the expert bytes, %%"
     )
     ap.add_argument(
+        "--coordinator-share",
+        type=float,
+        default=0.0,
+        help="the coordinator's expert budget as a share of the expert bytes, %% (default 0: its minimum budget; "
+        "--node-share gives it the memory of the one device it is compared with)",
+    )
+    ap.add_argument(
         "--flash-devices",
         default="local,jetson-tx2-emmc,raspberry-pi-4-sd",
         help="storage of the one-device runs: local (this disk) or device profiles to emulate",
@@ -287,13 +294,15 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
     share = args.node_share / 100
     device_memory = int(share * expert_bytes)
     node_memory = device_memory + NODE_OVERHEAD_BYTES
+    coordinator_budget = max(min_budget, int(args.coordinator_share / 100 * expert_bytes))
     del m
     results: list[dict[str, Any]] = []
     emit(
         f"\n## cluster: {info['layers']} layers x {info['experts_per_layer']} experts, experts "
         f"{expert_bytes / 1e6:.0f} MB; {args.cluster_nodes} nodes, each {100 * share:.0f}% of the expert bytes "
-        f"({device_memory / 1e6:.0f} MB) in a {node_memory / 1e6:.0f} MB cgroup; the coordinator streams the rest "
-        f"from {args.cluster_storage} storage at its minimum budget ({min_budget / 1e6:.1f} MB)\n"
+        f"({device_memory / 1e6:.0f} MB) in a {node_memory / 1e6:.0f} MB cgroup; the coordinator holds "
+        f"{coordinator_budget / 1e6:.1f} MB of experts (its minimum budget: {min_budget / 1e6:.1f} MB) and streams the "
+        f"rest from {args.cluster_storage} storage\n"
     )
     emit(
         "| configuration | decode tok/s | ms/token | TTFT s | bytes sent/token | round trips/token "
@@ -323,7 +332,7 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
         ) as lc:
             cost = ray_call_seconds(lc)
             for path in paths:
-                spec = _spec(args, model_dir, min_budget, device_memory, lc, runs=args.repeat, path=path)
+                spec = _spec(args, model_dir, coordinator_budget, device_memory, lc, runs=args.repeat, path=path)
                 proc = _spawn(lc, spec)
                 out = list(_lines(proc))
                 err = proc.communicate()[1]

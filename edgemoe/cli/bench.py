@@ -148,6 +148,7 @@ def build_parser() -> Parser:
             "--kill-link": link_arg,
             "--cluster-nodes": whole(1, 16),
             "--node-share": number(0.0, 100.0, above=True),
+            "--coordinator-share": number(0.0, 100.0),
             "--kills": whole(0),
             "--cluster-timeout": number(0.0, above=True),
             "--cluster-path": as_given(comma_list(_data_path, "data paths: socket and/or ray, comma-separated")),
