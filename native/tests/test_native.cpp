@@ -558,6 +558,10 @@ static void write_file(TestFile& f, uint32_t H, uint32_t I, uint32_t (*bits_of)(
   ::close(fd);
 }
 
+static std::shared_ptr<ExpertStore> open_store(const TestFile& f, Verify verify = Verify::kEveryRead) {
+  return std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, verify);
+}
+
 
 // True if one token (T=1) meets 4-bit codes with int8 activations: the SIMD decode.
 static bool decode_x8() { return std::strncmp(simd_name(), "portable", 8) != 0; }
@@ -1247,7 +1251,7 @@ static void test_moe_slots() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kFirstRead);
+  auto store = open_store(f, Verify::kFirstRead);
   for (int64_t T : {1, 5, 13}) {
     const int64_t K = 2;
     auto x = rand_vec(size_t(T * H));
@@ -1314,7 +1318,7 @@ static void test_store_and_cache() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
+  auto store = open_store(f);
   CHECK(store->direct());
   for (uint32_t i = 0; i < f.L * f.E; ++i) {
     auto b = store->read(i / f.E, i % f.E);
@@ -1390,7 +1394,7 @@ static void test_decode_layer() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
+  auto store = open_store(f);
   auto wq = rand_vec(size_t(heads) * hd * H), wk = rand_vec(size_t(kvh) * hd * H), wv = rand_vec(size_t(kvh) * hd * H);
   auto wo = rand_vec(size_t(H) * heads * hd), wr = rand_vec(size_t(f.E) * H);
   auto n1 = rand_vec(H), n2 = rand_vec(H);
@@ -1460,7 +1464,7 @@ static void test_cache_threads() {
   f.L = 2;
   f.E = 6;
   write_file(f, 64, 64);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
+  auto store = open_store(f);
   uint64_t budget = 0;
   for (uint32_t e = 0; e < 5; ++e) budget = std::max(budget, store->buffer_bytes(0, e));
   ExpertCache cache(store, budget * 5);
@@ -1502,10 +1506,6 @@ static void test_cache_threads() {
 // ---------------------------------------------------------------- policies, prefetch, throttling
 
 static uint32_t four_bits(uint32_t, uint32_t) { return 4; }  // equal blob sizes: budgets in whole experts
-
-static std::shared_ptr<ExpertStore> open_store(const TestFile& f) {
-  return std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kEveryRead);
-}
 
 static void use(ExpertCache& c, uint32_t layer, uint32_t expert) { c.acquire(layer, expert).release(); }
 
@@ -2011,7 +2011,7 @@ static void test_one_token_experts_in_parallel() {
   f.L = 2;
   f.E = 4;
   write_file(f, H, I);
-  auto store = std::make_shared<ExpertStore>(f.path, f.L, f.E, f.offsets, f.sizes, f.crcs, true, Verify::kFirstRead);
+  auto store = open_store(f, Verify::kFirstRead);
   ExpertCache cache(store, 0);
   ThreadPool& pool = ThreadPool::instance();
   const int n0 = pool.num_threads();
