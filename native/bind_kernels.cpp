@@ -149,19 +149,14 @@ void bind_kernels(py::module_& m) {
           out.append(y);
         }
         ThreadPool& pool = ThreadPool::instance();
-        const auto threads = size_t(pool.num_threads());
         // one token through each: whole experts, one per thread, when that shares the bytes
         // evenly (the rule decode's layer follows; a lone expert runs on the calling thread
         // alone), else each expert split over the threads
         bool whole = std::all_of(ts.begin(), ts.end(), [](int64_t t) { return t == 1; });
         if (whole && es.size() > 1) {
-          std::vector<uint64_t> load(threads, 0);
-          uint64_t total = 0;
-          for (const auto& b : blobs) {
-            *std::min_element(load.begin(), load.end()) += uint64_t(b.size());
-            total += uint64_t(b.size());
-          }
-          whole = double(*std::max_element(load.begin(), load.end())) <= 1.25 * double(total) / double(threads);
+          std::vector<uint64_t> sizes;
+          for (const auto& b : blobs) sizes.push_back(uint64_t(b.size()));
+          whole = pool.whole_jobs_even(sizes);
         }
         {
           py::gil_scoped_release nogil;

@@ -45,18 +45,11 @@ Expert parse_blob(const ExpertCache& cache, const PinnedExpert& pin, uint32_t la
 bool one_token_experts_in_parallel(ExpertCache& cache, LayerRequest& req, uint32_t layer, const float* x, int64_t H,
                                    const std::vector<std::vector<int64_t>>& slots, float* ys) {
   ThreadPool& pool = ThreadPool::instance();
-  const auto threads = size_t(pool.num_threads());
-  if (threads < 2) return false;
-  // the threads take experts in turn: the busiest one's bytes against an even share
-  std::vector<uint64_t> load(threads, 0);
-  uint64_t total = 0;
+  if (pool.num_threads() < 2) return false;
+  std::vector<uint64_t> sizes;
   for (uint32_t e = 0; e < uint32_t(slots.size()); ++e)
-    if (!slots[e].empty()) {
-      const uint64_t b = cache.store().blob_size(layer, e);
-      *std::min_element(load.begin(), load.end()) += b;
-      total += b;
-    }
-  if (double(*std::max_element(load.begin(), load.end())) > 1.25 * double(total) / double(threads)) return false;
+    if (!slots[e].empty()) sizes.push_back(cache.store().blob_size(layer, e));
+  if (!pool.whole_jobs_even(sizes)) return false;
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<PinnedExpert> pins;
   std::vector<Expert> experts;

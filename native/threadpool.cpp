@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <algorithm>
 #include <chrono>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -72,6 +73,17 @@ int ThreadPool::num_threads() const { return num_threads_; }
 void ThreadPool::set_spin_microseconds(int us) { spin_us_.store(us < 0 ? 0 : us, std::memory_order_relaxed); }
 
 int ThreadPool::spin_microseconds() const { return spin_us_.load(std::memory_order_relaxed); }
+
+bool ThreadPool::whole_jobs_even(const std::vector<uint64_t>& sizes) const {
+  const auto threads = size_t(num_threads());
+  std::vector<uint64_t> load(threads, 0);
+  uint64_t total = 0;
+  for (const uint64_t b : sizes) {
+    *std::min_element(load.begin(), load.end()) += b;
+    total += b;
+  }
+  return double(*std::max_element(load.begin(), load.end())) <= 1.25 * double(total) / double(threads);
+}
 
 void ThreadPool::run_tasks() {
   for (int64_t i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) (*fn_)(i);

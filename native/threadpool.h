@@ -34,6 +34,11 @@ class ThreadPool {
   // calling thread instead of waiting, so nested and concurrent calls are safe.
   void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
+  // Whether jobs of these sizes, each run whole on one thread (taken in turn by the least
+  // loaded), leave no thread more than a quarter above an even share: the rule by which a
+  // token's experts run one per thread instead of each split over the threads.
+  bool whole_jobs_even(const std::vector<uint64_t>& sizes) const;
+
  private:
   ThreadPool();
   void start(int n);
