@@ -152,6 +152,10 @@ def test_a_generation_through_the_emulated_links_gives_the_same_tokens(cluster, 
     assert c["remote_slots"] > 0 and c["recomputed_slots"] == 0
     assert sorted(d["address"] for d in c["devices"].values()) == [local.node_address(i) for i in range(2)]
     assert all(d["threads"] == 2 for d in c["devices"].values())  # the CPUs each node offers Ray
+    assert all(
+        (d["serve_priority"], d["serve_priority_error"]) == (local.NODE_SERVE_PRIORITY, None)
+        for d in c["devices"].values()
+    )
     assert 0 < c["slowest_device_seconds"] and 0 < c["hop_seconds"]  # the devices said what they spent
     assert all(d["device_ms_per_call"] > 0 for d in c["devices"].values())
     for usage in cluster.node_memory_usage():  # every node stayed inside its limit

@@ -201,3 +201,40 @@ def test_a_frame_naming_too_much_or_cut_short_is_a_connection_error(header_bytes
     b.close()
     assert recv_frame(a, REPLY) is None
     a.close()
+
+
+def test_a_listener_with_a_priority_serves_its_calls_under_sched_fifo():
+    """A device's channel threads at the priority its environment gives (the test bed sets
+    one so that emulated devices do not wait behind one another for a core)."""
+    import os
+
+    from edgemoe.cluster.channel import Channel, Listener
+
+    if not hasattr(os, "SCHED_FIFO"):
+        pytest.skip("no SCHED_FIFO on this platform")
+
+    def policy(_: bytes) -> bytes:
+        return np.array([os.sched_getscheduler(0), os.sched_getparam(0).sched_priority], np.int32).tobytes()
+
+    for priority, want in [(0, os.SCHED_OTHER), (3, os.SCHED_FIFO)]:
+        listener = Listener("127.0.0.1", policy, priority)
+        try:
+            answer = Channel(*listener.address, 5.0).call(b"", _soon())
+            got = np.frombuffer(answer, np.int32).tolist()
+            if priority and listener.priority_error:  # a machine without CAP_SYS_NICE serves anyway
+                assert got[0] == os.SCHED_OTHER and "SCHED_FIFO priority 3" in listener.priority_error
+            else:
+                assert got == [want, priority] and listener.priority_error is None
+        finally:
+            listener.close()
+
+
+@pytest.mark.parametrize("value", ["fast", "-1", "100"])
+def test_a_bad_serve_priority_is_named(value, monkeypatch):
+    from edgemoe.cluster.server import SERVE_PRIORITY_ENV, serve_priority
+
+    monkeypatch.setenv(SERVE_PRIORITY_ENV, value)
+    with pytest.raises(ClusterError, match=f"{SERVE_PRIORITY_ENV}='{value}'.*from 1 to 99"):
+        serve_priority()
+    monkeypatch.setenv(SERVE_PRIORITY_ENV, "")
+    assert serve_priority() == 0

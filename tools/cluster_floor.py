@@ -36,7 +36,7 @@ servers = [
     for n in nodes
 ]
 ray.get([s.ping.remote(None) for s in servers])
-channels = [Channel(*ray.get(s.open_channel.remote(n.address)), 30.0) for s, n in zip(servers, nodes)]
+channels = [Channel(*ray.get(s.open_channel.remote(n.address))[:2], 30.0) for s, n in zip(servers, nodes)]
 
 def ray_layer():
     ray.wait([s.ping.remote(None) for s in servers], num_returns=len(servers))

@@ -78,6 +78,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "one device and the all-in-RAM process use)",
     )
     ap.add_argument(
+        "--serve-priority",
+        type=int,
+        default=local.NODE_SERVE_PRIORITY,
+        help="the SCHED_FIFO priority the nodes' expert servers take calls at (default "
+        f"{local.NODE_SERVE_PRIORITY}; 0: ordinary priority, so emulated devices wait behind one another for a core)",
+    )
+    ap.add_argument(
         "--cluster-path",
         default="socket",
         help="data paths to run over each link, comma-separated: socket (the devices' own TCP channels, the "
@@ -239,7 +246,7 @@ ray.init(address="{lc.address}", logging_level="error", log_to_driver=False)
 node = device_nodes()[0]
 a = ray.remote(ExpertServer).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node.id, soft=False)).remote("probe", "probe")
 ray.get(a.ping.remote(None))
-ch = Channel(*ray.get(a.open_channel.remote(node.address)), 30.0)
+ch = Channel(*ray.get(a.open_channel.remote(node.address))[:2], 30.0)
 def timed(call):
     call()
     ts = []
@@ -330,7 +337,12 @@ def run(args: argparse.Namespace, model_dir: Path, emit: Any) -> list[dict[str, 
     for link in links:
         rtt = load_link(link).rtt_s
         with local.local_cluster(
-            args.cluster_nodes, node_memory, link, flash_dir=flash_root, node_cpus=args.node_cpus
+            args.cluster_nodes,
+            node_memory,
+            link,
+            flash_dir=flash_root,
+            node_cpus=args.node_cpus,
+            serve_priority=args.serve_priority,
         ) as lc:
             cost = ray_call_seconds(lc)
             for path in paths:
@@ -528,7 +540,12 @@ def kills(
     the KILL_AT_TOKEN-th token and started again after the run."""
     deadline = args.cluster_timeout / 1e3
     with local.local_cluster(
-        args.cluster_nodes, node_memory, args.kill_link, flash_dir=flash_root, node_cpus=args.node_cpus
+        args.cluster_nodes,
+        node_memory,
+        args.kill_link,
+        flash_dir=flash_root,
+        node_cpus=args.node_cpus,
+        serve_priority=args.serve_priority,
     ) as lc:
         proc = _spawn(lc, _spec(args, model_dir, budget, device_memory, lc, args.kills, kills=1))
         assert proc.stdin is not None

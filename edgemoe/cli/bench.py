@@ -11,6 +11,7 @@ from typing import Any
 
 from ..bench import cluster, llama_cpp, modes, serve_load
 from ..bench.synth import prepare
+from ..cluster.local import LINK_PRIORITY
 from ..devices import load_profile
 from ..runtime.engine import load
 from ..runtime.paths import cache_root
@@ -154,6 +155,7 @@ def build_parser() -> Parser:
             "--cluster-path": as_given(comma_list(_data_path, "data paths: socket and/or ray, comma-separated")),
             "--coordinator-threads": whole(0, 1024),
             "--node-cpus": whole(1, 1024),
+            "--serve-priority": whole(0, LINK_PRIORITY - 1),
         },
     )
 

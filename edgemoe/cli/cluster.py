@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..cluster.local import LINK_PRIORITY, NODE_SERVE_PRIORITY
 from ..cluster.placement import CoordinatorSpec, DeviceSpec, format_plan, model_inputs, plan_placement
 from ..cluster.settings import coordinator_budget
 from ..devices import DeviceProfile, list_links, list_profiles, load_link, load_profile
@@ -148,6 +149,13 @@ def build_local_parser() -> Parser:
         "this machine's cores",
     )
     p.add_argument(
+        "--serve-priority",
+        type=whole(0, LINK_PRIORITY - 1),
+        default=NODE_SERVE_PRIORITY,
+        help="the SCHED_FIFO priority the nodes' expert servers take calls at, so an emulated device does not wait "
+        f"behind another's work for a core (default {NODE_SERVE_PRIORITY}; 0: ordinary priority)",
+    )
+    p.add_argument(
         "--link", type=link_arg, default="wifi5", help=f"each node's link to the head: {', '.join(list_links())}"
     )
     return p
@@ -162,7 +170,13 @@ def local_main(argv: Sequence[str]) -> int:
         cmd = argv[argv.index("--") + 1 :]
         argv = argv[: argv.index("--")]
     args = build_local_parser().parse_args(argv)
-    lc = local.up(args.nodes, parse_bytes(args.node_memory), args.link, node_cpus=args.node_cpus)
+    lc = local.up(
+        args.nodes,
+        parse_bytes(args.node_memory),
+        args.link,
+        node_cpus=args.node_cpus,
+        serve_priority=args.serve_priority,
+    )
     print(
         f"local cluster {lc.tag}: {lc.nodes} nodes of {args.node_memory} over {lc.link} ({lc.emulator} links), "
         f"head at {lc.address} in namespace {lc.head_netns}",

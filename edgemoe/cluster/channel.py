@@ -16,6 +16,7 @@ and treats the device as it treats a failed Ray call.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
@@ -85,18 +86,33 @@ def shut(sock: socket.socket) -> None:
 class Listener:
     """A listening socket on `host` (port chosen by the system) whose connections are each
     served on a thread: every frame is answered with handler(payload) (FORWARD) or nothing
-    (PING); an exception becomes a FAILED answer carrying its message."""
+    (PING); an exception becomes a FAILED answer carrying its message.
 
-    def __init__(self, host: str, handler: Callable[[bytes], bytes]):
+    priority > 0 runs those threads under SCHED_FIFO at that priority, so a call is taken up
+    as soon as it arrives rather than after whatever else holds the core: the accepting thread
+    takes the policy and the connections' threads inherit it. Where that is not allowed (no
+    CAP_SYS_NICE) they serve at ordinary priority and priority_error says why."""
+
+    def __init__(self, host: str, handler: Callable[[bytes], bytes], priority: int = 0):
         self.handler = handler
+        self.priority = priority
+        self.priority_error: str | None = None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(8)
         self.address: tuple[str, int] = self.sock.getsockname()[:2]
-        threading.Thread(target=self._accept, name="edgemoe-channel-accept", daemon=True).start()
+        started = threading.Event()
+        threading.Thread(target=self._accept, args=(started,), name="edgemoe-channel-accept", daemon=True).start()
+        started.wait()  # priority_error is known
 
-    def _accept(self) -> None:
+    def _accept(self, started: threading.Event) -> None:
+        if self.priority > 0:
+            try:  # pid 0: this thread, and the threads it starts
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+            except (OSError, AttributeError) as e:  # not permitted, or not Linux
+                self.priority_error = f"SCHED_FIFO priority {self.priority}: {e}"
+        started.set()
         while True:
             try:
                 conn, _ = self.sock.accept()

@@ -370,6 +370,7 @@ class ClusterMoE:
         for d, hp in zip(devices, where):
             if hp is None:
                 continue
+            d.info["serve_priority_error"] = hp[2]
             try:
                 d.channel = Channel(hp[0], int(hp[1]), SETUP_TIMEOUT_S)
             except OSError as e:
@@ -851,6 +852,8 @@ class ClusterMoE:
                 "device_ms_per_call": 1e3 * d.device_seconds / d.calls if d.calls else 0.0,
                 "simd": d.info.get("simd"),
                 "threads": d.info.get("threads"),
+                "serve_priority": d.info.get("serve_priority"),
+                "serve_priority_error": d.info.get("serve_priority_error"),
             }
         return {
             "cluster": {
@@ -1004,7 +1007,9 @@ def format_cluster_stats(s: dict[str, Any]) -> str:
             f"  {name:<22} {d['state']:<4} {d['experts']} experts ({format_bytes(d['expert_bytes'])}), "
             f"{d['calls']} calls, {d['rows_sent']} rows, sent {format_bytes(d['bytes_sent'])}, received "
             f"{format_bytes(d['bytes_received'])}; blobs {d['blobs_sent']} sent ({format_bytes(d['blob_bytes_sent'])}),"
-            f" {d['blobs_from_flash']} from its flash" + (f"; {d['error']}" if d["error"] else "")
+            f" {d['blobs_from_flash']} from its flash"
+            + (f"; serving at ordinary priority ({d['serve_priority_error']})" if d.get("serve_priority_error") else "")
+            + (f"; {d['error']}" if d["error"] else "")
         )
     for event in c.get("plans", []):
         lines.append(

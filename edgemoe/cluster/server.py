@@ -24,6 +24,25 @@ from .channel import Listener
 
 Pair = tuple[int, int]  # (layer, expert)
 DEVICE_SECONDS = struct.Struct("<d")  # an answer opens with the seconds the device spent on the call
+# Set in a device's environment (its `ray start`): the SCHED_FIFO priority its channel threads
+# serve at (1-99; unset or 0: ordinary). `edgemoe cluster local` sets it for its nodes.
+SERVE_PRIORITY_ENV = "EDGEMOE_SERVE_PRIORITY"
+
+
+def serve_priority() -> int:
+    """This device's channel priority from SERVE_PRIORITY_ENV; a value that is not one is a
+    ClusterError naming it."""
+    raw = os.environ.get(SERVE_PRIORITY_ENV, "").strip()
+    try:
+        value = int(raw or 0)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 99:
+        raise ClusterError(
+            f"{SERVE_PRIORITY_ENV}={raw!r} on this device: give a SCHED_FIFO priority from 1 to 99, "
+            "or 0 (or leave it unset) to serve at ordinary priority"
+        )
+    return value
 
 
 def available_bytes() -> int:
@@ -60,6 +79,7 @@ class ExpertServer:
         self.dir = copies_dir(fingerprint)
         self.blobs: dict[Pair, np.ndarray] = {}
         self.flash_error: str | None = None  # why copies are not kept on flash, if they are not
+        self.priority = serve_priority()
         self.listener: Listener | None = None
 
     def info(self) -> dict[str, object]:
@@ -72,15 +92,17 @@ class ExpertServer:
             "available_bytes": available_bytes(),
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
+            "serve_priority": self.priority,
         }
 
-    def open_channel(self, host: str) -> tuple[str, int]:
+    def open_channel(self, host: str) -> tuple[str, int, str | None]:
         """Listen on `host` (this node's address) for the coordinator's layer calls
-        (channel.py): (host, port) to connect to. Calls on it run forward on a thread of
-        this process, beside Ray's."""
+        (channel.py): (host, port) to connect to, and why the calls are not served at the
+        priority SERVE_PRIORITY_ENV gives (None: they are). Calls on it run forward on a thread
+        of this process, beside Ray's."""
         if self.listener is None:
-            self.listener = Listener(host, self.forward)
-        return self.listener.address
+            self.listener = Listener(host, self.forward, self.priority)
+        return (*self.listener.address, self.listener.priority_error)
 
     def ping(self, payload: np.ndarray | None = None) -> int:
         """The round trip the coordinator times (with a payload: the link's bandwidth)."""
