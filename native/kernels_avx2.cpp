@@ -2,8 +2,9 @@
 // them); without those the file compiles to nothing and the driver
 // (kernels.cpp) runs the portable ones.
 //   - decode (T=1): x is rounded per 32 values, to int8 for 4-bit codes (dotted
-//     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0) and to int16 for 2/3/8-bit ones
-//     (widened codes, vpmaddwd), two rows per pass, prefetching ahead;
+//     with vpmaddubsw, as llama.cpp's Q4_0 x Q8_0; 8 chunks of a row reduced together)
+//     and to int16 for 2/3/8-bit ones (widened codes, vpmaddwd); 4- and 8-bit codes a
+//     row per pass, 2- and 3-bit two, prefetching ahead;
 //   - 2..11 tokens: a row's codes are decoded to f32 once for 4 tokens;
 //   - prefill (T >= 12) of 4-bit codes: x rounded to int8 per 32 values, 8 rows' codes unpacked
 //     to bytes for every token (vpmaddubsw); of 8-bit codes: x rounded to int16, the codes less
@@ -525,8 +526,8 @@ void qmatvec_rows_m(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
 // (shuffle ports, which the multiplies leave free) until each word sums 16 products
 // (<= 30480, no overflow), so a row takes one vpmaddwd, one convert and one FMA per 8 chunks,
 // not one of each per chunk. The chunks come out in the order 0 2 4 6 1 3 5 7, as dx8p and
-// scales8_eo give their multipliers. 8.2 -> 6.6 ns per 8 chunks and row on one Zen 3 core with
-// the codes in cache; from DRAM it reads at ~91% of a plain streaming read (66% before).
+// scales8_eo give their multipliers. One Zen 3 core: 8.3 -> 6.6 ns per 8 chunks and row with
+// the codes in cache; from DRAM ~91% of a plain streaming read's speed instead of ~75%.
 
 // The scales of chunks b..b+7 of a row (b a multiple of 8), f16 group scales at sc, CPG
 // chunks per group, as floats in the chunk order 0 2 4 6 1 3 5 7.
@@ -678,7 +679,7 @@ void qmatvec_t(const QMatrix& w, uint32_t r0, uint32_t r1, const DecodeX& x, flo
   uint32_t r = r0;
   // 4- and 8-bit codes a row at a time: one sequential stream, which Zen 3's prefetchers
   // follow better than two rows' (one thread, 2816x1024 from DRAM: 8-bit g32 15.9 -> 21.4 GB/s,
-  // 4-bit 90 -> 85 us; two rows win ~2% only with the codes in cache). 2- and 3-bit decode is
+  // 4-bit 90 -> 85 us; with the codes in cache two rows gain nothing). 2- and 3-bit decode is
   // compute-bound and shares x's loads between two rows (one row: 10-15% slower).
   if constexpr (BITS == 4) {
     for (; r < r1; ++r) q4_rows<1, CPG>(w, r, x, y);
