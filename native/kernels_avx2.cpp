@@ -579,8 +579,10 @@ void q4_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
     const __m256 dxp = _mm256_loadu_ps(x.dx8p + b);
     for (int i = 0; i < RR; ++i) {
       // words of chunks (0 0 2 2), then (0 0 2 2 4 4 6 6) per 128 bits; odd chunks in the high half
-      const __m256i t01 = _mm256_add_epi16(_mm256_unpacklo_epi32(s[i][0], s[i][1]), _mm256_unpackhi_epi32(s[i][0], s[i][1]));
-      const __m256i t23 = _mm256_add_epi16(_mm256_unpacklo_epi32(s[i][2], s[i][3]), _mm256_unpackhi_epi32(s[i][2], s[i][3]));
+      const __m256i t01 =
+          _mm256_add_epi16(_mm256_unpacklo_epi32(s[i][0], s[i][1]), _mm256_unpackhi_epi32(s[i][0], s[i][1]));
+      const __m256i t23 =
+          _mm256_add_epi16(_mm256_unpacklo_epi32(s[i][2], s[i][3]), _mm256_unpackhi_epi32(s[i][2], s[i][3]));
       const __m256i t = _mm256_add_epi16(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
       const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones));  // chunks 0 2 4 6 1 3 5 7
       acc[i] = _mm256_fmadd_ps(d, _mm256_mul_ps(scales8_eo<CPG>(sc[i], b), dxp), acc[i]);
@@ -1084,9 +1086,11 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8.data() + b * kChunk));
       const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8.data() + (b + 1) * kChunk));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8p.data() + b * kChunk), _mm256_permute2x128_si256(a, c, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8p.data() + b * kChunk + 32), _mm256_permute2x128_si256(a, c, 0x31));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8p.data() + b * kChunk + 32),
+                          _mm256_permute2x128_si256(a, c, 0x31));
     }
-    for (uint32_t b = 0; b < nb; ++b) dx8p[b] = b / 8 * 8 + 8 <= nb ? dx8[b / 8 * 8 + (b % 8) % 4 * 2 + (b % 8) / 4] : dx8[b];
+    for (uint32_t b = 0; b < nb; ++b)
+      dx8p[b] = b / 8 * 8 + 8 <= nb ? dx8[b / 8 * 8 + (b % 8) % 4 * 2 + (b % 8) / 4] : dx8[b];
   }
 }
 
