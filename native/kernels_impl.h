@@ -105,6 +105,11 @@ struct DecodeInput {
   std::vector<int16_t> x16;
   std::vector<int8_t> x8;
   std::vector<float> dx16, dx8, xsum16, xsum8;
+  // x8 and dx8 as the 4-bit decode reads them: x8p per pair of blocks (b, b+1) their first
+  // 16 values, then their last 16 (b in the low 16 bytes of each 32); dx8p per 8 blocks in
+  // the order 0 2 4 6 1 3 5 7 (a last group of fewer than 8 in order)
+  std::vector<int8_t> x8p;
+  std::vector<float> dx8p;
   DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16, bool need8);
 };
 
