@@ -31,6 +31,29 @@ def test_preload_reads_every_expert_and_changes_no_token(tiny_checkpoint, tmp_pa
     assert s["prefetch_issued"] > 0 and s["loads"] == np.count_nonzero(lengths)  # each expert read once
 
 
+def test_after_a_whole_model_preload_decode_never_waits_for_a_read(tiny_checkpoint, tmp_path):
+    """When load queued every expert, the first token waits for the last of those reads: a
+    decode step that found its expert still queued would stall (with no memory limit that made
+    decode slower than under a limit whose slower prefill hid the same reads)."""
+    dst = tmp_path / "m"
+    convert(tiny_checkpoint("mixtral"), dst, bits=4, progress=False)
+    want = edgemoe.load(dst, preload="none").generate([1, 5, 9], max_new_tokens=8)
+    for preload, budget in (("auto", None), ("warm", None), ("all", None)):
+        m = edgemoe.load(dst, preload=preload, memory_budget=budget)
+        _, lengths, _, _ = blob_tables(m.manifest)
+        tokens, after_first = [], None
+        for step in m.stream([1, 5, 9], max_new_tokens=8):
+            if step.token is not None:
+                tokens.append(step.token)
+            if after_first is None:  # nothing may be queued or in flight once the first token is out
+                after_first = m.cache.stats()
+                assert all(m.cache.contains(int(layer), int(e)) for layer, e in zip(*np.nonzero(lengths))), preload
+        assert tokens == want, preload
+        s = m.cache.stats()
+        assert s["loads"] == after_first["loads"] == np.count_nonzero(lengths), preload
+        assert s["misses"] == after_first["misses"], preload  # decode found every expert resident
+
+
 def test_a_warm_start_without_a_budget_reads_every_expert(tiny_checkpoint, tmp_path):
     """Unbounded, a warm start is bounded by memory, not by a budget of 0: with room for all,
     it reads every expert, most used first, as a run under a budget that holds them all does

@@ -96,6 +96,7 @@ class DecodeBatch:
         m = self.model
         t0 = time.perf_counter()
         logits = m.net.forward(seq.prompt, seq.kv, 0, all_logits=False)
+        m._finish_preload()
         m._counters["prefill_seconds"] += time.perf_counter() - t0
         m._counters["prompt_tokens"] += len(seq.prompt)
         seq.pos = len(seq.prompt)

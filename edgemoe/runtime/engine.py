@@ -130,6 +130,7 @@ class Model:
             self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio, min_prob=o.prefetch_min_prob)
 
         self.preloading = self._preload_mode(lengths)  # "all", "warm" or ""
+        self._first_token_waits = False  # preload() sets it when it queues every expert
         if self.preloading:
             self.preload(self._warm_bytes() if self.preloading == "warm" else None)
 
@@ -156,24 +157,36 @@ class Model:
 
     def preload(self, max_bytes: int | None = None) -> int:
         """Queue experts for the cache's I/O threads without waiting, read behind the first
-        tokens' compute (demand reads go first). max_bytes None: every expert, layer by layer
+        tokens' compute (demand reads go first; a generation's first token waits for the last
+        of them when they are every expert). max_bytes None: every expert, layer by layer
         (what llama.cpp's load does by reading the whole file). Otherwise a warm start: the
         most used experts, as many as fit in max_bytes, so the first tokens do not start
         from an empty cache (see warm_start_order). Returns how many reads were queued."""
         _, lengths, _, _ = blob_tables(self.manifest)
+        sizes = page_bytes(lengths)
+        if max_bytes is None or max_bytes >= int(sizes.sum()):
+            self._first_token_waits = True
         if max_bytes is None:
             return sum(
                 int(self.cache.prefetch(int(layer), np.flatnonzero(lengths[layer]).tolist()))
                 for layer in range(lengths.shape[0])
                 if lengths[layer].any()
             )
-        sizes, queued, used = page_bytes(lengths), 0, 0
+        queued, used = 0, 0
         for layer, expert in warm_start_order(lengths, self._routing_usage(lengths.shape)):
             if used + sizes[layer, expert] > max_bytes:
                 break
             used += int(sizes[layer, expert])
             queued += int(self.cache.prefetch(layer, [expert]))
         return queued
+
+    def _finish_preload(self) -> None:
+        """After a prompt's forward pass: when preload() queued every expert, the prompt's
+        compute ran beside those reads and the first token waits for the rest, so that decode
+        never stops for a read (demand reads among the queued ones cost early tokens stalls)."""
+        if self._first_token_waits:
+            self._first_token_waits = False
+            self.cache.wait_idle()
 
     def _routing_usage(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """Per MoE layer and expert, how often calibration text routed to it (routing.json,
@@ -420,6 +433,7 @@ class Model:
         self._counters["prompt_tokens"] += len(arr)
         arr = self.net.start(arr, self.kv)  # an encoder-decoder encodes the prompt here
         logits = self.net.forward(arr, self.kv, 0, all_logits=False)
+        self._finish_preload()
         self._counters["prefill_seconds"] += time.perf_counter() - t0
         pos = len(arr)
         for i in range(max_new_tokens):

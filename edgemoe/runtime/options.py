@@ -44,7 +44,8 @@ class StreamOptions:
         reads go first). "all": every expert. "warm": the most used experts by the model's
         routing profile (routing.json usage; without one, the same number of each layer's),
         as many as the budget holds (unbounded: as fit in half the memory available now).
-        "none": each expert is read when first needed.
+        "none": each expert is read when first needed. When what load queued is every
+        expert, the first token waits for the last of it, so decode never stops for a read.
         "auto": "all" when the budget holds every expert (or is unbounded) and they fit in
         half the memory available now, else "warm"; nothing with fallback.
     io_threads: threads that read experts (0: the decoding thread reads on a miss).
