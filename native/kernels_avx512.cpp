@@ -1,9 +1,10 @@
 // The AVX-512 kernels (F, BW, VL and VNNI): vpdpbusd multiplies unsigned codes with
 // int8 activations and sums four products into each 32-bit lane, with no 16-bit
 // saturation; vpdpwssd two 16-bit products (8-bit codes, whose x is int16).
-//   - decode (T=1) of 4-bit codes: two blocks of 32 per zmm, x rounded to int8 per 32
-//     values as the AVX2 decode rounds it (the same integers, the same DecodeInput); MXFP4
-//     the same way, its codes looked up with vpshufb first;
+//   - decode (T=1) of 4-bit codes and MXFP4: the AVX2 decode's layout (two blocks of 32 per
+//     ymm, 8 blocks reduced together) with vpdpbusd on 256-bit vectors (VL), x rounded to
+//     int8 per 32 values as the AVX2 decode rounds it (the same integers); MXFP4's codes
+//     looked up with vpshufb first;
 //   - prefill with int8 activations (codes of 2, 3 or 4 bits, MXFP4): a panel of 16 rows is
 //     unpacked to bytes, interleaved so that one zmm holds 4 consecutive values of each of
 //     the 16 rows; every token runs over it with its 4 int8 values broadcast. 8-bit codes:
@@ -31,6 +32,7 @@
 #if defined(EDGEMOE_AVX512_SIMDE)
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
 #define EDGEMOE_AVX512_NS avx512_simde
 #else
 #include <cpuid.h>
@@ -99,8 +101,15 @@ inline float scale_of(const uint8_t* sc, uint32_t g) { return f16_to_f32(load_u1
 
 // sum_g min_g * xsum[g] for one row, before the factor min_mult (a power of two).
 inline float min_term(const uint8_t* mn, const float* xsum, uint32_t ng) {
-  float v = 0;
-  for (uint32_t g = 0; g < ng; ++g) v += scale_of(mn, g) * xsum[g];
+  __m256 acc = _mm256_setzero_ps();
+  uint32_t g = 0;
+  for (; g + 8 <= ng; g += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + 2 * g))),
+                          _mm256_loadu_ps(xsum + g), acc);
+  alignas(32) float l[8];
+  _mm256_store_ps(l, acc);
+  float v = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  for (; g < ng; ++g) v += scale_of(mn, g) * xsum[g];
   return v;
 }
 
@@ -110,100 +119,115 @@ inline __m256i nibbles32(const uint8_t* p) {
   return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
 }
 
-// Two consecutive chunks of 4-bit codes (32 bytes) -> their 64 values as bytes, in order.
-inline __m512i nibbles64(const uint8_t* p) {
-  const __m512i c = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  const __m512i lanes = _mm512_shuffle_i32x4(c, c, 0x50);  // 128-bit lanes: chunk 0, chunk 0, chunk 1, chunk 1
-  return _mm512_and_si512(_mm512_srlv_epi64(lanes, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0F));
+inline float hsum8(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-// ---- decode, 4-bit codes: RR rows share each load of x; per pair of blocks one vpdpbusd
-// per row gives 16 lanes (8 per block), scaled by dx * the block's group scale.
-template <int RR>
-void q4_rows(const QMatrix& w, uint32_t r, const int8_t* x8, const float* dx, const float* xsum, float* y) {
-  const uint32_t nb = w.cols / kChunk, cpg = w.group_size / kChunk, ng = nb / cpg;
-  const uint8_t* codes[RR];
-  const uint8_t* sc[RR];
-  __m512 acc[RR];
-  for (int i = 0; i < RR; ++i) {
-    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
-    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * ng * 2;
-    acc[i] = _mm512_setzero_ps();
+// MXFP4 codes looked up as kE2m1x2 + kMxOffset (0..24, unsigned for vpdpbusd): a block is
+// s * (u - kMxOffset), so the offset comes back out once per row as kMxOffset * sum_b s_b xsum_b.
+alignas(16) constexpr int8_t kMxLut[16] = {
+    kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+    kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+    kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+    kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
+
+// The multipliers of blocks b..b+7 of a row, in order: f16 group scales (CPG blocks per
+// group), or MXFP4's e8m0 block scales 2^(e - 128) (CPG 0).
+template <uint32_t CPG>
+inline __m256 scales8(const uint8_t* sc, uint32_t b) {
+  if constexpr (CPG == 0) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + b)));
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(v, one), 23);
+    const __m256i subnormal = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), v);  // e < 2 (counts >= 32 give 0)
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(subnormal, normal, _mm256_cmpgt_epi32(v, one)));
+  } else if constexpr (CPG == 1) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 2 * b)));
+  } else if constexpr (CPG == 2) {  // groups 0 0 1 1 2 2 3 3
+    const __m128i s = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + b));
+    return _mm256_cvtph_ps(_mm_unpacklo_epi16(s, s));
+  } else {  // groups 0 0 0 0 1 1 1 1
+    static_assert(CPG == 4, "blocks per group");
+    const __m128i s = _mm_cvtsi32_si128(int(load_u32(sc + b / 2)));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(s, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
   }
+}
+
+// ---- decode (T=1) of 4-bit codes and MXFP4 (CPG 0), one row, 8 blocks at a time. One 32-byte
+// load holds blocks b (low 128 bits) and b+1 (high); its low nibbles meet xp's first 32 bytes
+// for the pair (the first 16 x values of each block) and its high nibbles the next 32, both
+// summed into one int32 vector by two vpdpbusd (no 16-bit limit, so MXFP4's values up to 24 too).
+// The 4 pairs' int32 vectors are added up transposed with unpacks to one lane per block, put
+// in order, converted and scaled once per 8 blocks. 256-bit vectors: a zmm (two pairs) per
+// load and a multiplier per pair ran at about half the speed of this layout on a Zen 4 core,
+// whose 512-bit operations take two passes.
+template <uint32_t CPG>
+void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, const float* dx, const float* xsum,
+            float* y) {
+  constexpr bool kMx = CPG == 0;
+  const uint32_t nb = w.cols / kChunk, ng = kMx ? nb : nb / CPG;
+  const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+  const uint8_t* sc = w.scales + uint64_t(r) * (kMx ? nb : ng * 2);
+  const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLut)));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // blocks 0 2 4 6 1 3 5 7 -> 0..7
+  __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
   uint32_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const __m512i xv = _mm512_loadu_si512(x8 + b * kChunk);
-    for (int i = 0; i < RR; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes[i] + b * 16) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nibbles64(codes[i] + b * 16), xv);
-      const __m512 m = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx[b] * scale_of(sc[i], b / cpg)),
-                                            _mm512_set1_ps(dx[b + 1] * scale_of(sc[i], (b + 1) / cpg)));
-      acc[i] = _mm512_fmadd_ps(cvt_ps(p), m, acc[i]);
+  for (; b + 8 <= nb; b += 8) {
+    for (uint32_t o = 0; o < 8 * chunk_bytes(4); o += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(codes) + kPrefetchBytes + o, _MM_HINT_T0);
+    __m256i s[4];  // pair p: int32 partial dots of blocks 2p (low 128 bits) and 2p+1 (high)
+#pragma GCC unroll 4
+    for (int p = 0; p < 4; ++p) {
+      const __m256i* xq = reinterpret_cast<const __m256i*>(xp + (b + 2 * uint32_t(p)) * kChunk);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+      codes += 2 * chunk_bytes(4);
+      __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      if constexpr (kMx) lo = _mm256_shuffle_epi8(lut, lo), hi = _mm256_shuffle_epi8(lut, hi);
+      s[p] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, lo, _mm256_loadu_si256(xq)), hi, _mm256_loadu_si256(xq + 1));
     }
+    // lanes of blocks (0 2 0 2), then (0 2 4 6) per 128 bits; odd blocks in the high half
+    const __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s[0], s[1]), _mm256_unpackhi_epi32(s[0], s[1]));
+    const __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s[2], s[3]), _mm256_unpackhi_epi32(s[2], s[3]));
+    const __m256i t = _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+    const __m256 sv = scales8<CPG>(sc, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(t, order)),
+                          _mm256_mul_ps(sv, _mm256_loadu_ps(dx + b)), acc);
+    if constexpr (kMx) macc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(xsum + b), macc);
   }
-  if (b < nb) {  // an odd last block: lanes 8..15 masked to zero
-    const __m512i xv =
-        _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)), 0);
-    for (int i = 0; i < RR; ++i) {
-      const __m512i v = _mm512_inserti64x4(_mm512_setzero_si512(), nibbles32(codes[i] + b * 16), 0);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-      acc[i] = _mm512_fmadd_ps(cvt_ps(p), _mm512_set1_ps(dx[b] * scale_of(sc[i], b / cpg)), acc[i]);
-    }
+  float tail = 0, mtail = 0;
+  for (; b < nb; ++b) {  // the last < 8 blocks of the row
+    __m256i v = nibbles32(codes);
+    codes += chunk_bytes(4);
+    if constexpr (kMx) v = _mm256_shuffle_epi8(lut, v);
+    const __m256i p = _mm256_dpbusd_epi32(zero, v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)));
+    const float s1 = kMx ? e8m0_half(sc[b]) : scale_of(sc, b / (kMx ? 1 : CPG));
+    tail += hsum8(_mm256_cvtepi32_ps(p)) * (s1 * dx[b]);
+    if constexpr (kMx) mtail += s1 * xsum[b];
   }
-  for (int i = 0; i < RR; ++i)
-    y[r + uint32_t(i)] = hsum(acc[i]) +
-                         w.min_mult * min_term(w.mins + uint64_t(r + uint32_t(i)) * ng * 2, xsum, ng);
+  if constexpr (kMx)
+    y[r] = (hsum8(acc) + tail) - float(kMxOffset) * (hsum8(macc) + mtail);
+  else
+    y[r] = (hsum8(acc) + tail) + w.min_mult * min_term(w.mins + uint64_t(r) * ng * 2, xsum, ng);
 }
 
-// ---- decode, MXFP4 (kind 5): as q4_rows, the codes looked up (vpshufb) as kE2m1x2 +
-// kMxOffset (0..24, unsigned for vpdpbusd); the offset comes back out once per row as
-// kMxOffset * sum_b s_b xsum_b, s_b = 2^(e_b - 128) the block's scale.
-template <int RR>
-void mx_rows(const QMatrix& w, uint32_t r, const int8_t* x8, const float* dx, const float* xsum, float* y) {
-  alignas(16) static constexpr int8_t kLut[16] = {
-      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
-      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
-      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
-      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
-  const __m128i lut16 = _mm_load_si128(reinterpret_cast<const __m128i*>(kLut));
-  const __m512i lut = _mm512_broadcast_i32x4(lut16);
-  const __m256i lut256 = _mm256_broadcastsi128_si256(lut16);
+// Rows [r0, r1) of one token's 4-bit or MXFP4 (CPG 0) decode, x8 rearranged into the pair
+// layout once for the range.
+template <uint32_t CPG>
+void q4_range(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
+              float* y) {
   const uint32_t nb = w.cols / kChunk;
-  const uint8_t* codes[RR];
-  const uint8_t* sc[RR];
-  __m512 acc[RR];
-  float mt[RR];
-  for (int i = 0; i < RR; ++i) {
-    codes[i] = w.data + uint64_t(r + uint32_t(i)) * w.row_bytes();
-    sc[i] = w.scales + uint64_t(r + uint32_t(i)) * nb;
-    acc[i] = _mm512_setzero_ps();
-    mt[i] = 0;
+  thread_local std::vector<int8_t> pairs;
+  pairs.resize(size_t(nb) * kChunk);
+  for (uint32_t b = 0; b + 2 <= nb; b += 2) {  // per pair: both blocks' first halves, then their second
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk));
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + (b + 1) * kChunk));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs.data() + b * kChunk), _mm256_permute2x128_si256(a, c, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs.data() + b * kChunk + 32), _mm256_permute2x128_si256(a, c, 0x31));
   }
-  uint32_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    const __m512i xv = _mm512_loadu_si512(x8 + b * kChunk);
-    for (int i = 0; i < RR; ++i) {
-      _mm_prefetch(reinterpret_cast<const char*>(codes[i] + b * 16) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512i v = _mm512_shuffle_epi8(lut, nibbles64(codes[i] + b * 16));
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-      const float s0 = e8m0_half(sc[i][b]), s1 = e8m0_half(sc[i][b + 1]);
-      const __m512 m = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(dx[b] * s0), _mm512_set1_ps(dx[b + 1] * s1));
-      acc[i] = _mm512_fmadd_ps(cvt_ps(p), m, acc[i]);
-      mt[i] += s0 * xsum[b] + s1 * xsum[b + 1];
-    }
-  }
-  if (b < nb) {  // an odd last block: lanes 8..15 masked to zero
-    const __m512i xv =
-        _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)), 0);
-    for (int i = 0; i < RR; ++i) {
-      const __m512i v = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_shuffle_epi8(lut256, nibbles32(codes[i] + b * 16)), 0);
-      const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xv);
-      const float s0 = e8m0_half(sc[i][b]);
-      acc[i] = _mm512_fmadd_ps(cvt_ps(p), _mm512_set1_ps(dx[b] * s0), acc[i]);
-      mt[i] += s0 * xsum[b];
-    }
-  }
-  for (int i = 0; i < RR; ++i) y[r + uint32_t(i)] = hsum(acc[i]) - float(kMxOffset) * mt[i];
+  for (uint32_t r = r0; r < r1; ++r) q4_row<CPG>(w, r, pairs.data(), x8, dx, xsum, y);
 }
 
 // ---- prefill with int8 activations.
@@ -390,17 +414,17 @@ void panel_tail(int nt, const __m512i* tile, const float* sc16, const float* mn1
 void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
                 float* y) {
   // x8 [cols], dx [cols / 32], xsum [cols / gs] -> y[r], r in [r0, r1)
-  uint32_t r = r0;
-  for (; r + 2 <= r1; r += 2) q4_rows<2>(w, r, x8, dx, xsum, y);
-  if (r < r1) q4_rows<1>(w, r, x8, dx, xsum, y);
+  switch (w.group_size) {
+    case 32: return q4_range<1>(w, r0, r1, x8, dx, xsum, y);
+    case 64: return q4_range<2>(w, r0, r1, x8, dx, xsum, y);
+    default: return q4_range<4>(w, r0, r1, x8, dx, xsum, y);
+  }
 }
 
 void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
                    float* y) {
   // x8 [cols], dx [cols / 32], xsum [cols / 32] -> y[r], r in [r0, r1)
-  uint32_t r = r0;
-  for (; r + 2 <= r1; r += 2) mx_rows<2>(w, r, x8, dx, xsum, y);
-  if (r < r1) mx_rows<1>(w, r, x8, dx, xsum, y);
+  q4_range<0>(w, r0, r1, x8, dx, xsum, y);
 }
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {

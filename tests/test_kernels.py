@@ -411,5 +411,5 @@ def test_avx512_kernels_follow_what_the_cpu_has():
             "(the native tests check their SIMDe build)"
         )
     for bits in (4, 8):  # on this CPU the integer prefill takes 4-bit codes (int8 x) and 8-bit ones (int16 x)
-        buf = q.quantize_matrix(RNG.standard_normal((32, 64)).astype(np.float32), bits, 32)
+        buf = q.quantize_matrix(RNG.standard_normal((32, 64)).astype(np.float32), bits, 32, False)
         assert _core.prefill_int8(buf, expert=True) and _core.prefill_int8(buf)
