@@ -47,7 +47,7 @@ OBJECT_STORE_BYTES = 80 << 20  # Ray's shared-memory store per node (its minimum
 START_TIMEOUT_S = 240.0
 LINK_STATS = "linkem-stats.json"  # the userspace emulator's counters, in the cluster's directory
 # The userspace emulator polls without sleeping for this long before a packet is due: a timer
-# wake-up on this kind of VM lands about 40 us late, polling the last 80 us lands within 6 us
+# wake-up on this kind of VM lands 40-77 us late, polling the last 80 us lands 4-6 us late
 # (docs/benchmarks/cluster.md), for about 1 ms of CPU per token.
 LINK_SPIN_S = 80e-6
 # The userspace emulator's SCHED_FIFO priority (0: an ordinary process): the link must not
@@ -56,7 +56,7 @@ LINK_PRIORITY = 10
 # The SCHED_FIFO priority of the nodes' expert servers' channel threads (below the link's):
 # emulated devices share this machine's cores, and a call that wakes a device's thread behind
 # another device's expert work (the scheduler packs woken threads onto a busy vCPU here) waits
-# for it. Two devices called at once: 2.0 ms a layer with it against 2.5 ms without
+# for it. Wi-Fi 5, 3 nodes: 2.5-2.7 ms a layer with it against 3.0-3.1 ms without
 # (docs/benchmarks/cluster.md).
 NODE_SERVE_PRIORITY = 5
 
