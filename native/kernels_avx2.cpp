@@ -611,12 +611,7 @@ void q4_rows(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
 // stop at 8 products (<= 24384): two vpmaddwd per 8 blocks widen them, then one more unpack
 // step (one thread, 2816x1024 from DRAM: 12.6-13.2 -> 15.7-15.9 GB/s against a chunk at a time).
 void mx_row8(const QMatrix& w, uint32_t r, const DecodeX& x, float* y) {
-  alignas(16) static constexpr int8_t kLut[16] = {
-      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
-      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
-      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
-      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLutU8)));
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const __m256i eo = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
   const uint32_t nb = w.cols / kChunk;
@@ -814,12 +809,7 @@ constexpr int kMx = 5;
 
 // The MXFP4 lookup table, unsigned: kE2m1x2 + kMxOffset.
 inline __m256i mx_lut_u8() {
-  alignas(16) static constexpr int8_t kLut[16] = {
-      kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
-      kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
-      kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
-      kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
-  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+  return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLutU8)));
 }
 
 // One chunk of 32 codes -> its values as bytes, in order.

@@ -125,14 +125,6 @@ inline float hsum8(__m256 v) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
-// MXFP4 codes looked up as kE2m1x2 + kMxOffset (0..24, unsigned for vpdpbusd): a block is
-// s * (u - kMxOffset), so the offset comes back out once per row as kMxOffset * sum_b s_b xsum_b.
-alignas(16) constexpr int8_t kMxLut[16] = {
-    kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
-    kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
-    kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
-    kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
-
 // The multipliers of blocks b..b+7 of a row, in order: f16 group scales (CPG blocks per
 // group), or MXFP4's e8m0 block scales 2^(e - 128) (CPG 0).
 template <uint32_t CPG>
@@ -171,7 +163,7 @@ void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, co
   const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
   const uint8_t* sc = w.scales + uint64_t(r) * (kMx ? nb : ng * 2);
   const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLut)));
+  const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLutU8)));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // blocks 0 2 4 6 1 3 5 7 -> 0..7
   __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
   uint32_t b = 0;
@@ -207,7 +199,7 @@ void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, co
     tail += hsum8(_mm256_cvtepi32_ps(p)) * (s1 * dx[b]);
     if constexpr (kMx) mtail += s1 * xsum[b];
   }
-  if constexpr (kMx)
+  if constexpr (kMx)  // the looked-up codes carry kMxOffset: take kMxOffset * sum_b s_b xsum_b back out
     y[r] = (hsum8(acc) + tail) - float(kMxOffset) * (hsum8(macc) + mtail);
   else
     y[r] = (hsum8(acc) + tail) + w.min_mult * min_term(w.mins + uint64_t(r) * ng * 2, xsum, ng);
@@ -240,12 +232,7 @@ constexpr int kMx = 5;
 template <int BITS>
 inline __m256i chunk_u8(const uint8_t* p) {
   if constexpr (BITS == kMx) {
-    alignas(16) static constexpr int8_t kLut[16] = {
-        kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
-        kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
-        kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
-        kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kLut)));
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLutU8)));
     return _mm256_shuffle_epi8(lut, nibbles32(p));
   } else if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -49,6 +49,12 @@ constexpr int8_t kE2m1x2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, 
 // kE2m1x2 + kMxOffset is unsigned (0..24), for the u8 x s8 multiplies of x86: a block's dot
 // is then (codes' u8 . x) - kMxOffset * sum(x).
 constexpr int32_t kMxOffset = 12;
+// kE2m1x2 + kMxOffset, the x86 kernels' vpshufb table (16-byte aligned for one load).
+alignas(16) inline constexpr int8_t kMxLutU8[16] = {
+    kE2m1x2[0] + kMxOffset,  kE2m1x2[1] + kMxOffset,  kE2m1x2[2] + kMxOffset,  kE2m1x2[3] + kMxOffset,
+    kE2m1x2[4] + kMxOffset,  kE2m1x2[5] + kMxOffset,  kE2m1x2[6] + kMxOffset,  kE2m1x2[7] + kMxOffset,
+    kE2m1x2[8] + kMxOffset,  kE2m1x2[9] + kMxOffset,  kE2m1x2[10] + kMxOffset, kE2m1x2[11] + kMxOffset,
+    kE2m1x2[12] + kMxOffset, kE2m1x2[13] + kMxOffset, kE2m1x2[14] + kMxOffset, kE2m1x2[15] + kMxOffset};
 
 // An E8M0 scale byte e -> 2^(e - 128): the block's scale 2^(e - 127) with kE2m1x2's doubling
 // undone. Exact for every e (e < 2 gives the subnormals 2^-128 and 2^-127); the parser refuses
