@@ -90,6 +90,18 @@ void kernels::group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum
   }
 }
 
+void kernels::pair_blocks(const int8_t* x8, uint32_t cols, int8_t* out) {
+  const uint32_t nb = cols / kChunk;
+  uint32_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    const int8_t* a = x8 + b * kChunk;
+    const int8_t* c = a + kChunk;
+    int8_t* o = out + b * kChunk;
+    std::memcpy(o, a, 16), std::memcpy(o + 16, c, 16), std::memcpy(o + 32, a + 16, 16), std::memcpy(o + 48, c + 16, 16);
+  }
+  if (b < nb) std::memcpy(out + b * kChunk, x8 + b * kChunk, kChunk);
+}
+
 namespace {
 
 // off + rows * row_bytes <= total, without overflow (each factor may be near 2^32).
@@ -277,9 +289,9 @@ namespace {
 void decode_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const isa::DecodeInput& in, float* y) {
 #if defined(EDGEMOE_AVX2)
   if (w.mxfp4() && use_avx512())
-    return avx512::qmatvec_mxfp4(w, r0, r1, in.x8.data(), in.dx8.data(), in.xsum8.data(), y);
+    return avx512::qmatvec_mxfp4(w, r0, r1, in.x8.data(), in.x8p.data(), in.dx8.data(), in.xsum8.data(), y);
   if (w.bits == 4 && use_avx512())
-    return avx512::qmatvec_q4(w, r0, r1, in.x8.data(), in.dx8.data(), in.xsum8.data(), y);
+    return avx512::qmatvec_q4(w, r0, r1, in.x8.data(), in.x8p.data(), in.dx8.data(), in.xsum8.data(), y);
 #endif
   isa::qmatvec(w, r0, r1, in, y);
 }

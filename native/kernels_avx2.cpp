@@ -1062,13 +1062,7 @@ DecodeInput::DecodeInput(const float* x, uint32_t cols, uint32_t gs, bool need16
     // blocks in the order 0 2 4 6 1 3 5 7
     const uint32_t nb = cols / kChunk;
     x8p.resize(cols), dx8p.resize(nb);
-    for (uint32_t b = 0; b + 2 <= nb; b += 2) {
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8.data() + b * kChunk));
-      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8.data() + (b + 1) * kChunk));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8p.data() + b * kChunk), _mm256_permute2x128_si256(a, c, 0x20));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(x8p.data() + b * kChunk + 32),
-                          _mm256_permute2x128_si256(a, c, 0x31));
-    }
+    pair_blocks(x8.data(), cols, x8p.data());
     for (uint32_t b = 0; b < nb; ++b)
       dx8p[b] = b / 8 * 8 + 8 <= nb ? dx8[b / 8 * 8 + (b % 8) % 4 * 2 + (b % 8) / 4] : dx8[b];
   }

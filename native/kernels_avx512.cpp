@@ -205,21 +205,11 @@ void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, co
     y[r] = (hsum8(acc) + tail) + w.min_mult * min_term(w.mins + uint64_t(r) * ng * 2, xsum, ng);
 }
 
-// Rows [r0, r1) of one token's 4-bit or MXFP4 (CPG 0) decode, x8 rearranged into the pair
-// layout once for the range.
+// Rows [r0, r1) of one token's 4-bit or MXFP4 (CPG 0) decode.
 template <uint32_t CPG>
-void q4_range(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-              float* y) {
-  const uint32_t nb = w.cols / kChunk;
-  thread_local std::vector<int8_t> pairs;
-  pairs.resize(size_t(nb) * kChunk);
-  for (uint32_t b = 0; b + 2 <= nb; b += 2) {  // per pair: both blocks' first halves, then their second
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk));
-    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + (b + 1) * kChunk));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs.data() + b * kChunk), _mm256_permute2x128_si256(a, c, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pairs.data() + b * kChunk + 32), _mm256_permute2x128_si256(a, c, 0x31));
-  }
-  for (uint32_t r = r0; r < r1; ++r) q4_row<CPG>(w, r, pairs.data(), x8, dx, xsum, y);
+void q4_range(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+              const float* xsum, float* y) {
+  for (uint32_t r = r0; r < r1; ++r) q4_row<CPG>(w, r, x8p, x8, dx, xsum, y);
 }
 
 // ---- prefill with int8 activations.
@@ -398,20 +388,20 @@ void panel_tail(int nt, const __m512i* tile, const float* sc16, const float* mn1
 
 }  // namespace
 
-void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                float* y) {
-  // x8 [cols], dx [cols / 32], xsum [cols / gs] -> y[r], r in [r0, r1)
+void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                const float* xsum, float* y) {
+  // x8 [cols] (and in pair_blocks' layout), dx [cols / 32], xsum [cols / gs] -> y[r], r in [r0, r1)
   switch (w.group_size) {
-    case 32: return q4_range<1>(w, r0, r1, x8, dx, xsum, y);
-    case 64: return q4_range<2>(w, r0, r1, x8, dx, xsum, y);
-    default: return q4_range<4>(w, r0, r1, x8, dx, xsum, y);
+    case 32: return q4_range<1>(w, r0, r1, x8, x8p, dx, xsum, y);
+    case 64: return q4_range<2>(w, r0, r1, x8, x8p, dx, xsum, y);
+    default: return q4_range<4>(w, r0, r1, x8, x8p, dx, xsum, y);
   }
 }
 
-void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                   float* y) {
-  // x8 [cols], dx [cols / 32], xsum [cols / 32] -> y[r], r in [r0, r1)
-  q4_range<0>(w, r0, r1, x8, dx, xsum, y);
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                   const float* xsum, float* y) {
+  // x8 [cols] (and in pair_blocks' layout), dx [cols / 32], xsum [cols / 32] -> y[r], r in [r0, r1)
+  q4_range<0>(w, r0, r1, x8, x8p, dx, xsum, y);
 }
 
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y) {

@@ -69,6 +69,11 @@ inline float e8m0_half(uint8_t e) {
 // x [cols] float32 -> xsum [cols / gs]: the sum of each group of gs values, in order.
 void group_sums(const float* x, uint32_t cols, uint32_t gs, float* xsum);
 
+// x8 [cols] int8, rounded per block of 32 -> out [cols] in the x86 4-bit decode's pair layout:
+// per pair of blocks (b, b+1) the first 16 values of each, then the last 16 of each; a last
+// odd block as it is.
+void pair_blocks(const int8_t* x8, uint32_t cols, int8_t* out);
+
 namespace portable {
 
 // Rows [r0, r1) of y = W x for nt <= kTokenBlock tokens.
@@ -153,15 +158,16 @@ bool cpu_ok();
 // The sets missing, named ("avx512f avx512vnni", ...), or "" when cpu_ok().
 const char* cpu_missing();
 
-// As avx2::qmatvec for 4-bit codes: x8 [cols] int8, dx [cols / 32] and xsum [cols / gs]
-// as avx2::DecodeInput's x8, dx8, xsum8 -> y[r] for r in [r0, r1).
-void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                float* y);
+// As avx2::qmatvec for 4-bit codes: x8 [cols] int8, x8p the same in pair_blocks' layout,
+// dx [cols / 32] and xsum [cols / gs] as avx2::DecodeInput's x8, x8p, dx8, xsum8 -> y[r] for
+// r in [r0, r1).
+void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                const float* xsum, float* y);
 
 // The same for MXFP4 (kind 5): codes looked up (vpshufb) as kE2m1x2 + kMxOffset, dotted with
 // vpdpbusd; xsum [cols / 32] the block sums of the rounded x (avx2::DecodeInput's xsum8 for groups of 32).
-void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                   float* y);
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                   const float* xsum, float* y);
 
 // As portable::gemm_int8_rows, codes of 2, 3, 4 or 8 bits, r0 a multiple of 16: panels of
 // 16 rows unpacked to bytes, vpdpbusd per 4 values of a token broadcast; 8-bit codes as
@@ -172,10 +178,10 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
 
 // The same source built against SIMDe for the native tests only (no cpu_ok: it runs anywhere).
 namespace avx512_simde {
-void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                float* y);
-void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const float* dx, const float* xsum,
-                   float* y);
+void qmatvec_q4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                const float* xsum, float* y);
+void qmatvec_mxfp4(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
+                   const float* xsum, float* y);
 void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedActs& x, float* y);
 }  // namespace avx512_simde
 #endif

@@ -851,8 +851,10 @@ static int check_avx512(Gemm gemm, Decode decode, Decode decode_mx) {
           quantize_acts(x1.data(), 1, s[1], q1);
           std::vector<float> xsum(s[1] / gs, 0.0f);  // group sums of the rounded x, in block order
           for (uint32_t b = 0; b < s[1] / 32; ++b) xsum[b / (gs / 32)] += q1.bsum[b];
+          std::vector<int8_t> pairs(s[1]);
+          kernels::pair_blocks(q1.q.data(), s[1], pairs.data());
           std::vector<float> y(s[0], -1.0f);
-          decode(w, 0, s[0], q1.q.data(), q1.dx.data(), xsum.data(), y.data());
+          decode(w, 0, s[0], q1.q.data(), pairs.data(), q1.dx.data(), xsum.data(), y.data());
           CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
           ++checked;
         }
@@ -865,8 +867,10 @@ static int check_avx512(Gemm gemm, Decode decode, Decode decode_mx) {
         const auto x1 = rand_vec(cols, range.first == 0 ? 0x1p100f : 1.0f);
         QuantizedActs q1;
         quantize_acts(x1.data(), 1, cols, q1);
+        std::vector<int8_t> pairs(cols);
+        kernels::pair_blocks(q1.q.data(), cols, pairs.data());
         std::vector<float> y(s[0], -1.0f);
-        decode_mx(w, 0, s[0], q1.q.data(), q1.dx.data(), q1.bsum.data(), y.data());  // block sums: groups of 32
+        decode_mx(w, 0, s[0], q1.q.data(), pairs.data(), q1.dx.data(), q1.bsum.data(), y.data());  // block sums: groups of 32
         CHECK(close_matmul_x16(y, x1, m, 4, 2e-6));
         ++checked;
         for (int64_t T : {3, 13}) {  // the int8 prefill's panels
