@@ -114,6 +114,9 @@ def test_nodes_are_up_each_in_its_namespace_and_memory_limit(cluster):
         local.up(1, 100 << 20, LINK)
     with pytest.raises(ClusterError, match="--node-cpus must be at least 1"):
         local.up(1, NODE_MEMORY, LINK, node_cpus=0)
+    for priority in (-1, local.LINK_PRIORITY):  # a device's calls must not preempt the link emulator
+        with pytest.raises(ClusterError, match="--serve-priority must be from 0"):
+            local.up(1, NODE_MEMORY, LINK, serve_priority=priority)
 
 
 def test_the_measured_round_trip_is_the_links(cluster):
