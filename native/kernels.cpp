@@ -113,14 +113,19 @@ bool fits(uint64_t off, uint64_t rows, uint64_t row_bytes, uint64_t total) {
 [[noreturn]] void bad(const std::string& msg) { throw std::invalid_argument(msg); }
 
 // How many blocks of rows a matmul over `rows` rows and `work` multiply-adds is cut into.
-int64_t decode_tasks(uint32_t rows, uint64_t work) {
+int64_t decode_tasks(uint32_t rows, uint64_t work, uint32_t blocks_per_thread) {
   const int threads = ThreadPool::instance().num_threads();
   if (work < (1u << 16) || threads == 1) return 1;  // too small to be worth waking threads
-  // ~16 row blocks per thread: each one a long sequential weight stream, yet a
-  // thread the OS preempts mid-block holds the others up only a little.
-  const uint32_t row_block = std::max<uint32_t>(8, rows / uint32_t(16 * threads));
+  const uint32_t row_block = std::max<uint32_t>(8, rows / (blocks_per_thread * uint32_t(threads)));
   return (rows + row_block - 1) / row_block;
 }
+
+// Row blocks per thread. Several tokens: ~16, each one a long sequential weight stream, yet a
+// thread the OS preempts mid-block holds the others up only a little. One token: 2, since each
+// block's stream starts cold (the hardware prefetchers ramp up again), and a backbone matrix of
+// a few hundred KB cut into 32 blocks spent about as long ramping up as streaming.
+constexpr uint32_t kBlocksPerThread = 16;
+constexpr uint32_t kOneTokenBlocksPerThread = 2;
 
 }  // namespace
 
@@ -269,7 +274,7 @@ void matmul_int8(const QMatrix& w, const QuantizedActs& x, float* y) {
   if (x.T == 0 || w.rows == 0) return;
   const uint32_t rows = w.rows;
   const bool zmm = use_avx512();
-  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * w.cols * uint64_t(x.T));
+  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * w.cols * uint64_t(x.T), kBlocksPerThread);
   const uint32_t row_block = uint32_t(round_up(uint64_t((rows + tasks - 1) / tasks), zmm ? 16 : 8));  // whole panels
   const int64_t n = (rows + row_block - 1) / row_block;
   ThreadPool::instance().parallel_for(n, [&](int64_t ti) {
@@ -315,7 +320,7 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
 #if defined(EDGEMOE_SIMD_DECODE)
   if (T == 1 && w.coded()) {
     const isa::DecodeInput in(x, cols, w.group_size, w.bits != 4, w.bits == 4);
-    const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols);
+    const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols, kOneTokenBlocksPerThread);
     const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(rows, r0 + row_block);
@@ -336,7 +341,8 @@ void matmul(const QMatrix& w, const float* x, int64_t T, float* y) {
 
   // Tasks are blocks of rows; each task walks all token blocks so its rows'
   // weights stay in cache across tokens.
-  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols * uint64_t(T));
+  const int64_t tasks = decode_tasks(rows, uint64_t(rows) * cols * uint64_t(T),
+                                     T == 1 ? kOneTokenBlocksPerThread : kBlocksPerThread);
   const uint32_t row_block = uint32_t((rows + tasks - 1) / tasks);
 
 #if defined(EDGEMOE_SIMD_DECODE)
@@ -381,7 +387,7 @@ void matmul_many(const QMatrix* ws, size_t n, const float* x, int64_t T, float* 
     std::vector<int64_t> first(n + 1, 0);  // task index where matrix i starts
     std::vector<uint32_t> block(n);
     for (size_t i = 0; i < n; ++i) {
-      const int64_t tasks = decode_tasks(ws[i].rows, uint64_t(ws[i].rows) * cols);
+      const int64_t tasks = decode_tasks(ws[i].rows, uint64_t(ws[i].rows) * cols, kOneTokenBlocksPerThread);
       block[i] = uint32_t((ws[i].rows + tasks - 1) / tasks);
       first[i + 1] = first[i] + tasks;
     }
@@ -495,7 +501,7 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
     const bool four = e.gate.bits == 4 || e.up.bits == 4, other = e.gate.bits != 4 || e.up.bits != 4;
     const isa::DecodeInput in(x, H, gs, other, four);
     std::vector<float> h(I), u(I);
-    const int64_t tasks = decode_tasks(I, uint64_t(2) * I * H);
+    const int64_t tasks = decode_tasks(I, uint64_t(2) * I * H, kOneTokenBlocksPerThread);
     const uint32_t row_block = uint32_t((I + tasks - 1) / tasks);
     ThreadPool::instance().parallel_for(tasks, [&](int64_t ti) {
       const uint32_t r0 = uint32_t(ti) * row_block, r1 = std::min(I, r0 + row_block);
