@@ -152,6 +152,8 @@ def worker(spec: dict[str, Any]) -> None:
         ):
             ids.append(token)
             times.append(time.perf_counter() - t0)
+            if i == 0:  # the cluster's counters from here on are the decoded tokens', not the prompt's
+                cm.reset_stats()
             if i == 0 and not spec.get("kills"):  # a node killed takes its CPU time with it
                 paused = time.perf_counter()
                 cpu0 = local.namespace_cpu_seconds(spaces)
@@ -489,7 +491,7 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
         n = c.get("remote_layers") or 0
         if n:
             lines.append(
-                f"  - a layer that called devices, on average over the last run ({n} layers, prefill included): "
+                f"  - a layer that called devices, on average over the last run's decoded tokens ({n} layers): "
                 f"{1e3 * c['remote_layer_seconds'] / n:.2f} ms, of which packing and sending "
                 f"{1e3 * c['send_seconds'] / n:.2f} ms, this process's own experts {1e3 * c['local_seconds'] / n:.2f} ms, "
                 f"the slowest device's own time (unpacking, its experts, packing) {1e3 * c['slowest_device_seconds'] / n:.2f} ms, "
