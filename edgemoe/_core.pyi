@@ -333,6 +333,17 @@ class DecodeLayer:
         """The token at position pos through this layer: h [hidden] += attention + MoE, in place;
         writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to
         positions 0..pos."""
+    def attend(
+        self,
+        h: npt.NDArray[np.float32],
+        k_cache: npt.NDArray[np.float32],
+        v_cache: npt.NDArray[np.float32],
+        pos: int,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """step() up to the experts, for a caller that computes them elsewhere (a cluster): h
+        [hidden] += attention, in place, and the KV cache as step() writes it; returns the MoE's
+        input x [1, hidden] float32 and the token's experts, ids [1, top_k] int32 and weights
+        [1, top_k] float32. step() is this, the experts' weighted sum, and h += it."""
 
 # raised by the core, caught as edgemoe.errors' classes (their subclasses)
 class LinkSwitch:

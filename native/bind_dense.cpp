@@ -33,6 +33,20 @@ QMatrix linear_of(const py::tuple& t, std::vector<py::object>& keep) {
   return parse_qmatrix(static_cast<const uint8_t*>(w.data()), uint64_t(w.nbytes()));
 }
 
+using FloatBuffer = py::array_t<float, py::array::c_style>;
+
+// The arguments step() and attend() share: h [hidden], the KV cache [capacity > pos, kv_heads, head_dim].
+void check_step_args(const char* who, const DecodeLayer& L, const FloatBuffer& h, const FloatBuffer& kc,
+                     const FloatBuffer& vc, int64_t pos) {
+  const std::string at = std::string("DecodeLayer.") + who + ": ";
+  if (h.ndim() != 1 || h.shape(0) != int64_t(L.hidden)) throw std::invalid_argument(at + "h must be float32 [hidden]");
+  for (const auto* c : {&kc, &vc})
+    if (c->ndim() != 3 || c->shape(1) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim))
+      throw std::invalid_argument(at + "the KV cache must be float32 [capacity, kv_heads, head_dim]");
+  if (pos < 0 || kc.shape(0) <= pos || vc.shape(0) <= pos)
+    throw std::invalid_argument(at + "position " + std::to_string(pos) + " is outside the KV cache's capacity");
+}
+
 }  // namespace
 
 void bind_sampler(py::module_& m) {
@@ -178,18 +192,10 @@ void bind_decode_layer(py::module_& m) {
            py::arg("head_dim"), py::arg("top_k"), py::arg("window"), py::arg("eps"), py::arg("normalize"))
       .def(
           "step",
-          [](const PyDecodeLayer& self, ExpertCache& cache, py::array_t<float, py::array::c_style> h,
-             py::array_t<float, py::array::c_style> kc, py::array_t<float, py::array::c_style> vc, int64_t pos) {
+          [](const PyDecodeLayer& self, ExpertCache& cache, FloatBuffer h, FloatBuffer kc, FloatBuffer vc,
+             int64_t pos) {
             const DecodeLayer& L = self.L;
-            if (h.ndim() != 1 || h.shape(0) != int64_t(L.hidden))
-              throw std::invalid_argument("DecodeLayer.step: h must be float32 [hidden]");
-            for (const auto* c : {&kc, &vc})
-              if (c->ndim() != 3 || c->shape(1) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim))
-                throw std::invalid_argument(
-                    "DecodeLayer.step: the KV cache must be float32 [capacity, kv_heads, head_dim]");
-            if (pos < 0 || kc.shape(0) <= pos || vc.shape(0) <= pos)
-              throw std::invalid_argument("DecodeLayer.step: position " + std::to_string(pos) +
-                                          " is outside the KV cache's capacity");
+            check_step_args("step", L, h, kc, vc, pos);
             if (L.layer >= cache.store().num_layers())
               throw std::invalid_argument("DecodeLayer.step: layer " + std::to_string(L.layer) +
                                           " is out of range for the experts file");
@@ -203,7 +209,32 @@ void bind_decode_layer(py::module_& m) {
           py::arg("pos"),
           "The token at position pos through this layer: h [hidden] += attention + MoE, in place;\n"
           "writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to\n"
-          "positions 0..pos.");
+          "positions 0..pos.")
+      .def(
+          "attend",
+          [](const PyDecodeLayer& self, FloatBuffer h, FloatBuffer kc, FloatBuffer vc, int64_t pos) {
+            const DecodeLayer& L = self.L;
+            check_step_args("attend", L, h, kc, vc, pos);
+            py::array_t<float> x({int64_t(1), int64_t(L.hidden)});
+            py::array_t<int32_t> ids({int64_t(1), int64_t(L.top_k)});
+            py::array_t<float> w({int64_t(1), int64_t(L.top_k)});
+            float* hp = h.mutable_data();
+            float* kp = kc.mutable_data();
+            float* vp = vc.mutable_data();
+            float* xp = x.mutable_data();
+            int32_t* ip = ids.mutable_data();
+            float* wp = w.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              decode_attend(L, hp, kp, vp, pos, xp, ip, wp);
+            }
+            return py::make_tuple(x, ids, w);
+          },
+          py::arg("h").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(), py::arg("pos"),
+          "step() up to the experts, for a caller that computes them elsewhere (a cluster): h [hidden]\n"
+          "+= attention, in place, and the KV cache as step() writes it; returns the MoE's input x\n"
+          "[1, hidden] float32 and the token's experts, ids [1, top_k] int32 and weights [1, top_k]\n"
+          "float32. step() is this, the experts' weighted sum, and h += it.");
 }
 
 }  // namespace edgemoe::python

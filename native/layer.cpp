@@ -27,22 +27,22 @@ void check_decode_layer(const DecodeLayer& L) {
   need(L.router.rows == L.experts && L.router.cols == L.hidden, "router must be [experts, hidden]");
 }
 
-void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos) {
+void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t pos, float* x, int32_t* ids,
+                   float* w) {
   const int64_t H = L.hidden, qn = int64_t(L.heads) * L.head_dim, kn = int64_t(L.kv_heads) * L.head_dim;
   const size_t hs = static_cast<size_t>(H), qs = static_cast<size_t>(qn), ks = static_cast<size_t>(kn);
-  std::vector<float> x(hs), q(qs), k(ks), v(ks), att(qs), y(hs), logits(L.experts), w(L.top_k);
-  std::vector<int32_t> ids(L.top_k);
+  std::vector<float> q(qs), k(ks), v(ks), att(qs), y(hs), logits(L.experts);
 
   // attention: h += o(attn(rope(q), rope(k), v)) of rms_norm(h)
-  rms_norm(h, L.attn_norm, 1, H, L.eps, x.data());
+  rms_norm(h, L.attn_norm, 1, H, L.eps, x);
   if (L.q.quantized() && L.k.quantized() && L.v.quantized()) {  // as LinearGroup: one call when all are
     const QMatrix ws[3] = {L.q, L.k, L.v};
     float* ys[3] = {q.data(), k.data(), v.data()};
-    matmul_many(ws, 3, x.data(), 1, ys);
+    matmul_many(ws, 3, x, 1, ys);
   } else {
-    matmul(L.q, x.data(), 1, q.data());
-    matmul(L.k, x.data(), 1, k.data());
-    matmul(L.v, x.data(), 1, v.data());
+    matmul(L.q, x, 1, q.data());
+    matmul(L.k, x, 1, k.data());
+    matmul(L.v, x, 1, v.data());
   }
   rope(q.data(), 1, L.heads, L.head_dim, pos, L.inv_freq);
   rope(k.data(), 1, L.kv_heads, L.head_dim, pos, L.inv_freq);
@@ -52,11 +52,19 @@ void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc,
   matmul(L.o, att.data(), 1, y.data());
   for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];
 
+  // the MoE's input and the token's experts
+  rms_norm(h, L.ffn_norm, 1, H, L.eps, x);
+  matmul(L.router, x, 1, logits.data());
+  softmax_topk(logits.data(), 1, L.experts, L.top_k, L.normalize, ids, w);
+}
+
+void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos) {
+  const size_t hs = static_cast<size_t>(L.hidden);
+  std::vector<float> x(hs), y(hs), w(L.top_k);
+  std::vector<int32_t> ids(L.top_k);
+  decode_attend(L, h, kc, vc, pos, x.data(), ids.data(), w.data());
   // MoE: h += sum of the routed experts of rms_norm(h)
-  rms_norm(h, L.ffn_norm, 1, H, L.eps, x.data());
-  matmul(L.router, x.data(), 1, logits.data());
-  softmax_topk(logits.data(), 1, L.experts, L.top_k, L.normalize, ids.data(), w.data());
-  moe_forward(cache, L.layer, x.data(), 1, H, ids.data(), w.data(), L.top_k, y.data());
+  moe_forward(cache, L.layer, x.data(), 1, L.hidden, ids.data(), w.data(), L.top_k, y.data());
   for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];
 }
 

@@ -28,6 +28,12 @@ struct DecodeLayer {
 // Checks the shapes of a DecodeLayer against each other; std::invalid_argument.
 void check_decode_layer(const DecodeLayer& L);
 
+// decode_layer's part before the experts: h [hidden] -> h + attention, in place (kc, vc as
+// below); then x [hidden] = the MoE's input (the normed h) and the token's top_k experts,
+// ids [top_k] and weights w [top_k], for a caller that computes them elsewhere (a cluster).
+void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t pos, float* x, int32_t* ids,
+                   float* w);
+
 // h [hidden] -> h + attention + MoE, in place, for the token at position pos. kc, vc:
 // the layer's KV cache [capacity > pos, kv_heads, head_dim]; position pos is written,
 // positions 0..pos are attended to.

@@ -78,7 +78,9 @@ def test_layers_the_step_does_not_cover_keep_the_python_path(tiny_checkpoint, tm
     assert edgemoe.load(tmp_path / "m").net.decode_layers is None
 
 
-def test_an_observer_or_a_swapped_moe_takes_the_python_path(tiny_checkpoint, tmp_path):
+def test_an_observer_takes_the_python_path_and_a_swapped_moe_the_step_up_to_its_experts(tiny_checkpoint, tmp_path):
+    """An observer needs every op in Python; an installed MoE computation (a cluster's) gets
+    each layer's experts from DecodeLayer.attend, and the logits stay the native step's."""
     from edgemoe.models.blocks import RouteObserver
 
     convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=8, progress=False)
@@ -93,8 +95,27 @@ def test_an_observer_or_a_swapped_moe_takes_the_python_path(tiny_checkpoint, tmp
     m.generate(IDS[:3], max_new_tokens=3)
     assert len(seen) == 2 * 3  # prefill once per layer, then 2 decode steps x 2 layers
     m.net.observer = None
+    want = decode_logits(m, IDS, True)
     calls = []
-    m.net.moe_override = lambda *a: calls.append(1) or m.net.moe(*a)
+
+    def moe(layer, x, ids, weights):
+        calls.append((layer, x.shape, ids.shape, weights.shape))
+        return m.net.moe(layer, x, ids, weights)
+
+    class Attending:  # counts the native calls that stop before the experts
+        def __init__(self, layer):
+            self.layer, self.calls = layer, 0
+
+        def attend(self, *a):
+            self.calls += 1
+            return self.layer.attend(*a)
+
+    m.net.moe_override = moe
+    m.net.decode_layers = [Attending(layer) for layer in m.net.decode_layers]
+    np.testing.assert_array_equal(decode_logits(m, IDS, True), want)
+    assert calls == [(i, (1, 64), (1, 2), (1, 2)) for _ in IDS for i in (0, 1)]
+    assert [layer.calls for layer in m.net.decode_layers] == [len(IDS), len(IDS)]
+    calls.clear()
     m.generate(IDS[:3], max_new_tokens=3)
     assert len(calls) == 2 * 3
 
@@ -111,6 +132,10 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
         layer.step(m.cache, h, kv.k[0], kv.v[0], kv.k[0].shape[0])
     with pytest.raises(TypeError):
         layer.step(m.cache, h.astype(np.float64), kv.k[0], kv.v[0], 0)  # no silent copy of h
+    with pytest.raises(ValueError, match="DecodeLayer.attend: h must be float32"):
+        layer.attend(np.zeros(63, np.float32), kv.k[0], kv.v[0], 0)
+    with pytest.raises(ValueError, match="DecodeLayer.attend: position -1"):
+        layer.attend(h, kv.k[0], kv.v[0], -1)
     L = m.net.layers[0]
     lin = [(lin.w, lin.kind) for lin in (L.attn.q, L.attn.k, L.attn.v, L.attn.o, L.moe.router)]
     with pytest.raises(ValueError, match="q must be"):

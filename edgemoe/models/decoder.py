@@ -408,12 +408,18 @@ class DecoderLM:
 
     def _decode_native(self, h: np.ndarray, kv: KVCache, start: int) -> np.ndarray:
         """forward() for one token with no observer: one native call per layer, the same numbers
-        as block() (tests/test_decode_layer.py)."""
+        as block() (tests/test_decode_layer.py). With a MoE computation installed (a cluster's),
+        the native call stops before the experts and that computation takes them."""
         assert self.decode_layers is not None
         x = np.array(h[0], dtype=np.float32)  # [hidden], updated in place layer by layer
+        moe = self.moe_override
         for i, layer in enumerate(self.decode_layers):
             kv.reserve(i, start, start + 1)
-            layer.step(self.cache, x, kv.k[i], kv.v[i], start)
+            if moe is None:
+                layer.step(self.cache, x, kv.k[i], kv.v[i], start)
+            else:
+                xin, ids, weights = layer.attend(x, kv.k[i], kv.v[i], start)
+                x += moe(self.layers[i].index, xin, ids, weights)[0]
         return self.head(x[None])
 
     def forward_batch(self, ids: np.ndarray, kvs: list[KVCache], starts: list[int]) -> np.ndarray:
@@ -486,7 +492,7 @@ class DecoderLM:
             return self._recompute(ids, kv, start, all_logits)
         h = self.embed_tokens(ids)  # [T, hidden]
         obs = self.observer
-        if len(ids) == 1 and obs is None and self.moe_override is None and self.decode_layers is not None:
+        if len(ids) == 1 and obs is None and self.decode_layers is not None:
             logits = self._decode_native(h, kv, start)
             self._advance(kv, ids, start)
             return logits
