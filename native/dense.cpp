@@ -317,6 +317,100 @@ void pv_rows(const float* const* p, const float* v, int64_t vstride, int64_t ja,
   for (; c < hd; c += 8) pv_tile<R, 1>(p, v, vstride, ja, jb, c, o);
 }
 
+// ---- one token's attention over a long cache, in parts read row by row. A row of the cache
+// holds every kv head (k, v [S, kv_heads, hd]); a kv head's keys alone are hd floats of every
+// kv_heads * hd, a strided stream, and once a kv head's keys and values outgrow L2 each of
+// the heads that share it reads them from memory again. A part takes kDecodePartKeys whole
+// rows and every head over them, so each thread reads the cache front to back; the parts'
+// softmax pieces are merged in order, so the result does not depend on the threads that took
+// them. From kDecodePartsFrom positions on (tools/bench_attention.py on a Zen 4: level at
+// 768, 1.2x at 1024, 1.6x at 1536); below, a task per kv head is as fast or faster.
+
+constexpr int64_t kDecodePartKeys = 64;
+constexpr int64_t kDecodePartsFrom = 1024;
+
+// Keys [a, b) for every head of one token (q [heads, hd]): m[h] the part's largest score, s[h]
+// the sum of e^(score - m[h]) over the part, acc[h] [hd] the sum of e^(score - m[h]) v_j.
+struct DecodePart {
+  std::vector<float> m, s, acc, p;
+};
+
+void decode_part_avx2(const float* q, int64_t heads, int64_t kv_heads, int64_t hd, const float* k, const float* v,
+                      int64_t a, int64_t b, float scale, DecodePart& out) {
+  const int64_t rep = heads / kv_heads, kstride = kv_heads * hd, n = b - a;
+  out.p.resize(size_t(heads * n));
+  out.m.resize(size_t(heads));
+  out.s.resize(size_t(heads));
+  out.acc.assign(size_t(heads * hd), 0.0f);
+  float* p = out.p.data();
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {  // eight rows, every head's scores over them while they are in L1
+    const float* kr = k + (a + j) * kstride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + h * hd;
+      const float* kg = kr + (h / rep) * hd;
+      __m256 acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < hd; c += 8) {
+        const __m256 qc = _mm256_loadu_ps(qh + c);
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kg + u * kstride + c), acc[u]);
+      }
+      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+      _mm256_storeu_ps(p + h * n + j, _mm256_mul_ps(sum, vs));
+    }
+  }
+  for (; j < n; ++j)
+    for (int64_t h = 0; h < heads; ++h)
+      p[h * n + j] = dot(q + h * hd, k + (a + j) * kstride + (h / rep) * hd, hd) * scale;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* ph = p + h * n;
+    out.m[size_t(h)] = *std::max_element(ph, ph + n);
+    out.s[size_t(h)] = exp_shifted_sum(ph, n, out.m[size_t(h)]);
+  }
+  for (j = 0; j < n; ++j) {  // the values row by row, every head's weight of the row
+    const float* vr = v + (a + j) * kstride;
+    for (int64_t h = 0; h < heads; ++h) {
+      const __m256 pj = _mm256_set1_ps(p[h * n + j]);
+      const float* vg = vr + (h / rep) * hd;
+      float* o = &out.acc[size_t(h * hd)];
+      for (int64_t c = 0; c < hd; c += 8)
+        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vg + c), _mm256_loadu_ps(o + c)));
+    }
+  }
+}
+
+// attention() for T == 1 (hd % 8 == 0): the token at position `start` over keys j0..start.
+void decode_attention_avx2(const float* q, int64_t heads, int64_t hd, const float* k, const float* v,
+                           int64_t kv_heads, int64_t start, int64_t window, const float* sinks, float* out) {
+  const int64_t j0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0, n = start + 1 - j0;
+  const int64_t keys = kDecodePartKeys, parts = (n + keys - 1) / keys;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<DecodePart> part(static_cast<size_t>(parts));
+  auto run = [&](int64_t i) {
+    const int64_t a = j0 + i * keys;
+    decode_part_avx2(q, heads, kv_heads, hd, k, v, a, std::min(j0 + n, a + keys), scale,
+                     part[size_t(i)]);
+  };
+  ThreadPool::instance().parallel_for(parts, run);
+  for (int64_t h = 0; h < heads; ++h) {  // merge the parts in order: with sinks, head h's sink logit
+    float mx = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();  // joins the max and the sum
+    for (const DecodePart& d : part) mx = std::max(mx, d.m[size_t(h)]);
+    float sum = sinks ? std::exp(sinks[h] - mx) : 0.0f;
+    float* o = out + h * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (const DecodePart& d : part) {
+      const float f = std::exp(d.m[size_t(h)] - mx);
+      sum += f * d.s[size_t(h)];
+      axpy(f, &d.acc[size_t(h * hd)], o, hd);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t c = 0; c < hd; ++c) o[c] *= inv;
+  }
+}
+
 // Tokens [t0, t1) of the prompt, kv head g (hd % 8 == 0): q [T, heads, hd], k and v [S,
 // kv_heads, hd] -> out rows of those tokens and of the heads that share g; sinks [heads] or
 // nullptr (a logit per head in each softmax's max and sum, with no value). buf: scratch.
@@ -501,6 +595,10 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
         block(i, buf);
       });
     }
+    return;
+  }
+  if (T == 1 && hd % 8 == 0 && std::min(S, window > 0 ? window : S) >= kDecodePartsFrom) {  // a long cache
+    decode_attention_avx2(q, heads, hd, k, v, kv_heads, start, window, sinks, out);
     return;
   }
 #endif

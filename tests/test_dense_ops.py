@@ -53,6 +53,10 @@ def test_rope_refuses_a_copy():
         (1, 40, 4, 2, 8),
         (9, 3, 4, 1, 4),
         (64, 0, 16, 4, None),
+        (1, 1023, 8, 2, None),  # one token over a long cache: in parts of 64 positions
+        (1, 1100, 16, 4, None),  # the last part of 13
+        (1, 1500, 8, 2, 1100),  # a window: the parts start where it does
+        (1, 1500, 8, 2, 1000),  # a window too short for parts: a task per kv head
     ],
 )
 def test_attention(T, start, heads, kv_heads, window):
@@ -75,3 +79,22 @@ def test_softmax_topk(normalize):
     assert ids.dtype == np.int32 and w.dtype == np.float32 and ids.shape == (7, 2)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(w, ref_w, rtol=1e-6)
+
+
+def test_one_tokens_attention_is_the_same_on_any_number_of_threads():
+    """One token's attention over a long cache reads it in parts and merges them in order: the
+    same bits whichever threads took the parts."""
+    q = RNG.standard_normal((1, 16, 64)).astype(np.float32)
+    k, v = (RNG.standard_normal((1300, 4, 64)).astype(np.float32) for _ in range(2))
+    sinks = RNG.standard_normal(16).astype(np.float32)
+    n = _core.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            _core.set_num_threads(threads)
+            got.append((_core.attention(q, k, v, 1299), _core.attention(q, k, v, 1299, 1100, sinks)))
+    finally:
+        _core.set_num_threads(n)
+    for g in got[1:]:
+        np.testing.assert_array_equal(g[0], got[0][0])
+        np.testing.assert_array_equal(g[1], got[0][1])

@@ -299,13 +299,14 @@ def test_expert_blob_with_biases_and_the_clamped_swiglu_against_numpy():
         np.testing.assert_allclose(_core.expert_forward(x, blob), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_attention_sinks_against_numpy():
+@pytest.mark.parametrize("T,S", [(3, 9), (1, 1200)])  # the prompt's path; one token over a long cache
+def test_attention_sinks_against_numpy(T, S):
     rng = np.random.default_rng(1)
-    T, S, heads, kv_heads, hd = 3, 9, 4, 2, 16
+    heads, kv_heads, hd = 4, 2, 16
     q = rng.standard_normal((T, heads, hd)).astype(np.float32)
     k, v = (rng.standard_normal((S, kv_heads, hd)).astype(np.float32) for _ in range(2))
     sinks = np.array([0.0, 3.0, -2.0, 9.0], np.float32)  # the last takes nearly all of its head's mass
-    for window in (0, 4):
+    for window in (0, 4, 1100):
         got = _core.attention(q, k, v, S - T, window, sinks).reshape(T, heads, hd)
         for t in range(T):
             pos = S - T + t
