@@ -207,23 +207,26 @@ void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const f
 #if defined(EDGEMOE_DENSE_AVX2)
 namespace {
 
-// p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 8 == 0): eight keys
-// at a time, their eight partial-sum vectors reduced together into one vector of scores.
+// p[0..8) = scale * q . k_u for the eight keys k_u = k + u * kstride (hd floats, hd % 8 == 0):
+// their eight partial-sum vectors reduced together into one vector of scores.
+inline void scores8_avx2(const float* q, const float* k, int64_t kstride, int64_t hd, __m256 scale, float* p) {
+  __m256 acc[8];
+  for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < hd; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + u * kstride + c), acc[u]);
+  }
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(p, _mm256_mul_ps(sum, scale));
+}
+
+// p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 8 == 0), eight at a time.
 void scores_avx2(const float* q, const float* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
   int64_t j = 0;
   const __m256 vs = _mm256_set1_ps(scale);
-  for (; j + 8 <= n; j += 8) {
-    __m256 acc[8];
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < hd; c += 8) {
-      const __m256 qc = _mm256_loadu_ps(q + c);
-      for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (j + u) * kstride + c), acc[u]);
-    }
-    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-    _mm256_storeu_ps(p + j, _mm256_mul_ps(sum, vs));
-  }
+  for (; j + 8 <= n; j += 8) scores8_avx2(q, k + j * kstride, kstride, hd, vs, p + j);
   for (; j < n; ++j) p[j] = dot(q, k + j * kstride, hd) * scale;
 }
 
@@ -347,20 +350,7 @@ void decode_part_avx2(const float* q, int64_t heads, int64_t kv_heads, int64_t h
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {  // eight rows, every head's scores over them while they are in L1
     const float* kr = k + (a + j) * kstride;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* qh = q + h * hd;
-      const float* kg = kr + (h / rep) * hd;
-      __m256 acc[8];
-      for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < hd; c += 8) {
-        const __m256 qc = _mm256_loadu_ps(qh + c);
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kg + u * kstride + c), acc[u]);
-      }
-      const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-      const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-      _mm256_storeu_ps(p + h * n + j, _mm256_mul_ps(sum, vs));
-    }
+    for (int64_t h = 0; h < heads; ++h) scores8_avx2(q + h * hd, kr + (h / rep) * hd, kstride, hd, vs, p + h * n + j);
   }
   for (; j < n; ++j)
     for (int64_t h = 0; h < heads; ++h)
@@ -386,15 +376,13 @@ void decode_part_avx2(const float* q, int64_t heads, int64_t kv_heads, int64_t h
 void decode_attention_avx2(const float* q, int64_t heads, int64_t hd, const float* k, const float* v,
                            int64_t kv_heads, int64_t start, int64_t window, const float* sinks, float* out) {
   const int64_t j0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0, n = start + 1 - j0;
-  const int64_t keys = kDecodePartKeys, parts = (n + keys - 1) / keys;
+  const int64_t parts = (n + kDecodePartKeys - 1) / kDecodePartKeys;
   const float scale = 1.0f / std::sqrt(float(hd));
   std::vector<DecodePart> part(static_cast<size_t>(parts));
-  auto run = [&](int64_t i) {
-    const int64_t a = j0 + i * keys;
-    decode_part_avx2(q, heads, kv_heads, hd, k, v, a, std::min(j0 + n, a + keys), scale,
-                     part[size_t(i)]);
-  };
-  ThreadPool::instance().parallel_for(parts, run);
+  ThreadPool::instance().parallel_for(parts, [&](int64_t i) {
+    const int64_t a = j0 + i * kDecodePartKeys;
+    decode_part_avx2(q, heads, kv_heads, hd, k, v, a, std::min(j0 + n, a + kDecodePartKeys), scale, part[size_t(i)]);
+  });
   for (int64_t h = 0; h < heads; ++h) {  // merge the parts in order: with sinks, head h's sink logit
     float mx = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();  // joins the max and the sum
     for (const DecodePart& d : part) mx = std::max(mx, d.m[size_t(h)]);
