@@ -35,16 +35,38 @@ QMatrix linear_of(const py::tuple& t, std::vector<py::object>& keep) {
 
 using FloatBuffer = py::array_t<float, py::array::c_style>;
 
-// The arguments step() and attend() share: h [hidden], the KV cache [capacity > pos, kv_heads, head_dim].
-void check_step_args(const char* who, const DecodeLayer& L, const FloatBuffer& h, const FloatBuffer& kc,
-                     const FloatBuffer& vc, int64_t pos) {
+bool is_half(const py::array& a) { return a.dtype().kind() == 'f' && a.itemsize() == 2; }
+
+// The arguments step() and attend() share: h [hidden] and the KV cache, keys and values
+// [kv_heads, capacity > pos, head_dim] each, C-contiguous, both float32 or both float16.
+LayerKV step_args(const char* who, const DecodeLayer& L, const FloatBuffer& h, py::array& kc, py::array& vc,
+                  int64_t pos) {
   const std::string at = std::string("DecodeLayer.") + who + ": ";
   if (h.ndim() != 1 || h.shape(0) != int64_t(L.hidden)) throw std::invalid_argument(at + "h must be float32 [hidden]");
-  for (const auto* c : {&kc, &vc})
-    if (c->ndim() != 3 || c->shape(1) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim))
-      throw std::invalid_argument(at + "the KV cache must be float32 [capacity, kv_heads, head_dim]");
-  if (pos < 0 || kc.shape(0) <= pos || vc.shape(0) <= pos)
+  const bool half = is_half(kc);
+  for (const py::array* c : {&kc, &vc})
+    if (c->ndim() != 3 || c->shape(0) != int64_t(L.kv_heads) || c->shape(2) != int64_t(L.head_dim) ||
+        c->shape(1) != kc.shape(1) || !(c->flags() & py::array::c_style) || !c->writeable() ||
+        !(half ? is_half(*c) : c->dtype().is(py::dtype::of<float>())))
+      throw std::invalid_argument(at +
+                                  "the KV cache must be writable C-contiguous [kv_heads, capacity, head_dim] arrays, "
+                                  "keys and values alike, float32 or float16");
+  if (pos < 0 || kc.shape(1) <= pos)
     throw std::invalid_argument(at + "position " + std::to_string(pos) + " is outside the KV cache's capacity");
+  return LayerKV{kc.mutable_data(), vc.mutable_data(), int64_t(kc.shape(1)), half};
+}
+
+// A key or value array [S, kv_heads, hd] as attention() reads it: float16 or float32 rows of
+// hd contiguous values, in place when its strides allow (the decode cache's [kv_heads,
+// capacity, hd] seen as [S, kv_heads, hd]), else a packed copy (other dtypes: float32).
+py::array kv_rows(const py::array& a) {
+  const bool half = is_half(a);
+  const py::ssize_t e = half ? 2 : 4;
+  if ((half || a.dtype().is(py::dtype::of<float>())) && a.ndim() == 3 && a.strides(2) == e && a.strides(0) > 0 &&
+      a.strides(1) > 0 && a.strides(0) % e == 0 && a.strides(1) % e == 0)
+    return a;
+  if (half) return py::array::ensure(a, py::array::c_style);
+  return py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(a);
 }
 
 }  // namespace
@@ -98,8 +120,16 @@ void bind_dense_ops(py::module_& m) {
       "positions start..start+T-1.");
   m.def(
       "attention",
-      [](const FloatArray& q, const FloatArray& k, const FloatArray& v, int64_t start, int64_t window,
+      [](const FloatArray& q, const py::array& k_in, const py::array& v_in, int64_t start, int64_t window,
          const std::optional<FloatArray>& sinks) {
+        py::array k = kv_rows(k_in), v = kv_rows(v_in);
+        if (!k || !v) throw std::invalid_argument("attention: k and v must be arrays of float32 or float16");
+        if (is_half(k) != is_half(v))
+          throw std::invalid_argument("attention: k and v must have one dtype, float32 or float16");
+        if (k.ndim() == 3 && v.ndim() == 3 && (k.strides(0) != v.strides(0) || k.strides(1) != v.strides(1))) {
+          k = py::array::ensure(k, py::array::c_style);  // one layout for both
+          v = py::array::ensure(v, py::array::c_style);
+        }
         if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3)
           throw std::invalid_argument(
               "attention: q, k, v must be [T, heads, hd], [S, kv_heads, hd], [S, kv_heads, hd]");
@@ -112,16 +142,19 @@ void bind_dense_ops(py::module_& m) {
         if (sinks && (sinks->ndim() != 1 || sinks->shape(0) != heads))
           throw std::invalid_argument("attention: sinks must be [heads] = [" + std::to_string(heads) + "]");
         FloatArray out({T, heads * hd});
-        const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *sp = sinks ? sinks->data() : nullptr;
+        const float *qp = q.data(), *sp = sinks ? sinks->data() : nullptr;
+        const void *kp = k.data(), *vp = v.data();
+        const int64_t e = k.itemsize();
+        const KVLayout kv{int64_t(k.strides(0)) / e, int64_t(k.strides(1)) / e, is_half(k)};
         float* op = out.mutable_data();
         py::gil_scoped_release nogil;
-        attention(qp, T, heads, hd, kp, vp, S, kvh, start, window, op, sp);
+        attention(qp, T, heads, hd, kp, vp, S, kvh, start, window, op, sp, kv);
         return out;
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"), py::arg("window") = 0,
-      py::arg("sinks") = py::none(),
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("start"), py::arg("window") = 0, py::arg("sinks") = py::none(),
       "Causal grouped-query attention: q [T, heads, hd] at positions start.., k and v the whole\n"
-      "cache [start + T, kv_heads, hd]. window > 0: a query sees only its last `window` keys.\n"
+      "cache [start + T, kv_heads, hd], float32 or float16, read in place when each row's head_dim\n"
+      "values are contiguous. window > 0: a query sees only its last `window` keys.\n"
       "sinks [heads] float32: a logit per head added to each softmax's denominator (attention sinks).\n"
       "Returns [T, heads * hd].");
   m.def(
@@ -192,41 +225,36 @@ void bind_decode_layer(py::module_& m) {
            py::arg("head_dim"), py::arg("top_k"), py::arg("window"), py::arg("eps"), py::arg("normalize"))
       .def(
           "step",
-          [](const PyDecodeLayer& self, ExpertCache& cache, FloatBuffer h, FloatBuffer kc, FloatBuffer vc,
-             int64_t pos) {
+          [](const PyDecodeLayer& self, ExpertCache& cache, FloatBuffer h, py::array kc, py::array vc, int64_t pos) {
             const DecodeLayer& L = self.L;
-            check_step_args("step", L, h, kc, vc, pos);
+            const LayerKV kv = step_args("step", L, h, kc, vc, pos);
             if (L.layer >= cache.store().num_layers())
               throw std::invalid_argument("DecodeLayer.step: layer " + std::to_string(L.layer) +
                                           " is out of range for the experts file");
             float* hp = h.mutable_data();
-            float* kp = kc.mutable_data();
-            float* vp = vc.mutable_data();
             py::gil_scoped_release nogil;
-            decode_layer(L, cache, hp, kp, vp, pos);
+            decode_layer(L, cache, hp, kv, pos);
           },
           py::arg("cache"), py::arg("h").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
           py::arg("pos"),
           "The token at position pos through this layer: h [hidden] += attention + MoE, in place;\n"
-          "writes position pos of k_cache / v_cache [capacity, kv_heads, head_dim] and attends to\n"
-          "positions 0..pos.")
+          "writes position pos of k_cache / v_cache [kv_heads, capacity, head_dim] (float32, or\n"
+          "float16 rounded to nearest) and attends to positions 0..pos.")
       .def(
           "attend",
-          [](const PyDecodeLayer& self, FloatBuffer h, FloatBuffer kc, FloatBuffer vc, int64_t pos) {
+          [](const PyDecodeLayer& self, FloatBuffer h, py::array kc, py::array vc, int64_t pos) {
             const DecodeLayer& L = self.L;
-            check_step_args("attend", L, h, kc, vc, pos);
+            const LayerKV kv = step_args("attend", L, h, kc, vc, pos);
             py::array_t<float> x({int64_t(1), int64_t(L.hidden)});
             py::array_t<int32_t> ids({int64_t(1), int64_t(L.top_k)});
             py::array_t<float> w({int64_t(1), int64_t(L.top_k)});
             float* hp = h.mutable_data();
-            float* kp = kc.mutable_data();
-            float* vp = vc.mutable_data();
             float* xp = x.mutable_data();
             int32_t* ip = ids.mutable_data();
             float* wp = w.mutable_data();
             {
               py::gil_scoped_release nogil;
-              decode_attend(L, hp, kp, vp, pos, xp, ip, wp);
+              decode_attend(L, hp, kv, pos, xp, ip, wp);
             }
             return py::make_tuple(x, ids, w);
           },

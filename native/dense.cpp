@@ -3,17 +3,19 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common.h"
 #include "threadpool.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define EDGEMOE_DENSE_AVX2 1
 #elif defined(__aarch64__) && defined(__ARM_NEON)
@@ -22,6 +24,53 @@
 #endif
 
 namespace edgemoe {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // infinity, NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // rebias 15 -> 127
+  } else {
+    float f = float(man) * 0x1p-24f;  // zero, subnormal: man * 2^-24 exactly
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  bits &= 0x7fffffffu;
+  if (bits > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN (quiet)
+  if (bits >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // |x| >= 65520 rounds to infinity
+  if (bits < 0x38800000u) {                                  // below 2^-14: a subnormal half (or zero)
+    float a;
+    std::memcpy(&a, &bits, 4);
+    return uint16_t(sign | uint16_t(std::nearbyint(a * 0x1p24f)));  // units of 2^-24, ties to even
+  }
+  // a normal half: rebias the exponent (127 -> 15) and round the 13 dropped bits to nearest,
+  // ties to the even mantissa (a carry into the exponent is the right result)
+  const uint32_t odd = (bits >> 13) & 1u;
+  return uint16_t(sign | ((bits - (112u << 23) + 0xfffu + odd) >> 13));
+}
+
+void floats_to_halves(const float* x, int64_t n, uint16_t* y) {
+  int64_t i = 0;
+#if defined(EDGEMOE_DENSE_AVX2)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(EDGEMOE_DENSE_NEON)
+  for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+#endif
+  for (; i < n; ++i) y[i] = float_to_half(x[i]);
+}
 
 namespace {
 
@@ -68,6 +117,50 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
 #endif
   for (; i < n; ++i) y[i] += a * x[i];
 }
+
+// A float16 key or value of the KV cache (KVLayout::half), as a type to choose kernels by.
+struct Half {
+  uint16_t bits;
+};
+
+inline float value(float x) { return x; }
+inline float value(Half h) { return half_to_float(h.bits); }
+
+// dot() and axpy() with keys or values stored as E (float or Half): a Half row is widened
+// first, so both give the same bits for the same values.
+template <class E>
+inline float dot(const float* q, const E* k, int64_t n) {
+  if constexpr (std::is_same_v<E, float>) {
+    return dot(q, static_cast<const float*>(k), n);
+  } else {
+    float buf[512];
+    std::vector<float> big(n > 512 ? size_t(n) : 0);
+    float* w = n > 512 ? big.data() : buf;
+    for (int64_t i = 0; i < n; ++i) w[i] = value(k[i]);
+    return dot(q, w, n);
+  }
+}
+
+template <class E>
+inline void axpy(float a, const E* x, float* y, int64_t n) {
+  if constexpr (std::is_same_v<E, float>) {
+    axpy(a, static_cast<const float*>(x), y, n);
+  } else {
+    float buf[512];
+    std::vector<float> big(n > 512 ? size_t(n) : 0);
+    float* w = n > 512 ? big.data() : buf;
+    for (int64_t i = 0; i < n; ++i) w[i] = value(x[i]);
+    axpy(a, w, y, n);
+  }
+}
+
+#if defined(EDGEMOE_DENSE_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#elif defined(EDGEMOE_DENSE_NEON)
+inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load4(const Half* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(&p->bits))); }
+#endif
 
 #if defined(EDGEMOE_DENSE_AVX2)
 // e^x for 8 floats with x <= 0 (a softmax after subtracting the row max): x = k ln2 + r
@@ -209,12 +302,13 @@ namespace {
 
 // p[0..8) = scale * q . k_u for the eight keys k_u = k + u * kstride (hd floats, hd % 8 == 0):
 // their eight partial-sum vectors reduced together into one vector of scores.
-inline void scores8_avx2(const float* q, const float* k, int64_t kstride, int64_t hd, __m256 scale, float* p) {
+template <class E>
+inline void scores8_avx2(const float* q, const E* k, int64_t kstride, int64_t hd, __m256 scale, float* p) {
   __m256 acc[8];
   for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
   for (int64_t c = 0; c < hd; c += 8) {
     const __m256 qc = _mm256_loadu_ps(q + c);
-    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + u * kstride + c), acc[u]);
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(qc, load8(k + u * kstride + c), acc[u]);
   }
   const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
   const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -223,7 +317,8 @@ inline void scores8_avx2(const float* q, const float* k, int64_t kstride, int64_
 }
 
 // p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 8 == 0), eight at a time.
-void scores_avx2(const float* q, const float* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
+template <class E>
+void scores_avx2(const float* q, const E* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
   int64_t j = 0;
   const __m256 vs = _mm256_set1_ps(scale);
   for (; j + 8 <= n; j += 8) scores8_avx2(q, k + j * kstride, kstride, hd, vs, p + j);
@@ -232,7 +327,8 @@ void scores_avx2(const float* q, const float* k, int64_t kstride, int64_t n, int
 
 // o = sum_j p[j] * v_j over n value rows v_j = v + j * vstride (hd floats, hd % 8 == 0), in
 // blocks of 64 columns held in registers across all j.
-void weighted_sum_avx2(const float* p, const float* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
+template <class E>
+void weighted_sum_avx2(const float* p, const E* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
   for (int64_t c = 0; c < hd; c += 64) {
     const int w = int(std::min<int64_t>(8, (hd - c) / 8));
     __m256 acc[8];
@@ -240,14 +336,14 @@ void weighted_sum_avx2(const float* p, const float* v, int64_t vstride, int64_t 
     if (w == 8) {
       for (int64_t j = 0; j < n; ++j) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* vj = v + j * vstride + c;
-        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+        const E* vj = v + j * vstride + c;
+        for (int u = 0; u < 8; ++u) acc[u] = _mm256_fmadd_ps(pj, load8(vj + 8 * u), acc[u]);
       }
     } else {
       for (int64_t j = 0; j < n; ++j) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        const float* vj = v + j * vstride + c;
-        for (int u = 0; u < w; ++u) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * u), acc[u]);
+        const E* vj = v + j * vstride + c;
+        for (int u = 0; u < w; ++u) acc[u] = _mm256_fmadd_ps(pj, load8(vj + 8 * u), acc[u]);
       }
     }
     for (int u = 0; u < w; ++u) _mm256_storeu_ps(o + c + 8 * u, acc[u]);
@@ -294,15 +390,15 @@ inline void scores_tile(const float* const* qrow, const float* kt, int64_t hd, f
 }
 
 // o[i][c0 .. c0 + 8W) = sum_j p[i][j] v_j over j in [ja, jb), R rows (p zero outside each row's range).
-template <int R, int W>
-inline void pv_tile(const float* const* p, const float* v, int64_t vstride, int64_t ja, int64_t jb, int64_t c0,
+template <int R, int W, class E>
+inline void pv_tile(const float* const* p, const E* v, int64_t vstride, int64_t ja, int64_t jb, int64_t c0,
                     float* const* o) {
   __m256 acc[R][W];
   for (int i = 0; i < R; ++i)
     for (int u = 0; u < W; ++u) acc[i][u] = _mm256_setzero_ps();
   for (int64_t j = ja; j < jb; ++j) {
     __m256 vj[W];
-    for (int u = 0; u < W; ++u) vj[u] = _mm256_loadu_ps(v + j * vstride + c0 + 8 * u);
+    for (int u = 0; u < W; ++u) vj[u] = load8(v + j * vstride + c0 + 8 * u);
     for (int i = 0; i < R; ++i) {
       const __m256 pj = _mm256_broadcast_ss(p[i] + j);
       for (int u = 0; u < W; ++u) acc[i][u] = _mm256_fmadd_ps(pj, vj[u], acc[i][u]);
@@ -312,100 +408,21 @@ inline void pv_tile(const float* const* p, const float* v, int64_t vstride, int6
     for (int u = 0; u < W; ++u) _mm256_storeu_ps(o[i] + c0 + 8 * u, acc[i][u]);
 }
 
-template <int R>
-void pv_rows(const float* const* p, const float* v, int64_t vstride, int64_t ja, int64_t jb, int64_t hd,
-             float* const* o) {
+template <int R, class E>
+void pv_rows(const float* const* p, const E* v, int64_t vstride, int64_t ja, int64_t jb, int64_t hd, float* const* o) {
   int64_t c = 0;
-  for (; c + 32 <= hd; c += 32) pv_tile<R, 4>(p, v, vstride, ja, jb, c, o);
-  for (; c < hd; c += 8) pv_tile<R, 1>(p, v, vstride, ja, jb, c, o);
-}
-
-// ---- one token's attention over a long cache, in parts read row by row. A row of the cache
-// holds every kv head (k, v [S, kv_heads, hd]); a kv head's keys alone are hd floats of every
-// kv_heads * hd, a strided stream, and once a kv head's keys and values outgrow L2 each of
-// the heads that share it reads them from memory again. A part takes kDecodePartKeys whole
-// rows and every head over them, so each thread reads the cache front to back; the parts'
-// softmax pieces are merged in order, so the result does not depend on the threads that took
-// them. From kDecodePartsFrom positions on (tools/bench_attention.py on a Zen 4: level at
-// 768, 1.2x at 1024, 1.6x at 1536); below, a task per kv head is as fast or faster.
-
-constexpr int64_t kDecodePartKeys = 64;
-constexpr int64_t kDecodePartsFrom = 1024;
-
-// Keys [a, b) for every head of one token (q [heads, hd]): m[h] the part's largest score, s[h]
-// the sum of e^(score - m[h]) over the part, acc[h] [hd] the sum of e^(score - m[h]) v_j.
-struct DecodePart {
-  std::vector<float> m, s, acc, p;
-};
-
-void decode_part_avx2(const float* q, int64_t heads, int64_t kv_heads, int64_t hd, const float* k, const float* v,
-                      int64_t a, int64_t b, float scale, DecodePart& out) {
-  const int64_t rep = heads / kv_heads, kstride = kv_heads * hd, n = b - a;
-  out.p.resize(size_t(heads * n));
-  out.m.resize(size_t(heads));
-  out.s.resize(size_t(heads));
-  out.acc.assign(size_t(heads * hd), 0.0f);
-  float* p = out.p.data();
-  const __m256 vs = _mm256_set1_ps(scale);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {  // eight rows, every head's scores over them while they are in L1
-    const float* kr = k + (a + j) * kstride;
-    for (int64_t h = 0; h < heads; ++h) scores8_avx2(q + h * hd, kr + (h / rep) * hd, kstride, hd, vs, p + h * n + j);
-  }
-  for (; j < n; ++j)
-    for (int64_t h = 0; h < heads; ++h)
-      p[h * n + j] = dot(q + h * hd, k + (a + j) * kstride + (h / rep) * hd, hd) * scale;
-  for (int64_t h = 0; h < heads; ++h) {
-    float* ph = p + h * n;
-    out.m[size_t(h)] = *std::max_element(ph, ph + n);
-    out.s[size_t(h)] = exp_shifted_sum(ph, n, out.m[size_t(h)]);
-  }
-  for (j = 0; j < n; ++j) {  // the values row by row, every head's weight of the row
-    const float* vr = v + (a + j) * kstride;
-    for (int64_t h = 0; h < heads; ++h) {
-      const __m256 pj = _mm256_set1_ps(p[h * n + j]);
-      const float* vg = vr + (h / rep) * hd;
-      float* o = &out.acc[size_t(h * hd)];
-      for (int64_t c = 0; c < hd; c += 8)
-        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vg + c), _mm256_loadu_ps(o + c)));
-    }
-  }
-}
-
-// attention() for T == 1 (hd % 8 == 0): the token at position `start` over keys j0..start.
-void decode_attention_avx2(const float* q, int64_t heads, int64_t hd, const float* k, const float* v,
-                           int64_t kv_heads, int64_t start, int64_t window, const float* sinks, float* out) {
-  const int64_t j0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0, n = start + 1 - j0;
-  const int64_t parts = (n + kDecodePartKeys - 1) / kDecodePartKeys;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  std::vector<DecodePart> part(static_cast<size_t>(parts));
-  ThreadPool::instance().parallel_for(parts, [&](int64_t i) {
-    const int64_t a = j0 + i * kDecodePartKeys;
-    decode_part_avx2(q, heads, kv_heads, hd, k, v, a, std::min(j0 + n, a + kDecodePartKeys), scale, part[size_t(i)]);
-  });
-  for (int64_t h = 0; h < heads; ++h) {  // merge the parts in order: with sinks, head h's sink logit
-    float mx = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();  // joins the max and the sum
-    for (const DecodePart& d : part) mx = std::max(mx, d.m[size_t(h)]);
-    float sum = sinks ? std::exp(sinks[h] - mx) : 0.0f;
-    float* o = out + h * hd;
-    std::fill(o, o + hd, 0.0f);
-    for (const DecodePart& d : part) {
-      const float f = std::exp(d.m[size_t(h)] - mx);
-      sum += f * d.s[size_t(h)];
-      axpy(f, &d.acc[size_t(h * hd)], o, hd);
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t c = 0; c < hd; ++c) o[c] *= inv;
-  }
+  for (; c + 32 <= hd; c += 32) pv_tile<R, 4, E>(p, v, vstride, ja, jb, c, o);
+  for (; c < hd; c += 8) pv_tile<R, 1, E>(p, v, vstride, ja, jb, c, o);
 }
 
 // Tokens [t0, t1) of the prompt, kv head g (hd % 8 == 0): q [T, heads, hd], k and v [S,
-// kv_heads, hd] -> out rows of those tokens and of the heads that share g; sinks [heads] or
-// nullptr (a logit per head in each softmax's max and sum, with no value). buf: scratch.
-void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int64_t heads, int64_t hd,
-                          const float* k, const float* v, int64_t kv_heads, int64_t start, int64_t window,
-                          const float* sinks, float* out, std::vector<float>& buf) {
-  const int64_t rep = heads / kv_heads, kstride = kv_heads * hd, nq = (t1 - t0) * rep;
+// kv_heads, hd] as kv says -> out rows of those tokens and of the heads that share g; sinks
+// [heads] or nullptr (a logit per head in each softmax's max and sum, with no value). buf: scratch.
+template <class E>
+void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int64_t heads, int64_t hd, const E* k,
+                          const E* v, KVLayout kv, int64_t kv_heads, int64_t start, int64_t window, const float* sinks,
+                          float* out, std::vector<float>& buf) {
+  const int64_t rep = heads / kv_heads, kstride = kv.pos, nq = (t1 - t0) * rep;
   const int64_t last = start + t1 - 1;
   const int64_t j0 = window > 0 ? std::max<int64_t>(0, start + t0 - window + 1) : 0, n = last + 1 - j0;
   const int64_t n8 = (n + 7) / 8 * 8;
@@ -413,11 +430,12 @@ void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int
   buf.resize(size_t(nq * n8 + hd * 8));
   float* s = buf.data();  // [nq][n8] scores, then probabilities
   float* kt = s + nq * n8;
-  const float* kg = k + j0 * kstride + g * hd;
-  const float* vg = v + j0 * kstride + g * hd;
+  const E* kg = k + j0 * kstride + g * kv.head;
+  const E* vg = v + j0 * kstride + g * kv.head;
   std::vector<const float*> qrow(static_cast<size_t>(nq));
   std::vector<float*> orow(static_cast<size_t>(nq));
-  std::vector<int64_t> lo(static_cast<size_t>(nq)), hi(static_cast<size_t>(nq));  // each row's keys [lo, hi), relative to j0
+  std::vector<int64_t> lo(static_cast<size_t>(nq)),
+      hi(static_cast<size_t>(nq));  // each row's keys [lo, hi), relative to j0
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t t = t0 + i / rep, h = g * rep + i % rep, pos = start + t;
     qrow[size_t(i)] = q + (t * heads + h) * hd;
@@ -430,7 +448,7 @@ void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int
     const int64_t m = std::min<int64_t>(8, n - jb);
     for (int64_t c = 0; c < hd; c += 8) {
       __m256 r[8];
-      for (int l = 0; l < 8; ++l) r[l] = l < m ? _mm256_loadu_ps(kg + (jb + l) * kstride + c) : _mm256_setzero_ps();
+      for (int l = 0; l < 8; ++l) r[l] = l < m ? load8(kg + (jb + l) * kstride + c) : _mm256_setzero_ps();
       transpose8_ps(r);
       for (int l = 0; l < 8; ++l) _mm256_storeu_ps(kt + (c + l) * 8, r[l]);
     }
@@ -475,14 +493,15 @@ namespace {
 
 // p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats, hd % 4 == 0): eight keys
 // at a time, their partial-sum vectors reduced pairwise into two vectors of scores.
-void scores_neon(const float* q, const float* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
+template <class E>
+void scores_neon(const float* q, const E* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     float32x4_t acc[8];
     for (int u = 0; u < 8; ++u) acc[u] = vdupq_n_f32(0);
     for (int64_t c = 0; c < hd; c += 4) {
       const float32x4_t qc = vld1q_f32(q + c);
-      for (int u = 0; u < 8; ++u) acc[u] = vfmaq_f32(acc[u], qc, vld1q_f32(k + (j + u) * kstride + c));
+      for (int u = 0; u < 8; ++u) acc[u] = vfmaq_f32(acc[u], qc, load4(k + (j + u) * kstride + c));
     }
     const float32x4_t s0 = vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3]));
     const float32x4_t s1 = vpaddq_f32(vpaddq_f32(acc[4], acc[5]), vpaddq_f32(acc[6], acc[7]));
@@ -494,20 +513,21 @@ void scores_neon(const float* q, const float* k, int64_t kstride, int64_t n, int
 
 // o = sum_j p[j] * v_j over n value rows v_j = v + j * vstride (hd floats, hd % 4 == 0), in
 // blocks of 64 columns held in 16 registers across all j.
-void weighted_sum_neon(const float* p, const float* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
+template <class E>
+void weighted_sum_neon(const float* p, const E* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
   for (int64_t c = 0; c < hd; c += 64) {
     const int w = int(std::min<int64_t>(16, (hd - c) / 4));
     float32x4_t acc[16];
     for (int u = 0; u < 16; ++u) acc[u] = vdupq_n_f32(0);
     if (w == 16) {
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = v + j * vstride + c;
-        for (int u = 0; u < 16; ++u) acc[u] = vfmaq_n_f32(acc[u], vld1q_f32(vj + 4 * u), p[j]);
+        const E* vj = v + j * vstride + c;
+        for (int u = 0; u < 16; ++u) acc[u] = vfmaq_n_f32(acc[u], load4(vj + 4 * u), p[j]);
       }
     } else {
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = v + j * vstride + c;
-        for (int u = 0; u < w; ++u) acc[u] = vfmaq_n_f32(acc[u], vld1q_f32(vj + 4 * u), p[j]);
+        const E* vj = v + j * vstride + c;
+        for (int u = 0; u < w; ++u) acc[u] = vfmaq_n_f32(acc[u], load4(vj + 4 * u), p[j]);
       }
     }
     for (int u = 0; u < w; ++u) vst1q_f32(o + c + 4 * u, acc[u]);
@@ -517,61 +537,102 @@ void weighted_sum_neon(const float* p, const float* v, int64_t vstride, int64_t 
 }  // namespace
 #endif
 
-void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
-               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks) {
-  // q [T, heads, hd]; k, v [S, kv_heads, hd]; sinks [heads] or nullptr; out [T, heads, hd]
-  assert(heads % kv_heads == 0 && S == start + T);
-  const int64_t rep = heads / kv_heads, kstride = kv_heads * hd;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  // One task per (token, kv head): the `rep` query heads that share a kv head, one after
-  // another while that head's keys and values are in cache.
-  // p [n] scores of head h -> exp(p - m) in place, returning their sum; with sinks, head h's sink
-  // logit takes part in the max m and the sum (its probability is dropped: no value of its own)
-  auto softmax_sum = [&](std::vector<float>& p, int64_t n, int64_t h) {
-    const float mx = *std::max_element(p.begin(), p.begin() + n);
-    if (!sinks) return exp_shifted_sum(p.data(), n, mx);
-    const float m = std::max(mx, sinks[h]);
-    return exp_shifted_sum(p.data(), n, m) + std::exp(sinks[h] - m);
-  };
-  auto group = [&](int64_t i, std::vector<float>& p) {  // i = t * kv_heads + g
-    const int64_t t = i / kv_heads, g = i % kv_heads, pos = start + t;
-    const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - j0;
-    const float* kg = k + j0 * kstride + g * hd;
-    const float* vg = v + j0 * kstride + g * hd;
-    p.resize(size_t(n));
-    for (int64_t r = 0; r < rep; ++r) {
-      const int64_t h = g * rep + r;
-      const float* qi = q + (t * heads + h) * hd;
-      float* o = out + (t * heads + h) * hd;
+namespace {
+
+// p[j] = scale * q . k_j for n keys k_j = k + j * kstride (hd floats).
+template <class E>
+inline void head_scores(const float* q, const E* k, int64_t kstride, int64_t n, int64_t hd, float scale, float* p) {
 #if defined(EDGEMOE_DENSE_AVX2)
-      if (hd % 8 == 0) {
-        scores_avx2(qi, kg, kstride, n, hd, scale, p.data());
-        const float inv = 1.0f / softmax_sum(p, n, h);
-        for (float& e : p) e *= inv;
-        weighted_sum_avx2(p.data(), vg, kstride, n, hd, o);
-        continue;
-      }
+  if (hd % 8 == 0) return scores_avx2(q, k, kstride, n, hd, scale, p);
 #elif defined(EDGEMOE_DENSE_NEON)
-      if (hd % 4 == 0) {
-        scores_neon(qi, kg, kstride, n, hd, scale, p.data());
-        const float inv = 1.0f / softmax_sum(p, n, h);
-        for (float& e : p) e *= inv;
-        weighted_sum_neon(p.data(), vg, kstride, n, hd, o);
-        continue;
-      }
+  if (hd % 4 == 0) return scores_neon(q, k, kstride, n, hd, scale, p);
 #endif
-      for (int64_t j = 0; j < n; ++j) p[size_t(j)] = dot(qi, kg + j * kstride, hd) * scale;
-      const float inv = 1.0f / softmax_sum(p, n, h);
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t j = 0; j < n; ++j) axpy(p[size_t(j)] * inv, vg + j * kstride, o, hd);
+  for (int64_t j = 0; j < n; ++j) p[j] = dot(q, k + j * kstride, hd) * scale;
+}
+
+// o = sum_j p[j] v_j over n value rows v_j = v + j * vstride (hd floats).
+template <class E>
+inline void head_values(const float* p, const E* v, int64_t vstride, int64_t n, int64_t hd, float* o) {
+#if defined(EDGEMOE_DENSE_AVX2)
+  if (hd % 8 == 0) return weighted_sum_avx2(p, v, vstride, n, hd, o);
+#elif defined(EDGEMOE_DENSE_NEON)
+  if (hd % 4 == 0) return weighted_sum_neon(p, v, vstride, n, hd, o);
+#endif
+  std::fill(o, o + hd, 0.0f);
+  for (int64_t j = 0; j < n; ++j) axpy(p[j], v + j * vstride, o, hd);
+}
+
+// ---- one token's attention (T == 1): the token at position `start` over keys j0..start. Each
+// kv head's keys are cut into parts of kDecodePartKeys; a task takes one part of one kv head
+// and every query head that shares it, one after another while the part's keys and values are
+// in L2 (kv head major, the decode cache's layout, makes the part one contiguous stream per
+// array), and leaves per query head the part's largest score m, the sum s of e^(score - m)
+// and the e^(score - m)-weighted sum of its values. The parts are merged in order, so the
+// result does not depend on the threads that took them, and a few kv heads still make work
+// for every thread once the cache is long.
+constexpr int64_t kDecodePartKeys = 512;
+
+template <class E>
+void decode_attention(const float* q, int64_t heads, int64_t hd, const E* k, const E* v, KVLayout kv, int64_t kv_heads,
+                      int64_t start, int64_t window, const float* sinks, float* out) {
+  const int64_t rep = heads / kv_heads;
+  const int64_t j0 = window > 0 ? std::max<int64_t>(0, start - window + 1) : 0, n = start + 1 - j0;
+  const int64_t parts = (n + kDecodePartKeys - 1) / kDecodePartKeys, tasks = parts * kv_heads;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  std::vector<float> m(size_t(parts * heads)), s(m.size()), acc(m.size() * size_t(hd));
+  auto task = [&](int64_t i) {  // i = part * kv_heads + g
+    const int64_t part = i / kv_heads, g = i % kv_heads, a = j0 + part * kDecodePartKeys;
+    const int64_t len = std::min(start + 1, a + kDecodePartKeys) - a;
+    const E* kg = k + a * kv.pos + g * kv.head;
+    const E* vg = v + a * kv.pos + g * kv.head;
+    thread_local std::vector<float> p;
+    p.resize(size_t(len));
+    for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+      const size_t at = size_t(part * heads + h);
+      head_scores(q + h * hd, kg, kv.pos, len, hd, scale, p.data());
+      m[at] = *std::max_element(p.begin(), p.end());
+      s[at] = exp_shifted_sum(p.data(), len, m[at]);
+      head_values(p.data(), vg, kv.pos, len, hd, &acc[at * size_t(hd)]);
     }
   };
+  // Worth a hand-over to the pool from a few dozen positions on: the threads are spinning
+  // between the decode step's matmuls, and serial attention leaves one of them idle.
+  if (heads * n * hd < (int64_t(1) << 15) || tasks == 1) {
+    for (int64_t i = 0; i < tasks; ++i) task(i);
+  } else {
+    ThreadPool::instance().parallel_for(tasks, task);
+  }
+  for (int64_t h = 0; h < heads; ++h) {  // merge the parts in order: with sinks, head h's sink logit
+    float mx = sinks ? sinks[h] : -std::numeric_limits<float>::infinity();  // joins the max and the sum
+    for (int64_t part = 0; part < parts; ++part) mx = std::max(mx, m[size_t(part * heads + h)]);
+    float sum = sinks ? std::exp(sinks[h] - mx) : 0.0f;
+    float* o = out + h * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (int64_t part = 0; part < parts; ++part) {
+      const size_t at = size_t(part * heads + h);
+      const float f = std::exp(m[at] - mx);
+      sum += f * s[at];
+      axpy(f, &acc[at * size_t(hd)], o, hd);
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t c = 0; c < hd; ++c) o[c] *= inv;
+  }
+}
+
+// attention() with keys and values stored as E.
+template <class E>
+void attention_kv(const float* q, int64_t T, int64_t heads, int64_t hd, const E* k, const E* v, int64_t S,
+                  int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks, KVLayout kv) {
+  if (T == 1) {
+    decode_attention(q, heads, hd, k, v, kv, kv_heads, start, window, sinks, out);
+    return;
+  }
 #if defined(EDGEMOE_DENSE_AVX2)
-  if (T > 1 && hd % 8 == 0) {  // the prompt: blocks of tokens per kv head
+  if (hd % 8 == 0) {  // the prompt: blocks of tokens per kv head
     const int64_t blocks = (T + kQueryBlock - 1) / kQueryBlock, n = blocks * kv_heads;
     auto block = [&](int64_t i, std::vector<float>& buf) {
       const int64_t b = i / kv_heads, t0 = b * kQueryBlock;
-      attention_block_avx2(q, t0, std::min(T, t0 + kQueryBlock), i % kv_heads, heads, hd, k, v, kv_heads, start,
+      attention_block_avx2(q, t0, std::min(T, t0 + kQueryBlock), i % kv_heads, heads, hd, k, v, kv, kv_heads, start,
                            window, sinks, out, buf);
     };
     if (T * heads * S * hd < (int64_t(1) << 18) || n == 1) {
@@ -585,12 +646,28 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
     }
     return;
   }
-  if (T == 1 && hd % 8 == 0 && std::min(S, window > 0 ? window : S) >= kDecodePartsFrom) {  // a long cache
-    decode_attention_avx2(q, heads, hd, k, v, kv_heads, start, window, sinks, out);
-    return;
-  }
 #endif
-  const int64_t tasks = T * kv_heads;
+  // The prompt otherwise: one task per (token, kv head), the `rep` query heads that share the
+  // kv head one after another while its keys and values are in cache. With sinks, head h's sink
+  // logit takes part in the softmax's max and sum (its probability is dropped: no value of its own).
+  const int64_t rep = heads / kv_heads, tasks = T * kv_heads;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  auto group = [&](int64_t i, std::vector<float>& p) {  // i = t * kv_heads + g
+    const int64_t t = i / kv_heads, g = i % kv_heads, pos = start + t;
+    const int64_t j0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - j0;
+    const E* kg = k + j0 * kv.pos + g * kv.head;
+    const E* vg = v + j0 * kv.pos + g * kv.head;
+    p.resize(size_t(n));
+    for (int64_t h = g * rep; h < (g + 1) * rep; ++h) {
+      head_scores(q + (t * heads + h) * hd, kg, kv.pos, n, hd, scale, p.data());
+      float mx = *std::max_element(p.begin(), p.end());
+      if (sinks) mx = std::max(mx, sinks[h]);
+      const float sum = exp_shifted_sum(p.data(), n, mx) + (sinks ? std::exp(sinks[h] - mx) : 0.0f);
+      const float inv = 1.0f / sum;
+      for (float& e : p) e *= inv;
+      head_values(p.data(), vg, kv.pos, n, hd, out + (t * heads + h) * hd);
+    }
+  };
   // Worth a hand-over to the pool from a few dozen positions on: the threads are spinning
   // between the decode step's matmuls, and serial attention leaves one of them idle.
   if (T * heads * S * hd < (int64_t(1) << 15) || tasks == 1) {
@@ -602,6 +679,21 @@ void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float
     std::vector<float> p;
     group(i, p);
   });
+}
+
+}  // namespace
+
+void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const void* k, const void* v, int64_t S,
+               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks, KVLayout kv) {
+  // q [T, heads, hd]; k, v [S, kv_heads, hd] as kv says; sinks [heads] or nullptr; out [T, heads, hd]
+  assert(heads % kv_heads == 0 && S == start + T);
+  if (kv.pos == 0) kv.pos = kv_heads * hd, kv.head = hd;
+  if (kv.half)
+    attention_kv(q, T, heads, hd, static_cast<const Half*>(k), static_cast<const Half*>(v), S, kv_heads, start, window,
+                 out, sinks, kv);
+  else
+    attention_kv(q, T, heads, hd, static_cast<const float*>(k), static_cast<const float*>(v), S, kv_heads, start,
+                 window, out, sinks, kv);
 }
 
 void softmax_topk(const float* logits, int64_t T, int64_t E, int64_t K, bool normalize, int32_t* ids, float* weights) {

@@ -16,13 +16,32 @@ void rms_norm(const float* x, const float* w, int64_t rows, int64_t n, float eps
 // (x1, x2) -> (x1 cos f - x2 sin f, x2 cos f + x1 sin f).
 void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t start, const float* inv_freq);
 
+// Where a KV cache's rows are: key (or value) j of kv head g starts at base + j * pos +
+// g * head floats, its hd floats contiguous. pos == 0: [S, kv_heads, hd] packed (pos =
+// kv_heads * hd, head = hd). The decode cache is kv head major, [kv_heads, capacity, hd]
+// (pos = hd, head = capacity * hd): each head's keys one contiguous stream.
+// half: the keys and values are IEEE float16 (uint16_t bits), else float32.
+struct KVLayout {
+  int64_t pos = 0, head = 0;
+  bool half = false;
+};
+
+// IEEE float16 <-> float32: to half rounds to nearest, ties to even (as numpy's astype
+// does), overflowing to infinity; NaN stays NaN.
+uint16_t float_to_half(float x);
+float half_to_float(uint16_t h);
+// y[i] = float_to_half(x[i]) over n values.
+void floats_to_halves(const float* x, int64_t n, uint16_t* y);
+
 // Causal grouped-query attention of T new queries q [T, heads, hd] at positions
-// start..start+T-1 against k, v [S, kv_heads, hd] (S = start + T); query head h reads
-// kv head h / (heads / kv_heads). window > 0: key j is visible from query i only if
-// i - window < j <= i. out [T, heads * hd]. sinks [heads] (gpt-oss's attention sinks, or
-// nullptr): one more logit per head in each softmax's denominator, attending to nothing.
-void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const float* k, const float* v, int64_t S,
-               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks = nullptr);
+// start..start+T-1 against k, v [S, kv_heads, hd] (S = start + T) laid out as `kv` says;
+// query head h reads kv head h / (heads / kv_heads). window > 0: key j is visible from
+// query i only if i - window < j <= i. out [T, heads * hd]. sinks [heads] (gpt-oss's
+// attention sinks, or nullptr): one more logit per head in each softmax's denominator,
+// attending to nothing.
+void attention(const float* q, int64_t T, int64_t heads, int64_t hd, const void* k, const void* v, int64_t S,
+               int64_t kv_heads, int64_t start, int64_t window, float* out, const float* sinks = nullptr,
+               KVLayout kv = {});
 
 // Per row of logits [T, E]: softmax, the K largest probabilities (largest first, the
 // lower expert id first on a tie), renormalized to sum 1 when normalize.

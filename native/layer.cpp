@@ -27,8 +27,7 @@ void check_decode_layer(const DecodeLayer& L) {
   need(L.router.rows == L.experts && L.router.cols == L.hidden, "router must be [experts, hidden]");
 }
 
-void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t pos, float* x, int32_t* ids,
-                   float* w) {
+void decode_attend(const DecodeLayer& L, float* h, const LayerKV& kv, int64_t pos, float* x, int32_t* ids, float* w) {
   const int64_t H = L.hidden, qn = int64_t(L.heads) * L.head_dim, kn = int64_t(L.kv_heads) * L.head_dim;
   const size_t hs = static_cast<size_t>(H), qs = static_cast<size_t>(qn), ks = static_cast<size_t>(kn);
   std::vector<float> q(qs), k(ks), v(ks), att(qs), y(hs), logits(L.experts);
@@ -46,9 +45,20 @@ void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t
   }
   rope(q.data(), 1, L.heads, L.head_dim, pos, L.inv_freq);
   rope(k.data(), 1, L.kv_heads, L.head_dim, pos, L.inv_freq);
-  std::memcpy(kc + pos * kn, k.data(), ks * sizeof(float));
-  std::memcpy(vc + pos * kn, v.data(), ks * sizeof(float));
-  attention(q.data(), 1, L.heads, L.head_dim, kc, vc, pos + 1, L.kv_heads, pos, L.window, att.data());
+  const int64_t hd = L.head_dim;
+  const KVLayout layout{hd, kv.capacity * hd, kv.half};  // [kv_heads, capacity, head_dim]
+  for (int64_t g = 0; g < int64_t(L.kv_heads); ++g) {    // the token's row of each kv head
+    const int64_t at = g * layout.head + pos * layout.pos;
+    if (kv.half) {
+      floats_to_halves(k.data() + g * hd, hd, static_cast<uint16_t*>(kv.k) + at);
+      floats_to_halves(v.data() + g * hd, hd, static_cast<uint16_t*>(kv.v) + at);
+    } else {
+      std::memcpy(static_cast<float*>(kv.k) + at, k.data() + g * hd, size_t(hd) * sizeof(float));
+      std::memcpy(static_cast<float*>(kv.v) + at, v.data() + g * hd, size_t(hd) * sizeof(float));
+    }
+  }
+  attention(q.data(), 1, L.heads, L.head_dim, kv.k, kv.v, pos + 1, L.kv_heads, pos, L.window, att.data(), nullptr,
+            layout);
   matmul(L.o, att.data(), 1, y.data());
   for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];
 
@@ -58,11 +68,11 @@ void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t
   softmax_topk(logits.data(), 1, L.experts, L.top_k, L.normalize, ids, w);
 }
 
-void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos) {
+void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, const LayerKV& kv, int64_t pos) {
   const size_t hs = static_cast<size_t>(L.hidden);
   std::vector<float> x(hs), y(hs), w(L.top_k);
   std::vector<int32_t> ids(L.top_k);
-  decode_attend(L, h, kc, vc, pos, x.data(), ids.data(), w.data());
+  decode_attend(L, h, kv, pos, x.data(), ids.data(), w.data());
   // MoE: h += sum of the routed experts of rms_norm(h)
   moe_forward(cache, L.layer, x.data(), 1, L.hidden, ids.data(), w.data(), L.top_k, y.data());
   for (size_t i = 0; i < hs; ++i) h[i] = h[i] + y[i];

@@ -25,18 +25,26 @@ struct DecodeLayer {
   const float* inv_freq = nullptr;   // [head_dim / 2]
 };
 
+// One layer's KV cache: keys and values [kv_heads, capacity, head_dim] each (KVLayout in
+// dense.h), float32, or float16 when half.
+struct LayerKV {
+  void* k = nullptr;
+  void* v = nullptr;
+  int64_t capacity = 0;
+  bool half = false;
+};
+
 // Checks the shapes of a DecodeLayer against each other; std::invalid_argument.
 void check_decode_layer(const DecodeLayer& L);
 
-// decode_layer's part before the experts: h [hidden] -> h + attention, in place (kc, vc as
+// decode_layer's part before the experts: h [hidden] -> h + attention, in place (kv as
 // below); then x [hidden] = the MoE's input (the normed h) and the token's top_k experts,
 // ids [top_k] and weights w [top_k], for a caller that computes them elsewhere (a cluster).
-void decode_attend(const DecodeLayer& L, float* h, float* kc, float* vc, int64_t pos, float* x, int32_t* ids,
-                   float* w);
+void decode_attend(const DecodeLayer& L, float* h, const LayerKV& kv, int64_t pos, float* x, int32_t* ids, float* w);
 
-// h [hidden] -> h + attention + MoE, in place, for the token at position pos. kc, vc:
-// the layer's KV cache [capacity > pos, kv_heads, head_dim]; position pos is written,
-// positions 0..pos are attended to.
-void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, float* kc, float* vc, int64_t pos);
+// h [hidden] -> h + attention + MoE, in place, for the token at position pos < kv.capacity:
+// the token's key and value are written at position pos of the layer's KV cache (rounded to
+// float16 in a half cache), positions 0..pos are attended to.
+void decode_layer(const DecodeLayer& L, ExpertCache& cache, float* h, const LayerKV& kv, int64_t pos);
 
 }  // namespace edgemoe

@@ -123,7 +123,8 @@ def test_stop_strings_and_eos_end_a_sequence_in_a_batch(models):
 def test_memory_needed_counts_a_kv_cache_per_sequence(models):
     m = edgemoe.load(models["mixtral"], memory_budget="40KB")
     one, four = m.memory_needed(512), m.memory_needed(512, sequences=4)
-    kv = 2 * m.config.num_hidden_layers * m.config.num_key_value_heads * m.config.head_dim * 4 * 512
+    assert m.stats()["kv_cache"] == "float16"  # the default: 2 bytes a value
+    kv = 2 * m.config.num_hidden_layers * m.config.num_key_value_heads * m.config.head_dim * 2 * 512
     assert four - one == 3 * kv
 
 

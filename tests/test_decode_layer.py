@@ -27,11 +27,13 @@ def decode_logits(model, ids: list[int], native: bool) -> np.ndarray:
 IDS = [5, 17, 17, 3, 250, 0, 42, 9, 9, 9, 100, 7, 64, 1, 33, 2, 8, 120, 77, 5]
 
 
-@pytest.mark.parametrize("bits", [16, 8, 4])
-def test_native_step_matches_the_python_path(tiny_checkpoint, tmp_path, bits):
+@pytest.mark.parametrize("bits,kv_cache", [(16, "float32"), (16, "float16"), (8, "float16"), (4, "float32")])
+def test_native_step_matches_the_python_path(tiny_checkpoint, tmp_path, bits, kv_cache):
+    """Both paths store the token's key and value in the cache alike (float16: rounded to
+    nearest, by the native step and by numpy) and read them back alike."""
     convert(tiny_checkpoint("mixtral"), tmp_path / "m", bits=bits, progress=False)
-    m = edgemoe.load(tmp_path / "m")
-    assert m.net.decode_layers is not None
+    m = edgemoe.load(tmp_path / "m", kv_cache=kv_cache)
+    assert m.net.decode_layers is not None and m.stats()["kv_cache"] == kv_cache
     np.testing.assert_array_equal(decode_logits(m, IDS, True), decode_logits(m, IDS, False))
 
 
@@ -129,13 +131,21 @@ def test_decode_layer_refuses_bad_shapes(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="h must be float32"):
         layer.step(m.cache, np.zeros(63, np.float32), kv.k[0], kv.v[0], 0)
     with pytest.raises(ValueError, match="capacity"):
-        layer.step(m.cache, h, kv.k[0], kv.v[0], kv.k[0].shape[0])
+        layer.step(m.cache, h, kv.k[0], kv.v[0], kv.k[0].shape[1])
     with pytest.raises(TypeError):
         layer.step(m.cache, h.astype(np.float64), kv.k[0], kv.v[0], 0)  # no silent copy of h
     with pytest.raises(ValueError, match="DecodeLayer.attend: h must be float32"):
         layer.attend(np.zeros(63, np.float32), kv.k[0], kv.v[0], 0)
     with pytest.raises(ValueError, match="DecodeLayer.attend: position -1"):
         layer.attend(h, kv.k[0], kv.v[0], -1)
+    for k, v in [
+        (kv.k[0], kv.v[0].astype(np.float32)),  # one dtype for both
+        (kv.k[0].transpose(1, 0, 2).copy(), kv.v[0].transpose(1, 0, 2).copy()),  # [capacity, kv_heads, hd]
+        (kv.k[0][:, ::2], kv.v[0][:, ::2]),  # not contiguous: the step writes into it
+        (kv.k[0].astype(np.float64), kv.v[0].astype(np.float64)),
+    ]:
+        with pytest.raises(ValueError, match="KV cache must be writable C-contiguous"):
+            layer.step(m.cache, h, k, v, 0)
     L = m.net.layers[0]
     lin = [(lin.w, lin.kind) for lin in (L.attn.q, L.attn.k, L.attn.v, L.attn.o, L.moe.router)]
     with pytest.raises(ValueError, match="q must be"):

@@ -53,10 +53,10 @@ def test_rope_refuses_a_copy():
         (1, 40, 4, 2, 8),
         (9, 3, 4, 1, 4),
         (64, 0, 16, 4, None),
-        (1, 1023, 8, 2, None),  # one token over a long cache: in parts of 64 positions
-        (1, 1100, 16, 4, None),  # the last part of 13
+        (1, 1023, 8, 2, None),  # one token over a long cache: each kv head's keys in parts of 512
+        (1, 1100, 16, 4, None),  # the last part of 77
         (1, 1500, 8, 2, 1100),  # a window: the parts start where it does
-        (1, 1500, 8, 2, 1000),  # a window too short for parts: a task per kv head
+        (1, 1500, 8, 2, 1000),  # a window shorter than two parts
     ],
 )
 def test_attention(T, start, heads, kv_heads, window):
@@ -82,8 +82,8 @@ def test_softmax_topk(normalize):
 
 
 def test_one_tokens_attention_is_the_same_on_any_number_of_threads():
-    """One token's attention over a long cache reads it in parts and merges them in order: the
-    same bits whichever threads took the parts."""
+    """One token's attention over a long cache reads each kv head's keys in parts and merges
+    them in order: the same bits whichever threads took the parts."""
     q = RNG.standard_normal((1, 16, 64)).astype(np.float32)
     k, v = (RNG.standard_normal((1300, 4, 64)).astype(np.float32) for _ in range(2))
     sinks = RNG.standard_normal(16).astype(np.float32)
@@ -98,3 +98,24 @@ def test_one_tokens_attention_is_the_same_on_any_number_of_threads():
     for g in got[1:]:
         np.testing.assert_array_equal(g[0], got[0][0])
         np.testing.assert_array_equal(g[1], got[0][1])
+
+
+@pytest.mark.parametrize("T,S,window", [(1, 40, None), (1, 1300, None), (1, 1300, 700), (5, 70, None), (5, 70, 9)])
+def test_attention_over_the_kv_caches_views(T, S, window):
+    """KVCache keeps each layer kv head major and append() returns [S, kv_heads, hd] views of
+    it: attention over them gives the packed arrays' outputs bit for bit."""
+    cache = base.KVCache(1, 4, 64)
+    k, v = (RNG.standard_normal((S, 4, 64)).astype(np.float32) for _ in range(2))
+    cache.append(0, k[: S - T], v[: S - T], 0)
+    kv, vv = cache.append(0, k[S - T :], v[S - T :], S - T)
+    assert cache.k[0].shape[:2] == (4, base.KVCache.CHUNK * -(-S // base.KVCache.CHUNK))
+    assert np.shares_memory(kv, cache.k[0]) and np.shares_memory(vv, cache.v[0]) and not kv.flags.c_contiguous
+    np.testing.assert_array_equal(kv, k)
+    np.testing.assert_array_equal(vv, v)
+    q = RNG.standard_normal((T, 16, 64)).astype(np.float32)
+    sinks = RNG.standard_normal(16).astype(np.float32)
+    np.testing.assert_array_equal(
+        _core.attention(q, kv, vv, S - T, window or 0, sinks), _core.attention(q, k, v, S - T, window or 0, sinks)
+    )
+    mixed = _core.attention(q, kv, np.ascontiguousarray(vv), S - T)  # two layouts: read as one, packed
+    np.testing.assert_array_equal(mixed, _core.attention(q, k, v, S - T))

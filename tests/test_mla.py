@@ -56,7 +56,7 @@ def test_the_cache_holds_one_latent_per_token_and_the_accounting_counts_it(mla_m
     cfg = json.loads((src / "config.json").read_text())
     m.logits(list(range(3, 40)))
     width = cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]  # 32 + 8, not 2 x 4 heads x (16 + 8 | 12)
-    assert all(k.shape == (256, 1, width) for k in m.kv.k) and m.kv.v is m.kv.k
+    assert all(k.shape == (1, 256, width) for k in m.kv.k) and m.kv.v is m.kv.k
     assert m.config.kv_values_per_token() == cfg["num_hidden_layers"] * width
     held = m.kv.nbytes()
     assert held == 256 * cfg["num_hidden_layers"] * width * 4

@@ -50,6 +50,7 @@ def test_an_unknown_keyword_lists_the_fields(model_dir):
         ("fallback", 2.0, "fallback is None or a gate weight"),
         ("embeddings", "mmap", "embeddings must be one of 'auto', 'file', 'ram'"),
         ("device", "pdp-11", "no device profile 'pdp-11'; known: "),
+        ("kv_cache", "bfloat16", "kv_cache must be one of 'float16', 'float32'"),
     ],
 )
 def test_bad_values_are_refused_by_name(field, value, message):
@@ -60,6 +61,19 @@ def test_bad_values_are_refused_by_name(field, value, message):
 def test_lookahead_points_and_device_profiles_are_accepted():
     assert StreamOptions(prefetch="fitted:layer_out").prefetch == "fitted:layer_out"
     assert StreamOptions(device="jetson-tx2-emmc").device == "jetson-tx2-emmc"
+
+
+def test_the_kv_cache_flag_picks_what_the_cache_keeps(model_dir, capsys):
+    """float16 by default (half the bytes), float32 on request, in the API and on the command line."""
+    half, full = edgemoe.load(model_dir), edgemoe.load(model_dir, kv_cache="float32")
+    ids = [5, 6, 7, 8, 9, 10]
+    half.logits(ids)
+    full.logits(ids)
+    assert (half.stats()["kv_cache"], full.stats()["kv_cache"]) == ("float16", "float32")
+    assert 2 * half.stats()["kv_cache_bytes"] == full.stats()["kv_cache_bytes"] > 0
+    assert half.memory_needed(512) < full.memory_needed(512)
+    assert main(["run", str(model_dir), "-p", "hello", "-n", "2", "--kv-cache", "float32", "--stats-json"]) == 0
+    assert '"kv_cache": "float32"' in capsys.readouterr().err
 
 
 def test_cli_refuses_a_size_it_cannot_read_in_one_line(model_dir, capsys):

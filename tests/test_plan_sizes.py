@@ -147,8 +147,8 @@ def test_the_context_adds_what_the_runtime_counts_for_it(config_file, capsys):
         limits[T] = json.loads(capsys.readouterr().out)["experts"]["4"]["memory_terms"]
     grown = {k for k in limits[256] if limits[1024][k] != limits[256][k]}
     assert grown == {"kv_cache", "prefill_scores", "moe_scratch"}
-    # Mixtral: 2 x 32 layers x 8 kv heads x 128 x 4 bytes per token
-    assert limits[1024]["kv_cache"] - limits[256]["kv_cache"] == 768 * 2 * 32 * 8 * 128 * 4
+    # Mixtral: 2 x 32 layers x 8 kv heads x 128 values of 2 bytes (float16) per token
+    assert limits[1024]["kv_cache"] - limits[256]["kv_cache"] == 768 * 2 * 32 * 8 * 128 * 2
 
 
 def test_an_unknown_model_type_lists_what_can_be_sized(config_file, capsys):

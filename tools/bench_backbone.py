@@ -202,7 +202,7 @@ class NativeBackbone:
             h = m.block(i, h, self.kv, start)
             if trace is not None:
                 x, ids, weights = routed[-1]
-                trace.append((h, x, ids, weights, self.kv.k[i][start : start + 1], self.kv.v[i][start : start + 1]))
+                trace.append((h, x, ids, weights, self.kv.k[i][None, :, start], self.kv.v[i][None, :, start]))
         return m.head(h)
 
 

@@ -93,10 +93,10 @@ def main() -> None:
         a(rng.standard_normal((S - 1, HIDDEN)).astype(np.float32), rope, kv, 0, 0, EPS)  # the context
         x = rng.standard_normal((1, HIDDEN)).astype(np.float32)
         want = a(x, rope, kv, 0, S - 1, EPS)
-        got = expanded_step(a, kv_b, x, rope, kv.k[0][:S], S - 1)
+        got = expanded_step(a, kv_b, x, rope, kv.k[0][0, :S, None], S - 1)
         assert np.allclose(got, want, rtol=1e-3, atol=1e-4), np.abs(got - want).max()
         latent = median_seconds(lambda: a(x, rope, kv, 0, S - 1, EPS))
-        expanded = median_seconds(lambda: expanded_step(a, kv_b, x, rope, kv.k[0][:S], S - 1))
+        expanded = median_seconds(lambda: expanded_step(a, kv_b, x, rope, kv.k[0][0, :S, None], S - 1))
         print(f"{S:7d}  {latent * 1e3:9.2f}  {expanded * 1e3:11.2f}  {expanded / latent:17.1f}")
 
 

@@ -230,6 +230,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="on a miss for an expert whose gate weight is below THRESHOLD (e.g. 0.3), compute it from "
         "its low-bit copy (convert with --fallback-bits) instead of reading the full one",
     )
+    p.add_argument(
+        "--kv-cache",
+        default="float16",
+        choices=("float16", "float32"),
+        help="what the KV cache keeps keys and values as: float16 (half the memory, each value rounded) or "
+        "float32 (exact) (default float16)",
+    )
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -289,6 +296,7 @@ def stream_options(args: argparse.Namespace) -> StreamOptions:
         device=args.device,
         fallback=args.fallback,
         direct_io=not args.buffered_io,
+        kv_cache=args.kv_cache,
     )
 
 

@@ -192,13 +192,23 @@ class Rope:
 class KVCache:
     """Keys and values per layer, grown in chunks so decode appends in place. values=False:
     one array per layer serves as both (multi-head latent attention caches one latent per
-    token that its keys and values are read from)."""
+    token that its keys and values are read from).
+
+    Each layer's array is kv head major, [kv_heads, capacity, head_dim]: one kv head's keys
+    are one contiguous stream, which one token's attention reads twice as fast as rows that
+    interleave the heads (tools/bench_attention.py --layout). append() returns views
+    [positions, kv_heads, head_dim] of it, which _core.attention reads in place. dtype
+    float16 halves the cache and what a decode token reads of it (keys and values rounded
+    to nearest as they are stored, as llama.cpp keeps them); float32 keeps them exactly."""
 
     CHUNK = 256
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, values: bool = True):
-        self.k: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers
-        self.v: list[np.ndarray] = [np.empty((0, kv_heads, head_dim), np.float32)] * num_layers if values else self.k
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, values: bool = True, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        assert self.dtype in (np.float16, np.float32), "a KV cache holds float16 or float32"
+        empty = np.empty((kv_heads, 0, head_dim), self.dtype)
+        self.k: list[np.ndarray] = [empty] * num_layers
+        self.v: list[np.ndarray] = [empty] * num_layers if values else self.k
         self.length = 0
         self.kv_heads, self.head_dim = kv_heads, head_dim
         # the token ids at positions 0..length-1, kept only by a model that may have to compute
@@ -210,20 +220,22 @@ class KVCache:
 
     def reserve(self, layer: int, start: int, end: int) -> None:
         """Room for positions up to `end` in layer's arrays, keeping positions before `start`."""
-        if end > self.k[layer].shape[0]:
+        if end > self.k[layer].shape[1]:
             cap = ((end + self.CHUNK - 1) // self.CHUNK) * self.CHUNK
             for store in self.stores():
-                grown = np.empty((cap, self.kv_heads, self.head_dim), np.float32)
-                grown[:start] = store[layer][:start]
+                grown = np.empty((self.kv_heads, cap, self.head_dim), self.dtype)
+                grown[:, :start] = store[layer][:, :start]
                 store[layer] = grown
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """k, v [T, kv_heads, head_dim] at positions start.. -> all keys and values so far,
+        views [start + T, kv_heads, head_dim]."""
         end = start + k.shape[0]
         self.reserve(layer, start, end)
-        self.k[layer][start:end] = k
+        self.k[layer][:, start:end] = k.transpose(1, 0, 2)
         if self.v is not self.k:
-            self.v[layer][start:end] = v
-        return self.k[layer][:end], self.v[layer][:end]
+            self.v[layer][:, start:end] = v.transpose(1, 0, 2)
+        return self.k[layer][:, :end].transpose(1, 0, 2), self.v[layer][:, :end].transpose(1, 0, 2)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for store in self.stores() for a in store)

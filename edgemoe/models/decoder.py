@@ -61,6 +61,9 @@ class DecoderConfig:
 
     # the RoPE types this architecture's runtime implements (blocks.Rope)
     rope_types: ClassVar[tuple[str, ...]] = ("default",)
+    # bytes a KV cache value takes with load's defaults: float16 (StreamOptions.kv_cache) where
+    # the attention reads the cache natively, 4 where it reads it in numpy (kept float32)
+    kv_value_bytes: ClassVar[int] = 2
 
     @staticmethod
     def _get(d: dict[str, Any], key: str, default: Any = dataclasses.MISSING) -> Any:
@@ -168,7 +171,7 @@ class DecoderConfig:
         return cls(**cls.fields_from_dict(d))
 
     def kv_values_per_token(self) -> int:
-        """float32 values the KV cache holds per token over all layers (DecoderLM.new_kv_cache)."""
+        """Values the KV cache holds per token over all layers (DecoderLM.new_kv_cache)."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
     def attention_values_per_token(self) -> int:
@@ -235,6 +238,9 @@ class DecoderLM:
         # replaces the routed experts' computation when set (importance profiling swaps one expert)
         self.moe_override: MoEFn | None = None
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # what new_kv_cache keeps keys and values as (StreamOptions.kv_cache); an attention
+        # that reads its cache in numpy (multi-head latent attention, Switch) keeps float32
+        self.kv_dtype: type = np.float32
 
         w = Weights(tensors)
         self.embed, self.embed_dtype = tensors["tok_embeddings"]
@@ -343,9 +349,10 @@ class DecoderLM:
         raise NotImplementedError
 
     def new_kv_cache(self) -> KVCache:
-        """An empty KV cache this model's attention appends to (cfg.kv_values_per_token per token)."""
+        """An empty KV cache this model's attention appends to (cfg.kv_values_per_token per
+        token, as kv_dtype)."""
         cfg = self.cfg
-        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype=self.kv_dtype)
 
     # -- forward ------------------------------------------------------------------
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:

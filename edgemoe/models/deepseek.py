@@ -189,6 +189,8 @@ GGUF = GGUFLayout(
 
 @dataclasses.dataclass
 class Config(DecoderConfig):
+    kv_value_bytes: ClassVar[int] = 4  # the latent cache is read in numpy: float32
+
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0

@@ -63,7 +63,8 @@ class SizeModel:
     backbone: list[Tensor]
     tied: bool  # the output head is the embedding table
     heads: int
-    kv_values_per_token: int  # float32 values the KV cache holds per token, all layers
+    kv_values_per_token: int  # values the KV cache holds per token, all layers
+    kv_value_bytes: int  # bytes each takes with load's defaults (float16 or float32)
     attention_values_per_token: int  # float32 scratch values per prefilled token of one layer's attention
     expert_extra: int = 0  # values per expert besides its three matrices (biases), kept in float32
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -234,6 +235,7 @@ def _decoder(config: dict[str, Any]) -> SizeModel:
         tied=cfg.tie_word_embeddings,
         heads=cfg.num_attention_heads,
         kv_values_per_token=cfg.kv_values_per_token(),
+        kv_value_bytes=cfg.kv_value_bytes,
         attention_values_per_token=cfg.attention_values_per_token(),
         expert_extra=2 * I + H if layout.expert_biases else 0,
         notes=notes,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -163,6 +163,8 @@ LAYOUT = Layout(
 class Config(DecoderConfig):
     """Switch's config.json keys (d_model, num_heads, d_kv, d_ff, num_layers, ...) as the shared
     fields, plus the encoder-decoder's own. num_hidden_layers counts both stacks."""
+
+    kv_value_bytes: ClassVar[int] = 4  # its attention reads the cache in numpy: float32
 
     encoder_layers: int = 0
     decoder_layers: int = 0

@@ -128,6 +128,7 @@ def _at_bits(sm: SizeModel, one: int, backbone_bits: int, backbone: int, context
         backbone=in_ram,
         expert_slots=sm.layers * sm.num_experts,  # the cache's table covers dense layers too
         kv_values_per_token=sm.kv_values_per_token,
+        kv_value_bytes=sm.kv_value_bytes,
         heads=sm.heads,
         hidden=sm.hidden_size,
         top_k=sm.top_k,

@@ -125,6 +125,8 @@ class Model:
         self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
+        if hasattr(self.net, "kv_dtype"):  # grouped-query attention's cache (StreamOptions.kv_cache)
+            self.net.kv_dtype = np.dtype(o.kv_cache).type
         self.prefetcher = None  # predictive preloading (edgemoe/runtime/prefetch.py)
         if o.prefetch:
             self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio, min_prob=o.prefetch_min_prob)
@@ -496,6 +498,8 @@ class Model:
             "backbone_bytes": self.backbone_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
             "storage_emulation": self.device.name if self.device else None,
+            "kv_cache": self.kv.dtype.name,  # what the KV cache keeps keys and values as
+            "kv_cache_bytes": self.kv.nbytes(),
             "preload": self.preloading or None,  # "all", "warm" (a warm start) or None
             **({"prefetch": self.prefetcher.stats()} if self.prefetcher else {}),
             **(
@@ -550,6 +554,7 @@ class Model:
             backbone=self.backbone_bytes,
             expert_slots=copies * ex["num_layers"] * ex["num_experts"],
             kv_values_per_token=cfg.kv_values_per_token(),
+            kv_value_bytes=self.kv.dtype.itemsize,
             attention_values_per_token=cfg.attention_values_per_token(),
             heads=cfg.num_attention_heads,
             hidden=cfg.hidden_size,

@@ -27,14 +27,15 @@ def memory_terms(
     context_tokens: int,
     attention_values_per_token: int = 0,
     sequences: int = 1,
+    kv_value_bytes: int = 4,
 ) -> dict[str, int]:
     """Bytes per term of an upper bound of the process's memory while it generates up to
     context_tokens (prompt included, prefilled in one pass).
 
     experts: the expert budget (all expert bytes when unbounded); backbone: the non-expert
     weights held in RAM; expert_slots: the cache's table size (layers x experts, twice with
-    low-bit copies); kv_values_per_token: float32 values the KV cache holds per token over all
-    layers (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
+    low-bit copies); kv_values_per_token: values the KV cache holds per token over all
+    layers, kv_value_bytes each (2: float16, 4: float32; 4 bounds either) (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
     (kv_lora_rank + qk_rope_head_dim) for multi-head latent attention's latents);
     attention_values_per_token: float32 values per prefilled token that one layer's attention
     holds besides the cache (multi-head latent attention's queries and outputs in the latent space);
@@ -47,7 +48,7 @@ def memory_terms(
         "backbone": int(backbone),
         "expert_entries": expert_slots * _core.ExpertCache.entry_overhead_bytes,
         "expert_blobs": expert_slots * BLOB_BOOKKEEPING_BYTES,
-        "kv_cache": int(sequences) * kv_cap * kv_values_per_token * 4,
+        "kv_cache": int(sequences) * kv_cap * kv_values_per_token * int(kv_value_bytes),
         "prefill_scores": 2 * heads * T * T * 4,  # probabilities and a temporary [heads, T, T]
         "moe_scratch": (top_k + 2) * T * hidden * 4,  # [T, K, H] slot outputs, gathered x, y
         "attention_scratch": T * attention_values_per_token * 4,

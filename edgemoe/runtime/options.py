@@ -15,6 +15,7 @@ from ..devices import load_profile
 Policy = Literal["lru", "lfu", "structure"]
 Preload = Literal["auto", "all", "warm", "none"]
 Embeddings = Literal["auto", "file", "ram"]
+KVCacheType = Literal["float16", "float32"]
 Verify = Literal[True, False, "every read"]
 PREDICTORS = ("table", "lookahead", "fitted")  # each may end in ":moe_in" or ":layer_out" (look-aheads)
 LOOKAHEAD_POINTS = ("moe_in", "layer_out")
@@ -61,6 +62,11 @@ class StreamOptions:
         "auto": "file" under a memory budget, "ram" without one.
     device: a device profile (devices/profiles, e.g. "jetson-tx2-emmc") whose storage
         bandwidth and latency expert reads are throttled to, to emulate that device.
+    kv_cache: what the KV cache keeps keys and values as: "float16" (half the memory and
+        what a decode token reads of it, each value rounded to nearest, as llama.cpp keeps
+        them) or "float32" (exact; what matching transformers bit for bit needs). Models whose
+        attention reads the cache in numpy (DeepSeek's latent attention, Switch) keep float32;
+        stats()["kv_cache"] says which one a model uses.
     """
 
     policy: Policy = "lru"
@@ -73,12 +79,14 @@ class StreamOptions:
     verify: Verify = True
     fallback: float | None = None
     embeddings: Embeddings = "auto"
+    kv_cache: KVCacheType = "float16"
     device: str | None = None
 
     def __post_init__(self) -> None:
         _choice("policy", self.policy, get_args(Policy))
         _choice("preload", self.preload, get_args(Preload))
         _choice("embeddings", self.embeddings, get_args(Embeddings))
+        _choice("kv_cache", self.kv_cache, get_args(KVCacheType))
         _choice("verify", self.verify, get_args(Verify))
         if self.prefetch is not None:
             kind, sep, point = self.prefetch.partition(":")

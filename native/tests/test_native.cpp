@@ -429,6 +429,78 @@ static void test_dense_ops() {
                          (long long)S, (long long)T, (long long)window, int(with_sinks));
           CHECK(ok);
         }
+  // attention over a kv-head-major cache [kvh, cap, hd] (the decode cache's layout) gives the
+  // packed [S, kvh, hd] cache's outputs bit for bit: one token over short and long caches (the
+  // parts path from 1024 keys), and a prompt
+  for (int64_t hd : {12, 64})
+    for (int64_t S : {9, 70, 1100})
+      for (int64_t T : {int64_t(1), int64_t(5)}) {
+        const int64_t heads = 4, kvh = 2, cap = S + 3, start = S - T;
+        const auto q = rand_vec(size_t(T * heads * hd)), k = rand_vec(size_t(S * kvh * hd)),
+                   v = rand_vec(size_t(S * kvh * hd));
+        std::vector<float> kh(size_t(kvh * cap * hd), -1e30f), vh(kh.size(), -1e30f);
+        for (int64_t j = 0; j < S; ++j)
+          for (int64_t g = 0; g < kvh; ++g)
+            for (int64_t c = 0; c < hd; ++c) {
+              kh[size_t((g * cap + j) * hd + c)] = k[size_t((j * kvh + g) * hd + c)];
+              vh[size_t((g * cap + j) * hd + c)] = v[size_t((j * kvh + g) * hd + c)];
+            }
+        std::vector<float> packed(size_t(T * heads * hd)), major(packed.size());
+        attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, 0, packed.data());
+        attention(q.data(), T, heads, hd, kh.data(), vh.data(), S, kvh, start, 0, major.data(), nullptr,
+                  KVLayout{hd, cap * hd});
+        if (packed != major)
+          std::fprintf(stderr, "kv-head-major attention hd=%lld S=%lld T=%lld\n", (long long)hd, (long long)S,
+                       (long long)T);
+        CHECK(packed == major);
+      }
+  // float16: every half round-trips; a float midway between two neighbouring halves rounds to
+  // the even one, one ulp off it to the nearer; |x| >= 65520 overflows to infinity; the
+  // vector conversion agrees with the scalar one
+  {
+    bool ok = true;
+    std::vector<float> xs;
+    for (uint32_t h = 0; h < 0x7c00; ++h) {  // the finite non-negative halves
+      const float a = half_to_float(uint16_t(h)), na = half_to_float(uint16_t(h | 0x8000));
+      ok = ok && float_to_half(a) == h && float_to_half(na) == (h | 0x8000) && na == -a;
+      if (h + 1 == 0x7c00) break;
+      const float b = half_to_float(uint16_t(h + 1)), mid = float((double(a) + double(b)) / 2);
+      ok = ok && double(mid) == (double(a) + double(b)) / 2;  // exact in float
+      ok = ok && float_to_half(mid) == ((h & 1) ? h + 1 : h);
+      ok = ok && float_to_half(std::nextafter(mid, 0.0f)) == h && float_to_half(std::nextafter(mid, 1e9f)) == h + 1;
+      xs.insert(xs.end(), {a, mid, -mid, std::nextafter(mid, 1e9f)});
+    }
+    ok = ok && half_to_float(0x3c00) == 1.0f && half_to_float(0x0001) == 0x1p-24f && half_to_float(0x7bff) == 65504.0f;
+    ok = ok && float_to_half(65519.99f) == 0x7bff && float_to_half(65520.0f) == 0x7c00 &&
+         float_to_half(-1e30f) == 0xfc00 && float_to_half(std::numeric_limits<float>::infinity()) == 0x7c00;
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    ok = ok && std::isnan(half_to_float(float_to_half(nan))) && std::isinf(half_to_float(0x7c00));
+    xs.push_back(1e-30f);  // rounds to zero
+    std::vector<uint16_t> hv(xs.size());
+    floats_to_halves(xs.data(), int64_t(xs.size()), hv.data());
+    for (size_t i = 0; i < xs.size(); ++i) ok = ok && hv[i] == float_to_half(xs[i]);
+    CHECK(ok);
+  }
+  // attention over a float16 cache: the same bits as over a float32 cache of the same values
+  for (int64_t hd : {12, 64})
+    for (int64_t S : {9, 70, 1100})
+      for (int64_t T : {int64_t(1), int64_t(5)}) {
+        const int64_t heads = 4, kvh = 2, start = S - T;
+        const auto q = rand_vec(size_t(T * heads * hd));
+        auto k = rand_vec(size_t(S * kvh * hd)), v = rand_vec(size_t(S * kvh * hd));
+        std::vector<uint16_t> kh(k.size()), vh(v.size());
+        floats_to_halves(k.data(), int64_t(k.size()), kh.data());
+        floats_to_halves(v.data(), int64_t(v.size()), vh.data());
+        for (size_t i = 0; i < k.size(); ++i) k[i] = half_to_float(kh[i]), v[i] = half_to_float(vh[i]);
+        const std::vector<float> sinks = rand_vec(size_t(heads));
+        std::vector<float> full(size_t(T * heads * hd)), half(full.size());
+        attention(q.data(), T, heads, hd, k.data(), v.data(), S, kvh, start, 40, full.data(), sinks.data());
+        attention(q.data(), T, heads, hd, kh.data(), vh.data(), S, kvh, start, 40, half.data(), sinks.data(),
+                  KVLayout{kvh * hd, hd, true});
+        if (full != half)
+          std::fprintf(stderr, "float16 attention hd=%lld S=%lld T=%lld\n", (long long)hd, (long long)S, (long long)T);
+        CHECK(full == half);
+      }
   // softmax top-k: the exp of the attention (vector lanes and the scalar tail) against float64
   for (int64_t E : {3, 8, 13, 64}) {
     const auto l = rand_vec(size_t(E));
@@ -1430,12 +1502,15 @@ static void test_decode_layer() {
   ExpertCache cache(store, store->buffer_bytes(1, 0) + store->buffer_bytes(1, 1) + store->buffer_bytes(1, 2));
   ExpertCache ref_cache(store, 0);
   const size_t cs = static_cast<size_t>(cap * kn);
-  std::vector<float> kc(cs), vc(cs), rk(cs), rv(cs);
+  std::vector<float> kc(cs), vc(cs), rk(cs), rv(cs), rk16(cs), rv16(cs);
+  std::vector<uint16_t> k16(cs), v16(cs);
   for (int64_t pos = 0; pos < 3; ++pos) {
     auto h = rand_vec(H);
-    std::vector<float> r = h;
-    decode_layer(L, cache, h.data(), kc.data(), vc.data(), pos);
-    // the reference: the ops one by one
+    std::vector<float> r = h, h16 = h, r16 = h;
+    decode_layer(L, cache, h.data(), LayerKV{kc.data(), vc.data(), cap, false}, pos);     // kc, vc [kvh, cap, hd]
+    decode_layer(L, cache, h16.data(), LayerKV{k16.data(), v16.data(), cap, true}, pos);  // a float16 cache
+    // the reference: the ops one by one, over a packed float32 cache and over one that holds
+    // the float16 values
     const size_t qs = static_cast<size_t>(qn), ks = static_cast<size_t>(kn);
     std::vector<float> x(H), q(qs), k(ks), v(ks), att(qs), y(H), lg(f.E), w(K);
     std::vector<int32_t> ids(K);
@@ -1447,16 +1522,32 @@ static void test_decode_layer() {
     rope(k.data(), 1, kvh, hd, pos, inv.data());
     std::copy(k.begin(), k.end(), rk.begin() + pos * kn);
     std::copy(v.begin(), v.end(), rv.begin() + pos * kn);
+    for (int64_t i = 0; i < kn; ++i) {
+      rk16[size_t(pos * kn + i)] = half_to_float(float_to_half(k[size_t(i)]));
+      rv16[size_t(pos * kn + i)] = half_to_float(float_to_half(v[size_t(i)]));
+    }
+    auto rest = [&](const std::vector<float>& a, std::vector<float>& res) {  // o, the MoE, the residuals
+      matmul(L.o, a.data(), 1, y.data());
+      for (uint32_t i = 0; i < H; ++i) res[i] += y[i];
+      rms_norm(res.data(), n2.data(), 1, H, L.eps, x.data());
+      matmul(L.router, x.data(), 1, lg.data());
+      softmax_topk(lg.data(), 1, f.E, K, true, ids.data(), w.data());
+      moe_forward(ref_cache, 1, x.data(), 1, H, ids.data(), w.data(), K, y.data());
+      for (uint32_t i = 0; i < H; ++i) res[i] += y[i];
+    };
     attention(q.data(), 1, heads, hd, rk.data(), rv.data(), pos + 1, kvh, pos, 0, att.data());
-    matmul(L.o, att.data(), 1, y.data());
-    for (uint32_t i = 0; i < H; ++i) r[i] += y[i];
-    rms_norm(r.data(), n2.data(), 1, H, L.eps, x.data());
-    matmul(L.router, x.data(), 1, lg.data());
-    softmax_topk(lg.data(), 1, f.E, K, true, ids.data(), w.data());
-    moe_forward(ref_cache, 1, x.data(), 1, H, ids.data(), w.data(), K, y.data());
-    for (uint32_t i = 0; i < H; ++i) r[i] += y[i];
-    CHECK(h == r);
-    CHECK(std::equal(kc.begin(), kc.begin() + (pos + 1) * kn, rk.begin()));
+    rest(att, r);
+    attention(q.data(), 1, heads, hd, rk16.data(), rv16.data(), pos + 1, kvh, pos, 0, att.data());
+    rest(att, r16);
+    CHECK(h == r);  // the reference attends to a packed [pos + 1, kvh, hd] cache
+    CHECK(h16 == r16);
+    for (int64_t p = 0; p <= pos; ++p)
+      for (int64_t g = 0; g < int64_t(kvh); ++g)
+        for (int64_t c = 0; c < int64_t(hd); ++c) {
+          const size_t at = size_t((g * cap + p) * hd + c), ref = size_t(p * kn + g * hd + c);
+          CHECK(kc[at] == rk[ref] && vc[at] == rv[ref]);
+          CHECK(half_to_float(k16[at]) == rk16[ref] && half_to_float(v16[at]) == rv16[ref]);
+        }
   }
   CHECK(cache.stats().loads > 0);
 }
