@@ -74,6 +74,22 @@ void floats_to_halves(const float* x, int64_t n, uint16_t* y) {
 
 namespace {
 
+// A float16 key or value of the KV cache (KVLayout::half), as a type to choose kernels by.
+struct Half {
+  uint16_t bits;
+};
+
+inline float value(float x) { return x; }
+inline float value(Half h) { return half_to_float(h.bits); }
+
+#if defined(EDGEMOE_DENSE_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#elif defined(EDGEMOE_DENSE_NEON)
+inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t load4(const Half* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(&p->bits))); }
+#endif
+
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   float s = 0;
@@ -118,49 +134,34 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// A float16 key or value of the KV cache (KVLayout::half), as a type to choose kernels by.
-struct Half {
-  uint16_t bits;
-};
-
-inline float value(float x) { return x; }
-inline float value(Half h) { return half_to_float(h.bits); }
-
-// dot() and axpy() with keys or values stored as E (float or Half): a Half row is widened
-// first, so both give the same bits for the same values.
-template <class E>
-inline float dot(const float* q, const E* k, int64_t n) {
-  if constexpr (std::is_same_v<E, float>) {
-    return dot(q, static_cast<const float*>(k), n);
-  } else {
-    float buf[512];
-    std::vector<float> big(n > 512 ? size_t(n) : 0);
-    float* w = n > 512 ? big.data() : buf;
-    for (int64_t i = 0; i < n; ++i) w[i] = value(k[i]);
-    return dot(q, w, n);
-  }
-}
-
-template <class E>
-inline void axpy(float a, const E* x, float* y, int64_t n) {
-  if constexpr (std::is_same_v<E, float>) {
-    axpy(a, static_cast<const float*>(x), y, n);
-  } else {
-    float buf[512];
-    std::vector<float> big(n > 512 ? size_t(n) : 0);
-    float* w = n > 512 ? big.data() : buf;
-    for (int64_t i = 0; i < n; ++i) w[i] = value(x[i]);
-    axpy(a, w, y, n);
-  }
-}
-
+// out[i] = x[i] as float over n values.
+inline void widen(const Half* x, int64_t n, float* out) {
+  int64_t i = 0;
 #if defined(EDGEMOE_DENSE_AVX2)
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
 #elif defined(EDGEMOE_DENSE_NEON)
-inline float32x4_t load4(const float* p) { return vld1q_f32(p); }
-inline float32x4_t load4(const Half* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(&p->bits))); }
+  for (; i + 4 <= n; i += 4) vst1q_f32(out + i, load4(x + i));
 #endif
+  for (; i < n; ++i) out[i] = value(x[i]);
+}
+
+// dot() and axpy() over a float16 row: widened first, so the same bits as a float copy gives
+// (a row's arithmetic is the float one's, whatever the compiler fuses).
+inline float dot(const float* a, const Half* b, int64_t n) {
+  float buf[512];
+  std::vector<float> big(n > 512 ? size_t(n) : 0);
+  float* w = n > 512 ? big.data() : buf;
+  widen(b, n, w);
+  return dot(a, w, n);
+}
+
+inline void axpy(float a, const Half* x, float* y, int64_t n) {
+  float buf[512];
+  std::vector<float> big(n > 512 ? size_t(n) : 0);
+  float* w = n > 512 ? big.data() : buf;
+  widen(x, n, w);
+  axpy(a, w, y, n);
+}
 
 #if defined(EDGEMOE_DENSE_AVX2)
 // e^x for 8 floats with x <= 0 (a softmax after subtracting the row max): x = k ln2 + r
