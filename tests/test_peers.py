@@ -95,6 +95,32 @@ def _cells():
     return cells
 
 
+def test_the_decode_ratio_round_by_round_pairs_each_rounds_runs():
+    """Medians can pair a fast minute of one engine with a slow one of the other; each round's
+    two runs are seconds apart. A round where either run failed has no pair."""
+    e = [_run("ok", 100.0), _run("ok", 150.0), _run("ok", 120.0), _run("ok", 200.0)]
+    p = [_run("ok", 100.0), _run("ok", 100.0), _run("ok", 150.0), _run("timeout")]
+    assert peers.round_ratios({"runs_detail": e}, {"runs_detail": p}, "decode_tokens_per_s") == [1.0, 1.5, 0.8]
+    cells = [
+        dict(
+            peers.summarize(runs),
+            model="m",
+            storage="s",
+            limit_factor=None,
+            limit_bytes=None,
+            engine=engine,
+            runs_detail=runs,
+        )
+        for engine, runs in (("edgemoe", e), ("llama.cpp", p))
+    ]
+    # medians 135 / 100 = 1.35x; the rounds' own ratios 0.80, 1.00 and 1.50: median 1.00x
+    assert peers.ratio_lines(cells)[0].startswith(
+        "- m, s, unlimited: edgemoe 1.35x llama.cpp's decode speed (round by round 1.00x, 0.80-1.50x)"
+    )
+    one = [dict(c, runs_detail=c["runs_detail"][:1]) for c in cells]  # one round: no spread to give
+    assert "round by round" not in peers.ratio_lines(one)[0]
+
+
 def test_table_ratios_and_json():
     cells = _cells()
     md = peers.markdown(cells, ["blkio throttling does not work here"])
@@ -106,10 +132,10 @@ def test_table_ratios_and_json():
     )
     assert "| 0.3x (150 MB) | llama.cpp | Q4_0 | - | - | - | - | - | - | - | killed (OOM) 3/3 |" in md
     assert (
-        "mixtral-shaped, local disk, unlimited: edgemoe 0.80x llama.cpp's decode speed, "
-        "0.80x its prefill speed (second prompt), load + TTFT 0.300 s against 0.300 s" in md
+        "mixtral-shaped, local disk, unlimited: edgemoe 0.80x llama.cpp's decode speed (round by round 0.80x, "
+        "0.80-0.80x), 0.80x its prefill speed (second prompt), load + TTFT 0.300 s against 0.300 s" in md
     )
-    assert "1.2x (600 MB): edgemoe 10.00x llama.cpp's decode speed" in md
+    assert "1.2x (600 MB): edgemoe 10.00x llama.cpp's decode speed (round by round 10.00x" in md
     assert "0.3x (150 MB): edgemoe 12.50 tok/s, llama.cpp killed (OOM) 3/3" in md
     assert md.rstrip().endswith("- blkio throttling does not work here")
     back = json.loads(json.dumps({"cells": cells}))

@@ -193,9 +193,21 @@ def table_row(c: dict[str, Any]) -> str:
     )
 
 
+def round_ratios(e: dict[str, Any], p: dict[str, Any], figure: str) -> list[float]:
+    """edgemoe's figure over llama.cpp's in each round where both runs completed. A round's two
+    runs are seconds apart (run_rounds), so a host that slows down for a minute weighs on both
+    alike, where the ratio of the two medians may pair a fast minute with a slow one."""
+    out = []
+    for a, b in zip(e.get("runs_detail") or [], p.get("runs_detail") or []):
+        if a.get("status") == "ok" and b.get("status") == "ok" and a.get(figure) and b.get(figure):
+            out.append(a[figure] / b[figure])
+    return out
+
+
 def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
     """At each (model, storage, limit), medians: edgemoe's decode and second-prompt prefill
-    speeds over llama.cpp's, and each engine's load + TTFT."""
+    speeds over llama.cpp's (and, from two rounds on, the decode ratio of each round's pair of
+    runs), and each engine's load + TTFT."""
     lines = []
     key = lambda c: (c["model"], c["storage"], c["limit_factor"])  # noqa: E731
     for k in dict.fromkeys(key(c) for c in cells):
@@ -206,7 +218,13 @@ def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
         es, ps = e["decode_tokens_per_s"], p["decode_tokens_per_s"]
         where = f"{k[0]}, {k[1]}, {limit_text(k[2], e['limit_bytes'])}"
         if es and ps:
-            parts = [f"edgemoe {es['median'] / ps['median']:.2f}x llama.cpp's decode speed"]
+            pairs = sorted(round_ratios(e, p, "decode_tokens_per_s"))
+            by_round = (
+                f" (round by round {statistics.median(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f}x)"
+                if len(pairs) > 1
+                else ""
+            )
+            parts = [f"edgemoe {es['median'] / ps['median']:.2f}x llama.cpp's decode speed{by_round}"]
             ef, pf = e.get("prefill_tokens_per_s"), p.get("prefill_tokens_per_s")
             if ef and pf:
                 parts.append(f"{ef['median'] / pf['median']:.2f}x its prefill speed (second prompt)")
