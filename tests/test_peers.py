@@ -71,6 +71,21 @@ def test_median_spread_and_kills():
     assert peers.run_status(1, 0, 1.0, 10) == "failed"
 
 
+def _cell(engine, runs, factor=None, limit=None):
+    """A bench cell of the Mixtral-shaped model on the local disk, summarized from its runs."""
+    return dict(
+        peers.summarize(runs),
+        model="mixtral-shaped",
+        storage="local disk",
+        read_bps=None,
+        limit_factor=factor,
+        limit_bytes=limit,
+        engine=engine,
+        weights="Q4_0" if engine == "llama.cpp" else "4-bit g32",
+        runs_detail=runs,
+    )
+
+
 def _cells():
     cells = []
     for factor, limit, e_runs, l_runs in [
@@ -78,20 +93,7 @@ def _cells():
         (1.2, 600_000_000, [_run("ok", 30.0)] * 3, [_run("ok", 3.0)] * 3),
         (0.3, 150_000_000, [_run("ok", 12.5)] * 3, [_run("oom")] * 3),
     ]:
-        for engine, runs in (("edgemoe", e_runs), ("llama.cpp", l_runs)):
-            cells.append(
-                dict(
-                    peers.summarize(runs),
-                    model="mixtral-shaped",
-                    storage="local disk",
-                    read_bps=None,
-                    limit_factor=factor,
-                    limit_bytes=limit,
-                    engine=engine,
-                    weights="Q4_0" if engine == "llama.cpp" else "4-bit g32",
-                    runs_detail=runs,
-                )
-            )
+        cells += [_cell("edgemoe", e_runs, factor, limit), _cell("llama.cpp", l_runs, factor, limit)]
     return cells
 
 
@@ -101,21 +103,11 @@ def test_the_decode_ratio_round_by_round_pairs_each_rounds_runs():
     e = [_run("ok", 100.0), _run("ok", 150.0), _run("ok", 120.0), _run("ok", 200.0)]
     p = [_run("ok", 100.0), _run("ok", 100.0), _run("ok", 150.0), _run("timeout")]
     assert peers.round_ratios({"runs_detail": e}, {"runs_detail": p}, "decode_tokens_per_s") == [1.0, 1.5, 0.8]
-    cells = [
-        dict(
-            peers.summarize(runs),
-            model="m",
-            storage="s",
-            limit_factor=None,
-            limit_bytes=None,
-            engine=engine,
-            runs_detail=runs,
-        )
-        for engine, runs in (("edgemoe", e), ("llama.cpp", p))
-    ]
+    cells = [_cell("edgemoe", e), _cell("llama.cpp", p)]
     # medians 135 / 100 = 1.35x; the rounds' own ratios 0.80, 1.00 and 1.50: median 1.00x
     assert peers.ratio_lines(cells)[0].startswith(
-        "- m, s, unlimited: edgemoe 1.35x llama.cpp's decode speed (round by round 1.00x, 0.80-1.50x)"
+        "- mixtral-shaped, local disk, unlimited: edgemoe 1.35x llama.cpp's decode speed "
+        "(round by round 1.00x, 0.80-1.50x)"
     )
     one = [dict(c, runs_detail=c["runs_detail"][:1]) for c in cells]  # one round: no spread to give
     assert "round by round" not in peers.ratio_lines(one)[0]
