@@ -79,9 +79,6 @@ struct Half {
   uint16_t bits;
 };
 
-inline float value(float x) { return x; }
-inline float value(Half h) { return half_to_float(h.bits); }
-
 #if defined(EDGEMOE_DENSE_AVX2)
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -142,26 +139,25 @@ inline void widen(const Half* x, int64_t n, float* out) {
 #elif defined(EDGEMOE_DENSE_NEON)
   for (; i + 4 <= n; i += 4) vst1q_f32(out + i, load4(x + i));
 #endif
-  for (; i < n; ++i) out[i] = value(x[i]);
+  for (; i < n; ++i) out[i] = half_to_float(x[i].bits);
 }
+
+// A float16 row widened to floats: on the stack up to 512 values (a head_dim), else on the heap.
+class WideRow {
+ public:
+  WideRow(const Half* x, int64_t n) : big_(n > 512 ? size_t(n) : 0) { widen(x, n, data()); }
+  float* data() { return big_.empty() ? buf_ : big_.data(); }
+
+ private:
+  float buf_[512];
+  std::vector<float> big_;
+};
 
 // dot() and axpy() over a float16 row: widened first, so the same bits as a float copy gives
 // (a row's arithmetic is the float one's, whatever the compiler fuses).
-inline float dot(const float* a, const Half* b, int64_t n) {
-  float buf[512];
-  std::vector<float> big(n > 512 ? size_t(n) : 0);
-  float* w = n > 512 ? big.data() : buf;
-  widen(b, n, w);
-  return dot(a, w, n);
-}
+inline float dot(const float* a, const Half* b, int64_t n) { return dot(a, WideRow(b, n).data(), n); }
 
-inline void axpy(float a, const Half* x, float* y, int64_t n) {
-  float buf[512];
-  std::vector<float> big(n > 512 ? size_t(n) : 0);
-  float* w = n > 512 ? big.data() : buf;
-  widen(x, n, w);
-  axpy(a, w, y, n);
-}
+inline void axpy(float a, const Half* x, float* y, int64_t n) { axpy(a, WideRow(x, n).data(), y, n); }
 
 #if defined(EDGEMOE_DENSE_AVX2)
 // e^x for 8 floats with x <= 0 (a softmax after subtracting the row max): x = k ln2 + r
@@ -435,8 +431,8 @@ void attention_block_avx2(const float* q, int64_t t0, int64_t t1, int64_t g, int
   const E* vg = v + j0 * kstride + g * kv.head;
   std::vector<const float*> qrow(static_cast<size_t>(nq));
   std::vector<float*> orow(static_cast<size_t>(nq));
-  std::vector<int64_t> lo(static_cast<size_t>(nq)),
-      hi(static_cast<size_t>(nq));  // each row's keys [lo, hi), relative to j0
+  // each row's keys [lo, hi), relative to j0
+  std::vector<int64_t> lo(static_cast<size_t>(nq)), hi(static_cast<size_t>(nq));
   for (int64_t i = 0; i < nq; ++i) {
     const int64_t t = t0 + i / rep, h = g * rep + i % rep, pos = start + t;
     qrow[size_t(i)] = q + (t * heads + h) * hd;

@@ -119,3 +119,5 @@ def test_attention_over_the_kv_caches_views(T, S, window):
     )
     mixed = _core.attention(q, kv, np.ascontiguousarray(vv), S - T)  # two layouts: read as one, packed
     np.testing.assert_array_equal(mixed, _core.attention(q, k, v, S - T))
+    with pytest.raises(ValueError, match="k and v must have one dtype, float32 or float16"):
+        _core.attention(q, k.astype(np.float16), v, S - T)

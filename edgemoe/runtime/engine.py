@@ -125,8 +125,7 @@ class Model:
         self.file_embedding_bytes = sum(backbone.nbytes(n) for n in lazy)
         self.net = arch.Model(self.config, tensors, self.cache, ex["moe_layers"])
         del tensors
-        if hasattr(self.net, "kv_dtype"):  # grouped-query attention's cache (StreamOptions.kv_cache)
-            self.net.kv_dtype = np.dtype(o.kv_cache).type
+        self.net.kv_dtype = np.dtype(o.kv_cache).type  # grouped-query attention's cache
         self.prefetcher = None  # predictive preloading (edgemoe/runtime/prefetch.py)
         if o.prefetch:
             self.prefetcher = attach_prefetcher(self, o.prefetch, ratio=o.prefetch_ratio, min_prob=o.prefetch_min_prob)

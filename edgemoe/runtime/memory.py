@@ -35,8 +35,9 @@ def memory_terms(
     experts: the expert budget (all expert bytes when unbounded); backbone: the non-expert
     weights held in RAM; expert_slots: the cache's table size (layers x experts, twice with
     low-bit copies); kv_values_per_token: values the KV cache holds per token over all
-    layers, kv_value_bytes each (2: float16, 4: float32; 4 bounds either) (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
-    (kv_lora_rank + qk_rope_head_dim) for multi-head latent attention's latents);
+    layers (2 x layers x kv_heads x head_dim for grouped-query attention, layers x
+    (kv_lora_rank + qk_rope_head_dim) for multi-head latent attention's latents), of
+    kv_value_bytes each (2: float16, 4: float32; 4 bounds either);
     attention_values_per_token: float32 values per prefilled token that one layer's attention
     holds besides the cache (multi-head latent attention's queries and outputs in the latent space);
     sequences: how many generations hold a KV cache at once (a decode batch), each prefilled alone.
