@@ -67,7 +67,8 @@ constexpr int kPanelTokens = 8;       // tokens per pass over a panel: 8 dots + 
 // Three operations SIMDe 0.7 (Debian's) lacks, written from ones it has in its build.
 inline __m512 cvt_ps(__m512i v) {
 #if defined(EDGEMOE_AVX512_SIMDE)
-  const __m256 lo = _mm256_cvtepi32_ps(_mm512_castsi512_si256(v)), hi = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1));
+  const __m256 lo = _mm256_cvtepi32_ps(_mm512_castsi512_si256(v)),
+               hi = _mm256_cvtepi32_ps(_mm512_extracti64x4_epi64(v, 1));
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 #else
   return _mm512_cvtepi32_ps(v);
@@ -156,12 +157,15 @@ inline __m256 scales8(const uint8_t* sc, uint32_t b) {
 // load and a multiplier per pair ran at about half the speed of this layout on a Zen 4 core,
 // whose 512-bit operations take two passes.
 template <uint32_t CPG>
-void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, const float* dx, const float* xsum,
-            float* y) {
+inline __m256 q4_row(const QMatrix& w, uint64_t rb, uint32_t r, const int8_t* xp, const int8_t* x8, const float* dx,
+                     const float* xsum, float& rest) {
   constexpr bool kMx = CPG == 0;
+  constexpr bool kFold = CPG <= 1;  // a group per block: the min term rides in the loop, one FMA per 8 blocks
   const uint32_t nb = w.cols / kChunk, ng = kMx ? nb : nb / CPG;
-  const uint8_t* codes = w.data + uint64_t(r) * w.row_bytes();
+  const uint8_t* codes = w.data + uint64_t(r) * rb;
   const uint8_t* sc = w.scales + uint64_t(r) * (kMx ? nb : ng * 2);
+  const uint8_t* mn = kMx ? sc : w.mins + uint64_t(r) * ng * 2;
+  const bool same = kMx || w.mins == w.scales;  // symmetric codes: the mins are the scales
   const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
   const __m256i lut = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxLutU8)));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // blocks 0 2 4 6 1 3 5 7 -> 0..7
@@ -187,29 +191,50 @@ void q4_row(const QMatrix& w, uint32_t r, const int8_t* xp, const int8_t* x8, co
     const __m256 sv = scales8<CPG>(sc, b);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_permutevar8x32_epi32(t, order)),
                           _mm256_mul_ps(sv, _mm256_loadu_ps(dx + b)), acc);
-    if constexpr (kMx) macc = _mm256_fmadd_ps(sv, _mm256_loadu_ps(xsum + b), macc);
+    if constexpr (kFold) macc = _mm256_fmadd_ps(same ? sv : scales8<CPG>(mn, b), _mm256_loadu_ps(xsum + b), macc);
   }
+  // what multiplies the min term: MXFP4's looked-up codes carry kMxOffset, 4-bit codes min_mult
+  const float mult = kMx ? -float(kMxOffset) : w.min_mult;
   float tail = 0, mtail = 0;
   for (; b < nb; ++b) {  // the last < 8 blocks of the row
     __m256i v = nibbles32(codes);
     codes += chunk_bytes(4);
     if constexpr (kMx) v = _mm256_shuffle_epi8(lut, v);
-    const __m256i p = _mm256_dpbusd_epi32(zero, v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)));
+    const __m256i p =
+        _mm256_dpbusd_epi32(zero, v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + b * kChunk)));
     const float s1 = kMx ? e8m0_half(sc[b]) : scale_of(sc, b / (kMx ? 1 : CPG));
     tail += hsum8(_mm256_cvtepi32_ps(p)) * (s1 * dx[b]);
-    if constexpr (kMx) mtail += s1 * xsum[b];
+    if constexpr (kFold) mtail += (same ? s1 : scale_of(mn, b)) * xsum[b];
   }
-  if constexpr (kMx)  // the looked-up codes carry kMxOffset: take kMxOffset * sum_b s_b xsum_b back out
-    y[r] = (hsum8(acc) + tail) - float(kMxOffset) * (hsum8(macc) + mtail);
-  else
-    y[r] = (hsum8(acc) + tail) + w.min_mult * min_term(w.mins + uint64_t(r) * ng * 2, xsum, ng);
+  rest = tail + mult * (kFold ? mtail : min_term(mn, xsum, ng));
+  return _mm256_fmadd_ps(macc, _mm256_set1_ps(mult), acc);  // its lanes sum to the rest of y[r]
 }
 
-// Rows [r0, r1) of one token's 4-bit or MXFP4 (CPG 0) decode.
+// The lane sums of v[0..7], in order.
+inline __m256 hsum8x8(const __m256 v[8]) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// Rows [r0, r1) of one token's 4-bit or MXFP4 (CPG 0) decode; eight rows' vectors summed
+// across lanes together.
 template <uint32_t CPG>
 void q4_range(const QMatrix& w, uint32_t r0, uint32_t r1, const int8_t* x8, const int8_t* x8p, const float* dx,
               const float* xsum, float* y) {
-  for (uint32_t r = r0; r < r1; ++r) q4_row<CPG>(w, r, x8p, x8, dx, xsum, y);
+  const uint64_t rb = w.row_bytes();  // once: an out-of-line call per row cost 1% of a decode step
+  uint32_t r = r0;
+  for (; r + 8 <= r1; r += 8) {
+    __m256 v[8];
+    alignas(32) float rest[8];
+    for (uint32_t i = 0; i < 8; ++i) v[i] = q4_row<CPG>(w, rb, r + i, x8p, x8, dx, xsum, rest[i]);
+    _mm256_storeu_ps(y + r, _mm256_add_ps(hsum8x8(v), _mm256_load_ps(rest)));
+  }
+  for (; r < r1; ++r) {
+    float rest;
+    const __m256 v = q4_row<CPG>(w, rb, r, x8p, x8, dx, xsum, rest);
+    y[r] = hsum8(v) + rest;
+  }
 }
 
 // ---- prefill with int8 activations.
@@ -232,7 +257,8 @@ inline __m256i chunk_u8(const uint8_t* p) {
     static_assert(BITS == 2 || BITS == 3, "bits");
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(0x03);
     const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 2), m));
-    const __m128i hi = _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(_mm_srli_epi16(b, 6), m));
+    const __m128i hi =
+        _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(_mm_srli_epi16(b, 6), m));
     __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
     if constexpr (BITS == 3) {
       // bit 2 of v[j] is bit j of the u32 after the 2-bit part: a mask register of 32 bits
@@ -410,7 +436,7 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
   struct alignas(64) Vec {
     uint8_t bytes[64];
   };
-  const bool wide = w.bits == 8;  // x int16, 16 zmm per block
+  const bool wide = w.bits == 8;                            // x int16, 16 zmm per block
   std::vector<Vec> tile_buf(size_t(nb) * (wide ? 16 : 8));  // C++17: over-aligned new
   __m512i* tile = reinterpret_cast<__m512i*>(tile_buf.data());
   std::vector<float> sc16(size_t(nb) * kPanel), mn16(size_t(nb) * kPanel);
@@ -418,11 +444,11 @@ void gemm_int8_rows(const QMatrix& w, uint32_t r0, uint32_t r1, const QuantizedA
     const uint32_t n = std::min(kPanel, r1 - r);
     if (w.mxfp4()) unpack_panel<kMx>(w, r, n, tile, sc16.data(), mn16.data());
     else switch (w.bits) {
-      case 2: unpack_panel<2>(w, r, n, tile, sc16.data(), mn16.data()); break;
-      case 3: unpack_panel<3>(w, r, n, tile, sc16.data(), mn16.data()); break;
-      case 4: unpack_panel<4>(w, r, n, tile, sc16.data(), mn16.data()); break;
-      default: unpack_panel<8>(w, r, n, tile, sc16.data(), mn16.data()); break;
-    }
+        case 2: unpack_panel<2>(w, r, n, tile, sc16.data(), mn16.data()); break;
+        case 3: unpack_panel<3>(w, r, n, tile, sc16.data(), mn16.data()); break;
+        case 4: unpack_panel<4>(w, r, n, tile, sc16.data(), mn16.data()); break;
+        default: unpack_panel<8>(w, r, n, tile, sc16.data(), mn16.data()); break;
+      }
     int64_t t = 0;
     if (wide) {
       for (; t + kPanelTokens <= x.T; t += kPanelTokens)
