@@ -291,6 +291,27 @@ def test_co_used_experts_stay_together_when_payloads_cost_more_than_compute():
     assert plan.expected_token_s < P.expected_token_seconds(crossed, st)
 
 
+def test_the_coordinator_takes_whole_layers_when_round_trips_cost_most():
+    # uniform routing, top-2 of 4: a layer skips the device's round trip only when both of the
+    # token's experts are in the coordinator's cache, which has room for two of four layers
+    st = RoutingStats(np.ones((4, 4), np.int64), 2, HIDDEN)
+    sizes = np.full((4, 4), 2 * MB)
+    device = DeviceSpec("far", 100 * MB, 1e10, 4e-3, 1e9)  # holds everything, 4 ms away
+    coord = CoordinatorSpec(P.stream_reserve(sizes, 2) + 16 * MB, 1e8, 1e-3, 1e10)
+    for seconds in (0.0, 1.0):  # the constructions alone, then with the search
+        plan = P.plan_placement([device], coord, sizes, st, search_seconds=seconds)
+        assert sorted(plan.local.sum(1).tolist()) == [0, 0, 4, 4], plan.local
+        spread = plan_of(
+            [device],
+            coord,
+            sizes,
+            st,
+            held=[(0, m, e) for m in range(4) for e in range(4)],
+            local=[(m, e) for m in range(4) for e in range(2)],
+        )
+        assert plan.expected_token_s < P.expected_token_seconds(spread, st)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_memory_caps_hold(seed):
     rng = np.random.default_rng(100 + seed)

@@ -521,15 +521,20 @@ def plan_placement(
 def _optimise(
     c: _Costs, sets: list[LayerSets], sizes: np.ndarray, caps: np.ndarray, D: int, seconds: float, seed: int = 0
 ) -> _Search:
-    """Greedy by gain per byte and greedy by gain (the knapsack pair: small cheap experts
-    first can crowd out one large valuable one), each improved by local search and then by
-    ruin and recreate; the better of the two."""
+    """Greedy by gain per byte, greedy by gain (the knapsack pair: small cheap experts
+    first can crowd out one large valuable one) and whole layers first (a set skips the
+    round trip only when every expert of it is on the coordinator, so one expert placed
+    there may gain nothing where the whole layer gains the most), each improved by local
+    search and then by ruin and recreate; the best of the three."""
     best: _Search | None = None
     small = (D + 1) * sizes.size <= SMALL_SEARCH  # the moves that run a greedy per try
-    for per_byte in (True, False):
+    starts = ((True, False), (False, False), (True, True))  # (per byte, whole layers first)
+    for per_byte, layers in starts:
         state = _Search(c, sets, sizes, caps, D)
+        if layers:
+            state.greedy_layers()
         state.greedy(per_byte)
-        deadline = time.monotonic() + seconds / 2
+        deadline = time.monotonic() + seconds / len(starts)
         while time.monotonic() < deadline and (
             state.improve(deadline) or (small and (state.improve(deadline, True) or state.make_room(deadline)))
         ):
@@ -625,6 +630,25 @@ class _Search:
                     for e2 in range(E):
                         if self._fits(h2, m, e2):
                             score(h2, m, e2)
+
+    def greedy_layers(self) -> None:
+        """While a holder has room for every expert of a layer it lacks and taking them all
+        gains, take the layer with the largest gain per byte."""
+        H, M, E = self.held.shape
+        while True:
+            best: tuple[float, int, int, list[int]] | None = None
+            for h, m in itertools.product(range(H), range(M)):
+                missing = [e for e in range(E) if not self.held[h, m, e] and self.sizes[m, e] > 0]
+                need = int(self.sizes[m, missing].sum()) if missing else 0
+                if not missing or need > self.free[h]:
+                    continue
+                g = -self._delta(m, [(h, e, True) for e in missing])
+                if g > 1e-15 and (best is None or g / need > best[0]):
+                    best = (g / need, h, m, missing)
+            if best is None:
+                return
+            for e in best[3]:
+                self._apply(best[1], best[2], e, True)
 
     def improve(self, deadline: float, exchange: bool = False) -> bool:
         """One pass of local search over the placed experts: drop one that does not help,
