@@ -230,6 +230,8 @@ def test_tokens_with_the_plan_from_measured_figures(devices, models):
         plan = Plan.from_json(m.stats()["cluster"]["plan"])
         assert all(d.rtt_s > 0 and d.compute_bytes_per_s > 0 and d.link_bits_per_s > 0 for d in plan.devices)
         assert plan.coordinator.flash_bytes_per_s > 0 and plan.coordinator.compute_bytes_per_s > 0
+        # the link both devices' payloads cross here, measured with both sending at once
+        assert plan.coordinator.link_bits_per_s is not None and plan.coordinator.link_bits_per_s > 0
     finally:
         m.close()
 

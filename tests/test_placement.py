@@ -4,6 +4,7 @@ errors that name the problem, the plan's JSON, and `edgemoe cluster plan` end to
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -109,10 +110,18 @@ def test_cost_of_two_experts_per_token():
     assert P.expected_token_seconds(flash, st) == pytest.approx((1e-3 + 0.04) + (1e-3 + 0.02) + 0.006)
     mixed = plan_of([DEV], COORD, sizes, st, held=[(0, 0, 0)], local=[(0, 1)])  # in parallel: the slower
     assert P.expected_token_seconds(mixed, st) == pytest.approx(max(2e-3, PAY + 1e-3 + 2e-3))
-    together = plan_of([DEV, DEV2], COORD, sizes, st, held=[(0, 0, 0), (0, 0, 1)])  # one device computes both
-    assert P.expected_token_seconds(together, st) == pytest.approx(PAY + 1e-3 + 3e-3)
-    apart = plan_of([DEV, DEV2], COORD, sizes, st, held=[(0, 0, 0), (1, 0, 1)])  # two payloads on the link
+    # one device computes both, one after the other, and sends both outputs back
+    together = plan_of([DEV, DEV2], COORD, sizes, st, held=[(0, 0, 0), (0, 0, 1)])
+    assert P.expected_token_seconds(together, st) == pytest.approx(1.5 * PAY + 1e-3 + 3e-3)
+    apart = plan_of([DEV, DEV2], COORD, sizes, st, held=[(0, 0, 0), (1, 0, 1)])  # two payloads on one medium
     assert P.expected_token_seconds(apart, st) == pytest.approx(2 * PAY + 1e-3 + 2e-3)
+    # a coordinator whose own link is 10x the devices' (a switch): the devices' links carry
+    # their payloads at once, and the coordinator's carries both at its rate
+    switch = dataclasses.replace(COORD, link_bits_per_s=1e10)
+    apart = plan_of([DEV, DEV2], switch, sizes, st, held=[(0, 0, 0), (1, 0, 1)])
+    assert P.expected_token_seconds(apart, st) == pytest.approx(PAY + 1e-3 + 2e-3 + PAY / 10)
+    together = plan_of([DEV, DEV2], switch, sizes, st, held=[(0, 0, 0), (0, 0, 1)])
+    assert P.expected_token_seconds(together, st) == pytest.approx(1.5 * PAY + 1e-3 + 3e-3)
     # a hit computes while the misses are read; the misses compute after
     part = plan_of([], CoordinatorSpec(20 * MB, 1e8, 1e-3, 1e8), sizes, st, local=[(0, 0)])
     assert P.expected_token_seconds(part, st) == pytest.approx(max(0.04, 1e-3 + 0.02) + 0.02)

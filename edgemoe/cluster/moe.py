@@ -39,7 +39,7 @@ from ..units import format_bytes, parse_bytes
 from .channel import PING, Channel, receive
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
-from .server import DEVICE_SECONDS, ExpertServer, pack_call
+from .server import DEVICE_SECONDS, ExpertServer, expert_rate, pack_call
 
 Pair = tuple[int, int]  # (layer, expert)
 Assignment = dict[str, list[Pair]]  # device name -> the experts it holds
@@ -241,6 +241,7 @@ class ClusterMoE:
         self.route: Route | None = None  # None: every expert here
         self.plan_events: list[dict[str, Any]] = []
         self._measured: dict[str, dict[str, float]] = {}  # node id -> its plan figures
+        self._coordinator_link: float | None = None  # bits/s all devices' payloads share (measured)
         self._coordinator: CoordinatorSpec | None = None
         self._lock = threading.Lock()
         self._replan_reasons: list[str] = []
@@ -435,6 +436,46 @@ class ClusterMoE:
                 "compute_bytes_per_s": float(profile.int4_bytes_per_s if profile else rate),
                 "measured_rtt_s": rtt,
             }
+        if link is None:
+            self._measure_coordinator_link(payload)
+
+    def _measure_coordinator_link(self, payload: np.ndarray) -> None:
+        """The rate of the link every device's payloads cross at the coordinator: the payload
+        sent to all devices measured so far at once, over the time beyond the slowest round
+        trip. Devices that share one medium with the coordinator (Wi-Fi) take about one
+        device's rate together; behind a switch, or in the test bed whose links are each a
+        node's, they take the sum. None with fewer than two devices (nothing shares)."""
+        import ray  # optional dependency
+
+        ups = [d for d in self.devices if d.up and d.node.id in self._measured]
+        self._coordinator_link = None
+        if len(ups) < 2:
+            return
+        t0 = time.perf_counter()
+        end = time.monotonic() + SETUP_TIMEOUT_S
+        channels = [d.channel for d in ups if d.channel is not None]
+        if self.path == "socket" and len(channels) == len(ups):
+            body = payload.tobytes()
+            for ch in channels:
+                try:
+                    ch.send(body, end, PING)
+                except OSError:  # the channel is closed: receive() answers it with why
+                    pass
+            answers: list[Any] = list(receive(channels, end))
+        else:
+            answers = []
+            for ref in [d.handle.ping.remote(payload) for d in ups]:
+                try:
+                    answers.append(ray.get(ref, timeout=max(end - time.monotonic(), 0.0)))
+                except Exception as e:  # the device's error, or its death
+                    answers.append(e)
+        elapsed = time.perf_counter() - t0
+        for d, answer in zip(ups, answers):
+            if answer is None or isinstance(answer, BaseException):
+                self._down(d, "no answer to the shared link's probe" if answer is None else f"{_cause(answer)}")
+        if all(d.up for d in ups):
+            rtt = max(self._measured[d.node.id]["measured_rtt_s"] for d in ups)
+            self._coordinator_link = 8 * payload.nbytes * len(ups) / max(elapsed - rtt, 1e-6)
 
     def coordinator_spec(self) -> CoordinatorSpec:
         """The coordinator as the planner sees it: its cache budget (all experts when it has
@@ -457,12 +498,7 @@ class ClusterMoE:
                     store.read(layer, e)  # O_DIRECT where the filesystem allows it
                 flash, latency = 4 * blob.size / max(time.perf_counter() - t0, 1e-9), 0.0
             hidden = int(self.model.manifest["config"]["hidden_size"])
-            x = np.full((1, hidden), 0.01, np.float32)
-            runs, t0 = 0, time.perf_counter()
-            while runs < 3 or time.perf_counter() - t0 < 0.05:
-                _core.expert_forward(x, blob)
-                runs += 1
-            spec = CoordinatorSpec(cache, flash, latency, runs * blob.size / (time.perf_counter() - t0))
+            spec = CoordinatorSpec(cache, flash, latency, expert_rate(blob, hidden))
         self._coordinator = spec
         return spec
 
@@ -477,7 +513,7 @@ class ClusterMoE:
         try:
             return plan_placement(
                 [self.device_spec(d) for d in up],
-                self.coordinator_spec(),
+                dataclasses.replace(self.coordinator_spec(), link_bits_per_s=self._coordinator_link),
                 self.sizes,
                 self.routing,
                 self.moe_layers,

@@ -5,15 +5,19 @@ the devices holding the token's experts, computes the experts it holds itself (i
 and reads the rest from flash, and waits for the slowest (docs/cluster.md):
 
     layer time(S) = max( coordinator: max(hits' compute, misses' reads) + misses' compute,
-                         devices: sum over the devices d serving S of payload / link_d
-                                  + max over them of rtt_d + their experts' bytes / compute_d )
+                         devices: max over the devices d serving S of
+                                      payload_d / link_d + rtt_d + their experts' bytes / compute_d
+                                  + the payloads' queueing on the coordinator's own link )
     expected seconds per token = sum over MoE layers of E_S[ layer time(S) ]
 
 S is the token's set of top-k experts at that layer, drawn from the routing statistics
-(RoutingStats, layer_sets). The payloads (hidden state out, weighted sum back) share the
-coordinator's link, so every extra device a token visits costs its payload time: that is what
-keeping co-used experts on one device saves. expected_token_seconds is the cost model,
-plan_placement the optimiser.
+(RoutingStats, layer_sets). A device's payload is the hidden state out and one output back
+per expert it computes. Every payload also crosses the coordinator's link: where the devices
+share one medium with it (Wi-Fi: CoordinatorSpec.link_bits_per_s None) each extra device a
+token visits adds its payload time, which is what keeping co-used experts on one device
+saves; where the coordinator's link is faster than the devices' (a switch), spreading a
+token's experts over devices computes them in parallel for little. expected_token_seconds
+is the cost model, plan_placement the optimiser.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..units import format_bytes
 
 PLAN_FORMAT = "edgemoe-placement"
 PLAN_VERSION = 1
-ACTIVATION_BYTES = 4  # the hidden state travels as float32: out to a device, its weighted sum back
+ACTIVATION_BYTES = 4  # the hidden state travels as float32: out to a device, each expert's output back
 EXACT_SETS = 4096  # enumerate every top-k set when a layer has at most this many, else sample
 SAMPLES = 1024
 SMALL_SEARCH = 4096  # holders x experts up to which the search also exchanges, makes room, ruins and recreates
@@ -82,12 +86,16 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class CoordinatorSpec:
-    """The coordinator: its expert cache (held experts plus room to stream), its flash and compute."""
+    """The coordinator: its expert cache (held experts plus room to stream), its flash and
+    compute, and its own link: the rate every device's payloads share (measured with all
+    devices sending at once), or None where the devices share one medium with it (Wi-Fi), so
+    each payload takes that link for as long as it takes its device's."""
 
     cache_bytes: int
     flash_bytes_per_s: float
     flash_latency_s: float
     compute_bytes_per_s: float
+    link_bits_per_s: float | None = None
 
     @classmethod
     def from_profile(cls, profile: DeviceProfile, cache_bytes: int) -> CoordinatorSpec:
@@ -229,21 +237,23 @@ class _Costs:
 
     sizes: np.ndarray  # [M, E] bytes
     rtt: np.ndarray  # [D] seconds
-    payload: np.ndarray  # [D] seconds the hidden state takes out and the result back over the link
+    vector: np.ndarray  # [D] seconds one hidden state takes over the device's link
+    shared: np.ndarray  # [D] seconds it takes over the coordinator's link, which all payloads share
     device_rate: np.ndarray  # [D] bytes/s
     coord: CoordinatorSpec
 
     @classmethod
     def of(cls, devices: Sequence[DeviceSpec], coord: CoordinatorSpec, sizes: np.ndarray, hidden: int) -> _Costs:
-        payload_bits = 2 * hidden * ACTIVATION_BYTES * 8
+        bits = hidden * ACTIVATION_BYTES * 8
         rtt = np.array([d.rtt_s for d in devices], np.float64)
-        payload = np.array([payload_bits / d.link_bits_per_s for d in devices], np.float64)
+        vector = np.array([bits / d.link_bits_per_s for d in devices], np.float64)
+        shared = vector if coord.link_bits_per_s is None else np.full(len(devices), bits / coord.link_bits_per_s)
         rate = np.array([d.compute_bytes_per_s for d in devices], np.float64)
-        return cls(np.asarray(sizes, np.float64), rtt, payload, rate, coord)
+        return cls(np.asarray(sizes, np.float64), rtt, vector, shared, rate, coord)
 
     def alone(self, e_bytes: float) -> np.ndarray:
         """[D] seconds each device takes for one expert of e_bytes on its own: the replica order."""
-        return self.rtt + self.payload + e_bytes / self.device_rate
+        return self.rtt + 2 * self.vector + e_bytes / self.device_rate
 
 
 def _serve(c: _Costs, m: int, sets: LayerSets, held: np.ndarray, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,14 +279,19 @@ def _serve(c: _Costs, m: int, sets: LayerSets, held: np.ndarray, local: np.ndarr
         visited = (choice[rows][:, :, None] == holders[None, None, :]).any(1)  # [R, holders]
         choice[rows, slots] = holders[np.where(visited.any(1), visited.argmax(1), 0)]  # visited, else quickest
     szk = sz[idx]
-    links = np.zeros(len(idx))  # the messages share the coordinator's link: each device visited adds its payload
+    shared = np.zeros(len(idx))  # the payloads on the coordinator's link, all of them
+    shared_max = np.zeros(len(idx))  # the largest, which the slowest device's time already holds
     slowest = np.zeros(len(idx))
     for d in range(D):
         mine = choice == d
-        visited = mine.any(1)
-        links += visited * c.payload[d]
-        slowest = np.maximum(slowest, np.where(visited, c.rtt[d] + (szk * mine).sum(1) / c.device_rate[d], 0.0))
-    t_remote = links + slowest
+        n = mine.sum(1)  # the hidden state out, and one output back per expert
+        visited = n > 0
+        own = np.where(visited, (1 + n) * c.vector[d] + c.rtt[d] + (szk * mine).sum(1) / c.device_rate[d], 0.0)
+        slowest = np.maximum(slowest, own)
+        on_shared = np.where(visited, (1 + n) * c.shared[d], 0.0)
+        shared += on_shared
+        shared_max = np.maximum(shared_max, on_shared)
+    t_remote = slowest + shared - shared_max
     k = c.coord
     hit_s = (szk * (choice == D)).sum(1) / k.compute_bytes_per_s
     flash = choice == D + 1
