@@ -85,6 +85,11 @@ void bind_threads(py::module_& m) {
       "How long the kernels' idle threads spin before sleeping (default 200): decode's matmuls come back\n"
       "to back; a process that computes now and then (a device's expert server) sets 0.");
   m.def(
+      "wake_threads", [] { ThreadPool::instance().wake(); },
+      "Wake the kernels' sleeping threads to spin (for the spin time) ready for the next matmul:\n"
+      "called as a wait on something else ends (a cluster's answers), so that matmul does not pay\n"
+      "their wake-up.");
+  m.def(
       "get_thread_spin", [] { return ThreadPool::instance().spin_microseconds(); },
       "How long the kernels' idle threads spin before sleeping, microseconds.");
 }

@@ -74,6 +74,16 @@ void ThreadPool::set_spin_microseconds(int us) { spin_us_.store(us < 0 ? 0 : us,
 
 int ThreadPool::spin_microseconds() const { return spin_us_.load(std::memory_order_relaxed); }
 
+void ThreadPool::wake() {
+  bool notify;
+  {
+    std::lock_guard<std::mutex> lk(m_);
+    ++wakes_;
+    notify = sleeping_ > 0;
+  }
+  if (notify) wake_.notify_all();
+}
+
 bool ThreadPool::whole_jobs_even(const std::vector<uint64_t>& sizes) const {
   const auto threads = size_t(num_threads());
   std::vector<uint64_t> load(threads, 0);
@@ -99,9 +109,11 @@ void ThreadPool::worker() {
              spin_us_.load(std::memory_order_relaxed));
     std::unique_lock<std::mutex> lk(m_);
     if (generation_.load() == seen && !stopping_) {
+      const uint64_t woken = wakes_;
       ++sleeping_;
-      wake_.wait(lk, [&] { return stopping_ || generation_.load() != seen; });
+      wake_.wait(lk, [&] { return stopping_ || generation_.load() != seen || wakes_ != woken; });
       --sleeping_;
+      if (generation_.load() == seen && !stopping_) continue;  // wake(): spin, ready for the next job
     }
     if (stopping_) return;
     seen = generation_.load();

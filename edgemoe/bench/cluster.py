@@ -491,13 +491,19 @@ def targets(results: list[dict[str, Any]], moe_layers: int) -> list[str]:
         n = c.get("remote_layers") or 0
         if n:
             lines.append(
-                f"  - a layer that called devices, on average over the last run's decoded tokens ({n} layers): "
+                f"  - a layer that called devices, on average over the median run's decoded tokens ({n} layers): "
                 f"{1e3 * c['remote_layer_seconds'] / n:.2f} ms, of which packing and sending "
                 f"{1e3 * c['send_seconds'] / n:.2f} ms, this process's own experts {1e3 * c['local_seconds'] / n:.2f} ms, "
                 f"the slowest device's own time (unpacking, its experts, packing) {1e3 * c['slowest_device_seconds'] / n:.2f} ms, "
                 f"and the hop {1e3 * c['hop_seconds'] / n:.2f} ms (from the last send to the last answer less that device's "
                 "time: the link, both ends' TCP and their wake-ups)"
             )
+            if c.get("tokens"):
+                rest = r["decode_seconds_per_token"] - c["remote_layer_seconds"] / c["tokens"]
+                lines.append(
+                    f"  - the rest of a decoded token: {1e3 * rest:.2f} ms (attention, norms and routing, the layers "
+                    "this process serves alone, the head and sampling)"
+                )
         floor = r.get("floor")
         if floor and tx2:
             need = 1 / (3 * tx2["decode_tokens_per_s"])

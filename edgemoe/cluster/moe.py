@@ -774,6 +774,7 @@ class ClusterMoE:
         t1 = time.monotonic()
         self.local_seconds += t1 - t_sent
         answers = self._collect(pending, end)
+        _core.wake_threads()  # the next layer's matmuls need them: they wake while the answers are read
         t_got = time.monotonic()
         waited = t_got - t1
         self.wait_seconds += waited

@@ -2151,6 +2151,37 @@ static void test_pool() {
   pool.set_num_threads(n0);
 }
 
+// wake() from another thread while jobs run, and into a pool whose workers sleep (spin 0)
+// or spin: every job still runs each task once, and a pool stopped (resized) meanwhile
+// leaves no worker behind.
+static void test_pool_wake() {
+  ThreadPool& pool = ThreadPool::instance();
+  const int n0 = pool.num_threads(), spin0 = pool.spin_microseconds();
+  for (int spin : {0, 200}) {
+    pool.set_spin_microseconds(spin);
+    pool.set_num_threads(3);
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // the workers sleep (spin 0)
+    pool.wake();
+    pool.wake();
+    std::atomic<bool> done{false};
+    std::thread waker([&] {
+      while (!done) pool.wake();
+    });
+    bool ok = true;
+    for (int job = 0; job < 200; ++job) {
+      std::vector<std::atomic<int>> hit(64);
+      pool.parallel_for(64, [&](int64_t i) { hit[size_t(i)]++; });
+      for (auto& h : hit) ok = ok && h == 1;
+      if (job == 100) pool.set_num_threads(2);
+    }
+    done = true;
+    waker.join();
+    CHECK(ok);
+  }
+  pool.set_spin_microseconds(spin0);
+  pool.set_num_threads(n0);
+}
+
 // ---------------------------------------------------------------- link switch (the link emulator's loop)
 #if defined(__linux__)
 // An IPv4/UDP packet of `size` bytes from src to dst whose payload starts with n.
@@ -2280,6 +2311,7 @@ static void test_link_switch() {
 int main() {
   std::printf("simd: %s, crc32c: %s\n", simd_name(), crc32c_impl());
   test_pool();
+  test_pool_wake();
   test_one_token_experts_in_parallel();
   test_kernels();
   test_portable_kernels();
