@@ -408,9 +408,10 @@ class ClusterMoE:
         profile = load_profile(f.device) if f.device else None
         hidden = int(self.model.manifest["config"]["hidden_size"])
         rates: list[Any] = [None] * len(devices)
-        if profile is None:
+        if profile is None:  # one device at a time: devices sharing cores (the test bed) would slow each other
             _, _, blob = self._probe_blob()
-            rates = self._get([d.handle.probe.remote(blob, hidden) for d in devices], devices, raise_damaged)
+            ref = ray.put(blob)
+            rates = [self._get([d.handle.probe.remote(ref, hidden)], [d], raise_damaged)[0] for d in devices]
         payload = np.zeros(BANDWIDTH_PROBE_BYTES, np.uint8)
         for d, rate in zip(devices, rates):
             if not d.up:
