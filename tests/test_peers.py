@@ -113,6 +113,20 @@ def test_the_decode_ratio_round_by_round_pairs_each_rounds_runs():
     assert "round by round" not in peers.ratio_lines(one)[0]
 
 
+def test_no_limit_against_a_limit_round_by_round():
+    """edgemoe's run with no limit against its run at a limit in the same round: a round where
+    both were fast and one where both were slow say 'no slower' though the medians differ."""
+    free = [_run("ok", 100.0), _run("ok", 150.0), _run("ok", 160.0)]
+    capped = [_run("ok", 95.0), _run("ok", 155.0), _run("ok", 150.0)]
+    cells = [_cell("edgemoe", free), _cell("edgemoe", capped, 1.2, 600_000_000), _cell("llama.cpp", free)]
+    # medians 150 / 150 = 1.00x; rounds 1.05, 0.97, 1.07: median 1.05x
+    assert peers.limit_lines(cells) == [
+        "- mixtral-shaped, local disk: edgemoe with no limit decodes 1.00x its speed at 1.2x (600 MB) "
+        "(round by round 1.05x, 0.97-1.07x)"
+    ]
+    assert peers.limit_lines(cells[1:]) == []  # no run without a limit: nothing to compare
+
+
 def test_table_ratios_and_json():
     cells = _cells()
     md = peers.markdown(cells, ["blkio throttling does not work here"])
@@ -129,6 +143,11 @@ def test_table_ratios_and_json():
     )
     assert "1.2x (600 MB): edgemoe 10.00x llama.cpp's decode speed (round by round 10.00x" in md
     assert "0.3x (150 MB): edgemoe 12.50 tok/s, llama.cpp killed (OOM) 3/3" in md
+    assert (
+        "- mixtral-shaped, local disk: edgemoe with no limit decodes 1.33x its speed at 1.2x (600 MB) "
+        "(round by round 1.33x, 1.33-1.33x)" in md
+    )
+    assert "edgemoe with no limit decodes 3.20x its speed at 0.3x (150 MB)" in md
     assert md.rstrip().endswith("- blkio throttling does not work here")
     back = json.loads(json.dumps({"cells": cells}))
     assert back["cells"][5]["killed"] == 3 and back["cells"][2]["decode_tokens_per_s"]["median"] == 30.0

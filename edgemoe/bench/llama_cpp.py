@@ -207,7 +207,7 @@ def round_ratios(e: dict[str, Any], p: dict[str, Any], figure: str) -> list[floa
 def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
     """At each (model, storage, limit), medians: edgemoe's decode and second-prompt prefill
     speeds over llama.cpp's (and, from two rounds on, the decode ratio of each round's pair of
-    runs), and each engine's load + TTFT."""
+    runs), and each engine's load + TTFT; then edgemoe with no limit against each limit."""
     lines = []
     key = lambda c: (c["model"], c["storage"], c["limit_factor"])  # noqa: E731
     for k in dict.fromkeys(key(c) for c in cells):
@@ -236,6 +236,35 @@ def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
             lines.append(f"- {where}: edgemoe {es['median']:.2f} tok/s, llama.cpp {status_text(p)}")
         elif ps:
             lines.append(f"- {where}: llama.cpp {ps['median']:.2f} tok/s, edgemoe {status_text(e)}")
+    lines += limit_lines(cells)
+    return lines
+
+
+def limit_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """edgemoe with no limit against each limit it decoded under, per model and storage: the
+    ratio of the medians and, from two rounds on, of each round's pair of runs (a round runs
+    every cell once, so the two are seconds apart, not minutes)."""
+    lines = []
+    ours = [c for c in cells if c["engine"] == "edgemoe" and c.get("decode_tokens_per_s")]
+    for model, storage in dict.fromkeys((c["model"], c["storage"]) for c in ours):
+        here = [c for c in ours if (c["model"], c["storage"]) == (model, storage)]
+        free = next((c for c in here if c["limit_factor"] is None), None)
+        if free is None:
+            continue
+        for c in here:
+            if c is free:
+                continue
+            pairs = sorted(round_ratios(free, c, "decode_tokens_per_s"))
+            by_round = (
+                f" (round by round {statistics.median(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f}x)"
+                if len(pairs) > 1
+                else ""
+            )
+            ratio = free["decode_tokens_per_s"]["median"] / c["decode_tokens_per_s"]["median"]
+            lines.append(
+                f"- {model}, {storage}: edgemoe with no limit decodes {ratio:.2f}x its speed at "
+                f"{limit_text(c['limit_factor'], c['limit_bytes'])}{by_round}"
+            )
     return lines
 
 
