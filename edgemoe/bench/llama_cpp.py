@@ -204,6 +204,14 @@ def round_ratios(e: dict[str, Any], p: dict[str, Any], figure: str) -> list[floa
     return out
 
 
+def round_text(ratios: list[float]) -> str:
+    """' (round by round MEDIANx, MIN-MAXx)' from two rounds on, else nothing."""
+    if len(ratios) < 2:
+        return ""
+    r = sorted(ratios)
+    return f" (round by round {statistics.median(r):.2f}x, {r[0]:.2f}-{r[-1]:.2f}x)"
+
+
 def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
     """At each (model, storage, limit), medians: edgemoe's decode and second-prompt prefill
     speeds over llama.cpp's (and, from two rounds on, the decode ratio of each round's pair of
@@ -218,12 +226,7 @@ def ratio_lines(cells: list[dict[str, Any]]) -> list[str]:
         es, ps = e["decode_tokens_per_s"], p["decode_tokens_per_s"]
         where = f"{k[0]}, {k[1]}, {limit_text(k[2], e['limit_bytes'])}"
         if es and ps:
-            pairs = sorted(round_ratios(e, p, "decode_tokens_per_s"))
-            by_round = (
-                f" (round by round {statistics.median(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f}x)"
-                if len(pairs) > 1
-                else ""
-            )
+            by_round = round_text(round_ratios(e, p, "decode_tokens_per_s"))
             parts = [f"edgemoe {es['median'] / ps['median']:.2f}x llama.cpp's decode speed{by_round}"]
             ef, pf = e.get("prefill_tokens_per_s"), p.get("prefill_tokens_per_s")
             if ef and pf:
@@ -254,12 +257,7 @@ def limit_lines(cells: list[dict[str, Any]]) -> list[str]:
         for c in here:
             if c is free:
                 continue
-            pairs = sorted(round_ratios(free, c, "decode_tokens_per_s"))
-            by_round = (
-                f" (round by round {statistics.median(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f}x)"
-                if len(pairs) > 1
-                else ""
-            )
+            by_round = round_text(round_ratios(free, c, "decode_tokens_per_s"))
             ratio = free["decode_tokens_per_s"]["median"] / c["decode_tokens_per_s"]["median"]
             lines.append(
                 f"- {model}, {storage}: edgemoe with no limit decodes {ratio:.2f}x its speed at "
