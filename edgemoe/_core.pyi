@@ -76,6 +76,15 @@ def qmatrix_matmul_many(x: npt.NDArray[np.float32], bufs: list[npt.NDArray[np.ui
 def expert_forward(x: npt.NDArray[np.float32], blob: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """SwiGLU of one expert blob: down(silu(gate x) * up x), x [T, hidden] -> [T, hidden]."""
 
+def round_rows_x8(
+    x: npt.NDArray[np.float32], min_amax: float
+) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.float32]] | None:
+    """x [T, hidden] -> (q int8 [T, hidden], amax [T, hidden / 32]): each block of 32 rounded as the
+    one-token decode kernels round a 4-bit matrix's input, or None where that cannot be undone exactly."""
+
+def unround_rows_x8(q: npt.NDArray[np.int8], amax: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """round_rows_x8's (q, amax) -> x [T, hidden] that the decode kernels round to the same q and step."""
+
 def experts_forward(
     xs: list[npt.NDArray[np.float32]], blobs: list[npt.NDArray[np.uint8]]
 ) -> list[npt.NDArray[np.float32]]:

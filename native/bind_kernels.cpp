@@ -130,6 +130,48 @@ void bind_kernels(py::module_& m) {
       "x [T, hidden] -> [T, hidden].");
 
   m.def(
+      "round_rows_x8",
+      [](const FloatArray& x, float min_amax) -> py::object {
+        if (x.ndim() != 2) throw std::invalid_argument("round_rows_x8: x must be [tokens, hidden]");
+        const int64_t T = x.shape(0);
+        const auto H = uint32_t(x.shape(1));
+        py::array_t<int8_t> q({T, int64_t(H)});
+        FloatArray amax({T, int64_t(H / 32)});
+        bool ok;
+        {
+          py::gil_scoped_release nogil;
+          ok = round_rows_x8(x.data(), T, H, min_amax, q.mutable_data(), amax.mutable_data());
+        }
+        if (!ok) return py::none();
+        return py::make_tuple(q, amax);
+      },
+      py::arg("x"), py::arg("min_amax"),
+      "x [T, hidden] float32 -> (q int8 [T, hidden], amax float32 [T, hidden / 32]), each block of\n"
+      "32 rounded as the one-token decode kernels round a 4-bit matrix's input (step amax / 127,\n"
+      "nearest, ties to even), or None where that cannot be undone exactly (hidden not a multiple\n"
+      "of 32, a value not finite, a block maximum below min_amax).");
+
+  m.def(
+      "unround_rows_x8",
+      [](const py::array_t<int8_t, py::array::c_style | py::array::forcecast>& q, const FloatArray& amax) {
+        if (q.ndim() != 2 || amax.ndim() != 2 || q.shape(1) % 32 || amax.shape(0) != q.shape(0) ||
+            amax.shape(1) != q.shape(1) / 32)
+          throw std::invalid_argument("unround_rows_x8: q must be [T, hidden] (hidden a multiple of 32) and amax "
+                                      "[T, hidden / 32]");
+        const int64_t T = q.shape(0);
+        const auto H = uint32_t(q.shape(1));
+        FloatArray x({T, int64_t(H)});
+        {
+          py::gil_scoped_release nogil;
+          unround_rows_x8(q.data(), amax.data(), T, H, x.mutable_data());
+        }
+        return x;
+      },
+      py::arg("q"), py::arg("amax"),
+      "round_rows_x8's (q, amax) -> x [T, hidden] float32 that the decode kernels round to the same\n"
+      "q and step: q * (amax / 127), and exactly +-amax where |q| is 127.");
+
+  m.def(
       "experts_forward",
       [](const std::vector<FloatArray>& xs, const std::vector<ByteArray>& blobs) {
         if (xs.size() != blobs.size())

@@ -549,4 +549,32 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
   if (e.bias) add_bias(e.bias + 8 * size_t(I), T, e.hidden(), y);
 }
 
+bool round_rows_x8(const float* x, int64_t T, uint32_t H, float min_amax, int8_t* q, float* amax) {
+  if (H % kChunk) return false;
+  const int64_t n = T * H;
+  for (int64_t b = 0; b < n; b += kChunk) {
+    float m = 0;
+    for (uint32_t i = 0; i < kChunk; ++i) {
+      if (!std::isfinite(x[b + i])) return false;
+      m = std::max(m, std::fabs(x[b + i]));
+    }
+    if (m > 0 && m < min_amax) return false;
+    const float inv = m > 0 ? 127.0f / m : 0.0f;  // as round_block: x * (qmax / amax), nearest even
+    for (uint32_t i = 0; i < kChunk; ++i) q[b + i] = int8_t(std::nearbyint(x[b + i] * inv));
+    amax[b / kChunk] = m;
+  }
+  return true;
+}
+
+void unround_rows_x8(const int8_t* q, const float* amax, int64_t T, uint32_t H, float* x) {
+  const int64_t n = T * H;
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const float m = amax[b / kChunk], step = m / 127.0f;
+    for (uint32_t i = 0; i < kChunk; ++i) {
+      const int8_t v = q[b + i];
+      x[b + i] = v == 127 ? m : v == -127 ? -m : float(v) * step;
+    }
+  }
+}
+
 }  // namespace edgemoe

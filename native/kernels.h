@@ -128,6 +128,17 @@ Expert parse_expert(const uint8_t* blob, uint64_t size);
 // down(relu(up x)) for a two-matrix expert.
 void expert_forward(const Expert& e, const float* x, int64_t T, float* y);
 
+// x [T, H] float32 -> q [T, H] int8 and amax [T, H / 32]: each block of 32 values rounded as
+// the one-token decode kernels (AVX2, NEON) round a 4-bit matrix's input: step amax / 127,
+// q = x * (127 / amax) to nearest, ties to even. False (outputs unspecified) where that cannot
+// be undone exactly: H not a multiple of 32, a value that is not finite, or a block maximum
+// below min_amax.
+bool round_rows_x8(const float* x, int64_t T, uint32_t H, float min_amax, int8_t* q, float* amax);
+
+// round_rows_x8's (q, amax) -> x [T, H] that those kernels round to the same q and step again:
+// q * (amax / 127), and exactly +-amax where |q| is 127, so each block's maximum is amax.
+void unround_rows_x8(const int8_t* q, const float* amax, int64_t T, uint32_t H, float* x);
+
 // p [n] bytes -> a checksum of them, every byte read once on the kernel threads:
 // the memory bandwidth the matmul kernels can hope for (benchmarks).
 uint64_t stream_read(const uint8_t* p, uint64_t n);

@@ -45,6 +45,8 @@ def models(tiny_checkpoint, tmp_path_factory):
     for arch in ("mixtral", "qwen2_moe"):
         convert(tiny_checkpoint(arch), root / arch, bits=8, progress=False)
         out[arch] = root / arch
+    convert(tiny_checkpoint("mixtral"), root / "mixtral4", bits=4, progress=False)
+    out["mixtral4"] = root / "mixtral4"
     return out
 
 
@@ -180,6 +182,37 @@ def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models
     finally:
         m.close()
     assert m.net.moe_override is None and not ray.is_initialized()
+
+
+def test_one_row_calls_carry_their_input_rounded_to_int8(devices, models):
+    """A 4-bit model: a call that gives each expert one row (decode) carries x as the int8
+    values and block maxima its kernels round it to, about a quarter of float32's bytes; the
+    one-token logits and the tokens are the single-device run's, and the same as with x sent
+    as float32."""
+    path = models["mixtral4"]
+    budget = edgemoe.load(path).min_budget
+    ref = edgemoe.load(path, memory_budget=budget)
+    want_one, want_tokens = ref.logits(PROMPT[:1]), ref.generate(PROMPT, max_new_tokens=NEW)
+    m = on_cluster(path, devices.address, expert_bytes(path) // 3)
+    try:
+        moe = override(m)
+        held = [pair for d in moe.devices for pair in d.pairs]
+        assert held and all(moe.int8_input[pair] for pair in held)  # every 4-bit expert a device holds
+        sent = {}
+        for rounded in (True, False):
+            moe.round_inputs = rounded
+            m.reset_stats()
+            np.testing.assert_array_equal(m.logits(PROMPT[:1]), want_one)  # one row per expert
+            s = m.stats()["cluster"]
+            calls = sum(d["calls"] for d in s["devices"].values())
+            sent[rounded] = sum(d["bytes_sent"] for d in s["devices"].values())
+            assert calls > 0 and s["recomputed_slots"] == 0
+            assert m.generate(PROMPT, max_new_tokens=NEW) == want_tokens
+            assert m.stats()["cluster"]["recomputed_slots"] == 0
+        hidden = m.info()["hidden_size"]
+        assert sent[False] - sent[True] == calls * (4 * hidden - (hidden + 4 * hidden // 32))
+    finally:
+        m.close()
 
 
 def test_replicated_experts_change_no_token(devices, models):

@@ -1,13 +1,58 @@
 """A layer's call to a device as one bytes object (edgemoe.cluster.server.pack_call): what
-goes in comes out bit for bit, and a call that does not match its header is named."""
+goes in comes out bit for bit (or, rounded to int8, gives a 4-bit expert the same output bit
+for bit), and a call that does not match its header is named."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgemoe.cluster.server import pack_call, unpack_call
+from edgemoe import _core
+from edgemoe.cluster import server
+from edgemoe.cluster.server import (
+    FORM_FLOAT32,
+    FORM_ROUNDED,
+    call_form,
+    pack_call,
+    round_rows,
+    unpack_call,
+    unround_rows,
+)
 from edgemoe.errors import ClusterError
+from edgemoe.format import quant as q
+
+rounding_kernels = pytest.mark.skipif(
+    not server.ROUNDING_KERNELS, reason=f"this build's kernels ({_core.simd()}) multiply float32 x in decode"
+)
+
+
+def blob(bits, gs=32, sym=True, hidden=128, inter=64, gated=True, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def mat(r, c):
+        return q.quantize_matrix((rng.standard_normal((r, c)) / np.sqrt(c)).astype(np.float32), bits, gs, sym)
+
+    mats = [mat(inter, hidden)] * gated + [mat(inter, hidden), mat(hidden, inter)]
+    return q.pack_expert_blob(0, 0, *mats)
+
+
+def hard_rows(rng, hidden=128):
+    """Rows whose blocks test the rounding: values at every scale, exact ties (x * 127 / amax
+    half-way between integers), several values at the block maximum, zero blocks, -0.0."""
+    x = rng.standard_normal((8, hidden)).astype(np.float32)
+    x[1] *= np.float32(1e-20)
+    x[2] *= np.float32(1e20)
+    x[3, :32] = np.arange(32, dtype=np.float32) - np.float32(15.5)  # amax 15.5 -> steps of 15.5/127
+    x[4, :32] = np.float32(127) * (np.arange(32, dtype=np.float32) % 5 - 2) / 2  # amax 127: x * 1 at .5 ties
+    x[5, :32] = np.float32(-3.0)  # every value at the block maximum
+    x[5, 32:64] = 0.0
+    x[6, 32:64] = np.float32(-0.0)
+    x[7, 64:] = np.float32(1e-29)
+    # block maxima m for which 127 * (m / 127) is not m in float32 (about 1 in 140 are so)
+    for b, m in enumerate((7.9790745, -0.9956187, 3.9715085)):
+        x[0, 32 * b : 32 * b + 32] *= np.float32(abs(m)) / np.abs(x[0, 32 * b : 32 * b + 32]).max() / 2
+        x[0, 32 * b + 5] = np.float32(m)
+    return x
 
 
 def test_a_call_comes_back_bit_for_bit():
@@ -238,3 +283,95 @@ def test_a_bad_serve_priority_is_named(value, monkeypatch):
         serve_priority()
     monkeypatch.setenv(SERVE_PRIORITY_ENV, "")
     assert serve_priority() == 0
+
+
+@rounding_kernels
+@pytest.mark.parametrize("sym, gs, gated", [(True, 32, True), (False, 32, True), (False, 64, True), (True, 32, False)])
+def test_a_rounded_input_gives_a_4bit_expert_its_output_bit_for_bit(sym, gs, gated):
+    """round_rows then unround_rows: x' differs from x, yet the decode kernels round it to the
+    same int8 values and steps, so every output row is the one of x, bit for bit."""
+    rng = np.random.default_rng(3)
+    b = blob(4, gs, sym, gated=gated, seed=int(sym) + gs)
+    assert q.input_rounds_to_int8(b)
+    for x in [hard_rows(rng), *(rng.standard_normal((1, 128)).astype(np.float32) * s for s in (1e-3, 1.0, 50.0))]:
+        r = round_rows(x)
+        assert r is not None
+        x2 = unround_rows(*r)
+        assert x2.dtype == np.float32 and x2.shape == x.shape
+        for i in range(len(x)):
+            want = _core.expert_forward(x[i : i + 1], b)
+            assert _core.expert_forward(x2[i : i + 1], b).tobytes() == want.tobytes(), f"row {i}"
+
+
+def test_only_4bit_inputs_are_said_to_round_to_int8():
+    for bits, sym, want in [(4, True, True), (4, False, True), (8, True, False), (3, False, False), (2, True, False)]:
+        b = blob(bits, sym=sym)
+        assert q.input_rounds_to_int8(b) is want, (bits, sym)
+    assert not q.input_rounds_to_int8(np.zeros(256, np.uint8))  # not a blob
+    mx = q.pack_expert_blob(
+        0,
+        0,
+        *[
+            q.mxfp4_matrix(np.zeros((r, c // 2), np.uint8), np.full((r, c // 32), 127, np.uint8), r, c)
+            for r, c in ((64, 128), (64, 128), (128, 64))
+        ],
+    )
+    assert not q.input_rounds_to_int8(mx)  # MXFP4: float32
+
+
+def test_round_rows_declines_what_it_cannot_round_exactly():
+    assert round_rows(np.zeros((1, 48), np.float32)) is None  # not whole blocks of 32
+    for bad in (np.inf, np.nan):
+        x = np.ones((2, 64), np.float32)
+        x[1, 3] = bad
+        assert round_rows(x) is None
+    x = np.ones((1, 64), np.float32)
+    x[0, 32:] = np.float32(1e-35)  # 127 / amax would not be a normal float
+    assert round_rows(x) is None
+    q8, amax = round_rows(np.zeros((1, 64), np.float32))
+    assert not q8.any() and not amax.any() and not unround_rows(q8, amax).any()
+
+
+def test_a_rounded_call_carries_a_quarter_of_the_bytes_and_falls_back_to_float32():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 1024)).astype(np.float32)
+    experts, counts, rows = np.array([3, 5]), np.array([1, 1]), np.array([0, 1])
+    plain, rounded = pack_call(1, x, experts, counts, rows), pack_call(1, x, experts, counts, rows, rounded=True)
+    assert call_form(plain) == FORM_FLOAT32 and call_form(rounded) == FORM_ROUNDED
+    assert len(plain) - len(rounded) == 2 * 1024 * 4 - 2 * (1024 + 4 * 32)
+    layer, x2, e2, c2, r2 = unpack_call(rounded)
+    assert layer == 1 and e2.tolist() == [3, 5] and c2.tolist() == [1, 1] and r2.tolist() == [0, 1]
+    assert x2.tobytes() == unround_rows(*round_rows(x)).tobytes()
+    x[1, 7] = np.nan  # round_rows declines: the call goes as float32, x as it is
+    fallback = pack_call(1, x, experts, counts, rows, rounded=True)
+    assert call_form(fallback) == FORM_FLOAT32 and unpack_call(fallback)[1].tobytes() == x.tobytes()
+    bad = bytearray(rounded)
+    bad[20:24] = np.array([7], "<i4").tobytes()
+    with pytest.raises(ClusterError, match="unknown form"):
+        unpack_call(bytes(bad))
+    with pytest.raises(ClusterError, match="does not match its header"):
+        unpack_call(rounded[:-4])
+
+
+def test_a_server_refuses_a_rounded_input_its_expert_would_not_round_so():
+    """A call whose x is rounded for an expert that takes int16 (8-bit codes) or several rows
+    would give other numbers: the device names it (the coordinator computes the call itself)."""
+    spin = _core.get_thread_spin()
+    try:
+        s = server.ExpertServer("fp", "dev")
+        s.blobs = {(0, 1): blob(4), (0, 2): blob(8)}
+        x = np.random.default_rng(5).standard_normal((2, 128)).astype(np.float32)
+        ok = s.forward(pack_call(0, x[:1], np.array([1]), np.array([1]), np.array([0]), rounded=True))
+        if server.ROUNDING_KERNELS:
+            want = _core.expert_forward(x[:1], s.blobs[(0, 1)]).tobytes()
+            assert ok[server.DEVICE_SECONDS.size :] == want
+        else:  # pragma: no cover - the portable build
+            pass
+        with pytest.raises(ClusterError, match="expert 2 of layer 0 an input rounded to int8"):
+            s.forward(pack_call(0, x[:1], np.array([2]), np.array([1]), np.array([0]), rounded=True))
+        with pytest.raises(ClusterError, match="expert 1 of layer 0 an input rounded to int8"):
+            s.forward(pack_call(0, x, np.array([1]), np.array([2]), np.array([0, 1]), rounded=True))
+        held = s.hold([(0, 1, 0, 0), (0, 2, 0, 0)])
+        assert held["missing"] == [] and held["int8_input"] == [(0, 1)]
+    finally:
+        _core.set_thread_spin(spin)

@@ -34,6 +34,7 @@ from .. import _core
 from ..devices import load_link, load_profile
 from ..errors import ClusterError, PlacementError
 from ..format.manifest import blob_tables
+from ..format.quant import input_rounds_to_int8
 from ..runtime.engine import Model
 from ..units import format_bytes, parse_bytes
 from .channel import PING, Channel, receive
@@ -229,6 +230,11 @@ class ClusterMoE:
         self.watch_s = float(watch_s)
         self.retry_s = float(retry_s)
         _, self.lengths, self.crcs, _ = blob_tables(model.manifest)
+        # Which experts take x rounded to int8 in a one-row call (input_rounds_to_int8, learnt
+        # from the blobs as they are placed): their calls carry it so, a quarter of the bytes
+        # and the same numbers (server.round_rows), to devices whose kernels round so.
+        self.int8_input = np.zeros(self.lengths.shape, bool)
+        self.round_inputs = True  # False: x always travels as float32
         self.sizes, self.routing, self.moe_layers = model_inputs(model.path, require_routing=False)
         self.moe_index = np.full(self.lengths.shape[0], -1, np.int64)
         self.moe_index[self.moe_layers] = np.arange(len(self.moe_layers))
@@ -549,10 +555,13 @@ class ClusterMoE:
             if answer is None:
                 continue
             d.blobs_from_flash += int(answer["from_flash"])
+            for layer, e in answer.get("int8_input", []):  # what it holds already: it read the blobs
+                self.int8_input[layer, e] = True
             batch: list[tuple[int, int, int, np.ndarray]] = []
             batch_bytes = 0
             for layer, e in answer["missing"]:
                 blob = self.model.store.read(layer, e)
+                self.int8_input[layer, e] = input_rounds_to_int8(blob)
                 batch.append((layer, e, int(self.crcs[layer, e]), blob))
                 batch_bytes += blob.size
                 d.blobs_sent += 1
@@ -756,7 +765,13 @@ class ClusterMoE:
         allowed = 0.0  # the slowest device's time for its payload and work, beyond the base deadline
         for index, slots, experts, counts, tokens, rows in group_slots(ids, where):
             d = self.devices[index]
-            call = pack_call(layer, x[tokens], experts, counts, rows)
+            rounded = (
+                self.round_inputs
+                and d.info.get("rounds_int8_input", False)
+                and bool((counts == 1).all())
+                and bool(self.int8_input[layer, experts].all())
+            )
+            call = pack_call(layer, x[tokens], experts, counts, rows, rounded)
             calls.append((d, slots, call))
             work = int(np.dot(counts, self.lengths[layer, experts]))  # expert bytes streamed once per row
             allowed = max(allowed, self._allowance(d, len(call) + 4 * len(slots) * H, work))

@@ -19,6 +19,7 @@ import psutil
 
 from .. import _core
 from ..errors import ClusterError
+from ..format.quant import input_rounds_to_int8
 from ..runtime.paths import cache_root
 from .channel import Listener
 
@@ -112,6 +113,7 @@ class ExpertServer:
         self.name = name
         self.dir = copies_dir(fingerprint)
         self.blobs: dict[Pair, np.ndarray] = {}
+        self._int8_input: dict[Pair, bool] = {}  # input_rounds_to_int8 of the blobs held
         self.flash_error: str | None = None  # why copies are not kept on flash, if they are not
         self.priority = serve_priority()
         self.listener: Listener | None = None
@@ -127,6 +129,7 @@ class ExpertServer:
             "copies_dir": str(self.dir),
             "flash_error": self.flash_error,
             "serve_priority": self.priority,
+            "rounds_int8_input": ROUNDING_KERNELS,
         }
 
     def open_channel(self, host: str) -> tuple[str, int, str | None]:
@@ -147,6 +150,13 @@ class ExpertServer:
         the placement plan): expert_rate on `blob`, one expert of hidden size `hidden`."""
         return expert_rate(np.array(blob, np.uint8), hidden, seconds)
 
+    def _rounds_to_int8(self, layer: int, expert: int, blob: np.ndarray) -> bool:
+        pair = (layer, expert)
+        known = self._int8_input.get(pair)
+        if known is None:
+            known = self._int8_input[pair] = input_rounds_to_int8(blob)
+        return known
+
     def _path(self, layer: int, expert: int) -> Path:
         return self.dir / f"layer{layer}-expert{expert}.blob"
 
@@ -160,7 +170,8 @@ class ExpertServer:
         """Serve exactly the experts `wanted` ((layer, expert, length, crc32c) each): those held
         already stay, those on this device's flash are read and checked, the others are
         dropped. Returns {"missing": pairs the coordinator must send, "from_flash": how many
-        were read from flash}. A flash copy that fails its checksum raises ClusterError."""
+        were read from flash, "int8_input": the pairs held whose input rounds to int8 (a one-row
+        call may carry it so)}. A flash copy that fails its checksum raises ClusterError."""
         keep: dict[Pair, np.ndarray] = {}
         from_flash = 0
         for layer, expert, length, crc in wanted:
@@ -183,8 +194,10 @@ class ExpertServer:
             keep[pair] = blob
             from_flash += 1
         self.blobs = keep
+        self._int8_input.clear()
         missing = [(layer, expert) for layer, expert, _, _ in wanted if (layer, expert) not in keep]
-        return {"missing": missing, "from_flash": from_flash}
+        int8_input = [pair for pair, blob in keep.items() if self._rounds_to_int8(*pair, blob)]
+        return {"missing": missing, "from_flash": from_flash, "int8_input": int8_input}
 
     def put(self, items: list[tuple[int, int, int, np.ndarray]]) -> int:
         """Take blobs sent by the coordinator ((layer, expert, crc32c, blob) each): check each,
@@ -197,6 +210,7 @@ class ExpertServer:
                     layer, expert, "as received", "it was damaged on the way; load again to send it once more"
                 )
             self.blobs[(layer, expert)] = blob
+            self._int8_input.pop((layer, expert), None)
             taken += blob.size
             self._keep_on_flash(layer, expert, blob)
         return taken
@@ -221,12 +235,24 @@ class ExpertServer:
         batches them, so the numbers are the coordinator's bit for bit."""
         t_a = time.perf_counter()
         layer, x, experts, counts, rows = unpack_call(call)
+        rounded = call_form(call) == FORM_ROUNDED
+        if rounded and not ROUNDING_KERNELS:
+            raise ClusterError(
+                f"device {self.name} got a call with its input rounded to int8, which its kernels "
+                f"({_core.simd()}) do not round so: the coordinator must send float32"
+            )
         xs, blobs = [], []
         start = 0
         for e, n in zip(experts.tolist(), counts.tolist()):
             blob = self.blobs.get((layer, e))
             if blob is None:
                 raise ClusterError(f"device {self.name} does not hold expert {e} of layer {layer}")
+            if rounded and not (n == 1 and self._rounds_to_int8(layer, e, blob)):
+                raise ClusterError(
+                    f"device {self.name} got expert {e} of layer {layer} an input rounded to int8, which "
+                    "it does not round so for this call (not one row, or not 4-bit codes): the coordinator "
+                    "must send float32"
+                )
             xs.append(np.ascontiguousarray(x[rows[start : start + n]]))
             blobs.append(blob)
             start += n
@@ -237,32 +263,84 @@ class ExpertServer:
 # A layer's call travels as one bytes object: Ray passes bytes through without pickling, where
 # four numpy arguments cost it about 0.5 ms more per call to submit and as much to receive
 # (docs/cluster.md, Data path). Little-endian int32 header [layer, tokens, hidden, experts,
-# rows], then x float32 [tokens, hidden], experts int32, counts int32, rows int32.
+# rows, form], then x: float32 [tokens, hidden] (FORM_FLOAT32), or int8 [tokens, hidden] and
+# float32 block maxima [tokens, hidden / 32] (FORM_ROUNDED, round_rows); then experts int32,
+# counts int32, rows int32.
 _HEADER = np.dtype("<i4")
+_HEADER_FIELDS = 6
+FORM_FLOAT32, FORM_ROUNDED = 0, 1
+# Whether this build's one-token decode rounds a 4-bit expert's input as round_rows does (the
+# AVX2 and NEON kernels; the portable build multiplies float32 x).
+ROUNDING_KERNELS = not _core.simd().startswith("portable")
+# The smallest block maximum round_rows rounds: 127 / amax and amax / 127 stay normal floats.
+ROUND_MIN_AMAX = 1e-30
 
 
-def pack_call(layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> bytes:
+def round_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """x [T, hidden] float32 -> (q int8 [T, hidden], amax float32 [T, hidden / 32]): each block
+    of 32 values rounded as the one-token decode kernels round a 4-bit expert's input (step
+    amax / 127, nearest with ties to even), or None where that cannot be undone exactly (a
+    hidden size not a multiple of 32, values that are not finite, a block too small to take
+    a step). Native: a layer's call cannot spend numpy's tens of microseconds on it."""
+    return _core.round_rows_x8(x, ROUND_MIN_AMAX)
+
+
+def unround_rows(q: np.ndarray, amax: np.ndarray) -> np.ndarray:
+    """round_rows' (q, amax) -> x' [T, hidden] float32 that the decode kernels round to the same
+    q and step as the x it came from, so a 4-bit expert's output for x' is its output for x,
+    bit for bit: q * (amax / 127), and exactly +-amax where |q| is 127 (so the block's largest
+    value, and with it the step, is amax again; the others are within 2^-20 of an integer
+    multiple of the step, far from a rounding boundary)."""
+    return _core.unround_rows_x8(q, amax)
+
+
+def pack_call(
+    layer: int, x: np.ndarray, experts: np.ndarray, counts: np.ndarray, rows: np.ndarray, rounded: bool = False
+) -> bytes:
     """The bytes of one layer's call to a device: x [tokens, hidden] float32, experts [G] each
-    taking counts[g] rows, rows [sum counts] indexing x."""
-    head = np.array([layer, x.shape[0], x.shape[1], experts.size, rows.size], _HEADER)
-    parts = [head, x.astype("<f4", copy=False), experts.astype("<i4"), counts.astype("<i4"), rows.astype("<i4")]
+    taking counts[g] rows, rows [sum counts] indexing x. rounded: x travels as round_rows'
+    int8 values and block maxima (a quarter of the bytes), for a call whose experts each take
+    one row and all round their input to int8 (4-bit experts) on a device whose kernels round
+    so (not the portable build); falls back to float32 where round_rows declines."""
+    parts_x: list[np.ndarray] = [x.astype("<f4", copy=False)]
+    form = FORM_FLOAT32
+    if rounded:
+        r = round_rows(x)
+        if r is not None:
+            parts_x, form = list(r), FORM_ROUNDED
+    head = np.array([layer, x.shape[0], x.shape[1], experts.size, rows.size, form], _HEADER)
+    parts = [head, *parts_x, experts.astype("<i4"), counts.astype("<i4"), rows.astype("<i4")]
     return b"".join(np.ascontiguousarray(a).tobytes() for a in parts)
 
 
+def call_form(call: bytes) -> int:
+    """The form x takes in pack_call's bytes (FORM_FLOAT32 or FORM_ROUNDED; -1: no header)."""
+    return int(np.frombuffer(call, _HEADER, 1, 4 * (_HEADER_FIELDS - 1))[0]) if len(call) >= 4 * _HEADER_FIELDS else -1
+
+
 def unpack_call(call: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """pack_call's arguments back, as read-only views of `call`; a call whose length does not
-    match its header is a ClusterError."""
-    if len(call) < 20:
+    """pack_call's arguments back (x as float32, unround_rows' x' for a rounded call), as
+    read-only views of `call` where they can be; a call whose length does not match its
+    header is a ClusterError."""
+    head = 4 * _HEADER_FIELDS
+    if len(call) < head:
         raise ClusterError(f"a layer's call of {len(call)} bytes is shorter than its header")
-    layer, tokens, hidden, groups, nrows = (int(v) for v in np.frombuffer(call, _HEADER, 5))
-    sizes = [tokens * hidden, groups, groups, nrows]
-    if min(layer, tokens, hidden, groups, nrows) < 0 or len(call) != 20 + 4 * sum(sizes):
+    layer, tokens, hidden, groups, nrows, form = (int(v) for v in np.frombuffer(call, _HEADER, _HEADER_FIELDS))
+    if form not in (FORM_FLOAT32, FORM_ROUNDED) or (form == FORM_ROUNDED and hidden % 32):
+        raise ClusterError(f"a layer's call has an unknown form of x ({form}, hidden size {hidden})")
+    x_bytes = 4 * tokens * hidden if form == FORM_FLOAT32 else tokens * hidden + 4 * tokens * (hidden // 32)
+    if min(layer, tokens, hidden, groups, nrows) < 0 or len(call) != head + x_bytes + 4 * (2 * groups + nrows):
         raise ClusterError(
             f"a layer's call of {len(call)} bytes does not match its header {layer, tokens, hidden, groups, nrows}"
         )
-    at = 20
-    x = np.frombuffer(call, "<f4", tokens * hidden, at).reshape(tokens, hidden)
-    at += 4 * tokens * hidden
+    at = head
+    if form == FORM_FLOAT32:
+        x = np.frombuffer(call, "<f4", tokens * hidden, at).reshape(tokens, hidden)
+    else:
+        q = np.frombuffer(call, np.int8, tokens * hidden, at).reshape(tokens, hidden)
+        amax = np.frombuffer(call, "<f4", tokens * (hidden // 32), at + tokens * hidden).reshape(tokens, hidden // 32)
+        x = unround_rows(q, amax)
+    at += x_bytes
     experts = np.frombuffer(call, "<i4", groups, at)
     counts = np.frombuffer(call, "<i4", groups, at + 4 * groups)
     rows = np.frombuffer(call, "<i4", nrows, at + 8 * groups)

@@ -459,6 +459,20 @@ def parse_blob(blob: np.ndarray) -> dict:
     return {"layer": layer, "expert": expert, "roles": EXPERT_ROLES[n], "offsets": offsets, "sizes": sizes, "glu": glu}
 
 
+def input_rounds_to_int8(blob: np.ndarray) -> bool:
+    """Whether the one-token decode kernels (AVX2, NEON) round an expert's input to int8 and
+    nothing else: every matrix that reads x (gate and up, or up of a ReLU expert) holds 4-bit
+    codes of kind q or qs. False for a blob it cannot parse."""
+    try:
+        info = parse_blob(blob)
+        return all(
+            matrix_header(blob, off)["kind"] in (KIND_Q, KIND_QS) and matrix_header(blob, off)["bits"] == 4
+            for off in info["offsets"][:-1]  # the matrices before down
+        )
+    except ValueError:
+        return False
+
+
 def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, ...]:
     """Dequantized matrices of an expert blob: (gate [I, H], up [I, H], down [H, I]), or
     (up, down) for a ReLU expert."""

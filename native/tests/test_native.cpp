@@ -1178,6 +1178,47 @@ static void test_neon_decode_scales() {
 }
 #endif
 
+// round_rows_x8 rounds as the one-token decode rounds a 4-bit matrix's input, and
+// unround_rows_x8's values round to the same int8 values, steps and group sums again (what a
+// device computes from a call whose input travelled rounded); what cannot be undone is refused.
+static void test_rounded_rows() {
+  const uint32_t H = 256;
+  const int64_t T = 6;
+  auto x = rand_vec(size_t(T) * H);
+  for (uint32_t i = 0; i < H; ++i) x[H + i] *= 1e-20f, x[2 * H + i] *= 1e20f;
+  for (uint32_t i = 0; i < 32; ++i) x[3 * H + i] = float(i % 5) * 63.5f - 127.0f;  // ties at amax 127
+  for (uint32_t i = 32; i < 64; ++i) x[3 * H + i] = 0.0f, x[4 * H + i] = -2.0f;    // zeros; all at the maximum
+  std::vector<int8_t> q(x.size());
+  std::vector<float> amax(x.size() / 32), back(x.size());
+  CHECK(round_rows_x8(x.data(), T, H, 1e-30f, q.data(), amax.data()));
+  unround_rows_x8(q.data(), amax.data(), T, H, back.data());
+  for (size_t b = 0; b < amax.size(); ++b) {
+    float m = 0;
+    for (size_t i = 0; i < 32; ++i) m = std::max(m, std::fabs(back[b * 32 + i]));
+    CHECK(m == amax[b]);  // each block's maximum, hence its step, comes back exactly
+  }
+#if defined(EDGEMOE_AVX2) || defined(EDGEMOE_NEON)
+#if defined(EDGEMOE_AVX2)
+  namespace isa = kernels::avx2;
+#else
+  namespace isa = kernels::neon;
+#endif
+  for (int64_t t = 0; t < T; ++t)
+    for (uint32_t gs : {32u, 64u, 128u}) {
+      const isa::DecodeInput a(&x[size_t(t) * H], H, gs, false, true), b(&back[size_t(t) * H], H, gs, false, true);
+      CHECK(std::equal(a.x8.begin(), a.x8.end(), q.begin() + t * H));
+      CHECK(a.x8 == b.x8 && a.dx8 == b.dx8 && a.xsum8 == b.xsum8);
+    }
+#endif
+  std::vector<float> bad = x;
+  bad[5] = std::numeric_limits<float>::infinity();
+  CHECK(!round_rows_x8(bad.data(), T, H, 1e-30f, q.data(), amax.data()));
+  bad = x;
+  for (int i = 0; i < 32; ++i) bad[size_t(i)] = 1e-35f;
+  CHECK(!round_rows_x8(bad.data(), T, H, 1e-30f, q.data(), amax.data()));
+  CHECK(!round_rows_x8(x.data(), 1, 48, 1e-30f, q.data(), amax.data()));
+}
+
 // expert_forward on kind 3, 4 and 5 (MXFP4, bits 0 below) blobs: the fused decode (T=1), a
 // few tokens, prefill.
 static void test_expert_forward() {
@@ -2325,6 +2366,7 @@ int main() {
   test_neon_decode_scales();
 #endif
   test_dense_ops();
+  test_rounded_rows();
   test_expert_forward();
   test_relu_expert_forward();
   test_expert_glu();
