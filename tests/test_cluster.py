@@ -184,33 +184,44 @@ def test_tokens_through_the_cluster_are_the_single_device_tokens(devices, models
     assert m.net.moe_override is None and not ray.is_initialized()
 
 
-def test_one_row_calls_carry_their_input_rounded_to_int8(devices, models):
-    """A 4-bit model: a call that gives each expert one row (decode) carries x as the int8
-    values and block maxima its kernels round it to, about a quarter of float32's bytes; the
-    one-token logits and the tokens are the single-device run's, and the same as with x sent
-    as float32."""
+def test_calls_carry_their_input_rounded_to_int8_where_it_changes_no_number(devices, models):
+    """A 4-bit model: a call whose experts round x to int8 for their row counts (one row, or a
+    long prompt's GEMM_MIN_TOKENS rows or more where the device has the integer prefill)
+    carries x as those int8 values and block maxima, about a quarter of float32's bytes; the
+    logits and the tokens are the single-device run's, and the same as with x sent as float32."""
+    from edgemoe.cluster.server import PREFILL_ROUNDING
+
     path = models["mixtral4"]
     budget = edgemoe.load(path).min_budget
+    long_prompt = [(7 * i + 3) % 250 for i in range(120)]  # every expert takes many rows
     ref = edgemoe.load(path, memory_budget=budget)
-    want_one, want_tokens = ref.logits(PROMPT[:1]), ref.generate(PROMPT, max_new_tokens=NEW)
+    want_one, want_long = ref.logits(PROMPT[:1]), ref.logits(long_prompt)
+    want_tokens = ref.generate(PROMPT, max_new_tokens=NEW)
     m = on_cluster(path, devices.address, expert_bytes(path) // 3)
     try:
         moe = override(m)
         held = [pair for d in moe.devices for pair in d.pairs]
         assert held and all(moe.int8_input[pair] for pair in held)  # every 4-bit expert a device holds
-        sent = {}
+        sent: dict[tuple[bool, str], int] = {}
+        calls = {}
         for rounded in (True, False):
             moe.round_inputs = rounded
-            m.reset_stats()
-            np.testing.assert_array_equal(m.logits(PROMPT[:1]), want_one)  # one row per expert
-            s = m.stats()["cluster"]
-            calls = sum(d["calls"] for d in s["devices"].values())
-            sent[rounded] = sum(d["bytes_sent"] for d in s["devices"].values())
-            assert calls > 0 and s["recomputed_slots"] == 0
+            for name, prompt, want in (("one", PROMPT[:1], want_one), ("long", long_prompt, want_long)):
+                m.reset_stats()
+                np.testing.assert_array_equal(m.logits(prompt), want)
+                s = m.stats()["cluster"]
+                calls[name] = sum(d["calls"] for d in s["devices"].values())
+                sent[rounded, name] = sum(d["bytes_sent"] for d in s["devices"].values())
+                assert calls[name] > 0 and s["recomputed_slots"] == 0
             assert m.generate(PROMPT, max_new_tokens=NEW) == want_tokens
             assert m.stats()["cluster"]["recomputed_slots"] == 0
         hidden = m.info()["hidden_size"]
-        assert sent[False] - sent[True] == calls * (4 * hidden - (hidden + 4 * hidden // 32))
+        saved = 4 * hidden - (hidden + 4 * hidden // 32)  # per row
+        assert sent[False, "one"] - sent[True, "one"] == calls["one"] * saved
+        if PREFILL_ROUNDING:  # the prompt's calls carry every row rounded
+            assert sent[True, "long"] < sent[False, "long"] * 0.4
+        else:
+            assert sent[True, "long"] == sent[False, "long"]
     finally:
         m.close()
 

@@ -353,24 +353,31 @@ def test_a_rounded_call_carries_a_quarter_of_the_bytes_and_falls_back_to_float32
         unpack_call(rounded[:-4])
 
 
-def test_a_server_refuses_a_rounded_input_its_expert_would_not_round_so():
-    """A call whose x is rounded for an expert that takes int16 (8-bit codes) or several rows
-    would give other numbers: the device names it (the coordinator computes the call itself)."""
+@rounding_kernels
+def test_a_server_answers_a_rounded_call_bit_for_bit_and_refuses_what_would_differ():
+    """One row (decode) or GEMM_MIN_TOKENS rows or more (the integer prefill, where this build
+    has it) of a 4-bit expert: the answer is the float32 call's bit for bit. A rounded input
+    for an expert that takes int16 (8-bit codes), or for 2 to GEMM_MIN_TOKENS - 1 rows (which
+    multiply float32 x), would give other numbers: the device names it and the coordinator
+    computes the call itself."""
     spin = _core.get_thread_spin()
     try:
         s = server.ExpertServer("fp", "dev")
-        s.blobs = {(0, 1): blob(4), (0, 2): blob(8)}
-        x = np.random.default_rng(5).standard_normal((2, 128)).astype(np.float32)
-        ok = s.forward(pack_call(0, x[:1], np.array([1]), np.array([1]), np.array([0]), rounded=True))
-        if server.ROUNDING_KERNELS:
-            want = _core.expert_forward(x[:1], s.blobs[(0, 1)]).tobytes()
-            assert ok[server.DEVICE_SECONDS.size :] == want
-        else:  # pragma: no cover - the portable build
-            pass
+        s.blobs = {(0, 1): blob(4), (0, 2): blob(8), (0, 3): blob(4, sym=False, seed=1)}
+        many = _core.GEMM_MIN_TOKENS + 3
+        x = hard_rows(np.random.default_rng(5))
+        x = np.concatenate([x, np.random.default_rng(6).standard_normal((many - len(x), 128)).astype(np.float32)])
+        counts = [1, many] if server.PREFILL_ROUNDING else [1]
+        for n in counts:
+            rows = np.arange(n)
+            call = pack_call(0, x[:n], np.array([1, 3]), np.array([n, n]), np.concatenate([rows, rows]), rounded=True)
+            assert call_form(call) == FORM_ROUNDED
+            plain = pack_call(0, x[:n], np.array([1, 3]), np.array([n, n]), np.concatenate([rows, rows]))
+            assert s.forward(call)[server.DEVICE_SECONDS.size :] == s.forward(plain)[server.DEVICE_SECONDS.size :]
         with pytest.raises(ClusterError, match="expert 2 of layer 0 an input rounded to int8"):
             s.forward(pack_call(0, x[:1], np.array([2]), np.array([1]), np.array([0]), rounded=True))
-        with pytest.raises(ClusterError, match="expert 1 of layer 0 an input rounded to int8"):
-            s.forward(pack_call(0, x, np.array([1]), np.array([2]), np.array([0, 1]), rounded=True))
+        with pytest.raises(ClusterError, match="expert 1 of layer 0 an input rounded to int8.* for 2 rows"):
+            s.forward(pack_call(0, x[:2], np.array([1]), np.array([2]), np.array([0, 1]), rounded=True))
         held = s.hold([(0, 1, 0, 0), (0, 2, 0, 0)])
         assert held["missing"] == [] and held["int8_input"] == [(0, 1)]
     finally:

@@ -40,7 +40,7 @@ from ..units import format_bytes, parse_bytes
 from .channel import PING, Channel, receive
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
-from .server import DEVICE_SECONDS, ExpertServer, expert_rate, pack_call
+from .server import DEVICE_SECONDS, ExpertServer, expert_rate, pack_call, rows_round_to_int8
 
 Pair = tuple[int, int]  # (layer, expert)
 Assignment = dict[str, list[Pair]]  # device name -> the experts it holds
@@ -230,9 +230,9 @@ class ClusterMoE:
         self.watch_s = float(watch_s)
         self.retry_s = float(retry_s)
         _, self.lengths, self.crcs, _ = blob_tables(model.manifest)
-        # Which experts take x rounded to int8 in a one-row call (input_rounds_to_int8, learnt
-        # from the blobs as they are placed): their calls carry it so, a quarter of the bytes
-        # and the same numbers (server.round_rows), to devices whose kernels round so.
+        # Which experts take x rounded to int8 (input_rounds_to_int8, learnt from the blobs as
+        # they are placed): a call whose experts all round it so for their row counts on that
+        # device (rows_round_to_int8) carries it so, a quarter of the bytes, the same numbers.
         self.int8_input = np.zeros(self.lengths.shape, bool)
         self.round_inputs = True  # False: x always travels as float32
         self.sizes, self.routing, self.moe_layers = model_inputs(model.path, require_routing=False)
@@ -767,9 +767,13 @@ class ClusterMoE:
             d = self.devices[index]
             rounded = (
                 self.round_inputs
-                and d.info.get("rounds_int8_input", False)
-                and bool((counts == 1).all())
                 and bool(self.int8_input[layer, experts].all())
+                and all(
+                    rows_round_to_int8(
+                        n, d.info.get("rounds_int8_input", False), d.info.get("rounds_int8_prefill", False)
+                    )
+                    for n in counts.tolist()
+                )
             )
             call = pack_call(layer, x[tokens], experts, counts, rows, rounded)
             calls.append((d, slots, call))

@@ -19,7 +19,7 @@ import psutil
 
 from .. import _core
 from ..errors import ClusterError
-from ..format.quant import input_rounds_to_int8
+from ..format.quant import input_rounds_to_int8, quantize_matrix
 from ..runtime.paths import cache_root
 from .channel import Listener
 
@@ -130,6 +130,7 @@ class ExpertServer:
             "flash_error": self.flash_error,
             "serve_priority": self.priority,
             "rounds_int8_input": ROUNDING_KERNELS,
+            "rounds_int8_prefill": PREFILL_ROUNDING,
         }
 
     def open_channel(self, host: str) -> tuple[str, int, str | None]:
@@ -236,22 +237,19 @@ class ExpertServer:
         t_a = time.perf_counter()
         layer, x, experts, counts, rows = unpack_call(call)
         rounded = call_form(call) == FORM_ROUNDED
-        if rounded and not ROUNDING_KERNELS:
-            raise ClusterError(
-                f"device {self.name} got a call with its input rounded to int8, which its kernels "
-                f"({_core.simd()}) do not round so: the coordinator must send float32"
-            )
         xs, blobs = [], []
         start = 0
         for e, n in zip(experts.tolist(), counts.tolist()):
             blob = self.blobs.get((layer, e))
             if blob is None:
                 raise ClusterError(f"device {self.name} does not hold expert {e} of layer {layer}")
-            if rounded and not (n == 1 and self._rounds_to_int8(layer, e, blob)):
+            if rounded and not (
+                rows_round_to_int8(n, ROUNDING_KERNELS, PREFILL_ROUNDING) and self._rounds_to_int8(layer, e, blob)
+            ):
                 raise ClusterError(
-                    f"device {self.name} got expert {e} of layer {layer} an input rounded to int8, which "
-                    "it does not round so for this call (not one row, or not 4-bit codes): the coordinator "
-                    "must send float32"
+                    f"device {self.name} got expert {e} of layer {layer} an input rounded to int8, which its "
+                    f"kernels ({_core.simd()}) do not round so for {n} rows (or it is not 4-bit): the "
+                    "coordinator must send float32"
                 )
             xs.append(np.ascontiguousarray(x[rows[start : start + n]]))
             blobs.append(blob)
@@ -272,8 +270,20 @@ FORM_FLOAT32, FORM_ROUNDED = 0, 1
 # Whether this build's one-token decode rounds a 4-bit expert's input as round_rows does (the
 # AVX2 and NEON kernels; the portable build multiplies float32 x).
 ROUNDING_KERNELS = not _core.simd().startswith("portable")
+# Whether its prefill does, for GEMM_MIN_TOKENS rows or more (the x86 SIMD builds' integer
+# prefill; 2 to GEMM_MIN_TOKENS - 1 rows multiply float32 x everywhere).
+PREFILL_ROUNDING = ROUNDING_KERNELS and _core.prefill_int8(
+    quantize_matrix(np.zeros((1, 32), np.float32), 4, 32, True), 0, True
+)
 # The smallest block maximum round_rows rounds: 127 / amax and amax / 127 stay normal floats.
 ROUND_MIN_AMAX = 1e-30
+
+
+def rows_round_to_int8(rows: int, decode: bool, prefill: bool) -> bool:
+    """Whether an expert given `rows` rows in one call rounds a 4-bit input to int8 on a
+    device whose one-token decode (decode) and integer prefill (prefill) round so: one row,
+    or GEMM_MIN_TOKENS rows or more."""
+    return (rows == 1 and decode) or (rows >= _core.GEMM_MIN_TOKENS and prefill)
 
 
 def round_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -299,9 +309,9 @@ def pack_call(
 ) -> bytes:
     """The bytes of one layer's call to a device: x [tokens, hidden] float32, experts [G] each
     taking counts[g] rows, rows [sum counts] indexing x. rounded: x travels as round_rows'
-    int8 values and block maxima (a quarter of the bytes), for a call whose experts each take
-    one row and all round their input to int8 (4-bit experts) on a device whose kernels round
-    so (not the portable build); falls back to float32 where round_rows declines."""
+    int8 values and block maxima (a quarter of the bytes), for a call whose experts all round
+    their input to int8 for their row counts on that device (4-bit experts,
+    rows_round_to_int8); falls back to float32 where round_rows declines."""
     parts_x: list[np.ndarray] = [x.astype("<f4", copy=False)]
     form = FORM_FLOAT32
     if rounded:
