@@ -211,6 +211,8 @@ def test_calls_carry_their_input_rounded_to_int8_where_it_changes_no_number(devi
                 np.testing.assert_array_equal(m.logits(prompt), want)
                 s = m.stats()["cluster"]
                 calls[name] = sum(d["calls"] for d in s["devices"].values())
+                rounded_calls = sum(d["rounded_calls"] for d in s["devices"].values())
+                assert rounded_calls == (calls[name] if rounded and (name == "one" or PREFILL_ROUNDING) else 0)
                 sent[rounded, name] = sum(d["bytes_sent"] for d in s["devices"].values())
                 assert calls[name] > 0 and s["recomputed_slots"] == 0
             assert m.generate(PROMPT, max_new_tokens=NEW) == want_tokens

@@ -40,7 +40,15 @@ from ..units import format_bytes, parse_bytes
 from .channel import PING, Channel, receive
 from .connect import RESOURCE, Node, connect, device_nodes
 from .placement import CoordinatorSpec, DeviceSpec, Dispatcher, Plan, format_plan, model_inputs, plan_placement
-from .server import DEVICE_SECONDS, ExpertServer, expert_rate, pack_call, rows_round_to_int8
+from .server import (
+    DEVICE_SECONDS,
+    FORM_ROUNDED,
+    ExpertServer,
+    call_form,
+    expert_rate,
+    pack_call,
+    rows_round_to_int8,
+)
 
 Pair = tuple[int, int]  # (layer, expert)
 Assignment = dict[str, list[Pair]]  # device name -> the experts it holds
@@ -165,6 +173,7 @@ class Device:
     error: str | None = None
     pairs: list[Pair] = dataclasses.field(default_factory=list)  # what it serves now
     calls: int = 0
+    rounded_calls: int = 0  # calls whose rows travelled rounded to int8 (server.round_rows)
     rows_sent: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -180,6 +189,7 @@ class Device:
 
     COUNTERS = (
         "calls",
+        "rounded_calls",
         "rows_sent",
         "bytes_sent",
         "bytes_received",
@@ -780,6 +790,7 @@ class ClusterMoE:
             work = int(np.dot(counts, self.lengths[layer, experts]))  # expert bytes streamed once per row
             allowed = max(allowed, self._allowance(d, len(call) + 4 * len(slots) * H, work))
             d.calls += 1
+            d.rounded_calls += call_form(call) == FORM_ROUNDED
             d.rows_sent += len(tokens)
             d.bytes_sent += len(call)
         self.remote_calls += 1
@@ -895,6 +906,7 @@ class ClusterMoE:
                 "experts": len(assignment[d.name]),
                 "expert_bytes": int(sum(int(self.lengths[layer, e]) for layer, e in assignment[d.name])),
                 "calls": d.calls,
+                "rounded_calls": d.rounded_calls,
                 "rows_sent": d.rows_sent,
                 "bytes_sent": d.bytes_sent,
                 "bytes_received": d.bytes_received,
@@ -1062,7 +1074,8 @@ def format_cluster_stats(s: dict[str, Any]) -> str:
     for name, d in c["devices"].items():
         lines.append(
             f"  {name:<22} {d['state']:<4} {d['experts']} experts ({format_bytes(d['expert_bytes'])}), "
-            f"{d['calls']} calls, {d['rows_sent']} rows, sent {format_bytes(d['bytes_sent'])}, received "
+            f"{d['calls']} calls ({d.get('rounded_calls', 0)} with rows rounded to int8), {d['rows_sent']} rows, "
+            f"sent {format_bytes(d['bytes_sent'])}, received "
             f"{format_bytes(d['bytes_received'])}; blobs {d['blobs_sent']} sent ({format_bytes(d['blob_bytes_sent'])}),"
             f" {d['blobs_from_flash']} from its flash"
             + (f"; serving at ordinary priority ({d['serve_priority_error']})" if d.get("serve_priority_error") else "")
