@@ -551,18 +551,19 @@ void expert_forward(const Expert& e, const float* x, int64_t T, float* y) {
 
 bool round_rows_x8(const float* x, int64_t T, uint32_t H, float min_amax, int8_t* q, float* amax) {
   if (H % kChunk) return false;
-  const int64_t n = T * H;
-  for (int64_t b = 0; b < n; b += kChunk) {
+  const uint32_t nb = H / kChunk;
+  for (int64_t b = 0; b < T * nb; ++b) {  // what the rounding cannot undo, and each block's maximum
     float m = 0;
     for (uint32_t i = 0; i < kChunk; ++i) {
-      if (!std::isfinite(x[b + i])) return false;
-      m = std::max(m, std::fabs(x[b + i]));
+      if (!std::isfinite(x[b * kChunk + i])) return false;
+      m = std::max(m, std::fabs(x[b * kChunk + i]));
     }
     if (m > 0 && m < min_amax) return false;
-    const float inv = m > 0 ? 127.0f / m : 0.0f;  // as round_block: x * (qmax / amax), nearest even
-    for (uint32_t i = 0; i < kChunk; ++i) q[b + i] = int8_t(std::nearbyint(x[b + i] * inv));
-    amax[b / kChunk] = m;
+    amax[b] = m;
   }
+  std::vector<float> dx(nb), bsum(nb);
+  for (int64_t t = 0; t < T; ++t)  // the rounding every instruction set's decode and prefill is checked against
+    portable::quantize_row_q8(x + t * H, H, q + t * H, dx.data(), bsum.data());
   return true;
 }
 

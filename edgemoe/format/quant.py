@@ -464,13 +464,10 @@ def input_rounds_to_int8(blob: np.ndarray) -> bool:
     nothing else: every matrix that reads x (gate and up, or up of a ReLU expert) holds 4-bit
     codes of kind q or qs. False for a blob it cannot parse."""
     try:
-        info = parse_blob(blob)
-        return all(
-            matrix_header(blob, off)["kind"] in (KIND_Q, KIND_QS) and matrix_header(blob, off)["bits"] == 4
-            for off in info["offsets"][:-1]  # the matrices before down
-        )
+        heads = [matrix_header(blob, off) for off in parse_blob(blob)["offsets"][:-1]]  # the matrices before down
     except ValueError:
         return False
+    return all(h["kind"] in (KIND_Q, KIND_QS) and h["bits"] == 4 for h in heads)
 
 
 def expert_matrices(blob: np.ndarray) -> tuple[np.ndarray, ...]:
